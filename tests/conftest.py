@@ -1,0 +1,50 @@
+import pytest
+import timm
+import torch
+
+from spark_sparse import random_active
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN affine parameters and running stats, so eval mode tests real arithmetic."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+@pytest.fixture(scope="session")
+def timm_models():
+    cache = {}
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
+        return cache[name]
+
+    return get
+
+
+def make_batch(size: tuple[int, int], mask: str, batch: int = 4, seed: int = 0):
+    """Images and an `active` grid for a named masking case: 'none', 'ratio0.6' or 'one'."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.randn(batch, 3, h, w, generator=g)
+    grid = (h // 32, w // 32)
+    if mask == "none":
+        active = random_active(batch, grid, 0.0, g)
+    elif mask == "ratio0.6":
+        active = random_active(batch, grid, 0.6, g)
+    elif mask == "one":
+        active = random_active(batch, grid, 1 - 1 / (grid[0] * grid[1]) + 1e-9, g)
+        assert int(active.sum()) == batch
+    else:
+        raise ValueError(mask)
+    return images, active

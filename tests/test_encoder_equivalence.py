@@ -1,0 +1,113 @@
+"""The sparse encoder computes exactly what SparK's dense-masked encoder computes.
+
+Same weights, same images, same mask: the features at visible sites agree to rounding, hidden
+sites are zero, parameter gradients and batch-norm running statistics agree, and with nothing
+masked both equal the plain timm model.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from spark_sparse import MaskedDenseEncoder, SparseEncoder
+from spark_sparse.resnet import plain_features
+
+from .conftest import make_batch
+
+MODELS = ["resnet18", "resnet50"]
+MASKS = ["none", "ratio0.6", "one"]
+SIZES = [(128, 128), (192, 256)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def encoders(timm_model, train: bool):
+    sparse = SparseEncoder.from_timm(copy.deepcopy(timm_model)).train(train)
+    dense = MaskedDenseEncoder.from_timm(copy.deepcopy(timm_model)).train(train)
+    return sparse, dense
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_features_equal_dense_masked(timm_models, name, mask, size):
+    images, active = make_batch(size, mask)
+    sparse, dense = encoders(timm_models(name), train=False)
+    with torch.no_grad():
+        got = sparse.dense_features(images, active)
+        want = dense.dense_features(images, active)
+    assert [f.shape for f in got] == [f.shape for f in want]
+    for stride, g, w in zip(sparse.strides, got, want):
+        assert g.shape[-2:] == (size[0] // stride, size[1] // stride)
+        assert rel_err(g, w) < 1e-5, f"stride {stride}"
+    if mask == "none":
+        for g, p in zip(got, plain_features(timm_models(name).eval(), images)):
+            assert rel_err(g, p) < 1e-5
+
+
+def train_step(encoder, images, active, dtype):
+    """Features, timm-named parameter gradients and state after one train-mode pass."""
+    encoder = encoder.to(dtype)
+    feats = encoder.dense_features(images.to(dtype), active)
+    g = torch.Generator().manual_seed(1)
+    # a fixed random linear read-out of every scale, so every parameter gets a gradient
+    loss = sum((f * torch.randn(f.shape, generator=g, dtype=dtype)).sum() for f in feats)
+    loss.backward()
+    grads = encoder.to_timm({n: p.grad for n, p in encoder.named_parameters()})
+    return [f.detach() for f in feats], grads, encoder.timm_state_dict()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("name", MODELS)
+def test_train_features_equal_dense_masked(timm_models, name, mask, size):
+    images, active = make_batch(size, mask)
+    sparse, dense = encoders(timm_models(name), train=True)
+    got, _, _ = train_step(sparse, images, active, torch.float32)
+    want, _, _ = train_step(dense, images, active, torch.float32)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-3
+    if mask == "none":
+        plain = copy.deepcopy(timm_models(name)).train()
+        for g, p in zip(got, plain_features(plain, images)):
+            assert rel_err(g, p) < 1e-3
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("name", MODELS)
+def test_train_gradients_and_running_stats_equal_dense_masked(timm_models, name, mask, size):
+    # float64: batch-norm backward cancels large terms, so float32 rounding would hide real errors
+    images, active = make_batch(size, mask)
+    sparse, dense = encoders(timm_models(name), train=True)
+    fs, gs, ss = train_step(sparse, images, active, torch.float64)
+    fd, gd, sd = train_step(dense, images, active, torch.float64)
+    for a, b in zip(fs, fd):
+        assert rel_err(a, b) < 1e-9
+    assert gs.keys() == gd.keys() and len(gd) == len(list(timm_models(name).parameters()))
+    for key in gd:
+        assert rel_err(gs[key], gd[key]) < 1e-6, key
+    for key in sd:  # running statistics moved the same way
+        if sd[key].is_floating_point():
+            assert rel_err(ss[key], sd[key]) < 1e-9, key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hidden_sites_are_zero_and_never_encoded(timm_models, name):
+    images, active = make_batch((128, 128), "ratio0.6")
+    sparse = SparseEncoder.from_timm(timm_models(name)).eval()
+    with torch.no_grad():
+        feats = sparse(images, active)
+    visible_patches = int(active.sum())
+    for stride, f in zip(sparse.strides, feats):
+        assert f.tensor_stride == [stride, stride]
+        # exactly the visible sites: (32/stride)^2 sites per visible patch, none elsewhere
+        assert f.F.shape[0] == visible_patches * (32 // stride) ** 2
+    with torch.no_grad():
+        dense_maps = sparse.dense_features(images, active)
+    hidden = ~active.repeat_interleave(4, -2).repeat_interleave(4, -1)
+    assert torch.all(dense_maps[-1] * (~active) == 0)
+    assert torch.all(dense_maps[-3].masked_select(hidden) == 0)
