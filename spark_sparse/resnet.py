@@ -7,6 +7,7 @@ layout below are shared and keep timm's module names, so weights map one-to-one.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import timm
@@ -154,10 +155,12 @@ class ResNetEncoder(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_timm(cls, model: nn.Module | str) -> "ResNetEncoder":
-        """Convert a timm ResNet (or a timm model name) with its current weights."""
+    def from_timm(cls, model: nn.Module | str, **options) -> "ResNetEncoder":
+        """Convert a timm ResNet (or a timm model name) with its current weights; ``options``
+        go to the engine's leaf conversion."""
         model = resolve_model(model)
-        return cls(convert_resnet(model, cls.convert_leaf), stage_channels(model), model_name(model))
+        leaf = functools.partial(cls.convert_leaf, **options) if options else cls.convert_leaf
+        return cls(convert_resnet(model, leaf), stage_channels(model), model_name(model))
 
     def encode_input(self, images: torch.Tensor, active: torch.Tensor):
         raise NotImplementedError

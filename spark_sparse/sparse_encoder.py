@@ -12,6 +12,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from .gather_conv import GatherConvolution, GatherPooling
 from .resnet import ResNetEncoder, unsupported
 from .sparsify import sparsify, to_dense
 
@@ -48,15 +49,21 @@ class SparseDropPath(nn.Module):
                                coordinate_manager=x.coordinate_manager)
 
 
-def _sparse_conv(conv: nn.Conv2d, path: str) -> ME.MinkowskiConvolution:
+# "gather": our fused gather-GEMM convolutions and pooling (gather_conv.py), measured faster on
+# CPU for every layer of a ResNet, the 3-channel 7x7 stem included; "minkowski": ME's own.
+CONV_IMPLS = ("gather", "minkowski")
+
+
+def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> ME.MinkowskiConvolution:
     kh, kw = conv.kernel_size
     if conv.groups != 1 or conv.dilation != (1, 1):
         raise unsupported(conv, path, "grouped or dilated convolution")
     if kh != kw or kh % 2 == 0 or conv.padding != (kh // 2, kw // 2) or conv.stride[0] != conv.stride[1]:
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, "
                                       f"padding {conv.padding} is not a centred odd square kernel")
-    sparse = ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, kernel_size=kh,
-                                     stride=conv.stride[0], bias=conv.bias is not None, dimension=2)
+    cls = ME.MinkowskiConvolution if impl == "minkowski" else GatherConvolution
+    sparse = cls(conv.in_channels, conv.out_channels, kernel_size=kh,
+                 stride=conv.stride[0], bias=conv.bias is not None, dimension=2)
     with torch.no_grad():
         sparse.kernel.copy_(dense_to_me_kernel(conv.weight).view_as(sparse.kernel))
         if conv.bias is not None:
@@ -73,29 +80,33 @@ def _sparse_bn(bn: nn.BatchNorm2d, path: str) -> ME.MinkowskiBatchNorm:
     return sparse
 
 
-def _sparse_pool(pool: nn.Module, path: str) -> nn.Module:
+def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     def size(v):
         return v if isinstance(v, int) else v[0]
 
     k, s, p = size(pool.kernel_size), size(pool.stride), size(pool.padding)
+    stock = impl == "minkowski"
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
-        return ME.MinkowskiMaxPooling(kernel_size=3, stride=2, dimension=2)
+        return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else GatherPooling("max", 3, 2)
     if isinstance(pool, nn.AvgPool2d) and (k, s, p) == (2, 2, 0):
         # avg-down shortcut: mask-aligned 2x2 windows are fully visible or fully hidden
-        return ME.MinkowskiAvgPooling(kernel_size=2, stride=2, dimension=2)
+        return ME.MinkowskiAvgPooling(2, stride=2, dimension=2) if stock else GatherPooling("avg", 2, 2)
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
-def convert_leaf(module: nn.Module, path: str) -> nn.Module:
+def convert_leaf(module: nn.Module, path: str, conv: str = "gather") -> nn.Module:
+    """One timm leaf -> its MinkowskiEngine twin; ``conv`` picks the convolution implementation."""
+    if conv not in CONV_IMPLS:
+        raise ValueError(f"conv must be one of {CONV_IMPLS}, got '{conv}'")
     if type(module) is nn.Conv2d:
-        return _sparse_conv(module, path)
+        return _sparse_conv(module, path, conv)
     if type(module) is nn.BatchNorm2d:
         return _sparse_bn(module, path)
     if type(module) is nn.ReLU:
         return ME.MinkowskiReLU()
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        return _sparse_pool(module, path)
+        return _sparse_pool(module, path, conv)
     if isinstance(module, DropPath):
         return SparseDropPath(module.drop_prob)
     if isinstance(module, nn.Identity):
