@@ -12,7 +12,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .gather_conv import GatherConvolution, GatherPooling
+from .patch_conv import PatchConvolution, PatchPooling
 from .resnet import ResNetEncoder, unsupported
 from .sparsify import sparsify, to_dense
 
@@ -49,9 +49,9 @@ class SparseDropPath(nn.Module):
                                coordinate_manager=x.coordinate_manager)
 
 
-# "gather": our fused gather-GEMM convolutions and pooling (gather_conv.py), measured faster on
-# CPU for every layer of a ResNet, the 3-channel 7x7 stem included; "minkowski": ME's own.
-CONV_IMPLS = ("gather", "minkowski")
+# "patch": our patch-tile convolutions and pooling (patch_conv.py), measured faster on CPU for
+# every layer of a ResNet, the 3-channel 7x7 stem included; "minkowski": ME's own modules.
+CONV_IMPLS = ("patch", "minkowski")
 
 
 def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> ME.MinkowskiConvolution:
@@ -61,7 +61,7 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> ME.MinkowskiConvoluti
     if kh != kw or kh % 2 == 0 or conv.padding != (kh // 2, kw // 2) or conv.stride[0] != conv.stride[1]:
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, "
                                       f"padding {conv.padding} is not a centred odd square kernel")
-    cls = ME.MinkowskiConvolution if impl == "minkowski" else GatherConvolution
+    cls = ME.MinkowskiConvolution if impl == "minkowski" else PatchConvolution
     sparse = cls(conv.in_channels, conv.out_channels, kernel_size=kh,
                  stride=conv.stride[0], bias=conv.bias is not None, dimension=2)
     with torch.no_grad():
@@ -88,14 +88,14 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     stock = impl == "minkowski"
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
-        return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else GatherPooling("max", 3, 2)
+        return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else PatchPooling("max", 3, 2)
     if isinstance(pool, nn.AvgPool2d) and (k, s, p) == (2, 2, 0):
         # avg-down shortcut: mask-aligned 2x2 windows are fully visible or fully hidden
-        return ME.MinkowskiAvgPooling(2, stride=2, dimension=2) if stock else GatherPooling("avg", 2, 2)
+        return ME.MinkowskiAvgPooling(2, stride=2, dimension=2) if stock else PatchPooling("avg", 2, 2)
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
-def convert_leaf(module: nn.Module, path: str, conv: str = "gather") -> nn.Module:
+def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:
     """One timm leaf -> its MinkowskiEngine twin; ``conv`` picks the convolution implementation."""
     if conv not in CONV_IMPLS:
         raise ValueError(f"conv must be one of {CONV_IMPLS}, got '{conv}'")

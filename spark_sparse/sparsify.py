@@ -1,7 +1,8 @@
 """Step 2: visible pixels become a MinkowskiEngine sparse tensor, and back.
 
 Coordinates are (batch, row, col) in input pixels; a feature map of tensor stride s keeps its
-sites at multiples of s, as MinkowskiEngine does.
+sites at multiples of s, as MinkowskiEngine does. Rows are ordered patch by patch (see
+patch_conv.py), which lets every layer work on whole visible patches without re-sorting.
 """
 
 from __future__ import annotations
@@ -10,18 +11,27 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from .mask import upsample_active
+from .patch_conv import PatchSites
 
 
 def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels."""
-    visible = upsample_active(active, images.shape[-2:])[:, 0]
-    coords = visible.nonzero().int().contiguous()
-    feats = images.permute(0, 2, 3, 1)[visible]
+    b, c, h, w = images.shape
+    gh, gw = active.shape[-2:]
+    patch = h // gh
+    patches = active[:, 0].nonzero()
+    sites = PatchSites(None, patches, patch, (gh, gw), b)
+    # (B, gh, gw, patch, patch, C) -> the visible patches' pixels, patch-major
+    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1)
+    feats = tiles[patches[:, 0], patches[:, 1], patches[:, 2]].reshape(-1, c)
     # ME's autograd functions are float32/float64 only
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
-    return ME.SparseTensor(feats, coordinates=coords, device=images.device)
+    x = ME.SparseTensor(feats, coordinates=sites.coordinates(1), device=images.device)
+    sites.manager = x.coordinate_manager
+    sites.keys[1] = x.coordinate_map_key
+    sites.attach()
+    return x
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.gather_conv import GatherConvolution, GatherPooling
+from spark_sparse.patch_conv import PatchConvolution, PatchPooling
 from spark_sparse.sparsify import sparsify
 
 
@@ -28,11 +28,13 @@ def same_sites(a: ME.SparseTensor, b: ME.SparseTensor) -> None:
     return order_a, order_b
 
 
+@pytest.mark.parametrize("path", ["tiles", "gemm"])
 @pytest.mark.parametrize("kernel_size,stride", [(7, 2), (3, 1), (3, 2), (1, 2), (1, 1)])
-def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride):
+def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path):
     (xa, xb), (fa, fb) = twin_inputs(4)
     ref = ME.MinkowskiConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
-    ours = GatherConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
+    ours = PatchConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
+    ours.tile_min_sites = 1 if path == "tiles" else 10**6  # force one of the two code paths
     ours.load_state_dict(ref.state_dict())
     ya, yb = ref(xa), ours(xb)
     order_a, order_b = same_sites(ya, yb)
@@ -48,7 +50,13 @@ def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride)
 def test_pooling_matches_minkowski(mode, kernel_size):
     (xa, xb), _ = twin_inputs(4, seed=1)
     ref_cls = ME.MinkowskiMaxPooling if mode == "max" else ME.MinkowskiAvgPooling
-    same_sites(ref_cls(kernel_size, stride=2, dimension=2)(xa), GatherPooling(mode, kernel_size, 2)(xb))
+    same_sites(ref_cls(kernel_size, stride=2, dimension=2)(xa), PatchPooling(mode, kernel_size, 2)(xb))
+
+
+def test_tensors_not_made_by_sparsify_are_refused():
+    x = ME.SparseTensor(torch.randn(3, 4), coordinates=torch.tensor([[0, 0, 0], [0, 0, 1], [0, 5, 5]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="made by spark_sparse.sparsify"):
+        PatchConvolution(4, 4, kernel_size=3, dimension=2)(x)
 
 
 def test_both_convolution_implementations_give_the_same_encoder():
