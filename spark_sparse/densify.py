@@ -1,0 +1,53 @@
+"""Step 4: each encoder scale becomes a full dense map for the decoder.
+
+Per scale: a norm over the visible sites, a learned mask token at every hidden site (one vector
+per scale), then a projection to the decoder's width at that scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NORMS = ("bn", "ln", "none")
+
+
+class VisibleNorm(nn.Module):
+    """BatchNorm or LayerNorm over the channel vectors of visible sites only."""
+
+    def __init__(self, kind: str, channels: int):
+        super().__init__()
+        if kind not in NORMS:
+            raise ValueError(f"densify norm must be one of {NORMS}, got '{kind}'")
+        self.kind = kind
+        if kind == "bn":
+            self.norm = nn.BatchNorm1d(channels)
+        elif kind == "ln":
+            self.norm = nn.LayerNorm(channels, eps=1e-6)
+        else:
+            self.norm = nn.Identity()
+
+    def forward(self, x: Tensor, visible: Tensor) -> Tensor:
+        if self.kind == "none":
+            return x
+        where = visible[:, 0].nonzero(as_tuple=True)
+        rows = x.permute(0, 2, 3, 1)[where]
+        out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).index_put(where, self.norm(rows))
+        return out.permute(0, 3, 1, 2)
+
+
+class Densify(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "bn", kernel_size: int = 3):
+        super().__init__()
+        self.norm = VisibleNorm(norm, in_channels)
+        self.mask_token = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        if in_channels == out_channels and kernel_size == 1:
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor, visible: Tensor) -> Tensor:
+        """``x`` (B, C, h, w) with zeros at hidden sites, ``visible`` (B, 1, h, w) bool."""
+        x = torch.where(visible, self.norm(x, visible), self.mask_token.to(x.dtype))
+        return self.proj(x)

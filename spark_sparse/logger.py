@@ -1,0 +1,64 @@
+"""Where a run's numbers go: metrics.jsonl always, wandb when logger=wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop records past the checkpoint: those steps are about to be run again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, cfg: Any, config: dict, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            trim_metrics(self.path, resume_step)
+        self.file = open(self.path, "a")
+        self.wandb = None
+        if cfg.kind == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode,
+                                    tags=list(cfg.tags), dir=str(run_dir), config=config,
+                                    resume="allow" if resume_step is not None else None,
+                                    id=_wandb_id(run_dir))
+        elif cfg.kind != "none":
+            raise ValueError(f"logger must be 'none' or 'wandb', got '{cfg.kind}'")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_image(self, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"reconstruction": wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One wandb run per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))
+    return id_file.read_text().strip()

@@ -1,0 +1,81 @@
+"""SparK: mask -> sparsify -> sparse encoder -> densify -> decoder -> loss, in one module."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import LightDecoder
+from .densify import Densify
+from .loss import masked_patch_loss
+from .mask import random_active, upsample_active
+from .registry import create_encoder
+from .resnet import ResNetEncoder
+
+
+class SparK(nn.Module):
+    """Masked image modelling for a convnet encoder with a hierarchical decoder.
+
+    ``hierarchy`` is how many encoder scales (coarsest first) feed the decoder: 4 is the paper's
+    default, 1 the single-scale ablation. ``densify_norm`` is 'bn', 'ln' or 'none'.
+    """
+
+    def __init__(
+        self,
+        encoder: ResNetEncoder,
+        decoder_width: int = 768,
+        hierarchy: int = 4,
+        densify_norm: str = "bn",
+        mask_ratio: float = 0.6,
+        mask_seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not 1 <= hierarchy <= len(encoder.strides):
+            raise ValueError(f"hierarchy must be in 1..{len(encoder.strides)}, got {hierarchy}")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.hierarchy = hierarchy
+        self.stride = encoder.stride
+        self.decoder = LightDecoder(decoder_width, encoder.stride)
+        coarse_first = list(reversed(encoder.channels))[:hierarchy]
+        self.densify = nn.ModuleList(
+            Densify(c, self.decoder.widths[i], densify_norm, kernel_size=1 if i == 0 else 3)
+            for i, c in enumerate(coarse_first)
+        )
+        # masks come from the model's own generator: reproducible, and saved with checkpoints
+        self.generator = torch.Generator().manual_seed(mask_seed)
+
+    @classmethod
+    def build(cls, model: str, engine: str = "sparse", drop_path_rate: float = 0.0, **kwargs) -> "SparK":
+        return cls(create_encoder(model, engine, drop_path_rate=drop_path_rate), **kwargs)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
+        return {f"densify.{i}.mask_token" for i in range(len(self.densify))}
+
+    def random_mask(self, images: Tensor) -> Tensor:
+        b, _, h, w = images.shape
+        if h % self.stride or w % self.stride:
+            raise ValueError(f"image size {h}x{w} is not divisible by the encoder stride {self.stride}")
+        grid = (h // self.stride, w // self.stride)
+        return random_active(b, grid, self.mask_ratio, self.generator, images.device)
+
+    def forward(self, images: Tensor, active: Tensor | None = None) -> dict[str, Tensor]:
+        """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask."""
+        if active is None:
+            active = self.random_mask(images)
+        feats = self.encoder.dense_features(images, active)[::-1][: self.hierarchy]
+        to_decoder = [d(f, upsample_active(active, f.shape[-2:])) for d, f in zip(self.densify, feats)]
+        pred = self.decoder(to_decoder)
+        loss = masked_patch_loss(pred, images, active, self.stride)
+        return {"loss": loss, "pred": pred, "active": active}
+
+    @classmethod
+    def from_config(cls, cfg) -> "SparK":
+        """Build from a pretraining config (conf/pretrain.yaml)."""
+        return cls.build(cfg.model, engine=cfg.engine, drop_path_rate=cfg.drop_path_rate,
+                         decoder_width=cfg.decoder.width, hierarchy=cfg.decoder.hierarchy,
+                         densify_norm=cfg.decoder.densify_norm, mask_ratio=cfg.mask_ratio,
+                         mask_seed=cfg.seed)

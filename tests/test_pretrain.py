@@ -1,0 +1,146 @@
+"""Pretraining runs: outputs, exact resume, divergence, config errors, logging, pictures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+import spark_sparse.pretrain as pretrain
+from spark_sparse.checkpoint import atomic_save, load_checkpoint
+from spark_sparse.spark import SparK
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "max_steps=6",
+        "log_every=1", "save_every=3", "vis_every=1000", "vis_images=2", "threads=2"]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("pretrain", overrides=TINY + list(overrides))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_a_run_writes_metrics_checkpoint_timm_export_and_picture(tmp_path):
+    summary = pretrain.train(config(), tmp_path)
+    assert summary["step"] == 6
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"step", "loss", "lr", "images_per_s", "weight_decay", "grad_norm"} <= r.keys()
+        assert r["images_per_s"] > 0 and r["loss"] > 0
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "step", "rng", "config"} <= ckpt.keys()
+    assert ckpt["step"] == 6 and ckpt["config"]["model"] == "resnet18"
+    encoder = torch.load(tmp_path / "encoder_timm.pth")
+    timm.create_model("resnet18", num_classes=0).load_state_dict(encoder, strict=True)
+    assert list(tmp_path.glob("reconstruction_step*.png"))
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    pretrain.train(config(), straight)
+
+    interrupted = tmp_path / "interrupted"
+    real_save = pretrain.atomic_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("step") == 3:
+            raise KeyboardInterrupt  # the run is killed right after its step-3 checkpoint
+
+    monkeypatch.setattr(pretrain, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(config(), interrupted)
+    monkeypatch.setattr(pretrain, "atomic_save", real_save)
+    assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"] == 3
+    pretrain.train(config("resume=true"), interrupted)
+
+    want, got = losses(straight), losses(interrupted)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_refuses_a_different_experiment_and_a_missing_checkpoint(tmp_path):
+    with pytest.raises(pretrain.ConfigError, match="no checkpoint"):
+        pretrain.train(config("resume=true"), tmp_path)
+    pretrain.train(config("max_steps=2"), tmp_path)
+    with pytest.raises(pretrain.ConfigError, match="already holds a checkpoint"):
+        pretrain.train(config("max_steps=2"), tmp_path)
+    with pytest.raises(pretrain.ConfigError, match="different mask_ratio"):
+        pretrain.train(config("max_steps=2", "resume=true", "mask_ratio=0.75"), tmp_path)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_forward = SparK.forward
+    calls = {"n": 0}
+
+    def forward(self, images, active=None):
+        out = real_forward(self, images, active)
+        calls["n"] += 1
+        if self.training and calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SparK, "forward", forward)
+    with pytest.raises(pretrain.TrainingDiverged, match=r"step 5.*last good checkpoint .*step 3"):
+        pretrain.train(config(), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+    assert not (tmp_path / "encoder_timm.pth").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("mask_ratio=1.0", r"mask_ratio must be in \[0, 1\)"),
+    ("input_size=100", "input_size must be a positive multiple of 32"),
+    ("model=resnet_nope", "unknown model 'resnet_nope'"),
+])
+def test_config_errors_fail_before_any_work(tmp_path, override, message):
+    with pytest.raises(pretrain.ConfigError, match=message):
+        pretrain.train(config(override), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_command_line_errors_are_one_clear_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spark_sparse.pretrain", "mask_ratio=1.5",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: mask_ratio must be in [0, 1), got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        atomic_save({"step": 2, "boom": Unpicklable()}, path)
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_wandb_logger_runs_offline(tmp_path):
+    pretrain.train(config("logger=wandb", "max_steps=2"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_visualize_command_draws_any_checkpoint(tmp_path):
+    pretrain.train(config("max_steps=2"), tmp_path)
+    out = tmp_path / "picture.png"
+    proc = subprocess.run([sys.executable, "-m", "spark_sparse.visualize", str(tmp_path), "--out", str(out),
+                           "--num-images", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,122 @@
+"""The SparK model: masking, densify, decoder and loss behave as the paper describes."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from spark_sparse.densify import Densify
+from spark_sparse.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
+from spark_sparse.optim import build_optimizer, build_scheduler, weight_decay_at
+from spark_sparse.spark import SparK
+
+
+def small(engine="sparse", **kw):
+    torch.manual_seed(0)
+    return SparK.build("resnet18", engine=engine, decoder_width=64, **kw)
+
+
+def test_patchify_round_trip_and_per_patch_normalisation():
+    x = torch.randn(2, 3, 64, 96)
+    p = patchify(x, 32)
+    assert p.shape == (2, 6, 32 * 32 * 3)
+    assert torch.equal(unpatchify(p, 32, (2, 3)), x)
+    assert torch.equal(p[0, 4], x[0, :, 32:64, 32:64].permute(1, 2, 0).reshape(-1))
+    normed, _, _ = normalise_patches(p)
+    torch.testing.assert_close(normed.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normed.std(-1), torch.ones(2, 6), atol=1e-3, rtol=0)
+
+
+def test_loss_counts_hidden_patches_only():
+    images = torch.randn(2, 3, 64, 64)
+    active = torch.tensor([[True, False], [False, True]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    pred = torch.randn(2, 3, 64, 64)
+    base = masked_patch_loss(pred, images, active, 32)
+    changed = pred.clone()
+    changed[:, :, :32, :32] += 100.0  # a visible patch
+    assert masked_patch_loss(changed, images, active, 32) == base
+    changed[:, :, :32, 32:] += 100.0  # a hidden patch
+    assert masked_patch_loss(changed, images, active, 32) > base
+    # predicting the normalised target exactly gives zero loss
+    target = unpatchify(normalise_patches(patchify(images, 32))[0], 32, (2, 2))
+    assert masked_patch_loss(target, images, active, 32) < 1e-10
+    # and reconstruct() maps that prediction back to the image itself
+    torch.testing.assert_close(reconstruct(target, images, active, 32), images, atol=1e-4, rtol=1e-4)
+
+
+def test_densify_fills_hidden_sites_with_the_mask_token():
+    d = Densify(8, 8, norm="none", kernel_size=1)
+    assert isinstance(d.proj, torch.nn.Identity)
+    x = torch.randn(1, 8, 2, 2)
+    visible = torch.tensor([[True, False], [False, True]]).view(1, 1, 2, 2)
+    out = d(x * visible, visible)
+    assert torch.equal(out[0, :, 0, 0], x[0, :, 0, 0])
+    assert torch.equal(out[0, :, 0, 1], d.mask_token.view(-1))
+    with pytest.raises(ValueError, match="densify norm must be one of"):
+        Densify(8, 8, norm="group")
+
+
+@pytest.mark.parametrize("hierarchy", [1, 4])
+def test_model_shapes_and_hierarchy(hierarchy):
+    model = small(hierarchy=hierarchy)
+    assert len(model.densify) == hierarchy
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out["pred"].shape == (2, 3, 64, 96)
+    assert out["active"].shape == (2, 1, 2, 3)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+
+
+def test_masks_come_from_the_models_seeded_generator():
+    a, b = small(mask_ratio=0.6), small(mask_ratio=0.6)
+    x = torch.zeros(3, 3, 224, 224)
+    m1, m2 = a.random_mask(x), b.random_mask(x)
+    assert torch.equal(m1, m2) and m1.flatten(1).sum(1).tolist() == [20, 20, 20]
+    assert not torch.equal(a.random_mask(x), m1)  # the generator moves on
+
+
+def test_sparse_and_dense_masked_spark_agree():
+    sparse, dense = small("sparse").eval(), small("dense_masked").eval()
+    dense.load_state_dict({k: v for k, v in dense.state_dict().items()} | {
+        k: v for k, v in _as_dense_names(sparse).items()})
+    x = torch.randn(2, 3, 64, 64)
+    active = torch.tensor([[True, False], [True, True]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        a, b = sparse(x, active), dense(x, active)
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+
+
+def _as_dense_names(sparse_model: SparK) -> dict:
+    sd = {f"encoder.body.{k}": v for k, v in sparse_model.encoder.timm_state_dict().items()}
+    sd |= {k: v for k, v in sparse_model.state_dict().items() if not k.startswith("encoder.")}
+    return sd
+
+
+def test_no_weight_decay_on_biases_norms_and_mask_tokens():
+    model = small()
+    cfg = OmegaConf.create({"name": "lamb", "base_lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.04,
+                            "min_lr": 0.0})
+    opt = build_optimizer(model, cfg, batch_size=512)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        assert group["lr"] == pytest.approx(4e-4)  # base_lr * 512 / 256
+        for p in group["params"]:
+            no_decay = p.ndim <= 1 or names[id(p)].endswith(".bias") or "mask_token" in names[id(p)]
+            assert (group["weight_decay"] == 0.0) == no_decay, names[id(p)]
+    assert type(opt).__name__ == "Lamb"
+
+
+def test_schedules_warm_up_then_decay():
+    model = small()
+    cfg = OmegaConf.create({"name": "adamw", "base_lr": 256.0, "betas": [0.9, 0.95], "weight_decay": 0.04,
+                            "min_lr": 0.0})
+    opt = build_optimizer(model, cfg, batch_size=1)
+    sched = build_scheduler(opt, cfg, max_steps=100, warmup_steps=10)
+    lrs = []
+    for step in range(100):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and max(lrs) == pytest.approx(1.0, rel=1e-2)
+    assert lrs[99] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert weight_decay_at(0, 100, 0.04, 0.2) == pytest.approx(0.04)
+    assert weight_decay_at(100, 100, 0.04, 0.2) == pytest.approx(0.2)
+    assert weight_decay_at(50, 100, 0.04, 0.2) == pytest.approx(0.12)
