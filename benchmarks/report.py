@@ -1,0 +1,101 @@
+"""results.json records -> a markdown table and two PNG plots (sparse relative to dense-masked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+Record = dict
+
+
+def pair_rows(records: list[Record]) -> list[dict]:
+    """One row per (model, mask ratio, pass) holding both engines' numbers and the ratios."""
+    by_key: dict[tuple, dict[str, Record]] = {}
+    for r in records:
+        by_key.setdefault((r["model"], r["mask_ratio"], r["pass"]), {})[r["engine"]] = r
+    rows = []
+    for (model, ratio, pass_), engines in by_key.items():
+        if not {"sparse", "dense_masked"} <= engines.keys():
+            continue
+        s, d = engines["sparse"], engines["dense_masked"]
+        mem = (s["peak_mem_mb"] / d["peak_mem_mb"]
+               if s["peak_mem_mb"] is not None and d["peak_mem_mb"] else None)
+        rows.append({
+            "model": model, "mask_ratio": ratio, "pass": pass_,
+            "dense_ips": d["images_per_s"], "sparse_ips": s["images_per_s"],
+            "speedup": s["images_per_s"] / d["images_per_s"],
+            "flops_ratio": s["gflops_per_image"] / d["gflops_per_image"],
+            "mem_ratio": mem, "dense_mem": d["peak_mem_mb"], "sparse_mem": s["peak_mem_mb"],
+        })
+    return rows
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | mask ratio | pass | dense img/s | sparse img/s | speed-up | FLOPs ratio "
+             "| peak-mem ratio (sparse/dense MiB) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = _fmt(r["mem_ratio"], ".2f")
+        if r["mem_ratio"] is not None:
+            mem += f" ({r['sparse_mem']:.0f}/{r['dense_mem']:.0f})"
+        lines.append(f"| {r['model']} | {r['mask_ratio']:.2f} | {r['pass']} | {r['dense_ips']:.2f} "
+                     f"| {r['sparse_ips']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} | {mem} |")
+    return "\n".join(lines)
+
+
+def write_markdown(records: list[Record], path: Path) -> str:
+    """Write results.md (settings, then the table); returns the table."""
+    table = markdown_table(pair_rows(records))
+    first = records[0]
+    settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "
+                f"torch {first['torch']}, MinkowskiEngine {first['minkowski_engine']}, "
+                f"sparse convolution '{first['sparse_conv']}'; batch {first['batch_size']}, "
+                f"input {first['input_size']}, median of {first['repeats']} repeats after "
+                f"{first['warmup']} warm-up, engines interleaved, same weights and masks.")
+    notes = ("speed-up = sparse img/s / dense-masked img/s; FLOPs ratio = exact sparse / dense forward "
+             "FLOPs (convolutions; train_step adds the dense densify+decoder to both); peak memory = "
+             f"growth during one pass ({first['mem_method']}).")
+    path.write_text(f"# Sparse vs dense-masked SparK\n\n{settings}\n\n{notes}\n\n{table}\n")
+    return table
+
+
+def _plot(rows: list[dict], key: str, ylabel: str, path: Path, reference,
+          labels: dict[str, str] | None = None) -> None:
+    """One line per model and pass; ``labels`` renames passes (passes mapped to None are left out)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for pass_ in dict.fromkeys(r["pass"] for r in rows):
+            label = (labels or {}).get(pass_, pass_)
+            pts = sorted((r["mask_ratio"], r[key]) for r in rows if r["model"] == model and r["pass"] == pass_)
+            if pts and label:
+                ax.plot(*zip(*pts), marker="o", label=f"{model} {label}")
+    reference(ax, sorted({r["mask_ratio"] for r in rows}))
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(records: list[Record], out_dir: Path) -> list[Path]:
+    rows = pair_rows(records)
+    speed, flops = out_dir / "speedup.png", out_dir / "flops_ratio.png"
+    _plot(rows, "speedup", "sparse / dense-masked images per second", speed,
+          lambda ax, xs: ax.axhline(1.0, color="grey", ls="--", lw=1))
+    # fwd and fwd_bwd count the same (forward) encoder FLOPs: one line for both
+    passes = {r["pass"] for r in rows}
+    encoder_only = {"fwd": "encoder", "fwd_bwd": None if "fwd" in passes else "encoder"}
+    _plot(rows, "flops_ratio", "sparse / dense forward FLOPs", flops,
+          lambda ax, xs: ax.plot(xs, [1 - x for x in xs], color="grey", ls="--", lw=1,
+                                 label="1 - mask ratio"), encoder_only)
+    return [speed, flops]

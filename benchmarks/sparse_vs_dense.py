@@ -1,0 +1,244 @@
+"""Sparse encoder vs SparK's dense-masked simulation: speed, exact FLOPs and peak memory.
+
+``python -m benchmarks.sparse_vs_dense models=[resnet18] mask_ratios=[0.6] batch_size=8 ...``
+
+For every model both engines are built from one timm model (so they hold the same weights) with
+the same densify/decoder weights, and every pass sees the same images and masks on both. Passes:
+
+* ``fwd``: encoder forward in train mode (batch statistics, as in pretraining) under no_grad;
+* ``fwd_bwd``: encoder forward, then backward of the sum of the four raw stage outputs
+  (sparse features / masked dense maps): the encoder's own work, no densify to dense maps;
+* ``train_step``: the whole SparK forward (encoder, densify, decoder, loss) and backward. The
+  optimizer update is the same for both engines and left out.
+
+Timed repeats alternate which engine goes first, so slow phases of the machine hit both; the
+median of the repeats after ``warmup`` untimed runs is reported. Memory is measured in one extra,
+untimed run per pass and engine (benchmarks/memory.py), FLOPs in one counting forward on the
+first timed batch (benchmarks/flops.py). The run directory receives results.json, results.md,
+speedup.png and flops_ratio.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")  # MinkowskiEngine's import note
+
+import MinkowskiEngine as ME  # noqa: E402
+import timm  # noqa: E402
+
+from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
+from spark_sparse.sparse_encoder import CONV_IMPLS  # noqa: E402
+from spark_sparse.spark import SparK  # noqa: E402
+
+from .flops import encoder_flops, head_flops  # noqa: E402
+from .memory import peak_memory_mb  # noqa: E402
+from .report import write_markdown, write_plots  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("sparse", "dense_masked")
+PASSES = ("fwd", "fwd_bwd", "train_step")
+
+
+class BenchConfigError(ValueError):
+    """The benchmark configuration cannot run; raised before any model is built."""
+
+
+def validate(cfg: DictConfig) -> None:
+    for name in cfg.models:
+        if not timm.is_model(name):
+            raise BenchConfigError(f"unknown timm model '{name}'")
+    for r in cfg.mask_ratios:
+        if not 0.0 <= r < 1.0:
+            raise BenchConfigError(f"mask ratios must be in [0, 1), got {r}")
+    unknown = set(cfg.passes) - set(PASSES)
+    if unknown:
+        raise BenchConfigError(f"unknown pass(es) {sorted(unknown)}; choose from {list(PASSES)}")
+    if cfg.input_size <= 0 or cfg.input_size % 32:
+        raise BenchConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
+    if cfg.batch_size < 2:
+        raise BenchConfigError("batch_size must be at least 2 (train-mode batch norm)")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        raise BenchConfigError("repeats must be >= 1 and warmup >= 0")
+    if cfg.sparse_conv is not None and cfg.sparse_conv not in CONV_IMPLS:
+        raise BenchConfigError(f"sparse_conv must be null or one of {list(CONV_IMPLS)}, got '{cfg.sparse_conv}'")
+    if cfg.device not in ("cpu", "cuda"):
+        raise BenchConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu")
+        if not ME.is_cuda_available():
+            raise BenchConfigError("device=cuda but MinkowskiEngine was built CPU-only; rebuild it "
+                                   "with SPARK_SPARSE_ME_TARGET=cuda python scripts/build_minkowski.py")
+
+
+def build_pair(model: str, cfg: DictConfig, device: torch.device) -> dict[str, SparK]:
+    """Both engines' SparK models with identical encoder, densify and decoder weights."""
+    torch.manual_seed(cfg.seed)
+    timm_model = timm.create_model(model, pretrained=False, num_classes=0)
+    head = dict(decoder_width=cfg.decoder_width, hierarchy=4, densify_norm="bn")
+    options = {} if cfg.sparse_conv is None else {"conv": cfg.sparse_conv}
+    sparse = SparK(SparseEncoder.from_timm(timm_model, **options), **head)
+    dense = SparK(MaskedDenseEncoder.from_timm(timm_model), **head)
+    shared = {k: v for k, v in sparse.state_dict().items() if not k.startswith("encoder.")}
+    missing, unexpected = dense.load_state_dict(shared, strict=False)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise RuntimeError(f"decoder weights do not transfer: {missing}, {unexpected}")
+    a, b = sparse.encoder.timm_state_dict(), dense.encoder.timm_state_dict()
+    if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        raise RuntimeError("the two encoders do not hold the same weights")
+    return {"sparse": sparse.to(device).train(), "dense_masked": dense.to(device).train()}
+
+
+def conv_class(encoder: nn.Module) -> str:
+    """The class name of the sparse encoder's convolutions (which implementation ran)."""
+    names = {type(m).__name__ for m in encoder.modules() if isinstance(m, ME.MinkowskiConvolution)}
+    return "+".join(sorted(names))
+
+
+def _feature_sum(feature) -> torch.Tensor:
+    return feature.F.sum() if isinstance(feature, ME.SparseTensor) else feature.x.sum()
+
+
+def make_pass(name: str, model: SparK, images: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A closure running one ``name`` pass of ``model`` on ``images`` with a given mask."""
+    if name == "fwd":
+        def run(active):
+            with torch.no_grad():
+                model.encoder(images, active)
+    elif name == "fwd_bwd":
+        def run(active):
+            sum(_feature_sum(f) for f in model.encoder(images, active)).backward()
+    else:
+        def run(active):
+            model(images, active)["loss"].backward()
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[torch.Tensor], None], active: torch.Tensor, model: SparK,
+          device: torch.device) -> float:
+    model.zero_grad(set_to_none=True)  # gradients of the last pass are not this one's work
+    _sync(device)
+    start = time.perf_counter()
+    run(active)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_ratio(models: dict[str, SparK], model_name: str, ratio: float, cfg: DictConfig,
+                device: torch.device, common: dict) -> list[dict]:
+    """All passes, both engines, one model and mask ratio."""
+    b, size = cfg.batch_size, cfg.input_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(b, 3, size, size, generator=g).to(device)
+    masks = [random_active(b, (size // 32, size // 32), ratio, g).to(device)
+             for _ in range(cfg.warmup + cfg.repeats)]
+    timed_masks = masks[cfg.warmup:]
+    visible = float(torch.stack(timed_masks).float().mean())
+
+    flops = {}
+    for engine, model in models.items():
+        enc = sum(encoder_flops(model.encoder, images, timed_masks[0]).values()) / b
+        flops[engine] = (enc, head_flops(model, images, timed_masks[0]) / b)
+
+    records = []
+    for pass_name in cfg.passes:
+        runs = {e: make_pass(pass_name, m, images) for e, m in models.items()}
+        for active in masks[: cfg.warmup]:
+            for e in ENGINES:
+                timed(runs[e], active, models[e], device)
+        times: dict[str, list[float]] = {e: [] for e in ENGINES}
+        for i, active in enumerate(timed_masks):
+            for e in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
+                times[e].append(timed(runs[e], active, models[e], device))
+        for e in ENGINES:
+            models[e].zero_grad(set_to_none=True)
+            mem, method = peak_memory_mb(lambda: runs[e](timed_masks[0]), device)
+            models[e].zero_grad(set_to_none=True)
+            enc, head = flops[e]
+            median = statistics.median(times[e])
+            records.append({
+                **common, "model": model_name, "mask_ratio": ratio, "visible_fraction": visible,
+                "engine": e, "pass": pass_name,
+                "images_per_s": b / median, "median_s": median, "times_s": times[e],
+                "gflops_per_image": (enc + head if pass_name == "train_step" else enc) / 1e9,
+                "gflops_encoder_per_image": enc / 1e9, "gflops_head_per_image": head / 1e9,
+                "peak_mem_mb": mem, "mem_method": method,
+                "sparse_conv": conv_class(models["sparse"].encoder),
+            })
+            log.info("%s r=%.2f %-10s %-12s %7.2f img/s  %6.2f GFLOPs/img  %s MiB", model_name, ratio,
+                     pass_name, e, b / median, records[-1]["gflops_per_image"],
+                     "n/a" if mem is None else f"{mem:.0f}")
+    return records
+
+
+def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """Run the whole grid; write results.json, results.md and the plots into ``out_dir``."""
+    validate(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    common = {
+        "input_size": cfg.input_size, "batch_size": cfg.batch_size, "repeats": cfg.repeats,
+        "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
+        "device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "minkowski_engine": ME.__version__,
+    }
+    records: list[dict] = []
+    for model_name in cfg.models:
+        models = build_pair(model_name, cfg, device)
+        for ratio in cfg.mask_ratios:
+            records += bench_ratio(models, model_name, float(ratio), cfg, device, common)
+            # rewritten after every ratio, so a long run that is stopped keeps what it measured
+            (out_dir / "results.json").write_text(json.dumps(records, indent=1))
+    table = write_markdown(records, out_dir / "results.md")
+    write_plots(records, out_dir)
+    print(table)
+    print(f"results in {out_dir}")
+    return records
+
+
+@hydra.main(version_base="1.3", config_path="../conf/bench", config_name="sparse_vs_dense")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    try:
+        benchmark(cfg, out_dir)
+    except BenchConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

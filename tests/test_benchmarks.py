@@ -1,0 +1,135 @@
+"""The sparse-vs-dense benchmark: exact FLOP counts, memory measurement, and the app end to end."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.flops import ConvFlopCounter, encoder_flops, kernel_pairs
+from benchmarks.memory import peak_memory_mb
+from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
+
+warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+import MinkowskiEngine as ME  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# one image, stride 1: three sites in the top-left corner and one lone site at (2, 2)
+SITES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 2, 2]], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kernel, stride, pairs", [
+    # submanifold 3x3: each corner site sees the three corner sites, (2, 2) only itself
+    (3, 1, 3 + 3 + 3 + 1),
+    # 3x3 stride 2: outputs (0, 0) and (2, 2); (0, 0) sees the corner three, (2, 2) itself
+    (3, 2, 3 + 1),
+    (1, 1, 4),
+])
+def test_sparse_conv_flops_by_hand(kernel, stride, pairs):
+    c_in, c_out = 3, 5
+    x = ME.SparseTensor(torch.randn(len(SITES), c_in), coordinates=SITES)
+    conv = ME.MinkowskiConvolution(c_in, c_out, kernel_size=kernel, stride=stride, dimension=2)
+    with ConvFlopCounter(conv) as counter:
+        conv(x)
+    assert counter.total == 2 * pairs * c_in * c_out
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (5, 1), (7, 2), (1, 2), (2, 2)])
+def test_kernel_pairs_equal_minkowski_kernel_maps(kernel, stride):
+    """Our occupancy-grid count equals the size of MinkowskiEngine's own kernel map."""
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    cells = torch.unique(torch.randint(0, 12, (2, 70, 2), generator=g).view(-1, 2), dim=0)
+    batch = torch.arange(len(cells)) % 2
+    coords = torch.cat([batch[:, None], cells], 1).unique(dim=0).int()
+    x = ME.SparseTensor(torch.randn(len(coords), 2), coordinates=coords)
+    y = ME.MinkowskiConvolution(2, 2, kernel_size=kernel, stride=stride, dimension=2)(x)
+    maps = x.coordinate_manager.kernel_map(x.coordinate_map_key, y.coordinate_map_key,
+                                           stride=stride, kernel_size=kernel)
+    assert kernel_pairs(x.C, 1, y.C, kernel) == sum(m.shape[-1] for m in maps.values())
+
+
+@pytest.fixture(scope="module")
+def resnet18_pair():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    return SparseEncoder.from_timm(model), MaskedDenseEncoder.from_timm(model)
+
+
+def test_dense_count_equals_torch_flop_counter(resnet18_pair):
+    _, dense = resnet18_pair
+    images, active = torch.randn(2, 3, 64, 64), random_active(2, (2, 2), 0.5)
+    with FlopCounterMode(display=False) as mode, torch.no_grad():
+        dense(images, active)
+    assert sum(encoder_flops(dense, images, active).values()) == mode.get_total_flops()
+
+
+def test_resnet18_sparse_dense_flops_ratio(resnet18_pair):
+    sparse, dense = resnet18_pair
+    images = torch.randn(2, 3, 224, 224)
+    g = torch.Generator().manual_seed(0)
+    ratios = {}
+    for mask_ratio in (0.0, 0.6):
+        active = random_active(2, (7, 7), mask_ratio, g)
+        s, d = encoder_flops(sparse, images, active), encoder_flops(dense, images, active)
+        assert s.keys() == d.keys() and len(s) == 20  # every convolution of a ResNet-18
+        visible = float(active.float().mean())
+        # a visible output site has at most k*k pairs, so no layer beats the visible fraction
+        assert all(s[k] <= visible * d[k] for k in s)
+        ratios[mask_ratio] = sum(s.values()) / sum(d.values())
+    # all visible: only the zero padding at the image border is missing
+    assert 0.9 <= ratios[0.0] < 1.0
+    # 20 of 49 patches visible (0.408), but each visible patch also loses the pairs that reach
+    # into hidden neighbours; at stride 32 a patch is one site, so layer4 keeps ~0.18 of its
+    # dense FLOPs and the whole encoder about 0.30 (0.29-0.31 over mask seeds)
+    assert 0.27 <= ratios[0.6] <= 0.33
+
+
+def test_peak_memory_sees_an_allocation():
+    keep = []
+    mb, method = peak_memory_mb(lambda: keep.append(torch.ones(64 * 2**20 // 4)), torch.device("cpu"))
+    if mb is None:
+        pytest.skip(f"no memory measurement on this platform ({method})")
+    assert 60 <= mb <= 200
+
+
+def test_app_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "models=[resnet18]", "mask_ratios=[0.6]",
+           "batch_size=2", "input_size=64", "repeats=1", "warmup=0", "decoder_width=64",
+           f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == 6  # 3 passes x 2 engines
+    assert {(r["pass"], r["engine"]) for r in records} == {
+        (p, e) for p in ("fwd", "fwd_bwd", "train_step") for e in ("sparse", "dense_masked")}
+    keys = {"model", "input_size", "batch_size", "mask_ratio", "engine", "pass", "images_per_s",
+            "gflops_per_image", "peak_mem_mb", "device", "torch", "minkowski_engine", "threads", "times_s"}
+    for r in records:
+        assert keys <= r.keys()
+        assert r["images_per_s"] > 0 and len(r["times_s"]) == 1 and r["device"] == "cpu"
+    by = {(r["pass"], r["engine"]): r for r in records}
+    assert by["fwd", "sparse"]["gflops_per_image"] < by["fwd", "dense_masked"]["gflops_per_image"]
+    # train_step adds the same dense head to both engines
+    head = {e: by["train_step", e]["gflops_per_image"] - by["fwd", e]["gflops_per_image"]
+            for e in ("sparse", "dense_masked")}
+    assert head["sparse"] == pytest.approx(head["dense_masked"]) and head["sparse"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| resnet18 | 0.60 | train_step |" in table
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert (tmp_path / "flops_ratio.png").stat().st_size > 0
+    assert "speed-up" in done.stdout
+
+
+def test_app_refuses_missing_gpu(tmp_path):
+    if torch.cuda.is_available() and ME.is_cuda_available():
+        pytest.skip("a CUDA GPU is present")
+    cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "device=cuda", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "device=cuda" in done.stderr
