@@ -41,6 +41,7 @@ import MinkowskiEngine as ME  # noqa: E402
 import timm  # noqa: E402
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
+from spark_sparse.runtime import configure_cpu  # noqa: E402
 from spark_sparse.sparse_encoder import CONV_IMPLS  # noqa: E402
 from spark_sparse.spark import SparK  # noqa: E402
 
@@ -207,13 +208,13 @@ def bench_ratio(models: dict[str, SparK], model_name: str, ratio: float, cfg: Di
 def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Run the whole grid; write results.json, results.md and the plots into ``out_dir``."""
     validate(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     device = torch.device(cfg.device)
     common = {
         "input_size": cfg.input_size, "batch_size": cfg.batch_size, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
-        "device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
+        "keep_freed_memory": cpu["keep_freed_memory"],
         "torch": torch.__version__, "minkowski_engine": ME.__version__,
     }
     records: list[dict] = []
