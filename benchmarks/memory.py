@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from spark_sparse.runtime import returning_freed_memory
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MB = 2**20
 
@@ -89,6 +91,13 @@ class _Sampler(threading.Thread):
 
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float | None, str]:
     """Run ``fn`` once; (peak memory it added in MiB, method name)."""
+    # with glibc keeping freed memory (runtime.configure_cpu) the resident set would also count
+    # heap fragmentation; the default policy maps large blocks, so RSS follows live memory
+    with returning_freed_memory():
+        return _peak_memory_mb(fn, device)
+
+
+def _peak_memory_mb(fn: Callable[[], None], device: torch.device) -> tuple[float | None, str]:
     _settle()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,45 +31,48 @@ def unsupported(module: nn.Module, path: str, why: str = "") -> ConversionError:
     return ConversionError(f"cannot convert {type(module).__name__} at '{path}'{detail}")
 
 
-class MirrorBasicBlock(nn.Module):
-    """timm's BasicBlock with engine-specific leaves (conv-bn-act-conv-bn, + shortcut, act)."""
+class _MirrorBlock(nn.Module):
+    """A timm residual block with its leaves converted; subclasses name the leaves and the order."""
 
-    def __init__(self, block: BasicBlock, leaf: LeafConverter, path: str):
+    leaves: tuple[str, ...] = ()
+
+    def __init__(self, block: nn.Module, leaf: LeafConverter, path: str):
         super().__init__()
         _reject_extras(block, path, ("se", "drop_block", "aa"))
-        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2"):
+        for name in self.leaves:
             setattr(self, name, leaf(getattr(block, name), f"{path}.{name}"))
         self.downsample = convert_tree(block.downsample, leaf, f"{path}.downsample")
         self.drop_path = convert_tree(block.drop_path, leaf, f"{path}.drop_path")
+
+    def residual(self, x, shortcut):
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return x + shortcut
+
+
+class MirrorBasicBlock(_MirrorBlock):
+    """timm's BasicBlock: conv-bn-act-conv-bn, + shortcut, act."""
+
+    leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2")
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.bn2(self.conv2(x))
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return self.act2(x + shortcut)
+        return self.act2(self.residual(x, shortcut))
 
 
-class MirrorBottleneck(nn.Module):
-    """timm's Bottleneck with engine-specific leaves (1x1, 3x3 (strided), 1x1, + shortcut)."""
+class MirrorBottleneck(_MirrorBlock):
+    """timm's Bottleneck: 1x1, 3x3 (strided), 1x1, + shortcut, act."""
 
-    def __init__(self, block: Bottleneck, leaf: LeafConverter, path: str):
-        super().__init__()
-        _reject_extras(block, path, ("se", "drop_block", "aa"))
-        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"):
-            setattr(self, name, leaf(getattr(block, name), f"{path}.{name}"))
-        self.downsample = convert_tree(block.downsample, leaf, f"{path}.downsample")
-        self.drop_path = convert_tree(block.drop_path, leaf, f"{path}.drop_path")
+    leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3")
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return self.act3(x + shortcut)
+        return self.act3(self.residual(x, shortcut))
 
 
 def _reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:

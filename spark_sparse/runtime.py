@@ -9,26 +9,46 @@ memory mapped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 
 import torch
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+# glibc's defaults, restored while memory is being measured
+_DEFAULTS = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 128 << 10, _M_TOP_PAD: 0}
+_KEEP = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 256 << 20}
+_kept = False  # whether configure_cpu switched the policy on (returning_freed_memory restores it)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to reuse freed memory instead of unmapping it; False where that is not glibc."""
+def _mallopt(settings: dict[int, int]) -> bool:
     name = ctypes.util.find_library("c")
     if not name:
         return False
     try:
         libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-        return bool(ok and libc.mallopt(_M_TOP_PAD, 256 << 20))
+        return all(libc.mallopt(k, v) for k, v in settings.items())
     except (OSError, AttributeError):
         return False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed memory instead of unmapping it; False where that is not glibc."""
+    return _mallopt(_KEEP)
+
+
+@contextlib.contextmanager
+def returning_freed_memory():
+    """glibc's default policy for the duration: large blocks are mapped and unmapped, so the
+    resident set follows live memory (for measuring peaks), whatever configure_cpu chose."""
+    _mallopt(_DEFAULTS)
+    try:
+        yield
+    finally:
+        if _kept:
+            _mallopt(_KEEP)
 
 
 def configure_cpu(threads: int | None = None, keep_memory: bool = True) -> dict:
@@ -36,6 +56,7 @@ def configure_cpu(threads: int | None = None, keep_memory: bool = True) -> dict:
     returns the settings, for the record."""
     if threads:
         torch.set_num_threads(threads)
-    kept = keep_freed_memory() if keep_memory else False
+    global _kept
+    kept = _kept = keep_freed_memory() if keep_memory else False
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "keep_freed_memory": kept}
