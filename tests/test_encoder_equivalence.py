@@ -111,3 +111,14 @@ def test_hidden_sites_are_zero_and_never_encoded(timm_models, name):
     hidden = ~active.repeat_interleave(4, -2).repeat_interleave(4, -1)
     assert torch.all(dense_maps[-1] * (~active) == 0)
     assert torch.all(dense_maps[-3].masked_select(hidden) == 0)
+
+
+@pytest.mark.parametrize("name", ["resnet26d", "resnet34"])
+def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, name):
+    images, active = make_batch((192, 256), "ratio0.6")
+    for train in (False, True):
+        sparse, dense = encoders(timm_models(name), train=train)
+        with torch.no_grad():
+            got, want = sparse.dense_features(images, active), dense.dense_features(images, active)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < (1e-3 if train else 1e-5)
