@@ -177,6 +177,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
 
     Patches of at least ``tile_min_sites`` sites per side run as tile convolutions; smaller ones
     (deep stages, where a tile is mostly halo) as one gather-GEMM: measured faster each way.
+    1x1 convolutions are a matrix product of the (for stride 2: selected) rows.
     """
 
     tile_min_sites = 4
@@ -192,7 +193,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
             return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
                                    coordinate_manager=x.coordinate_manager)
         s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
-        if s < self.tile_min_sites:
+        if s < self.tile_min_sites or kh == 1:  # a strided 1x1 only picks rows: no tile needed
             out = GatherGemm.apply(x.F, kernel, window_rows(x, kh, stride), stride == 1)
             if self.bias is not None:
                 out = out + self.bias
