@@ -14,8 +14,23 @@ pretrain: setup
 test: setup
 	$(PY) -m pytest $(ARGS)
 
+# `make bench`: short versions of the speed benchmark (about 10 minutes on 2 cores) and of a
+# mask-ratio ablation (about 5), then the README's tables and docs/ plots are refreshed. Override
+# the grids with BENCH_ARGS / ABLATION_ARGS; ARGS is appended to the speed benchmark's overrides.
+BENCH_DIR := outputs/bench/latest
+ABLATION_DIR := outputs/ablation/latest
+BENCH_ARGS ?= models=[resnet18,resnet50] mask_ratios=[0.6,0.75] passes=[fwd_bwd,train_step] \
+	batch_size=8 repeats=3
+ABLATION_ARGS ?= mask_ratio=0.4,0.6,0.75,0.9 model=resnet18 input_size=96 batch_size=16 \
+	max_steps=100 log_every=2 save_every=1000 vis_every=1000 vis_images=2
+
 bench: setup
-	$(PY) -m benchmarks.sparse_vs_dense $(ARGS)
+	$(PY) -m benchmarks.update_readme --readme README.md --check
+	rm -rf $(BENCH_DIR) $(ABLATION_DIR)
+	$(PY) -m benchmarks.sparse_vs_dense $(BENCH_ARGS) $(ARGS) hydra.run.dir=$(BENCH_DIR)
+	$(PY) -m spark_sparse.pretrain -m $(ABLATION_ARGS) hydra.sweep.dir=$(ABLATION_DIR)
+	$(PY) -m spark_sparse.report $(ABLATION_DIR)
+	$(PY) -m benchmarks.update_readme --readme README.md --bench $(BENCH_DIR) --ablation $(ABLATION_DIR)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
