@@ -1,4 +1,4 @@
-"""Where a run's numbers go: metrics.jsonl always, wandb when logger=wandb."""
+"""Where a run's numbers go: metrics.jsonl always, wandb when logger=wandb (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,19 @@ class RunLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class NullLogger:
+    """What the other ranks of a distributed run log: nothing (rank 0 logs the global numbers)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_image(self, path: Path, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _wandb_id(run_dir: Path) -> str:

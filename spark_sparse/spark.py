@@ -55,12 +55,19 @@ class SparK(nn.Module):
         """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
         return {f"densify.{i}.mask_token" for i in range(len(self.densify))}
 
-    def random_mask(self, images: Tensor) -> Tensor:
+    def random_mask(self, images: Tensor, rank: int = 0, world_size: int = 1) -> Tensor:
+        """Visible patches for ``images``. In data-parallel training ``images`` is slice ``rank``
+        of a global batch ``world_size`` times larger: every rank draws the mask of the whole
+        global batch (same generator, same seed) and keeps its slice, so each image is masked
+        exactly as a single process would mask it and the generators stay in step."""
         b, _, h, w = images.shape
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not divisible by the encoder stride {self.stride}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         grid = (h // self.stride, w // self.stride)
-        return random_active(b, grid, self.mask_ratio, self.generator, images.device)
+        active = random_active(b * world_size, grid, self.mask_ratio, self.generator)
+        return active[rank * b:(rank + 1) * b].to(images.device)
 
     def forward(self, images: Tensor, active: Tensor | None = None) -> dict[str, Tensor]:
         """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask."""

@@ -1,0 +1,163 @@
+"""Data-parallel pretraining: synchronised visible-site batch norm, and torchrun runs that match
+a single process with the same global batch (fresh and resumed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import spark_sparse.pretrain as pretrain
+from spark_sparse.checkpoint import load_checkpoint
+from spark_sparse.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.masked_encoder import MaskedBatchNorm2d, MaskedTensor
+from spark_sparse.spark import SparK
+
+from .test_pretrain import config, losses
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+RUN = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "max_steps=4",
+       "log_every=1", "save_every=2", "vis_every=1000", "vis_images=1"]
+ROWS = (7, 12)  # unequal visible-site counts per rank: the statistics must weigh them
+
+
+# -- the synchronised norm, against one BatchNorm over the concatenated batch -----------------
+def _norm_worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        sizes = ROWS[:world] if world > 1 else (sum(ROWS),)
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        cases = {
+            "rows": (nn.BatchNorm1d(5), torch.randn(sum(sizes), 5, generator=g) * 3 + 2),
+            "maps": (nn.BatchNorm2d(5, momentum=None), torch.randn(sum(sizes), 5, 2, 3, generator=g)),
+        }
+        for name, (ref, x_all) in cases.items():
+            with torch.no_grad():
+                ref.weight.uniform_(0.5, 1.5, generator=g)
+                ref.bias.uniform_(-1, 1, generator=g)
+            sync = convert_sync_batchnorm(nn.Sequential(ref.__class__(5)))[0]
+            sync.load_state_dict(ref.state_dict())
+            sync.momentum = ref.momentum
+            assert isinstance(sync, SyncVisibleBatchNorm)
+            for _ in range(2):  # two steps: the running statistics accumulate
+                upstream = torch.randn(x_all.shape, generator=g)
+                x_ref, x = x_all.clone().requires_grad_(), x_all[lo:hi].clone().requires_grad_()
+                out_ref, out = ref(x_ref), sync(x)
+                (out_ref * upstream).sum().backward()
+                (out * upstream[lo:hi]).sum().backward()
+                torch.testing.assert_close(out, out_ref[lo:hi], rtol=1e-5, atol=1e-5, msg=name)
+                torch.testing.assert_close(x.grad, x_ref.grad[lo:hi], rtol=1e-4, atol=1e-5, msg=name)
+                for p_ref, p in zip(ref.parameters(), sync.parameters()):
+                    dist.all_reduce(p.grad)  # what DDP does (as a sum): one loss over all ranks
+                    torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+                    p.grad, p_ref.grad = None, None
+            for key, value in ref.state_dict().items():
+                torch.testing.assert_close(sync.state_dict()[key], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} {key}")
+
+        # the dense-masked engine's norm: visible sites of (B, C, h, w) maps, 2 images per rank
+        ref = MaskedBatchNorm2d(4)
+        sync = convert_sync_batchnorm(nn.Sequential(MaskedBatchNorm2d(4)))[0]
+        x_all = torch.randn(2 * max(world, 2), 4, 4, 4, generator=g)
+        active = torch.rand(x_all.shape[0], 1, 2, 2, generator=g) < 0.5
+        active[:, 0, 0, 0] = True
+        b = x_all.shape[0] // world
+        out_ref = ref(MaskedTensor(x_all, active)).x[rank * b:(rank + 1) * b]
+        out = sync(MaskedTensor(x_all[rank * b:(rank + 1) * b], active[rank * b:(rank + 1) * b])).x
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sync.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_norm_in_one_process_equals_batchnorm(tmp_path):
+    _norm_worker(0, 1, str(tmp_path / "init"))  # a process group of one, in this process
+
+
+def test_sync_norm_over_two_processes_equals_one_batchnorm_over_both(tmp_path):
+    """Forward, input and parameter gradients, running statistics, with unequal row counts."""
+    mp.spawn(_norm_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_sync_norm_without_a_process_group_is_plain_batchnorm():
+    ref = nn.BatchNorm1d(3)
+    sync = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))[0]
+    x = torch.randn(10, 3)
+    torch.testing.assert_close(sync(x), ref(x))
+    torch.testing.assert_close(sync.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("engine", ["sparse", "dense_masked"])
+def test_conversion_reaches_every_norm_and_keeps_the_state_dict(engine):
+    model = SparK.from_config(config(f"engine={engine}"))
+    before = model.state_dict()
+    timm_before = model.encoder.timm_state_dict()
+    convert_sync_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert norms and all(isinstance(m, SyncVisibleBatchNorm) for m in norms)
+    # encoder (MinkowskiEngine's .bn or masked norms), densify and decoder norms all converted
+    assert len(norms) == len([k for k in before if k.endswith("running_var")])
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key in before:
+        assert torch.equal(after[key], before[key]), key
+    assert list(model.encoder.timm_state_dict()) == list(timm_before)
+
+
+# -- whole runs: torchrun with 2 gloo processes against one process ---------------------------
+def torchrun(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m",
+                           "spark_sparse.pretrain", *RUN, "threads=1", *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+
+
+def test_two_processes_match_one_process_and_resume_across_world_sizes(tmp_path, monkeypatch):
+    single, interrupted = tmp_path / "single", tmp_path / "interrupted"
+    real_save = pretrain.atomic_save
+
+    def save_and_keep_step_2(obj, path):  # the step-2 checkpoint, as an interrupted run leaves it
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            real_save(obj, interrupted / "checkpoints" / "last.pt")
+
+    monkeypatch.setattr(pretrain, "atomic_save", save_and_keep_step_2)
+    pretrain.train(config(*RUN), single)
+    monkeypatch.setattr(pretrain, "atomic_save", real_save)
+    want = losses(single)
+
+    # a fresh 2-process run, in hydra's default time-stamped run directory
+    proc = torchrun(cwd=tmp_path)
+    run_dirs = [p.parent for p in (tmp_path / "outputs").rglob("metrics.jsonl")]
+    assert len(run_dirs) == 1, "the two ranks must agree on one run directory"
+    ddp = run_dirs[0]
+    assert proc.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+    assert_same_losses(losses(ddp), want)
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["last.pt"]
+    assert len(list(ddp.glob("reconstruction_step*.png"))) == 1
+    ckpt = load_checkpoint(ddp / "checkpoints" / "last.pt")
+    assert list(ckpt["model"]) == list(load_checkpoint(single / "checkpoints" / "last.pt")["model"])
+    assert len(ckpt["rng_per_rank"]) == 2
+    timm.create_model("resnet18", num_classes=0).load_state_dict(torch.load(ddp / "encoder_timm.pth"))
+
+    # the single-process step-2 checkpoint, finished by 2 processes
+    torchrun("resume=true", f"hydra.run.dir={interrupted}")
+    assert_same_losses(losses(interrupted), {s: v for s, v in want.items() if s > 2})
