@@ -99,39 +99,11 @@ class PatchSites:
 
 def gather_tiles(x: ME.SparseTensor, start: int, size: int, fill: float = 0.0) -> Tensor:
     """Every patch's tile as a (P, C, size, size) batch (channels-last in memory)."""
-    rows = PatchSites.of(x).tile_rows(x.tensor_stride[0], start, size)
-    return _tiles(x.F, rows, size, fill)
-
-
-def _tiles(feats: Tensor, rows: Tensor, size: int, fill: float = 0.0) -> Tensor:
-    padded = torch.cat([feats, feats.new_full((1, feats.shape[1]), fill)])
-    return padded.index_select(0, rows).view(-1, size, size, feats.shape[1]).permute(0, 3, 1, 2)
-
-
-class TileConv(torch.autograd.Function):
-    """conv2d over the gathered tiles, keeping only the feature rows for backward.
-
-    Autograd would keep the tiles themselves, up to 2.25x the rows (a 4x4 patch with its halo
-    is 6x6); re-gathering them in backward costs one cheap copy and saves that memory."""
-
-    @staticmethod
-    def forward(ctx, feats: Tensor, weight: Tensor, rows: Tensor, size: int, stride: int) -> Tensor:
-        ctx.save_for_backward(feats, weight, rows)
-        ctx.size, ctx.stride = size, stride
-        return F.conv2d(_tiles(feats, rows, size), weight, stride=stride)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        feats, weight, rows = ctx.saved_tensors
-        need_feats, need_weight = ctx.needs_input_grad[:2]
-        grad_tiles, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, _tiles(feats, rows, ctx.size), weight, None, [ctx.stride] * 2, [0, 0], [1, 1],
-            False, [0, 0], 1, [need_feats, need_weight, False])
-        grad_feats = None
-        if need_feats:  # halo positions belong to neighbouring patches: add them where they live
-            flat = grad_tiles.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-            grad_feats = feats.new_zeros(feats.shape[0] + 1, feats.shape[1]).index_add_(0, rows, flat)[:-1]
-        return grad_feats, grad_weight, None, None, None
+    sites = PatchSites.of(x)
+    rows = sites.tile_rows(x.tensor_stride[0], start, size)
+    padded = torch.cat([x.F, x.F.new_full((1, x.F.shape[1]), fill)])
+    tiles = padded.index_select(0, rows)
+    return tiles.view(-1, size, size, x.F.shape[1]).permute(0, 3, 1, 2)
 
 
 def tiles_to_sparse(tiles: Tensor, x: ME.SparseTensor, out_stride: int) -> ME.SparseTensor:
@@ -230,10 +202,8 @@ class PatchConvolution(ME.MinkowskiConvolution):
         start, size = tile_geometry(s, kh, stride)
         # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)
         weight = kernel.reshape(kh, kh, self.in_channels, self.out_channels).permute(3, 2, 1, 0)
-        rows = PatchSites.of(x).tile_rows(x.tensor_stride[0], start, size)
-        out = TileConv.apply(x.F, weight, rows, size, stride)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
+        bias = None if self.bias is None else self.bias.view(-1)
+        out = F.conv2d(gather_tiles(x, start, size), weight, bias, stride=stride)
         return tiles_to_sparse(out, x, x.tensor_stride[0] * stride)
 
 
