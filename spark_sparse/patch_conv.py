@@ -99,11 +99,14 @@ class PatchSites:
 
 def gather_tiles(x: ME.SparseTensor, start: int, size: int, fill: float = 0.0) -> Tensor:
     """Every patch's tile as a (P, C, size, size) batch (channels-last in memory)."""
-    sites = PatchSites.of(x)
-    rows = sites.tile_rows(x.tensor_stride[0], start, size)
-    padded = torch.cat([x.F, x.F.new_full((1, x.F.shape[1]), fill)])
-    tiles = padded.index_select(0, rows)
-    return tiles.view(-1, size, size, x.F.shape[1]).permute(0, 3, 1, 2)
+    rows = PatchSites.of(x).tile_rows(x.tensor_stride[0], start, size)
+    return _select_rows(x.F, rows, fill).view(-1, size, size, x.F.shape[1]).permute(0, 3, 1, 2)
+
+
+def _select_rows(feats: Tensor, rows: Tensor, fill: float = 0.0) -> Tensor:
+    """feats[rows] where row index N (one past the end) reads as a row of ``fill``."""
+    padded = torch.cat([feats, feats.new_full((1, feats.shape[1]), fill)])
+    return padded.index_select(0, rows.view(-1))
 
 
 def tiles_to_sparse(tiles: Tensor, x: ME.SparseTensor, out_stride: int) -> ME.SparseTensor:
@@ -135,9 +138,8 @@ def window_rows(x: ME.SparseTensor, kernel_size: int, stride: int) -> Tensor:
 
 
 def _gather_rows(feats: Tensor, table: Tensor) -> Tensor:
-    """feats[table] with index N meaning a zero row, as (N_out, K * C)."""
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    return padded.index_select(0, table.view(-1)).view(table.shape[0], -1)
+    """Each output site's window of input rows, absent ones zero, as (N_out, K * C)."""
+    return _select_rows(feats, table).view(table.shape[0], -1)
 
 
 class GatherGemm(torch.autograd.Function):
@@ -186,18 +188,16 @@ class PatchConvolution(ME.MinkowskiConvolution):
         kh = int(self.kernel_generator.kernel_size[0])
         stride = int(self.kernel_generator.kernel_stride[0])
         kernel = self.kernel.view(-1, self.in_channels, self.out_channels)
-        if kh == 1 and stride == 1:  # pointwise: no neighbours, no tiles
-            out = x.F @ kernel[0]
+        sites = PatchSites.of(x)
+        s = sites.sites_per_side(x.tensor_stride[0])
+        if kh == 1 or s < self.tile_min_sites:
+            if kh == 1 and stride == 1:  # pointwise: no neighbours, no tiles
+                out = x.F @ kernel[0]
+            else:  # a strided 1x1 only picks rows; tiny blocks are mostly halo
+                out = GatherGemm.apply(x.F, kernel, window_rows(x, kh, stride), stride == 1)
             if self.bias is not None:
                 out = out + self.bias
-            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
-                                   coordinate_manager=x.coordinate_manager)
-        s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
-        if s < self.tile_min_sites or kh == 1:  # a strided 1x1 only picks rows: no tile needed
-            out = GatherGemm.apply(x.F, kernel, window_rows(x, kh, stride), stride == 1)
-            if self.bias is not None:
-                out = out + self.bias
-            key = PatchSites.of(x).key(x.tensor_stride[0] * stride)
+            key = x.coordinate_map_key if stride == 1 else sites.key(x.tensor_stride[0] * stride)
             return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
         start, size = tile_geometry(s, kh, stride)
         # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)

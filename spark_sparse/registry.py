@@ -18,11 +18,4 @@ def create_encoder(model: str | nn.Module, engine: str = "sparse", **timm_kwargs
     """``create_encoder("resnet50", "sparse", drop_path_rate=0.05)``: a timm model, converted."""
     if engine not in ENCODERS:
         raise ValueError(f"unknown engine '{engine}'; choose one of {sorted(ENCODERS)}")
-    if isinstance(model, str):
-        import timm
-
-        try:
-            model = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
-        except RuntimeError as err:
-            raise ValueError(f"unknown timm model '{model}': {err}") from None
-    return ENCODERS[engine].from_timm(resolve_model(model))
+    return ENCODERS[engine].from_timm(resolve_model(model, **timm_kwargs))

@@ -96,11 +96,11 @@ def convert_tree(module: nn.Module | None, leaf: LeafConverter, path: str) -> nn
     return leaf(module, path)
 
 
-def resolve_model(model: nn.Module | str) -> ResNet:
-    """Accept a timm ResNet instance or a timm model name."""
+def resolve_model(model: nn.Module | str, **timm_kwargs) -> ResNet:
+    """Accept a timm ResNet instance, or a timm model name (built with ``timm_kwargs``)."""
     if isinstance(model, str):
         try:
-            model = timm.create_model(model, pretrained=False, num_classes=0)
+            model = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
         except RuntimeError as err:  # timm's "Unknown model"
             raise ValueError(f"unknown timm model '{model}': {err}") from None
     if not isinstance(model, ResNet):
