@@ -2,7 +2,7 @@
 
 Coordinates are (batch, row, col) in input pixels; a feature map of tensor stride s keeps its
 sites at multiples of s, as MinkowskiEngine does. Rows are ordered patch by patch (see
-patch_conv.py), which lets every layer work on whole visible patches without re-sorting.
+patch_sites.py), which lets every layer work on whole visible patches without re-sorting.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from .patch_conv import PatchSites
+from .patch_sites import PatchSites
 
 
 def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
@@ -19,19 +19,19 @@ def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     b, c, h, w = images.shape
     gh, gw = active.shape[-2:]
     patch = h // gh
-    patches = active[:, 0].nonzero()
-    sites = PatchSites(None, patches, patch, (gh, gw), b)
-    # (B, gh, gw, patch, patch, C) -> the visible patches' pixels, patch-major
-    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1)
-    feats = tiles[patches[:, 0], patches[:, 1], patches[:, 2]].reshape(-1, c)
+    visible = active.reshape(-1).nonzero()[:, 0]  # flat (image, patch row, patch column) order
+    patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
+    # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
+    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
+    feats = tiles.index_select(0, visible).transpose(1, 2).reshape(-1, c)
     # ME's autograd functions are float32/float64 only
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
-    x = ME.SparseTensor(feats, coordinates=sites.coordinates(1), device=images.device)
-    sites.manager = x.coordinate_manager
-    sites.keys[1] = x.coordinate_map_key
+    kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
+    sites = PatchSites(ME.CoordinateManager(D=2, coordinate_map_type=kind), patches, patch, (gh, gw), b)
     sites.attach()
-    return x
+    # the coordinates are unique by construction: insert them directly, without ME's quantisation
+    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1), coordinate_manager=sites.manager)
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:

@@ -1,0 +1,162 @@
+"""Where the visible sites of one batch are, at every stride: coordinates, ME keys, index tables.
+
+A SparK mask keeps whole 32x32-pixel patches, so at stride s the visible sites form whole
+S x S blocks (S = 32 / s). Rows of every feature matrix are kept patch-major (patch, row in
+patch, column in patch); ``PatchSites`` (one per batch, kept on the batch's coordinate manager
+and shared by all layers) registers those coordinates with MinkowskiEngine once per stride and
+builds, once per batch, the tables the operators of patch_conv.py index with. A table is a
+tensor of row numbers where N (one past the last row) stands for an absent site.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import MinkowskiEngine as ME
+import torch
+from torch import Tensor
+
+STRING_ID = "patch"  # our coordinate maps, never confused with ones ME builds itself
+PAD = 4  # halo room in the row grids: enough for a 7x7 kernel (3) and pooling
+
+
+class Tile(NamedTuple):
+    """Each patch's ``size`` x ``size`` neighbourhood, starting ``start`` sites before its corner."""
+
+    rows: Tensor  # (P * size * size,) the row at each tile position, N where absent
+    start: int
+    size: int
+    sites: int  # sites per side of the patch itself
+    present_rows: Tensor  # ``rows`` with row 0 for absent sites (overwritten after gathering) ...
+    absent: Tensor  # ... at these positions
+    halo_positions: Tensor  # positions outside the patch itself that hold a present row ...
+    halo_rows: Tensor  # ... and those rows: where a tile's gradient spills into other patches
+
+
+class OffsetPairs(NamedTuple):
+    """The present (output row, input row) pairs of one kernel offset; None means every row
+    (all outputs have this neighbour / the input row is the output row itself)."""
+
+    offset: int
+    out: Tensor | None
+    inp: Tensor | None
+
+
+def tile_geometry(sites_per_side: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """(start, size) of the input tile whose valid convolution gives the patch's outputs."""
+    start = -(kernel_size // 2) if kernel_size % 2 else 0
+    size = (sites_per_side // stride - 1) * stride + kernel_size
+    return start, size
+
+
+class PatchSites:
+    """Coordinates, ME keys and index tables of one batch's visible patches, at every stride."""
+
+    def __init__(self, manager: ME.CoordinateManager, patches: Tensor, patch_size: int,
+                 grid: tuple[int, int], batch: int):
+        self.manager = manager
+        self.patches = patches  # (P, 3): batch, patch row, patch column; the row order of everything
+        self.device = patches.device  # of every table: the features' device
+        self.patch_size = patch_size
+        self.grid = grid
+        self.batch = batch
+        self.keys: dict[int, ME.CoordinateMapKey] = {}
+        self._cache: dict[tuple, object] = {}
+
+    @staticmethod
+    def of(x: ME.SparseTensor) -> "PatchSites":
+        sites = x.coordinate_manager.__dict__.get("_patch_sites")
+        if sites is None:
+            raise ValueError("patch convolutions need a SparseTensor made by spark_sparse.sparsify "
+                             "(mask-aligned patches); use conv='minkowski' for arbitrary sparse tensors")
+        return sites
+
+    def attach(self) -> None:
+        self.manager.__dict__["_patch_sites"] = self
+
+    def sites_per_side(self, stride: int) -> int:
+        return self.patch_size // stride
+
+    def num_rows(self, stride: int) -> int:
+        return self.patches.shape[0] * self.sites_per_side(stride) ** 2
+
+    def coordinates(self, stride: int) -> Tensor:
+        """(N, 3) int32 coordinates at ``stride``, patch-major."""
+        s = self.sites_per_side(stride)
+        i = torch.arange(s, device=self.device).repeat_interleave(s)
+        j = torch.arange(s, device=self.device).repeat(s)
+        b, pr, pc = (self.patches[:, k, None] for k in range(3))
+        rows = ((pr * s + i) * stride).reshape(-1)
+        cols = ((pc * s + j) * stride).reshape(-1)
+        return torch.stack([b.expand(-1, s * s).reshape(-1), rows, cols], 1).int().contiguous()
+
+    def key(self, stride: int) -> ME.CoordinateMapKey:
+        if stride not in self.keys:
+            key, _ = self.manager.insert_and_map(self.coordinates(stride), [stride, stride], STRING_ID)
+            self.keys[stride] = key
+        return self.keys[stride]
+
+    def _cached(self, key: tuple, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def row_grid(self, stride: int) -> Tensor:
+        """(B, h + 2 PAD, w + 2 PAD) int32: each site's row number, N where absent."""
+        def build():
+            s, n = self.sites_per_side(stride), self.num_rows(stride)
+            grid = torch.full((self.batch, self.grid[0] * s + 2 * PAD, self.grid[1] * s + 2 * PAD), n,
+                              dtype=torch.int32, device=self.device)
+            c = self.coordinates(stride).long()
+            grid[c[:, 0], c[:, 1] // stride + PAD, c[:, 2] // stride + PAD] = torch.arange(
+                n, dtype=torch.int32, device=self.device)
+            return grid
+        return self._cached(("grid", stride), build)
+
+    def tile(self, stride: int, start: int, size: int) -> Tile:
+        """The tile table of every patch: ``size`` sites per side from ``start`` (relative to the
+        patch corner, negative for a halo)."""
+        def build():
+            s, n = self.sites_per_side(stride), self.num_rows(stride)
+            grid = self.row_grid(stride)
+            b, pr, pc = (self.patches[:, k].int() for k in range(3))
+            corner = (b * grid.shape[1] + pr * s + start + PAD) * grid.shape[2] + pc * s + start + PAD
+            steps = torch.arange(size, dtype=torch.int32, device=self.device)
+            offsets = (steps[:, None] * grid.shape[2] + steps[None, :]).view(-1)
+            rows = grid.view(-1).index_select(0, (corner[:, None] + offsets).view(-1))
+            inside = (steps >= -start) & (steps < s - start)
+            halo = (~(inside[:, None] & inside[None, :])).view(1, -1) & (rows.view(-1, size * size) != n)
+            positions = halo.view(-1).nonzero()[:, 0]
+            absent = (rows == n).nonzero()[:, 0]
+            return Tile(rows, start, size, s, rows.masked_fill(rows == n, 0), absent, positions,
+                        rows.index_select(0, positions).long())
+        return self._cached(("tile", stride, start, size), build)
+
+    def windows(self, stride: int, kernel_size: int, conv_stride: int) -> Tensor:
+        """(N_out, K) input rows of each output site's window, in ME's kernel order (first axis
+        fastest), N where absent: the im2col table, cut from the tile table."""
+        def build():
+            start, size = tile_geometry(self.sites_per_side(stride), kernel_size, conv_stride)
+            tiles = self.tile(stride, start, size).rows.view(-1, size, size)
+            win = tiles.unfold(1, kernel_size, conv_stride).unfold(2, kernel_size, conv_stride)
+            return win.transpose(-1, -2).reshape(-1, kernel_size * kernel_size).contiguous()
+        return self._cached(("windows", stride, kernel_size, conv_stride), build)
+
+    def pairs(self, stride: int, kernel_size: int, conv_stride: int) -> list[OffsetPairs]:
+        """Per kernel offset, the pairs whose input site is present (a sparse convolution's kernel
+        map); offsets every output has come first."""
+        def build():
+            table = self.windows(stride, kernel_size, conv_stride)
+            n_in = self.num_rows(stride)
+            identity = torch.arange(table.shape[0], device=self.device) if conv_stride == 1 else None
+            pairs = []
+            for k, col in enumerate(table.long().unbind(1)):
+                present = col != n_in
+                if bool(present.all()):
+                    same = identity is not None and torch.equal(col, identity)
+                    pairs.append(OffsetPairs(k, None, None if same else col))
+                else:
+                    rows = present.nonzero()[:, 0]
+                    pairs.append(OffsetPairs(k, rows, col.index_select(0, rows)))
+            return sorted(pairs, key=lambda p: p.out is not None)
+        return self._cached(("pairs", stride, kernel_size, conv_stride), build)
