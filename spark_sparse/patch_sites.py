@@ -10,6 +10,7 @@ tensor of row numbers where N (one past the last row) stands for an absent site.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import MinkowskiEngine as ME
@@ -54,7 +55,9 @@ class PatchSites:
 
     def __init__(self, manager: ME.CoordinateManager, patches: Tensor, patch_size: int,
                  grid: tuple[int, int], batch: int):
-        self.manager = manager
+        # the manager holds the sites (``attach``): a weak link back, so that no reference cycle
+        # keeps a batch's coordinate maps alive until the garbage collector happens to run
+        self._manager = weakref.ref(manager)
         self.patches = patches  # (P, 3): batch, patch row, patch column; the row order of everything
         self.device = patches.device  # of every table: the features' device
         self.patch_size = patch_size
@@ -70,6 +73,10 @@ class PatchSites:
             raise ValueError("patch convolutions need a SparseTensor made by spark_sparse.sparsify "
                              "(mask-aligned patches); use conv='minkowski' for arbitrary sparse tensors")
         return sites
+
+    @property
+    def manager(self) -> ME.CoordinateManager:
+        return self._manager()
 
     def attach(self) -> None:
         self.manager.__dict__["_patch_sites"] = self

@@ -28,10 +28,11 @@ def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
     kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
-    sites = PatchSites(ME.CoordinateManager(D=2, coordinate_map_type=kind), patches, patch, (gh, gw), b)
+    manager = ME.CoordinateManager(D=2, coordinate_map_type=kind)
+    sites = PatchSites(manager, patches, patch, (gh, gw), b)
     sites.attach()
     # the coordinates are unique by construction: insert them directly, without ME's quantisation
-    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1), coordinate_manager=sites.manager)
+    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1), coordinate_manager=manager)
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
