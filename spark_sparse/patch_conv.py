@@ -79,7 +79,7 @@ class TileMaxPool(torch.autograd.Function):
         p, c = out.shape[:2]
         where = where.permute(0, 2, 3, 1).reshape(p, -1, c)  # position in the patch's tile
         where += torch.arange(0, tile.rows.shape[0], tile.size**2, device=where.device).view(p, 1, 1)
-        ctx.save_for_backward(tile.rows.long()[where.view(-1, c)])
+        ctx.save_for_backward(tile.rows[where.view(-1, c)])
         ctx.num_rows = feats.shape[0]
         return _tile_rows(out)
 

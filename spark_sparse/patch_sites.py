@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 STRING_ID = "patch"  # our coordinate maps, never confused with ones ME builds itself
-PAD = 4  # halo room in the row grids: enough for a 7x7 kernel (3) and pooling
 
 
 class Tile(NamedTuple):
@@ -88,14 +87,12 @@ class PatchSites:
         return self.patches.shape[0] * self.sites_per_side(stride) ** 2
 
     def coordinates(self, stride: int) -> Tensor:
-        """(N, 3) int32 coordinates at ``stride``, patch-major."""
-        s = self.sites_per_side(stride)
-        i = torch.arange(s, device=self.device).repeat_interleave(s)
-        j = torch.arange(s, device=self.device).repeat(s)
-        b, pr, pc = (self.patches[:, k, None] for k in range(3))
-        rows = ((pr * s + i) * stride).reshape(-1)
-        cols = ((pc * s + j) * stride).reshape(-1)
-        return torch.stack([b.expand(-1, s * s).reshape(-1), rows, cols], 1).int().contiguous()
+        """(N, 3) int32 coordinates (batch, row, column in input pixels) at ``stride``, patch-major."""
+        s, p = self.sites_per_side(stride), self.patches.int()
+        steps = torch.arange(s, dtype=torch.int32, device=self.device) * stride
+        rows = (p[:, 1:2] * self.patch_size + steps).view(-1, s, 1).expand(-1, s, s)
+        cols = (p[:, 2:3] * self.patch_size + steps).view(-1, 1, s).expand(-1, s, s)
+        return torch.stack([p[:, 0].view(-1, 1, 1).expand(-1, s, s), rows, cols], -1).view(-1, 3)
 
     def key(self, stride: int) -> ME.CoordinateMapKey:
         if stride not in self.keys:
@@ -108,35 +105,36 @@ class PatchSites:
             self._cache[key] = build()
         return self._cache[key]
 
-    def row_grid(self, stride: int) -> Tensor:
-        """(B, h + 2 PAD, w + 2 PAD) int32: each site's row number, N where absent."""
+    def neighbours(self) -> Tensor:
+        """(P, 3, 3): the index of each patch's neighbouring patches (itself at [1, 1]), -1 where
+        hidden or outside the image."""
         def build():
-            s, n = self.sites_per_side(stride), self.num_rows(stride)
-            grid = torch.full((self.batch, self.grid[0] * s + 2 * PAD, self.grid[1] * s + 2 * PAD), n,
-                              dtype=torch.int32, device=self.device)
-            c = self.coordinates(stride).long()
-            grid[c[:, 0], c[:, 1] // stride + PAD, c[:, 2] // stride + PAD] = torch.arange(
-                n, dtype=torch.int32, device=self.device)
-            return grid
-        return self._cached(("grid", stride), build)
+            b, pr, pc = self.patches.unbind(1)
+            index = torch.full((self.batch, self.grid[0] + 2, self.grid[1] + 2), -1, device=self.device)
+            index[b, pr + 1, pc + 1] = torch.arange(len(b), device=self.device)
+            d = torch.arange(3, device=self.device)
+            return index[b.view(-1, 1, 1), pr.view(-1, 1, 1) + d.view(3, 1), pc.view(-1, 1, 1) + d]
+        return self._cached(("neighbours",), build)
 
     def tile(self, stride: int, start: int, size: int) -> Tile:
         """The tile table of every patch: ``size`` sites per side from ``start`` (relative to the
-        patch corner, negative for a halo)."""
+        patch corner, negative for a halo), reaching at most into the neighbouring patches."""
         def build():
             s, n = self.sites_per_side(stride), self.num_rows(stride)
-            grid = self.row_grid(stride)
-            b, pr, pc = (self.patches[:, k].int() for k in range(3))
-            corner = (b * grid.shape[1] + pr * s + start + PAD) * grid.shape[2] + pc * s + start + PAD
-            steps = torch.arange(size, dtype=torch.int32, device=self.device)
-            offsets = (steps[:, None] * grid.shape[2] + steps[None, :]).view(-1)
-            rows = grid.view(-1).index_select(0, (corner[:, None] + offsets).view(-1))
-            inside = (steps >= -start) & (steps < s - start)
-            halo = (~(inside[:, None] & inside[None, :])).view(1, -1) & (rows.view(-1, size * size) != n)
+            steps = torch.arange(start, start + size, device=self.device)
+            if start < -s or start + size > 2 * s:
+                raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
+                                 f"of a {s}x{s} block")
+            which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
+            site = steps - which * s  # the site inside that patch
+            patch = self.neighbours()[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
+            rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1)
+            present = (patch >= 0).view(-1)
+            inside = (steps >= 0) & (steps < s)
+            halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
             positions = halo.view(-1).nonzero()[:, 0]
-            absent = (rows == n).nonzero()[:, 0]
-            return Tile(rows, start, size, s, rows.masked_fill(rows == n, 0), absent, positions,
-                        rows.index_select(0, positions).long())
+            return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
+                        positions, rows.index_select(0, positions))
         return self._cached(("tile", stride, start, size), build)
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int) -> Tensor:
@@ -157,7 +155,7 @@ class PatchSites:
             n_in = self.num_rows(stride)
             identity = torch.arange(table.shape[0], device=self.device) if conv_stride == 1 else None
             pairs = []
-            for k, col in enumerate(table.long().unbind(1)):
+            for k, col in enumerate(table.unbind(1)):
                 present = col != n_in
                 if bool(present.all()):
                     same = identity is not None and torch.equal(col, identity)
