@@ -16,17 +16,17 @@ def pair_rows(records: list[Record]) -> list[dict]:
     """One row per (model, mask ratio, pass) holding both engines' numbers and the ratios."""
     by_key: dict[tuple, dict[str, Record]] = {}
     for r in records:
-        by_key.setdefault((r["model"], r["mask_ratio"], r["pass"]), {})[r["engine"]] = r
+        by_key.setdefault((r["model"], r["batch_size"], r["mask_ratio"], r["pass"]), {})[r["engine"]] = r
     rows = []
-    for (model, ratio, pass_), engines in by_key.items():
+    for (model, batch, ratio, pass_), engines in by_key.items():
         if not {"sparse", "dense_masked"} <= engines.keys():
             continue
         s, d = engines["sparse"], engines["dense_masked"]
         mem = (s["peak_mem_mb"] / d["peak_mem_mb"]
                if s["peak_mem_mb"] is not None and d["peak_mem_mb"] else None)
         rows.append({
-            "model": model, "mask_ratio": ratio, "pass": pass_,
-            "dense_ips": d["images_per_s"], "sparse_ips": s["images_per_s"],
+            "model": model, "batch_size": batch, "mask_ratio": ratio, "pass": pass_,
+            "dense_s": d["median_s"], "sparse_s": s["median_s"], "dense_ips": d["images_per_s"], "sparse_ips": s["images_per_s"],
             "speedup": s["images_per_s"] / d["images_per_s"],
             "flops_ratio": s["gflops_per_image"] / d["gflops_per_image"],
             "mem_ratio": mem, "dense_mem": d["peak_mem_mb"], "sparse_mem": s["peak_mem_mb"],
@@ -39,25 +39,52 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | mask ratio | pass | dense img/s | sparse img/s | speed-up | FLOPs ratio "
+    lines = ["| model | batch | mask ratio | pass | dense img/s | sparse img/s | speed-up | FLOPs ratio "
              "| peak-mem ratio (sparse/dense MiB) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = _fmt(r["mem_ratio"], ".2f")
         if r["mem_ratio"] is not None:
             mem += f" ({r['sparse_mem']:.0f}/{r['dense_mem']:.0f})"
-        lines.append(f"| {r['model']} | {r['mask_ratio']:.2f} | {r['pass']} | {r['dense_ips']:.2f} "
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['mask_ratio']:.2f} | {r['pass']} | {r['dense_ips']:.2f} "
                      f"| {r['sparse_ips']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} | {mem} |")
     return "\n".join(lines)
 
 
+def step_limit(encoder: dict, step: dict) -> float:
+    """The whole step's speed-up if only the encoder got faster, by as much as measured:
+    T_dense_step / (T_dense_step - T_dense_encoder + T_sparse_encoder)."""
+    return step["dense_s"] / (step["dense_s"] - encoder["dense_s"] + encoder["sparse_s"])
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per model, batch and mask ratio: encoder speed-up and memory, and the whole step's
+    speed-up next to its limit (where both passes were measured)."""
+    by = {(r["model"], r["batch_size"], r["mask_ratio"], r["pass"]): r for r in rows}
+    lines = ["| model | batch | mask ratio | encoder fwd+bwd speed-up | encoder peak memory sparse/dense "
+             "| SparK step speed-up (limit) |", "|---|---:|---:|---:|---:|---:|"]
+    for (model, batch, ratio, pass_), enc in by.items():
+        if pass_ != "fwd_bwd":
+            continue
+        step = by.get((model, batch, ratio, "train_step"))
+        step_txt = "n/a" if step is None else f"{step['speedup']:.2f}x ({step_limit(enc, step):.2f}x)"
+        lines.append(f"| {model} | {batch} | {ratio:.2f} | **{enc['speedup']:.2f}x** | "
+                     f"{_fmt(enc['mem_ratio'], '.2f')} | {step_txt} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write_markdown(records: list[Record], path: Path) -> str:
-    """Write results.md (settings, then the table); returns the table."""
-    table = markdown_table(pair_rows(records))
+    """Write results.md (settings, the summary where fwd_bwd was measured, then the full table);
+    returns the tables."""
+    rows = pair_rows(records)
+    table = markdown_table(rows)
+    summary = summary_table(rows)
+    if summary:
+        table = f"{summary}\n\nAll passes:\n\n{table}"
     first = records[0]
     settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "
                 f"torch {first['torch']}, MinkowskiEngine {first['minkowski_engine']}, "
-                f"sparse convolution '{first['sparse_conv']}'; batch {first['batch_size']}, "
+                f"sparse convolution '{first['sparse_conv']}'; "
                 f"input {first['input_size']}, median of {first['repeats']} repeats after "
                 f"{first['warmup']} warm-up, engines interleaved, same weights and masks.")
     notes = ("speed-up = sparse img/s / dense-masked img/s; FLOPs ratio = exact sparse / dense forward "

@@ -1,6 +1,8 @@
 """Sparse encoder vs SparK's dense-masked simulation: speed, exact FLOPs and peak memory.
 
-``python -m benchmarks.sparse_vs_dense models=[resnet18] mask_ratios=[0.6] batch_size=8 ...``
+``python -m benchmarks.sparse_vs_dense models=[resnet18,resnet50] batch_size=[16,8] mask_ratios=[0.6] ...``
+
+``batch_size`` is one number for every model, or a list with one per model.
 
 For every model both engines are built from one timm model (so they hold the same weights) with
 the same densify/decoder weights, and every pass sees the same images and masks on both. Passes:
@@ -71,7 +73,8 @@ def validate(cfg: DictConfig) -> None:
         raise BenchConfigError(f"unknown pass(es) {sorted(unknown)}; choose from {list(PASSES)}")
     if cfg.input_size <= 0 or cfg.input_size % 32:
         raise BenchConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
-    if cfg.batch_size < 2:
+    sizes = batch_sizes(cfg)
+    if any(b < 2 for b in sizes.values()):
         raise BenchConfigError("batch_size must be at least 2 (train-mode batch norm)")
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise BenchConfigError("repeats must be >= 1 and warmup >= 0")
@@ -85,6 +88,18 @@ def validate(cfg: DictConfig) -> None:
         if not ME.is_cuda_available():
             raise BenchConfigError("device=cuda but MinkowskiEngine was built CPU-only; rebuild it "
                                    "with SPARK_SPARSE_ME_TARGET=cuda python scripts/build_minkowski.py")
+
+
+def batch_sizes(cfg: DictConfig) -> dict[str, int]:
+    """The batch size of each model: ``batch_size`` is one int, or a list with one per model."""
+    sizes = cfg.batch_size
+    if isinstance(sizes, int):
+        return {name: sizes for name in cfg.models}
+    sizes = list(sizes) if OmegaConf.is_list(sizes) or isinstance(sizes, (list, tuple)) else None
+    if sizes is None or len(sizes) != len(cfg.models) or not all(isinstance(b, int) for b in sizes):
+        raise BenchConfigError(f"batch_size must be an int or a list of {len(cfg.models)} ints (one per "
+                               f"model), got {cfg.batch_size}")
+    return dict(zip(cfg.models, sizes))
 
 
 def build_pair(model: str, cfg: DictConfig, device: torch.device) -> dict[str, SparK]:
@@ -158,10 +173,10 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_ratio(models: dict[str, SparK], model_name: str, ratio: float, cfg: DictConfig,
+def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float, cfg: DictConfig,
                 device: torch.device, common: dict) -> list[dict]:
-    """All passes, both engines, one model and mask ratio."""
-    b, size = cfg.batch_size, cfg.input_size
+    """All passes, both engines, one model, batch size and mask ratio."""
+    size = cfg.input_size
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(b, 3, size, size, generator=g).to(device)
     masks = [random_active(b, (size // 32, size // 32), ratio, g).to(device)
@@ -191,7 +206,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, ratio: float, cfg: Di
             enc, head = flops[e]
             median = statistics.median(times[e])
             records.append({
-                **common, "model": model_name, "mask_ratio": ratio, "visible_fraction": visible,
+                **common, "model": model_name, "batch_size": b, "mask_ratio": ratio, "visible_fraction": visible,
                 "engine": e, "pass": pass_name,
                 "images_per_s": b / median, "median_s": median, "times_s": times[e],
                 "gflops_per_image": (enc + head if pass_name == "train_step" else enc) / 1e9,
@@ -208,10 +223,11 @@ def bench_ratio(models: dict[str, SparK], model_name: str, ratio: float, cfg: Di
 def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Run the whole grid; write results.json, results.md and the plots into ``out_dir``."""
     validate(cfg)
+    sizes = batch_sizes(cfg)
     cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     device = torch.device(cfg.device)
     common = {
-        "input_size": cfg.input_size, "batch_size": cfg.batch_size, "repeats": cfg.repeats,
+        "input_size": cfg.input_size, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
         "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
         "keep_freed_memory": cpu["keep_freed_memory"],
@@ -221,7 +237,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     for model_name in cfg.models:
         models = build_pair(model_name, cfg, device)
         for ratio in cfg.mask_ratios:
-            records += bench_ratio(models, model_name, float(ratio), cfg, device, common)
+            records += bench_ratio(models, model_name, sizes[model_name], float(ratio), cfg, device, common)
             # rewritten after every ratio, so a long run that is stopped keeps what it measured
             (out_dir / "results.json").write_text(json.dumps(records, indent=1))
     table = write_markdown(records, out_dir / "results.md")

@@ -120,7 +120,7 @@ def test_app_end_to_end(tmp_path):
             for e in ("sparse", "dense_masked")}
     assert head["sparse"] == pytest.approx(head["dense_masked"]) and head["sparse"] > 0
     table = (tmp_path / "results.md").read_text()
-    assert "| resnet18 | 0.60 | train_step |" in table
+    assert "| resnet18 | 2 | 0.60 | train_step |" in table
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "flops_ratio.png").stat().st_size > 0
     assert "speed-up" in done.stdout
@@ -133,3 +133,43 @@ def test_app_refuses_missing_gpu(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "device=cuda" in done.stderr
+
+
+def test_batch_size_is_one_int_or_one_per_model():
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, batch_sizes
+
+    cfg = OmegaConf.create({"models": ["resnet18", "resnet50"], "batch_size": 8})
+    assert batch_sizes(cfg) == {"resnet18": 8, "resnet50": 8}
+    cfg.batch_size = [16, 8]
+    assert batch_sizes(cfg) == {"resnet18": 16, "resnet50": 8}
+    cfg.batch_size = [16]
+    with pytest.raises(BenchConfigError, match="a list of 2 ints"):
+        batch_sizes(cfg)
+
+
+def test_summary_puts_the_step_speed_up_next_to_its_limit():
+    from benchmarks.report import pair_rows, summary_table
+
+    def rec(engine, pass_, seconds):
+        return {"model": "resnet50", "batch_size": 8, "mask_ratio": 0.6, "engine": engine, "pass": pass_,
+                "median_s": seconds, "images_per_s": 8 / seconds, "gflops_per_image": 1.0,
+                "peak_mem_mb": 50.0 if engine == "sparse" else 100.0}
+
+    # encoder 2 s dense, 1 s sparse; the step 10 s dense, 9.5 s sparse: the limit is 10 / 9
+    records = [rec("sparse", "fwd_bwd", 1.0), rec("dense_masked", "fwd_bwd", 2.0),
+               rec("sparse", "train_step", 9.5), rec("dense_masked", "train_step", 10.0)]
+    table = summary_table(pair_rows(records))
+    assert "| resnet50 | 8 | 0.60 | **2.00x** | 0.50 | 1.05x (1.11x) |" in table
+
+
+def test_conv_paths_times_both_paths_of_every_layer(capsys):
+    from benchmarks.conv_paths import main
+
+    main(["--model", "resnet18", "--batch-size", "2", "--input-size", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| layer |", "|---"))]
+    assert len(rows) == 1 + 16  # the stem and the 16 3x3 convolutions of a ResNet-18
+    assert "| layer4.1.conv2 | 512->512 | 3/1 | 1->1 |" in out  # a patch is one site at stride 32
+    assert "total: tiles" in out

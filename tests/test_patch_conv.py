@@ -47,10 +47,15 @@ def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride,
 
 
 @pytest.mark.parametrize("mode,kernel_size", [("max", 3), ("avg", 2)])
-def test_pooling_matches_minkowski(mode, kernel_size):
-    (xa, xb), _ = twin_inputs(4, seed=1)
+def test_pooling_matches_minkowski_forward_and_backward(mode, kernel_size):
+    (xa, xb), (fa, fb) = twin_inputs(4, seed=1)
     ref_cls = ME.MinkowskiMaxPooling if mode == "max" else ME.MinkowskiAvgPooling
-    same_sites(ref_cls(kernel_size, stride=2, dimension=2)(xa), PatchPooling(mode, kernel_size, 2)(xb))
+    ya, yb = ref_cls(kernel_size, stride=2, dimension=2)(xa), PatchPooling(mode, kernel_size, 2)(xb)
+    order_a, order_b = same_sites(ya, yb)
+    grad = torch.randn(ya.F.shape, dtype=torch.float64)
+    (ya.F[order_a] * grad).sum().backward()
+    (yb.F[order_b] * grad).sum().backward()
+    torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_tensors_not_made_by_sparsify_are_refused():
