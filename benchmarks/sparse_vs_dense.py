@@ -14,10 +14,10 @@ the same densify/decoder weights, and every pass sees the same images and masks 
   optimizer update is the same for both engines and left out.
 
 Timed repeats alternate which engine goes first, so slow phases of the machine hit both; the
-median of the repeats after ``warmup`` untimed runs is reported. Memory is measured in one extra,
-untimed run per pass and engine (benchmarks/memory.py), FLOPs in one counting forward on the
-first timed batch (benchmarks/flops.py). The run directory receives results.json, results.md,
-speedup.png and flops_ratio.png.
+median of the repeats after ``warmup`` untimed runs is reported. Memory is measured before any
+timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
+counting forward on that batch (benchmarks/flops.py). The run directory receives results.json,
+results.md, speedup.png and flops_ratio.png.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import MinkowskiEngine as ME  # noqa: E402
 import timm  # noqa: E402
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
-from spark_sparse.runtime import configure_cpu  # noqa: E402
+from spark_sparse.runtime import configure_cpu, returning_freed_memory  # noqa: E402
 from spark_sparse.sparse_encoder import CONV_IMPLS  # noqa: E402
 from spark_sparse.spark import SparK  # noqa: E402
 
@@ -173,14 +173,43 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float, cfg: DictConfig,
-                device: torch.device, common: dict) -> list[dict]:
-    """All passes, both engines, one model, batch size and mask ratio."""
+def make_inputs(cfg: DictConfig, b: int, ratio: float, device: torch.device) -> tuple[torch.Tensor, list]:
+    """The images and masks (warm-up ones first) of one model and ratio: the same every call."""
     size = cfg.input_size
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(b, 3, size, size, generator=g).to(device)
     masks = [random_active(b, (size // 32, size // 32), ratio, g).to(device)
              for _ in range(cfg.warmup + cfg.repeats)]
+    return images, masks
+
+
+def measure_memory(models: dict[str, SparK], b: int, ratio: float, cfg: DictConfig,
+                   device: torch.device) -> dict[tuple[str, str], tuple[float | None, str]]:
+    """Peak memory of every (pass, engine) on the first timed mask, after one unmeasured run.
+
+    Run before any timing: timing keeps freed memory in the heap (runtime.configure_cpu), and a
+    heap grown by earlier passes serves and keeps pages in ways that depend on what ran before,
+    which made the same pass measure up to 20% apart."""
+    images, masks = make_inputs(cfg, b, ratio, device)
+    memory = {}
+    for pass_name in cfg.passes:
+        for e in ENGINES:
+            run = make_pass(pass_name, models[e], images)
+            for measure in (False, True):
+                models[e].zero_grad(set_to_none=True)
+                with returning_freed_memory():
+                    if measure:
+                        memory[pass_name, e] = peak_memory_mb(lambda: run(masks[cfg.warmup]), device)
+                    else:
+                        run(masks[cfg.warmup])
+            models[e].zero_grad(set_to_none=True)
+    return memory
+
+
+def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float, cfg: DictConfig,
+                device: torch.device, common: dict, memory: dict) -> list[dict]:
+    """All passes, both engines, one model, batch size and mask ratio."""
+    images, masks = make_inputs(cfg, b, ratio, device)
     timed_masks = masks[cfg.warmup:]
     visible = float(torch.stack(timed_masks).float().mean())
 
@@ -201,8 +230,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
                 times[e].append(timed(runs[e], active, models[e], device))
         for e in ENGINES:
             models[e].zero_grad(set_to_none=True)
-            mem, method = peak_memory_mb(lambda: runs[e](timed_masks[0]), device)
-            models[e].zero_grad(set_to_none=True)
+            mem, method = memory[pass_name, e]
             enc, head = flops[e]
             median = statistics.median(times[e])
             records.append({
@@ -224,8 +252,15 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Run the whole grid; write results.json, results.md and the plots into ``out_dir``."""
     validate(cfg)
     sizes = batch_sizes(cfg)
-    cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     device = torch.device(cfg.device)
+    # memory first, while the heap is small (see measure_memory); then time with freed memory kept
+    configure_cpu(cfg.threads, keep_memory=False)
+    memory = {}
+    for model_name in cfg.models:
+        models = build_pair(model_name, cfg, device)
+        for ratio in cfg.mask_ratios:
+            memory[model_name, ratio] = measure_memory(models, sizes[model_name], float(ratio), cfg, device)
+    cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     common = {
         "input_size": cfg.input_size, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
@@ -237,7 +272,8 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     for model_name in cfg.models:
         models = build_pair(model_name, cfg, device)
         for ratio in cfg.mask_ratios:
-            records += bench_ratio(models, model_name, sizes[model_name], float(ratio), cfg, device, common)
+            records += bench_ratio(models, model_name, sizes[model_name], float(ratio), cfg, device, common,
+                                   memory[model_name, ratio])
             # rewritten after every ratio, so a long run that is stopped keeps what it measured
             (out_dir / "results.json").write_text(json.dumps(records, indent=1))
     table = write_markdown(records, out_dir / "results.md")

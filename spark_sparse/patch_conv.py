@@ -70,23 +70,29 @@ class TileConv(torch.autograd.Function):
 
 
 class TileMaxPool(torch.autograd.Function):
-    """Max pooling over present sites; keeps the row each maximum came from, not the tiles."""
+    """Max pooling over present sites; keeps where in its tile each maximum was (int16), not the
+    tiles."""
 
     @staticmethod
     def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
         tiles = gather_tiles(feats, tile, float("-inf"))  # absent neighbours never win
         out, where = F.max_pool2d(tiles, kernel_size, stride, return_indices=True)
+        if tile.size**2 > torch.iinfo(torch.int16).max:
+            raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large")
         p, c = out.shape[:2]
-        where = where.permute(0, 2, 3, 1).reshape(p, -1, c)  # position in the patch's tile
-        where += torch.arange(0, tile.rows.shape[0], tile.size**2, device=where.device).view(p, 1, 1)
-        ctx.save_for_backward(tile.rows[where.view(-1, c)])
-        ctx.num_rows = feats.shape[0]
+        ctx.save_for_backward(where.permute(0, 2, 3, 1).reshape(p, -1, c).to(torch.int16))
+        ctx.tile, ctx.num_rows = tile, feats.shape[0]
         return _tile_rows(out)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        (source,) = ctx.saved_tensors
-        grad = grad_rows.new_zeros(ctx.num_rows, grad_rows.shape[1])
+        (where,) = ctx.saved_tensors
+        tile = ctx.tile
+        p, c = where.shape[0], where.shape[2]
+        first = torch.arange(0, tile.rows.shape[0], tile.size**2, device=where.device)  # of each tile
+        where = where.long() + first.view(p, 1, 1)
+        source = tile.rows.long()[where.view(-1, c)]  # the row each maximum came from
+        grad = grad_rows.new_zeros(ctx.num_rows, c)
         return grad.scatter_add_(0, source, grad_rows.contiguous()), None, None, None
 
 
@@ -150,7 +156,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
-            out = x.F @ kernel[0]
+            out = x.F @ self.kernel.view(self.in_channels, self.out_channels)  # a view: no grad copy
         elif kh == 1 or s // stride < self.tile_min_sites:
             out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
         else:
@@ -159,18 +165,22 @@ class PatchConvolution(ME.MinkowskiConvolution):
             out = TileConv.apply(x.F, weight, sites.tile(in_stride, *tile_geometry(s, kh, stride)), stride)
         if self.bias is not None:
             out = out + self.bias
-        key = x.coordinate_map_key if stride == 1 else sites.key(out_stride)
-        return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
+        if stride == 1:
+            key, manager = x.coordinate_map_key, x.coordinate_manager
+        else:
+            key, manager = sites.key(out_stride), sites.manager
+        return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=manager)
 
 
 class PatchPooling(nn.Module):
     """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling."""
 
-    def __init__(self, mode: str, kernel_size: int, stride: int):
+    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False):
         super().__init__()
         if mode not in ("max", "avg"):
             raise ValueError(f"pooling mode must be 'max' or 'avg', got '{mode}'")
         self.mode, self.kernel_size, self.stride = mode, kernel_size, stride
+        self.relu = relu  # a ReLU after pooling (for max pooling the same as one before it)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
@@ -180,8 +190,11 @@ class PatchPooling(nn.Module):
             out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride)
         else:  # mask-aligned 2x2 windows lie inside one patch: always complete
             out = _tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
+        if self.relu:
+            out = F.relu(out)
         key = sites.key(x.tensor_stride[0] * self.stride)
-        return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
+        return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=sites.manager)
 
     def extra_repr(self) -> str:
-        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}"
+        relu = ", then ReLU" if self.relu else ""
+        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{relu}"

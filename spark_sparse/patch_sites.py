@@ -23,7 +23,7 @@ STRING_ID = "patch"  # our coordinate maps, never confused with ones ME builds i
 class Tile(NamedTuple):
     """Each patch's ``size`` x ``size`` neighbourhood, starting ``start`` sites before its corner."""
 
-    rows: Tensor  # (P * size * size,) the row at each tile position, N where absent
+    rows: Tensor  # (P * size * size,) int32: the row at each tile position, N where absent
     start: int
     size: int
     sites: int  # sites per side of the patch itself
@@ -54,8 +54,9 @@ class PatchSites:
 
     def __init__(self, manager: ME.CoordinateManager, patches: Tensor, patch_size: int,
                  grid: tuple[int, int], batch: int):
-        # the manager holds the sites (``attach``): a weak link back, so that no reference cycle
-        # keeps a batch's coordinate maps alive until the garbage collector happens to run
+        # the manager of the layers' maps (strides > 1; sparsify keeps the pixels' map apart);
+        # it holds the sites (``attach``): a weak link back, so that no reference cycle keeps a
+        # batch's coordinate maps alive until the garbage collector happens to run
         self._manager = weakref.ref(manager)
         self.patches = patches  # (P, 3): batch, patch row, patch column; the row order of everything
         self.device = patches.device  # of every table: the features' device
@@ -77,8 +78,9 @@ class PatchSites:
     def manager(self) -> ME.CoordinateManager:
         return self._manager()
 
-    def attach(self) -> None:
-        self.manager.__dict__["_patch_sites"] = self
+    def attach(self, manager: ME.CoordinateManager) -> None:
+        """Make ``PatchSites.of`` find these sites from tensors of ``manager``."""
+        manager.__dict__["_patch_sites"] = self
 
     def sites_per_side(self, stride: int) -> int:
         return self.patch_size // stride
@@ -128,11 +130,11 @@ class PatchSites:
             which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
             site = steps - which * s  # the site inside that patch
             patch = self.neighbours()[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
-            rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1)
+            rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1).int()
             present = (patch >= 0).view(-1)
             inside = (steps >= 0) & (steps < s)
             halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
-            positions = halo.view(-1).nonzero()[:, 0]
+            positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
             return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
                         positions, rows.index_select(0, positions))
         return self._cached(("tile", stride, start, size), build)
@@ -153,7 +155,8 @@ class PatchSites:
         def build():
             table = self.windows(stride, kernel_size, conv_stride)
             n_in = self.num_rows(stride)
-            identity = torch.arange(table.shape[0], device=self.device) if conv_stride == 1 else None
+            identity = (torch.arange(table.shape[0], dtype=table.dtype, device=self.device)
+                        if conv_stride == 1 else None)
             pairs = []
             for k, col in enumerate(table.unbind(1)):
                 present = col != n_in

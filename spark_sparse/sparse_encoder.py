@@ -124,6 +124,15 @@ class SparseEncoder(ResNetEncoder):
 
     convert_leaf = staticmethod(convert_leaf)
 
+    def __init__(self, body: nn.ModuleDict, channels: list[int], name: str):
+        super().__init__(body, channels, name)
+        if isinstance(body["maxpool"], PatchPooling) and isinstance(body["act1"], ME.MinkowskiReLU):
+            # ReLU and max pooling commute; pooling first means the stem's stride-2 ReLU output
+            # (the largest map after the input) is never made, and the ReLU that remains runs
+            # on a quarter of the rows and keeps what the next convolution keeps anyway
+            body["maxpool"].relu = True
+            body["act1"] = nn.Identity()
+
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
         return sparsify(images, active)
 

@@ -11,7 +11,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from .patch_sites import PatchSites
+from .patch_sites import STRING_ID, PatchSites
 
 
 def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
@@ -28,11 +28,19 @@ def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
     kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
-    manager = ME.CoordinateManager(D=2, coordinate_map_type=kind)
-    sites = PatchSites(manager, patches, patch, (gh, gw), b)
-    sites.attach()
+    network = ME.CoordinateManager(D=2, coordinate_map_type=kind)  # strides 2..32: the layers' maps
+    sites = PatchSites(network, patches, patch, (gh, gw), b)
+    # The pixels' own map (by far the largest) lives in a manager of its own, which holds the
+    # network's: it goes with the input tensor, right after the stem has read it, instead of
+    # staying for the whole backward pass.
+    pixels = ME.CoordinateManager(D=2, coordinate_map_type=kind)
+    pixels.__dict__["_network_manager"] = network
+    sites.attach(network)
+    sites.attach(pixels)
     # the coordinates are unique by construction: insert them directly, without ME's quantisation
-    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1), coordinate_manager=manager)
+    key, _ = pixels.insert_and_map(sites.coordinates(1), [1, 1], STRING_ID)
+    sites.keys[1] = key
+    return ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=pixels)
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
