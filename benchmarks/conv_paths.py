@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, conv, x in conv_inputs(encoder, images, active):
         k, stride = int(conv.kernel_generator.kernel_size[0]), int(conv.kernel_generator.kernel_stride[0])
         s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
-        default = PatchConvolution.tile_min_sites
-        picked = "tiles" if s // stride >= default else "offset GEMMs"
+        picked = "tiles" if conv.uses_tiles(s) else "offset GEMMs"
         times: dict[str, list[float]] = {p: [] for p in PATHS}
         for r in range(args.repeats + 1):  # the first round warms up
             for path in (PATHS if r % 2 else reversed(PATHS)):

@@ -140,13 +140,18 @@ class OffsetGemm(torch.autograd.Function):
 class PatchConvolution(ME.MinkowskiConvolution):
     """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors.
 
-    Convolutions with at least ``tile_min_sites`` output sites per patch side run on tiles, the
-    others (deep stages, where a tile would be mostly halo) as offset GEMMs: measured faster
-    each way. 1x1 convolutions are a matrix product of the (for
-    stride 2: selected) rows.
+    Convolutions over blocks of at least ``tile_min_sites`` sites per side run on tiles, the
+    others (deeper stages, where a tile would be mostly halo and absent neighbours many) as
+    offset GEMMs: measured faster each way (benchmarks/conv_paths.py; 4x4 blocks are close, and
+    offset GEMMs the faster by about 10% for ResNet-50 and at mask 0.75). 1x1 convolutions are a
+    matrix product of the (for stride 2: selected) rows.
     """
 
-    tile_min_sites = 4
+    tile_min_sites = 8
+
+    def uses_tiles(self, sites_per_side: int) -> bool:
+        """Whether a k x k convolution over blocks of ``sites_per_side`` runs on tiles."""
+        return int(self.kernel_generator.kernel_size[0]) > 1 and sites_per_side >= self.tile_min_sites
 
     def forward(self, x: ME.SparseTensor, coordinates=None) -> ME.SparseTensor:
         kh = int(self.kernel_generator.kernel_size[0])
@@ -157,7 +162,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
             out = x.F @ self.kernel.view(self.in_channels, self.out_channels)  # a view: no grad copy
-        elif kh == 1 or s // stride < self.tile_min_sites:
+        elif not self.uses_tiles(s):
             out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
         else:
             # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)
