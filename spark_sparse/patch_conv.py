@@ -75,10 +75,10 @@ class TileMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
+        if tile.size**2 > torch.iinfo(torch.int16).max:
+            raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large for int16 positions")
         tiles = gather_tiles(feats, tile, float("-inf"))  # absent neighbours never win
         out, where = F.max_pool2d(tiles, kernel_size, stride, return_indices=True)
-        if tile.size**2 > torch.iinfo(torch.int16).max:
-            raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large")
         p, c = out.shape[:2]
         ctx.save_for_backward(where.permute(0, 2, 3, 1).reshape(p, -1, c).to(torch.int16))
         ctx.tile, ctx.num_rows = tile, feats.shape[0]
