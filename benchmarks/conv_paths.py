@@ -21,9 +21,9 @@ warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
 import MinkowskiEngine as ME  # noqa: E402
 
 from spark_sparse import SparseEncoder, random_active  # noqa: E402
-from spark_sparse.patch_conv import PatchConvolution  # noqa: E402
-from spark_sparse.patch_sites import PatchSites  # noqa: E402
-from spark_sparse.runtime import configure_cpu  # noqa: E402
+from spark_sparse.sparse.patch_conv import PatchConvolution  # noqa: E402
+from spark_sparse.sparse.patch_sites import PatchSites  # noqa: E402
+from spark_sparse.train.runtime import configure_cpu  # noqa: E402
 
 PATHS = {"tiles": 1, "offset GEMMs": 10**9}  # tile_min_sites that forces each path
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spark_sparse.mask import upsample_active
-from spark_sparse.masked_encoder import MaskedTensor
-from spark_sparse.resnet import ResNetEncoder
+from spark_sparse.encoders.masked import MaskedTensor
+from spark_sparse.encoders.resnet import ResNetEncoder
 
 
 def kernel_pairs(in_coords: Tensor, in_stride: int, out_coords: Tensor, kernel_size: int) -> int:

@@ -43,9 +43,9 @@ import MinkowskiEngine as ME  # noqa: E402
 import timm  # noqa: E402
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
-from spark_sparse.runtime import configure_cpu, returning_freed_memory  # noqa: E402
-from spark_sparse.sparse_encoder import CONV_IMPLS  # noqa: E402
-from spark_sparse.spark import SparK  # noqa: E402
+from spark_sparse.train.runtime import configure_cpu, returning_freed_memory  # noqa: E402
+from spark_sparse.encoders.sparse import CONV_IMPLS  # noqa: E402
+from spark_sparse.model.spark import SparK  # noqa: E402
 
 from .flops import encoder_flops, head_flops  # noqa: E402
 from .memory import peak_memory_mb  # noqa: E402

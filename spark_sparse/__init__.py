@@ -8,9 +8,9 @@ with warnings.catch_warnings():
     import MinkowskiEngine  # noqa: F401
 
 from .mask import random_active, upsample_active
-from .masked_encoder import MaskedDenseEncoder, MaskedTensor
-from .registry import ENCODERS, create_encoder
-from .sparse_encoder import SparseEncoder
+from .encoders.masked import MaskedDenseEncoder, MaskedTensor
+from .encoders.registry import ENCODERS, create_encoder
+from .encoders.sparse import SparseEncoder
 
 __all__ = [
     "ENCODERS",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spark_sparse.data import (
+from spark_sparse.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PretrainDataset,

@@ -15,11 +15,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import spark_sparse.pretrain as pretrain
-from spark_sparse.checkpoint import load_checkpoint
-from spark_sparse.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
-from spark_sparse.masked_encoder import MaskedBatchNorm2d, MaskedTensor
-from spark_sparse.spark import SparK
+import spark_sparse.train.pretrain as pretrain
+from spark_sparse.train.checkpoint import load_checkpoint
+from spark_sparse.train.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.encoders.masked import MaskedBatchNorm2d, MaskedTensor
+from spark_sparse.model.spark import SparK
 
 from .test_pretrain import config, losses
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
-from spark_sparse.resnet import plain_features
+from spark_sparse.encoders.resnet import plain_features
 
 from .conftest import make_batch
 

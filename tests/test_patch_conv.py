@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.patch_conv import PatchConvolution, PatchPooling
-from spark_sparse.sparsify import sparsify
+from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
+from spark_sparse.sparse.sparsify import sparsify
 
 
 def twin_inputs(channels: int, seed: int = 0):
@@ -60,7 +60,7 @@ def test_pooling_matches_minkowski_forward_and_backward(mode, kernel_size):
 
 def test_tensors_not_made_by_sparsify_are_refused():
     x = ME.SparseTensor(torch.randn(3, 4), coordinates=torch.tensor([[0, 0, 0], [0, 0, 1], [0, 5, 5]], dtype=torch.int32))
-    with pytest.raises(ValueError, match="made by spark_sparse.sparsify"):
+    with pytest.raises(ValueError, match="made by spark_sparse.sparse.sparsify"):
         PatchConvolution(4, 4, kernel_size=3, dimension=2)(x)
 
 

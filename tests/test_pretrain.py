@@ -10,9 +10,9 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-import spark_sparse.pretrain as pretrain
-from spark_sparse.checkpoint import atomic_save, load_checkpoint
-from spark_sparse.spark import SparK
+import spark_sparse.train.pretrain as pretrain
+from spark_sparse.train.checkpoint import atomic_save, load_checkpoint
+from spark_sparse.model.spark import SparK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "max_steps=6",

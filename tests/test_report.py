@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from benchmarks import update_readme
-from spark_sparse import report
-from spark_sparse.probe import (build_probe_data, crop_boxes, linear_probe, probe_features,
+from spark_sparse.analysis import report
+from spark_sparse.analysis.probe import (build_probe_data, crop_boxes, linear_probe, probe_features,
                                 split_column)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from spark_sparse.densify import Densify
-from spark_sparse.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
-from spark_sparse.optim import build_optimizer, build_scheduler, weight_decay_at
-from spark_sparse.spark import SparK
+from spark_sparse.model.densify import Densify
+from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
+from spark_sparse.train.optim import build_optimizer, build_scheduler, weight_decay_at
+from spark_sparse.model.spark import SparK
 
 
 def small(engine="sparse", **kw):

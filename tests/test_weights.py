@@ -5,8 +5,8 @@ import timm
 import torch
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder
-from spark_sparse.resnet import ConversionError
-from spark_sparse.sparse_encoder import dense_to_me_kernel, me_to_dense_kernel
+from spark_sparse.encoders.resnet import ConversionError
+from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
 
 from .conftest import randomise_norms
 

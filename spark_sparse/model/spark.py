@@ -8,9 +8,9 @@ from torch import Tensor, nn
 from .decoder import LightDecoder
 from .densify import Densify
 from .loss import masked_patch_loss
-from .mask import random_active, upsample_active
-from .registry import create_encoder
-from .resnet import ResNetEncoder
+from ..mask import random_active, upsample_active
+from ..encoders.registry import create_encoder
+from ..encoders.resnet import ResNetEncoder
 
 
 class SparK(nn.Module):

@@ -70,7 +70,7 @@ class PatchSites:
     def of(x: ME.SparseTensor) -> "PatchSites":
         sites = x.coordinate_manager.__dict__.get("_patch_sites")
         if sites is None:
-            raise ValueError("patch convolutions need a SparseTensor made by spark_sparse.sparsify "
+            raise ValueError("patch convolutions need a SparseTensor made by spark_sparse.sparse.sparsify "
                              "(mask-aligned patches); use conv='minkowski' for arbitrary sparse tensors")
         return sites
 

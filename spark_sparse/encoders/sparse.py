@@ -12,9 +12,9 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .patch_conv import PatchConvolution, PatchPooling
+from ..sparse.patch_conv import PatchConvolution, PatchPooling
 from .resnet import ResNetEncoder, unsupported
-from .sparsify import sparsify, to_dense
+from ..sparse.sparsify import sparsify, to_dense
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .masked_encoder import MaskedDenseEncoder
+from .masked import MaskedDenseEncoder
 from .resnet import ResNetEncoder, resolve_model
-from .sparse_encoder import SparseEncoder
+from .sparse import SparseEncoder
 
 ENCODERS: dict[str, type[ResNetEncoder]] = {
     "sparse": SparseEncoder,

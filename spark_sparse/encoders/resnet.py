@@ -15,7 +15,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .mask import check_inputs
+from ..mask import check_inputs
 
 LeafConverter = Callable[[nn.Module, str], nn.Module]
 STAGES = ("layer1", "layer2", "layer3", "layer4")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .mask import upsample_active
+from ..mask import upsample_active
 
 EPS = 1e-6
 

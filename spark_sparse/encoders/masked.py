@@ -12,7 +12,7 @@ from typing import NamedTuple
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .mask import upsample_active
+from ..mask import upsample_active
 from .resnet import ResNetEncoder, unsupported
 
 

@@ -36,7 +36,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, bundled_image_paths, derive_seed
+from ..train.data import IMAGENET_MEAN, IMAGENET_STD, bundled_image_paths, derive_seed
 
 SPLIT = 0.6  # train crops left of this fraction of the width, test crops right of it
 SIZE_RANGE = (0.5, 1.0)  # crop side as a fraction of the narrower part's usable side

@@ -1,0 +1,1 @@
+"""Analysis of pretraining runs: the ablation summary and the linear probe."""

@@ -1,0 +1,301 @@
+"""Summarise a hydra sweep of pretraining runs: ``python -m spark_sparse.report SWEEP_DIR``.
+
+Writes SWEEP_DIR/summary.csv, summary.md and summary.png: one row per run with the config values
+that differ between the runs (dotted names such as ``decoder.width``), the number of steps, the
+final and smoothed reconstruction loss, the training speed and the held-out accuracy of the
+linear probe (spark_sparse/probe.py), next to the same probe on a randomly initialised encoder.
+A run without an exported encoder (killed, or stopped by a diverging loss) is reported with its
+status rather than failing the report.
+
+Reconstruction loss is averaged over the hidden patches, so it is not comparable as a quality
+measure across mask ratios; the probe accuracy is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ..train.checkpoint import load_checkpoint
+
+FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
+                 "probe_accuracy", "probe_random_init")
+PROBE_MAX_SIZE = 128  # larger runs are probed at 128 px by default: seconds, not minutes, per run
+
+
+class ReportError(ValueError):
+    """The sweep directory cannot be reported (missing, or no runs in it)."""
+
+
+def find_runs(sweep_dir: Path) -> list[Path]:
+    """Run directories directly under ``sweep_dir`` (hydra job numbers sort numerically)."""
+    if not sweep_dir.is_dir():
+        raise ReportError(f"sweep directory {sweep_dir} does not exist")
+    runs = [d for d in sweep_dir.iterdir()
+            if d.is_dir() and ((d / "metrics.jsonl").exists() or (d / ".hydra").is_dir())]
+    if not runs:
+        raise ReportError(f"no runs in {sweep_dir}: expected sub-directories holding metrics.jsonl "
+                          "(the hydra.sweep.dir of `python -m spark_sparse.pretrain -m ...`)")
+    return sorted(runs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+
+
+def load_config(run_dir: Path) -> dict | None:
+    """The run's resolved config: hydra's copy (written before training starts), else the checkpoint's."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+    except Exception:  # missing or unreadable: the checkpoint may still have it
+        pass
+    try:
+        return load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+    except Exception:
+        return None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"decoder": {"width": 64}} -> {"decoder.width": 64}; lists become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Flattened keys whose value is not the same in every config (in config order)."""
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of metrics.jsonl; a torn last line (a killed run) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if "step" in r and "loss" in r]
+
+
+def smoothed(values: list[float], beta: float) -> float:
+    """Bias-corrected exponential moving average (TensorBoard-style smoothing) of the last value."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"smoothing must be in [0, 1), got {beta}")
+    ema, weight = 0.0, 0.0
+    for v in values:
+        ema, weight = beta * ema + (1 - beta) * v, beta * weight + (1 - beta)
+    return ema / weight if weight else math.nan
+
+
+def summarize_run(run_dir: Path, beta: float) -> dict[str, Any]:
+    """Losses, speed and status of one run (no probe)."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    losses = [float(r["loss"]) for r in records]
+    row: dict[str, Any] = {
+        "run": run_dir.name, "steps": records[-1]["step"] if records else 0,
+        "final_loss": losses[-1] if losses else math.nan,
+        "smoothed_loss": smoothed(losses, beta) if losses else math.nan,
+        "images_per_s": statistics.median(r["images_per_s"] for r in records if "images_per_s" in r)
+        if any("images_per_s" in r for r in records) else math.nan,
+    }
+    if not records:
+        row["status"] = "no metrics"
+    elif not (run_dir / "encoder_timm.pth").exists():
+        row["status"] = f"incomplete (stopped at step {row['steps']}, no encoder_timm.pth)"
+    elif not all(map(math.isfinite, losses)):
+        row["status"] = "diverged"
+    else:
+        row["status"] = "ok"
+    return row
+
+
+def probe_size_for(config: dict, probe_size: int | None) -> int:
+    return probe_size or min(int(config.get("input_size", PROBE_MAX_SIZE)), PROBE_MAX_SIZE)
+
+
+def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
+            probe_size: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per run and the varying config keys; probes every run that exported an encoder."""
+    runs = find_runs(sweep_dir)
+    configs = {d.name: load_config(d) for d in runs}
+    flat = {name: flatten(c) for name, c in configs.items() if c is not None}
+    keys = varying_keys(list(flat.values()))
+    baselines: dict[tuple[str, int], float] = {}
+    rows = []
+    for run_dir in runs:
+        row = summarize_run(run_dir, beta)
+        config = configs[run_dir.name]
+        row.update({k: flat.get(run_dir.name, {}).get(k, "") for k in keys})
+        row["probe_accuracy"] = row["probe_random_init"] = math.nan
+        if config is None:
+            row["status"] = "no config"
+        if probe and config is not None and row["status"] in ("ok", "diverged"):
+            _probe(row, run_dir, config, probe_size, baselines)
+        rows.append(row)
+    return rows, keys
+
+
+def _probe(row: dict, run_dir: Path, config: dict, probe_size: int | None,
+           baselines: dict[tuple[str, int], float]) -> None:
+    from .probe import linear_probe  # imports timm/torchvision only when probing
+
+    model, size = config["model"], probe_size_for(config, probe_size)
+    try:
+        state = torch.load(run_dir / "encoder_timm.pth", map_location="cpu", weights_only=True)
+        row["probe_accuracy"] = linear_probe(state, model, size)["accuracy"]
+        if (model, size) not in baselines:
+            baselines[(model, size)] = linear_probe(None, model, size)["accuracy"]
+        row["probe_random_init"] = baselines[(model, size)]
+    except Exception as err:  # one broken run must not sink the report of the others
+        row["status"] = f"probe failed ({type(err).__name__}: {err})"
+
+
+def columns(keys: list[str]) -> list[str]:
+    return ["run", *keys, *FIXED_COLUMNS]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns(keys))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if isinstance(row[c], float) and math.isnan(row[c]) else row[c])
+                             for c in columns(keys)})
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> str:
+    cols = columns(keys)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(rows: list[dict], keys: list[str]) -> str:
+    cols = columns(keys)
+    cells = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def _label(row: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]}" for k in keys) or row["run"]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def write_plot(rows: list[dict], keys: list[str], path: Path, title: str) -> None:
+    """Smoothed loss and probe accuracy against the varying setting.
+
+    A numeric setting (the first one) is the x axis, with one line per combination of the other
+    settings; with only categorical settings (e.g. decoder.densify_norm) each run is one bar.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [k for k in keys if all(_is_number(r[k]) for r in rows)]
+    fig, (ax_loss, ax_probe) = plt.subplots(1, 2, figsize=(10, 4))
+    if numeric:
+        x_key, others = numeric[0], [k for k in keys if k != numeric[0]]
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            groups.setdefault(_label(r, others) if others else "", []).append(r)
+        for label, members in groups.items():
+            members = sorted(members, key=lambda r: r[x_key])
+            xs = [r[x_key] for r in members]
+            line, = ax_loss.plot(xs, [r["smoothed_loss"] for r in members], "o-", label=label or "smoothed")
+            ax_loss.plot(xs, [r["final_loss"] for r in members], "x:", color=line.get_color(), alpha=0.6,
+                         label=f"{label} final" if label else "final")
+            ax_probe.plot(xs, [r["probe_accuracy"] for r in members], "o-", color=line.get_color(),
+                          label=label or "pretrained")
+        for ax in (ax_loss, ax_probe):
+            ax.set_xlabel(x_key)
+    else:
+        positions = range(len(rows))
+        names = [_label(r, keys) for r in rows]
+        ax_loss.bar(positions, [r["smoothed_loss"] for r in rows], label="smoothed")
+        ax_loss.plot(positions, [r["final_loss"] for r in rows], "kx", label="final")
+        ax_probe.bar(positions, [r["probe_accuracy"] for r in rows], label="pretrained")
+        for ax in (ax_loss, ax_probe):
+            ax.set_xticks(list(positions), names, rotation=20, ha="right", fontsize=8)
+    baselines = sorted({r["probe_random_init"] for r in rows if not math.isnan(r["probe_random_init"])})
+    for i, b in enumerate(baselines):
+        ax_probe.axhline(b, color="grey", ls="--", lw=1, label="random init" if i == 0 else None)
+    ax_loss.set_ylabel("reconstruction loss (hidden patches)")
+    ax_probe.set_ylabel("linear probe held-out accuracy")
+    ax_probe.set_ylim(0, 1)
+    for ax in (ax_loss, ax_probe):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
+           probe_size: int | None = None) -> tuple[list[dict], list[str]]:
+    """Collect the sweep and write summary.csv, summary.md and summary.png into it."""
+    sweep_dir = Path(sweep_dir)
+    rows, keys = collect(sweep_dir, beta, probe, probe_size)
+    write_csv(rows, keys, sweep_dir / "summary.csv")
+    probe_note = ("probe: held-out top-1 accuracy of a linear classifier naming the source photo of "
+                  "crops from the right 40% of each bundled photo, trained on crops from the left 60% "
+                  "(chance 0.05); probe_random_init: the same on a randomly initialised encoder."
+                  if probe else "probe: not run (--no-probe).")
+    (sweep_dir / "summary.md").write_text(
+        f"{markdown_table(rows, keys)}\n\nsmoothed_loss: bias-corrected EMA (beta {beta}) of the logged "
+        f"losses; loss is over hidden patches only, so it is not comparable across mask ratios. "
+        f"{probe_note}\n")
+    write_plot(rows, keys, sweep_dir / "summary.png", f"SparK sweep {sweep_dir.name} ({len(rows)} runs)")
+    return rows, keys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m spark_sparse.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="hydra.sweep.dir of a pretraining multirun")
+    parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for the smoothed loss")
+    parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    parser.add_argument("--probe-size", type=int, default=None,
+                        help=f"probe crop size (default: the run's input_size, at most {PROBE_MAX_SIZE})")
+    args = parser.parse_args(argv)
+    if not 0 <= args.smooth < 1:
+        parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
+    if args.probe_size is not None and args.probe_size < 32:
+        parser.error(f"--probe-size must be at least 32 (one pixel after the encoder), got {args.probe_size}")
+    warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
+    try:
+        rows, keys = report(args.sweep_dir, args.smooth, not args.no_probe, args.probe_size)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(text_table(rows, keys))
+    print(f"wrote {args.sweep_dir / 'summary.csv'}, summary.md and summary.png")
+
+
+if __name__ == "__main__":
+    main()

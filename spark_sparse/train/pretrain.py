@@ -1,0 +1,289 @@
+"""SparK pretraining, driven by hydra: ``python -m spark_sparse.pretrain key=value ...``.
+
+The run directory (hydra.run.dir) receives metrics.jsonl, checkpoints/last.pt (everything needed
+to resume), encoder_timm.pth (the encoder alone, as a timm state dict) and reconstruction PNGs.
+
+Data-parallel on several processes or machines: ``torchrun --nproc_per_node=N -m
+spark_sparse.pretrain ...`` (DistributedDataParallel; batch_size stays the global batch, and the
+run matches a single process with that batch). Rank 0 alone writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import timm
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .data import PretrainDataset, build_dataset, build_loader, derive_seed
+from .logger import NullLogger, RunLogger
+from .runtime import configure_cpu
+from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
+from ..model.spark import SparK
+from .visualize import save_reconstruction
+
+# a resumed run must be the same experiment; these may not change between the two halves
+FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
+                   "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot work; raised before any data is read or model built."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.input_size <= 0 or cfg.input_size % 32:
+        raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
+    if not timm.is_model(cfg.model) or not cfg.model.startswith(("resnet", "wide_resnet")):
+        close = difflib.get_close_matches(str(cfg.model), timm.list_models("resnet*"), n=3)
+        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet name"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
+                          f"among the {world_size} processes")
+    if cfg.epochs is None and (cfg.max_steps is None or cfg.max_steps < 1):
+        raise ConfigError("set max_steps (a positive number of steps) or epochs")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+
+
+def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
+    """(max_steps, warmup_steps); warmup is capped at a quarter of the run for short runs."""
+    steps_per_epoch = num_images / cfg.batch_size
+    max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
+    return max_steps, warmup
+
+
+def check_resumable(saved: dict, cfg: DictConfig) -> None:
+    now = OmegaConf.to_container(cfg, resolve=True)
+    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
+                          "start a new run directory instead")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def restore_rng(ckpt: dict, mask_generator: torch.Generator, seed: int, rank: int) -> None:
+    """This rank's saved RNG states; a rank the checkpoint has none for (it was written by fewer
+    processes) takes rank 0's mask generator and fresh per-rank global RNGs."""
+    states = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if rank < len(states):
+        set_rng_state(states[rank], mask_generator)
+    else:
+        set_rng_state(states[0], mask_generator)
+        seed_everything(derive_seed("resume", seed, rank, ckpt["step"]))
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) one pretraining; returns a summary with the final loss and output paths.
+
+    Under torchrun each process trains on its slice of every global batch; the model is wrapped
+    in DistributedDataParallel and (with sync_bn) its batch norms see the whole global batch.
+    """
+    ctx = distributed.init_from_env()
+    validate(cfg, ctx.world_size)
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+
+    def open_run_dir() -> dict | None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and not ckpt_path.exists():
+            raise ConfigError(f"resume=true but there is no checkpoint at {ckpt_path}; "
+                              "pass the earlier run's directory with hydra.run.dir=...")
+        if not cfg.resume and ckpt_path.exists():
+            raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
+                              "it or choose another hydra.run.dir")
+        if not cfg.resume:
+            return None
+        ckpt = load_checkpoint(ckpt_path)
+        check_resumable(ckpt["config"], cfg)
+        return ckpt
+
+    # rank 0 judges the run directory; a refusal stops every rank with the same error
+    ckpt = distributed.run_on_main(open_run_dir)
+    if cfg.resume and not ctx.is_main:
+        ckpt = load_checkpoint(ckpt_path)  # several machines: the run directory must be shared
+    configure_cpu(cfg.threads)
+    # per-rank global RNGs (drop-path differs between ranks); the model's initial weights are
+    # rank 0's anyway: DistributedDataParallel broadcasts them
+    seed_everything(cfg.seed + ctx.rank)
+    device = torch.device(cfg.device, ctx.local_rank if cfg.device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    dataset = build_dataset(cfg.data.kind, cfg.input_size, root=cfg.data.root, scale=tuple(cfg.data.scale))
+    max_steps, warmup = plan(cfg, len(dataset))
+    model = SparK.from_config(cfg).to(device)
+    if ctx.distributed and cfg.sync_bn:
+        distributed.convert_sync_batchnorm(model)  # after .to(): the device picks the norm class
+    optimizer = build_optimizer(model, cfg.optim, cfg.batch_size)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # ME is float32-only: no fp16
+
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, model.generator, cfg.seed, ctx.rank)
+        step = ckpt["step"]
+        if ctx.is_main:
+            print(f"resuming {run_dir} from step {step}")
+        del ckpt
+    # every parameter takes part in every step (the mask tokens too, through torch.where), so
+    # DDP needs no search for unused parameters; synchronised norms keep identical running
+    # statistics on all ranks, so only unsynchronised ones need rank 0's broadcast
+    net = model
+    if ctx.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=not cfg.sync_bn)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
+              if ctx.is_main else NullLogger())
+
+    def save(at: int) -> None:
+        states = distributed.gather_on_main(rng_state(model.generator))  # a collective: all ranks
+        if not ctx.is_main:
+            return
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "step": at, "max_steps": max_steps, "rng": states[0], "config": config}
+        if ctx.distributed:
+            ckpt["rng_per_rank"] = states
+        atomic_save(ckpt, ckpt_path)
+
+    if ctx.is_main:
+        plain = PretrainDataset(dataset.paths, cfg.input_size, augment=False)
+        vis_batch = torch.stack([plain[(i, 0)] for i in range(min(cfg.vis_images, len(plain)))]).to(device)
+
+    def picture(at: int) -> Path:
+        path = run_dir / f"reconstruction_step{at:06d}.png"
+        if ctx.is_main:  # eval mode: the norms use running statistics, no collective
+            save_reconstruction(model, vis_batch, path, seed=cfg.seed,
+                                title=f"{cfg.model}, mask {cfg.mask_ratio}, step {at}")
+            logger.log_image(path, at)
+        return path
+
+    loader = build_loader(dataset, cfg.batch_size, cfg.seed, start_step=step, max_steps=max_steps,
+                          num_workers=cfg.data.num_workers, rank=ctx.rank, world_size=ctx.world_size)
+    bar = tqdm(total=max_steps, initial=step, desc=f"SparK {cfg.model}", dynamic_ncols=True,
+               mininterval=1.0, disable=not ctx.is_main)
+    last_saved, loss_value, pic = step, float("nan"), None
+    export = run_dir / "encoder_timm.pth"
+    net.train()
+    try:
+        for images in loader:
+            start = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            scheduler.step_update(step)
+            wd = weight_decay_at(step, max_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+            set_weight_decay(optimizer, wd)
+            active = model.random_mask(images, ctx.rank, ctx.world_size)
+            # equal hidden counts per image: the mean of the ranks' losses is the global loss,
+            # and DDP's averaged gradients are its gradients
+            loss = net(images, active)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = distributed.mean_over_ranks(loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad else float("inf"))
+            # global loss and all-reduced gradients: every rank takes the same decision
+            if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+                raise TrainingDiverged(
+                    f"loss {loss_value} / gradient norm {grad_norm.item()} at step {step + 1}: training "
+                    f"stopped; the last good checkpoint is {ckpt_path} (step {last_saved})")
+            optimizer.step()
+            step += 1
+            ips = images.shape[0] * ctx.world_size / (time.perf_counter() - start)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+            if step % cfg.log_every == 0 or step == max_steps:
+                logger.log({"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd,
+                            "grad_norm": grad_norm.item(), "images_per_s": ips,
+                            "epoch": step * cfg.batch_size / len(dataset)})
+            if step % cfg.save_every == 0 and step < max_steps:
+                save(step)
+                last_saved = step
+            if step % cfg.vis_every == 0 and step < max_steps:
+                picture(step)
+        save(step)
+        if ctx.is_main:
+            atomic_save(model.encoder.timm_state_dict(), export)
+        pic = picture(step)
+        distributed.barrier()  # every rank returns once the outputs exist
+    finally:
+        bar.close()
+        logger.close()
+    return {"step": step, "loss": loss_value, "run_dir": run_dir, "checkpoint": ckpt_path,
+            "encoder": export, "picture": pic}
+
+
+# absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path
+# against that entry module's package rather than this file's
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    # under torchrun the SharedRunDir callback (conf/pretrain.yaml) has joined the process group
+    # and given every rank rank 0's run directory
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ctx = distributed.init_from_env()
+    try:
+        summary = train(cfg, run_dir)
+    except (ConfigError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+        # configuration errors and divergence strike every rank alike: rank 0 speaks for all
+        if ctx.is_main or not isinstance(err, (ConfigError, TrainingDiverged)):
+            prefix = f"rank {ctx.rank}: " if ctx.distributed else ""
+            print(f"{prefix}error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # an ordinary exception fails this job only: the sweep's other settings still run
+            raise RuntimeError(f"run {run_dir} failed: {err}") from None
+        raise SystemExit(1) from None
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(f"done: {summary['step']} steps, final loss {summary['loss']:.4f}"
+              + (f" ({ctx.world_size} processes)" if ctx.distributed else "") + "\n"
+              f"  run directory:  {run_dir}\n"
+              f"  checkpoint:     {summary['checkpoint']}\n"
+              f"  timm encoder:   {summary['encoder']}  "
+              f"(timm.create_model('{cfg.model}', num_classes=0).load_state_dict(torch.load(...)))\n"
+              f"  reconstruction: {summary['picture']}")
+    return summary["loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Reconstruction pictures: original | masked input | reconstruction (visible patches pasted back).
+
+    python -m spark_sparse.visualize RUN_DIR_OR_CHECKPOINT [--out recon.png] [--num-images 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: pictures go to files
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .checkpoint import load_checkpoint  # noqa: E402
+from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset  # noqa: E402
+from ..model.loss import reconstruct  # noqa: E402
+from ..mask import random_active, upsample_active  # noqa: E402
+from ..model.spark import SparK  # noqa: E402
+
+
+def to_rgb(images: Tensor) -> Tensor:
+    """Undo the ImageNet normalisation: (B, 3, H, W) -> (B, H, W, 3) in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def save_reconstruction(model: SparK, images: Tensor, path: str | Path, seed: int = 0,
+                        title: str | None = None) -> Path:
+    """Draw one row per image; the mask comes from ``seed``, not from the model's generator."""
+    was_training = model.training
+    model.eval()
+    try:
+        b, _, h, w = images.shape
+        grid = (h // model.stride, w // model.stride)
+        active = random_active(b, grid, model.mask_ratio, torch.Generator().manual_seed(seed), images.device)
+        out = model(images, active)
+        recon = reconstruct(out["pred"], images, active, model.stride)
+        masked = images * upsample_active(active, (h, w))
+    finally:
+        model.train(was_training)
+    columns = {"original": images, "masked input": masked, "reconstruction": recon}
+    fig, axes = plt.subplots(b, 3, figsize=(9, 3 * b), squeeze=False)
+    for col, (name, batch) in enumerate(columns.items()):
+        for row, img in enumerate(to_rgb(batch)):
+            axes[row, col].imshow(img.numpy())
+            axes[row, col].axis("off")
+        axes[0, col].set_title(name)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def load_model(checkpoint: dict) -> SparK:
+    cfg = OmegaConf.create(checkpoint["config"])
+    model = SparK.from_config(cfg)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run directory holding checkpoints/last.pt")
+    parser.add_argument("--out", help="PNG to write (default: next to the checkpoint)")
+    parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    parser.add_argument("--data-root", help="image folder to draw from (default: the run's data)")
+    args = parser.parse_args(argv)
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    model = load_model(ckpt)
+    cfg = OmegaConf.create(ckpt["config"])
+    kind, root = ("imagefolder", args.data_root) if args.data_root else (cfg.data.kind, cfg.data.root)
+    data = build_dataset(kind, cfg.input_size, root=root, augment=False)
+    images = torch.stack([data[(i, 0)] for i in range(min(args.num_images, len(data)))])
+    out = Path(args.out) if args.out else path.parent.parent / f"reconstruction_step{ckpt['step']}.png"
+    save_reconstruction(model, images, out, seed=args.seed, title=f"{cfg.model}, step {ckpt['step']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
