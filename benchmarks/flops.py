@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spark_sparse.mask import upsample_active
 from spark_sparse.encoders.masked import MaskedTensor
-from spark_sparse.encoders.resnet import ResNetEncoder
+from spark_sparse.encoders.base import Encoder
 
 
 def kernel_pairs(in_coords: Tensor, in_stride: int, out_coords: Tensor, kernel_size: int) -> int:
@@ -127,7 +127,7 @@ class _Frozen:
             m.training = mode
 
 
-def encoder_flops(encoder: ResNetEncoder, images: Tensor, active: Tensor) -> dict[str, int]:
+def encoder_flops(encoder: Encoder, images: Tensor, active: Tensor) -> dict[str, int]:
     """Forward FLOPs of each convolution of ``encoder`` on this batch (whole batch, not per image)."""
     with _Frozen(encoder), ConvFlopCounter(encoder) as counter:
         encoder(images, active)

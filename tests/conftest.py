@@ -6,16 +6,22 @@ from spark_sparse import random_active
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BN affine parameters and running stats, so eval mode tests real arithmetic."""
+    """Non-trivial norm affine parameters, BN running stats, layer scales and GRN parameters
+    (timm initialises GRN to the identity and layer scale to 1e-6, which would hide errors)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                c = m.weight.shape[0]
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+        for name, p in model.named_parameters():
+            if name.endswith("gamma") or ".grn." in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
 
 

@@ -2,7 +2,8 @@
 
 Same weights, same images, same mask: the features at visible sites agree to rounding, hidden
 sites are zero, parameter gradients and batch-norm running statistics agree, and with nothing
-masked both equal the plain timm model.
+masked both equal the plain timm model. For every family: ResNet (BasicBlock, Bottleneck) and
+ConvNeXt (V1 with channels-first norms and 1x1-conv MLP, V2 with GRN).
 """
 
 import copy
@@ -10,18 +11,23 @@ import copy
 import pytest
 import torch
 
+import timm
+
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
-from spark_sparse.encoders.resnet import plain_features
+from spark_sparse.encoders.base import family_of
+from .conftest import make_batch, randomise_norms
 
-from .conftest import make_batch
-
-MODELS = ["resnet18", "resnet50"]
+MODELS = ["resnet18", "resnet50", "convnext_atto", "convnextv2_atto"]
 MASKS = ["none", "ratio0.6", "one"]
 SIZES = [(128, 128), (192, 256)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def plain_features(model, images):
+    return family_of(model).plain_features(model, images)
 
 
 def encoders(timm_model, train: bool):
@@ -87,7 +93,9 @@ def test_train_gradients_and_running_stats_equal_dense_masked(timm_models, name,
     fd, gd, sd = train_step(dense, images, active, torch.float64)
     for a, b in zip(fs, fd):
         assert rel_err(a, b) < 1e-9
-    assert gs.keys() == gd.keys() and len(gd) == len(list(timm_models(name).parameters()))
+    converted = set(sparse.family.top_level())  # a kept head norm is not trained
+    trained = {k for k, _ in timm_models(name).named_parameters() if k.split(".")[0] in converted}
+    assert gs.keys() == gd.keys() == trained
     for key in gd:
         assert rel_err(gs[key], gd[key]) < 1e-6, key
     for key in sd:  # running statistics moved the same way
@@ -122,3 +130,31 @@ def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, nam
             got, want = sparse.dense_features(images, active), dense.dense_features(images, active)
         for g, w in zip(got, want):
             assert rel_err(g, w) < (1e-3 if train else 1e-5)
+
+
+CONVNEXT_VARIANTS = {
+    "linear MLP, channels-last norms": ("convnext_tiny", {}),
+    "overlapping stem": ("convnext_atto_ols", {}),
+    "no layer scale": ("convnext_atto", {"ls_init_value": None}),
+    "head norm first": ("convnext_tiny_hnf", {}),
+}
+
+
+@pytest.mark.parametrize("variant", CONVNEXT_VARIANTS)
+def test_convnext_variants_equal_dense_masked_and_plain_timm(variant):
+    name, kwargs = CONVNEXT_VARIANTS[variant]
+    torch.manual_seed(0)
+    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+    images, active = make_batch((128, 160), "ratio0.6", batch=2)
+    sparse, dense = encoders(model, train=True)
+    fs, gs, _ = train_step(sparse, images, active, torch.float64)
+    fd, gd, _ = train_step(dense, images, active, torch.float64)
+    for a, b in zip(fs, fd):
+        assert rel_err(a, b) < 1e-9
+    for key in gd:
+        assert rel_err(gs[key], gd[key]) < 1e-6, key
+    everything = torch.ones_like(active)
+    with torch.no_grad():
+        got = SparseEncoder.from_timm(model).eval().dense_features(images, everything)
+        for g, p in zip(got, plain_features(model.eval(), images)):
+            assert rel_err(g, p) < 1e-5

@@ -5,13 +5,15 @@ import timm
 import torch
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder
-from spark_sparse.encoders.resnet import ConversionError
+from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
 
 from .conftest import randomise_norms
 
 ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
-              "resnet200", "resnet50d", "resnet26d", "resnet18d"]
+              "resnet200", "resnet50d", "resnet26d", "resnet18d",
+              "convnext_atto", "convnext_tiny", "convnext_small", "convnext_tiny_hnf", "convnext_atto_ols",
+              "convnextv2_atto", "convnextv2_nano"]
 
 
 @pytest.mark.parametrize("name", ALL_DEPTHS)
@@ -50,7 +52,7 @@ def test_unconvertible_module_is_named_with_its_path():
     model = timm.create_model("seresnet18", pretrained=False, num_classes=0)
     with pytest.raises(ConversionError, match=r"layer1\.0\.se"):
         SparseEncoder.from_timm(model)
-    with pytest.raises(ConversionError, match="expected a timm ResNet"):
+    with pytest.raises(ConversionError, match="expected a timm model of a supported family"):
         SparseEncoder.from_timm(torch.nn.Conv2d(3, 3, 3))
     with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'"):
         create_encoder("resnet_nope")
@@ -63,3 +65,23 @@ def test_drop_path_is_mirrored():
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
     # timm spreads the rate linearly over the 16 blocks; the first gets 0 and no drop-path
     assert len(probs) == 15 and max(probs) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
+    with pytest.raises(ConversionError, match=r"cannot convert SimpleNorm2d at 'stem\.1'"):
+        engine.from_timm(timm.create_model("convnext_zepto_rms", pretrained=False, num_classes=0))
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ConversionError, match="gradient checkpointing"):
+        engine.from_timm(model)
+
+
+def test_convnext_drop_path_and_head_norm_are_mirrored():
+    enc = create_encoder("convnext_tiny", "sparse", drop_path_rate=0.2)
+    probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
+    assert len(probs) == 17 and max(probs) == pytest.approx(0.2)  # 18 blocks, the first gets 0
+    assert enc.channels == [96, 192, 384, 768]
+    # the classifier head's norm is kept for strict loading, but is no parameter to train
+    assert "head.norm.weight" in enc.timm_state_dict()
+    assert not any(name.startswith("body.head") for name, _ in enc.named_parameters())

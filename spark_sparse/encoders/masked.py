@@ -1,38 +1,53 @@
 """The dense-masked reference encoder: SparK's official way of *simulating* sparsity.
 
 Every layer runs densely over the whole image and its output is multiplied by the mask;
-batch norms gather the visible sites first. It is the baseline of the equivalence tests and of
-every benchmark. The mask travels with the tensor (``MaskedTensor``), never in global state.
+batch and layer norms gather the visible sites first. Layers that keep zeros at zero (ReLU,
+GELU, drop-path, a bias-free linear) skip the multiply, and a ConvNeXt MLP, like the official
+code's, runs over every site and is masked once, where the block adds its input: a tensor marks
+itself ``dirty`` when hidden sites may hold values, and what needs zeros there cleans it first.
+It is the baseline of the equivalence tests and of every benchmark. The mask travels with the
+tensor (``MaskedTensor``), never in global state.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
-from timm.layers import DropPath
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers.grn import GlobalResponseNorm
+from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
 from ..mask import upsample_active
-from .resnet import ResNetEncoder, unsupported
+from .base import Encoder
+from .family import LayerScale, unsupported
 
 
 class MaskedTensor(NamedTuple):
-    """A dense (B, C, h, w) map with zeros at hidden sites, and the coarse visible-patch grid."""
+    """A dense (B, C, h, w) map, the coarse visible-patch grid, and whether hidden sites may hold
+    values (``dirty``) rather than zeros."""
 
     x: Tensor
     active: Tensor
+    dirty: bool = False
 
     def visible(self) -> Tensor:
         """(B, 1, h, w) bool mask at this map's resolution."""
         return upsample_active(self.active, self.x.shape[-2:])
 
+    def clean(self) -> "MaskedTensor":
+        return MaskedTensor(self.x * self.visible(), self.active) if self.dirty else self
+
     def __add__(self, other: "MaskedTensor") -> "MaskedTensor":
-        return MaskedTensor(self.x + other.x, self.active)
+        return MaskedTensor(self.clean().x + other.clean().x, self.active)
 
 
 class MaskedConv2d(nn.Conv2d):
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        y = super().forward(inp.x)
+        y = super().forward(inp.clean().x)
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
@@ -48,6 +63,48 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         normed = super().forward(rows.t().reshape(1, c, n, 1)).reshape(c, n).t()
         out = _scatter(x, vis, normed)
         return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
+
+
+class MaskedLayerNorm(nn.LayerNorm):
+    """Layer norm of each visible site's channels; hidden sites stay zero (SparK's
+    SparseConvNeXtLayerNorm). One module for timm's channels-last and channels-first norms."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.x.permute(0, 2, 3, 1)
+        vis = inp.visible()[:, 0]
+        out = _scatter(x, vis, super().forward(x[vis]))
+        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer over every site's channels; with a bias, hidden sites get values."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        y = super().forward(inp.x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return inp._replace(x=y, dirty=inp.dirty or self.bias is not None)
+
+
+class MaskedGlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN with each image's statistics over its visible sites: the hidden sites
+    are zeroed first, so they add nothing to the per-channel norms."""
+
+    def __init__(self, grn: GlobalResponseNorm):
+        super().__init__()
+        self.eps = grn.eps
+        self.weight = nn.Parameter(grn.weight.detach().clone())
+        self.bias = nn.Parameter(grn.bias.detach().clone())
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        x_g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=1, keepdim=True) + self.eps)
+        y = x + torch.addcmul(self.bias.view(1, -1, 1, 1), self.weight.view(1, -1, 1, 1), x * x_n)
+        return MaskedTensor(y, inp.active, dirty=True)
+
+
+class MaskedLayerScale(nn.Module):
+    def forward(self, inp: MaskedTensor, gamma: Tensor) -> MaskedTensor:
+        return inp._replace(x=inp.x * gamma.view(1, -1, 1, 1))
 
 
 def _scatter(like: Tensor, where: Tensor, rows: Tensor) -> Tensor:
@@ -68,14 +125,18 @@ class MaskedApply(nn.Module):
 
 
 class MaskedPointwise(nn.Module):
-    """An elementwise module (ReLU, drop-path) that keeps zeros at zero: no re-masking needed."""
+    """An elementwise module (ReLU, GELU, drop-path) that keeps zeros at zero: no re-masking."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        return MaskedTensor(self.module(inp.x), inp.active)
+        return inp._replace(x=self.module(inp.x))
+
+
+POINTWISE = (nn.ReLU, nn.GELU, GELU, GELUTanh, DropPath)
+LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 
 
 def convert_leaf(module: nn.Module, path: str) -> nn.Module:
@@ -90,18 +151,31 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
                                module.affine, module.track_running_stats)
         bn.load_state_dict(module.state_dict())
         return bn
-    if type(module) is nn.ReLU:
-        return MaskedPointwise(nn.ReLU())
-    if isinstance(module, DropPath):
-        return MaskedPointwise(DropPath(module.drop_prob))
+    if type(module) in LAYER_NORMS:
+        norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                               bias=module.bias is not None)
+        norm.load_state_dict(module.state_dict())
+        return norm
+    if type(module) is nn.Linear:
+        linear = MaskedLinear(module.in_features, module.out_features, module.bias is not None)
+        linear.load_state_dict(module.state_dict())
+        return linear
+    if type(module) is GlobalResponseNorm:
+        if module.channel_dim not in (-1, 1):
+            raise unsupported(module, path, f"channel dim {module.channel_dim}")
+        return MaskedGlobalResponseNorm(module)
+    if type(module) is LayerScale:
+        return MaskedLayerScale()
+    if type(module) in POINTWISE:
+        return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return MaskedApply(module)
-    if isinstance(module, nn.Identity):
+    if type(module) is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
 
 
-class MaskedDenseEncoder(ResNetEncoder):
+class MaskedDenseEncoder(Encoder):
     """Dense convolutions multiplied by the mask; same interface as ``SparseEncoder``."""
 
     convert_leaf = staticmethod(convert_leaf)
@@ -110,7 +184,7 @@ class MaskedDenseEncoder(ResNetEncoder):
         return MaskedTensor(images * upsample_active(active, images.shape[-2:]), active)
 
     def to_dense(self, feature: MaskedTensor, batch: int, size: tuple[int, int]) -> Tensor:
-        return feature.x
+        return feature.clean().x
 
     def timm_key(self, key: str) -> str:
         # wrappers add ".module." to pooling/activation paths, which hold no tensors anyway

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from .base import Encoder, resolve_model
 from .masked import MaskedDenseEncoder
-from .resnet import ResNetEncoder, resolve_model
 from .sparse import SparseEncoder
 
-ENCODERS: dict[str, type[ResNetEncoder]] = {
+ENCODERS: dict[str, type[Encoder]] = {
     "sparse": SparseEncoder,
     "dense_masked": MaskedDenseEncoder,
 }
 
 
-def create_encoder(model: str | nn.Module, engine: str = "sparse", **timm_kwargs) -> ResNetEncoder:
+def create_encoder(model: str | nn.Module, engine: str = "sparse", **timm_kwargs) -> Encoder:
     """``create_encoder("resnet50", "sparse", drop_path_rate=0.05)``: a timm model, converted."""
     if engine not in ENCODERS:
         raise ValueError(f"unknown engine '{engine}'; choose one of {sorted(ENCODERS)}")

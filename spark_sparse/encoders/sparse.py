@@ -1,20 +1,32 @@
-"""Step 3: the sparse encoder — a timm ResNet rebuilt from MinkowskiEngine modules.
+"""Step 3: the sparse encoder — a timm convnet rebuilt from sparse modules on MinkowskiEngine tensors.
 
 Stride-1 convolutions are submanifold (they keep their input sites), strided ones keep exactly
-the visible sites of the coarser grid because the mask is aligned to the coarsest grid; batch
-norms see visible sites only. Nothing is ever computed at a hidden site.
+the visible sites of the coarser grid because the mask is aligned to the coarsest grid; norms
+see visible sites only. Nothing is ever computed at a hidden site. ``convert_leaf`` is the one
+place where a timm leaf module becomes its sparse twin, for every family.
 """
 
 from __future__ import annotations
 
+import copy
+
 import MinkowskiEngine as ME
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers.grn import GlobalResponseNorm
+from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
-from ..sparse.patch_conv import PatchConvolution, PatchPooling
-from .resnet import ResNetEncoder, unsupported
+from ..sparse.depthwise import DepthwiseConvolution
+from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
+from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
+                              SparseLayerNorm, SparseLayerScale, SparseLinear)
 from ..sparse.sparsify import sparsify, to_dense
+from .base import Encoder
+from .family import LayerScale, unsupported
+
+LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+ACTIVATIONS = (nn.GELU, GELU, GELUTanh)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -31,36 +43,37 @@ def me_to_dense_kernel(kernel: Tensor, kernel_size: tuple[int, int]) -> Tensor:
     return kernel.reshape(kw, kh, c_in, c_out).permute(3, 2, 1, 0).contiguous()
 
 
-class SparseDropPath(nn.Module):
-    """Stochastic depth per sample: each image's rows are kept (and rescaled) or dropped together."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = 1.0 - self.drop_prob
-        batch = int(x.C[:, 0].max()) + 1
-        scale = torch.bernoulli(torch.full((batch,), keep, device=x.F.device)) / keep
-        return ME.SparseTensor(x.F * scale[x.C[:, 0].long(), None],
-                               coordinate_map_key=x.coordinate_map_key,
-                               coordinate_manager=x.coordinate_manager)
-
-
 # "patch": our patch-tile convolutions and pooling (patch_conv.py), measured faster on CPU for
 # every layer of a ResNet, the 3-channel 7x7 stem included; "minkowski": ME's own modules.
 CONV_IMPLS = ("patch", "minkowski")
 
 
-def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> ME.MinkowskiConvolution:
+def _copy_weights(dense: nn.Module, sparse: nn.Module) -> nn.Module:
+    sparse.load_state_dict(dense.state_dict())
+    return sparse.train(dense.training)
+
+
+def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     kh, kw = conv.kernel_size
-    if conv.groups != 1 or conv.dilation != (1, 1):
-        raise unsupported(conv, path, "grouped or dilated convolution")
-    if kh != kw or kh % 2 == 0 or conv.padding != (kh // 2, kw // 2) or conv.stride[0] != conv.stride[1]:
-        raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, "
-                                      f"padding {conv.padding} is not a centred odd square kernel")
+    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    if kh != kw or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
+                                      f"{conv.padding}, dilation {conv.dilation}: not square and plain")
+    centred = kh % 2 == 1 and ph == kh // 2
+    bias = conv.bias is not None
+    if conv.groups == conv.in_channels == conv.out_channels > 1 and centred and sh == 1:
+        if impl == "minkowski":
+            raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
+        return _copy_weights(conv, DepthwiseConvolution(conv.out_channels, kh, bias))
+    if conv.groups != 1:
+        raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups)")
+    if kh == sh > 1 and ph == 0:  # non-overlapping windows inside one visible block
+        if impl == "minkowski":
+            raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")
+        return _copy_weights(conv, PatchifyConvolution(conv.in_channels, conv.out_channels, kh, bias))
+    if not centred:
+        raise unsupported(conv, path, f"kernel {kh}, stride {sh}, padding {ph} is not a centred "
+                                      "odd kernel nor a non-overlapping one")
     cls = ME.MinkowskiConvolution if impl == "minkowski" else PatchConvolution
     sparse = cls(conv.in_channels, conv.out_channels, kernel_size=kh,
                  stride=conv.stride[0], bias=conv.bias is not None, dimension=2)
@@ -95,27 +108,44 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
+def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
+    sparse = SparseLayerNorm(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None)
+    return _copy_weights(norm, sparse)
+
+
 def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:
-    """One timm leaf -> its MinkowskiEngine twin; ``conv`` picks the convolution implementation."""
+    """One timm leaf -> its sparse twin; ``conv`` picks the ResNet convolution implementation."""
     if conv not in CONV_IMPLS:
         raise ValueError(f"conv must be one of {CONV_IMPLS}, got '{conv}'")
-    if type(module) is nn.Conv2d:
+    kind = type(module)
+    if kind is nn.Conv2d:
         return _sparse_conv(module, path, conv)
-    if type(module) is nn.BatchNorm2d:
+    if kind is nn.BatchNorm2d:
         return _sparse_bn(module, path)
-    if type(module) is nn.ReLU:
+    if kind in LAYER_NORMS:
+        return _sparse_layer_norm(module)
+    if kind is nn.Linear:
+        linear = SparseLinear(module.in_features, module.out_features, module.bias is not None)
+        return _copy_weights(module, linear)
+    if kind is nn.ReLU:
         return ME.MinkowskiReLU()
+    if kind in ACTIVATIONS:
+        return SparseActivation(copy.deepcopy(module))
+    if kind is GlobalResponseNorm:
+        return _copy_weights(module, SparseGlobalResponseNorm(module.weight.shape[0], module.eps))
+    if kind is LayerScale:
+        return SparseLayerScale()
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
-    if isinstance(module, DropPath):
+    if kind is DropPath:
         return SparseDropPath(module.drop_prob)
-    if isinstance(module, nn.Identity):
+    if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
 
 
-class SparseEncoder(ResNetEncoder):
-    """A timm ResNet as genuine sparse convolutions over the visible pixels.
+class SparseEncoder(Encoder):
+    """A timm convnet (ResNet, ConvNeXt) as genuine sparse operators over the visible pixels.
 
     >>> enc = SparseEncoder.from_timm(timm.create_model("resnet50", num_classes=0))
     >>> feats = enc(images, active)            # 4 ME.SparseTensor, strides 4..32
@@ -124,9 +154,9 @@ class SparseEncoder(ResNetEncoder):
 
     convert_leaf = staticmethod(convert_leaf)
 
-    def __init__(self, body: nn.ModuleDict, channels: list[int], name: str):
-        super().__init__(body, channels, name)
-        if isinstance(body["maxpool"], PatchPooling) and isinstance(body["act1"], ME.MinkowskiReLU):
+    def __init__(self, body: nn.ModuleDict, *args, **kwargs):
+        super().__init__(body, *args, **kwargs)
+        if "maxpool" in body and isinstance(body["maxpool"], PatchPooling) and isinstance(body["act1"], ME.MinkowskiReLU):
             # ReLU and max pooling commute; pooling first means the stem's stride-2 ReLU output
             # (the largest map after the input) is never made, and the ReLU that remains runs
             # on a quarter of the rows and keeps what the next convolution keeps anyway

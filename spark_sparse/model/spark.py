@@ -10,7 +10,7 @@ from .densify import Densify
 from .loss import masked_patch_loss
 from ..mask import random_active, upsample_active
 from ..encoders.registry import create_encoder
-from ..encoders.resnet import ResNetEncoder
+from ..encoders.base import Encoder
 
 
 class SparK(nn.Module):
@@ -22,7 +22,7 @@ class SparK(nn.Module):
 
     def __init__(
         self,
-        encoder: ResNetEncoder,
+        encoder: Encoder,
         decoder_width: int = 768,
         hierarchy: int = 4,
         densify_norm: str = "bn",

@@ -40,7 +40,7 @@ def scatter_tiles(grad: Tensor, tile: Tile) -> Tensor:
     return rows.index_add_(0, tile.halo_rows, g.reshape(-1, c).index_select(0, tile.halo_positions))
 
 
-def _tile_rows(out: Tensor) -> Tensor:
+def tile_rows(out: Tensor) -> Tensor:
     """(P, C, s, s) tile outputs -> (P * s * s, C) patch-major rows (a view when channels-last)."""
     return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
@@ -53,7 +53,7 @@ class TileConv(torch.autograd.Function):
     def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, stride: int) -> Tensor:
         ctx.save_for_backward(feats, weight)
         ctx.tile, ctx.stride = tile, stride
-        return _tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride))
+        return tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride))
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
@@ -82,7 +82,7 @@ class TileMaxPool(torch.autograd.Function):
         p, c = out.shape[:2]
         ctx.save_for_backward(where.permute(0, 2, 3, 1).reshape(p, -1, c).to(torch.int16))
         ctx.tile, ctx.num_rows = tile, feats.shape[0]
-        return _tile_rows(out)
+        return tile_rows(out)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
@@ -194,7 +194,7 @@ class PatchPooling(nn.Module):
         if self.mode == "max":
             out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride)
         else:  # mask-aligned 2x2 windows lie inside one patch: always complete
-            out = _tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
+            out = tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
         if self.relu:
             out = F.relu(out)
         key = sites.key(x.tensor_stride[0] * self.stride)
@@ -203,3 +203,33 @@ class PatchPooling(nn.Module):
     def extra_repr(self) -> str:
         relu = ", then ReLU" if self.relu else ""
         return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{relu}"
+
+
+class PatchifyConvolution(nn.Module):
+    """A k x k, stride-k convolution (ConvNeXt's 4x4 stem and 2x2 downsampling), with timm's
+    ``weight`` (C_out, C_in, k, k) and ``bias``. Its windows never overlap and, the mask being
+    aligned to the coarsest grid, lie inside one visible block: the patch-major rows regroup
+    into windows by a reshape, and the convolution is one matrix product, with no index table."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites = PatchSites.of(x)
+        k, stride = self.kernel_size, x.tensor_stride[0]
+        s, c_in = sites.sites_per_side(stride), x.F.shape[1]
+        if s % k:
+            raise ValueError(f"a {k}x{k} stride-{k} convolution does not tile {s}x{s} blocks")
+        windows = (x.F.view(-1, s // k, k, s // k, k, c_in).permute(0, 1, 3, 2, 4, 5)
+                   .reshape(-1, k * k * c_in))  # (window row, window column, channel) order
+        weight = self.weight.permute(2, 3, 1, 0).reshape(k * k * c_in, -1)
+        out = windows @ weight if self.bias is None else torch.addmm(self.bias, windows, weight)
+        key = sites.key(stride * k)
+        return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=sites.manager)
+
+    def extra_repr(self) -> str:
+        c_out, c_in, k, _ = self.weight.shape
+        return f"{c_in}, {c_out}, kernel_size={k}, stride={k}, bias={self.bias is not None}"

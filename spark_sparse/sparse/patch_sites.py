@@ -107,6 +107,25 @@ class PatchSites:
             self._cache[key] = build()
         return self._cache[key]
 
+    def image_of_rows(self, stride: int) -> Tensor:
+        """(N,) int64: the image each row at ``stride`` belongs to (rows of an image are contiguous)."""
+        def build():
+            return self.patches[:, 0].repeat_interleave(self.sites_per_side(stride) ** 2)
+        return self._cached(("image_of_rows", stride), build)
+
+    def canvas_shape(self, stride: int) -> tuple[int, int, int]:
+        """(B, h, w): the whole images' site grid at ``stride``."""
+        s = self.sites_per_side(stride)
+        return self.batch, self.grid[0] * s, self.grid[1] * s
+
+    def canvas_index(self, stride: int) -> Tensor:
+        """(N,) int64: each row's position in the flattened (B, h, w) site grid at ``stride``."""
+        def build():
+            _, h, w = self.canvas_shape(stride)
+            c = self.coordinates(stride).long()
+            return (c[:, 0] * h + c[:, 1] // stride) * w + c[:, 2] // stride
+        return self._cached(("canvas_index", stride), build)
+
     def neighbours(self) -> Tensor:
         """(P, 3, 3): the index of each patch's neighbouring patches (itself at [1, 1]), -1 where
         hidden or outside the image."""

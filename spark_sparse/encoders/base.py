@@ -1,0 +1,137 @@
+"""What every engine's encoder shares: conversion from timm, the stage loop, timm-style weights.
+
+An engine (sparse.py, masked.py) subclasses ``Encoder`` with its leaf conversion, how images
+and mask enter the engine, how a stage output becomes a dense map, and how its parameter names
+and layouts map to timm's. The families it can convert are listed in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import timm
+import torch
+from torch import nn
+
+from ..mask import check_inputs
+from .convnext import CONVNEXT
+from .family import ConversionError, Family, unsupported
+from .resnet import RESNET
+
+FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT)
+
+__all__ = ["FAMILIES", "ConversionError", "Encoder", "family_of", "resolve_model", "unsupported"]
+
+
+def family_of(model: nn.Module) -> Family:
+    for family in FAMILIES:
+        if type(model) is family.timm_class:
+            return family
+    names = ", ".join(f.timm_class.__name__ for f in FAMILIES)
+    raise ConversionError(f"expected a timm model of a supported family ({names}), "
+                          f"got {type(model).__name__}")
+
+
+def resolve_model(model: nn.Module | str, **timm_kwargs) -> nn.Module:
+    """Accept a timm model instance, or a timm model name (built with ``timm_kwargs``)."""
+    if isinstance(model, str):
+        try:
+            model = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
+        except RuntimeError as err:  # timm's "Unknown model"
+            raise ValueError(f"unknown timm model '{model}': {err}") from None
+    family_of(model)
+    return model
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture", type(model).__name__.lower())
+
+
+class Encoder(nn.Module):
+    """A timm convnet mirrored for one engine; outputs the four stages (strides 4, 8, 16, 32)."""
+
+    stride = 32
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, body: nn.ModuleDict, family: Family, channels: list[int], name: str):
+        super().__init__()
+        self.body = body
+        self.family = family
+        self.channels = channels
+        self.model_name = name
+
+    @staticmethod
+    def convert_leaf(module: nn.Module, path: str) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def from_timm(cls, model: nn.Module | str, **options) -> "Encoder":
+        """Convert a timm model (or a timm model name) with its current weights; ``options``
+        go to the engine's leaf conversion."""
+        model = resolve_model(model)
+        family = family_of(model)
+        leaf = functools.partial(cls.convert_leaf, **options) if options else cls.convert_leaf
+        channels = family.channels(model)
+        return cls(family.convert(model, leaf), family, channels, model_name(model))
+
+    def encode_input(self, images: torch.Tensor, active: torch.Tensor):
+        raise NotImplementedError
+
+    def to_dense(self, feature, batch: int, size: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, active: torch.Tensor) -> list:
+        """The four stage outputs (strides 4, 8, 16, 32), fine to coarse, in the engine's type."""
+        check_inputs(images, active, self.stride)
+        if self.training and int(active.sum()) == 1:
+            raise ValueError("batch-norm in train mode needs more than one visible site per scale, "
+                             "but the whole batch has a single visible patch; use eval mode or "
+                             "more visible patches")
+        x = self.encode_input(images, active)
+        for path in self.family.stem:
+            x = self.body.get_submodule(path)(x)
+        feats = []
+        for path in self.family.stages:
+            x = self.body.get_submodule(path)(x)
+            feats.append(x)
+        return feats
+
+    def dense_features(self, images: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+        """The same as ``forward`` as dense (B, C, h, w) tensors with zeros at hidden sites."""
+        b, _, h, w = images.shape
+        feats = self(images, active)
+        return [self.to_dense(f, b, (h // s, w // s)) for f, s in zip(feats, self.strides)]
+
+    # -- weights in timm's names and layouts ------------------------------------------------
+    def timm_key(self, key: str) -> str:
+        return key.removeprefix("body.")
+
+    def tensor_to_timm(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def tensor_from_timm(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def to_timm(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename/re-layout any dict keyed like our state dict (weights, gradients) to timm's."""
+        return {self.timm_key(k): self.tensor_to_timm(k, v) for k, v in tensors.items()}
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """Loads with strict=True into ``timm.create_model(name, num_classes=0)``."""
+        return {k: v.detach().clone() for k, v in self.to_timm(self.state_dict()).items()}
+
+    def load_timm_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load timm-style weights (e.g. a timm model's state_dict(), fc and all ignored)."""
+        own = self.state_dict()
+        missing = [self.timm_key(k) for k in own if self.timm_key(k) not in state_dict]
+        if missing:
+            raise KeyError(f"timm state dict lacks {len(missing)} encoder tensors, e.g. {missing[:3]}")
+        new = {}
+        for key, value in own.items():
+            src = self.tensor_from_timm(key, state_dict[self.timm_key(key)])
+            if src.shape != value.shape:
+                raise ValueError(f"shape mismatch for '{self.timm_key(key)}': {tuple(src.shape)} "
+                                 f"does not fit {tuple(value.shape)}")
+            new[key] = src
+        self.load_state_dict(new)

@@ -1,0 +1,138 @@
+"""What a timm model family tells the shared encoder: its blocks, stem, stages and refusals.
+
+Every engine builds its encoder by walking a timm model and swapping each leaf module
+(convolution, norm, activation, pooling, drop-path, ...) for its own twin; the blocks and the
+stage layout are mirrored by the family's classes and keep timm's module names, so weights map
+one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and its mirror blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+LeafConverter = Callable[[nn.Module, str], nn.Module]
+
+
+class ConversionError(ValueError):
+    """A module of the timm model has no equivalent in the target engine."""
+
+
+def unsupported(module: nn.Module, path: str, why: str = "") -> ConversionError:
+    detail = f": {why}" if why else ""
+    return ConversionError(f"cannot convert {type(module).__name__} at '{path}'{detail}")
+
+
+class Converter:
+    """Converts a timm subtree: blocks the family mirrors become their mirror classes,
+    Sequentials keep their structure, everything else goes to the engine's leaf conversion."""
+
+    def __init__(self, leaf: LeafConverter, mirrors: dict[type, type]):
+        self.leaf = leaf
+        self.mirrors = mirrors
+
+    def __call__(self, module: nn.Module | None, path: str) -> nn.Module | None:
+        if module is None:
+            return None
+        mirror = self.mirrors.get(type(module))
+        if mirror is not None:
+            return mirror(module, self, path)
+        if type(module) is nn.Sequential:
+            return nn.Sequential(*[self(m, f"{path}.{i}") for i, m in enumerate(module)])
+        return self.leaf(module, path)
+
+
+def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
+    """Refuse, by name and path, optional sub-modules of a block that no engine mirrors."""
+    for name in names:
+        sub = getattr(block, name, None)
+        if sub is not None and not isinstance(sub, nn.Identity):
+            raise unsupported(sub, f"{path}.{name}")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy whose parameters are buffers: it keeps tensors the encoder never runs (a classifier
+    head's norm) so that exported weights load strictly into the timm model, without giving the
+    optimiser or DistributedDataParallel parameters that never get a gradient."""
+    module = copy.deepcopy(module)
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            delattr(sub, name)
+            sub.register_buffer(name, param.detach())
+    return module
+
+
+class LayerScale(nn.Module):
+    """A per-channel scale by a parameter its block owns (timm's ``gamma``, keeping timm's name);
+    a leaf every engine converts to its own twin."""
+
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return x * gamma.view(1, -1, 1, 1)
+
+
+def no_check(model: nn.Module) -> None:
+    """Families without refusals beyond those of their leaves and blocks."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A timm model family as the shared encoder sees it. Paths are timm module paths."""
+
+    name: str
+    timm_class: type[nn.Module]
+    mirrors: dict[type, type]  # timm block/stage class -> mirror class
+    stem: tuple[str, ...]  # run in order before the stages
+    stages: tuple[str, ...]  # the four stages, strides 4, 8, 16, 32
+    kept: tuple[str, ...] = ()  # paths that hold tensors but never run (frozen copies), if present
+    check: Callable[[nn.Module], None] = no_check  # refusals before any conversion
+
+    def top_level(self) -> list[str]:
+        """The timm model's top-level modules the encoder converts, in order."""
+        names = [p.split(".")[0] for p in self.stem + self.stages]
+        return list(dict.fromkeys(names))
+
+    def convert(self, model: nn.Module, leaf: LeafConverter) -> nn.ModuleDict:
+        """Stem and stages with leaves converted (plus the kept modules); names match timm's."""
+        self.check(model)
+        convert = Converter(leaf, self.mirrors)
+        body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in self.top_level()})
+        for path in self.kept:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:  # e.g. a head without a norm
+                continue
+            *parents, name = path.split(".")
+            holder = body
+            for parent in parents:
+                if parent not in holder._modules:
+                    holder.add_module(parent, nn.Module())
+                holder = holder._modules[parent]
+            holder.add_module(name, frozen_copy(module))
+        return body
+
+    def channels(self, model: nn.Module) -> list[int]:
+        info = {i["module"]: i for i in model.feature_info}
+        missing = [s for s in self.stages if s not in info]
+        if missing:
+            raise ConversionError(f"{type(model).__name__} reports no features for {missing}")
+        reductions = [info[s]["reduction"] for s in self.stages]
+        if reductions != [4, 8, 16, 32]:
+            raise ConversionError(f"stage strides {reductions} are not 4, 8, 16, 32 (dilated or "
+                                  "output-stride models cannot be masked on a 32-pixel grid)")
+        return [info[s]["num_chs"] for s in self.stages]
+
+    @torch.no_grad()
+    def plain_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs of the ordinary (unmasked) timm model, for comparison."""
+        x = images
+        for path in self.stem:
+            x = model.get_submodule(path)(x)
+        feats = []
+        for path in self.stages:
+            x = model.get_submodule(path)(x)
+            feats.append(x)
+        return feats

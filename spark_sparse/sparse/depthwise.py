@@ -1,0 +1,138 @@
+"""Depthwise sparse convolution (ConvNeXt's 7x7 token mixer) over mask-aligned visible blocks.
+
+Each channel is convolved with its own k x k kernel over present neighbours only (absent ones
+read as zero, exactly as a submanifold convolution ignores them). Two layouts, chosen by block
+size (see ``DepthwiseConvolution``):
+
+* tiles: each visible block with a halo of its neighbours, a valid convolution (patch_conv.py's
+  tile tables); the output rows need no scatter. For large blocks (8x8 sites and more).
+* canvas: the rows scattered into a zeroed map of the whole image at this stride, a padded
+  convolution, the visible rows gathered back. For small blocks, where a tile would be mostly
+  halo (a 2x2 block in a 7x7 neighbourhood is a 8x8 tile: 16 times its rows).
+
+Forward, input gradient and weight gradient all run as *forward* depthwise convolutions:
+oneDNN's depthwise backward on CPU takes 5-30 times its forward. The input gradient is the
+convolution with the flipped kernel; the weight gradient is, per image and channel, the input
+convolved with its output gradient as a (large) kernel. Backward regathers tiles or canvas from
+the saved input rows rather than keeping them.
+"""
+
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .patch_conv import gather_tiles, scatter_tiles, tile_rows
+from .patch_sites import PatchSites, Tile, tile_geometry
+
+
+def dw_forward(x: Tensor, weight: Tensor, padding: int) -> Tensor:
+    return F.conv2d(x, weight, padding=padding, groups=weight.shape[0])
+
+
+def dw_grad_input(grad: Tensor, weight: Tensor, padding: int) -> Tensor:
+    """The adjoint of a stride-1 depthwise convolution: the flipped kernel, opposite padding."""
+    k = weight.shape[-1]
+    return F.conv2d(grad, weight.flip(-1, -2), padding=k - 1 - padding, groups=weight.shape[0])
+
+
+def dw_grad_weight(x: Tensor, grad: Tensor, padding: int) -> Tensor:
+    """sum over images of x (padded) correlated with the output gradient, per channel: one
+    depthwise convolution with an image's gradient as the kernel, then a sum over images."""
+    n, c, h, w = grad.shape
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+    hp, wp = x.shape[-2:]
+    out = F.conv2d(x.reshape(1, n * c, hp, wp), grad.reshape(n * c, 1, h, w), groups=n * c)
+    k = hp - h + 1
+    return out.view(n, c, k, k).sum(0).unsqueeze(1)
+
+
+def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x = dw_grad_input(grad, weight, padding) if need_x else None
+    grad_w = dw_grad_weight(x, grad, padding) if need_w else None
+    return grad_x, grad_w
+
+
+class TileDepthwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile) -> Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.tile = tile
+        return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0))
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        feats, weight = ctx.saved_tensors
+        tile = ctx.tile
+        s = tile.sites
+        grad = grad_rows.reshape(-1, s, s, grad_rows.shape[1]).permute(0, 3, 1, 2)
+        grad_tiles, grad_w = _grads(ctx, gather_tiles(feats, tile), weight, grad, 0)
+        return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, None
+
+
+def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """Rows -> a zeroed (B, C, h, w) map (channels-last in memory) holding them at ``index``."""
+    b, h, w = shape
+    canvas = rows.new_zeros(b * h * w, rows.shape[1]).index_copy_(0, index, rows)
+    return canvas.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
+    return canvas.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]).index_select(0, index)
+
+
+class CanvasDepthwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        ctx.save_for_backward(feats, weight, index)
+        ctx.shape = shape
+        padding = weight.shape[-1] // 2
+        return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding), index)
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        feats, weight, index = ctx.saved_tensors
+        padding = weight.shape[-1] // 2
+        grad = to_canvas(grad_rows.contiguous(), index, ctx.shape)
+        grad_x, grad_w = _grads(ctx, to_canvas(feats, index, ctx.shape), weight, grad, padding)
+        return (None if grad_x is None else from_canvas(grad_x, index)), grad_w, None, None
+
+
+class DepthwiseConvolution(nn.Module):
+    """A depthwise k x k (odd k, stride 1) submanifold convolution on mask-aligned sparse
+    tensors, with timm's parameters (``weight`` (C, 1, k, k), ``bias`` (C,))."""
+
+    tile_min_sites = 8  # blocks of 8x8 sites and more run on tiles, smaller ones on the canvas
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"depthwise kernel size must be odd, got {kernel_size}")
+        self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    @property
+    def kernel_size(self) -> int:
+        return self.weight.shape[-1]
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites = PatchSites.of(x)
+        stride = x.tensor_stride[0]
+        s = sites.sites_per_side(stride)
+        weight = self.weight
+        if s >= self.tile_min_sites:
+            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
+            out = TileDepthwise.apply(x.F, weight, tile)
+        else:
+            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride))
+        if self.bias is not None:
+            out = out + self.bias
+        return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
+                               coordinate_manager=x.coordinate_manager)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, bias={self.bias is not None}"

@@ -1,0 +1,92 @@
+"""Operators on each visible site's feature row, or on each image's rows: layer norm, linear,
+activations, layer scale, drop path, and ConvNeXt-V2's global response norm.
+
+They read and return ``MinkowskiEngine.SparseTensor``s on the input's coordinates and keep
+timm's parameter names and layouts, so weights map one-to-one. Per-image operators (drop path,
+GRN) find each row's image in the batch's ``PatchSites``.
+"""
+
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .patch_sites import PatchSites
+
+
+def with_features(x: ME.SparseTensor, feats: Tensor) -> ME.SparseTensor:
+    """New features on the same sites."""
+    return ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key,
+                           coordinate_manager=x.coordinate_manager)
+
+
+def image_of_rows(x: ME.SparseTensor) -> Tensor:
+    return PatchSites.of(x).image_of_rows(x.tensor_stride[0])
+
+
+class SparseLayerNorm(nn.LayerNorm):
+    """Layer norm over the channels of each visible site (timm's LayerNorm and LayerNorm2d)."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, super().forward(x.F))
+
+
+class SparseLinear(nn.Linear):
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, super().forward(x.F))
+
+
+class SparseActivation(nn.Module):
+    """Any elementwise activation module (GELU, SiLU, ...) applied to the rows."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, self.act(x.F))
+
+
+class SparseLayerScale(nn.Module):
+    def forward(self, x: ME.SparseTensor, gamma: Tensor) -> ME.SparseTensor:
+        return with_features(x, x.F * gamma)
+
+
+class SparseDropPath(nn.Module):
+    """Stochastic depth per sample: each image's rows are kept (and rescaled) or dropped together."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        sites = PatchSites.of(x)
+        scale = torch.bernoulli(torch.full((sites.batch,), keep, device=x.F.device)) / keep
+        return with_features(x, x.F * scale.to(x.F.dtype)[image_of_rows(x), None])
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class SparseGlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN with each image's per-channel L2 norm over that image's visible sites
+    only (ConvNeXt-V2's MinkowskiGRN takes it over the whole batch: their issue #86)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        feats, image = x.F, image_of_rows(x)
+        squares = feats.new_zeros(PatchSites.of(x).batch, feats.shape[1]).index_add_(0, image, feats * feats)
+        # clamped: the gradient of a zero norm is zero, as for torch.norm
+        norms = squares.clamp_min(torch.finfo(feats.dtype).tiny).sqrt()
+        scale = (norms / (norms.mean(dim=1, keepdim=True) + self.eps)).index_select(0, image)
+        return with_features(x, feats + torch.addcmul(self.bias, self.weight, feats * scale))
