@@ -1,16 +1,18 @@
 """Exact forward FLOP counts for the sparse and the dense-masked encoder, and the SparK head.
 
-Only convolutions are counted (2 FLOPs per multiply-add; no bias, norm, activation or pooling
-arithmetic), on both sides alike:
+Only convolutions and linear layers are counted (2 FLOPs per multiply-add; no bias, norm,
+activation or pooling arithmetic), on both sides alike:
 
-* dense (``nn.Conv2d``, the masked reference's ``MaskedConv2d`` included):
+* dense (``nn.Conv2d`` and ``nn.Linear``, the masked reference's subclasses included):
   ``2 * C_out * C_in/groups * kh * kw * H_out * W_out`` per image, zero padding and hidden
-  sites included, because a dense convolution computes them;
-* sparse (every ``MinkowskiEngine.MinkowskiConvolution``, our gather convolution included):
+  sites included, because a dense convolution computes them (a linear layer is a 1x1 one);
+* sparse (every ``MinkowskiEngine.MinkowskiConvolution``, our patch convolutions included):
   ``2 * pairs * C_in * C_out`` where ``pairs`` is the number of (input site, output site,
   kernel offset) triples actually present, read off the input and output coordinates seen by a
   forward hook. It is the work a kernel map implies; sites outside the image or hidden have no
-  pair, so even at mask ratio 0 the sparse count is below the dense one (the border).
+  pair, so even at mask ratio 0 the sparse count is below the dense one (the border). A
+  depthwise convolution has ``C`` multiply-adds per pair; patchify convolutions and linear
+  layers have every pair present (``k * k`` per output site, one per site).
 
 The decoder and densify stage are dense and the same for both engines; they are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (which also counts convolutions only, at
@@ -26,9 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spark_sparse.mask import upsample_active
-from spark_sparse.encoders.masked import MaskedTensor
 from spark_sparse.encoders.base import Encoder
+from spark_sparse.encoders.masked import MaskedTensor
+from spark_sparse.mask import upsample_active
+from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.patch_conv import PatchifyConvolution
+from spark_sparse.sparse.rowwise import SparseLinear
+
+SPARSE_LAYERS = (ME.MinkowskiConvolution, DepthwiseConvolution, PatchifyConvolution, SparseLinear)
+DENSE_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 def kernel_pairs(in_coords: Tensor, in_stride: int, out_coords: Tensor, kernel_size: int) -> int:
@@ -65,14 +73,28 @@ def _sparse_conv_flops(conv: ME.MinkowskiConvolution, x: ME.SparseTensor, y: ME.
     return 2 * pairs * conv.in_channels * conv.out_channels
 
 
-def _dense_conv_flops(conv: nn.Conv2d, y: Tensor) -> int:
-    b, c_out, h, w = y.shape
-    kh, kw = conv.kernel_size
-    return 2 * b * c_out * (conv.in_channels // conv.groups) * kh * kw * h * w
+def _sparse_layer_flops(layer: nn.Module, x: ME.SparseTensor, y: ME.SparseTensor) -> int:
+    if isinstance(layer, ME.MinkowskiConvolution):
+        return _sparse_conv_flops(layer, x, y)
+    if isinstance(layer, DepthwiseConvolution):
+        pairs = kernel_pairs(x.C, int(x.tensor_stride[0]), y.C, layer.kernel_size)
+        return 2 * pairs * layer.weight.shape[0]
+    if isinstance(layer, PatchifyConvolution):
+        c_out, c_in, k, _ = layer.weight.shape
+        return 2 * y.F.shape[0] * k * k * c_in * c_out
+    return 2 * y.F.shape[0] * layer.in_features * layer.out_features  # SparseLinear
+
+
+def _dense_layer_flops(layer: nn.Module, y: Tensor) -> int:
+    b, c_out, h, w = y.shape  # a masked linear layer's output is a (B, C, h, w) map too
+    if isinstance(layer, nn.Linear):
+        return 2 * b * c_out * layer.in_features * h * w
+    kh, kw = layer.kernel_size
+    return 2 * b * c_out * (layer.in_channels // layer.groups) * kh * kw * h * w
 
 
 class ConvFlopCounter:
-    """Forward hooks on every convolution of ``module``; FLOPs summed per layer name.
+    """Forward hooks on every convolution and linear layer of ``module``; FLOPs per layer name.
 
     >>> with ConvFlopCounter(encoder) as counter:
     ...     encoder(images, active)
@@ -86,7 +108,7 @@ class ConvFlopCounter:
 
     def __enter__(self) -> "ConvFlopCounter":
         for name, sub in self.module.named_modules():
-            if isinstance(sub, (ME.MinkowskiConvolution, nn.Conv2d)):
+            if isinstance(sub, SPARSE_LAYERS + DENSE_LAYERS):
                 self._handles.append(sub.register_forward_hook(self._hook(name)))
         return self
 
@@ -97,11 +119,11 @@ class ConvFlopCounter:
 
     def _hook(self, name: str):
         def hook(conv: nn.Module, inputs: tuple, output) -> None:
-            if isinstance(conv, ME.MinkowskiConvolution):
-                self.layers[name] += _sparse_conv_flops(conv, inputs[0], output)
+            if isinstance(conv, SPARSE_LAYERS):
+                self.layers[name] += _sparse_layer_flops(conv, inputs[0], output)
             else:
                 y = output.x if isinstance(output, MaskedTensor) else output
-                self.layers[name] += _dense_conv_flops(conv, y)
+                self.layers[name] += _dense_layer_flops(conv, y)
         return hook
 
     @property

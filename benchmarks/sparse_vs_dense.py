@@ -46,6 +46,9 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noq
 from spark_sparse.train.runtime import configure_cpu, returning_freed_memory  # noqa: E402
 from spark_sparse.encoders.sparse import CONV_IMPLS  # noqa: E402
 from spark_sparse.model.spark import SparK  # noqa: E402
+from spark_sparse.sparse.depthwise import DepthwiseConvolution  # noqa: E402
+from spark_sparse.sparse.patch_conv import PatchifyConvolution  # noqa: E402
+from spark_sparse.train.recipe import default_recipe  # noqa: E402
 
 from .flops import encoder_flops, head_flops  # noqa: E402
 from .memory import peak_memory_mb  # noqa: E402
@@ -106,7 +109,8 @@ def build_pair(model: str, cfg: DictConfig, device: torch.device) -> dict[str, S
     """Both engines' SparK models with identical encoder, densify and decoder weights."""
     torch.manual_seed(cfg.seed)
     timm_model = timm.create_model(model, pretrained=False, num_classes=0)
-    head = dict(decoder_width=cfg.decoder_width, hierarchy=4, densify_norm="bn")
+    head = dict(decoder_width=cfg.decoder_width, hierarchy=4,
+                densify_norm=default_recipe(model, "densify_norm"))  # as pretraining would
     options = {} if cfg.sparse_conv is None else {"conv": cfg.sparse_conv}
     sparse = SparK(SparseEncoder.from_timm(timm_model, **options), **head)
     dense = SparK(MaskedDenseEncoder.from_timm(timm_model), **head)
@@ -121,8 +125,9 @@ def build_pair(model: str, cfg: DictConfig, device: torch.device) -> dict[str, S
 
 
 def conv_class(encoder: nn.Module) -> str:
-    """The class name of the sparse encoder's convolutions (which implementation ran)."""
-    names = {type(m).__name__ for m in encoder.modules() if isinstance(m, ME.MinkowskiConvolution)}
+    """The class names of the sparse encoder's convolutions (which implementations ran)."""
+    convs = (ME.MinkowskiConvolution, DepthwiseConvolution, PatchifyConvolution)
+    names = {type(m).__name__ for m in encoder.modules() if isinstance(m, convs)}
     return "+".join(sorted(names))
 
 

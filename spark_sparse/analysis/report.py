@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..train.checkpoint import load_checkpoint
+from ..train.recipe import register_resolver
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
                  "probe_accuracy", "probe_random_init")
@@ -51,6 +52,7 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 
 def load_config(run_dir: Path) -> dict | None:
     """The run's resolved config: hydra's copy (written before training starts), else the checkpoint's."""
+    register_resolver()  # hydra's copy interpolates the model's recipe defaults
     try:
         return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     except Exception:  # missing or unreadable: the checkpoint may still have it

@@ -33,12 +33,18 @@ from .data import PretrainDataset, build_dataset, build_loader, derive_seed
 from .logger import NullLogger, RunLogger
 from .runtime import configure_cpu
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
+from .recipe import register_resolver
+from ..encoders.base import FAMILIES
 from ..model.spark import SparK
 from .visualize import save_reconstruction
 
 # a resumed run must be the same experiment; these may not change between the two halves
 FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
                    "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
+
+
+# the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
+TIMM_MODULES = [family.name for family in FAMILIES]
 
 
 class ConfigError(ValueError):
@@ -54,9 +60,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.input_size <= 0 or cfg.input_size % 32:
         raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
-    if not timm.is_model(cfg.model) or not cfg.model.startswith(("resnet", "wide_resnet")):
-        close = difflib.get_close_matches(str(cfg.model), timm.list_models("resnet*"), n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet name"
+    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
+        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
+        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
                           + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
@@ -110,6 +116,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     Under torchrun each process trains on its slice of every global batch; the model is wrapped
     in DistributedDataParallel and (with sync_bn) its batch norms see the whole global batch.
     """
+    register_resolver()  # ${recipe:KEY}: the model's SparK recipe defaults
     ctx = distributed.init_from_env()
     validate(cfg, ctx.world_size)
     run_dir = Path(run_dir)

@@ -1,0 +1,36 @@
+"""Per-model defaults of the official SparK recipes (conf/recipe/spark.yaml) as ``${recipe:KEY}``.
+
+A config interpolates ``${recipe:drop_path_rate}`` and gets the value for its ``model``: the
+entry of ``recipe`` whose name is the longest prefix of the model name and sets the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+
+RECIPE_FILE = Path(__file__).resolve().parents[2] / "conf" / "recipe" / "spark.yaml"
+
+
+def recipe_value(recipes: Mapping, model: str, key: str) -> Any:
+    for name in sorted((n for n in recipes if model.startswith(n)), key=len, reverse=True):
+        if key in recipes[name]:
+            return recipes[name][key]
+    raise KeyError(f"the SparK recipe has no '{key}' for model '{model}'; set {key} explicitly")
+
+
+def default_recipe(model: str, key: str) -> Any:
+    """The shipped recipe's value, for tools without a pretraining config (benchmarks)."""
+    return recipe_value(OmegaConf.load(RECIPE_FILE), model, key)
+
+
+def _resolve(key: str, *, _root_) -> Any:
+    return recipe_value(_root_.recipe, _root_.model, key)
+
+
+def register_resolver() -> None:
+    """Make ``${recipe:KEY}`` available to OmegaConf (idempotent)."""
+    if not OmegaConf.has_resolver("recipe"):
+        OmegaConf.register_new_resolver("recipe", _resolve)

@@ -1,0 +1,68 @@
+"""Each model pretrains with its official SparK recipe unless the command line says otherwise."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import spark_sparse.train.pretrain as pretrain
+from spark_sparse.model.spark import SparK
+from spark_sparse.train.recipe import default_recipe, recipe_value
+
+from .test_pretrain import config
+
+
+@pytest.mark.parametrize("model, drop_path, norm, betas", [
+    ("resnet18", 0.0, "bn", [0.9, 0.95]),
+    ("resnet50", 0.05, "bn", [0.9, 0.95]),
+    ("convnext_tiny", 0.0, "ln", [0.9, 0.999]),
+    ("convnext_small", 0.2, "ln", [0.9, 0.999]),
+    ("convnext_base", 0.3, "ln", [0.9, 0.999]),
+    ("convnext_large", 0.4, "ln", [0.9, 0.999]),
+    ("convnextv2_base", 0.3, "ln", [0.9, 0.999]),
+])
+def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
+    pretrain.register_resolver()
+    cfg = config(f"model={model}")
+    assert cfg.drop_path_rate == drop_path
+    assert cfg.decoder.densify_norm == norm
+    assert list(cfg.optim.betas) == betas
+
+
+def test_the_command_line_wins_over_the_recipe():
+    pretrain.register_resolver()
+    cfg = config("model=convnext_small", "drop_path_rate=0.1", "decoder.densify_norm=bn", "optim.betas=[0.9,0.95]")
+    assert (cfg.drop_path_rate, cfg.decoder.densify_norm, list(cfg.optim.betas)) == (0.1, "bn", [0.9, 0.95])
+
+
+def test_a_key_the_recipe_lacks_is_named():
+    with pytest.raises(KeyError, match="no 'decoder_width' for model 'convnext_tiny'"):
+        recipe_value({"convnext": {"densify_norm": "ln"}}, "convnext_tiny", "decoder_width")
+    assert default_recipe("convnext_atto", "densify_norm") == "ln"
+
+
+def test_a_convnext_pretrains_with_layer_norm_densify_and_exports_timm_weights(tmp_path):
+    summary = pretrain.train(config("model=convnext_atto"), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["config"]["decoder"]["densify_norm"] == "ln"
+    assert ckpt["config"]["optim"]["betas"] == [0.9, 0.999]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and all(0 < loss < 10 for loss in losses)
+    encoder = torch.load(summary["encoder"])
+    timm.create_model("convnext_atto", num_classes=0).load_state_dict(encoder, strict=True)
+
+
+def test_the_coarsest_densify_projection_is_an_identity_where_widths_match():
+    # ConvNeXt-S ends at 768 channels, the paper's decoder width; atto at 320
+    model = SparK.build("convnext_atto", decoder_width=320, densify_norm="ln")
+    assert isinstance(model.densify[0].proj, torch.nn.Identity)
+    assert isinstance(model.densify[1].proj, torch.nn.Conv2d)  # 3x3 at the finer scales
+    assert isinstance(SparK.build("convnext_atto", decoder_width=256).densify[0].proj, torch.nn.Conv2d)
+
+
+def test_unknown_and_unsupported_models_are_refused_before_any_work():
+    with pytest.raises(pretrain.ConfigError, match=r"expected a timm ResNet or ConvNeXt name \(did you mean"):
+        pretrain.validate(config("model=convnext_tinny"))
+    with pytest.raises(pretrain.ConfigError, match="unknown model 'vit_base_patch16_224'"):
+        pretrain.validate(config("model=vit_base_patch16_224"))
