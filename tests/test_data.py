@@ -14,6 +14,7 @@ from PIL import Image
 from spark_sparse.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataError,
     PretrainDataset,
     StepBatchSampler,
     build_dataset,
@@ -168,7 +169,7 @@ def test_all_files_corrupt_is_runtime_error(tmp_path):
         (tmp_path / name).write_bytes(b"garbage")
     dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
     message = rf"none of the 2 images under {re.escape(str(tmp_path))} could be read"
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=message):
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=message):
         dataset[(0, 0)]
 
 

@@ -36,6 +36,10 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 Key = tuple[int, int]  # (index into the data set, sample seed)
 
 
+class DataError(ValueError):
+    """The data cannot be used: no such folder, no images in it, or none of them readable."""
+
+
 def bundled_image_paths() -> list[Path]:
     """The real photos shipped inside the scikit-image wheel: a data set that needs no download."""
     import skimage.data  # only here, so imagefolder runs do not pay for importing skimage
@@ -48,12 +52,14 @@ def bundled_image_paths() -> list[Path]:
 def image_folder_paths(root: str | Path) -> list[Path]:
     """Every image file under ``root`` (recursively, any case of extension), sorted."""
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DataError(f"data.root {root} is a file; it must be a folder of images")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     paths = sorted(p for p in root.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return paths
 
 
@@ -130,6 +136,10 @@ class PretrainDataset(Dataset):
             image = TF.center_crop(image, [self.input_size, self.input_size])
         return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
+    def check_readable(self) -> None:
+        """Decode one image now, so that a data set with none readable fails before training."""
+        self._load_from(0)
+
     def _load_from(self, index: int) -> Image.Image:
         """The image at ``index``, or at the first readable index after it (wrapping around)."""
         n = len(self.paths)
@@ -145,7 +155,7 @@ class PretrainDataset(Dataset):
                 warnings.warn(f"skipped {len(self.bad_paths)} unreadable image(s) so far, "
                               f"latest: {path} ({type(err).__name__}: {err})", stacklevel=2)
         folder = os.path.commonpath([str(p.parent) for p in self.paths])
-        raise RuntimeError(f"none of the {n} images under {folder} could be read")
+        raise DataError(f"none of the {n} images under {folder} could be read")
 
 
 class StepBatchSampler:
