@@ -76,6 +76,12 @@ def init_from_env(timeout_s: float | None = None) -> Context:
     return context()
 
 
+def is_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that gave up waiting for another rank (the process
+    group's timeout: that rank is frozen, dead or far behind)."""
+    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
+
+
 def shutdown() -> None:
     if is_active():
         dist.destroy_process_group()

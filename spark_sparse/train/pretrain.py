@@ -412,6 +412,12 @@ def main(cfg: DictConfig) -> float:
             # an ordinary exception fails this job only: the sweep's other settings still run
             raise RuntimeError(f"run {run_dir} failed: {err}") from None
         raise SystemExit(1) from None
+    except RuntimeError as err:
+        if not (ctx.distributed and distributed.is_timeout(err)):
+            raise
+        print(f"{prefix}error: another rank did not answer within dist_timeout_s={cfg.dist_timeout_s} "
+              f"(frozen or dead?); the last checkpoint is kept ({first_line(err)})", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         distributed.shutdown()
     if ctx.is_main:
