@@ -132,9 +132,14 @@ def test_wandb_online_without_an_api_key_is_refused_up_front(tmp_path, monkeypat
     (["mask_ratio=1.5"], "error: mask_ratio must be in [0, 1), got 1.5"),
     (["data=imagefolder"], "error: data.root must be set"),
     (["data=imagefolder", "data.root=pyproject.toml"], "pyproject.toml is a file; it must be a folder"),
+    (["data=imagefolder", "data.root={bad}"], "none of the 3 images under"),
 ])
 def test_command_line_errors_are_one_clear_line(tmp_path, overrides, message):
-    run = tmp_path / "run"
+    run, bad = tmp_path / "run", tmp_path / "unreadable"
+    bad.mkdir()
+    for name in ["a.jpg", "b.png", "c.png"]:
+        (bad / name).write_bytes(b"not an image")
+    overrides = [o.format(bad=bad) for o in overrides]
     proc = subprocess.run([sys.executable, "-m", "spark_sparse.pretrain", *overrides, f"hydra.run.dir={run}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

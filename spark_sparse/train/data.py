@@ -189,11 +189,9 @@ class PretrainDataset(Dataset):
             except _DECODE_ERRORS as err:
                 self.bad_paths.add(path)
                 skipped.append((path, f"{type(err).__name__}: {err}"))
-        before = len(self.bad_paths) - len(skipped)
-        for i, (path, reason) in enumerate(skipped, start=1):
-            warn_skipped(before + i, path, reason)
         folder = os.path.commonpath([str(p.parent) for p in self.paths])
-        raise DataError(f"none of the {n} images under {folder} could be read")
+        example = f" (e.g. {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"none of the {n} images under {folder} could be read{example}")
 
 
 def warn_skipped(count: int, path: Path, reason: str) -> None:
