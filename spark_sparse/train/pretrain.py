@@ -10,11 +10,8 @@ run matches a single process with that batch). Rank 0 alone writes to the run di
 
 from __future__ import annotations
 
-import difflib
 import errno
 import math
-import netrc
-import os
 import random
 import shlex
 import sys
@@ -23,7 +20,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import timm
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -32,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from .checks import ConfigError, check_resumable, validate
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves, rng_state, set_rng_state
 from .data import PretrainDataset, build_dataset, build_loader, derive_seed
 from .logger import NullLogger, RunLogger
@@ -40,15 +37,6 @@ from .runtime import configure_cpu
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from ..model.spark import SparK
 from .visualize import save_reconstruction
-
-# a resumed run must be the same experiment; these may not change between the two halves
-FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
-                   "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
-
-
-class ConfigError(Refused):
-    """The configuration cannot work; raised before any data is read or model built."""
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -59,79 +47,12 @@ class RunFailed(RuntimeError):
     says what was kept."""
 
 
-def hidden_patches(input_size: int, mask_ratio: float, stride: int = 32) -> int:
-    """How many patches of each image the mask hides (what spark_sparse.mask.random_active keeps)."""
-    patches = (input_size // stride) ** 2
-    return patches - max(1, round(patches * (1.0 - mask_ratio)))
-
-
-def _wandb_key_present() -> bool:
-    """Whether wandb can log in without asking: an API key in the environment or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1].split("/")[0]
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host.split(":")[0]) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        example = " ".join(f"{k}=..." for k in missing)
-        raise ConfigError(f"{', '.join(missing)} must be set (add {example} to the command line)")
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.input_size <= 0 or cfg.input_size % 32:
-        raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
-    if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
-        raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
-                          f"{(cfg.input_size // 32) ** 2} patch(es) of an image: with nothing to "
-                          "reconstruct the loss is always 0; raise mask_ratio or input_size")
-    if not timm.is_model(cfg.model) or not cfg.model.startswith(("resnet", "wide_resnet")):
-        close = difflib.get_close_matches(str(cfg.model), timm.list_models("resnet*"), n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet name"
-                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
-                          f"among the {world_size} processes")
-    if cfg.epochs is None and (cfg.max_steps is None or cfg.max_steps < 1):
-        raise ConfigError("set max_steps (a positive number of steps) or epochs")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise ConfigError(f"epochs must be positive (or null to use max_steps), got {cfg.epochs}")
-    for key in ("log_every", "save_every", "vis_every", "vis_images"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be at least 1 (or null for PyTorch's default), got {cfg.threads}")
-    if not cfg.dist_timeout_s > 0:
-        raise ConfigError(f"dist_timeout_s must be positive, got {cfg.dist_timeout_s}")
-    if cfg.logger.kind == "wandb" and cfg.logger.mode == "online" and not _wandb_key_present():
-        raise ConfigError("logger.mode=online needs a wandb API key (run `wandb login` or set "
-                          "WANDB_API_KEY); logger.mode=offline logs without one")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
-
-
 def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
     """(max_steps, warmup_steps); warmup is capped at a quarter of the run for short runs."""
     steps_per_epoch = num_images / cfg.batch_size
     max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
     return max_steps, warmup
-
-
-def check_resumable(saved: dict, cfg: DictConfig) -> None:
-    now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
-                          "start a new run directory instead")
 
 
 def seed_everything(seed: int) -> None:
