@@ -88,6 +88,8 @@ class RunDirLock:
             return
         if self.claimed:
             (self.run_dir / self.HOLDER).unlink(missing_ok=True)
+        # unlock explicitly: forked data-loader workers share the descriptor and may outlive this
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd, self.claimed = None, False
 
