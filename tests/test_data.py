@@ -14,6 +14,7 @@ from PIL import Image
 from spark_sparse.train.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataError,
     PretrainDataset,
     StepBatchSampler,
     build_dataset,
@@ -68,6 +69,26 @@ def test_image_folder_walks_nested_dirs_and_keeps_only_images(tmp_path):
 
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
         "a/1.png", "a/2.JPG", "b/deep/3.jpeg", "b/deep/4.bmp", "b/deep/5.webp", "b/deep/6.TIFF"]
+
+
+def test_image_folder_follows_symlinked_folders_once_and_never_loops(tmp_path):
+    write_images(tmp_path / "real" / "inner", ["a.png"])
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "photos").symlink_to(tmp_path / "real", target_is_directory=True)
+    (root / "photos_again").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real" / "up").symlink_to(root, target_is_directory=True)  # a loop
+
+    paths = image_folder_paths(root)
+
+    assert len(paths) == 1 and paths[0].name == "a.png"  # found once, whichever way
+    assert paths[0].resolve() == (tmp_path / "real" / "inner" / "a.png").resolve()
+
+
+def test_image_folder_root_that_is_a_file_is_data_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file; it must be a folder"):
+        image_folder_paths(tmp_path / "x.png")
 
 
 def test_image_folder_missing_root_is_file_not_found(tmp_path):
@@ -163,13 +184,48 @@ def test_warning_counts_distinct_bad_files(tmp_path):
         "skipped 1 unreadable image(s) so far", "skipped 2 unreadable image(s) so far"]
 
 
-def test_all_files_corrupt_is_runtime_error(tmp_path):
+def test_unreadable_files_are_warned_about_once_however_many_workers_meet_them(tmp_path, capfd):
+    write_images(tmp_path, ["ok.png"])
+    for name in ["bad1.png", "bad2.png", "bad3.png"]:
+        (tmp_path / name).write_bytes(b"\x00garbage")
+    dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
+    # every batch is the whole data set, and each of the 2 workers loads 2 batches
+    loader = build_loader(dataset, batch_size=4, seed=0, max_steps=4, num_workers=2)
+    with pytest.warns(UserWarning) as record:
+        assert len(list(loader)) == 4
+    assert sorted(str(w.message).split(",")[0] for w in record) == [
+        f"skipped {n} unreadable image(s) so far" for n in (1, 2, 3)]
+    assert "unreadable" not in capfd.readouterr().err  # the workers themselves stay silent
+
+
+def test_16_bit_and_float_images_look_like_their_8_bit_versions(tmp_path):
+    gradient = np.linspace(0, 1, 40 * 30).reshape(30, 40)
+    Image.fromarray(np.rint(gradient * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(gradient.astype(np.float32)).save(tmp_path / "float.tiff")
+    Image.fromarray(np.rint(gradient * 255).astype(np.uint8)).save(tmp_path / "plain.png")
+    deep, flt, plain = (PretrainDataset([tmp_path / n], SIZE, augment=False)[(0, 0)]
+                        for n in ("deep.png", "float.tiff", "plain.png"))
+    torch.testing.assert_close(deep, plain, atol=0.02, rtol=0)
+    torch.testing.assert_close(flt, plain, atol=0.02, rtol=0)
+
+
+def test_float_images_of_unknown_scale_are_skipped_with_a_warning(tmp_path):
+    Image.fromarray(np.full((30, 40), 1000.0, dtype=np.float32)).save(tmp_path / "a.tiff")
+    write_images(tmp_path, ["b.png"])
+    dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
+    with pytest.warns(UserWarning, match=r"a\.tiff .*outside \[0, 1\]"):
+        assert torch.equal(dataset[(0, 3)], dataset[(1, 3)])
+
+
+def test_all_files_corrupt_is_data_error(tmp_path):
     for name in ["a.jpg", "b.png"]:
         (tmp_path / name).write_bytes(b"garbage")
     dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
-    message = rf"none of the 2 images under {re.escape(str(tmp_path))} could be read"
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=message):
-        dataset[(0, 0)]
+    message = rf"none of the 2 images under {re.escape(str(tmp_path))} could be read \(e.g. a.jpg: "
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error says it all: no warning per file before it
+        with pytest.raises(DataError, match=message):
+            dataset[(0, 0)]
 
 
 # --- batches ---------------------------------------------------------------------------------

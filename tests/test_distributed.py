@@ -3,8 +3,11 @@ a single process with the same global batch (fresh and resumed)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import spark_sparse.train.pretrain as pretrain
 from spark_sparse.train.checkpoint import load_checkpoint
-from spark_sparse.train.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.train import distributed
+from spark_sparse.train.distributed import SharedRunDir, SyncVisibleBatchNorm, convert_sync_batchnorm
 from spark_sparse.encoders.masked import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
 
@@ -161,3 +165,36 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(tmp_path,
     # the single-process step-2 checkpoint, finished by 2 processes
     torchrun("resume=true", f"hydra.run.dir={interrupted}")
     assert_same_losses(losses(interrupted), {s: v for s, v in want.items() if s > 2})
+
+
+# -- a frozen rank ------------------------------------------------------------------------------
+def test_the_process_group_timeout_comes_from_the_config(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.update(kwargs))
+    SharedRunDir().on_run_start(config("dist_timeout_s=7"))
+    assert seen["timeout"] == timedelta(seconds=7)
+
+
+def _frozen_rank_worker(rank: int, port: int, failures) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    distributed.init_from_env(timeout_s=2)
+    if rank == 1:
+        time.sleep(8)  # frozen: never joins the collective
+        return
+    start = time.perf_counter()
+    try:
+        distributed.mean_over_ranks(torch.ones(()))
+    except RuntimeError as err:
+        failures.put((distributed.is_timeout(err), time.perf_counter() - start))
+
+
+def test_a_frozen_rank_makes_the_others_fail_after_the_timeout():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_frozen_rank_worker, args=(port, failures), nprocs=2, join=True)
+    timed_out, waited = failures.get()
+    assert timed_out and waited < 6

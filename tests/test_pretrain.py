@@ -102,19 +102,50 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     ("mask_ratio=1.0", r"mask_ratio must be in \[0, 1\)"),
     ("input_size=100", "input_size must be a positive multiple of 32"),
     ("model=resnet_nope", "unknown model 'resnet_nope'"),
+    # a loss that is identically 0 trains nothing: one patch per image stays visible
+    ("input_size=32", "hides none of the 1 patch"),
+    ("mask_ratio=0", "mask_ratio 0 at input_size 64 hides none of the 4 patch"),
+    ("mask_ratio=0.1", "hides none of the 4 patch"),  # round(4 * 0.9) = 4 stay visible
+    ("log_every=0", "log_every must be at least 1, got 0"),
+    ("save_every=0", "save_every must be at least 1, got 0"),
+    ("vis_every=0", "vis_every must be at least 1, got 0"),
+    ("vis_images=0", "vis_images must be at least 1, got 0"),
+    ("threads=-1", "threads must be at least 1"),
+    ("epochs=0", "epochs must be positive"),
+    ("dist_timeout_s=0", "dist_timeout_s must be positive"),
+    ("data=imagefolder", r"data.root must be set \(add data.root=... to the command line\)"),
 ])
 def test_config_errors_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(pretrain.ConfigError, match=message):
         pretrain.train(config(override), tmp_path)
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not any(tmp_path.iterdir())
 
 
-def test_command_line_errors_are_one_clear_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "spark_sparse.pretrain", "mask_ratio=1.5",
-                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_wandb_online_without_an_api_key_is_refused_up_front(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(pretrain.ConfigError, match="logger.mode=online needs a wandb API key"):
+        pretrain.train(config("logger=wandb", "logger.mode=online"), tmp_path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["mask_ratio=1.5"], "error: mask_ratio must be in [0, 1), got 1.5"),
+    (["data=imagefolder"], "error: data.root must be set"),
+    (["data=imagefolder", "data.root=pyproject.toml"], "pyproject.toml is a file; it must be a folder"),
+    (["data=imagefolder", "data.root={bad}"], "none of the 3 images under"),
+])
+def test_command_line_errors_are_one_clear_line(tmp_path, overrides, message):
+    run, bad = tmp_path / "run", tmp_path / "unreadable"
+    bad.mkdir()
+    for name in ["a.jpg", "b.png", "c.png"]:
+        (bad / name).write_bytes(b"not an image")
+    overrides = [o.format(bad=bad) for o in overrides]
+    proc = subprocess.run([sys.executable, "-m", "spark_sparse.pretrain", *overrides, f"hydra.run.dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "error: mask_ratio must be in [0, 1), got 1.5" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+    assert message in proc.stderr
+    assert not run.exists()  # a refused command leaves no trace
 
 
 def test_checkpoints_are_written_atomically(tmp_path):
@@ -127,7 +158,7 @@ def test_checkpoints_are_written_atomically(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed mid-write"):
         atomic_save({"step": 2, "boom": Unpicklable()}, path)
-    assert load_checkpoint(path) == {"step": 1}
+    assert torch.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 

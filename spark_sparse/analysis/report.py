@@ -51,8 +51,8 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 
 
 def load_config(run_dir: Path) -> dict | None:
-    """The run's resolved config: hydra's copy (written before training starts), else the checkpoint's."""
-    register_resolver()  # hydra's copy interpolates the model's recipe defaults
+    """The run's resolved config: the .hydra/ record (written once the run was accepted), else the checkpoint's."""
+    register_resolver()  # the record interpolates the model's recipe defaults
     try:
         return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     except Exception:  # missing or unreadable: the checkpoint may still have it

@@ -12,6 +12,14 @@ import numpy as np
 import torch
 
 
+# what a spark_sparse training checkpoint holds at least
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "step", "config"})
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a training checkpoint (empty, truncated, or something else)."""
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to ``path`` so that a reader (or a crash) never sees a half-written file."""
     path = Path(path)
@@ -27,6 +35,12 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def partial_saves(path: str | Path) -> list[Path]:
+    """Temporary files atomic_save left for ``path`` when it was killed mid-write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def rng_state(mask_generator: torch.Generator) -> dict[str, Any]:
@@ -51,8 +65,19 @@ def set_rng_state(state: dict[str, Any], mask_generator: torch.Generator) -> Non
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint written by pretraining; CheckpointError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # our own file, with numpy RNG state and config inside: not a weights-only payload
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # our own file, with numpy RNG state and config inside: not a weights-only payload
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} ({size} bytes) is not a readable checkpoint, perhaps empty or "
+                              f"truncated ({type(err).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
+                              f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS))})")
+    return ckpt

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -36,6 +37,10 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 Key = tuple[int, int]  # (index into the data set, sample seed)
 
 
+class DataError(ValueError):
+    """The data cannot be used: no such folder, no images in it, or none of them readable."""
+
+
 def bundled_image_paths() -> list[Path]:
     """The real photos shipped inside the scikit-image wheel: a data set that needs no download."""
     import skimage.data  # only here, so imagefolder runs do not pay for importing skimage
@@ -46,15 +51,41 @@ def bundled_image_paths() -> list[Path]:
 
 
 def image_folder_paths(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursively, any case of extension), sorted."""
+    """Every image file under ``root`` (recursively, any case of extension, following symlinked
+    folders but never into a loop), sorted."""
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DataError(f"data.root {root} is a file; it must be a folder of images")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    paths = sorted(p for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        here = os.stat(folder)
+        if (here.st_dev, here.st_ino) in seen:  # a link back up the tree, or a second link to a folder
+            subfolders.clear()
+            continue
+        seen.add((here.st_dev, here.st_ino))
+        paths += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    paths = sorted(p for p in paths if p.is_file())
     if not paths:
-        raise ValueError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return paths
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own convert clips 16-bit pixels (nearly white) and truncates float ones
+    (black): those are rescaled here, or refused with a ValueError when their range is unknown."""
+    if image.mode.startswith("I"):  # I;16 and friends, and I (how PIL may read 16-bit PNGs)
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"{image.mode} pixels outside the 16-bit range: unknown scale")
+        return Image.fromarray(np.rint(pixels / 257).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+            raise ValueError("floating-point pixels outside [0, 1]: unknown scale")
+        return Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -116,8 +147,17 @@ class PretrainDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, key: Key) -> torch.Tensor:
+        image, skipped = self.load(key)
+        before = len(self.bad_paths) - len(skipped)
+        for i, (path, reason) in enumerate(skipped, start=1):
+            warn_skipped(before + i, path, reason)
+        return image
+
+    def load(self, key: Key) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+        """The sample for ``key`` and the unreadable files newly skipped on the way, unwarned:
+        the loader warns once per file in the main process, whichever worker met it."""
         index, seed = key
-        image = self._load_from(index)
+        image, skipped = self._load_from(index)
         if self.augment:
             g = torch.Generator().manual_seed(seed)
             top, left, h, w = _crop_box(image.width, image.height, self.scale, self.ratio, g)
@@ -128,24 +168,34 @@ class PretrainDataset(Dataset):
         else:
             image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
             image = TF.center_crop(image, [self.input_size, self.input_size])
-        return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+        return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD), skipped
 
-    def _load_from(self, index: int) -> Image.Image:
-        """The image at ``index``, or at the first readable index after it (wrapping around)."""
+    def check_readable(self) -> None:
+        """Decode one image now, so that a data set with none readable fails before training."""
+        self[(0, 0)]
+
+    def _load_from(self, index: int) -> tuple[Image.Image, list[tuple[Path, str]]]:
+        """The image at ``index``, or at the first readable index after it (wrapping around),
+        and the files newly found unreadable."""
         n = len(self.paths)
+        skipped = []
         for offset in range(n):
             path = self.paths[(index + offset) % n]
             if path in self.bad_paths:
                 continue
             try:
                 with Image.open(path) as image:
-                    return image.convert("RGB")  # convert() decodes, so corruption surfaces here
+                    return to_rgb(image), skipped  # converting decodes, so corruption surfaces here
             except _DECODE_ERRORS as err:
                 self.bad_paths.add(path)
-                warnings.warn(f"skipped {len(self.bad_paths)} unreadable image(s) so far, "
-                              f"latest: {path} ({type(err).__name__}: {err})", stacklevel=2)
+                skipped.append((path, f"{type(err).__name__}: {err}"))
         folder = os.path.commonpath([str(p.parent) for p in self.paths])
-        raise RuntimeError(f"none of the {n} images under {folder} could be read")
+        example = f" (e.g. {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+        raise DataError(f"none of the {n} images under {folder} could be read{example}")
+
+
+def warn_skipped(count: int, path: Path, reason: str) -> None:
+    warnings.warn(f"skipped {count} unreadable image(s) so far, latest: {path} ({reason})", stacklevel=3)
 
 
 class StepBatchSampler:
@@ -211,14 +261,52 @@ class StepBatchSampler:
             epoch, offset = epoch + 1, 0
 
 
+class _Loading(Dataset):
+    """What worker processes load: each sample with the unreadable files skipped for it."""
+
+    def __init__(self, dataset: PretrainDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, list[tuple[Path, str]]]:
+        return self.dataset.load(key)
+
+
+def _collate(samples: list[tuple[torch.Tensor, list[tuple[Path, str]]]]) -> tuple[torch.Tensor, list]:
+    return torch.stack([x for x, _ in samples]), [bad for _, skipped in samples for bad in skipped]
+
+
+class Batches:
+    """Stacked batches from a DataLoader. Each worker process meets unreadable files on its
+    own, so they are warned about here, in the main process, once per file."""
+
+    def __init__(self, loader: DataLoader, dataset: PretrainDataset) -> None:
+        self.loader = loader
+        self.warned = set(dataset.bad_paths)  # already warned about in this process
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for images, skipped in self.loader:
+            for path, reason in skipped:
+                if path not in self.warned:
+                    self.warned.add(path)
+                    warn_skipped(len(self.warned), path, reason)
+            yield images
+
+
 def build_loader(dataset: PretrainDataset, batch_size: int, seed: int, start_step: int = 0,
                  max_steps: int | None = None, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
-    """A DataLoader of stacked (batch_size // world_size, 3, S, S) batches, one per step."""
+                 world_size: int = 1) -> Batches:
+    """Stacked (batch_size // world_size, 3, S, S) batches, one per step."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step=start_step,
                                max_steps=max_steps, rank=rank, world_size=world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    loader = DataLoader(_Loading(dataset), batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=_collate, persistent_workers=num_workers > 0)
+    return Batches(loader, dataset)
 
 
 def build_dataset(kind: str, input_size: int, root: str | None = None, augment: bool = True,

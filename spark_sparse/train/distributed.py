@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -60,16 +61,25 @@ def context() -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_from_env() -> Context:
+def init_from_env(timeout_s: float | None = None) -> Context:
     """Join the process group torchrun describes (once; later calls just report it).
 
     A plain ``python -m`` launch, or torchrun with one process, stays single-process. One group
     serves both devices: gloo carries CPU tensors (and object collectives), NCCL CUDA tensors.
+    ``timeout_s`` bounds every collective: when a rank freezes, the others fail after that long
+    instead of waiting for good (None: PyTorch's default, 10 to 30 minutes by backend).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_active():
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=float(timeout_s))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout)
     return context()
+
+
+def is_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that gave up waiting for another rank (the process
+    group's timeout: that rank is frozen, dead or far behind)."""
+    return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
 
 
 def shutdown() -> None:
@@ -99,6 +109,15 @@ def run_on_main(fn: Callable[[], T]) -> T | None:
     if box[0] is not None:
         raise box[0]
     return result
+
+
+def any_over_ranks(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
+    if not is_active():
+        return flag
+    box = torch.tensor([int(flag)])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def gather_on_main(obj: Any) -> list[Any] | None:
@@ -255,15 +274,13 @@ def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup | None = 
 
 class SharedRunDir(Callback):
     """Hydra callback: under torchrun every process runs the hydra app; all of them take rank
-    0's run directory (``${now:...}`` can tick between processes, even between machines), and
-    only rank 0 writes the .hydra/ config record. A single process is left alone."""
+    0's run directory (``${now:...}`` can tick between processes, even between machines). A
+    single process is left alone. (Rank 0 alone writes the .hydra/ config record, in train.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ctx = init_from_env()
+        ctx = init_from_env(config.get("dist_timeout_s"))
         if not ctx.distributed:
             return
         run_dir = broadcast_from_main(str(config.hydra.run.dir) if ctx.is_main else None)
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = run_dir
-            if not ctx.is_main:
-                config.hydra.output_subdir = None

@@ -9,22 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop records past the checkpoint: those steps are about to be run again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: Any, config: dict, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            trim_metrics(self.path, resume_step)
+        self.path = run_dir / "metrics.jsonl"  # repaired by run_dir.repair_metrics before a run appends
         self.file = open(self.path, "a")
         self.wandb = None
         if cfg.kind == "wandb":

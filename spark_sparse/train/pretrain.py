@@ -10,16 +10,16 @@ run matches a single process with that batch). Rank 0 alone writes to the run di
 
 from __future__ import annotations
 
-import difflib
+import errno
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import numpy as np
-import timm
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -28,53 +28,24 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checks import ConfigError, check_resumable, validate
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves, rng_state, set_rng_state
 from .data import PretrainDataset, build_dataset, build_loader, derive_seed
 from .logger import NullLogger, RunLogger
+from .run_dir import Refused, RunDirLock, StopSignals, Stopped, repair_metrics, write_record
 from .runtime import configure_cpu
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .recipe import register_resolver
-from ..encoders.base import FAMILIES
 from ..model.spark import SparK
 from .visualize import save_reconstruction
-
-# a resumed run must be the same experiment; these may not change between the two halves
-FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
-                   "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
-
-
-# the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
-TIMM_MODULES = [family.name for family in FAMILIES]
-
-
-class ConfigError(ValueError):
-    """The configuration cannot work; raised before any data is read or model built."""
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.input_size <= 0 or cfg.input_size % 32:
-        raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
-    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
-        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
-                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
-                          f"among the {world_size} processes")
-    if cfg.epochs is None and (cfg.max_steps is None or cfg.max_steps < 1):
-        raise ConfigError("set max_steps (a positive number of steps) or epochs")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+class RunFailed(RuntimeError):
+    """The run stopped for a reason outside its config (disk full, out of memory); the message
+    says what was kept."""
 
 
 def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
@@ -83,14 +54,6 @@ def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
     max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
     return max_steps, warmup
-
-
-def check_resumable(saved: dict, cfg: DictConfig) -> None:
-    now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
-                          "start a new run directory instead")
 
 
 def seed_everything(seed: int) -> None:
@@ -110,36 +73,84 @@ def restore_rng(ckpt: dict, mask_generator: torch.Generator, seed: int, rank: in
         seed_everything(derive_seed("resume", seed, rank, ckpt["step"]))
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run (or resume) one pretraining; returns a summary with the final loss and output paths.
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (PyTorch's CPU allocator raises a RuntimeError)."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    signs = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "bad_alloc")
+    return isinstance(err, RuntimeError) and any(sign in str(err) for sign in signs)
 
-    Under torchrun each process trains on its slice of every global batch; the model is wrapped
-    in DistributedDataParallel and (with sync_bn) its batch norms see the whole global batch.
-    """
-    register_resolver()  # ${recipe:KEY}: the model's SparK recipe defaults
-    ctx = distributed.init_from_env()
-    validate(cfg, ctx.world_size)
-    run_dir = Path(run_dir)
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def open_run_dir(cfg: DictConfig, run_dir: Path, lock: RunDirLock) -> dict | None:
+    """Judge the run directory under its lock and return the checkpoint to resume from (None
+    for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
+    leftovers of a killed predecessor (partial saves, a torn or repeated metrics log) are mended."""
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-
-    def open_run_dir() -> dict | None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
         if cfg.resume and not ckpt_path.exists():
             raise ConfigError(f"resume=true but there is no checkpoint at {ckpt_path}; "
                               "pass the earlier run's directory with hydra.run.dir=...")
         if not cfg.resume and ckpt_path.exists():
             raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
                               "it or choose another hydra.run.dir")
-        if not cfg.resume:
-            return None
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt["config"], cfg)
-        return ckpt
+        ckpt = None
+        if cfg.resume:
+            try:
+                ckpt = load_checkpoint(ckpt_path)
+            except CheckpointError as err:
+                raise Refused(f"cannot resume: {err}; start a new run directory") from None
+            check_resumable(ckpt["config"], cfg)
+    except BaseException:
+        lock.release()
+        raise
+    lock.claim()
+    write_record(run_dir, cfg)
+    for leftover in partial_saves(ckpt_path) + partial_saves(run_dir / "encoder_timm.pth"):
+        leftover.unlink()
+        print(f"note: removed {leftover}, left by a run killed while saving")
+    note = repair_metrics(run_dir / "metrics.jsonl", ckpt["step"] if ckpt else 0)
+    if note:
+        print(f"note: {note}")
+    return ckpt
 
-    # rank 0 judges the run directory; a refusal stops every rank with the same error
-    ckpt = distributed.run_on_main(open_run_dir)
-    if cfg.resume and not ctx.is_main:
-        ckpt = load_checkpoint(ckpt_path)  # several machines: the run directory must be shared
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) one pretraining; returns a summary with the final loss and output paths.
+
+    Under torchrun each process trains on its slice of every global batch; the model is wrapped
+    in DistributedDataParallel and (with sync_bn) its batch norms see the whole global batch.
+    A first SIGINT/SIGTERM saves a checkpoint after the current step and raises Stopped.
+    """
+    register_resolver()  # ${recipe:KEY}: the model's SparK recipe defaults
+    ctx = distributed.init_from_env(cfg.dist_timeout_s)
+    validate(cfg, ctx.world_size)
+    run_dir = Path(run_dir)
+    # every rank lists the data and decodes a first image: bad data stops all ranks alike, and
+    # before the run directory is touched
+    dataset = build_dataset(cfg.data.kind, cfg.input_size, root=cfg.data.root, scale=tuple(cfg.data.scale))
+    dataset.check_readable()
+    lock = RunDirLock(run_dir)
+    with StopSignals() as stops:
+        try:
+            # rank 0 judges the run directory; a refusal stops every rank with the same error
+            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, run_dir, lock))
+            if cfg.resume and not ctx.is_main:
+                ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")  # a shared run directory
+            return _fit(cfg, run_dir, ctx, dataset, ckpt, stops)
+        finally:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: PretrainDataset,
+         ckpt: dict | None, stops: StopSignals) -> dict:
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
     configure_cpu(cfg.threads)
     # per-rank global RNGs (drop-path differs between ranks); the model's initial weights are
     # rank 0's anyway: DistributedDataParallel broadcasts them
@@ -148,7 +159,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    dataset = build_dataset(cfg.data.kind, cfg.input_size, root=cfg.data.root, scale=tuple(cfg.data.scale))
     max_steps, warmup = plan(cfg, len(dataset))
     model = SparK.from_config(cfg).to(device)
     if ctx.distributed and cfg.sync_bn:
@@ -178,21 +188,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
               if ctx.is_main else NullLogger())
+    last_saved = step if cfg.resume else None
+
+    def kept() -> str:
+        return (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved is not None
+                else "no checkpoint was written")
+
+    def write(obj: object, path: Path, what: str) -> None:
+        try:
+            atomic_save(obj, path)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RunFailed(f"disk full while saving {what}: {kept()}; free some space and "
+                            "continue with resume=true") from None
 
     def save(at: int) -> None:
+        nonlocal last_saved
         states = distributed.gather_on_main(rng_state(model.generator))  # a collective: all ranks
-        if not ctx.is_main:
-            return
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": at, "max_steps": max_steps, "rng": states[0], "config": config}
-        if ctx.distributed:
-            ckpt["rng_per_rank"] = states
-        atomic_save(ckpt, ckpt_path)
-
-    if ctx.is_main:
-        plain = PretrainDataset(dataset.paths, cfg.input_size, augment=False)
-        vis_batch = torch.stack([plain[(i, 0)] for i in range(min(cfg.vis_images, len(plain)))]).to(device)
+        if ctx.is_main:
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "step": at, "max_steps": max_steps, "rng": states[0], "config": config}
+            if ctx.distributed:
+                ckpt["rng_per_rank"] = states
+            write(ckpt, ckpt_path, f"the step-{at} checkpoint")
+        last_saved = at
 
     def picture(at: int) -> Path:
         path = run_dir / f"reconstruction_step{at:06d}.png"
@@ -206,10 +227,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                           num_workers=cfg.data.num_workers, rank=ctx.rank, world_size=ctx.world_size)
     bar = tqdm(total=max_steps, initial=step, desc=f"SparK {cfg.model}", dynamic_ncols=True,
                mininterval=1.0, disable=not ctx.is_main)
-    last_saved, loss_value, pic = step, float("nan"), None
+    loss_value, pic = float("nan"), None
     export = run_dir / "encoder_timm.pth"
     net.train()
     try:
+        if ctx.is_main:
+            plain = PretrainDataset(dataset.paths, cfg.input_size, augment=False)
+            vis_batch = torch.stack([plain[(i, 0)] for i in range(min(cfg.vis_images, len(plain)))]).to(device)
         for images in loader:
             start = time.perf_counter()
             images = images.to(device, non_blocking=True)
@@ -229,7 +253,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 raise TrainingDiverged(
                     f"loss {loss_value} / gradient norm {grad_norm.item()} at step {step + 1}: training "
-                    f"stopped; the last good checkpoint is {ckpt_path} (step {last_saved})")
+                    f"stopped; {kept()}")
             optimizer.step()
             step += 1
             ips = images.shape[0] * ctx.world_size / (time.perf_counter() - start)
@@ -240,16 +264,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 logger.log({"step": step, "loss": loss_value, "lr": lr, "weight_decay": wd,
                             "grad_norm": grad_norm.item(), "images_per_s": ips,
                             "epoch": step * cfg.batch_size / len(dataset)})
+            # every rank stops at the same step: save() is a collective
+            if distributed.any_over_ranks(stops.requested is not None) and step < max_steps:
+                if last_saved != step:
+                    save(step)
+                raise Stopped(stops.requested or "SIGTERM", step)
             if step % cfg.save_every == 0 and step < max_steps:
                 save(step)
-                last_saved = step
             if step % cfg.vis_every == 0 and step < max_steps:
                 picture(step)
         save(step)
         if ctx.is_main:
-            atomic_save(model.encoder.timm_state_dict(), export)
+            write(model.encoder.timm_state_dict(), export, "the timm encoder")
         pic = picture(step)
         distributed.barrier()  # every rank returns once the outputs exist
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RunFailed(f"out of memory at input_size={cfg.input_size}, batch_size={cfg.batch_size} "
+                        f"({cfg.model}, {ctx.world_size} process(es)): {first_line(err)}; a smaller "
+                        f"input_size or batch_size needs less; {kept()}") from None
     finally:
         bar.close()
         logger.close()
@@ -262,22 +296,50 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+def resume_command(run_dir: Path, distributed_run: bool) -> str:
+    """The command line that continues ``run_dir``: this one, with resume=true and its directory."""
+    if distributed_run:
+        return f"the same torchrun command with resume=true hydra.run.dir={run_dir}"
+    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "-m", "spark_sparse.pretrain", *keep, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
 @hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     # under torchrun the SharedRunDir callback (conf/pretrain.yaml) has joined the process group
     # and given every rank rank 0's run directory
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    ctx = distributed.init_from_env()
+    ctx = distributed.init_from_env(cfg.get("dist_timeout_s"))
+    prefix = f"rank {ctx.rank}: " if ctx.distributed else ""
     try:
         summary = train(cfg, run_dir)
-    except (ConfigError, TrainingDiverged, FileNotFoundError, ValueError) as err:
-        # configuration errors and divergence strike every rank alike: rank 0 speaks for all
-        if ctx.is_main or not isinstance(err, (ConfigError, TrainingDiverged)):
-            prefix = f"rank {ctx.rank}: " if ctx.distributed else ""
+    except Stopped as stop:
+        if ctx.is_main:
+            how = resume_command(run_dir, ctx.distributed)
+            if stop.step is not None:
+                print(f"stopped by {stop.signame} at step {stop.step}, checkpoint saved; continue with: {how}",
+                      file=sys.stderr)
+            elif (run_dir / "checkpoints" / "last.pt").exists():
+                print(f"stopped at once by a second {stop.signame}; the last checkpoint is kept, "
+                      f"continue with: {how}", file=sys.stderr)
+            else:
+                print(f"stopped at once by a second {stop.signame}, before any checkpoint", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    except (Refused, TrainingDiverged, RunFailed, FileNotFoundError, ValueError) as err:
+        # refusals and divergence strike every rank alike: rank 0 speaks for all
+        if ctx.is_main or not isinstance(err, (Refused, TrainingDiverged)):
             print(f"{prefix}error: {err}", file=sys.stderr)
+        if ctx.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # hydra made it for a command refused before any write: leave no trace
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # an ordinary exception fails this job only: the sweep's other settings still run
             raise RuntimeError(f"run {run_dir} failed: {err}") from None
+        raise SystemExit(1) from None
+    except RuntimeError as err:
+        if not (ctx.distributed and distributed.is_timeout(err)):
+            raise
+        print(f"{prefix}error: another rank did not answer within dist_timeout_s={cfg.dist_timeout_s} "
+              f"(frozen or dead?); the last checkpoint is kept ({first_line(err)})", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         distributed.shutdown()

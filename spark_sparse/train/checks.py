@@ -1,0 +1,92 @@
+"""What a pretraining config must satisfy, checked before any data is read or anything written."""
+
+from __future__ import annotations
+
+import difflib
+import netrc
+import os
+
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..encoders.base import FAMILIES
+from .run_dir import Refused
+
+# the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
+TIMM_MODULES = [family.name for family in FAMILIES]
+
+# a resumed run must be the same experiment; these may not change between the two halves
+FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
+                   "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
+
+
+class ConfigError(Refused):
+    """The configuration cannot work; raised before any data is read or model built."""
+
+
+def hidden_patches(input_size: int, mask_ratio: float, stride: int = 32) -> int:
+    """How many patches of each image the mask hides (what spark_sparse.mask.random_active keeps)."""
+    patches = (input_size // stride) ** 2
+    return patches - max(1, round(patches * (1.0 - mask_ratio)))
+
+
+def _wandb_key_present() -> bool:
+    """Whether wandb can log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1].split("/")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host.split(":")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"{', '.join(missing)} must be set (add {example} to the command line)")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.input_size <= 0 or cfg.input_size % 32:
+        raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
+    if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
+        raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
+                          f"{(cfg.input_size // 32) ** 2} patch(es) of an image: with nothing to "
+                          "reconstruct the loss is always 0; raise mask_ratio or input_size")
+    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
+        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
+        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
+                          f"among the {world_size} processes")
+    if cfg.epochs is None and (cfg.max_steps is None or cfg.max_steps < 1):
+        raise ConfigError("set max_steps (a positive number of steps) or epochs")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise ConfigError(f"epochs must be positive (or null to use max_steps), got {cfg.epochs}")
+    for key in ("log_every", "save_every", "vis_every", "vis_images"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be at least 1 (or null for PyTorch's default), got {cfg.threads}")
+    if not cfg.dist_timeout_s > 0:
+        raise ConfigError(f"dist_timeout_s must be positive, got {cfg.dist_timeout_s}")
+    if cfg.logger.kind == "wandb" and cfg.logger.mode == "online" and not _wandb_key_present():
+        raise ConfigError("logger.mode=online needs a wandb API key (run `wandb login` or set "
+                          "WANDB_API_KEY); logger.mode=offline logs without one")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+
+
+def check_resumable(saved: dict, cfg: DictConfig) -> None:
+    now = OmegaConf.to_container(cfg, resolve=True)
+    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
+                          "start a new run directory instead")
