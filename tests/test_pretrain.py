@@ -20,6 +20,7 @@ TINY = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "
 
 
 def config(*overrides: str):
+    pretrain.register_resolver()  # ${recipe:KEY} in conf/pretrain.yaml
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("pretrain", overrides=TINY + list(overrides))
 

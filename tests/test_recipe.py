@@ -23,7 +23,6 @@ from .test_pretrain import config
     ("convnextv2_base", 0.3, "ln", [0.9, 0.999]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
-    pretrain.register_resolver()
     cfg = config(f"model={model}")
     assert cfg.drop_path_rate == drop_path
     assert cfg.decoder.densify_norm == norm
@@ -31,7 +30,6 @@ def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
 
 
 def test_the_command_line_wins_over_the_recipe():
-    pretrain.register_resolver()
     cfg = config("model=convnext_small", "drop_path_rate=0.1", "decoder.densify_norm=bn", "optim.betas=[0.9,0.95]")
     assert (cfg.drop_path_rate, cfg.decoder.densify_norm, list(cfg.optim.betas)) == (0.1, "bn", [0.9, 0.95])
 

@@ -1,10 +1,14 @@
-"""Weights move both ways between an ordinary timm ResNet and the encoders, losslessly."""
+"""Weights move both ways between an ordinary timm model and the encoders, losslessly; encoders
+copy and pickle; what cannot be converted is refused by name and path."""
+
+import copy
+import pickle
 
 import pytest
 import timm
 import torch
 
-from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder
+from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder, random_active
 from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
 
@@ -85,3 +89,18 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
     # the classifier head's norm is kept for strict loading, but is no parameter to train
     assert "head.norm.weight" in enc.timm_state_dict()
     assert not any(name.startswith("body.head") for name, _ in enc.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+def test_encoders_deep_copy_and_pickle_to_the_same_function(name, engine):
+    # EMA teachers and whole-module checkpoints copy or pickle the encoder
+    encoder = engine.from_timm(randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))).eval()
+    images, active = torch.randn(2, 3, 64, 96), random_active(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = encoder.dense_features(images, active)
+        for twin in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
+            for got, w in zip(twin.dense_features(images, active), want):
+                assert torch.equal(got, w)
+            twin.train()
+            twin.dense_features(images, active)  # a copy also trains

@@ -149,6 +149,28 @@ class PatchConvolution(ME.MinkowskiConvolution):
 
     tile_min_sites = 8
 
+    # MinkowskiEngine keeps its convolution's settings in __slots__, which nn.Module's pickling
+    # (its __dict__) leaves out: copies and unpickled modules would have no kernel generator.
+    # They travel as constructor arguments and are rebuilt (ME's own forward, unused here, is not).
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        kernel = self.kernel_generator
+        state["_me_settings"] = dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                                     kernel_size=int(kernel.kernel_size[0]), stride=int(kernel.kernel_stride[0]),
+                                     dimension=self.dimension)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        settings = state.pop("_me_settings")
+        super().__setstate__(state)
+        kernel = ME.KernelGenerator(kernel_size=settings["kernel_size"], stride=settings["stride"],
+                                    dilation=1, dimension=settings["dimension"])
+        self.in_channels, self.out_channels = settings["in_channels"], settings["out_channels"]
+        self.is_transpose, self.dimension, self.kernel_generator = False, settings["dimension"], kernel
+        self.use_mm = kernel.kernel_volume == 1 and kernel.requires_strided_coordinates
+        if "bias" not in self._parameters:
+            self.bias = None
+
     def uses_tiles(self, sites_per_side: int) -> bool:
         """Whether a k x k convolution over blocks of ``sites_per_side`` runs on tiles."""
         return int(self.kernel_generator.kernel_size[0]) > 1 and sites_per_side >= self.tile_min_sites

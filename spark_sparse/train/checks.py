@@ -43,6 +43,11 @@ def _wandb_key_present() -> bool:
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    # the model first: the other keys' defaults come from its recipe
+    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
+        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
+        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
@@ -55,10 +60,6 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
                           f"{(cfg.input_size // 32) ** 2} patch(es) of an image: with nothing to "
                           "reconstruct the loss is always 0; raise mask_ratio or input_size")
-    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
-        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
-                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
     if cfg.batch_size % world_size:
