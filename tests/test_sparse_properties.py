@@ -1,0 +1,67 @@
+"""What "genuinely sparse" means, as properties of every family's sparse encoder.
+
+* Canvas invariance: an image embedded (on the 32-pixel grid) in a larger canvas whose extra
+  patches are all hidden gives the same features at its sites. A dense global statistic over
+  masked zeros, or any leak of the hidden area, would break it.
+* Batch independence (eval mode): an image's features do not depend on the other images.
+  ConvNeXt-V2's own sparse GRN, with statistics over the whole batch, would break it.
+"""
+
+import pytest
+import timm
+import torch
+
+from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
+
+from .conftest import randomise_norms
+
+MODELS = ["resnet18", "convnext_atto", "convnextv2_atto"]
+ENGINES = [SparseEncoder, MaskedDenseEncoder]
+
+
+def encoder(engine, name: str, train: bool):
+    torch.manual_seed(0)
+    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
+    return engine.from_timm(model).double().train(train)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("name", MODELS)
+def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(name, engine, train):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 96, generator=g, dtype=torch.float64)
+    active = random_active(2, (2, 3), 0.5, g)
+    canvas = torch.randn(2, 3, 160, 192, generator=g, dtype=torch.float64)  # hidden: anything
+    canvas[:, :, 64:128, 32:128] = images
+    canvas_active = torch.zeros(2, 1, 5, 6, dtype=torch.bool)
+    canvas_active[:, :, 2:4, 1:4] = active
+    enc = encoder(engine, name, train)
+    with torch.no_grad():
+        alone = enc.dense_features(images, active)
+        embedded = enc.dense_features(canvas, canvas_active)
+    for stride, a, e in zip(enc.strides, alone, embedded):
+        crop = e[:, :, 64 // stride:128 // stride, 32 // stride:128 // stride]
+        assert rel_err(crop, a) < 1e-12, f"stride {stride}"
+        rest = e.clone()
+        rest[:, :, 64 // stride:128 // stride, 32 // stride:128 // stride] = 0
+        assert torch.all(rest == 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("name", MODELS)
+def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(name, engine):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    enc = encoder(engine, name, train=False)
+    with torch.no_grad():
+        with_one = enc.dense_features(images[[0, 1]], active[[0, 1]])
+        with_other = enc.dense_features(images[[0, 2]], active[[0, 2]])
+        alone = enc.dense_features(images[:1], active[:1])
+    for a, b, c in zip(with_one, with_other, alone):
+        assert rel_err(a[0], c[0]) < 1e-12 and rel_err(b[0], c[0]) < 1e-12
