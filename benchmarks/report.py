@@ -82,13 +82,14 @@ def write_markdown(records: list[Record], path: Path) -> str:
     if summary:
         table = f"{summary}\n\nAll passes:\n\n{table}"
     first = records[0]
+    convs = ", ".join(sorted({f"'{c}'" for r in records for c in r["sparse_conv"].split("+") if c}))
     settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "
                 f"torch {first['torch']}, MinkowskiEngine {first['minkowski_engine']}, "
-                f"sparse convolution '{first['sparse_conv']}'; "
+                f"sparse convolutions {convs}; "
                 f"input {first['input_size']}, median of {first['repeats']} repeats after "
                 f"{first['warmup']} warm-up, engines interleaved, same weights and masks.")
     notes = ("speed-up = sparse img/s / dense-masked img/s; FLOPs ratio = exact sparse / dense forward "
-             "FLOPs (convolutions; train_step adds the dense densify+decoder to both); peak memory = "
+             "FLOPs (convolutions and linear layers; train_step adds the dense densify+decoder to both); peak memory = "
              f"growth during one pass ({first['mem_method']}).")
     path.write_text(f"# Sparse vs dense-masked SparK\n\n{settings}\n\n{notes}\n\n{table}\n")
     return table
