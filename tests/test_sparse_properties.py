@@ -2,7 +2,8 @@
 
 * Canvas invariance: an image embedded (on the 32-pixel grid) in a larger canvas whose extra
   patches are all hidden gives the same features at its sites. A dense global statistic over
-  masked zeros, or any leak of the hidden area, would break it.
+  masked zeros (a squeeze-excitation mean over the whole map), or any leak of the hidden area,
+  would break it.
 * Batch independence (eval mode): an image's features do not depend on the other images.
   ConvNeXt-V2's own sparse GRN, with statistics over the whole batch, would break it.
 """
@@ -15,7 +16,7 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 from .conftest import randomise_norms
 
-MODELS = ["resnet18", "convnext_atto", "convnextv2_atto"]
+MODELS = ["resnet18", "seresnet18", "convnext_atto", "convnextv2_atto"]
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 

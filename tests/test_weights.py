@@ -15,7 +15,7 @@ from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
 from .conftest import randomise_norms
 
 ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
-              "resnet200", "resnet50d", "resnet26d", "resnet18d",
+              "resnet200", "resnet50d", "resnet26d", "resnet18d", "seresnet50", "ecaresnet50d",
               "convnext_atto", "convnext_tiny", "convnext_small", "convnext_tiny_hnf", "convnext_atto_ols",
               "convnextv2_atto", "convnextv2_nano"]
 
@@ -53,8 +53,11 @@ def test_encoder_reports_stage_channels():
 
 
 def test_unconvertible_module_is_named_with_its_path():
-    model = timm.create_model("seresnet18", pretrained=False, num_classes=0)
-    with pytest.raises(ConversionError, match=r"layer1\.0\.se"):
+    model = timm.create_model("resnetblur18", pretrained=False, num_classes=0)  # anti-aliased pooling
+    with pytest.raises(ConversionError, match=r"cannot convert MaxPool2d at 'maxpool\.0': kernel 3, stride 1"):
+        SparseEncoder.from_timm(model)
+    model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=0)
+    with pytest.raises(ConversionError, match=r"'layer1\.0\.conv2': grouped convolution \(32 groups\)"):
         SparseEncoder.from_timm(model)
     with pytest.raises(ConversionError, match="expected a timm model of a supported family"):
         SparseEncoder.from_timm(torch.nn.Conv2d(3, 3, 3))

@@ -22,6 +22,7 @@ from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
 from ..mask import upsample_active
+from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import LayerScale, unsupported
 
@@ -107,6 +108,15 @@ class MaskedLayerScale(nn.Module):
         return inp._replace(x=inp.x * gamma.view(1, -1, 1, 1))
 
 
+class MaskedChannelAttention(ChannelAttention):
+    """SE/ECA with each image's mean over its visible positions, not over the whole map."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x, vis = inp.clean().x, inp.visible()
+        pooled = x.sum((2, 3)) / vis.sum((2, 3)).to(x.dtype)
+        return MaskedTensor(x * self.gates(pooled)[:, :, None, None], inp.active)
+
+
 def _scatter(like: Tensor, where: Tensor, rows: Tensor) -> Tensor:
     out = like.new_zeros(like.shape[:-1] + (rows.shape[-1],))
     return out.index_put(where.nonzero(as_tuple=True), rows)
@@ -166,6 +176,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGlobalResponseNorm(module)
     if type(module) is LayerScale:
         return MaskedLayerScale()
+    if type(module) in ATTENTION:
+        return MaskedChannelAttention(module, path)
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):

@@ -1,4 +1,5 @@
-"""The ResNet family (timm ``ResNet``: BasicBlock and Bottleneck, deep stems, avg-down)."""
+"""The ResNet family (timm ``ResNet``: BasicBlock and Bottleneck, deep stems, avg-down,
+squeeze-excitation and efficient channel attention)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ class _MirrorBlock(nn.Module):
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
-        reject_extras(block, path, ("se", "drop_block", "aa"))
+        reject_extras(block, path, ("drop_block", "aa"))
         for name in self.leaves:
             setattr(self, name, convert.leaf(getattr(block, name), f"{path}.{name}"))
+        self.se = None if block.se is None else convert.leaf(block.se, f"{path}.se")
         self.downsample = convert(block.downsample, f"{path}.downsample")
         self.drop_path = convert(block.drop_path, f"{path}.drop_path")
 
     def residual(self, x, shortcut):
+        if self.se is not None:
+            x = self.se(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
         return x + shortcut

@@ -19,9 +19,11 @@ from torch import Tensor, nn
 
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
-from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
-                              SparseLayerNorm, SparseLayerScale, SparseLinear)
+from ..sparse.patch_sites import PatchSites
+from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm, SparseLayerNorm,
+                              SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
+from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import LayerScale, unsupported
 
@@ -108,6 +110,17 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
+class SparseChannelAttention(ChannelAttention):
+    """SE/ECA: each image's mean over its visible rows, a gate per image and channel."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites, image = PatchSites.of(x), image_of_rows(x)
+        sums = x.F.new_zeros(sites.batch, x.F.shape[1]).index_add_(0, image, x.F)
+        counts = torch.bincount(image, minlength=sites.batch).clamp_min(1).to(x.F.dtype)
+        gates = self.gates(sums / counts[:, None])
+        return with_features(x, x.F * gates.index_select(0, image))
+
+
 def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
     sparse = SparseLayerNorm(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None)
     return _copy_weights(norm, sparse)
@@ -135,6 +148,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _copy_weights(module, SparseGlobalResponseNorm(module.weight.shape[0], module.eps))
     if kind is LayerScale:
         return SparseLayerScale()
+    if kind in ATTENTION:
+        return SparseChannelAttention(module, path)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
     if kind is DropPath:
@@ -170,7 +185,11 @@ class SparseEncoder(Encoder):
         return to_dense(feature, batch, size)
 
     def timm_key(self, key: str) -> str:
-        key = super().timm_key(key).replace(".bn.", ".")
+        module, _, name = key.rpartition(".")
+        # MinkowskiBatchNorm keeps its tensors in an inner `.bn`; timm's norm holds them itself
+        if module.endswith(".bn") and isinstance(self.get_submodule(module[:-3]), ME.MinkowskiBatchNorm):
+            key = f"{module[:-3]}.{name}"
+        key = super().timm_key(key)
         return key[: -len("kernel")] + "weight" if key.endswith(".kernel") else key
 
     def tensor_to_timm(self, key: str, value: Tensor) -> Tensor:

@@ -1,0 +1,44 @@
+"""Channel attention (squeeze-excitation, efficient channel attention) on visible sites only.
+
+timm's modules squeeze each image by its global mean; over a masked image that mean would count
+the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
+each image's over its visible sites, in both engines: they compute the pooled vector their own
+way and share the gate (``ChannelAttention.gates``), which keeps timm's sub-modules and names.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from timm.layers import EcaModule, SEModule
+from torch import Tensor, nn
+
+from .family import unsupported
+
+ATTENTION = (SEModule, EcaModule)
+
+
+class ChannelAttention(nn.Module):
+    """The gate of a timm SEModule or EcaModule, applied to a pooled (B, C) vector."""
+
+    def __init__(self, module: nn.Module, path: str):
+        super().__init__()
+        if type(module) not in ATTENTION:
+            raise unsupported(module, path)
+        if getattr(module, "add_maxpool", False):
+            raise unsupported(module, path, "add_maxpool (a max over visible sites is not mirrored)")
+        self.kind = "se" if type(module) is SEModule else "eca"
+        for name, child in module.named_children():  # timm's names: weights map one-to-one
+            self.add_module(name, copy.deepcopy(child))
+        if self.kind == "eca":
+            self.conv2 = copy.deepcopy(module.conv2)
+
+    def gates(self, pooled: Tensor) -> Tensor:
+        """(B, C) visible means -> (B, C) gates."""
+        if self.kind == "se":
+            y = self.fc2(self.act(self.bn(self.fc1(pooled[:, :, None, None]))))
+            return self.gate(y).flatten(1)
+        y = self.conv(pooled[:, None, :])
+        if self.conv2 is not None:
+            y = self.conv2(self.act(y))
+        return self.gate(y).flatten(1)
