@@ -135,11 +135,13 @@ def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, nam
 RESNET_VARIANTS = {
     "squeeze-excitation": "seresnet50",
     "efficient channel attention, tiered deep stem, avg-down": "ecaresnet26t",
+    "grouped convolutions (ResNeXt)": "resnext50_32x4d",
+    "grouped convolutions and squeeze-excitation": "seresnext26d_32x4d",
 }
 
 
 @pytest.mark.parametrize("variant", RESNET_VARIANTS)
-def test_channel_attention_resnets_equal_dense_masked_and_plain_timm(variant):
+def test_resnet_variants_equal_dense_masked_and_plain_timm(variant):
     # the squeeze is each image's mean over its visible sites: equal to timm's at mask 0
     torch.manual_seed(0)
     model = randomise_norms(timm.create_model(RESNET_VARIANTS[variant], pretrained=False, num_classes=0))

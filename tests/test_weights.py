@@ -16,6 +16,7 @@ from .conftest import randomise_norms
 
 ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
               "resnet200", "resnet50d", "resnet26d", "resnet18d", "seresnet50", "ecaresnet50d",
+              "resnext50_32x4d", "seresnext26d_32x4d",
               "convnext_atto", "convnext_tiny", "convnext_small", "convnext_tiny_hnf", "convnext_atto_ols",
               "convnextv2_atto", "convnextv2_nano"]
 
@@ -57,8 +58,8 @@ def test_unconvertible_module_is_named_with_its_path():
     with pytest.raises(ConversionError, match=r"cannot convert MaxPool2d at 'maxpool\.0': kernel 3, stride 1"):
         SparseEncoder.from_timm(model)
     model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=0)
-    with pytest.raises(ConversionError, match=r"'layer1\.0\.conv2': grouped convolution \(32 groups\)"):
-        SparseEncoder.from_timm(model)
+    with pytest.raises(ConversionError, match=r"'layer1\.0\.conv2': grouped convolution \(32 groups\) with conv='minkowski'"):
+        SparseEncoder.from_timm(model, conv="minkowski")
     with pytest.raises(ConversionError, match="expected a timm model of a supported family"):
         SparseEncoder.from_timm(torch.nn.Conv2d(3, 3, 3))
     with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'"):

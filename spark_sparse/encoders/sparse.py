@@ -18,6 +18,7 @@ from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
 from ..sparse.depthwise import DepthwiseConvolution
+from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm, SparseLayerNorm,
@@ -68,7 +69,11 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
         return _copy_weights(conv, DepthwiseConvolution(conv.out_channels, kh, bias))
     if conv.groups != 1:
-        raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups)")
+        if impl == "minkowski" or not centred:
+            raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
+                                          f"kernel {kh}, padding {ph}")
+        grouped = GroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias)
+        return _copy_weights(conv, grouped)
     if kh == sh > 1 and ph == 0:  # non-overlapping windows inside one visible block
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")

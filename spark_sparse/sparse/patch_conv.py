@@ -50,10 +50,10 @@ class TileConv(torch.autograd.Function):
     keeping them (a tile is up to 2.25 times its patch's rows)."""
 
     @staticmethod
-    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, stride: int) -> Tensor:
+    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, stride: int, groups: int = 1) -> Tensor:
         ctx.save_for_backward(feats, weight)
-        ctx.tile, ctx.stride = tile, stride
-        return tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride))
+        ctx.tile, ctx.stride, ctx.groups = tile, stride, groups
+        return tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride, groups=groups))
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
@@ -64,9 +64,9 @@ class TileConv(torch.autograd.Function):
         need_feats, need_weight = ctx.needs_input_grad[:2]
         grad_tiles, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_out, gather_tiles(feats, tile), weight, None, [stride, stride], [0, 0], [1, 1],
-            False, [0, 0], 1, [need_feats, need_weight, False])
+            False, [0, 0], ctx.groups, [need_feats, need_weight, False])
         grad_feats = scatter_tiles(grad_tiles, tile) if need_feats else None
-        return grad_feats, grad_weight, None, None
+        return grad_feats, grad_weight, None, None, None
 
 
 class TileMaxPool(torch.autograd.Function):

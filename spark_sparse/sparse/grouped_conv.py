@@ -1,0 +1,92 @@
+"""Grouped sparse convolution (ResNeXt's 3x3) over mask-aligned visible blocks.
+
+The same two exact paths as patch_conv.py's ``PatchConvolution``: tiles for blocks of 8x8 sites
+and more (one grouped oneDNN convolution over all tiles), offset GEMMs below (per kernel offset,
+one batched matrix product per group over the present pairs only). Parameters keep timm's layout
+(``weight`` (C_out, C_in / groups, k, k), ``bias``): MinkowskiEngine has no grouped kernel.
+"""
+
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+import torch
+from torch import Tensor, nn
+
+from .patch_conv import TileConv
+from .patch_sites import OffsetPairs, PatchSites, tile_geometry
+
+
+def _rows(t: Tensor, index: Tensor | None) -> Tensor:
+    return t if index is None else t.index_select(0, index)
+
+
+class GroupedOffsetGemm(torch.autograd.Function):
+    """Per kernel offset: (n, G, C_in/G) rows times (G, C_in/G, C_out/G) weights, summed onto the
+    present output rows."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, kernel: Tensor, pairs: list[OffsetPairs], n_out: int) -> Tensor:
+        # kernel: (K, G, C_in/G, C_out/G)
+        ctx.save_for_backward(feats, kernel)
+        ctx.pairs = pairs
+        g, c_in, c_out = kernel.shape[1:]
+        out = feats.new_zeros(n_out, g * c_out)
+        for k, o, i in pairs:
+            y = torch.bmm(_rows(feats, i).view(-1, g, c_in).transpose(0, 1), kernel[k])  # (G, n, c_out)
+            y = y.transpose(0, 1).reshape(-1, g * c_out)
+            out = out.add_(y) if o is None else out.index_add_(0, o, y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        feats, kernel = ctx.saved_tensors
+        g, c_in, c_out = kernel.shape[1:]
+        grad_out = grad_out.contiguous()
+        need_feats, need_kernel = ctx.needs_input_grad[:2]
+        grad_feats = torch.zeros_like(feats) if need_feats else None
+        grad_kernel = torch.zeros_like(kernel) if need_kernel else None
+        for k, o, i in ctx.pairs:
+            go = _rows(grad_out, o).view(-1, g, c_out).transpose(0, 1)  # (G, n, c_out)
+            if need_kernel:
+                x = _rows(feats, i).view(-1, g, c_in).transpose(0, 1)  # (G, n, c_in)
+                grad_kernel[k] = torch.bmm(x.transpose(1, 2), go)
+            if need_feats:
+                gx = torch.bmm(go, kernel[k].transpose(1, 2)).transpose(0, 1).reshape(-1, g * c_in)
+                grad_feats = grad_feats.add_(gx) if i is None else grad_feats.index_add_(0, i, gx)
+        return grad_feats, grad_kernel, None, None
+
+
+class GroupedConvolution(nn.Module):
+    """A grouped k x k (odd k, centred) submanifold or strided convolution."""
+
+    tile_min_sites = 8
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
+                 bias: bool = False):
+        super().__init__()
+        self.stride, self.groups = stride, groups
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites = PatchSites.of(x)
+        c_out, c_in_g, k, _ = self.weight.shape
+        in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
+        s = sites.sites_per_side(in_stride)
+        if s >= self.tile_min_sites:
+            tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride))
+            out = TileConv.apply(x.F, self.weight, tile, self.stride, self.groups)
+        else:
+            # (C_out, C_in/G, kh, kw) -> (K, G, C_in/G, C_out/G) in MinkowskiEngine's offset order
+            g = self.groups
+            kernel = self.weight.view(g, c_out // g, c_in_g, k, k).permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)
+            out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride), sites.num_rows(out_stride))
+        if self.bias is not None:
+            out = out + self.bias
+        if self.stride == 1:
+            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+        return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)
+
+    def extra_repr(self) -> str:
+        c_out, c_in_g, k, _ = self.weight.shape
+        return f"{c_in_g * self.groups}, {c_out}, kernel_size={k}, stride={self.stride}, groups={self.groups}"
