@@ -16,6 +16,9 @@ from .test_pretrain import config
 @pytest.mark.parametrize("model, drop_path, norm, betas", [
     ("resnet18", 0.0, "bn", [0.9, 0.95]),
     ("resnet50", 0.05, "bn", [0.9, 0.95]),
+    ("resnext50_32x4d", 0.0, "bn", [0.9, 0.95]),  # the family's entry: timm's resnet module
+    ("seresnet50", 0.0, "bn", [0.9, 0.95]),
+    ("wide_resnet50_2", 0.0, "bn", [0.9, 0.95]),
     ("convnext_tiny", 0.0, "ln", [0.9, 0.999]),
     ("convnext_small", 0.2, "ln", [0.9, 0.999]),
     ("convnext_base", 0.3, "ln", [0.9, 0.999]),

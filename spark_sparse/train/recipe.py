@@ -1,7 +1,8 @@
 """Per-model defaults of the official SparK recipes (conf/recipe/spark.yaml) as ``${recipe:KEY}``.
 
 A config interpolates ``${recipe:drop_path_rate}`` and gets the value for its ``model``: the
-entry of ``recipe`` whose name is the longest prefix of the model name and sets the key.
+entry of ``recipe`` whose name is the longest prefix of the model name and sets the key, else
+the entry named after the model's timm module (its family).
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+import timm
 from omegaconf import OmegaConf
 
 RECIPE_FILE = Path(__file__).resolve().parents[2] / "conf" / "recipe" / "spark.yaml"
 
 
 def recipe_value(recipes: Mapping, model: str, key: str) -> Any:
-    for name in sorted((n for n in recipes if model.startswith(n)), key=len, reverse=True):
+    """Entries named by a prefix of the model name, longest first, then the entry of the model's
+    timm module (its family: ``resnet`` also holds resnext, seresnet, ...)."""
+    names = sorted((n for n in recipes if model.startswith(n)), key=len, reverse=True)
+    names += [n for n in recipes if n not in names and timm.is_model(model)
+              and timm.models.is_model_in_modules(model, [n])]
+    for name in names:
         if key in recipes[name]:
             return recipes[name][key]
     raise KeyError(f"the SparK recipe has no '{key}' for model '{model}'; set {key} explicitly")
