@@ -85,9 +85,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
 
 
-def check_resumable(saved: dict, cfg: DictConfig) -> None:
+def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...] = FIXED_ON_RESUME) -> None:
+    """Refuse to resume a run whose ``fixed`` keys differ from the checkpoint's config."""
     now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
+    changed = [k for k in fixed if saved.get(k) != now.get(k)]
     if changed:
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
                           "start a new run directory instead")
