@@ -30,8 +30,8 @@ from .runtime import configure_cpu
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .recipe import register_resolver
 from ..model.spark import SparK
-from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, first_line, is_out_of_memory,
-                      open_run_dir, run_app, seed_everything)
+from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
+                      out_of_memory, run_app, seed_everything)
 from .visualize import save_reconstruction
 
 __all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "main", "plan", "train", "validate"]
@@ -203,9 +203,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        raise RunFailed(f"out of memory at input_size={cfg.input_size}, batch_size={cfg.batch_size} "
-                        f"({cfg.model}, {ctx.world_size} process(es)): {first_line(err)}; a smaller "
-                        f"input_size or batch_size needs less; {saver.kept()}") from None
+        raise out_of_memory(err, cfg, saver.kept(), ctx.world_size) from None
     finally:
         bar.close()
         logger.close()

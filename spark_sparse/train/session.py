@@ -53,6 +53,13 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def out_of_memory(err: BaseException, cfg: DictConfig, kept: str, processes: int = 1) -> RunFailed:
+    """The one-line account of an allocation failure: the size asked for and what was kept."""
+    return RunFailed(f"out of memory at input_size={cfg.input_size}, batch_size={cfg.batch_size} "
+                     f"({cfg.model}, {processes} process(es)): {first_line(err)}; a smaller "
+                     f"input_size or batch_size needs less; {kept}")
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
