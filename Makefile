@@ -1,15 +1,20 @@
-# The two commands of the README: `make pretrain` and `make test`. Each runs the idempotent
+# The commands of the README: `make pretrain`, `make finetune` and `make test`. Each runs the idempotent
 # set-up first, so a fresh clone needs nothing else.
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: setup pretrain test bench clean
+.PHONY: setup pretrain finetune test bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 pretrain: setup
 	$(PY) -m spark_sparse.pretrain $(ARGS)
+
+# a few minutes on 2 cores: ResNet-18 fine-tuned on the bundled photos task (which photo a crop
+# comes from); ARGS="pretrained=outputs/<date>/<time>" starts from a pretraining run's encoder
+finetune: setup
+	$(PY) -m spark_sparse.finetune $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)
