@@ -178,3 +178,36 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()], proc.stderr
     assert message.format(colours=colours) in proc.stderr
     assert not run.exists()  # a refused command leaves no trace
+
+
+@pytest.mark.parametrize("model,opt,base_lr,layer_decay,mixup,drop_path", [
+    ("resnet50", "lamb", 2e-3, 0.7, 0.1, 0.05),
+    ("resnet101", "lamb", 1e-3, 0.8, 0.1, 0.2),
+    ("convnext_small", "adamw", 2e-4, 0.7, 0.8, 0.3),
+    ("convnext_base", "adamw", 1e-4, 0.7, 0.8, 0.4),
+])
+def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
+                                                                           mixup, drop_path):
+    finetune.register_resolver()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=[f"model={model}"])
+        assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.layer_decay) == (opt, base_lr, layer_decay)
+        assert (cfg.mixup.mixup_alpha, cfg.drop_path_rate, cfg.ema.decay) == (mixup, drop_path, 0.9999)
+        cfg = compose("finetune", overrides=[f"model={model}", "optim.base_lr=0.5", "mode=linear"])
+        assert (cfg.optim.name, cfg.optim.base_lr, cfg.mixup.mixup_alpha, cfg.ema.decay) == ("sgd", 0.5, 0.0, None)
+
+
+def test_layer_decay_gives_the_stem_the_smallest_and_the_classifier_the_full_lr(colours):
+    cfg = config(colours, "optim.lr=0.01")
+    model = build_model("resnet18", "finetune", num_classes=3, drop_path_rate=0.0)
+    groups = finetune.build_optimizer(model, cfg).param_groups
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert len(scales) >= 5, scales  # stem, four stages, classifier: one lr per depth at least
+    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.7 ** (len(scales) - 1))
+
+
+def test_convnext_fine_tunes_with_adamw_and_layer_decay(colours, tmp_path):
+    finetune.train(config(colours, "model=convnext_atto", "epochs=1", "ema.decay=null"), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    timm.create_model("convnext_atto", num_classes=3).load_state_dict(state, strict=True)
+    assert records(tmp_path)[0]["epoch"] == 1
