@@ -296,7 +296,8 @@ def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: i
         f"losses; loss is over hidden patches only, so it is not comparable across mask ratios. "
         f"{probe_note}"
         + (f" finetune_top1: val top-1 (%) after `python -m spark_sparse.finetune pretrained=RUN "
-           f"{' '.join(finetune)}`; finetune_random_init: the same with pretrained=null." if finetune is not None else "")
+           f"{' '.join(finetune)}`; finetune_random_init: the same with pretrained=null."
+           if finetune is not None else "")
         + "\n")
     write_plot(rows, keys, sweep_dir / "summary.png", f"SparK sweep {sweep_dir.name} ({len(rows)} runs)")
     return rows, keys

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .checks import ConfigError
+from .session import first_line
 
 EXPORT_NAME = "encoder_timm.pth"  # what pretraining writes into its run directory
 
@@ -76,7 +77,7 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on other files
         raise ConfigError(f"pretrained={path} is not a readable state dict "
-                          f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+                          f"({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"pretrained={path} is not a timm-style state dict (names to tensors)")
     return path, state

@@ -175,7 +175,7 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
                           "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
                           "step": at, "best": best, "partial": partial, "rng": rng_state(), "config": config}, at)
 
-    max_steps = cfg.epochs * steps_per_epoch
+    max_steps, workers = cfg.epochs * steps_per_epoch, cfg.data.num_workers
     bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.mode} {cfg.model}", dynamic_ncols=True, mininterval=1.0)
     record: dict = {}
     model.train()
@@ -183,7 +183,7 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             start, began = step - epoch * steps_per_epoch, time.perf_counter()
             batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, start)
-            for images, targets in loader(train_set, batches, cfg.data.num_workers):
+            for images, targets in loader(train_set, batches, workers):
                 images, targets = images.to(device), targets.to(device)
                 if mixup is not None:
                     images, targets = mixup(images, targets)
@@ -201,7 +201,8 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
                     ema.update(model, step=step)
                 partial = (partial[0] + loss.item(), partial[1] + 1)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}",
+                                lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
                 if stops.requested is not None and step % steps_per_epoch:
                     save(step)  # mid-epoch: the epoch's evaluation comes after the resumed rest
                     raise Stopped(stops.requested, step)
@@ -210,9 +211,10 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
                       "images_per_s": (step - epoch * steps_per_epoch - start) * cfg.batch_size
                       / (time.perf_counter() - began)}
             partial = (0.0, 0)
-            record.update({f"val_{k}": v for k, v in evaluate(model, val_set, cfg.batch_size, device).items()})
-            if ema is not None:
-                record.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_set, cfg.batch_size, device).items()})
+            for prefix, net in (("val", model), ("ema", ema.module if ema is not None else None)):
+                if net is not None:
+                    scores = evaluate(net, val_set, cfg.batch_size, device, workers)
+                    record.update({f"{prefix}_{k}": v for k, v in scores.items()})
             if record["val_top1"] > best["top1"]:
                 best = {"top1": record["val_top1"], "epoch": epoch + 1}
                 saver.write({"model": model.state_dict(), "epoch": epoch + 1, "val_top1": record["val_top1"],
