@@ -211,3 +211,9 @@ def test_convnext_fine_tunes_with_adamw_and_layer_decay(colours, tmp_path):
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     timm.create_model("convnext_atto", num_classes=3).load_state_dict(state, strict=True)
     assert records(tmp_path)[0]["epoch"] == 1
+
+
+def test_epoch_records_go_to_wandb_too(colours, tmp_path):
+    finetune.train(config(colours, "logger=wandb", "epochs=1", "ema.decay=null"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
