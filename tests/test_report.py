@@ -216,3 +216,23 @@ def test_update_readme_refuses_missing_markers_and_writes_nothing(tmp_path, caps
             update_readme.main(["--readme", str(readme), *args])
         assert exc.value.code == 1 and "<!-- " in capsys.readouterr().err
     assert readme.read_text() == broken and not (tmp_path / "docs").exists()
+
+
+def test_finetune_columns_put_each_runs_downstream_accuracy_beside_the_random_init_baseline(sweep, tmp_path):
+    src, _ = sweep
+    for name in ("0", "1"):
+        shutil.copytree(src / name, tmp_path / name, ignore=shutil.ignore_patterns("summary*"))
+    overrides = ["mode=linear", "epochs=1", "input_size=32", "batch_size=16", "threads=1"]
+    rows, _ = report.report(tmp_path, probe=False, finetune=overrides)
+    baseline = tmp_path / "finetune_random_init" / "resnet18"
+    for row in rows:
+        log = [json.loads(line) for line in (tmp_path / row["run"] / "finetune" / "metrics.jsonl").read_text().splitlines()]
+        assert row["finetune_top1"] == log[-1]["val_top1"]
+        assert row["finetune_random_init"] == json.loads((baseline / "metrics.jsonl").read_text())["val_top1"]
+    assert "| finetune_top1 | finetune_random_init |" in (tmp_path / "summary.md").read_text()
+
+    # a second report reads the finished evaluations back instead of training again
+    evaluations = [tmp_path / "0" / "finetune", tmp_path / "1" / "finetune", baseline]
+    saved = [(d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in evaluations]
+    assert report.report(tmp_path, probe=False, finetune=overrides)[0] == rows
+    assert [(d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in evaluations] == saved

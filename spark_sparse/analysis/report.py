@@ -8,7 +8,9 @@ A run without an exported encoder (killed, or stopped by a diverging loss) is re
 status rather than failing the report.
 
 Reconstruction loss is averaged over the hidden patches, so it is not comparable as a quality
-measure across mask ratios; the probe accuracy is.
+measure across mask ratios; the probe accuracy is. With ``--finetune "OVERRIDES"`` every run's
+encoder is also fine-tuned by ``spark_sparse.finetune`` (analysis/downstream.py), and the report
+gains its val top-1 beside the same recipe from random initialisation.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..train.recipe import register_resolver
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
                  "probe_accuracy", "probe_random_init")
+FINETUNE_COLUMNS = ("finetune_top1", "finetune_random_init")
 PROBE_MAX_SIZE = 128  # larger runs are probed at 128 px by default: seconds, not minutes, per run
 
 
@@ -130,9 +133,10 @@ def probe_size_for(config: dict, probe_size: int | None) -> int:
     return probe_size or min(int(config.get("input_size", PROBE_MAX_SIZE)), PROBE_MAX_SIZE)
 
 
-def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
-            probe_size: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per run and the varying config keys; probes every run that exported an encoder."""
+def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: int | None = None,
+            finetune: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per run and the varying config keys; probes (and with ``finetune``, a list of
+    fine-tuning overrides, fine-tunes) every run that exported an encoder."""
     runs = find_runs(sweep_dir)
     configs = {d.name: load_config(d) for d in runs}
     flat = {name: flatten(c) for name, c in configs.items() if c is not None}
@@ -148,6 +152,8 @@ def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
             row["status"] = "no config"
         if probe and config is not None and row["status"] in ("ok", "diverged"):
             _probe(row, run_dir, config, probe_size, baselines)
+        if finetune is not None:
+            _finetune(row, run_dir, config, finetune, sweep_dir)
         rows.append(row)
     return rows, keys
 
@@ -167,8 +173,24 @@ def _probe(row: dict, run_dir: Path, config: dict, probe_size: int | None,
         row["status"] = f"probe failed ({type(err).__name__}: {err})"
 
 
-def columns(keys: list[str]) -> list[str]:
-    return ["run", *keys, *FIXED_COLUMNS]
+def _finetune(row: dict, run_dir: Path, config: dict | None, overrides: list[str], sweep_dir: Path) -> None:
+    from .downstream import finetune_top1  # imports the fine-tuning app only when asked
+
+    row["finetune_top1"] = row["finetune_random_init"] = math.nan
+    if config is None or row["status"] != "ok":
+        return
+    try:
+        row["finetune_top1"] = finetune_top1(run_dir, config["model"], run_dir / "finetune", overrides)
+        # one baseline per model: the finished run directory is read back, not trained again
+        row["finetune_random_init"] = finetune_top1(
+            None, config["model"], sweep_dir / "finetune_random_init" / config["model"], overrides)
+    except Exception as err:  # one broken run must not sink the report of the others
+        row["status"] = f"fine-tuning failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+
+
+def columns(keys: list[str], rows: list[dict] = ()) -> list[str]:
+    extra = FINETUNE_COLUMNS if any("finetune_top1" in r for r in rows) else ()
+    return ["run", *keys, *FIXED_COLUMNS, *extra]
 
 
 def _cell(value: Any) -> str:
@@ -179,22 +201,22 @@ def _cell(value: Any) -> str:
 
 def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns(keys))
+        writer = csv.DictWriter(f, columns(keys, rows))
         writer.writeheader()
         for row in rows:
             writer.writerow({c: ("" if isinstance(row[c], float) and math.isnan(row[c]) else row[c])
-                             for c in columns(keys)})
+                             for c in columns(keys, rows)})
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> str:
-    cols = columns(keys)
+    cols = columns(keys, rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def text_table(rows: list[dict], keys: list[str]) -> str:
-    cols = columns(keys)
+    cols = columns(keys, rows)
     cells = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
@@ -259,11 +281,11 @@ def write_plot(rows: list[dict], keys: list[str], path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
-           probe_size: int | None = None) -> tuple[list[dict], list[str]]:
+def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: int | None = None,
+           finetune: list[str] | None = None) -> tuple[list[dict], list[str]]:
     """Collect the sweep and write summary.csv, summary.md and summary.png into it."""
     sweep_dir = Path(sweep_dir)
-    rows, keys = collect(sweep_dir, beta, probe, probe_size)
+    rows, keys = collect(sweep_dir, beta, probe, probe_size, finetune)
     write_csv(rows, keys, sweep_dir / "summary.csv")
     probe_note = ("probe: held-out top-1 accuracy of a linear classifier naming the source photo of "
                   "crops from the right 40% of each bundled photo, trained on crops from the left 60% "
@@ -272,7 +294,11 @@ def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True,
     (sweep_dir / "summary.md").write_text(
         f"{markdown_table(rows, keys)}\n\nsmoothed_loss: bias-corrected EMA (beta {beta}) of the logged "
         f"losses; loss is over hidden patches only, so it is not comparable across mask ratios. "
-        f"{probe_note}\n")
+        f"{probe_note}"
+        + (f" finetune_top1: val top-1 (%) after `python -m spark_sparse.finetune pretrained=RUN "
+           f"{' '.join(finetune)}`; finetune_random_init: the same with pretrained=null."
+           if finetune is not None else "")
+        + "\n")
     write_plot(rows, keys, sweep_dir / "summary.png", f"SparK sweep {sweep_dir.name} ({len(rows)} runs)")
     return rows, keys
 
@@ -284,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     parser.add_argument("--probe-size", type=int, default=None,
                         help=f"probe crop size (default: the run's input_size, at most {PROBE_MAX_SIZE})")
+    parser.add_argument("--finetune", nargs="?", const="", default=None, metavar="OVERRIDES",
+                        help="also fine-tune every run's encoder (and a random-init baseline) with "
+                             "spark_sparse.finetune and these overrides, e.g. \"mode=linear epochs=5\"")
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
@@ -291,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--probe-size must be at least 32 (one pixel after the encoder), got {args.probe_size}")
     warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
     try:
-        rows, keys = report(args.sweep_dir, args.smooth, not args.no_probe, args.probe_size)
+        finetune = None if args.finetune is None else args.finetune.split()
+        rows, keys = report(args.sweep_dir, args.smooth, not args.no_probe, args.probe_size, finetune)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

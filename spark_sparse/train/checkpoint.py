@@ -43,23 +43,26 @@ def partial_saves(path: str | Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
-def rng_state(mask_generator: torch.Generator) -> dict[str, Any]:
+def rng_state(mask_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The global RNGs' states (and the mask generator's, for pretraining)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "mask": mask_generator.get_state(),
     }
+    if mask_generator is not None:
+        state["mask"] = mask_generator.get_state()
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], mask_generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], mask_generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    mask_generator.set_state(state["mask"])
+    if mask_generator is not None:
+        mask_generator.set_state(state["mask"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -42,8 +42,8 @@ def _wandb_key_present() -> bool:
         return False
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    # the model first: the other keys' defaults come from its recipe
+def check_model_and_missing(cfg: DictConfig) -> None:
+    """The model first (the other keys' defaults come from its recipe), then unset keys."""
     if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
         close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
         raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
@@ -52,6 +52,25 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(f"{', '.join(missing)} must be set (add {example} to the command line)")
+
+
+def check_runtime(cfg: DictConfig) -> None:
+    """Threads, distributed timeout, logger and device: what every training app shares."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be at least 1 (or null for PyTorch's default), got {cfg.threads}")
+    if not cfg.dist_timeout_s > 0:
+        raise ConfigError(f"dist_timeout_s must be positive, got {cfg.dist_timeout_s}")
+    if cfg.logger.kind == "wandb" and cfg.logger.mode == "online" and not _wandb_key_present():
+        raise ConfigError("logger.mode=online needs a wandb API key (run `wandb login` or set "
+                          "WANDB_API_KEY); logger.mode=offline logs without one")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    check_model_and_missing(cfg)
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.input_size <= 0 or cfg.input_size % 32:
@@ -72,22 +91,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in ("log_every", "save_every", "vis_every", "vis_images"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be at least 1 (or null for PyTorch's default), got {cfg.threads}")
-    if not cfg.dist_timeout_s > 0:
-        raise ConfigError(f"dist_timeout_s must be positive, got {cfg.dist_timeout_s}")
-    if cfg.logger.kind == "wandb" and cfg.logger.mode == "online" and not _wandb_key_present():
-        raise ConfigError("logger.mode=online needs a wandb API key (run `wandb login` or set "
-                          "WANDB_API_KEY); logger.mode=offline logs without one")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+    check_runtime(cfg)
 
 
-def check_resumable(saved: dict, cfg: DictConfig) -> None:
+def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...] = FIXED_ON_RESUME) -> None:
+    """Refuse to resume a run whose ``fixed`` keys differ from the checkpoint's config."""
     now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [k for k in FIXED_ON_RESUME if saved.get(k) != now.get(k)]
+    changed = [k for k in fixed if saved.get(k) != now.get(k)]
     if changed:
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
                           "start a new run directory instead")

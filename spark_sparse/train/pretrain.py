@@ -10,42 +10,31 @@ run matches a single process with that batch). Rank 0 alone writes to the run di
 
 from __future__ import annotations
 
-import errno
 import math
-import random
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checks import ConfigError, check_resumable, validate
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves, rng_state, set_rng_state
+from .checks import FIXED_ON_RESUME, ConfigError, validate
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .data import PretrainDataset, build_dataset, build_loader, derive_seed
 from .logger import NullLogger, RunLogger
-from .run_dir import Refused, RunDirLock, StopSignals, Stopped, repair_metrics, write_record
+from .run_dir import RunDirLock, StopSignals, Stopped
 from .runtime import configure_cpu
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .recipe import register_resolver
 from ..model.spark import SparK
+from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
+                      out_of_memory, run_app, seed_everything)
 from .visualize import save_reconstruction
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class RunFailed(RuntimeError):
-    """The run stopped for a reason outside its config (disk full, out of memory); the message
-    says what was kept."""
+__all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "main", "plan", "train", "validate"]
 
 
 def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
@@ -54,12 +43,6 @@ def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
     max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
     return max_steps, warmup
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def restore_rng(ckpt: dict, mask_generator: torch.Generator, seed: int, rank: int) -> None:
@@ -71,54 +54,6 @@ def restore_rng(ckpt: dict, mask_generator: torch.Generator, seed: int, rank: in
     else:
         set_rng_state(states[0], mask_generator)
         seed_everything(derive_seed("resume", seed, rank, ckpt["step"]))
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure (PyTorch's CPU allocator raises a RuntimeError)."""
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    signs = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory", "bad_alloc")
-    return isinstance(err, RuntimeError) and any(sign in str(err) for sign in signs)
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def open_run_dir(cfg: DictConfig, run_dir: Path, lock: RunDirLock) -> dict | None:
-    """Judge the run directory under its lock and return the checkpoint to resume from (None
-    for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
-    leftovers of a killed predecessor (partial saves, a torn or repeated metrics log) are mended."""
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    try:
-        if cfg.resume and not ckpt_path.exists():
-            raise ConfigError(f"resume=true but there is no checkpoint at {ckpt_path}; "
-                              "pass the earlier run's directory with hydra.run.dir=...")
-        if not cfg.resume and ckpt_path.exists():
-            raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
-                              "it or choose another hydra.run.dir")
-        ckpt = None
-        if cfg.resume:
-            try:
-                ckpt = load_checkpoint(ckpt_path)
-            except CheckpointError as err:
-                raise Refused(f"cannot resume: {err}; start a new run directory") from None
-            check_resumable(ckpt["config"], cfg)
-    except BaseException:
-        lock.release()
-        raise
-    lock.claim()
-    write_record(run_dir, cfg)
-    for leftover in partial_saves(ckpt_path) + partial_saves(run_dir / "encoder_timm.pth"):
-        leftover.unlink()
-        print(f"note: removed {leftover}, left by a run killed while saving")
-    note = repair_metrics(run_dir / "metrics.jsonl", ckpt["step"] if ckpt else 0)
-    if note:
-        print(f"note: {note}")
-    return ckpt
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -140,9 +75,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     with StopSignals() as stops:
         try:
             # rank 0 judges the run directory; a refusal stops every rank with the same error
-            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, run_dir, lock))
+            ckpt = distributed.run_on_main(
+                lambda: open_run_dir(cfg, run_dir, lock, FIXED_ON_RESUME, ["encoder_timm.pth"]))
             if cfg.resume and not ctx.is_main:
-                ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")  # a shared run directory
+                ckpt = load_checkpoint(checkpoint_path(run_dir))  # a shared run directory
             return _fit(cfg, run_dir, ctx, dataset, ckpt, stops)
         finally:
             lock.release()
@@ -150,7 +86,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: PretrainDataset,
          ckpt: dict | None, stops: StopSignals) -> dict:
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt_path = checkpoint_path(run_dir)
     configure_cpu(cfg.threads)
     # per-rank global RNGs (drop-path differs between ranks); the model's initial weights are
     # rank 0's anyway: DistributedDataParallel broadcasts them
@@ -188,23 +124,9 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
               if ctx.is_main else NullLogger())
-    last_saved = step if cfg.resume else None
-
-    def kept() -> str:
-        return (f"the last good checkpoint is {ckpt_path} (step {last_saved})" if last_saved is not None
-                else "no checkpoint was written")
-
-    def write(obj: object, path: Path, what: str) -> None:
-        try:
-            atomic_save(obj, path)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise RunFailed(f"disk full while saving {what}: {kept()}; free some space and "
-                            "continue with resume=true") from None
+    saver = Saver(run_dir, step if cfg.resume else None, save=atomic_save)
 
     def save(at: int) -> None:
-        nonlocal last_saved
         states = distributed.gather_on_main(rng_state(model.generator))  # a collective: all ranks
         if ctx.is_main:
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -212,8 +134,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
                     "step": at, "max_steps": max_steps, "rng": states[0], "config": config}
             if ctx.distributed:
                 ckpt["rng_per_rank"] = states
-            write(ckpt, ckpt_path, f"the step-{at} checkpoint")
-        last_saved = at
+            saver.checkpoint(ckpt, at)
+        saver.last_saved = at
 
     def picture(at: int) -> Path:
         path = run_dir / f"reconstruction_step{at:06d}.png"
@@ -253,7 +175,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 raise TrainingDiverged(
                     f"loss {loss_value} / gradient norm {grad_norm.item()} at step {step + 1}: training "
-                    f"stopped; {kept()}")
+                    f"stopped; {saver.kept()}")
             optimizer.step()
             step += 1
             ips = images.shape[0] * ctx.world_size / (time.perf_counter() - start)
@@ -266,7 +188,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
                             "epoch": step * cfg.batch_size / len(dataset)})
             # every rank stops at the same step: save() is a collective
             if distributed.any_over_ranks(stops.requested is not None) and step < max_steps:
-                if last_saved != step:
+                if saver.last_saved != step:
                     save(step)
                 raise Stopped(stops.requested or "SIGTERM", step)
             if step % cfg.save_every == 0 and step < max_steps:
@@ -275,20 +197,18 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
                 picture(step)
         save(step)
         if ctx.is_main:
-            write(model.encoder.timm_state_dict(), export, "the timm encoder")
+            saver.write(model.encoder.timm_state_dict(), export, "the timm encoder")
         pic = picture(step)
         distributed.barrier()  # every rank returns once the outputs exist
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        raise RunFailed(f"out of memory at input_size={cfg.input_size}, batch_size={cfg.batch_size} "
-                        f"({cfg.model}, {ctx.world_size} process(es)): {first_line(err)}; a smaller "
-                        f"input_size or batch_size needs less; {kept()}") from None
+        raise out_of_memory(err, cfg, saver.kept(), ctx.world_size) from None
     finally:
         bar.close()
         logger.close()
     return {"step": step, "loss": loss_value, "run_dir": run_dir, "checkpoint": ckpt_path,
-            "encoder": export, "picture": pic}
+            "encoder": export, "picture": pic, "world_size": ctx.world_size}
 
 
 # absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path
@@ -296,61 +216,19 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def resume_command(run_dir: Path, distributed_run: bool) -> str:
-    """The command line that continues ``run_dir``: this one, with resume=true and its directory."""
-    if distributed_run:
-        return f"the same torchrun command with resume=true hydra.run.dir={run_dir}"
-    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
-    return shlex.join(["python", "-m", "spark_sparse.pretrain", *keep, "resume=true", f"hydra.run.dir={run_dir}"])
-
-
 @hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    # under torchrun the SharedRunDir callback (conf/pretrain.yaml) has joined the process group
-    # and given every rank rank 0's run directory
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    ctx = distributed.init_from_env(cfg.get("dist_timeout_s"))
-    prefix = f"rank {ctx.rank}: " if ctx.distributed else ""
-    try:
-        summary = train(cfg, run_dir)
-    except Stopped as stop:
-        if ctx.is_main:
-            how = resume_command(run_dir, ctx.distributed)
-            if stop.step is not None:
-                print(f"stopped by {stop.signame} at step {stop.step}, checkpoint saved; continue with: {how}",
-                      file=sys.stderr)
-            elif (run_dir / "checkpoints" / "last.pt").exists():
-                print(f"stopped at once by a second {stop.signame}; the last checkpoint is kept, "
-                      f"continue with: {how}", file=sys.stderr)
-            else:
-                print(f"stopped at once by a second {stop.signame}, before any checkpoint", file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
-    except (Refused, TrainingDiverged, RunFailed, FileNotFoundError, ValueError) as err:
-        # refusals and divergence strike every rank alike: rank 0 speaks for all
-        if ctx.is_main or not isinstance(err, (Refused, TrainingDiverged)):
-            print(f"{prefix}error: {err}", file=sys.stderr)
-        if ctx.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # hydra made it for a command refused before any write: leave no trace
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # an ordinary exception fails this job only: the sweep's other settings still run
-            raise RuntimeError(f"run {run_dir} failed: {err}") from None
-        raise SystemExit(1) from None
-    except RuntimeError as err:
-        if not (ctx.distributed and distributed.is_timeout(err)):
-            raise
-        print(f"{prefix}error: another rank did not answer within dist_timeout_s={cfg.dist_timeout_s} "
-              f"(frozen or dead?); the last checkpoint is kept ({first_line(err)})", file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        distributed.shutdown()
-    if ctx.is_main:
-        print(f"done: {summary['step']} steps, final loss {summary['loss']:.4f}"
-              + (f" ({ctx.world_size} processes)" if ctx.distributed else "") + "\n"
-              f"  run directory:  {run_dir}\n"
-              f"  checkpoint:     {summary['checkpoint']}\n"
-              f"  timm encoder:   {summary['encoder']}  "
-              f"(timm.create_model('{cfg.model}', num_classes=0).load_state_dict(torch.load(...)))\n"
-              f"  reconstruction: {summary['picture']}")
+    summary = run_app(cfg, "spark_sparse.pretrain", train)
+    if summary is None:  # not rank 0
+        return float("nan")
+    world_size = summary["world_size"]
+    print(f"done: {summary['step']} steps, final loss {summary['loss']:.4f}"
+          + (f" ({world_size} processes)" if world_size > 1 else "") + "\n"
+          f"  run directory:  {summary['run_dir']}\n"
+          f"  checkpoint:     {summary['checkpoint']}\n"
+          f"  timm encoder:   {summary['encoder']}  "
+          f"(timm.create_model('{cfg.model}', num_classes=0).load_state_dict(torch.load(...)))\n"
+          f"  reconstruction: {summary['picture']}")
     return summary["loss"]
 
 

@@ -1,0 +1,102 @@
+"""The downstream networks: a plain timm classifier (fine-tuning) or a frozen timm encoder with a
+linear head (linear evaluation), and loading pretrained encoder weights into either."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .checks import ConfigError
+from .session import first_line
+
+EXPORT_NAME = "encoder_timm.pth"  # what pretraining writes into its run directory
+
+
+class LinearProbe(nn.Module):
+    """The standard linear-evaluation protocol (as MAE's): a frozen encoder, always in eval mode
+    (its batch-norm statistics stay as pretrained), then a parameter-free batch norm over the pooled
+    features and a linear layer, the only parameters trained."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.num_features, affine=False, eps=1e-6),
+                                  nn.Linear(encoder.num_features, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.encoder(images)
+        return self.head(features)
+
+
+def build_model(name: str, mode: str, num_classes: int, drop_path_rate: float) -> nn.Module:
+    """mode 'finetune': ``timm.create_model(name, num_classes=K)``; 'linear': LinearProbe on
+    ``timm.create_model(name, num_classes=0)``, whose pooled features the head reads."""
+    if mode == "finetune":
+        return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if mode == "linear":
+        return LinearProbe(timm.create_model(name, num_classes=0), num_classes)
+    raise ConfigError(f"mode must be finetune or linear, got '{mode}'")
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The timm network that pretrained weights go into (a fine-tuned model is its own encoder)."""
+    return model.encoder if isinstance(model, LinearProbe) else model
+
+
+def is_classifier_key(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a timm model's classifier (never part of a pretrained encoder)."""
+    return key.startswith(model.pretrained_cfg["classifier"] + ".")
+
+
+def _examples(keys: set[str] | list[str], n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The timm state dict at ``source``: a pretraining run directory (its encoder_timm.pth) or a
+    weight file (ours, or SparK's official ``*_timm_style.pth``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / EXPORT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained={source}: no such file (a pretraining run directory must "
+                                f"hold {EXPORT_NAME}; is the run finished?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on other files
+        raise ConfigError(f"pretrained={path} is not a readable state dict "
+                          f"({type(err).__name__}: {first_line(err)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"pretrained={path} is not a timm-style state dict (names to tensors)")
+    return path, state
+
+
+def load_encoder(model: nn.Module, source: str | Path, model_name: str) -> dict[str, torch.Tensor]:
+    """Load the encoder weights at ``source`` into ``model``'s encoder, refusing (naming the keys) a
+    file that does not fit it: every encoder tensor must be in the file with its shape, and nothing
+    else may be. A classifier in the file is dropped: the downstream task has its own classes.
+    Returns the loaded state."""
+    path, state = read_encoder_weights(source)
+    encoder = encoder_of(model)
+    state = {k: v for k, v in state.items() if not is_classifier_key(encoder, k)}
+    want = {k: v for k, v in encoder.state_dict().items() if not is_classifier_key(encoder, k)}
+    missing, unexpected = set(want) - set(state), set(state) - set(want)
+    reshaped = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        problems = [f"{what} {_examples(keys)}" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if keys]
+        raise ConfigError(f"pretrained={path} does not fit {model_name}: {'; '.join(problems)}")
+    encoder.load_state_dict(state, strict=False)
+    return state

@@ -1,0 +1,259 @@
+"""Fine-tuning and linear evaluation, driven by hydra: ``python -m spark_sparse.finetune key=value ...``.
+
+``mode=finetune`` trains the whole timm network with SparK's downstream recipe for the model;
+``mode=linear`` trains a linear head on the frozen encoder's pooled features. ``pretrained=``
+takes a pretraining run directory or a timm state dict file; null trains from random
+initialisation, the baseline. The run directory receives metrics.jsonl (one record per epoch:
+train loss, val top-1/top-5 of the model and of its EMA), checkpoints/last.pt (everything needed
+to resume exactly, even mid-epoch) and checkpoints/best.pt (the weights with the best val top-1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from torch import nn
+from tqdm import tqdm
+
+from . import distributed
+from .checks import ConfigError, check_model_and_missing, check_runtime
+from .checkpoint import atomic_save, rng_state, set_rng_state
+from .classifier import build_model, load_encoder
+from .labelled import EpochBatches, InOrder, Labelled, build_datasets, loader
+from .logger import RunLogger
+from .optim import scaled_lr
+from .recipe import register_resolver
+from .run_dir import RunDirLock, StopSignals, Stopped
+from .runtime import configure_cpu
+from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
+                      out_of_memory, run_app, seed_everything)
+
+__all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "evaluate", "main", "train", "validate"]
+
+# a resumed run must be the same experiment
+FIXED_ON_RESUME = ("mode", "model", "pretrained", "data", "input_size", "batch_size", "epochs", "seed",
+                   "optim", "aug", "mixup", "ema", "drop_path_rate")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    check_model_and_missing(cfg)
+    if world_size > 1:
+        raise ConfigError("fine-tuning runs in one process for now; run it without torchrun")
+    if cfg.mode not in ("finetune", "linear"):
+        raise ConfigError(f"mode must be finetune or linear, got '{cfg.mode}'")
+    if cfg.input_size < 32:
+        raise ConfigError(f"input_size must be at least 32, got {cfg.input_size}")
+    if cfg.batch_size < 2 or (mixing(cfg) and cfg.batch_size % 2):
+        raise ConfigError(f"batch_size must be at least 2 (and even with mixup), got {cfg.batch_size}")
+    if not (isinstance(cfg.epochs, int) and cfg.epochs >= 1):
+        raise ConfigError(f"epochs must be a positive whole number, got {cfg.epochs}")
+    if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in (0, 1) or null, got {cfg.ema.decay}")
+    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {cfg.optim.layer_decay}")
+    check_runtime(cfg)
+
+
+def mixing(cfg: DictConfig) -> bool:
+    return cfg.mixup.prob > 0 and (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0)
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+    """timm's optimiser over what is trained (the head alone in linear mode), with layer-wise lr
+    decay groups from the model's own group_matcher, and no weight decay on biases and norms."""
+    trained = model.head if cfg.mode == "linear" else model
+    lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, cfg.batch_size)
+    extra = {"momentum": cfg.optim.momentum} if cfg.optim.name in ("sgd", "momentum") else {}
+    return create_optimizer_v2(trained, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
+                               layer_decay=cfg.optim.layer_decay, **extra)
+
+
+def criterion(cfg: DictConfig) -> nn.Module:
+    """Mixup's soft targets (label smoothing folded in), else smoothed or plain cross-entropy."""
+    if mixing(cfg):
+        return SoftTargetCrossEntropy()
+    if cfg.mixup.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.mixup.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Labelled, batch_size: int, device: torch.device,
+             num_workers: int = 0) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (in %) and cross-entropy of ``model`` on ``data``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    k = min(5, len(data.classes))
+    total, top1, top5, loss = 0, 0.0, 0.0, 0.0
+    for images, targets in loader(data, InOrder(len(data), batch_size), num_workers):
+        images, targets = images.to(device), targets.to(device)
+        logits = model(images)
+        a1, a5 = accuracy(logits, targets, topk=(1, k))
+        n = len(targets)
+        total, top1, top5 = total + n, top1 + a1.item() * n, top5 + a5.item() * n
+        loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    model.train(was_training)
+    return {"top1": top1 / total, "top5": top5 / total, "loss": loss / total}
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) one fine-tuning or linear evaluation; returns a summary with the final and
+    best val accuracy and the output paths. A first SIGINT/SIGTERM saves a checkpoint after the
+    current step and raises Stopped."""
+    register_resolver()  # ${recipe:KEY}: the model's SparK downstream recipe
+    ctx = distributed.init_from_env(cfg.dist_timeout_s)
+    validate(cfg, ctx.world_size)
+    run_dir = Path(run_dir)
+    configure_cpu(cfg.threads)
+    # everything that can be refused is checked before the run directory is touched: the data,
+    # the model, and whether the pretrained weights fit it
+    train_set, val_set = build_datasets(cfg.data, cfg.input_size, cfg.aug, cfg.seed)
+    train_set.check_readable()
+    val_set.check_readable()
+    if len(train_set) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_set)} training images")
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.mode, len(train_set.classes), cfg.drop_path_rate)
+    if cfg.pretrained is not None:
+        load_encoder(model, cfg.pretrained, cfg.model)
+    lock = RunDirLock(run_dir)
+    with StopSignals() as stops:
+        try:
+            ckpt = open_run_dir(cfg, run_dir, lock, FIXED_ON_RESUME, ["checkpoints/best.pt"])
+            return _fit(cfg, run_dir, model, train_set, val_set, ckpt, stops)
+        finally:
+            lock.release()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, val_set: Labelled,
+         ckpt: dict | None, stops: StopSignals) -> dict:
+    device = torch.device(cfg.device)
+    model.to(device)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    optimizer = build_optimizer(model, cfg)
+    # per-step schedule; a short run's warm-up takes at most a quarter of it
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs, min_lr=cfg.optim.min_lr,
+                                       warmup_epochs=min(cfg.optim.warmup_epochs, cfg.epochs / 4),
+                                       warmup_lr=cfg.optim.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    ema = (ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+           if cfg.ema.decay is not None else None)
+    mixup = (Mixup(mixup_alpha=cfg.mixup.mixup_alpha, cutmix_alpha=cfg.mixup.cutmix_alpha, prob=cfg.mixup.prob,
+                   label_smoothing=cfg.mixup.label_smoothing, num_classes=len(train_set.classes))
+             if mixing(cfg) else None)
+    loss_fn = criterion(cfg)
+    # best val top-1 so far; the running epoch's train loss sum and batch count (a stop mid-epoch
+    # saves them, so the resumed epoch's record is the uninterrupted one)
+    step, best, partial = 0, {"top1": -1.0, "epoch": None}, (0.0, 0)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        set_rng_state(ckpt["rng"])
+        step, best, partial = ckpt["step"], ckpt["best"], tuple(ckpt["partial"])
+        print(f"resuming {run_dir} from step {step} (epoch {step / steps_per_epoch:.2f})")
+        del ckpt
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
+    saver = Saver(run_dir, step if cfg.resume else None, save=atomic_save)
+    best_path = run_dir / "checkpoints" / "best.pt"
+
+    def save(at: int) -> None:
+        saver.checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                          "step": at, "best": best, "partial": partial, "rng": rng_state(), "config": config}, at)
+
+    max_steps, workers = cfg.epochs * steps_per_epoch, cfg.data.num_workers
+    bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.mode} {cfg.model}", dynamic_ncols=True, mininterval=1.0)
+    record: dict = {}
+    model.train()
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.epochs):
+            start, began = step - epoch * steps_per_epoch, time.perf_counter()
+            batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, start)
+            for images, targets in loader(train_set, batches, workers):
+                images, targets = images.to(device), targets.to(device)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                scheduler.step_update(step)
+                loss = loss_fn(model(images), targets)
+                if not math.isfinite(loss.item()):
+                    raise TrainingDiverged(f"loss {loss.item()} at step {step + 1}: training stopped; {saver.kept()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.clip_grad:
+                    dispatch_clip_grad(model.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                step += 1
+                if ema is not None:
+                    ema.update(model, step=step)
+                partial = (partial[0] + loss.item(), partial[1] + 1)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}",
+                                lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                if stops.requested is not None and step % steps_per_epoch:
+                    save(step)  # mid-epoch: the epoch's evaluation comes after the resumed rest
+                    raise Stopped(stops.requested, step)
+            record = {"step": step, "epoch": epoch + 1, "train_loss": partial[0] / max(partial[1], 1),
+                      "lr": max(g["lr"] for g in optimizer.param_groups),
+                      "images_per_s": (step - epoch * steps_per_epoch - start) * cfg.batch_size
+                      / (time.perf_counter() - began)}
+            partial = (0.0, 0)
+            for prefix, net in (("val", model), ("ema", ema.module if ema is not None else None)):
+                if net is not None:
+                    scores = evaluate(net, val_set, cfg.batch_size, device, workers)
+                    record.update({f"{prefix}_{k}": v for k, v in scores.items()})
+            if record["val_top1"] > best["top1"]:
+                best = {"top1": record["val_top1"], "epoch": epoch + 1}
+                saver.write({"model": model.state_dict(), "epoch": epoch + 1, "val_top1": record["val_top1"],
+                             "config": config}, best_path, f"the best weights (epoch {epoch + 1})")
+            record["best_top1"] = best["top1"]
+            logger.log(record)
+            save(step)
+            if stops.requested is not None and epoch + 1 < cfg.epochs:
+                raise Stopped(stops.requested, step)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory(err, cfg, saver.kept()) from None
+    finally:
+        bar.close()
+        logger.close()
+    return {"step": step, "last": record, "best": best, "run_dir": run_dir,
+            "checkpoint": checkpoint_path(run_dir), "best_checkpoint": best_path}
+
+
+# absolute: run as `python -m spark_sparse.finetune`, hydra would resolve a relative path
+# against that entry module's package rather than this file's
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="finetune", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    summary = run_app(cfg, "spark_sparse.finetune", train)
+    if summary is None:
+        return float("nan")
+    last, best = summary["last"], summary["best"]
+    print(f"done: {cfg.mode} {cfg.model}, {summary['step']} steps; val top-1 {last.get('val_top1', float('nan')):.2f}%"
+          + (f" (EMA {last['ema_top1']:.2f}%)" if "ema_top1" in last else "")
+          + f", best {best['top1']:.2f}% at epoch {best['epoch']}\n"
+          f"  run directory:   {summary['run_dir']}\n"
+          f"  checkpoint:      {summary['checkpoint']}\n"
+          f"  best weights:    {summary['best_checkpoint']}")
+    return best["top1"]
+
+
+if __name__ == "__main__":
+    main()
