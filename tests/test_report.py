@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from benchmarks import update_readme
+from spark_sparse import create_encoder
 from spark_sparse.analysis import report
 from spark_sparse.analysis.probe import (build_probe_data, crop_boxes, linear_probe, probe_features,
                                 split_column)
@@ -236,3 +237,11 @@ def test_finetune_columns_put_each_runs_downstream_accuracy_beside_the_random_in
     saved = [(d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in evaluations]
     assert report.report(tmp_path, probe=False, finetune=overrides)[0] == rows
     assert [(d / "checkpoints" / "last.pt").stat().st_mtime_ns for d in evaluations] == saved
+
+
+def test_linear_probe_takes_a_convnext_export(photos):
+    # the exported encoder of a ConvNeXt run loads strictly into timm's model (head norm included)
+    data = build_probe_data(photos, 32, train_per_image=4, test_per_image=2)
+    state = create_encoder("convnext_atto").timm_state_dict()
+    result = linear_probe(state, "convnext_atto", 32, data=data)
+    assert result["feature_dim"] == 320 and 0 <= result["accuracy"] <= 1
