@@ -132,45 +132,22 @@ def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, nam
             assert rel_err(g, w) < (1e-3 if train else 1e-5)
 
 
-RESNET_VARIANTS = {
-    "squeeze-excitation": "seresnet50",
-    "efficient channel attention, tiered deep stem, avg-down": "ecaresnet26t",
-    "grouped convolutions (ResNeXt)": "resnext50_32x4d",
-    "grouped convolutions and squeeze-excitation": "seresnext26d_32x4d",
+VARIANTS = {
+    "squeeze-excitation ResNet": ("seresnet50", {}),
+    "efficient channel attention, tiered deep stem, avg-down": ("ecaresnet26t", {}),
+    "grouped convolutions (ResNeXt)": ("resnext50_32x4d", {}),
+    "grouped convolutions and squeeze-excitation": ("seresnext26d_32x4d", {}),
+    "ConvNeXt with linear MLP, channels-last norms": ("convnext_tiny", {}),
+    "ConvNeXt with overlapping stem": ("convnext_atto_ols", {}),
+    "ConvNeXt without layer scale": ("convnext_atto", {"ls_init_value": None}),
+    "ConvNeXt with head norm first": ("convnext_tiny_hnf", {}),
 }
 
 
-@pytest.mark.parametrize("variant", RESNET_VARIANTS)
-def test_resnet_variants_equal_dense_masked_and_plain_timm(variant):
-    # the squeeze is each image's mean over its visible sites: equal to timm's at mask 0
-    torch.manual_seed(0)
-    model = randomise_norms(timm.create_model(RESNET_VARIANTS[variant], pretrained=False, num_classes=0))
-    images, active = make_batch((128, 160), "ratio0.6", batch=2)
-    sparse, dense = encoders(model, train=True)
-    fs, gs, _ = train_step(sparse, images, active, torch.float64)
-    fd, gd, _ = train_step(dense, images, active, torch.float64)
-    for a, b in zip(fs, fd):
-        assert rel_err(a, b) < 1e-9
-    for key in gd:
-        assert rel_err(gs[key], gd[key]) < 1e-6, key
-    everything = torch.ones_like(active)
-    with torch.no_grad():
-        got = SparseEncoder.from_timm(model).eval().dense_features(images, everything)
-        for g, p in zip(got, plain_features(model.eval(), images)):
-            assert rel_err(g, p) < 1e-5
-
-
-CONVNEXT_VARIANTS = {
-    "linear MLP, channels-last norms": ("convnext_tiny", {}),
-    "overlapping stem": ("convnext_atto_ols", {}),
-    "no layer scale": ("convnext_atto", {"ls_init_value": None}),
-    "head norm first": ("convnext_tiny_hnf", {}),
-}
-
-
-@pytest.mark.parametrize("variant", CONVNEXT_VARIANTS)
-def test_convnext_variants_equal_dense_masked_and_plain_timm(variant):
-    name, kwargs = CONVNEXT_VARIANTS[variant]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_equal_dense_masked_and_plain_timm(variant):
+    # squeeze-excitation pools each image over its visible sites: equal to timm's at mask 0
+    name, kwargs = VARIANTS[variant]
     torch.manual_seed(0)
     model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
     images, active = make_batch((128, 160), "ratio0.6", batch=2)
