@@ -30,8 +30,8 @@ class ChannelAttention(nn.Module):
         self.kind = "se" if type(module) is SEModule else "eca"
         for name, child in module.named_children():  # timm's names: weights map one-to-one
             self.add_module(name, copy.deepcopy(child))
-        if self.kind == "eca":
-            self.conv2 = copy.deepcopy(module.conv2)
+        if self.kind == "eca" and module.conv2 is None:
+            self.conv2 = None  # ECA without its MLP: one 1-D convolution
 
     def gates(self, pooled: Tensor) -> Tensor:
         """(B, C) visible means -> (B, C) gates."""

@@ -12,12 +12,8 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
-from .patch_conv import TileConv
+from .patch_conv import TileConv, accumulate_rows, select_rows
 from .patch_sites import OffsetPairs, PatchSites, tile_geometry
-
-
-def _rows(t: Tensor, index: Tensor | None) -> Tensor:
-    return t if index is None else t.index_select(0, index)
 
 
 class GroupedOffsetGemm(torch.autograd.Function):
@@ -30,11 +26,10 @@ class GroupedOffsetGemm(torch.autograd.Function):
         ctx.save_for_backward(feats, kernel)
         ctx.pairs = pairs
         g, c_in, c_out = kernel.shape[1:]
-        out = feats.new_zeros(n_out, g * c_out)
+        out = None
         for k, o, i in pairs:
-            y = torch.bmm(_rows(feats, i).view(-1, g, c_in).transpose(0, 1), kernel[k])  # (G, n, c_out)
-            y = y.transpose(0, 1).reshape(-1, g * c_out)
-            out = out.add_(y) if o is None else out.index_add_(0, o, y)
+            y = torch.bmm(select_rows(feats, i).view(-1, g, c_in).transpose(0, 1), kernel[k])  # (G, n, c_out)
+            out = accumulate_rows(out, o, y.transpose(0, 1).reshape(-1, g * c_out), n_out)
         return out
 
     @staticmethod
@@ -43,16 +38,16 @@ class GroupedOffsetGemm(torch.autograd.Function):
         g, c_in, c_out = kernel.shape[1:]
         grad_out = grad_out.contiguous()
         need_feats, need_kernel = ctx.needs_input_grad[:2]
-        grad_feats = torch.zeros_like(feats) if need_feats else None
+        grad_feats = None
         grad_kernel = torch.zeros_like(kernel) if need_kernel else None
         for k, o, i in ctx.pairs:
-            go = _rows(grad_out, o).view(-1, g, c_out).transpose(0, 1)  # (G, n, c_out)
+            go = select_rows(grad_out, o).view(-1, g, c_out).transpose(0, 1)  # (G, n, c_out)
             if need_kernel:
-                x = _rows(feats, i).view(-1, g, c_in).transpose(0, 1)  # (G, n, c_in)
+                x = select_rows(feats, i).view(-1, g, c_in).transpose(0, 1)  # (G, n, c_in)
                 grad_kernel[k] = torch.bmm(x.transpose(1, 2), go)
             if need_feats:
                 gx = torch.bmm(go, kernel[k].transpose(1, 2)).transpose(0, 1).reshape(-1, g * c_in)
-                grad_feats = grad_feats.add_(gx) if i is None else grad_feats.index_add_(0, i, gx)
+                grad_feats = accumulate_rows(grad_feats, i, gx, feats.shape[0])
         return grad_feats, grad_kernel, None, None
 
 

@@ -96,11 +96,11 @@ class TileMaxPool(torch.autograd.Function):
         return grad.scatter_add_(0, source, grad_rows.contiguous()), None, None, None
 
 
-def _rows(t: Tensor, index: Tensor | None) -> Tensor:
+def select_rows(t: Tensor, index: Tensor | None) -> Tensor:
     return t if index is None else t.index_select(0, index)
 
 
-def _accumulate(out: Tensor | None, index: Tensor | None, values: Tensor, n: int) -> Tensor:
+def accumulate_rows(out: Tensor | None, index: Tensor | None, values: Tensor, n: int) -> Tensor:
     """out[index] += values (index None: every row), allocating ``out`` (n rows) on first use."""
     if out is None:
         if index is None:
@@ -118,7 +118,7 @@ class OffsetGemm(torch.autograd.Function):
         ctx.pairs = pairs
         out = None
         for k, o, i in pairs:
-            out = _accumulate(out, o, _rows(feats, i) @ kernel[k], n_out)
+            out = accumulate_rows(out, o, select_rows(feats, i) @ kernel[k], n_out)
         return out
 
     @staticmethod
@@ -129,11 +129,11 @@ class OffsetGemm(torch.autograd.Function):
         grad_feats = None
         grad_kernel = torch.empty_like(kernel) if need_kernel else None
         for k, o, i in ctx.pairs:
-            g = _rows(grad_out, o)
+            g = select_rows(grad_out, o)
             if need_kernel:
-                torch.mm(_rows(feats, i).t(), g, out=grad_kernel[k])
+                torch.mm(select_rows(feats, i).t(), g, out=grad_kernel[k])
             if need_feats:
-                grad_feats = _accumulate(grad_feats, i, g @ kernel[k].t(), feats.shape[0])
+                grad_feats = accumulate_rows(grad_feats, i, g @ kernel[k].t(), feats.shape[0])
         return grad_feats, grad_kernel, None, None
 
 
