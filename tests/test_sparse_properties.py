@@ -16,7 +16,7 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 from .conftest import randomise_norms
 
-MODELS = ["resnet18", "seresnet18", "convnext_atto", "convnextv2_atto"]
+MODELS = ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d", "convnext_atto", "convnextv2_atto"]
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
