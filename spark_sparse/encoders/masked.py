@@ -46,6 +46,16 @@ class MaskedTensor(NamedTuple):
         return MaskedTensor(self.clean().x + other.clean().x, self.active)
 
 
+def on_visible_rows(inp: MaskedTensor, fn) -> MaskedTensor:
+    """``fn`` on the (N_visible, C) channel rows of the visible sites; hidden sites become zeros
+    (whatever a dirty input held there)."""
+    x = inp.x.permute(0, 2, 3, 1)
+    where = inp.visible()[:, 0].nonzero(as_tuple=True)
+    rows = fn(x[where])
+    out = x.new_zeros(x.shape[:-1] + (rows.shape[-1],)).index_put(where, rows)
+    return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
+
+
 class MaskedConv2d(nn.Conv2d):
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         y = super().forward(inp.clean().x)
@@ -56,14 +66,12 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     """Batch statistics over visible sites only, as SparK's SparseBatchNorm2d."""
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.x.permute(0, 2, 3, 1)
-        vis = inp.visible()[:, 0]
-        rows = x[vis]  # (N_visible, C)
-        n, c = rows.shape
+        return on_visible_rows(inp, self._rows)
+
+    def _rows(self, rows: Tensor) -> Tensor:
         # BatchNorm2d over a (1, C, N, 1) view is BatchNorm1d over the N visible rows
-        normed = super().forward(rows.t().reshape(1, c, n, 1)).reshape(c, n).t()
-        out = _scatter(x, vis, normed)
-        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
+        n, c = rows.shape
+        return super().forward(rows.t().reshape(1, c, n, 1)).reshape(c, n).t()
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -71,10 +79,7 @@ class MaskedLayerNorm(nn.LayerNorm):
     SparseConvNeXtLayerNorm). One module for timm's channels-last and channels-first norms."""
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.x.permute(0, 2, 3, 1)
-        vis = inp.visible()[:, 0]
-        out = _scatter(x, vis, super().forward(x[vis]))
-        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
+        return on_visible_rows(inp, super().forward)
 
 
 class MaskedLinear(nn.Linear):
@@ -117,9 +122,6 @@ class MaskedChannelAttention(ChannelAttention):
         return MaskedTensor(x * self.gates(pooled)[:, :, None, None], inp.active)
 
 
-def _scatter(like: Tensor, where: Tensor, rows: Tensor) -> Tensor:
-    out = like.new_zeros(like.shape[:-1] + (rows.shape[-1],))
-    return out.index_put(where.nonzero(as_tuple=True), rows)
 
 
 class MaskedApply(nn.Module):
