@@ -15,7 +15,7 @@ from torch import nn
 
 from ..mask import check_inputs
 from .convnext import CONVNEXT
-from .family import ConversionError, Family, unsupported
+from .family import ConversionError, Family, Layout, unsupported
 from .resnet import RESNET
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT)
@@ -54,11 +54,12 @@ class Encoder(nn.Module):
     stride = 32
     strides = (4, 8, 16, 32)
 
-    def __init__(self, body: nn.ModuleDict, family: Family, channels: list[int], name: str):
+    def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str):
         super().__init__()
         self.body = body
         self.family = family
-        self.channels = channels
+        self.layout = layout
+        self.channels = list(layout.channels)
         self.model_name = name
 
     @staticmethod
@@ -72,8 +73,8 @@ class Encoder(nn.Module):
         model = resolve_model(model)
         family = family_of(model)
         leaf = functools.partial(cls.convert_leaf, **options) if options else cls.convert_leaf
-        channels = family.channels(model)
-        return cls(family.convert(model, leaf), family, channels, model_name(model))
+        layout = family.layout(model)
+        return cls(family.convert(model, leaf, layout), family, layout, model_name(model))
 
     def encode_input(self, images: torch.Tensor, active: torch.Tensor):
         raise NotImplementedError
@@ -89,11 +90,12 @@ class Encoder(nn.Module):
                              "but the whole batch has a single visible patch; use eval mode or "
                              "more visible patches")
         x = self.encode_input(images, active)
-        for path in self.family.stem:
+        for path in self.layout.stem:
             x = self.body.get_submodule(path)(x)
         feats = []
-        for path in self.family.stages:
-            x = self.body.get_submodule(path)(x)
+        for stage in self.layout.stages:
+            for path in stage:
+                x = self.body.get_submodule(path)(x)
             feats.append(x)
         return feats
 

@@ -12,7 +12,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from .family import Converter, Family, LayerScale, unsupported
+from .family import Converter, Family, LayerScale, NamedStages, unsupported
 
 
 def _reject_dropout(module: nn.Module, path: str) -> None:
@@ -79,8 +79,7 @@ CONVNEXT = Family(
     timm_class=ConvNeXt,
     mirrors={ConvNeXtStage: MirrorConvNeXtStage, ConvNeXtBlock: MirrorConvNeXtBlock,
              Mlp: MirrorMlp, GlobalResponseNormMlp: MirrorMlp},
-    stem=("stem",),
-    stages=("stages.0", "stages.1", "stages.2", "stages.3"),
+    layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("norm_pre", "head.norm", "head.pre_logits"),
     check=_check,
 )

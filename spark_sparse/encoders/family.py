@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -78,28 +78,66 @@ def no_check(model: nn.Module) -> None:
     """Families without refusals beyond those of their leaves and blocks."""
 
 
+class Layout(NamedTuple):
+    """How one timm model runs as an encoder. Paths are timm module paths."""
+
+    stem: tuple[str, ...]  # run in order before the stages
+    stages: tuple[tuple[str, ...], ...]  # four stages (strides 4, 8, 16, 32), each run in order
+    channels: tuple[int, ...]  # of each stage's output
+
+    def top_level(self) -> list[str]:
+        """The timm model's top-level modules the encoder converts, in order."""
+        paths = self.stem + tuple(p for stage in self.stages for p in stage)
+        return list(dict.fromkeys(p.split(".")[0] for p in paths))
+
+
+STRIDES = [4, 8, 16, 32]
+
+
+def _check_strides(model: nn.Module, reductions: list[int]) -> None:
+    if reductions != STRIDES:
+        raise ConversionError(f"{type(model).__name__}: stage strides {reductions} are not 4, 8, 16, 32 "
+                              "(dilated or output-stride models cannot be masked on a 32-pixel grid)")
+
+
+@dataclass(frozen=True)
+class NamedStages:
+    """Four named stage modules (timm's feature taps); ``head`` (a final 1x1 convolution before
+    pooling, say) runs after the last, which then has ``num_features`` channels."""
+
+    stem: tuple[str, ...]
+    stages: tuple[str, ...]
+    head: tuple[str, ...] = ()
+
+    def __call__(self, model: nn.Module) -> Layout:
+        info = {i["module"]: i for i in model.feature_info}
+        missing = [s for s in self.stages if s not in info]
+        if missing:
+            raise ConversionError(f"{type(model).__name__} reports no features for {missing}")
+        _check_strides(model, [info[s]["reduction"] for s in self.stages])
+        channels = [info[s]["num_chs"] for s in self.stages]
+        if self.head:
+            channels[-1] = model.num_features
+        groups = tuple((s,) for s in self.stages[:-1]) + ((self.stages[-1], *self.head),)
+        return Layout(self.stem, groups, tuple(channels))
+
+
 @dataclass(frozen=True)
 class Family:
-    """A timm model family as the shared encoder sees it. Paths are timm module paths."""
+    """A timm model family as the shared encoder sees it."""
 
     name: str
     timm_class: type[nn.Module]
     mirrors: dict[type, type]  # timm block/stage class -> mirror class
-    stem: tuple[str, ...]  # run in order before the stages
-    stages: tuple[str, ...]  # the four stages, strides 4, 8, 16, 32
+    layout: Callable[[nn.Module], Layout]  # stem and stages of one model of the family
     kept: tuple[str, ...] = ()  # paths that hold tensors but never run (frozen copies), if present
     check: Callable[[nn.Module], None] = no_check  # refusals before any conversion
 
-    def top_level(self) -> list[str]:
-        """The timm model's top-level modules the encoder converts, in order."""
-        names = [p.split(".")[0] for p in self.stem + self.stages]
-        return list(dict.fromkeys(names))
-
-    def convert(self, model: nn.Module, leaf: LeafConverter) -> nn.ModuleDict:
+    def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""
         self.check(model)
         convert = Converter(leaf, self.mirrors)
-        body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in self.top_level()})
+        body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in layout.top_level()})
         for path in self.kept:
             try:
                 module = model.get_submodule(path)
@@ -114,25 +152,16 @@ class Family:
             holder.add_module(name, frozen_copy(module))
         return body
 
-    def channels(self, model: nn.Module) -> list[int]:
-        info = {i["module"]: i for i in model.feature_info}
-        missing = [s for s in self.stages if s not in info]
-        if missing:
-            raise ConversionError(f"{type(model).__name__} reports no features for {missing}")
-        reductions = [info[s]["reduction"] for s in self.stages]
-        if reductions != [4, 8, 16, 32]:
-            raise ConversionError(f"stage strides {reductions} are not 4, 8, 16, 32 (dilated or "
-                                  "output-stride models cannot be masked on a 32-pixel grid)")
-        return [info[s]["num_chs"] for s in self.stages]
-
     @torch.no_grad()
     def plain_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs of the ordinary (unmasked) timm model, for comparison."""
+        layout = self.layout(model)
         x = images
-        for path in self.stem:
+        for path in layout.stem:
             x = model.get_submodule(path)(x)
         feats = []
-        for path in self.stages:
-            x = model.get_submodule(path)(x)
+        for stage in layout.stages:
+            for path in stage:
+                x = model.get_submodule(path)(x)
             feats.append(x)
         return feats

@@ -6,7 +6,7 @@ from __future__ import annotations
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .family import Converter, Family, reject_extras
+from .family import Converter, Family, NamedStages, reject_extras
 
 
 class _MirrorBlock(nn.Module):
@@ -60,6 +60,5 @@ RESNET = Family(
     name="resnet",
     timm_class=ResNet,
     mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck},
-    stem=("conv1", "bn1", "act1", "maxpool"),
-    stages=("layer1", "layer2", "layer3", "layer4"),
+    layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
 )
