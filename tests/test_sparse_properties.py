@@ -16,7 +16,8 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 from .conftest import randomise_norms
 
-MODELS = ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d", "convnext_atto", "convnextv2_atto"]
+MODELS = ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d", "convnext_atto", "convnextv2_atto",
+          "regnety_002", "efficientnet_b0", "mobilenetv3_small_100"]
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 

@@ -18,7 +18,9 @@ ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resn
               "resnet200", "resnet50d", "resnet26d", "resnet18d", "seresnet50", "ecaresnet50d",
               "resnext50_32x4d", "seresnext26d_32x4d",
               "convnext_atto", "convnext_tiny", "convnext_small", "convnext_tiny_hnf", "convnext_atto_ols",
-              "convnextv2_atto", "convnextv2_nano"]
+              "convnextv2_atto", "convnextv2_nano",
+              "regnetx_002", "regnety_002", "regnety_016",
+              "efficientnet_b0", "efficientnet_b3", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100"]
 
 
 @pytest.mark.parametrize("name", ALL_DEPTHS)
@@ -68,6 +70,30 @@ def test_unconvertible_module_is_named_with_its_path():
         create_encoder("resnet18", "quantum")
 
 
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
+    refused = {
+        "tf_efficientnet_b0": r"Conv2dSame at 'conv_stem': TensorFlow 'same' padding is asymmetric",
+        "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
+        "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
+    }
+    for name, message in refused.items():
+        with pytest.raises(ConversionError, match=f"cannot convert {message}"):
+            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
+
+
+def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head():
+    # EfficientNet's 1x1 head convolution runs before pooling: it is pretrained with the stages
+    enc = create_encoder("efficientnet_b0", "sparse")
+    assert enc.channels == [24, 40, 112, 1280]
+    assert any(name.startswith("body.conv_head") for name, _ in enc.named_parameters())
+    # MobileNetV3's runs after pooling: kept for strict loading, never trained
+    enc = create_encoder("mobilenetv3_large_100", "sparse")
+    assert enc.channels == [24, 40, 112, 960]
+    assert "conv_head.weight" in enc.timm_state_dict()
+    assert not any(name.startswith("body.conv_head") for name, _ in enc.named_parameters())
+
+
 def test_drop_path_is_mirrored():
     enc = create_encoder("resnet50", "sparse", drop_path_rate=0.1)
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
@@ -95,7 +121,7 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
     assert not any(name.startswith("body.head") for name, _ in enc.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
 @pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
 def test_encoders_deep_copy_and_pickle_to_the_same_function(name, engine):
     # EMA teachers and whole-module checkpoints copy or pickle the encoder

@@ -11,15 +11,18 @@ from __future__ import annotations
 import copy
 
 from timm.layers import EcaModule, SEModule
+from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import Tensor, nn
 
 from .family import unsupported
 
-ATTENTION = (SEModule, EcaModule)
+ATTENTION = (SEModule, EcaModule, SqueezeExcite)
+KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se"}
 
 
 class ChannelAttention(nn.Module):
-    """The gate of a timm SEModule or EcaModule, applied to a pooled (B, C) vector."""
+    """The gate of a timm SEModule, EcaModule or EfficientNet SqueezeExcite, applied to a pooled
+    (B, C) vector."""
 
     def __init__(self, module: nn.Module, path: str):
         super().__init__()
@@ -27,7 +30,7 @@ class ChannelAttention(nn.Module):
             raise unsupported(module, path)
         if getattr(module, "add_maxpool", False):
             raise unsupported(module, path, "add_maxpool (a max over visible sites is not mirrored)")
-        self.kind = "se" if type(module) is SEModule else "eca"
+        self.kind = KINDS[type(module)]
         for name, child in module.named_children():  # timm's names: weights map one-to-one
             self.add_module(name, copy.deepcopy(child))
         if self.kind == "eca" and module.conv2 is None:
@@ -37,6 +40,9 @@ class ChannelAttention(nn.Module):
         """(B, C) visible means -> (B, C) gates."""
         if self.kind == "se":
             y = self.fc2(self.act(self.bn(self.fc1(pooled[:, :, None, None]))))
+            return self.gate(y).flatten(1)
+        if self.kind == "effnet_se":
+            y = self.conv_expand(self.act1(self.conv_reduce(pooled[:, :, None, None])))
             return self.gate(y).flatten(1)
         y = self.conv(pooled[:, None, :])
         if self.conv2 is not None:

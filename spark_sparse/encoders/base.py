@@ -15,10 +15,12 @@ from torch import nn
 
 from ..mask import check_inputs
 from .convnext import CONVNEXT
+from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family, Layout, unsupported
+from .regnet import REGNET
 from .resnet import RESNET
 
-FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT)
+FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3)
 
 __all__ = ["FAMILIES", "ConversionError", "Encoder", "family_of", "resolve_model", "unsupported"]
 

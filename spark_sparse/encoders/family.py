@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+from timm.layers import activations as timm_act
 from torch import nn
 
 LeafConverter = Callable[[nn.Module, str], nn.Module]
@@ -64,6 +65,19 @@ def frozen_copy(module: nn.Module) -> nn.Module:
             delattr(sub, name)
             sub.register_buffer(name, param.detach())
     return module
+
+
+# Elementwise activations that keep zero at zero: applied to visible rows they compute what the
+# dense-masked engine computes without re-masking (ReLU has engine-specific twins).
+ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
+               timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
+
+
+def check_norm_act(bn: nn.Module, path: str) -> None:
+    """timm's BatchNormAct2d: its activation must be elementwise and its drop absent."""
+    reject_extras(bn, path, ("drop",))
+    if not isinstance(bn.act, (nn.Identity, nn.ReLU) + ACTIVATIONS):
+        raise unsupported(bn.act, f"{path}.act", "not an elementwise activation with act(0) = 0")
 
 
 class LayerScale(nn.Module):
@@ -120,6 +134,32 @@ class NamedStages:
             channels[-1] = model.num_features
         groups = tuple((s,) for s in self.stages[:-1]) + ((self.stages[-1], *self.head),)
         return Layout(self.stem, groups, tuple(channels))
+
+
+@dataclass(frozen=True)
+class BlockStages:
+    """Models whose body is one Sequential ``blocks`` of stages (EfficientNet, MobileNetV3): a
+    stage runs every block after the previous stage's tap up to timm's feature tap at its stride;
+    ``head`` runs after the last, which then has ``num_features`` channels."""
+
+    stem: tuple[str, ...]
+    head: tuple[str, ...] = ()
+
+    def __call__(self, model: nn.Module) -> Layout:
+        taps = {i["reduction"]: i for i in model.feature_info}  # the last tap at each stride
+        _check_strides(model, sorted(r for r in taps if r > 2))
+        modules = [taps[r]["module"] for r in STRIDES]
+        if not all(m.startswith("blocks.") for m in modules):
+            raise ConversionError(f"{type(model).__name__}: feature taps {modules} are not blocks")
+        ends = [int(m.split(".")[1]) for m in modules]
+        ends[-1] = len(model.blocks) - 1  # blocks after the last tap keep its stride
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        stages = [tuple(f"blocks.{i}" for i in range(a, e + 1)) for a, e in zip(starts, ends)]
+        stages[-1] += self.head
+        channels = [taps[r]["num_chs"] for r in STRIDES]
+        if self.head:
+            channels[-1] = model.num_features
+        return Layout(self.stem, tuple(stages), tuple(channels))
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers import BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d
 from timm.layers.grn import GlobalResponseNorm
-from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
 from ..mask import upsample_active
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import LayerScale, unsupported
+from .family import ACTIVATIONS, LayerScale, check_norm_act, unsupported
 
 
 class MaskedTensor(NamedTuple):
@@ -72,6 +71,19 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         # BatchNorm2d over a (1, C, N, 1) view is BatchNorm1d over the N visible rows
         n, c = rows.shape
         return super().forward(rows.t().reshape(1, c, n, 1)).reshape(c, n).t()
+
+
+class MaskedBatchNormAct2d(MaskedBatchNorm2d):
+    """timm's BatchNormAct2d: the batch norm above, then its activation, on the visible rows."""
+
+    def __init__(self, bn: BatchNormAct2d):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.act = copy.deepcopy(bn.act)
+        self.load_state_dict(bn.state_dict())
+        self.train(bn.training)
+
+    def _rows(self, rows: Tensor) -> Tensor:
+        return self.act(super()._rows(rows))
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -147,7 +159,7 @@ class MaskedPointwise(nn.Module):
         return inp._replace(x=self.module(inp.x))
 
 
-POINTWISE = (nn.ReLU, nn.GELU, GELU, GELUTanh, DropPath)
+POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 
 
@@ -163,6 +175,9 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
                                module.affine, module.track_running_stats)
         bn.load_state_dict(module.state_dict())
         return bn
+    if type(module) is BatchNormAct2d:
+        check_norm_act(module, path)
+        return MaskedBatchNormAct2d(module)
     if type(module) in LAYER_NORMS:
         norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                bias=module.bias is not None)

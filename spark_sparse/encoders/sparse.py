@@ -12,24 +12,23 @@ import copy
 
 import MinkowskiEngine as ME
 import torch
-from timm.layers import DropPath, LayerNorm, LayerNorm2d
+from timm.layers import BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d
 from timm.layers.grn import GlobalResponseNorm
-from timm.layers.activations import GELU, GELUTanh
 from torch import Tensor, nn
 
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.patch_sites import PatchSites
-from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm, SparseLayerNorm,
-                              SparseLayerScale, SparseLinear, image_of_rows, with_features)
+from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
+                              SparseLayerNorm, SparseLayerScale, SparseLinear, batch_norm_act, image_of_rows,
+                              with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import LayerScale, unsupported
+from .family import ACTIVATIONS, LayerScale, check_norm_act, unsupported
 
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
-ACTIVATIONS = (nn.GELU, GELU, GELUTanh)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -64,10 +63,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")
     centred = kh % 2 == 1 and ph == kh // 2
     bias = conv.bias is not None
-    if conv.groups == conv.in_channels == conv.out_channels > 1 and centred and sh == 1:
+    if conv.groups == conv.in_channels == conv.out_channels > 1 and centred and sh in (1, 2):
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
-        return _copy_weights(conv, DepthwiseConvolution(conv.out_channels, kh, bias))
+        return _copy_weights(conv, DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh))
     if conv.groups != 1:
         if impl == "minkowski" or not centred:
             raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
@@ -100,6 +99,25 @@ def _sparse_bn(bn: nn.BatchNorm2d, path: str) -> ME.MinkowskiBatchNorm:
     return sparse
 
 
+class SparseBatchNormAct(ME.MinkowskiBatchNorm):
+    """timm's BatchNormAct2d: batch norm over the visible rows, then its activation on them
+    (which recomputes the normalised rows in backward rather than keeping them)."""
+
+    def __init__(self, bn: BatchNormAct2d):
+        super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                         track_running_stats=bn.track_running_stats)
+        self.act = copy.deepcopy(bn.act)
+        if hasattr(self.act, "inplace"):
+            self.act.inplace = False  # its input is recomputed, and a leaf, in backward
+        self.bn.load_state_dict(bn.state_dict())
+        self.train(bn.training)
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        if isinstance(self.act, nn.Identity):
+            return with_features(x, self.bn(x.F))
+        return with_features(x, batch_norm_act(x.F, self.bn, self.act))
+
+
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     def size(v):
         return v if isinstance(v, int) else v[0]
@@ -123,7 +141,7 @@ class SparseChannelAttention(ChannelAttention):
         sums = x.F.new_zeros(sites.batch, x.F.shape[1]).index_add_(0, image, x.F)
         counts = torch.bincount(image, minlength=sites.batch).clamp_min(1).to(x.F.dtype)
         gates = self.gates(sums / counts[:, None])
-        return with_features(x, x.F * gates.index_select(0, image))
+        return with_features(x, ImageScale.apply(x.F, gates, image))
 
 
 def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
@@ -140,6 +158,9 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_conv(module, path, conv)
     if kind is nn.BatchNorm2d:
         return _sparse_bn(module, path)
+    if kind is BatchNormAct2d:
+        check_norm_act(module, path)
+        return SparseBatchNormAct(module)
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
     if kind is nn.Linear:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .patch_conv import gather_tiles, scatter_tiles, tile_rows
+from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
 from .patch_sites import PatchSites, Tile, tile_geometry
 
 
@@ -103,15 +103,18 @@ class CanvasDepthwise(torch.autograd.Function):
 
 
 class DepthwiseConvolution(nn.Module):
-    """A depthwise k x k (odd k, stride 1) submanifold convolution on mask-aligned sparse
-    tensors, with timm's parameters (``weight`` (C, 1, k, k), ``bias`` (C,))."""
+    """A depthwise k x k (odd k) submanifold convolution, or a strided one that keeps the visible
+    sites of the coarser grid, on mask-aligned sparse tensors, with timm's parameters (``weight``
+    (C, 1, k, k), ``bias`` (C,)). Strided ones (a few per EfficientNet) run on tiles, with
+    oneDNN's own backward."""
 
     tile_min_sites = 8  # blocks of 8x8 sites and more run on tiles, smaller ones on the canvas
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"depthwise kernel size must be odd, got {kernel_size}")
+        self.stride = stride
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
@@ -124,6 +127,13 @@ class DepthwiseConvolution(nn.Module):
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
         weight = self.weight
+        if self.stride > 1:
+            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride))
+            out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
+            if self.bias is not None:
+                out = out + self.bias
+            return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
+                                   coordinate_manager=sites.manager)
         if s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
             out = TileDepthwise.apply(x.F, weight, tile)
@@ -135,4 +145,5 @@ class DepthwiseConvolution(nn.Module):
                                coordinate_manager=x.coordinate_manager)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+        return (f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"bias={self.bias is not None}")

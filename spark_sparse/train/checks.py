@@ -45,8 +45,9 @@ def _wandb_key_present() -> bool:
 def check_model_and_missing(cfg: DictConfig) -> None:
     """The model first (the other keys' defaults come from its recipe), then unset keys."""
     if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
-        close = difflib.get_close_matches(str(cfg.model), timm.list_models(["resnet*", "convnext*"]), n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm ResNet or ConvNeXt name"
+        known = timm.list_models(module=TIMM_MODULES)
+        close = difflib.get_close_matches(str(cfg.model), known, n=3)
+        raise ConfigError(f"unknown model '{cfg.model}': expected a timm model of {', '.join(TIMM_MODULES)}"
                           + (f" (did you mean {', '.join(close)}?)" if close else ""))
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:

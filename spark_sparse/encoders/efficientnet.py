@@ -1,0 +1,77 @@
+"""The EfficientNet and MobileNetV3 families (timm ``EfficientNet``, ``MobileNetV3``).
+
+Both are one Sequential ``blocks`` of stages built from the same blocks: inverted residuals
+(1x1 expansion, depthwise 3x3/5x5 that may stride, squeeze-excitation, 1x1 projection),
+depthwise-separable and plain conv-bn-act blocks, EfficientNet-V2's fused "edge" residuals.
+Each block is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
+final 1x1 convolution and norm (``conv_head``, ``bn2``) run before pooling, so they end the last
+stage; MobileNetV3's run after pooling, so they are kept (frozen, never run) for strict loading.
+TensorFlow ports (``tf_*``, and the pruned EfficientNets) pad asymmetrically ("same") and are
+refused.
+"""
+
+from __future__ import annotations
+
+from timm.layers import Conv2dSame
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from torch import nn
+
+from .family import BlockStages, Converter, Family, reject_extras, unsupported
+
+# each block's leaves in the order its forward runs them
+LEAVES = {
+    InvertedResidual: ("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl", "bn3"),
+    DepthwiseSeparableConv: ("conv_dw", "bn1", "se", "conv_pw", "bn2"),
+    EdgeResidual: ("conv_exp", "bn1", "se", "conv_pwl", "bn2"),
+    ConvBnAct: ("conv", "bn1"),
+}
+
+
+class MirrorEfficientBlock(nn.Module):
+    """Any of timm's EfficientNet blocks: its leaves in order, + its input if it has a skip."""
+
+    def __init__(self, block: nn.Module, convert: Converter, path: str):
+        super().__init__()
+        reject_extras(block, path, ("aa", "conv_s2d"))
+        self.leaves = LEAVES[type(block)]
+        for name in self.leaves:
+            self.add_module(name, convert.leaf(getattr(block, name), f"{path}.{name}"))
+        self.has_skip = block.has_skip
+        self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
+
+    def forward(self, x):
+        y = x
+        for name in self.leaves:
+            y = getattr(self, name)(y)
+        return self.drop_path(y) + x if self.has_skip else y
+
+
+def _check(model: nn.Module) -> None:
+    if getattr(model, "grad_checkpointing", False):
+        raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
+    for path, module in model.named_modules():
+        if isinstance(module, Conv2dSame):
+            raise unsupported(module, path, "TensorFlow 'same' padding is asymmetric and has no exact "
+                                            "sparse twin; use a PyTorch-native model (tf_* ports pad so)")
+
+
+MIRRORS = {block: MirrorEfficientBlock for block in LEAVES}
+
+EFFICIENTNET = Family(
+    name="efficientnet",
+    timm_class=EfficientNet,
+    mirrors=MIRRORS,
+    layout=BlockStages(("conv_stem", "bn1"), head=("conv_head", "bn2")),
+    check=_check,
+)
+
+MOBILENETV3 = Family(
+    name="mobilenetv3",
+    timm_class=MobileNetV3,
+    mirrors=MIRRORS,
+    layout=BlockStages(("conv_stem", "bn1")),
+    kept=("conv_head", "norm_head"),
+    check=_check,
+)
