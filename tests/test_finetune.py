@@ -4,6 +4,7 @@ and an easy task (classes that differ in colour) is learned."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,11 @@ from PIL import Image
 import spark_sparse.train.finetune as finetune
 from spark_sparse.train.checkpoint import load_checkpoint
 from spark_sparse.train.classifier import build_model, encoder_of, load_encoder
+from spark_sparse.train.data import DataError
+from spark_sparse.train.labelled import EpochBatches, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 COLOURS = {"blue": (30, 40, 220), "green": (40, 200, 50), "red": (220, 30, 40)}
 # no colour-changing augmentation: the classes are colours
 TINY = ["model=resnet18", "input_size=32", "batch_size=8", "epochs=3", "threads=1", "aug.auto_augment=null",
@@ -115,8 +119,10 @@ def test_a_weight_file_for_another_model_is_refused_naming_the_keys(colours, tmp
     assert not run.exists()
 
 
-def test_resume_after_a_stop_mid_epoch_gives_the_same_run(colours, tmp_path, monkeypatch):
-    overrides = ("optim.lr=0.02", "mixup.mixup_alpha=0.2", "epochs=2")  # mixup: numpy RNG is resumed too
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_resume_after_a_stop_mid_epoch_gives_the_same_run(colours, tmp_path, monkeypatch, repeats):
+    # mixup: numpy RNG is resumed too; repeated augmentation: the epoch's order too
+    overrides = ("optim.lr=0.02", "mixup.mixup_alpha=0.2", "epochs=2", f"aug.repeats={repeats}")
     straight = tmp_path / "straight"
     finetune.train(config(colours, *overrides), straight)
 
@@ -167,6 +173,7 @@ def test_the_bundled_photos_task_runs_out_of_the_box(tmp_path):
     (["data.train={colours}/train", "data.val={colours}"], "data.train and data.val have different class folders"),
     (["pretrained={colours}"], "must hold encoder_timm.pth"),
     (["batch_size=7"], "even with mixup"),
+    (["aug.repeats=0"], "aug.repeats must be a whole number of at least 1, got 0"),
 ])
 def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, message):
     run = tmp_path / "run"
@@ -193,8 +200,11 @@ def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model
         cfg = compose("finetune", overrides=[f"model={model}"])
         assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.layer_decay) == (opt, base_lr, layer_decay)
         assert (cfg.mixup.mixup_alpha, cfg.drop_path_rate, cfg.ema.decay) == (mixup, drop_path, 0.9999)
+        assert cfg.aug.repeats == (3 if model.startswith("convnext") else 1)  # SparK: repeated aug for ConvNeXt
+        assert compose("finetune", overrides=[f"model={model}", "aug.repeats=2"]).aug.repeats == 2
         cfg = compose("finetune", overrides=[f"model={model}", "optim.base_lr=0.5", "mode=linear"])
         assert (cfg.optim.name, cfg.optim.base_lr, cfg.mixup.mixup_alpha, cfg.ema.decay) == ("sgd", 0.5, 0.0, None)
+        assert cfg.aug.repeats == 1
 
 
 def test_layer_decay_gives_the_stem_the_smallest_and_the_classifier_the_full_lr(colours):
@@ -217,3 +227,139 @@ def test_epoch_records_go_to_wandb_too(colours, tmp_path):
     finetune.train(config(colours, "logger=wandb", "epochs=1", "ema.decay=null"), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+# -- repeated augmentation -----------------------------------------------------------------------
+def test_with_three_repeats_every_chosen_image_comes_three_times_in_different_crops(colours):
+    cfg = config(colours, "aug.repeats=3")
+    train_set, _ = build_datasets(cfg.data, cfg.input_size, cfg.aug, cfg.seed)
+    epoch = [key for batch in EpochBatches(48, 8, seed=0, epoch=0, repeats=3) for key in batch]
+    images = [i for i, _ in epoch]
+    assert len(epoch) == 48 and len(set(images)) == 16 and all(images.count(i) == 3 for i in images)
+    assert len({seed for _, seed in epoch}) == 48  # every copy has its own augmentation
+    first = images[0]
+    crops = [train_set[key][0][0] for key in epoch if key[0] == first]
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
+    # the next epoch chooses other images; a resumed epoch continues the same batches
+    assert {i for batch in EpochBatches(48, 8, 0, 1, repeats=3) for i, _ in batch} != set(images)
+    assert list(EpochBatches(48, 8, 0, 0, start=2, repeats=3)) == list(EpochBatches(48, 8, 0, 0, repeats=3))[2:]
+
+
+def test_repeats_must_be_a_whole_number_of_at_least_one(colours):
+    for value in ("1.5", "three", "true"):
+        with pytest.raises(finetune.ConfigError, match=f"aug.repeats must be a whole number of at least 1, got"):
+            finetune.validate(config(colours, f"aug.repeats={value}"))
+
+
+# -- unreadable images -----------------------------------------------------------------------------
+def truncate(path: Path) -> None:
+    """Cut an image file in half, as an interrupted copy leaves it: the header reads, the pixels do not."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture
+def damaged(colours, tmp_path) -> Path:
+    """The colour task with one truncated train image (red/3.png) and one truncated val image (blue/2.png)."""
+    root = tmp_path / "damaged"
+    shutil.copytree(colours, root)
+    truncate(root / "train" / "red" / "3.png")
+    truncate(root / "val" / "blue" / "2.png")
+    return root
+
+
+def test_an_unreadable_training_image_is_warned_about_once_and_replaced_by_the_next(damaged, tmp_path):
+    cfg = config(damaged, "optim.lr=0.02", "epochs=2")
+    train_set, _ = build_datasets(cfg.data, cfg.input_size, cfg.aug, cfg.seed)
+    bad = [p for p, _ in train_set.items].index(damaged / "train" / "red" / "3.png")
+    (image, label), skipped = train_set[(bad, 7)]
+    assert [p.name for p, _ in skipped] == ["3.png"] and "truncated" in skipped[0][1]
+    (want, want_label), _ = train_set[(bad + 1, 7)]  # the next item (red/4.png), same augmentation
+    assert torch.equal(image, want) and label == want_label
+
+    with pytest.warns(UserWarning) as caught:
+        finetune.train(cfg, tmp_path / "run")
+    unreadable = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert len(unreadable) == 2, unreadable  # two files, two epochs: one warning per file
+    assert any("train/red/3.png" in m for m in unreadable) and any("val/blue/2.png" in m for m in unreadable)
+    assert [r["epoch"] for r in records(tmp_path / "run")] == [1, 2]
+
+
+def test_an_unreadable_validation_image_is_left_out_of_the_counts(damaged, colours):
+    cfg = config(damaged)
+    _, val_damaged = build_datasets(cfg.data, cfg.input_size, cfg.aug, cfg.seed)
+    healthy = colours.parent / "healthy"
+    if not healthy.exists():
+        shutil.copytree(colours, healthy)
+        (healthy / "val" / "blue" / "2.png").unlink()
+    _, val_without = build_datasets(config(healthy).data, cfg.input_size, cfg.aug, cfg.seed)
+    torch.manual_seed(0)
+    model = build_model("resnet18", "finetune", num_classes=3, drop_path_rate=0.0)
+    with pytest.warns(UserWarning, match=r"val/blue/2\.png"):
+        got = finetune.evaluate(model, val_damaged, 4, torch.device("cpu"))
+    want = finetune.evaluate(model, val_without, 4, torch.device("cpu"))
+    assert (got["top1"], got["top5"]) == (want["top1"], want["top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_more_than_half_of_the_images_unreadable_stops_the_run_naming_the_problem(colours, tmp_path):
+    root = tmp_path / "mostly-bad"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+        shutil.copy(colours / split / "red" / "0.png", root / split / "a" / "0.png")
+        for i in range(3):
+            shutil.copy(colours / split / "red" / "0.png", root / split / "b" / f"{i}.png")
+            truncate(root / split / "b" / f"{i}.png")
+    cfg = config(root, "batch_size=2", "mixup.mixup_alpha=0", "ema.decay=null")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"more than 2 of the 4 images of data.train "
+                                                                   r"are unreadable \(latest: .*b/\d\.png"):
+        finetune.train(cfg, tmp_path / "run")
+
+
+# -- torchrun ------------------------------------------------------------------------------------
+def torchrun(colours: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "spark_sparse.finetune"),
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """A 2-process CPU run (gloo) with mixup, EMA and layer decay (the ResNet recipe's) on."""
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", *entry, *TINY,
+                           f"data.train={colours / 'train'}", f"data.val={colours / 'val'}", "epochs=2",
+                           "optim.lr=0.005", "mixup.mixup_alpha=0.2", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {})))
+
+
+def test_torchrun_trains_evaluates_as_one_process_and_resumes_exactly(colours, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    proc = torchrun(colours, f"hydra.run.dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: finetune resnet18, 12 steps (2 processes)") == 1  # rank 0 alone reports
+    recs = records(straight)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    ckpt = load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert len(ckpt["rng_per_rank"]) == 2 and ckpt["ema"] is not None
+
+    # each rank evaluated its half with rank 0's weights: the sums are one process's evaluation
+    cfg = config(colours)
+    _, val_set = build_datasets(cfg.data, cfg.input_size, cfg.aug, cfg.seed)
+    model = build_model("resnet18", "finetune", num_classes=3, drop_path_rate=0.0)
+    model.load_state_dict(ckpt["model"])
+    alone = finetune.evaluate(model, val_set, 5, torch.device("cpu"))  # other batches than the ranks' 4
+    assert (alone["top1"], alone["top5"]) == (recs[-1]["val_top1"], recs[-1]["val_top5"])
+    assert alone["loss"] == pytest.approx(recs[-1]["val_loss"], rel=1e-5)
+
+    # stopped by a Ctrl-C at step 4 (mid-epoch 1), then resumed by torchrun: the same run
+    proc = torchrun(colours, f"hydra.run.dir={stopped}", entry=(str(ROOT / "tests" / "finetune_stopped.py"),),
+                    env={"STOP_AT_STEP": "4"})
+    assert proc.returncode != 0 and "stopped by SIGINT at step 4" in proc.stderr, proc.stderr[-3000:]
+    assert load_checkpoint(stopped / "checkpoints" / "last.pt")["step"] == 4
+    proc = torchrun(colours, f"hydra.run.dir={stopped}", "resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout
+
+    def without_speed(recs: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]
+
+    assert without_speed(records(stopped)) == without_speed(recs)
+    resumed = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        for name, tensor in ckpt[key].items():
+            assert torch.equal(tensor, resumed[key][name]), (key, name)

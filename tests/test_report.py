@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import matplotlib.pyplot
 import pytest
 import timm
 import torch
@@ -100,6 +102,29 @@ def test_plot_layouts(tmp_path, keys, values):
             for i, v in enumerate(values)]
     report.write_plot(rows, keys, tmp_path / "p.png", "test")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_with_finetune_columns_the_plot_gains_downstream_accuracy_against_mask_ratio(tmp_path):
+    rows = [{"run": str(i), "mask_ratio": m, "smoothed_loss": 1.0, "final_loss": 1.1, "probe_accuracy": 0.5,
+             "probe_random_init": 0.4, "finetune_top1": top1, "finetune_random_init": 31.25}
+            for i, (m, top1) in enumerate([(0.75, 70.0), (0.4, 55.0), (0.6, 62.5)])]
+    fig = report.figure(rows, ["mask_ratio"], "test")
+    try:
+        ax = fig.axes[-1]
+        assert len(fig.axes) == 3 and ax.get_ylabel() == "fine-tuning val top-1 (%)"
+        assert ax.get_xlabel() == "mask_ratio" and ax.get_ylim() == (0.0, 100.0)
+        curve, baseline = ax.get_lines()
+        assert list(curve.get_xdata()) == [0.4, 0.6, 0.75] and list(curve.get_ydata()) == [55.0, 62.5, 70.0]
+        assert list(baseline.get_ydata()) == [31.25, 31.25] and baseline.get_label() == "random init"
+        assert list(baseline.get_xdata()) == [0, 1]  # axhline: the whole width, in axes coordinates
+    finally:
+        matplotlib.pyplot.close(fig)
+    no_finetune = [{k: v for k, v in r.items() if not k.startswith("finetune")} for r in rows]
+    fig = report.figure(no_finetune, ["mask_ratio"], "test")
+    assert len(fig.axes) == 2  # without --finetune: loss and probe only
+    matplotlib.pyplot.close(fig)
+    report.write_plot(rows, ["mask_ratio"], tmp_path / "p.png", "test")
+    assert matplotlib.image.imread(tmp_path / "p.png").shape[1] == 15 * 120  # three 5-inch panels at 120 dpi
 
 
 # --- the linear probe ---

@@ -10,7 +10,7 @@ status rather than failing the report.
 Reconstruction loss is averaged over the hidden patches, so it is not comparable as a quality
 measure across mask ratios; the probe accuracy is. With ``--finetune "OVERRIDES"`` every run's
 encoder is also fine-tuned by ``spark_sparse.finetune`` (analysis/downstream.py), and the report
-gains its val top-1 beside the same recipe from random initialisation.
+gains its val top-1 beside the same recipe from random initialisation, in the table and in the plot.
 """
 
 from __future__ import annotations
@@ -230,19 +230,25 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def write_plot(rows: list[dict], keys: list[str], path: Path, title: str) -> None:
-    """Smoothed loss and probe accuracy against the varying setting.
+def figure(rows: list[dict], keys: list[str], title: str):
+    """Smoothed loss, probe accuracy and (for a report with --finetune) downstream val top-1
+    against the varying setting, the random-init baselines as dashed horizontal lines.
 
     A numeric setting (the first one) is the x axis, with one line per combination of the other
     settings; with only categorical settings (e.g. decoder.densify_norm) each run is one bar.
+    Returns the matplotlib figure (the caller saves and closes it).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # (column, random-init column, axis label, upper limit)
+    panels = [("probe_accuracy", "probe_random_init", "linear probe held-out accuracy", 1.0)]
+    if any("finetune_top1" in r for r in rows):
+        panels.append(("finetune_top1", "finetune_random_init", "fine-tuning val top-1 (%)", 100.0))
+    fig, (ax_loss, *axes) = plt.subplots(1, 1 + len(panels), figsize=(5 * (1 + len(panels)), 4))
     numeric = [k for k in keys if all(_is_number(r[k]) for r in rows)]
-    fig, (ax_loss, ax_probe) = plt.subplots(1, 2, figsize=(10, 4))
     if numeric:
         x_key, others = numeric[0], [k for k in keys if k != numeric[0]]
         groups: dict[str, list[dict]] = {}
@@ -254,29 +260,39 @@ def write_plot(rows: list[dict], keys: list[str], path: Path, title: str) -> Non
             line, = ax_loss.plot(xs, [r["smoothed_loss"] for r in members], "o-", label=label or "smoothed")
             ax_loss.plot(xs, [r["final_loss"] for r in members], "x:", color=line.get_color(), alpha=0.6,
                          label=f"{label} final" if label else "final")
-            ax_probe.plot(xs, [r["probe_accuracy"] for r in members], "o-", color=line.get_color(),
-                          label=label or "pretrained")
-        for ax in (ax_loss, ax_probe):
+            for ax, (column, *_) in zip(axes, panels):
+                ax.plot(xs, [r[column] for r in members], "o-", color=line.get_color(), label=label or "pretrained")
+        for ax in (ax_loss, *axes):
             ax.set_xlabel(x_key)
     else:
         positions = range(len(rows))
         names = [_label(r, keys) for r in rows]
         ax_loss.bar(positions, [r["smoothed_loss"] for r in rows], label="smoothed")
         ax_loss.plot(positions, [r["final_loss"] for r in rows], "kx", label="final")
-        ax_probe.bar(positions, [r["probe_accuracy"] for r in rows], label="pretrained")
-        for ax in (ax_loss, ax_probe):
+        for ax, (column, *_) in zip(axes, panels):
+            ax.bar(positions, [r[column] for r in rows], label="pretrained")
+        for ax in (ax_loss, *axes):
             ax.set_xticks(list(positions), names, rotation=20, ha="right", fontsize=8)
-    baselines = sorted({r["probe_random_init"] for r in rows if not math.isnan(r["probe_random_init"])})
-    for i, b in enumerate(baselines):
-        ax_probe.axhline(b, color="grey", ls="--", lw=1, label="random init" if i == 0 else None)
+    for ax, (_, baseline, ylabel, top) in zip(axes, panels):
+        values = sorted({r[baseline] for r in rows if not math.isnan(r.get(baseline, math.nan))})
+        for i, b in enumerate(values):
+            ax.axhline(b, color="grey", ls="--", lw=1, label="random init" if i == 0 else None)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, top)
     ax_loss.set_ylabel("reconstruction loss (hidden patches)")
-    ax_probe.set_ylabel("linear probe held-out accuracy")
-    ax_probe.set_ylim(0, 1)
-    for ax in (ax_loss, ax_probe):
+    for ax in (ax_loss, *axes):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(rows: list[dict], keys: list[str], path: Path, title: str) -> None:
+    """The report's figure (see ``figure``) as a PNG."""
+    fig = figure(rows, keys, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

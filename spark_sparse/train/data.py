@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -86,6 +86,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
             raise ValueError("floating-point pixels outside [0, 1]: unknown scale")
         return Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def read_rgb(source: Path | Image.Image) -> Image.Image:
+    """An image file decoded to 8-bit RGB (an image already in memory is returned as is)."""
+    if isinstance(source, Image.Image):
+        return source
+    with Image.open(source) as image:
+        return to_rgb(image)  # converting decodes, so corruption surfaces here
+
+
+def try_read(source: Path | Image.Image, bad_paths: set[Path]) -> tuple[Image.Image | None, list[tuple[Path, str]]]:
+    """The decoded image, or None for an unreadable file (added to ``bad_paths``, and returned
+    with its reason the first time)."""
+    if isinstance(source, Path) and source in bad_paths:
+        return None, []
+    try:
+        return read_rgb(source), []
+    except _DECODE_ERRORS as err:
+        bad_paths.add(source)
+        return None, [(source, f"{type(err).__name__}: {err}")]
+
+
+def first_readable(sources: Sequence[Path | Image.Image], index: int,
+                   bad_paths: set[Path]) -> tuple[int, Image.Image, list[tuple[Path, str]]]:
+    """The image at ``index``, or at the first readable index after it (wrapping around): its
+    index, the image, and the files newly found unreadable (added to ``bad_paths``). Whether a
+    file is readable is a property of the file, so every process, worker and resumed run picks
+    the same substitute; ``bad_paths`` only spares decoding a known bad file again."""
+    n = len(sources)
+    skipped = []
+    for offset in range(n):
+        i = (index + offset) % n
+        image, newly = try_read(sources[i], bad_paths)
+        skipped += newly
+        if image is not None:
+            return i, image, skipped
+    folder = os.path.commonpath([str(Path(p).parent) for p in sources if isinstance(p, Path)] or ["."])
+    example = f" (e.g. {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+    raise DataError(f"none of the {n} images under {folder} could be read{example}")
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -175,23 +214,8 @@ class PretrainDataset(Dataset):
         self[(0, 0)]
 
     def _load_from(self, index: int) -> tuple[Image.Image, list[tuple[Path, str]]]:
-        """The image at ``index``, or at the first readable index after it (wrapping around),
-        and the files newly found unreadable."""
-        n = len(self.paths)
-        skipped = []
-        for offset in range(n):
-            path = self.paths[(index + offset) % n]
-            if path in self.bad_paths:
-                continue
-            try:
-                with Image.open(path) as image:
-                    return to_rgb(image), skipped  # converting decodes, so corruption surfaces here
-            except _DECODE_ERRORS as err:
-                self.bad_paths.add(path)
-                skipped.append((path, f"{type(err).__name__}: {err}"))
-        folder = os.path.commonpath([str(p.parent) for p in self.paths])
-        example = f" (e.g. {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
-        raise DataError(f"none of the {n} images under {folder} could be read{example}")
+        _, image, skipped = first_readable(self.paths, index, self.bad_paths)
+        return image, skipped
 
 
 def warn_skipped(count: int, path: Path, reason: str) -> None:
@@ -279,23 +303,31 @@ def _collate(samples: list[tuple[torch.Tensor, list[tuple[Path, str]]]]) -> tupl
 
 
 class Batches:
-    """Stacked batches from a DataLoader. Each worker process meets unreadable files on its
-    own, so they are warned about here, in the main process, once per file."""
+    """Batches from a DataLoader whose items are (batch, unreadable files skipped for it). Each
+    worker process meets unreadable files on its own, so they are warned about here, in the main
+    process, once per file, and added to the data set's ``bad_paths`` (the workers of a later
+    loader start out knowing them). More than ``max_unreadable`` of them stop the run."""
 
-    def __init__(self, loader: DataLoader, dataset: PretrainDataset) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, dataset: Dataset, max_unreadable: int | None = None,
+                 what: str = "images") -> None:
+        self.loader, self.dataset = loader, dataset
+        self.max_unreadable, self.what = max_unreadable, what
         self.warned = set(dataset.bad_paths)  # already warned about in this process
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for images, skipped in self.loader:
+    def __iter__(self) -> Iterator:
+        for batch, skipped in self.loader:
             for path, reason in skipped:
                 if path not in self.warned:
                     self.warned.add(path)
+                    self.dataset.bad_paths.add(path)
+                    if self.max_unreadable is not None and len(self.warned) > self.max_unreadable:
+                        raise DataError(f"more than {self.max_unreadable} of the {len(self.dataset)} {self.what} "
+                                        f"are unreadable (latest: {path}: {reason}); fix or remove them")
                     warn_skipped(len(self.warned), path, reason)
-            yield images
+            yield batch
 
 
 def build_loader(dataset: PretrainDataset, batch_size: int, seed: int, start_step: int = 0,

@@ -147,6 +147,24 @@ def mean_over_ranks(value: Tensor) -> float:
     return total.item() / dist.get_world_size()
 
 
+def total_over_ranks(value: Tensor) -> Tensor:
+    """The sum of a CPU tensor over all ranks (not differentiable: counts, sums of losses)."""
+    if not is_active():
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank. DistributedDataParallel
+    broadcasts them before each training forward only, so between steps every rank holds the
+    statistics of its own last batch."""
+    if is_active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce(SUM) with its adjoint: every rank's input reaches every rank's output, so each
     input's gradient is the sum of all ranks' output gradients (another all_reduce)."""

@@ -6,6 +6,11 @@ takes a pretraining run directory or a timm state dict file; null trains from ra
 initialisation, the baseline. The run directory receives metrics.jsonl (one record per epoch:
 train loss, val top-1/top-5 of the model and of its EMA), checkpoints/last.pt (everything needed
 to resume exactly, even mid-epoch) and checkpoints/best.pt (the weights with the best val top-1).
+
+Data-parallel under ``torchrun --nproc_per_node=N -m spark_sparse.finetune ...`` as pretraining:
+DistributedDataParallel, batch_size stays the global batch (each process takes its share of every
+global batch, with the same crops as one process), each process evaluates its share of the val
+set and the counts are summed, rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -21,22 +26,24 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
 from .checks import ConfigError, check_model_and_missing, check_runtime
-from .checkpoint import atomic_save, rng_state, set_rng_state
+from .checkpoint import atomic_save, load_checkpoint, rng_state
 from .classifier import build_model, load_encoder
+from .data import derive_seed
 from .labelled import EpochBatches, InOrder, Labelled, build_datasets, loader
-from .logger import RunLogger
+from .logger import NullLogger, RunLogger
 from .optim import scaled_lr
 from .recipe import register_resolver
 from .run_dir import RunDirLock, StopSignals, Stopped
 from .runtime import configure_cpu
 from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                      out_of_memory, run_app, seed_everything)
+                      out_of_memory, restore_rng, run_app, seed_everything)
 
 __all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "evaluate", "main", "train", "validate"]
 
@@ -47,14 +54,20 @@ FIXED_ON_RESUME = ("mode", "model", "pretrained", "data", "input_size", "batch_s
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_model_and_missing(cfg)
-    if world_size > 1:
-        raise ConfigError("fine-tuning runs in one process for now; run it without torchrun")
     if cfg.mode not in ("finetune", "linear"):
         raise ConfigError(f"mode must be finetune or linear, got '{cfg.mode}'")
     if cfg.input_size < 32:
         raise ConfigError(f"input_size must be at least 32, got {cfg.input_size}")
     if cfg.batch_size < 2 or (mixing(cfg) and cfg.batch_size % 2):
         raise ConfigError(f"batch_size must be at least 2 (and even with mixup), got {cfg.batch_size}")
+    share = cfg.batch_size // world_size  # batch norm needs 2 images a process, mixup pairs them
+    if cfg.batch_size % world_size or share < 2 or (mixing(cfg) and share % 2):
+        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must split evenly among the "
+                          f"{world_size} processes into shares of at least 2"
+                          + (", even (mixup)" if mixing(cfg) else ""))
+    repeats = cfg.aug.repeats
+    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
+        raise ConfigError(f"aug.repeats must be a whole number of at least 1, got {repeats}")
     if not (isinstance(cfg.epochs, int) and cfg.epochs >= 1):
         raise ConfigError(f"epochs must be a positive whole number, got {cfg.epochs}")
     if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
@@ -90,20 +103,27 @@ def criterion(cfg: DictConfig) -> nn.Module:
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Labelled, batch_size: int, device: torch.device,
              num_workers: int = 0) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (in %) and cross-entropy of ``model`` on ``data``, in eval mode."""
+    """Top-1 and top-5 accuracy (in %) and cross-entropy of ``model`` on ``data``, in eval mode;
+    unreadable images are left out. Under torchrun every process evaluates its share with rank
+    0's weights and statistics and the counts are summed: the numbers are one process's."""
+    ctx = distributed.context()
+    distributed.broadcast_buffers(model)
     was_training = model.training
     model.eval()
     k = min(5, len(data.classes))
-    total, top1, top5, loss = 0, 0.0, 0.0, 0.0
-    for images, targets in loader(data, InOrder(len(data), batch_size), num_workers):
-        images, targets = images.to(device), targets.to(device)
+    counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 hits, top-k hits, loss sum
+    for batch in loader(data, InOrder(len(data), batch_size, ctx.rank, ctx.world_size), num_workers):
+        if batch is None:  # every image of this batch was unreadable
+            continue
+        images, targets = batch[0].to(device), batch[1].to(device)
         logits = model(images)
-        a1, a5 = accuracy(logits, targets, topk=(1, k))
-        n = len(targets)
-        total, top1, top5 = total + n, top1 + a1.item() * n, top5 + a5.item() * n
-        loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        hits = logits.topk(k, dim=1).indices == targets[:, None]
+        counts += torch.tensor([len(targets), hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
+                                nn.functional.cross_entropy(logits, targets, reduction="sum").item()],
+                               dtype=torch.float64)
     model.train(was_training)
-    return {"top1": top1 / total, "top5": top5 / total, "loss": loss / total}
+    total, top1, top5, loss = distributed.total_over_ranks(counts).tolist()
+    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -129,15 +149,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     lock = RunDirLock(run_dir)
     with StopSignals() as stops:
         try:
-            ckpt = open_run_dir(cfg, run_dir, lock, FIXED_ON_RESUME, ["checkpoints/best.pt"])
-            return _fit(cfg, run_dir, model, train_set, val_set, ckpt, stops)
+            # rank 0 judges the run directory; a refusal stops every rank with the same error
+            ckpt = distributed.run_on_main(
+                lambda: open_run_dir(cfg, run_dir, lock, FIXED_ON_RESUME, ["checkpoints/best.pt"]))
+            if cfg.resume and not ctx.is_main:
+                ckpt = load_checkpoint(checkpoint_path(run_dir))  # a shared run directory
+            return _fit(cfg, run_dir, ctx, model, train_set, val_set, ckpt, stops)
         finally:
             lock.release()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, val_set: Labelled,
-         ckpt: dict | None, stops: StopSignals) -> dict:
-    device = torch.device(cfg.device)
+def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, model: nn.Module, train_set: Labelled,
+         val_set: Labelled, ckpt: dict | None, stops: StopSignals) -> dict:
+    if ctx.rank:  # rank 0 keeps a single process's RNG streams; drop path and mixup differ per rank
+        seed_everything(derive_seed("finetune-rank", cfg.seed, ctx.rank))
+    device = torch.device(cfg.device, ctx.local_rank if cfg.device == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model.to(device)
     steps_per_epoch = len(train_set) // cfg.batch_size
     optimizer = build_optimizer(model, cfg)
@@ -161,36 +189,51 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
         scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, None, cfg.seed, ctx.rank)
         step, best, partial = ckpt["step"], ckpt["best"], tuple(ckpt["partial"])
-        print(f"resuming {run_dir} from step {step} (epoch {step / steps_per_epoch:.2f})")
+        if ctx.is_main:
+            print(f"resuming {run_dir} from step {step} (epoch {step / steps_per_epoch:.2f})")
         del ckpt
+    # the frozen encoder of linear mode has no gradients to average: DDP syncs the head's only
+    net = model
+    if ctx.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
+    logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
+              if ctx.is_main else NullLogger())
     saver = Saver(run_dir, step if cfg.resume else None, save=atomic_save)
     best_path = run_dir / "checkpoints" / "best.pt"
 
     def save(at: int) -> None:
-        saver.checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                          "step": at, "best": best, "partial": partial, "rng": rng_state(), "config": config}, at)
+        states = distributed.gather_on_main(rng_state())  # a collective: all ranks
+        if ctx.is_main:
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                    "step": at, "best": best, "partial": partial, "rng": states[0], "config": config}
+            if ctx.distributed:
+                ckpt["rng_per_rank"] = states
+            saver.checkpoint(ckpt, at)
+        saver.last_saved = at
 
     max_steps, workers = cfg.epochs * steps_per_epoch, cfg.data.num_workers
-    bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.mode} {cfg.model}", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=max_steps, initial=step, desc=f"{cfg.mode} {cfg.model}", dynamic_ncols=True, mininterval=1.0,
+               disable=not ctx.is_main)
     record: dict = {}
-    model.train()
+    net.train()
     try:
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             start, began = step - epoch * steps_per_epoch, time.perf_counter()
-            batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, start)
+            batches = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, start, cfg.aug.repeats,
+                                   ctx.rank, ctx.world_size)
             for images, targets in loader(train_set, batches, workers):
                 images, targets = images.to(device), targets.to(device)
                 if mixup is not None:
                     images, targets = mixup(images, targets)
                 scheduler.step_update(step)
-                loss = loss_fn(model(images), targets)
-                if not math.isfinite(loss.item()):
-                    raise TrainingDiverged(f"loss {loss.item()} at step {step + 1}: training stopped; {saver.kept()}")
+                loss = loss_fn(net(images), targets)
+                loss_value = distributed.mean_over_ranks(loss)  # equal shares: the global batch's loss
+                if not math.isfinite(loss_value):  # the same decision on every rank
+                    raise TrainingDiverged(f"loss {loss_value} at step {step + 1}: training stopped; {saver.kept()}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.optim.clip_grad:
@@ -199,40 +242,42 @@ def _fit(cfg: DictConfig, run_dir: Path, model: nn.Module, train_set: Labelled, 
                 step += 1
                 if ema is not None:
                     ema.update(model, step=step)
-                partial = (partial[0] + loss.item(), partial[1] + 1)
+                partial = (partial[0] + loss_value, partial[1] + 1)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}",
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.4f}",
                                 lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-                if stops.requested is not None and step % steps_per_epoch:
+                # every rank stops at the same step: save() is a collective
+                if step % steps_per_epoch and distributed.any_over_ranks(stops.requested is not None):
                     save(step)  # mid-epoch: the epoch's evaluation comes after the resumed rest
-                    raise Stopped(stops.requested, step)
+                    raise Stopped(stops.requested or "SIGTERM", step)
             record = {"step": step, "epoch": epoch + 1, "train_loss": partial[0] / max(partial[1], 1),
                       "lr": max(g["lr"] for g in optimizer.param_groups),
                       "images_per_s": (step - epoch * steps_per_epoch - start) * cfg.batch_size
                       / (time.perf_counter() - began)}
             partial = (0.0, 0)
-            for prefix, net in (("val", model), ("ema", ema.module if ema is not None else None)):
-                if net is not None:
-                    scores = evaluate(net, val_set, cfg.batch_size, device, workers)
+            for prefix, judged in (("val", model), ("ema", ema.module if ema is not None else None)):
+                if judged is not None:
+                    scores = evaluate(judged, val_set, cfg.batch_size // ctx.world_size, device, workers)
                     record.update({f"{prefix}_{k}": v for k, v in scores.items()})
             if record["val_top1"] > best["top1"]:
                 best = {"top1": record["val_top1"], "epoch": epoch + 1}
-                saver.write({"model": model.state_dict(), "epoch": epoch + 1, "val_top1": record["val_top1"],
-                             "config": config}, best_path, f"the best weights (epoch {epoch + 1})")
+                if ctx.is_main:
+                    saver.write({"model": model.state_dict(), "epoch": epoch + 1, "val_top1": record["val_top1"],
+                                 "config": config}, best_path, f"the best weights (epoch {epoch + 1})")
             record["best_top1"] = best["top1"]
             logger.log(record)
             save(step)
-            if stops.requested is not None and epoch + 1 < cfg.epochs:
-                raise Stopped(stops.requested, step)
+            if distributed.any_over_ranks(stops.requested is not None) and epoch + 1 < cfg.epochs:
+                raise Stopped(stops.requested or "SIGTERM", step)
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        raise out_of_memory(err, cfg, saver.kept()) from None
+        raise out_of_memory(err, cfg, saver.kept(), ctx.world_size) from None
     finally:
         bar.close()
         logger.close()
     return {"step": step, "last": record, "best": best, "run_dir": run_dir,
-            "checkpoint": checkpoint_path(run_dir), "best_checkpoint": best_path}
+            "checkpoint": checkpoint_path(run_dir), "best_checkpoint": best_path, "world_size": ctx.world_size}
 
 
 # absolute: run as `python -m spark_sparse.finetune`, hydra would resolve a relative path
@@ -246,7 +291,9 @@ def main(cfg: DictConfig) -> float:
     if summary is None:
         return float("nan")
     last, best = summary["last"], summary["best"]
-    print(f"done: {cfg.mode} {cfg.model}, {summary['step']} steps; val top-1 {last.get('val_top1', float('nan')):.2f}%"
+    processes = f" ({summary['world_size']} processes)" if summary["world_size"] > 1 else ""
+    print(f"done: {cfg.mode} {cfg.model}, {summary['step']} steps{processes}; "
+          f"val top-1 {last.get('val_top1', float('nan')):.2f}%"
           + (f" (EMA {last['ema_top1']:.2f}%)" if "ema_top1" in last else "")
           + f", best {best['top1']:.2f}% at epoch {best['epoch']}\n"
           f"  run directory:   {summary['run_dir']}\n"

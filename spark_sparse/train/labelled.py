@@ -21,34 +21,55 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, Sampler
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 
 from .regions import crop_boxes, split_column
-from .data import DataError, bundled_image_paths, derive_seed, to_rgb
+from .data import (Batches, DataError, bundled_image_paths, derive_seed, first_readable, to_rgb, try_read,
+                   warn_skipped)
 
 VAL_CROPS_PER_PHOTO = 8  # bundled task: fixed validation crops per photo
 TRAIN_REPEATS = 16       # bundled task: random train crops of each photo per epoch
 
 
+Sample = tuple[torch.Tensor, int]
+Skipped = list[tuple[Path, str]]  # unreadable files met while loading, with the reason
+
+
 class Labelled(Dataset):
     """(image, label) pairs from a list of items, each an image path or an already cut PIL image,
-    transformed under the sample seed of its key (index, seed)."""
+    transformed under the sample seed of its key (index, seed).
 
-    def __init__(self, items: list[tuple[Path | Image.Image, int]], classes: list[str], transform) -> None:
+    An unreadable file is met with once per file (a warning, in the main process: see ``loader``).
+    For training (``substitute``) its sample becomes the next readable item's, label included;
+    for validation it is left out (None), so every evaluation counts the same images. More than
+    half of the files unreadable stops the run.
+    """
+
+    def __init__(self, items: list[tuple[Path | Image.Image, int]], classes: list[str], transform,
+                 substitute: bool = True, what: str = "images") -> None:
         self.items, self.classes, self.transform = items, classes, transform
+        self.sources = [source for source, _ in items]
+        self.substitute, self.what = substitute, what
+        self.bad_paths: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    @property
+    def max_unreadable(self) -> int:
+        return len(self) // 2
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Sample | None, Skipped]:
+        """The sample of ``key`` (None: left out) and the files newly found unreadable, unwarned."""
         index, seed = key
-        source, label = self.items[index]
-        if isinstance(source, Image.Image):
-            image = source
+        if self.substitute:
+            index, image, skipped = first_readable(self.sources, index, self.bad_paths)
         else:
-            with Image.open(source) as f:
-                image = to_rgb(f)
+            image, skipped = try_read(self.sources[index], self.bad_paths)
+            if image is None:
+                return None, skipped
         # timm draws from all three global RNGs (RandAugment's op choice from numpy's)
         state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
@@ -56,17 +77,20 @@ class Labelled(Dataset):
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
             try:
-                return self.transform(image), label
+                return (self.transform(image), self.items[index][1]), skipped
             finally:
                 random.setstate(state)
                 np.random.set_state(np_state)
 
     def check_readable(self) -> None:
-        """Decode the first image now, so unusable data fails before the run directory is touched."""
-        try:
-            self[(0, 0)]
-        except (OSError, ValueError, SyntaxError) as err:
-            raise DataError(f"cannot read {self.items[0][0]}: {err}") from None
+        """Decode a first image now (warning about unreadable ones before it), so unusable data
+        fails before the run directory is touched."""
+        _, _, skipped = first_readable(self.sources, 0, self.bad_paths)
+        for count, (path, reason) in enumerate(skipped, start=1):
+            if count > self.max_unreadable:
+                raise DataError(f"more than {self.max_unreadable} of the {len(self)} {self.what} are "
+                                f"unreadable (latest: {path}: {reason}); fix or remove them")
+            warn_skipped(count, path, reason)
 
 
 def transforms(input_size: int, aug) -> tuple:
@@ -87,7 +111,8 @@ def image_folder(root: str, transform, split: str) -> Labelled:
         folder = ImageFolder(str(path))
     except FileNotFoundError as err:  # no class folders, or no images in them
         raise DataError(f"data.{split}={root}: {err}") from None
-    return Labelled([(Path(p), y) for p, y in folder.samples], folder.classes, transform)
+    return Labelled([(Path(p), y) for p, y in folder.samples], folder.classes, transform,
+                    substitute=split == "train", what=f"images of data.{split}")
 
 
 def bundled(train_transform, val_transform, seed: int) -> tuple[Labelled, Labelled]:
@@ -104,7 +129,7 @@ def bundled(train_transform, val_transform, seed: int) -> tuple[Labelled, Labell
                                      derive_seed("finetune-val", seed, label)):
             val.append((image.crop((x, y, x + side, y + side)), label))
     classes = [p.stem for p in paths]
-    return Labelled(train, classes, train_transform), Labelled(val, classes, val_transform)
+    return Labelled(train, classes, train_transform), Labelled(val, classes, val_transform, substitute=False)
 
 
 def build_datasets(data, input_size: int, aug, seed: int) -> tuple[Labelled, Labelled]:
@@ -124,38 +149,64 @@ def build_datasets(data, input_size: int, aug, seed: int) -> tuple[Labelled, Lab
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
-    """The batches of one epoch from batch ``start`` on: a fresh permutation per epoch, full batches
-    only (mixup pairs images within a batch), each key carrying its sample seed."""
+    """This process's part of the batches of one epoch, from batch ``start`` on.
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0) -> None:
+    The epoch's order is timm's RepeatAugSampler (SparK's repeated augmentation, from DeiT): a
+    fresh permutation of which the first size / repeats images come ``repeats`` times in a row,
+    so an epoch still holds ``size`` samples. Full global batches only (mixup pairs images within
+    a batch); every key carries the seed of its position in the global batch, so crops do not
+    depend on the number of processes, and rank r takes positions r, r + N, ... of each global
+    batch, which sends the copies of an image to different processes, as timm does.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0, repeats: int = 1,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.size, self.batch_size, self.seed, self.epoch, self.start = size, batch_size, seed, epoch, start
+        self.repeats, self.rank, self.world_size = repeats, rank, world_size
 
     def __len__(self) -> int:
         return self.size // self.batch_size - self.start
 
+    def order(self) -> list[int]:
+        """The epoch's sample order (all processes'); timm seeds its generator with the 'epoch'."""
+        sampler = RepeatAugSampler(range(self.size), num_replicas=1, rank=0, num_repeats=self.repeats,
+                                   selected_round=0)
+        sampler.set_epoch(derive_seed("finetune-epoch", self.seed, self.epoch))
+        return list(sampler)
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        g = torch.Generator().manual_seed(derive_seed("finetune-epoch", self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=g).tolist()
+        order = self.order()
         for b in range(self.start, self.size // self.batch_size):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield [(i, derive_seed("finetune-sample", self.seed, self.epoch, b, k)) for k, i in enumerate(batch)]
+            keys = [(i, derive_seed("finetune-sample", self.seed, self.epoch, b, k)) for k, i in enumerate(batch)]
+            yield keys[self.rank::self.world_size]
 
 
 class InOrder(Sampler[list[tuple[int, int]]]):
-    """Validation: every sample once, in order (the eval transform draws nothing)."""
+    """Validation: every sample once, in order (the eval transform draws nothing); under torchrun
+    rank r takes samples r, r + N, ..."""
 
-    def __init__(self, size: int, batch_size: int) -> None:
-        self.size, self.batch_size = size, batch_size
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices, self.batch_size = range(rank, size, world_size), batch_size
 
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for lo in range(0, self.size, self.batch_size):
-            yield [(i, 0) for i in range(lo, min(lo + self.batch_size, self.size))]
+        for lo in range(0, len(self.indices), self.batch_size):
+            yield [(i, 0) for i in self.indices[lo:lo + self.batch_size]]
 
 
-def loader(dataset: Labelled, sampler: Sampler, num_workers: int) -> DataLoader:
+def _collate(items: list[tuple[Sample | None, Skipped]]) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, Skipped]:
+    samples = [sample for sample, _ in items if sample is not None]
+    return (default_collate(samples) if samples else None), [bad for _, skipped in items for bad in skipped]
+
+
+def loader(dataset: Labelled, sampler: Sampler, num_workers: int) -> Batches:
+    """(images, targets) batches (None where a validation batch was all unreadable), warning
+    once per unreadable file and stopping when more than half of them are."""
     # a generator of its own: the loader would otherwise draw its workers' base seed from the
     # global torch RNG (drop path's), one draw per epoch started, and resume would shift it
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=torch.Generator())
+    batches = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+                         generator=torch.Generator())
+    return Batches(batches, dataset, dataset.max_unreadable, dataset.what)

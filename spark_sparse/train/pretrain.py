@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checks import FIXED_ON_RESUME, ConfigError, validate
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import atomic_save, load_checkpoint, rng_state
 from .data import PretrainDataset, build_dataset, build_loader, derive_seed
 from .logger import NullLogger, RunLogger
 from .run_dir import RunDirLock, StopSignals, Stopped
@@ -31,7 +31,7 @@ from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_de
 from .recipe import register_resolver
 from ..model.spark import SparK
 from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                      out_of_memory, run_app, seed_everything)
+                      out_of_memory, restore_rng, run_app, seed_everything)
 from .visualize import save_reconstruction
 
 __all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "main", "plan", "train", "validate"]
@@ -43,17 +43,6 @@ def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
     max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
     return max_steps, warmup
-
-
-def restore_rng(ckpt: dict, mask_generator: torch.Generator, seed: int, rank: int) -> None:
-    """This rank's saved RNG states; a rank the checkpoint has none for (it was written by fewer
-    processes) takes rank 0's mask generator and fresh per-rank global RNGs."""
-    states = ckpt.get("rng_per_rank") or [ckpt["rng"]]
-    if rank < len(states):
-        set_rng_state(states[rank], mask_generator)
-    else:
-        set_rng_state(states[0], mask_generator)
-        seed_everything(derive_seed("resume", seed, rank, ckpt["step"]))
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:

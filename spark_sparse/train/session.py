@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from . import distributed
 from .checks import ConfigError, check_resumable
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves, set_rng_state
+from .data import derive_seed
 from .run_dir import Refused, RunDirLock, Stopped, repair_metrics, write_record
 
 
@@ -38,6 +39,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def restore_rng(ckpt: dict, mask_generator: torch.Generator | None, seed: int, rank: int) -> None:
+    """This rank's saved RNG states; a rank the checkpoint has none for (it was written by fewer
+    processes) takes rank 0's mask generator and fresh per-rank global RNGs."""
+    states = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if rank < len(states):
+        set_rng_state(states[rank], mask_generator)
+    else:
+        set_rng_state(states[0], mask_generator)
+        seed_everything(derive_seed("resume", seed, rank, ckpt["step"]))
 
 
 def is_out_of_memory(err: BaseException) -> bool:
