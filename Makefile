@@ -21,13 +21,15 @@ finetune: setup
 test: setup
 	$(PY) -m pytest $(ARGS)
 
-# `make bench`: the speed benchmark at the speed targets' settings (about 20 minutes on 2 cores)
+# `make bench`: the speed benchmark at the speed targets' settings, one model of each family
+# (about 35 minutes on 2 cores)
 # and a short mask-ratio ablation (about 5), then the README's tables and docs/ plots are
 # refreshed. Override the grids with BENCH_ARGS / ABLATION_ARGS; ARGS is appended to the speed
 # benchmark's overrides.
 BENCH_DIR := outputs/bench/latest
 ABLATION_DIR := outputs/ablation/latest
-BENCH_ARGS ?= models=[resnet18,resnet50,convnext_tiny] batch_size=[16,8,8] mask_ratios=[0.6,0.75] \
+BENCH_ARGS ?= models=[resnet18,resnet50,resnext50_32x4d,convnext_tiny,regnety_016,efficientnet_b0,mobilenetv3_large_100] \
+	batch_size=[16,8,8,8,8,16,16] mask_ratios=[0.6,0.75] \
 	passes=[fwd_bwd,train_step] repeats=5
 ABLATION_ARGS ?= mask_ratio=0.4,0.6,0.75,0.9 model=resnet18 input_size=96 batch_size=16 \
 	max_steps=100 log_every=2 save_every=1000 vis_every=1000 vis_images=2
