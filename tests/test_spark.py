@@ -65,6 +65,19 @@ def test_model_shapes_and_hierarchy(hierarchy):
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0",
+                                  "mobilenetv3_small_100"])
+def test_every_family_pretrains_end_to_end(name):
+    # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32)
+    torch.manual_seed(0)
+    model = SparK.build(name, decoder_width=32, mask_ratio=0.6)
+    out = model(torch.randn(2, 3, 64, 64))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    untrained = [n for n, p in model.encoder.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not untrained
+
+
 def test_masks_come_from_the_models_seeded_generator():
     a, b = small(mask_ratio=0.6), small(mask_ratio=0.6)
     x = torch.zeros(3, 3, 224, 224)

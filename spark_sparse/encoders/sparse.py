@@ -139,7 +139,7 @@ class SparseChannelAttention(ChannelAttention):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites, image = PatchSites.of(x), image_of_rows(x)
         sums = x.F.new_zeros(sites.batch, x.F.shape[1]).index_add_(0, image, x.F)
-        counts = torch.bincount(image, minlength=sites.batch).clamp_min(1).to(x.F.dtype)
+        counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(x.F.dtype)
         gates = self.gates(sums / counts[:, None])
         return with_features(x, ImageScale.apply(x.F, gates, image))
 

@@ -113,6 +113,13 @@ class PatchSites:
             return self.patches[:, 0].repeat_interleave(self.sites_per_side(stride) ** 2)
         return self._cached(("image_of_rows", stride), build)
 
+    def rows_per_image(self, stride: int) -> Tensor:
+        """(B,) int64: how many rows each image has at ``stride`` (0 for a wholly hidden image)."""
+        def build():
+            per_patch = torch.bincount(self.patches[:, 0], minlength=self.batch)
+            return per_patch * self.sites_per_side(stride) ** 2
+        return self._cached(("rows_per_image", stride), build)
+
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
         s = self.sites_per_side(stride)
