@@ -1,16 +1,14 @@
-"""spark-sparse: SparK masked image pretraining for convnets with genuine sparse convolution."""
+"""spark-sparse: SparK masked image pretraining for convnets with genuine sparse convolution.
 
-import warnings
+``SparseEncoder`` (the sparse engine) imports MinkowskiEngine on first use; everything else,
+fine-tuning and the dense-masked engine included, works without it.
+"""
 
-with warnings.catch_warnings():
-    # a CPU-only MinkowskiEngine build is what we build on machines without a GPU: not news
-    warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
-    import MinkowskiEngine  # noqa: F401
+from typing import Any
 
 from .mask import random_active, upsample_active
 from .encoders.masked import MaskedDenseEncoder, MaskedTensor
 from .encoders.registry import ENCODERS, create_encoder
-from .encoders.sparse import SparseEncoder
 
 __all__ = [
     "ENCODERS",
@@ -21,3 +19,15 @@ __all__ = [
     "random_active",
     "upsample_active",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `spark_sparse.SparseEncoder` imports the sparse engine, and MinkowskiEngine, only
+    # when asked for (a one-line ImportError with the fix when MinkowskiEngine is missing)
+    if name == "SparseEncoder":
+        return ENCODERS["sparse"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

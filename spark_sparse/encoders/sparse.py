@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 
-import MinkowskiEngine as ME
 import torch
 from timm.layers import BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
+from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling

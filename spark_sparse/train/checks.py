@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..encoders.base import FAMILIES
+from ..encoders.registry import engine_class
 from .run_dir import Refused
 
 # the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
@@ -72,6 +73,10 @@ def check_runtime(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_model_and_missing(cfg)
+    try:
+        engine_class(cfg.engine)  # imported now: a sparse engine without MinkowskiEngine stops before any work
+    except (ValueError, ImportError) as err:
+        raise ConfigError(str(err)) from None
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     if cfg.input_size <= 0 or cfg.input_size % 32:
