@@ -18,7 +18,7 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
 
-import MinkowskiEngine as ME  # noqa: E402
+from spark_sparse.sparse import ME  # noqa: E402  (its CPU_ONLY note silenced)
 
 from spark_sparse import SparseEncoder, random_active  # noqa: E402
 from spark_sparse.sparse.patch_conv import PatchConvolution  # noqa: E402

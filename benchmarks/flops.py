@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import MinkowskiEngine as ME
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode

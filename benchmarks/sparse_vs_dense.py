@@ -39,7 +39,7 @@ from torch import nn
 
 warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")  # MinkowskiEngine's import note
 
-import MinkowskiEngine as ME  # noqa: E402
+from spark_sparse.sparse import ME  # noqa: E402  (its CPU_ONLY note silenced)
 import timm  # noqa: E402
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
