@@ -130,17 +130,16 @@ class DepthwiseConvolution(nn.Module):
         if self.stride > 1:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride))
             out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
-            if self.bias is not None:
-                out = out + self.bias
-            return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
-                                   coordinate_manager=sites.manager)
-        if s >= self.tile_min_sites:
+        elif s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
             out = TileDepthwise.apply(x.F, weight, tile)
         else:
             out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride))
         if self.bias is not None:
             out = out + self.bias
+        if self.stride > 1:
+            return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
+                                   coordinate_manager=sites.manager)
         return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
                                coordinate_manager=x.coordinate_manager)
 
