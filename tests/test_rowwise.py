@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from spark_sparse.sparse.rowwise import ImageScale, batch_norm_act
+from spark_sparse.sparse.norm_act import batch_norm_act
+from spark_sparse.sparse.rowwise import ImageScale
 
 ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
 

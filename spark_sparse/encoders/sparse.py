@@ -19,10 +19,10 @@ from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY not
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
+from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
-                              SparseLayerNorm, SparseLayerScale, SparseLinear, batch_norm_act, image_of_rows,
-                              with_features)
+                              SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder

@@ -1,6 +1,6 @@
 """Operators on each visible site's feature row, or on each image's rows: layer norm, linear,
-activations, batch norm with its activation, per-image scales (squeeze-excitation gates), layer
-scale, drop path, and ConvNeXt-V2's global response norm.
+activations, per-image scales (squeeze-excitation gates), layer scale, drop path, and
+ConvNeXt-V2's global response norm (batch norm with its activation: norm_act.py).
 
 They read and return ``MinkowskiEngine.SparseTensor``s on the input's coordinates and keep
 timm's parameter names and layouts, so weights map one-to-one. Per-image operators (drop path,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import MinkowskiEngine as ME
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .patch_sites import PatchSites
@@ -25,70 +24,6 @@ def with_features(x: ME.SparseTensor, feats: Tensor) -> ME.SparseTensor:
 
 def image_of_rows(x: ME.SparseTensor) -> Tensor:
     return PatchSites.of(x).image_of_rows(x.tensor_stride[0])
-
-
-# activations whose forward can run in place and whose backward has its own kernel: the
-# forward and gradient of any other module go through autograd
-_ACT_KERNELS = {
-    nn.ReLU: (torch.relu_, lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
-    nn.SiLU: (lambda y: F.silu(y, inplace=True), torch.ops.aten.silu_backward),
-    nn.Hardswish: (lambda y: F.hardswish(y, inplace=True), torch.ops.aten.hardswish_backward),
-}
-
-
-def _act_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
-    kernels = _ACT_KERNELS.get(type(act))
-    if kernels is not None:
-        return kernels[1](grad, y)
-    with torch.enable_grad():
-        y = y.requires_grad_()
-        return torch.autograd.grad(act(y), y, grad)[0]
-
-
-class BatchNormAct(torch.autograd.Function):
-    """Batch norm over the rows, then an elementwise activation, keeping only the norm's input
-    for backward: the normalised rows the activation's gradient needs are recomputed (one
-    multiply-add per element) rather than stored, one row-sized tensor less per layer (as
-    in-place activated batch norm does). Running statistics are updated once, in forward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                running_var: Tensor | None, training: bool, momentum: float, eps: float, act: nn.Module) -> Tensor:
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
-                                                  momentum, eps)
-        if not training:  # the statistics the rows were normalised with
-            mean, invstd = running_mean, (running_var + eps).rsqrt()
-        ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean, invstd)
-        ctx.training, ctx.eps, ctx.act = training, eps, act
-        kernels = _ACT_KERNELS.get(type(act))
-        return kernels[0](y) if kernels is not None else act(y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight, bias, running_mean, running_var, mean, invstd = ctx.saved_tensors
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        grad_y = _act_grad(ctx.act, torch.addcmul(shift, x, scale), grad)
-        need = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, running_mean, running_var,
-            mean if ctx.training else None, invstd if ctx.training else None,
-            ctx.training, ctx.eps, [need[0], need[1] and weight is not None, need[2] and bias is not None])
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
-
-
-def batch_norm_act(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module) -> Tensor:
-    """``act(bn(x))`` for (N, C) rows, as torch's batch norm module would run it (running
-    statistics, momentum or a cumulative average), through ``BatchNormAct``; ``act`` must not
-    work in place."""
-    factor = 0.0
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    training = bn.training or bn.running_mean is None
-    keep = not bn.training or bn.track_running_stats
-    return BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean if keep else None,
-                              bn.running_var if keep else None, training, factor, bn.eps, act)
 
 
 class ImageScale(torch.autograd.Function):
