@@ -1,12 +1,18 @@
 """The row operators that trade a stored tensor for a recomputation compute exactly what the
 plain torch expressions compute, and keep no more than they promise for backward."""
 
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import pytest
 import torch
 from torch import nn
 
+from spark_sparse import random_active
+from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.norm_act import batch_norm_act
-from spark_sparse.sparse.rowwise import ImageScale
+from spark_sparse.sparse.patch_conv import PatchConvolution
+from spark_sparse.sparse.rowwise import ImageScale, image_of_rows, with_features
+from spark_sparse.sparse.sparsify import sparsify
 
 ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
 
@@ -69,3 +75,63 @@ def test_image_scale_equals_gathered_gates_and_keeps_no_gathered_copy():
         assert torch.allclose(a, b)
     assert saved_row_tensors(lambda: x * scale[image], 9) == 2
     assert saved_row_tensors(lambda: ImageScale.apply(x, scale, image), 9) == 1
+
+
+def _conv(cls, *args, tile_min_sites=None, **kwargs):
+    torch.manual_seed(0)
+    conv = cls(*args, **kwargs).double()
+    for p in conv.parameters():
+        nn.init.normal_(p, std=0.3)
+    if tile_min_sites is not None:
+        conv.tile_min_sites = tile_min_sites
+    return conv
+
+
+def _gate(x: ME.SparseTensor) -> ME.SparseTensor:
+    scale = torch.linspace(0.5, 1.5, x.F.shape[1], dtype=x.F.dtype).repeat(2, 1)
+    scale[1] *= 2
+    return with_features(x, ImageScale.apply(x.F, scale, image_of_rows(x)))
+
+
+ONE_TILE, NO_TILES = 1, 10**6  # blocks of this many sites per side and more run on tiles
+AFTER_NORM = {  # operators that may follow a batch norm with its activation
+    "1x1 convolution": lambda: _conv(PatchConvolution, 6, 10, kernel_size=1, dimension=2),
+    "3x3 on tiles": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2, tile_min_sites=ONE_TILE),
+    "3x3 as offset GEMMs": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2,
+                                          tile_min_sites=NO_TILES),
+    "strided 3x3": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, stride=2, dimension=2),
+    "grouped 3x3 on tiles": lambda: _conv(GroupedConvolution, 6, 6, 3, 1, 3, tile_min_sites=ONE_TILE),
+    "grouped 3x3 as offset GEMMs": lambda: _conv(GroupedConvolution, 6, 6, 3, 1, 3, tile_min_sites=NO_TILES),
+    "depthwise on tiles": lambda: _conv(DepthwiseConvolution, 6, 3, tile_min_sites=ONE_TILE),
+    "depthwise on the canvas": lambda: _conv(DepthwiseConvolution, 6, 5, tile_min_sites=NO_TILES),
+    "strided depthwise": lambda: _conv(DepthwiseConvolution, 6, 3, stride=2),
+    "squeeze-excitation gate": lambda: _gate,
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("op", AFTER_NORM.values(), ids=AFTER_NORM.keys())
+def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op, train):
+    """It makes them again from the norm's input in backward: the same gradients as keeping them,
+    one row tensor kept instead of two."""
+    g = torch.Generator().manual_seed(0)
+    x = sparsify(torch.randn(2, 6, 64, 96, generator=g, dtype=torch.float64), random_active(2, (2, 3), 0.5, g))
+    op, rows = op(), x.F.shape[0]
+    bn = nn.BatchNorm1d(6).double().train(train)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+
+    def run(keep_rows: bool):
+        feats = x.F.clone().requires_grad_()
+        y = batch_norm_act(feats, bn, nn.ReLU())
+        out = op(with_features(x, y.clone() if keep_rows else y))  # a clone is kept as any tensor
+        return out.F, [feats, bn.weight, bn.bias, *op_params]
+
+    op_params = list(op.parameters()) if isinstance(op, nn.Module) else []
+    kept, (want, inputs_b) = saved_row_tensors(lambda: run(False), rows), run(True)
+    got, inputs_a = run(False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(got, inputs_a), grads(want, inputs_b)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (kept, saved_row_tensors(lambda: run(True), rows)) == (1, 2)
+

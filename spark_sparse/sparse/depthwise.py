@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm_act import save_rows, saved_rows
 from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
 from .patch_sites import PatchSites, Tile, tile_geometry
 
@@ -60,13 +61,13 @@ def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
 class TileDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile) -> Tensor:
-        ctx.save_for_backward(feats, weight)
+        save_rows(ctx, feats, weight)
         ctx.tile = tile
         return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0))
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        feats, weight = ctx.saved_tensors
+        feats, weight = saved_rows(ctx)
         tile = ctx.tile
         s = tile.sites
         grad = grad_rows.reshape(-1, s, s, grad_rows.shape[1]).permute(0, 3, 1, 2)
@@ -88,14 +89,14 @@ def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
 class CanvasDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
-        ctx.save_for_backward(feats, weight, index)
+        save_rows(ctx, feats, weight, index)
         ctx.shape = shape
         padding = weight.shape[-1] // 2
         return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding), index)
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        feats, weight, index = ctx.saved_tensors
+        feats, weight, index = saved_rows(ctx)
         padding = weight.shape[-1] // 2
         grad = to_canvas(grad_rows.contiguous(), index, ctx.shape)
         grad_x, grad_w = _grads(ctx, to_canvas(feats, index, ctx.shape), weight, grad, padding)

@@ -12,6 +12,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
+from .norm_act import save_rows, saved_rows
 from .patch_conv import TileConv, accumulate_rows, select_rows
 from .patch_sites import OffsetPairs, PatchSites, tile_geometry
 
@@ -23,7 +24,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: Tensor, kernel: Tensor, pairs: list[OffsetPairs], n_out: int) -> Tensor:
         # kernel: (K, G, C_in/G, C_out/G)
-        ctx.save_for_backward(feats, kernel)
+        save_rows(ctx, feats, kernel)
         ctx.pairs = pairs
         g, c_in, c_out = kernel.shape[1:]
         out = None
@@ -34,7 +35,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        feats, kernel = ctx.saved_tensors
+        feats, kernel = saved_rows(ctx)
         g, c_in, c_out = kernel.shape[1:]
         grad_out = grad_out.contiguous()
         need_feats, need_kernel = ctx.needs_input_grad[:2]

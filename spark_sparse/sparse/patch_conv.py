@@ -11,8 +11,9 @@ sparse convolution over them, chosen per layer by measurement:
   with kernel maps cut from the patch grid and torch's GEMMs. Absent neighbours cost nothing,
   which at 1-2 sites per block skips about half of the arithmetic.
 
-Both keep only their input rows for backward (the rows a ReLU keeps anyway), not the tiles, and
-tensors in and out stay ``MinkowskiEngine.SparseTensor``s.
+Both keep only their input rows for backward, not the tiles (and not even the rows where a batch
+norm with its activation made them: norm_act.py), and tensors in and out stay
+``MinkowskiEngine.SparseTensor``s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm_act import save_rows, saved_rows
 from .patch_sites import OffsetPairs, PatchSites, Tile, tile_geometry
 
 
@@ -51,13 +53,13 @@ class TileConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, stride: int, groups: int = 1) -> Tensor:
-        ctx.save_for_backward(feats, weight)
+        save_rows(ctx, feats, weight)
         ctx.tile, ctx.stride, ctx.groups = tile, stride, groups
         return tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride, groups=groups))
 
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
-        feats, weight = ctx.saved_tensors
+        feats, weight = saved_rows(ctx)
         tile, stride = ctx.tile, ctx.stride
         s_out = tile.sites // stride
         grad_out = grad_rows.reshape(-1, s_out, s_out, grad_rows.shape[1]).permute(0, 3, 1, 2)
@@ -114,7 +116,7 @@ class OffsetGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: Tensor, kernel: Tensor, pairs: list[OffsetPairs], n_out: int) -> Tensor:
-        ctx.save_for_backward(feats, kernel)
+        save_rows(ctx, feats, kernel)
         ctx.pairs = pairs
         out = None
         for k, o, i in pairs:
@@ -123,7 +125,7 @@ class OffsetGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        feats, kernel = ctx.saved_tensors
+        feats, kernel = saved_rows(ctx)
         grad_out = grad_out.contiguous()
         need_feats, need_kernel = ctx.needs_input_grad[:2]
         grad_feats = None
@@ -135,6 +137,22 @@ class OffsetGemm(torch.autograd.Function):
             if need_feats:
                 grad_feats = accumulate_rows(grad_feats, i, g @ kernel[k].t(), feats.shape[0])
         return grad_feats, grad_kernel, None, None
+
+
+class Pointwise(torch.autograd.Function):
+    """A 1x1 convolution: the rows times a (C_in, C_out) kernel."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, kernel: Tensor) -> Tensor:
+        save_rows(ctx, feats, kernel)
+        return feats @ kernel
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        feats, kernel = saved_rows(ctx)
+        need_feats, need_kernel = ctx.needs_input_grad
+        return (grad_out @ kernel.t() if need_feats else None,
+                feats.t() @ grad_out if need_kernel else None)
 
 
 class PatchConvolution(ME.MinkowskiConvolution):
@@ -183,7 +201,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
-            out = x.F @ self.kernel.view(self.in_channels, self.out_channels)  # a view: no grad copy
+            out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))  # a view: no grad copy
         elif not self.uses_tiles(s):
             out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
         else:

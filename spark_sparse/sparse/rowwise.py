@@ -13,6 +13,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
+from .norm_act import save_rows, saved_rows
 from .patch_sites import PatchSites
 
 
@@ -32,12 +33,12 @@ class ImageScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, image: Tensor) -> Tensor:
-        ctx.save_for_backward(x, scale, image)
+        save_rows(ctx, x, scale, image)
         return x * scale.index_select(0, image)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, scale, image = ctx.saved_tensors
+        x, scale, image = saved_rows(ctx)
         grad_x = grad * scale.index_select(0, image) if ctx.needs_input_grad[0] else None
         grad_scale = scale.new_zeros(scale.shape).index_add_(0, image, grad * x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_scale, None
