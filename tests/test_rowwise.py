@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from spark_sparse import random_active
+from spark_sparse import SparseEncoder, random_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.norm_act import batch_norm_act
@@ -135,3 +135,23 @@ def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op,
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert (kept, saved_row_tensors(lambda: run(True), rows)) == (1, 2)
 
+
+def test_a_sparse_resnet_bottleneck_keeps_its_norms_inputs_and_its_output():
+    """Besides its input: each batch norm's input and the block's output, no activation's."""
+    encoder = SparseEncoder.from_timm("resnet50")
+    block, kept, inside = encoder.body.layer1[1], {}, [False]
+    weights = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
+    block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(t):
+        where = t.untyped_storage().data_ptr()
+        if inside[0] and t.dim() == 2 and where not in weights:
+            kept[where] = t.shape
+        return t
+
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        encoder(images, random_active(2, (2, 2), 0.5, torch.Generator().manual_seed(0)))
+    widths = sorted(shape[1] for shape in kept.values())
+    assert widths == [64, 64, 256, 256, 256]  # bn1, bn2 inputs; input, bn3 input, output

@@ -13,6 +13,8 @@ class _MirrorBlock(nn.Module):
     """A timm residual block with its leaves converted; subclasses name the leaves and the order."""
 
     leaves: tuple[str, ...] = ()
+    # (norm, activation) leaves that run back to back; an engine may run each pair as one operator
+    norm_acts: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
@@ -35,6 +37,7 @@ class MirrorBasicBlock(_MirrorBlock):
     """timm's BasicBlock: conv-bn-act-conv-bn, + shortcut, act."""
 
     leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2")
+    norm_acts = (("bn1", "act1"),)
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -47,6 +50,7 @@ class MirrorBottleneck(_MirrorBlock):
     """timm's Bottleneck: 1x1, 3x3 (strided), 1x1, + shortcut, act."""
 
     leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3")
+    norm_acts = (("bn1", "act1"), ("bn2", "act2"))
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)

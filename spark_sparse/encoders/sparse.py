@@ -100,13 +100,14 @@ def _sparse_bn(bn: nn.BatchNorm2d, path: str) -> ME.MinkowskiBatchNorm:
 
 
 class SparseBatchNormAct(ME.MinkowskiBatchNorm):
-    """timm's BatchNormAct2d: batch norm over the visible rows, then its activation on them
-    (which recomputes the normalised rows in backward rather than keeping them)."""
+    """Batch norm over the visible rows, then an elementwise activation on them (timm's
+    BatchNormAct2d, or a block's norm and the activation after it): it keeps only its input for
+    backward, and the operator after it need not keep the rows it returns (norm_act.py)."""
 
-    def __init__(self, bn: BatchNormAct2d):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module):
         super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                          track_running_stats=bn.track_running_stats)
-        self.act = copy.deepcopy(bn.act)
+        self.act = copy.deepcopy(act)
         if hasattr(self.act, "inplace"):
             self.act.inplace = False  # its input is recomputed, and a leaf, in backward
         self.bn.load_state_dict(bn.state_dict())
@@ -116,6 +117,18 @@ class SparseBatchNormAct(ME.MinkowskiBatchNorm):
         if isinstance(self.act, nn.Identity):
             return with_features(x, self.bn(x.F))
         return with_features(x, batch_norm_act(x.F, self.bn, self.act))
+
+
+def fuse_norm_acts(body: nn.Module) -> None:
+    """Run each batch norm and ReLU that a mirror block declares back to back (``norm_acts``) as
+    one ``SparseBatchNormAct``: the convolution after it then keeps no rows of its own for
+    backward. Weights and their names are unchanged (the ReLU holds none)."""
+    for block in body.modules():
+        for norm, act in getattr(block, "norm_acts", ()):
+            bn, relu = getattr(block, norm), getattr(block, act)
+            if type(bn) is ME.MinkowskiBatchNorm and isinstance(relu, ME.MinkowskiReLU):
+                setattr(block, norm, SparseBatchNormAct(bn.bn, nn.ReLU()))
+                setattr(block, act, nn.Identity())
 
 
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
@@ -160,7 +173,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_bn(module, path)
     if kind is BatchNormAct2d:
         check_norm_act(module, path)
-        return SparseBatchNormAct(module)
+        return SparseBatchNormAct(module, module.act)
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
     if kind is nn.Linear:
@@ -203,6 +216,7 @@ class SparseEncoder(Encoder):
             # on a quarter of the rows and keeps what the next convolution keeps anyway
             body["maxpool"].relu = True
             body["act1"] = nn.Identity()
+        fuse_norm_acts(body)
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
         return sparsify(images, active)
