@@ -116,6 +116,8 @@ class SparseBatchNormAct(ME.MinkowskiBatchNorm):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         if isinstance(self.act, nn.Identity):
             return with_features(x, self.bn(x.F))
+        if type(self.bn) is not nn.BatchNorm1d:  # e.g. synchronised across processes: run as it is
+            return with_features(x, self.act(self.bn(x.F)))
         return with_features(x, batch_norm_act(x.F, self.bn, self.act))
 
 
