@@ -8,14 +8,15 @@ from typing import Any
 
 from .mask import random_active, upsample_active
 from .encoders.masked import MaskedDenseEncoder, MaskedTensor
-from .encoders.registry import ENCODERS, create_encoder
+from .encoders.registry import ENGINES, create_encoder, engine_class
 
 __all__ = [
-    "ENCODERS",
+    "ENGINES",
     "MaskedDenseEncoder",
     "MaskedTensor",
     "SparseEncoder",
     "create_encoder",
+    "engine_class",
     "random_active",
     "upsample_active",
 ]
@@ -25,7 +26,7 @@ def __getattr__(name: str) -> Any:
     # PEP 562: `spark_sparse.SparseEncoder` imports the sparse engine, and MinkowskiEngine, only
     # when asked for (a one-line ImportError with the fix when MinkowskiEngine is missing)
     if name == "SparseEncoder":
-        return ENCODERS["sparse"]
+        return engine_class("sparse")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
