@@ -136,6 +136,25 @@ class MaskedChannelAttention(ChannelAttention):
 
 
 
+class MaskedMaxPool(nn.Module):
+    """Max pooling over the visible sites only: hidden ones go in as -inf and come out as zeros.
+    After a ReLU (``after_relu``) the zeros they hold never win, so the fill is skipped, as in
+    SparK's code; after an activation that can be negative (SiLU, say) they would."""
+
+    def __init__(self, pool: nn.MaxPool2d, after_relu: bool = False):
+        super().__init__()
+        self.pool = copy.deepcopy(pool)
+        self.after_relu = after_relu
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        if self.after_relu:
+            y = self.pool(x)
+            return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
+        y = self.pool(x.masked_fill(~inp.visible(), float("-inf")))
+        return MaskedTensor(y.masked_fill(~upsample_active(inp.active, y.shape[-2:]), 0.0), inp.active)
+
+
 class MaskedApply(nn.Module):
     """Run a dense module, then zero the hidden sites again (pooling can spread into them)."""
 
@@ -197,7 +216,9 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelAttention(module, path)
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+    if isinstance(module, nn.MaxPool2d):
+        return MaskedMaxPool(module)
+    if isinstance(module, nn.AvgPool2d):  # avg-down: mask-aligned windows, all visible or all hidden
         return MaskedApply(module)
     if type(module) is nn.Identity:
         return nn.Identity()
@@ -208,6 +229,12 @@ class MaskedDenseEncoder(Encoder):
     """Dense convolutions multiplied by the mask; same interface as ``SparseEncoder``."""
 
     convert_leaf = staticmethod(convert_leaf)
+
+    def __init__(self, body: nn.ModuleDict, *args, **kwargs):
+        super().__init__(body, *args, **kwargs)
+        pool, act = (body[name] if name in body else None for name in ("maxpool", "act1"))
+        if isinstance(pool, MaskedMaxPool) and isinstance(act, MaskedPointwise) and type(act.module) is nn.ReLU:
+            pool.after_relu = True  # a ResNet stem's pooling
 
     def encode_input(self, images: Tensor, active: Tensor) -> MaskedTensor:
         return MaskedTensor(images * upsample_active(active, images.shape[-2:]), active)
