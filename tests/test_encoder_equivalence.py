@@ -146,6 +146,7 @@ VARIANTS = {
     "efficient channel attention, tiered deep stem, avg-down": ("ecaresnet26t", {}),
     "grouped convolutions (ResNeXt)": ("resnext50_32x4d", {}),
     "grouped convolutions and squeeze-excitation": ("seresnext26d_32x4d", {}),
+    "ResNet with another activation (SiLU)": ("resnet26", {"act_layer": "silu"}),
     "ConvNeXt with linear MLP, channels-last norms": ("convnext_tiny", {}),
     "ConvNeXt with overlapping stem": ("convnext_atto_ols", {}),
     "ConvNeXt without layer scale": ("convnext_atto", {"ls_init_value": None}),

@@ -122,14 +122,20 @@ class SparseBatchNormAct(ME.MinkowskiBatchNorm):
 
 
 def fuse_norm_acts(body: nn.Module) -> None:
-    """Run each batch norm and ReLU that a mirror block declares back to back (``norm_acts``) as
-    one ``SparseBatchNormAct``: the convolution after it then keeps no rows of its own for
-    backward. Weights and their names are unchanged (the ReLU holds none)."""
+    """Run each batch norm and activation that a mirror block declares back to back
+    (``norm_acts``) as one ``SparseBatchNormAct``: the convolution after it then keeps no rows of
+    its own for backward. Weights and their names are unchanged (activations hold none)."""
     for block in body.modules():
         for norm, act in getattr(block, "norm_acts", ()):
-            bn, relu = getattr(block, norm), getattr(block, act)
-            if type(bn) is ME.MinkowskiBatchNorm and isinstance(relu, ME.MinkowskiReLU):
-                setattr(block, norm, SparseBatchNormAct(bn.bn, nn.ReLU()))
+            bn, sparse_act = getattr(block, norm), getattr(block, act)
+            if isinstance(sparse_act, ME.MinkowskiReLU):
+                activation = nn.ReLU()
+            elif isinstance(sparse_act, SparseActivation):
+                activation = sparse_act.act
+            else:
+                continue
+            if type(bn) is ME.MinkowskiBatchNorm:
+                setattr(block, norm, SparseBatchNormAct(bn.bn, activation))
                 setattr(block, act, nn.Identity())
 
 
