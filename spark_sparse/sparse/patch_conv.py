@@ -201,7 +201,8 @@ class PatchConvolution(ME.MinkowskiConvolution):
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
-            out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))  # a view: no grad copy
+            # a view of the kernel: its gradient needs no copy
+            out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))
         elif not self.uses_tiles(s):
             out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
         else:

@@ -1,6 +1,6 @@
 """Operators on each visible site's feature row, or on each image's rows: layer norm, linear,
 activations, per-image scales (squeeze-excitation gates), layer scale, drop path, and
-ConvNeXt-V2's global response norm (batch norm with its activation: norm_act.py).
+ConvNeXt-V2's global response norm. Batch norm with its activation is in norm_act.py.
 
 They read and return ``MinkowskiEngine.SparseTensor``s on the input's coordinates and keep
 timm's parameter names and layouts, so weights map one-to-one. Per-image operators (drop path,
@@ -29,7 +29,7 @@ def image_of_rows(x: ME.SparseTensor) -> Tensor:
 
 class ImageScale(torch.autograd.Function):
     """rows * scale[image of row] (a squeeze-excitation gate), keeping the (B, C) scales rather
-    than their (N, C) gathered copy for backward."""
+    than their (N, C) gathered copy for backward, and the rows as ``save_rows`` keeps them."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, image: Tensor) -> Tensor:
