@@ -134,8 +134,6 @@ class MaskedChannelAttention(ChannelAttention):
         return MaskedTensor(x * self.gates(pooled)[:, :, None, None], inp.active)
 
 
-
-
 class MaskedMaxPool(nn.Module):
     """Max pooling over the visible sites only: hidden ones go in as -inf and come out as zeros.
     After a ReLU (``after_relu``) the zeros they hold never win, so the fill is skipped, as in

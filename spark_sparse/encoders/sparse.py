@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.grouped_conv import GroupedConvolution
-from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.norm_act import batch_norm_act
+from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
