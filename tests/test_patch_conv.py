@@ -31,6 +31,16 @@ def same_sites(a: ME.SparseTensor, b: ME.SparseTensor) -> None:
     return order_a, order_b
 
 
+def same_forward_and_input_gradient(ya: ME.SparseTensor, yb: ME.SparseTensor, fa, fb) -> None:
+    """Same outputs; the same gradient reaches the inputs' features (fa, fb) from one upstream
+    gradient (parameter gradients are left for the caller to compare)."""
+    order_a, order_b = same_sites(ya, yb)
+    grad = torch.randn(ya.F.shape, dtype=torch.float64)
+    (ya.F[order_a] * grad).sum().backward()
+    (yb.F[order_b] * grad).sum().backward()
+    torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("path", ["tiles", "gemm"])
 @pytest.mark.parametrize("kernel_size,stride", [(7, 2), (3, 1), (3, 2), (1, 2), (1, 1)])
 def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path):
@@ -39,12 +49,7 @@ def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride,
     ours = PatchConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
     ours.tile_min_sites = 1 if path == "tiles" else 10**6  # force one of the two code paths
     ours.load_state_dict(ref.state_dict())
-    ya, yb = ref(xa), ours(xb)
-    order_a, order_b = same_sites(ya, yb)
-    grad = torch.randn(ya.F.shape, dtype=torch.float64)
-    (ya.F[order_a] * grad).sum().backward()
-    (yb.F[order_b] * grad).sum().backward()
-    torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
+    same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
     torch.testing.assert_close(ref.kernel.grad, ours.kernel.grad, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ref.bias.grad, ours.bias.grad, rtol=1e-10, atol=1e-10)
 
@@ -61,12 +66,7 @@ def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_siz
         ours.bias.normal_()
         ref.kernel.copy_(dense_to_me_kernel(ours.weight).view_as(ref.kernel))
         ref.bias.copy_(ours.bias.view_as(ref.bias))
-    ya, yb = ref(xa), ours(xb)
-    order_a, order_b = same_sites(ya, yb)
-    grad = torch.randn(ya.F.shape, dtype=torch.float64)
-    (ya.F[order_a] * grad).sum().backward()
-    (yb.F[order_b] * grad).sum().backward()
-    torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
+    same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
     torch.testing.assert_close(dense_to_me_kernel(ours.weight.grad).view_as(ref.kernel), ref.kernel.grad,
                                rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
@@ -76,12 +76,8 @@ def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_siz
 def test_pooling_matches_minkowski_forward_and_backward(mode, kernel_size):
     (xa, xb), (fa, fb) = twin_inputs(4, seed=1)
     ref_cls = ME.MinkowskiMaxPooling if mode == "max" else ME.MinkowskiAvgPooling
-    ya, yb = ref_cls(kernel_size, stride=2, dimension=2)(xa), PatchPooling(mode, kernel_size, 2)(xb)
-    order_a, order_b = same_sites(ya, yb)
-    grad = torch.randn(ya.F.shape, dtype=torch.float64)
-    (ya.F[order_a] * grad).sum().backward()
-    (yb.F[order_b] * grad).sum().backward()
-    torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
+    same_forward_and_input_gradient(ref_cls(kernel_size, stride=2, dimension=2)(xa),
+                                    PatchPooling(mode, kernel_size, 2)(xb), fa, fb)
 
 
 def test_tensors_not_made_by_sparsify_are_refused():
