@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 
-warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
-
-from spark_sparse.sparse import ME  # noqa: E402  (its CPU_ONLY note silenced)
-
-from spark_sparse import SparseEncoder, random_active  # noqa: E402
-from spark_sparse.sparse.patch_conv import PatchConvolution  # noqa: E402
-from spark_sparse.sparse.patch_sites import PatchSites  # noqa: E402
-from spark_sparse.train.runtime import configure_cpu  # noqa: E402
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
+from spark_sparse import SparseEncoder, random_active
+from spark_sparse.sparse.patch_conv import PatchConvolution
+from spark_sparse.sparse.patch_sites import PatchSites
+from spark_sparse.train.runtime import configure_cpu
 
 PATHS = {"tiles": 1, "offset GEMMs": 10**9}  # tile_min_sites that forces each path
 

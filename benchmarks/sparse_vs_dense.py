@@ -27,32 +27,28 @@ import logging
 import platform
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import hydra
+import timm
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")  # MinkowskiEngine's import note
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
+from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
+from spark_sparse.train.runtime import configure_cpu, returning_freed_memory
+from spark_sparse.encoders.sparse import CONV_IMPLS
+from spark_sparse.model.spark import SparK
+from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.patch_conv import PatchifyConvolution
+from spark_sparse.train.recipe import default_recipe
 
-from spark_sparse.sparse import ME  # noqa: E402  (its CPU_ONLY note silenced)
-import timm  # noqa: E402
-
-from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active  # noqa: E402
-from spark_sparse.train.runtime import configure_cpu, returning_freed_memory  # noqa: E402
-from spark_sparse.encoders.sparse import CONV_IMPLS  # noqa: E402
-from spark_sparse.model.spark import SparK  # noqa: E402
-from spark_sparse.sparse.depthwise import DepthwiseConvolution  # noqa: E402
-from spark_sparse.sparse.patch_conv import PatchifyConvolution  # noqa: E402
-from spark_sparse.train.recipe import default_recipe  # noqa: E402
-
-from .flops import encoder_flops, head_flops  # noqa: E402
-from .memory import peak_memory_mb  # noqa: E402
-from .report import write_markdown, write_plots  # noqa: E402
+from .flops import encoder_flops, head_flops
+from .memory import peak_memory_mb
+from .report import write_markdown, write_plots
 
 log = logging.getLogger(__name__)
 
