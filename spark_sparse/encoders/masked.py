@@ -146,10 +146,9 @@ class MaskedMaxPool(nn.Module):
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x = inp.clean().x
-        if self.after_relu:
-            y = self.pool(x)
-            return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
-        y = self.pool(x.masked_fill(~inp.visible(), float("-inf")))
+        if not self.after_relu:
+            x = x.masked_fill(~inp.visible(), float("-inf"))
+        y = self.pool(x)  # -inf where a window holds no visible site: replaced, not multiplied
         return MaskedTensor(y.masked_fill(~upsample_active(inp.active, y.shape[-2:]), 0.0), inp.active)
 
 

@@ -128,15 +128,16 @@ def fuse_norm_acts(body: nn.Module) -> None:
     for block in body.modules():
         for norm, act in getattr(block, "norm_acts", ()):
             bn, sparse_act = getattr(block, norm), getattr(block, act)
+            if type(bn) is not ME.MinkowskiBatchNorm:
+                continue
             if isinstance(sparse_act, ME.MinkowskiReLU):
                 activation = nn.ReLU()
             elif isinstance(sparse_act, SparseActivation):
                 activation = sparse_act.act
             else:
                 continue
-            if type(bn) is ME.MinkowskiBatchNorm:
-                setattr(block, norm, SparseBatchNormAct(bn.bn, activation))
-                setattr(block, act, nn.Identity())
+            setattr(block, norm, SparseBatchNormAct(bn.bn, activation))
+            setattr(block, act, nn.Identity())
 
 
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
