@@ -16,14 +16,17 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 from .conftest import randomise_norms
 
-MODELS = ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d", "convnext_atto", "convnextv2_atto",
-          "regnety_002", "efficientnet_b0", "mobilenetv3_small_100"]
+MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
+                                        "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
+                                        "mobilenetv3_small_100"]}
+MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
-def encoder(engine, name: str, train: bool):
+def encoder(engine, model: str, train: bool):
+    name, kwargs = MODELS[model]
     torch.manual_seed(0)
-    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
+    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
     return engine.from_timm(model).double().train(train)
 
 
