@@ -102,7 +102,7 @@ def _sparse_bn(bn: nn.BatchNorm2d, path: str) -> ME.MinkowskiBatchNorm:
 class SparseBatchNormAct(ME.MinkowskiBatchNorm):
     """Batch norm over the visible rows, then an elementwise activation on them (timm's
     BatchNormAct2d, or a block's norm and the activation after it): it keeps only its input for
-    backward, and the operator after it need not keep the rows it returns (norm_act.py)."""
+    backward, and the operator after it need not keep the rows it returns (row_saving.py)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module):
         super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm_act import save_rows, saved_rows
+from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
 from .patch_sites import PatchSites, Tile, tile_geometry
 

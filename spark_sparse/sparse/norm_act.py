@@ -1,13 +1,7 @@
 """Batch norm over (N, C) rows followed by an elementwise activation, keeping only the norm's
 input for backward (as in-place activated batch norm does): the normalised rows are recomputed
-from it, one multiply-add per element, rather than stored.
-
-The operator that consumes those rows (a convolution) need not keep them either: ``save_rows``
-keeps, for rows a ``BatchNormAct`` returned, that node instead, and ``saved_rows`` makes the rows
-again in backward from the norm's input the node keeps anyway. A norm-activation-convolution
-sequence then keeps one row tensor for backward where it would keep two (the memory-efficient
-BN-ReLU-convolution of DenseNet and in-place ABN, without their recomputed convolution or
-invertible activation).
+from it, one multiply-add per element, rather than stored. The operator that consumes those
+rows need not keep them either (row_saving.py): ``BatchNormAct.output_again`` makes them again.
 """
 
 from __future__ import annotations
@@ -69,6 +63,15 @@ class BatchNormAct(torch.autograd.Function):
             ctx.training, ctx.eps, [need[0], need[1] and weight is not None, need[2] and bias is not None])
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
+    @staticmethod
+    def output_again(node) -> Tensor:
+        """What the forward of ``node``, one of this function's backward nodes, returned (up to
+        rounding: the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
+        x, weight, bias, _, _, mean, invstd = node.saved_tensors
+        y = _normalised(x, weight, bias, mean, invstd)
+        kernels = _ACT_KERNELS.get(type(node.act))
+        return kernels[0](y) if kernels is not None else node.act(y)
+
 
 def batch_norm_act(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module) -> Tensor:
     """``act(bn(x))`` for (N, C) rows, as torch's batch norm module would run it (running
@@ -82,33 +85,3 @@ def batch_norm_act(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, act: nn.Modul
     keep = not bn.training or bn.track_running_stats
     return BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean if keep else None,
                               bn.running_var if keep else None, training, factor, bn.eps, act)
-
-
-def _output_again(node) -> Tensor:
-    """What the forward of ``node``, a ``BatchNormAct``'s backward node, returned (up to rounding:
-    the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
-    x, weight, bias, _, _, mean, invstd = node.saved_tensors
-    y = _normalised(x, weight, bias, mean, invstd)
-    kernels = _ACT_KERNELS.get(type(node.act))
-    return kernels[0](y) if kernels is not None else node.act(y)
-
-
-def save_rows(ctx, rows: Tensor, *tensors: Tensor) -> None:
-    """``ctx.save_for_backward(rows, *tensors)`` for an autograd function whose backward reads its
-    input ``rows`` only through ``saved_rows``; rows a ``BatchNormAct`` returned are not kept but
-    made again from its node. An in-place change of the rows would have replaced their
-    ``grad_fn``, so rows still showing that node are unchanged since it made them."""
-    node = rows.grad_fn
-    # every node of a custom autograd function is an instance of its _backward_cls
-    ctx.rows_from = node if isinstance(node, BatchNormAct._backward_cls) else None
-    if ctx.rows_from is None:
-        ctx.save_for_backward(rows, *tensors)
-    else:
-        ctx.save_for_backward(*tensors)
-
-
-def saved_rows(ctx) -> tuple[Tensor, ...]:
-    """(rows, *tensors) as ``save_rows`` was given them."""
-    if ctx.rows_from is None:
-        return ctx.saved_tensors
-    return (_output_again(ctx.rows_from), *ctx.saved_tensors)

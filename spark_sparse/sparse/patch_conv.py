@@ -12,7 +12,7 @@ sparse convolution over them, chosen per layer by measurement:
   which at 1-2 sites per block skips about half of the arithmetic.
 
 Both keep only their input rows for backward, not the tiles (and not even the rows where a batch
-norm with its activation made them: norm_act.py), and tensors in and out stay
+norm with its activation made them: row_saving.py), and tensors in and out stay
 ``MinkowskiEngine.SparseTensor``s.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm_act import save_rows, saved_rows
+from .row_saving import save_rows, saved_rows
 from .patch_sites import OffsetPairs, PatchSites, Tile, tile_geometry
 
 

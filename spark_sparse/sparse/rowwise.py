@@ -13,7 +13,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
-from .norm_act import save_rows, saved_rows
+from .row_saving import save_rows, saved_rows
 from .patch_sites import PatchSites
 
 
