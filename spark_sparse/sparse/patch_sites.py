@@ -2,7 +2,7 @@
 
 A SparK mask keeps whole 32x32-pixel patches, so at stride s the visible sites form whole
 S x S blocks (S = 32 / s). Rows of every feature matrix are kept patch-major (patch, row in
-patch, column in patch); ``PatchSites`` (one per batch, kept on the batch's coordinate manager
+patch, column in patch); ``PatchSites`` (one per batch, held by the batch's ``BatchCoordinates``
 and shared by all layers) registers those coordinates with MinkowskiEngine once per stride and
 builds, once per batch, the tables the operators of patch_conv.py index with. A table is a
 tensor of row numbers where N (one past the last row) stands for an absent site.
@@ -42,6 +42,18 @@ class OffsetPairs(NamedTuple):
     inp: Tensor | None
 
 
+class BatchCoordinates(ME.CoordinateManager):
+    """MinkowskiEngine's coordinate manager for one batch, holding that batch's ``PatchSites``
+    (where every patch operator finds its tables) and, for the manager of the pixels' own map,
+    the manager of the layers' maps (``network``), which must live at least as long."""
+
+    def __init__(self, coordinate_map_type: ME.CoordinateMapType,
+                 network: "BatchCoordinates | None" = None) -> None:
+        super().__init__(D=2, coordinate_map_type=coordinate_map_type)
+        self.network = network
+        self.sites: PatchSites | None = None
+
+
 def tile_geometry(sites_per_side: int, kernel_size: int, stride: int) -> tuple[int, int]:
     """(start, size) of the input tile whose valid convolution gives the patch's outputs."""
     start = -(kernel_size // 2) if kernel_size % 2 else 0
@@ -52,7 +64,7 @@ def tile_geometry(sites_per_side: int, kernel_size: int, stride: int) -> tuple[i
 class PatchSites:
     """Coordinates, ME keys and index tables of one batch's visible patches, at every stride."""
 
-    def __init__(self, manager: ME.CoordinateManager, patches: Tensor, patch_size: int,
+    def __init__(self, manager: BatchCoordinates, patches: Tensor, patch_size: int,
                  grid: tuple[int, int], batch: int):
         # the manager of the layers' maps (strides > 1; sparsify keeps the pixels' map apart);
         # it holds the sites (``attach``): a weak link back, so that no reference cycle keeps a
@@ -68,19 +80,20 @@ class PatchSites:
 
     @staticmethod
     def of(x: ME.SparseTensor) -> "PatchSites":
-        sites = x.coordinate_manager.__dict__.get("_patch_sites")
+        manager = x.coordinate_manager
+        sites = manager.sites if isinstance(manager, BatchCoordinates) else None
         if sites is None:
             raise ValueError("patch convolutions need a SparseTensor made by spark_sparse.sparse.sparsify "
                              "(mask-aligned patches); use conv='minkowski' for arbitrary sparse tensors")
         return sites
 
     @property
-    def manager(self) -> ME.CoordinateManager:
+    def manager(self) -> BatchCoordinates:
         return self._manager()
 
-    def attach(self, manager: ME.CoordinateManager) -> None:
+    def attach(self, manager: BatchCoordinates) -> None:
         """Make ``PatchSites.of`` find these sites from tensors of ``manager``."""
-        manager.__dict__["_patch_sites"] = self
+        manager.sites = self
 
     def sites_per_side(self, stride: int) -> int:
         return self.patch_size // stride

@@ -11,7 +11,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from .patch_sites import STRING_ID, PatchSites
+from .patch_sites import STRING_ID, BatchCoordinates, PatchSites
 
 
 def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
@@ -28,13 +28,12 @@ def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
     kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
-    network = ME.CoordinateManager(D=2, coordinate_map_type=kind)  # strides 2..32: the layers' maps
+    network = BatchCoordinates(kind)  # strides 2..32: the layers' maps
     sites = PatchSites(network, patches, patch, (gh, gw), b)
     # The pixels' own map (by far the largest) lives in a manager of its own, which holds the
     # network's: it goes with the input tensor, right after the stem has read it, instead of
     # staying for the whole backward pass.
-    pixels = ME.CoordinateManager(D=2, coordinate_map_type=kind)
-    pixels.__dict__["_network_manager"] = network
+    pixels = BatchCoordinates(kind, network=network)
     sites.attach(network)
     sites.attach(pixels)
     # the coordinates are unique by construction: insert them directly, without ME's quantisation
