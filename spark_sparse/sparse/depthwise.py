@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
-from .patch_sites import PatchSites, Tile, tile_geometry
+from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_geometry
 
 
 def dw_forward(x: Tensor, weight: Tensor, padding: int) -> Tensor:
@@ -109,7 +109,7 @@ class DepthwiseConvolution(nn.Module):
     (C, 1, k, k), ``bias`` (C,)). Strided ones (a few per EfficientNet) run on tiles, with
     oneDNN's own backward."""
 
-    tile_min_sites = 8  # blocks of 8x8 sites and more run on tiles, smaller ones on the canvas
+    tile_min_sites = TILE_MIN_SITES
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1):
         super().__init__()

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, accumulate_rows, select_rows
-from .patch_sites import OffsetPairs, PatchSites, tile_geometry
+from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, tile_geometry
 
 
 class GroupedOffsetGemm(torch.autograd.Function):
@@ -55,7 +55,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
 class GroupedConvolution(nn.Module):
     """A grouped k x k (odd k, centred) submanifold or strided convolution."""
 
-    tile_min_sites = 8
+    tile_min_sites = TILE_MIN_SITES
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
                  bias: bool = False):

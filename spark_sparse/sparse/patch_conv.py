@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .row_saving import save_rows, saved_rows
-from .patch_sites import OffsetPairs, PatchSites, Tile, tile_geometry
+from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, Tile, tile_geometry
 
 
 def gather_tiles(feats: Tensor, tile: Tile, fill: float = 0.0) -> Tensor:
@@ -165,7 +165,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
     matrix product of the (for stride 2: selected) rows.
     """
 
-    tile_min_sites = 8
+    tile_min_sites = TILE_MIN_SITES
 
     # MinkowskiEngine keeps its convolution's settings in __slots__, which nn.Module's pickling
     # (its __dict__) leaves out: copies and unpickled modules would have no kernel generator.

@@ -19,6 +19,11 @@ from torch import Tensor
 
 STRING_ID = "patch"  # our coordinate maps, never confused with ones ME builds itself
 
+# Blocks of at least this many sites per side run k x k convolutions on tiles; smaller ones (the
+# deeper stages, where a tile would be mostly halo) as offset GEMMs or on a per-image canvas.
+# Measured by benchmarks/conv_paths.py: tiles win at 8x8 blocks, are within 10% at 4x4.
+TILE_MIN_SITES = 8
+
 
 class Tile(NamedTuple):
     """Each patch's ``size`` x ``size`` neighbourhood, starting ``start`` sites before its corner."""
