@@ -7,7 +7,7 @@ fine-tuning and the dense-masked engine included, works without it.
 from typing import Any
 
 from .mask import random_active, upsample_active
-from .encoders.masked import MaskedDenseEncoder, MaskedTensor
+from .encoders.masked_engine import MaskedDenseEncoder, MaskedTensor
 from .encoders.registry import ENGINES, create_encoder, engine_class
 
 __all__ = [

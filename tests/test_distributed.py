@@ -22,7 +22,7 @@ import spark_sparse.train.pretrain as pretrain
 from spark_sparse.train.checkpoint import load_checkpoint
 from spark_sparse.train import distributed
 from spark_sparse.train.distributed import SharedRunDir, SyncVisibleBatchNorm, convert_sync_batchnorm
-from spark_sparse.encoders.masked import MaskedBatchNorm2d, MaskedTensor
+from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
 
 from .test_pretrain import config, losses

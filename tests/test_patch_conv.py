@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.sparse import dense_to_me_kernel
+from spark_sparse.encoders.sparse_engine import dense_to_me_kernel
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
 from spark_sparse.sparse.sparsify import sparsify

@@ -10,7 +10,7 @@ import torch
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder, random_active
 from spark_sparse.encoders.family import ConversionError
-from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
+from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 
 from .conftest import randomise_norms
 

@@ -1,6 +1,6 @@
 """What every engine's encoder shares: conversion from timm, the stage loop, timm-style weights.
 
-An engine (sparse.py, masked.py) subclasses ``Encoder`` with its leaf conversion, how images
+An engine (sparse_engine.py, masked_engine.py) subclasses ``Encoder`` with its leaf conversion, how images
 and mask enter the engine, how a stage output becomes a dense map, and how its parameter names
 and layouts map to timm's. The families it can convert are listed in ``FAMILIES``.
 """

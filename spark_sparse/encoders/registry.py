@@ -14,8 +14,8 @@ from .base import Encoder, resolve_model
 
 # engine name -> (module, relative to this package; its encoder class)
 ENGINES: dict[str, tuple[str, str]] = {
-    "sparse": (".sparse", "SparseEncoder"),
-    "dense_masked": (".masked", "MaskedDenseEncoder"),
+    "sparse": (".sparse_engine", "SparseEncoder"),
+    "dense_masked": (".masked_engine", "MaskedDenseEncoder"),
 }
 
 

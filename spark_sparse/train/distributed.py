@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..encoders.masked import MaskedBatchNorm2d
+from ..encoders.masked_engine import MaskedBatchNorm2d
 
 T = TypeVar("T")
 
