@@ -336,8 +336,11 @@ def build_loader(dataset: PretrainDataset, batch_size: int, seed: int, start_ste
     """Stacked (batch_size // world_size, 3, S, S) batches, one per step."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step=start_step,
                                max_steps=max_steps, rank=rank, world_size=world_size)
+    # a generator of its own: the loader would otherwise draw its workers' base seed from the
+    # global RNG when iterated, one draw that a resumed run makes at another point of the stream
+    # than an uninterrupted one (drop path, which draws from it, would then differ)
     loader = DataLoader(_Loading(dataset), batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=num_workers > 0)
+                        collate_fn=_collate, persistent_workers=num_workers > 0, generator=torch.Generator())
     return Batches(loader, dataset)
 
 
