@@ -60,6 +60,16 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(sign in str(err) for sign in signs)
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it arose from, is a full disk or an exceeded quota: torch.save
+    reports a failed write as a RuntimeError of its archive writer, with the OSError as context."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -132,8 +142,8 @@ class Saver:
     def write(self, obj: object, path: Path, what: str) -> None:
         try:
             self._save(obj, path)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as err:
+            if not is_disk_full(err):
                 raise
             raise RunFailed(f"disk full while saving {what}: {self.kept()}; free some space and "
                             "continue with resume=true") from None
