@@ -1,14 +1,14 @@
 """The run directory stays sound: refusals change nothing, one run at a time, a repaired metrics
-log, clean stops on SIGINT/SIGTERM, damaged checkpoints and a full disk reported in one line."""
+log, clean stops on SIGINT/SIGTERM, exact resume after SIGKILL, damaged checkpoints, and a full
+disk, a divergence or an out-of-memory reported in one line."""
 
-import errno
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,13 @@ from spark_sparse.model.spark import SparK
 from spark_sparse.train.checkpoint import load_checkpoint
 from spark_sparse.train.run_dir import Refused, RunDirLock, Stopped, repair_metrics
 
-from .test_pretrain import ROOT, config
+from . import faults
+from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, losses,
+                   pretrain_cli, records, wait_until)
+from .test_pretrain import config
 
-CLI = [sys.executable, "-m", "spark_sparse.pretrain", "model=resnet18", "input_size=64", "batch_size=4",
-       "decoder.width=64", "vis_images=1", "threads=1", "log_every=1"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+CLI = [sys.executable, "-m", "spark_sparse.pretrain", *PRETRAIN]
+cli = pretrain_cli
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -32,19 +34,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def cli(*overrides: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *overrides], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
 def steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
+    return [r["step"] for r in records(run_dir)]
 
 
 # -- refusals change nothing --------------------------------------------------------------------
@@ -112,17 +103,9 @@ def test_metrics_repair_keeps_each_step_once_and_drops_a_torn_tail(tmp_path):
 
 
 def test_resume_after_a_torn_metrics_line_logs_each_step_once(tmp_path, monkeypatch, capsys):
-    real_save = pretrain.atomic_save
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if isinstance(obj, dict) and obj.get("step") == 2:
-            raise KeyboardInterrupt  # killed right after the step-2 checkpoint
-
-    monkeypatch.setattr(pretrain, "atomic_save", save_then_die)
+    after_checkpoint(monkeypatch, pretrain, step=2)  # killed right after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(config("max_steps=4", "save_every=2"), tmp_path)
-    monkeypatch.setattr(pretrain, "atomic_save", real_save)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.0')  # killed mid-write of a record past the checkpoint
 
@@ -176,12 +159,7 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tmp_path, mon
 
 
 def wait_for_step(run_dir: Path, above: int, proc: subprocess.Popen) -> None:
-    for _ in range(600):
-        if (run_dir / "metrics.jsonl").exists() and any(s > above for s in steps(run_dir)):
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    raise AssertionError("the run made no progress")
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and any(s > above for s in steps(run_dir)), proc)
 
 
 def test_ctrl_c_and_sigterm_on_the_command_line_save_and_say_how_to_resume(tmp_path):
@@ -212,24 +190,124 @@ def test_ctrl_c_and_sigterm_on_the_command_line_save_and_say_how_to_resume(tmp_p
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] > at
 
 
-# -- failures while running ---------------------------------------------------------------------
+def test_a_run_killed_by_sigkill_resumes_to_the_same_weights_and_optimizer_state(tmp_path):
+    """SIGKILL runs no handler and no ``finally``: only the atomically written checkpoint remains.
+    Drop path is on, so the global RNG must come back too, not only the mask generator."""
+    run = ["max_steps=8", "save_every=2", "drop_path_rate=0.2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert cli(*run, f"hydra.run.dir={straight}").returncode == 0
+    proc = subprocess.Popen([*CLI, *run, f"hydra.run.dir={killed}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: checkpoint_step(killed) is not None, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    at = checkpoint_step(killed)
+    assert at < 8, "the run ended before it could be killed"
+    resumed = cli(*run, "resume=true", f"hydra.run.dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {killed} from step {at}" in resumed.stdout
 
-def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_save = torch.save
+    assert losses(killed) == losses(straight)  # every step, bit for bit
+    want, got = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (straight, killed))
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for index, state in want["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(torch.as_tensor(got["optimizer"]["state"][index][key]), torch.as_tensor(tensor)), key
 
-    def save(obj, f, *args, **kwargs):
-        if isinstance(obj, dict) and obj.get("step") == 2:
-            f.write(b"the first bytes")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(pretrain.RunFailed,
-                       match=r"disk full while saving the step-2 checkpoint: the last good checkpoint is .*last.pt \(step 1\)"):
+# -- failures while running: one line, and what was kept -----------------------------------------
+
+@pytest.mark.parametrize("saves,kept", [(1, r"the last good checkpoint is .*last.pt \(step 1\)"),
+                                        (0, "no checkpoint was written")])
+def test_a_disk_that_fills_up_while_saving_stops_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, monkeypatch, saves, kept):
+    # the real torch.save meets the full disk: it raises a RuntimeError, the OSError is its context
+    faults.fill_disk_after(saves, monkeypatch.setattr)
+    step = saves + 1
+    with pytest.raises(pretrain.RunFailed, match=rf"disk full while saving the step-{step} checkpoint: {kept}"):
         pretrain.train(config("max_steps=2", "save_every=1"), tmp_path)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
+    monkeypatch.undo()
+    if saves:
+        assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"] * saves  # no partial file
+
+
+def test_a_full_disk_on_the_command_line_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "faults.py"), "--full-disk-after", "1",
+                           "spark_sparse.pretrain", *PRETRAIN, "max_steps=3", "save_every=1",
+                           f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "error: disk full while saving the step-2 checkpoint: the last good checkpoint is")
+    assert checkpoint_step(run) == 1
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A tmpfs of a given size in MiB, where the machine lets this process mount one."""
+    mounted = []
+
+    def mount(mib: int) -> Path:
+        where = tmp_path / "small"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here ({proc.stderr.strip() or 'not permitted'})")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def checkpoint_mib(*overrides: str) -> float:
+    """About what a pretraining checkpoint of this config takes: weights, LAMB's two moments."""
+    model = SparK.from_config(config(*overrides))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return (3 * params + buffers) / 2**20
+
+
+def test_a_real_full_file_system_is_one_line_and_keeps_the_last_checkpoint(small_file_system):
+    """The disk holds one checkpoint but not the temporary file of the next."""
+    disk = small_file_system(int(1.6 * checkpoint_mib()) + 1)
+    run = disk / "run"
+    proc = cli("max_steps=3", "save_every=1", f"hydra.run.dir={run}")
+    assert_one_line_error(proc, "error: disk full while saving the step-2 checkpoint: the last good checkpoint is")
+    assert checkpoint_step(run) == 1
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
+
+
+def test_a_diverging_run_on_the_command_line_stops_in_one_line_naming_the_step(tmp_path):
+    # an lr of 1e9 (x 4 / 256) sends the weights to 1e25 at step 2 and the gradient norm to inf at step 3
+    run = tmp_path / "run"
+    proc = cli("max_steps=20", "save_every=1", "optim.base_lr=1e9", f"hydra.run.dir={run}")
+    assert_one_line_error(proc, "gradient norm inf at step 3: training stopped; the last good checkpoint is")
+    assert checkpoint_step(run) == 2
+
+
+def address_space_after_start() -> int:
+    """Bytes of address space a pretraining process holds once its imports are done."""
+    probe = subprocess.run([sys.executable, "-c", "import spark_sparse.train.pretrain, resource; "
+                            "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True)
+    return int(probe.stdout) * 1024
+
+
+def test_running_out_of_memory_on_the_command_line_is_one_line_naming_the_size(tmp_path):
+    """A real allocation failure: the address space is capped 1.5 GiB above what the imports take,
+    and one batch of 96 images at 512 px asks for more than that."""
+    cap = address_space_after_start() + (3 << 29)
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    run = tmp_path / "run"
+    proc = cli("input_size=512", "batch_size=96", "max_steps=2", f"hydra.run.dir={run}", preexec_fn=limit_memory)
+    assert_one_line_error(proc, "error: out of memory at input_size=512, batch_size=96 (resnet18, 1 process(es))")
+    assert "no checkpoint was written" in proc.stderr
 
 
 def test_running_out_of_memory_names_the_size_that_was_asked_for(tmp_path, monkeypatch):

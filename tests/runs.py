@@ -1,0 +1,96 @@
+"""What the tests of whole runs share: the apps' command lines, their one-line errors, stopping a
+run right after a checkpoint, and bounded waits that cannot hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+# a pretraining that takes a fraction of a second a step on 2 cores
+PRETRAIN = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "vis_images=1",
+            "threads=1", "log_every=1"]
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, single-threaded, bounded in time."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def pretrain_cli(*overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_cli("spark_sparse.pretrain", *PRETRAIN, *overrides, **kwargs)
+
+
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # tqdm's "desc:  33%|###   | 1/3 [..."
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress bar (tqdm redraws it with carriage returns) and blank lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
+    """The command failed with ``code`` and said why in exactly one line, with no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of ``run_dir``'s last.pt, None while there is none (it appears atomically)."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)["step"]
+
+
+def wait_until(done: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300,
+               poll: float = 0.05) -> None:
+    """Wait for ``done()`` while ``proc`` runs; fail (never hang) if it exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended (code {proc.returncode}) before the awaited state: "
+                                 f"{err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"not reached within {timeout} s")
+        time.sleep(poll)
+
+
+def stop_run() -> None:
+    raise KeyboardInterrupt  # as if the process were killed here (the in-process stand-in)
+
+
+def after_checkpoint(monkeypatch, app, step: int, action: Callable[[], None] = stop_run) -> None:
+    """Run ``action`` right after ``app`` has written its step-``step`` checkpoint (by default the
+    run stops there, as if it were killed; the test then resumes it)."""
+    real_save = app.atomic_save
+
+    def save_then_act(obj, path):
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("step") == step and Path(path).name == "last.pt":
+            monkeypatch.setattr(app, "atomic_save", real_save)
+            action()
+
+    monkeypatch.setattr(app, "atomic_save", save_then_act)
