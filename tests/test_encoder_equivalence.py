@@ -15,7 +15,7 @@ import torch
 import timm
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
-from spark_sparse.encoders.base import family_of
+from spark_sparse.encoders.families import family_of
 from .conftest import make_batch, randomise_norms
 
 MODELS = ["resnet18", "resnet50", "convnext_atto", "convnextv2_atto"]

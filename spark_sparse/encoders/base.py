@@ -1,8 +1,8 @@
 """What every engine's encoder shares: conversion from timm, the stage loop, timm-style weights.
 
-An engine (sparse_engine.py, masked_engine.py) subclasses ``Encoder`` with its leaf conversion, how images
-and mask enter the engine, how a stage output becomes a dense map, and how its parameter names
-and layouts map to timm's. The families it can convert are listed in ``FAMILIES``.
+An engine (sparse_engine.py, masked_engine.py) subclasses ``Encoder`` with its leaf conversion,
+how images and mask enter the engine, how a stage output becomes a dense map, and how its
+parameter names and layouts map to timm's. The families it can convert are listed in families.py.
 """
 
 from __future__ import annotations
@@ -14,24 +14,10 @@ import torch
 from torch import nn
 
 from ..mask import check_inputs
-from .convnext import CONVNEXT
-from .efficientnet import EFFICIENTNET, MOBILENETV3
+from .families import family_of
 from .family import ConversionError, Family, Layout, unsupported
-from .regnet import REGNET
-from .resnet import RESNET
 
-FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3)
-
-__all__ = ["FAMILIES", "ConversionError", "Encoder", "family_of", "resolve_model", "unsupported"]
-
-
-def family_of(model: nn.Module) -> Family:
-    for family in FAMILIES:
-        if type(model) is family.timm_class:
-            return family
-    names = ", ".join(f.timm_class.__name__ for f in FAMILIES)
-    raise ConversionError(f"expected a timm model of a supported family ({names}), "
-                          f"got {type(model).__name__}")
+__all__ = ["ConversionError", "Encoder", "resolve_model", "unsupported"]
 
 
 def resolve_model(model: nn.Module | str, **timm_kwargs) -> nn.Module:

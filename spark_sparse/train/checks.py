@@ -10,7 +10,7 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..encoders.base import FAMILIES
+from ..encoders.families import FAMILIES
 from ..encoders.registry import engine_class
 from .run_dir import Refused
 

@@ -1,0 +1,24 @@
+"""The timm model families the encoders convert, as timm keeps its registry apart from its models:
+a new family is one module (resnet.py, convnext.py, ...) defining a ``Family``, listed here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .convnext import CONVNEXT
+from .efficientnet import EFFICIENTNET, MOBILENETV3
+from .family import ConversionError, Family
+from .regnet import REGNET
+from .resnet import RESNET
+
+FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a timm model instance; a one-line ConversionError for any other model."""
+    for family in FAMILIES:
+        if type(model) is family.timm_class:
+            return family
+    names = ", ".join(f.timm_class.__name__ for f in FAMILIES)
+    raise ConversionError(f"expected a timm model of a supported family ({names}), "
+                          f"got {type(model).__name__}")
