@@ -15,7 +15,7 @@ from torch import nn
 
 from ..mask import check_inputs
 from .families import family_of
-from .family import ConversionError, Family, Layout, unsupported
+from .family import STRIDES, ConversionError, Family, Layout, unsupported
 
 __all__ = ["ConversionError", "Encoder", "resolve_model", "unsupported"]
 
@@ -39,8 +39,8 @@ def model_name(model: nn.Module) -> str:
 class Encoder(nn.Module):
     """A timm convnet mirrored for one engine; outputs the four stages (strides 4, 8, 16, 32)."""
 
-    stride = 32
-    strides = (4, 8, 16, 32)
+    strides = STRIDES
+    stride = STRIDES[-1]
 
     def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str):
         super().__init__()

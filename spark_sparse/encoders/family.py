@@ -9,10 +9,12 @@ one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and it
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+from timm.layers import LayerNorm, LayerNorm2d
 from timm.layers import activations as timm_act
 from torch import nn
 
@@ -71,6 +73,8 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 # dense-masked engine computes without re-masking (ReLU has engine-specific twins).
 ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
                timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
+# torch's and timm's layer norms (channels last and channels first): every engine runs them per site
+LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 
 
 def check_norm_act(bn: nn.Module, path: str) -> None:
@@ -105,11 +109,12 @@ class Layout(NamedTuple):
         return list(dict.fromkeys(p.split(".")[0] for p in paths))
 
 
-STRIDES = [4, 8, 16, 32]
+# the four stages' strides; the last is the mask's patch size
+STRIDES = (4, 8, 16, 32)
 
 
 def _check_strides(model: nn.Module, reductions: list[int]) -> None:
-    if reductions != STRIDES:
+    if tuple(reductions) != STRIDES:
         raise ConversionError(f"{type(model).__name__}: stage strides {reductions} are not 4, 8, 16, 32 "
                               "(dilated or output-stride models cannot be masked on a 32-pixel grid)")
 
@@ -162,6 +167,14 @@ class BlockStages:
         return Layout(self.stem, tuple(stages), tuple(channels))
 
 
+class StemPool(NamedTuple):
+    """A stem that ends in an activation then a max pooling (top-level module names). An engine may
+    pool first (they commute for ReLU), and hidden zeros never win the pooling after a ReLU."""
+
+    act: str
+    pool: str
+
+
 @dataclass(frozen=True)
 class Family:
     """A timm model family as the shared encoder sees it."""
@@ -172,6 +185,10 @@ class Family:
     layout: Callable[[nn.Module], Layout]  # stem and stages of one model of the family
     kept: tuple[str, ...] = ()  # paths that hold tensors but never run (frozen copies), if present
     check: Callable[[nn.Module], None] = no_check  # refusals before any conversion
+    stem_pool: StemPool | None = None
+    # mirror class -> its (norm, activation) leaves that run back to back: an engine may run each
+    # pair as one operator (the sparse engine's batch norm + activation keeps fewer rows)
+    norm_acts: Mapping[type, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""

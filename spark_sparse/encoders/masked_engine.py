@@ -16,14 +16,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d
+from timm.layers import BatchNormAct2d, DropPath
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..mask import upsample_active
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LayerScale, check_norm_act, unsupported
+from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
 
 
 class MaskedTensor(NamedTuple):
@@ -176,7 +176,6 @@ class MaskedPointwise(nn.Module):
 
 
 POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
-LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 
 
 def convert_leaf(module: nn.Module, path: str) -> nn.Module:
@@ -229,9 +228,11 @@ class MaskedDenseEncoder(Encoder):
 
     def __init__(self, body: nn.ModuleDict, *args, **kwargs):
         super().__init__(body, *args, **kwargs)
-        pool, act = (body[name] if name in body else None for name in ("maxpool", "act1"))
-        if isinstance(pool, MaskedMaxPool) and isinstance(act, MaskedPointwise) and type(act.module) is nn.ReLU:
-            pool.after_relu = True  # a ResNet stem's pooling
+        stem = self.family.stem_pool
+        if stem:
+            pool, act = body[stem.pool], body[stem.act]
+            if isinstance(pool, MaskedMaxPool) and isinstance(act, MaskedPointwise) and type(act.module) is nn.ReLU:
+                pool.after_relu = True  # as SparK's code: no -inf fill over the stem's map
 
     def encode_input(self, images: Tensor, active: Tensor) -> MaskedTensor:
         return MaskedTensor(images * upsample_active(active, images.shape[-2:]), active)

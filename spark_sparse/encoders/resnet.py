@@ -6,15 +6,13 @@ from __future__ import annotations
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .family import Converter, Family, NamedStages, reject_extras
+from .family import Converter, Family, NamedStages, StemPool, reject_extras
 
 
 class _MirrorBlock(nn.Module):
     """A timm residual block with its leaves converted; subclasses name the leaves and the order."""
 
     leaves: tuple[str, ...] = ()
-    # (norm, activation) leaves that run back to back; an engine may run each pair as one operator
-    norm_acts: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
@@ -37,7 +35,6 @@ class MirrorBasicBlock(_MirrorBlock):
     """timm's BasicBlock: conv-bn-act-conv-bn, + shortcut, act."""
 
     leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2")
-    norm_acts = (("bn1", "act1"),)
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -50,7 +47,6 @@ class MirrorBottleneck(_MirrorBlock):
     """timm's Bottleneck: 1x1, 3x3 (strided), 1x1, + shortcut, act."""
 
     leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3")
-    norm_acts = (("bn1", "act1"), ("bn2", "act2"))
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -65,4 +61,7 @@ RESNET = Family(
     timm_class=ResNet,
     mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck},
     layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
+    stem_pool=StemPool(act="act1", pool="maxpool"),
+    # the norms whose activation comes before the residual addition (not bn2 / bn3 of the last)
+    norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2"))},
 )

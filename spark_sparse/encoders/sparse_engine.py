@@ -9,9 +9,10 @@ place where a timm leaf module becomes its sparse twin, for every family.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
-from timm.layers import BatchNormAct2d, DropPath, LayerNorm, LayerNorm2d
+from timm.layers import BatchNormAct2d, DropPath
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
@@ -26,9 +27,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LayerScale, check_norm_act, unsupported
-
-LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -121,12 +120,12 @@ class SparseBatchNormAct(ME.MinkowskiBatchNorm):
         return with_features(x, batch_norm_act(x.F, self.bn, self.act))
 
 
-def fuse_norm_acts(body: nn.Module) -> None:
-    """Run each batch norm and activation that a mirror block declares back to back
-    (``norm_acts``) as one ``SparseBatchNormAct``: the convolution after it then keeps no rows of
-    its own for backward. Weights and their names are unchanged (activations hold none)."""
+def fuse_norm_acts(body: nn.Module, norm_acts: Mapping[type, tuple[tuple[str, str], ...]]) -> None:
+    """Run each batch norm and activation that the family declares back to back in a block
+    (``Family.norm_acts``) as one ``SparseBatchNormAct``: the convolution after it then keeps no
+    rows of its own for backward. Weights and their names are unchanged (activations hold none)."""
     for block in body.modules():
-        for norm, act in getattr(block, "norm_acts", ()):
+        for norm, act in norm_acts.get(type(block), ()):
             bn, sparse_act = getattr(block, norm), getattr(block, act)
             if type(bn) is not ME.MinkowskiBatchNorm:
                 continue
@@ -219,13 +218,14 @@ class SparseEncoder(Encoder):
 
     def __init__(self, body: nn.ModuleDict, *args, **kwargs):
         super().__init__(body, *args, **kwargs)
-        if "maxpool" in body and isinstance(body["maxpool"], PatchPooling) and isinstance(body["act1"], ME.MinkowskiReLU):
+        stem = self.family.stem_pool
+        if stem and isinstance(body[stem.pool], PatchPooling) and isinstance(body[stem.act], ME.MinkowskiReLU):
             # ReLU and max pooling commute; pooling first means the stem's stride-2 ReLU output
             # (the largest map after the input) is never made, and the ReLU that remains runs
             # on a quarter of the rows and keeps what the next convolution keeps anyway
-            body["maxpool"].relu = True
-            body["act1"] = nn.Identity()
-        fuse_norm_acts(body)
+            body[stem.pool].relu = True
+            body[stem.act] = nn.Identity()
+        fuse_norm_acts(body, self.family.norm_acts)
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
         return sparsify(images, active)
