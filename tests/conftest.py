@@ -1,8 +1,26 @@
+import importlib.util
+
 import pytest
 import timm
 import torch
 
 from spark_sparse import random_active
+
+
+def _minkowski_installed() -> bool:
+    try:
+        return importlib.util.find_spec("MinkowskiEngine") is not None
+    except ImportError:  # a finder that refuses it (tests/test_without_minkowski.py)
+        return False
+
+
+# Without MinkowskiEngine only the sparse engine is missing: its tests skip, saying why, and the
+# rest (the dense-masked engine, fine-tuning, the configuration) still runs. An installed but
+# broken MinkowskiEngine is not skipped: its tests fail.
+HAS_MINKOWSKI = _minkowski_installed()
+WITHOUT_MINKOWSKI = "MinkowskiEngine is not installed: the sparse engine cannot run (`make setup` builds it)"
+needs_minkowski = pytest.mark.skipif(not HAS_MINKOWSKI, reason=WITHOUT_MINKOWSKI)
+ENGINE_NAMES = [pytest.param("sparse", marks=needs_minkowski), "dense_masked"]
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

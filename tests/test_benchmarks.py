@@ -10,6 +10,11 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
 from benchmarks.flops import ConvFlopCounter, encoder_flops, kernel_pairs
 from benchmarks.memory import peak_memory_mb
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active

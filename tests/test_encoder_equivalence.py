@@ -10,6 +10,12 @@ variants RegNet, EfficientNet and MobileNetV3.
 import copy
 
 import pytest
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
 import torch
 
 import timm

@@ -1,8 +1,14 @@
 """The row operators that trade a stored tensor for a recomputation compute exactly what the
 plain torch expressions compute, and keep no more than they promise for backward."""
 
-from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import pytest
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import torch
 from torch import nn
 

@@ -9,6 +9,12 @@
 """
 
 import pytest
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
 import timm
 import torch
 

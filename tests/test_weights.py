@@ -8,11 +8,10 @@ import pytest
 import timm
 import torch
 
-from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder, random_active
+from spark_sparse import create_encoder, engine_class, random_active
 from spark_sparse.encoders.family import ConversionError
-from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
 
-from .conftest import randomise_norms
+from .conftest import ENGINE_NAMES, needs_minkowski, randomise_norms
 
 ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
               "resnet200", "resnet50d", "resnet26d", "resnet18d", "seresnet50", "ecaresnet50d",
@@ -24,8 +23,9 @@ ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resn
 
 
 @pytest.mark.parametrize("name", ALL_DEPTHS)
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_timm_state_dict_round_trip_is_exact(name, engine):
+    engine = engine_class(engine)
     model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
     want = model.state_dict()
     encoder = engine.from_timm(model)
@@ -42,7 +42,10 @@ def test_timm_state_dict_round_trip_is_exact(name, engine):
         assert torch.equal(value, want[key]), key
 
 
+@needs_minkowski
 def test_me_kernel_layout_is_volume_by_in_by_out():
+    from spark_sparse.encoders.sparse import dense_to_me_kernel, me_to_dense_kernel
+
     weight = torch.randn(8, 5, 3, 3)
     kernel = dense_to_me_kernel(weight)
     assert kernel.shape == (9, 5, 8)
@@ -50,12 +53,15 @@ def test_me_kernel_layout_is_volume_by_in_by_out():
     assert dense_to_me_kernel(torch.randn(8, 5, 1, 1)).shape == (1, 5, 8)
 
 
+@needs_minkowski
 def test_encoder_reports_stage_channels():
     assert create_encoder("resnet18").channels == [64, 128, 256, 512]
     assert create_encoder("resnet50", "dense_masked").channels == [256, 512, 1024, 2048]
 
 
+@needs_minkowski
 def test_unconvertible_module_is_named_with_its_path():
+    SparseEncoder = engine_class("sparse")
     model = timm.create_model("resnetblur18", pretrained=False, num_classes=0)  # anti-aliased pooling
     with pytest.raises(ConversionError, match=r"cannot convert MaxPool2d at 'maxpool\.0': kernel 3, stride 1"):
         SparseEncoder.from_timm(model)
@@ -70,8 +76,9 @@ def test_unconvertible_module_is_named_with_its_path():
         create_encoder("resnet18", "quantum")
 
 
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
+    engine = engine_class(engine)
     refused = {
         "tf_efficientnet_b0": r"Conv2dSame at 'conv_stem': TensorFlow 'same' padding is asymmetric",
         "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
@@ -82,6 +89,7 @@ def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
 
 
+@needs_minkowski
 def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head():
     # EfficientNet's 1x1 head convolution runs before pooling: it is pretrained with the stages
     enc = create_encoder("efficientnet_b0", "sparse")
@@ -94,6 +102,7 @@ def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head()
     assert not any(name.startswith("body.conv_head") for name, _ in enc.named_parameters())
 
 
+@needs_minkowski
 def test_drop_path_is_mirrored():
     enc = create_encoder("resnet50", "sparse", drop_path_rate=0.1)
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
@@ -101,8 +110,9 @@ def test_drop_path_is_mirrored():
     assert len(probs) == 15 and max(probs) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
+    engine = engine_class(engine)
     with pytest.raises(ConversionError, match=r"cannot convert SimpleNorm2d at 'stem\.1'"):
         engine.from_timm(timm.create_model("convnext_zepto_rms", pretrained=False, num_classes=0))
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
@@ -111,6 +121,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
         engine.from_timm(model)
 
 
+@needs_minkowski
 def test_convnext_drop_path_and_head_norm_are_mirrored():
     enc = create_encoder("convnext_tiny", "sparse", drop_path_rate=0.2)
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
@@ -122,8 +133,9 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_encoders_deep_copy_and_pickle_to_the_same_function(name, engine):
+    engine = engine_class(engine)
     # EMA teachers and whole-module checkpoints copy or pickle the encoder
     encoder = engine.from_timm(randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))).eval()
     images, active = torch.randn(2, 3, 64, 96), random_active(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
