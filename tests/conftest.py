@@ -45,13 +45,16 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def timm_models():
+    """``timm_models(name, **timm_kwargs)``: a timm model with randomised norms, built once per
+    session (seed 0). Shared: deep-copy it before converting or training it."""
     cache = {}
 
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
+    def get(name: str, **kwargs) -> torch.nn.Module:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
             torch.manual_seed(0)
-            cache[name] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
-        return cache[name]
+            cache[key] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+        return cache[key]
 
     return get
 
