@@ -24,11 +24,14 @@ ENGINE_NAMES = [pytest.param("sparse", marks=needs_minkowski), "dense_masked"]
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial norm affine parameters, BN running stats, layer scales and GRN parameters
-    (timm initialises GRN to the identity and layer scale to 1e-6, which would hide errors)."""
+    """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters and
+    convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
+    ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
