@@ -22,7 +22,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
