@@ -23,6 +23,16 @@ needs_minkowski = pytest.mark.skipif(not HAS_MINKOWSKI, reason=WITHOUT_MINKOWSKI
 ENGINE_NAMES = [pytest.param("sparse", marks=needs_minkowski), "dense_masked"]
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole
+    process (its `threads` setting): restored after each test, so the rest of the suite keeps
+    the threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters and
     convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
