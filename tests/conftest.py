@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import timm
 import torch
@@ -5,12 +7,41 @@ import torch
 from spark_sparse import random_active
 
 
+def _minkowski_installed() -> bool:
+    try:
+        return importlib.util.find_spec("MinkowskiEngine") is not None
+    except ImportError:  # a finder that refuses it (tests/test_without_minkowski.py)
+        return False
+
+
+# Without MinkowskiEngine only the sparse engine is missing: its tests skip, saying why, and the
+# rest (the dense-masked engine, fine-tuning, the configuration) still runs. An installed but
+# broken MinkowskiEngine is not skipped: its tests fail.
+HAS_MINKOWSKI = _minkowski_installed()
+WITHOUT_MINKOWSKI = "MinkowskiEngine is not installed: the sparse engine cannot run (`make setup` builds it)"
+needs_minkowski = pytest.mark.skipif(not HAS_MINKOWSKI, reason=WITHOUT_MINKOWSKI)
+ENGINE_NAMES = [pytest.param("sparse", marks=needs_minkowski), "dense_masked"]
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole
+    process (its `threads` setting): restored after each test, so the rest of the suite keeps
+    the threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial norm affine parameters, BN running stats, layer scales and GRN parameters
-    (timm initialises GRN to the identity and layer scale to 1e-6, which would hide errors)."""
+    """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters and
+    convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
+    ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
@@ -27,13 +58,16 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def timm_models():
+    """``timm_models(name, **timm_kwargs)``: a timm model with randomised norms, built once per
+    session (seed 0). Shared: deep-copy it before converting or training it."""
     cache = {}
 
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
+    def get(name: str, **kwargs) -> torch.nn.Module:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
             torch.manual_seed(0)
-            cache[name] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
-        return cache[name]
+            cache[key] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+        return cache[key]
 
     return get
 

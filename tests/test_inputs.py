@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
+from spark_sparse import engine_class, random_active
+
+from .conftest import ENGINE_NAMES
 
 
-@pytest.fixture(scope="module", params=[SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense"])
+@pytest.fixture(scope="module", params=ENGINE_NAMES)
 def encoder(request):
-    return request.param.from_timm("resnet18").eval()
+    return engine_class(request.param).from_timm("resnet18").eval()
 
 
 def test_size_not_divisible_by_32(encoder):

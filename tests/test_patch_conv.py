@@ -1,8 +1,14 @@
 """Our fast convolutions (plain and depthwise) and pooling compute exactly what MinkowskiEngine's
 own modules compute."""
 
-from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import pytest
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
+from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import torch
 
 from spark_sparse import SparseEncoder, random_active

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .conftest import needs_minkowski
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,10 @@ def test_installed_versions_match_the_pins():
 
     for name, pinned in requirement_pins().items():
         assert version(name) == pinned, name
+
+
+@needs_minkowski
+def test_the_minkowski_engine_built_is_the_pinned_one():
     import MinkowskiEngine as ME
 
     assert ME.__version__ == "0.5.4"

@@ -11,7 +11,7 @@ from spark_sparse.model.densify import Densify
 from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
 from spark_sparse.train.optim import build_optimizer, build_scheduler, weight_decay_at
 from spark_sparse.model.spark import SparK
-from .conftest import randomise_norms
+from .conftest import ENGINE_NAMES, needs_minkowski, randomise_norms
 
 
 def small(engine="sparse", **kw):
@@ -59,6 +59,7 @@ def test_densify_fills_hidden_sites_with_the_mask_token():
         Densify(8, 8, norm="group")
 
 
+@needs_minkowski
 @pytest.mark.parametrize("hierarchy", [1, 4])
 def test_model_shapes_and_hierarchy(hierarchy):
     model = small(hierarchy=hierarchy)
@@ -69,6 +70,7 @@ def test_model_shapes_and_hierarchy(hierarchy):
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
 
 
+@needs_minkowski
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0",
                                   "mobilenetv3_small_100"])
 def test_every_family_pretrains_end_to_end(name):
@@ -85,13 +87,14 @@ def test_every_family_pretrains_end_to_end(name):
 
 
 def test_masks_come_from_the_models_seeded_generator():
-    a, b = small(mask_ratio=0.6), small(mask_ratio=0.6)
+    a, b = small("dense_masked", mask_ratio=0.6), small("dense_masked", mask_ratio=0.6)  # either engine's SparK
     x = torch.zeros(3, 3, 224, 224)
     m1, m2 = a.random_mask(x), b.random_mask(x)
     assert torch.equal(m1, m2) and m1.flatten(1).sum(1).tolist() == [20, 20, 20]
     assert not torch.equal(a.random_mask(x), m1)  # the generator moves on
 
 
+@needs_minkowski
 def test_sparse_and_dense_masked_spark_agree():
     sparse, dense = small("sparse").eval(), small("dense_masked").eval()
     dense.load_state_dict({k: v for k, v in dense.state_dict().items()} | {
@@ -110,8 +113,9 @@ def _as_dense_names(sparse_model: SparK) -> dict:
     return sd
 
 
-def test_no_weight_decay_on_biases_norms_and_mask_tokens():
-    model = small()
+@pytest.mark.parametrize("engine", ENGINE_NAMES)  # the sparse engine's biases are (1, C) matrices
+def test_no_weight_decay_on_biases_norms_and_mask_tokens(engine):
+    model = small(engine)
     cfg = OmegaConf.create({"name": "lamb", "base_lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.04,
                             "min_lr": 0.0})
     opt = build_optimizer(model, cfg, batch_size=512)
@@ -125,7 +129,7 @@ def test_no_weight_decay_on_biases_norms_and_mask_tokens():
 
 
 def test_schedules_warm_up_then_decay():
-    model = small()
+    model = small("dense_masked")  # the engine plays no part
     cfg = OmegaConf.create({"name": "adamw", "base_lr": 256.0, "betas": [0.9, 0.95], "weight_decay": 0.04,
                             "min_lr": 0.0})
     opt = build_optimizer(model, cfg, batch_size=1)

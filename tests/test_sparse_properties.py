@@ -9,12 +9,17 @@
 """
 
 import pytest
-import timm
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
+import copy
+
 import torch
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
-
-from .conftest import randomise_norms
 
 MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
                                         "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
@@ -23,11 +28,9 @@ MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max poolin
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
-def encoder(engine, model: str, train: bool):
+def encoder(timm_models, engine, model: str, train: bool):
     name, kwargs = MODELS[model]
-    torch.manual_seed(0)
-    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
-    return engine.from_timm(model).double().train(train)
+    return engine.from_timm(copy.deepcopy(timm_models(name, **kwargs))).double().train(train)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,7 +40,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
 @pytest.mark.parametrize("name", MODELS)
-def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(name, engine, train):
+def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name, engine, train):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 96, generator=g, dtype=torch.float64)
     active = random_active(2, (2, 3), 0.5, g)
@@ -45,7 +48,7 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(name, engine, tra
     canvas[:, :, 64:128, 32:128] = images
     canvas_active = torch.zeros(2, 1, 5, 6, dtype=torch.bool)
     canvas_active[:, :, 2:4, 1:4] = active
-    enc = encoder(engine, name, train)
+    enc = encoder(timm_models, engine, name, train)
     with torch.no_grad():
         alone = enc.dense_features(images, active)
         embedded = enc.dense_features(canvas, canvas_active)
@@ -59,11 +62,11 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(name, engine, tra
 
 @pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
 @pytest.mark.parametrize("name", MODELS)
-def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(name, engine):
+def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, name, engine):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
     active = random_active(3, (2, 3), 0.5, g)
-    enc = encoder(engine, name, train=False)
+    enc = encoder(timm_models, engine, name, train=False)
     with torch.no_grad():
         with_one = enc.dense_features(images[[0, 1]], active[[0, 1]])
         with_other = enc.dense_features(images[[0, 2]], active[[0, 2]])

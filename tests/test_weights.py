@@ -8,41 +8,50 @@ import pytest
 import timm
 import torch
 
-from spark_sparse import MaskedDenseEncoder, SparseEncoder, create_encoder, random_active
+from spark_sparse import create_encoder, engine_class, random_active
 from spark_sparse.encoders.family import ConversionError
-from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 
-from .conftest import randomise_norms
+from .conftest import ENGINE_NAMES, needs_minkowski
 
-ALL_DEPTHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152",
-              "resnet200", "resnet50d", "resnet26d", "resnet18d", "seresnet50", "ecaresnet50d",
-              "resnext50_32x4d", "seresnext26d_32x4d",
-              "convnext_atto", "convnext_tiny", "convnext_small", "convnext_tiny_hnf", "convnext_atto_ols",
-              "convnextv2_atto", "convnextv2_nano",
-              "regnetx_002", "regnety_002", "regnety_016",
-              "efficientnet_b0", "efficientnet_b3", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100"]
+ALL_DEPTHS = {name: (name, {}) for name in [
+    "resnet18", "resnet26", "resnet34", "resnet50", "resnet50d", "resnet26d", "resnet18d", "seresnet50",
+    "ecaresnet50d", "resnext50_32x4d", "seresnext26d_32x4d",
+    "convnext_atto", "convnext_tiny", "convnext_tiny_hnf", "convnext_atto_ols", "convnextv2_atto", "convnextv2_nano",
+    "regnetx_002", "regnety_002", "regnety_016",
+    "efficientnet_b0", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100"]}
+# deeper and wider members of the families by their layouts, at a fraction of the weights:
+# ResNet-101/152/200 and ConvNeXt-S/B/L differ from ResNet-50 and ConvNeXt-T only in blocks per stage
+# (beyond ten: two-digit block indices), EfficientNet-B1..B7 from B0 in width and depth multipliers
+ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
+ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
+    "convnext_atto", {"conv_mlp": False, "depths": (1, 1, 11, 1)})
+ALL_DEPTHS["EfficientNet with width and depth multipliers (B2)"] = ("efficientnet_b2", {})
 
 
-@pytest.mark.parametrize("name", ALL_DEPTHS)
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
-def test_timm_state_dict_round_trip_is_exact(name, engine):
-    model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))
-    want = model.state_dict()
-    encoder = engine.from_timm(model)
+@pytest.mark.parametrize("model", ALL_DEPTHS)
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_timm_state_dict_round_trip_is_exact(timm_models, model, engine):
+    name, kwargs = ALL_DEPTHS[model]
+    timm_model = timm_models(name, **kwargs)  # randomised norms; shared, so only copied here
+    want = timm_model.state_dict()
+    encoder = engine_class(engine).from_timm(copy.deepcopy(timm_model))
     got = encoder.timm_state_dict()
-    fresh = timm.create_model(name, pretrained=False, num_classes=0)
-    fresh.load_state_dict(got, strict=True)
-    assert got.keys() == want.keys()
+    assert got.keys() == want.keys()  # the same keys and tensors: loads strictly into the timm model
     for key in want:
         assert torch.equal(got[key], want[key]), key
-    # and back: loading timm weights into a fresh encoder reproduces them
-    other = engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
-    other.load_timm_state_dict(want)
-    for key, value in other.timm_state_dict().items():
+    # and back: timm weights loaded into the encoder replace every tensor it had
+    with torch.no_grad():
+        for value in encoder.state_dict().values():
+            value.fill_(float("nan") if value.is_floating_point() else -1)
+    encoder.load_timm_state_dict(want)
+    for key, value in encoder.timm_state_dict().items():
         assert torch.equal(value, want[key]), key
 
 
+@needs_minkowski
 def test_me_kernel_layout_is_volume_by_in_by_out():
+    from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
+
     weight = torch.randn(8, 5, 3, 3)
     kernel = dense_to_me_kernel(weight)
     assert kernel.shape == (9, 5, 8)
@@ -50,12 +59,15 @@ def test_me_kernel_layout_is_volume_by_in_by_out():
     assert dense_to_me_kernel(torch.randn(8, 5, 1, 1)).shape == (1, 5, 8)
 
 
+@needs_minkowski
 def test_encoder_reports_stage_channels():
     assert create_encoder("resnet18").channels == [64, 128, 256, 512]
     assert create_encoder("resnet50", "dense_masked").channels == [256, 512, 1024, 2048]
 
 
+@needs_minkowski
 def test_unconvertible_module_is_named_with_its_path():
+    SparseEncoder = engine_class("sparse")
     model = timm.create_model("resnetblur18", pretrained=False, num_classes=0)  # anti-aliased pooling
     with pytest.raises(ConversionError, match=r"cannot convert MaxPool2d at 'maxpool\.0': kernel 3, stride 1"):
         SparseEncoder.from_timm(model)
@@ -70,8 +82,9 @@ def test_unconvertible_module_is_named_with_its_path():
         create_encoder("resnet18", "quantum")
 
 
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
+    engine = engine_class(engine)
     refused = {
         "tf_efficientnet_b0": r"Conv2dSame at 'conv_stem': TensorFlow 'same' padding is asymmetric",
         "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
@@ -82,6 +95,7 @@ def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
 
 
+@needs_minkowski
 def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head():
     # EfficientNet's 1x1 head convolution runs before pooling: it is pretrained with the stages
     enc = create_encoder("efficientnet_b0", "sparse")
@@ -94,6 +108,7 @@ def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head()
     assert not any(name.startswith("body.conv_head") for name, _ in enc.named_parameters())
 
 
+@needs_minkowski
 def test_drop_path_is_mirrored():
     enc = create_encoder("resnet50", "sparse", drop_path_rate=0.1)
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
@@ -101,8 +116,9 @@ def test_drop_path_is_mirrored():
     assert len(probs) == 15 and max(probs) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
+    engine = engine_class(engine)
     with pytest.raises(ConversionError, match=r"cannot convert SimpleNorm2d at 'stem\.1'"):
         engine.from_timm(timm.create_model("convnext_zepto_rms", pretrained=False, num_classes=0))
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
@@ -111,6 +127,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
         engine.from_timm(model)
 
 
+@needs_minkowski
 def test_convnext_drop_path_and_head_norm_are_mirrored():
     enc = create_encoder("convnext_tiny", "sparse", drop_path_rate=0.2)
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
@@ -122,15 +139,24 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder], ids=["sparse", "dense_masked"])
-def test_encoders_deep_copy_and_pickle_to_the_same_function(name, engine):
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_encoders_deep_copy_and_pickle_to_the_same_function(timm_models, name, engine):
     # EMA teachers and whole-module checkpoints copy or pickle the encoder
-    encoder = engine.from_timm(randomise_norms(timm.create_model(name, pretrained=False, num_classes=0))).eval()
+    encoder = engine_class(engine).from_timm(copy.deepcopy(timm_models(name))).eval()
     images, active = torch.randn(2, 3, 64, 96), random_active(2, (2, 3), 0.5, torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
     with torch.no_grad():
         want = encoder.dense_features(images, active)
-        for twin in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
+    for twin in (copy.deepcopy(encoder), pickle.loads(pickle.dumps(encoder))):
+        with torch.no_grad():
             for got, w in zip(twin.dense_features(images, active), want):
                 assert torch.equal(got, w)
-            twin.train()
-            twin.dense_features(images, active)  # a copy also trains
+        # a copy also trains, on its own: gradients and running statistics of its own
+        twin.train()
+        twin.dense_features(images, active)[-1].square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
+        moved = [k for k, v in twin.state_dict().items() if k.endswith("running_mean") and not torch.equal(v, state[k])]
+        assert len(moved) == sum(k.endswith("running_mean") for k in state)  # every batch norm's (none in ConvNeXt)
+    assert all(p.grad is None for p in encoder.parameters())
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -2,9 +2,9 @@
 and pretraining with it run where MinkowskiEngine is not installed (as on a GPU cluster where its
 CUDA build failed), and asking for the sparse engine there fails with one line naming the fix."""
 
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from .conftest import needs_minkowski
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +103,7 @@ def test_the_fine_tuning_command_runs_without_minkowski(tmp_path):
     assert (run / "checkpoints" / "last.pt").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("MinkowskiEngine") is None, reason="MinkowskiEngine is not installed")
+@needs_minkowski
 def test_minkowski_is_imported_only_when_the_sparse_engine_is_asked_for_and_quietly():
     code = textwrap.dedent("""
         import json, sys, warnings
@@ -123,3 +125,21 @@ def test_minkowski_is_imported_only_when_the_sparse_engine_is_asked_for_and_quie
     assert not out["before"] and not out["after_dense"]
     assert out["after"] and out["name"] == "SparseEncoder" and out["listed"]
     assert not [w for w in out["warnings"] if "CPU_ONLY" in w]  # silenced by spark_sparse/sparse/__init__.py
+
+
+SPARSE_ENGINE_MODULES = {"test_benchmarks", "test_encoder_equivalence", "test_patch_conv", "test_rowwise",
+                         "test_sparse_properties"}
+
+
+def test_without_minkowski_the_suite_collects_the_sparse_engines_modules_skip_saying_why_and_the_rest_runs():
+    # the whole suite is collected; of a module about both engines the dense-masked cases run
+    code = WITHOUT_MINKOWSKI + "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+    proc = run_python(code, "-v", "-rs", "-p", "no:cacheprovider", "-o", "addopts=", "tests", "-k", "test_inputs")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    skipped = re.findall(r"^SKIPPED \[\d+\] tests/(test_\w+)\.py:\d+: (.+)$", proc.stdout, re.M)
+    assert {module for module, _ in skipped} == SPARSE_ENGINE_MODULES | {"test_inputs"}
+    assert all(why.startswith("MinkowskiEngine is not installed") for _, why in skipped)
+    outcomes = dict(re.findall(r"^tests/test_inputs\.py::(\S+) (PASSED|SKIPPED|FAILED|ERROR)", proc.stdout, re.M))
+    assert outcomes and all(outcome == ("SKIPPED" if "[sparse]" in test else "PASSED")
+                            for test, outcome in outcomes.items()), outcomes
+    assert sum("[dense_masked]" in test for test in outcomes) == sum("[sparse]" in test for test in outcomes) > 0
