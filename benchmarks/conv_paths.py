@@ -19,7 +19,7 @@ from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note sil
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import PatchSites
-from spark_sparse.train.runtime import configure_cpu
+from spark_sparse.run.runtime import configure_cpu
 
 PATHS = {"tiles": 1, "offset GEMMs": 10**9}  # tile_min_sites that forces each path
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from spark_sparse.train.runtime import returning_freed_memory
+from spark_sparse.run.runtime import returning_freed_memory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MB = 2**20

@@ -39,12 +39,12 @@ from torch import nn
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
-from spark_sparse.train.runtime import configure_cpu, returning_freed_memory
+from spark_sparse.run.runtime import configure_cpu, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
-from spark_sparse.train.recipe import default_recipe
+from spark_sparse.run.recipe import default_recipe
 
 from .flops import encoder_flops, head_flops
 from .memory import peak_memory_mb

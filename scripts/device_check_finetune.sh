@@ -3,7 +3,7 @@
 # too"), on the bundled photos task, in under 5 minutes:
 #   (a) python -m spark_sparse.finetune, 2 epochs
 #   (b) the same launched by torchrun with one process; with one process the app stays
-#       single-process by design (train/distributed.py), so NCCL and DDP need 2+ GPUs
+#       single-process by design (spark_sparse/run/distributed.py), so NCCL and DDP need 2+ GPUs
 #   (c) resume: a resume of (a) with more epochs is refused (epochs is fixed on resume); (a)'s
 #       run stopped by Ctrl-C mid-epoch 2 and resumed must give (a)'s records (exactly on CPU;
 #       cuDNN's nondeterminism may move the last digits on CUDA)
@@ -51,7 +51,7 @@ for name in ("timm", "torchvision", "hydra-core", "omegaconf", "antlr4-python3-r
         print(f"  {name} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"  {name}: not installed")
-import spark_sparse.train.finetune  # noqa: E402
+import spark_sparse.finetune.app  # noqa: E402
 print(f"spark_sparse from {spark_sparse.__file__}; MinkowskiEngine importable: "
       f"{importlib.util.find_spec('MinkowskiEngine') is not None}, imported by the fine-tuning app: "
       f"{'MinkowskiEngine' in sys.modules}")

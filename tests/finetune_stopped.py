@@ -4,7 +4,7 @@ SIGINT during step $STOP_AT_STEP, as a Ctrl-C that reaches all processes."""
 import os
 import signal
 
-import spark_sparse.train.finetune as finetune
+import spark_sparse.finetune.app as finetune
 
 STEP = int(os.environ["STOP_AT_STEP"])
 real_criterion = finetune.criterion

@@ -11,17 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spark_sparse.train.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataError,
-    PretrainDataset,
-    StepBatchSampler,
-    build_dataset,
-    build_loader,
-    bundled_image_paths,
-    image_folder_paths,
-)
+from spark_sparse.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, bundled_image_paths, image_folder_paths
+from spark_sparse.pretrain.data import PretrainDataset, StepBatchSampler, build_dataset, build_loader
 
 SIZE = 32
 

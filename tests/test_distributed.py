@@ -1,7 +1,6 @@
 """Data-parallel pretraining: synchronised visible-site batch norm, and torchrun runs that match
 a single process with the same global batch (fresh and resumed)."""
 
-import json
 import os
 import shutil
 import socket
@@ -19,14 +18,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import spark_sparse.train.pretrain as pretrain
-from spark_sparse.train.checkpoint import load_checkpoint
-from spark_sparse.train import distributed
-from spark_sparse.train.distributed import SharedRunDir, SyncVisibleBatchNorm, convert_sync_batchnorm
+import spark_sparse.pretrain.app as pretrain
+from spark_sparse.run.checkpoint import load_checkpoint
+from spark_sparse.run import distributed
+from spark_sparse.run.distributed import SharedRunDir, SyncVisibleBatchNorm, convert_sync_batchnorm
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
 
-from .runs import after_checkpoint, losses, records
+from .runs import after_checkpoint, records
 from .test_pretrain import config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import spark_sparse.train.finetune as finetune
-from spark_sparse.train.checkpoint import load_checkpoint
-from spark_sparse.train.classifier import build_model, encoder_of, load_encoder
-from spark_sparse.train.data import DataError
-from spark_sparse.train.labelled import EpochBatches, build_datasets
+import spark_sparse.finetune.app as finetune
+from spark_sparse.run.checkpoint import load_checkpoint
+from spark_sparse.finetune.classifier import build_model, encoder_of, load_encoder
+from spark_sparse.data.images import DataError
+from spark_sparse.finetune.data import EpochBatches, build_datasets
 
 from .runs import ENV, ROOT, assert_one_line_error, records, run_cli
 

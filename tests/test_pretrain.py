@@ -5,10 +5,10 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-import spark_sparse.train.pretrain as pretrain
-from spark_sparse.train.checkpoint import atomic_save, load_checkpoint
-from spark_sparse.train.data import build_dataset
-from spark_sparse.train.optim import build_optimizer
+import spark_sparse.pretrain.app as pretrain
+from spark_sparse.run.checkpoint import atomic_save, load_checkpoint
+from spark_sparse.pretrain.data import build_dataset
+from spark_sparse.pretrain.optim import build_optimizer
 from spark_sparse.model.spark import SparK
 
 from .runs import ROOT, after_checkpoint, assert_one_line_error, losses, records, run_cli

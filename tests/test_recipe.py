@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-import spark_sparse.train.pretrain as pretrain
+import spark_sparse.pretrain.app as pretrain
 from spark_sparse.model.spark import SparK
-from spark_sparse.train.recipe import default_recipe, recipe_value
+from spark_sparse.run.recipe import default_recipe, recipe_value
 
 from .conftest import needs_minkowski
 from .test_pretrain import config

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import spark_sparse.train.pretrain as pretrain
+import spark_sparse.pretrain.app as pretrain
 from spark_sparse.model.spark import SparK
-from spark_sparse.train.checkpoint import load_checkpoint
-from spark_sparse.train.run_dir import Refused, RunDirLock, Stopped, repair_metrics
+from spark_sparse.run.checkpoint import load_checkpoint
+from spark_sparse.run.run_dir import Refused, RunDirLock, Stopped, repair_metrics
 
 from . import faults
 from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, losses,
@@ -57,7 +57,7 @@ def test_a_refused_command_leaves_the_run_directory_exactly_as_it_found_it(tmp_p
 
 def test_a_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from spark_sparse.train.run_dir import RunDirLock; "
+        [sys.executable, "-c", "import sys; from spark_sparse.run.run_dir import RunDirLock; "
          "lock = RunDirLock(sys.argv[1]); lock.acquire(); lock.claim(); print('held', flush=True); "
          "sys.stdin.read()", str(tmp_path)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -290,7 +290,7 @@ def test_a_diverging_run_on_the_command_line_stops_in_one_line_naming_the_step(t
 
 def address_space_after_start() -> int:
     """Bytes of address space a pretraining process holds once its imports are done."""
-    probe = subprocess.run([sys.executable, "-c", "import spark_sparse.train.pretrain, resource; "
+    probe = subprocess.run([sys.executable, "-c", "import spark_sparse.pretrain.app, resource; "
                             "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True)
     return int(probe.stdout) * 1024

@@ -9,7 +9,7 @@ from spark_sparse import create_encoder
 
 from spark_sparse.model.densify import Densify
 from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
-from spark_sparse.train.optim import build_optimizer, build_scheduler, weight_decay_at
+from spark_sparse.pretrain.optim import build_optimizer, build_scheduler, weight_decay_at
 from spark_sparse.model.spark import SparK
 from .conftest import ENGINE_NAMES, needs_minkowski, randomise_norms
 

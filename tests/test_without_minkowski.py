@@ -43,10 +43,11 @@ def test_fine_tuning_and_the_dense_masked_engine_work_and_the_sparse_one_says_wh
         import torch
         from hydra import compose, initialize_config_dir
         import spark_sparse
-        import spark_sparse.finetune  # the command line's module: the whole fine-tuning app
-        import spark_sparse.train.pretrain as pretrain
+        import spark_sparse.finetune.app  # the whole fine-tuning app
+        import spark_sparse.pretrain.app as pretrain
         from spark_sparse import MaskedDenseEncoder, create_encoder, random_active
-        from spark_sparse.train.checks import ConfigError, validate
+        from spark_sparse.run.checks import ConfigError
+        from spark_sparse.pretrain.checks import validate
 
         torch.manual_seed(0)
         encoder = create_encoder("resnet18", "dense_masked")
@@ -108,7 +109,7 @@ def test_minkowski_is_imported_only_when_the_sparse_engine_is_asked_for_and_quie
     code = textwrap.dedent("""
         import json, sys, warnings
         import spark_sparse, spark_sparse.finetune, spark_sparse.pretrain
-        import spark_sparse.train.finetune
+        import spark_sparse.finetune.app
         before = "MinkowskiEngine" in sys.modules
         spark_sparse.create_encoder("resnet18", "dense_masked")
         after_dense = "MinkowskiEngine" in sys.modules

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from ..train.finetune import CONF_DIR, train
-from ..train.recipe import register_resolver
-from ..train.session import checkpoint_path
+from ..finetune.app import CONF_DIR, train
+from ..run.recipe import register_resolver
+from ..run.session import checkpoint_path
 
 
 def finetune_top1(pretrained: Path | None, model: str, run_dir: Path, overrides: list[str]) -> float:

@@ -36,8 +36,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from ..train.data import IMAGENET_MEAN, IMAGENET_STD, bundled_image_paths, derive_seed
-from ..train.regions import Box, crop_boxes, split_column  # noqa: F401 - re-exported
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, bundled_image_paths
+from ..data.regions import Box, crop_boxes, split_column  # noqa: F401 - re-exported
+from ..data.seeds import derive_seed
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ..train.checkpoint import load_checkpoint
-from ..train.recipe import register_resolver
+from ..run.checkpoint import load_checkpoint
+from ..run.recipe import register_resolver
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
                  "probe_accuracy", "probe_random_init")

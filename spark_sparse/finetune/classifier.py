@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from .checks import ConfigError
-from .session import first_line
+from ..run.checks import ConfigError
+from ..run.session import first_line
 
 EXPORT_NAME = "encoder_timm.pth"  # what pretraining writes into its run directory
 

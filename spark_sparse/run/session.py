@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from . import distributed
 from .checks import ConfigError, check_resumable
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, partial_saves, set_rng_state
-from .data import derive_seed
+from ..data.seeds import derive_seed
 from .run_dir import Refused, RunDirLock, Stopped, repair_metrics, write_record
 
 

@@ -25,8 +25,9 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 
-from .regions import crop_boxes, split_column
-from .data import (Batches, DataError, bundled_image_paths, derive_seed, first_readable, to_rgb, try_read,
+from ..data.regions import crop_boxes, split_column
+from ..data.seeds import derive_seed
+from ..data.images import (Batches, DataError, bundled_image_paths, first_readable, to_rgb, try_read,
                    warn_skipped)
 
 VAL_CROPS_PER_PHOTO = 8  # bundled task: fixed validation crops per photo

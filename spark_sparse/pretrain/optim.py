@@ -14,11 +14,9 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.optim import Optimizer
 
+from ..run.recipe import scaled_lr
+
 OPTIMIZERS = ("lamb", "adamw")
-
-
-def scaled_lr(base_lr: float, batch_size: int) -> float:
-    return base_lr * batch_size / 256
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig, batch_size: int) -> Optimizer:

@@ -20,18 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
-from .checks import FIXED_ON_RESUME, ConfigError, validate
-from .checkpoint import atomic_save, load_checkpoint, rng_state
-from .data import PretrainDataset, build_dataset, build_loader, derive_seed
-from .logger import NullLogger, RunLogger
-from .run_dir import RunDirLock, StopSignals, Stopped
-from .runtime import configure_cpu
-from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
-from .recipe import register_resolver
 from ..model.spark import SparK
-from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                      out_of_memory, restore_rng, run_app, seed_everything)
+from ..run import distributed
+from ..run.checks import ConfigError
+from ..run.checkpoint import atomic_save, load_checkpoint, rng_state
+from ..run.logger import NullLogger, RunLogger
+from ..run.recipe import register_resolver
+from ..run.run_dir import RunDirLock, StopSignals, Stopped
+from ..run.runtime import configure_cpu
+from ..run.session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
+                           out_of_memory, restore_rng, run_app, seed_everything)
+from .checks import FIXED_ON_RESUME, validate
+from .data import PretrainDataset, build_dataset, build_loader
+from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .visualize import save_reconstruction
 
 __all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "main", "plan", "train", "validate"]

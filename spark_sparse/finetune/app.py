@@ -23,107 +23,29 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
-from .checks import ConfigError, check_model_and_missing, check_runtime
-from .checkpoint import atomic_save, load_checkpoint, rng_state
+from ..data.seeds import derive_seed
+from ..run import distributed
+from ..run.checks import ConfigError
+from ..run.checkpoint import atomic_save, load_checkpoint, rng_state
+from ..run.logger import NullLogger, RunLogger
+from ..run.recipe import register_resolver
+from ..run.run_dir import RunDirLock, StopSignals, Stopped
+from ..run.runtime import configure_cpu
+from ..run.session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
+                           out_of_memory, restore_rng, run_app, seed_everything)
+from .checks import FIXED_ON_RESUME, validate
 from .classifier import build_model, load_encoder
-from .data import derive_seed
-from .labelled import EpochBatches, InOrder, Labelled, build_datasets, loader
-from .logger import NullLogger, RunLogger
-from .optim import scaled_lr
-from .recipe import register_resolver
-from .run_dir import RunDirLock, StopSignals, Stopped
-from .runtime import configure_cpu
-from .session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                      out_of_memory, restore_rng, run_app, seed_everything)
+from .data import EpochBatches, Labelled, build_datasets, loader
+from .evaluate import evaluate
+from .optim import build_optimizer, criterion, mixing
 
 __all__ = ["ConfigError", "RunFailed", "TrainingDiverged", "evaluate", "main", "train", "validate"]
-
-# a resumed run must be the same experiment
-FIXED_ON_RESUME = ("mode", "model", "pretrained", "data", "input_size", "batch_size", "epochs", "seed",
-                   "optim", "aug", "mixup", "ema", "drop_path_rate")
-
-
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    check_model_and_missing(cfg)
-    if cfg.mode not in ("finetune", "linear"):
-        raise ConfigError(f"mode must be finetune or linear, got '{cfg.mode}'")
-    if cfg.input_size < 32:
-        raise ConfigError(f"input_size must be at least 32, got {cfg.input_size}")
-    if cfg.batch_size < 2 or (mixing(cfg) and cfg.batch_size % 2):
-        raise ConfigError(f"batch_size must be at least 2 (and even with mixup), got {cfg.batch_size}")
-    share = cfg.batch_size // world_size  # batch norm needs 2 images a process, mixup pairs them
-    if cfg.batch_size % world_size or share < 2 or (mixing(cfg) and share % 2):
-        raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must split evenly among the "
-                          f"{world_size} processes into shares of at least 2"
-                          + (", even (mixup)" if mixing(cfg) else ""))
-    repeats = cfg.aug.repeats
-    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
-        raise ConfigError(f"aug.repeats must be a whole number of at least 1, got {repeats}")
-    if not (isinstance(cfg.epochs, int) and cfg.epochs >= 1):
-        raise ConfigError(f"epochs must be a positive whole number, got {cfg.epochs}")
-    if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in (0, 1) or null, got {cfg.ema.decay}")
-    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
-        raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {cfg.optim.layer_decay}")
-    check_runtime(cfg)
-
-
-def mixing(cfg: DictConfig) -> bool:
-    return cfg.mixup.prob > 0 and (cfg.mixup.mixup_alpha > 0 or cfg.mixup.cutmix_alpha > 0)
-
-
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    """timm's optimiser over what is trained (the head alone in linear mode), with layer-wise lr
-    decay groups from the model's own group_matcher, and no weight decay on biases and norms."""
-    trained = model.head if cfg.mode == "linear" else model
-    lr = cfg.optim.lr if cfg.optim.lr is not None else scaled_lr(cfg.optim.base_lr, cfg.batch_size)
-    extra = {"momentum": cfg.optim.momentum} if cfg.optim.name in ("sgd", "momentum") else {}
-    return create_optimizer_v2(trained, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
-                               layer_decay=cfg.optim.layer_decay, **extra)
-
-
-def criterion(cfg: DictConfig) -> nn.Module:
-    """Mixup's soft targets (label smoothing folded in), else smoothed or plain cross-entropy."""
-    if mixing(cfg):
-        return SoftTargetCrossEntropy()
-    if cfg.mixup.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(cfg.mixup.label_smoothing)
-    return nn.CrossEntropyLoss()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, data: Labelled, batch_size: int, device: torch.device,
-             num_workers: int = 0) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (in %) and cross-entropy of ``model`` on ``data``, in eval mode;
-    unreadable images are left out. Under torchrun every process evaluates its share with rank
-    0's weights and statistics and the counts are summed: the numbers are one process's."""
-    ctx = distributed.context()
-    distributed.broadcast_buffers(model)
-    was_training = model.training
-    model.eval()
-    k = min(5, len(data.classes))
-    counts = torch.zeros(4, dtype=torch.float64)  # images, top-1 hits, top-k hits, loss sum
-    for batch in loader(data, InOrder(len(data), batch_size, ctx.rank, ctx.world_size), num_workers):
-        if batch is None:  # every image of this batch was unreadable
-            continue
-        images, targets = batch[0].to(device), batch[1].to(device)
-        logits = model(images)
-        hits = logits.topk(k, dim=1).indices == targets[:, None]
-        counts += torch.tensor([len(targets), hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
-                                nn.functional.cross_entropy(logits, targets, reduction="sum").item()],
-                               dtype=torch.float64)
-    model.train(was_training)
-    total, top1, top5, loss = distributed.total_over_ranks(counts).tolist()
-    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:

@@ -41,3 +41,7 @@ def register_resolver() -> None:
     """Make ``${recipe:KEY}`` available to OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("recipe"):
         OmegaConf.register_new_resolver("recipe", _resolve)
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    return base_lr * batch_size / 256

@@ -1,4 +1,4 @@
-"""Pretraining data: image paths, SparK's augmentation and deterministic, resumable batches.
+"""Pretraining data: SparK's augmentation and deterministic, resumable batches of images.
 
 Every random choice is derived from explicit seeds rather than the global RNG, so a batch is a
 pure function of (seed, step): a resumed run, a run with worker processes and a run on several
@@ -7,130 +7,22 @@ ranks all see exactly the images and crops an uninterrupted single-process run w
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-
-# drawings and test patterns in skimage/data; pretraining on them teaches nothing about photos
-SYNTHETIC_BUNDLED = frozenset({"chessboard_GRAY", "chessboard_RGB", "color", "horse", "logo",
-                               "phantom"})
-
-# what PIL raises for unreadable files (SyntaxError: some plugins' "broken file" error)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, bundled_image_paths, first_readable,
+                           image_folder_paths, warn_skipped)
+from ..data.seeds import derive_seed
 
 Key = tuple[int, int]  # (index into the data set, sample seed)
-
-
-class DataError(ValueError):
-    """The data cannot be used: no such folder, no images in it, or none of them readable."""
-
-
-def bundled_image_paths() -> list[Path]:
-    """The real photos shipped inside the scikit-image wheel: a data set that needs no download."""
-    import skimage.data  # only here, so imagefolder runs do not pay for importing skimage
-
-    folder = Path(skimage.data.__file__).parent
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix in {".png", ".jpg"} and p.stem not in SYNTHETIC_BUNDLED)
-
-
-def image_folder_paths(root: str | Path) -> list[Path]:
-    """Every image file under ``root`` (recursively, any case of extension, following symlinked
-    folders but never into a loop), sorted."""
-    root = Path(root).expanduser()
-    if root.is_file():
-        raise DataError(f"data.root {root} is a file; it must be a folder of images")
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    paths, seen = [], set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        here = os.stat(folder)
-        if (here.st_dev, here.st_ino) in seen:  # a link back up the tree, or a second link to a folder
-            subfolders.clear()
-            continue
-        seen.add((here.st_dev, here.st_ino))
-        paths += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    paths = sorted(p for p in paths if p.is_file())
-    if not paths:
-        raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return paths
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. PIL's own convert clips 16-bit pixels (nearly white) and truncates float ones
-    (black): those are rescaled here, or refused with a ValueError when their range is unknown."""
-    if image.mode.startswith("I"):  # I;16 and friends, and I (how PIL may read 16-bit PNGs)
-        pixels = np.asarray(image, dtype=np.float64)
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise ValueError(f"{image.mode} pixels outside the 16-bit range: unknown scale")
-        return Image.fromarray(np.rint(pixels / 257).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
-            raise ValueError("floating-point pixels outside [0, 1]: unknown scale")
-        return Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_rgb(source: Path | Image.Image) -> Image.Image:
-    """An image file decoded to 8-bit RGB (an image already in memory is returned as is)."""
-    if isinstance(source, Image.Image):
-        return source
-    with Image.open(source) as image:
-        return to_rgb(image)  # converting decodes, so corruption surfaces here
-
-
-def try_read(source: Path | Image.Image, bad_paths: set[Path]) -> tuple[Image.Image | None, list[tuple[Path, str]]]:
-    """The decoded image, or None for an unreadable file (added to ``bad_paths``, and returned
-    with its reason the first time)."""
-    if isinstance(source, Path) and source in bad_paths:
-        return None, []
-    try:
-        return read_rgb(source), []
-    except _DECODE_ERRORS as err:
-        bad_paths.add(source)
-        return None, [(source, f"{type(err).__name__}: {err}")]
-
-
-def first_readable(sources: Sequence[Path | Image.Image], index: int,
-                   bad_paths: set[Path]) -> tuple[int, Image.Image, list[tuple[Path, str]]]:
-    """The image at ``index``, or at the first readable index after it (wrapping around): its
-    index, the image, and the files newly found unreadable (added to ``bad_paths``). Whether a
-    file is readable is a property of the file, so every process, worker and resumed run picks
-    the same substitute; ``bad_paths`` only spares decoding a known bad file again."""
-    n = len(sources)
-    skipped = []
-    for offset in range(n):
-        i = (index + offset) % n
-        image, newly = try_read(sources[i], bad_paths)
-        skipped += newly
-        if image is not None:
-            return i, image, skipped
-    folder = os.path.commonpath([str(Path(p).parent) for p in sources if isinstance(p, Path)] or ["."])
-    example = f" (e.g. {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
-    raise DataError(f"none of the {n} images under {folder} could be read{example}")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends on every part; stable across processes, unlike hash()."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -218,10 +110,6 @@ class PretrainDataset(Dataset):
         return image, skipped
 
 
-def warn_skipped(count: int, path: Path, reason: str) -> None:
-    warnings.warn(f"skipped {count} unreadable image(s) so far, latest: {path} ({reason})", stacklevel=3)
-
-
 class StepBatchSampler:
     """Deterministic, resumable batches of (index, sample_seed) keys for step-based training.
 
@@ -300,34 +188,6 @@ class _Loading(Dataset):
 
 def _collate(samples: list[tuple[torch.Tensor, list[tuple[Path, str]]]]) -> tuple[torch.Tensor, list]:
     return torch.stack([x for x, _ in samples]), [bad for _, skipped in samples for bad in skipped]
-
-
-class Batches:
-    """Batches from a DataLoader whose items are (batch, unreadable files skipped for it). Each
-    worker process meets unreadable files on its own, so they are warned about here, in the main
-    process, once per file, and added to the data set's ``bad_paths`` (the workers of a later
-    loader start out knowing them). More than ``max_unreadable`` of them stop the run."""
-
-    def __init__(self, loader: DataLoader, dataset: Dataset, max_unreadable: int | None = None,
-                 what: str = "images") -> None:
-        self.loader, self.dataset = loader, dataset
-        self.max_unreadable, self.what = max_unreadable, what
-        self.warned = set(dataset.bad_paths)  # already warned about in this process
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        for batch, skipped in self.loader:
-            for path, reason in skipped:
-                if path not in self.warned:
-                    self.warned.add(path)
-                    self.dataset.bad_paths.add(path)
-                    if self.max_unreadable is not None and len(self.warned) > self.max_unreadable:
-                        raise DataError(f"more than {self.max_unreadable} of the {len(self.dataset)} {self.what} "
-                                        f"are unreadable (latest: {path}: {reason}); fix or remove them")
-                    warn_skipped(len(self.warned), path, reason)
-            yield batch
 
 
 def build_loader(dataset: PretrainDataset, batch_size: int, seed: int, start_step: int = 0,

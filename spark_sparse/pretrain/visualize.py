@@ -16,8 +16,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .checkpoint import load_checkpoint  # noqa: E402
-from .data import IMAGENET_MEAN, IMAGENET_STD, build_dataset  # noqa: E402
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ..run.checkpoint import load_checkpoint  # noqa: E402
+from .data import build_dataset  # noqa: E402
 from ..model.loss import reconstruct  # noqa: E402
 from ..mask import random_active, upsample_active  # noqa: E402
 from ..model.spark import SparK  # noqa: E402

@@ -1,0 +1,1 @@
+"""SparK pretraining, the app: ``python -m spark_sparse.pretrain key=value ...`` (app.py)."""
