@@ -17,7 +17,9 @@ import torch
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import load_checkpoint
-from spark_sparse.run.run_dir import Refused, RunDirLock, Stopped, repair_metrics
+from spark_sparse.run.checks import Refused
+from spark_sparse.run.run_dir import RunDirLock, repair_metrics
+from spark_sparse.run.signals import Stopped
 
 from . import faults
 from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, losses,

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from ..finetune.app import CONF_DIR, train
 from ..run.recipe import register_resolver
-from ..run.session import checkpoint_path
+from ..run.run_dir import checkpoint_path
 
 
 def finetune_top1(pretrained: Path | None, model: str, run_dir: Path, overrides: list[str]) -> float:

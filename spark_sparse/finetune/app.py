@@ -32,13 +32,15 @@ from tqdm import tqdm
 from ..data.seeds import derive_seed
 from ..run import distributed
 from ..run.checks import ConfigError
-from ..run.checkpoint import atomic_save, load_checkpoint, rng_state
+from ..run.checkpoint import Saver, atomic_save, load_checkpoint
+from ..run.cli import run_app
+from ..run.failures import RunFailed, TrainingDiverged, is_out_of_memory, out_of_memory
 from ..run.logger import NullLogger, RunLogger
 from ..run.recipe import register_resolver
-from ..run.run_dir import RunDirLock, StopSignals, Stopped
+from ..run.rng import restore_rng, rng_state, seed_everything
+from ..run.run_dir import RunDirLock, checkpoint_path, open_run_dir
 from ..run.runtime import configure_cpu
-from ..run.session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                           out_of_memory, restore_rng, run_app, seed_everything)
+from ..run.signals import StopSignals, Stopped
 from .checks import FIXED_ON_RESUME, validate
 from .classifier import build_model, load_encoder
 from .data import EpochBatches, Labelled, build_datasets, loader
@@ -123,7 +125,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, model: nn.Mod
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
               if ctx.is_main else NullLogger())
-    saver = Saver(run_dir, step if cfg.resume else None, save=atomic_save)
+    saver = Saver(checkpoint_path(run_dir), step if cfg.resume else None, save=atomic_save)
     best_path = run_dir / "checkpoints" / "best.pt"
 
     def save(at: int) -> None:

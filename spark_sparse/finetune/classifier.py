@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..run.checks import ConfigError
-from ..run.session import first_line
+from ..run.failures import first_line
 
 EXPORT_NAME = "encoder_timm.pth"  # what pretraining writes into its run directory
 

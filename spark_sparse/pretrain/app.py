@@ -23,13 +23,15 @@ from tqdm import tqdm
 from ..model.spark import SparK
 from ..run import distributed
 from ..run.checks import ConfigError
-from ..run.checkpoint import atomic_save, load_checkpoint, rng_state
+from ..run.checkpoint import Saver, atomic_save, load_checkpoint
+from ..run.cli import run_app
+from ..run.failures import RunFailed, TrainingDiverged, is_out_of_memory, out_of_memory
 from ..run.logger import NullLogger, RunLogger
 from ..run.recipe import register_resolver
-from ..run.run_dir import RunDirLock, StopSignals, Stopped
+from ..run.rng import restore_rng, rng_state, seed_everything
+from ..run.run_dir import RunDirLock, checkpoint_path, open_run_dir
 from ..run.runtime import configure_cpu
-from ..run.session import (RunFailed, Saver, TrainingDiverged, checkpoint_path, is_out_of_memory, open_run_dir,
-                           out_of_memory, restore_rng, run_app, seed_everything)
+from ..run.signals import StopSignals, Stopped
 from .checks import FIXED_ON_RESUME, validate
 from .data import PretrainDataset, build_dataset, build_loader
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
@@ -114,7 +116,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ctx: distributed.Context, dataset: Pret
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = (RunLogger(run_dir, cfg.logger, config, resume_step=step if cfg.resume else None)
               if ctx.is_main else NullLogger())
-    saver = Saver(run_dir, step if cfg.resume else None, save=atomic_save)
+    saver = Saver(checkpoint_path(run_dir), step if cfg.resume else None, save=atomic_save)
 
     def save(at: int) -> None:
         states = distributed.gather_on_main(rng_state(model.generator))  # a collective: all ranks

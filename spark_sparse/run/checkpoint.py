@@ -1,15 +1,17 @@
-"""Checkpoints that survive a crash: written to a temporary file, then atomically renamed."""
+"""Checkpoints that survive a crash (written to a temporary file, then atomically renamed), and the
+saver that turns a full disk into one line naming the last good checkpoint."""
 
 from __future__ import annotations
 
 import os
-import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from .failures import RunFailed, is_disk_full
 
 
 # what a spark_sparse training checkpoint holds at least
@@ -43,30 +45,6 @@ def partial_saves(path: str | Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
-def rng_state(mask_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """The global RNGs' states (and the mask generator's, for pretraining)."""
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if mask_generator is not None:
-        state["mask"] = mask_generator.get_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], mask_generator: torch.Generator | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if mask_generator is not None:
-        mask_generator.set_state(state["mask"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint written by pretraining; CheckpointError (one line) for anything else."""
     path = Path(path)
@@ -84,3 +62,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
                               f"{', '.join(sorted(CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS))})")
     return ckpt
+
+
+class Saver:
+    """Atomic saves that turn a full disk into a RunFailed naming the last good checkpoint.
+
+    ``save`` is the low-level writer (atomic_save; injectable, so a test can kill a run mid-save).
+    """
+
+    def __init__(self, ckpt_path: Path, last_saved: int | None,
+                 save: Callable[[Any, Path], Any] = atomic_save) -> None:
+        self.ckpt_path = ckpt_path
+        self.last_saved = last_saved  # the step of the newest checkpoint on disk; None: none yet
+        self._save = save
+
+    def kept(self) -> str:
+        return (f"the last good checkpoint is {self.ckpt_path} (step {self.last_saved})"
+                if self.last_saved is not None else "no checkpoint was written")
+
+    def write(self, obj: object, path: Path, what: str) -> None:
+        try:
+            self._save(obj, path)
+        except (OSError, RuntimeError) as err:
+            if not is_disk_full(err):
+                raise
+            raise RunFailed(f"disk full while saving {what}: {self.kept()}; free some space and "
+                            "continue with resume=true") from None
+
+    def checkpoint(self, ckpt: dict, step: int) -> None:
+        self.write(ckpt, self.ckpt_path, f"the step-{step} checkpoint")
+        self.last_saved = step

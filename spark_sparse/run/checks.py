@@ -12,10 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..encoders.families import FAMILIES
-from .run_dir import Refused
 
 # the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
 TIMM_MODULES = [family.name for family in FAMILIES]
+
+
+class Refused(ValueError):
+    """The run cannot start (bad config, busy or unusable run directory); nothing was changed."""
 
 
 class ConfigError(Refused):

@@ -1,5 +1,6 @@
 """Keeping a run directory sound: one run at a time, a record written only once a run is
-accepted, a metrics log repaired before it is appended to, and clean stops on SIGINT/SIGTERM.
+accepted, a metrics log repaired before it is appended to, and the opening of a directory for a
+fresh or resumed run.
 
 A refused command must leave the directory exactly as it found it, so nothing here writes
 before the run is accepted: the lock is a flock on the directory itself (no lock file), and the
@@ -12,35 +13,17 @@ import errno
 import fcntl
 import json
 import os
-import signal
 import socket
-import sys
-import threading
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-
-class Refused(ValueError):
-    """The run cannot start (bad config, busy or unusable run directory); nothing was changed."""
-
-
-class Stopped(BaseException):
-    """SIGINT or SIGTERM stopped the run. A BaseException, like KeyboardInterrupt: a second
-    signal may strike anywhere and must not be swallowed by an ``except Exception``."""
-
-    def __init__(self, signame: str, step: int | None = None) -> None:
-        super().__init__(signame, step)
-        self.signame = signame
-        self.step = step  # the step of the checkpoint just written; None: stopped at once
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + signal.Signals[self.signame].value  # the shell's "killed by signal" code
+from .checkpoint import CheckpointError, load_checkpoint, partial_saves
+from .checks import ConfigError, Refused, check_resumable
 
 
 class RunDirLock:
@@ -148,33 +131,42 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
     return f"{path}: dropped {', '.join(dropped)}; kept {len(by_step)} record(s)"
 
 
-class StopSignals:
-    """While active, a first SIGINT or SIGTERM only sets ``requested``: the training loop saves
-    a checkpoint after the current step and stops. A second one raises ``Stopped`` at once.
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "last.pt"
 
-    Outside the main thread (where Python cannot install handlers) it does nothing.
-    """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None:
-            raise Stopped(name)
-        self.requested = name
-        print(f"{name}: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+def open_run_dir(cfg: DictConfig, run_dir: Path, lock: RunDirLock, fixed_on_resume: Iterable[str],
+                 outputs: Iterable[str] = ()) -> dict | None:
+    """Judge the run directory under its lock and return the checkpoint to resume from (None
+    for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
+    leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
+    or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``."""
+    ckpt_path = checkpoint_path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        if cfg.resume and not ckpt_path.exists():
+            raise ConfigError(f"resume=true but there is no checkpoint at {ckpt_path}; "
+                              "pass the earlier run's directory with hydra.run.dir=...")
+        if not cfg.resume and ckpt_path.exists():
+            raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
+                              "it or choose another hydra.run.dir")
+        ckpt = None
+        if cfg.resume:
+            try:
+                ckpt = load_checkpoint(ckpt_path)
+            except CheckpointError as err:
+                raise Refused(f"cannot resume: {err}; start a new run directory") from None
+            check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume))
+    except BaseException:
+        lock.release()
+        raise
+    lock.claim()
+    write_record(run_dir, cfg)
+    for leftover in [p for name in ["checkpoints/last.pt", *outputs] for p in partial_saves(run_dir / name)]:
+        leftover.unlink()
+        print(f"note: removed {leftover}, left by a run killed while saving")
+    note = repair_metrics(run_dir / "metrics.jsonl", ckpt["step"] if ckpt else 0)
+    if note:
+        print(f"note: {note}")
+    return ckpt
