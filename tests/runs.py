@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from spark_sparse.run import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 # a pretraining that takes a fraction of a second a step on 2 cores
@@ -82,15 +84,15 @@ def stop_run() -> None:
     raise KeyboardInterrupt  # as if the process were killed here (the in-process stand-in)
 
 
-def after_checkpoint(monkeypatch, app, step: int, action: Callable[[], None] = stop_run) -> None:
-    """Run ``action`` right after ``app`` has written its step-``step`` checkpoint (by default the
+def after_checkpoint(monkeypatch, step: int, action: Callable[[], None] = stop_run) -> None:
+    """Run ``action`` right after the run has written its step-``step`` checkpoint (by default the
     run stops there, as if it were killed; the test then resumes it)."""
-    real_save = app.atomic_save
+    real_save = checkpoint.atomic_save
 
     def save_then_act(obj, path):
         real_save(obj, path)
         if isinstance(obj, dict) and obj.get("step") == step and Path(path).name == "last.pt":
-            monkeypatch.setattr(app, "atomic_save", real_save)
+            monkeypatch.setattr(checkpoint, "atomic_save", real_save)
             action()
 
-    monkeypatch.setattr(app, "atomic_save", save_then_act)
+    monkeypatch.setattr(checkpoint, "atomic_save", save_then_act)

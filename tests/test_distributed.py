@@ -103,8 +103,9 @@ def test_sync_norm_without_a_process_group_is_plain_batchnorm():
 
 
 @pytest.mark.parametrize("engine", ["sparse", "dense_masked"])
-def test_conversion_reaches_every_norm_and_keeps_the_state_dict(engine):
-    model = SparK.from_config(config(f"engine={engine}"))
+@pytest.mark.parametrize("model", ["resnet18", "mobilenetv3_small_100"])  # batch norm + activation leaves
+def test_conversion_reaches_every_norm_and_keeps_the_state_dict(engine, model):
+    model = SparK.from_config(config(f"engine={engine}", f"model={model}"))
     before = model.state_dict()
     timm_before = model.encoder.timm_state_dict()
     convert_sync_batchnorm(model)
@@ -156,7 +157,7 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(tmp_path,
         (interrupted / "checkpoints").mkdir(parents=True)
         shutil.copy(single / "checkpoints" / "last.pt", interrupted / "checkpoints" / "last.pt")
 
-    after_checkpoint(monkeypatch, pretrain, step=2, action=keep_step_2)
+    after_checkpoint(monkeypatch, step=2, action=keep_step_2)
     pretrain.train(config(*RUN), single)
 
     # a fresh 2-process run, in hydra's default time-stamped run directory

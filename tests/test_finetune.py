@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import spark_sparse.finetune.app as finetune
+from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.checkpoint import load_checkpoint
 from spark_sparse.finetune.classifier import build_model, encoder_of, load_encoder
 from spark_sparse.data.images import DataError
@@ -46,7 +47,7 @@ def colours(tmp_path_factory) -> Path:
 
 
 def config(colours: Path, *overrides: str):
-    finetune.register_resolver()
+    register_resolver()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("finetune", overrides=TINY + [f"data.train={colours / 'train'}",
                                                      f"data.val={colours / 'val'}", *overrides])
@@ -154,7 +155,7 @@ def test_resume_after_a_stop_mid_epoch_gives_the_same_run(colours, tmp_path, mon
 
 
 def test_the_bundled_photos_task_runs_out_of_the_box(tmp_path):
-    finetune.register_resolver()
+    register_resolver()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=["epochs=1", "input_size=32", "threads=1"])
     finetune.train(cfg, tmp_path)
@@ -194,7 +195,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
 ])
 def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
                                                                            mixup, drop_path):
-    finetune.register_resolver()
+    register_resolver()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[f"model={model}"])
         assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.layer_decay) == (opt, base_lr, layer_decay)

@@ -6,6 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import spark_sparse.pretrain.app as pretrain
+from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.checkpoint import atomic_save, load_checkpoint
 from spark_sparse.pretrain.data import build_dataset
 from spark_sparse.pretrain.optim import build_optimizer
@@ -18,7 +19,7 @@ TINY = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "
 
 
 def config(*overrides: str):
-    pretrain.register_resolver()  # ${recipe:KEY} in conf/pretrain.yaml
+    register_resolver()  # ${recipe:KEY} in conf/pretrain.yaml
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("pretrain", overrides=TINY + list(overrides))
 
@@ -78,7 +79,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     pretrain.train(config(), straight)
 
     interrupted = tmp_path / "interrupted"
-    after_checkpoint(monkeypatch, pretrain, step=3)  # the run is killed right after its step-3 checkpoint
+    after_checkpoint(monkeypatch, step=3)  # the run is killed right after its step-3 checkpoint
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(config(), interrupted)
     assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"] == 3

@@ -105,7 +105,7 @@ def test_metrics_repair_keeps_each_step_once_and_drops_a_torn_tail(tmp_path):
 
 
 def test_resume_after_a_torn_metrics_line_logs_each_step_once(tmp_path, monkeypatch, capsys):
-    after_checkpoint(monkeypatch, pretrain, step=2)  # killed right after the step-2 checkpoint
+    after_checkpoint(monkeypatch, step=2)  # killed right after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(config("max_steps=4", "save_every=2"), tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:

@@ -3,7 +3,7 @@
 Writes SWEEP_DIR/summary.csv, summary.md and summary.png: one row per run with the config values
 that differ between the runs (dotted names such as ``decoder.width``), the number of steps, the
 final and smoothed reconstruction loss, the training speed and the held-out accuracy of the
-linear probe (spark_sparse/probe.py), next to the same probe on a randomly initialised encoder.
+linear probe (spark_sparse/analysis/probe.py), next to the same probe on a randomly initialised encoder.
 A run without an exported encoder (killed, or stopped by a diverging loss) is reported with its
 status rather than failing the report.
 
@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from ..run.checkpoint import load_checkpoint
 from ..run.recipe import register_resolver
+from ..run.run_dir import RunFiles
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
                  "probe_accuracy", "probe_random_init")
@@ -46,7 +47,7 @@ def find_runs(sweep_dir: Path) -> list[Path]:
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep directory {sweep_dir} does not exist")
     runs = [d for d in sweep_dir.iterdir()
-            if d.is_dir() and ((d / "metrics.jsonl").exists() or (d / ".hydra").is_dir())]
+            if d.is_dir() and (RunFiles(d).metrics.exists() or RunFiles(d).record.is_dir())]
     if not runs:
         raise ReportError(f"no runs in {sweep_dir}: expected sub-directories holding metrics.jsonl "
                           "(the hydra.sweep.dir of `python -m spark_sparse.pretrain -m ...`)")
@@ -57,11 +58,11 @@ def load_config(run_dir: Path) -> dict | None:
     """The run's resolved config: the .hydra/ record (written once the run was accepted), else the checkpoint's."""
     register_resolver()  # the record interpolates the model's recipe defaults
     try:
-        return OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(RunFiles(run_dir).record / "config.yaml"), resolve=True)
     except Exception:  # missing or unreadable: the checkpoint may still have it
         pass
     try:
-        return load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+        return load_checkpoint(RunFiles(run_dir).checkpoint)["config"]
     except Exception:
         return None
 
@@ -109,7 +110,7 @@ def smoothed(values: list[float], beta: float) -> float:
 
 def summarize_run(run_dir: Path, beta: float) -> dict[str, Any]:
     """Losses, speed and status of one run (no probe)."""
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunFiles(run_dir).metrics)
     losses = [float(r["loss"]) for r in records]
     row: dict[str, Any] = {
         "run": run_dir.name, "steps": records[-1]["step"] if records else 0,
@@ -120,7 +121,7 @@ def summarize_run(run_dir: Path, beta: float) -> dict[str, Any]:
     }
     if not records:
         row["status"] = "no metrics"
-    elif not (run_dir / "encoder_timm.pth").exists():
+    elif not RunFiles(run_dir).encoder.exists():
         row["status"] = f"incomplete (stopped at step {row['steps']}, no encoder_timm.pth)"
     elif not all(map(math.isfinite, losses)):
         row["status"] = "diverged"
@@ -164,7 +165,7 @@ def _probe(row: dict, run_dir: Path, config: dict, probe_size: int | None,
 
     model, size = config["model"], probe_size_for(config, probe_size)
     try:
-        state = torch.load(run_dir / "encoder_timm.pth", map_location="cpu", weights_only=True)
+        state = torch.load(RunFiles(run_dir).encoder, map_location="cpu", weights_only=True)
         row["probe_accuracy"] = linear_probe(state, model, size)["accuracy"]
         if (model, size) not in baselines:
             baselines[(model, size)] = linear_probe(None, model, size)["accuracy"]

@@ -15,7 +15,6 @@ import copy
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, DropPath
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
@@ -24,6 +23,7 @@ from ..mask import upsample_active
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
 class MaskedTensor(NamedTuple):
@@ -72,18 +72,37 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         n, c = rows.shape
         return super().forward(rows.t().reshape(1, c, n, 1)).reshape(c, n).t()
 
+    def synchronised(self) -> SyncMaskedBatchNorm2d:
+        """Its twin whose statistics span every process (torchrun)."""
+        return twin_of(self, SyncMaskedBatchNorm2d)
+
 
 class MaskedBatchNormAct2d(MaskedBatchNorm2d):
     """timm's BatchNormAct2d: the batch norm above, then its activation, on the visible rows."""
 
-    def __init__(self, bn: BatchNormAct2d):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-        self.act = copy.deepcopy(bn.act)
-        self.load_state_dict(bn.state_dict())
-        self.train(bn.training)
+    def __init__(self, num_features: int, *args, act: nn.Module, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.act = copy.deepcopy(act)
+
+    @classmethod
+    def from_timm(cls, bn: BatchNormAct2d) -> MaskedBatchNormAct2d:
+        return twin_of(bn, cls, act=bn.act)
 
     def _rows(self, rows: Tensor) -> Tensor:
         return self.act(super()._rows(rows))
+
+    def synchronised(self) -> SyncMaskedBatchNormAct2d:
+        return twin_of(self, SyncMaskedBatchNormAct2d, act=self.act)
+
+
+# Synchronised twins: the masked norms gather the visible sites and call ``super().forward``,
+# which these class orders resolve to SyncVisibleBatchNorm's.
+class SyncMaskedBatchNorm2d(MaskedBatchNorm2d, SyncVisibleBatchNorm):
+    pass
+
+
+class SyncMaskedBatchNormAct2d(MaskedBatchNormAct2d, SyncVisibleBatchNorm):
+    pass
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -192,7 +211,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return bn
     if type(module) is BatchNormAct2d:
         check_norm_act(module, path)
-        return MaskedBatchNormAct2d(module)
+        return MaskedBatchNormAct2d.from_timm(module)
     if type(module) in LAYER_NORMS:
         norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                bias=module.bias is not None)

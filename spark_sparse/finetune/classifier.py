@@ -11,8 +11,8 @@ from torch import nn
 
 from ..run.checks import ConfigError
 from ..run.failures import first_line
+from ..run.run_dir import RunFiles
 
-EXPORT_NAME = "encoder_timm.pth"  # what pretraining writes into its run directory
 
 
 class LinearProbe(nn.Module):
@@ -69,10 +69,10 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
     weight file (ours, or SparK's official ``*_timm_style.pth``)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / EXPORT_NAME
+        path = RunFiles(path).encoder
     if not path.is_file():
         raise FileNotFoundError(f"pretrained={source}: no such file (a pretraining run directory must "
-                                f"hold {EXPORT_NAME}; is the run finished?)")
+                                f"hold {RunFiles.ENCODER}; is the run finished?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on other files

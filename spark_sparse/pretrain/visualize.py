@@ -18,6 +18,7 @@ from torch import Tensor  # noqa: E402
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ..run.checkpoint import load_checkpoint  # noqa: E402
+from ..run.run_dir import RunFiles  # noqa: E402
 from .data import build_dataset  # noqa: E402
 from ..model.loss import reconstruct  # noqa: E402
 from ..mask import random_active, upsample_active  # noqa: E402
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     path = Path(args.checkpoint)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = RunFiles(path).checkpoint
     ckpt = load_checkpoint(path)
     model = load_model(ckpt)
     cfg = OmegaConf.create(ckpt["config"])

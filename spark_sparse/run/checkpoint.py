@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +64,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 class Saver:
-    """Atomic saves that turn a full disk into a RunFailed naming the last good checkpoint.
+    """Atomic saves that turn a full disk into a RunFailed naming the last good checkpoint."""
 
-    ``save`` is the low-level writer (atomic_save; injectable, so a test can kill a run mid-save).
-    """
-
-    def __init__(self, ckpt_path: Path, last_saved: int | None,
-                 save: Callable[[Any, Path], Any] = atomic_save) -> None:
+    def __init__(self, ckpt_path: Path, last_saved: int | None) -> None:
         self.ckpt_path = ckpt_path
         self.last_saved = last_saved  # the step of the newest checkpoint on disk; None: none yet
-        self._save = save
 
     def kept(self) -> str:
         return (f"the last good checkpoint is {self.ckpt_path} (step {self.last_saved})"
@@ -82,7 +76,7 @@ class Saver:
 
     def write(self, obj: object, path: Path, what: str) -> None:
         try:
-            self._save(obj, path)
+            atomic_save(obj, path)
         except (OSError, RuntimeError) as err:
             if not is_disk_full(err):
                 raise

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from . import distributed
 from .checks import Refused
 from .failures import RunFailed, TrainingDiverged, first_line
-from .run_dir import checkpoint_path
+from .run_dir import RunFiles
 from .signals import Stopped
 
 
@@ -46,7 +46,7 @@ def run_app(cfg: DictConfig, module: str, train: Callable[[DictConfig, Path], di
             if stop.step is not None:
                 print(f"stopped by {stop.signame} at step {stop.step}, checkpoint saved; continue with: {how}",
                       file=sys.stderr)
-            elif checkpoint_path(run_dir).exists():
+            elif RunFiles(run_dir).checkpoint.exists():
                 print(f"stopped at once by a second {stop.signame}; the last checkpoint is kept, "
                       f"continue with: {how}", file=sys.stderr)
             else:

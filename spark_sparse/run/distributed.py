@@ -6,9 +6,9 @@ CPU tensors, NCCL for CUDA ones), DistributedDataParallel averages the gradients
 norms below take their statistics over the whole global batch, so N processes with B/N images
 each compute what one process with all B images would.
 
-``torch.nn.SyncBatchNorm`` refuses CPU tensors, so on CPU (gloo) ``SyncVisibleBatchNorm`` is a
-BatchNorm whose training statistics are all-reduced; on CUDA PyTorch's own fused SyncBatchNorm
-does the same job faster. Our norms are applied to visible sites only (the feature rows of a
+``torch.nn.SyncBatchNorm`` refuses CPU tensors, so on CPU (gloo) ``SyncVisibleBatchNorm``
+(encoders/sync_norm.py) is a BatchNorm whose training statistics are all-reduced; on CUDA
+PyTorch's own fused SyncBatchNorm does the same job faster. Our norms are applied to visible sites only (the feature rows of a
 sparse tensor, the visible rows of a densified map), so either sees exactly the visible sites of
 the global batch. Both keep BatchNorm's parameter and buffer names: checkpoints and timm exports
 are the same with and without synchronisation.
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..encoders.masked_engine import MaskedBatchNorm2d
+from ..encoders.sync_norm import SyncVisibleBatchNorm, is_active, twin_of
 
 T = TypeVar("T")
 
@@ -49,10 +49,6 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def is_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def context() -> Context:
@@ -165,97 +161,19 @@ def broadcast_buffers(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """all_reduce(SUM) with its adjoint: every rank's input reaches every rank's output, so each
-    input's gradient is the sum of all ranks' output gradients (another all_reduce)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def sum_over_ranks(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Differentiable all-reduce sum (torch.distributed.nn's is deprecated and warns)."""
-    return _SumOverRanks.apply(x, group)
-
-
-class SyncVisibleBatchNorm(_BatchNorm):
-    """BatchNorm over rows (N, C) or maps (N, C, ...) whose training statistics span all ranks.
-
-    Each rank takes the mean and biased variance of its own rows (numerically stable), turns
-    them into count, sum and sum of squares in float64 (no cancellation when they are combined),
-    and all-reduces those; everyone then normalises with the global mean and biased variance and
-    updates the running variance with the unbiased one, exactly as one BatchNorm over the
-    concatenated batch. The all-reduce is differentiable, so backward is that BatchNorm's too.
-    Outside training, or without a process group, it is a plain BatchNorm.
-    """
-
-    process_group: dist.ProcessGroup | None = None  # None: all ranks
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected (N, C) or (N, C, ...) input, got {x.dim()}D")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and is_active()):
-            return super().forward(x)
-        self._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
-        rows = x.numel() // x.shape[1]
-        if rows:
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
-        else:  # a rank without visible sites still joins the all-reduce, with zeros
-            var = mean = x.sum(dim=dims)
-        count = torch.full_like(mean, rows, dtype=torch.float64)
-        mean, var = mean.double(), var.double()
-        total = sum_over_ranks(torch.stack([count, count * mean, count * (var + mean * mean)]),
-                               self.process_group)
-        n = total[0]  # kept on the device: no host synchronisation per layer
-        g_mean = total[1] / n
-        g_var = (total[2] / n - g_mean * g_mean).clamp_min(0.0)
-        if self.track_running_stats:
-            self._update_running_stats(g_mean.detach(), g_var.detach(), n)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        scale = torch.rsqrt(g_var + self.eps).to(x.dtype)
-        if self.weight is not None:
-            scale = scale * self.weight
-        out = (x - g_mean.to(x.dtype).view(shape)) * scale.view(shape)
-        return out if self.bias is None else out + self.bias.view(shape)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * n / (n - 1.0).clamp_min(1.0)
-        self.running_mean.mul_(1.0 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1.0 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
-
-
-class SyncMaskedBatchNorm2d(MaskedBatchNorm2d, SyncVisibleBatchNorm):
-    """The dense-masked engine's norm, synchronised: MaskedBatchNorm2d gathers the visible sites
-    and calls ``super().forward``, which this class order resolves to SyncVisibleBatchNorm."""
-
-
 _PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _sync_class(norm: _BatchNorm, on_cuda: bool) -> type | None:
-    """The synchronised class for ``norm``, None for a batch norm we do not know."""
-    if type(norm) is MaskedBatchNorm2d:
-        return SyncMaskedBatchNorm2d
-    if type(norm) in _PLAIN_NORMS:
-        # on CUDA, PyTorch's SyncBatchNorm: fused kernels, where ours costs many small launches
-        return nn.SyncBatchNorm if on_cuda else SyncVisibleBatchNorm
-    return None
+def _twin(norm: _BatchNorm) -> _BatchNorm:
+    """The synchronised twin of ``norm``: an engine's own norm offers it (``synchronised()``);
+    a plain torch BatchNorm becomes PyTorch's fused SyncBatchNorm on CUDA, ours on CPU."""
+    synchronised = getattr(norm, "synchronised", None)
+    if synchronised is not None:
+        return synchronised()
+    if type(norm) not in _PLAIN_NORMS:
+        raise TypeError(f"no synchronised version of {type(norm).__name__}")
+    on_cuda = any(t.is_cuda for t in [*norm.parameters(), *norm.buffers()])
+    return twin_of(norm, nn.SyncBatchNorm if on_cuda else SyncVisibleBatchNorm)
 
 
 def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup | None = None,
@@ -272,18 +190,11 @@ def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup | None = 
         if isinstance(child, (SyncVisibleBatchNorm, nn.SyncBatchNorm)):
             continue
         if isinstance(child, _BatchNorm):
-            ref = next(iter([*child.parameters(), *child.buffers()]), None)
-            twin_cls = _sync_class(child, ref is not None and ref.is_cuda)
-            if twin_cls is None:
-                raise TypeError(f"no synchronised version of {type(child).__name__} at '{path}'")
-            # bias=False exists only in newer torch: pass it only for a norm that has no bias
-            no_bias = {"bias": False} if child.affine and child.bias is None else {}
-            twin = twin_cls(child.num_features, eps=child.eps, momentum=child.momentum,
-                            affine=child.affine, track_running_stats=child.track_running_stats,
-                            device=None if ref is None else ref.device, **no_bias)
-            twin.load_state_dict(child.state_dict())
+            try:
+                twin = _twin(child)
+            except TypeError as err:
+                raise TypeError(f"{err} at '{path}'") from None
             twin.process_group = group
-            twin.train(child.training)
             setattr(module, name, twin)
         else:
             convert_sync_batchnorm(child, group, path)

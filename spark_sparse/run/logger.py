@@ -8,10 +8,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .run_dir import RunFiles
+
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: Any, config: dict, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"  # repaired by run_dir.repair_metrics before a run appends
+    def __init__(self, files: RunFiles, cfg: Any, config: dict, resume_step: int | None = None):
+        run_dir = files.root
+        self.path = files.metrics  # repaired by run_dir.repair_metrics before a run appends
         self.file = open(self.path, "a")
         self.wandb = None
         if cfg.kind == "wandb":

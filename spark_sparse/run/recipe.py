@@ -13,7 +13,10 @@ from typing import Any, Mapping
 import timm
 from omegaconf import OmegaConf
 
-RECIPE_FILE = Path(__file__).resolve().parents[2] / "conf" / "recipe" / "spark.yaml"
+# absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path against
+# that entry module's package
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+RECIPE_FILE = Path(CONF_DIR) / "recipe" / "spark.yaml"
 
 
 def recipe_value(recipes: Mapping, model: str, key: str) -> Any:

@@ -17,6 +17,7 @@ import socket
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -24,6 +25,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, load_checkpoint, partial_saves
 from .checks import ConfigError, Refused, check_resumable
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run keeps what it writes: one place for the names of a run directory's files."""
+
+    root: Path
+    ENCODER = "encoder_timm.pth"  # what a pretraining exports and a fine-tuning reads (a timm state dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        """Everything a resumed run needs (checkpoint.py), written atomically."""
+        return self.root / "checkpoints" / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON record per logged step or epoch."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def record(self) -> Path:
+        """The config record, hydra's ``.hydra/`` folder, written once the run is accepted."""
+        return self.root / ".hydra"
+
+    @property
+    def encoder(self) -> Path:
+        return self.root / self.ENCODER
 
 
 class RunDirLock:
@@ -83,10 +111,10 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_record(run_dir: Path, cfg: DictConfig) -> None:
+def write_record(files: RunFiles, cfg: DictConfig) -> None:
     """The config record hydra would write (``.hydra/``), written only for an accepted run:
     hydra itself writes it before the app can refuse anything (``hydra.output_subdir: null``)."""
-    folder = Path(run_dir) / ".hydra"
+    folder = files.record
     folder.mkdir(exist_ok=True)
     _write_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
     if HydraConfig.initialized():
@@ -131,17 +159,13 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
     return f"{path}: dropped {', '.join(dropped)}; kept {len(by_step)} record(s)"
 
 
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "last.pt"
-
-
-def open_run_dir(cfg: DictConfig, run_dir: Path, lock: RunDirLock, fixed_on_resume: Iterable[str],
+def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_resume: Iterable[str],
                  outputs: Iterable[str] = ()) -> dict | None:
     """Judge the run directory under its lock and return the checkpoint to resume from (None
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
     leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
     or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``."""
-    ckpt_path = checkpoint_path(run_dir)
+    run_dir, ckpt_path = files.root, files.checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     try:
@@ -162,11 +186,11 @@ def open_run_dir(cfg: DictConfig, run_dir: Path, lock: RunDirLock, fixed_on_resu
         lock.release()
         raise
     lock.claim()
-    write_record(run_dir, cfg)
-    for leftover in [p for name in ["checkpoints/last.pt", *outputs] for p in partial_saves(run_dir / name)]:
+    write_record(files, cfg)
+    for leftover in [p for path in [ckpt_path, *(run_dir / o for o in outputs)] for p in partial_saves(path)]:
         leftover.unlink()
         print(f"note: removed {leftover}, left by a run killed while saving")
-    note = repair_metrics(run_dir / "metrics.jsonl", ckpt["step"] if ckpt else 0)
+    note = repair_metrics(files.metrics, ckpt["step"] if ckpt else 0)
     if note:
         print(f"note: {note}")
     return ckpt
