@@ -15,13 +15,16 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.run.checkpoint import load_checkpoint
 from spark_sparse.run import distributed
-from spark_sparse.run.distributed import SharedRunDir, SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.run.cli import RUN_DIR_EXISTED, RunDirCallback
+from spark_sparse.run.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.run.recipe import register_resolver
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
 
@@ -180,12 +183,16 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(tmp_path,
 
 
 # -- a frozen rank ------------------------------------------------------------------------------
-def test_the_process_group_timeout_comes_from_the_config(monkeypatch):
+def test_the_process_group_timeout_comes_from_the_config(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(RUN_DIR_EXISTED, "")  # restored after the test: the callback notes the run dir
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.update(kwargs))
-    SharedRunDir().on_run_start(config("dist_timeout_s=7"))
+    register_resolver()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=["dist_timeout_s=7", f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    RunDirCallback().on_run_start(cfg)
     assert seen["timeout"] == timedelta(seconds=7)
 
 

@@ -95,6 +95,18 @@ def test_resume_refuses_a_different_experiment_and_a_missing_checkpoint(tmp_path
         pretrain.train(config("max_steps=2"), tmp_path)
     with pytest.raises(pretrain.ConfigError, match="different mask_ratio"):
         pretrain.train(config("max_steps=2", "resume=true", "mask_ratio=0.75"), tmp_path)
+    # the data is part of the experiment too (the number of loader workers is not)
+    with pytest.raises(pretrain.ConfigError, match="different data.kind, data.root"):
+        pretrain.train(config("max_steps=2", "resume=true", "data=imagefolder", f"data.root={tmp_path}"), tmp_path)
+    with pytest.raises(pretrain.ConfigError, match="different data.scale"):
+        pretrain.train(config("max_steps=2", "resume=true", "data.scale=[0.5,1.0]"), tmp_path)
+
+
+def test_resuming_a_finished_run_says_so_and_reports_its_final_loss(tmp_path, capsys):
+    first = pretrain.train(config("max_steps=2"), tmp_path)
+    again = pretrain.train(config("max_steps=2", "resume=true"), tmp_path)
+    assert again["step"] == 2 and again["loss"] == first["loss"]
+    assert "had finished (2 of 2 steps): nothing left to train" in capsys.readouterr().out
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -123,14 +135,24 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     ("input_size=32", "hides none of the 1 patch"),
     ("mask_ratio=0", "mask_ratio 0 at input_size 64 hides none of the 4 patch"),
     ("mask_ratio=0.1", "hides none of the 4 patch"),  # round(4 * 0.9) = 4 stay visible
-    ("log_every=0", "log_every must be at least 1, got 0"),
-    ("save_every=0", "save_every must be at least 1, got 0"),
-    ("vis_every=0", "vis_every must be at least 1, got 0"),
-    ("vis_images=0", "vis_images must be at least 1, got 0"),
-    ("threads=-1", "threads must be at least 1"),
+    ("log_every=0", "log_every must be a whole number of at least 1, got 0"),
+    ("save_every=0", "save_every must be a whole number of at least 1, got 0"),
+    ("vis_every=0", "vis_every must be a whole number of at least 1, got 0"),
+    ("vis_images=0", "vis_images must be a whole number of at least 1, got 0"),
+    ("threads=-1", "threads must be a whole number of at least 1 or null, got -1"),
     ("epochs=0", "epochs must be positive"),
     ("dist_timeout_s=0", "dist_timeout_s must be positive"),
     ("data=imagefolder", r"data.root must be set \(add data.root=... to the command line\)"),
+    # keys whose type or range would fail later or train nonsense: refused up front, by name
+    ("decoder.width=0", "decoder.width must be a positive multiple of 32, got 0"),
+    ("decoder.hierarchy=0", "decoder.hierarchy must be a whole number from 1 to 4, got 0"),
+    ("drop_path_rate=1.5", r"drop_path_rate must be in \[0, 1\), got 1.5"),
+    ("mask_ratio=abc", r"mask_ratio must be in \[0, 1\), got 'abc'"),
+    ("optim.name=sgdx", "optim.name must be one of lamb, adamw, got 'sgdx'"),
+    ("optim.base_lr=-1e-3", "optim.base_lr must be positive, got -0.001"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be positive or null, got -1"),  # else: gradient ascent
+    ("data.num_workers=-1", "data.num_workers must be a whole number of at least 0, got -1"),
+    ("+optim.lrr=0.1", r"unknown config key optim.lrr \(did you mean"),
 ])
 def test_config_errors_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(pretrain.ConfigError, match=message):

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from spark_sparse.run.signals import Stopped
 
 from . import faults
 from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, losses,
-                   pretrain_cli, records, wait_until)
+                   pretrain_cli, records, run_cli, wait_until)
 from .test_pretrain import config
 
 CLI = [sys.executable, "-m", "spark_sparse.pretrain", *PRETRAIN]
@@ -55,6 +56,38 @@ def test_a_refused_command_leaves_the_run_directory_exactly_as_it_found_it(tmp_p
     nowhere = tmp_path / "nowhere"
     assert_one_line_error(cli("max_steps=2", "resume=true", f"hydra.run.dir={nowhere}"), "no checkpoint")
     assert not nowhere.exists()
+
+
+def test_a_refusal_leaves_a_directory_that_was_there_and_hydras_new_one_is_removed(tmp_path):
+    there = tmp_path / "made-by-the-user"  # a job script's mkdir, or a mount point
+    there.mkdir()
+    assert_one_line_error(cli("mask_ratio=1.5", f"hydra.run.dir={there}"), "mask_ratio must be in [0, 1)")
+    assert there.is_dir() and not any(there.iterdir())
+    new = tmp_path / "new"
+    assert_one_line_error(cli("mask_ratio=1.5", f"hydra.run.dir={new}"), "mask_ratio must be in [0, 1)")
+    assert not new.exists()
+
+
+def test_a_run_directory_that_cannot_be_one_is_refused_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("in the way")
+    assert_one_line_error(cli("max_steps=1", f"hydra.run.dir={tmp_path / 'afile' / 'run'}"),
+                          f"cannot be a run directory: {tmp_path / 'afile'} is a file, not a folder")
+
+
+def test_a_ctrl_c_while_the_app_starts_ends_quietly(tmp_path):
+    proc = subprocess.Popen([*CLI, "max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # torch and the app still loading
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_resolved_config_prints_with_the_recipe_values():
+    proc = run_cli("spark_sparse.pretrain", "model=resnet50", "--cfg", "job", "--resolve")
+    assert proc.returncode == 0, proc.stderr
+    assert "drop_path_rate: 0.05" in proc.stdout  # ${recipe:drop_path_rate} for ResNet-50
 
 
 def test_a_second_run_on_a_busy_directory_is_refused_naming_the_holder(tmp_path):
@@ -249,10 +282,10 @@ def small_file_system(tmp_path):
     """A tmpfs of a given size in MiB, where the machine lets this process mount one."""
     mounted = []
 
-    def mount(mib: int) -> Path:
+    def mount(mib: float) -> Path:
         where = tmp_path / "small"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(mib * 1024)}k", "tmpfs", str(where)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a small file system here ({proc.stderr.strip() or 'not permitted'})")
@@ -262,6 +295,15 @@ def small_file_system(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_disk_full_from_the_start_is_one_line(small_file_system):
+    """Not even the config record fits."""
+    disk = small_file_system(0.008)
+    run = disk / "run"
+    proc = cli("max_steps=2", f"hydra.run.dir={run}")
+    assert_one_line_error(proc, "error: disk full while writing")
+    assert "no checkpoint was written; free some space" in proc.stderr
 
 
 def checkpoint_mib(*overrides: str) -> float:
@@ -282,12 +324,39 @@ def test_a_real_full_file_system_is_one_line_and_keeps_the_last_checkpoint(small
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
 
 
-def test_a_diverging_run_on_the_command_line_stops_in_one_line_naming_the_step(tmp_path):
-    # an lr of 1e9 (x 4 / 256) sends the weights to 1e25 at step 2 and the gradient norm to inf at step 3
+def test_a_diverging_run_stops_in_one_line_keeping_the_last_checkpoint_with_sane_weights(tmp_path):
+    """An lr of 1e9 (x 4 / 256) sends the weights' norm from 109 to 3e8 at step 2 (the loss would
+    follow at step 3): the step-2 weights are not saved; the step-1 checkpoint is the last good one."""
     run = tmp_path / "run"
     proc = cli("max_steps=20", "save_every=1", "optim.base_lr=1e9", f"hydra.run.dir={run}")
-    assert_one_line_error(proc, "gradient norm inf at step 3: training stopped; the last good checkpoint is")
-    assert checkpoint_step(run) == 2
+    assert_one_line_error(proc, "the weights at step 2 have norm")
+    assert "training stopped; the last good checkpoint is" in proc.stderr and "(step 1)" in proc.stderr
+    weights = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_deliberately_smaller_lr(tmp_path, capsys):
+    with pytest.raises(pretrain.TrainingDiverged, match=r"the last good checkpoint is .*\(step 1\)"):
+        pretrain.train(config("max_steps=4", "save_every=1", "optim.base_lr=1e9"), tmp_path)
+    with pytest.raises(Refused, match=r"different optim .* name it in resume_changes"):  # not by accident
+        pretrain.train(config("max_steps=4", "save_every=1", "resume=true"), tmp_path)
+    with pytest.raises(Refused, match="resume_changes may name optim.base_lr, .* not input_size"):
+        pretrain.train(config("max_steps=4", "resume=true", "optim.base_lr=1e9", "resume_changes=[input_size]"),
+                       tmp_path)
+    summary = pretrain.train(config("max_steps=4", "save_every=1", "resume=true", "resume_changes=[optim.base_lr]"),
+                             tmp_path)
+    assert summary["step"] == 4 and summary["loss"] < 2
+    assert "resume_changes: optim.base_lr 1000000000.0 -> 0.08 from step 1 on" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["changes"] == [{"step": 1, "key": "optim.base_lr", "from": 1e9, "to": 0.08}]
+    assert ckpt["config"]["optim"]["base_lr"] == 0.08
+    # the schedule is the new lr's: step 4's lr is below base_lr x 4 / 256 = 1.25e-3 (its peak)
+    assert 0 < records(tmp_path)[-1]["lr"] <= 0.08 * 4 / 256
+
+
+def test_resume_changes_need_a_resume(tmp_path):
+    with pytest.raises(Refused, match="resume_changes names keys a resumed run changes; it needs resume=true"):
+        pretrain.train(config("resume_changes=[optim.base_lr]"), tmp_path)
 
 
 def address_space_after_start() -> int:

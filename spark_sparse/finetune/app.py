@@ -31,7 +31,7 @@ from ..run.failures import RunFailed, TrainingDiverged
 from ..run.recipe import CONF_DIR
 from ..run.signals import Stopped
 from ..run.trainer import Run, launch
-from .checks import FIXED_ON_RESUME, validate
+from .checks import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate
 from .classifier import build_model, load_encoder
 from .data import EpochBatches, build_datasets, loader
 from .evaluate import evaluate
@@ -49,6 +49,7 @@ class FineTuning:
 
     module = "spark_sparse.finetune"
     fixed_on_resume = FIXED_ON_RESUME
+    changeable_on_resume = CHANGEABLE_ON_RESUME
     outputs = (BEST,)
 
     def check(self, cfg: DictConfig, world_size: int) -> None:

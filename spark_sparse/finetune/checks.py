@@ -1,37 +1,67 @@
-"""What a fine-tuning config must satisfy, checked before any data is read or anything written."""
+"""What a fine-tuning config must satisfy, checked before any data is read or anything written:
+every key's type and range (``KEYS``), then the rules that tie keys together."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
+from timm.optim import list_optimizers
 
-from ..run.checks import ConfigError, check_model_and_missing, check_runtime
+from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
+from ..run.schema import (FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, PROBABILITY, TEXT, Rule, at_least,
+                          check_keys, number, numbers, one_of)
 from .optim import mixing
 
+OPEN_FRACTION = number("in (0, 1)", lambda v: 0 < v < 1)
+
+KEYS = {
+    **RUN_KEYS,
+    "mode": one_of("finetune", "linear"),
+    "pretrained": TEXT | NULL,
+    "data.train": TEXT | NULL,
+    "data.val": TEXT | NULL,
+    "data.num_workers": at_least(0),
+    "input_size": at_least(32),
+    "batch_size": at_least(2),  # batch norm needs two images
+    "epochs": at_least(1),
+    "drop_path_rate": FRACTION,
+    "optim.name": Rule("the name of one of timm's optimizers", lambda v: v in list_optimizers()),
+    "optim.lr": POSITIVE | NULL,
+    "optim.base_lr": POSITIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.momentum": FRACTION,
+    "optim.clip_grad": POSITIVE | NULL,  # a negative clip would turn every step into gradient ascent
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.layer_decay": number("in (0, 1]", lambda v: 0 < v <= 1) | NULL,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "aug.scale": numbers(2, "two numbers 0 < min <= max <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+    "aug.crop_pct": number("in (0, 1]", lambda v: 0 < v <= 1),
+    "aug.auto_augment": TEXT | NULL,
+    "aug.color_jitter": NON_NEGATIVE | NULL,
+    "aug.reprob": PROBABILITY,
+    "aug.repeats": at_least(1),
+    "mixup.prob": PROBABILITY,
+    "mixup.mixup_alpha": NON_NEGATIVE,
+    "mixup.cutmix_alpha": NON_NEGATIVE,
+    "mixup.label_smoothing": FRACTION,
+    "ema.warmup": FLAG,
+    "ema.decay": OPEN_FRACTION | NULL,
+}
+
 # a resumed run must be the same experiment
-FIXED_ON_RESUME = ("mode", "model", "pretrained", "data", "input_size", "batch_size", "epochs", "seed",
-                   "optim", "aug", "mixup", "ema", "drop_path_rate")
+FIXED_ON_RESUME = ("mode", "model", "pretrained", "data.train", "data.val", "input_size", "batch_size", "epochs",
+                   "seed", "optim", "aug", "mixup", "ema", "drop_path_rate")
+# ... but a user may resume with these changed on purpose (resume_changes=[...])
+CHANGEABLE_ON_RESUME = ("optim.lr", "optim.base_lr", "optim.min_lr", "optim.clip_grad")
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_model_and_missing(cfg)
-    if cfg.mode not in ("finetune", "linear"):
-        raise ConfigError(f"mode must be finetune or linear, got '{cfg.mode}'")
-    if cfg.input_size < 32:
-        raise ConfigError(f"input_size must be at least 32, got {cfg.input_size}")
-    if cfg.batch_size < 2 or (mixing(cfg) and cfg.batch_size % 2):
+    check_keys(cfg, KEYS, ConfigError)
+    if mixing(cfg) and cfg.batch_size % 2:
         raise ConfigError(f"batch_size must be at least 2 (and even with mixup), got {cfg.batch_size}")
     share = cfg.batch_size // world_size  # batch norm needs 2 images a process, mixup pairs them
     if cfg.batch_size % world_size or share < 2 or (mixing(cfg) and share % 2):
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must split evenly among the "
                           f"{world_size} processes into shares of at least 2"
                           + (", even (mixup)" if mixing(cfg) else ""))
-    repeats = cfg.aug.repeats
-    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
-        raise ConfigError(f"aug.repeats must be a whole number of at least 1, got {repeats}")
-    if not (isinstance(cfg.epochs, int) and cfg.epochs >= 1):
-        raise ConfigError(f"epochs must be a positive whole number, got {cfg.epochs}")
-    if cfg.ema.decay is not None and not 0.0 < cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in (0, 1) or null, got {cfg.ema.decay}")
-    if cfg.optim.layer_decay is not None and not 0.0 < cfg.optim.layer_decay <= 1.0:
-        raise ConfigError(f"optim.layer_decay must be in (0, 1] or null, got {cfg.optim.layer_decay}")
     check_runtime(cfg)

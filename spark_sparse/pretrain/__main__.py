@@ -1,6 +1,12 @@
 """``python -m spark_sparse.pretrain``: SparK pretraining (hydra); the code lives in spark_sparse/pretrain/app.py."""
 
-from .app import main
+import sys
+
+try:
+    from ..run.cli import command_line
+    from .app import main
+except KeyboardInterrupt:  # a Ctrl-C while torch and the app load: nothing has started
+    sys.exit(130)
 
 if __name__ == "__main__":
-    main()
+    command_line(main)

@@ -27,7 +27,7 @@ from ..run.failures import RunFailed, TrainingDiverged
 from ..run.recipe import CONF_DIR
 from ..run.run_dir import RunFiles
 from ..run.trainer import Run, launch
-from .checks import FIXED_ON_RESUME, validate
+from .checks import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate
 from .data import PretrainDataset, build_dataset, build_loader
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .visualize import save_reconstruction
@@ -48,6 +48,7 @@ class Pretraining:
 
     module = "spark_sparse.pretrain"
     fixed_on_resume = FIXED_ON_RESUME
+    changeable_on_resume = CHANGEABLE_ON_RESUME
     outputs = (RunFiles.ENCODER,)
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
@@ -65,15 +66,17 @@ class Pretraining:
         max_steps, warmup = plan(cfg, len(self.dataset))
         optimizer = build_optimizer(model, cfg.optim, cfg.batch_size)
         scheduler = build_scheduler(optimizer, cfg.optim, max_steps, warmup)
-        run.track(model=model, optimizer=optimizer, scheduler=scheduler, generator=model.generator,
-                  values=lambda: {"max_steps": max_steps})
+        resumed = run.track(model=model, optimizer=optimizer, scheduler=scheduler, generator=model.generator,
+                            values=lambda: {"max_steps": max_steps, "loss": loss})
+        loss = resumed.get("loss", float("nan"))  # the last step's, until this run takes one
+        if run.step >= max_steps and run.ctx.is_main:
+            print(f"note: {run.files.root} had finished ({run.step} of {max_steps} steps): nothing left to train")
         # synchronised norms keep identical running statistics on all ranks: no broadcast needed
         net = run.wrap(model, broadcast_buffers=not cfg.sync_bn)
         pictures = self.pictures(run, model)
         loader = build_loader(self.dataset, cfg.batch_size, cfg.seed, start_step=run.step, max_steps=max_steps,
                               num_workers=cfg.data.num_workers, rank=run.ctx.rank, world_size=run.ctx.world_size)
         run.progress(max_steps, f"SparK {cfg.model}")
-        loss = float("nan")
         net.train()
         for images in loader:
             loss = self.step(run, net, model, optimizer, scheduler, images, max_steps)

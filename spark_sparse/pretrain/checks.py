@@ -1,18 +1,62 @@
-"""What a pretraining config must satisfy, checked before any data is read or anything written."""
+"""What a pretraining config must satisfy, checked before any data is read or anything written:
+every key's type and range (``KEYS``), then the rules that tie keys together."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..encoders.registry import engine_class
-from ..run.checks import ConfigError, check_model_and_missing, check_runtime
+from ..encoders.family import STRIDES
+from ..encoders.registry import ENGINES, engine_class
+from ..model.densify import NORMS
+from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
+from ..run.schema import FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_least, check_keys, number, numbers, one_of
+from .optim import OPTIMIZERS
+
+PATCH = STRIDES[-1]  # the mask's patch: the encoders' total stride
+
+KEYS = {
+    **RUN_KEYS,
+    "engine": one_of(*ENGINES),
+    "mask_ratio": FRACTION,
+    "input_size": number(f"a positive multiple of {PATCH}", lambda v: v > 0 and v % PATCH == 0, whole=True),
+    "batch_size": at_least(1),
+    "max_steps": at_least(1) | NULL,
+    "epochs": POSITIVE | NULL,
+    "drop_path_rate": FRACTION,
+    "optim.name": one_of(*OPTIMIZERS),
+    "optim.base_lr": POSITIVE,
+    "optim.betas": numbers(2, "two numbers in [0, 1)", lambda v: all(0 <= b < 1 for b in v)),
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.clip_grad": POSITIVE | NULL,  # a negative clip would turn every step into gradient ascent
+    # the decoder halves its width at each of its 5 upsampling blocks
+    "decoder.width": number(f"a positive multiple of {PATCH}", lambda v: v > 0 and v % PATCH == 0, whole=True),
+    "decoder.hierarchy": number(f"a whole number from 1 to {len(STRIDES)}", lambda v: 1 <= v <= len(STRIDES),
+                                whole=True),
+    "decoder.densify_norm": one_of(*NORMS),
+    "sync_bn": FLAG,
+    "log_every": at_least(1),
+    "save_every": at_least(1),
+    "vis_every": at_least(1),
+    "vis_images": at_least(1),
+    "data.kind": one_of("bundled", "imagefolder"),
+    "data.root": TEXT | NULL,
+    "data.num_workers": at_least(0),
+    "data.scale": numbers(2, "two numbers 0 < min <= max <= 1", lambda v: 0 < v[0] <= v[1] <= 1),
+}
 
 # a resumed run must be the same experiment; these may not change between the two halves
-FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed",
-                   "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
+FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed", "data.kind", "data.root",
+                   "data.scale", "decoder", "drop_path_rate", "optim", "max_steps", "epochs")
+# ... but a user may resume with these changed on purpose (resume_changes=[...]): a long run that
+# diverged goes on from its last good checkpoint with a smaller lr
+CHANGEABLE_ON_RESUME = ("optim.base_lr", "optim.min_lr", "optim.clip_grad", "optim.weight_decay",
+                        "optim.weight_decay_end")
 
 
-def hidden_patches(input_size: int, mask_ratio: float, stride: int = 32) -> int:
+def hidden_patches(input_size: int, mask_ratio: float, stride: int = PATCH) -> int:
     """How many patches of each image the mask hides (what spark_sparse.mask.random_active keeps)."""
     patches = (input_size // stride) ** 2
     return patches - max(1, round(patches * (1.0 - mask_ratio)))
@@ -20,28 +64,18 @@ def hidden_patches(input_size: int, mask_ratio: float, stride: int = 32) -> int:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_model_and_missing(cfg)
+    check_keys(cfg, KEYS, ConfigError)
     try:
         engine_class(cfg.engine)  # imported now: a sparse engine without MinkowskiEngine stops before any work
     except (ValueError, ImportError) as err:
         raise ConfigError(str(err)) from None
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.input_size <= 0 or cfg.input_size % 32:
-        raise ConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
     if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
-                          f"{(cfg.input_size // 32) ** 2} patch(es) of an image: with nothing to "
+                          f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
                           "reconstruct the loss is always 0; raise mask_ratio or input_size")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "
                           f"among the {world_size} processes")
-    if cfg.epochs is None and (cfg.max_steps is None or cfg.max_steps < 1):
+    if cfg.epochs is None and cfg.max_steps is None:
         raise ConfigError("set max_steps (a positive number of steps) or epochs")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise ConfigError(f"epochs must be positive (or null to use max_steps), got {cfg.epochs}")
-    for key in ("log_every", "save_every", "vis_every", "vis_images"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
     check_runtime(cfg)

@@ -3,6 +3,7 @@ the model, unset keys, the runtime (threads, devices, logger), and a resume that
 
 from __future__ import annotations
 
+import copy
 import difflib
 import netrc
 import os
@@ -12,9 +13,29 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..encoders.families import FAMILIES
+from .schema import ANY_TABLE, FLAG, NULL, POSITIVE, TEXT, TEXTS, Rule, at_least, one_of
 
 # the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
 TIMM_MODULES = [family.name for family in FAMILIES]
+
+
+# the keys every training app has (conf/logger/*.yaml among them); each app adds its own
+RUN_KEYS: dict[str, Rule] = {
+    "model": TEXT,
+    "seed": at_least(0),
+    "resume": FLAG,
+    "resume_changes": TEXTS,  # which may change: the app's changeable_on_resume (check_resumable)
+    "device": one_of("cpu", "cuda"),
+    "threads": at_least(1) | NULL,
+    "dist_timeout_s": POSITIVE,
+    "logger.kind": one_of("none", "wandb"),
+    "logger.project": TEXT,
+    "logger.entity": TEXT | NULL,
+    "logger.name": TEXT | NULL,
+    "logger.mode": one_of("online", "offline", "disabled"),
+    "logger.tags": TEXTS,
+    "recipe": ANY_TABLE,  # the per-model recipe tables, read through ${recipe:KEY}
+}
 
 
 class Refused(ValueError):
@@ -50,24 +71,46 @@ def check_model_and_missing(cfg: DictConfig) -> None:
 
 
 def check_runtime(cfg: DictConfig) -> None:
-    """Threads, distributed timeout, logger and device: what every training app shares."""
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads must be at least 1 (or null for PyTorch's default), got {cfg.threads}")
-    if not cfg.dist_timeout_s > 0:
-        raise ConfigError(f"dist_timeout_s must be positive, got {cfg.dist_timeout_s}")
+    """What the keys' rules cannot say about the runtime: the logger's key, the device's presence."""
     if cfg.logger.kind == "wandb" and cfg.logger.mode == "online" and not _wandb_key_present():
         raise ConfigError("logger.mode=online needs a wandb API key (run `wandb login` or set "
                           "WANDB_API_KEY); logger.mode=offline logs without one")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
-    if cfg.device not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
 
 
-def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...]) -> None:
-    """Refuse to resume a run whose ``fixed`` keys differ from the checkpoint's config."""
+def get(config: dict, key: str):
+    """The value at a dotted key of a plain config dict (None where absent)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _without(config: dict, keys: list[str]) -> dict:
+    """A copy of a plain config dict without the dotted ``keys``."""
+    config = copy.deepcopy(config)
+    for key in keys:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
+
+
+def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...], changeable: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a run whose ``fixed`` keys (dotted for one key of a group) differ from the
+    checkpoint's config, but for the ``changeable`` ones the user names in ``resume_changes``: a
+    deliberate change (a smaller lr after a divergence), recorded in the checkpoint."""
     now = OmegaConf.to_container(cfg, resolve=True)
-    changed = [k for k in fixed if saved.get(k) != now.get(k)]
+    changes = list(now.get("resume_changes") or [])
+    refused = [k for k in changes if k not in changeable]
+    if refused:
+        raise ConfigError(f"resume_changes may name {', '.join(changeable) or 'nothing'}, not {', '.join(refused)}")
+    saved, now = _without(saved, changes), _without(now, changes)
+    changed = [k for k in fixed if get(saved, k) != get(now, k)]
     if changed:
+        allowed = f", or name it in resume_changes=[...] ({', '.join(changeable)} may change)" if changeable else ""
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
-                          "start a new run directory instead")
+                          f"start a new run directory instead{allowed}")

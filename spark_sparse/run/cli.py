@@ -1,23 +1,85 @@
 """The command line around a training app: a stop explained with the command that resumes it,
-refusals and failures as one line on stderr with a non-zero exit code, a refused command leaving
-no run directory behind."""
+refusals and failures as one line on stderr with a non-zero exit code, and a run directory left as
+the command found it (hydra makes it before the app can refuse anything: ``RunDirCallback``
+checks it first and notes whether it was there)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from . import distributed
 from .checks import Refused
 from .failures import RunFailed, TrainingDiverged, first_line
+from .recipe import register_resolver
 from .run_dir import RunFiles
 from .signals import Stopped
+
+
+# set by RunDirCallback for the app's process: "1" when hydra.run.dir existed before this command
+RUN_DIR_EXISTED = "SPARK_SPARSE_RUN_DIR_EXISTED"
+
+
+def unusable(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot become a run directory (a file in its way, a folder this process may
+    not write into), None when it can."""
+    path = run_dir.absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"cannot write into {path} (read-only or no permission)"
+    return None
+
+
+class RunDirCallback(Callback):
+    """Hydra callback run before hydra makes the run directory: it refuses, in one line, a
+    directory that cannot be one, notes whether it existed (a refused command then leaves it as it
+    was: hydra's new folder removed, the user's kept), and under torchrun gives every process rank
+    0's directory (``${now:...}`` can tick between processes, even between machines)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ctx = distributed.init_from_env(config.get("dist_timeout_s"))
+        run_dir = str(config.hydra.run.dir)
+        if ctx.distributed:
+            run_dir = distributed.broadcast_from_main(run_dir if ctx.is_main else None)
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = run_dir
+        why = unusable(Path(run_dir))
+        if why is not None:
+            if ctx.is_main:
+                print(f"error: hydra.run.dir={run_dir} cannot be a run directory: {why}", file=sys.stderr)
+            raise SystemExit(1)
+        os.environ[RUN_DIR_EXISTED] = "1" if Path(run_dir).exists() else "0"
+
+
+def _leave_as_found(run_dir: Path, ctx: distributed.Context) -> None:
+    """Remove the run directory hydra made for a command that ended before writing anything into
+    it (in a sweep it makes every job's); a directory that was there before is left alone."""
+    made = HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get(RUN_DIR_EXISTED) == "0"
+    if ctx.is_main and made and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+def command_line(main: Callable[[], Any]) -> None:
+    """Run an app's hydra ``main``: the recipe resolver first (``--cfg job --resolve`` resolves too),
+    and a Ctrl-C before the run has installed its stop signals ends quietly (exit 130)."""
+    register_resolver()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def resume_command(module: str, run_dir: Path, distributed_run: bool) -> str:
@@ -33,13 +95,17 @@ def run_app(cfg: DictConfig, module: str, train: Callable[[DictConfig, Path], di
     command that resumes, refusals and failures as one line on stderr (exit 1; in a multirun only
     that job fails), a refused command leaving no run directory behind. Returns the summary on
     rank 0, None on the other ranks."""
-    # under torchrun the SharedRunDir callback has joined the process group and given every rank
-    # rank 0's run directory
+    # under torchrun the RunDirCallback has joined the process group and given every rank rank 0's
+    # run directory
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ctx = distributed.init_from_env(cfg.get("dist_timeout_s"))
     prefix = f"rank {ctx.rank}: " if ctx.distributed else ""
     try:
         summary = train(cfg, run_dir)
+    except KeyboardInterrupt:  # before the run installed its stop signals: nothing was written
+        print("stopped by SIGINT before the run started", file=sys.stderr)
+        _leave_as_found(run_dir, ctx)
+        raise SystemExit(130) from None
     except Stopped as stop:
         if ctx.is_main:
             how = resume_command(module, run_dir, ctx.distributed)
@@ -56,8 +122,7 @@ def run_app(cfg: DictConfig, module: str, train: Callable[[DictConfig, Path], di
         # refusals and divergence strike every rank alike: rank 0 speaks for all
         if ctx.is_main or not isinstance(err, (Refused, TrainingDiverged)):
             print(f"{prefix}error: {err}", file=sys.stderr)
-        if ctx.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # hydra made it for a command refused before any write: leave no trace
+        _leave_as_found(run_dir, ctx)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # an ordinary exception fails this job only: the sweep's other settings still run
             raise RuntimeError(f"run {run_dir} failed: {err}") from None

@@ -8,9 +8,9 @@ each compute what one process with all B images would.
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so on CPU (gloo) ``SyncVisibleBatchNorm``
 (encoders/sync_norm.py) is a BatchNorm whose training statistics are all-reduced; on CUDA
-PyTorch's own fused SyncBatchNorm does the same job faster. Our norms are applied to visible sites only (the feature rows of a
-sparse tensor, the visible rows of a densified map), so either sees exactly the visible sites of
-the global batch. Both keep BatchNorm's parameter and buffer names: checkpoints and timm exports
+PyTorch's own fused SyncBatchNorm does the same job faster. Our norms are applied to visible
+sites only (the feature rows of a sparse tensor, the visible rows of a densified map), so either
+sees exactly the visible sites of the global batch. Both keep BatchNorm's parameter and buffer names: checkpoints and timm exports
 are the same with and without synchronisation.
 """
 
@@ -23,8 +23,6 @@ from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -199,17 +197,3 @@ def convert_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup | None = 
         else:
             convert_sync_batchnorm(child, group, path)
     return module
-
-
-class SharedRunDir(Callback):
-    """Hydra callback: under torchrun every process runs the hydra app; all of them take rank
-    0's run directory (``${now:...}`` can tick between processes, even between machines). A
-    single process is left alone. (Rank 0 alone writes the .hydra/ config record, in train.)"""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        ctx = init_from_env(config.get("dist_timeout_s"))
-        if not ctx.distributed:
-            return
-        run_dir = broadcast_from_main(str(config.hydra.run.dir) if ctx.is_main else None)
-        with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.run.dir = run_dir

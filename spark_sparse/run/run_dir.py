@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, load_checkpoint, partial_saves
-from .checks import ConfigError, Refused, check_resumable
+from .checks import ConfigError, Refused, check_resumable, get
 
 
 @dataclass(frozen=True)
@@ -160,15 +160,20 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
 
 
 def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_resume: Iterable[str],
-                 outputs: Iterable[str] = ()) -> dict | None:
+                 changeable_on_resume: Iterable[str] = (), outputs: Iterable[str] = ()) -> dict | None:
     """Judge the run directory under its lock and return the checkpoint to resume from (None
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
     leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
     or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``."""
     run_dir, ckpt_path = files.root, files.checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, a read-only mount
+        raise Refused(f"{run_dir} cannot be a run directory: {err.strerror}") from None
     lock.acquire()
     try:
+        if cfg.get("resume_changes") and not cfg.resume:
+            raise ConfigError("resume_changes names keys a resumed run changes; it needs resume=true")
         if cfg.resume and not ckpt_path.exists():
             raise ConfigError(f"resume=true but there is no checkpoint at {ckpt_path}; "
                               "pass the earlier run's directory with hydra.run.dir=...")
@@ -181,7 +186,7 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
                 ckpt = load_checkpoint(ckpt_path)
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
-            check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume))
+            check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
     except BaseException:
         lock.release()
         raise
@@ -193,4 +198,8 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
     note = repair_metrics(files.metrics, ckpt["step"] if ckpt else 0)
     if note:
         print(f"note: {note}")
+    if ckpt is not None:
+        for key in cfg.get("resume_changes") or []:
+            print(f"note: resume_changes: {key} {get(ckpt['config'], key)} -> {OmegaConf.select(cfg, key)} "
+                  f"from step {ckpt['step']} on (recorded in the checkpoint)")
     return ckpt

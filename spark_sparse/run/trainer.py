@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..data.seeds import derive_seed
 from . import distributed
 from .checkpoint import Saver, load_checkpoint
-from .failures import RunFailed, TrainingDiverged, is_out_of_memory, out_of_memory
+from .checks import get as _get
+from .failures import RunFailed, TrainingDiverged, is_disk_full, is_out_of_memory, out_of_memory
 from .logger import NullLogger, RunLogger
 from .recipe import register_resolver
 from .rng import restore_rng, rng_state, seed_everything
@@ -44,7 +45,8 @@ class App(Protocol):
     """What a training app gives the skeleton."""
 
     module: str  # its command line, ``python -m <module>``, for the line that resumes a stopped run
-    fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment)
+    fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
+    changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
     outputs: tuple[str, ...]  # files it writes atomically into the run directory besides checkpoints
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
@@ -61,7 +63,8 @@ class App(Protocol):
 def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
     """Run (or resume, ``cfg.resume``) ``app`` in ``run_dir``; returns its summary. Every refusal
     comes before the run directory is touched and leaves it as it was; under torchrun rank 0
-    judges the directory and every rank raises the same refusal."""
+    judges the directory and every rank raises the same refusal. A full disk or an exhausted
+    memory ends the run in one line naming what was kept."""
     register_resolver()  # ${recipe:KEY}: the model's recipe defaults
     ctx = distributed.init_from_env(cfg.dist_timeout_s)
     app.check(cfg, ctx.world_size)
@@ -70,26 +73,53 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
     app.prepare(cfg, ctx)
     files = RunFiles(Path(run_dir))
     lock = RunDirLock(files.root)
+    run: Run | None = None
     with StopSignals() as stops:
         try:
-            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume, app.outputs))
+            opened = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
+                                                                  app.changeable_on_resume, app.outputs))
+            ckpt = opened
             if cfg.resume and not ctx.is_main:
                 ckpt = load_checkpoint(files.checkpoint)  # a shared run directory
             run = Run(cfg, files, ctx, ckpt, stops)
             try:
                 return app.fit(run)
-            except (MemoryError, RuntimeError) as err:
-                if isinstance(err, RunFailed) or not is_out_of_memory(err):
-                    raise
-                raise out_of_memory(err, cfg, run.saver.kept(), ctx.world_size) from None
             finally:
                 run.close()
+        except (MemoryError, RuntimeError, OSError) as err:
+            failure = _failure(err, cfg, files, run, ctx.world_size)
+            if failure is err:
+                raise
+            raise failure from None
         finally:
             lock.release()
 
 
+def _failure(err: BaseException, cfg: DictConfig, files: RunFiles, run: Run | None, processes: int) -> BaseException:
+    """The one-line failure a full disk or an exhausted memory becomes; any other error as it is."""
+    if isinstance(err, (RunFailed, TrainingDiverged)):
+        return err
+    if run is not None:
+        kept = run.saver.kept()
+    else:
+        kept = (f"the checkpoint {files.checkpoint} is kept" if cfg.resume else "no checkpoint was written")
+    if is_disk_full(err):
+        return RunFailed(f"disk full while writing {getattr(err, 'filename', None) or 'the run directory'}: {kept}; "
+                         "free some space and continue with resume=true")
+    if is_out_of_memory(err):
+        return out_of_memory(err, cfg, kept, processes)
+    return err
+
+
 class Run:
-    """One accepted run, as an app's loop sees it. ``step`` counts the optimizer steps taken."""
+    """One accepted run, as an app's loop sees it. ``step`` counts the optimizer steps taken.
+
+    A run diverges when its loss or gradient norm is not finite, or when its loss or its weights'
+    norm grows past ``LIMIT`` times where the run started: it stops before the weights are
+    touched (or saved), so the checkpoint it names holds weights that gave a sane loss.
+    """
+
+    LIMIT = 100.0
 
     def __init__(self, cfg: DictConfig, files: RunFiles, ctx: distributed.Context, ckpt: dict | None,
                  stops: StopSignals) -> None:
@@ -109,6 +139,15 @@ class Run:
         self._values: Callable[[], dict] = dict
         self._generator: torch.Generator | None = None
         self._bar: tqdm | None = None
+        self._model: nn.Module | None = None
+        # the run's first loss and weight norm (kept across resumes), and the deliberate changes
+        # of resumes (resume_changes) with the step they were made at
+        self._reference: dict[str, float] = dict(ckpt.get("reference", {})) if ckpt else {}
+        self._changes: list[dict] = list(ckpt.get("changes", [])) if ckpt else []
+        if ckpt is not None and cfg.get("resume_changes"):
+            saved = ckpt["config"]
+            self._changes += [{"step": self.step, "key": key, "from": _get(saved, key), "to": _get(self.config, key)}
+                              for key in cfg.resume_changes]
 
     # -- what the run consists of -------------------------------------------------------------
     def place(self, model: nn.Module, sync_bn: bool = False) -> nn.Module:
@@ -118,6 +157,9 @@ class Run:
         model.to(self.device)
         if self.ctx.distributed and sync_bn:
             distributed.convert_sync_batchnorm(model)
+        self._model = model
+        if "weight_norm" not in self._reference:
+            self._check_weights()  # notes the norm the run starts from
         return model
 
     def track(self, generator: torch.Generator | None = None, values: Callable[[], dict] = dict,
@@ -129,8 +171,11 @@ class Run:
         ckpt, self._resumed = self._resumed, None
         if ckpt is None:
             return {}
+        # a resume that changes the optimisation (resume_changes) keeps the schedule as the new
+        # config builds it: a schedule is a function of the step
+        rebuilt = {"scheduler"} if any(k.startswith("optim.") for k in self.cfg.get("resume_changes", [])) else set()
         for name, state in states.items():
-            if state is not None:
+            if state is not None and name not in rebuilt:
                 state.load_state_dict(ckpt[name])
         restore_rng(ckpt, generator, self.cfg.seed, self.ctx.rank)
         if self.ctx.is_main:
@@ -156,10 +201,28 @@ class Run:
         loss_value = distributed.mean_over_ranks(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
         if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
-            raise TrainingDiverged(f"loss {loss_value} / gradient norm {grad_norm.item()} at step {self.step + 1}: "
-                                   f"training stopped; {self.saver.kept()}")
+            self._diverged(f"loss {loss_value} / gradient norm {grad_norm.item()} at step {self.step + 1}")
+        first = self._reference.setdefault("loss", loss_value)
+        if loss_value > self.LIMIT * max(first, 1.0):
+            self._diverged(f"loss {loss_value:.4g} at step {self.step + 1}, over {self.LIMIT:.0f} times the run's "
+                           f"first ({first:.4g})")
         optimizer.step()
         return loss_value, grad_norm.item()
+
+    def _diverged(self, what: str) -> None:
+        raise TrainingDiverged(f"{what}: training stopped; {self.saver.kept()}")
+
+    def _check_weights(self) -> None:
+        """Refuse to save weights that are not finite or have grown past LIMIT times their norm at
+        the run's start (the lr was far too large: the next loss would be absurd)."""
+        if self._model is None:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in self._model.parameters()]))
+        norm = norm.item()
+        start = self._reference.setdefault("weight_norm", norm)
+        if not math.isfinite(norm) or norm > self.LIMIT * start:
+            self._diverged(f"the weights at step {self.step} have norm {norm:.4g}, {norm / start:.3g} times "
+                           f"the run's start ({start:.4g})")
 
     def progress(self, total: int, desc: str) -> None:
         """Show a progress bar (rank 0) up to step ``total``."""
@@ -179,11 +242,14 @@ class Run:
         self.logger.log(record)
 
     def save(self) -> None:
-        """A checkpoint of the current step (a collective: every rank calls it)."""
+        """A checkpoint of the current step (a collective: every rank calls it); weights that have
+        diverged are not saved: the run stops, keeping the previous checkpoint."""
+        self._check_weights()  # the same decision on every rank: DDP keeps the weights equal
         states = distributed.gather_on_main(rng_state(self._generator))
         if self.ctx.is_main:
             ckpt = {name: state.state_dict() if state is not None else None for name, state in self._states.items()}
-            ckpt.update(self._values(), step=self.step, rng=states[0], config=self.config)
+            ckpt.update(self._values(), step=self.step, rng=states[0], config=self.config,
+                        reference=self._reference, changes=self._changes)
             if self.ctx.distributed:
                 ckpt["rng_per_rank"] = states
             self.saver.checkpoint(ckpt, self.step)

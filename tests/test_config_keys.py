@@ -1,0 +1,56 @@
+"""Every key of every config group is declared with what its value must be, so a new key cannot be
+forgotten by the up-front checks; each app's shipped configs pass them."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from spark_sparse.finetune.checks import KEYS as FINETUNE_KEYS
+from spark_sparse.pretrain.checks import KEYS as PRETRAIN_KEYS
+from spark_sparse.run.checks import ConfigError
+from spark_sparse.run.recipe import register_resolver
+from spark_sparse.run.schema import check_keys, leaves
+
+from .runs import ROOT
+
+CONFIGS = [
+    ("pretrain", PRETRAIN_KEYS, []),
+    ("pretrain", PRETRAIN_KEYS, ["data=imagefolder", "data.root=/data", "optim=adamw", "logger=wandb"]),
+    ("pretrain", PRETRAIN_KEYS, ["+experiment=paper", "data=imagefolder", "data.root=/data"]),
+    ("pretrain", PRETRAIN_KEYS, ["model=convnext_atto"]),
+    ("finetune", FINETUNE_KEYS, []),
+    ("finetune", FINETUNE_KEYS, ["mode=linear", "logger=wandb", "model=convnext_atto"]),
+]
+
+
+def compose_config(name: str, overrides: list[str]):
+    register_resolver()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("name,keys,overrides", CONFIGS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_every_key_of_the_shipped_configs_is_declared_and_its_value_fits(name, keys, overrides):
+    cfg = compose_config(name, overrides)
+    undeclared = [key for key, _ in leaves(cfg, keys) if key not in keys]
+    assert not undeclared
+    check_keys(cfg, keys, ConfigError)
+
+
+@pytest.mark.parametrize("name,keys", [("pretrain", PRETRAIN_KEYS), ("finetune", FINETUNE_KEYS)])
+def test_every_declared_key_is_one_the_configs_have(name, keys):
+    seen = {key for config, _, overrides in CONFIGS if config == name
+            for key, _ in leaves(compose_config(name, overrides), keys)}
+    assert sorted(set(keys) - seen) == []  # a stale declaration would hide a renamed key
+
+
+@pytest.mark.parametrize("override,message", [
+    ("drop_path_rate=2", r"drop_path_rate must be in \[0, 1\), got 2"),
+    ("optim.name=foo", "optim.name must be the name of one of timm's optimizers, got 'foo'"),
+    ("data.num_workers=-1", "data.num_workers must be a whole number of at least 0, got -1"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be positive or null, got -1"),
+    ("optim.lr=0", "optim.lr must be positive or null, got 0"),
+    ("mixup.prob=1.5", r"mixup.prob must be in \[0, 1\], got 1.5"),
+])
+def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_keys(compose_config("finetune", [override]), FINETUNE_KEYS, ConfigError)
