@@ -115,8 +115,9 @@ def test_peak_memory_sees_an_allocation_and_only_what_it_adds():
 
 
 def test_app_end_to_end(tmp_path):
+    # bf16: both engines under autocast (fp32 runs the same code without it)
     cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "models=[resnet18]", "mask_ratios=[0.6]",
-           "batch_size=2", "input_size=64", "repeats=1", "warmup=0", "decoder_width=64",
+           "batch_size=2", "input_size=64", "repeats=1", "warmup=0", "decoder_width=64", "precision=bf16",
            f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,6 +130,7 @@ def test_app_end_to_end(tmp_path):
     for r in records:
         assert keys <= r.keys()
         assert r["images_per_s"] > 0 and len(r["times_s"]) == 1 and r["device"] == "cpu"
+        assert r["precision"] == "bf16"
     by = {(r["pass"], r["engine"]): r for r in records}
     assert by["fwd", "sparse"]["gflops_per_image"] < by["fwd", "dense_masked"]["gflops_per_image"]
     # train_step adds the same dense head to both engines
@@ -137,6 +139,7 @@ def test_app_end_to_end(tmp_path):
     assert head["sparse"] == pytest.approx(head["dense_masked"]) and head["sparse"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| resnet18 | 2 | 0.60 | train_step |" in table
+    assert "precision bf16 (both engines)" in table
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "flops_ratio.png").stat().st_size > 0
     assert "speed-up" in done.stdout
@@ -149,6 +152,22 @@ def test_app_refuses_missing_gpu(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "device=cuda" in done.stderr
+
+
+def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built():
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    assert cfg.precision == "fp32"
+    validate(cfg)
+    for precision, conv, error in [("fp16", None, "precision=fp16 needs a CUDA device"),
+                                   ("bf16", "minkowski", "sparse_conv=minkowski .* no precision=bf16"),
+                                   ("fp64", None, "precision must be one of")]:
+        cfg.precision, cfg.sparse_conv = precision, conv
+        with pytest.raises(BenchConfigError, match=error):
+            validate(cfg)
 
 
 def test_batch_size_is_one_int_or_one_per_model():
