@@ -208,3 +208,18 @@ def test_conv_paths_times_both_paths_of_every_layer(capsys):
     assert len(rows) == 1 + 16  # the stem and the 16 3x3 convolutions of a ResNet-18
     assert "| layer4.1.conv2 | 512->512 | 3/1 | 1->1 |" in out  # a patch is one site at stride 32
     assert "total: tiles" in out
+
+
+def test_precision_speed_times_both_engines_under_each_precision(capsys):
+    from benchmarks.precision_speed import main
+
+    main(["models=[resnet18]", "batch_size=2", "input_size=64", "mask_ratios=[0.6]", "passes=[fwd]",
+          "repeats=1", "warmup=0"])
+    out = capsys.readouterr().out
+    assert "| model | batch | mask ratio | pass | engine | fp32 s | bf16 s | bf16 speed vs fp32 |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| resnet18 | 2 | 0.60 | fwd |")]
+    assert [r.split(" | ")[4] for r in rows] == ["sparse", "dense_masked"]
+    assert all(r.endswith("x |") for r in rows)
+    assert "avx512_bf16" in out  # the CPU features bf16 speed depends on
+    with pytest.raises(SystemExit, match="precision=fp16 needs a CUDA device"):
+        main(["precisions=[fp32,fp16]"])
