@@ -84,6 +84,7 @@ def write_markdown(records: list[Record], path: Path) -> str:
     first = records[0]
     convs = ", ".join(sorted({f"'{c}'" for r in records for c in r["sparse_conv"].split("+") if c}))
     settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "
+                f"precision {first['precision']} (both engines), "
                 f"torch {first['torch']}, MinkowskiEngine {first['minkowski_engine']}, "
                 f"sparse convolutions {convs}; "
                 f"input {first['input_size']}, median of {first['repeats']} repeats after "

@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.sparse_vs_dense models=[resnet18,resnet50] batch_size=[16,8] mask_ratios=[0.6] ...``
 
-``batch_size`` is one number for every model, or a list with one per model.
+``batch_size`` is one number for every model, or a list with one per model. ``precision`` (fp32,
+bf16; fp16 on CUDA) is the same for both engines: forward passes under its autocast, backward
+outside it, as a mixed-precision training step runs them.
 
 For every model both engines are built from one timm model (so they hold the same weights) with
 the same densify/decoder weights, and every pass sees the same images and masks on both. Passes:
@@ -42,6 +44,7 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.run.runtime import configure_cpu, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
 from spark_sparse.model.spark import SparK
+from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.recipe import default_recipe
@@ -81,6 +84,13 @@ def validate(cfg: DictConfig) -> None:
         raise BenchConfigError(f"sparse_conv must be null or one of {list(CONV_IMPLS)}, got '{cfg.sparse_conv}'")
     if cfg.device not in ("cpu", "cuda"):
         raise BenchConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+    try:
+        check_precision(cfg.precision, cfg.device)
+    except ValueError as err:
+        raise BenchConfigError(str(err)) from None
+    if cfg.precision != "fp32" and cfg.sparse_conv == "minkowski":
+        raise BenchConfigError(f"sparse_conv=minkowski runs MinkowskiEngine's float32 operators: no "
+                               f"precision={cfg.precision}")
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise BenchConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu")
@@ -131,18 +141,23 @@ def _feature_sum(feature) -> torch.Tensor:
     return feature.F.sum() if isinstance(feature, ME.SparseTensor) else feature.x.sum()
 
 
-def make_pass(name: str, model: SparK, images: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    """A closure running one ``name`` pass of ``model`` on ``images`` with a given mask."""
+def make_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> Callable[[torch.Tensor], None]:
+    """A closure running one ``name`` pass of ``model`` on ``images`` with a given mask, its
+    forward under ``precision``'s autocast."""
+    def forward(fn, *args):
+        with autocast(precision, images.device.type):
+            return fn(*args)
+
     if name == "fwd":
         def run(active):
             with torch.no_grad():
-                model.encoder(images, active)
+                forward(model.encoder, images, active)
     elif name == "fwd_bwd":
         def run(active):
-            sum(_feature_sum(f) for f in model.encoder(images, active)).backward()
+            sum(_feature_sum(f) for f in forward(model.encoder, images, active)).backward()
     else:
         def run(active):
-            model(images, active)["loss"].backward()
+            forward(model, images, active)["loss"].backward()
     return run
 
 
@@ -196,7 +211,7 @@ def measure_memory(models: dict[str, SparK], b: int, ratio: float, cfg: DictConf
     memory = {}
     for pass_name in cfg.passes:
         for e in ENGINES:
-            run = make_pass(pass_name, models[e], images)
+            run = make_pass(pass_name, models[e], images, cfg.precision)
             models[e].zero_grad(set_to_none=True)
             with returning_freed_memory():  # the unmeasured run must not grow the heap either
                 run(active)
@@ -220,7 +235,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
 
     records = []
     for pass_name in cfg.passes:
-        runs = {e: make_pass(pass_name, m, images) for e, m in models.items()}
+        runs = {e: make_pass(pass_name, m, images, cfg.precision) for e, m in models.items()}
         for active in masks[: cfg.warmup]:
             for e in ENGINES:
                 timed(runs[e], active, models[e], device)
@@ -262,7 +277,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
             memory[model_name, ratio] = measure_memory(models, sizes[model_name], float(ratio), cfg, device)
     cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     common = {
-        "input_size": cfg.input_size, "repeats": cfg.repeats,
+        "input_size": cfg.input_size, "precision": cfg.precision, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
         "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
         "keep_freed_memory": cpu["keep_freed_memory"],

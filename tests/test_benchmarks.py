@@ -129,6 +129,7 @@ def test_app_end_to_end(tmp_path):
     for r in records:
         assert keys <= r.keys()
         assert r["images_per_s"] > 0 and len(r["times_s"]) == 1 and r["device"] == "cpu"
+        assert r["precision"] == "fp32"  # the default; bf16 passes: test_precision_speed_...
     by = {(r["pass"], r["engine"]): r for r in records}
     assert by["fwd", "sparse"]["gflops_per_image"] < by["fwd", "dense_masked"]["gflops_per_image"]
     # train_step adds the same dense head to both engines
@@ -137,6 +138,7 @@ def test_app_end_to_end(tmp_path):
     assert head["sparse"] == pytest.approx(head["dense_masked"]) and head["sparse"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| resnet18 | 2 | 0.60 | train_step |" in table
+    assert "precision fp32 (both engines)" in table
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert (tmp_path / "flops_ratio.png").stat().st_size > 0
     assert "speed-up" in done.stdout
@@ -149,6 +151,22 @@ def test_app_refuses_missing_gpu(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "device=cuda" in done.stderr
+
+
+def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built():
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    assert cfg.precision == "fp32"
+    validate(cfg)
+    for precision, conv, error in [("fp16", None, "precision=fp16 needs a CUDA device"),
+                                   ("bf16", "minkowski", "sparse_conv=minkowski .* no precision=bf16"),
+                                   ("fp64", None, "precision must be one of")]:
+        cfg.precision, cfg.sparse_conv = precision, conv
+        with pytest.raises(BenchConfigError, match=error):
+            validate(cfg)
 
 
 def test_batch_size_is_one_int_or_one_per_model():
@@ -189,3 +207,33 @@ def test_conv_paths_times_both_paths_of_every_layer(capsys):
     assert len(rows) == 1 + 16  # the stem and the 16 3x3 convolutions of a ResNet-18
     assert "| layer4.1.conv2 | 512->512 | 3/1 | 1->1 |" in out  # a patch is one site at stride 32
     assert "total: tiles" in out
+
+
+def test_precision_speed_times_both_engines_under_each_precision(capsys):
+    from benchmarks.precision_speed import main
+
+    main(["models=[resnet18]", "batch_size=2", "input_size=64", "mask_ratios=[0.6]", "passes=[fwd,train_step]",
+          "decoder_width=64", "repeats=1", "warmup=0"])
+    out = capsys.readouterr().out
+    assert "| model | batch | mask ratio | pass | engine | fp32 s | bf16 s | bf16 speed vs fp32 |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| resnet18 | 2 | 0.60 |")]
+    assert [r.split(" | ")[3:5] for r in rows] == [["fwd", "sparse"], ["fwd", "dense_masked"],
+                                                   ["train_step", "sparse"], ["train_step", "dense_masked"]]
+    assert all(r.endswith("x |") for r in rows)
+    assert "avx512_bf16" in out  # the CPU features bf16 speed depends on
+    with pytest.raises(SystemExit, match="precision=fp16 needs a CUDA device"):
+        main(["precisions=[fp32,fp16]"])
+
+
+def test_precision_error_compares_each_engine_and_precision_with_float64(capsys):
+    from benchmarks.precision_error import main
+
+    main(["--models", "resnet10t", "--batch-size", "2", "--input-size", "64", "--decoder-width", "64"])
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| resnet10t |")]
+    assert [r[1:3] for r in rows] == [["sparse", "fp32"], ["sparse", "bf16"], ["dense_masked", "fp32"],
+                                      ["dense_masked", "bf16"]]
+    for _, _, precision, stages, loss, grads, _ in rows:
+        errors = [float(e) for e in stages.split(" / ")] + [float(loss)]
+        # float32: rounding of 2^-24 grown over the layers; bf16: 2^-9 per layer
+        assert all(e < 1e-4 for e in errors) if precision == "fp32" else all(2**-14 < e < 2**-4 for e in errors[:4])

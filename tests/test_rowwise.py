@@ -1,6 +1,8 @@
 """The row operators that trade a stored tensor for a recomputation compute exactly what the
 plain torch expressions compute, and keep no more than they promise for backward."""
 
+import copy
+
 import pytest
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.precision import autocast, compute_dtype
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.norm_act import batch_norm_act
@@ -26,18 +29,23 @@ ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.GELU(), nn.Identity()]  # GELU,
 EXACT64 = dict(rtol=1e-12, atol=1e-12)
 
 
-def saved_row_tensors(fn, rows: int) -> int:
-    """How many tensors with ``rows`` rows the graph of ``fn()`` keeps for backward."""
-    count = 0
+def saved_row_dtypes(fn, rows: int) -> list[torch.dtype]:
+    """The dtype of each tensor with ``rows`` rows that the graph of ``fn()`` keeps for backward."""
+    kept = []
 
     def pack(t):
-        nonlocal count
-        count += t.dim() == 2 and t.shape[0] == rows
+        if t.dim() == 2 and t.shape[0] == rows:
+            kept.append(t.dtype)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return count
+    return kept
+
+
+def saved_row_tensors(fn, rows: int) -> int:
+    """How many tensors with ``rows`` rows the graph of ``fn()`` keeps for backward."""
+    return len(saved_row_dtypes(fn, rows))
 
 
 def grads(out, inputs, seed=1):
@@ -143,6 +151,46 @@ def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op,
     for a, b in zip(grads(got, inputs_a), grads(want, inputs_b)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert (kept, saved_row_tensors(lambda: run(True), rows)) == (1, 2)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("op", AFTER_NORM.values(), ids=AFTER_NORM.keys())
+def test_an_operator_after_a_norm_with_its_activation_under_bf16_autocast(op):
+    """It computes in bf16, as torch's convolutions do under autocast, keeps one row tensor for
+    backward, in bf16, and returns gradients in their inputs' dtypes (float32 parameters: float32
+    gradients). Its output is float64's to bf16's rounding (each of the few roundings on the way
+    2^-9 relative: measured at most 4e-3, allowed 2^-6) and so are the gradients (measured at most
+    1.8e-2, allowed 2^-5: the norm's weight and bias gradients are sums over all rows that cancel
+    to much less than their terms)."""
+    g = torch.Generator().manual_seed(0)
+    x = sparsify(torch.randn(2, 6, 64, 96, generator=g, dtype=torch.float64), random_active(2, (2, 3), 0.5, g))
+    op64, n = op(), x.F.shape[0]
+    op32 = copy.deepcopy(op64).float() if isinstance(op64, nn.Module) else op64
+    bn64 = nn.BatchNorm1d(6).double()
+    bn32 = copy.deepcopy(bn64).float()
+
+    def run(op, bn, dtype, precision):
+        feats = x.F.to(dtype).requires_grad_()
+        with autocast(precision, "cpu"):
+            # the norm's input in the compute dtype, as a convolution before it would return it
+            rows = feats if precision == "fp32" else feats.to(compute_dtype(precision))
+            y = batch_norm_act(rows, bn, nn.ReLU())
+            out = op(with_features(x, y)).F
+        return out, [feats, bn.weight, bn.bias, *(op.parameters() if isinstance(op, nn.Module) else ())]
+
+    want, inputs64 = run(op64, bn64, torch.float64, "fp32")
+    assert saved_row_dtypes(lambda: run(op32, bn32, torch.float32, "bf16"), n) == [torch.bfloat16]
+    got, inputs = run(op32, bn32, torch.float32, "bf16")
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.detach(), want.detach()) < 2**-6
+    upstream = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, b, inp in zip(torch.autograd.grad(got, inputs, upstream.to(got.dtype)),
+                         torch.autograd.grad(want, inputs64, upstream), inputs):
+        assert a.dtype == inp.dtype == torch.float32
+        assert rel_err(a, b) < 2**-5
 
 
 def test_a_sparse_resnet_bottleneck_keeps_its_norms_inputs_and_its_output():

@@ -20,6 +20,7 @@ from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..mask import upsample_active
+from ..precision import statistics_dtype
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
@@ -50,8 +51,8 @@ def on_visible_rows(inp: MaskedTensor, fn) -> MaskedTensor:
     (whatever a dirty input held there)."""
     x = inp.x.permute(0, 2, 3, 1)
     where = inp.visible()[:, 0].nonzero(as_tuple=True)
-    rows = fn(x[where])
-    out = x.new_zeros(x.shape[:-1] + (rows.shape[-1],)).index_put(where, rows)
+    rows = fn(x[where])  # not always x's dtype: a layer norm returns float32 under CUDA autocast
+    out = rows.new_zeros(x.shape[:-1] + (rows.shape[-1],)).index_put(where, rows)
     return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
 
 
@@ -123,7 +124,8 @@ class MaskedLinear(nn.Linear):
 
 class MaskedGlobalResponseNorm(nn.Module):
     """ConvNeXt-V2's GRN with each image's statistics over its visible sites: the hidden sites
-    are zeroed first, so they add nothing to the per-channel norms."""
+    are zeroed first, so they add nothing to the per-channel norms (taken in float32 for 16-bit
+    maps; the response is float32, as timm's under autocast)."""
 
     def __init__(self, grn: GlobalResponseNorm):
         super().__init__()
@@ -133,7 +135,7 @@ class MaskedGlobalResponseNorm(nn.Module):
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x = inp.clean().x
-        x_g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        x_g = torch.linalg.vector_norm(x, 2, dim=(2, 3), keepdim=True, dtype=statistics_dtype(x.dtype))
         x_n = x_g / (x_g.mean(dim=1, keepdim=True) + self.eps)
         y = x + torch.addcmul(self.bias.view(1, -1, 1, 1), self.weight.view(1, -1, 1, 1), x * x_n)
         return MaskedTensor(y, inp.active, dirty=True)
@@ -145,11 +147,13 @@ class MaskedLayerScale(nn.Module):
 
 
 class MaskedChannelAttention(ChannelAttention):
-    """SE/ECA with each image's mean over its visible positions, not over the whole map."""
+    """SE/ECA with each image's mean over its visible positions, not over the whole map (in
+    float32 for 16-bit maps)."""
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x, vis = inp.clean().x, inp.visible()
-        pooled = x.sum((2, 3)) / vis.sum((2, 3)).to(x.dtype)
+        dtype = statistics_dtype(x.dtype)
+        pooled = x.sum((2, 3), dtype=dtype) / vis.sum((2, 3)).to(dtype)
         return MaskedTensor(x * self.gates(pooled)[:, :, None, None], inp.active)
 
 

@@ -16,6 +16,7 @@ from timm.layers import BatchNormAct2d, DropPath
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
+from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.grouped_conv import GroupedConvolution
@@ -47,6 +48,8 @@ def me_to_dense_kernel(kernel: Tensor, kernel_size: tuple[int, int]) -> Tensor:
 # "patch": our patch-tile convolutions and pooling (patch_conv.py), measured faster on CPU for
 # every layer of a ResNet, the 3-channel 7x7 stem included; "minkowski": ME's own modules.
 CONV_IMPLS = ("patch", "minkowski")
+# ME's own operators: float32/float64 only, so no autocast
+STOCK_MODULES = (ME.MinkowskiConvolution, ME.MinkowskiMaxPooling, ME.MinkowskiAvgPooling)
 
 
 def _copy_weights(dense: nn.Module, sparse: nn.Module) -> nn.Module:
@@ -155,12 +158,14 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
 
 
 class SparseChannelAttention(ChannelAttention):
-    """SE/ECA: each image's mean over its visible rows, a gate per image and channel."""
+    """SE/ECA: each image's mean over its visible rows (in float32 for 16-bit rows), a gate per
+    image and channel."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites, image = PatchSites.of(x), image_of_rows(x)
-        sums = x.F.new_zeros(sites.batch, x.F.shape[1]).index_add_(0, image, x.F)
-        counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(x.F.dtype)
+        dtype = statistics_dtype(x.F.dtype)
+        sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image, x.F.to(dtype))
+        counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(dtype)
         gates = self.gates(sums / counts[:, None])
         return with_features(x, ImageScale.apply(x.F, gates, image))
 
@@ -226,8 +231,12 @@ class SparseEncoder(Encoder):
             body[stem.pool].relu = True
             body[stem.act] = nn.Identity()
         fuse_norm_acts(body, self.family.norm_acts)
+        self.stock_modules = any(type(m) in STOCK_MODULES for m in body.modules())
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
+        if self.stock_modules and torch.is_autocast_enabled(images.device.type):
+            raise ValueError("conv='minkowski' runs MinkowskiEngine's own float32/float64 operators, which "
+                             "cannot autocast (precision bf16/fp16); use conv='patch', the default")
         return sparsify(images, active)
 
     def to_dense(self, feature: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:

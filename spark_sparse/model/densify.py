@@ -31,8 +31,8 @@ class VisibleNorm(nn.Module):
         if self.kind == "none":
             return x
         where = visible[:, 0].nonzero(as_tuple=True)
-        rows = x.permute(0, 2, 3, 1)[where]
-        out = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).index_put(where, self.norm(rows))
+        rows = self.norm(x.permute(0, 2, 3, 1)[where])  # float32 under CUDA autocast for a layer norm
+        out = rows.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).index_put(where, rows)
         return out.permute(0, 3, 1, 2)
 
 
@@ -49,5 +49,6 @@ class Densify(nn.Module):
 
     def forward(self, x: Tensor, visible: Tensor) -> Tensor:
         """``x`` (B, C, h, w) with zeros at hidden sites, ``visible`` (B, 1, h, w) bool."""
-        x = torch.where(visible, self.norm(x, visible), self.mask_token.to(x.dtype))
+        x = self.norm(x, visible)
+        x = torch.where(visible, x, self.mask_token.to(x.dtype))
         return self.proj(x)

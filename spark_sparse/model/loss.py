@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..mask import upsample_active
+from ..precision import statistics_dtype
 
 EPS = 1e-6
 
@@ -33,7 +34,10 @@ def normalise_patches(patches: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def masked_patch_loss(pred: Tensor, images: Tensor, active: Tensor, patch: int) -> Tensor:
-    """Mean squared error per patch, averaged over the hidden patches of the batch."""
+    """Mean squared error per patch, averaged over the hidden patches of the batch; in float32 (or
+    float64) whatever the prediction's dtype: under autocast the decoder's output is 16-bit."""
+    dtype = statistics_dtype(torch.promote_types(pred.dtype, images.dtype))
+    pred, images = pred.to(dtype), images.to(dtype)
     target, _, _ = normalise_patches(patchify(images, patch))
     per_patch = (patchify(pred, patch) - target).pow(2).mean(dim=-1)  # (B, L)
     hidden = (~active).flatten(1).to(per_patch.dtype)

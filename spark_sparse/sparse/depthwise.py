@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
 from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_geometry
@@ -60,12 +61,14 @@ def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
 
 class TileDepthwise(torch.autograd.Function):
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile) -> Tensor:
         save_rows(ctx, feats, weight)
         ctx.tile = tile
         return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0))
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_rows: Tensor):
         feats, weight = saved_rows(ctx)
         tile = ctx.tile
@@ -88,6 +91,7 @@ def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
 
 class CanvasDepthwise(torch.autograd.Function):
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
         save_rows(ctx, feats, weight, index)
         ctx.shape = shape
@@ -95,6 +99,7 @@ class CanvasDepthwise(torch.autograd.Function):
         return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding), index)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_rows: Tensor):
         feats, weight, index = saved_rows(ctx)
         padding = weight.shape[-1] // 2
@@ -137,7 +142,7 @@ class DepthwiseConvolution(nn.Module):
         else:
             out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride))
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride > 1:
             return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
                                    coordinate_manager=sites.manager)

@@ -12,6 +12,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
+from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, accumulate_rows, select_rows
 from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, tile_geometry
@@ -22,6 +23,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
     present output rows."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, kernel: Tensor, pairs: list[OffsetPairs], n_out: int) -> Tensor:
         # kernel: (K, G, C_in/G, C_out/G)
         save_rows(ctx, feats, kernel)
@@ -31,9 +33,10 @@ class GroupedOffsetGemm(torch.autograd.Function):
         for k, o, i in pairs:
             y = torch.bmm(select_rows(feats, i).view(-1, g, c_in).transpose(0, 1), kernel[k])  # (G, n, c_out)
             out = accumulate_rows(out, o, y.transpose(0, 1).reshape(-1, g * c_out), n_out)
-        return out
+        return out.to(feats.dtype)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_out: Tensor):
         feats, kernel = saved_rows(ctx)
         g, c_in, c_out = kernel.shape[1:]
@@ -49,7 +52,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
             if need_feats:
                 gx = torch.bmm(go, kernel[k].transpose(1, 2)).transpose(0, 1).reshape(-1, g * c_in)
                 grad_feats = accumulate_rows(grad_feats, i, gx, feats.shape[0])
-        return grad_feats, grad_kernel, None, None
+        return None if grad_feats is None else grad_feats.to(feats.dtype), grad_kernel, None, None
 
 
 class GroupedConvolution(nn.Module):
@@ -78,7 +81,7 @@ class GroupedConvolution(nn.Module):
             kernel = self.weight.view(g, c_out // g, c_in_g, k, k).permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)
             out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride), sites.num_rows(out_stride))
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride == 1:
             return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
         return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)

@@ -2,6 +2,8 @@
 input for backward (as in-place activated batch norm does): the normalised rows are recomputed
 from it, one multiply-add per element, rather than stored. The operator that consumes those
 rows need not keep them either (row_saving.py): ``BatchNormAct.output_again`` makes them again.
+Under autocast it keeps its input's dtype, as torch's batch norm does: 16-bit rows in and out,
+statistics and parameters in float32.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .amp import autocast_backward, autocast_forward
 
 # activations whose forward can run in place and whose backward has its own kernel: the
 # forward and gradient of any other module go through autograd
@@ -29,9 +33,11 @@ def _act_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
 
 
 def _normalised(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
+    """The norm's output in ``x``'s dtype (16-bit rows are normalised in float32, then rounded,
+    as torch's batch norm does)."""
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
-    return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x, scale).to(x.dtype)
 
 
 class BatchNormAct(torch.autograd.Function):
@@ -41,6 +47,7 @@ class BatchNormAct(torch.autograd.Function):
     in-place activated batch norm does). Running statistics are updated once, in forward."""
 
     @staticmethod
+    @autocast_forward(cast_inputs=False)  # the statistics and parameters stay float32
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, training: bool, momentum: float, eps: float, act: nn.Module) -> Tensor:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
@@ -53,6 +60,7 @@ class BatchNormAct(torch.autograd.Function):
         return kernels[0](y) if kernels is not None else act(y)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad: Tensor):
         x, weight, bias, running_mean, running_var, mean, invstd = ctx.saved_tensors
         grad_y = _act_grad(ctx.act, _normalised(x, weight, bias, mean, invstd), grad)

@@ -13,7 +13,8 @@ sparse convolution over them, chosen per layer by measurement:
 
 Both keep only their input rows for backward, not the tiles (and not even the rows where a batch
 norm with its activation made them: row_saving.py), and tensors in and out stay
-``MinkowskiEngine.SparseTensor``s.
+``MinkowskiEngine.SparseTensor``s. Under autocast they compute, and keep their rows, in autocast's
+dtype, as torch's convolutions do (amp.py); offset GEMMs sum their offsets in float32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..precision import statistics_dtype
+from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, Tile, tile_geometry
 
@@ -52,12 +55,14 @@ class TileConv(torch.autograd.Function):
     keeping them (a tile is up to 2.25 times its patch's rows)."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, stride: int, groups: int = 1) -> Tensor:
         save_rows(ctx, feats, weight)
         ctx.tile, ctx.stride, ctx.groups = tile, stride, groups
         return tile_rows(F.conv2d(gather_tiles(feats, tile), weight, stride=stride, groups=groups))
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_rows: Tensor):
         feats, weight = saved_rows(ctx)
         tile, stride = ctx.tile, ctx.stride
@@ -76,6 +81,7 @@ class TileMaxPool(torch.autograd.Function):
     tiles."""
 
     @staticmethod
+    @autocast_forward(cast_inputs=False)  # pooling keeps its input's dtype
     def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
         if tile.size**2 > torch.iinfo(torch.int16).max:
             raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large for int16 positions")
@@ -87,6 +93,7 @@ class TileMaxPool(torch.autograd.Function):
         return tile_rows(out)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_rows: Tensor):
         (where,) = ctx.saved_tensors
         tile = ctx.tile
@@ -103,7 +110,9 @@ def select_rows(t: Tensor, index: Tensor | None) -> Tensor:
 
 
 def accumulate_rows(out: Tensor | None, index: Tensor | None, values: Tensor, n: int) -> Tensor:
-    """out[index] += values (index None: every row), allocating ``out`` (n rows) on first use."""
+    """out[index] += values (index None: every row), allocating ``out`` (n rows) on first use, in
+    float32 for 16-bit values: a sum over kernel offsets rounds once, at the end, as a GEMM's does."""
+    values = values.to(statistics_dtype(values.dtype))
     if out is None:
         if index is None:
             return values
@@ -115,15 +124,17 @@ class OffsetGemm(torch.autograd.Function):
     """A sparse convolution as one GEMM per kernel offset over its present pairs only."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, kernel: Tensor, pairs: list[OffsetPairs], n_out: int) -> Tensor:
         save_rows(ctx, feats, kernel)
         ctx.pairs = pairs
         out = None
         for k, o, i in pairs:
             out = accumulate_rows(out, o, select_rows(feats, i) @ kernel[k], n_out)
-        return out
+        return out.to(feats.dtype)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_out: Tensor):
         feats, kernel = saved_rows(ctx)
         grad_out = grad_out.contiguous()
@@ -136,18 +147,20 @@ class OffsetGemm(torch.autograd.Function):
                 torch.mm(select_rows(feats, i).t(), g, out=grad_kernel[k])
             if need_feats:
                 grad_feats = accumulate_rows(grad_feats, i, g @ kernel[k].t(), feats.shape[0])
-        return grad_feats, grad_kernel, None, None
+        return None if grad_feats is None else grad_feats.to(feats.dtype), grad_kernel, None, None
 
 
 class Pointwise(torch.autograd.Function):
     """A 1x1 convolution: the rows times a (C_in, C_out) kernel."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, feats: Tensor, kernel: Tensor) -> Tensor:
         save_rows(ctx, feats, kernel)
         return feats @ kernel
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad_out: Tensor):
         feats, kernel = saved_rows(ctx)
         need_feats, need_kernel = ctx.needs_input_grad
@@ -210,7 +223,7 @@ class PatchConvolution(ME.MinkowskiConvolution):
             weight = kernel.reshape(kh, kh, self.in_channels, self.out_channels).permute(3, 2, 1, 0)
             out = TileConv.apply(x.F, weight, sites.tile(in_stride, *tile_geometry(s, kh, stride)), stride)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if stride == 1:
             key, manager = x.coordinate_map_key, x.coordinate_manager
         else:

@@ -13,6 +13,8 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
+from ..precision import statistics_dtype
+from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_sites import PatchSites
 
@@ -29,18 +31,26 @@ def image_of_rows(x: ME.SparseTensor) -> Tensor:
 
 class ImageScale(torch.autograd.Function):
     """rows * scale[image of row] (a squeeze-excitation gate), keeping the (B, C) scales rather
-    than their (N, C) gathered copy for backward, and the rows as ``save_rows`` keeps them."""
+    than their (N, C) gathered copy for backward, and the rows as ``save_rows`` keeps them. In
+    the promoted dtype of the two, as ``x * gate`` is; the scale's gradient sums in float32."""
 
     @staticmethod
+    @autocast_forward(cast_inputs=False)  # a product: autocast leaves it to type promotion
     def forward(ctx, x: Tensor, scale: Tensor, image: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, scale.dtype)
+        x, scale = x.to(dtype), scale.to(dtype)
         save_rows(ctx, x, scale, image)
         return x * scale.index_select(0, image)
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad: Tensor):
         x, scale, image = saved_rows(ctx)
         grad_x = grad * scale.index_select(0, image) if ctx.needs_input_grad[0] else None
-        grad_scale = scale.new_zeros(scale.shape).index_add_(0, image, grad * x) if ctx.needs_input_grad[1] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            dtype = statistics_dtype(scale.dtype)
+            grad_scale = scale.new_zeros(scale.shape, dtype=dtype).index_add_(0, image, (grad * x).to(dtype))
         return grad_x, grad_scale, None
 
 
@@ -93,7 +103,8 @@ class SparseDropPath(nn.Module):
 
 class SparseGlobalResponseNorm(nn.Module):
     """ConvNeXt-V2's GRN with each image's per-channel L2 norm over that image's visible sites
-    only (ConvNeXt-V2's MinkowskiGRN takes it over the whole batch: their issue #86)."""
+    only (ConvNeXt-V2's MinkowskiGRN takes it over the whole batch: their issue #86). The norms
+    are taken in float32 for 16-bit rows, and the response is float32, as timm's under autocast."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -103,8 +114,9 @@ class SparseGlobalResponseNorm(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         feats, image = x.F, image_of_rows(x)
-        squares = feats.new_zeros(PatchSites.of(x).batch, feats.shape[1]).index_add_(0, image, feats * feats)
+        wide = feats.to(statistics_dtype(feats.dtype))
+        squares = wide.new_zeros(PatchSites.of(x).batch, feats.shape[1]).index_add_(0, image, wide * wide)
         # clamped: the gradient of a zero norm is zero, as for torch.norm
-        norms = squares.clamp_min(torch.finfo(feats.dtype).tiny).sqrt()
+        norms = squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
         scale = (norms / (norms.mean(dim=1, keepdim=True) + self.eps)).index_select(0, image)
-        return with_features(x, feats + torch.addcmul(self.bias, self.weight, feats * scale))
+        return with_features(x, wide + torch.addcmul(self.bias, self.weight, wide * scale))

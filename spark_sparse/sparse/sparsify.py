@@ -24,7 +24,8 @@ def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
     # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
     tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
     feats = tiles.index_select(0, visible).transpose(1, 2).reshape(-1, c)
-    # ME's autograd functions are float32/float64 only
+    # ME's autograd functions are float32/float64 only. Under autocast the rows stay float32 too,
+    # as the masked images of the dense engine do: the stem's convolution casts them.
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
     kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU

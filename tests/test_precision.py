@@ -1,0 +1,219 @@
+"""Mixed precision: under bf16 autocast both engines compute what they compute in float32, to
+bf16's rounding, and keep float32 where it matters (parameters' gradients, norm statistics, the
+loss).
+
+How close is close: bf16 keeps 8 significant bits, so every layer's result is rounded by up to
+2^-9 relative and a whole encoder's features end up about 2^-8..2^-6 from the float32 result of
+the same weights (measured 3e-3..1e-2 in eval mode); parameter gradients, sums over many sites
+of products of such values, a few percent. Both engines round the same operations, so their
+errors against a float64 reference are of the same size (measured ratios 0.95-1.12 for features,
+0.8-1.3 for gradients): the sparse engine's error may be at most 1.5 times the dense-masked
+one's (2 times for the worst gradient). A sparse engine that computed something else would be
+off by O(1). Eval mode: a train-mode batch norm over the few visible sites of a small test batch
+amplifies rounding (to 40% at stride 32, in both engines), which would hide what is tested here.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from spark_sparse import MaskedDenseEncoder, engine_class
+from spark_sparse.encoders.families import family_of
+from spark_sparse.model.spark import SparK
+from spark_sparse.precision import PRECISIONS, autocast, compute_dtype, needs_grad_scaler, statistics_dtype
+
+from .conftest import make_batch, needs_minkowski
+
+BF16 = torch.bfloat16
+SIZE = (64, 96)  # a 2x3 patch grid
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_precisions_and_their_autocast():
+    assert PRECISIONS == ("fp32", "bf16", "fp16")
+    with autocast("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
+    assert [compute_dtype(p) for p in PRECISIONS] == [torch.float32, BF16, torch.float16]
+    assert [needs_grad_scaler(p) for p in PRECISIONS] == [False, False, True]
+    assert [statistics_dtype(d) for d in (BF16, torch.float16, torch.float32, torch.float64)] == [
+        torch.float32, torch.float32, torch.float32, torch.float64]
+
+
+def test_fp16_on_cpu_and_unknown_precisions_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device") as err:
+        autocast("fp16", "cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"):
+        autocast("fp8", "cpu")
+    with pytest.raises(ValueError, match="got 'half'"):
+        compute_dtype("half")
+
+
+def sparse_encoder(model, **options):
+    return engine_class("sparse").from_timm(model, **options)  # imports MinkowskiEngine
+
+
+FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
+            "mobilenetv3_small_100"]
+
+
+def features_and_gradients(encoder, images, active, precision: str = "fp32", dtype=torch.float32):
+    """Eval-mode features and timm-named parameter gradients of a fixed positive read-out of all
+    four scales (drawn in float64, the same for every dtype)."""
+    encoder = encoder.to(dtype).eval()
+    with autocast(precision, "cpu"):
+        feats = encoder.dense_features(images.to(dtype), active)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((f.to(dtype) * torch.rand(f.shape, generator=g, dtype=torch.float64).to(dtype)).sum() for f in feats)
+    loss.backward()
+    grads = encoder.to_timm({n: p.grad for n, p in encoder.named_parameters()})
+    return [f.detach() for f in feats], grads
+
+
+def gradient_errors(got: dict, want: dict) -> list[float]:
+    """Relative error per parameter; a gradient that is almost zero (below 1e-3 of the largest) is
+    measured against that floor instead of its own norm."""
+    floor = 1e-3 * max(float(g.norm()) for g in want.values())
+    return sorted(float((got[k].double() - want[k]).norm()) / max(float(want[k].norm()), floor) for k in want)
+
+
+@needs_minkowski
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bf16_engines_agree_to_bf16_rounding(timm_models, name):
+    images, active = make_batch(SIZE, "ratio0.6", batch=2)
+    model = timm_models(name)
+    dense = MaskedDenseEncoder.from_timm(copy.deepcopy(model))
+    want_f, want_g = features_and_gradients(copy.deepcopy(dense), images, active, dtype=torch.float64)
+    dense_f, dense_g = features_and_gradients(dense, images, active, "bf16")
+    sparse_f, sparse_g = features_and_gradients(sparse_encoder(copy.deepcopy(model)), images, active, "bf16")
+    for stride, s, d, w in zip((4, 8, 16, 32), sparse_f, dense_f, want_f):
+        err_s, err_d = rel_err(s, w), rel_err(d, w)
+        assert 2**-12 < err_d < 2**-5, f"stride {stride}: the dense-masked engine is {err_d:.1e} off"  # bf16 ran
+        assert err_s <= 1.5 * err_d, f"stride {stride}: sparse {err_s:.1e}, dense-masked {err_d:.1e}"
+    assert all(g.dtype == torch.float32 for g in (*sparse_g.values(), *dense_g.values()))
+    err_s, err_d = gradient_errors(sparse_g, want_g), gradient_errors(dense_g, want_g)
+    median_s, median_d = err_s[len(err_s) // 2], err_d[len(err_d) // 2]
+    assert median_d < 2**-3, f"the dense-masked engine's gradients are {median_d:.1e} off"
+    assert median_s <= 1.5 * median_d, f"median gradient error: sparse {median_s:.1e}, dense-masked {median_d:.1e}"
+    assert err_s[-1] <= 2 * err_d[-1], f"worst gradient error: sparse {err_s[-1]:.1e}, dense-masked {err_d[-1]:.1e}"
+
+
+@needs_minkowski
+@pytest.mark.parametrize("name", ["seresnet18", "convnextv2_atto"])
+def test_bf16_with_nothing_hidden_equals_plain_timm_in_bf16(timm_models, name):
+    images, everything = make_batch(SIZE, "none", batch=2)
+    model = timm_models(name)
+    plain = family_of(model).plain_features
+    want = plain(copy.deepcopy(model).double().eval(), images.double())
+    with autocast("bf16", "cpu"), torch.no_grad():
+        timm_bf16 = plain(copy.deepcopy(model).eval(), images)
+        sparse = sparse_encoder(copy.deepcopy(model)).eval().dense_features(images, everything)
+    for stride, s, t, w in zip((4, 8, 16, 32), sparse, timm_bf16, want):
+        assert s.dtype == t.dtype  # bf16 where timm's is, float32 after ConvNeXt's layer scale
+        err_s, err_t = rel_err(s, w), rel_err(t, w)
+        assert 2**-12 < err_t < 2**-5 and err_s <= 1.5 * err_t, f"stride {stride}: sparse {err_s:.1e}, timm {err_t:.1e}"
+
+
+@needs_minkowski
+def test_bf16_operators_keep_rows_and_kernels_in_bf16_and_statistics_in_float32(timm_models):
+    """What every autograd function of the sparse engine saves for backward under bf16 autocast:
+    its rows and kernels (two or more dimensions) in bf16, a batch norm's statistics and
+    parameters (one dimension) in float32, index tables as integers."""
+    images, active = make_batch(SIZE, "ratio0.6", batch=2)
+    seen = set()
+    # max pooling and tiles (ResNet), grouped offset GEMMs (RegNet), depthwise, gates (EfficientNet)
+    for name in ("seresnet18", "regnety_002", "efficientnet_b0"):
+        encoder = sparse_encoder(copy.deepcopy(timm_models(name))).train()
+        with autocast("bf16", "cpu"):
+            feats = encoder(images, active)
+        for node in graph_nodes([f.F.grad_fn for f in feats]):
+            if not getattr(node, "_forward_cls", type).__module__.startswith("spark_sparse."):
+                continue
+            seen.add(node._forward_cls.__name__)
+            for t in node.saved_tensors:
+                if t.is_floating_point():
+                    want = BF16 if t.dim() > 1 else torch.float32
+                    assert t.dtype == want, f"{node.name()} keeps a {tuple(t.shape)} {t.dtype} tensor"
+    assert seen == {"TileConv", "OffsetGemm", "Pointwise", "TileMaxPool", "GroupedOffsetGemm", "TileDepthwise",
+                    "CanvasDepthwise", "ImageScale", "BatchNormAct"}
+
+
+def graph_nodes(roots: list) -> list:
+    """Every node of the autograd graph that ``roots`` start."""
+    seen, todo = {}, [r for r in roots if r is not None]
+    while todo:
+        node = todo.pop()
+        if id(node) not in seen:
+            seen[id(node)] = node
+            todo += [n for n, _ in node.next_functions if n is not None]
+    return list(seen.values())
+
+
+@needs_minkowski
+def test_long_per_image_sums_are_taken_in_float32():
+    """Squeeze-excitation's per-image means and GRN's per-image norms over bf16 rows are float32
+    (kept in bf16 they would be rounded to 2^-9, and on CUDA, where index_add_ adds one value at
+    a time, a long sum would stall: 256 + 1 rounds to 256); a float32 gate on bf16 rows computes
+    in float32, as ``rows * gate`` does, its gradient included. 4096 visible rows of one image;
+    the reference is float64 on the same bf16 values. Measured: 2e-7 off, against 2e-3 in bf16."""
+    from timm.layers import SEModule
+
+    from spark_sparse.encoders.sparse_engine import SparseChannelAttention
+    from spark_sparse.sparse.rowwise import ImageScale, SparseGlobalResponseNorm, image_of_rows, with_features
+    from spark_sparse.sparse.sparsify import sparsify
+
+    g = torch.Generator().manual_seed(0)
+    x = sparsify(torch.rand(1, 8, 64, 64, generator=g), torch.ones(1, 2, 2, dtype=torch.bool))
+    x = with_features(x, x.F.to(BF16))  # as a convolution under autocast returns them
+    exact = x.F.double()
+
+    se = SparseChannelAttention(SEModule(8), "se")
+    pooled = []
+    se.fc1.register_forward_pre_hook(lambda _, args: pooled.append(args[0].flatten()))
+    grn = SparseGlobalResponseNorm(8)
+    with torch.no_grad():
+        grn.weight.uniform_(0.5, 1.5, generator=g)
+    with autocast("bf16", "cpu"):
+        se(x)
+        response = grn(x).F
+    assert rel_err(pooled[0], exact.mean(0)) < 2**-16
+    norms = exact.norm(dim=0)
+    want = exact + grn.bias.double() + grn.weight.double() * exact * norms / (norms.mean() + grn.eps)
+    assert rel_err(response.detach(), want.detach()) < 2**-16
+
+    gate = torch.rand(1, 8, generator=g, requires_grad=True)
+    with autocast("bf16", "cpu"):
+        gated = ImageScale.apply(x.F, gate, image_of_rows(x))
+    gated.sum().backward()
+    assert gated.dtype == gate.grad.dtype == torch.float32
+    assert rel_err(gate.grad, exact.sum(0, keepdim=True)) < 2**-16
+
+
+@pytest.mark.parametrize("engine, densify_norm", [pytest.param("sparse", "bn", marks=needs_minkowski),
+                                                  pytest.param("sparse", "ln", marks=needs_minkowski),
+                                                  ("dense_masked", "bn")])
+def test_spark_loss_is_float32_under_bf16_and_gradients_reach_every_parameter_in_float32(engine, densify_norm):
+    torch.manual_seed(0)
+    model = SparK.build("resnet18", engine=engine, decoder_width=64, densify_norm=densify_norm).train()
+    images, active = make_batch((64, 64), "ratio0.6", batch=2)
+    with autocast("bf16", "cpu"):
+        out = model(images, active)
+    assert out["pred"].dtype == BF16 and out["loss"].dtype == torch.float32
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@needs_minkowski
+def test_minkowski_convolutions_are_refused_under_autocast():
+    encoder = sparse_encoder("resnet18", conv="minkowski")
+    images, active = make_batch((64, 64), "ratio0.6", batch=2)
+    with autocast("bf16", "cpu"), pytest.raises(ValueError, match="conv='minkowski' .* use conv='patch'"):
+        encoder(images, active)
