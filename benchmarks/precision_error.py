@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from spark_sparse import random_active
 from spark_sparse.model.spark import SparK
 from spark_sparse.precision import PRECISIONS, autocast
-from spark_sparse.train.runtime import configure_cpu
+from spark_sparse.run.runtime import configure_cpu
 
 from .sparse_vs_dense import ENGINES, build_pair
 

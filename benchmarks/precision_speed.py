@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from spark_sparse.train.runtime import configure_cpu
+from spark_sparse.run.runtime import configure_cpu
 
 from .sparse_vs_dense import (ENGINES, BenchConfigError, batch_sizes, build_pair, device_name, make_inputs, make_pass,
                               timed, validate)
