@@ -112,8 +112,9 @@ class FineTuning:
             images, targets = self.mixup(images, targets)
         scheduler.step_update(run.step)
         # equal shares: the mean of the ranks' losses is the global batch's loss
-        loss, _ = run.optimize(self.loss_fn(net(images), targets), optimizer, model.parameters(),
-                               run.cfg.optim.clip_grad)
+        with run.autocast():
+            loss = self.loss_fn(net(images), targets)
+        loss, _ = run.optimize(loss, optimizer, model.parameters(), run.cfg.optim.clip_grad)
         step = run.advance(epoch=epoch + 1, loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
         if ema is not None:
             ema.update(model, step=step)
@@ -129,7 +130,7 @@ class FineTuning:
         for prefix, judged in (("val", model), ("ema", ema.module if ema is not None else None)):
             if judged is not None:
                 scores = evaluate(judged, self.val_set, cfg.batch_size // run.ctx.world_size, run.device,
-                                  cfg.data.num_workers)
+                                  cfg.data.num_workers, cfg.precision)
                 record.update({f"{prefix}_{k}": v for k, v in scores.items()})
         if record["val_top1"] > self.best["top1"]:
             self.best = {"top1": record["val_top1"], "epoch": epoch + 1}

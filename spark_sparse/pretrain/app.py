@@ -105,7 +105,9 @@ class Pretraining:
         # equal hidden counts per image: the mean of the ranks' losses is the global loss, and
         # DDP's averaged gradients are its gradients
         active = model.random_mask(images, run.ctx.rank, run.ctx.world_size)
-        loss, grad_norm = run.optimize(net(images, active)["loss"], optimizer, model.parameters(), cfg.optim.clip_grad)
+        with run.autocast():
+            loss = net(images, active)["loss"]
+        loss, grad_norm = run.optimize(loss, optimizer, model.parameters(), cfg.optim.clip_grad)
         images_per_s = images.shape[0] * run.ctx.world_size / (time.perf_counter() - start)
         lr = optimizer.param_groups[0]["lr"]
         step = run.advance(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")

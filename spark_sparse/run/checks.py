@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..encoders.families import FAMILIES
+from ..precision import PRECISIONS, check_precision
 from .schema import ANY_TABLE, FLAG, NULL, POSITIVE, TEXT, TEXTS, Rule, at_least, one_of
 
 # the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
@@ -26,6 +27,7 @@ RUN_KEYS: dict[str, Rule] = {
     "resume": FLAG,
     "resume_changes": TEXTS,  # which may change: the app's changeable_on_resume (check_resumable)
     "device": one_of("cpu", "cuda"),
+    "precision": one_of(*PRECISIONS),
     "threads": at_least(1) | NULL,
     "dist_timeout_s": POSITIVE,
     "logger.kind": one_of("none", "wandb"),
@@ -77,6 +79,10 @@ def check_runtime(cfg: DictConfig) -> None:
                           "WANDB_API_KEY); logger.mode=offline logs without one")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is available; use device=cpu")
+    try:
+        check_precision(cfg.precision, cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def get(config: dict, key: str):
@@ -109,7 +115,8 @@ def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...], change
     if refused:
         raise ConfigError(f"resume_changes may name {', '.join(changeable) or 'nothing'}, not {', '.join(refused)}")
     saved, now = _without(saved, changes), _without(now, changes)
-    changed = [k for k in fixed if get(saved, k) != get(now, k)]
+    # a key the checkpoint's code did not have yet (None there) is not compared
+    changed = [k for k in fixed if get(saved, k) is not None and get(saved, k) != get(now, k)]
     if changed:
         allowed = f", or name it in resume_changes=[...] ({', '.join(changeable)} may change)" if changeable else ""
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "

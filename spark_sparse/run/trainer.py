@@ -11,6 +11,7 @@ what it exports. The hydra entry point around ``launch`` is ``run_app`` (cli.py)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data.seeds import derive_seed
+from ..precision import autocast, needs_grad_scaler
 from . import distributed
 from .checkpoint import Saver, load_checkpoint
 from .checks import get as _get
@@ -140,6 +142,7 @@ class Run:
         self._generator: torch.Generator | None = None
         self._bar: tqdm | None = None
         self._model: nn.Module | None = None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(cfg.precision))
         # the run's first loss and weight norm (kept across resumes), and the deliberate changes
         # of resumes (resume_changes) with the step they were made at
         self._reference: dict[str, float] = dict(ckpt.get("reference", {})) if ckpt else {}
@@ -167,6 +170,7 @@ class Run:
         """What every checkpoint keeps: ``states`` under their names (None: absent), ``values()``'s
         plain entries, and ``generator`` with the global RNGs. A resumed run loads them now and
         gets the checkpoint's other entries back ({} for a fresh run)."""
+        states = {**states, "scaler": self.scaler}  # fp16's loss scale goes with the run
         self._states, self._values, self._generator = states, values, generator
         ckpt, self._resumed = self._resumed, None
         if ckpt is None:
@@ -175,7 +179,7 @@ class Run:
         # config builds it: a schedule is a function of the step
         rebuilt = {"scheduler"} if any(k.startswith("optim.") for k in self.cfg.get("resume_changes", [])) else set()
         for name, state in states.items():
-            if state is not None and name not in rebuilt:
+            if state is not None and name not in rebuilt and ckpt.get(name):  # {}: a disabled scaler's
                 state.load_state_dict(ckpt[name])
         restore_rng(ckpt, generator, self.cfg.seed, self.ctx.rank)
         if self.ctx.is_main:
@@ -190,23 +194,31 @@ class Run:
                                        **ddp)
 
     # -- one step -----------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of a forward pass in the run's ``precision`` (bf16, fp16: torch.autocast;
+        the weights stay float32, and so do their gradients and the optimizer's state)."""
+        return autocast(self.cfg.precision, self.device.type)
+
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor],
                  clip: float | None) -> tuple[float, float]:
         """Backward, the global norm clipped to ``clip`` (None: not clipped), the optimizer step;
         returns the loss averaged over processes and the gradient norm. A NaN or infinite one
         stops the run before the weights are touched (the same decision on every rank: both
-        are global)."""
+        are global), except fp16's overflowing gradients: the loss scaler skips that step."""
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         loss_value = distributed.mean_over_ranks(loss)
+        self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
-        if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+        overflow = self.scaler.is_enabled() and not torch.isfinite(grad_norm)
+        if not (math.isfinite(loss_value) and (torch.isfinite(grad_norm) or overflow)):
             self._diverged(f"loss {loss_value} / gradient norm {grad_norm.item()} at step {self.step + 1}")
         first = self._reference.setdefault("loss", loss_value)
         if loss_value > self.LIMIT * max(first, 1.0):
             self._diverged(f"loss {loss_value:.4g} at step {self.step + 1}, over {self.LIMIT:.0f} times the run's "
                            f"first ({first:.4g})")
-        optimizer.step()
+        self.scaler.step(optimizer)  # skipped after an fp16 overflow, which lowers the scale
+        self.scaler.update()
         return loss_value, grad_norm.item()
 
     def _diverged(self, what: str) -> None:
