@@ -39,11 +39,14 @@ def test_a_bf16_run_resumes_exactly(tmp_path, monkeypatch):
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 
-def test_resuming_in_another_precision_is_a_deliberate_change(tmp_path, capsys):
-    pretrain.train(config("max_steps=2"), tmp_path)
-    with pytest.raises(pretrain.ConfigError, match="different precision"):
-        pretrain.train(config("max_steps=4", "resume=true", "precision=bf16"), tmp_path)
-    pretrain.train(config("max_steps=4", "resume=true", "precision=bf16", "resume_changes=[precision]"), tmp_path)
+def test_resuming_in_another_precision_is_a_deliberate_change(tmp_path, monkeypatch, capsys):
+    after_checkpoint(monkeypatch, step=2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(config("max_steps=4", "save_every=2"), tmp_path)
+    with pytest.raises(pretrain.ConfigError, match="a different precision than the checkpoint's"):
+        pretrain.train(config("max_steps=4", "save_every=2", "resume=true", "precision=bf16"), tmp_path)
+    pretrain.train(config("max_steps=4", "save_every=2", "resume=true", "precision=bf16", "resume_changes=[precision]"),
+                   tmp_path)
     assert "resume_changes: precision fp32 -> bf16 from step 2 on" in capsys.readouterr().out
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["changes"] == [{"step": 2, "key": "precision", "from": "fp32", "to": "bf16"}]

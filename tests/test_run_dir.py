@@ -282,10 +282,10 @@ def small_file_system(tmp_path):
     """A tmpfs of a given size in MiB, where the machine lets this process mount one."""
     mounted = []
 
-    def mount(mib: float) -> Path:
-        where = tmp_path / "small"
+    def mount(mib: float, options: str = "") -> Path:
+        where = tmp_path / f"small{len(mounted)}"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(mib * 1024)}k", "tmpfs", str(where)],
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(mib * 1024)}k{options}", "tmpfs", str(where)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a small file system here ({proc.stderr.strip() or 'not permitted'})")
@@ -295,6 +295,12 @@ def small_file_system(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_read_only_run_directory_is_refused_before_hydra_makes_anything(small_file_system):
+    disk = small_file_system(1, ",ro")
+    assert_one_line_error(cli("max_steps=1", f"hydra.run.dir={disk / 'run'}"),
+                          f"cannot be a run directory: cannot write into {disk} (read-only or no permission)")
 
 
 def test_a_disk_full_from_the_start_is_one_line(small_file_system):
@@ -340,7 +346,7 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_deliberatel
         pretrain.train(config("max_steps=4", "save_every=1", "optim.base_lr=1e9"), tmp_path)
     with pytest.raises(Refused, match=r"different optim .* name it in resume_changes"):  # not by accident
         pretrain.train(config("max_steps=4", "save_every=1", "resume=true"), tmp_path)
-    with pytest.raises(Refused, match="resume_changes may name optim.base_lr, .* not input_size"):
+    with pytest.raises(Refused, match="resume_changes may name precision, optim.base_lr, .* not input_size"):
         pretrain.train(config("max_steps=4", "resume=true", "optim.base_lr=1e9", "resume_changes=[input_size]"),
                        tmp_path)
     summary = pretrain.train(config("max_steps=4", "save_every=1", "resume=true", "resume_changes=[optim.base_lr]"),

@@ -45,7 +45,7 @@ def test_fine_tuning_and_the_dense_masked_engine_work_and_the_sparse_one_says_wh
         import spark_sparse
         import spark_sparse.finetune.app  # the whole fine-tuning app
         import spark_sparse.pretrain.app as pretrain
-from spark_sparse.run.recipe import register_resolver
+        from spark_sparse.run.recipe import register_resolver
         from spark_sparse import MaskedDenseEncoder, create_encoder, random_active
         from spark_sparse.run.checks import ConfigError
         from spark_sparse.pretrain.checks import validate

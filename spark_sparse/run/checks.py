@@ -85,10 +85,15 @@ def check_runtime(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def get(config: dict, key: str):
-    """The value at a dotted key of a plain config dict (None where absent)."""
+ABSENT = object()  # what ``get`` finds where a config has no such key
+
+
+def get(config: dict, key: str, absent: object = None):
+    """The value at a dotted key of a plain config dict (``absent`` where it has none)."""
     for part in key.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
+        if not (isinstance(config, dict) and part in config):
+            return absent
+        config = config[part]
     return config
 
 
@@ -115,8 +120,8 @@ def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...], change
     if refused:
         raise ConfigError(f"resume_changes may name {', '.join(changeable) or 'nothing'}, not {', '.join(refused)}")
     saved, now = _without(saved, changes), _without(now, changes)
-    # a key the checkpoint's code did not have yet (None there) is not compared
-    changed = [k for k in fixed if get(saved, k) is not None and get(saved, k) != get(now, k)]
+    # a key the checkpoint's code did not have yet is not compared
+    changed = [k for k in fixed if get(saved, k, ABSENT) is not ABSENT and get(saved, k) != get(now, k)]
     if changed:
         allowed = f", or name it in resume_changes=[...] ({', '.join(changeable)} may change)" if changeable else ""
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
