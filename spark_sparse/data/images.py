@@ -77,6 +77,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size`` x ``size`` crop of ``image`` resized (bicubic) so that its shorter side
+    is ``size``, as torchvision's Resize(size) then CenterCrop(size), but resampling only the kept
+    part of the long side: the memory is ``size`` times the short side whatever the aspect ratio
+    (a 1 x 60000 strip resized whole to a shorter side of 64 takes 1 GB). The long side is
+    resampled first; PIL may order the two passes of the whole resize otherwise, and rounds
+    between them, so photographs agree with torchvision's pixels to within one level."""
+    width, height = image.size
+    bicubic = Image.Resampling.BICUBIC
+    if width == height:
+        return image.resize((size, size), bicubic)
+    short, long = min(width, height), max(width, height)
+    scaled = int(size * long / short)  # torchvision's resized long side
+    offset = int(round((scaled - size) / 2.0))  # and the crop's position along it
+    lo, hi = offset * long / scaled, (offset + size) * long / scaled  # in source pixels
+    if width > height:
+        kept = image.resize((size, height), bicubic, box=(lo, 0, hi, height))
+    else:
+        kept = image.resize((width, size), bicubic, box=(0, lo, width, hi))
+    return kept.resize((size, size), bicubic)
+
+
 def read_rgb(source: Path | Image.Image) -> Image.Image:
     """An image file decoded to 8-bit RGB (an image already in memory is returned as is)."""
     if isinstance(source, Image.Image):

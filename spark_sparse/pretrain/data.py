@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, bundled_image_paths, first_readable,
+from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, bundled_image_paths, centre_crop, first_readable,
                            image_folder_paths, warn_skipped)
 from ..data.seeds import derive_seed
 
@@ -97,8 +97,7 @@ class PretrainDataset(Dataset):
             if torch.rand(1, generator=g).item() < 0.5:
                 image = TF.hflip(image)
         else:
-            image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
-            image = TF.center_crop(image, [self.input_size, self.input_size])
+            image = centre_crop(image, self.input_size)
         return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD), skipped
 
     def check_readable(self) -> None:

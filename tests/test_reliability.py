@@ -1,0 +1,141 @@
+"""What a hostile user meets (issue #21): every bad command of the analysis tools ends in one line
+and a non-zero exit code, images of any shape and pixel type load or are refused with a reason,
+refusals name what to do instead, and files and signals behave on a shared machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from spark_sparse.analysis import visualize
+from spark_sparse.data.images import bundled_image_paths, centre_crop
+from spark_sparse.model.spark import SparK
+from spark_sparse.run.checkpoint import atomic_save
+
+from .runs import ENV, ROOT, assert_one_line_error, run_cli
+from .test_pretrain import config as pretrain_config
+
+
+def fails_in_one_line(main, argv: list[str], capsys, message: str, code: int = 1) -> None:
+    """``main(argv)`` (a command line, in this process) exits with ``code`` after exactly one line
+    on stderr holding ``message``."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == code, err
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+# --- python -m spark_sparse.visualize ------------------------------------------------------------
+
+def noise_images(folder: Path, count: int, size: tuple[int, int] = (40, 30)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def save_checkpoint(path: Path, config: dict, model: dict | None = None) -> Path:
+    """A checkpoint as the training apps write it (the optimizer's state does not matter here)."""
+    atomic_save({"model": model or {}, "optimizer": {}, "scheduler": {}, "step": 3, "config": config}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretraining_run(tmp_path_factory) -> Path:
+    """A pretraining run directory (dense-masked ResNet-18, its data an image folder) at step 3."""
+    root = tmp_path_factory.mktemp("pretraining")
+    cfg = pretrain_config("engine=dense_masked", "data=imagefolder", f"data.root={noise_images(root / 'data', 3)}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    save_checkpoint(root / "run" / "checkpoints" / "last.pt", config, SparK.from_config(cfg).state_dict())
+    return root / "run"
+
+
+def test_visualize_draws_a_run_with_the_picture_where_asked(pretraining_run, tmp_path, capsys):
+    out = tmp_path / "new folder" / "picture.jpg"  # a folder made on the way, any format matplotlib writes
+    visualize.main([str(pretraining_run), "--out", str(out), "--num-images", "2"])
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert Image.open(out).format == "JPEG"
+
+
+@pytest.mark.parametrize("argv,message,code", [
+    ([], "error: the following arguments are required: checkpoint (see --help)", 2),
+    (["{run}", "--num-images", "0"], "--num-images must be from 1 to 64, got 0", 2),
+    (["{run}", "--num-images", "65"], "--num-images must be from 1 to 64, got 65", 2),
+    (["{run}", "--seed", "-1"], "--seed must be a whole number from 0 to 2**63 - 1, got -1", 2),
+    (["{tmp}/nowhere"], "error: {tmp}/nowhere does not exist: expected a pretraining run directory", 1),
+    (["{tmp}"], "error: {tmp} holds no checkpoint ({tmp}/checkpoints/last.pt is missing)", 1),
+    (["{tmp}/finetuning"], "last.pt is a fine-tuning run's checkpoint: reconstruction pictures need a "
+                           "pretraining run", 1),
+    (["{tmp}/encoder_timm.pth"], "encoder_timm.pth is the exported encoder alone; pass its run directory", 1),
+    (["{tmp}/garbage.pt"], "garbage.pt (7 bytes) is not a readable checkpoint", 1),
+    (["{run}", "--out", "{tmp}/garbage.pt/picture.png"], "cannot write {tmp}/garbage.pt/picture.png: "
+                                                         "{tmp}/garbage.pt is a file", 1),
+    (["{run}", "--out", "{tmp}/picture"], "--out {tmp}/picture has no file extension", 1),
+    (["{run}", "--out", "{tmp}/picture.txt"], "'.txt' is not a picture format matplotlib writes", 1),
+    (["{run}", "--data-root", "{tmp}/nowhere"], "error: image folder {tmp}/nowhere does not exist", 1),
+    (["{run}", "--data-root", "{tmp}"], "error: {tmp} holds no images", 1),
+    (["{tmp}/moved"], "the run's data is gone (image folder {tmp}/data-that-moved does not exist); "
+                      "--data-root FOLDER draws from another", 1),
+])
+def test_every_bad_visualize_command_is_one_line(pretraining_run, tmp_path, capsys, argv, message, code):
+    config = visualize.load_checkpoint(pretraining_run / "checkpoints" / "last.pt")["config"]
+    save_checkpoint(tmp_path / "finetuning" / "checkpoints" / "last.pt", {"model": "resnet18", "mode": "linear",
+                                                                          "pretrained": None})
+    save_checkpoint(tmp_path / "moved" / "checkpoints" / "last.pt",
+                    {**config, "data": {**config["data"], "root": f"{tmp_path}/data-that-moved"}})
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "encoder_timm.pth")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    argv = [a.format(run=pretraining_run, tmp=tmp_path) for a in argv]
+    fails_in_one_line(visualize.main, argv, capsys, message.format(tmp=tmp_path), code)
+
+
+def test_visualize_on_a_fine_tuning_run_is_one_line_on_the_command_line(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"model": "resnet18", "pretrained": None})
+    assert_one_line_error(run_cli("spark_sparse.visualize", str(tmp_path)),
+                          f"error: {ckpt} is a fine-tuning run's checkpoint")
+
+
+# --- images of any shape -------------------------------------------------------------------------
+
+def test_a_centre_crop_is_torchvisions_resize_then_centre_crop():
+    """On photographs within one level (PIL rounds between its two resampling passes, and may order
+    the passes of the whole resize otherwise), at most a tenth of the pixels off by it."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    for path in bundled_image_paths():
+        image = Image.open(path).convert("RGB")
+        for size in (32, 96):
+            ours = np.asarray(centre_crop(image, size), dtype=int)
+            theirs = TF.center_crop(TF.resize(image, size, interpolation=InterpolationMode.BICUBIC), [size, size])
+            difference = np.abs(ours - np.asarray(theirs, dtype=int))
+            assert difference.max() <= 1 and (difference > 0).mean() < 0.1, (path.name, size)
+
+
+def test_a_picture_of_a_1_by_60000_strip_costs_megabytes_not_gigabytes(tmp_path):
+    """Resized whole to a shorter side of 64, the strip would be 64 x 3.84M pixels (1.1 GB measured
+    before the fix); its centre crop needs a few MB. Peak memory growth of a fresh process, both
+    orientations, bound 100 MB."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 60000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    Image.fromarray(pixels.transpose(1, 0, 2)).save(tmp_path / "tall.png")
+    script = ("import resource, sys; from pathlib import Path\n"
+              "from spark_sparse.pretrain.data import PretrainDataset\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "for name in ('wide.png', 'tall.png'):\n"
+              "    x = PretrainDataset([Path(sys.argv[1]) / name], 64, augment=False)[(0, 0)]\n"
+              "    assert x.shape == (3, 64, 64)\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 100, f"{proc.stdout} MB"
