@@ -4,8 +4,10 @@ refusals name what to do instead, and files and signals behave on a shared machi
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import spark_sparse.pretrain.app as pretrain
 from spark_sparse.analysis import visualize
 from spark_sparse.data.images import bundled_image_paths, centre_crop
 from spark_sparse.model.spark import SparK
@@ -139,3 +142,28 @@ def test_a_picture_of_a_1_by_60000_strip_costs_megabytes_not_gigabytes(tmp_path)
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 100, f"{proc.stdout} MB"
+
+
+# --- wandb without a network ---------------------------------------------------------------------
+
+def closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_path, monkeypatch, capfd):
+    """Before: wandb's own 90 s wait, then a traceback. Now: logger.init_timeout (here 2 s), one
+    warning line, and the run's records in an offline wandb run that `wandb sync` uploads later."""
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789" * 4)  # a key, so the run is not refused up front
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    began = time.monotonic()
+    summary = pretrain.train(pretrain_config("logger=wandb", "logger.mode=online", "logger.init_timeout=2",
+                                             "engine=dense_masked", "max_steps=2"), tmp_path)
+    assert summary["step"] == 2 and time.monotonic() - began < 60
+    warned = [line for line in capfd.readouterr().err.splitlines() if "wandb" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: wandb online failed (") and "connection refused" in warned[0]
+    assert f"`wandb sync {tmp_path}/wandb/offline-run-*`" in warned[0]
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert any(offline.rglob("*.wandb"))
