@@ -19,8 +19,10 @@ from PIL import Image
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.analysis import visualize
 from spark_sparse.data.images import bundled_image_paths, centre_crop
+from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import atomic_save
+from spark_sparse.run.checks import ConfigError, check_model_and_missing
 
 from .runs import ENV, ROOT, assert_one_line_error, run_cli
 from .test_pretrain import config as pretrain_config
@@ -167,3 +169,23 @@ def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_p
     assert f"`wandb sync {tmp_path}/wandb/offline-run-*`" in warned[0]
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert any(offline.rglob("*.wandb"))
+
+
+# --- models timm has and we do not convert ------------------------------------------------------
+
+SUPPORTED = ", ".join(family.name for family in FAMILIES)  # as families are added, so is the message
+
+
+@pytest.mark.parametrize("model,module", [("vit_base_patch16_224", "vision_transformer"), ("densenet121", "densenet")])
+def test_a_timm_model_of_another_family_is_named_as_timms_with_its_module(model, module):
+    with pytest.raises(ConfigError) as refused:
+        check_model_and_missing(OmegaConf.create({"model": model}))
+    assert str(refused.value) == (f"model '{model}' is timm's (timm.models.{module}), a family spark_sparse does "
+                                  f"not convert; supported: the models of {SUPPORTED} (README: Families)")
+
+
+def test_a_name_timm_does_not_know_is_unknown_with_close_matches():
+    with pytest.raises(ConfigError) as refused:
+        check_model_and_missing(OmegaConf.create({"model": "resnet5O"}))
+    assert str(refused.value).startswith(f"unknown model 'resnet5O': expected a timm model of {SUPPORTED} "
+                                         "(did you mean resnet50")
