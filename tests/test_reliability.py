@@ -189,3 +189,17 @@ def test_a_name_timm_does_not_know_is_unknown_with_close_matches():
         check_model_and_missing(OmegaConf.create({"model": "resnet5O"}))
     assert str(refused.value).startswith(f"unknown model 'resnet5O': expected a timm model of {SUPPORTED} "
                                          "(did you mean resnet50")
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+
+def test_fine_tuning_a_single_class_is_refused_in_one_line_before_the_run_directory_is_made(tmp_path):
+    """One class folder: every prediction is right, and the run would report 100%."""
+    for split in ("train", "val"):
+        noise_images(tmp_path / split / "cats", 4)
+    run = tmp_path / "run"
+    proc = run_cli("spark_sparse.finetune", "threads=1", "input_size=32", "batch_size=2", f"data.train={tmp_path}/train",
+                   f"data.val={tmp_path}/val", f"hydra.run.dir={run}")
+    assert_one_line_error(proc, f"error: data.train={tmp_path}/train has a single class folder ('cats'); "
+                                "classification needs at least two")
+    assert not run.exists()
