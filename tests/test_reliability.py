@@ -4,7 +4,9 @@ refusals name what to do instead, and files and signals behave on a shared machi
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -203,3 +205,25 @@ def test_fine_tuning_a_single_class_is_refused_in_one_line_before_the_run_direct
     assert_one_line_error(proc, f"error: data.train={tmp_path}/train has a single class folder ('cats'); "
                                 "classification needs at least two")
     assert not run.exists()
+
+
+# --- files on a shared machine -----------------------------------------------------------------
+
+@pytest.mark.parametrize("proc", [True, False], ids=["umask-from-proc", "without-proc"])
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_get_the_mode_of_any_new_file(tmp_path, monkeypatch, umask, proc):
+    """0o666 less the umask, as open() gives (mkstemp alone made every checkpoint 0o600), read from
+    /proc/self/status or, where there is none, from os.umask."""
+    def no_such_file(self: Path, *args, **kwargs) -> str:
+        raise FileNotFoundError(self)
+
+    if not proc:
+        monkeypatch.setattr(Path, "read_text", no_such_file)
+    previous = os.umask(umask)
+    try:
+        atomic_save({"step": 1}, tmp_path / "last.pt")
+        (tmp_path / "plain").touch()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
