@@ -22,6 +22,7 @@ import spark_sparse.pretrain.app as pretrain
 from spark_sparse.analysis import visualize
 from spark_sparse.data.images import bundled_image_paths, centre_crop
 from spark_sparse.encoders.families import FAMILIES
+from spark_sparse.finetune.classifier import read_encoder_weights
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import atomic_save
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
@@ -227,3 +228,19 @@ def test_checkpoints_get_the_mode_of_any_new_file(tmp_path, monkeypatch, umask, 
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_pretrained_training_checkpoint_says_what_to_pass_instead(tmp_path):
+    numpy_state = np.random.get_state()  # what weights-only loading refuses to unpickle
+    atomic_save({"model": {}, "optimizer": {}, "scheduler": {}, "step": 3, "config": {}, "rng": numpy_state},
+                tmp_path / "last.pt")
+    with pytest.raises(ConfigError) as refused:
+        read_encoder_weights(tmp_path / "last.pt")
+    assert str(refused.value) == (f"pretrained={tmp_path}/last.pt is a training checkpoint (the model, optimizer "
+                                  "and RNG state of a run), not encoder weights; pass a pretraining run directory "
+                                  "or its encoder_timm.pth")
+    torch.save({"weight": numpy_state}, tmp_path / "other.pt")  # torch's refusal sets words in bold
+    with pytest.raises(ConfigError, match=r"other.pt is not a readable state dict \(UnpicklingError: Weights only "
+                                          r"load failed\)$") as refused:
+        read_encoder_weights(tmp_path / "other.pt")
+    assert "\x1b" not in str(refused.value)
