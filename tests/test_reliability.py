@@ -19,13 +19,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import spark_sparse.pretrain.app as pretrain
-from spark_sparse.analysis import visualize
+from spark_sparse.analysis import report, visualize
 from spark_sparse.data.images import bundled_image_paths, centre_crop
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.finetune.classifier import read_encoder_weights
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import atomic_save
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
+from spark_sparse.run.run_dir import repair_metrics
 
 from .runs import ENV, ROOT, assert_one_line_error, run_cli
 from .test_pretrain import config as pretrain_config
@@ -244,3 +245,13 @@ def test_pretrained_training_checkpoint_says_what_to_pass_instead(tmp_path):
                                           r"load failed\)$") as refused:
         read_encoder_weights(tmp_path / "other.pt")
     assert "\x1b" not in str(refused.value)
+
+
+def test_metrics_with_bytes_that_are_not_utf8_are_repaired_as_torn_lines(tmp_path):
+    """Before: a UnicodeDecodeError without the file's name, and no resume."""
+    damaged = b'{"step": 1, "loss": 1.0}\n{"step": 2, "lo\xff\xfe\n3\n{"step": 2, "loss": 0.5}\n\x80\x81'
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(damaged)
+    assert [r["step"] for r in report.read_metrics(path)] == [1, 2]  # the report reads such a file too
+    assert repair_metrics(path, last_step=2) == f"{path}: dropped 3 torn or unreadable line(s); kept 2 record(s)"
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'

@@ -86,16 +86,16 @@ def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of metrics.jsonl; a torn last line (a killed run) is skipped."""
+    """Records of metrics.jsonl; torn lines (a killed run, bytes that are not UTF-8) are skipped."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(json.loads(line.decode("utf-8")))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             continue
-    return [r for r in records if "step" in r and "loss" in r]
+    return [r for r in records if isinstance(r, dict) and "step" in r and "loss" in r]
 
 
 def smoothed(values: list[float], beta: float) -> float:
