@@ -5,6 +5,7 @@ refusals name what to do instead, and files and signals behave on a shared machi
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -27,6 +28,7 @@ from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import atomic_save
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.run_dir import repair_metrics
+from spark_sparse.run.signals import StopSignals
 
 from .runs import ENV, ROOT, assert_one_line_error, run_cli
 from .test_pretrain import config as pretrain_config
@@ -255,3 +257,27 @@ def test_metrics_with_bytes_that_are_not_utf8_are_repaired_as_torn_lines(tmp_pat
     assert [r["step"] for r in report.read_metrics(path)] == [1, 2]  # the report reads such a file too
     assert repair_metrics(path, last_step=2) == f"{path}: dropped 3 torn or unreadable line(s); kept 2 record(s)"
     assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'
+
+
+# --- Ctrl-C with data-loader workers -----------------------------------------------------------
+
+class SignalsItself(torch.utils.data.Dataset):
+    """Each item sends SIGINT to the process loading it, as Ctrl-C reaches every worker."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return index
+
+
+def test_ctrl_c_is_the_main_process_s_alone_data_workers_neither_speak_nor_stop(capfd):
+    with StopSignals() as stops:
+        loaded = list(torch.utils.data.DataLoader(SignalsItself(), num_workers=2))  # forked with the handler
+        assert [int(x) for x in loaded] == [0, 1, 2, 3] and stops.requested is None
+        assert "saving" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)
+    assert stops.requested == "SIGINT"
+    assert capfd.readouterr().err == ("SIGINT: saving a checkpoint after this step, then stopping (send it again "
+                                      "to stop at once)\n")
