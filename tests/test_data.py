@@ -190,6 +190,20 @@ def test_unreadable_files_are_warned_about_once_however_many_workers_meet_them(t
     assert "unreadable" not in capfd.readouterr().err  # the workers themselves stay silent
 
 
+def test_the_plain_twin_of_a_data_set_warns_about_no_file_twice(tmp_path):
+    """The reconstruction pictures' centre crops come from the training set's plain twin: a bad
+    file the run's first check warned about is skipped quietly there (it was warned about twice)."""
+    (tmp_path / "0_bad.png").write_bytes(b"\x00garbage")
+    write_images(tmp_path, ["1.png", "2.png"])
+    dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        dataset.check_readable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picture = dataset.plain()[(0, 0)]
+    torch.testing.assert_close(picture, PretrainDataset([tmp_path / "1.png"], SIZE, augment=False)[(0, 0)], rtol=0, atol=0)
+
+
 def test_16_bit_and_float_images_look_like_their_8_bit_versions(tmp_path):
     gradient = np.linspace(0, 1, 40 * 30).reshape(30, 40)
     Image.fromarray(np.rint(gradient * 65535).astype(np.uint16)).save(tmp_path / "deep.png")

@@ -104,6 +104,13 @@ class PretrainDataset(Dataset):
         """Decode one image now, so that a data set with none readable fails before training."""
         self[(0, 0)]
 
+    def plain(self) -> PretrainDataset:
+        """The same images without augmentation (the centre crops a reconstruction picture shows),
+        sharing what is known of unreadable files, so that none is warned about twice."""
+        twin = PretrainDataset(self.paths, self.input_size, augment=False, scale=self.scale)
+        twin.bad_paths = self.bad_paths
+        return twin
+
     def _load_from(self, index: int) -> tuple[Image.Image, list[tuple[Path, str]]]:
         _, image, skipped = first_readable(self.paths, index, self.bad_paths)
         return image, skipped
