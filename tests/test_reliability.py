@@ -115,6 +115,59 @@ def test_visualize_on_a_fine_tuning_run_is_one_line_on_the_command_line(tmp_path
                           f"error: {ckpt} is a fine-tuning run's checkpoint")
 
 
+# --- python -m spark_sparse.report --------------------------------------------------------------
+
+def fake_run(folder: Path, config: dict, losses: tuple[float, ...] = (1.0, 0.9)) -> Path:
+    """A run directory as the report reads it: its config record and metrics."""
+    (folder / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), folder / ".hydra" / "config.yaml")
+    (folder / "metrics.jsonl").write_text("".join(f'{{"step": {i + 1}, "loss": {loss}}}\n'
+                                                  for i, loss in enumerate(losses)))
+    return folder
+
+
+PRETRAINING = {"model": "resnet18", "engine": "sparse", "mask_ratio": 0.6, "decoder": {"width": 64}}
+FINETUNING = {"model": "resnet18", "mode": "linear", "pretrained": None}
+
+
+@pytest.mark.parametrize("argv,message,code", [
+    ([], "error: the following arguments are required: sweep_dir (see --help)", 2),
+    (["{sweep}", "--smooth", "nan"], "--smooth must be in [0, 1), got nan", 2),
+    (["{sweep}", "--probe-size", "100000"], "--probe-size must be from 32 (one pixel after the encoder) to 512", 2),
+    (["{sweep}/0/metrics.jsonl"], "metrics.jsonl is a file; expected a sweep directory", 1),
+    (["{sweep}/0"], "{sweep}/0 is a single run; pass the sweep directory that holds the runs", 1),
+    (["{tmp}/finetuning"], "the runs in {tmp}/finetuning are fine-tuning runs; the report compares pretraining runs", 1),
+    (["{sweep}", "--finetune", "epochs=0"], "error: --finetune epochs=0: epochs must be a positive whole number", 1),
+    (["{sweep}", "--finetune", "nokey=1"], "error: --finetune nokey=1: Could not override 'nokey'.", 1),
+    (["{sweep}", "--finetune", "mode=linear model=resnet50"], "error: --finetune model=resnet50: the report sets "
+                                                             "model, pretrained, resume", 1),
+    (["{tmp}/unwritable"], "error: [Errno 21] Is a directory: '{tmp}/unwritable/summary.csv'", 1),
+])
+def test_every_bad_report_command_is_one_line_and_evaluates_nothing(tmp_path, capsys, argv, message, code):
+    sweep = tmp_path / "sweep"
+    for i, mask_ratio in enumerate((0.4, 0.6)):
+        fake_run(sweep / str(i), {**PRETRAINING, "mask_ratio": mask_ratio})
+    fake_run(tmp_path / "finetuning" / "0", FINETUNING)
+    fake_run(tmp_path / "unwritable" / "0", PRETRAINING)
+    (tmp_path / "unwritable" / "summary.csv").mkdir()  # as if it could not be written
+    argv = [a.format(sweep=sweep, tmp=tmp_path) for a in argv] + ["--no-probe"] * bool(argv)
+    fails_in_one_line(report.main, argv, capsys, message.format(sweep=sweep, tmp=tmp_path), code)
+    assert not (sweep / "summary.csv").exists() and not list(sweep.rglob("finetune*"))
+
+
+def test_a_fine_tuning_run_among_pretraining_runs_is_listed_not_reported(tmp_path):
+    fake_run(tmp_path / "0", PRETRAINING)
+    fake_run(tmp_path / "1", {**FINETUNING, "epochs": 3})  # its keys are not the sweep's settings
+    rows, keys = report.collect(tmp_path, probe=False)
+    assert rows[1]["status"] == "a fine-tuning run (not reported)" and rows[0]["steps"] == 2 and keys == []
+
+
+def test_a_bad_report_command_is_one_line_on_the_command_line(tmp_path):
+    fake_run(tmp_path / "0", FINETUNING)
+    assert_one_line_error(run_cli("spark_sparse.report", str(tmp_path)),
+                          f"error: the runs in {tmp_path} are fine-tuning runs")
+
+
 # --- images of any shape -------------------------------------------------------------------------
 
 def test_a_centre_crop_is_torchvisions_resize_then_centre_crop():
