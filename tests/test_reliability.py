@@ -21,6 +21,7 @@ from PIL import Image
 
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.analysis import report, visualize
+from spark_sparse.analysis.cli import run_command
 from spark_sparse.data.images import bundled_image_paths, centre_crop
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.finetune.classifier import read_encoder_weights
@@ -28,7 +29,7 @@ from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import atomic_save
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.run_dir import repair_metrics
-from spark_sparse.run.signals import StopSignals
+from spark_sparse.run.signals import StopSignals, Stopped
 
 from .runs import ENV, ROOT, assert_one_line_error, run_cli
 from .test_pretrain import config as pretrain_config
@@ -96,6 +97,8 @@ def test_visualize_draws_a_run_with_the_picture_where_asked(pretraining_run, tmp
     (["{run}", "--data-root", "{tmp}"], "error: {tmp} holds no images", 1),
     (["{tmp}/moved"], "the run's data is gone (image folder {tmp}/data-that-moved does not exist); "
                       "--data-root FOLDER draws from another", 1),
+    (["{tmp}/other-model"], "other-model/checkpoints/last.pt: the saved model does not fit resnet18 as this version "
+                            "builds it (decoder.", 1),
 ])
 def test_every_bad_visualize_command_is_one_line(pretraining_run, tmp_path, capsys, argv, message, code):
     config = visualize.load_checkpoint(pretraining_run / "checkpoints" / "last.pt")["config"]
@@ -103,10 +106,26 @@ def test_every_bad_visualize_command_is_one_line(pretraining_run, tmp_path, caps
                                                                           "pretrained": None})
     save_checkpoint(tmp_path / "moved" / "checkpoints" / "last.pt",
                     {**config, "data": {**config["data"], "root": f"{tmp_path}/data-that-moved"}})
+    state = visualize.load_checkpoint(pretraining_run / "checkpoints" / "last.pt")["model"]
+    save_checkpoint(tmp_path / "other-model" / "checkpoints" / "last.pt", config,
+                    {k: v for k, v in state.items() if not k.startswith("decoder.")})
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "encoder_timm.pth")
     (tmp_path / "garbage.pt").write_bytes(b"garbage")
     argv = [a.format(run=pretraining_run, tmp=tmp_path) for a in argv]
     fails_in_one_line(visualize.main, argv, capsys, message.format(tmp=tmp_path), code)
+
+
+@pytest.mark.parametrize("stop,line,code", [(KeyboardInterrupt(), "interrupted", 130),
+                                             (Stopped("SIGTERM", 4), "stopped by SIGTERM; the same command continues "
+                                                                     "where it stopped", 143)])
+def test_a_stopped_analysis_command_is_one_line_with_the_shells_code(capsys, stop, line, code):
+    """Ctrl-C while drawing, or a SIGTERM while the report fine-tunes (which saved first)."""
+    def command() -> None:
+        raise stop
+
+    with pytest.raises(SystemExit) as stopped:
+        run_command(command)
+    assert stopped.value.code == code and capsys.readouterr().err == line + "\n"
 
 
 def test_visualize_on_a_fine_tuning_run_is_one_line_on_the_command_line(tmp_path):

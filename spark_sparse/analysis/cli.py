@@ -5,6 +5,7 @@ never a traceback."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -13,6 +14,7 @@ from ..data.images import DataError
 from ..run.checkpoint import CheckpointError
 from ..run.checks import Refused
 from ..run.failures import first_line
+from ..run.signals import Stopped
 
 
 class CommandError(ValueError):
@@ -32,9 +34,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_command(command: Callable[[], None]) -> None:
-    """Run ``command``; what a user can cause (``USER_ERRORS``) ends in one line, exit code 1."""
+    """Run ``command``; what a user can cause (``USER_ERRORS``) ends in one line, exit code 1, and
+    Ctrl-C in one line with the shell's code for it (a fine-tuning it runs saves first: the same
+    command continues it)."""
     try:
         command()
     except USER_ERRORS as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Stopped as stop:
+        print(f"stopped by {stop.signame}; the same command continues where it stopped", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
