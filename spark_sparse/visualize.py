@@ -1,4 +1,5 @@
-"""``python -m spark_sparse.visualize``: reconstruction pictures of a run; the code lives in spark_sparse/analysis/visualize.py."""
+"""``python -m spark_sparse.visualize``: reconstruction pictures of a run; the code lives in
+spark_sparse/analysis/visualize.py."""
 
 from .analysis.visualize import main
 

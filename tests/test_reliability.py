@@ -155,7 +155,8 @@ FINETUNING = {"model": "resnet18", "mode": "linear", "pretrained": None}
     (["{sweep}", "--probe-size", "100000"], "--probe-size must be from 32 (one pixel after the encoder) to 512", 2),
     (["{sweep}/0/metrics.jsonl"], "metrics.jsonl is a file; expected a sweep directory", 1),
     (["{sweep}/0"], "{sweep}/0 is a single run; pass the sweep directory that holds the runs", 1),
-    (["{tmp}/finetuning"], "the runs in {tmp}/finetuning are fine-tuning runs; the report compares pretraining runs", 1),
+    (["{tmp}/finetuning"], "the runs in {tmp}/finetuning are fine-tuning runs; the report compares pretraining "
+                           "runs", 1),
     (["{sweep}", "--finetune", "epochs=0"], "error: --finetune epochs=0: epochs must be a positive whole number", 1),
     (["{sweep}", "--finetune", "nokey=1"], "error: --finetune nokey=1: Could not override 'nokey'.", 1),
     (["{sweep}", "--finetune", "mode=linear model=resnet50"], "error: --finetune model=resnet50: the report sets "
@@ -243,7 +244,8 @@ def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_p
                                              "engine=dense_masked", "max_steps=2"), tmp_path)
     assert summary["step"] == 2 and time.monotonic() - began < 60
     warned = [line for line in capfd.readouterr().err.splitlines() if "wandb" in line]
-    assert len(warned) == 1 and warned[0].startswith("warning: wandb online failed (") and "connection refused" in warned[0]
+    assert len(warned) == 1 and warned[0].startswith("warning: wandb online failed (")
+    assert "connection refused" in warned[0]
     assert f"`wandb sync {tmp_path}/wandb/offline-run-*`" in warned[0]
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert any(offline.rglob("*.wandb"))
@@ -276,8 +278,8 @@ def test_fine_tuning_a_single_class_is_refused_in_one_line_before_the_run_direct
     for split in ("train", "val"):
         noise_images(tmp_path / split / "cats", 4)
     run = tmp_path / "run"
-    proc = run_cli("spark_sparse.finetune", "threads=1", "input_size=32", "batch_size=2", f"data.train={tmp_path}/train",
-                   f"data.val={tmp_path}/val", f"hydra.run.dir={run}")
+    proc = run_cli("spark_sparse.finetune", "threads=1", "input_size=32", "batch_size=2",
+                   f"data.train={tmp_path}/train", f"data.val={tmp_path}/val", f"hydra.run.dir={run}")
     assert_one_line_error(proc, f"error: data.train={tmp_path}/train has a single class folder ('cats'); "
                                 "classification needs at least two")
     assert not run.exists()

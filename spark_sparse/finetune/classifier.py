@@ -99,7 +99,8 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
         reason = ANSI_ESCAPE.sub("", first_line(err)).split(". ")[0]  # not torch's advice to unpickle anyway
         raise ConfigError(f"pretrained={path} is not a readable state dict ({type(err).__name__}: {reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        other = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor)) if isinstance(state, dict) else []
+        items = state.items() if isinstance(state, dict) else ()
+        other = sorted(str(k) for k, v in items if not isinstance(v, torch.Tensor))
         raise ConfigError(f"pretrained={path} is not a timm-style state dict (names to tensors)"
                           + (f": it holds {_examples(other)}" if other else "") + f"; {instead}")
     return path, state
