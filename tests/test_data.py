@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spark_sparse.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, bundled_image_paths, image_folder_paths
+from spark_sparse.data.images import (IMAGENET_MEAN, IMAGENET_STD, DataError, bundled_image_paths, image_folder_paths,
+                                      read_rgb, try_read)
 from spark_sparse.pretrain.data import PretrainDataset, StepBatchSampler, build_dataset, build_loader
 
 SIZE = 32
@@ -189,6 +190,21 @@ def test_unreadable_files_are_warned_about_once_however_many_workers_meet_them(t
     assert "unreadable" not in capfd.readouterr().err  # the workers themselves stay silent
 
 
+def test_the_plain_twin_of_a_data_set_warns_about_no_file_twice(tmp_path):
+    """The reconstruction pictures' centre crops come from the training set's plain twin: a bad
+    file the run's first check warned about is skipped quietly there (it was warned about twice)."""
+    (tmp_path / "0_bad.png").write_bytes(b"\x00garbage")
+    write_images(tmp_path, ["1.png", "2.png"])
+    dataset = PretrainDataset(image_folder_paths(tmp_path), SIZE)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        dataset.check_readable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picture = dataset.plain()[(0, 0)]
+    alone = PretrainDataset([tmp_path / "1.png"], SIZE, augment=False)[(0, 0)]
+    torch.testing.assert_close(picture, alone, rtol=0, atol=0)  # the next readable image
+
+
 def test_16_bit_and_float_images_look_like_their_8_bit_versions(tmp_path):
     gradient = np.linspace(0, 1, 40 * 30).reshape(30, 40)
     Image.fromarray(np.rint(gradient * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
@@ -198,6 +214,60 @@ def test_16_bit_and_float_images_look_like_their_8_bit_versions(tmp_path):
                         for n in ("deep.png", "float.tiff", "plain.png"))
     torch.testing.assert_close(deep, plain, atol=0.02, rtol=0)
     torch.testing.assert_close(flt, plain, atol=0.02, rtol=0)
+
+
+RGB8 = np.stack(np.meshgrid(np.arange(40) * 6, np.arange(30) * 8), -1)[:, :, [0, 1, 0]].astype(np.uint8)
+RGB8[:, :, 2] = 255 - RGB8[:, :, 0]  # a colour gradient: any channel mix-up or rescaling shows
+GREY8 = RGB8[:, :, 0]
+
+
+def pil_save(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(array).save(path)
+
+
+def tiff_save(array: np.ndarray, path: Path, **options) -> None:
+    import tifffile
+
+    colour = array.shape[-1] in (3, 4) and array.ndim >= 3
+    options.setdefault("photometric", "rgb" if colour else "minisblack")
+    if array.ndim == 3 and array.shape[-1] <= 8:  # (H, W, C): channels, not a stack of C-wide images
+        options.setdefault("planarconfig", "contig")
+    tifffile.imwrite(path, array, **options)
+
+
+@pytest.mark.parametrize("name,write,pixels", [
+    ("int32 of 0-255 (8-bit data, PIL mode I)", pil_save, GREY8.astype(np.int32)),
+    ("uint16 of 0-255 (8-bit data)", tiff_save, GREY8.astype(np.uint16)),
+    ("uint16 of the full range (16-bit data)", tiff_save, GREY8.astype(np.uint16) * 257),
+    ("float32 grey in [0, 1] (PIL mode F)", pil_save, (GREY8 / 255).astype(np.float32)),
+    ("float64 grey", tiff_save, GREY8 / 255),
+    ("float16 grey", tiff_save, (GREY8 / 255).astype(np.float16)),
+    ("float32 RGB", tiff_save, (RGB8 / 255).astype(np.float32)),
+    ("float64 RGB", tiff_save, RGB8 / 255),
+    ("float32 RGBA, alpha dropped", tiff_save, np.concatenate([RGB8, GREY8[:, :, None] // 2], -1) / 255),
+    ("float32 RGB stored plane by plane", lambda a, p: tiff_save(a.transpose(2, 0, 1), p, planarconfig="separate",
+                                                                photometric="rgb"), (RGB8 / 255).astype(np.float32)),
+])
+def test_integer_and_float_images_of_any_width_read_as_their_8_bit_pixels(tmp_path, name, write, pixels):
+    """Integers that fit 0-255 are 8-bit data in a wider type (an int32 TIFF of them loaded almost
+    black), up to 65535 16-bit; floats in [0, 1] of any precision and channel count (float RGB and
+    float64 TIFFs, which PIL cannot open, were skipped as unreadable). Exact, rounding included."""
+    write(pixels, tmp_path / "image.tif")
+    expected = RGB8 if pixels.ndim == 3 else np.repeat(GREY8[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(np.asarray(read_rgb(tmp_path / "image.tif")), expected)
+
+
+@pytest.mark.parametrize("pixels,reason", [
+    (GREY8.astype(np.int32) * 1000, "int32 pixels from 0 to 234000, outside the 8- and 16-bit ranges: unknown scale"),
+    (GREY8.astype(np.int32) - 10, "int32 pixels from -10 to 224, outside the 8- and 16-bit ranges: unknown scale"),
+    (RGB8 / 255 * 1.5, "floating-point pixels outside [0, 1]: unknown scale"),
+    (np.full((30, 40, 5), 0.5), "pixels of shape (30, 40, 5): not a grey, RGB or RGBA image"),
+    (np.zeros((3, 30, 40, 3), np.float32), "a TIFF of shape (3, 30, 40, 3) (QYXS): a stack, not one image"),
+])
+def test_images_of_unknown_scale_or_shape_are_refused_with_the_reason(tmp_path, pixels, reason):
+    tiff_save(pixels, tmp_path / "image.tif")
+    image, skipped = try_read(tmp_path / "image.tif", set())
+    assert image is None and skipped == [(tmp_path / "image.tif", f"ValueError: {reason}")]
 
 
 def test_float_images_of_unknown_scale_are_skipped_with_a_warning(tmp_path):

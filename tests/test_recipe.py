@@ -68,5 +68,7 @@ def test_the_coarsest_densify_projection_is_an_identity_where_widths_match():
 def test_unknown_and_unsupported_models_are_refused_before_any_work():
     with pytest.raises(pretrain.ConfigError, match=r"expected a timm model of resnet, convnext, .* \(did you mean"):
         pretrain.validate(config("model=convnext_tinny"))
-    with pytest.raises(pretrain.ConfigError, match="unknown model 'vit_base_patch16_224'"):
+    with pytest.raises(pretrain.ConfigError, match=r"model 'vit_base_patch16_224' is timm's "
+                                                   r"\(timm.models.vision_transformer\), a family spark_sparse "
+                                                   r"does not convert; supported: the models of resnet, convnext"):
         pretrain.validate(config("model=vit_base_patch16_224"))

@@ -15,12 +15,10 @@ gains its val top-1 beside the same recipe from random initialisation, in the ta
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import statistics
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,23 +29,37 @@ from omegaconf import OmegaConf
 from ..run.checkpoint import load_checkpoint
 from ..run.recipe import register_resolver
 from ..run.run_dir import RunFiles
+from .cli import CommandError, OneLineParser, run_command
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
                  "probe_accuracy", "probe_random_init")
 FINETUNE_COLUMNS = ("finetune_top1", "finetune_random_init")
 PROBE_MAX_SIZE = 128  # larger runs are probed at 128 px by default: seconds, not minutes, per run
+PROBE_SIZE_LIMIT = 512  # the probe's crops are at most the bundled photos' size: larger only upsamples
 
 
-class ReportError(ValueError):
-    """The sweep directory cannot be reported (missing, or no runs in it)."""
+class ReportError(CommandError):
+    """The sweep directory cannot be reported (missing, a single run, or no runs in it)."""
+
+
+def is_run(folder: Path) -> bool:
+    return RunFiles(folder).metrics.exists() or RunFiles(folder).record.is_dir()
+
+
+def is_finetuning(config: dict | None) -> bool:
+    return config is not None and "pretrained" in config  # a pretraining config has no such key
 
 
 def find_runs(sweep_dir: Path) -> list[Path]:
     """Run directories directly under ``sweep_dir`` (hydra job numbers sort numerically)."""
+    if sweep_dir.is_file():
+        raise ReportError(f"{sweep_dir} is a file; expected a sweep directory (hydra.sweep.dir)")
     if not sweep_dir.is_dir():
         raise ReportError(f"sweep directory {sweep_dir} does not exist")
-    runs = [d for d in sweep_dir.iterdir()
-            if d.is_dir() and (RunFiles(d).metrics.exists() or RunFiles(d).record.is_dir())]
+    if is_run(sweep_dir):
+        raise ReportError(f"{sweep_dir} is a single run; pass the sweep directory that holds the runs to compare "
+                          f"(the hydra.sweep.dir of `python -m spark_sparse.pretrain -m ...`)")
+    runs = [d for d in sweep_dir.iterdir() if d.is_dir() and is_run(d)]
     if not runs:
         raise ReportError(f"no runs in {sweep_dir}: expected sub-directories holding metrics.jsonl "
                           "(the hydra.sweep.dir of `python -m spark_sparse.pretrain -m ...`)")
@@ -86,16 +98,16 @@ def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of metrics.jsonl; a torn last line (a killed run) is skipped."""
+    """Records of metrics.jsonl; torn lines (a killed run, bytes that are not UTF-8) are skipped."""
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(json.loads(line.decode("utf-8")))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             continue
-    return [r for r in records if "step" in r and "loss" in r]
+    return [r for r in records if isinstance(r, dict) and "step" in r and "loss" in r]
 
 
 def smoothed(values: list[float], beta: float) -> float:
@@ -140,7 +152,14 @@ def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: 
     fine-tuning overrides, fine-tunes) every run that exported an encoder."""
     runs = find_runs(sweep_dir)
     configs = {d.name: load_config(d) for d in runs}
-    flat = {name: flatten(c) for name, c in configs.items() if c is not None}
+    if all(map(is_finetuning, configs.values())):
+        raise ReportError(f"the runs in {sweep_dir} are fine-tuning runs; the report compares pretraining runs "
+                          "(--finetune adds their downstream accuracy)")
+    if finetune is not None:
+        from .downstream import check_overrides  # imports the fine-tuning app only when asked
+
+        check_overrides(finetune, {c["model"] for c in configs.values() if c is not None and not is_finetuning(c)})
+    flat = {name: flatten(c) for name, c in configs.items() if c is not None and not is_finetuning(c)}
     keys = varying_keys(list(flat.values()))
     baselines: dict[tuple[str, int], float] = {}
     rows = []
@@ -151,6 +170,8 @@ def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: 
         row["probe_accuracy"] = row["probe_random_init"] = math.nan
         if config is None:
             row["status"] = "no config"
+        elif is_finetuning(config):
+            row["status"], config = "a fine-tuning run (not reported)", None
         if probe and config is not None and row["status"] in ("ok", "diverged"):
             _probe(row, run_dir, config, probe_size, baselines)
         if finetune is not None:
@@ -321,7 +342,7 @@ def report(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m spark_sparse.report", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m spark_sparse.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="hydra.sweep.dir of a pretraining multirun")
     parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for the smoothed loss")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
@@ -333,17 +354,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth must be in [0, 1), got {args.smooth}")
-    if args.probe_size is not None and args.probe_size < 32:
-        parser.error(f"--probe-size must be at least 32 (one pixel after the encoder), got {args.probe_size}")
+    if args.probe_size is not None and not 32 <= args.probe_size <= PROBE_SIZE_LIMIT:
+        parser.error(f"--probe-size must be from 32 (one pixel after the encoder) to {PROBE_SIZE_LIMIT} (the "
+                     f"probe's crops are no larger), got {args.probe_size}")
     warnings.filterwarnings("ignore", message=".*compiled with CPU_ONLY.*")
-    try:
-        finetune = None if args.finetune is None else args.finetune.split()
+    finetune = None if args.finetune is None else args.finetune.split()
+
+    def summarise() -> None:
         rows, keys = report(args.sweep_dir, args.smooth, not args.no_probe, args.probe_size, finetune)
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(text_table(rows, keys))
-    print(f"wrote {args.sweep_dir / 'summary.csv'}, summary.md and summary.png")
+        print(text_table(rows, keys))
+        print(f"wrote {args.sweep_dir / 'summary.csv'}, summary.md and summary.png")
+
+    run_command(summarise)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """Images as both training apps and the analysis tools read them: the bundled photos, folders of
-image files, decoding to 8-bit RGB (16-bit and float images rescaled), unreadable files skipped and
-warned about once, in the main process."""
+image files, decoding to 8-bit RGB (wider integer and float pixels rescaled as their values say,
+TIFFs that PIL cannot open read by tifffile), unreadable files skipped and warned about once, in
+the main process."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -61,28 +63,96 @@ def image_folder_paths(root: str | Path) -> list[Path]:
     return paths
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. PIL's own convert clips 16-bit pixels (nearly white) and truncates float ones
-    (black): those are rescaled here, or refused with a ValueError when their range is unknown."""
-    if image.mode.startswith("I"):  # I;16 and friends, and I (how PIL may read 16-bit PNGs)
-        pixels = np.asarray(image, dtype=np.float64)
-        if pixels.min() < 0 or pixels.max() > 65535:
-            raise ValueError(f"{image.mode} pixels outside the 16-bit range: unknown scale")
-        return Image.fromarray(np.rint(pixels / 257).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+def pixels_to_rgb(pixels: np.ndarray) -> Image.Image:
+    """8-bit RGB from decoded pixels, (H, W) or (H, W, C) with C from 1 to 4 (a second or fourth
+    channel is alpha, dropped as PIL's convert drops it). The scale is read from the values:
+    integers that fit 0-255 are 8-bit data in a wider type, integers up to 65535 16-bit data
+    (rescaled), floats in [0, 1] of any precision rescaled; any other range, or shape, is a
+    ValueError saying why (the file is skipped as unreadable)."""
+    if pixels.ndim == 3 and pixels.shape[2] in (1, 2):
+        pixels = pixels[:, :, 0]
+    elif pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        pixels = pixels[:, :, :3]
+    elif pixels.ndim != 2:
+        raise ValueError(f"pixels of shape {pixels.shape}: not a grey, RGB or RGBA image")
+    if pixels.dtype == bool:
+        return Image.fromarray(pixels.astype(np.uint8) * 255).convert("RGB")
+    if pixels.dtype.kind in "iu":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"{pixels.dtype} pixels from {low} to {high}, outside the 8- and 16-bit ranges: "
+                             "unknown scale")
+        scale = 1 if high <= 255 else 257
+    elif pixels.dtype.kind == "f":
         if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
             raise ValueError("floating-point pixels outside [0, 1]: unknown scale")
-        return Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).convert("RGB")
+        scale = 1 / 255
+    else:
+        raise ValueError(f"{pixels.dtype} pixels: not an image type")
+    return Image.fromarray(np.rint(pixels / scale).astype(np.uint8)).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own convert clips integer pixels wider than 8 bits (16-bit ones come out
+    nearly white) and truncates float ones (black): those go through ``pixels_to_rgb``."""
+    if image.mode.startswith("I") or image.mode == "F":  # I;16 and friends, I (32-bit), F (float32)
+        return pixels_to_rgb(np.asarray(image))
     return image.convert("RGB")
+
+
+def read_tiff(path: Path) -> np.ndarray:
+    """The pixels of a TIFF that PIL cannot open (float RGB, float64, float16 ...), (H, W) or
+    (H, W, C), decoded by tifffile (scikit-image's TIFF reader)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        axes = series.axes
+        pixels_count = int(np.prod([n for n, axis in zip(series.shape, axes) if axis in "YX"]))
+        if Image.MAX_IMAGE_PIXELS and pixels_count > 2 * Image.MAX_IMAGE_PIXELS:  # PIL's own limit
+            raise Image.DecompressionBombError(f"{pixels_count} pixels: over twice PIL's limit of "
+                                               f"{Image.MAX_IMAGE_PIXELS}, a decompression bomb?")
+        pixels = series.asarray()
+    if axes == "SYX":  # channels stored plane by plane
+        pixels, axes = np.moveaxis(pixels, 0, -1), "YXS"
+    if axes not in ("YX", "YXS"):
+        raise ValueError(f"a TIFF of shape {series.shape} ({axes}): a stack, not one image")
+    return pixels
+
+
+def centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size`` x ``size`` crop of ``image`` resized (bicubic) so that its shorter side
+    is ``size``, as torchvision's Resize(size) then CenterCrop(size), but resampling only the kept
+    part of the long side: the memory is ``size`` times the short side whatever the aspect ratio
+    (a 1 x 60000 strip resized whole to a shorter side of 64 takes 1 GB). The long side is
+    resampled first; PIL may order the two passes of the whole resize otherwise, and rounds
+    between them, so photographs agree with torchvision's pixels to within one level."""
+    width, height = image.size
+    bicubic = Image.Resampling.BICUBIC
+    if width == height:
+        return image.resize((size, size), bicubic)
+    short, long = min(width, height), max(width, height)
+    scaled = int(size * long / short)  # torchvision's resized long side
+    offset = int(round((scaled - size) / 2.0))  # and the crop's position along it
+    lo, hi = offset * long / scaled, (offset + size) * long / scaled  # in source pixels
+    if width > height:
+        kept = image.resize((size, height), bicubic, box=(lo, 0, hi, height))
+    else:
+        kept = image.resize((width, size), bicubic, box=(0, lo, width, hi))
+    return kept.resize((size, size), bicubic)
 
 
 def read_rgb(source: Path | Image.Image) -> Image.Image:
     """An image file decoded to 8-bit RGB (an image already in memory is returned as is)."""
     if isinstance(source, Image.Image):
         return source
-    with Image.open(source) as image:
-        return to_rgb(image)  # converting decodes, so corruption surfaces here
+    try:
+        with Image.open(source) as image:
+            return to_rgb(image)  # converting decodes, so corruption surfaces here
+    except UnidentifiedImageError:
+        if source.suffix.lower() not in (".tif", ".tiff") or importlib.util.find_spec("tifffile") is None:
+            raise
+    return pixels_to_rgb(read_tiff(source))
 
 
 def try_read(source: Path | Image.Image, bad_paths: set[Path]) -> tuple[Image.Image | None, list[tuple[Path, str]]]:

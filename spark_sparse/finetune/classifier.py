@@ -3,16 +3,21 @@ linear head (linear evaluation), and loading pretrained encoder weights into eit
 
 from __future__ import annotations
 
+import pickletools
+import re
+import zipfile
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+from ..run.checkpoint import CHECKPOINT_KEYS
 from ..run.checks import ConfigError
 from ..run.failures import first_line
 from ..run.run_dir import RunFiles
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # torch's unpickling errors set words in bold
 
 
 class LinearProbe(nn.Module):
@@ -64,6 +69,17 @@ def _examples(keys: set[str] | list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def pickled_names(path: Path) -> set[str]:
+    """The strings in the pickle of a torch archive (its dict keys among them), read without
+    unpickling anything; empty for other files."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            return {arg for _, arg, _ in pickletools.genops(archive.read(pickle)) if isinstance(arg, str)}
+    except (zipfile.BadZipFile, StopIteration, ValueError, OSError):
+        return set()
+
+
 def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The timm state dict at ``source``: a pretraining run directory (its encoder_timm.pth) or a
     weight file (ours, or SparK's official ``*_timm_style.pth``)."""
@@ -73,13 +89,20 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
     if not path.is_file():
         raise FileNotFoundError(f"pretrained={source}: no such file (a pretraining run directory must "
                                 f"hold {RunFiles.ENCODER}; is the run finished?)")
+    instead = f"pass a pretraining run directory or its {RunFiles.ENCODER}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on other files
-        raise ConfigError(f"pretrained={path} is not a readable state dict "
-                          f"({type(err).__name__}: {first_line(err)})") from None
+        if CHECKPOINT_KEYS <= pickled_names(path):
+            raise ConfigError(f"pretrained={path} is a training checkpoint (the model, optimizer and RNG "
+                              f"state of a run), not encoder weights; {instead}") from None
+        reason = ANSI_ESCAPE.sub("", first_line(err)).split(". ")[0]  # not torch's advice to unpickle anyway
+        raise ConfigError(f"pretrained={path} is not a readable state dict ({type(err).__name__}: {reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"pretrained={path} is not a timm-style state dict (names to tensors)")
+        items = state.items() if isinstance(state, dict) else ()
+        other = sorted(str(k) for k, v in items if not isinstance(v, torch.Tensor))
+        raise ConfigError(f"pretrained={path} is not a timm-style state dict (names to tensors)"
+                          + (f": it holds {_examples(other)}" if other else "") + f"; {instead}")
     return path, state
 
 

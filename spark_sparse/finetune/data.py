@@ -141,7 +141,11 @@ def build_datasets(data, input_size: int, aug, seed: int) -> tuple[Labelled, Lab
         return bundled(train_tf, val_tf, seed)
     if data.train is None or data.val is None:
         raise DataError("set both data.train and data.val (ImageFolder trees), or neither for the bundled task")
-    train, val = image_folder(data.train, train_tf, "train"), image_folder(data.val, val_tf, "val")
+    train = image_folder(data.train, train_tf, "train")
+    if len(train.classes) < 2:  # a classifier of one class is always right: 100% that say nothing
+        raise DataError(f"data.train={data.train} has a single class folder ('{train.classes[0]}'); "
+                        "classification needs at least two (one subfolder of images per class)")
+    val = image_folder(data.val, val_tf, "val")
     if train.classes != val.classes:
         raise DataError(f"data.train and data.val have different class folders ({len(train.classes)} vs "
                         f"{len(val.classes)}; first difference: "

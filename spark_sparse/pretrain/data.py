@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, bundled_image_paths, first_readable,
+from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, bundled_image_paths, centre_crop, first_readable,
                            image_folder_paths, warn_skipped)
 from ..data.seeds import derive_seed
 
@@ -97,13 +97,19 @@ class PretrainDataset(Dataset):
             if torch.rand(1, generator=g).item() < 0.5:
                 image = TF.hflip(image)
         else:
-            image = TF.resize(image, self.input_size, interpolation=InterpolationMode.BICUBIC)
-            image = TF.center_crop(image, [self.input_size, self.input_size])
+            image = centre_crop(image, self.input_size)
         return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD), skipped
 
     def check_readable(self) -> None:
         """Decode one image now, so that a data set with none readable fails before training."""
         self[(0, 0)]
+
+    def plain(self) -> PretrainDataset:
+        """The same images without augmentation (the centre crops a reconstruction picture shows),
+        sharing what is known of unreadable files, so that none is warned about twice."""
+        twin = PretrainDataset(self.paths, self.input_size, augment=False, scale=self.scale)
+        twin.bad_paths = self.bad_paths
+        return twin
 
     def _load_from(self, index: int) -> tuple[Image.Image, list[tuple[Path, str]]]:
         _, image, skipped = first_readable(self.paths, index, self.bad_paths)

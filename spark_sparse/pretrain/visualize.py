@@ -1,11 +1,9 @@
-"""Reconstruction pictures: original | masked input | reconstruction (visible patches pasted back).
-
-    python -m spark_sparse.visualize RUN_DIR_OR_CHECKPOINT [--out recon.png] [--num-images 4]
-"""
+"""Reconstruction pictures: original | masked input | reconstruction (visible patches pasted back),
+drawn by the pretraining app during a run and by ``python -m spark_sparse.visualize`` for any
+checkpoint (spark_sparse/analysis/visualize.py)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -13,13 +11,9 @@ import matplotlib
 matplotlib.use("Agg")  # headless: pictures go to files
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from ..run.checkpoint import load_checkpoint  # noqa: E402
-from ..run.run_dir import RunFiles  # noqa: E402
-from .data import build_dataset  # noqa: E402
 from ..model.loss import reconstruct  # noqa: E402
 from ..mask import random_active, upsample_active  # noqa: E402
 from ..model.spark import SparK  # noqa: E402
@@ -62,36 +56,3 @@ def save_reconstruction(model: SparK, images: Tensor, path: str | Path, seed: in
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def load_model(checkpoint: dict) -> SparK:
-    cfg = OmegaConf.create(checkpoint["config"])
-    model = SparK.from_config(cfg)
-    model.load_state_dict(checkpoint["model"])
-    return model
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint file, or a run directory holding checkpoints/last.pt")
-    parser.add_argument("--out", help="PNG to write (default: next to the checkpoint)")
-    parser.add_argument("--num-images", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mask")
-    parser.add_argument("--data-root", help="image folder to draw from (default: the run's data)")
-    args = parser.parse_args(argv)
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = RunFiles(path).checkpoint
-    ckpt = load_checkpoint(path)
-    model = load_model(ckpt)
-    cfg = OmegaConf.create(ckpt["config"])
-    kind, root = ("imagefolder", args.data_root) if args.data_root else (cfg.data.kind, cfg.data.root)
-    data = build_dataset(kind, cfg.input_size, root=root, augment=False)
-    images = torch.stack([data[(i, 0)] for i in range(min(args.num_images, len(data)))])
-    out = Path(args.out) if args.out else path.parent.parent / f"reconstruction_step{ckpt['step']}.png"
-    save_reconstruction(model, images, out, seed=args.seed, title=f"{cfg.model}, step {ckpt['step']}")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

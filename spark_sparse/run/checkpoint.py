@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,32 @@ class CheckpointError(ValueError):
     """A file that cannot be read as a training checkpoint (empty, truncated, or something else)."""
 
 
+_UMASK_LOCK = threading.Lock()  # reading the umask without /proc sets it for a moment
+
+
+def creation_mode() -> int:
+    """The mode ``open`` gives a new file, 0o666 less the umask (tempfile.mkstemp makes 0o600:
+    a checkpoint on a shared cluster directory would be unreadable to the group)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``path`` so that a reader (or a crash) never sees a half-written file."""
+    """torch.save to ``path`` so that a reader (or a crash) never sees a half-written file; the
+    file gets the mode any new file gets (the umask's), not mkstemp's private 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, creation_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -59,13 +59,24 @@ def _wandb_key_present() -> bool:
         return False
 
 
+def timm_module_of(model: str) -> str | None:
+    """The timm module that defines ``model`` (``resnet`` for ``resnet50``), None for a name timm
+    does not know."""
+    if not timm.is_model(model):
+        return None
+    return next((m for m in timm.list_modules() if timm.models.is_model_in_modules(model, [m])), None)
+
+
 def check_model_and_missing(cfg: DictConfig) -> None:
     """The model first (the other keys' defaults come from its recipe), then unset keys."""
-    if not timm.is_model(cfg.model) or not timm.models.is_model_in_modules(cfg.model, TIMM_MODULES):
-        known = timm.list_models(module=TIMM_MODULES)
-        close = difflib.get_close_matches(str(cfg.model), known, n=3)
-        raise ConfigError(f"unknown model '{cfg.model}': expected a timm model of {', '.join(TIMM_MODULES)}"
+    model, module = str(cfg.model), timm_module_of(str(cfg.model))
+    if module is None:
+        close = difflib.get_close_matches(model, timm.list_models(module=TIMM_MODULES), n=3)
+        raise ConfigError(f"unknown model '{model}': expected a timm model of {', '.join(TIMM_MODULES)}"
                           + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if module not in TIMM_MODULES:
+        raise ConfigError(f"model '{model}' is timm's (timm.models.{module}), a family spark_sparse does not "
+                          f"convert; supported: the models of {', '.join(TIMM_MODULES)} (README: Families)")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         example = " ".join(f"{k}=..." for k in missing)

@@ -126,7 +126,8 @@ def write_record(files: RunFiles, cfg: DictConfig) -> None:
 def repair_metrics(path: Path, last_step: int) -> str | None:
     """Make metrics.jsonl hold each step up to ``last_step`` (the checkpoint's) exactly once.
 
-    Drops lines that do not parse (a torn tail: the run was killed mid-write), records past the
+    Drops lines that do not parse (a torn tail: the run was killed mid-write; bytes that are not
+    UTF-8, which a torn write or a damaged disk leaves, are torn lines too), records past the
     checkpoint (those steps are about to run again; for a fresh run, the records of an earlier
     attempt that never checkpointed) and repeated steps (the latest record wins). Returns a
     one-line account of what was dropped, None when the log was already sound.
@@ -135,10 +136,11 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
         return None
     by_step: dict[int, str] = {}
     torn = past = repeated = 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
+    for raw in path.read_bytes().splitlines():  # decoded line by line: one bad byte spoils one line
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")
             step = json.loads(line)["step"]
             if not isinstance(step, int):
                 raise TypeError

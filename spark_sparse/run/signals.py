@@ -3,6 +3,7 @@ one stops at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -27,7 +28,10 @@ class StopSignals:
     """While active, a first SIGINT or SIGTERM only sets ``requested``: the training loop saves
     a checkpoint after the current step and stops. A second one raises ``Stopped`` at once.
 
-    Outside the main thread (where Python cannot install handlers) it does nothing.
+    Outside the main thread (where Python cannot install handlers) it does nothing. Processes
+    forked meanwhile (data-loader workers; Ctrl-C reaches the terminal's whole process group)
+    inherit the handler but leave the signal to the process that installed it, which stops the
+    run and its workers: they neither speak nor stop.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -35,9 +39,11 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -47,6 +53,8 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked worker: the main process decides
+            return
         name = signal.Signals(signum).name
         if self.requested is not None:
             raise Stopped(name)
