@@ -28,7 +28,7 @@ from ..run.recipe import CONF_DIR
 from ..run.run_dir import RunFiles
 from ..run.trainer import Run, launch
 from .checks import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate
-from .data import PretrainDataset, build_dataset, build_loader
+from .data import build_dataset, build_loader
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .visualize import save_reconstruction
 
@@ -120,7 +120,7 @@ class Pretraining:
         """A function drawing the reconstruction picture of a step (rank 0; eval mode: the norms
         use running statistics, no collective) and returning its path."""
         cfg = run.cfg
-        plain = PretrainDataset(self.dataset.paths, cfg.input_size, augment=False)
+        plain = self.dataset.plain()
         count = min(cfg.vis_images, len(plain)) if run.ctx.is_main else 0
         batch = torch.stack([plain[(i, 0)] for i in range(count)]).to(run.device) if count else None
 

@@ -35,6 +35,7 @@ RUN_KEYS: dict[str, Rule] = {
     "logger.entity": TEXT | NULL,
     "logger.name": TEXT | NULL,
     "logger.mode": one_of("online", "offline", "disabled"),
+    "logger.init_timeout": POSITIVE,
     "logger.tags": TEXTS,
     "recipe": ANY_TABLE,  # the per-model recipe tables, read through ${recipe:KEY}
 }
