@@ -9,6 +9,7 @@ one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and it
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -32,7 +33,8 @@ def unsupported(module: nn.Module, path: str, why: str = "") -> ConversionError:
 
 class Converter:
     """Converts a timm subtree: blocks the family mirrors become their mirror classes,
-    Sequentials keep their structure, everything else goes to the engine's leaf conversion."""
+    Sequentials keep their structure and child names, everything else goes to the engine's leaf
+    conversion."""
 
     def __init__(self, leaf: LeafConverter, mirrors: dict[type, type]):
         self.leaf = leaf
@@ -45,7 +47,7 @@ class Converter:
         if mirror is not None:
             return mirror(module, self, path)
         if type(module) is nn.Sequential:
-            return nn.Sequential(*[self(m, f"{path}.{i}") for i, m in enumerate(module)])
+            return nn.Sequential(OrderedDict((n, self(m, f"{path}.{n}")) for n, m in module.named_children()))
         return self.leaf(module, path)
 
 
