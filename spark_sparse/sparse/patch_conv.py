@@ -156,7 +156,9 @@ class Pointwise(torch.autograd.Function):
 
 
 class PatchConvolution(ME.MinkowskiConvolution):
-    """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors.
+    """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors;
+    ``padding``: the zero padding above and left of the map (patch_sites.py ``tile_geometry``),
+    None for a centred kernel as MinkowskiEngine's.
 
     Convolutions over blocks of at least ``tile_min_sites`` sites per side run on tiles, the
     others (deeper stages, where a tile would be mostly halo and absent neighbours many) as
@@ -166,6 +168,11 @@ class PatchConvolution(ME.MinkowskiConvolution):
     """
 
     tile_min_sites = TILE_MIN_SITES
+    padding: int | None = None  # (a class default too: modules pickled before it existed)
+
+    def __init__(self, *args, padding: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.padding = padding
 
     # MinkowskiEngine keeps its convolution's settings in __slots__, which nn.Module's pickling
     # (its __dict__) leaves out: copies and unpickled modules would have no kernel generator.
@@ -204,11 +211,13 @@ class PatchConvolution(ME.MinkowskiConvolution):
             # a view of the kernel: its gradient needs no copy
             out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))
         elif not self.uses_tiles(s):
-            out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
+            pairs = sites.pairs(in_stride, kh, stride, self.padding)
+            out = OffsetGemm.apply(x.F, kernel, pairs, sites.num_rows(out_stride))
         else:
             # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)
             weight = kernel.reshape(kh, kh, self.in_channels, self.out_channels).permute(3, 2, 1, 0)
-            out = TileConv.apply(x.F, weight, sites.tile(in_stride, *tile_geometry(s, kh, stride)), stride)
+            tile = sites.tile(in_stride, *tile_geometry(s, kh, stride, self.padding))
+            out = TileConv.apply(x.F, weight, tile, stride)
         if self.bias is not None:
             out = out + self.bias
         if stride == 1:
