@@ -196,6 +196,10 @@ class PatchConvolution(ME.MinkowskiConvolution):
         if "bias" not in self._parameters:
             self.bias = None
 
+    def weight_kernel(self) -> Tensor:
+        """The kernel the convolution runs with (ME's layout)."""
+        return self.kernel
+
     def uses_tiles(self, sites_per_side: int) -> bool:
         """Whether a k x k convolution over blocks of ``sites_per_side`` runs on tiles."""
         return int(self.kernel_generator.kernel_size[0]) > 1 and sites_per_side >= self.tile_min_sites
@@ -203,13 +207,14 @@ class PatchConvolution(ME.MinkowskiConvolution):
     def forward(self, x: ME.SparseTensor, coordinates=None) -> ME.SparseTensor:
         kh = int(self.kernel_generator.kernel_size[0])
         stride = int(self.kernel_generator.kernel_stride[0])
-        kernel = self.kernel.view(-1, self.in_channels, self.out_channels)
+        param = self.weight_kernel()
+        kernel = param.view(-1, self.in_channels, self.out_channels)
         sites = PatchSites.of(x)
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
             # a view of the kernel: its gradient needs no copy
-            out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))
+            out = Pointwise.apply(x.F, param.view(self.in_channels, self.out_channels))
         elif not self.uses_tiles(s):
             pairs = sites.pairs(in_stride, kh, stride, self.padding)
             out = OffsetGemm.apply(x.F, kernel, pairs, sites.num_rows(out_stride))
@@ -225,6 +230,21 @@ class PatchConvolution(ME.MinkowskiConvolution):
         else:
             key, manager = sites.key(out_stride), sites.manager
         return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=manager)
+
+
+class StdPatchConvolution(PatchConvolution):
+    """timm's StdConv2d: each output channel's kernel standardised (zero mean, unit variance over
+    its C_in x k x k weights, ``eps`` added to the variance) at every forward, as timm does with
+    a batch norm over the weight; the sparse convolution runs with the standardised kernel."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def weight_kernel(self) -> Tensor:
+        w = self.kernel.view(-1, self.out_channels)  # a column per output channel, any kernel layout
+        var, mean = torch.var_mean(w, dim=0, correction=0)
+        return ((w - mean) * torch.rsqrt(var + self.eps)).view_as(self.kernel)
 
 
 class PatchPooling(nn.Module):
