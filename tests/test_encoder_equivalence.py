@@ -196,6 +196,15 @@ VARIANTS = {
 EVERY_MASK = ("regnet", "efficientnet", "mobilenetv3")
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
 
+# TensorFlow ports: 'same' padding at stride 2 (stem, strided depthwise and fused convolutions)
+# puts each window one site later; at mask none, equal to timm is what proves the padding right
+VARIANTS.update({
+    "TensorFlow EfficientNet: 'same'-padded stem and strided depthwise 3x3/5x5": ("tf_efficientnet_b0", {}),
+    "TensorFlow EfficientNetV2: 'same'-padded strided fused (full 3x3) convolutions": ("tf_efficientnetv2_b0", {}),
+    "TensorFlow MobileNetV3-Small: 'same' padding, the first block strides": ("tf_mobilenetv3_small_100", {}),
+})
+EVERY_MASK += ("tf_",)
+
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()
                                            for m in (MASKS if name.startswith(EVERY_MASK) else ["ratio0.6"])])

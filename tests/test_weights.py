@@ -26,6 +26,8 @@ ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] =
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
     "convnext_atto", {"conv_mlp": False, "depths": (1, 1, 11, 1)})
 ALL_DEPTHS["EfficientNet with width and depth multipliers (B2)"] = ("efficientnet_b2", {})
+# TensorFlow ports ('same' padding)
+ALL_DEPTHS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
 
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
@@ -86,7 +88,8 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "tf_efficientnet_b0": r"Conv2dSame at 'conv_stem': TensorFlow 'same' padding is asymmetric",
+        "tf_mixnet_s": r"MixedConv2d at 'blocks\.1\.0\.conv_pw'",
+        "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0'",
         "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
         "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
     }

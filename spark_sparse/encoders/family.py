@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import LayerNorm, LayerNorm2d
+from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, StdConv2d, StdConv2dSame
 from timm.layers import activations as timm_act
 from torch import nn
 
@@ -75,6 +75,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 # dense-masked engine computes without re-masking (ReLU has engine-specific twins).
 ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
                timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
+# torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
+# (the kernel normalised per output channel at every forward: a weight-only operation)
+CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame)
 # torch's and timm's layer norms (channels last and channels first): every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..mask import upsample_active
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
 
 
 class MaskedTensor(NamedTuple):
@@ -153,14 +153,16 @@ class MaskedMaxPool(nn.Module):
 
 
 class MaskedApply(nn.Module):
-    """Run a dense module, then zero the hidden sites again (pooling can spread into them)."""
+    """Run a dense module on the masked map, then zero the hidden sites again (pooling and
+    convolutions spread into them): timm's own module, so its padding (TensorFlow 'same' in
+    Conv2dSame) and weight standardisation (StdConv2d) are timm's."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        y = self.module(inp.x)
+        y = self.module(inp.clean().x)
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
@@ -185,6 +187,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
                             module.bias is not None)
         conv.load_state_dict(module.state_dict())
         return conv
+    if type(module) in CONVOLUTIONS:  # timm's 'same'-padded and weight-standardised ones
+        return MaskedApply(copy.deepcopy(module))
     if type(module) is nn.BatchNorm2d:
         bn = MaskedBatchNorm2d(module.num_features, module.eps, module.momentum,
                                module.affine, module.track_running_stats)
