@@ -175,3 +175,29 @@ def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_m
     weight_grad = sparse.weight.grad if kind == "depthwise" else me_to_dense_kernel(
         sparse.kernel.grad, (kernel_size, kernel_size))
     torch.testing.assert_close(weight_grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(block):
+    """BiT's stem: a zero pad then an unpadded 3x3 stride-2 max pooling, with no activation before
+    it (values of either sign): hidden sites read zero there as the padding does. Forward and
+    gradient (which goes nowhere where a zero won)."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = PatchPooling("max", 3, 2, fill=0.0)(
+        ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    visible = upsample_active(active, images.shape[-2:])
+    masked = (images * visible).requires_grad_()
+    size = (block, 3 * block // 2)
+    want = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2))(masked) * upsample_active(active, size)
+    got = to_dense(out, 3, size)
+    assert torch.equal(got, want)
+    assert bool((want == 0).logical_and(upsample_active(active, size)).any())  # a zero won somewhere
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, 3, images.shape[-2:]), masked.grad * visible, rtol=0, atol=1e-15)

@@ -72,14 +72,14 @@ class TileConv(torch.autograd.Function):
 
 
 class TileMaxPool(torch.autograd.Function):
-    """Max pooling over present sites; keeps where in its tile each maximum was (int16), not the
-    tiles."""
+    """Max pooling over present sites, absent ones reading ``fill`` (-inf: they never win); keeps
+    where in its tile each maximum was (int16), not the tiles."""
 
     @staticmethod
-    def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
+    def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int, fill: float = float("-inf")) -> Tensor:
         if tile.size**2 > torch.iinfo(torch.int16).max:
             raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large for int16 positions")
-        tiles = gather_tiles(feats, tile, float("-inf"))  # absent neighbours never win
+        tiles = gather_tiles(feats, tile, fill)
         out, where = F.max_pool2d(tiles, kernel_size, stride, return_indices=True)
         p, c = out.shape[:2]
         ctx.save_for_backward(where.permute(0, 2, 3, 1).reshape(p, -1, c).to(torch.int16))
@@ -94,8 +94,9 @@ class TileMaxPool(torch.autograd.Function):
         first = torch.arange(0, tile.rows.shape[0], tile.size**2, device=where.device)  # of each tile
         where = where.long() + first.view(p, 1, 1)
         source = tile.rows.long()[where.view(-1, c)]  # the row each maximum came from
-        grad = grad_rows.new_zeros(ctx.num_rows, c)
-        return grad.scatter_add_(0, source, grad_rows.contiguous()), None, None, None
+        # one row more: where an absent site's fill won (its row number is num_rows), the gradient goes nowhere
+        grad = grad_rows.new_zeros(ctx.num_rows + 1, c)
+        return grad.scatter_add_(0, source, grad_rows.contiguous())[:-1], None, None, None, None
 
 
 def select_rows(t: Tensor, index: Tensor | None) -> Tensor:
@@ -248,21 +249,25 @@ class StdPatchConvolution(PatchConvolution):
 
 
 class PatchPooling(nn.Module):
-    """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling."""
+    """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling. ``fill``: what
+    an absent site reads in max pooling (-inf: nothing; 0: as a zero padding would)."""
 
-    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False):
+    fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
+
+    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False, fill: float = float("-inf")):
         super().__init__()
         if mode not in ("max", "avg"):
             raise ValueError(f"pooling mode must be 'max' or 'avg', got '{mode}'")
         self.mode, self.kernel_size, self.stride = mode, kernel_size, stride
         self.relu = relu  # a ReLU after pooling (for max pooling the same as one before it)
+        self.fill = fill
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         s = sites.sites_per_side(x.tensor_stride[0])
         tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, self.kernel_size, self.stride))
         if self.mode == "max":
-            out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride)
+            out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride, self.fill)
         else:  # mask-aligned 2x2 windows lie inside one patch: always complete
             out = tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
         if self.relu:
@@ -272,7 +277,8 @@ class PatchPooling(nn.Module):
 
     def extra_repr(self) -> str:
         relu = ", then ReLU" if self.relu else ""
-        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{relu}"
+        fill = f", absent sites read {self.fill}" if self.mode == "max" and self.fill != float("-inf") else ""
+        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{fill}{relu}"
 
 
 class PatchifyConvolution(nn.Module):
