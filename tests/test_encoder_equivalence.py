@@ -205,6 +205,19 @@ VARIANTS.update({
 })
 EVERY_MASK += ("tf_",)
 
+# timm's resnetv2 module: pre-activation blocks (norm and activation before each convolution), the
+# final norm ending the last stage; GroupNorm with each image's statistics over its visible sites
+VARIANTS.update({
+    "ResNetV2: pre-activation basic blocks, deep stem, avg-down, batch norm": ("resnetv2_18d", {}),
+    "ResNetV2: pre-activation bottlenecks, max pooling of the 7x7 stem's output (no activation)": (
+        "resnetv2_50", {"layers": (2, 1, 1, 1)}),
+    "BiT: GroupNorm, weight-standardised convolutions, zero-padded stem pooling": ("resnetv2_50x1_bit", {}),
+    "ResNetV2 with GroupNorm (one channel a group in the deep stem)": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
+    "ResNetV2 without pre-activation: Bottleneck, normed projection shortcut": (
+        "resnetv2_50", {"preact": False, "layers": (2, 1, 1, 1)}),
+})
+EVERY_MASK += ("resnetv2",)
+
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()
                                            for m in (MASKS if name.startswith(EVERY_MASK) else ["ratio0.6"])])

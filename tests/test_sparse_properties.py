@@ -28,6 +28,8 @@ MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max poolin
 # TensorFlow 'same' padding: the off-centre window at a block's edge reads what the dense padded
 # convolution of the masked map reads (the next block, or zeros where it is hidden)
 MODELS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
+# pre-activation ResNets; BiT's GroupNorm per image and its stem pooling where hidden sites read zero
+MODELS.update({name: (name, {}) for name in ["resnetv2_18d", "resnetv2_50x1_bit"]})
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
@@ -70,6 +72,31 @@ def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, 
     images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
     active = random_active(3, (2, 3), 0.5, g)
     enc = encoder(timm_models, engine, name, train=False)
+    with torch.no_grad():
+        with_one = enc.dense_features(images[[0, 1]], active[[0, 1]])
+        with_other = enc.dense_features(images[[0, 2]], active[[0, 2]])
+        alone = enc.dense_features(images[:1], active[:1])
+    for a, b, c in zip(with_one, with_other, alone):
+        assert rel_err(a[0], c[0]) < 1e-12 and rel_err(b[0], c[0]) < 1e-12
+
+
+# nets with no batch norm: group norms take each image's statistics over its own visible sites
+GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
+                     "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)})}
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("model", GROUP_NORM_MODELS)
+def test_a_group_norm_nets_train_mode_features_do_not_depend_on_the_rest_of_the_batch(timm_models, model, engine):
+    """Unlike batch norm, a group norm has no batch statistics: in train mode too an image's
+    features are its own, whichever images share its batch (and however many of their patches
+    are visible)."""
+    name, kwargs = GROUP_NORM_MODELS[model]
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    active[2] = True  # a fully visible neighbour
+    enc = engine.from_timm(copy.deepcopy(timm_models(name, **kwargs))).double().train()
     with torch.no_grad():
         with_one = enc.dense_features(images[[0, 1]], active[[0, 1]])
         with_other = enc.dense_features(images[[0, 2]], active[[0, 2]])

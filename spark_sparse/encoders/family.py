@@ -31,10 +31,37 @@ def unsupported(module: nn.Module, path: str, why: str = "") -> ConversionError:
     return ConversionError(f"cannot convert {type(module).__name__} at '{path}'{detail}")
 
 
+class ZeroPaddedMaxPool(nn.Module):
+    """timm's zero ``ConstantPad2d`` then an unpadded ``MaxPool2d`` (BiT's "fixed" stem, with no
+    activation before it), as one leaf: a max pooling whose padding reads zero. The engines let
+    hidden sites read zero too, as the padding does (and SparK's masked maps): the pooling is then
+    timm's with nothing hidden, and an image's features are the same with or without a hidden
+    canvas around it."""
+
+    def __init__(self, pad: nn.ConstantPad2d, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pad, self.pool = copy.deepcopy(pad), copy.deepcopy(pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.pad(x))
+
+
+def _zero_pads_fused(children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """A Sequential's children with each zero pad before an unpadded max pooling folded into the
+    pooling (a ``ZeroPaddedMaxPool``); the pad's place holds an Identity (neither holds tensors)."""
+    children = list(children)
+    for i in range(len(children) - 1):
+        (pad_name, pad), (pool_name, pool) = children[i], children[i + 1]
+        if (type(pad) is nn.ConstantPad2d and pad.value == 0 and type(pool) is nn.MaxPool2d
+                and pool.padding in (0, (0, 0))):
+            children[i], children[i + 1] = (pad_name, nn.Identity()), (pool_name, ZeroPaddedMaxPool(pad, pool))
+    return children
+
+
 class Converter:
     """Converts a timm subtree: blocks the family mirrors become their mirror classes,
-    Sequentials keep their structure and child names, everything else goes to the engine's leaf
-    conversion."""
+    Sequentials keep their structure and child names (a zero pad before a max pooling becomes
+    one ``ZeroPaddedMaxPool``), everything else goes to the engine's leaf conversion."""
 
     def __init__(self, leaf: LeafConverter, mirrors: dict[type, type]):
         self.leaf = leaf
@@ -47,7 +74,8 @@ class Converter:
         if mirror is not None:
             return mirror(module, self, path)
         if type(module) is nn.Sequential:
-            return nn.Sequential(OrderedDict((n, self(m, f"{path}.{n}")) for n, m in module.named_children()))
+            children = _zero_pads_fused(module.named_children())
+            return nn.Sequential(OrderedDict((n, self(m, f"{path}.{n}")) for n, m in children))
         return self.leaf(module, path)
 
 

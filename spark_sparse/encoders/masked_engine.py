@@ -16,14 +16,15 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, DropPath
+from timm.layers import BatchNormAct2d, DropPath, GroupNormAct
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..mask import upsample_active
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
+                     unsupported)
 
 
 class MaskedTensor(NamedTuple):
@@ -84,6 +85,35 @@ class MaskedBatchNormAct2d(MaskedBatchNorm2d):
 
     def _rows(self, rows: Tensor) -> Tensor:
         return self.act(super()._rows(rows))
+
+
+class MaskedGroupNormAct(nn.Module):
+    """timm's GroupNormAct (its ``weight`` and ``bias``) with each image's statistics per group
+    over its visible sites only (hidden sites hold zeros and are not counted), then its
+    activation; hidden sites are zeroed by whatever reads the map next."""
+
+    def __init__(self, norm: GroupNormAct):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().clone())
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().clone())
+        self.act = copy.deepcopy(norm.act)
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x, visible = inp.clean().x, inp.visible().to(inp.x.dtype)
+        b, c, h, w = x.shape
+        g = self.num_groups
+        xg = x.view(b, g, c // g, h, w)
+        count = visible.sum((1, 2, 3)).clamp_min(1) * (c // g)  # (B,) visible values per group
+        mean = xg.sum((2, 3, 4)) / count[:, None]
+        centred = (xg - mean[:, :, None, None, None]) * visible[:, None]  # hidden: still zero
+        var = centred.square().sum((2, 3, 4)) / count[:, None]
+        y = (centred * torch.rsqrt(var + self.eps)[:, :, None, None, None]).view(b, c, h, w)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return MaskedTensor(self.act(y), inp.active, dirty=True)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -197,6 +227,11 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is BatchNormAct2d:
         check_norm_act(module, path)
         return MaskedBatchNormAct2d(module)
+    if type(module) is GroupNormAct:
+        check_norm_act(module, path)
+        return MaskedGroupNormAct(module)
+    if type(module) is ZeroPaddedMaxPool:  # hidden sites read zero, as the padding
+        return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                bias=module.bias is not None)

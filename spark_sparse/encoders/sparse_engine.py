@@ -12,12 +12,13 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, StdConv2d, StdConv2dSame
+from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, StdConv2d, StdConv2dSame
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.depthwise import DepthwiseConvolution
+from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling, StdPatchConvolution
@@ -27,7 +28,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
+                     unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -179,6 +181,15 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
+def _sparse_zero_padded_pool(module: ZeroPaddedMaxPool, path: str, impl: str) -> PatchPooling:
+    pad, pool = module.pad.padding, module.pool
+    if impl == "minkowski" or len(set(pad)) != 1 or (pool.kernel_size, pool.stride, pad[0]) not in ((3, 2, 1), ((3, 3), (2, 2), 1)):
+        raise unsupported(module, path, f"zero pad {pad} then max pooling (kernel {pool.kernel_size}, stride "
+                                        f"{pool.stride}) with conv='{impl}': only a 3x3 stride-2 one padded "
+                                        "by 1 with conv='patch'")
+    return PatchPooling("max", 3, 2, fill=0.0)  # hidden sites read zero, as the padding
+
+
 class SparseChannelAttention(ChannelAttention):
     """SE/ECA: each image's mean over its visible rows, a gate per image and channel."""
 
@@ -207,6 +218,9 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind is BatchNormAct2d:
         check_norm_act(module, path)
         return SparseBatchNormAct(module, module.act)
+    if kind is GroupNormAct:
+        check_norm_act(module, path)
+        return SparseGroupNormAct(module, module.act)
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
     if kind is nn.Linear:
@@ -224,6 +238,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelAttention(module, path)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
+    if kind is ZeroPaddedMaxPool:
+        return _sparse_zero_padded_pool(module, path, conv)
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
     if kind is nn.Identity:
