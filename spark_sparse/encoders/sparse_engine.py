@@ -12,7 +12,7 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, StdConv2d, StdConv2dSame
+from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, StdConv2d, StdConv2dSame, to_2tuple
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
@@ -183,7 +183,8 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
 
 def _sparse_zero_padded_pool(module: ZeroPaddedMaxPool, path: str, impl: str) -> PatchPooling:
     pad, pool = module.pad.padding, module.pool
-    if impl == "minkowski" or len(set(pad)) != 1 or (pool.kernel_size, pool.stride, pad[0]) not in ((3, 2, 1), ((3, 3), (2, 2), 1)):
+    geometry = (to_2tuple(pool.kernel_size), to_2tuple(pool.stride), to_2tuple(pool.dilation), pool.ceil_mode)
+    if impl == "minkowski" or pad != (1, 1, 1, 1) or geometry != ((3, 3), (2, 2), (1, 1), False):
         raise unsupported(module, path, f"zero pad {pad} then max pooling (kernel {pool.kernel_size}, stride "
                                         f"{pool.stride}) with conv='{impl}': only a 3x3 stride-2 one padded "
                                         "by 1 with conv='patch'")

@@ -23,20 +23,51 @@ from .norm_act import _ACT_KERNELS, _act_grad
 from .patch_sites import PatchSites
 
 
-def _per_row(stat: Tensor, image: Tensor) -> Tensor:
-    """(B, G) per-image statistics -> (P, 1, G, 1), to broadcast over (P, rows, G, C/G) patches."""
-    return stat.index_select(0, image)[:, None, :, None]
+def _per_channel(stat: Tensor, channels: int) -> Tensor:
+    """(B, G) per-group statistics -> (B, C)."""
+    return stat.repeat_interleave(channels // stat.shape[1], dim=1)
+
+
+def _per_patch(per_image: Tensor, image: Tensor) -> Tensor:
+    """(B, C) per-image values -> (P, 1, C), to broadcast over (P, rows, C) patches."""
+    return per_image.index_select(0, image)[:, None]
+
+
+def _group_statistics(x: Tensor, image: Tensor, batch: int, groups: int) -> tuple[Tensor, Tensor]:
+    """Each image's mean and variance per group over its rows, (B, G) each. Per patch and channel
+    first (a mean, then the squares around it: no E[x^2] - E[x]^2 cancellation), then combined:
+    every (patch, channel) holds equally many values, so an image's group mean is the mean of
+    theirs and its variance the mean of theirs plus the mean squared distance of theirs from it.
+    (Plain reductions over the rows: torch's var_mean over them is many times slower on CPU.)"""
+    p, c = image.shape[0], x.shape[1]
+    xp = x.view(p, -1, c)
+    mean_pc = xp.mean(1)  # (P, C)
+    centred = xp - mean_pc[:, None]
+    var_pc = (centred * centred).mean(1)
+    patches = torch.bincount(image, minlength=batch).clamp_min(1).to(x.dtype)[:, None]
+    width = c // groups
+    mean = x.new_zeros(batch, groups).index_add_(0, image, mean_pc.view(p, groups, width).mean(2)) / patches
+    spread = mean_pc - _per_channel(mean, c).index_select(0, image)
+    var_pg = (var_pc + spread * spread).view(p, groups, width).mean(2)
+    return mean, x.new_zeros(batch, groups).index_add_(0, image, var_pg) / patches
+
+
+def _scale_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                 channels: int) -> tuple[Tensor, Tensor]:
+    """(B, C) scale and shift: the normalised rows are x * scale + shift."""
+    scale = _per_channel(invstd, channels)
+    if weight is not None:
+        scale = scale * weight
+    shift = -_per_channel(mean, channels) * scale
+    return scale, shift if bias is None else shift + bias
 
 
 def _normalised(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
                 image: Tensor) -> Tensor:
-    """The affine-normalised rows, (P, rows, G, C/G); ``image``: each patch's image."""
-    p, g = image.shape[0], mean.shape[1]
-    xg = x.view(p, -1, g, x.shape[1] // g)
-    y = (xg - _per_row(mean, image)) * _per_row(invstd, image)
-    if weight is not None:
-        y = y * weight.view(g, -1)
-    return y if bias is None else y + bias.view(g, -1)
+    """The affine-normalised rows (one multiply-add per element); ``image``: each patch's image."""
+    scale, shift = _scale_shift(weight, bias, mean, invstd, x.shape[1])
+    xp = x.view(image.shape[0], -1, x.shape[1])
+    return torch.addcmul(_per_patch(shift, image), xp, _per_patch(scale, image)).view_as(x)
 
 
 def _activated(y: Tensor, act: nn.Module) -> Tensor:
@@ -51,51 +82,50 @@ class GroupNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, image: Tensor, batch: int,
                 groups: int, eps: float, act: nn.Module) -> Tensor:
-        p = image.shape[0]
-        xg = x.view(p, -1, groups, x.shape[1] // groups)
-        # each patch's mean and variance per group, then each image's: its patches have equally
-        # many rows, so the image's mean is the mean of theirs and its variance the mean of theirs
-        # plus the variance of their means (no E[x^2] - E[x]^2 cancellation)
-        var_p, mean_p = torch.var_mean(xg, dim=(1, 3), correction=0)  # (P, G)
-        patches = torch.bincount(image, minlength=batch).clamp_min(1).to(x.dtype)[:, None]
-        mean = x.new_zeros(batch, groups).index_add_(0, image, mean_p) / patches
-        spread = mean_p - mean.index_select(0, image)
-        var = x.new_zeros(batch, groups).index_add_(0, image, var_p + spread * spread) / patches
+        mean, var = _group_statistics(x, image, batch, groups)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd, image)
         ctx.act = act
-        return _activated(_normalised(x, weight, bias, mean, invstd, image).view_as(x), act)
+        return _activated(_normalised(x, weight, bias, mean, invstd, image), act)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight, bias, mean, invstd, image = ctx.saved_tensors
-        p, g = image.shape[0], mean.shape[1]
-        n, c = x.shape
-        rows, width = n // p, c // g
-        xhat = _normalised(x, None, None, mean, invstd, image)
-        y = xhat if weight is None and bias is None else _normalised(x, weight, bias, mean, invstd, image)
-        grad_y = _act_grad(ctx.act, y.view(n, c), grad).view(p, rows, g, width)
-        w = torch.ones_like(mean[0, :, None]) if weight is None else weight.view(g, width)
-        per_patch = grad_y.sum(1)  # (P, G, C/G)
-        per_patch_xhat = (grad_y * xhat).sum(1)
-        # d(loss)/d(xhat) = grad_y * w; its mean and its mean against xhat per image and group
-        count = torch.bincount(image, minlength=mean.shape[0]).clamp_min(1).to(x.dtype)[:, None] * (rows * width)
-        mean_dxhat = mean.new_zeros(mean.shape).index_add_(0, image, (per_patch * w).sum(-1)) / count
-        mean_dxhat_xhat = mean.new_zeros(mean.shape).index_add_(0, image, (per_patch_xhat * w).sum(-1)) / count
+        (batch, groups), (p, c) = mean.shape, (image.shape[0], x.shape[1])
+        y = _normalised(x, weight, bias, mean, invstd, image)
+        grad_y = _act_grad(ctx.act, y, grad).view(p, -1, c)
+        xp, rows = x.view(p, -1, c), grad_y.shape[1]
+        mean_c, invstd_c = _per_channel(mean, c), _per_channel(invstd, c)
+        # per patch and channel: the sums of grad_y and of grad_y * xhat, xhat = (x - mean) * invstd
+        sum_g = grad_y.sum(1)  # (P, C)
+        sum_gxhat = ((grad_y * xp).sum(1) - mean_c.index_select(0, image) * sum_g) * invstd_c.index_select(0, image)
+        w = x.new_ones(c) if weight is None else weight
+        count = torch.bincount(image, minlength=batch).clamp_min(1).to(x.dtype)[:, None] * (rows * (c // groups))
+
+        def image_group_mean(per_patch: Tensor) -> Tensor:
+            """The (B, C) per-image, per-group mean of a per-patch, per-channel sum times w."""
+            sums = (per_patch * w).view(p, groups, -1).sum(2)
+            return _per_channel(mean.new_zeros(batch, groups).index_add_(0, image, sums) / count, c)
+
         need = ctx.needs_input_grad
         grad_x = None
         if need[0]:
-            grad_x = (grad_y * w - _per_row(mean_dxhat, image) - xhat * _per_row(mean_dxhat_xhat, image))
-            grad_x = (grad_x * _per_row(invstd, image)).view(n, c)
-        grad_w = per_patch_xhat.sum(0).view(c) if need[1] and weight is not None else None
-        grad_b = per_patch.sum(0).view(c) if need[2] and bias is not None else None
+            # invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = grad_y * w, is per
+            # image and channel grad_y * g_scale + x * x_scale + shift: two multiply-adds a row
+            m1, m2 = image_group_mean(sum_g), image_group_mean(sum_gxhat)
+            g_scale, x_scale = invstd_c * w, -invstd_c * invstd_c * m2
+            shift = invstd_c * (mean_c * invstd_c * m2 - m1)
+            grad_x = torch.addcmul(_per_patch(shift, image), grad_y, _per_patch(g_scale, image))
+            grad_x = grad_x.addcmul_(xp, _per_patch(x_scale, image)).view_as(x)
+        grad_w = sum_gxhat.sum(0) if need[1] and weight is not None else None
+        grad_b = sum_g.sum(0) if need[2] and bias is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
     @staticmethod
     def output_again(node) -> Tensor:
         """What the forward of ``node``, one of this function's backward nodes, returned."""
         x, weight, bias, mean, invstd, image = node.saved_tensors
-        return _activated(_normalised(x, weight, bias, mean, invstd, image).view_as(x), node.act)
+        return _activated(_normalised(x, weight, bias, mean, invstd, image), node.act)
 
 
 class SparseGroupNormAct(nn.Module):
