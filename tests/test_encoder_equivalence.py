@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+from timm.layers import StdConv2dSame
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
 
@@ -215,6 +216,8 @@ VARIANTS.update({
     "ResNetV2 with GroupNorm (one channel a group in the deep stem)": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
     "ResNetV2 without pre-activation: Bottleneck, normed projection shortcut": (
         "resnetv2_50", {"preact": False, "layers": (2, 1, 1, 1)}),
+    "weight-standardised convolutions with TensorFlow 'same' padding (timm's StdConv2dSame)": (
+        "resnetv2_50d_gn", {"layers": (1, 1, 1, 1), "conv_layer": StdConv2dSame}),
 })
 EVERY_MASK += ("resnetv2",)
 
