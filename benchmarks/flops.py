@@ -33,22 +33,25 @@ from spark_sparse.encoders.masked_engine import MaskedTensor
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
+from spark_sparse.sparse.patch_sites import centred_padding
 from spark_sparse.sparse.rowwise import SparseLinear
 
 SPARSE_LAYERS = (ME.MinkowskiConvolution, DepthwiseConvolution, PatchifyConvolution, SparseLinear)
 DENSE_LAYERS = (nn.Conv2d, nn.Linear)
 
 
-def kernel_pairs(in_coords: Tensor, in_stride: int, out_coords: Tensor, kernel_size: int) -> int:
+def kernel_pairs(in_coords: Tensor, in_stride: int, out_coords: Tensor, kernel_size: int,
+                 padding: int | None = None) -> int:
     """How many (output site, kernel offset) slots hold an input site.
 
     Coordinates are MinkowskiEngine's (N, 3) [batch, row, col] in input pixels; the kernel spans
     ``kernel_size`` input-stride steps, centred for odd sizes and starting at the output site for
-    even ones (MinkowskiEngine's convention). A padded occupancy grid of the input sites makes
-    each offset one exact lookup."""
+    even ones (MinkowskiEngine's convention), or from ``padding`` steps before the output site
+    (TensorFlow 'same' padding's window: patch_sites.py ``tile_geometry``). A padded occupancy
+    grid of the input sites makes each offset one exact lookup."""
     if len(in_coords) == 0 or len(out_coords) == 0:
         return 0
-    lo = kernel_size // 2 if kernel_size % 2 else 0
+    lo = centred_padding(kernel_size) if padding is None else padding
     inp = in_coords.long().cpu()
     out = out_coords.long().cpu()
     b, r, c = inp[:, 0], inp[:, 1] // in_stride, inp[:, 2] // in_stride
@@ -69,7 +72,7 @@ def _sparse_conv_flops(conv: ME.MinkowskiConvolution, x: ME.SparseTensor, y: ME.
     dilation = [int(d) for d in conv.kernel_generator.kernel_dilation]
     if size[0] != size[1] or dilation != [1, 1]:
         raise ValueError(f"only square, undilated sparse kernels are counted, got {size}, {dilation}")
-    pairs = kernel_pairs(x.C, int(x.tensor_stride[0]), y.C, size[0])
+    pairs = kernel_pairs(x.C, int(x.tensor_stride[0]), y.C, size[0], getattr(conv, "padding", None))
     return 2 * pairs * conv.in_channels * conv.out_channels
 
 
@@ -77,7 +80,7 @@ def _sparse_layer_flops(layer: nn.Module, x: ME.SparseTensor, y: ME.SparseTensor
     if isinstance(layer, ME.MinkowskiConvolution):
         return _sparse_conv_flops(layer, x, y)
     if isinstance(layer, DepthwiseConvolution):
-        pairs = kernel_pairs(x.C, int(x.tensor_stride[0]), y.C, layer.kernel_size)
+        pairs = kernel_pairs(x.C, int(x.tensor_stride[0]), y.C, layer.kernel_size, layer.padding)
         return 2 * pairs * layer.weight.shape[0]
     if isinstance(layer, PatchifyConvolution):
         c_out, c_in, k, _ = layer.weight.shape

@@ -46,7 +46,7 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
                 c = m.weight.shape[0]
                 m.weight.copy_(0.5 + torch.rand(c, generator=g))
                 m.bias.copy_(0.1 * torch.randn(c, generator=g))

@@ -44,6 +44,14 @@ def test_sparse_conv_flops_by_hand(kernel, stride, pairs):
     assert counter.total == 2 * pairs * c_in * c_out
 
 
+def test_kernel_pairs_of_a_same_padded_window_by_hand():
+    # TensorFlow 'same' 3x3 at stride 2 pads nothing above and left: the window of output (0, 0)
+    # spans sites 0..2, holding all four sites; (2, 2)'s spans 2..4, holding only itself
+    out = torch.tensor([[0, 0, 0], [0, 2, 2]], dtype=torch.int32)
+    assert kernel_pairs(SITES, 1, out, 3, padding=0) == 4 + 1
+    assert kernel_pairs(SITES, 1, out, 3) == 3 + 1  # centred (padding 1)
+
+
 @pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (5, 1), (7, 2), (1, 2), (2, 2)])
 def test_kernel_pairs_equal_minkowski_kernel_maps(kernel, stride):
     """Our occupancy-grid count equals the size of MinkowskiEngine's own kernel map."""

@@ -19,6 +19,7 @@ import copy
 
 import pytest
 import torch
+from timm.layers import StdConv2dSame
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
 
@@ -195,6 +196,30 @@ VARIANTS = {
 # the families whose whole coverage is this table get every mask; the others are also in MODELS
 EVERY_MASK = ("regnet", "efficientnet", "mobilenetv3")
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
+
+# TensorFlow ports: 'same' padding at stride 2 (stem, strided depthwise and fused convolutions)
+# puts each window one site later; at mask none, equal to timm is what proves the padding right
+VARIANTS.update({
+    "TensorFlow EfficientNet: 'same'-padded stem and strided depthwise 3x3/5x5": ("tf_efficientnet_b0", {}),
+    "TensorFlow EfficientNetV2: 'same'-padded strided fused (full 3x3) convolutions": ("tf_efficientnetv2_b0", {}),
+    "TensorFlow MobileNetV3-Small: 'same' padding, the first block strides": ("tf_mobilenetv3_small_100", {}),
+})
+EVERY_MASK += ("tf_",)
+
+# timm's resnetv2 module: pre-activation blocks (norm and activation before each convolution), the
+# final norm ending the last stage; GroupNorm with each image's statistics over its visible sites
+VARIANTS.update({
+    "ResNetV2: pre-activation basic blocks, deep stem, avg-down, batch norm": ("resnetv2_18d", {}),
+    "ResNetV2: pre-activation bottlenecks, max pooling of the 7x7 stem's output (no activation)": (
+        "resnetv2_50", {"layers": (2, 1, 1, 1)}),
+    "BiT: GroupNorm, weight-standardised convolutions, zero-padded stem pooling": ("resnetv2_50x1_bit", {}),
+    "ResNetV2 with GroupNorm (one channel a group in the deep stem)": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
+    "ResNetV2 without pre-activation: Bottleneck, normed projection shortcut": (
+        "resnetv2_50", {"preact": False, "layers": (2, 1, 1, 1)}),
+    "weight-standardised convolutions with TensorFlow 'same' padding (timm's StdConv2dSame)": (
+        "resnetv2_50d_gn", {"layers": (1, 1, 1, 1), "conv_layer": StdConv2dSame}),
+})
+EVERY_MASK += ("resnetv2",)
 
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()

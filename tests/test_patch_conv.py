@@ -1,5 +1,6 @@
 """Our fast convolutions (plain and depthwise) and pooling compute exactly what MinkowskiEngine's
-own modules compute."""
+own modules compute; with TensorFlow's asymmetric 'same' padding, what timm's Conv2dSame computes
+over the masked map."""
 
 import pytest
 
@@ -10,12 +11,17 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import torch
+from timm.layers import Conv2dSame
+from timm.layers.padding import get_same_padding
+from torch import nn
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.sparse_engine import dense_to_me_kernel
+from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
+from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
-from spark_sparse.sparse.sparsify import sparsify
+from spark_sparse.sparse.patch_sites import tile_geometry
+from spark_sparse.sparse.sparsify import sparsify, to_dense
 
 
 def twin_inputs(channels: int, seed: int = 0):
@@ -103,3 +109,95 @@ def test_both_convolution_implementations_give_the_same_encoder():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="conv must be one of"):
         SparseEncoder.from_timm("resnet18", conv="fft")
+
+
+def test_same_padding_tile_starts_one_site_later_at_stride_two():
+    # centred 3x3 at stride 2 over an 8x8 block reads input sites -1..7; TensorFlow's 'same'
+    # pads 0 above (1 below) on an even side, so it reads 0..8; a 5x5 pads 1 above, not 2
+    assert tile_geometry(8, 3, 2) == (-1, 9)
+    assert tile_geometry(8, 3, 2, padding=0) == (0, 9)
+    assert tile_geometry(8, 5, 2) == (-2, 11)
+    assert tile_geometry(8, 5, 2, padding=1) == (-1, 11)
+    # a 2x2 block (stride 16 to 32): the 5x5 window of its second output reaches two sites
+    # into the next block, as far as the neighbour table goes
+    assert tile_geometry(2, 5, 2, padding=1) == (-1, 5)
+    for k in (3, 5, 7):  # timm's total 'same' padding on even sides, the smaller half above
+        for n in (2, 4, 112):
+            assert get_same_padding(n, k, 2, 1) // 2 == k // 2 - 1
+
+
+def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
+    """A sparse strided convolution with TensorFlow's 'same' padding and timm's dense one, with
+    the same random weights (float64)."""
+    torch.manual_seed(0)
+    groups = c if kind == "depthwise" else 1
+    dense = Conv2dSame(c, c if groups > 1 else 6, k, stride=2, groups=groups, bias=True).double()
+    padding = k // 2 - 1  # what timm pads above and left of an even side at stride 2
+    if kind == "depthwise":
+        sparse = DepthwiseConvolution(c, k, bias=True, stride=2, padding=padding).double()
+        sparse.load_state_dict(dense.state_dict())
+        return sparse, dense
+    sparse = PatchConvolution(c, 6, kernel_size=k, stride=2, bias=True, dimension=2, padding=padding).double()
+    sparse.tile_min_sites = 1 if kind == "tiles" else 10**6
+    with torch.no_grad():
+        sparse.kernel.copy_(dense_to_me_kernel(dense.weight).view_as(sparse.kernel))
+        sparse.bias.copy_(dense.bias.view_as(sparse.bias))
+    return sparse, dense
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "depthwise"])
+def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_map(kind, kernel_size, block):
+    """At every visible output site (block edges included, where the off-centre window reads the
+    next block or the padding below/right), the same value and the same gradients as timm's
+    dynamically padded Conv2dSame over the masked map: features, input and weight gradients."""
+    g = torch.Generator().manual_seed(3)
+    b, c, grid = 3, 4, (2, 3)
+    images = torch.randn(b, c, grid[0] * block, grid[1] * block, generator=g, dtype=torch.float64)
+    active = random_active(b, grid, 0.5, g)
+    sparse, dense = _same_padded(kind, kernel_size, c)
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    size = (grid[0] * block // 2, grid[1] * block // 2)
+    visible_in = upsample_active(active, images.shape[-2:])
+    masked = (images * visible_in).requires_grad_()
+    want = dense(masked) * upsample_active(active, size)
+    got = to_dense(out, b, size)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, b, images.shape[-2:]), masked.grad * visible_in,
+                               rtol=1e-12, atol=1e-12)
+    weight_grad = sparse.weight.grad if kind == "depthwise" else me_to_dense_kernel(
+        sparse.kernel.grad, (kernel_size, kernel_size))
+    torch.testing.assert_close(weight_grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(block):
+    """BiT's stem: a zero pad then an unpadded 3x3 stride-2 max pooling, with no activation before
+    it (values of either sign): hidden sites read zero there as the padding does. Forward and
+    gradient (which goes nowhere where a zero won)."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = PatchPooling("max", 3, 2, fill=0.0)(
+        ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    visible = upsample_active(active, images.shape[-2:])
+    masked = (images * visible).requires_grad_()
+    size = (block, 3 * block // 2)
+    want = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2))(masked) * upsample_active(active, size)
+    got = to_dense(out, 3, size)
+    assert torch.equal(got, want)
+    assert bool((want == 0).logical_and(upsample_active(active, size)).any())  # a zero won somewhere
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, 3, images.shape[-2:]), masked.grad * visible, rtol=0, atol=1e-15)

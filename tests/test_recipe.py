@@ -25,6 +25,15 @@ from .test_pretrain import config
     ("convnext_base", 0.3, "ln", [0.9, 0.999]),
     ("convnext_large", 0.4, "ln", [0.9, 0.999]),
     ("convnextv2_base", 0.3, "ln", [0.9, 0.999]),
+    # timm's resnetv2 module: the ResNet recipe; GroupNorm nets densify with a layer norm
+    ("resnetv2_50", 0.0, "bn", [0.9, 0.95]),
+    ("resnetv2_50d", 0.0, "bn", [0.9, 0.95]),
+    ("resnetv2_50x1_bit", 0.0, "ln", [0.9, 0.95]),
+    ("resnetv2_152x4_bit", 0.0, "ln", [0.9, 0.95]),
+    ("resnetv2_50d_gn", 0.0, "ln", [0.9, 0.95]),
+    # TensorFlow ports: their modules' batch-norm recipe
+    ("tf_efficientnet_b0", 0.0, "bn", [0.9, 0.95]),
+    ("tf_mobilenetv3_small_100", 0.0, "bn", [0.9, 0.95]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")
@@ -54,6 +63,19 @@ def test_a_convnext_pretrains_with_layer_norm_densify_and_exports_timm_weights(t
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     encoder = torch.load(summary["encoder"])
     timm.create_model("convnext_atto", num_classes=0).load_state_dict(encoder, strict=True)
+
+
+@needs_minkowski  # pretraining's default engine
+@pytest.mark.parametrize("model, norm", [("resnetv2_50x1_bit", "ln"), ("tf_efficientnet_b0", "bn")])
+def test_bit_and_a_tensorflow_port_pretrain_and_export_timm_weights(tmp_path, model, norm):
+    # BiT: GroupNorm and weight-standardised convolutions; the TensorFlow port: 'same' padding
+    summary = pretrain.train(config(f"model={model}", "max_steps=2", "save_every=2"), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["config"]["decoder"]["densify_norm"] == norm
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    encoder = torch.load(summary["encoder"])
+    timm.create_model(model, num_classes=0).load_state_dict(encoder, strict=True)
 
 
 @needs_minkowski

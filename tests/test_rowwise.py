@@ -17,11 +17,12 @@ from torch import nn
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.precision import autocast, compute_dtype
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.group_norm import SparseGroupNormAct
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.norm_act import batch_norm_act
 from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.rowwise import ImageScale, image_of_rows, with_features
-from spark_sparse.sparse.sparsify import sparsify
+from spark_sparse.sparse.sparsify import sparsify, to_dense
 
 ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
 # float64, the same arithmetic reordered at most: measured differences are at most 1e-14 on values
@@ -212,3 +213,81 @@ def test_a_sparse_resnet_bottleneck_keeps_its_norms_inputs_and_its_output():
         encoder(images, random_active(2, (2, 2), 0.5, torch.Generator().manual_seed(0)))
     widths = sorted(shape[1] for shape in kept.values())
     assert widths == [64, 64, 256, 256, 256]  # bn1, bn2 inputs; input, bn3 input, output
+
+
+def _group_norm_input(visible: float, channels: int = 64, seed: int = 0):
+    """A sparse float64 batch of 3 images (2x3 patches of 4x4 sites), ``visible`` of each image's patches kept."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(3, channels, 8, 12, generator=g, dtype=torch.float64) * 2 + 0.5
+    active = random_active(3, (2, 3), 1.0 - visible, g)
+    return images, active, sparsify(images, active)
+
+
+def _group_norms(groups: int, channels: int, affine: bool):
+    torch.manual_seed(0)
+    ref = nn.GroupNorm(groups, channels, eps=1e-5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.normal_()
+    return SparseGroupNormAct(ref, nn.Identity()), ref
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("groups", [32, 64, 1], ids=["32 groups", "a channel a group", "one group"])
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+def test_group_norm_over_a_fully_visible_map_equals_torch_group_norm(act, groups, affine):
+    images, active, x = _group_norm_input(visible=1.0)
+    ours, ref = _group_norms(groups, 64, affine)
+    ours.act = act
+    feats = x.F.clone().requires_grad_()
+    got = to_dense(ours(with_features(x, feats)), 3, (8, 12))
+    dense = images.clone().requires_grad_()
+    want = act(ref(dense))
+    torch.testing.assert_close(got, want, **EXACT64)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = [p for p in ours.parameters()]
+    got_grads = torch.autograd.grad((got * g).sum(), [feats, *params])
+    want_grads = torch.autograd.grad((want * g).sum(), [dense, *ref.parameters()])
+    grad_rows = to_dense(with_features(x, got_grads[0]), 3, (8, 12))
+    for a, b in zip([grad_rows, *got_grads[1:]], want_grads):
+        torch.testing.assert_close(a, b, **EXACT64)
+
+
+def test_group_norm_takes_each_images_statistics_over_its_visible_sites_only():
+    """The reference: torch's group norm of each image's visible rows alone, as a (1, C, n) map."""
+    _, active, x = _group_norm_input(visible=0.5)
+    ours, ref = _group_norms(32, 64, affine=True)
+    ours.act = nn.SiLU()
+    feats = x.F.clone().requires_grad_()
+    got = ours(with_features(x, feats)).F
+    image = image_of_rows(x)
+    rows = feats.detach().clone().requires_grad_()
+    want = torch.cat([nn.SiLU()(ref(rows[image == i].t()[None]))[0].t() for i in range(3)])
+    assert torch.equal(image, image.sort().values)  # rows of an image are contiguous, in image order
+    torch.testing.assert_close(got, want, **EXACT64)
+    g = torch.randn(got.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), [feats, ours.weight, ours.bias]),
+                    torch.autograd.grad((want * g).sum(), [rows, ref.weight, ref.bias])):
+        torch.testing.assert_close(a, b, **EXACT64)
+
+
+def test_group_norm_keeps_only_its_input_and_the_operator_after_it_none_of_its_rows():
+    _, _, x = _group_norm_input(visible=0.5, channels=6)
+    norm, _ = _group_norms(3, 6, affine=True)
+    norm.act = nn.ReLU()
+    conv = _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2, tile_min_sites=NO_TILES)
+    rows = x.F.shape[0]
+
+    def run(keep_rows: bool):
+        feats = x.F.clone().requires_grad_()
+        y = norm(with_features(x, feats))
+        out = conv(with_features(y, y.F.clone()) if keep_rows else y)
+        return out.F, [feats, norm.weight, norm.bias, conv.kernel]
+
+    assert saved_row_tensors(lambda: norm(with_features(x, x.F.clone().requires_grad_())), rows) == 1
+    (got, inputs_a), (want, inputs_b) = run(False), run(True)
+    torch.testing.assert_close(got, want, **EXACT64)
+    for a, b in zip(grads(got, inputs_a), grads(want, inputs_b)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (saved_row_tensors(lambda: run(False), rows), saved_row_tensors(lambda: run(True), rows)) == (1, 2)

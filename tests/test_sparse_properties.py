@@ -5,7 +5,8 @@
   masked zeros (a squeeze-excitation mean over the whole map), or any leak of the hidden area,
   would break it.
 * Batch independence (eval mode): an image's features do not depend on the other images.
-  ConvNeXt-V2's own sparse GRN, with statistics over the whole batch, would break it.
+  ConvNeXt-V2's own sparse GRN, with statistics over the whole batch, would break it. Nets
+  without batch norm (GroupNorm: BiT) are batch-independent in train mode too.
 """
 
 import pytest
@@ -25,6 +26,11 @@ MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t"
                                         "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
                                         "mobilenetv3_small_100"]}
 MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
+# TensorFlow 'same' padding: the off-centre window at a block's edge reads what the dense padded
+# convolution of the masked map reads (the next block, or zeros where it is hidden)
+MODELS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
+# pre-activation ResNets; BiT's GroupNorm per image and its stem pooling where hidden sites read zero
+MODELS.update({name: (name, {}) for name in ["resnetv2_18d", "resnetv2_50x1_bit"]})
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
@@ -66,10 +72,34 @@ def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, 
     g = torch.Generator().manual_seed(1)
     images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
     active = random_active(3, (2, 3), 0.5, g)
-    enc = encoder(timm_models, engine, name, train=False)
+    assert_the_first_images_features_are_its_own(encoder(timm_models, engine, name, train=False), images, active)
+
+
+def assert_the_first_images_features_are_its_own(enc, images, active) -> None:
+    """Image 0's features with image 1, with image 2, and alone: the same (float64 rounding)."""
     with torch.no_grad():
         with_one = enc.dense_features(images[[0, 1]], active[[0, 1]])
         with_other = enc.dense_features(images[[0, 2]], active[[0, 2]])
         alone = enc.dense_features(images[:1], active[:1])
     for a, b, c in zip(with_one, with_other, alone):
         assert rel_err(a[0], c[0]) < 1e-12 and rel_err(b[0], c[0]) < 1e-12
+
+
+# nets with no batch norm: group norms take each image's statistics over its own visible sites
+GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
+                     "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)})}
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
+@pytest.mark.parametrize("model", GROUP_NORM_MODELS)
+def test_a_group_norm_nets_train_mode_features_do_not_depend_on_the_rest_of_the_batch(timm_models, model, engine):
+    """Unlike batch norm, a group norm has no batch statistics: in train mode too an image's
+    features are its own, whichever images share its batch (and however many of their patches
+    are visible)."""
+    name, kwargs = GROUP_NORM_MODELS[model]
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    active[2] = True  # a fully visible neighbour
+    enc = engine.from_timm(copy.deepcopy(timm_models(name, **kwargs))).double().train()
+    assert_the_first_images_features_are_its_own(enc, images, active)

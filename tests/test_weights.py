@@ -26,6 +26,12 @@ ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] =
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
     "convnext_atto", {"conv_mlp": False, "depths": (1, 1, 11, 1)})
 ALL_DEPTHS["EfficientNet with width and depth multipliers (B2)"] = ("efficientnet_b2", {})
+# TensorFlow ports ('same' padding)
+ALL_DEPTHS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
+# timm's resnetv2 module: batch norm, BiT (GroupNorm, weight standardisation), GroupNorm, tiered stem
+ALL_DEPTHS.update({name: (name, {}) for name in ["resnetv2_18", "resnetv2_50", "resnetv2_50d", "resnetv2_50t",
+                                                 "resnetv2_50x1_bit", "resnetv2_50d_gn"]})
+ALL_DEPTHS["ResNetV2 without pre-activation (Bottleneck)"] = ("resnetv2_50", {"preact": False, "layers": (1, 1, 1, 1)})
 
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
@@ -86,7 +92,8 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "tf_efficientnet_b0": r"Conv2dSame at 'conv_stem': TensorFlow 'same' padding is asymmetric",
+        "tf_mixnet_s": r"MixedConv2d at 'blocks\.1\.0\.conv_pw'",
+        "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0'",
         "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
         "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
     }
@@ -160,3 +167,33 @@ def test_encoders_deep_copy_and_pickle_to_the_same_function(timm_models, name, e
     assert all(p.grad is None for p in encoder.parameters())
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_resnetv2_without_an_exact_twin_is_refused_by_path(engine):
+    engine = engine_class(engine)
+    for name in ("resnetv2_50d_evos", "resnetv2_50d_frn"):
+        with pytest.raises(ConversionError, match=r"cannot convert (EvoNorm2dS0|FilterResponseNormTlu2d) at "
+                                                  r"'stem\.norm1': EvoNorm and filter response norms are not mirrored"):
+            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
+    with pytest.raises(ConversionError, match=r"stage strides \[4, 8, 16, 16\] are not 4, 8, 16, 32"):
+        engine.from_timm(timm.create_model("resnetv2_50", pretrained=False, num_classes=0, output_stride=16))
+    model = timm.create_model("resnetv2_18", pretrained=False, num_classes=0)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ConversionError, match=r"ResNetStage at 'stages\.0': gradient checkpointing"):
+        engine.from_timm(model)
+
+
+@needs_minkowski
+def test_resnetv2_final_norm_ends_the_features_and_bit_keeps_timm_names():
+    # forward_features ends with the final norm (and ReLU): it ends the last stage and is trained
+    enc = create_encoder("resnetv2_50x1_bit", "sparse")
+    assert enc.channels == [256, 512, 1024, 2048]
+    names = {name for name, _ in enc.named_parameters()}
+    assert {"body.norm.weight", "body.norm.bias"} <= names
+    # weight-standardised convolutions keep timm's `weight` (standardised at every forward, never stored so)
+    state = enc.timm_state_dict()
+    assert "stem.conv.weight" in state and "stages.0.blocks.0.downsample.conv.weight" in state
+    with pytest.raises(ConversionError, match=r"StdConv2d at 'stem\.conv': weight-standardised convolution "
+                                              r"with conv='minkowski'"):
+        engine_class("sparse").from_timm("resnetv2_50x1_bit", conv="minkowski")

@@ -6,13 +6,12 @@ depthwise-separable and plain conv-bn-act blocks, EfficientNet-V2's fused "edge"
 Each block is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
 final 1x1 convolution and norm (``conv_head``, ``bn2``) run before pooling, so they end the last
 stage; MobileNetV3's run after pooling, so they are kept (frozen, never run) for strict loading.
-TensorFlow ports (``tf_*``, and the pruned EfficientNets) pad asymmetrically ("same") and are
-refused.
+TensorFlow ports (``tf_*``, and the pruned EfficientNets) pad asymmetrically ("same", timm's
+Conv2dSame) at stride 2: the engines' convolutions pad as they do.
 """
 
 from __future__ import annotations
 
-from timm.layers import Conv2dSame
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
@@ -51,10 +50,6 @@ class MirrorEfficientBlock(nn.Module):
 def _check(model: nn.Module) -> None:
     if getattr(model, "grad_checkpointing", False):
         raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
-    for path, module in model.named_modules():
-        if isinstance(module, Conv2dSame):
-            raise unsupported(module, path, "TensorFlow 'same' padding is asymmetric and has no exact "
-                                            "sparse twin; use a PyTorch-native model (tf_* ports pad so)")
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES}

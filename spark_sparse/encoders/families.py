@@ -10,8 +10,10 @@ from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .regnet import REGNET
 from .resnet import RESNET
+from .resnetv2 import RESNETV2
 
-FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3)
+FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
+                                RESNETV2)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -9,12 +9,13 @@ one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and it
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import LayerNorm, LayerNorm2d
+from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, StdConv2d, StdConv2dSame
 from timm.layers import activations as timm_act
 from torch import nn
 
@@ -30,9 +31,37 @@ def unsupported(module: nn.Module, path: str, why: str = "") -> ConversionError:
     return ConversionError(f"cannot convert {type(module).__name__} at '{path}'{detail}")
 
 
+class ZeroPaddedMaxPool(nn.Module):
+    """timm's zero ``ConstantPad2d`` then an unpadded ``MaxPool2d`` (BiT's "fixed" stem, with no
+    activation before it), as one leaf: a max pooling whose padding reads zero. The engines let
+    hidden sites read zero too, as the padding does (and SparK's masked maps): the pooling is then
+    timm's with nothing hidden, and an image's features are the same with or without a hidden
+    canvas around it."""
+
+    def __init__(self, pad: nn.ConstantPad2d, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pad, self.pool = copy.deepcopy(pad), copy.deepcopy(pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.pad(x))
+
+
+def _zero_pads_fused(children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """A Sequential's children with each zero pad before an unpadded max pooling folded into the
+    pooling (a ``ZeroPaddedMaxPool``); the pad's place holds an Identity (neither holds tensors)."""
+    children = list(children)
+    for i in range(len(children) - 1):
+        (pad_name, pad), (pool_name, pool) = children[i], children[i + 1]
+        if (type(pad) is nn.ConstantPad2d and pad.value == 0 and type(pool) is nn.MaxPool2d
+                and pool.padding in (0, (0, 0))):
+            children[i], children[i + 1] = (pad_name, nn.Identity()), (pool_name, ZeroPaddedMaxPool(pad, pool))
+    return children
+
+
 class Converter:
     """Converts a timm subtree: blocks the family mirrors become their mirror classes,
-    Sequentials keep their structure, everything else goes to the engine's leaf conversion."""
+    Sequentials keep their structure and child names (a zero pad before a max pooling becomes
+    one ``ZeroPaddedMaxPool``), everything else goes to the engine's leaf conversion."""
 
     def __init__(self, leaf: LeafConverter, mirrors: dict[type, type]):
         self.leaf = leaf
@@ -45,7 +74,8 @@ class Converter:
         if mirror is not None:
             return mirror(module, self, path)
         if type(module) is nn.Sequential:
-            return nn.Sequential(*[self(m, f"{path}.{i}") for i, m in enumerate(module)])
+            children = _zero_pads_fused(module.named_children())
+            return nn.Sequential(OrderedDict((n, self(m, f"{path}.{n}")) for n, m in children))
         return self.leaf(module, path)
 
 
@@ -73,6 +103,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 # dense-masked engine computes without re-masking (ReLU has engine-specific twins).
 ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
                timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
+# torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
+# (the kernel normalised per output channel at every forward: a weight-only operation)
+CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame)
 # torch's and timm's layer norms (channels last and channels first): every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 

@@ -15,7 +15,8 @@ import copy
 from typing import NamedTuple
 
 import torch
-from timm.layers import BatchNormAct2d, DropPath
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, DropPath, GroupNormAct
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
@@ -23,7 +24,8 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
+                     unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -106,6 +108,35 @@ class SyncMaskedBatchNormAct2d(MaskedBatchNormAct2d, SyncVisibleBatchNorm):
     pass
 
 
+class MaskedGroupNormAct(nn.Module):
+    """timm's GroupNormAct (its ``weight`` and ``bias``) with each image's statistics per group
+    over its visible sites only (hidden sites hold zeros and are not counted), then its
+    activation; hidden sites are zeroed by whatever reads the map next."""
+
+    def __init__(self, norm: GroupNormAct):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().clone())
+        self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().clone())
+        self.act = copy.deepcopy(norm.act)
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x, visible = inp.clean().x, inp.visible().to(inp.x.dtype)
+        b, c, h, w = x.shape
+        g = self.num_groups
+        xg = x.view(b, g, c // g, h, w)
+        count = visible.sum((1, 2, 3)).clamp_min(1) * (c // g)  # (B,) visible values per group
+        mean = xg.sum((2, 3, 4)) / count[:, None]
+        centred = (xg - mean[:, :, None, None, None]) * visible[:, None]  # hidden: still zero
+        var = centred.square().sum((2, 3, 4)) / count[:, None]
+        y = (centred * torch.rsqrt(var + self.eps)[:, :, None, None, None]).view(b, c, h, w)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return MaskedTensor(self.act(y), inp.active, dirty=True)
+
+
 class MaskedLayerNorm(nn.LayerNorm):
     """Layer norm of each visible site's channels; hidden sites stay zero (SparK's
     SparseConvNeXtLayerNorm). One module for timm's channels-last and channels-first norms."""
@@ -176,14 +207,16 @@ class MaskedMaxPool(nn.Module):
 
 
 class MaskedApply(nn.Module):
-    """Run a dense module, then zero the hidden sites again (pooling can spread into them)."""
+    """Run a dense module on the masked map, then zero the hidden sites again (pooling and
+    convolutions spread into them): timm's own module, so its padding (TensorFlow 'same' in
+    Conv2dSame) and weight standardisation (StdConv2d) are timm's."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        y = self.module(inp.x)
+        y = self.module(inp.clean().x)
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
@@ -208,6 +241,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
                             module.bias is not None)
         conv.load_state_dict(module.state_dict())
         return conv
+    if type(module) in CONVOLUTIONS:  # timm's 'same'-padded and weight-standardised ones
+        return MaskedApply(copy.deepcopy(module))
     if type(module) is nn.BatchNorm2d:
         bn = MaskedBatchNorm2d(module.num_features, module.eps, module.momentum,
                                module.affine, module.track_running_stats)
@@ -216,6 +251,11 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is BatchNormAct2d:
         check_norm_act(module, path)
         return MaskedBatchNormAct2d.from_timm(module)
+    if type(module) is GroupNormAct:
+        check_norm_act(module, path)
+        return MaskedGroupNormAct(module)
+    if type(module) is ZeroPaddedMaxPool:  # hidden sites read zero, as the padding
+        return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                                bias=module.bias is not None)

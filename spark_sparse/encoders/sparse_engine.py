@@ -12,23 +12,25 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from timm.layers import BatchNormAct2d, DropPath
+from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, StdConv2d, StdConv2dSame, to_2tuple
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.depthwise import DepthwiseConvolution
+from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.norm_act import batch_norm_act
-from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
+from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling, StdPatchConvolution
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
+                     unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -57,18 +59,39 @@ def _copy_weights(dense: nn.Module, sparse: nn.Module) -> nn.Module:
     return sparse.train(dense.training)
 
 
+def _top_left_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """The zero padding above and left of the map. timm's dynamic TensorFlow 'same' padding
+    (Conv2dSame, StdConv2dSame) pads (k - s) // 2 there on sides the stride divides, as every map
+    of a mask on the 32-pixel grid has where a stride-2 layer reads it (the rest goes below and
+    right, where absent sites read zero as the padding does)."""
+    if isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False):
+        return tuple(max(k - s, 0) // 2 for k, s in zip(conv.kernel_size, conv.stride))
+    return conv.padding
+
+
 def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     kh, kw = conv.kernel_size
-    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    (sh, sw), (ph, pw) = conv.stride, _top_left_padding(conv)
     if kh != kw or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")
     centred = kh % 2 == 1 and ph == kh // 2
+    # TensorFlow's 'same' at stride 2: the window starts one site later (patch_sites.tile_geometry)
+    shifted = kh % 2 == 1 and sh == 2 and ph == kh // 2 - 1
+    padding = ph if shifted else None
     bias = conv.bias is not None
-    if conv.groups == conv.in_channels == conv.out_channels > 1 and centred and sh in (1, 2):
+    if isinstance(conv, (StdConv2d, StdConv2dSame)):
+        if impl == "minkowski" or conv.groups != 1 or not (centred or shifted):
+            raise unsupported(conv, path, f"weight-standardised convolution with conv='{impl}', "
+                                          f"{conv.groups} groups, kernel {kh}, padding {ph}")
+    elif shifted and impl == "minkowski":
+        raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
+                                      "needs conv='patch'")
+    if conv.groups == conv.in_channels == conv.out_channels > 1 and (centred or shifted) and sh in (1, 2):
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
-        return _copy_weights(conv, DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh))
+        depthwise = DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh, padding=padding)
+        return _copy_weights(conv, depthwise)
     if conv.groups != 1:
         if impl == "minkowski" or not centred:
             raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
@@ -79,12 +102,16 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")
         return _copy_weights(conv, PatchifyConvolution(conv.in_channels, conv.out_channels, kh, bias))
-    if not centred:
+    if not (centred or shifted):
         raise unsupported(conv, path, f"kernel {kh}, stride {sh}, padding {ph} is not a centred "
-                                      "odd kernel nor a non-overlapping one")
-    cls = ME.MinkowskiConvolution if impl == "minkowski" else PatchConvolution
-    sparse = cls(conv.in_channels, conv.out_channels, kernel_size=kh,
-                 stride=conv.stride[0], bias=conv.bias is not None, dimension=2)
+                                      "odd kernel, TensorFlow 'same' padding nor a non-overlapping one")
+    settings = dict(kernel_size=kh, stride=sh, bias=conv.bias is not None, dimension=2)
+    if impl == "minkowski":
+        sparse = ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, **settings)
+    elif isinstance(conv, (StdConv2d, StdConv2dSame)):
+        sparse = StdPatchConvolution(conv.in_channels, conv.out_channels, padding=padding, eps=conv.eps, **settings)
+    else:
+        sparse = PatchConvolution(conv.in_channels, conv.out_channels, padding=padding, **settings)
     with torch.no_grad():
         sparse.kernel.copy_(dense_to_me_kernel(conv.weight).view_as(sparse.kernel))
         if conv.bias is not None:
@@ -157,6 +184,16 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 
+def _sparse_zero_padded_pool(module: ZeroPaddedMaxPool, path: str, impl: str) -> PatchPooling:
+    pad, pool = module.pad.padding, module.pool
+    geometry = (to_2tuple(pool.kernel_size), to_2tuple(pool.stride), to_2tuple(pool.dilation), pool.ceil_mode)
+    if impl == "minkowski" or pad != (1, 1, 1, 1) or geometry != ((3, 3), (2, 2), (1, 1), False):
+        raise unsupported(module, path, f"zero pad {pad} then max pooling (kernel {pool.kernel_size}, stride "
+                                        f"{pool.stride}) with conv='{impl}': only a 3x3 stride-2 one padded "
+                                        "by 1 with conv='patch'")
+    return PatchPooling("max", 3, 2, fill=0.0)  # hidden sites read zero, as the padding
+
+
 class SparseChannelAttention(ChannelAttention):
     """SE/ECA: each image's mean over its visible rows (in float32 for 16-bit rows), a gate per
     image and channel."""
@@ -180,13 +217,16 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if conv not in CONV_IMPLS:
         raise ValueError(f"conv must be one of {CONV_IMPLS}, got '{conv}'")
     kind = type(module)
-    if kind is nn.Conv2d:
+    if kind in CONVOLUTIONS:
         return _sparse_conv(module, path, conv)
     if kind is nn.BatchNorm2d:
         return _sparse_bn(module, path)
     if kind is BatchNormAct2d:
         check_norm_act(module, path)
         return SparseBatchNormAct(module, module.act)
+    if kind is GroupNormAct:
+        check_norm_act(module, path)
+        return SparseGroupNormAct(module, module.act)
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
     if kind is nn.Linear:
@@ -204,6 +244,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelAttention(module, path)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
+    if kind is ZeroPaddedMaxPool:
+        return _sparse_zero_padded_pool(module, path, conv)
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
     if kind is nn.Identity:

@@ -112,15 +112,20 @@ class DepthwiseConvolution(nn.Module):
     """A depthwise k x k (odd k) submanifold convolution, or a strided one that keeps the visible
     sites of the coarser grid, on mask-aligned sparse tensors, with timm's parameters (``weight``
     (C, 1, k, k), ``bias`` (C,)). Strided ones (a few per EfficientNet) run on tiles, with
-    oneDNN's own backward."""
+    oneDNN's own backward; ``padding`` (strided ones only) as for patch_sites.py ``tile_geometry``."""
 
     tile_min_sites = TILE_MIN_SITES
+    padding: int | None = None  # (a class default too: modules pickled before it existed)
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1,
+                 padding: int | None = None):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ValueError(f"depthwise kernel size must be odd, got {kernel_size}")
-        self.stride = stride
+        if stride == 1 and padding not in (None, kernel_size // 2):
+            raise ValueError(f"a stride-1 depthwise convolution keeps its sites: padding {padding} "
+                             f"would move a {kernel_size}x{kernel_size} window off-centre")
+        self.stride, self.padding = stride, padding
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
@@ -134,7 +139,7 @@ class DepthwiseConvolution(nn.Module):
         s = sites.sites_per_side(stride)
         weight = self.weight
         if self.stride > 1:
-            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride))
+            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride, self.padding))
             out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
         elif s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
@@ -150,5 +155,6 @@ class DepthwiseConvolution(nn.Module):
                                coordinate_manager=x.coordinate_manager)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}, "
+        padding = "" if self.padding is None else f", padding={self.padding}"
+        return (f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}{padding}, "
                 f"bias={self.bias is not None}")

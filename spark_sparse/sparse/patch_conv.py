@@ -77,15 +77,15 @@ class TileConv(torch.autograd.Function):
 
 
 class TileMaxPool(torch.autograd.Function):
-    """Max pooling over present sites; keeps where in its tile each maximum was (int16), not the
-    tiles."""
+    """Max pooling over present sites, absent ones reading ``fill`` (-inf: they never win); keeps
+    where in its tile each maximum was (int16), not the tiles."""
 
     @staticmethod
     @autocast_forward(cast_inputs=False)  # pooling keeps its input's dtype
-    def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
+    def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int, fill: float = float("-inf")) -> Tensor:
         if tile.size**2 > torch.iinfo(torch.int16).max:
             raise ValueError(f"a {tile.size}x{tile.size} pooling tile is too large for int16 positions")
-        tiles = gather_tiles(feats, tile, float("-inf"))  # absent neighbours never win
+        tiles = gather_tiles(feats, tile, fill)
         out, where = F.max_pool2d(tiles, kernel_size, stride, return_indices=True)
         p, c = out.shape[:2]
         ctx.save_for_backward(where.permute(0, 2, 3, 1).reshape(p, -1, c).to(torch.int16))
@@ -101,8 +101,9 @@ class TileMaxPool(torch.autograd.Function):
         first = torch.arange(0, tile.rows.shape[0], tile.size**2, device=where.device)  # of each tile
         where = where.long() + first.view(p, 1, 1)
         source = tile.rows.long()[where.view(-1, c)]  # the row each maximum came from
-        grad = grad_rows.new_zeros(ctx.num_rows, c)
-        return grad.scatter_add_(0, source, grad_rows.contiguous()), None, None, None
+        # one row more: where an absent site's fill won (its row number is num_rows), the gradient goes nowhere
+        grad = grad_rows.new_zeros(ctx.num_rows + 1, c)
+        return grad.scatter_add_(0, source, grad_rows.contiguous())[:-1], None, None, None, None
 
 
 def select_rows(t: Tensor, index: Tensor | None) -> Tensor:
@@ -169,7 +170,9 @@ class Pointwise(torch.autograd.Function):
 
 
 class PatchConvolution(ME.MinkowskiConvolution):
-    """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors.
+    """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors;
+    ``padding``: the zero padding above and left of the map (patch_sites.py ``tile_geometry``),
+    None for a centred kernel as MinkowskiEngine's.
 
     Convolutions over blocks of at least ``tile_min_sites`` sites per side run on tiles, the
     others (deeper stages, where a tile would be mostly halo and absent neighbours many) as
@@ -179,6 +182,11 @@ class PatchConvolution(ME.MinkowskiConvolution):
     """
 
     tile_min_sites = TILE_MIN_SITES
+    padding: int | None = None  # (a class default too: modules pickled before it existed)
+
+    def __init__(self, *args, padding: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.padding = padding
 
     # MinkowskiEngine keeps its convolution's settings in __slots__, which nn.Module's pickling
     # (its __dict__) leaves out: copies and unpickled modules would have no kernel generator.
@@ -202,6 +210,10 @@ class PatchConvolution(ME.MinkowskiConvolution):
         if "bias" not in self._parameters:
             self.bias = None
 
+    def weight_kernel(self) -> Tensor:
+        """The kernel the convolution runs with (ME's layout)."""
+        return self.kernel
+
     def uses_tiles(self, sites_per_side: int) -> bool:
         """Whether a k x k convolution over blocks of ``sites_per_side`` runs on tiles."""
         return int(self.kernel_generator.kernel_size[0]) > 1 and sites_per_side >= self.tile_min_sites
@@ -209,19 +221,22 @@ class PatchConvolution(ME.MinkowskiConvolution):
     def forward(self, x: ME.SparseTensor, coordinates=None) -> ME.SparseTensor:
         kh = int(self.kernel_generator.kernel_size[0])
         stride = int(self.kernel_generator.kernel_stride[0])
-        kernel = self.kernel.view(-1, self.in_channels, self.out_channels)
+        param = self.weight_kernel()
+        kernel = param.view(-1, self.in_channels, self.out_channels)
         sites = PatchSites.of(x)
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
         s = sites.sites_per_side(in_stride)
         if kh == 1 and stride == 1:  # pointwise: no neighbours
             # a view of the kernel: its gradient needs no copy
-            out = Pointwise.apply(x.F, self.kernel.view(self.in_channels, self.out_channels))
+            out = Pointwise.apply(x.F, param.view(self.in_channels, self.out_channels))
         elif not self.uses_tiles(s):
-            out = OffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, kh, stride), sites.num_rows(out_stride))
+            pairs = sites.pairs(in_stride, kh, stride, self.padding)
+            out = OffsetGemm.apply(x.F, kernel, pairs, sites.num_rows(out_stride))
         else:
             # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)
             weight = kernel.reshape(kh, kh, self.in_channels, self.out_channels).permute(3, 2, 1, 0)
-            out = TileConv.apply(x.F, weight, sites.tile(in_stride, *tile_geometry(s, kh, stride)), stride)
+            tile = sites.tile(in_stride, *tile_geometry(s, kh, stride, self.padding))
+            out = TileConv.apply(x.F, weight, tile, stride)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if stride == 1:
@@ -231,22 +246,42 @@ class PatchConvolution(ME.MinkowskiConvolution):
         return ME.SparseTensor(out, coordinate_map_key=key, coordinate_manager=manager)
 
 
-class PatchPooling(nn.Module):
-    """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling."""
+class StdPatchConvolution(PatchConvolution):
+    """timm's StdConv2d: each output channel's kernel standardised (zero mean, unit variance over
+    its C_in x k x k weights, ``eps`` added to the variance) at every forward, as timm does with
+    a batch norm over the weight; the sparse convolution runs with the standardised kernel."""
 
-    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False):
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def weight_kernel(self) -> Tensor:
+        w = self.kernel.view(-1, self.out_channels)  # a column per output channel, any kernel layout
+        centred = w - w.mean(0)  # (two passes of plain reductions: torch's var_mean is slow on CPU)
+        var = (centred * centred).mean(0)
+        return (centred * torch.rsqrt(var + self.eps)).view_as(self.kernel)
+
+
+class PatchPooling(nn.Module):
+    """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling. ``fill``: what
+    an absent site reads in max pooling (-inf: nothing; 0: as a zero padding would)."""
+
+    fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
+
+    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False, fill: float = float("-inf")):
         super().__init__()
         if mode not in ("max", "avg"):
             raise ValueError(f"pooling mode must be 'max' or 'avg', got '{mode}'")
         self.mode, self.kernel_size, self.stride = mode, kernel_size, stride
         self.relu = relu  # a ReLU after pooling (for max pooling the same as one before it)
+        self.fill = fill
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         s = sites.sites_per_side(x.tensor_stride[0])
         tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, self.kernel_size, self.stride))
         if self.mode == "max":
-            out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride)
+            out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride, self.fill)
         else:  # mask-aligned 2x2 windows lie inside one patch: always complete
             out = tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
         if self.relu:
@@ -256,7 +291,8 @@ class PatchPooling(nn.Module):
 
     def extra_repr(self) -> str:
         relu = ", then ReLU" if self.relu else ""
-        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{relu}"
+        fill = f", absent sites read {self.fill}" if self.mode == "max" and self.fill != float("-inf") else ""
+        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{fill}{relu}"
 
 
 class PatchifyConvolution(nn.Module):

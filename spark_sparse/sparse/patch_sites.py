@@ -59,9 +59,21 @@ class BatchCoordinates(ME.CoordinateManager):
         self.sites: PatchSites | None = None
 
 
-def tile_geometry(sites_per_side: int, kernel_size: int, stride: int) -> tuple[int, int]:
-    """(start, size) of the input tile whose valid convolution gives the patch's outputs."""
-    start = -(kernel_size // 2) if kernel_size % 2 else 0
+def centred_padding(kernel_size: int) -> int:
+    """The zero padding above and left of the map that centres an odd kernel's window (none for
+    an even kernel, which never overlaps at its own stride)."""
+    return kernel_size // 2 if kernel_size % 2 else 0
+
+
+def tile_geometry(sites_per_side: int, kernel_size: int, stride: int, padding: int | None = None) -> tuple[int, int]:
+    """(start, size) of the input tile whose valid convolution gives the patch's outputs.
+
+    ``padding`` is the convolution's zero padding above and left of the map: output site i reads
+    input sites from ``stride * i - padding``. None: a centred odd kernel (or none for an even
+    one). TensorFlow's "same" padding at stride 2 pads ``(k - 2) // 2`` there, one site less
+    than a centred kernel's, on maps with even sides (every map a mask on the 32-pixel grid
+    reaches a stride-2 layer with): its window starts one site later."""
+    start = -(centred_padding(kernel_size) if padding is None else padding)
     size = (sites_per_side // stride - 1) * stride + kernel_size
     return start, size
 
@@ -183,21 +195,26 @@ class PatchSites:
                         positions, rows.index_select(0, positions))
         return self._cached(("tile", stride, start, size), build)
 
-    def windows(self, stride: int, kernel_size: int, conv_stride: int) -> Tensor:
+    def windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> Tensor:
         """(N_out, K) input rows of each output site's window, in ME's kernel order (first axis
-        fastest), N where absent: the im2col table, cut from the tile table."""
+        fastest), N where absent: the im2col table, cut from the tile table (``padding``: as
+        for ``tile_geometry``)."""
+        padding = centred_padding(kernel_size) if padding is None else padding
+
         def build():
-            start, size = tile_geometry(self.sites_per_side(stride), kernel_size, conv_stride)
+            start, size = tile_geometry(self.sites_per_side(stride), kernel_size, conv_stride, padding)
             tiles = self.tile(stride, start, size).rows.view(-1, size, size)
             win = tiles.unfold(1, kernel_size, conv_stride).unfold(2, kernel_size, conv_stride)
             return win.transpose(-1, -2).reshape(-1, kernel_size * kernel_size).contiguous()
-        return self._cached(("windows", stride, kernel_size, conv_stride), build)
+        return self._cached(("windows", stride, kernel_size, conv_stride, padding), build)
 
-    def pairs(self, stride: int, kernel_size: int, conv_stride: int) -> list[OffsetPairs]:
+    def pairs(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> list[OffsetPairs]:
         """Per kernel offset, the pairs whose input site is present (a sparse convolution's kernel
         map); offsets every output has come first."""
+        padding = centred_padding(kernel_size) if padding is None else padding
+
         def build():
-            table = self.windows(stride, kernel_size, conv_stride)
+            table = self.windows(stride, kernel_size, conv_stride, padding)
             n_in = self.num_rows(stride)
             identity = (torch.arange(table.shape[0], dtype=table.dtype, device=self.device)
                         if conv_stride == 1 else None)
@@ -211,4 +228,4 @@ class PatchSites:
                     rows = present.nonzero()[:, 0]
                     pairs.append(OffsetPairs(k, rows, col.index_select(0, rows)))
             return sorted(pairs, key=lambda p: p.out is not None)
-        return self._cached(("pairs", stride, kernel_size, conv_stride), build)
+        return self._cached(("pairs", stride, kernel_size, conv_stride, padding), build)
