@@ -157,7 +157,7 @@ FINETUNING = {"model": "resnet18", "mode": "linear", "pretrained": None}
     (["{sweep}/0"], "{sweep}/0 is a single run; pass the sweep directory that holds the runs", 1),
     (["{tmp}/finetuning"], "the runs in {tmp}/finetuning are fine-tuning runs; the report compares pretraining "
                            "runs", 1),
-    (["{sweep}", "--finetune", "epochs=0"], "error: --finetune epochs=0: epochs must be a positive whole number", 1),
+    (["{sweep}", "--finetune", "epochs=0"], "error: --finetune epochs=0: epochs must be a whole number of at least 1", 1),
     (["{sweep}", "--finetune", "nokey=1"], "error: --finetune nokey=1: Could not override 'nokey'.", 1),
     (["{sweep}", "--finetune", "mode=linear model=resnet50"], "error: --finetune model=resnet50: the report sets "
                                                              "model, pretrained, resume", 1),
@@ -245,7 +245,6 @@ def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_p
     assert summary["step"] == 2 and time.monotonic() - began < 60
     warned = [line for line in capfd.readouterr().err.splitlines() if "wandb" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: wandb online failed (")
-    assert "connection refused" in warned[0]
     assert f"`wandb sync {tmp_path}/wandb/offline-run-*`" in warned[0]
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert any(offline.rglob("*.wandb"))
