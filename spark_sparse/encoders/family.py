@@ -9,6 +9,7 @@ one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and it
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -45,8 +46,17 @@ class Converter:
         if mirror is not None:
             return mirror(module, self, path)
         if type(module) is nn.Sequential:
-            return nn.Sequential(*[self(m, f"{path}.{i}") for i, m in enumerate(module)])
+            return MirrorSequential(module, self, path)
         return self.leaf(module, path)
+
+
+class MirrorSequential(nn.Sequential):
+    """A Sequential (or a timm subclass of one that runs its children in order, as byobnet's
+    ``Stem``) with its children converted under their own names (``conv1``, ``pool``, or 0, 1, ...)."""
+
+    def __init__(self, module: nn.Sequential, convert: Converter, path: str):
+        super().__init__(OrderedDict((name, convert(child, f"{path}.{name}"))
+                                     for name, child in module.named_children()))
 
 
 def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
