@@ -27,7 +27,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import ACTIVATIONS, LAYER_NORMS, LayerScale, check_norm_act, unsupported
+from .family import (ACTIVATIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale, check_norm_act,
+                     pool_geometry, unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -140,10 +141,7 @@ def fuse_norm_acts(body: nn.Module, norm_acts: Mapping[type, tuple[tuple[str, st
 
 
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
-    def size(v):
-        return v if isinstance(v, int) else v[0]
-
-    k, s, p = size(pool.kernel_size), size(pool.stride), size(pool.padding)
+    k, s, p = pool_geometry(pool)
     stock = impl == "minkowski"
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
@@ -163,6 +161,23 @@ class SparseChannelAttention(ChannelAttention):
         counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(x.F.dtype)
         gates = self.gates(sums / counts[:, None])
         return with_features(x, ImageScale.apply(x.F, gates, image))
+
+
+class SparseChannelSplit(ChannelSplit):
+    """The first channels of each row, and the rest, on the same sites."""
+
+    def forward(self, x: ME.SparseTensor) -> tuple[ME.SparseTensor, ME.SparseTensor]:
+        return tuple(with_features(x, f) for f in super().forward(x.F))
+
+
+class SparseChannelConcat(ChannelConcat):
+    """Two tensors' channels side by side, on the sites they share."""
+
+    def forward(self, a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
+        if a.coordinate_map_key != b.coordinate_map_key:
+            raise ValueError(f"cannot concatenate channels of tensors on different sites "
+                             f"({a.coordinate_map_key} and {b.coordinate_map_key})")
+        return with_features(a, super().forward(a.F, b.F))
 
 
 def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
@@ -201,6 +216,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_pool(module, path, conv)
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
+    if kind is ChannelSplit:
+        return SparseChannelSplit(module.first)
+    if kind is ChannelConcat:
+        return SparseChannelConcat()
     if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
