@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from .byobnet import BYOBNET
 from .convnext import CONVNEXT
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .regnet import REGNET
 from .resnet import RESNET
 
-FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3)
+FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
+                                BYOBNET)
 
 
 def family_of(model: nn.Module) -> Family:
