@@ -7,13 +7,14 @@ from torch import nn
 
 from .byobnet import BYOBNET
 from .convnext import CONVNEXT
+from .cspnet import CSPNET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .regnet import REGNET
 from .resnet import RESNET
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                BYOBNET)
+                                BYOBNET, CSPNET)
 
 
 def family_of(model: nn.Module) -> Family:
