@@ -15,6 +15,7 @@ from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
+from spark_sparse.sparse.pointwise import GroupedPointwise
 from spark_sparse.sparse.sparsify import sparsify
 
 
@@ -75,6 +76,28 @@ def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_siz
     same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
     torch.testing.assert_close(dense_to_me_kernel(ours.weight.grad).view_as(ref.kernel), ref.kernel.grad,
                                rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
+def test_grouped_and_depthwise_1x1_convolutions_match_minkowski_forward_and_backward(groups, stride):
+    # the reference: one MinkowskiEngine 1x1 convolution with the groups' weights on the block diagonal
+    (xa, xb), (fa, fb) = twin_inputs(8, seed=3)
+    ours = GroupedPointwise(8, 8, groups, stride, bias=True).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    full = torch.block_diag(*ours.weight.detach().view(groups, 8 // groups, 8 // groups))[:, :, None, None]
+    ref = ME.MinkowskiConvolution(8, 8, kernel_size=1, stride=stride, bias=True, dimension=2).double()
+    with torch.no_grad():
+        ref.kernel.copy_(dense_to_me_kernel(full).view_as(ref.kernel))
+        ref.bias.copy_(ours.bias.view_as(ref.bias))
+    same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
+    ref_grad = ref.kernel.grad.view(8, 8).t()  # (C_out, C_in): the groups' blocks on its diagonal
+    blocks = torch.stack([ref_grad[i * 8 // groups:(i + 1) * 8 // groups, i * 8 // groups:(i + 1) * 8 // groups]
+                          for i in range(groups)])
+    torch.testing.assert_close(ours.weight.grad.view_as(blocks), blocks, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
 
 

@@ -22,6 +22,7 @@ from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.patch_sites import PatchSites
+from ..sparse.pointwise import GroupedPointwise
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
@@ -63,6 +64,8 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")
     centred = kh % 2 == 1 and ph == kh // 2
     bias = conv.bias is not None
+    if conv.groups > 1 and kh == 1 and ph == 0 and impl == "patch":  # no neighbours: rows and GEMMs
+        return _copy_weights(conv, GroupedPointwise(conv.in_channels, conv.out_channels, conv.groups, sh, bias))
     if conv.groups == conv.in_channels == conv.out_channels > 1 and centred and sh in (1, 2):
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
