@@ -25,6 +25,8 @@ MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t"
                                         "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
                                         "mobilenetv3_small_100"]}
 MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
+# timm's byobnet and cspnet modules: re-parameterisable branches, ECA, a stride-1 stem and split stages
+MODELS.update({name: (name, {}) for name in ["repvgg_a0", "mobileone_s0", "eca_resnext26ts", "cspdarknet53"]})
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
