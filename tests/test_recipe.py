@@ -25,6 +25,9 @@ from .test_pretrain import config
     ("convnext_base", 0.3, "ln", [0.9, 0.999]),
     ("convnext_large", 0.4, "ln", [0.9, 0.999]),
     ("convnextv2_base", 0.3, "ln", [0.9, 0.999]),
+    ("repvgg_b0", 0.0, "bn", [0.9, 0.95]),  # timm's byobnet and cspnet modules: batch-norm nets
+    ("mobileone_s0", 0.0, "bn", [0.9, 0.95]),
+    ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")
@@ -54,6 +57,19 @@ def test_a_convnext_pretrains_with_layer_norm_densify_and_exports_timm_weights(t
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     encoder = torch.load(summary["encoder"])
     timm.create_model("convnext_atto", num_classes=0).load_state_dict(encoder, strict=True)
+
+
+@needs_minkowski
+@pytest.mark.parametrize("model", ["repvgg_a0", "cspdarknet53"])
+def test_byobnet_and_cspnet_pretrain_and_export_timm_weights(tmp_path, model):
+    # RepVGG's train-time branches; CSPDarkNet's stride-1 stem, split stages and LeakyReLU
+    summary = pretrain.train(config(f"model={model}", "max_steps=2", "save_every=2"), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["config"]["decoder"]["densify_norm"] == "bn"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    encoder = torch.load(summary["encoder"])
+    timm.create_model(model, num_classes=0).load_state_dict(encoder, strict=True)
 
 
 @needs_minkowski
