@@ -1,6 +1,8 @@
 """Our fast convolutions (plain and depthwise) and pooling compute exactly what MinkowskiEngine's
 own modules compute."""
 
+import copy
+
 import pytest
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
@@ -15,7 +17,7 @@ from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
-from spark_sparse.sparse.pointwise import GroupedPointwise
+from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
 from spark_sparse.sparse.sparsify import sparsify
 
 
@@ -99,6 +101,30 @@ def test_grouped_and_depthwise_1x1_convolutions_match_minkowski_forward_and_back
                           for i in range(groups)])
     torch.testing.assert_close(ours.weight.grad.view_as(blocks), blocks, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_1x1_convolution_and_its_norm_keep_no_product_and_compute_the_same(stride, train):
+    # RepVGG's 1x1 branch: the product is made again in backward instead of kept
+    (xa, xb), (fa, fb) = twin_inputs(4, seed=4)
+    conv = PatchConvolution(4, 6, kernel_size=1, stride=stride, dimension=2).double()
+    bn = ME.MinkowskiBatchNorm(6).double()
+    with torch.no_grad():
+        conv.kernel.normal_()
+        bn.bn.weight.uniform_(0.5, 1.5), bn.bn.bias.normal_(), bn.bn.running_mean.normal_()
+    ref_conv, ref_bn = copy.deepcopy(conv).train(train), copy.deepcopy(bn).train(train)
+    fused = PointwiseNorm(conv, bn).train(train)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = fused(xb)
+    assert not [shape for shape in saved if shape == out.F.shape]  # inputs, weights, statistics only
+    same_forward_and_input_gradient(ref_bn(ref_conv(xa)), out, fa, fb)
+    for ref, ours in ((ref_conv, conv), (ref_bn, bn)):
+        for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10, msg=name)
+        for (name, a), b in zip(ref.named_buffers(), ours.buffers()):  # running statistics, batches counted
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("mode,kernel_size", [("max", 3), ("avg", 2)])

@@ -142,4 +142,5 @@ BYOBNET = Family(
     # what a head without its classifier holds: an attention pool's (CLIP) or an MLP head's weights
     kept=("head.pos_embed", "head.cls_token", "head.q", "head.k", "head.v", "head.qkv", "head.norm", "head.pre_logits"),
     check=_check,
+    pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
 )

@@ -250,6 +250,10 @@ class Family:
     # mirror class -> its (norm, activation) leaves that run back to back: an engine may run each
     # pair as one operator (the sparse engine's batch norm + activation keeps fewer rows)
     norm_acts: Mapping[type, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # mirror class -> its 1x1 conv-norm sub-modules without an activation (timm's ConvNormAct) whose
+    # product an engine may make again in backward rather than keep (RepVGG's 1x1 branch, beside a
+    # 3x3 that keeps the same input)
+    pointwise_norms: Mapping[type, tuple[str, ...]] = field(default_factory=dict)
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""

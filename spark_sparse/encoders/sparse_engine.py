@@ -22,7 +22,7 @@ from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling
 from ..sparse.patch_sites import PatchSites
-from ..sparse.pointwise import GroupedPointwise
+from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
@@ -143,6 +143,20 @@ def fuse_norm_acts(body: nn.Module, norm_acts: Mapping[type, tuple[tuple[str, st
             setattr(block, act, nn.Identity())
 
 
+def recompute_pointwise_norms(body: nn.Module, pointwise_norms: Mapping[type, tuple[str, ...]]) -> None:
+    """Run each 1x1 conv-norm the family names (``Family.pointwise_norms``) as one
+    ``PointwiseNorm``, which keeps no product for backward. Weights and names are unchanged."""
+    for block in list(body.modules()):
+        for name in pointwise_norms.get(type(block), ()):
+            branch = getattr(block, name, None)
+            conv, bn = getattr(branch, "conv", None), getattr(branch, "bn", None)
+            if (type(conv) is PatchConvolution and int(conv.kernel_generator.kernel_size[0]) == 1
+                    and conv.bias is None and isinstance(bn, ME.MinkowskiBatchNorm)
+                    and isinstance(getattr(bn, "act", nn.Identity()), nn.Identity)
+                    and getattr(branch, "aa", None) is None):
+                setattr(block, name, PointwiseNorm(conv, bn))
+
+
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     k, s, p = pool_geometry(pool)
     stock = impl == "minkowski"
@@ -248,6 +262,7 @@ class SparseEncoder(Encoder):
             body[stem.pool].relu = True
             body[stem.act] = nn.Identity()
         fuse_norm_acts(body, self.family.norm_acts)
+        recompute_pointwise_norms(body, self.family.pointwise_norms)
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
         return sparsify(images, active)
