@@ -28,6 +28,15 @@ def strided_rows(feats: Tensor, sites_per_side: int, stride: int) -> Tensor:
     return feats.view(-1, s, s, c)[:, ::stride, ::stride].reshape(-1, c)
 
 
+def on_output_sites(x: ME.SparseTensor, out: Tensor, stride: int) -> ME.SparseTensor:
+    """Output rows of a layer of ``stride`` on input ``x``: its sites, or the coarser grid's."""
+    if stride == 1:
+        return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    sites = PatchSites.of(x)
+    return ME.SparseTensor(out, coordinate_map_key=sites.key(x.tensor_stride[0] * stride),
+                           coordinate_manager=sites.manager)
+
+
 class GroupedPointwise(nn.Module):
     """A 1x1 convolution with ``groups`` > 1 (depthwise where every group is one channel in and
     out) and any stride, with timm's parameters (``weight`` (C_out, C_in / G, 1, 1), ``bias``)."""
@@ -39,9 +48,8 @@ class GroupedPointwise(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        sites = PatchSites.of(x)
-        in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
-        feats = x.F if self.stride == 1 else strided_rows(x.F, sites.sites_per_side(in_stride), self.stride)
+        s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
+        feats = x.F if self.stride == 1 else strided_rows(x.F, s, self.stride)
         c_out, c_in_g = self.weight.shape[:2]
         g = self.groups
         if c_in_g == 1 and c_out == g:  # depthwise: a scale per channel
@@ -51,9 +59,7 @@ class GroupedPointwise(nn.Module):
             out = torch.bmm(feats.view(-1, g, c_in_g).transpose(0, 1), weight).transpose(0, 1).reshape(-1, c_out)
         if self.bias is not None:
             out = out + self.bias
-        if self.stride == 1:
-            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-        return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)
+        return on_output_sites(x, out, self.stride)
 
     def extra_repr(self) -> str:
         c_out, c_in_g = self.weight.shape[:2]
@@ -120,10 +126,7 @@ class PointwiseNorm(nn.Module):
         if type(self.bn.bn) is not nn.BatchNorm1d:  # e.g. synchronised across processes: run as it is
             return self.bn(self.conv(x))
         stride = int(self.conv.kernel_generator.kernel_stride[0])
-        sites, in_stride = PatchSites.of(x), x.tensor_stride[0]
         kernel = self.conv.kernel.view(self.conv.in_channels, self.conv.out_channels)
-        out = PointwiseBatchNorm.apply(x.F, kernel, sites.sites_per_side(in_stride), stride,
+        out = PointwiseBatchNorm.apply(x.F, kernel, PatchSites.of(x).sites_per_side(x.tensor_stride[0]), stride,
                                        *batch_norm_arguments(self.bn.bn))
-        if stride == 1:
-            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-        return ME.SparseTensor(out, coordinate_map_key=sites.key(in_stride * stride), coordinate_manager=sites.manager)
+        return on_output_sites(x, out, stride)
