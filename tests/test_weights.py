@@ -171,7 +171,8 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
     assert not any(name.startswith("body.head") for name, _ in enc.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100",
+                                  "repvgg_a0", "cs3darknet_s"])
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_encoders_deep_copy_and_pickle_to_the_same_function(timm_models, name, engine):
     # EMA teachers and whole-module checkpoints copy or pickle the encoder
