@@ -28,8 +28,8 @@ test: setup
 # benchmark's overrides.
 BENCH_DIR := outputs/bench/latest
 ABLATION_DIR := outputs/ablation/latest
-BENCH_ARGS ?= models=[resnet18,resnet50,resnext50_32x4d,convnext_tiny,regnety_016,efficientnet_b0,mobilenetv3_large_100,resnetv2_50x1_bit,tf_efficientnet_b0] \
-	batch_size=[16,8,8,8,8,16,16,8,16] mask_ratios=[0.6,0.75] \
+BENCH_ARGS ?= models=[resnet18,resnet50,resnext50_32x4d,convnext_tiny,regnety_016,efficientnet_b0,mobilenetv3_large_100,resnetv2_50x1_bit,tf_efficientnet_b0,repvgg_b0,cspdarknet53] \
+	batch_size=[16,8,8,8,8,16,16,8,16,8,8] mask_ratios=[0.6,0.75] \
 	passes=[fwd_bwd,train_step] repeats=5
 ABLATION_ARGS ?= mask_ratio=0.4,0.6,0.75,0.9 model=resnet18 input_size=96 batch_size=16 \
 	max_steps=100 log_every=2 save_every=1000 vis_every=1000 vis_images=2

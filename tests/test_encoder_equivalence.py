@@ -18,8 +18,10 @@ and 1e-3 in train mode, where batch-norm statistics of few sites amplify roundin
 import copy
 
 import pytest
+import timm
 import torch
 from timm.layers import StdConv2dSame
+from timm.models.byobnet import MobileOneBlock, RepVggBlock
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
 
@@ -220,6 +222,36 @@ VARIANTS.update({
         "resnetv2_50d_gn", {"layers": (1, 1, 1, 1), "conv_layer": StdConv2dSame}),
 })
 EVERY_MASK += ("resnetv2",)
+
+# timm's byobnet and cspnet modules
+VARIANTS.update({
+    "RepVGG: 3x3, 1x1 and identity-norm branches summed (a strided 1x1 keeps the coarser sites)": ("repvgg_a0", {}),
+    "MobileOne: four 3x3 branches, a 1x1 scale branch, an identity norm; depthwise, pointwise": ("mobileone_s0", {}),
+    "GENet: a stride-2 stem conv, basic and bottleneck blocks, a final 1x1 conv": ("gernet_s", {}),
+    "byobnet ResNeXt: tiered stem, max pooling after SiLU, ECA": ("eca_resnext26ts", {}),
+    "byobnet RegNetZ: grouped bottlenecks with SE, no shortcut where the width changes": ("regnetz_b16", {}),
+    "CLIP ResNet: 2x2 average-pool anti-aliasing and stem pooling, avg-down": ("resnet50_clip_gap", {}),
+    "CSPResNet: cross-stage bottleneck stages, max pooling after LeakyReLU": ("cspresnet50", {}),
+    "CSPDarkNet: a stride-1 stem and stride-2 first stage as the encoder's stem": ("cspdarknet53", {}),
+    "DarkNet: stages without the split": ("darknet17", {}),
+    "CS3DarkNet: cross stages with one transition, SiLU": ("cs3darknet_s", {}),
+})
+EVERY_MASK += ("repvgg", "mobileone", "cspdarknet")
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
+def test_reparameterised_repvgg_and_mobileone_equal_dense_masked_and_plain_timm(timm_models, name):
+    # for inference timm folds each block's branches into one convolution with a bias
+    model = timm.models.reparameterize_model(copy.deepcopy(timm_models(name)))
+    assert not any(isinstance(m, (RepVggBlock, MobileOneBlock)) and m.reparam_conv is None for m in model.modules())
+    images, active = make_batch(VARIANT_SIZE, "ratio0.6", batch=2)
+    assert_train_steps_equal(*encoders(model, train=True), images, active)
+    images, everything = make_batch(VARIANT_SIZE, "none", batch=2)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval()
+    with torch.no_grad():
+        got = encoder.dense_features(images.double(), everything)
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval(), images.double())):
+            assert rel_err(g, p) < 1e-9
 
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()

@@ -2,6 +2,8 @@
 own modules compute; with TensorFlow's asymmetric 'same' padding, what timm's Conv2dSame computes
 over the masked map."""
 
+import copy
+
 import pytest
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
@@ -21,6 +23,7 @@ from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
 from spark_sparse.sparse.patch_sites import tile_geometry
+from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
 from spark_sparse.sparse.sparsify import sparsify, to_dense
 
 
@@ -82,6 +85,52 @@ def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_siz
     torch.testing.assert_close(dense_to_me_kernel(ours.weight.grad).view_as(ref.kernel), ref.kernel.grad,
                                rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
+def test_grouped_and_depthwise_1x1_convolutions_match_minkowski_forward_and_backward(groups, stride):
+    # the reference: one MinkowskiEngine 1x1 convolution with the groups' weights on the block diagonal
+    (xa, xb), (fa, fb) = twin_inputs(8, seed=3)
+    ours = GroupedPointwise(8, 8, groups, stride, bias=True).double()
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    full = torch.block_diag(*ours.weight.detach().view(groups, 8 // groups, 8 // groups))[:, :, None, None]
+    ref = ME.MinkowskiConvolution(8, 8, kernel_size=1, stride=stride, bias=True, dimension=2).double()
+    with torch.no_grad():
+        ref.kernel.copy_(dense_to_me_kernel(full).view_as(ref.kernel))
+        ref.bias.copy_(ours.bias.view_as(ref.bias))
+    same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
+    ref_grad = ref.kernel.grad.view(8, 8).t()  # (C_out, C_in): the groups' blocks on its diagonal
+    blocks = torch.stack([ref_grad[i * 8 // groups:(i + 1) * 8 // groups, i * 8 // groups:(i + 1) * 8 // groups]
+                          for i in range(groups)])
+    torch.testing.assert_close(ours.weight.grad.view_as(blocks), blocks, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_1x1_convolution_and_its_norm_keep_no_product_and_compute_the_same(stride, train):
+    # RepVGG's 1x1 branch: the product is made again in backward instead of kept
+    (xa, xb), (fa, fb) = twin_inputs(4, seed=4)
+    conv = PatchConvolution(4, 6, kernel_size=1, stride=stride, dimension=2).double()
+    bn = ME.MinkowskiBatchNorm(6).double()
+    with torch.no_grad():
+        conv.kernel.normal_()
+        bn.bn.weight.uniform_(0.5, 1.5), bn.bn.bias.normal_(), bn.bn.running_mean.normal_()
+    ref_conv, ref_bn = copy.deepcopy(conv).train(train), copy.deepcopy(bn).train(train)
+    fused = PointwiseNorm(conv, bn).train(train)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = fused(xb)
+    assert not [shape for shape in saved if shape == out.F.shape]  # inputs, weights, statistics only
+    same_forward_and_input_gradient(ref_bn(ref_conv(xa)), out, fa, fb)
+    for ref, ours in ((ref_conv, conv), (ref_bn, bn)):
+        for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10, msg=name)
+        for (name, a), b in zip(ref.named_buffers(), ours.buffers()):  # running statistics, batches counted
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("mode,kernel_size", [("max", 3), ("avg", 2)])

@@ -34,6 +34,9 @@ from .test_pretrain import config
     # TensorFlow ports: their modules' batch-norm recipe
     ("tf_efficientnet_b0", 0.0, "bn", [0.9, 0.95]),
     ("tf_mobilenetv3_small_100", 0.0, "bn", [0.9, 0.95]),
+    ("repvgg_b0", 0.0, "bn", [0.9, 0.95]),  # timm's byobnet and cspnet modules: batch-norm nets
+    ("mobileone_s0", 0.0, "bn", [0.9, 0.95]),
+    ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")
@@ -72,6 +75,19 @@ def test_bit_and_a_tensorflow_port_pretrain_and_export_timm_weights(tmp_path, mo
     summary = pretrain.train(config(f"model={model}", "max_steps=2", "save_every=2"), tmp_path)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["config"]["decoder"]["densify_norm"] == norm
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    encoder = torch.load(summary["encoder"])
+    timm.create_model(model, num_classes=0).load_state_dict(encoder, strict=True)
+
+
+@needs_minkowski
+@pytest.mark.parametrize("model", ["repvgg_a0", "cspdarknet53"])
+def test_byobnet_and_cspnet_pretrain_and_export_timm_weights(tmp_path, model):
+    # RepVGG's train-time branches; CSPDarkNet's stride-1 stem, split stages and LeakyReLU
+    summary = pretrain.train(config(f"model={model}", "max_steps=2", "save_every=2"), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["config"]["decoder"]["densify_norm"] == "bn"
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     encoder = torch.load(summary["encoder"])

@@ -31,6 +31,9 @@ MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max poolin
 MODELS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
 # pre-activation ResNets; BiT's GroupNorm per image and its stem pooling where hidden sites read zero
 MODELS.update({name: (name, {}) for name in ["resnetv2_18d", "resnetv2_50x1_bit"]})
+
+# timm's byobnet and cspnet modules: re-parameterisable branches, ECA, a stride-1 stem and split stages
+MODELS.update({name: (name, {}) for name in ["repvgg_a0", "mobileone_s0", "eca_resnext26ts", "cspdarknet53"]})
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 

@@ -33,6 +33,12 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["resnetv2_18", "resnetv2_50", "
                                                  "resnetv2_50x1_bit", "resnetv2_50d_gn"]})
 ALL_DEPTHS["ResNetV2 without pre-activation (Bottleneck)"] = ("resnetv2_50", {"preact": False, "layers": (1, 1, 1, 1)})
 
+# timm's byobnet and cspnet modules: CLIP's attention-pool head and resnet50_mlp's MLP head are kept
+ALL_DEPTHS.update({name: (name, {}) for name in [
+    "repvgg_a0", "repvgg_b1g4", "mobileone_s0", "mobileone_s4", "gernet_s", "resnet33ts", "eca_resnext26ts",
+    "regnetz_b16", "resnet50_clip", "resnet50_mlp", "cspresnet50", "cspresnext50", "cspdarknet53", "darknet17",
+    "darknetaa53", "cs3darknet_s", "cs3sedarknet_xdw"]})
+
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
@@ -102,6 +108,34 @@ def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
 
 
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
+    engine = engine_class(engine)
+    refused = {
+        ("halonet26t", ()): r"SelfAttnBlock at 'stages\.2\.1': self-attention mixes every site",
+        ("gcresnet33ts", ()): r"GlobalContext at 'stages\.0\.0\.attn': global-context attention pools",
+        ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
+        ("regnetz_b16_evos", ()): r"EvoNorm2dS0a at 'stem\.bn'",
+        ("resnet33ts", (("aa_layer", "blur"),)): r"BlurPool2d at 'stages\.1\.0\.shortcut\.aa': blur-pool",
+        ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop'",
+        ("resnext26ts", (("stem_pool", "avg"),)): r"AvgPool2d at 'stem\.pool': kernel 3, stride 2, padding 1",
+    }
+    for (name, kwargs), message in refused.items():
+        with pytest.raises(ConversionError, match=f"cannot convert {message}"):
+            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0, **dict(kwargs)))
+    for name in ("repvgg_a0", "cspdarknet53"):  # dilated: not masked on a 32-pixel grid
+        with pytest.raises(ConversionError, match=r"stage strides \[4, 8, 16\] are not 4, 8, 16, 32"):
+            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0, output_stride=16))
+
+
+@needs_minkowski
+def test_a_focus_stem_has_no_sparse_twin():
+    # a 6x6 stride-2 convolution is off-centre: the dense-masked engine runs it, the sparse one refuses it
+    model = timm.create_model("cs3darknet_focus_s", pretrained=False, num_classes=0)
+    with pytest.raises(ConversionError, match=r"Conv2d at 'stem\.conv1\.conv': kernel 6, stride 2, padding 2"):
+        engine_class("sparse").from_timm(model)
+
+
 @needs_minkowski
 def test_efficientnet_head_conv_ends_the_features_and_mobilenet_keeps_its_head():
     # EfficientNet's 1x1 head convolution runs before pooling: it is pretrained with the stages
@@ -145,7 +179,8 @@ def test_convnext_drop_path_and_head_norm_are_mirrored():
     assert not any(name.startswith("body.head") for name, _ in enc.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100",
+                                  "repvgg_a0", "cs3darknet_s"])
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_encoders_deep_copy_and_pickle_to_the_same_function(timm_models, name, engine):
     # EMA teachers and whole-module checkpoints copy or pickle the encoder

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .byobnet import BYOBNET
 from .convnext import CONVNEXT
+from .cspnet import CSPNET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .regnet import REGNET
@@ -13,7 +15,7 @@ from .resnet import RESNET
 from .resnetv2 import RESNETV2
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2)
+                                RESNETV2, BYOBNET, CSPNET)
 
 
 def family_of(model: nn.Module) -> Family:

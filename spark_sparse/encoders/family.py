@@ -74,9 +74,18 @@ class Converter:
         if mirror is not None:
             return mirror(module, self, path)
         if type(module) is nn.Sequential:
-            children = _zero_pads_fused(module.named_children())
-            return nn.Sequential(OrderedDict((n, self(m, f"{path}.{n}")) for n, m in children))
+            return MirrorSequential(module, self, path)
         return self.leaf(module, path)
+
+
+class MirrorSequential(nn.Sequential):
+    """A Sequential (or a timm subclass of one that runs its children in order, as byobnet's
+    ``Stem``) with its children converted under their own names (``conv1``, ``pool``, or 0, 1, ...);
+    a zero pad before a max pooling becomes one ``ZeroPaddedMaxPool``."""
+
+    def __init__(self, module: nn.Sequential, convert: Converter, path: str):
+        super().__init__(OrderedDict((name, convert(child, f"{path}.{name}"))
+                                     for name, child in _zero_pads_fused(module.named_children())))
 
 
 def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
@@ -101,7 +110,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 # Elementwise activations that keep zero at zero: applied to visible rows they compute what the
 # dense-masked engine computes without re-masking (ReLU has engine-specific twins).
-ACTIVATIONS = (nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
+ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
                timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
 # torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
 # (the kernel normalised per output channel at every forward: a weight-only operation)
@@ -123,6 +132,34 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         return x * gamma.view(1, -1, 1, 1)
+
+
+class ChannelSplit(nn.Module):
+    """x -> (its first ``first`` channels, the rest): a cross-stage partial split (timm's
+    ``x.split``), a leaf every engine converts to its own twin."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, :self.first], x[:, self.first:]
+
+    def extra_repr(self) -> str:
+        return f"first={self.first}"
+
+
+class ChannelConcat(nn.Module):
+    """(a, b) -> their channels side by side (timm's ``torch.cat(..., dim=1)``); a leaf every
+    engine converts to its own twin."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b], dim=1)
+
+
+def pool_geometry(pool: nn.Module) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a square pooling module."""
+    return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
 
 
 def no_check(model: nn.Module) -> None:
@@ -200,6 +237,29 @@ class BlockStages:
         return Layout(self.stem, tuple(stages), tuple(channels))
 
 
+@dataclass(frozen=True)
+class TappedStages:
+    """Models whose body is ``stem``, the Sequential ``stages`` and ``head`` (ByobNet's final 1x1
+    convolution), run in that order (ByobNet, CspNet). A stage ends at timm's feature tap at
+    its stride; what runs before the stride-4 stage (CSPDarkNet's stride-2 first stage, after a
+    stride-1 stem) joins the stem, what runs after the stride-32 tap joins the last stage."""
+
+    head: tuple[str, ...] = ()
+
+    def __call__(self, model: nn.Module) -> Layout:
+        order = ["stem", *(f"stages.{i}" for i in range(len(model.stages))), *self.head]
+        taps = {}  # reduction -> (position in order, channels) of the last top-level tap there
+        for info in model.feature_info:
+            if info["module"] in order:
+                taps[info["reduction"]] = (order.index(info["module"]), info["num_chs"])
+        _check_strides(model, sorted(r for r in taps if r > 2))
+        early = [taps[r][0] for r in taps if r < STRIDES[0]]
+        ends = [max(early, default=0)] + [taps[r][0] for r in STRIDES]
+        ends[-1] = len(order) - 1  # the head keeps the last stride
+        stages = tuple(tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:]))
+        return Layout(tuple(order[:ends[0] + 1]), stages, tuple(taps[r][1] for r in STRIDES))
+
+
 class StemPool(NamedTuple):
     """A stem that ends in an activation then a max pooling (top-level module names). An engine may
     pool first (they commute for ReLU), and hidden zeros never win the pooling after a ReLU."""
@@ -216,12 +276,16 @@ class Family:
     timm_class: type[nn.Module]
     mirrors: dict[type, type]  # timm block/stage class -> mirror class
     layout: Callable[[nn.Module], Layout]  # stem and stages of one model of the family
-    kept: tuple[str, ...] = ()  # paths that hold tensors but never run (frozen copies), if present
+    kept: tuple[str, ...] = ()  # modules or tensors that never run (frozen copies), if present
     check: Callable[[nn.Module], None] = no_check  # refusals before any conversion
     stem_pool: StemPool | None = None
     # mirror class -> its (norm, activation) leaves that run back to back: an engine may run each
     # pair as one operator (the sparse engine's batch norm + activation keeps fewer rows)
     norm_acts: Mapping[type, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # mirror class -> its 1x1 conv-norm sub-modules without an activation (timm's ConvNormAct) whose
+    # product an engine may make again in backward rather than keep (RepVGG's 1x1 branch, beside a
+    # 3x3 that keeps the same input)
+    pointwise_norms: Mapping[type, tuple[str, ...]] = field(default_factory=dict)
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""
@@ -229,17 +293,23 @@ class Family:
         convert = Converter(leaf, self.mirrors)
         body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in layout.top_level()})
         for path in self.kept:
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:  # e.g. a head without a norm
-                continue
             *parents, name = path.split(".")
+            try:
+                parent = model.get_submodule(".".join(parents))
+            except AttributeError:
+                continue
+            item = getattr(parent, name, None)
+            if not isinstance(item, (nn.Module, torch.Tensor)):  # e.g. a head without a norm
+                continue
             holder = body
-            for parent in parents:
-                if parent not in holder._modules:
-                    holder.add_module(parent, nn.Module())
-                holder = holder._modules[parent]
-            holder.add_module(name, frozen_copy(module))
+            for parent_name in parents:
+                if parent_name not in holder._modules:
+                    holder.add_module(parent_name, nn.Module())
+                holder = holder._modules[parent_name]
+            if isinstance(item, nn.Module):
+                holder.add_module(name, frozen_copy(item))
+            else:  # a tensor a module holds itself (an attention pool's position embedding)
+                holder.register_buffer(name, item.detach().clone())
         return body
 
     @torch.no_grad()

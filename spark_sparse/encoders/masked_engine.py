@@ -15,7 +15,6 @@ import copy
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, DropPath, GroupNormAct
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
@@ -24,8 +23,8 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
-                     unsupported)
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
+                     ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -206,6 +205,16 @@ class MaskedMaxPool(nn.Module):
         return MaskedTensor(y.masked_fill(~upsample_active(inp.active, y.shape[-2:]), 0.0), inp.active)
 
 
+class MaskedChannelSplit(ChannelSplit):
+    def forward(self, inp: MaskedTensor) -> tuple[MaskedTensor, MaskedTensor]:
+        return tuple(inp._replace(x=x) for x in super().forward(inp.x))
+
+
+class MaskedChannelConcat(ChannelConcat):
+    def forward(self, a: MaskedTensor, b: MaskedTensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(a.x, b.x), a.active, a.dirty or b.dirty)
+
+
 class MaskedApply(nn.Module):
     """Run a dense module on the masked map, then zero the hidden sites again (pooling and
     convolutions spread into them): timm's own module, so its padding (TensorFlow 'same' in
@@ -277,8 +286,14 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, nn.MaxPool2d):
         return MaskedMaxPool(module)
-    if isinstance(module, nn.AvgPool2d):  # avg-down: mask-aligned windows, all visible or all hidden
-        return MaskedApply(module)
+    if isinstance(module, nn.AvgPool2d):
+        if pool_geometry(module) != (2, 2, 0):  # a larger window would average hidden zeros in
+            raise unsupported(module, path, "kernel {}, stride {}, padding {}".format(*pool_geometry(module)))
+        return MaskedApply(module)  # avg-down: mask-aligned windows, all visible or all hidden
+    if type(module) is ChannelSplit:
+        return MaskedChannelSplit(module.first)
+    if type(module) is ChannelConcat:
+        return MaskedChannelConcat()
     if type(module) is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)

@@ -24,13 +24,14 @@ from ..sparse.grouped_conv import GroupedConvolution
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling, StdPatchConvolution
 from ..sparse.patch_sites import PatchSites
+from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, LayerScale, ZeroPaddedMaxPool, check_norm_act,
-                     unsupported)
+from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
+                     ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -87,6 +88,8 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     elif shifted and impl == "minkowski":
         raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
                                       "needs conv='patch'")
+    if conv.groups > 1 and kh == 1 and ph == 0 and impl == "patch":  # no neighbours: rows and GEMMs
+        return _copy_weights(conv, GroupedPointwise(conv.in_channels, conv.out_channels, conv.groups, sh, bias))
     if conv.groups == conv.in_channels == conv.out_channels > 1 and (centred or shifted) and sh in (1, 2):
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
@@ -169,11 +172,22 @@ def fuse_norm_acts(body: nn.Module, norm_acts: Mapping[type, tuple[tuple[str, st
             setattr(block, act, nn.Identity())
 
 
-def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
-    def size(v):
-        return v if isinstance(v, int) else v[0]
+def recompute_pointwise_norms(body: nn.Module, pointwise_norms: Mapping[type, tuple[str, ...]]) -> None:
+    """Run each 1x1 conv-norm the family names (``Family.pointwise_norms``) as one
+    ``PointwiseNorm``, which keeps no product for backward. Weights and names are unchanged."""
+    for block in list(body.modules()):
+        for name in pointwise_norms.get(type(block), ()):
+            branch = getattr(block, name, None)
+            conv, bn = getattr(branch, "conv", None), getattr(branch, "bn", None)
+            if (type(conv) is PatchConvolution and int(conv.kernel_generator.kernel_size[0]) == 1
+                    and conv.bias is None and isinstance(bn, ME.MinkowskiBatchNorm)
+                    and isinstance(getattr(bn, "act", nn.Identity()), nn.Identity)
+                    and getattr(branch, "aa", None) is None):
+                setattr(block, name, PointwiseNorm(conv, bn))
 
-    k, s, p = size(pool.kernel_size), size(pool.stride), size(pool.padding)
+
+def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
+    k, s, p = pool_geometry(pool)
     stock = impl == "minkowski"
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
@@ -205,6 +219,23 @@ class SparseChannelAttention(ChannelAttention):
         counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(dtype)
         gates = self.gates(sums / counts[:, None])
         return with_features(x, ImageScale.apply(x.F, gates, image))
+
+
+class SparseChannelSplit(ChannelSplit):
+    """The first channels of each row, and the rest, on the same sites."""
+
+    def forward(self, x: ME.SparseTensor) -> tuple[ME.SparseTensor, ME.SparseTensor]:
+        return tuple(with_features(x, f) for f in super().forward(x.F))
+
+
+class SparseChannelConcat(ChannelConcat):
+    """Two tensors' channels side by side, on the sites they share."""
+
+    def forward(self, a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
+        if a.coordinate_map_key != b.coordinate_map_key:
+            raise ValueError(f"cannot concatenate channels of tensors on different sites "
+                             f"({a.coordinate_map_key} and {b.coordinate_map_key})")
+        return with_features(a, super().forward(a.F, b.F))
 
 
 def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
@@ -248,6 +279,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_zero_padded_pool(module, path, conv)
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
+    if kind is ChannelSplit:
+        return SparseChannelSplit(module.first)
+    if kind is ChannelConcat:
+        return SparseChannelConcat()
     if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
@@ -273,6 +308,7 @@ class SparseEncoder(Encoder):
             body[stem.pool].relu = True
             body[stem.act] = nn.Identity()
         fuse_norm_acts(body, self.family.norm_acts)
+        recompute_pointwise_norms(body, self.family.pointwise_norms)
         self.stock_modules = any(type(m) in STOCK_MODULES for m in body.modules())
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:

@@ -81,15 +81,21 @@ class BatchNormAct(torch.autograd.Function):
         return kernels[0](y) if kernels is not None else node.act(y)
 
 
-def batch_norm_act(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module) -> Tensor:
-    """``act(bn(x))`` for (N, C) rows, as torch's batch norm module would run it (running
-    statistics, momentum or a cumulative average), through ``BatchNormAct``; ``act`` must not
-    work in place."""
+def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """(weight, bias, running_mean, running_var, training, momentum, eps) for
+    ``torch.native_batch_norm`` as torch's batch norm module would pass them (running statistics,
+    momentum or a cumulative average); counts the batch, as the module does."""
     factor = 0.0
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or bn.running_mean is None
     keep = not bn.training or bn.track_running_stats
-    return BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean if keep else None,
-                              bn.running_var if keep else None, training, factor, bn.eps, act)
+    return (bn.weight, bn.bias, bn.running_mean if keep else None, bn.running_var if keep else None,
+            training, factor, bn.eps)
+
+
+def batch_norm_act(x: Tensor, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module) -> Tensor:
+    """``act(bn(x))`` for (N, C) rows, as torch's batch norm module would run it, through
+    ``BatchNormAct``; ``act`` must not work in place."""
+    return BatchNormAct.apply(x, *batch_norm_arguments(bn), act)
