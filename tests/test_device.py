@@ -28,8 +28,8 @@ from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
 if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
-from spark_sparse import SparseEncoder
-from spark_sparse.sparse.patch_sites import PatchSites
+from spark_sparse import SparseEncoder, random_active
+from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
 
 from .device_audit import DeviceAudit
 from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, encoders, rel_err
@@ -64,6 +64,34 @@ def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_
         assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
     assert forward.copies, "the tables never reached the features' device"
     assert not backward.copies, f"backward copied: {dict(backward.copies)} (tables are copied once, in forward)"
+
+
+def sorted_pairs(positions: torch.Tensor, rows: torch.Tensor | None = None):
+    order = positions.long().argsort()
+    return positions[order], None if rows is None else rows[order]
+
+
+@pytest.mark.parametrize("grid, batch, ratio", [((7, 7), 6, 0.6), ((2, 3), 3, 0.5), ((4, 5), 2, 0.0)])
+def test_tiles_made_on_a_gpu_from_small_parts_are_the_cpus_tiles(grid, batch, ratio):
+    """A GPU gets its tile tables made on it from each patch's neighbours (``_tile_on``), a
+    CPU run builds them whole (``_build_tile``): the same tables (the halo and absent positions
+    listed in another order, which only orders the sums of a tile's gradient)."""
+    active = random_active(batch, grid, ratio, torch.Generator().manual_seed(0))
+    visible = active.reshape(-1).nonzero()[:, 0]
+    gh, gw = grid
+    patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
+    sites = PatchSites(BatchCoordinates(), patches, 32, grid, batch)
+    # every tile the engine uses: stems (7x7/2 at stride 1, 3x3/2 pooling), 3x3 and 5x5, strided
+    # and not, EfficientNet's 5x5/2, a tile inside the patch (1x1/2) and the widest halo
+    for stride, start, size in [(1, -3, 37), (2, -1, 17), (4, -1, 10), (4, 0, 7), (4, -1, 9), (8, -2, 8),
+                                (8, -1, 5), (16, 0, 1), (16, -1, 3), (32, -1, 3), (2, -16, 48)]:
+        want, got = sites._build_tile(stride, start, size), sites._tile_on(torch.device("cpu"), stride, start, size)
+        assert torch.equal(got.rows, want.rows) and torch.equal(got.present_rows, want.present_rows)
+        assert (got.start, got.size, got.sites) == (want.start, want.size, want.sites)
+        assert torch.equal(sorted_pairs(got.absent)[0], sorted_pairs(want.absent)[0])
+        assert got.absent.dtype == want.absent.dtype
+        for a, b in zip(sorted_pairs(got.halo_positions, got.halo_rows), sorted_pairs(want.halo_positions, want.halo_rows)):
+            assert torch.equal(a, b) and a.dtype == b.dtype
 
 
 def test_minkowski_hashes_no_coordinates_until_they_are_read(timm_models):

@@ -80,6 +80,17 @@ class BatchCoordinates(ME.CoordinateManager):
         return super().get_coordinates(key_or_tensor_strides)
 
 
+def _cat(tensors: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
+    """int32 tensors concatenated; none, an empty one."""
+    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int32, device=device)
+
+
+def _check_tile(sites_per_side: int, start: int, size: int) -> None:
+    if start < -sites_per_side or start + size > 2 * sites_per_side:
+        raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
+                         f"of a {sites_per_side}x{sites_per_side} block")
+
+
 def tile_geometry(sites_per_side: int, kernel_size: int, stride: int) -> tuple[int, int]:
     """(start, size) of the input tile whose valid convolution gives the patch's outputs."""
     start = -(kernel_size // 2) if kernel_size % 2 else 0
@@ -180,9 +191,13 @@ class PatchSites:
         return self._cache[key]
 
     def _table(self, *key):
-        """The table ``(name, *args)`` on the features' device, copied there once."""
+        """The table ``(name, *args)`` on the features' device, copied there once (tiles, the
+        largest, are made there from their small CPU parts)."""
         if key not in self._on_device:
-            self._on_device[key] = to_device(self._cached(*key), self.device)
+            if key[0] == "tile" and self.device.type != "cpu":
+                self._on_device[key] = self._tile_on(self.device, *key[1:])
+            else:
+                self._on_device[key] = to_device(self._cached(*key), self.device)
         return self._on_device[key]
 
     def tables(self) -> list[tuple]:
@@ -233,10 +248,8 @@ class PatchSites:
 
     def _build_tile(self, stride: int, start: int, size: int) -> Tile:
         s, n = self.sites_per_side(stride), self.num_rows(stride)
+        _check_tile(s, start, size)
         steps = torch.arange(start, start + size)
-        if start < -s or start + size > 2 * s:
-            raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
-                             f"of a {s}x{s} block")
         which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
         site = steps - which * s  # the site inside that patch
         patch = self._cached("neighbours")[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
@@ -246,6 +259,50 @@ class PatchSites:
         halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
         positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
         return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
+                    positions, rows.index_select(0, positions))
+
+    def _tile_on(self, device: torch.device, stride: int, start: int, size: int) -> Tile:
+        """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts. The tile
+        crosses at most 3 x 3 patches (the patch and its neighbours), each in one rectangle of
+        it. What depends on the mask is small and made on the CPU: each patch's neighbours, and
+        which patches have a given neighbour present. The tables (up to 37 x 37 positions a
+        patch) are sums of those with fixed in-patch offsets, made on the device: a hundred
+        queued kernels and a copy of kilobytes instead of megabytes built on the CPU (which,
+        for a CPU run, ``_build_tile`` does in fewer, larger steps)."""
+        s, n = self.sites_per_side(stride), self.num_rows(stride)
+        _check_tile(s, start, size)
+        steps = torch.arange(start, start + size)
+        which = torch.div(steps, s, rounding_mode="floor") + 1  # 0, 1, 2: the neighbour along the axis
+        site = (steps - (which - 1) * s).int()  # the site inside that patch
+        bands = [(k, int((which < k).sum()), int((which <= k).sum())) for k in range(3) if bool((which == k).any())]
+        rects = [(a, r0, r1, c, c0, c1) for a, r0, r1 in bands for c, c0, c1 in bands]
+        neighbours = self._cached("neighbours").int()  # (P, 3, 3), -1 where absent
+        # outside the patch itself, rectangle by rectangle: the present positions (where a tile's
+        # gradient spills into a neighbour), then the absent ones; each as the first position of
+        # the tiles that have them plus the rectangle's positions
+        present, hidden = [], []
+        for a, r0, r1, c, c0, c1 in rects:
+            if (a, c) != (1, 1):  # the patch itself is always present
+                there = neighbours[:, a, c] >= 0
+                at = (torch.arange(r0, r1, dtype=torch.int32).view(-1, 1) * size
+                      + torch.arange(c0, c1, dtype=torch.int32)).view(-1)
+                present.append((there.nonzero()[:, 0].int() * size * size, at))
+                hidden.append(((~there).nonzero()[:, 0].int() * size * size, at))
+        firsts, ats = [f for f, _ in present + hidden], [a for _, a in present + hidden]
+        neighbours, site, first, at = to_device([neighbours, site, _cat(firsts), _cat(ats)], device)
+        local = site.view(-1, 1) * s + site  # (size, size): each position's row inside its patch
+        rows = torch.empty(len(neighbours), size, size, dtype=torch.int32, device=local.device)
+        present_rows = torch.empty_like(rows)
+        for a, r0, r1, c, c0, c1 in rects:
+            patch = neighbours[:, a, c].view(-1, 1, 1)
+            value = patch * (s * s) + local[r0:r1, c0:c1]
+            rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, n)
+            present_rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, 0)
+        rows, present_rows = rows.view(-1), present_rows.view(-1)
+        pieces = [(f.view(-1, 1) + a).view(-1)
+                  for f, a in zip(first.split([len(f) for f in firsts]), at.split([len(a) for a in ats]))]
+        positions = _cat(pieces[:len(present)], local.device)  # int32: the tables are a batch's
+        return Tile(rows, start, size, s, present_rows, _cat(pieces[len(present):], local.device).long(),
                     positions, rows.index_select(0, positions))
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int) -> Tensor:
