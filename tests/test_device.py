@@ -29,6 +29,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.sparse import ME
 from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
 
 from .device_audit import DeviceAudit
@@ -106,6 +107,16 @@ def test_minkowski_hashes_no_coordinates_until_they_are_read(timm_models):
     for stride, f in zip(encoder.strides, feats):  # read: inserted now, the tables' sites in their order
         assert torch.equal(f.C, sites.coordinates(stride))
         assert f.coordinate_manager.has_map(f.coordinate_map_key)
+
+
+def test_minkowskis_own_modules_on_cuda_need_its_cuda_build():
+    from spark_sparse.encoders.sparse_engine import check_stock_modules
+
+    if ME.is_cuda_available():
+        pytest.skip("this MinkowskiEngine is a CUDA build")
+    check_stock_modules(torch.device("cpu"))
+    with pytest.raises(ValueError, match="conv='minkowski' .* CPU-only build: on CUDA use conv='patch'"):
+        check_stock_modules(torch.device("cuda"))
 
 
 def test_minkowskis_own_modules_get_their_maps_as_they_are_made(timm_models):
