@@ -29,7 +29,8 @@
 #   SETUPTOOLS_USE_DISTUTILS=stdlib pip download --no-deps --no-binary :all: --no-build-isolation \
 #       -d .whl MinkowskiEngine==0.5.4                              # the source package, built there
 # (the versions requirements.txt pins or resolves to; the GPU image has numpy, matplotlib, pytest,
-# ninja, setuptools, wheel, scikit-image, tifffile and tqdm.) Then run with carry=[".whl"].
+# ninja, setuptools, wheel, scikit-image, tifffile and tqdm.) Then run with carry=[".whl"]. The build
+# (b) takes minutes; the MinkowskiEngine wheel it leaves in $OUT, put into .whl, skips it next time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,11 +91,13 @@ else
     exit 1
   fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  step "(b) build MinkowskiEngine (CPU, scipy-openblas32)" b.log 300 \
+  step "(b) build MinkowskiEngine (CPU, scipy-openblas32)" b.log 360 \
     "$PY" scripts/build_minkowski.py --source "$ME_SOURCE" --scipy-openblas "$SITE" --out "$WORK/me" \
     && step "(b) install MinkowskiEngine" b.log 60 \
       "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WORK"/me/*.whl \
     || { say "MinkowskiEngine could not be built: nothing else can run"; exit 1; }
+  # carried next time (into $WHEELS, with SITE unchanged: its rpath names $SITE), it saves the build
+  cp "$WORK"/me/*.whl "$OUT"/
 fi
 
 "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
