@@ -165,6 +165,7 @@ def head_flops(spark: nn.Module, images: Tensor, active: Tensor) -> int:
     They only depend on shapes, so zero feature maps of the encoder's shapes stand in for the
     encoder's output."""
     encoder = spark.encoder
+    active = active.to(images.device)  # masks come on the CPU, as in training
     b, _, h, w = images.shape
     feats = [images.new_zeros(b, c, h // s, w // s) for c, s in zip(encoder.channels, encoder.strides)]
     feats = feats[::-1][: spark.hierarchy]

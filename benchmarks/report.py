@@ -30,6 +30,7 @@ def pair_rows(records: list[Record]) -> list[dict]:
             "speedup": s["images_per_s"] / d["images_per_s"],
             "flops_ratio": s["gflops_per_image"] / d["gflops_per_image"],
             "mem_ratio": mem, "dense_mem": d["peak_mem_mb"], "sparse_mem": s["peak_mem_mb"],
+            "dense_idle": d.get("gpu_idle_share"), "sparse_idle": s.get("gpu_idle_share"),
         })
     return rows
 
@@ -39,15 +40,17 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    idle = any(r["sparse_idle"] is not None for r in rows)  # measured on CUDA only
     lines = ["| model | batch | mask ratio | pass | dense img/s | sparse img/s | speed-up | FLOPs ratio "
-             "| peak-mem ratio (sparse/dense MiB) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| peak-mem ratio (sparse/dense MiB) |" + (" GPU idle dense / sparse |" if idle else ""),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if idle else "")]
     for r in rows:
         mem = _fmt(r["mem_ratio"], ".2f")
         if r["mem_ratio"] is not None:
             mem += f" ({r['sparse_mem']:.0f}/{r['dense_mem']:.0f})"
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['mask_ratio']:.2f} | {r['pass']} | {r['dense_ips']:.2f} "
-                     f"| {r['sparse_ips']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} | {mem} |")
+                     f"| {r['sparse_ips']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.3f} | {mem} |"
+                     + (f" {_fmt(r['dense_idle'], '.1%')} / {_fmt(r['sparse_idle'], '.1%')} |" if idle else ""))
     return "\n".join(lines)
 
 

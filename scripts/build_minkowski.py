@@ -10,10 +10,21 @@ everything it depends on; a second set-up (or a fresh clone elsewhere) installs 
 
 Environment: SPARK_SPARSE_CACHE (cache folder), SPARK_SPARSE_ME_TARGET (cpu or cuda; default
 cuda when a GPU and nvcc are present), MAX_JOBS (compile jobs).
+
+Without a network or a system OpenBLAS (a GPU machine: scripts/device_check_pretrain.sh), the
+CPU build comes from a carried source package and the CBLAS of the ``scipy-openblas32`` wheel:
+
+    python scripts/build_minkowski.py --source MinkowskiEngine-0.5.4.tar.gz --scipy-openblas SITE --out DIR
+
+builds the wheel into DIR (installing it is the caller's) with the same patches. SITE is where
+the scipy-openblas32 wheel is installed: its library names its functions ``scipy_cblas_*``,
+which the compile maps MinkowskiEngine's four CBLAS calls to, and the extension finds it at
+run time through an rpath into SITE.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes.util
 import os
 import platform
@@ -131,6 +142,50 @@ def build_wheel(target: str, dest: Path) -> Path:
     return dest / built.name
 
 
+CBLAS_CALLS = ("cblas_sgemm", "cblas_dgemm", "cblas_saxpy", "cblas_daxpy")  # all MinkowskiEngine uses
+
+
+def scipy_openblas_env(site: Path, links: Path) -> dict[str, str]:
+    """Compile and link settings for the scipy-openblas32 wheel's CBLAS, installed in ``site``.
+    ``--blas=openblas`` links ``-lopenblas``: a link of that name in ``links`` is the wheel's
+    library; the rpath (an old-style one, which its own libgfortran is found through as well)
+    lets the extension load it from ``site``."""
+    root = site / "scipy_openblas32"
+    library = root / "lib" / "libscipy_openblas.so"
+    if not library.exists() or not (root / "include" / "cblas.h").exists():
+        fail(f"no scipy-openblas32 in {site} (want {library} and include/cblas.h): install its wheel there")
+    links.mkdir(parents=True, exist_ok=True)
+    (links / "libopenblas.so").unlink(missing_ok=True)
+    (links / "libopenblas.so").symlink_to(library)
+    defines = " ".join(f"-D{name}=scipy_{name}" for name in CBLAS_CALLS)
+    return {"CFLAGS": f"{defines} -I{root / 'include'}",
+            "LDFLAGS": f"-L{links} -Wl,--disable-new-dtags,-rpath,{library.parent}"}
+
+
+def build_offline(source: Path, site: Path, out: Path) -> Path:
+    """The CPU wheel from a source package and scipy-openblas32, with the patches; no network."""
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = out / "build.log"
+    logfile.write_text("")
+    with tempfile.TemporaryDirectory(prefix="spark-sparse-me-") as tmp:
+        tmpdir = Path(tmp)
+        env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib", **scipy_openblas_env(site, tmpdir / "blas"))
+        env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+        with tarfile.open(source) as tar:
+            tar.extractall(tmpdir, filter="data")
+        src = tmpdir / f"MinkowskiEngine-{ME_VERSION}"
+        if not src.is_dir():
+            fail(f"{source} is not the MinkowskiEngine {ME_VERSION} source package")
+        log(f"patched collections.abc imports in {patch_collections_imports(src)} files")
+        log(f"compiling (cpu, scipy-openblas32, {env['MAX_JOBS']} jobs; log: {logfile})")
+        run([sys.executable, "setup.py", "bdist_wheel", "--blas=openblas", "--cpu_only"], src, logfile,
+            "compiling MinkowskiEngine", env)
+        built = next((src / "dist").glob("*.whl"))
+        shutil.copy2(built, out / built.name)
+    log(f"built {out / built.name}")
+    return out / built.name
+
+
 def installed_key(venv: Path) -> str:
     marker = venv / "minkowski-key.txt"
     return marker.read_text().strip() if marker.exists() else ""
@@ -167,4 +222,16 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Build and install MinkowskiEngine 0.5.4 (no options: "
+                                     "into this venv, from PyPI), or only build its CPU wheel offline")
+    parser.add_argument("--source", type=Path, help="offline: the MinkowskiEngine-0.5.4.tar.gz source package")
+    parser.add_argument("--scipy-openblas", type=Path, help="offline: the folder the scipy-openblas32 wheel is installed in")
+    parser.add_argument("--out", type=Path, help="offline: where the wheel goes")
+    args = parser.parse_args()
+    offline = (args.source, args.scipy_openblas, args.out)
+    if any(offline) and not all(offline):
+        parser.error("an offline build needs --source, --scipy-openblas and --out")
+    if all(offline):
+        build_offline(args.source, args.scipy_openblas.resolve(), args.out.resolve())
+    else:
+        main()

@@ -23,6 +23,29 @@ needs_minkowski = pytest.mark.skipif(not HAS_MINKOWSKI, reason=WITHOUT_MINKOWSKI
 ENGINE_NAMES = [pytest.param("sparse", marks=needs_minkowski), "dense_masked"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where the engines' equivalence and property tests run their models and images "
+                          "(tests/test_encoder_equivalence.py, test_sparse_properties.py, test_device.py); "
+                          "masks stay on the CPU, as in training")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda, but PyTorch sees no CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The ``--device`` of the run. On CUDA, float32 matrix products and convolutions are kept
+    IEEE float32 (no TF32), which is what the tests' float32 tolerances assume."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
 @pytest.fixture(autouse=True)
 def torch_threads_kept():
     """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole

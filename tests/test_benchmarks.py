@@ -153,7 +153,7 @@ def test_app_end_to_end(tmp_path):
 
 
 def test_app_refuses_missing_gpu(tmp_path):
-    if torch.cuda.is_available() and ME.is_cuda_available():
+    if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "device=cuda", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -175,6 +175,40 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
         cfg.precision, cfg.sparse_conv = precision, conv
         with pytest.raises(BenchConfigError, match=error):
             validate(cfg)
+
+
+def test_on_cuda_only_minkowskis_own_convolutions_need_its_cuda_build(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    if ME.is_cuda_available():
+        pytest.skip("this MinkowskiEngine is a CUDA build")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what validate asks of the GPU
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    cfg.device = "cuda"
+    validate(cfg)  # the default convolutions: our own, no CUDA build needed
+    cfg.sparse_conv = "minkowski"
+    with pytest.raises(BenchConfigError, match="sparse_conv=minkowski on device=cuda .* CPU-only build"):
+        validate(cfg)
+
+
+def test_gpu_idle_share_is_the_window_not_covered_by_gpu_work():
+    from benchmarks.gpu_idle import WINDOW, covered, idle_from_trace, profile_steps
+
+    assert covered([(0, 4), (2, 6), (8, 9), (12, 20)], 1, 15) == 5 + 1 + 3  # overlaps once, clipped
+    events = [{"ph": "X", "cat": "user_annotation", "name": WINDOW, "ts": 100, "dur": 100},
+              {"ph": "X", "cat": "kernel", "name": "k", "ts": 110, "dur": 40},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "c", "ts": 140, "dur": 20},  # overlaps the kernel
+              {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 100, "dur": 100},  # not the GPU's
+              {"ph": "X", "cat": "kernel", "name": "late", "ts": 190, "dur": 50}]  # ends after the window
+    share, busy = idle_from_trace(events)
+    assert busy == 50 + 10 and share == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="no 'other' annotation"):
+        idle_from_trace(events, "other")
+    # the window of real steps is found in a real trace (on the CPU: no GPU work in it)
+    share, busy = idle_from_trace(profile_steps(lambda: torch.ones(8).sum(), 2, torch.device("cpu")))
+    assert (share, busy) == (1.0, 0.0)
 
 
 def test_batch_size_is_one_int_or_one_per_model():

@@ -13,6 +13,9 @@ exercise as a 224 image and ResNet-50 would. Tolerances: float64 agrees to round
 so 1e-9 separates any real difference from rounding; parameter gradients get 1e-6, as batch-norm
 backward cancels large terms; float32 (the engines' working precision) is checked at 1e-5 in eval
 and 1e-3 in train mode, where batch-norm statistics of few sites amplify rounding.
+
+``pytest --device cuda`` runs the models and images on the GPU (masks stay on the CPU, as in
+training): the same tolerances hold there, with TF32 off (conftest's ``device``).
 """
 
 import copy
@@ -53,10 +56,16 @@ def plain_features(model, images):
     return family_of(model).plain_features(model, images)
 
 
-def encoders(timm_model, train: bool):
-    sparse = SparseEncoder.from_timm(copy.deepcopy(timm_model)).train(train)
-    dense = MaskedDenseEncoder.from_timm(copy.deepcopy(timm_model)).train(train)
+def encoders(timm_model, train: bool, device: torch.device):
+    sparse = SparseEncoder.from_timm(copy.deepcopy(timm_model)).train(train).to(device)
+    dense = MaskedDenseEncoder.from_timm(copy.deepcopy(timm_model)).train(train).to(device)
     return sparse, dense
+
+
+def batch_on(device: torch.device, size: tuple[int, int], mask: str, batch: int = 4):
+    """``make_batch``'s images on ``device``; the mask stays on the CPU, as in training."""
+    images, active = make_batch(size, mask, batch)
+    return images.to(device), active
 
 
 def running_statistics(state: dict) -> dict:
@@ -65,9 +74,9 @@ def running_statistics(state: dict) -> dict:
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_features_equal_dense_masked(timm_models, name, mask):
-    images, active = make_batch(SIZE, mask)
-    sparse, dense = encoders(timm_models(name), train=False)
+def test_eval_features_equal_dense_masked(timm_models, name, mask, device):
+    images, active = batch_on(device, SIZE, mask)
+    sparse, dense = encoders(timm_models(name), train=False, device=device)
     with torch.no_grad():
         got = sparse.dense_features(images, active)
         want = dense.dense_features(images, active)
@@ -77,22 +86,22 @@ def test_eval_features_equal_dense_masked(timm_models, name, mask):
         assert rel_err(g, w) < 1e-5, f"stride {stride}"
     if mask == "none":
         with torch.no_grad():
-            plain = plain_features(copy.deepcopy(timm_models(name)).eval(), images)
+            plain = plain_features(copy.deepcopy(timm_models(name)).eval().to(device), images)
         for g, p in zip(got, plain):
             assert rel_err(g, p) < 1e-5
 
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("name", MODELS)
-def test_train_features_equal_dense_masked(timm_models, name, mask):
-    images, active = make_batch(SIZE, mask)
-    sparse, dense = encoders(timm_models(name), train=True)
+def test_train_features_equal_dense_masked(timm_models, name, mask, device):
+    images, active = batch_on(device, SIZE, mask)
+    sparse, dense = encoders(timm_models(name), train=True, device=device)
     got, want = sparse.dense_features(images, active), dense.dense_features(images, active)  # as trained: with autograd
     for g, w in zip(got, want):
         assert rel_err(g.detach(), w.detach()) < 1e-3
     if mask == "none":
         with torch.no_grad():
-            plain = plain_features(copy.deepcopy(timm_models(name)).train(), images)
+            plain = plain_features(copy.deepcopy(timm_models(name)).train().to(device), images)
         for g, p in zip(got, plain):
             assert rel_err(g.detach(), p) < 1e-3
 
@@ -103,7 +112,7 @@ def train_step(encoder, images, active, dtype):
     feats = encoder.dense_features(images.to(dtype), active)
     g = torch.Generator().manual_seed(1)
     # a fixed random linear read-out of every scale, so every parameter gets a gradient
-    loss = sum((f * torch.randn(f.shape, generator=g, dtype=dtype)).sum() for f in feats)
+    loss = sum((f * torch.randn(f.shape, generator=g, dtype=dtype).to(f.device)).sum() for f in feats)
     loss.backward()
     grads = encoder.to_timm({n: p.grad for n, p in encoder.named_parameters()})
     return [f.detach() for f in feats], grads, encoder.timm_state_dict()
@@ -127,7 +136,7 @@ def assert_train_steps_equal(sparse, dense, images, active) -> tuple[list, dict]
 def assert_equals_plain_timm_in_train_mode(timm_model, feats: list, state: dict, images) -> None:
     """With nothing hidden, a train-mode pass is timm's: batch statistics over all sites, the
     same features and the same running statistics afterwards (float64)."""
-    plain = copy.deepcopy(timm_model).double().train()
+    plain = copy.deepcopy(timm_model).double().train().to(images.device)
     with torch.no_grad():
         for f, p in zip(feats, plain_features(plain, images.double())):
             assert rel_err(f, p) < 1e-9
@@ -137,10 +146,10 @@ def assert_equals_plain_timm_in_train_mode(timm_model, feats: list, state: dict,
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("name", MODELS)
-def test_train_gradients_and_running_stats_equal_dense_masked(timm_models, name, mask):
+def test_train_gradients_and_running_stats_equal_dense_masked(timm_models, name, mask, device):
     # float64: batch-norm backward cancels large terms, so float32 rounding would hide real errors
-    images, active = make_batch(SIZE, mask)
-    sparse, dense = encoders(timm_models(name), train=True)
+    images, active = batch_on(device, SIZE, mask)
+    sparse, dense = encoders(timm_models(name), train=True, device=device)
     feats, state = assert_train_steps_equal(sparse, dense, images, active)
     converted = set(sparse.layout.top_level())  # a kept head norm is not trained
     trained = {k for k, _ in timm_models(name).named_parameters() if k.split(".")[0] in converted}
@@ -150,9 +159,9 @@ def test_train_gradients_and_running_stats_equal_dense_masked(timm_models, name,
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_hidden_sites_are_zero_and_never_encoded(timm_models, name):
-    images, active = make_batch((128, 128), "ratio0.6")
-    sparse = SparseEncoder.from_timm(copy.deepcopy(timm_models(name))).eval()
+def test_hidden_sites_are_zero_and_never_encoded(timm_models, name, device):
+    images, active = batch_on(device, (128, 128), "ratio0.6")
+    sparse = SparseEncoder.from_timm(copy.deepcopy(timm_models(name))).eval().to(device)
     with torch.no_grad():
         feats = sparse(images, active)
     visible_patches = int(active.sum())
@@ -161,17 +170,17 @@ def test_hidden_sites_are_zero_and_never_encoded(timm_models, name):
         # exactly the visible sites: (32/stride)^2 sites per visible patch, none elsewhere
         assert f.F.shape[0] == visible_patches * (32 // stride) ** 2
     with torch.no_grad():
-        dense_maps = sparse.dense_features(images, active)
+        dense_maps = [m.cpu() for m in sparse.dense_features(images, active)]
     hidden = ~active.repeat_interleave(4, -2).repeat_interleave(4, -1)
     assert torch.all(dense_maps[-1] * (~active) == 0)
     assert torch.all(dense_maps[-3].masked_select(hidden) == 0)
 
 
 @pytest.mark.parametrize("name", ["resnet26d", "resnet34"])
-def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, name):
-    images, active = make_batch(SIZE, "ratio0.6")
+def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, name, device):
+    images, active = batch_on(device, SIZE, "ratio0.6")
     for train in (False, True):
-        sparse, dense = encoders(timm_models(name), train=train)
+        sparse, dense = encoders(timm_models(name), train=train, device=device)
         with torch.no_grad():
             got, want = sparse.dense_features(images, active), dense.dense_features(images, active)
         for g, w in zip(got, want):
@@ -256,13 +265,13 @@ def test_reparameterised_repvgg_and_mobileone_equal_dense_masked_and_plain_timm(
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()
                                            for m in (MASKS if name.startswith(EVERY_MASK) else ["ratio0.6"])])
-def test_variants_equal_dense_masked(timm_models, variant, mask):
+def test_variants_equal_dense_masked(timm_models, variant, mask, device):
     # squeeze-excitation pools each image over its visible sites
     name, kwargs = VARIANTS[variant]
     # one visible patch per image: four images, since a train-mode batch norm over only two sites
     # at stride 32 is so ill-conditioned that float64 rounding grows to 1e-8 (measured)
-    images, active = make_batch(VARIANT_SIZE, mask, batch=4 if mask == "one" else 2)
-    sparse, dense = encoders(timm_models(name, **kwargs), train=True)
+    images, active = batch_on(device, VARIANT_SIZE, mask, batch=4 if mask == "one" else 2)
+    sparse, dense = encoders(timm_models(name, **kwargs), train=True, device=device)
     assert_train_steps_equal(sparse, dense, images, active)
     with torch.no_grad():  # eval mode: the running statistics, the same masked features
         for a, b in zip(sparse.eval().dense_features(images.double(), active),
@@ -271,17 +280,17 @@ def test_variants_equal_dense_masked(timm_models, variant, mask):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variants_with_nothing_hidden_equal_plain_timm_in_eval_and_train_mode(timm_models, variant):
+def test_variants_with_nothing_hidden_equal_plain_timm_in_eval_and_train_mode(timm_models, variant, device):
     # squeeze-excitation over all sites is timm's global mean; float64: deep float32 nets
     # (MobileNetV3) round to 1e-5 apart
     name, kwargs = VARIANTS[variant]
     model = timm_models(name, **kwargs)
-    images, everything = make_batch(VARIANT_SIZE, "none", batch=2)
+    images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
     images = images.double()
-    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double()
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().to(device)
     with torch.no_grad():
         got = encoder.eval().dense_features(images, everything)
-        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval(), images)):
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images)):
             assert rel_err(g, p) < 1e-9
         feats = encoder.train().dense_features(images, everything)
     assert_equals_plain_timm_in_train_mode(model, feats, encoder.timm_state_dict(), images)

@@ -30,7 +30,7 @@ from spark_sparse.sparse.sparsify import sparsify, to_dense
 def twin_inputs(channels: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(2, channels, 64, 96, generator=g, dtype=torch.float64)
-    x = sparsify(images, random_active(2, (2, 3), 0.5, g))
+    x = sparsify(images, random_active(2, (2, 3), 0.5, g), insert=True)  # ME's modules read its maps
     leaves = [x.F.clone().requires_grad_() for _ in range(2)]
     return [ME.SparseTensor(f, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
             for f in leaves], leaves

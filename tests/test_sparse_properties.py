@@ -7,6 +7,8 @@
 * Batch independence (eval mode): an image's features do not depend on the other images.
   ConvNeXt-V2's own sparse GRN, with statistics over the whole batch, would break it. Nets
   without batch norm (GroupNorm: BiT) are batch-independent in train mode too.
+
+``pytest --device cuda`` checks both on the GPU.
 """
 
 import pytest
@@ -37,9 +39,9 @@ MODELS.update({name: (name, {}) for name in ["repvgg_a0", "mobileone_s0", "eca_r
 ENGINES = [SparseEncoder, MaskedDenseEncoder]
 
 
-def encoder(timm_models, engine, model: str, train: bool):
+def encoder(timm_models, engine, model: str, train: bool, device: torch.device):
     name, kwargs = MODELS[model]
-    return engine.from_timm(copy.deepcopy(timm_models(name, **kwargs))).double().train(train)
+    return engine.from_timm(copy.deepcopy(timm_models(name, **kwargs))).double().train(train).to(device)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,7 +51,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
 @pytest.mark.parametrize("name", MODELS)
-def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name, engine, train):
+def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name, engine, train, device):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 96, generator=g, dtype=torch.float64)
     active = random_active(2, (2, 3), 0.5, g)
@@ -57,10 +59,10 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name
     canvas[:, :, 64:128, 32:128] = images
     canvas_active = torch.zeros(2, 1, 5, 6, dtype=torch.bool)
     canvas_active[:, :, 2:4, 1:4] = active
-    enc = encoder(timm_models, engine, name, train)
-    with torch.no_grad():
-        alone = enc.dense_features(images, active)
-        embedded = enc.dense_features(canvas, canvas_active)
+    enc = encoder(timm_models, engine, name, train, device)
+    with torch.no_grad():  # masks on the CPU, as in training
+        alone = enc.dense_features(images.to(device), active)
+        embedded = enc.dense_features(canvas.to(device), canvas_active)
     for stride, a, e in zip(enc.strides, alone, embedded):
         crop = e[:, :, 64 // stride:128 // stride, 32 // stride:128 // stride]
         assert rel_err(crop, a) < 1e-12, f"stride {stride}"
@@ -71,11 +73,12 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name
 
 @pytest.mark.parametrize("engine", ENGINES, ids=["sparse", "dense_masked"])
 @pytest.mark.parametrize("name", MODELS)
-def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, name, engine):
+def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, name, engine, device):
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)
+    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64).to(device)
     active = random_active(3, (2, 3), 0.5, g)
-    assert_the_first_images_features_are_its_own(encoder(timm_models, engine, name, train=False), images, active)
+    assert_the_first_images_features_are_its_own(encoder(timm_models, engine, name, train=False, device=device),
+                                                 images, active)
 
 
 def assert_the_first_images_features_are_its_own(enc, images, active) -> None:

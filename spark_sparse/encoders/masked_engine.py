@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..mask import upsample_active
 from ..precision import statistics_dtype
+from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
@@ -313,6 +314,7 @@ class MaskedDenseEncoder(Encoder):
                 pool.after_relu = True  # as SparK's code: no -inf fill over the stem's map
 
     def encode_input(self, images: Tensor, active: Tensor) -> MaskedTensor:
+        active = to_device(active, images.device)
         return MaskedTensor(images * upsample_active(active, images.shape[-2:]), active)
 
     def to_dense(self, feature: MaskedTensor, batch: int, size: tuple[int, int]) -> Tensor:

@@ -55,6 +55,17 @@ CONV_IMPLS = ("patch", "minkowski")
 STOCK_MODULES = (ME.MinkowskiConvolution, ME.MinkowskiMaxPooling, ME.MinkowskiAvgPooling)
 
 
+def check_stock_modules(device: torch.device, autocast: bool = False) -> None:
+    """Refuse, in one line, what MinkowskiEngine's own modules (conv='minkowski') cannot run:
+    autocast, and CUDA tensors with a CPU-only build (our operators need no CUDA build)."""
+    if autocast:
+        raise ValueError("conv='minkowski' runs MinkowskiEngine's own float32/float64 operators, which "
+                         "cannot autocast (precision bf16/fp16); use conv='patch', the default")
+    if device.type == "cuda" and not ME.is_cuda_available():
+        raise ValueError("conv='minkowski' runs MinkowskiEngine's own kernels, and this MinkowskiEngine is "
+                         "a CPU-only build: on CUDA use conv='patch', the default (it needs no CUDA build)")
+
+
 def _copy_weights(dense: nn.Module, sparse: nn.Module) -> nn.Module:
     sparse.load_state_dict(dense.state_dict())
     return sparse.train(dense.training)
@@ -312,10 +323,10 @@ class SparseEncoder(Encoder):
         self.stock_modules = any(type(m) in STOCK_MODULES for m in body.modules())
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
-        if self.stock_modules and torch.is_autocast_enabled(images.device.type):
-            raise ValueError("conv='minkowski' runs MinkowskiEngine's own float32/float64 operators, which "
-                             "cannot autocast (precision bf16/fp16); use conv='patch', the default")
-        return sparsify(images, active)
+        if self.stock_modules:
+            check_stock_modules(images.device, torch.is_autocast_enabled(images.device.type))
+        # MinkowskiEngine's own modules read coordinate maps in C++: registered as they are made
+        return sparsify(images, active, insert=self.stock_modules)
 
     def to_dense(self, feature: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
         return to_dense(feature, batch, size)

@@ -11,6 +11,7 @@ from .loss import masked_patch_loss
 from ..mask import random_active, upsample_active
 from ..encoders.registry import create_encoder
 from ..encoders.base import Encoder
+from ..transfer import to_device
 
 
 class SparK(nn.Module):
@@ -59,7 +60,8 @@ class SparK(nn.Module):
         """Visible patches for ``images``. In data-parallel training ``images`` is slice ``rank``
         of a global batch ``world_size`` times larger: every rank draws the mask of the whole
         global batch (same generator, same seed) and keeps its slice, so each image is masked
-        exactly as a single process would mask it and the generators stay in step."""
+        exactly as a single process would mask it and the generators stay in step. The mask stays
+        on the CPU, where the sparse engine reads it without waiting for the GPU."""
         b, _, h, w = images.shape
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not divisible by the encoder stride {self.stride}")
@@ -67,13 +69,15 @@ class SparK(nn.Module):
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         grid = (h // self.stride, w // self.stride)
         active = random_active(b * world_size, grid, self.mask_ratio, self.generator)
-        return active[rank * b:(rank + 1) * b].to(images.device)
+        return active[rank * b:(rank + 1) * b]
 
     def forward(self, images: Tensor, active: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask."""
+        """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask
+        (on the images' device). ``active`` is best on the CPU, as ``random_mask`` makes it."""
         if active is None:
             active = self.random_mask(images)
         feats = self.encoder.dense_features(images, active)[::-1][: self.hierarchy]
+        active = to_device(active, images.device)
         to_decoder = [d(f, upsample_active(active, f.shape[-2:])) for d, f in zip(self.densify, feats)]
         pred = self.decoder(to_decoder)
         loss = masked_patch_loss(pred, images, active, self.stride)

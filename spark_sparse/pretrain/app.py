@@ -75,7 +75,8 @@ class Pretraining:
         net = run.wrap(model, broadcast_buffers=not cfg.sync_bn)
         pictures = self.pictures(run, model)
         loader = build_loader(self.dataset, cfg.batch_size, cfg.seed, start_step=run.step, max_steps=max_steps,
-                              num_workers=cfg.data.num_workers, rank=run.ctx.rank, world_size=run.ctx.world_size)
+                              num_workers=cfg.data.num_workers, rank=run.ctx.rank, world_size=run.ctx.world_size,
+                              pin_memory=run.device.type == "cuda")
         run.progress(max_steps, f"SparK {cfg.model}")
         net.train()
         for images in loader:

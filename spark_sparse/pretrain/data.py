@@ -198,15 +198,17 @@ def _collate(samples: list[tuple[torch.Tensor, list[tuple[Path, str]]]]) -> tupl
 
 def build_loader(dataset: PretrainDataset, batch_size: int, seed: int, start_step: int = 0,
                  max_steps: int | None = None, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1) -> Batches:
-    """Stacked (batch_size // world_size, 3, S, S) batches, one per step."""
+                 world_size: int = 1, pin_memory: bool = False) -> Batches:
+    """Stacked (batch_size // world_size, 3, S, S) batches, one per step; ``pin_memory`` for a
+    GPU: its non-blocking copy of a pinned batch does not wait for the GPU's queue."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step=start_step,
                                max_steps=max_steps, rank=rank, world_size=world_size)
     # a generator of its own: the loader would otherwise draw its workers' base seed from the
     # global RNG when iterated, one draw that a resumed run makes at another point of the stream
     # than an uninterrupted one (drop path, which draws from it, would then differ)
     loader = DataLoader(_Loading(dataset), batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=num_workers > 0, generator=torch.Generator())
+                        collate_fn=_collate, persistent_workers=num_workers > 0, generator=torch.Generator(),
+                        pin_memory=pin_memory)
     return Batches(loader, dataset)
 
 

@@ -209,17 +209,17 @@ class Run:
         self.scaler.scale(loss).backward()
         loss_value = distributed.mean_over_ranks(loss)
         self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
-        overflow = self.scaler.is_enabled() and not torch.isfinite(grad_norm)
-        if not (math.isfinite(loss_value) and (torch.isfinite(grad_norm) or overflow)):
-            self._diverged(f"loss {loss_value} / gradient norm {grad_norm.item()} at step {self.step + 1}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf")).item()
+        overflow = self.scaler.is_enabled() and not math.isfinite(grad_norm)
+        if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or overflow)):
+            self._diverged(f"loss {loss_value} / gradient norm {grad_norm} at step {self.step + 1}")
         first = self._reference.setdefault("loss", loss_value)
         if loss_value > self.LIMIT * max(first, 1.0):
             self._diverged(f"loss {loss_value:.4g} at step {self.step + 1}, over {self.LIMIT:.0f} times the run's "
                            f"first ({first:.4g})")
         self.scaler.step(optimizer)  # skipped after an fp16 overflow, which lowers the scale
         self.scaler.update()
-        return loss_value, grad_norm.item()
+        return loss_value, grad_norm
 
     def _diverged(self, what: str) -> None:
         raise TrainingDiverged(f"{what}: training stopped; {self.saver.kept()}")

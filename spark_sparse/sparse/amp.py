@@ -43,7 +43,8 @@ def autocast_forward(forward: Callable | None = None, *, cast_inputs: bool = Tru
     @functools.wraps(forward)
     def run(ctx, *args):
         device = ctx.autocast_device = _device_type(args)
-        if not torch.is_autocast_enabled(device):
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+            ctx.autocast_device = None  # a device autocast does not know (meta): nothing to turn off
             return forward(ctx, *args)
         if cast_inputs:
             dtype = torch.get_autocast_dtype(device)
@@ -59,6 +60,8 @@ def autocast_backward(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def run(ctx, *grads):
+        if ctx.autocast_device is None:
+            return backward(ctx, *grads)
         with torch.autocast(ctx.autocast_device, enabled=False):
             return backward(ctx, *grads)
 

@@ -155,7 +155,7 @@ class SparseGroupNormAct(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
-        out = GroupNormAct.apply(x.F, self.weight, self.bias, sites.patches[:, 0], sites.batch,
+        out = GroupNormAct.apply(x.F, self.weight, self.bias, sites.image_of_patches(), sites.batch,
                                  self.num_groups, self.eps, self.act)
         return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
 

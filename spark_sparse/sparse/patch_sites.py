@@ -3,9 +3,16 @@
 A SparK mask keeps whole 32x32-pixel patches, so at stride s the visible sites form whole
 S x S blocks (S = 32 / s). Rows of every feature matrix are kept patch-major (patch, row in
 patch, column in patch); ``PatchSites`` (one per batch, held by the batch's ``BatchCoordinates``
-and shared by all layers) registers those coordinates with MinkowskiEngine once per stride and
-builds, once per batch, the tables the operators of patch_conv.py index with. A table is a
-tensor of row numbers where N (one past the last row) stands for an absent site.
+and shared by all layers) names each stride's sites with a MinkowskiEngine key and builds, once
+per batch, the tables the operators of patch_conv.py index with. A table is a tensor of row
+numbers where N (one past the last row) stands for an absent site.
+
+Devices: the visible patches are known on the CPU (from the mask), MinkowskiEngine's coordinate
+manager is its CPU build's, and the tables are built there and copied, pinned and without
+blocking, to the features' device (``PatchSites.device``): nothing of the bookkeeping waits for
+the GPU. The operators read only the tables, never MinkowskiEngine's coordinates, so a map is
+inserted into the manager only when something reads its coordinates (``x.C``), or, for
+MinkowskiEngine's own modules which read them in C++, as soon as it is named (``insert=True``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-STRING_ID = "patch"  # our coordinate maps, never confused with ones ME builds itself
+from ..transfer import to_device
+
+STRING_ID = "patch"  # our coordinate maps (ME's own strided modules name theirs after their input's)
 
 # Blocks of at least this many sites per side run k x k convolutions on tiles; smaller ones (the
 # deeper stages, where a tile would be mostly halo) as offset GEMMs or on a per-image canvas.
@@ -52,11 +61,34 @@ class BatchCoordinates(ME.CoordinateManager):
     (where every patch operator finds its tables) and, for the manager of the pixels' own map,
     the manager of the layers' maps (``network``), which must live at least as long."""
 
-    def __init__(self, coordinate_map_type: ME.CoordinateMapType,
+    def __init__(self, coordinate_map_type: ME.CoordinateMapType = ME.CoordinateMapType.CPU,
                  network: "BatchCoordinates | None" = None) -> None:
         super().__init__(D=2, coordinate_map_type=coordinate_map_type)
+        self.on_cuda = coordinate_map_type == ME.CoordinateMapType.CUDA
         self.network = network
         self.sites: PatchSites | None = None
+
+    def has_map(self, key: ME.CoordinateMapKey) -> bool:
+        stride, _ = key.get_key()
+        return any(k.get_key() == key.get_key() for k in self._manager.get_coordinate_map_keys(stride))
+
+    def get_coordinates(self, key_or_tensor_strides) -> Tensor:
+        """MinkowskiEngine's coordinates of a map (what ``x.C`` reads); a map our sites named
+        without inserting it is inserted now, at its first read."""
+        if isinstance(key_or_tensor_strides, ME.CoordinateMapKey) and self.sites is not None:
+            self.sites.insert_if_absent(self, key_or_tensor_strides)
+        return super().get_coordinates(key_or_tensor_strides)
+
+
+def _cat(tensors: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
+    """int32 tensors concatenated; none, an empty one."""
+    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int32, device=device)
+
+
+def _check_tile(sites_per_side: int, start: int, size: int) -> None:
+    if start < -sites_per_side or start + size > 2 * sites_per_side:
+        raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
+                         f"of a {sites_per_side}x{sites_per_side} block")
 
 
 def centred_padding(kernel_size: int) -> int:
@@ -82,18 +114,22 @@ class PatchSites:
     """Coordinates, ME keys and index tables of one batch's visible patches, at every stride."""
 
     def __init__(self, manager: BatchCoordinates, patches: Tensor, patch_size: int,
-                 grid: tuple[int, int], batch: int):
+                 grid: tuple[int, int], batch: int, device: torch.device | str = "cpu", insert: bool = False):
         # the manager of the layers' maps (strides > 1; sparsify keeps the pixels' map apart);
         # it holds the sites (``attach``): a weak link back, so that no reference cycle keeps a
         # batch's coordinate maps alive until the garbage collector happens to run
         self._manager = weakref.ref(manager)
-        self.patches = patches  # (P, 3): batch, patch row, patch column; the row order of everything
-        self.device = patches.device  # of every table: the features' device
+        if patches.device.type != "cpu":
+            raise ValueError(f"the visible patches must be on the CPU, where the tables are built; got {patches.device}")
+        self.patches = patches  # (P, 3) int64: batch, patch row, patch column; the row order of everything
+        self.device = torch.device(device)  # of every table: the features' device
+        self.insert = insert  # insert each map into MinkowskiEngine's manager when named, not when read
         self.patch_size = patch_size
         self.grid = grid
         self.batch = batch
         self.keys: dict[int, ME.CoordinateMapKey] = {}
-        self._cache: dict[tuple, object] = {}
+        self._cache: dict[tuple, object] = {}  # tables on the CPU
+        self._on_device: dict[tuple, object] = {}  # the same tables on ``device``
 
     @staticmethod
     def of(x: ME.SparseTensor) -> "PatchSites":
@@ -119,36 +155,87 @@ class PatchSites:
         return self.patches.shape[0] * self.sites_per_side(stride) ** 2
 
     def coordinates(self, stride: int) -> Tensor:
-        """(N, 3) int32 coordinates (batch, row, column in input pixels) at ``stride``, patch-major."""
+        """(N, 3) int32 coordinates (batch, row, column in input pixels) at ``stride``, patch-major,
+        on the CPU (MinkowskiEngine's manager keeps them there)."""
         s, p = self.sites_per_side(stride), self.patches.int()
-        steps = torch.arange(s, dtype=torch.int32, device=self.device) * stride
+        steps = torch.arange(s, dtype=torch.int32) * stride
         rows = (p[:, 1:2] * self.patch_size + steps).view(-1, s, 1).expand(-1, s, s)
         cols = (p[:, 2:3] * self.patch_size + steps).view(-1, 1, s).expand(-1, s, s)
         return torch.stack([p[:, 0].view(-1, 1, 1).expand(-1, s, s), rows, cols], -1).view(-1, 3)
 
-    def key(self, stride: int) -> ME.CoordinateMapKey:
+    def key(self, stride: int, manager: BatchCoordinates | None = None) -> ME.CoordinateMapKey:
+        """The key of the sites at ``stride`` (in ``manager``, by default the layers' one). Only
+        with ``insert`` are the coordinates inserted now; otherwise at their first read."""
         if stride not in self.keys:
-            key, _ = self.manager.insert_and_map(self.coordinates(stride), [stride, stride], STRING_ID)
-            self.keys[stride] = key
+            if self.insert:
+                self.keys[stride] = self._insert(manager or self.manager, stride)
+            else:
+                self.keys[stride] = ME.CoordinateMapKey([stride, stride], STRING_ID)
         return self.keys[stride]
 
-    def _cached(self, key: tuple, build):
+    def _insert(self, manager: BatchCoordinates, stride: int) -> ME.CoordinateMapKey:
+        # unique by construction: inserted directly, without MinkowskiEngine's quantisation
+        coords = self.coordinates(stride)
+        if manager.on_cuda:  # a CUDA build's own modules keep their maps on the GPU
+            coords = coords.to(self.device)
+        key, _ = manager.insert_and_map(coords, [stride, stride], STRING_ID)
+        return key
+
+    def insert_if_absent(self, manager: BatchCoordinates, key: ME.CoordinateMapKey) -> None:
+        """Insert the map of ``key`` into ``manager`` if these sites named it and it is not there."""
+        stride = key.get_key()[0][0]
+        ours = self.keys.get(stride)
+        if ours is not None and ours.get_key() == key.get_key() and not manager.has_map(key):
+            self._insert(manager, stride)
+
+    def holds_rows_of(self, x: ME.SparseTensor) -> bool:
+        """Whether ``x``'s rows are these sites in patch-major order, as every table assumes: a map
+        these sites named (one that MinkowskiEngine's own strided modules made has its own order)."""
+        ours = self.keys.get(x.tensor_stride[0])
+        return ours is not None and ours.get_key() == x.coordinate_map_key.get_key()
+
+    # -- index tables: ``_build_<name>(*args)`` makes one on the CPU, ``_table`` hands it out on
+    # the features' device; both keep it for the rest of the batch
+    def _cached(self, *key):
+        """The table ``(name, *args)`` on the CPU, where tables are built from other tables."""
         if key not in self._cache:
-            self._cache[key] = build()
+            self._cache[key] = getattr(self, f"_build_{key[0]}")(*key[1:])
         return self._cache[key]
+
+    def _table(self, *key):
+        """The table ``(name, *args)`` on the features' device, copied there once (tiles, the
+        largest, are made there from their small CPU parts)."""
+        if key not in self._on_device:
+            if key[0] == "tile" and self.device.type != "cpu":
+                self._on_device[key] = self._tile_on(self.device, *key[1:])
+            else:
+                self._on_device[key] = to_device(self._cached(*key), self.device)
+        return self._on_device[key]
+
+    def tables(self) -> list[tuple]:
+        """The keys of the tables built so far (what the batch's layers read)."""
+        return list(self._cache)
 
     def image_of_rows(self, stride: int) -> Tensor:
         """(N,) int64: the image each row at ``stride`` belongs to (rows of an image are contiguous)."""
-        def build():
-            return self.patches[:, 0].repeat_interleave(self.sites_per_side(stride) ** 2)
-        return self._cached(("image_of_rows", stride), build)
+        return self._table("image_of_rows", stride)
+
+    def _build_image_of_rows(self, stride: int) -> Tensor:
+        return self.patches[:, 0].repeat_interleave(self.sites_per_side(stride) ** 2)
+
+    def image_of_patches(self) -> Tensor:
+        """(P,) int64: the image each visible patch belongs to."""
+        return self._table("image_of_patches")
+
+    def _build_image_of_patches(self) -> Tensor:
+        return self.patches[:, 0]
 
     def rows_per_image(self, stride: int) -> Tensor:
         """(B,) int64: how many rows each image has at ``stride`` (0 for a wholly hidden image)."""
-        def build():
-            per_patch = torch.bincount(self.patches[:, 0], minlength=self.batch)
-            return per_patch * self.sites_per_side(stride) ** 2
-        return self._cached(("rows_per_image", stride), build)
+        return self._table("rows_per_image", stride)
+
+    def _build_rows_per_image(self, stride: int) -> Tensor:
+        return torch.bincount(self.patches[:, 0], minlength=self.batch) * self.sites_per_side(stride) ** 2
 
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
@@ -157,75 +244,116 @@ class PatchSites:
 
     def canvas_index(self, stride: int) -> Tensor:
         """(N,) int64: each row's position in the flattened (B, h, w) site grid at ``stride``."""
-        def build():
-            _, h, w = self.canvas_shape(stride)
-            c = self.coordinates(stride).long()
-            return (c[:, 0] * h + c[:, 1] // stride) * w + c[:, 2] // stride
-        return self._cached(("canvas_index", stride), build)
+        return self._table("canvas_index", stride)
 
-    def neighbours(self) -> Tensor:
+    def _build_canvas_index(self, stride: int) -> Tensor:
+        _, h, w = self.canvas_shape(stride)
+        c = self.coordinates(stride).long()
+        return (c[:, 0] * h + c[:, 1] // stride) * w + c[:, 2] // stride
+
+    def _build_neighbours(self) -> Tensor:
         """(P, 3, 3): the index of each patch's neighbouring patches (itself at [1, 1]), -1 where
         hidden or outside the image."""
-        def build():
-            b, pr, pc = self.patches.unbind(1)
-            index = torch.full((self.batch, self.grid[0] + 2, self.grid[1] + 2), -1, device=self.device)
-            index[b, pr + 1, pc + 1] = torch.arange(len(b), device=self.device)
-            d = torch.arange(3, device=self.device)
-            return index[b.view(-1, 1, 1), pr.view(-1, 1, 1) + d.view(3, 1), pc.view(-1, 1, 1) + d]
-        return self._cached(("neighbours",), build)
+        b, pr, pc = self.patches.unbind(1)
+        index = torch.full((self.batch, self.grid[0] + 2, self.grid[1] + 2), -1)
+        index[b, pr + 1, pc + 1] = torch.arange(len(b))
+        d = torch.arange(3)
+        return index[b.view(-1, 1, 1), pr.view(-1, 1, 1) + d.view(3, 1), pc.view(-1, 1, 1) + d]
 
     def tile(self, stride: int, start: int, size: int) -> Tile:
         """The tile table of every patch: ``size`` sites per side from ``start`` (relative to the
         patch corner, negative for a halo), reaching at most into the neighbouring patches."""
-        def build():
-            s, n = self.sites_per_side(stride), self.num_rows(stride)
-            steps = torch.arange(start, start + size, device=self.device)
-            if start < -s or start + size > 2 * s:
-                raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
-                                 f"of a {s}x{s} block")
-            which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
-            site = steps - which * s  # the site inside that patch
-            patch = self.neighbours()[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
-            rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1).int()
-            present = (patch >= 0).view(-1)
-            inside = (steps >= 0) & (steps < s)
-            halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
-            positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
-            return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
-                        positions, rows.index_select(0, positions))
-        return self._cached(("tile", stride, start, size), build)
+        return self._table("tile", stride, start, size)
+
+    def _build_tile(self, stride: int, start: int, size: int) -> Tile:
+        s, n = self.sites_per_side(stride), self.num_rows(stride)
+        _check_tile(s, start, size)
+        steps = torch.arange(start, start + size)
+        which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
+        site = steps - which * s  # the site inside that patch
+        patch = self._cached("neighbours")[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
+        rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1).int()
+        present = (patch >= 0).view(-1)
+        inside = (steps >= 0) & (steps < s)
+        halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
+        positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
+        return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
+                    positions, rows.index_select(0, positions))
+
+    def _tile_on(self, device: torch.device, stride: int, start: int, size: int) -> Tile:
+        """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts. The tile
+        crosses at most 3 x 3 patches (the patch and its neighbours), each in one rectangle of
+        it. What depends on the mask is small and made on the CPU: each patch's neighbours, and
+        which patches have a given neighbour present. The tables (up to 37 x 37 positions a
+        patch) are sums of those with fixed in-patch offsets, made on the device: a hundred
+        queued kernels and a copy of kilobytes instead of megabytes built on the CPU (which,
+        for a CPU run, ``_build_tile`` does in fewer, larger steps)."""
+        s, n = self.sites_per_side(stride), self.num_rows(stride)
+        _check_tile(s, start, size)
+        steps = torch.arange(start, start + size)
+        which = torch.div(steps, s, rounding_mode="floor") + 1  # 0, 1, 2: the neighbour along the axis
+        site = (steps - (which - 1) * s).int()  # the site inside that patch
+        bands = [(k, int((which < k).sum()), int((which <= k).sum())) for k in range(3) if bool((which == k).any())]
+        rects = [(a, r0, r1, c, c0, c1) for a, r0, r1 in bands for c, c0, c1 in bands]
+        neighbours = self._cached("neighbours").int()  # (P, 3, 3), -1 where absent
+        # outside the patch itself, rectangle by rectangle: the present positions (where a tile's
+        # gradient spills into a neighbour), then the absent ones; each as the first position of
+        # the tiles that have them plus the rectangle's positions
+        present, hidden = [], []
+        for a, r0, r1, c, c0, c1 in rects:
+            if (a, c) != (1, 1):  # the patch itself is always present
+                there = neighbours[:, a, c] >= 0
+                at = (torch.arange(r0, r1, dtype=torch.int32).view(-1, 1) * size
+                      + torch.arange(c0, c1, dtype=torch.int32)).view(-1)
+                present.append((there.nonzero()[:, 0].int() * size * size, at))
+                hidden.append(((~there).nonzero()[:, 0].int() * size * size, at))
+        firsts, ats = [f for f, _ in present + hidden], [a for _, a in present + hidden]
+        neighbours, site, first, at = to_device([neighbours, site, _cat(firsts), _cat(ats)], device)
+        local = site.view(-1, 1) * s + site  # (size, size): each position's row inside its patch
+        rows = torch.empty(len(neighbours), size, size, dtype=torch.int32, device=local.device)
+        present_rows = torch.empty_like(rows)
+        for a, r0, r1, c, c0, c1 in rects:
+            patch = neighbours[:, a, c].view(-1, 1, 1)
+            value = patch * (s * s) + local[r0:r1, c0:c1]
+            rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, n)
+            present_rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, 0)
+        rows, present_rows = rows.view(-1), present_rows.view(-1)
+        pieces = [(f.view(-1, 1) + a).view(-1)
+                  for f, a in zip(first.split([len(f) for f in firsts]), at.split([len(a) for a in ats]))]
+        positions = _cat(pieces[:len(present)], local.device)  # int32: the tables are a batch's
+        return Tile(rows, start, size, s, present_rows, _cat(pieces[len(present):], local.device).long(),
+                    positions, rows.index_select(0, positions))
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> Tensor:
         """(N_out, K) input rows of each output site's window, in ME's kernel order (first axis
         fastest), N where absent: the im2col table, cut from the tile table (``padding``: as
         for ``tile_geometry``)."""
         padding = centred_padding(kernel_size) if padding is None else padding
+        return self._table("windows", stride, kernel_size, conv_stride, padding)
 
-        def build():
-            start, size = tile_geometry(self.sites_per_side(stride), kernel_size, conv_stride, padding)
-            tiles = self.tile(stride, start, size).rows.view(-1, size, size)
-            win = tiles.unfold(1, kernel_size, conv_stride).unfold(2, kernel_size, conv_stride)
-            return win.transpose(-1, -2).reshape(-1, kernel_size * kernel_size).contiguous()
-        return self._cached(("windows", stride, kernel_size, conv_stride, padding), build)
+    def _build_windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int) -> Tensor:
+        start, size = tile_geometry(self.sites_per_side(stride), kernel_size, conv_stride, padding)
+        tiles = self._cached("tile", stride, start, size).rows.view(-1, size, size)
+        win = tiles.unfold(1, kernel_size, conv_stride).unfold(2, kernel_size, conv_stride)
+        return win.transpose(-1, -2).reshape(-1, kernel_size * kernel_size).contiguous()
 
     def pairs(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> list[OffsetPairs]:
         """Per kernel offset, the pairs whose input site is present (a sparse convolution's kernel
         map); offsets every output has come first."""
         padding = centred_padding(kernel_size) if padding is None else padding
+        return self._table("pairs", stride, kernel_size, conv_stride, padding)
 
-        def build():
-            table = self.windows(stride, kernel_size, conv_stride, padding)
-            n_in = self.num_rows(stride)
-            identity = (torch.arange(table.shape[0], dtype=table.dtype, device=self.device)
-                        if conv_stride == 1 else None)
-            pairs = []
-            for k, col in enumerate(table.unbind(1)):
-                present = col != n_in
-                if bool(present.all()):
-                    same = identity is not None and torch.equal(col, identity)
-                    pairs.append(OffsetPairs(k, None, None if same else col))
-                else:
-                    rows = present.nonzero()[:, 0]
-                    pairs.append(OffsetPairs(k, rows, col.index_select(0, rows)))
-            return sorted(pairs, key=lambda p: p.out is not None)
-        return self._cached(("pairs", stride, kernel_size, conv_stride, padding), build)
+    def _build_pairs(self, stride: int, kernel_size: int, conv_stride: int, padding: int) -> list[OffsetPairs]:
+        table = self._cached("windows", stride, kernel_size, conv_stride, padding)
+        n_in = self.num_rows(stride)
+        identity = torch.arange(table.shape[0], dtype=table.dtype) if conv_stride == 1 else None
+        pairs = []
+        for k, col in enumerate(table.unbind(1)):
+            present = col != n_in
+            if bool(present.all()):
+                same = identity is not None and torch.equal(col, identity)
+                pairs.append(OffsetPairs(k, None, None if same else col))
+            else:
+                rows = present.nonzero()[:, 0]
+                pairs.append(OffsetPairs(k, rows, col.index_select(0, rows)))
+        return sorted(pairs, key=lambda p: p.out is not None)

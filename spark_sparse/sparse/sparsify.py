@@ -3,6 +3,10 @@
 Coordinates are (batch, row, col) in input pixels; a feature map of tensor stride s keeps its
 sites at multiples of s, as MinkowskiEngine does. Rows are ordered patch by patch (see
 patch_sites.py), which lets every layer work on whole visible patches without re-sorting.
+
+The features live on the images' device; the mask is read on the CPU, where MinkowskiEngine's
+(CPU) coordinate manager and the batch's index tables are made: a CUDA build of MinkowskiEngine
+is not needed, and nothing here waits for the GPU when the mask is on the CPU.
 """
 
 from __future__ import annotations
@@ -11,43 +15,52 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from .patch_sites import STRING_ID, BatchCoordinates, PatchSites
+from ..transfer import to_device
+from .patch_sites import BatchCoordinates, PatchSites
 
 
-def sparsify(images: Tensor, active: Tensor) -> ME.SparseTensor:
-    """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels."""
+def sparsify(images: Tensor, active: Tensor, insert: bool = False) -> ME.SparseTensor:
+    """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels.
+
+    ``active`` is best on the CPU: one on the GPU is copied back, which waits for the GPU.
+    ``insert``: register every coordinate map with MinkowskiEngine as soon as it is named, as
+    its own modules (conv='minkowski'), which read maps in C++, need; otherwise a map is
+    registered only when its coordinates are read (``x.C``): our operators never read them.
+    With ``insert`` and CUDA images the maps are on the GPU, which needs a CUDA build."""
     b, c, h, w = images.shape
     gh, gw = active.shape[-2:]
     patch = h // gh
-    visible = active.reshape(-1).nonzero()[:, 0]  # flat (image, patch row, patch column) order
+    visible = active.detach().to("cpu").reshape(-1).nonzero()[:, 0]  # flat (image, patch row, patch column) order
     patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
-    # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
-    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
-    feats = tiles.index_select(0, visible).transpose(1, 2).reshape(-1, c)
-    # ME's autograd functions are float32/float64 only. Under autocast the rows stay float32 too,
-    # as the masked images of the dense engine do: the stem's convolution casts them.
-    if feats.dtype not in (torch.float32, torch.float64):
-        feats = feats.float()
-    kind = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
+    kind = ME.CoordinateMapType.CUDA if insert and images.is_cuda else ME.CoordinateMapType.CPU
     network = BatchCoordinates(kind)  # strides 2..32: the layers' maps
-    sites = PatchSites(network, patches, patch, (gh, gw), b)
+    sites = PatchSites(network, patches, patch, (gh, gw), b, images.device, insert)
     # The pixels' own map (by far the largest) lives in a manager of its own, which holds the
     # network's: it goes with the input tensor, right after the stem has read it, instead of
     # staying for the whole backward pass.
     pixels = BatchCoordinates(kind, network=network)
     sites.attach(network)
     sites.attach(pixels)
-    # the coordinates are unique by construction: insert them directly, without ME's quantisation
-    key, _ = pixels.insert_and_map(sites.coordinates(1), [1, 1], STRING_ID)
-    sites.keys[1] = key
-    return ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=pixels)
+    # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
+    tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
+    feats = tiles.index_select(0, to_device(visible, images.device)).transpose(1, 2).reshape(-1, c)
+    # ME's autograd functions are float32/float64 only. Under autocast the rows stay float32 too,
+    # as the masked images of the dense engine do: the stem's convolution casts them.
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
+    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1, pixels), coordinate_manager=pixels)
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
     """A SparseTensor -> (B, C, h, w) with zeros at absent sites, ``size`` = (h, w) at its stride."""
-    stride = x.tensor_stride
-    coords = x.C.long()
-    b, r, c = coords[:, 0], coords[:, 1] // stride[0], coords[:, 2] // stride[1]
-    out = x.F.new_zeros(batch, size[0], size[1], x.F.shape[1])
-    out = out.index_put((b, r, c), x.F)
-    return out.permute(0, 3, 1, 2)
+    stride = x.tensor_stride[0]
+    manager = x.coordinate_manager
+    sites = manager.sites if isinstance(manager, BatchCoordinates) else None
+    h, w = size
+    if sites is not None and sites.holds_rows_of(x):  # our rows: their places from the batch's tables, on the features' device
+        index = sites.canvas_index(stride)
+    else:  # a map MinkowskiEngine's own modules made (conv='minkowski'): its coordinates say where
+        coords = x.C.long().to(x.F.device)
+        index = (coords[:, 0] * h + coords[:, 1] // stride) * w + coords[:, 2] // stride
+    out = x.F.new_zeros(batch * h * w, x.F.shape[1]).index_copy(0, index, x.F)
+    return out.view(batch, h, w, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,155 @@
+"""The CPU-side work of one batch of the sparse engine, part by part.
+
+``python -m benchmarks.batch_tables --model resnet50 --batch-sizes 16 64 --input-size 224``
+
+Before the features reach the first convolution, a batch needs its bookkeeping, all of it on
+the CPU: the visible patches read from the mask, MinkowskiEngine's coordinate maps (hashing
+every visible site at stride 1, 2, 4, 8, 16 and 32) and our index tables (tiles, kernel maps,
+canvas and image indices: the ones the model's layers read, found by running it once). On a
+GPU this is time the CPU is not queueing kernels. Timed here, on fresh batches each repeat:
+
+* ``me_insert sN``: MinkowskiEngine's ``insert_and_map`` of the sites at stride N, which the
+  engine did for every stride until it stopped hashing maps nobody reads (issue 19);
+* ``tables <kind>``: building each kind of our tables for the whole batch on the CPU, as a
+  CPU run does (``table MB``: their size);
+* with ``--device cuda``, ``cuda: tables <kind>``: the CPU's time to hand the GPU the
+  tables a layer reads (tiles, the largest, are made there from small CPU parts, the rest
+  are copied, pinned and non-blocking): what the CPU spends, the GPU working meanwhile; and
+  ``cuda, until done``: the same with the GPU's work waited for;
+* ``sparsify insert=True|False``: the engine's entry with and without inserting the maps.
+
+Prints a markdown table of medians (ms) per batch size, and the before/after totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import timm
+import torch
+
+from spark_sparse import SparseEncoder, random_active
+from spark_sparse.run.runtime import configure_cpu
+from spark_sparse.sparse.patch_sites import STRING_ID, BatchCoordinates, PatchSites
+from spark_sparse.sparse.sparsify import sparsify
+
+STRIDES = (1, 2, 4, 8, 16, 32)
+
+
+def tables_read(model: str, input_size: int) -> list[tuple]:
+    """The keys of the tables ``model``'s layers read in a train-mode forward and backward."""
+    encoder = SparseEncoder.from_timm(timm.create_model(model, num_classes=0)).train()
+    g = torch.Generator().manual_seed(0)
+    grid = (input_size // 32, input_size // 32)
+    images = torch.randn(2, 3, input_size, input_size, generator=g)
+    feats = encoder(images, random_active(2, grid, 0.6, g))
+    sum(f.F.sum() for f in feats).backward()
+    return PatchSites.of(feats[0]).tables()
+
+
+def batch_sites(active: torch.Tensor, patch: int, device: torch.device | str = "cpu") -> PatchSites:
+    b, _, gh, gw = active.shape
+    visible = active.reshape(-1).nonzero()[:, 0]
+    patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
+    return PatchSites(BatchCoordinates(), patches, patch, (gh, gw), b, device)
+
+
+def nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+def measure(keys: list[tuple], batch: int, input_size: int, mask_ratio: float, repeats: int,
+            seed: int, device: torch.device) -> tuple[dict[str, float], float]:
+    """Median ms of every part, and the tables' size in MB, over ``repeats`` fresh batches."""
+    g = torch.Generator().manual_seed(seed)
+    grid = (input_size // 32, input_size // 32)
+    images = torch.randn(batch, 3, input_size, input_size, generator=g)
+    times: dict[str, list[float]] = defaultdict(list)
+    size_mb = 0.0
+    for r in range(repeats + 1):  # the first round warms up
+        active = random_active(batch, grid, mask_ratio, g)
+        sites = batch_sites(active, 32)
+        manager = BatchCoordinates()
+        parts: dict[str, float] = defaultdict(float)
+        for stride in STRIDES:
+            coords = sites.coordinates(stride)
+            start = time.perf_counter()
+            manager.insert_and_map(coords, [stride, stride], STRING_ID)
+            parts[f"me_insert s{stride}"] = time.perf_counter() - start
+        for key in keys:
+            start = time.perf_counter()
+            sites._cached(*key)  # noqa: SLF001 - the engine's own builder of that table
+            parts[f"tables {key[0]}"] += time.perf_counter() - start
+        if device.type == "cuda":
+            for wait in (False, True):
+                for_gpu = batch_sites(active, 32, device)
+                torch.cuda.synchronize(device)
+                for key in keys:
+                    if key[0] != "neighbours":  # read by the tile builder only, on the CPU
+                        start = time.perf_counter()
+                        for_gpu._table(*key)  # noqa: SLF001 - what a layer's first read of it costs
+                        if wait:
+                            torch.cuda.synchronize(device)
+                        parts[f"cuda{', until done' if wait else ''}: tables {key[0]}"] += time.perf_counter() - start
+        for insert in (True, False):
+            start = time.perf_counter()
+            sparsify(images, active, insert=insert)
+            parts[f"sparsify insert={insert}"] = time.perf_counter() - start
+        size_mb = sum(nbytes(v) for v in sites._cache.values()) / 2**20  # noqa: SLF001
+        if r:
+            for part, t in parts.items():
+                times[part].append(t)
+    return {part: statistics.median(t) * 1e3 for part, t in times.items()}, size_mb
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the work is single-threaded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: also time handing the tables to the GPU")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no CUDA GPU")
+    if args.input_size <= 0 or args.input_size % 32:
+        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
+    configure_cpu(args.threads)
+    keys = tables_read(args.model, args.input_size)
+    device = torch.device(args.device)
+    results = {b: measure(keys, b, args.input_size, args.mask_ratio, args.repeats, args.seed, device)
+               for b in args.batch_sizes}
+    parts = list(next(iter(results.values()))[0])
+    print(f"{args.model}, {args.input_size} px, mask {args.mask_ratio}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} batches (ms)\n")
+    print("| part | " + " | ".join(f"batch {b}" for b in results) + " |")
+    print("|---|" + "---:|" * len(results))
+    for part in parts:
+        print(f"| {part} | " + " | ".join(f"{ms[part]:.2f}" for ms, _ in results.values()) + " |")
+    me = {b: sum(v for k, v in ms.items() if k.startswith("me_insert")) for b, (ms, _) in results.items()}
+    tables = {b: sum(v for k, v in ms.items() if k.startswith("tables")) for b, (ms, _) in results.items()}
+    gpu = {b: sum(v for k, v in ms.items() if k.startswith("cuda:")) for b, (ms, _) in results.items()}
+    print("| **MinkowskiEngine, every stride** | " + " | ".join(f"**{me[b]:.2f}**" for b in results) + " |")
+    print("| **our tables, on the CPU** | " + " | ".join(f"**{tables[b]:.2f}**" for b in results) + " |")
+    if device.type == "cuda":
+        print("| **our tables, for the GPU (CPU time)** | " + " | ".join(f"**{gpu[b]:.2f}**" for b in results) + " |")
+    print("| table MB a batch | " + " | ".join(f"{mb:.1f}" for _, mb in results.values()) + " |")
+    for b in results:
+        print(f"\nbatch {b}: CPU bookkeeping of a batch: before issue 19 (ME at every stride + tables) "
+              f"{me[b] + tables[b]:.1f} ms; now (tables) {tables[b]:.1f} ms on the CPU"
+              + (f", {gpu[b]:.1f} ms of CPU time for the GPU" if device.type == "cuda" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Pretraining with the sparse engine on a GPU machine (issue 19), with MinkowskiEngine's CPU build
+# (features on the GPU, coordinates and index tables made on the CPU), in one command of under 8
+# minutes on a 16-core H100/H200 machine without network (Python 3.12, torch 2.11 + CUDA 13):
+#   (a) the carried wheels installed into $SITE
+#   (b) MinkowskiEngine 0.5.4's CPU build, compiled there from its carried source package with
+#       scripts/build_minkowski.py's patches and the scipy-openblas32 wheel's CBLAS
+#   (c) the engine's tests on CUDA: every operation on the GPU and none waiting for it, the
+#       issue's three models equal to dense masking (float64), canvas invariance and batch
+#       independence (pytest --device cuda)
+#   (d) the CPU work of a batch and what handing its tables to the GPU costs (benchmarks.batch_tables)
+#   (e) benchmarks.sparse_vs_dense device=cuda, fp32 and bf16: ResNet-50 at batch 64, mask 0.6 and
+#       0.75, ConvNeXt-T at mask 0.6; encoder fwd+bwd and the whole SparK step (768-wide decoder):
+#       images/s, peak CUDA memory, the GPU's idle share
+#   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall), and 10 steps
+#       of one model of every family
+#   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
+#       (scripts/distributed_check.py: the app itself needs one GPU per process)
+# Every step has a time limit; logs, results.json, results.md and summary.txt go to $OUT (commit
+# results.json and results.md under docs/gpu/).
+#
+#   bash scripts/device_check_pretrain.sh                             # the GPU machine, OUT=...
+#   DEVICE=cpu SMALL=1 OUT=/tmp/out PYTHON=.venv/bin/python bash scripts/device_check_pretrain.sh  # dry run
+#
+# The wheel folder ($WHEELS, default .whl; not in git), made on a machine with a registry:
+#   pip download --no-deps --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
+#       -d .whl hydra-core==1.3.8 omegaconf==2.3.1 timm==1.0.31 scipy-openblas32
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3       # a source package only: pure Python
+#   SETUPTOOLS_USE_DISTUTILS=stdlib pip download --no-deps --no-binary :all: --no-build-isolation \
+#       -d .whl MinkowskiEngine==0.5.4                              # the source package, built there
+# (the versions requirements.txt pins or resolves to; the GPU image has numpy, matplotlib, pytest,
+# ninja, setuptools, wheel, scikit-image, tifffile and tqdm.) Then run with carry=[".whl"]. The build
+# (b) takes minutes; the MinkowskiEngine wheel it leaves in $OUT, put into .whl, skips it next time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+: "${OUT:?set OUT to the folder for logs and results}"
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}
+SMALL=${SMALL:-0}  # 1: tiny settings, for a dry run on a CPU
+export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d /tmp/pretrain-check.XXXXXX)
+SUMMARY=$OUT/summary.txt
+STEPS=$OUT/steps.jsonl
+: >"$SUMMARY"
+: >"$STEPS"
+START=$(date +%s)
+say() { echo "$*" | tee -a "$SUMMARY"; }
+failed=0
+
+# step NAME LOG LIMIT_S COMMAND...: run with a time limit, tee into $OUT/LOG, record rc and seconds
+step() {
+  local name=$1 log=$2 limit=$3 start rc
+  shift 3
+  start=$(date +%s)
+  echo "\$ $*" >>"$OUT/$log"
+  timeout -k 10 "$limit" "$@" >>"$OUT/$log" 2>&1
+  rc=$?
+  local took=$(($(date +%s) - start))
+  if [ "$rc" = 0 ]; then
+    say "ok   $name (${took} s)"
+  else
+    say "FAIL $name (rc $rc$([ "$rc" = 124 ] && echo ", over its ${limit} s"), ${took} s; see $log)"
+    failed=1
+  fi
+  printf '{"step": "%s", "rc": %d, "seconds": %d, "log": "%s"}\n' "$name" "$rc" "$took" "$log" >>"$STEPS"
+  return "$rc"
+}
+
+# (a) the wheels: hydra-core, omegaconf, antlr4, our timm, scipy-openblas32 (not on the GPU image)
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  step "(a) install the carried wheels" a.log 60 \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH=$SITE:$PWD
+else
+  export PYTHONPATH=$PWD
+  say "no wheels in $WHEELS: using the installed packages"
+fi
+
+# (b) MinkowskiEngine's CPU build, unless one imports already (a developer's machine)
+if "$PY" -c "import MinkowskiEngine" >/dev/null 2>&1; then
+  say "MinkowskiEngine imports already: not built"
+else
+  ME_SOURCE=$(compgen -G "$WHEELS/MinkowskiEngine-0.5.4.tar.gz" | head -1)
+  if [ -z "$ME_SOURCE" ]; then
+    say "FAIL (b): no $WHEELS/MinkowskiEngine-0.5.4.tar.gz to build MinkowskiEngine from"
+    exit 1
+  fi
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  step "(b) build MinkowskiEngine (CPU, scipy-openblas32)" b.log 360 \
+    "$PY" scripts/build_minkowski.py --source "$ME_SOURCE" --scipy-openblas "$SITE" --out "$WORK/me" \
+    && step "(b) install MinkowskiEngine" b.log 60 \
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WORK"/me/*.whl \
+    || { say "MinkowskiEngine could not be built: nothing else can run"; exit 1; }
+  # carried next time (into $WHEELS, with SITE unchanged: its rpath names $SITE), it saves the build
+  cp "$WORK"/me/*.whl "$OUT"/
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import importlib.metadata as md, platform, warnings
+import torch
+warnings.filterwarnings("ignore", message=".*CPU_ONLY.*")
+import MinkowskiEngine as ME
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, available: "
+      f"{torch.cuda.is_available()}), MinkowskiEngine {ME.__version__} ({'CUDA' if ME.is_cuda_available() else 'CPU'} "
+      f"build), {torch.get_num_threads()} CPU threads")
+for name in ("timm", "hydra-core", "omegaconf", "numpy", "matplotlib", "scipy-openblas32"):
+    try:
+        print(f"  {name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"  {name}: not installed")
+EOF
+[ "$DEVICE" = cuda ] && nvidia-smi -L 2>&1 | tee -a "$SUMMARY"
+
+if [ "$SMALL" = 1 ]; then
+  TESTS=(tests/test_device.py -k "audit or hashes or resnet26d")
+  TABLES=(--batch-sizes 4 --input-size 96 --repeats 1)
+  BENCH=(models=[resnet18] batch_size=2 input_size=64 mask_ratios=[0.6] repeats=1 warmup=0 decoder_width=64)
+  LONG=(max_steps=4 input_size=64 batch_size=4)
+  FAMILIES=(resnet18)
+  SHORT=(max_steps=2 input_size=64 batch_size=4)
+else
+  TESTS=(tests/test_device.py tests/test_sparse_properties.py tests/test_encoder_equivalence.py -k
+         "test_device or (test_sparse_properties and efficientnet_b0) or (ratio0.6 and (gradients or variants_equal))")
+  TABLES=(--batch-sizes 16 64 --input-size 224 --repeats 5)
+  BENCH=(models=[resnet50,convnext_tiny] batch_size=64 input_size=224 mask_ratios=[0.6,0.75] repeats=3 warmup=1
+         decoder_width=768)
+  LONG=(max_steps=200 log_every=10)  # the bundled photos, ResNet-18 at 128 px, batch 16: `make pretrain`'s run
+  FAMILIES=(resnet50 convnext_tiny regnety_016 efficientnet_b0 mobilenetv3_large_100)
+  SHORT=(max_steps=10 input_size=224 batch_size=32)
+fi
+
+# (c) the engine's tests on the device
+step "(c) pytest --device $DEVICE" c.log 150 \
+  "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"
+
+# (d) a batch's CPU work
+step "(d) benchmarks.batch_tables" d.log 60 \
+  "$PY" -m benchmarks.batch_tables --model resnet50 --device "$DEVICE" "${TABLES[@]}"
+
+# (e) both engines side by side; ConvNeXt-T only at mask 0.6 (the issue's table), so two runs
+for precision in fp32 bf16; do
+  step "(e) sparse_vs_dense $precision" "e_$precision.log" 150 \
+    "$PY" -m benchmarks.sparse_vs_dense device="$DEVICE" precision="$precision" passes=[fwd_bwd,train_step] \
+    "${BENCH[@]}" hydra.run.dir="$OUT/bench_$precision"
+done
+
+# (f) pretraining: a long run whose loss must fall, a short one per family, and (g) torchrun on
+# one GPU: side by side (separate processes and logs; nothing of them is timed against another)
+step "(f) pretrain 200 steps" f.log 120 \
+  "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" vis_every=100000 hydra.run.dir="$WORK/pretrain" &
+for model in "${FAMILIES[@]}"; do
+  step "(f) pretrain $model, ${SHORT[0]}" "f_$model.log" 120 \
+    "$PY" -m spark_sparse.pretrain device="$DEVICE" model="$model" "${SHORT[@]}" vis_every=100000 \
+    hydra.run.dir="$WORK/pretrain_$model" &
+done
+if [ "$DEVICE" = cuda ]; then
+  step "(g) torchrun 1 process, NCCL" g_nccl.log 120 \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/distributed_check.py nccl &
+fi
+step "(g) torchrun 2 processes on one device, gloo" g_gloo.log 120 \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/distributed_check.py gloo &
+wait
+cp "$WORK/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
+grep -qv '"rc": 0,' "$STEPS" && failed=1  # the steps run in the background set no flag of this shell
+
+"$PY" scripts/device_check_report.py "$OUT" "$DEVICE" $(($(date +%s) - START)) 2>&1 | tee -a "$SUMMARY"
+say "$([ $failed = 0 ] && echo 'all steps ok' || echo 'some steps FAILED') (device $DEVICE, $(($(date +%s) - START)) s, work in $WORK)"
+exit $failed

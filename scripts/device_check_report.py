@@ -1,0 +1,144 @@
+"""results.json and results.md of scripts/device_check_pretrain.sh, from the folder it wrote.
+
+    python scripts/device_check_report.py OUT DEVICE SECONDS
+
+Reads OUT/steps.jsonl (each step's exit status and time), the two benchmark runs
+(OUT/bench_fp32, OUT/bench_bf16: benchmarks.sparse_vs_dense's results.json), the long
+pretraining's metrics and the logs of the table benchmark and the torchrun checks, and sets
+the measured figures against issue 19's targets.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# (model, mask ratio): the encoder fwd+bwd speed-up the issue asks for, at batch 64
+SPEEDUP_TARGETS = {("resnet50", 0.6): 1.5, ("resnet50", 0.75): 2.0, ("convnext_tiny", 0.6): 1.3}
+MEMORY_TARGET = 0.6  # sparse peak CUDA memory / dense masking's, encoder fwd+bwd
+IDLE_TARGET = 0.05  # the GPU's idle share of a whole SparK step
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def bench(out: Path, precision: str) -> list[dict]:
+    path = out / f"bench_{precision}" / "results.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def pairs(records: list[dict]) -> list[dict]:
+    """One row per (model, batch, mask ratio, pass) with both engines."""
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        row = rows.setdefault((r["model"], r["batch_size"], r["mask_ratio"], r["pass"]), {})
+        row[r["engine"]] = r
+    out = []
+    for (model, batch, ratio, pass_), e in rows.items():
+        if {"sparse", "dense_masked"} <= e.keys():
+            s, d = e["sparse"], e["dense_masked"]
+            mem = s["peak_mem_mb"] / d["peak_mem_mb"] if s["peak_mem_mb"] and d["peak_mem_mb"] else None
+            out.append({"model": model, "batch_size": batch, "mask_ratio": ratio, "pass": pass_,
+                        "sparse_images_per_s": s["images_per_s"], "dense_images_per_s": d["images_per_s"],
+                        "speedup": s["images_per_s"] / d["images_per_s"], "memory_ratio": mem,
+                        "sparse_peak_mb": s["peak_mem_mb"], "dense_peak_mb": d["peak_mem_mb"],
+                        "sparse_gpu_idle": s.get("gpu_idle_share"), "dense_gpu_idle": d.get("gpu_idle_share"),
+                        "sparse_gpu_idle_vs_median": s.get("gpu_idle_share_vs_median"),
+                        "dense_gpu_idle_vs_median": d.get("gpu_idle_share_vs_median")})
+    return out
+
+
+def fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def targets(rows: list[dict], steps: dict, losses: list[float]) -> list[dict]:
+    """The issue's targets against what the fp32 benchmark and the steps measured."""
+    checks = [{"target": "exact on the device (float64: features 1e-9, gradients 1e-6), canvas invariance, "
+                         "batch independence, no device mixing or host reads (pytest --device)",
+               "measured": f"rc {steps.get('(c) pytest', {}).get('rc', 'not run')}",
+               "met": steps.get("(c) pytest", {}).get("rc") == 0}]
+    by = {(r["model"], r["mask_ratio"], r["pass"]): r for r in rows}
+    for (model, ratio), want in SPEEDUP_TARGETS.items():
+        r = by.get((model, ratio, "fwd_bwd"))
+        checks.append({"target": f"{model} encoder fwd+bwd at mask {ratio}: >= {want}x dense masking",
+                       "measured": None if r is None else f"{r['speedup']:.2f}x",
+                       "met": None if r is None else r["speedup"] >= want})
+    for r in rows:
+        if r["pass"] == "fwd_bwd" and r["memory_ratio"] is not None:
+            checks.append({"target": f"{r['model']} mask {r['mask_ratio']}: peak memory <= {MEMORY_TARGET} of "
+                                     "dense masking's (encoder fwd+bwd)",
+                           "measured": f"{r['memory_ratio']:.2f}", "met": r["memory_ratio"] <= MEMORY_TARGET})
+        if r["pass"] == "train_step" and r["model"] == "resnet50" and r["sparse_gpu_idle"] is not None:
+            checks.append({"target": f"resnet50 mask {r['mask_ratio']}: GPU idle <= {IDLE_TARGET:.0%} of a SparK step "
+                                     "(sparse)",
+                           "measured": f"{r['sparse_gpu_idle']:.1%} profiled, "
+                                       f"{fmt(r['sparse_gpu_idle_vs_median'], '.1%')} against the median",
+                           "met": r["sparse_gpu_idle"] <= IDLE_TARGET})
+    falls = len(losses) >= 2 and losses[-1] < losses[0]
+    checks.append({"target": "200 steps of pretraining on the device: the loss falls",
+                   "measured": f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no metrics",
+                   "met": falls})
+    return checks
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Sparse engine on CUDA with MinkowskiEngine's CPU build (issue 19)", "",
+             f"{result['environment']}", "", f"Whole check: {result['seconds']} s.", "", "## Targets", "",
+             "| target | measured | met |", "|---|---|---|"]
+    for c in result["targets"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[c["met"]]
+        lines.append(f"| {c['target']} | {c['measured'] or 'n/a'} | {met} |")
+    for precision, rows in result["benchmarks"].items():
+        if not rows:
+            continue
+        lines += ["", f"## Sparse vs dense masking, {precision}", "",
+                  "| model | batch | mask | pass | dense img/s | sparse img/s | speed-up | peak MiB sparse/dense "
+                  "| GPU idle dense / sparse |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            mem = (f"{fmt(r['memory_ratio'], '.2f')} ({fmt(r['sparse_peak_mb'], '.0f')}/"
+                   f"{fmt(r['dense_peak_mb'], '.0f')})")
+            lines.append(f"| {r['model']} | {r['batch_size']} | {r['mask_ratio']} | {r['pass']} | "
+                         f"{r['dense_images_per_s']:.1f} | {r['sparse_images_per_s']:.1f} | {r['speedup']:.2f}x | "
+                         f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} |")
+    lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
+              "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]
+    lines += ["", "## Steps", "", "| step | rc | s |", "|---|---:|---:|"]
+    lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in result["steps"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(out: Path, device: str, seconds: int) -> None:
+    steps = read_jsonl(out / "steps.jsonl")
+    by_step = {}
+    for s in steps:  # by the name's start, e.g. "(c) pytest"
+        by_step[" ".join(s["step"].split()[:2])] = s
+    metrics = read_jsonl(out / "pretrain_metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    tables = (out / "d.log").read_text() if (out / "d.log").exists() else ""
+    table = "\n".join(line for line in tables.splitlines() if line.startswith("|") or line.startswith("batch "))
+    torchrun = [line.strip() for log in sorted(out.glob("g*.log")) for line in log.read_text().splitlines()
+                if "process(es) on" in line]
+    summary = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []
+    environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
+    fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
+    result = {"device": device, "seconds": seconds, "environment": environment,
+              "device_name": next((r["device_name"] for r in fp32 + bf16), None),
+              "steps": steps, "benchmarks": {"fp32": pairs(fp32), "bf16": pairs(bf16)},
+              "pretrain_losses": losses, "batch_tables": table, "torchrun": torchrun}
+    result["targets"] = targets(result["benchmarks"]["fp32"], by_step, losses)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(markdown(result))
+    for c in result["targets"]:
+        met = {True: "met", False: "NOT MET", None: "not measured"}[c["met"]]
+        print(f"target {met}: {c['target']}: {c['measured']}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__.split("\n\n")[1].strip())
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

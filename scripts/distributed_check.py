@@ -1,0 +1,70 @@
+"""Data-parallel SparK with the sparse engine on ONE GPU, under torchrun (issue 19's checks).
+
+    torchrun --standalone --nproc_per_node=1 scripts/distributed_check.py nccl
+    torchrun --standalone --nproc_per_node=2 scripts/distributed_check.py gloo
+
+The app (spark_sparse.pretrain) starts no process group for one process, and gives rank r the
+GPU cuda:r, which a one-GPU machine lacks for r = 1. This script makes what can be checked
+there: a process group of the named backend (NCCL with one process; gloo with two processes
+sharing cuda:0, which NCCL refuses), the app's synchronised batch norms
+(run.distributed.convert_sync_batchnorm) and DistributedDataParallel around SparK with the
+sparse encoder, a few optimizer steps on each rank's slice of one global batch. It prints one
+line: the steps' mean losses and the largest difference of any parameter between ranks (0 when
+DDP keeps them in step), and exits 1 if the losses are not finite or the ranks differ.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from spark_sparse.model.spark import SparK
+from spark_sparse.run import distributed
+
+
+def main(backend: str, steps: int = 3, batch: int = 8, size: int = 128) -> int:
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = torch.cuda.is_available()  # without a GPU (a dry run): the CPU, gloo only
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # every rank on the one GPU
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    model = SparK.build("resnet18", decoder_width=128).to(device)
+    distributed.convert_sync_batchnorm(model)
+    net = DistributedDataParallel(model, device_ids=[0] if cuda else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        images = torch.randn(batch, 3, size, size, generator=g)[rank * batch // world:(rank + 1) * batch // world]
+        images = images.to(device)
+        loss = net(images, model.random_mask(images, rank, world))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(distributed.mean_over_ranks(loss))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    spread = flat.clone()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    low = flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    diff = float((spread - low).abs().max())
+    ok = all(torch.isfinite(torch.tensor(losses))) and diff == 0.0
+    if rank == 0:
+        where = torch.cuda.get_device_name(device) if cuda else "the CPU"
+        print(f"{backend}, {world} process(es) on {where}: losses "
+              f"{[round(x, 4) for x in losses]}, largest parameter difference between ranks {diff:.3g}: "
+              f"{'ok' if ok else 'FAILED'}", flush=True)
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in ("nccl", "gloo") or "RANK" not in os.environ:
+        raise SystemExit(__doc__.split("\n\n")[1])
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,153 @@
+"""The sparse engine on a GPU without a CUDA build of MinkowskiEngine (issue 19).
+
+Features live on the images' device; the mask, MinkowskiEngine's coordinate manager (its CPU
+build) and the building of the index tables stay on the CPU, and the tables are copied to the
+features' device once per batch. What these tests establish:
+
+* every operation of a forward and backward pass runs on the features' device alone, none mixes
+  in a CPU tensor, none makes the CPU read a device tensor (which on a GPU waits for every queued
+  kernel), and backward copies nothing. On a machine without a GPU the features live on
+  PyTorch's ``meta`` device, which tracks devices as CUDA does but holds no numbers: this
+  proves the placement of every tensor and that no step reads device data back; that the
+  numbers come out right on a GPU is what ``pytest --device cuda`` checks (below and in
+  test_encoder_equivalence.py and test_sparse_properties.py), which needs one.
+* MinkowskiEngine hashes no coordinates for our operators: a map is inserted only when its
+  coordinates are read, and then holds exactly the sites the tables describe.
+* the three models of the issue's table (ResNet-50, ConvNeXt-T, EfficientNet-B0) compute on
+  ``--device`` exactly what the dense-masked engine computes there (float64: features 1e-9,
+  gradients 1e-6, as in test_encoder_equivalence.py).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
+from spark_sparse import SparseEncoder, random_active
+from spark_sparse.sparse import ME
+from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
+
+from .device_audit import DeviceAudit
+from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, encoders, rel_err
+
+# every operator of the engine: max pooling and tiles/offset GEMMs (resnet26d, with avg-down and
+# a deep stem), grouped convolutions and SE (seresnext26d), patchify, depthwise on tiles and on
+# the canvas, layer norm, GRN (convnextv2), strided depthwise and SiLU (efficientnet); drop path
+AUDITED = ["resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0"]
+
+
+def audit_device(device: torch.device) -> torch.device:
+    """The device the audit runs on: the GPU under ``--device cuda``, else ``meta``."""
+    return device if device.type == "cuda" else torch.device("meta")
+
+
+@pytest.mark.parametrize("name", AUDITED)
+def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_models, name, device):
+    where = audit_device(device)
+    model = copy.deepcopy(timm_models(name, drop_path_rate=0.1))
+    encoder = SparseEncoder.from_timm(model).train().to(where)
+    images, active = make_batch((128, 160), "ratio0.6", batch=4)  # a 4x5 grid: every tile shape
+    images = images.to(where)
+    forward, backward = DeviceAudit(), DeviceAudit()
+    with forward:
+        feats = encoder.dense_features(images, active)
+        loss = sum(f.sum() for f in feats)
+    with backward:
+        loss.backward()
+    assert all(f.device.type == where.type for f in feats)
+    for audit in (forward, backward):
+        assert not audit.mixed, f"operations mixing devices: {dict(audit.mixed)}"
+        assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
+    assert forward.copies, "the tables never reached the features' device"
+    assert not backward.copies, f"backward copied: {dict(backward.copies)} (tables are copied once, in forward)"
+
+
+def sorted_pairs(positions: torch.Tensor, rows: torch.Tensor | None = None):
+    order = positions.long().argsort()
+    return positions[order], None if rows is None else rows[order]
+
+
+@pytest.mark.parametrize("grid, batch, ratio", [((7, 7), 6, 0.6), ((2, 3), 3, 0.5), ((4, 5), 2, 0.0)])
+def test_tiles_made_on_a_gpu_from_small_parts_are_the_cpus_tiles(grid, batch, ratio):
+    """A GPU gets its tile tables made on it from each patch's neighbours (``_tile_on``), a
+    CPU run builds them whole (``_build_tile``): the same tables (the halo and absent positions
+    listed in another order, which only orders the sums of a tile's gradient)."""
+    active = random_active(batch, grid, ratio, torch.Generator().manual_seed(0))
+    visible = active.reshape(-1).nonzero()[:, 0]
+    gh, gw = grid
+    patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
+    sites = PatchSites(BatchCoordinates(), patches, 32, grid, batch)
+    # every tile the engine uses: stems (7x7/2 at stride 1, 3x3/2 pooling), 3x3 and 5x5, strided
+    # and not, EfficientNet's 5x5/2, a tile inside the patch (1x1/2) and the widest halo
+    for stride, start, size in [(1, -3, 37), (2, -1, 17), (4, -1, 10), (4, 0, 7), (4, -1, 9), (8, -2, 8),
+                                (8, -1, 5), (16, 0, 1), (16, -1, 3), (32, -1, 3), (2, -16, 48)]:
+        want, got = sites._build_tile(stride, start, size), sites._tile_on(torch.device("cpu"), stride, start, size)
+        assert torch.equal(got.rows, want.rows) and torch.equal(got.present_rows, want.present_rows)
+        assert (got.start, got.size, got.sites) == (want.start, want.size, want.sites)
+        assert torch.equal(sorted_pairs(got.absent)[0], sorted_pairs(want.absent)[0])
+        assert got.absent.dtype == want.absent.dtype
+        for a, b in zip(sorted_pairs(got.halo_positions, got.halo_rows), sorted_pairs(want.halo_positions, want.halo_rows)):
+            assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+def test_minkowski_hashes_no_coordinates_until_they_are_read(timm_models):
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18"))).train()
+    images, active = make_batch((96, 128), "ratio0.6")
+    feats = encoder(images, active)
+    sum(f.F.sum() for f in feats).backward()
+    sites = PatchSites.of(feats[0])
+    managers = [f.coordinate_manager for f in feats] + [sites.manager]
+    assert sorted(sites.keys) == [1, 2, 4, 8, 16, 32]
+    assert not any(m.has_map(k) for m in managers for k in sites.keys.values()), "a map was hashed unasked"
+    for stride, f in zip(encoder.strides, feats):  # read: inserted now, the tables' sites in their order
+        assert torch.equal(f.C, sites.coordinates(stride))
+        assert f.coordinate_manager.has_map(f.coordinate_map_key)
+
+
+def test_minkowskis_own_modules_on_cuda_need_its_cuda_build():
+    from spark_sparse.encoders.sparse_engine import check_stock_modules
+
+    if ME.is_cuda_available():
+        pytest.skip("this MinkowskiEngine is a CUDA build")
+    check_stock_modules(torch.device("cpu"))
+    with pytest.raises(ValueError, match="conv='minkowski' .* CPU-only build: on CUDA use conv='patch'"):
+        check_stock_modules(torch.device("cuda"))
+
+
+def test_minkowskis_own_modules_get_their_maps_as_they_are_made(timm_models):
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18")), conv="minkowski").eval()
+    images, active = make_batch((96, 128), "ratio0.6")
+    with torch.no_grad():
+        feats = encoder(images, active)
+    assert all(f.coordinate_manager.has_map(f.coordinate_map_key) for f in feats)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny", "efficientnet_b0"])
+def test_the_issues_models_equal_dense_masked_on_the_device(timm_models, name, device):
+    images, active = make_batch(VARIANT_SIZE, "ratio0.6", batch=2)
+    images = images.to(device)
+    sparse, dense = encoders(timm_models(name), train=True, device=device)
+    assert_train_steps_equal(sparse, dense, images, active)
+    with torch.no_grad():  # eval mode: the running statistics, the same masked features
+        for a, b in zip(sparse.eval().dense_features(images.double(), active),
+                        dense.eval().dense_features(images.double(), active)):
+            assert rel_err(a, b) < 1e-9
+
+
+def test_the_audit_sees_a_cpu_index_and_a_host_read():
+    """The audit itself: a CPU index into a device tensor is mixing, ``nonzero`` a host read."""
+    x = torch.zeros(4, 2, device="meta")
+    audit = DeviceAudit()
+    with audit:
+        x.index_select(0, torch.tensor([0, 1]))  # meta accepts it, as CUDA accepts some CPU indices
+        with pytest.raises(NotImplementedError):  # meta has no data to read
+            x.nonzero()
+        torch.zeros(2).to("meta")
+    assert dict(audit.mixed) == {"index_select ['cpu', 'meta']": 1}
+    assert dict(audit.host_reads) == {"nonzero": 1}
+    assert sum(audit.copies.values()) == 1
