@@ -37,8 +37,12 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 
 # every operator of the engine: max pooling and tiles/offset GEMMs (resnet26d, with avg-down and
 # a deep stem), grouped convolutions and SE (seresnext26d), patchify, depthwise on tiles and on
-# the canvas, layer norm, GRN (convnextv2), strided depthwise and SiLU (efficientnet); drop path
-AUDITED = ["resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0"]
+# the canvas, layer norm, GRN (convnextv2), strided depthwise and SiLU (efficientnet); drop path;
+# TensorFlow's shifted windows (tf_efficientnet), group norm, weight standardisation and the
+# zero-padded stem pooling (a GroupNorm ResNetV2), grouped and fused 1x1 + norm branches (repvgg),
+# channel split and concatenation (cs3darknet)
+AUDITED = ["resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
+           "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s"]
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
+from ..sparse.amp import autocast_dtype
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution
@@ -324,7 +325,7 @@ class SparseEncoder(Encoder):
 
     def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
         if self.stock_modules:
-            check_stock_modules(images.device, torch.is_autocast_enabled(images.device.type))
+            check_stock_modules(images.device, autocast_dtype(images.device.type) is not None)
         # MinkowskiEngine's own modules read coordinate maps in C++: registered as they are made
         return sparsify(images, active, insert=self.stock_modules)
 

@@ -29,6 +29,13 @@ def _device_type(args: tuple) -> str:
     raise TypeError("an autocast_forward function needs a tensor argument")
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on ``device_type`` if autocast is on there; None if off or unknown (meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _cast(value, dtype: torch.dtype):
     if isinstance(value, Tensor) and value.is_floating_point() and value.dtype is not torch.float64:
         return value.to(dtype)
@@ -43,11 +50,11 @@ def autocast_forward(forward: Callable | None = None, *, cast_inputs: bool = Tru
     @functools.wraps(forward)
     def run(ctx, *args):
         device = ctx.autocast_device = _device_type(args)
-        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-            ctx.autocast_device = None  # a device autocast does not know (meta): nothing to turn off
+        dtype = autocast_dtype(device)
+        if dtype is None:
+            ctx.autocast_device = None  # autocast off, or a device it does not know (meta)
             return forward(ctx, *args)
         if cast_inputs:
-            dtype = torch.get_autocast_dtype(device)
             args = tuple(_cast(a, dtype) for a in args)
         with torch.autocast(device, enabled=False):
             return forward(ctx, *args)

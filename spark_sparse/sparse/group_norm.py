@@ -35,6 +35,14 @@ def _per_patch(per_image: Tensor, image: Tensor) -> Tensor:
     return per_image.index_select(0, image)[:, None]
 
 
+def _patches_per_image(image: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    """(B, 1) how many patches each image has (at least 1): a scatter, where ``bincount`` would
+    read its input's maximum on the host (a GPU wait) and has no meta kernel."""
+    ones = torch.ones((), dtype=dtype, device=image.device).expand(image.shape[0])
+    count = torch.zeros(batch, dtype=dtype, device=image.device).index_add_(0, image, ones)
+    return count.clamp_min(1)[:, None]
+
+
 def _group_statistics(x: Tensor, image: Tensor, batch: int, groups: int) -> tuple[Tensor, Tensor]:
     """Each image's mean and variance per group over its rows, (B, G) each. Per patch and channel
     first (a mean, then the squares around it: no E[x^2] - E[x]^2 cancellation), then combined:
@@ -46,7 +54,7 @@ def _group_statistics(x: Tensor, image: Tensor, batch: int, groups: int) -> tupl
     mean_pc = xp.mean(1)  # (P, C)
     centred = xp - mean_pc[:, None]
     var_pc = (centred * centred).mean(1)
-    patches = torch.bincount(image, minlength=batch).clamp_min(1).to(x.dtype)[:, None]
+    patches = _patches_per_image(image, batch, x.dtype)
     width = c // groups
     mean = x.new_zeros(batch, groups).index_add_(0, image, mean_pc.view(p, groups, width).mean(2)) / patches
     spread = mean_pc - _per_channel(mean, c).index_select(0, image)
@@ -113,7 +121,7 @@ class GroupNormAct(torch.autograd.Function):
         sum_g = grad_y.sum(1)  # (P, C)
         sum_gxhat = ((grad_y * xp).sum(1) - mean_c.index_select(0, image) * sum_g) * invstd_c.index_select(0, image)
         w = x.new_ones(c) if weight is None else weight
-        count = torch.bincount(image, minlength=batch).clamp_min(1).to(x.dtype)[:, None] * (rows * (c // groups))
+        count = _patches_per_image(image, batch, x.dtype) * (rows * (c // groups))
 
         def image_group_mean(per_patch: Tensor) -> Tensor:
             """The (B, C) per-image, per-group mean of a per-patch, per-channel sum times w."""

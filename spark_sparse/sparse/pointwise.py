@@ -15,7 +15,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
-from .amp import autocast_backward, autocast_forward
+from .amp import autocast_backward, autocast_dtype, autocast_forward
 from .norm_act import batch_norm_arguments
 from .patch_conv import PatchConvolution
 from .patch_sites import PatchSites
@@ -130,9 +130,8 @@ class PointwiseNorm(nn.Module):
             return self.bn(self.conv(x))
         stride = int(self.conv.kernel_generator.kernel_stride[0])
         feats, kernel = x.F, self.conv.kernel.view(self.conv.in_channels, self.conv.out_channels)
-        device = feats.device.type
-        if torch.is_autocast_enabled(device):  # the product in autocast's dtype, the norm in float32
-            dtype = torch.get_autocast_dtype(device)
+        dtype = autocast_dtype(feats.device.type)
+        if dtype is not None:  # the product in autocast's dtype, the norm in float32
             feats, kernel = feats.to(dtype), kernel.to(dtype)
         out = PointwiseBatchNorm.apply(feats, kernel, PatchSites.of(x).sites_per_side(x.tensor_stride[0]), stride,
                                        *batch_norm_arguments(self.bn.bn))
