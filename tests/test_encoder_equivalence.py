@@ -249,17 +249,17 @@ EVERY_MASK += ("repvgg", "mobileone", "cspdarknet")
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
-def test_reparameterised_repvgg_and_mobileone_equal_dense_masked_and_plain_timm(timm_models, name):
+def test_reparameterised_repvgg_and_mobileone_equal_dense_masked_and_plain_timm(timm_models, name, device):
     # for inference timm folds each block's branches into one convolution with a bias
     model = timm.models.reparameterize_model(copy.deepcopy(timm_models(name)))
     assert not any(isinstance(m, (RepVggBlock, MobileOneBlock)) and m.reparam_conv is None for m in model.modules())
-    images, active = make_batch(VARIANT_SIZE, "ratio0.6", batch=2)
-    assert_train_steps_equal(*encoders(model, train=True), images, active)
-    images, everything = make_batch(VARIANT_SIZE, "none", batch=2)
-    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval()
+    images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
+    assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
+    images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
     with torch.no_grad():
         got = encoder.dense_features(images.double(), everything)
-        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval(), images.double())):
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
             assert rel_err(g, p) < 1e-9
 
 
