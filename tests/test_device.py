@@ -29,6 +29,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME
 from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
 
@@ -69,6 +70,25 @@ def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_
         assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
     assert forward.copies, "the tables never reached the features' device"
     assert not backward.copies, f"backward copied: {dict(backward.copies)} (tables are copied once, in forward)"
+
+
+@pytest.mark.parametrize("densify_norm", ["bn", "ln"])
+def test_a_whole_spark_step_runs_on_the_features_device_and_none_waits_for_it(timm_models, densify_norm, device):
+    """Encoder, densify (each scale's visible sites made from the CPU mask and copied), decoder and
+    loss: what a pretraining step queues on the GPU before the run layer reads its loss."""
+    where = audit_device(device)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18")))
+    model = SparK(encoder, decoder_width=64, densify_norm=densify_norm).train().to(where)
+    images, active = make_batch((128, 160), "ratio0.6", batch=4)
+    forward, backward = DeviceAudit(), DeviceAudit()
+    with forward:
+        out = model(images.to(where), active)
+    with backward:
+        out["loss"].backward()
+    assert out["loss"].device.type == where.type and out["active"].device.type == where.type
+    for audit in (forward, backward):
+        assert not audit.mixed, f"operations mixing devices: {dict(audit.mixed)}"
+        assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
 
 
 def sorted_pairs(positions: torch.Tensor, rows: torch.Tensor | None = None):

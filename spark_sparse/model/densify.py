@@ -12,6 +12,13 @@ from torch import Tensor, nn
 NORMS = ("bn", "ln", "none")
 
 
+def visible_sites(visible: Tensor) -> Tensor:
+    """The flat (image, row, column) indices of the sites where ``visible`` (B, 1, h, w) is true.
+    On a GPU mask this reads the device on the host (a wait); made from the CPU mask and copied,
+    it is one more queued copy."""
+    return visible.reshape(-1).nonzero()[:, 0]
+
+
 class VisibleNorm(nn.Module):
     """BatchNorm or LayerNorm over the channel vectors of visible sites only."""
 
@@ -27,13 +34,17 @@ class VisibleNorm(nn.Module):
         else:
             self.norm = nn.Identity()
 
-    def forward(self, x: Tensor, visible: Tensor) -> Tensor:
+    def forward(self, x: Tensor, visible: Tensor, sites: Tensor | None = None) -> Tensor:
+        """``sites``: ``visible_sites(visible)``, best made where the mask was made (the CPU)."""
         if self.kind == "none":
             return x
-        where = visible[:, 0].nonzero(as_tuple=True)
-        rows = self.norm(x.permute(0, 2, 3, 1)[where])  # float32 under CUDA autocast for a layer norm
-        out = rows.new_zeros(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).index_put(where, rows)
-        return out.permute(0, 3, 1, 2)
+        if sites is None:
+            sites = visible_sites(visible)
+        b, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, sites)
+        rows = self.norm(rows)  # float32 under CUDA autocast for a layer norm
+        out = rows.new_zeros(b * h * w, c).index_copy(0, sites, rows)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Densify(nn.Module):
@@ -47,8 +58,9 @@ class Densify(nn.Module):
         else:
             self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, x: Tensor, visible: Tensor) -> Tensor:
-        """``x`` (B, C, h, w) with zeros at hidden sites, ``visible`` (B, 1, h, w) bool."""
-        x = self.norm(x, visible)
+    def forward(self, x: Tensor, visible: Tensor, sites: Tensor | None = None) -> Tensor:
+        """``x`` (B, C, h, w) with zeros at hidden sites, ``visible`` (B, 1, h, w) bool, ``sites``
+        its ``visible_sites``."""
+        x = self.norm(x, visible, sites)
         x = torch.where(visible, x, self.mask_token.to(x.dtype))
         return self.proj(x)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .decoder import LightDecoder
-from .densify import Densify
+from .densify import Densify, visible_sites
 from .loss import masked_patch_loss
 from ..mask import random_active, upsample_active
 from ..encoders.registry import create_encoder
@@ -77,8 +77,10 @@ class SparK(nn.Module):
         if active is None:
             active = self.random_mask(images)
         feats = self.encoder.dense_features(images, active)[::-1][: self.hierarchy]
-        active = to_device(active, images.device)
-        to_decoder = [d(f, upsample_active(active, f.shape[-2:])) for d, f in zip(self.densify, feats)]
+        # each scale's visible set and its sites are made where the mask is, then copied
+        visible = [upsample_active(active, f.shape[-2:]) for f in feats]
+        visible, sites, active = to_device((visible, [visible_sites(v) for v in visible], active), images.device)
+        to_decoder = [d(f, v, s) for d, f, v, s in zip(self.densify, feats, visible, sites)]
         pred = self.decoder(to_decoder)
         loss = masked_patch_loss(pred, images, active, self.stride)
         return {"loss": loss, "pred": pred, "active": active}

@@ -190,8 +190,9 @@ class Run:
         """``model`` as DistributedDataParallel under torchrun (``ddp``: its options), else itself."""
         if not self.ctx.distributed:
             return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       **ddp)
+        # no device_ids: DDP would then copy every input to the GPU, the mask included, which the
+        # sparse engine reads on the CPU (the apps move their images themselves)
+        return DistributedDataParallel(model, **ddp)
 
     # -- one step -----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
