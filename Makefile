@@ -22,7 +22,8 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 # `make bench`: the speed benchmark at the speed targets' settings, one model of each family
-# (about 35 minutes on 2 cores)
+# (about 2 hours on 2 cores, most of it the whole SparK step with its 768-wide decoder;
+# BENCH_ARGS with passes=[fwd_bwd] alone takes about 15 minutes)
 # and a short mask-ratio ablation (about 5), then the README's tables and docs/ plots are
 # refreshed. Override the grids with BENCH_ARGS / ABLATION_ARGS; ARGS is appended to the speed
 # benchmark's overrides.
