@@ -255,14 +255,12 @@ def memory_by_model(cfg: DictConfig, sizes: dict[str, int], device: torch.device
     allocator's policy. CUDA's allocator statistics need no such care."""
     memory = {}
     for model_name in cfg.models:
+        args = (model_name, OmegaConf.to_container(cfg, resolve=True), sizes[model_name])
         if device.type == "cuda":
-            models = build_pair(model_name, cfg, device)
-            per_ratio = {float(r): measure_memory(models, sizes[model_name], float(r), cfg, device)
-                         for r in cfg.mask_ratios}
+            per_ratio = _memory_of_model(*args)
         else:
             with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                per_ratio = pool.submit(_memory_of_model, model_name, OmegaConf.to_container(cfg, resolve=True),
-                                        sizes[model_name]).result()
+                per_ratio = pool.submit(_memory_of_model, *args).result()
         memory.update({(model_name, r): m for r, m in per_ratio.items()})
     return memory
 

@@ -18,7 +18,6 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from benchmarks.flops import ConvFlopCounter, encoder_flops, kernel_pairs
-from benchmarks.memory import peak_memory_mb
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 

@@ -247,7 +247,7 @@ def test_with_three_repeats_every_chosen_image_comes_three_times_in_different_cr
 
 def test_repeats_must_be_a_whole_number_of_at_least_one(colours):
     for value in ("1.5", "three", "true"):
-        with pytest.raises(finetune.ConfigError, match=f"aug.repeats must be a whole number of at least 1, got"):
+        with pytest.raises(finetune.ConfigError, match="aug.repeats must be a whole number of at least 1, got"):
             finetune.validate(config(colours, f"aug.repeats={value}"))
 
 

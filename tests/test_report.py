@@ -18,8 +18,8 @@ from PIL import Image
 from benchmarks import update_readme
 from spark_sparse import create_encoder
 from spark_sparse.analysis import report
-from spark_sparse.analysis.probe import (build_probe_data, crop_boxes, linear_probe, probe_features,
-                                split_column)
+from spark_sparse.analysis.probe import build_probe_data, crop_boxes, linear_probe, probe_features
+from spark_sparse.data.regions import split_column
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, needs_minkowski
 

@@ -37,7 +37,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, bundled_image_paths
-from ..data.regions import Box, crop_boxes, split_column  # noqa: F401 - re-exported
+from ..data.regions import Box, crop_boxes
 from ..data.seeds import derive_seed
 
 
