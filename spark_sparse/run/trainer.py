@@ -78,9 +78,8 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
     run: Run | None = None
     with StopSignals() as stops:
         try:
-            opened = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
-                                                                  app.changeable_on_resume, app.outputs))
-            ckpt = opened
+            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
+                                                                app.changeable_on_resume, app.outputs))
             if cfg.resume and not ctx.is_main:
                 ckpt = load_checkpoint(files.checkpoint)  # a shared run directory
             run = Run(cfg, files, ctx, ckpt, stops)
