@@ -1,6 +1,4 @@
-"""Faults the tests inject into a run, in the test process or on an app's command line:
-
-    python tests/faults.py --full-disk-after 1 spark_sparse.pretrain key=value ...
+"""Faults the tests inject into a run.
 
 A full disk is simulated where torch.save meets it: the checkpoint writer's file (opened with
 ``os.fdopen``) takes ``saves`` whole files, then every write fails with ENOSPC after a few bytes, so
@@ -10,11 +8,8 @@ writer, with the OSError as its context).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
-import runpy
-import sys
 
 ROOM = 4096  # bytes a file still gets on the full disk: a partial write, as a real disk gives
 
@@ -58,18 +53,3 @@ def fill_disk_after(saves: int, set_attr=setattr) -> None:
         return file if opened[0] <= saves else FillingFile(file, ROOM)
 
     set_attr(os, "fdopen", fdopen)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full-disk-after", type=int, metavar="SAVES", required=True)
-    parser.add_argument("module")
-    parser.add_argument("args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    fill_disk_after(args.full_disk_after)
-    sys.argv = [args.module, *args.args]
-    runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.run_dir import repair_metrics
 from spark_sparse.run.signals import StopSignals, Stopped
 
-from .runs import ENV, ROOT, assert_one_line_error, run_cli
+from .runs import ENV, ROOT, assert_one_line_error, cli_in_process, run_cli
 from .test_pretrain import config as pretrain_config
 
 
@@ -277,8 +277,8 @@ def test_fine_tuning_a_single_class_is_refused_in_one_line_before_the_run_direct
     for split in ("train", "val"):
         noise_images(tmp_path / split / "cats", 4)
     run = tmp_path / "run"
-    proc = run_cli("spark_sparse.finetune", "threads=1", "input_size=32", "batch_size=2",
-                   f"data.train={tmp_path}/train", f"data.val={tmp_path}/val", f"hydra.run.dir={run}")
+    proc = cli_in_process("spark_sparse.finetune", "threads=1", "input_size=32", "batch_size=2",
+                          f"data.train={tmp_path}/train", f"data.val={tmp_path}/val", f"hydra.run.dir={run}")
     assert_one_line_error(proc, f"error: data.train={tmp_path}/train has a single class folder ('cats'); "
                                 "classification needs at least two")
     assert not run.exists()

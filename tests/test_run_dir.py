@@ -23,12 +23,14 @@ from spark_sparse.run.run_dir import RunDirLock, repair_metrics
 from spark_sparse.run.signals import Stopped
 
 from . import faults
-from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, losses,
-                   pretrain_cli, records, run_cli, wait_until)
+from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, cli_in_process,
+                   losses, pretrain_cli, pretrain_in_process, records, wait_until)
 from .test_pretrain import config
 
 CLI = [sys.executable, "-m", "spark_sparse.pretrain", *PRETRAIN]
-cli = pretrain_cli
+# the command line in this process (what it says, leaves and keeps); in a process of its own
+# (pretrain_cli) where only a process shows it: signals, SIGKILL, a real allocation failure
+cli = pretrain_in_process
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -85,7 +87,7 @@ def test_a_ctrl_c_while_the_app_starts_ends_quietly(tmp_path):
 
 
 def test_the_resolved_config_prints_with_the_recipe_values():
-    proc = run_cli("spark_sparse.pretrain", "model=resnet50", "--cfg", "job", "--resolve")
+    proc = cli_in_process("spark_sparse.pretrain", "model=resnet50", "--cfg", "job", "--resolve")
     assert proc.returncode == 0, proc.stderr
     assert "drop_path_rate: 0.05" in proc.stdout  # ${recipe:drop_path_rate} for ResNet-50
 
@@ -230,7 +232,8 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_weights_and_optimizer_state
     Drop path is on, so the global RNG must come back too, not only the mask generator."""
     run = ["max_steps=8", "save_every=2", "drop_path_rate=0.2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert cli(*run, f"hydra.run.dir={straight}").returncode == 0
+    # three processes alike: this one's arithmetic may differ in the last bit (its threads, its BLAS)
+    assert pretrain_cli(*run, f"hydra.run.dir={straight}").returncode == 0
     proc = subprocess.Popen([*CLI, *run, f"hydra.run.dir={killed}"], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: checkpoint_step(killed) is not None, proc)
@@ -238,7 +241,7 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_weights_and_optimizer_state
     proc.communicate(timeout=60)
     at = checkpoint_step(killed)
     assert at < 8, "the run ended before it could be killed"
-    resumed = cli(*run, "resume=true", f"hydra.run.dir={killed}")
+    resumed = pretrain_cli(*run, "resume=true", f"hydra.run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {killed} from step {at}" in resumed.stdout
 
@@ -268,11 +271,11 @@ def test_a_disk_that_fills_up_while_saving_stops_the_run_keeping_the_last_good_c
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"] * saves  # no partial file
 
 
-def test_a_full_disk_on_the_command_line_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_full_disk_on_the_command_line_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "faults.py"), "--full-disk-after", "1",
-                           "spark_sparse.pretrain", *PRETRAIN, "max_steps=3", "save_every=1",
-                           f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    faults.fill_disk_after(1, monkeypatch.setattr)
+    proc = cli("max_steps=3", "save_every=1", f"hydra.run.dir={run}")
+    monkeypatch.undo()
     assert_one_line_error(proc, "error: disk full while saving the step-2 checkpoint: the last good checkpoint is")
     assert checkpoint_step(run) == 1
 
@@ -382,7 +385,8 @@ def test_running_out_of_memory_on_the_command_line_is_one_line_naming_the_size(t
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     run = tmp_path / "run"
-    proc = cli("input_size=512", "batch_size=96", "max_steps=2", f"hydra.run.dir={run}", preexec_fn=limit_memory)
+    proc = pretrain_cli("input_size=512", "batch_size=96", "max_steps=2", f"hydra.run.dir={run}",
+                        preexec_fn=limit_memory)
     assert_one_line_error(proc, "error: out of memory at input_size=512, batch_size=96 (resnet18, 1 process(es))")
     assert "no checkpoint was written" in proc.stderr
 
