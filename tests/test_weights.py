@@ -13,31 +13,33 @@ from spark_sparse.encoders.family import ConversionError
 
 from .conftest import ENGINE_NAMES, needs_minkowski
 
+# one member of each family for each block type, stem and head it converts (the keys of a deeper or
+# wider member are the same modules repeated); ResNet-101/152/200 and ConvNeXt-S/B/L differ from
+# ResNet-50 and ConvNeXt-T only in blocks per stage (beyond ten: two-digit block indices),
+# EfficientNet-B1..B7 from B0 in width and depth multipliers: they are here by their layouts
+FOUR_BLOCKS = {"layers": (1, 1, 1, 1)}
 ALL_DEPTHS = {name: (name, {}) for name in [
-    "resnet18", "resnet26", "resnet34", "resnet50", "resnet50d", "resnet26d", "resnet18d", "seresnet50",
-    "ecaresnet50d", "resnext50_32x4d", "seresnext26d_32x4d",
-    "convnext_atto", "convnext_tiny", "convnext_tiny_hnf", "convnext_atto_ols", "convnextv2_atto", "convnextv2_nano",
-    "regnetx_002", "regnety_002", "regnety_016",
+    "resnet18", "resnet26", "resnet26d", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
+    "convnext_atto", "convnext_atto_ols", "convnextv2_atto", "regnetx_002", "regnety_002",
     "efficientnet_b0", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100"]}
-# deeper and wider members of the families by their layouts, at a fraction of the weights:
-# ResNet-101/152/200 and ConvNeXt-S/B/L differ from ResNet-50 and ConvNeXt-T only in blocks per stage
-# (beyond ten: two-digit block indices), EfficientNet-B1..B7 from B0 in width and depth multipliers
+ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
     "convnext_atto", {"conv_mlp": False, "depths": (1, 1, 11, 1)})
 ALL_DEPTHS["EfficientNet with width and depth multipliers (B2)"] = ("efficientnet_b2", {})
 # TensorFlow ports ('same' padding)
 ALL_DEPTHS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
-# timm's resnetv2 module: batch norm, BiT (GroupNorm, weight standardisation), GroupNorm, tiered stem
-ALL_DEPTHS.update({name: (name, {}) for name in ["resnetv2_18", "resnetv2_50", "resnetv2_50d", "resnetv2_50t",
-                                                 "resnetv2_50x1_bit", "resnetv2_50d_gn"]})
-ALL_DEPTHS["ResNetV2 without pre-activation (Bottleneck)"] = ("resnetv2_50", {"preact": False, "layers": (1, 1, 1, 1)})
+# timm's resnetv2 module: batch norm with the plain, deep and tiered stems, BiT (GroupNorm, weight
+# standardisation), GroupNorm, and without pre-activation
+ALL_DEPTHS.update({name: (name, {}) for name in ["resnetv2_18", "resnetv2_50x1_bit"]})
+ALL_DEPTHS.update({f"{name} (a block a stage)": (name, FOUR_BLOCKS)
+                   for name in ["resnetv2_50", "resnetv2_50d", "resnetv2_50t", "resnetv2_50d_gn"]})
+ALL_DEPTHS["ResNetV2 without pre-activation (Bottleneck)"] = ("resnetv2_50", {"preact": False, **FOUR_BLOCKS})
 
 # timm's byobnet and cspnet modules: CLIP's attention-pool head and resnet50_mlp's MLP head are kept
 ALL_DEPTHS.update({name: (name, {}) for name in [
-    "repvgg_a0", "repvgg_b1g4", "mobileone_s0", "mobileone_s4", "gernet_s", "resnet33ts", "eca_resnext26ts",
-    "regnetz_b16", "resnet50_clip", "resnet50_mlp", "cspresnet50", "cspresnext50", "cspdarknet53", "darknet17",
-    "darknetaa53", "cs3darknet_s", "cs3sedarknet_xdw"]})
+    "repvgg_a0", "mobileone_s0", "mobileone_s4", "gernet_s", "eca_resnext26ts", "regnetz_b16", "resnet50_clip",
+    "resnet50_mlp", "cspresnet50", "cspdarknet53", "darknet17", "darknetaa53", "cs3darknet_s", "cs3sedarknet_xdw"]})
 
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
