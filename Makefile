@@ -18,8 +18,12 @@ FINETUNE_ARGS ?= optim.lr=0.02
 finetune: setup
 	$(PY) -m spark_sparse.finetune $(FINETUNE_ARGS) $(ARGS)
 
+# the suite in one worker process per core (pytest-xdist; each worker keeps its share of the cores'
+# threads). Tests are handed out one by one, except those sharing an expensive module fixture
+# (marked xdist_group), which one worker runs together. TEST_WORKERS=0: all in this process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # `make bench`: the speed benchmark at the speed targets' settings, one model of each family
 # (about 2 hours on 2 cores, most of it the whole SparK step with its 768-wide decoder;

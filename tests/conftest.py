@@ -1,10 +1,19 @@
 import importlib.util
+import os
 
-import pytest
-import timm
-import torch
+# `make test` runs the suite in one worker process per core (pytest-xdist): each worker keeps its
+# share of the cores in every thread pool (torch's, numpy's and MinkowskiEngine's BLAS), set before
+# any of them loads; two workers spinning two pools each on two cores run many times slower
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_pool, str(_share))
 
-from spark_sparse import random_active
+import pytest  # noqa: E402 - the thread pools' sizes first
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+from spark_sparse import random_active  # noqa: E402
 
 
 def _minkowski_installed() -> bool:

@@ -14,8 +14,9 @@ from spark_sparse.model.spark import SparK
 
 from .runs import ROOT, after_checkpoint, assert_one_line_error, cli_in_process, losses, records, run_cli
 
+# threads unset: the test process's own (under `make test`, its worker's share of the cores)
 TINY = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64", "max_steps=6",
-        "log_every=1", "save_every=3", "vis_every=1000", "vis_images=2", "threads=2"]
+        "log_every=1", "save_every=3", "vis_every=1000", "vis_images=2"]
 
 
 def config(*overrides: str):

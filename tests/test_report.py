@@ -46,6 +46,7 @@ def sweep(tmp_path_factory):
     return tmp, out.stdout
 
 
+@pytest.mark.xdist_group("sweep")  # one worker runs the sweep for all three
 def test_report_of_a_real_multirun(sweep):
     tmp, stdout = sweep
     with open(tmp / "summary.csv") as f:
@@ -67,6 +68,7 @@ def test_report_of_a_real_multirun(sweep):
     assert "| run | mask_ratio |" in (tmp / "summary.md").read_text()
 
 
+@pytest.mark.xdist_group("sweep")  # one worker runs the sweep for all three
 def test_a_stopped_run_is_reported_not_fatal(sweep, tmp_path):
     src, _ = sweep
     for name in ("0", "1"):
@@ -264,6 +266,7 @@ def test_update_readme_refuses_missing_markers_and_writes_nothing(tmp_path, caps
     assert readme.read_text() == broken and not (tmp_path / "docs").exists()
 
 
+@pytest.mark.xdist_group("sweep")  # one worker runs the sweep for all three
 def test_finetune_columns_put_each_runs_downstream_accuracy_beside_the_random_init_baseline(sweep, tmp_path):
     src, _ = sweep
     for name in ("0", "1"):
