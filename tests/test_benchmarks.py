@@ -21,6 +21,8 @@ from benchmarks.flops import ConvFlopCounter, encoder_flops, kernel_pairs
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 
+from .runs import cli_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # one image, stride 1: three sites in the top-left corner and one lone site at (2, 2)
@@ -122,10 +124,8 @@ def test_peak_memory_sees_an_allocation_and_only_what_it_adds():
 
 
 def test_app_end_to_end(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "models=[resnet18]", "mask_ratios=[0.6]",
-           "batch_size=2", "input_size=64", "repeats=1", "warmup=0", "decoder_width=64",
-           f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli_in_process("benchmarks.sparse_vs_dense", "models=[resnet18]", "mask_ratios=[0.6]", "batch_size=2",
+                          "input_size=64", "repeats=1", "warmup=0", "decoder_width=64", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())
     assert len(records) == 6  # 3 passes x 2 engines
@@ -154,8 +154,7 @@ def test_app_end_to_end(tmp_path):
 def test_app_refuses_missing_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
-    cmd = [sys.executable, "-m", "benchmarks.sparse_vs_dense", "device=cuda", f"hydra.run.dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = cli_in_process("benchmarks.sparse_vs_dense", "device=cuda", f"hydra.run.dir={tmp_path}")
     assert done.returncode != 0
     assert "device=cuda" in done.stderr
 

@@ -271,7 +271,15 @@ def test_finetune_columns_put_each_runs_downstream_accuracy_beside_the_random_in
     src, _ = sweep
     for name in ("0", "1"):
         shutil.copytree(src / name, tmp_path / name, ignore=shutil.ignore_patterns("summary*"))
-    overrides = ["mode=linear", "epochs=1", "input_size=32", "batch_size=16", "threads=1"]
+    # a small task of its own (two colours, four images each a split) instead of the bundled photos
+    task = tmp_path / "task"
+    for split in ("train", "val"):
+        for name, colour in (("red", (200, 30, 30)), ("green", (30, 200, 30))):
+            (task / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), colour).save(task / split / name / f"{i}.png")
+    overrides = ["mode=linear", "epochs=1", "input_size=32", "batch_size=4", "threads=1",
+                 f"data.train={task / 'train'}", f"data.val={task / 'val'}"]
     rows, _ = report.report(tmp_path, probe=False, finetune=overrides)
     baseline = tmp_path / "finetune_random_init" / "resnet18"
     for row in rows:

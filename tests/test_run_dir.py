@@ -5,7 +5,6 @@ disk, a divergence or an out-of-memory reported in one line."""
 import hashlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -368,25 +367,24 @@ def test_resume_changes_need_a_resume(tmp_path):
         pretrain.train(config("resume_changes=[optim.base_lr]"), tmp_path)
 
 
-def address_space_after_start() -> int:
-    """Bytes of address space a pretraining process holds once its imports are done."""
-    probe = subprocess.run([sys.executable, "-c", "import spark_sparse.pretrain.app, resource; "
-                            "print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, check=True)
-    return int(probe.stdout) * 1024
+# the app's command line, its address space capped 1.5 GiB above what the imports took
+CAPPED_CLI = """
+import resource, runpy, sys
+import spark_sparse.pretrain.app
+peak = int(open("/proc/self/status").read().split("VmPeak:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (peak + (3 << 29),) * 2)
+sys.argv = ["spark_sparse.pretrain", *sys.argv[1:]]
+runpy.run_module("spark_sparse.pretrain", run_name="__main__", alter_sys=True)
+"""
 
 
 def test_running_out_of_memory_on_the_command_line_is_one_line_naming_the_size(tmp_path):
-    """A real allocation failure: the address space is capped 1.5 GiB above what the imports take,
-    and one batch of 96 images at 512 px asks for more than that."""
-    cap = address_space_after_start() + (3 << 29)
-
-    def limit_memory():
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
+    """A real allocation failure: one batch of 96 images at 512 px asks for more than the 1.5 GiB
+    the process may still take."""
     run = tmp_path / "run"
-    proc = pretrain_cli("input_size=512", "batch_size=96", "max_steps=2", f"hydra.run.dir={run}",
-                        preexec_fn=limit_memory)
+    proc = subprocess.run([sys.executable, "-c", CAPPED_CLI, *PRETRAIN, "input_size=512", "batch_size=96",
+                           "max_steps=2", f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert_one_line_error(proc, "error: out of memory at input_size=512, batch_size=96 (resnet18, 1 process(es))")
     assert "no checkpoint was written" in proc.stderr
 
