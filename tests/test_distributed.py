@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,13 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.run.checkpoint import load_checkpoint
-from spark_sparse.run import distributed
 from spark_sparse.run.cli import RUN_DIR_EXISTED, RunDirCallback
 from spark_sparse.run.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
 
+from .frozen_rank import TIMEOUT_S, frozen_rank_worker
 from .runs import after_checkpoint, records
 from .test_pretrain import config
 
@@ -196,25 +195,6 @@ def test_the_process_group_timeout_comes_from_the_config(monkeypatch, tmp_path):
     assert seen["timeout"] == timedelta(seconds=7)
 
 
-TIMEOUT_S = 2
-
-
-def _frozen_rank_worker(rank: int, port: int, outcome, released) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    distributed.init_from_env(timeout_s=TIMEOUT_S)
-    if rank == 1:
-        released.wait(timeout=300)  # frozen: never joins the collective, until rank 0 has given up
-        return
-    start = time.monotonic()
-    try:
-        distributed.mean_over_ranks(torch.ones(()))
-        outcome.put(("answered", time.monotonic() - start))
-    except RuntimeError as err:
-        outcome.put(("timed out" if distributed.is_timeout(err) else repr(err), time.monotonic() - start))
-    finally:
-        released.set()
-
-
 def test_a_frozen_rank_makes_the_others_fail_after_the_timeout():
     """Rank 1 freezes until rank 0 has an answer, so the only way rank 0 gets one is the timeout;
     it must come after dist_timeout_s, not after the default of many minutes (bounded at 60 s)."""
@@ -223,7 +203,7 @@ def test_a_frozen_rank_makes_the_others_fail_after_the_timeout():
         port = s.getsockname()[1]
     context = mp.get_context("spawn")
     outcome, released = context.Queue(), context.Event()
-    workers = mp.spawn(_frozen_rank_worker, args=(port, outcome, released), nprocs=2, join=False)
+    workers = mp.spawn(frozen_rank_worker, args=(port, outcome, released), nprocs=2, join=False)
     try:
         what, waited = outcome.get(timeout=120)
     finally:
