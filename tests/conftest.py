@@ -14,6 +14,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from spark_sparse import random_active  # noqa: E402
+from spark_sparse.run.runtime import keep_freed_memory  # noqa: E402
 
 
 def _minkowski_installed() -> bool:
@@ -42,6 +43,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda, but PyTorch sees no CUDA GPU")
+    # freed memory stays in the heap, as the apps' entry points keep it (runtime.configure_cpu);
+    # the tests that measure memory do so in processes of their own
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="session")

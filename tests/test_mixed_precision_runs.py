@@ -36,11 +36,12 @@ def test_a_bf16_pretraining_ends_within_a_few_percent_of_the_fp32_one(tmp_path):
 
 
 def test_a_bf16_run_resumes_exactly(tmp_path, monkeypatch):
-    pretrain.train(config("precision=bf16"), tmp_path / "straight")
-    after_checkpoint(monkeypatch, step=3)
+    run = ["precision=bf16", "max_steps=4", "save_every=2"]
+    pretrain.train(config(*run), tmp_path / "straight")
+    after_checkpoint(monkeypatch, step=2)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.train(config("precision=bf16"), tmp_path / "stopped")
-    pretrain.train(config("precision=bf16", "resume=true"), tmp_path / "stopped")
+        pretrain.train(config(*run), tmp_path / "stopped")
+    pretrain.train(config(*run, "resume=true"), tmp_path / "stopped")
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 
