@@ -41,8 +41,9 @@ def cli_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args`` run in this process: the same entry point, output and exit code as
     ``run_cli``'s, without the ~6 s a fresh interpreter spends importing torch, timm and hydra.
     For what the command says and leaves behind; what only a process of its own shows (signals,
-    SIGKILL, a real allocation failure, a warning printed to stderr, imports) keeps ``run_cli``,
-    and each app keeps at least one refusal through ``run_cli`` for the last two.
+    SIGKILL, a real allocation failure, a warning printed to stderr while it loads) keeps
+    ``run_cli``: each training app and analysis command has such a run, its stderr checked to hold
+    nothing else.
     What the run changes in this process is put back: arguments, environment, logging."""
     argv, environ = sys.argv, dict(os.environ)
     root = logging.getLogger()

@@ -20,13 +20,13 @@ from .test_pretrain import config
 
 def test_a_bf16_pretraining_ends_within_a_few_percent_of_the_fp32_one(tmp_path):
     """Same seed, data, crops and masks; only the forward's arithmetic differs (bf16 keeps 8 bits
-    of mantissa, so the two trajectories part slowly). Compared: the mean loss of the last 10 of 30
-    steps, at an lr that makes them learn (measured: 1.31 at step 1, 1.08 for both)."""
-    run = ["max_steps=30", "optim.base_lr=0.3", "save_every=1000", "vis_every=1000", "log_every=1"]
+    of mantissa, so the two trajectories part slowly). Compared: the mean loss of the last 10 of 20
+    steps, at an lr that makes them learn (measured: 1.31 at step 1, 1.09 for both)."""
+    run = ["max_steps=20", "optim.base_lr=0.5", "save_every=1000", "vis_every=1000", "log_every=1"]
     pretrain.train(config(*run), tmp_path / "fp32")
     pretrain.train(config(*run, "precision=bf16"), tmp_path / "bf16")
     fp32, bf16 = (losses(tmp_path / p) for p in ("fp32", "bf16"))
-    last = range(21, 31)
+    last = range(11, 21)
     mean32, mean16 = (sum(run[s] for s in last) / len(last) for run in (fp32, bf16))
     assert mean32 < 0.9 * fp32[1]  # it learned something to compare
     assert abs(mean16 - mean32) < 0.05 * mean32, (mean16, mean32)

@@ -23,7 +23,7 @@ from spark_sparse.run.signals import Stopped
 
 from . import faults
 from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, cli_in_process,
-                   losses, pretrain_cli, pretrain_in_process, records, wait_until)
+                   error_lines, losses, pretrain_cli, pretrain_in_process, records, wait_until)
 from .test_pretrain import config
 
 CLI = [sys.executable, "-m", "spark_sparse.pretrain", *PRETRAIN]
@@ -209,6 +209,7 @@ def test_ctrl_c_and_sigterm_on_the_command_line_save_and_say_how_to_resume(tmp_p
     assert "Traceback" not in err
     stopped = [line for line in err.splitlines() if line.startswith("stopped")]
     assert len(stopped) == 1 and "resume=true" in stopped[0] and f"hydra.run.dir={run}" in stopped[0], err
+    assert error_lines(err) == stopped, err  # a fresh interpreter: nothing else reached stderr (a warning)
     at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert f"stopped by SIGINT at step {at}," in stopped[0]
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .conftest import needs_minkowski
+from .runs import error_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +100,7 @@ def test_the_fine_tuning_command_runs_without_minkowski(tmp_path):
     proc = run_python(code, "input_size=32", "batch_size=4", "epochs=1", "threads=1",
                       f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
+    assert not error_lines(proc.stderr), proc.stderr  # progress bars only: no warning while it loads and runs
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record["epoch"] == 1 and 0.0 <= record["val_top1"] <= 100.0
     assert (run / "checkpoints" / "last.pt").is_file()
