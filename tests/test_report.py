@@ -4,8 +4,6 @@ import csv
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -25,23 +23,20 @@ from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, needs_minkowski
 from .runs import cli_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 600  # the sweep's process; hung, it fails its tests instead of hanging the suite
 SWEEP = ["mask_ratio=0.5,0.75", "model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64",
          "max_steps=3", "log_every=1", "vis_every=1000", "vis_images=1"]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """A real two-run multirun through the CLI, then the report's command line on it."""
+    """A real two-run multirun through the pretraining command line, then the report's on it."""
     if not HAS_MINKOWSKI:  # pretraining's default engine
         pytest.skip(WITHOUT_MINKOWSKI)
     tmp = tmp_path_factory.mktemp("sweep")
-    run = subprocess.run([sys.executable, "-m", "spark_sparse.pretrain", "-m", *SWEEP,
-                          f"hydra.sweep.dir={tmp}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=CHILD_TIMEOUT_S)
+    run = cli_in_process("spark_sparse.pretrain", "-m", *SWEEP, f"hydra.sweep.dir={tmp}")
     assert run.returncode == 0, run.stderr[-3000:]
-    # probed at 32 px: the same code path as the default size, a quarter of the time (the report's
-    # command line in a process of its own: tests/test_reliability.py)
+    # probed at 32 px: the same code path as the default size, a quarter of the time (both command
+    # lines also run in processes of their own: test_run_dir.py, test_reliability.py)
     out = cli_in_process("spark_sparse.report", str(tmp), "--probe-size", "32")
     assert out.returncode == 0, out.stderr[-3000:]
     return tmp, out.stdout
