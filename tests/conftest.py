@@ -5,7 +5,8 @@ import os
 # share of the cores in every thread pool (torch's, numpy's and MinkowskiEngine's BLAS), set before
 # any of them loads; two workers spinning two pools each on two cores run many times slower
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_pool, str(_share))
 
