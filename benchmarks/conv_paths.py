@@ -1,11 +1,12 @@
-"""Which of patch_conv's two exact paths is faster, per convolution of a real encoder.
+"""Which of the three exact paths of a k x k convolution is faster, per layer of a real encoder.
 
-``python -m benchmarks.conv_paths --model resnet50 --batch-size 8 --mask-ratio 0.6``
+``python -m benchmarks.conv_paths --model resnet50 --batch-size 8 --mask-ratio 0.6 [--device cuda]``
 
-Every k x k convolution of the sparse encoder is timed (forward + backward, on the input it sees
-in a forward pass of random images) as tile convolution and as offset GEMMs, interleaved, the
-best of ``--repeats`` runs each; the table shows which path ``PatchConvolution`` picks and which
-one was faster. This is the measurement behind ``PatchConvolution.tile_min_sites``.
+Every k x k convolution of the sparse encoder (plain and grouped) is timed (forward + backward,
+on the input it sees in a forward pass of random images) as tile convolution, as offset GEMMs
+and as window GEMMs, interleaved, the best of ``--repeats`` runs each (on a GPU, synchronised);
+the table shows which path the layer picks on the device and which one was faster. This is the
+measurement behind ``tile_min_sites`` and ``patch_conv.SMALL_BLOCK_PATHS``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,30 @@ import torch
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.sparse.patch_conv import PatchConvolution
+from spark_sparse.sparse.grouped_conv import GroupedConvolution
+from spark_sparse.sparse.patch_conv import PatchConvolution, small_block_path
 from spark_sparse.sparse.patch_sites import PatchSites
 from spark_sparse.run.runtime import configure_cpu
 
-PATHS = {"tiles": 1, "offset GEMMs": 10**9}  # tile_min_sites that forces each path
+# (tile_min_sites, small_block_path) that force each path
+PATHS = {"tiles": (1, None), "offsets": (10**9, "offsets"), "windows": (10**9, "windows")}
+
+
+def shape(conv: PatchConvolution | GroupedConvolution) -> tuple[int, int, int, int, int]:
+    """(C_in, C_out, kernel size, stride, groups)."""
+    if isinstance(conv, GroupedConvolution):
+        c_out, c_in_g, k, _ = conv.weight.shape
+        return c_in_g * conv.groups, c_out, k, conv.stride, conv.groups
+    kernel = conv.kernel_generator
+    return conv.in_channels, conv.out_channels, int(kernel.kernel_size[0]), int(kernel.kernel_stride[0]), 1
 
 
 def conv_inputs(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tensor) -> list:
-    """(name, conv, input SparseTensor) of every k x k convolution, in forward order."""
+    """(name, conv, input SparseTensor) of every k x k convolution, grouped or not, in forward order."""
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: seen.append((name, m, inp[0])))
              for name, m in encoder.named_modules()
-             if isinstance(m, PatchConvolution) and int(m.kernel_generator.kernel_size[0]) > 1]
+             if isinstance(m, (PatchConvolution, GroupedConvolution)) and shape(m)[2] > 1]
     with torch.no_grad():
         encoder(images, active)
     for h in hooks:
@@ -37,14 +49,21 @@ def conv_inputs(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tens
     return seen
 
 
-def time_path(conv: PatchConvolution, x: ME.SparseTensor, min_sites: int, grad_input: bool) -> float:
-    conv.tile_min_sites = min_sites
+def time_path(conv: PatchConvolution | GroupedConvolution, x: ME.SparseTensor, path: str, grad_input: bool) -> float:
+    conv.tile_min_sites, conv.small_block_path = PATHS[path]
     feats = x.F.detach().requires_grad_(grad_input)
     inp = ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
     conv.zero_grad(set_to_none=True)
+    sync(feats.device)
     start = time.perf_counter()
     conv(inp).F.sum().backward()
+    sync(feats.device)
     return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,40 +74,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     configure_cpu()
     g = torch.Generator().manual_seed(args.seed)
     size = args.input_size
     images = torch.randn(args.batch_size, 3, size, size, generator=g)
     active = random_active(args.batch_size, (size // 32, size // 32), args.mask_ratio, g)
-    encoder = SparseEncoder.from_timm(args.model).train()
+    encoder = SparseEncoder.from_timm(args.model).train().to(device)
 
-    print(f"{args.model}, batch {args.batch_size}, {size} px, mask {args.mask_ratio}, forward+backward, "
-          f"best of {args.repeats} (ms)\n")
-    print("| layer | channels | kernel/stride | sites per side in->out | tiles | offset GEMMs | picked | faster |")
-    print("|---|---|---|---|---:|---:|---|---|")
+    print(f"{args.model}, batch {args.batch_size}, {size} px, mask {args.mask_ratio}, forward+backward on "
+          f"{device.type}, best of {args.repeats} (ms)\n")
+    print("| layer | channels(/groups) | kernel/stride | sites per side in->out | tiles | offset GEMMs | window GEMMs "
+          "| picked | faster |")
+    print("|---|---|---|---|---:|---:|---:|---|---|")
     totals = dict.fromkeys(PATHS, 0.0)
     picked_total = 0.0
-    for name, conv, x in conv_inputs(encoder, images, active):
-        k, stride = int(conv.kernel_generator.kernel_size[0]), int(conv.kernel_generator.kernel_stride[0])
+    for name, conv, x in conv_inputs(encoder, images.to(device), active):
+        c_in, c_out, k, stride, groups = shape(conv)
         s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
-        picked = "tiles" if conv.uses_tiles(s) else "offset GEMMs"
+        picked = conv.path(s, device)
         times: dict[str, list[float]] = {p: [] for p in PATHS}
         for r in range(args.repeats + 1):  # the first round warms up
             for path in (PATHS if r % 2 else reversed(PATHS)):
-                t = time_path(conv, x, PATHS[path], grad_input=name != "body.conv1")
+                t = time_path(conv, x, path, grad_input=name != "body.conv1")
                 if r:
                     times[path].append(t)
-        del conv.tile_min_sites  # back to the class default
+        del conv.tile_min_sites, conv.small_block_path  # back to the class defaults
         best = {p: min(v) * 1e3 for p, v in times.items()}
         for p in PATHS:
             totals[p] += best[p]
         picked_total += best[picked]
         faster = min(best, key=best.get)
-        print(f"| {name.removeprefix('body.')} | {conv.in_channels}->{conv.out_channels} | {k}/{stride} | "
-              f"{s}->{s // stride} | {best['tiles']:.1f} | {best['offset GEMMs']:.1f} | {picked} | {faster} |")
-    print(f"\ntotal: tiles {totals['tiles']:.0f} ms, offset GEMMs {totals['offset GEMMs']:.0f} ms, "
-          f"as picked (tile_min_sites={PatchConvolution.tile_min_sites}) {picked_total:.0f} ms")
+        print(f"| {name.removeprefix('body.')} | {c_in}->{c_out}{f'/{groups}' if groups > 1 else ''} | {k}/{stride} | "
+              f"{s}->{s // stride} | {best['tiles']:.1f} | {best['offsets']:.1f} | {best['windows']:.1f} | "
+              f"{picked} | {faster} |")
+    print(f"\ntotal: tiles {totals['tiles']:.0f} ms, offset GEMMs {totals['offsets']:.0f} ms, window GEMMs "
+          f"{totals['windows']:.0f} ms, as picked (tile_min_sites={PatchConvolution.tile_min_sites}, "
+          f"small blocks: {small_block_path(device)}) {picked_total:.0f} ms")
 
 
 if __name__ == "__main__":

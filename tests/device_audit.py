@@ -7,7 +7,8 @@ Two kinds of finding:
   with CPU indices) copy, and wait, behind the caller's back.
 * host reads: an operation whose result the CPU must read from a device tensor (``.item()``,
   ``nonzero``, ``torch.equal``...): on a GPU the CPU stops until every queued kernel has run.
-Copies between devices (``.to``) are legitimate and counted apart.
+Copies between devices (``.to``) are legitimate and counted apart, and so is every operation
+whose result lives on the device (on a GPU each is a kernel the CPU queues).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class DeviceAudit(TorchDispatchMode):
         self.mixed: Counter[str] = Counter()
         self.host_reads: Counter[str] = Counter()
         self.copies: Counter[str] = Counter()
+        self.queued: Counter[str] = Counter()  # operations with a result on a device other than the CPU
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -48,4 +50,7 @@ class DeviceAudit(TorchDispatchMode):
             self.mixed[f"{name} {sorted(devices)}"] += 1
         if func in HOST_READS and any(t.device.type != "cpu" for t in tensors):
             self.host_reads[name] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out)):
+            self.queued[name] += 1
+        return out

@@ -31,7 +31,9 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME
+from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
+from spark_sparse.sparse.sparsify import sparsify
 
 from .device_audit import DeviceAudit
 from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, encoders, rel_err
@@ -89,6 +91,33 @@ def test_a_whole_spark_step_runs_on_the_features_device_and_none_waits_for_it(ti
     for audit in (forward, backward):
         assert not audit.mixed, f"operations mixing devices: {dict(audit.mixed)}"
         assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_off_the_cpu_a_convolution_over_small_blocks_queues_a_few_operations_whatever_its_kernel(stride, device):
+    """Off the CPU, k x k convolutions over blocks smaller than a tile run as window GEMMs: their
+    forward and backward queue the same few operations for a 3x3 kernel as for a 7x7 one,
+    where offset GEMMs (the CPU's path) queue a few per kernel offset. On a GPU every operation
+    is a launch the CPU pays for, about what a small kernel costs the GPU to run."""
+    where = audit_device(device)
+    images, active = make_batch((64, 96), "ratio0.6", batch=3)
+    x = sparsify(images.to(where), active)  # blocks of 32x32 sites
+    queued = {}
+    for k in (3, 7):
+        for path in ("windows", "offsets"):
+            conv = PatchConvolution(3, 8, kernel_size=k, stride=stride, dimension=2).to(where)
+            conv.tile_min_sites = 10**6  # 32 sites a side: a small block for this test
+            conv.small_block_path = None if path == "windows" else path
+            feats = x.F.detach().requires_grad_()
+            audit = DeviceAudit()
+            with audit:
+                out = conv(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key,
+                                           coordinate_manager=x.coordinate_manager))
+                out.F.sum().backward()
+            queued[k, path] = sum(audit.queued.values())
+    # (with the loss's sum and its backward, views included: 32 when written)
+    assert queued[3, "windows"] == queued[7, "windows"] <= 40, queued
+    assert queued[3, "offsets"] >= 3 * 9 and queued[7, "offsets"] >= 3 * 49, queued
 
 
 def sorted_pairs(positions: torch.Tensor, rows: torch.Tensor | None = None):

@@ -21,6 +21,7 @@ from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
 from spark_sparse.sparse.patch_sites import tile_geometry
 from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
@@ -56,13 +57,20 @@ def same_forward_and_input_gradient(ya: ME.SparseTensor, yb: ME.SparseTensor, fa
     torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["tiles", "gemm"])
+def force_path(conv: PatchConvolution, path: str) -> PatchConvolution:
+    """``conv`` running k x k kernels on ``path`` ('tiles', 'offsets' or 'windows') for any block."""
+    conv.tile_min_sites = 1 if path == "tiles" else 10**6
+    conv.small_block_path = None if path == "tiles" else path
+    return conv
+
+
+@pytest.mark.parametrize("path", ["tiles", "offsets", "windows"])
 @pytest.mark.parametrize("kernel_size,stride", [(7, 2), (3, 1), (3, 2), (1, 2), (1, 1)])
 def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path):
     (xa, xb), (fa, fb) = twin_inputs(4)
     ref = ME.MinkowskiConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
-    ours = PatchConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double()
-    ours.tile_min_sites = 1 if path == "tiles" else 10**6  # force one of the two code paths
+    ours = force_path(PatchConvolution(4, 8, kernel_size=kernel_size, stride=stride, bias=True, dimension=2).double(),
+                      path)
     ours.load_state_dict(ref.state_dict())
     same_forward_and_input_gradient(ref(xa), ours(xb), fa, fb)
     torch.testing.assert_close(ref.kernel.grad, ours.kernel.grad, rtol=1e-10, atol=1e-10)
@@ -160,6 +168,51 @@ def test_both_convolution_implementations_give_the_same_encoder():
         SparseEncoder.from_timm("resnet18", conv="fft")
 
 
+@pytest.mark.parametrize("block,kernel_size,stride", [(1, 3, 1), (2, 3, 1), (2, 3, 2), (4, 3, 2), (4, 5, 2)])
+def test_a_grouped_convolution_computes_the_same_on_every_path(block, kernel_size, stride):
+    """Tiles, offset GEMMs and window GEMMs: the same features and gradients (float64)."""
+    g = torch.Generator().manual_seed(block)
+    images = torch.randn(3, 6, 3 * block, 4 * block, generator=g, dtype=torch.float64)
+    x = sparsify(images, random_active(3, (3, 4), 0.5, g))
+    runs = {}
+    for path in ("tiles", "offsets", "windows"):
+        conv = GroupedConvolution(6, 12, kernel_size, stride, groups=3, bias=True).double()
+        torch.manual_seed(1)
+        nn.init.normal_(conv.weight)
+        nn.init.normal_(conv.bias)
+        conv.tile_min_sites = 1 if path == "tiles" else 10**6
+        conv.small_block_path = None if path == "tiles" else path
+        feats = x.F.clone().requires_grad_()
+        out = conv(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+        (out.F * torch.linspace(-1, 1, out.F.numel(), dtype=out.F.dtype).view_as(out.F)).sum().backward()
+        runs[path] = (out.F, feats.grad, conv.weight.grad, conv.bias.grad)
+    for path in ("offsets", "windows"):
+        for a, b in zip(runs["tiles"], runs[path]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["resnet26d", "seresnext26d_32x4d"])
+def test_an_encoder_on_window_gemms_equals_it_on_offset_gemms(name):
+    """What a GPU runs over small blocks (window GEMMs) is what the CPU runs (offset GEMMs): a
+    ResNet's and a ResNeXt's features and every gradient, in train mode, float64."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 128, 160, generator=g, dtype=torch.float64)
+    active = random_active(3, (4, 5), 0.6, g)
+    encoder = SparseEncoder.from_timm(name).double().train()
+    runs = []
+    for path in ("offsets", "windows"):
+        convs = [m for m in encoder.modules() if isinstance(m, (PatchConvolution, GroupedConvolution))]
+        for conv in convs:
+            conv.small_block_path = path
+        encoder.zero_grad(set_to_none=True)
+        feats = encoder.dense_features(images, active)
+        sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in feats).backward()
+        runs.append((feats, [p.grad for p in encoder.parameters()]))
+    (feats_a, grads_a), (feats_b, grads_b) = runs
+    for a, b in zip(feats_a + grads_a, feats_b + grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_same_padding_tile_starts_one_site_later_at_stride_two():
     # centred 3x3 at stride 2 over an 8x8 block reads input sites -1..7; TensorFlow's 'same'
     # pads 0 above (1 below) on an even side, so it reads 0..8; a 5x5 pads 1 above, not 2
@@ -187,7 +240,7 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
         sparse.load_state_dict(dense.state_dict())
         return sparse, dense
     sparse = PatchConvolution(c, 6, kernel_size=k, stride=2, bias=True, dimension=2, padding=padding).double()
-    sparse.tile_min_sites = 1 if kind == "tiles" else 10**6
+    force_path(sparse, {"tiles": "tiles", "offset GEMMs": "offsets", "window GEMMs": "windows"}[kind])
     with torch.no_grad():
         sparse.kernel.copy_(dense_to_me_kernel(dense.weight).view_as(sparse.kernel))
         sparse.bias.copy_(dense.bias.view_as(sparse.bias))
@@ -196,7 +249,7 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("kernel_size", [3, 5])
-@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "depthwise"])
+@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "window GEMMs", "depthwise"])
 def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_map(kind, kernel_size, block):
     """At every visible output site (block edges included, where the off-centre window reads the
     next block or the padding below/right), the same value and the same gradients as timm's

@@ -125,11 +125,18 @@ def test_bf16_operators_keep_rows_and_kernels_in_bf16_and_statistics_in_float32(
     """What every autograd function of the sparse engine saves for backward under bf16 autocast:
     its rows and kernels (two or more dimensions) in bf16, a batch norm's statistics and
     parameters (one dimension) in float32, index tables as integers."""
+    from spark_sparse.sparse.patch_conv import PatchConvolution
+
     images, active = make_batch(SIZE, "ratio0.6", batch=2)
     seen = set()
-    # max pooling and tiles (ResNet), grouped offset GEMMs (RegNet), depthwise, gates (EfficientNet)
-    for name in ("seresnet18", "regnety_002", "efficientnet_b0"):
+    # max pooling and tiles (ResNet; window GEMMs, a GPU's, as well as offset GEMMs), grouped offset
+    # GEMMs (RegNet), depthwise, gates (EfficientNet)
+    for name, small_blocks in (("seresnet18", None), ("seresnet18", "windows"), ("regnety_002", None),
+                               ("efficientnet_b0", None)):
         encoder = sparse_encoder(copy.deepcopy(timm_models(name))).train()
+        for conv in encoder.modules():
+            if isinstance(conv, PatchConvolution):
+                conv.small_block_path = small_blocks
         with autocast("bf16", "cpu"):
             feats = encoder(images, active)
         for node in graph_nodes([f.F.grad_fn for f in feats]):
@@ -140,7 +147,7 @@ def test_bf16_operators_keep_rows_and_kernels_in_bf16_and_statistics_in_float32(
                 if t.is_floating_point():
                     want = BF16 if t.dim() > 1 else torch.float32
                     assert t.dtype == want, f"{node.name()} keeps a {tuple(t.shape)} {t.dtype} tensor"
-    assert seen == {"TileConv", "OffsetGemm", "Pointwise", "TileMaxPool", "GroupedOffsetGemm", "TileDepthwise",
+    assert seen == {"TileConv", "OffsetGemm", "WindowGemm", "Pointwise", "TileMaxPool", "GroupedOffsetGemm", "TileDepthwise",
                     "CanvasDepthwise", "ImageScale", "BatchNormAct"}
 
 

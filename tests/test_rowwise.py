@@ -95,13 +95,15 @@ def test_image_scale_equals_gathered_gates_and_keeps_no_gathered_copy():
     assert saved_row_tensors(lambda: ImageScale.apply(x, scale, image), 9) == 1
 
 
-def _conv(cls, *args, tile_min_sites=None, **kwargs):
+def _conv(cls, *args, tile_min_sites=None, small_block_path=None, **kwargs):
     torch.manual_seed(0)
     conv = cls(*args, **kwargs).double()
     for p in conv.parameters():
         nn.init.normal_(p, std=0.3)
     if tile_min_sites is not None:
         conv.tile_min_sites = tile_min_sites
+    if small_block_path is not None:
+        conv.small_block_path = small_block_path
     return conv
 
 
@@ -117,9 +119,13 @@ AFTER_NORM = {  # operators that may follow a batch norm with its activation
     "3x3 on tiles": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2, tile_min_sites=ONE_TILE),
     "3x3 as offset GEMMs": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2,
                                           tile_min_sites=NO_TILES),
+    "3x3 as window GEMMs": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2,
+                                          tile_min_sites=NO_TILES, small_block_path="windows"),
     "strided 3x3": lambda: _conv(PatchConvolution, 6, 10, kernel_size=3, stride=2, dimension=2),
     "grouped 3x3 on tiles": lambda: _conv(GroupedConvolution, 6, 6, 3, 1, 3, tile_min_sites=ONE_TILE),
     "grouped 3x3 as offset GEMMs": lambda: _conv(GroupedConvolution, 6, 6, 3, 1, 3, tile_min_sites=NO_TILES),
+    "grouped 3x3 as window GEMMs": lambda: _conv(GroupedConvolution, 6, 6, 3, 1, 3, tile_min_sites=NO_TILES,
+                                                 small_block_path="windows"),
     "depthwise on tiles": lambda: _conv(DepthwiseConvolution, 6, 3, tile_min_sites=ONE_TILE),
     "depthwise on the canvas": lambda: _conv(DepthwiseConvolution, 6, 5, tile_min_sites=NO_TILES),
     "strided depthwise": lambda: _conv(DepthwiseConvolution, 6, 3, stride=2),

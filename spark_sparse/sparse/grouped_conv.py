@@ -1,8 +1,9 @@
 """Grouped sparse convolution (ResNeXt's 3x3) over mask-aligned visible blocks.
 
-The same two exact paths as patch_conv.py's ``PatchConvolution``: tiles for blocks of 8x8 sites
-and more (one grouped oneDNN convolution over all tiles), offset GEMMs below (per kernel offset,
-one batched matrix product per group over the present pairs only). Parameters keep timm's layout
+The same exact paths as patch_conv.py's ``PatchConvolution``: tiles for blocks of 8x8 sites and
+more (one grouped oneDNN convolution over all tiles), below them offset GEMMs on the CPU (per
+kernel offset, one batched matrix product per group over the present pairs only) and window
+GEMMs elsewhere (every window gathered, one batched matrix product). Parameters keep timm's layout
 (``weight`` (C_out, C_in / groups, k, k), ``bias``): MinkowskiEngine has no grouped kernel.
 """
 
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
-from .patch_conv import TileConv, accumulate_rows, select_rows
+from .patch_conv import TileConv, WindowGemm, accumulate_rows, select_rows, small_block_path
 from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, tile_geometry
 
 
@@ -59,6 +60,7 @@ class GroupedConvolution(nn.Module):
     """A grouped k x k (odd k, centred) submanifold or strided convolution."""
 
     tile_min_sites = TILE_MIN_SITES
+    small_block_path: str | None = None  # "offsets" or "windows"; None: by device (patch_conv.SMALL_BLOCK_PATHS)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
                  bias: bool = False):
@@ -67,18 +69,29 @@ class GroupedConvolution(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    def path(self, sites_per_side: int, device: torch.device) -> str:
+        """'tiles', 'offsets' or 'windows': as ``PatchConvolution.path``."""
+        if sites_per_side >= self.tile_min_sites:
+            return "tiles"
+        return self.small_block_path or small_block_path(device)
+
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         c_out, c_in_g, k, _ = self.weight.shape
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
         s = sites.sites_per_side(in_stride)
-        if s >= self.tile_min_sites:
+        g = self.groups
+        # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
+        weight = self.weight.view(g, c_out // g, c_in_g, k, k)
+        path = self.path(s, x.F.device)
+        if path == "tiles":
             tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride))
             out = TileConv.apply(x.F, self.weight, tile, self.stride, self.groups)
+        elif path == "windows":
+            kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # ... (G, K * C_in/G, C_out/G)
+            out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride))
         else:
-            # (C_out, C_in/G, kh, kw) -> (K, G, C_in/G, C_out/G) in MinkowskiEngine's offset order
-            g = self.groups
-            kernel = self.weight.view(g, c_out // g, c_in_g, k, k).permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)
+            kernel = weight.permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)  # ... (K, G, C_in/G, C_out/G)
             out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride), sites.num_rows(out_stride))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast

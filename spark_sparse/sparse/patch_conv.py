@@ -10,8 +10,14 @@ sparse convolution over them, chosen per layer by measurement:
 * offset GEMMs: MinkowskiEngine's own algorithm (per kernel offset: gather, GEMM, scatter-add)
   with kernel maps cut from the patch grid and torch's GEMMs. Absent neighbours cost nothing,
   which at 1-2 sites per block skips about half of the arithmetic.
+* window GEMMs (im2col by table): each output site's whole window gathered, absent neighbours
+  as a zero row, and one GEMM. It computes what offset GEMMs skip, but queues a few operations
+  where offset GEMMs queue three or more per kernel offset: on a GPU, where launching a kernel
+  costs the CPU about what running a small one costs the GPU, the operations queued, not the
+  arithmetic, bound the deeper stages. Blocks smaller than a tile's run as offset GEMMs on the
+  CPU (measured faster there) and as window GEMMs elsewhere (``SMALL_BLOCK_PATHS``).
 
-Both keep only their input rows for backward, not the tiles (and not even the rows where a batch
+All keep only their input rows for backward, not the tiles (and not even the rows where a batch
 norm with its activation made them: row_saving.py), and tensors in and out stay
 ``MinkowskiEngine.SparseTensor``s. Under autocast they compute, and keep their rows, in autocast's
 dtype, as torch's convolutions do (amp.py); offset GEMMs sum their offsets in float32.
@@ -28,6 +34,16 @@ from ..precision import statistics_dtype
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, Tile, tile_geometry
+
+
+# how k x k convolutions over blocks smaller than a tile's run, per device type: on a GPU the
+# operations queued cost more than the arithmetic that offset GEMMs skip (see the module's notes)
+SMALL_BLOCK_PATHS = {"cpu": "offsets"}
+
+
+def small_block_path(device: torch.device) -> str:
+    """'offsets' or 'windows': the path of small blocks on ``device`` (window GEMMs off the CPU)."""
+    return SMALL_BLOCK_PATHS.get(device.type, "windows")
 
 
 def gather_tiles(feats: Tensor, tile: Tile, fill: float = 0.0) -> Tensor:
@@ -151,6 +167,58 @@ class OffsetGemm(torch.autograd.Function):
         return None if grad_feats is None else grad_feats.to(feats.dtype), grad_kernel, None, None
 
 
+def gather_windows(feats: Tensor, windows: Tensor, groups: int = 1) -> Tensor:
+    """Each output site's window of input rows, a zero row where absent (row N): (N_out, K * C),
+    or per group (G, N_out, K * C / G)."""
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    cols = padded.index_select(0, windows.view(-1))
+    if groups == 1:
+        return cols.view(windows.shape[0], -1)
+    n, k = windows.shape
+    return cols.view(n, k, groups, -1).permute(2, 0, 1, 3).reshape(groups, n, -1)
+
+
+class WindowGemm(torch.autograd.Function):
+    """A sparse convolution as one GEMM over every output site's window (``PatchSites.windows``),
+    one per group batched: ``kernel`` (G, K * C_in / G, C_out / G), windows' offsets outermost.
+    Backward gathers the windows again rather than keeping them (K times the input rows)."""
+
+    @staticmethod
+    @autocast_forward
+    def forward(ctx, feats: Tensor, kernel: Tensor, windows: Tensor) -> Tensor:
+        save_rows(ctx, feats, kernel)
+        ctx.windows = windows
+        g = kernel.shape[0]
+        if g == 1:
+            return gather_windows(feats, windows) @ kernel[0]
+        out = torch.bmm(gather_windows(feats, windows, g), kernel)  # (G, N_out, C_out / G)
+        return out.transpose(0, 1).reshape(windows.shape[0], -1)
+
+    @staticmethod
+    @autocast_backward
+    def backward(ctx, grad_out: Tensor):
+        feats, kernel = saved_rows(ctx)
+        windows, (n, c), g = ctx.windows, feats.shape, kernel.shape[0]
+        need_feats, need_kernel = ctx.needs_input_grad[:2]
+        grad_out = grad_out.contiguous()
+        go = grad_out.view(1, -1, grad_out.shape[1]) if g == 1 else grad_out.view(-1, g, kernel.shape[2]).transpose(0, 1)
+        grad_kernel = None
+        if need_kernel:
+            cols = gather_windows(feats, windows, g).view(g, windows.shape[0], -1)
+            grad_kernel = torch.bmm(cols.transpose(1, 2), go)
+        grad_feats = None
+        if need_feats:
+            # a row's gradient sums over every window holding it: in float32 for 16-bit rows, as
+            # offset GEMMs sum their offsets
+            grad_cols = torch.bmm(go, kernel.transpose(1, 2))  # (G, N_out, K * C_in / G)
+            k = windows.shape[1]
+            grad_cols = grad_cols.view(g, -1, k, c // g).permute(1, 2, 0, 3).reshape(-1, c)
+            grad_cols = grad_cols.to(statistics_dtype(grad_cols.dtype))
+            grad_feats = grad_cols.new_zeros(n + 1, c).index_add_(0, windows.view(-1), grad_cols)
+            grad_feats = grad_feats[:n].to(feats.dtype)
+        return grad_feats, grad_kernel, None
+
+
 class Pointwise(torch.autograd.Function):
     """A 1x1 convolution: the rows times a (C_in, C_out) kernel."""
 
@@ -176,12 +244,14 @@ class PatchConvolution(ME.MinkowskiConvolution):
 
     Convolutions over blocks of at least ``tile_min_sites`` sites per side run on tiles, the
     others (deeper stages, where a tile would be mostly halo and absent neighbours many) as
-    offset GEMMs: measured faster each way (benchmarks/conv_paths.py; 4x4 blocks are close, and
-    offset GEMMs the faster by about 10% for ResNet-50 and at mask 0.75). 1x1 convolutions are a
-    matrix product of the (for stride 2: selected) rows.
+    offset GEMMs on the CPU: measured faster each way (benchmarks/conv_paths.py; 4x4 blocks are
+    close, and offset GEMMs the faster by about 10% for ResNet-50 and at mask 0.75); on other
+    devices as window GEMMs (``small_block_path``: one of them for every device). 1x1
+    convolutions are a matrix product of the (for stride 2: selected) rows.
     """
 
     tile_min_sites = TILE_MIN_SITES
+    small_block_path: str | None = None  # "offsets" or "windows"; None: by device (SMALL_BLOCK_PATHS)
     padding: int | None = None  # (a class default too: modules pickled before it existed)
 
     def __init__(self, *args, padding: int | None = None, **kwargs):
@@ -214,9 +284,15 @@ class PatchConvolution(ME.MinkowskiConvolution):
         """The kernel the convolution runs with (ME's layout)."""
         return self.kernel
 
-    def uses_tiles(self, sites_per_side: int) -> bool:
-        """Whether a k x k convolution over blocks of ``sites_per_side`` runs on tiles."""
-        return int(self.kernel_generator.kernel_size[0]) > 1 and sites_per_side >= self.tile_min_sites
+    def path(self, sites_per_side: int, device: torch.device) -> str:
+        """How the convolution runs over blocks of ``sites_per_side`` with features on ``device``:
+        'pointwise', 'tiles', 'offsets' or 'windows'."""
+        kh, stride = int(self.kernel_generator.kernel_size[0]), int(self.kernel_generator.kernel_stride[0])
+        if kh == 1:  # no neighbours: the rows (for a stride: the selected ones) times the kernel
+            return "pointwise" if stride == 1 else "offsets"
+        if sites_per_side >= self.tile_min_sites:
+            return "tiles"
+        return self.small_block_path or small_block_path(device)
 
     def forward(self, x: ME.SparseTensor, coordinates=None) -> ME.SparseTensor:
         kh = int(self.kernel_generator.kernel_size[0])
@@ -225,14 +301,17 @@ class PatchConvolution(ME.MinkowskiConvolution):
         kernel = param.view(-1, self.in_channels, self.out_channels)
         sites = PatchSites.of(x)
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * stride
-        s = sites.sites_per_side(in_stride)
-        if kh == 1 and stride == 1:  # pointwise: no neighbours
-            # a view of the kernel: its gradient needs no copy
+        path = self.path(sites.sites_per_side(in_stride), x.F.device)
+        if path == "pointwise":  # a view of the kernel: its gradient needs no copy
             out = Pointwise.apply(x.F, param.view(self.in_channels, self.out_channels))
-        elif not self.uses_tiles(s):
+        elif path == "offsets":
             pairs = sites.pairs(in_stride, kh, stride, self.padding)
             out = OffsetGemm.apply(x.F, kernel, pairs, sites.num_rows(out_stride))
+        elif path == "windows":
+            windows = sites.windows(in_stride, kh, stride, self.padding)
+            out = WindowGemm.apply(x.F, kernel.view(1, -1, self.out_channels), windows)
         else:
+            s = sites.sites_per_side(in_stride)
             # ME's (K, C_in, C_out), first spatial axis fastest -> (C_out, C_in, kh, kw)
             weight = kernel.reshape(kh, kh, self.in_channels, self.out_channels).permute(3, 2, 1, 0)
             tile = sites.tile(in_stride, *tile_geometry(s, kh, stride, self.padding))
