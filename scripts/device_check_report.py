@@ -106,6 +106,7 @@ def markdown(result: dict) -> str:
                          f"{r['dense_images_per_s']:.1f} | {r['sparse_images_per_s']:.1f} | {r['speedup']:.2f}x | "
                          f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} |")
     lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
+              "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
               "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]
     lines += ["", "## Steps", "", "| step | rc | s |", "|---|---:|---:|"]
     lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in result["steps"]]
@@ -121,6 +122,8 @@ def main(out: Path, device: str, seconds: int) -> None:
     losses = [m["loss"] for m in metrics if "loss" in m]
     tables = (out / "d.log").read_text() if (out / "d.log").exists() else ""
     table = "\n".join(line for line in tables.splitlines() if line.startswith("|") or line.startswith("batch "))
+    paths = (out / "d_paths.log").read_text() if (out / "d_paths.log").exists() else ""
+    paths = "\n".join(line for line in paths.splitlines() if line.startswith(("|", "total:", "resnet")))
     torchrun = [line.strip() for log in sorted(out.glob("g*.log")) for line in log.read_text().splitlines()
                 if "process(es) on" in line]
     summary = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []
@@ -129,7 +132,8 @@ def main(out: Path, device: str, seconds: int) -> None:
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),
               "steps": steps, "benchmarks": {"fp32": pairs(fp32), "bf16": pairs(bf16)},
-              "pretrain_losses": losses, "batch_tables": table, "torchrun": torchrun}
+              "pretrain_losses": losses, "batch_tables": table, "conv_paths": paths,
+              "torchrun": torchrun}
     result["targets"] = targets(result["benchmarks"]["fp32"], by_step, losses)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
