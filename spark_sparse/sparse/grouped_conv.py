@@ -1,6 +1,6 @@
 """Grouped sparse convolution (ResNeXt's 3x3) over mask-aligned visible blocks.
 
-The same exact paths as patch_conv.py's ``PatchConvolution``: tiles for blocks of 8x8 sites and
+The same exact paths as patch_conv.py's ``PatchConvolution``: tiles for blocks of 4x4 sites and
 more (one grouped oneDNN convolution over all tiles), below them offset GEMMs on the CPU (per
 kernel offset, one batched matrix product per group over the present pairs only) and window
 GEMMs elsewhere (every window gathered, one batched matrix product). Parameters keep timm's layout
@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, WindowGemm, accumulate_rows, select_rows, small_block_path
-from .patch_sites import TILE_MIN_SITES, OffsetPairs, PatchSites, tile_geometry
+from .patch_sites import OffsetPairs, PatchSites, tile_geometry
+
+
+# Grouped convolutions run on tiles from 4x4 blocks, not 8x8 as dense ones: their offset GEMMs
+# are per-group products too small to be efficient. Measured by benchmarks/conv_paths.py (CPU,
+# forward+backward, mask 0.6) at 4x4 blocks: ResNeXt-50 (32 groups) batch 8 tiles 12.9 ms against
+# offset GEMMs 33.9 ms, RegNetY-1.6GF (groups 24 wide) batch 16 11.3 ms against 22.5 ms; at 2x2
+# blocks offset GEMMs stay ahead (6.7 against 10.3 ms, 11.4 against 13.9 ms).
+GROUPED_TILE_MIN_SITES = 4
 
 
 class GroupedOffsetGemm(torch.autograd.Function):
@@ -59,7 +67,7 @@ class GroupedOffsetGemm(torch.autograd.Function):
 class GroupedConvolution(nn.Module):
     """A grouped k x k (odd k, centred) submanifold or strided convolution."""
 
-    tile_min_sites = TILE_MIN_SITES
+    tile_min_sites = GROUPED_TILE_MIN_SITES
     small_block_path: str | None = None  # "offsets" or "windows"; None: by device (patch_conv.SMALL_BLOCK_PATHS)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
