@@ -20,7 +20,9 @@ median of the repeats after ``warmup`` untimed runs is reported. Memory is measu
 timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
 counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the timed
 masks run once more back to back under torch.profiler for the share of that time the GPU idles
-(benchmarks/gpu_idle.py). Masks are made on the CPU, as pretraining makes them. The run
+(benchmarks/gpu_idle.py), and each timed pass also records how long the CPU took to queue it
+(``queue_s``: until the pass returned, before waiting for the GPU): a pass whose queueing takes
+about its whole time keeps the GPU waiting for launches. Masks are made on the CPU, as pretraining makes them. The run
 directory receives results.json, results.md, speedup.png and flops_ratio.png.
 """
 
@@ -172,11 +174,14 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(run: Callable[[torch.Tensor], None], active: torch.Tensor, model: SparK,
-          device: torch.device) -> float:
+          device: torch.device, queued: list[float] | None = None) -> float:
+    """Seconds of one pass, the GPU's work included; the CPU's time to queue it appended to ``queued``."""
     model.zero_grad(set_to_none=True)  # gradients of the last pass are not this one's work
     _sync(device)
     start = time.perf_counter()
     run(active)
+    if queued is not None:
+        queued.append(time.perf_counter() - start)
     _sync(device)
     return time.perf_counter() - start
 
@@ -284,9 +289,10 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
             for e in ENGINES:
                 timed(runs[e], active, models[e], device)
         times: dict[str, list[float]] = {e: [] for e in ENGINES}
+        queue: dict[str, list[float]] = {e: [] for e in ENGINES}
         for i, active in enumerate(timed_masks):
             for e in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
-                times[e].append(timed(runs[e], active, models[e], device))
+                times[e].append(timed(runs[e], active, models[e], device, queue[e]))
         for e in ENGINES:
             idle = idle_of(runs[e], timed_masks, models[e], device)
             models[e].zero_grad(set_to_none=True)
@@ -305,6 +311,8 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
                 "gpu_idle_share": None if idle is None else idle[0],
                 "gpu_busy_s": None if idle is None else idle[1],
                 "gpu_idle_share_vs_median": None if idle is None else max(0.0, 1.0 - idle[1] / median),
+                # CUDA: the CPU's time to queue a pass (median); on the CPU the pass itself
+                "queue_s": statistics.median(queue[e]) if device.type == "cuda" else None,
                 "sparse_conv": conv_class(models["sparse"].encoder),
             })
             log.info("%s r=%.2f %-10s %-12s %7.2f img/s  %6.2f GFLOPs/img  %s MiB", model_name, ratio,

@@ -48,8 +48,15 @@ def pairs(records: list[dict]) -> list[dict]:
                         "sparse_peak_mb": s["peak_mem_mb"], "dense_peak_mb": d["peak_mem_mb"],
                         "sparse_gpu_idle": s.get("gpu_idle_share"), "dense_gpu_idle": d.get("gpu_idle_share"),
                         "sparse_gpu_idle_vs_median": s.get("gpu_idle_share_vs_median"),
-                        "dense_gpu_idle_vs_median": d.get("gpu_idle_share_vs_median")})
+                        "dense_gpu_idle_vs_median": d.get("gpu_idle_share_vs_median"),
+                        # the CPU's time to queue a pass against the pass's time: near 1, launch-bound
+                        "sparse_queue_share": _share(s.get("queue_s"), s["median_s"]),
+                        "dense_queue_share": _share(d.get("queue_s"), d["median_s"])})
     return out
+
+
+def _share(part: float | None, whole: float) -> float | None:
+    return None if part is None else part / whole
 
 
 def fmt(v, spec: str) -> str:
@@ -98,13 +105,15 @@ def markdown(result: dict) -> str:
             continue
         lines += ["", f"## Sparse vs dense masking, {precision}", "",
                   "| model | batch | mask | pass | dense img/s | sparse img/s | speed-up | peak MiB sparse/dense "
-                  "| GPU idle dense / sparse |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+                  "| GPU idle dense / sparse | CPU queueing dense / sparse |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             mem = (f"{fmt(r['memory_ratio'], '.2f')} ({fmt(r['sparse_peak_mb'], '.0f')}/"
                    f"{fmt(r['dense_peak_mb'], '.0f')})")
             lines.append(f"| {r['model']} | {r['batch_size']} | {r['mask_ratio']} | {r['pass']} | "
                          f"{r['dense_images_per_s']:.1f} | {r['sparse_images_per_s']:.1f} | {r['speedup']:.2f}x | "
-                         f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} |")
+                         f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} | "
+                         f"{fmt(r.get('dense_queue_share'), '.0%')} / {fmt(r.get('sparse_queue_share'), '.0%')} |")
     lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
               "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
               "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]
