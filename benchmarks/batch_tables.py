@@ -10,8 +10,9 @@ GPU this is time the CPU is not queueing kernels. Timed here, on fresh batches e
 
 * ``me_insert sN``: MinkowskiEngine's ``insert_and_map`` of the sites at stride N, which the
   engine did for every stride until it stopped hashing maps nobody reads (issue 19);
-* ``tables <kind>``: building each kind of our tables for the whole batch on the CPU, as a
-  CPU run does (``table MB``: their size);
+* ``tables <kind>``: building each kind of the tables the layers read on ``--device`` (a GPU's
+  small blocks read window GEMMs' tables, the CPU's offset GEMMs') for the whole batch on the
+  CPU, as a CPU run does (``table MB``: their size);
 * with ``--device cuda``, ``cuda: tables <kind>``: the CPU's time to hand the GPU the
   tables a layer reads (tiles, the largest, are made there from small CPU parts, the rest
   are copied, pinned and non-blocking): what the CPU spends, the GPU working meanwhile; and
@@ -39,12 +40,13 @@ from spark_sparse.sparse.sparsify import sparsify
 STRIDES = (1, 2, 4, 8, 16, 32)
 
 
-def tables_read(model: str, input_size: int) -> list[tuple]:
-    """The keys of the tables ``model``'s layers read in a train-mode forward and backward."""
-    encoder = SparseEncoder.from_timm(timm.create_model(model, num_classes=0)).train()
+def tables_read(model: str, input_size: int, device: torch.device = torch.device("cpu")) -> list[tuple]:
+    """The keys of the tables ``model``'s layers read in a train-mode forward and backward with
+    features on ``device`` (a GPU's layers read some other tables than the CPU's)."""
+    encoder = SparseEncoder.from_timm(timm.create_model(model, num_classes=0)).train().to(device)
     g = torch.Generator().manual_seed(0)
     grid = (input_size // 32, input_size // 32)
-    images = torch.randn(2, 3, input_size, input_size, generator=g)
+    images = torch.randn(2, 3, input_size, input_size, generator=g).to(device)
     feats = encoder(images, random_active(2, grid, 0.6, g))
     sum(f.F.sum() for f in feats).backward()
     return PatchSites.of(feats[0]).tables()
@@ -119,15 +121,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the work is single-threaded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: also time handing the tables to the GPU")
+                        help="cuda: the tables a GPU's layers read, and handing them to it")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
     if args.input_size <= 0 or args.input_size % 32:
         parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     configure_cpu(args.threads)
-    keys = tables_read(args.model, args.input_size)
     device = torch.device(args.device)
+    keys = tables_read(args.model, args.input_size, device)
     results = {b: measure(keys, b, args.input_size, args.mask_ratio, args.repeats, args.seed, device)
                for b in args.batch_sizes}
     parts = list(next(iter(results.values()))[0])
