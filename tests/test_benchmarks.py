@@ -251,6 +251,22 @@ def test_conv_paths_times_every_path_of_every_layer(capsys):
     assert "total: tiles" in out and "small blocks: offsets" in out
 
 
+def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_waits(capsys):
+    from benchmarks.queued_ops import main
+
+    main(["--models", "resnet18", "--batch-size", "2", "--input-size", "64", "--decoder-width", "64"])
+    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ")[2:5] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| resnet18 |")}
+    assert set(rows) == {"fwd_bwd", "train_step"}
+    (timm_ops, timm_reads), (masked_ops, masked_reads), (sparse_ops, sparse_reads) = (
+        map(int, cell.split(" / ")) for cell in rows["fwd_bwd"])
+    # the dense-masked engine reads each batch norm's visible sites back (20 in a ResNet-18); the
+    # sparse engine and plain timm never wait for the device
+    assert (timm_reads, masked_reads, sparse_reads) == (0, 20, 0)
+    assert min(timm_ops, masked_ops, sparse_ops) > 0
+    assert rows["train_step"][0] == "n/a" and rows["train_step"][2].endswith(" / 0")
+
+
 def test_precision_speed_times_both_engines_under_each_precision(capsys):
     from benchmarks.precision_speed import main
 

@@ -1,0 +1,122 @@
+"""How many operations a GPU would be handed per pass, and how often the CPU would wait for it.
+
+``python -m benchmarks.queued_ops --models resnet50 convnext_tiny efficientnet_b0 --batch-size 64``
+
+On a GPU every operation is a kernel the CPU launches (some microseconds of its time each), and
+an operation whose result the CPU reads (``nonzero``, ``.item()``) makes it wait until the GPU
+has run everything queued. Both are counts, the same on any GPU, so they are taken here without
+one: the pass runs on PyTorch's ``meta`` device (shapes and devices, no numbers) under a
+dispatch mode that sees every operation. Per model, for plain timm (nothing masked), the
+dense-masked engine (SparK's reference) and the sparse engine: the operations with a result on
+the device and the reads back, for the encoder's forward+backward and for a whole SparK step
+(encoder, densify, decoder, loss, backward). Masks are made on the CPU, as pretraining makes
+them; the dense-masked engine's ``nonzero`` is counted with all sites taken as visible (meta has
+no values), which changes shapes, not counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from contextlib import nullcontext
+
+import timm
+import torch
+from torch.fx.experimental import _config as fx_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from spark_sparse import random_active
+from spark_sparse.encoders.registry import create_encoder
+from spark_sparse.model.spark import SparK
+
+aten = torch.ops.aten
+# operations whose result the CPU reads: on a GPU, a wait for every queued kernel
+HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
+              aten.is_nonzero.default, aten.masked_select.default, aten.repeat_interleave.Tensor}
+DEVICE = torch.device("meta")
+
+
+class QueuedOps(TorchDispatchMode):
+    """Counts, while active, operations with a result on a device other than the CPU (``queued``)
+    and reads of a device tensor by the CPU (``reads``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: Counter[str] = Counter()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_READS and any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
+                                      for t in tree_leaves((args, kwargs))):
+            self.reads += 1
+        out = func(*args, **kwargs)
+        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out)):
+            self.queued[func.overloadpacket.__name__] += 1
+        return out
+
+
+def count(run, *args) -> tuple[int, int]:
+    """(operations queued, reads back) of ``run(*args)``."""
+    mode = QueuedOps()
+    with mode:
+        run(*args)
+    return sum(mode.queued.values()), mode.reads
+
+
+def encoder_pass(encoder, images: torch.Tensor, active: torch.Tensor) -> None:
+    sum(f.sum() for f in encoder.dense_features(images, active)).backward()
+
+
+def timm_pass(model, images: torch.Tensor, _active: torch.Tensor) -> None:
+    model.forward_features(images).sum().backward()
+
+
+def step_pass(model: SparK, images: torch.Tensor, active: torch.Tensor) -> None:
+    model(images, active)["loss"].backward()
+
+
+def measure(model_name: str, batch: int, input_size: int, mask_ratio: float, decoder_width: int) -> dict:
+    """{(pass, engine): (queued, reads)} for one model."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.empty(batch, 3, input_size, input_size, device=DEVICE)
+    active = random_active(batch, (input_size // 32, input_size // 32), mask_ratio, g)
+    out = {("fwd_bwd", "timm"): count(timm_pass, timm.create_model(model_name, num_classes=0).train().to(DEVICE),
+                                      images, active)}
+    for engine in ("dense_masked", "sparse"):
+        # meta has no values: the dense-masked engine's nonzero takes every site as visible
+        values = fx_config.patch(meta_nonzero_assume_all_nonzero=True) if engine == "dense_masked" else nullcontext()
+        with values:
+            encoder = create_encoder(model_name, engine).train().to(DEVICE)
+            out["fwd_bwd", engine] = count(encoder_pass, encoder, images, active)
+            spark = SparK(create_encoder(model_name, engine), decoder_width=decoder_width).train().to(DEVICE)
+            out["train_step", engine] = count(step_pass, spark, images, active)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny", "efficientnet_b0"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--decoder-width", type=int, default=768)
+    args = parser.parse_args(argv)
+    if args.input_size <= 0 or args.input_size % 32:
+        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
+    print(f"operations queued on a device / reads of it by the CPU, per pass; batch {args.batch_size}, "
+          f"{args.input_size} px, mask {args.mask_ratio}, decoder width {args.decoder_width}\n")
+    print("| model | pass | timm, nothing masked | dense-masked | sparse | sparse / dense-masked |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.models:
+        counts = measure(name, args.batch_size, args.input_size, args.mask_ratio, args.decoder_width)
+        for pass_name in ("fwd_bwd", "train_step"):
+            cells = [counts.get((pass_name, e)) for e in ("timm", "dense_masked", "sparse")]
+            shown = ["n/a" if c is None else f"{c[0]} / {c[1]}" for c in cells]
+            ratio = cells[2][0] / cells[1][0]
+            print(f"| {name} | {pass_name} | " + " | ".join(shown) + f" | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
