@@ -100,8 +100,10 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "tf_mixnet_s": r"MixedConv2d at 'blocks\.1\.0\.conv_pw'",
-        "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0'",
+        "tf_mixnet_s": r"MixedConv2d at 'blocks\.1\.0\.conv_pw': MixNet's mixed kernel sizes",
+        "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0': CondConv's kernels are mixed per image",
+        "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
+        "efficientnet_blur_b0": r"BlurPool2d at 'blocks\.1\.0\.aa': anti-aliased downsampling",
         "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
         "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
     }
@@ -119,7 +121,7 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
         ("regnetz_b16_evos", ()): r"EvoNorm2dS0a at 'stem\.bn'",
         ("resnet33ts", (("aa_layer", "blur"),)): r"BlurPool2d at 'stages\.1\.0\.shortcut\.aa': blur-pool",
-        ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop'",
+        ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
         ("resnext26ts", (("stem_pool", "avg"),)): r"AvgPool2d at 'stem\.pool': kernel 3, stride 2, padding 1",
     }
     for (name, kwargs), message in refused.items():
@@ -157,6 +159,15 @@ def test_drop_path_is_mirrored():
     probs = [m.drop_prob for m in enc.modules() if type(m).__name__ == "SparseDropPath"]
     # timm spreads the rate linearly over the 16 blocks; the first gets 0 and no drop-path
     assert len(probs) == 15 and max(probs) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_resnet_without_an_exact_twin_is_refused_by_path_and_reason(engine):
+    engine = engine_class(engine)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, drop_block_rate=0.1)
+    with pytest.raises(ConversionError, match=r"DropBlock2d at 'layer3\.0\.drop_block': DropBlock drops square "
+                                              r"regions .*; set drop_block_rate to 0$"):
+        engine.from_timm(model)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

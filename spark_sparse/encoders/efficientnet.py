@@ -12,7 +12,9 @@ Conv2dSame) at stride 2: the engines' convolutions pad as they do.
 
 from __future__ import annotations
 
-from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
+from timm.layers import MixedConv2d
+from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, DepthwiseSeparableConv, EdgeResidual,
+                                              InvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
@@ -47,9 +49,20 @@ class MirrorEfficientBlock(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
+# timm layers of this family that no engine mirrors, and why
+REFUSED = {
+    CondConvResidual: "CondConv's kernels are mixed per image by a routing from the whole map's "
+                      "average; not mirrored",
+    MixedConv2d: "MixNet's mixed kernel sizes over channel groups are not mirrored",
+}
+
+
 def _check(model: nn.Module) -> None:
     if getattr(model, "grad_checkpointing", False):
         raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
+    for path, module in model.named_modules():
+        if type(module) in REFUSED:
+            raise unsupported(module, path, REFUSED[type(module)])
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES}

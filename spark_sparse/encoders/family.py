@@ -88,12 +88,22 @@ class MirrorSequential(nn.Sequential):
                                      for name, child in _zero_pads_fused(module.named_children())))
 
 
+# why no engine mirrors an optional sub-module of timm's blocks, by its attribute name
+EXTRAS_REFUSED = {
+    "aa": "anti-aliased downsampling (a blur pool) spreads into hidden sites; use a model without it",
+    "drop_block": "DropBlock drops square regions of the whole map, hidden sites included; "
+                  "set drop_block_rate to 0",
+    "drop": "DropBlock drops square regions of the whole map, hidden sites included; set drop_block_rate to 0",
+    "conv_s2d": "a space-to-depth convolution (2x2, stride 2) before the depthwise one is not mirrored",
+}
+
+
 def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
-    """Refuse, by name and path, optional sub-modules of a block that no engine mirrors."""
+    """Refuse, by name, path and reason, optional sub-modules of a block that no engine mirrors."""
     for name in names:
         sub = getattr(block, name, None)
         if sub is not None and not isinstance(sub, nn.Identity):
-            raise unsupported(sub, f"{path}.{name}")
+            raise unsupported(sub, f"{path}.{name}", EXTRAS_REFUSED[name])
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
