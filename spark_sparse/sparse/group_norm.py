@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from .amp import autocast_backward, autocast_forward
-from .norm_act import _ACT_KERNELS, _act_grad
+from .norm_act import activate_, activation_grad
 from .patch_sites import PatchSites
 
 
@@ -80,16 +80,11 @@ def _normalised(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Ten
     return torch.addcmul(_per_patch(shift, image), xp, _per_patch(scale, image)).view_as(x)
 
 
-def _activated(y: Tensor, act: nn.Module) -> Tensor:
-    kernels = _ACT_KERNELS.get(type(act))
-    return kernels[0](y) if kernels is not None else act(y)
-
-
 def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, image: Tensor,
             act: nn.Module) -> Tensor:
     """The normalised, activated rows, computed in float32 and returned in the rows' dtype."""
     y = _normalised(x.to(statistics_dtype(x.dtype)), weight, bias, mean, invstd, image)
-    return _activated(y, act).to(x.dtype)
+    return activate_(act, y).to(x.dtype)
 
 
 class GroupNormAct(torch.autograd.Function):
@@ -114,7 +109,7 @@ class GroupNormAct(torch.autograd.Function):
         grad = grad.to(x.dtype)
         (batch, groups), (p, c) = mean.shape, (image.shape[0], x.shape[1])
         y = _normalised(x, weight, bias, mean, invstd, image)
-        grad_y = _act_grad(ctx.act, y, grad).view(p, -1, c)
+        grad_y = activation_grad(ctx.act, y, grad).view(p, -1, c)
         xp, rows = x.view(p, -1, c), grad_y.shape[1]
         mean_c, invstd_c = _per_channel(mean, c), _per_channel(invstd, c)
         # per patch and channel: the sums of grad_y and of grad_y * xhat, xhat = (x - mean) * invstd

@@ -14,19 +14,30 @@ from torch import Tensor, nn
 
 from .amp import autocast_backward, autocast_forward
 
-# activations whose forward can run in place and whose backward has its own kernel: the
-# forward and gradient of any other module go through autograd
+# activations whose forward can run in place and whose backward has its own kernel, as
+# (forward(act, y), gradient(act, grad, y)) of the pre-activation rows y: the forward and
+# gradient of any other module go through autograd
 _ACT_KERNELS = {
-    nn.ReLU: (torch.relu_, lambda grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
-    nn.SiLU: (lambda y: F.silu(y, inplace=True), torch.ops.aten.silu_backward),
-    nn.Hardswish: (lambda y: F.hardswish(y, inplace=True), torch.ops.aten.hardswish_backward),
+    nn.ReLU: (lambda act, y: torch.relu_(y), lambda act, grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
+    nn.SiLU: (lambda act, y: F.silu(y, inplace=True), lambda act, grad, y: torch.ops.aten.silu_backward(grad, y)),
+    nn.Hardswish: (lambda act, y: F.hardswish(y, inplace=True),
+                   lambda act, grad, y: torch.ops.aten.hardswish_backward(grad, y)),
+    nn.LeakyReLU: (lambda act, y: F.leaky_relu(y, act.negative_slope, inplace=True),
+                   lambda act, grad, y: torch.ops.aten.leaky_relu_backward(grad, y, act.negative_slope, False)),
 }
 
 
-def _act_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
+def activate_(act: nn.Module, y: Tensor) -> Tensor:
+    """``act(y)``, in place in ``y`` where the activation has its own kernels."""
+    kernels = _ACT_KERNELS.get(type(act))
+    return kernels[0](act, y) if kernels is not None else act(y)
+
+
+def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
+    """The gradient at the pre-activation rows ``y`` of ``act``'s output gradient ``grad``."""
     kernels = _ACT_KERNELS.get(type(act))
     if kernels is not None:
-        return kernels[1](grad, y)
+        return kernels[1](act, grad, y)
     with torch.enable_grad():
         y = y.requires_grad_()
         return torch.autograd.grad(act(y), y, grad)[0]
@@ -56,14 +67,13 @@ class BatchNormAct(torch.autograd.Function):
             mean, invstd = running_mean, (running_var + eps).rsqrt()
         ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean, invstd)
         ctx.training, ctx.eps, ctx.act = training, eps, act
-        kernels = _ACT_KERNELS.get(type(act))
-        return kernels[0](y) if kernels is not None else act(y)
+        return activate_(act, y)
 
     @staticmethod
     @autocast_backward
     def backward(ctx, grad: Tensor):
         x, weight, bias, running_mean, running_var, mean, invstd = ctx.saved_tensors
-        grad_y = _act_grad(ctx.act, _normalised(x, weight, bias, mean, invstd), grad)
+        grad_y = activation_grad(ctx.act, _normalised(x, weight, bias, mean, invstd), grad)
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, running_mean, running_var,
@@ -76,9 +86,7 @@ class BatchNormAct(torch.autograd.Function):
         """What the forward of ``node``, one of this function's backward nodes, returned (up to
         rounding: the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
         x, weight, bias, _, _, mean, invstd = node.saved_tensors
-        y = _normalised(x, weight, bias, mean, invstd)
-        kernels = _ACT_KERNELS.get(type(node.act))
-        return kernels[0](y) if kernels is not None else node.act(y)
+        return activate_(node.act, _normalised(x, weight, bias, mean, invstd))
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
