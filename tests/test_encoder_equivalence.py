@@ -202,6 +202,7 @@ VARIANTS = {
     "RegNetY: squeeze-excitation after the grouped 3x3": ("regnety_002", {}),
     "EfficientNet: inverted residuals, strided depthwise 3x3/5x5, SiLU, SE, head conv": ("efficientnet_b0", {}),
     "EfficientNet-EdgeTPU: fused edge residuals": ("efficientnet_es", {}),
+    "MobileNetV2: inverted residuals with ReLU6": ("mobilenetv2_050", {}),
     "MobileNetV3: hard-swish, hard-sigmoid SE, ReLU": ("mobilenetv3_large_100", {}),
     "MobileNetV3-Small: the first block strides": ("mobilenetv3_small_100", {}),
 }

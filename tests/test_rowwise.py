@@ -24,7 +24,7 @@ from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.rowwise import ImageScale, image_of_rows, with_features
 from spark_sparse.sparse.sparsify import sparsify, to_dense
 
-ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.LeakyReLU(0.1), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
+ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
 # float64, the same arithmetic reordered at most: measured differences are at most 1e-14 on values
 # of order 1-50, so 1e-12 (relative and absolute) leaves room for rounding and no more
 EXACT64 = dict(rtol=1e-12, atol=1e-12)

@@ -22,6 +22,8 @@ _ACT_KERNELS = {
     nn.SiLU: (lambda act, y: F.silu(y, inplace=True), lambda act, grad, y: torch.ops.aten.silu_backward(grad, y)),
     nn.Hardswish: (lambda act, y: F.hardswish(y, inplace=True),
                    lambda act, grad, y: torch.ops.aten.hardswish_backward(grad, y)),
+    nn.ReLU6: (lambda act, y: F.hardtanh(y, 0.0, 6.0, inplace=True),
+               lambda act, grad, y: torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)),
     nn.LeakyReLU: (lambda act, y: F.leaky_relu(y, act.negative_slope, inplace=True),
                    lambda act, grad, y: torch.ops.aten.leaky_relu_backward(grad, y, act.negative_slope, False)),
 }
