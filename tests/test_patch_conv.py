@@ -155,15 +155,21 @@ def test_tensors_not_made_by_sparsify_are_refused():
         PatchConvolution(4, 4, kernel_size=3, dimension=2)(x)
 
 
-def test_both_convolution_implementations_give_the_same_encoder():
-    images = torch.randn(2, 3, 128, 128)
-    active = random_active(2, (4, 4), 0.6, torch.Generator().manual_seed(0))
-    fast = SparseEncoder.from_timm("resnet26d").eval()
-    stock = SparseEncoder.from_timm("resnet26d", conv="minkowski").eval()
+@pytest.mark.parametrize("name", ["resnet26d", "seresnet18", "ecaresnet26t"])
+def test_both_convolution_implementations_give_the_same_encoder(name):
+    """MinkowskiEngine's own modules (conv='minkowski') and ours: the same features, attention
+    gates included (per-image squeeze-excitation and ECA over rows in MinkowskiEngine's order)."""
+    images = torch.randn(3, 3, 128, 160, dtype=torch.float64)
+    active = random_active(3, (4, 5), 0.6, torch.Generator().manual_seed(0))
+    fast = SparseEncoder.from_timm(name).double().eval()
+    stock = SparseEncoder.from_timm(name, conv="minkowski").double().eval()
     stock.load_timm_state_dict(fast.timm_state_dict())
     with torch.no_grad():
         for a, b in zip(fast.dense_features(images, active), stock.dense_features(images, active)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_an_unknown_convolution_implementation_is_refused():
     with pytest.raises(ValueError, match="conv must be one of"):
         SparseEncoder.from_timm("resnet18", conv="fft")
 
