@@ -120,26 +120,37 @@ def read_tiff(path: Path) -> np.ndarray:
     return pixels
 
 
-def centre_crop(image: Image.Image, size: int) -> Image.Image:
+# Up to this aspect ratio a centre crop resizes the whole image, as torchvision does (the pixels
+# are torchvision's); beyond it only the kept part is resampled, which bounds the memory
+WHOLE_RESIZE_MAX_ASPECT = 4
+
+
+def centre_crop(image: Image.Image, size: int, scale_size: int | None = None) -> Image.Image:
     """The centre ``size`` x ``size`` crop of ``image`` resized (bicubic) so that its shorter side
-    is ``size``, as torchvision's Resize(size) then CenterCrop(size), but resampling only the kept
-    part of the long side: the memory is ``size`` times the short side whatever the aspect ratio
-    (a 1 x 60000 strip resized whole to a shorter side of 64 takes 1 GB). The long side is
-    resampled first; PIL may order the two passes of the whole resize otherwise, and rounds
-    between them, so photographs agree with torchvision's pixels to within one level."""
+    is ``scale_size`` (default ``size``): torchvision's Resize(scale_size) then CenterCrop(size).
+    Images more than ``WHOLE_RESIZE_MAX_ASPECT`` times as long as they are wide resample only
+    the kept part of each side, the long one first, so that the memory is ``size`` times the
+    short side (a 1 x 60000 strip resized whole to a shorter side of 64 takes 1 GB); PIL rounds
+    between the two passes and orders those of a whole resize otherwise, so their pixels are
+    torchvision's to within a few levels."""
+    scale = scale_size or size
     width, height = image.size
     bicubic = Image.Resampling.BICUBIC
-    if width == height:
-        return image.resize((size, size), bicubic)
     short, long = min(width, height), max(width, height)
-    scaled = int(size * long / short)  # torchvision's resized long side
-    offset = int(round((scaled - size) / 2.0))  # and the crop's position along it
-    lo, hi = offset * long / scaled, (offset + size) * long / scaled  # in source pixels
+    scaled = int(scale * long / short)  # torchvision's resized long side
+    # where CenterCrop puts the crop along each resized side
+    along, across = int(round((scaled - size) / 2.0)), int(round((scale - size) / 2.0))
+    if long <= WHOLE_RESIZE_MAX_ASPECT * short:
+        resized = image.resize((scaled, scale) if width >= height else (scale, scaled), bicubic)
+        left, top = (along, across) if width >= height else (across, along)
+        return resized.crop((left, top, left + size, top + size))
+    lo, hi = along * long / scaled, (along + size) * long / scaled  # in source pixels
+    a, b = across * short / scale, (across + size) * short / scale
     if width > height:
         kept = image.resize((size, height), bicubic, box=(lo, 0, hi, height))
-    else:
-        kept = image.resize((width, size), bicubic, box=(0, lo, width, hi))
-    return kept.resize((size, size), bicubic)
+        return kept.resize((size, size), bicubic, box=(0, a, size, b))
+    kept = image.resize((width, size), bicubic, box=(0, lo, width, hi))
+    return kept.resize((size, size), bicubic, box=(a, 0, b, size))
 
 
 def read_rgb(source: Path | Image.Image) -> Image.Image:

@@ -13,8 +13,10 @@ crops (fixed) from the right part, so no pixel is shared between the two.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +24,15 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.transforms import MaybeToTensor
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import Compose, Normalize
 
 from ..data.regions import crop_boxes, split_column
 from ..data.seeds import derive_seed
-from ..data.images import (Batches, DataError, bundled_image_paths, first_readable, to_rgb, try_read,
-                   warn_skipped)
+from ..data.images import (IMAGENET_MEAN, IMAGENET_STD, Batches, DataError, bundled_image_paths, centre_crop,
+                           first_readable, to_rgb, try_read, warn_skipped)
 
 VAL_CROPS_PER_PHOTO = 8  # bundled task: fixed validation crops per photo
 TRAIN_REPEATS = 16       # bundled task: random train crops of each photo per epoch
@@ -96,11 +100,16 @@ class Labelled(Dataset):
 
 def transforms(input_size: int, aug) -> tuple:
     """timm's training transform (RandomResizedCrop, flip, RandAugment, colour jitter, random
-    erasing as ``aug`` says) and its evaluation transform (resize, centre crop)."""
+    erasing as ``aug`` says) and its evaluation transform: the shorter side resized to
+    ``input_size / crop_pct``, the centre crop, ImageNet's normalisation. The evaluation's resize
+    and crop are ``centre_crop``'s, which resamples only the kept part: timm's resizes the whole
+    image first, and a 1 x 100000 strip would take 20 GB at 224 px."""
     train = create_transform(input_size, is_training=True, scale=tuple(aug.scale), hflip=0.5,
                              color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
                              interpolation="bicubic", re_prob=aug.reprob)
-    val = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=aug.crop_pct)
+    scale_size = math.floor(input_size / aug.crop_pct)  # as timm's evaluation transform computes it
+    val = Compose([partial(centre_crop, size=input_size, scale_size=scale_size), MaybeToTensor(),
+                   Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return train, val
 
 
