@@ -6,7 +6,7 @@ Every k x k convolution of the sparse encoder (plain and grouped) is timed (forw
 on the input it sees in a forward pass of random images) as tile convolution, as offset GEMMs
 and as window GEMMs, interleaved, the best of ``--repeats`` runs each (on a GPU, synchronised);
 the table shows which path the layer picks on the device and which one was faster. This is the
-measurement behind ``tile_min_sites`` and ``patch_conv.SMALL_BLOCK_PATHS``.
+measurement behind ``tile_min_sites`` and ``gemm_conv.SMALL_BLOCK_PATHS``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
-from spark_sparse.sparse.patch_conv import PatchConvolution, small_block_path
+from spark_sparse.sparse.gemm_conv import small_block_path
+from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import PatchSites
 from spark_sparse.run.runtime import configure_cpu
 

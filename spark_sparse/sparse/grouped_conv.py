@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
-from .patch_conv import TileConv, WindowGemm, accumulate_rows, select_rows, small_block_path
+from .gemm_conv import WindowGemm, accumulate_rows, select_rows, small_block_path
+from .patch_conv import TileConv
 from .patch_sites import OffsetPairs, PatchSites, tile_geometry
 
 
@@ -68,7 +69,7 @@ class GroupedConvolution(nn.Module):
     """A grouped k x k (odd k, centred) submanifold or strided convolution."""
 
     tile_min_sites = GROUPED_TILE_MIN_SITES
-    small_block_path: str | None = None  # "offsets" or "windows"; None: by device (patch_conv.SMALL_BLOCK_PATHS)
+    small_block_path: str | None = None  # "offsets" or "windows"; None: by device (gemm_conv.SMALL_BLOCK_PATHS)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
                  bias: bool = False):
