@@ -18,6 +18,7 @@ import torch
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.encoders.family import ConversionError
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.gemm_conv import small_block_path
 from spark_sparse.sparse.patch_conv import PatchConvolution
@@ -75,15 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no CUDA GPU")
+    if args.input_size <= 0 or args.input_size % 32:
+        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     device = torch.device(args.device)
     configure_cpu()
     g = torch.Generator().manual_seed(args.seed)
     size = args.input_size
     images = torch.randn(args.batch_size, 3, size, size, generator=g)
     active = random_active(args.batch_size, (size // 32, size // 32), args.mask_ratio, g)
-    encoder = SparseEncoder.from_timm(args.model).train().to(device)
+    try:
+        encoder = SparseEncoder.from_timm(args.model).train().to(device)
+    except (ConversionError, ValueError) as err:  # an unknown model, or one no engine mirrors
+        parser.error(f"--model {args.model}: {err}")
 
     print(f"{args.model}, batch {args.batch_size}, {size} px, mask {args.mask_ratio}, forward+backward on "
           f"{device.type}, best of {args.repeats} (ms)\n")

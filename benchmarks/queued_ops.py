@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from spark_sparse import random_active
+from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.registry import create_encoder
 from spark_sparse.model.spark import SparK
 
@@ -109,8 +110,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.input_size} px, mask {args.mask_ratio}, decoder width {args.decoder_width}\n")
     print("| model | pass | timm, nothing masked | dense-masked | sparse | sparse / dense-masked |")
     print("|---|---|---:|---:|---:|---:|")
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        parser.error(f"--models: unknown timm model(s) {', '.join(unknown)}")
     for name in args.models:
-        counts = measure(name, args.batch_size, args.input_size, args.mask_ratio, args.decoder_width)
+        try:
+            counts = measure(name, args.batch_size, args.input_size, args.mask_ratio, args.decoder_width)
+        except ConversionError as err:  # a model no engine mirrors
+            parser.error(f"--models {name}: {err}")
         for pass_name in ("fwd_bwd", "train_step"):
             cells = [counts.get((pass_name, e)) for e in ("timm", "dense_masked", "sparse")]
             shown = ["n/a" if c is None else f"{c[0]} / {c[1]}" for c in cells]

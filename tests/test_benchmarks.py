@@ -1,5 +1,6 @@
 """The sparse-vs-dense benchmark: exact FLOP counts, memory measurement, and the app end to end."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -265,6 +266,22 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
     assert (timm_reads, masked_reads, sparse_reads) == (0, 20, 0)
     assert min(timm_ops, masked_ops, sparse_ops) > 0
     assert rows["train_step"][0] == "n/a" and rows["train_step"][2].endswith(" / 0")
+
+
+@pytest.mark.parametrize("module, argv, error", [
+    ("conv_paths", ["--model", "resnet_nope"], "--model resnet_nope: unknown timm model 'resnet_nope'"),
+    ("conv_paths", ["--model", "tf_mixnet_s"], "--model tf_mixnet_s: cannot convert MixedConv2d"),
+    ("conv_paths", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
+    ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
+    ("queued_ops", ["--models", "tf_mixnet_s"], "--models tf_mixnet_s: cannot convert MixedConv2d"),
+    ("batch_tables", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
+])
+def test_benchmark_command_lines_refuse_bad_arguments_in_one_line(module, argv, error, capsys):
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        main(argv + ["--batch-size" if module != "batch_tables" else "--batch-sizes", "2"])
+    assert stop.value.code == 2
+    assert f": error: {error}" in capsys.readouterr().err
 
 
 def test_precision_speed_times_both_engines_under_each_precision(capsys):
