@@ -34,27 +34,30 @@ from spark_sparse.model.spark import SparK
 aten = torch.ops.aten
 # operations whose result the CPU reads: on a GPU, a wait for every queued kernel
 HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
-              aten.is_nonzero.default, aten.masked_select.default, aten.repeat_interleave.Tensor}
+              aten.is_nonzero.default, aten.unique_consecutive.default, aten._unique2.default,
+              aten.masked_select.default, aten.repeat_interleave.Tensor}
 DEVICE = torch.device("meta")
 
 
 class QueuedOps(TorchDispatchMode):
-    """Counts, while active, operations with a result on a device other than the CPU (``queued``)
-    and reads of a device tensor by the CPU (``reads``)."""
+    """Counts by name, while active, the operations with a result on a device other than the CPU
+    (``queued``: on a GPU, kernels the CPU launches) and those that read a device tensor on the
+    host (``host_reads``: on a GPU, waits for everything queued)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.queued: Counter[str] = Counter()
-        self.reads = 0
+        self.host_reads: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = str(func.overloadpacket.__name__)
         if func in HOST_READS and any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
                                       for t in tree_leaves((args, kwargs))):
-            self.reads += 1
+            self.host_reads[name] += 1
         out = func(*args, **kwargs)
         if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out)):
-            self.queued[func.overloadpacket.__name__] += 1
+            self.queued[name] += 1
         return out
 
 
@@ -63,7 +66,7 @@ def count(run, *args) -> tuple[int, int]:
     mode = QueuedOps()
     with mode:
         run(*args)
-    return sum(mode.queued.values()), mode.reads
+    return sum(mode.queued.values()), sum(mode.host_reads.values())
 
 
 def encoder_pass(encoder, images: torch.Tensor, active: torch.Tensor) -> None:

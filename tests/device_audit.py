@@ -16,26 +16,23 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from benchmarks.queued_ops import QueuedOps
 
 aten = torch.ops.aten
 COPIES = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default, aten.to.dtype_layout,
           aten.to.device, aten.to.dtype, aten.to.other}
-HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
-              aten.is_nonzero.default, aten.unique_consecutive.default, aten._unique2.default,
-              aten.masked_select.default, aten.repeat_interleave.Tensor}
 
 
-class DeviceAudit(TorchDispatchMode):
-    """Record, while active, the operations that mix devices or read a non-CPU tensor on the host."""
+class DeviceAudit(QueuedOps):
+    """Record, while active, the operations that mix devices or read a non-CPU tensor on the host
+    (``host_reads``), the copies between devices, and what is queued on a device (``queued``)."""
 
     def __init__(self):
         super().__init__()
         self.mixed: Counter[str] = Counter()
-        self.host_reads: Counter[str] = Counter()
         self.copies: Counter[str] = Counter()
-        self.queued: Counter[str] = Counter()  # operations with a result on a device other than the CPU
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -48,9 +45,4 @@ class DeviceAudit(TorchDispatchMode):
                 self.copies[name] += 1
         elif len(devices) > 1:
             self.mixed[f"{name} {sorted(devices)}"] += 1
-        if func in HOST_READS and any(t.device.type != "cpu" for t in tensors):
-            self.host_reads[name] += 1
-        out = func(*args, **kwargs)
-        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out)):
-            self.queued[name] += 1
-        return out
+        return super().__torch_dispatch__(func, types, args, kwargs)

@@ -57,7 +57,7 @@ def same_forward_and_input_gradient(ya: ME.SparseTensor, yb: ME.SparseTensor, fa
     torch.testing.assert_close(fa.grad, fb.grad, rtol=1e-10, atol=1e-10)
 
 
-def force_path(conv: PatchConvolution, path: str) -> PatchConvolution:
+def force_path(conv: PatchConvolution | GroupedConvolution, path: str) -> PatchConvolution | GroupedConvolution:
     """``conv`` running k x k kernels on ``path`` ('tiles', 'offsets' or 'windows') for any block."""
     conv.tile_min_sites = 1 if path == "tiles" else 10**6
     conv.small_block_path = None if path == "tiles" else path
@@ -186,8 +186,7 @@ def test_a_grouped_convolution_computes_the_same_on_every_path(block, kernel_siz
         torch.manual_seed(1)
         nn.init.normal_(conv.weight)
         nn.init.normal_(conv.bias)
-        conv.tile_min_sites = 1 if path == "tiles" else 10**6
-        conv.small_block_path = None if path == "tiles" else path
+        force_path(conv, path)
         feats = x.F.clone().requires_grad_()
         out = conv(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
         (out.F * torch.linspace(-1, 1, out.F.numel(), dtype=out.F.dtype).view_as(out.F)).sum().backward()

@@ -90,18 +90,20 @@ class GroupedConvolution(nn.Module):
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
         s = sites.sites_per_side(in_stride)
         g = self.groups
-        # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
-        weight = self.weight.view(g, c_out // g, c_in_g, k, k)
         path = self.path(s, x.F.device)
         if path == "tiles":
             tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride))
             out = TileConv.apply(x.F, self.weight, tile, self.stride, self.groups)
-        elif path == "windows":
-            kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # ... (G, K * C_in/G, C_out/G)
-            out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride))
         else:
-            kernel = weight.permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)  # ... (K, G, C_in/G, C_out/G)
-            out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride), sites.num_rows(out_stride))
+            # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
+            weight = self.weight.view(g, c_out // g, c_in_g, k, k)
+            if path == "windows":
+                kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # (G, K * C_in/G, C_out/G)
+                out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride))
+            else:
+                kernel = weight.permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)  # (K, G, C_in/G, C_out/G)
+                out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride),
+                                              sites.num_rows(out_stride))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride == 1:
