@@ -26,7 +26,7 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
                                         "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
-                                        "mobilenetv3_small_100"]}
+                                        "mobilenetv3_small_100", "mobilenetv2_050"]}
 MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
 # TensorFlow 'same' padding: the off-centre window at a block's edge reads what the dense padded
 # convolution of the masked map reads (the next block, or zeros where it is hidden)
