@@ -127,9 +127,6 @@ REFUSED = {
 def _check(model: nn.Module) -> None:
     if getattr(model, "grad_checkpointing", False):
         raise unsupported(model, "stages", "gradient checkpointing is not mirrored; turn it off")
-    for path, module in model.named_modules():
-        if type(module) in REFUSED:
-            raise unsupported(module, path, REFUSED[type(module)])
 
 
 BYOBNET = Family(
@@ -142,5 +139,6 @@ BYOBNET = Family(
     # what a head without its classifier holds: an attention pool's (CLIP) or an MLP head's weights
     kept=("head.pos_embed", "head.cls_token", "head.q", "head.k", "head.v", "head.qkv", "head.norm", "head.pre_logits"),
     check=_check,
+    refused=REFUSED,
     pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
 )

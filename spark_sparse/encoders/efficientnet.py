@@ -60,9 +60,6 @@ REFUSED = {
 def _check(model: nn.Module) -> None:
     if getattr(model, "grad_checkpointing", False):
         raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
-    for path, module in model.named_modules():
-        if type(module) in REFUSED:
-            raise unsupported(module, path, REFUSED[type(module)])
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES}
@@ -73,6 +70,7 @@ EFFICIENTNET = Family(
     mirrors=MIRRORS,
     layout=BlockStages(("conv_stem", "bn1"), head=("conv_head", "bn2")),
     check=_check,
+    refused=REFUSED,
 )
 
 MOBILENETV3 = Family(
@@ -82,4 +80,5 @@ MOBILENETV3 = Family(
     layout=BlockStages(("conv_stem", "bn1")),
     kept=("conv_head", "norm_head"),
     check=_check,
+    refused=REFUSED,
 )

@@ -288,6 +288,8 @@ class Family:
     layout: Callable[[nn.Module], Layout]  # stem and stages of one model of the family
     kept: tuple[str, ...] = ()  # modules or tensors that never run (frozen copies), if present
     check: Callable[[nn.Module], None] = no_check  # refusals before any conversion
+    # timm modules no engine mirrors (their subclasses too), each with the reason its refusal gives
+    refused: Mapping[type, str] = field(default_factory=dict)
     stem_pool: StemPool | None = None
     # mirror class -> its (norm, activation) leaves that run back to back: an engine may run each
     # pair as one operator (the sparse engine's batch norm + activation keeps fewer rows)
@@ -300,6 +302,10 @@ class Family:
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""
         self.check(model)
+        for path, module in model.named_modules():
+            why = next((why for cls, why in self.refused.items() if isinstance(module, cls)), None)
+            if why is not None:
+                raise unsupported(module, path, why)
         convert = Converter(leaf, self.mirrors)
         body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in layout.top_level()})
         for path in self.kept:

@@ -107,17 +107,14 @@ class MirrorResNetStage(nn.Module):
 # per-image normalisations of the activations whose statistics would need twins of their own
 # over visible sites, as GroupNormAct has (sparse/group_norm.py): not mirrored
 UNMIRRORED_NORMS = (EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormAct2d, FilterResponseNormTlu2d)
+UNMIRRORED_WHY = ("EvoNorm and filter response norms are not mirrored (their statistics over visible sites "
+                  "have no twin here); use the batch-norm or GroupNorm models")
 
 
 def _check(model: nn.Module) -> None:
     for name, stage in model.stages.named_children():
         if stage.grad_checkpointing:
             raise unsupported(stage, f"stages.{name}", "gradient checkpointing is not mirrored; turn it off")
-    for path, module in model.named_modules():
-        if isinstance(module, UNMIRRORED_NORMS):
-            raise unsupported(module, path, "EvoNorm and filter response norms are not mirrored (their "
-                                            "statistics over visible sites have no twin here); use the "
-                                            "batch-norm or GroupNorm models")
 
 
 RESNETV2 = Family(
@@ -129,4 +126,5 @@ RESNETV2 = Family(
     # the final norm (and activation) of forward_features ends the last stage
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3"), head=("norm",)),
     check=_check,
+    refused=dict.fromkeys(UNMIRRORED_NORMS, UNMIRRORED_WHY),
 )
