@@ -114,7 +114,8 @@ class WindowGemm(torch.autograd.Function):
         windows, (n, c), g = ctx.windows, feats.shape, kernel.shape[0]
         need_feats, need_kernel = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()
-        go = grad_out.view(-1, g, kernel.shape[2]).transpose(0, 1)  # (G, N_out, C_out / G)
+        # (G, N_out, C_out / G); one group needs no transpose, which on a GPU is one more dispatch
+        go = grad_out.view(1, -1, grad_out.shape[1]) if g == 1 else grad_out.view(-1, g, kernel.shape[2]).transpose(0, 1)
         grad_kernel = None
         if need_kernel:
             cols = gather_windows(feats, windows, g).view(g, windows.shape[0], -1)
