@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.queued_ops --models resnet50 convnext_tiny efficientnet_b0 --batch-size 64``
 
-On a GPU every operation is a kernel the CPU launches (some microseconds of its time each), and
-an operation whose result the CPU reads (``nonzero``, ``.item()``) makes it wait until the GPU
-has run everything queued. Both are counts, the same on any GPU, so they are taken here without
+On a GPU every operation with a result on the device is a kernel (or a copy) the CPU launches,
+some microseconds of its time each, except views and bare allocations, which only make a tensor
+header; an operation whose result the CPU reads (``nonzero``, ``.item()``) makes it wait until
+the GPU has run everything queued. Both are counts, the same on any GPU, so they are taken here without
 one: the pass runs on PyTorch's ``meta`` device (shapes and devices, no numbers) under a
 dispatch mode that sees every operation. Per model, for plain timm (nothing masked), the
 dense-masked engine (SparK's reference) and the sparse engine: the operations with a result on
@@ -36,13 +37,16 @@ aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
               aten.is_nonzero.default, aten.unique_consecutive.default, aten._unique2.default,
               aten.masked_select.default, aten.repeat_interleave.Tensor}
+# no kernel: a view (``func.is_view``) or an allocation of uninitialised memory only makes a tensor header
+NO_KERNEL = {aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default,
+             aten.new_empty.default, aten.new_empty_strided.default, aten.empty_like.default}
 DEVICE = torch.device("meta")
 
 
 class QueuedOps(TorchDispatchMode):
-    """Counts by name, while active, the operations with a result on a device other than the CPU
-    (``queued``: on a GPU, kernels the CPU launches) and those that read a device tensor on the
-    host (``host_reads``: on a GPU, waits for everything queued)."""
+    """Counts by name, while active, the operations that launch a kernel with a result on a device
+    other than the CPU (``queued``; views and bare allocations launch none) and those that read a
+    device tensor on the host (``host_reads``: on a GPU, waits for everything queued)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +60,8 @@ class QueuedOps(TorchDispatchMode):
                                       for t in tree_leaves((args, kwargs))):
             self.host_reads[name] += 1
         out = func(*args, **kwargs)
-        if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out)):
+        if (not func.is_view and func not in NO_KERNEL
+                and any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves(out))):
             self.queued[name] += 1
         return out
 
