@@ -81,7 +81,9 @@ class BatchCoordinates(ME.CoordinateManager):
 
 
 def _cat(tensors: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
-    """int32 tensors concatenated; none, an empty one."""
+    """int32 tensors concatenated (one as it is); none, an empty one."""
+    if len(tensors) == 1:
+        return tensors[0]
     return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int32, device=device)
 
 
@@ -281,47 +283,48 @@ class PatchSites:
                     positions, rows.index_select(0, positions))
 
     def _tile_on(self, device: torch.device, stride: int, start: int, size: int) -> Tile:
-        """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts. The tile
-        crosses at most 3 x 3 patches (the patch and its neighbours), each in one rectangle of
-        it. What depends on the mask is small and made on the CPU: each patch's neighbours, and
-        which patches have a given neighbour present. The tables (up to 37 x 37 positions a
-        patch) are sums of those with fixed in-patch offsets, made on the device: a hundred
-        queued kernels and a copy of kilobytes instead of megabytes built on the CPU (which,
-        for a CPU run, ``_build_tile`` does in fewer, larger steps)."""
+        """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts, in a dozen
+        kernels and one copy of kilobytes instead of megabytes built on the CPU (which, for a CPU
+        run, ``_build_tile`` does in fewer, larger steps). A tile position lies in one of the 3 x 3
+        cells of the patch and its neighbours: its row is that neighbour's first row (N where
+        absent, small and made on the CPU from the mask) plus the position's fixed row inside
+        it. The halo and absent lists are, cell by cell, the patches with (without) that
+        neighbour times the cell's positions; cells of equal area are made together."""
         s, n = self.sites_per_side(stride), self.num_rows(stride)
         _check_tile(s, start, size)
         steps = torch.arange(start, start + size)
         which = torch.div(steps, s, rounding_mode="floor") + 1  # 0, 1, 2: the neighbour along the axis
-        site = (steps - (which - 1) * s).int()  # the site inside that patch
-        bands = [(k, int((which < k).sum()), int((which <= k).sum())) for k in range(3) if bool((which == k).any())]
-        rects = [(a, r0, r1, c, c0, c1) for a, r0, r1 in bands for c, c0, c1 in bands]
-        neighbours = self._cached("neighbours").int()  # (P, 3, 3), -1 where absent
-        # outside the patch itself, rectangle by rectangle: the present positions (where a tile's
-        # gradient spills into a neighbour), then the absent ones; each as the first position of
-        # the tiles that have them plus the rectangle's positions
+        site = steps - (which - 1) * s  # the site inside that patch
+        cell = (which.view(-1, 1) * 3 + which).view(-1)  # (size^2,) each position's neighbour, 4 itself
+        local = (site.view(-1, 1) * s + site).view(-1)  # each position's row inside its patch
+        neighbours = self._cached("neighbours").view(-1, 9)  # (P, 9), -1 where absent
+        # N for an absent neighbour: any row inside it then reaches N or more, cut to N on the device
+        first_row = torch.where(neighbours >= 0, neighbours * (s * s), n)
+        groups: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # area -> (cell's positions, with, without)
+        for k in range(9):
+            at = (cell == k).nonzero()[:, 0]
+            if k != 4 and len(at):
+                there = neighbours[:, k] >= 0
+                groups.setdefault(len(at), []).append((at, there.nonzero()[:, 0], (~there).nonzero()[:, 0]))
+        # per area: each cell's positions stacked, and the tiles' first positions (present ones
+        # first) with the cell they take positions from
+        parts = [first_row.view(-1), cell, local]
+        for cells in groups.values():
+            firsts = [p for _, p, _ in cells] + [h for _, _, h in cells]
+            parts += [torch.cat([at for at, _, _ in cells]), torch.cat(firsts) * (size * size),
+                      torch.cat([torch.full((len(f),), i % len(cells)) for i, f in enumerate(firsts)])]
+        lengths = [len(x) for x in parts]
+        parts = to_device(torch.cat(parts).int(), device).split(lengths)  # one copy
+        rows = parts[0].view(-1, 9).index_select(1, parts[1]).add_(parts[2]).clamp_(max=n).view(-1)
         present, hidden = [], []
-        for a, r0, r1, c, c0, c1 in rects:
-            if (a, c) != (1, 1):  # the patch itself is always present
-                there = neighbours[:, a, c] >= 0
-                at = (torch.arange(r0, r1, dtype=torch.int32).view(-1, 1) * size
-                      + torch.arange(c0, c1, dtype=torch.int32)).view(-1)
-                present.append((there.nonzero()[:, 0].int() * size * size, at))
-                hidden.append(((~there).nonzero()[:, 0].int() * size * size, at))
-        firsts, ats = [f for f, _ in present + hidden], [a for _, a in present + hidden]
-        neighbours, site, first, at = to_device([neighbours, site, _cat(firsts), _cat(ats)], device)
-        local = site.view(-1, 1) * s + site  # (size, size): each position's row inside its patch
-        rows = torch.empty(len(neighbours), size, size, dtype=torch.int32, device=local.device)
-        present_rows = torch.empty_like(rows)
-        for a, r0, r1, c, c0, c1 in rects:
-            patch = neighbours[:, a, c].view(-1, 1, 1)
-            value = patch * (s * s) + local[r0:r1, c0:c1]
-            rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, n)
-            present_rows[:, r0:r1, c0:c1] = value.masked_fill(patch < 0, 0)
-        rows, present_rows = rows.view(-1), present_rows.view(-1)
-        pieces = [(f.view(-1, 1) + a).view(-1)
-                  for f, a in zip(first.split([len(f) for f in firsts]), at.split([len(a) for a in ats]))]
-        positions = _cat(pieces[:len(present)], local.device)  # int32: the tables are a batch's
-        return Tile(rows, start, size, s, present_rows, _cat(pieces[len(present):], local.device).long(),
+        for g, (area, cells) in enumerate(groups.items()):
+            at, first, which_cell = parts[3 + 3 * g: 6 + 3 * g]
+            spots = (first.view(-1, 1) + at.view(len(cells), area).index_select(0, which_cell)).view(-1)
+            split = sum(len(p) for _, p, _ in cells) * area
+            present.append(spots[:split])
+            hidden.append(spots[split:])
+        positions = _cat(present, rows.device)  # int32: the tables are a batch's
+        return Tile(rows, start, size, s, rows.remainder(max(n, 1)), _cat(hidden, rows.device).long(),
                     positions, rows.index_select(0, positions))
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> Tensor:
