@@ -45,11 +45,16 @@ def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
         return torch.autograd.grad(act(y), y, grad)[0]
 
 
-def _normalised(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> Tensor:
-    """The norm's output in ``x``'s dtype (16-bit rows are normalised in float32, then rounded,
-    as torch's batch norm does)."""
+def _affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift): the norm as one multiply-add per element, per channel in float32."""
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
+
+
+def _normalised(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """The norm's output in ``x``'s dtype (16-bit rows are normalised in float32, then rounded,
+    as torch's batch norm does)."""
     return torch.addcmul(shift, x, scale).to(x.dtype)
 
 
@@ -65,30 +70,33 @@ class BatchNormAct(torch.autograd.Function):
                 running_var: Tensor | None, training: bool, momentum: float, eps: float, act: nn.Module) -> Tensor:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
                                                   momentum, eps)
-        if not training:  # the statistics the rows were normalised with
-            mean, invstd = running_mean, (running_var + eps).rsqrt()
-        ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean, invstd)
+        if any(ctx.needs_input_grad):
+            if not training:  # the statistics the rows were normalised with
+                mean, invstd = running_mean, (running_var + eps).rsqrt()
+            # made once here, not at each of the two recomputations (C-sized: a GPU's launches)
+            scale, shift = _affine(weight, bias, mean, invstd)
+            ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd, scale, shift)
         ctx.training, ctx.eps, ctx.act = training, eps, act
         return activate_(act, y)
 
     @staticmethod
     @autocast_backward
     def backward(ctx, grad: Tensor):
-        x, weight, bias, running_mean, running_var, mean, invstd = ctx.saved_tensors
-        grad_y = activation_grad(ctx.act, _normalised(x, weight, bias, mean, invstd), grad)
+        x, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
+        grad_y = activation_grad(ctx.act, _normalised(x, scale, shift), grad)
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, running_mean, running_var,
             mean if ctx.training else None, invstd if ctx.training else None,
-            ctx.training, ctx.eps, [need[0], need[1] and weight is not None, need[2] and bias is not None])
+            ctx.training, ctx.eps, [need[0], need[1], need[2]])  # False for a None parameter
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
     @staticmethod
     def output_again(node) -> Tensor:
         """What the forward of ``node``, one of this function's backward nodes, returned (up to
         rounding: the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
-        x, weight, bias, _, _, mean, invstd = node.saved_tensors
-        return activate_(node.act, _normalised(x, weight, bias, mean, invstd))
+        x, *_, scale, shift = node.saved_tensors
+        return activate_(node.act, _normalised(x, scale, shift))
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
