@@ -48,7 +48,7 @@ def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
 def _affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """(scale, shift): the norm as one multiply-add per element, per channel in float32."""
     scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
+    shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
     return scale, shift
 
 
