@@ -6,7 +6,10 @@ Every k x k convolution of the sparse encoder (plain and grouped) is timed (forw
 on the input it sees in a forward pass of random images) as tile convolution, as offset GEMMs
 and as window GEMMs, interleaved, the best of ``--repeats`` runs each (on a GPU, synchronised);
 the table shows which path the layer picks on the device and which one was faster. This is the
-measurement behind ``tile_min_sites`` and ``gemm_conv.SMALL_BLOCK_PATHS``.
+measurement behind ``tile_min_sites`` and ``gemm_conv.SMALL_BLOCK_PATHS``. Stride-1 depthwise
+convolutions (ConvNeXt's, EfficientNet's) get a table of their own: each layout (tiles, canvas)
+with each backward (the CPU's adjoint forward convolutions, torch's native one), the
+measurement behind ``DepthwiseConvolution.tile_min_sites`` and ``depthwise.BACKWARDS``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.family import ConversionError
+from spark_sparse.sparse import depthwise
+from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.gemm_conv import small_block_path
 from spark_sparse.sparse.patch_conv import PatchConvolution
@@ -27,6 +32,9 @@ from spark_sparse.run.runtime import configure_cpu
 
 # (tile_min_sites, small_block_path) that force each path
 PATHS = {"tiles": (1, None), "offsets": (10**9, "offsets"), "windows": (10**9, "windows")}
+# (tile_min_sites, backward) that force each way of a stride-1 depthwise convolution
+DEPTHWISE_PATHS = {f"{layout} {backward}": (sites, backward) for layout, sites in (("tiles", 1), ("canvas", 10**9))
+                   for backward in ("adjoint", "native")}
 
 
 def shape(conv: PatchConvolution | GroupedConvolution) -> tuple[int, int, int, int, int]:
@@ -38,12 +46,14 @@ def shape(conv: PatchConvolution | GroupedConvolution) -> tuple[int, int, int, i
     return conv.in_channels, conv.out_channels, int(kernel.kernel_size[0]), int(kernel.kernel_stride[0]), 1
 
 
-def conv_inputs(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tensor) -> list:
-    """(name, conv, input SparseTensor) of every k x k convolution, grouped or not, in forward order."""
+def conv_inputs(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tensor, depthwise: bool = False) -> list:
+    """(name, conv, input SparseTensor) of every k x k convolution, grouped or not (or with
+    ``depthwise``, every stride-1 depthwise one), in forward order."""
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, inp, name=name: seen.append((name, m, inp[0])))
              for name, m in encoder.named_modules()
-             if isinstance(m, (PatchConvolution, GroupedConvolution)) and shape(m)[2] > 1]
+             if (isinstance(m, DepthwiseConvolution) and m.stride == 1 if depthwise else
+                 isinstance(m, (PatchConvolution, GroupedConvolution)) and shape(m)[2] > 1)]
     with torch.no_grad():
         encoder(images, active)
     for h in hooks:
@@ -53,6 +63,23 @@ def conv_inputs(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tens
 
 def time_path(conv: PatchConvolution | GroupedConvolution, x: ME.SparseTensor, path: str, grad_input: bool) -> float:
     conv.tile_min_sites, conv.small_block_path = PATHS[path]
+    return time_pass(conv, x, grad_input)
+
+
+def time_depthwise(conv: DepthwiseConvolution, x: ME.SparseTensor, path: str) -> float:
+    conv.tile_min_sites, backward = DEPTHWISE_PATHS[path]
+    kept = depthwise.BACKWARDS.get(x.F.device.type)
+    depthwise.BACKWARDS[x.F.device.type] = backward
+    try:
+        return time_pass(conv, x, grad_input=True)
+    finally:
+        if kept is None:
+            del depthwise.BACKWARDS[x.F.device.type]
+        else:
+            depthwise.BACKWARDS[x.F.device.type] = kept
+
+
+def time_pass(conv: torch.nn.Module, x: ME.SparseTensor, grad_input: bool) -> float:
     feats = x.F.detach().requires_grad_(grad_input)
     inp = ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
     conv.zero_grad(set_to_none=True)
@@ -122,6 +149,41 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntotal: tiles {totals['tiles']:.0f} ms, offset GEMMs {totals['offsets']:.0f} ms, window GEMMs "
           f"{totals['windows']:.0f} ms, as picked (tile_min_sites={PatchConvolution.tile_min_sites}, "
           f"small blocks: {small_block_path(device)}) {picked_total:.0f} ms")
+    depthwise_table(encoder, images.to(device), active, args.repeats, device)
+
+
+def depthwise_table(encoder: SparseEncoder, images: torch.Tensor, active: torch.Tensor, repeats: int,
+                    device: torch.device) -> None:
+    layers = conv_inputs(encoder, images, active, depthwise=True)
+    if not layers:
+        return
+    print("\n| depthwise layer | channels | kernel | sites per side | " + " | ".join(DEPTHWISE_PATHS)
+          + " | picked | faster |")
+    print("|---|---|---|---|" + "---:|" * len(DEPTHWISE_PATHS) + "---|---|")
+    totals = dict.fromkeys(DEPTHWISE_PATHS, 0.0)
+    picked_total = 0.0
+    for name, conv, x in layers:
+        s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
+        picked = f"{'tiles' if s >= conv.tile_min_sites else 'canvas'} {depthwise.backward_path(device)}"
+        # a tile reaches into the neighbouring blocks only: none where the kernel reaches beyond
+        paths = [p for p in DEPTHWISE_PATHS if p.startswith("canvas") or conv.kernel_size // 2 <= s]
+        times: dict[str, list[float]] = {p: [] for p in paths}
+        for r in range(repeats + 1):  # the first round warms up
+            for path in (paths if r % 2 else paths[::-1]):
+                t = time_depthwise(conv, x, path)
+                if r:
+                    times[path].append(t)
+        del conv.tile_min_sites  # back to the class default
+        best = {p: min(v) * 1e3 for p, v in times.items()}
+        for p in DEPTHWISE_PATHS:
+            totals[p] += best.get(p, best[p.replace("tiles", "canvas")])  # no tiles: the canvas
+        picked_total += best[picked]
+        print(f"| {name.removeprefix('body.')} | {conv.weight.shape[0]} | {conv.kernel_size} | {s} | "
+              + " | ".join(f"{best[p]:.1f}" if p in best else "n/a" for p in DEPTHWISE_PATHS)
+              + f" | {picked} | {min(best, key=best.get)} |")
+    print("\ndepthwise total (a layer without tiles counted at its canvas): " + ", ".join(f"{p} {totals[p]:.0f} ms" for p in DEPTHWISE_PATHS)
+          + f", as picked (tile_min_sites={DepthwiseConvolution.tile_min_sites}, backward: "
+          f"{depthwise.backward_path(device)}) {picked_total:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 #       issue's three models equal to dense masking (float64), canvas invariance and batch
 #       independence (pytest --device cuda)
 #   (d) the CPU work of a batch and what handing its tables to the GPU costs (benchmarks.batch_tables);
-#       every convolution of ResNet-50 on tiles, offset GEMMs and window GEMMs (benchmarks.conv_paths)
+#       every convolution of ResNet-50 on tiles, offset GEMMs and window GEMMs, and ConvNeXt-T's
+#       depthwise ones on tiles or canvas with either backward (benchmarks.conv_paths)
 #   (e) benchmarks.sparse_vs_dense device=cuda, fp32 and bf16: ResNet-50 at batch 64, mask 0.6 and
 #       0.75, ConvNeXt-T at mask 0.6; encoder fwd+bwd and the whole SparK step (768-wide decoder):
 #       images/s, peak CUDA memory, the GPU's idle share
@@ -121,6 +122,7 @@ if [ "$SMALL" = 1 ]; then
   TESTS=(tests/test_device.py -k "audit or hashes or resnet26d or small_blocks")
   TABLES=(--batch-sizes 4 --input-size 96 --repeats 1)
   PATHS=(--model resnet18 --batch-size 2 --input-size 64 --repeats 1)
+  DW_PATHS=(--model convnext_atto --batch-size 2 --input-size 64 --repeats 1)
   BENCH=(models=[resnet18] batch_size=2 input_size=64 mask_ratios=[0.6] repeats=1 warmup=0 decoder_width=64)
   LONG=(max_steps=4 input_size=64 batch_size=4)
   FAMILIES=(resnet18)
@@ -130,6 +132,7 @@ else
          "test_device or (test_sparse_properties and efficientnet_b0) or (ratio0.6 and (gradients or variants_equal))")
   TABLES=(--batch-sizes 16 64 --input-size 224 --repeats 5)
   PATHS=(--model resnet50 --batch-size 64 --input-size 224 --repeats 5)
+  DW_PATHS=(--model convnext_tiny --batch-size 64 --input-size 224 --repeats 5)
   BENCH=(models=[resnet50,convnext_tiny] batch_size=64 input_size=224 mask_ratios=[0.6,0.75] repeats=3 warmup=1
          decoder_width=768)
   LONG=(max_steps=200 log_every=10)  # the bundled photos, ResNet-18 at 128 px, batch 16: `make pretrain`'s run
@@ -146,6 +149,8 @@ step "(d) benchmarks.batch_tables" d.log 60 \
   "$PY" -m benchmarks.batch_tables --model resnet50 --device "$DEVICE" "${TABLES[@]}"
 step "(d) benchmarks.conv_paths" d_paths.log 60 \
   "$PY" -m benchmarks.conv_paths --device "$DEVICE" "${PATHS[@]}"
+step "(d) benchmarks.conv_paths, depthwise" d_paths_dw.log 60 \
+  "$PY" -m benchmarks.conv_paths --device "$DEVICE" "${DW_PATHS[@]}"
 
 # (e) both engines side by side; ConvNeXt-T only at mask 0.6 (the issue's table), so two runs
 for precision in fp32 bf16; do

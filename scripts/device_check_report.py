@@ -131,8 +131,9 @@ def main(out: Path, device: str, seconds: int) -> None:
     losses = [m["loss"] for m in metrics if "loss" in m]
     tables = (out / "d.log").read_text() if (out / "d.log").exists() else ""
     table = "\n".join(line for line in tables.splitlines() if line.startswith("|") or line.startswith("batch "))
-    paths = (out / "d_paths.log").read_text() if (out / "d_paths.log").exists() else ""
-    paths = "\n".join(line for line in paths.splitlines() if line.startswith(("|", "total:", "resnet")))
+    paths = "\n\n".join((out / log).read_text() for log in ("d_paths.log", "d_paths_dw.log") if (out / log).exists())
+    paths = "\n".join(line for line in paths.splitlines()
+                      if not line or line.startswith(("|", "total:", "depthwise total", "resnet", "convnext")))
     torchrun = [line.strip() for log in sorted(out.glob("g*.log")) for line in log.read_text().splitlines()
                 if "process(es) on" in line]
     summary = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []

@@ -250,6 +250,22 @@ def test_conv_paths_times_every_path_of_every_layer(capsys):
     last = next(r for r in rows if r.startswith("| layer4.1.conv2 | 512->512 | 3/1 | 1->1 |"))
     assert len(last.split(" | ")[4:7]) == 3 and " | offsets | " in last
     assert "total: tiles" in out and "small blocks: offsets" in out
+    assert "depthwise" not in out  # a ResNet has none
+
+
+def test_conv_paths_times_each_layout_and_backward_of_every_depthwise_layer(capsys):
+    from benchmarks.conv_paths import main
+
+    main(["--model", "convnext_atto", "--batch-size", "2", "--input-size", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if ".conv_dw |" in line]
+    assert [r[0] for r in rows] == [f"| stages.{i}.blocks.{j}.conv_dw" for i, n in enumerate((2, 2, 6, 2)) for j in range(n)]
+    first, last = rows[0], rows[-1]
+    # 8x8 blocks at stride 4: all four; one site at stride 32, where a 7x7 tile would reach beyond
+    # the neighbouring blocks: the canvas only; the CPU picks tiles or canvas with adjoint convolutions
+    assert first[2:4] == ["7", "8"] and "n/a" not in first and first[-2] == "tiles adjoint"
+    assert last[2:4] == ["7", "1"] and last[4:6] == ["n/a", "n/a"] and "n/a" not in last[6:]
+    assert last[-2] == "canvas adjoint" and "depthwise total" in out
 
 
 def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_waits(capsys):

@@ -20,6 +20,7 @@ from torch import nn
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
+from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
@@ -77,9 +78,13 @@ def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride,
     torch.testing.assert_close(ref.bias.grad, ours.bias.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backward", ["adjoint", "native"])
 @pytest.mark.parametrize("path", ["tiles", "canvas"])
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (7, 1), (3, 2), (5, 2)])
-def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path):
+def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path, backward,
+                                                                      monkeypatch):
+    # the CPU's backward (forward convolutions) and a GPU's (torch's own), both run here
+    monkeypatch.setitem(depthwise.BACKWARDS, "cpu", backward)
     (xa, xb), (fa, fb) = twin_inputs(4, seed=2)
     ref = ME.MinkowskiChannelwiseConvolution(4, kernel_size, stride=stride, bias=True, dimension=2).double()
     ours = DepthwiseConvolution(4, kernel_size, bias=True, stride=stride).double()

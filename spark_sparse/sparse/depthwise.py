@@ -10,11 +10,14 @@ size (see ``DepthwiseConvolution``):
   convolution, the visible rows gathered back. For small blocks, where a tile would be mostly
   halo (a 2x2 block in a 7x7 neighbourhood is a 8x8 tile: 16 times its rows).
 
-Forward, input gradient and weight gradient all run as *forward* depthwise convolutions:
-oneDNN's depthwise backward on CPU takes 5-30 times its forward. The input gradient is the
-convolution with the flipped kernel; the weight gradient is, per image and channel, the input
-convolved with its output gradient as a (large) kernel. Backward regathers tiles or canvas from
-the saved input rows rather than keeping them.
+On the CPU, forward, input gradient and weight gradient all run as *forward* depthwise
+convolutions ("adjoint"): oneDNN's depthwise backward takes 5-30 times its forward there. The
+input gradient is the convolution with the flipped kernel; the weight gradient is, per image and
+channel, the input convolved with its output gradient as a (large) kernel. Elsewhere backward is
+torch's own ("native": one call for both gradients, cuDNN's depthwise kernels on a GPU, where
+a convolution with an image-sized kernel per image and channel has no fast kernel);
+``BACKWARDS`` says which per device type. Backward regathers tiles or canvas from the saved
+input rows rather than keeping them.
 """
 
 from __future__ import annotations
@@ -52,8 +55,21 @@ def dw_grad_weight(x: Tensor, grad: Tensor, padding: int) -> Tensor:
     return out.view(n, c, k, k).sum(0).unsqueeze(1)
 
 
+# how a stride-1 depthwise convolution's backward runs, per device type (others: "native")
+BACKWARDS = {"cpu": "adjoint"}
+
+
+def backward_path(device: torch.device) -> str:
+    return BACKWARDS.get(device.type, "native")
+
+
 def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
     need_x, need_w = ctx.needs_input_grad[:2]
+    if backward_path(grad.device) == "native":
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], weight.shape[0],
+            [need_x, need_w, False])
+        return grad_x, grad_w
     grad_x = dw_grad_input(grad, weight, padding) if need_x else None
     grad_w = dw_grad_weight(x, grad, padding) if need_w else None
     return grad_x, grad_w
