@@ -228,7 +228,7 @@ class SparseChannelAttention(ChannelAttention):
         sites, image = PatchSites.of(x), image_of_rows(x)
         dtype = statistics_dtype(x.F.dtype)
         sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image, x.F.to(dtype))
-        counts = sites.rows_per_image(x.tensor_stride[0]).clamp_min(1).to(dtype)
+        counts = sites.mean_divisors(x.tensor_stride[0]).to(dtype)
         gates = self.gates(sums / counts[:, None])
         return with_features(x, ImageScale.apply(x.F, gates, image))
 

@@ -232,12 +232,14 @@ class PatchSites:
     def _build_image_of_patches(self) -> Tensor:
         return self.patches[:, 0]
 
-    def rows_per_image(self, stride: int) -> Tensor:
-        """(B,) int64: how many rows each image has at ``stride`` (0 for a wholly hidden image)."""
-        return self._table("rows_per_image", stride)
+    def mean_divisors(self, stride: int) -> Tensor:
+        """(B,) float32: how many rows each image has at ``stride``, 1 for a wholly hidden one
+        (whose mean is then its sum, zero): what a per-image mean over visible rows divides by."""
+        return self._table("mean_divisors", stride)
 
-    def _build_rows_per_image(self, stride: int) -> Tensor:
-        return torch.bincount(self.patches[:, 0], minlength=self.batch) * self.sites_per_side(stride) ** 2
+    def _build_mean_divisors(self, stride: int) -> Tensor:
+        rows = torch.bincount(self.patches[:, 0], minlength=self.batch) * self.sites_per_side(stride) ** 2
+        return rows.clamp_min(1).float()
 
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
