@@ -244,13 +244,24 @@ VARIANTS.update({
     "CS3DarkNet: cross stages with one transition, SiLU": ("cs3darknet_s", {}),
 })
 
+# timm's nfnet module: no norms; scaled weight-standardised convolutions (grouped 3x3s), residual
+# branches scaled by constants (test_nfnet: a small NFNet-L, deep stem, SE after the last 1x1)
+VARIANTS.update({
+    "NF-ResNet: no norms, 7x7 stem and its max pooling (no activation before), avg-pool shortcut": (
+        "nf_resnet26", {}),
+    "NFNet-L: deep stem, grouped scaled standardised 3x3, SE after the last 1x1, final 1x1 conv": ("test_nfnet", {}),
+    "NFNet-F: GELU, a second grouped 3x3 a block": ("test_nfnet", {"extra_conv": True, "act_layer": "gelu"}),
+    "NFNet with the activations' gains in GammaAct": ("test_nfnet", {"gamma_in_act": True}),
+    "NF-RegNet: 3x3 stem, SE between the 3x3 and the last 1x1": ("nf_regnet_b0", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
 # and SE, MobileNetV3-Small's strided first block, 'same' padding at every stride, a GroupNorm per
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
-              "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s"}
+              "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet"}
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])

@@ -37,6 +37,8 @@ from .test_pretrain import config
     ("repvgg_b0", 0.0, "bn", [0.9, 0.95]),  # timm's byobnet and cspnet modules: batch-norm nets
     ("mobileone_s0", 0.0, "bn", [0.9, 0.95]),
     ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),
+    ("eca_nfnet_l0", 0.0, "ln", [0.9, 0.95]),  # no norm: batch-independent, as the GroupNorm nets
+    ("nf_resnet50", 0.0, "ln", [0.9, 0.95]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")

@@ -36,6 +36,8 @@ MODELS.update({name: (name, {}) for name in ["resnetv2_18d", "resnetv2_50x1_bit"
 
 # timm's byobnet and cspnet modules: re-parameterisable branches, ECA, a stride-1 stem and split stages
 MODELS.update({name: (name, {}) for name in ["repvgg_a0", "mobileone_s0", "eca_resnext26ts", "cspdarknet53"]})
+# timm's nfnet module: no norm at all (batch-independent in train mode too)
+MODELS["test_nfnet"] = ("test_nfnet", {})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

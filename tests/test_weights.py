@@ -40,6 +40,9 @@ ALL_DEPTHS["ResNetV2 without pre-activation (Bottleneck)"] = ("resnetv2_50", {"p
 ALL_DEPTHS.update({name: (name, {}) for name in [
     "repvgg_a0", "mobileone_s0", "mobileone_s4", "gernet_s", "eca_resnext26ts", "regnetz_b16", "resnet50_clip",
     "resnet50_mlp", "cspresnet50", "cspdarknet53", "darknet17", "darknetaa53", "cs3darknet_s", "cs3sedarknet_xdw"]})
+# timm's nfnet module: convolution gains, GammaAct
+ALL_DEPTHS.update({name: (name, {}) for name in ["nf_resnet26", "nf_regnet_b0", "test_nfnet"]})
+ALL_DEPTHS["NFNet with GammaAct, a second 3x3"] = ("test_nfnet", {"gamma_in_act": True, "extra_conv": True})
 
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
@@ -130,6 +133,18 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     for name in ("repvgg_a0", "cspdarknet53"):  # dilated: not masked on a 32-pixel grid
         with pytest.raises(ConversionError, match=r"stage strides \[4, 8, 16\] are not 4, 8, 16, 32"):
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0, output_stride=16))
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_nfnets_without_an_exact_twin_are_refused_by_path(engine):
+    engine = engine_class(engine)
+    with pytest.raises(ConversionError, match=r"cannot convert NormFreeBlock at 'stages\.0\.0': the skip-init gain"):
+        engine.from_timm(timm.create_model("test_nfnet", pretrained=False, num_classes=0, skipinit=True))
+    with pytest.raises(ConversionError, match=r"cannot convert GammaAct at 'stem\.act2': activation 'sigmoid' does not keep zero"):
+        engine.from_timm(timm.create_model("test_nfnet", pretrained=False, num_classes=0, gamma_in_act=True,
+                                           act_layer="sigmoid"))
+    with pytest.raises(ConversionError, match=r"NormFreeNet: 4 stages at strides \[4, 8, 16, 16\]"):
+        engine.from_timm(timm.create_model("test_nfnet", pretrained=False, num_classes=0, output_stride=16))
 
 
 @needs_minkowski

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, StdConv2d, StdConv2dSame
+from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from timm.layers import activations as timm_act
+from timm.models.nfnet import GammaAct
 from torch import nn
 
 LeafConverter = Callable[[nn.Module, str], nn.Module]
@@ -118,13 +119,30 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return module
 
 
+class Scale(nn.Module):
+    """Multiplication by a constant (NFNet's residual scalings): a leaf every engine runs as an
+    elementwise activation, as it keeps zero at zero."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.value
+
+    def extra_repr(self) -> str:
+        return f"{self.value}"
+
+
 # Elementwise activations that keep zero at zero: applied to visible rows they compute what the
-# dense-masked engine computes without re-masking (ReLU has engine-specific twins).
+# dense-masked engine computes without re-masking (ReLU has engine-specific twins). NFNet's
+# GammaAct (an activation times a constant) keeps zero at zero for the activations its family allows.
 ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
-               timm_act.Swish, timm_act.HardSwish, timm_act.Mish)
+               timm_act.Swish, timm_act.HardSwish, timm_act.Mish, GammaAct, Scale)
 # torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
-# (the kernel normalised per output channel at every forward: a weight-only operation)
-CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame)
+# (the kernel normalised per output channel at every forward, NFNet's then scaled by a learned
+# gain: a weight-only operation)
+CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 # torch's and timm's layer norms (channels last and channels first): every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 

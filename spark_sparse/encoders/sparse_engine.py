@@ -12,7 +12,8 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, StdConv2d, StdConv2dSame, to_2tuple
+from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
+                         StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
@@ -21,9 +22,10 @@ from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY not
 from ..sparse.amp import autocast_dtype
 from ..sparse.depthwise import DepthwiseConvolution
 from ..sparse.group_norm import SparseGroupNormAct
-from ..sparse.grouped_conv import GroupedConvolution
+from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
 from ..sparse.norm_act import batch_norm_act
-from ..sparse.patch_conv import PatchConvolution, PatchifyConvolution, PatchPooling, StdPatchConvolution
+from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPooling, ScaledStdPatchConvolution,
+                                 StdPatchConvolution)
 from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
@@ -93,10 +95,17 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     shifted = kh % 2 == 1 and sh == 2 and ph == kh // 2 - 1
     padding = ph if shifted else None
     bias = conv.bias is not None
-    if isinstance(conv, (StdConv2d, StdConv2dSame)):
-        if impl == "minkowski" or conv.groups != 1 or not (centred or shifted):
+    scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))  # NFNet's: times a learned gain
+    if scaled or isinstance(conv, (StdConv2d, StdConv2dSame)):
+        # grouped: NFNet's centred k x k only (not depthwise, nor TensorFlow 'same' padded)
+        unmirrored_groups = conv.groups != 1 and not (scaled and centred and conv.groups < conv.out_channels)
+        if impl == "minkowski" or unmirrored_groups or not (centred or shifted):
             raise unsupported(conv, path, f"weight-standardised convolution with conv='{impl}', "
                                           f"{conv.groups} groups, kernel {kh}, padding {ph}")
+        if conv.groups != 1:
+            grouped = ScaledStdGroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias,
+                                                  eps=conv.eps, scale=conv.scale)
+            return _copy_weights(conv, grouped)
     elif shifted and impl == "minkowski":
         raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
                                       "needs conv='patch'")
@@ -123,6 +132,9 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     settings = dict(kernel_size=kh, stride=sh, bias=conv.bias is not None, dimension=2)
     if impl == "minkowski":
         sparse = ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, **settings)
+    elif scaled:
+        sparse = ScaledStdPatchConvolution(conv.in_channels, conv.out_channels, padding=padding, eps=conv.eps,
+                                           scale=conv.scale, **settings)
     elif isinstance(conv, (StdConv2d, StdConv2dSame)):
         sparse = StdPatchConvolution(conv.in_channels, conv.out_channels, padding=padding, eps=conv.eps, **settings)
     else:
@@ -131,6 +143,8 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         sparse.kernel.copy_(dense_to_me_kernel(conv.weight).view_as(sparse.kernel))
         if conv.bias is not None:
             sparse.bias.copy_(conv.bias.view(1, -1))
+        if scaled:
+            sparse.gain.copy_(conv.gain)
     sparse.train(conv.training)
     return sparse
 

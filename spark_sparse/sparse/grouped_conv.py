@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .gemm_conv import WindowGemm, accumulate_rows, select_rows, small_block_path
-from .patch_conv import TileConv
+from .patch_conv import TileConv, standardised
 from .patch_sites import OffsetPairs, PatchSites, tile_geometry
 
 
@@ -78,6 +78,10 @@ class GroupedConvolution(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    def weight_kernel(self) -> Tensor:
+        """The (C_out, C_in / G, k, k) kernel the convolution runs with (subclasses derive it)."""
+        return self.weight
+
     def path(self, sites_per_side: int, device: torch.device) -> str:
         """'tiles', 'offsets' or 'windows': as ``PatchConvolution.path``."""
         if sites_per_side >= self.tile_min_sites:
@@ -93,10 +97,10 @@ class GroupedConvolution(nn.Module):
         path = self.path(s, x.F.device)
         if path == "tiles":
             tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride))
-            out = TileConv.apply(x.F, self.weight, tile, self.stride, self.groups)
+            out = TileConv.apply(x.F, self.weight_kernel(), tile, self.stride, self.groups)
         else:
             # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
-            weight = self.weight.view(g, c_out // g, c_in_g, k, k)
+            weight = self.weight_kernel().view(g, c_out // g, c_in_g, k, k)
             if path == "windows":
                 kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # (G, K * C_in/G, C_out/G)
                 out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride))
@@ -113,3 +117,17 @@ class GroupedConvolution(nn.Module):
     def extra_repr(self) -> str:
         c_out, c_in_g, k, _ = self.weight.shape
         return f"{c_in_g * self.groups}, {c_out}, kernel_size={k}, stride={self.stride}, groups={self.groups}"
+
+
+class ScaledStdGroupedConvolution(GroupedConvolution):
+    """timm's grouped ScaledStdConv2d (NFNet's 3x3): each output channel's kernel standardised,
+    times ``gain`` (timm's parameter) and ``scale`` (a constant)."""
+
+    def __init__(self, *args, eps: float = 1e-6, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps, self.scale = eps, scale
+        self.gain = nn.Parameter(torch.ones(self.weight.shape[0], 1, 1, 1))
+
+    def weight_kernel(self) -> Tensor:
+        w = standardised(self.weight.view(self.weight.shape[0], -1).t(), self.eps).t()
+        return (w * (self.gain * self.scale).view(-1, 1)).view_as(self.weight)

@@ -205,10 +205,29 @@ class StdPatchConvolution(PatchConvolution):
         self.eps = eps
 
     def weight_kernel(self) -> Tensor:
-        w = self.kernel.view(-1, self.out_channels)  # a column per output channel, any kernel layout
-        centred = w - w.mean(0)  # (two passes of plain reductions: torch's var_mean is slow on CPU)
-        var = (centred * centred).mean(0)
-        return (centred * torch.rsqrt(var + self.eps)).view_as(self.kernel)
+        # a column per output channel, any kernel layout
+        return standardised(self.kernel.view(-1, self.out_channels), self.eps).view_as(self.kernel)
+
+
+def standardised(w: Tensor, eps: float) -> Tensor:
+    """Each column of ``w`` (an output channel's weights) to zero mean and unit variance, ``eps``
+    added to the variance, as timm's weight standardisation does with a batch norm."""
+    centred = w - w.mean(0)  # (two passes of plain reductions: torch's var_mean is slow on CPU)
+    return centred * torch.rsqrt((centred * centred).mean(0) + eps)
+
+
+class ScaledStdPatchConvolution(PatchConvolution):
+    """timm's ScaledStdConv2d (NFNet): the standardised kernel (as ``StdPatchConvolution``'s)
+    times ``gain`` (a parameter per output channel, timm's shape) times ``scale`` (a constant)."""
+
+    def __init__(self, *args, eps: float = 1e-6, scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps, self.scale = eps, scale
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def weight_kernel(self) -> Tensor:
+        w = standardised(self.kernel.view(-1, self.out_channels), self.eps)
+        return (w * (self.gain * self.scale).view(1, -1)).view_as(self.kernel)
 
 
 class PatchPooling(nn.Module):
