@@ -72,7 +72,7 @@ def torch_threads_kept():
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
-    convolution gains and convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
+    convolution and skip-init gains and convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
     ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,6 +82,8 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if isinstance(m, torch.nn.Conv2d) and isinstance(getattr(m, "gain", None), torch.nn.Parameter):
                 # NFNet's scaled weight standardisation: its last 1x1 of a block starts at gain 0
                 m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
+            if isinstance(getattr(m, "skipinit_gain", None), torch.nn.Parameter):  # NFNet's, starts at 0
+                m.skipinit_gain.copy_(0.5 + torch.rand((), generator=g))
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))

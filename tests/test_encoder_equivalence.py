@@ -253,6 +253,8 @@ VARIANTS.update({
     "NFNet-F: GELU, a second grouped 3x3 a block": ("test_nfnet", {"extra_conv": True, "act_layer": "gelu"}),
     "NFNet with the activations' gains in GammaAct": ("test_nfnet", {"gamma_in_act": True}),
     "NF-RegNet: 3x3 stem, SE between the 3x3 and the last 1x1": ("nf_regnet_b0", {}),
+    "DeepMind's NFNet ports: TensorFlow 'same' padding (grouped strided 3x3s too), skip-init gain": (
+        "test_nfnet", {"same_padding": True, "skipinit": True, "gamma_in_act": True}),
 })
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)

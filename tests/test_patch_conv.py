@@ -242,15 +242,20 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
     """A sparse strided convolution with TensorFlow's 'same' padding and timm's dense one, with
     the same random weights (float64)."""
     torch.manual_seed(0)
-    groups = c if kind == "depthwise" else 1
-    dense = Conv2dSame(c, c if groups > 1 else 6, k, stride=2, groups=groups, bias=True).double()
+    groups = c if kind == "depthwise" else 2 if kind.startswith("grouped") else 1
+    dense = Conv2dSame(c, c if kind == "depthwise" else 6, k, stride=2, groups=groups, bias=True).double()
     padding = k // 2 - 1  # what timm pads above and left of an even side at stride 2
+    path = {"tiles": "tiles", "offset GEMMs": "offsets", "window GEMMs": "windows"}.get(kind.removeprefix("grouped "))
     if kind == "depthwise":
         sparse = DepthwiseConvolution(c, k, bias=True, stride=2, padding=padding).double()
         sparse.load_state_dict(dense.state_dict())
         return sparse, dense
+    if groups > 1:  # NFNet's DeepMind ports
+        sparse = force_path(GroupedConvolution(c, 6, k, 2, groups, bias=True, padding=padding).double(), path)
+        sparse.load_state_dict(dense.state_dict())
+        return sparse, dense
     sparse = PatchConvolution(c, 6, kernel_size=k, stride=2, bias=True, dimension=2, padding=padding).double()
-    force_path(sparse, {"tiles": "tiles", "offset GEMMs": "offsets", "window GEMMs": "windows"}[kind])
+    force_path(sparse, path)
     with torch.no_grad():
         sparse.kernel.copy_(dense_to_me_kernel(dense.weight).view_as(sparse.kernel))
         sparse.bias.copy_(dense.bias.view_as(sparse.bias))
@@ -259,7 +264,8 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("kernel_size", [3, 5])
-@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "window GEMMs", "depthwise"])
+@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "window GEMMs", "depthwise", "grouped tiles",
+                                  "grouped offset GEMMs", "grouped window GEMMs"])
 def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_map(kind, kernel_size, block):
     """At every visible output site (block edges included, where the off-centre window reads the
     next block or the padding below/right), the same value and the same gradients as timm's
@@ -284,7 +290,7 @@ def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_m
     grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
     torch.testing.assert_close(to_dense(grad_rows, b, images.shape[-2:]), masked.grad * visible_in,
                                rtol=1e-12, atol=1e-12)
-    weight_grad = sparse.weight.grad if kind == "depthwise" else me_to_dense_kernel(
+    weight_grad = sparse.weight.grad if kind == "depthwise" or kind.startswith("grouped") else me_to_dense_kernel(
         sparse.kernel.grad, (kernel_size, kernel_size))
     torch.testing.assert_close(weight_grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
 

@@ -43,6 +43,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in [
 # timm's nfnet module: convolution gains, GammaAct
 ALL_DEPTHS.update({name: (name, {}) for name in ["nf_resnet26", "nf_regnet_b0", "test_nfnet"]})
 ALL_DEPTHS["NFNet with GammaAct, a second 3x3"] = ("test_nfnet", {"gamma_in_act": True, "extra_conv": True})
+ALL_DEPTHS["DeepMind's NFNet port (skip-init gain, 'same' padding)"] = ("dm_nfnet_f0", {})
 
 
 @pytest.mark.parametrize("model", ALL_DEPTHS)
@@ -138,8 +139,6 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_nfnets_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
-    with pytest.raises(ConversionError, match=r"cannot convert NormFreeBlock at 'stages\.0\.0': the skip-init gain"):
-        engine.from_timm(timm.create_model("test_nfnet", pretrained=False, num_classes=0, skipinit=True))
     with pytest.raises(ConversionError, match=r"cannot convert GammaAct at 'stem\.act2': activation 'sigmoid' does not keep zero"):
         engine.from_timm(timm.create_model("test_nfnet", pretrained=False, num_classes=0, gamma_in_act=True,
                                            act_layer="sigmoid"))

@@ -6,7 +6,8 @@ and the residual branches are scaled by constants instead. A block is pre-activa
 input, activated and scaled by ``beta``, feeds the 1x1 -> 3x3 (grouped, may stride; NFNet-F has a
 second 3x3) -> 1x1 branch (squeeze-excitation or ECA after the 3x3 or after the last 1x1, scaled
 by ``attn_gain``) and, where the block changes width or stride, the shortcut (2x2 average
-pooling, 1x1 convolution); the branch is scaled by ``alpha`` and added to the shortcut. Without
+pooling, 1x1 convolution); the branch is scaled by a learned skip-init gain (DeepMind's ports),
+then by ``alpha``, and added to the shortcut. Without
 batch norm an image's features never depend on the others in either mode. timm's
 ``forward_features`` ends with ``final_conv`` (NF-RegNet and NFNet-L: a 1x1 to the head's width)
 and ``final_act``: they end the last stage here.
@@ -18,7 +19,7 @@ from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock, NormFreeNe
 from torch import nn
 
 from .byobnet import MirrorDownsampleAvg  # the same shortcut: 2x2 average pooling, then a 1x1 convolution
-from .family import STRIDES, ConversionError, Converter, Family, Layout, Scale, unsupported
+from .family import STRIDES, ConversionError, Converter, Family, Layout, LayerScale, Scale, unsupported
 
 # GammaAct's activations that keep zero at zero (the engines run it on visible sites only)
 ZERO_KEEPING_ACTS = {"relu", "relu6", "leaky_relu", "silu", "swish", "gelu", "elu", "celu", "selu", "tanh",
@@ -35,6 +36,9 @@ class MirrorNormFreeBlock(nn.Module):
         super().__init__()
         for name in self.leaves:
             setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        # the skip-init gain (DeepMind's ports): a learned scalar on the branch, under timm's name
+        self.skipinit_gain = None if block.skipinit_gain is None else nn.Parameter(block.skipinit_gain.detach().clone())
+        self.skipinit = None if block.skipinit_gain is None else convert.leaf(LayerScale(), f"{path}.skipinit_gain")
         self.beta = convert(Scale(block.beta), f"{path}.beta")
         self.alpha = convert(Scale(block.alpha), f"{path}.alpha")
         self.attn_gain = convert(Scale(block.attn_gain), f"{path}.attn_gain")
@@ -50,7 +54,10 @@ class MirrorNormFreeBlock(nn.Module):
         out = self.conv3(self.act3(out))
         if self.attn_last is not None:
             out = self.attn_gain(self.attn_last(out))
-        return self.alpha(self.drop_path(out)) + shortcut
+        out = self.drop_path(out)
+        if self.skipinit is not None:
+            out = self.skipinit(out, self.skipinit_gain)
+        return self.alpha(out) + shortcut
 
 
 def _layout(model: NormFreeNet) -> Layout:
@@ -72,8 +79,6 @@ def _check(model: NormFreeNet) -> None:
     if model.grad_checkpointing:
         raise unsupported(model, "stages", "gradient checkpointing is not mirrored; turn it off")
     for path, module in model.named_modules():
-        if isinstance(module, NormFreeBlock) and module.skipinit_gain is not None:
-            raise unsupported(module, path, "the skip-init gain is not mirrored; use a model without skipinit")
         if isinstance(module, GammaAct) and module.act_fn.__name__.removesuffix("_") not in ZERO_KEEPING_ACTS:
             raise unsupported(module, path, f"activation '{module.act_fn.__name__}' does not keep zero at zero")
 

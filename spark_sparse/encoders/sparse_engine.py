@@ -97,14 +97,14 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     bias = conv.bias is not None
     scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))  # NFNet's: times a learned gain
     if scaled or isinstance(conv, (StdConv2d, StdConv2dSame)):
-        # grouped: NFNet's centred k x k only (not depthwise, nor TensorFlow 'same' padded)
-        unmirrored_groups = conv.groups != 1 and not (scaled and centred and conv.groups < conv.out_channels)
+        # grouped: NFNet's k x k only (not depthwise)
+        unmirrored_groups = conv.groups != 1 and not (scaled and conv.groups < conv.out_channels)
         if impl == "minkowski" or unmirrored_groups or not (centred or shifted):
             raise unsupported(conv, path, f"weight-standardised convolution with conv='{impl}', "
                                           f"{conv.groups} groups, kernel {kh}, padding {ph}")
         if conv.groups != 1:
             grouped = ScaledStdGroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias,
-                                                  eps=conv.eps, scale=conv.scale)
+                                                  padding, eps=conv.eps, scale=conv.scale)
             return _copy_weights(conv, grouped)
     elif shifted and impl == "minkowski":
         raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
@@ -117,10 +117,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         depthwise = DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh, padding=padding)
         return _copy_weights(conv, depthwise)
     if conv.groups != 1:
-        if impl == "minkowski" or not centred:
+        if impl == "minkowski" or not (centred or shifted):
             raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
                                           f"kernel {kh}, padding {ph}")
-        grouped = GroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias)
+        grouped = GroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias, padding)
         return _copy_weights(conv, grouped)
     if kh == sh > 1 and ph == 0:  # non-overlapping windows inside one visible block
         if impl == "minkowski":

@@ -66,15 +66,17 @@ class GroupedOffsetGemm(torch.autograd.Function):
 
 
 class GroupedConvolution(nn.Module):
-    """A grouped k x k (odd k, centred) submanifold or strided convolution."""
+    """A grouped k x k (odd k) submanifold or strided convolution; ``padding``: as
+    ``PatchConvolution``'s (None: centred; TensorFlow's 'same' at stride 2 starts one site later)."""
 
     tile_min_sites = GROUPED_TILE_MIN_SITES
     small_block_path: str | None = None  # "offsets" or "windows"; None: by device (gemm_conv.SMALL_BLOCK_PATHS)
+    padding: int | None = None  # (a class default too: modules pickled before it existed)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int,
-                 bias: bool = False):
+                 bias: bool = False, padding: int | None = None):
         super().__init__()
-        self.stride, self.groups = stride, groups
+        self.stride, self.groups, self.padding = stride, groups, padding
         self.weight = nn.Parameter(torch.zeros(out_channels, in_channels // groups, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
@@ -96,17 +98,17 @@ class GroupedConvolution(nn.Module):
         g = self.groups
         path = self.path(s, x.F.device)
         if path == "tiles":
-            tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride))
+            tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride, self.padding))
             out = TileConv.apply(x.F, self.weight_kernel(), tile, self.stride, self.groups)
         else:
             # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
             weight = self.weight_kernel().view(g, c_out // g, c_in_g, k, k)
             if path == "windows":
                 kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # (G, K * C_in/G, C_out/G)
-                out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride))
+                out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride, self.padding))
             else:
                 kernel = weight.permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)  # (K, G, C_in/G, C_out/G)
-                out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride),
+                out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride, self.padding),
                                               sites.num_rows(out_stride))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
@@ -116,7 +118,8 @@ class GroupedConvolution(nn.Module):
 
     def extra_repr(self) -> str:
         c_out, c_in_g, k, _ = self.weight.shape
-        return f"{c_in_g * self.groups}, {c_out}, kernel_size={k}, stride={self.stride}, groups={self.groups}"
+        padding = "" if self.padding is None else f", padding={self.padding}"
+        return f"{c_in_g * self.groups}, {c_out}, kernel_size={k}, stride={self.stride}, groups={self.groups}{padding}"
 
 
 class ScaledStdGroupedConvolution(GroupedConvolution):
