@@ -97,17 +97,19 @@ def assert_the_first_images_features_are_its_own(enc, images, active) -> None:
         assert rel_err(a[0], c[0]) < 1e-12 and rel_err(b[0], c[0]) < 1e-12
 
 
-# nets with no batch norm: group norms take each image's statistics over its own visible sites
+# nets with no batch norm: group norms take each image's statistics over its own visible sites;
+# NFNets have no norm at all
 GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
-                     "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)})}
+                     "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
+                     "test_nfnet": ("test_nfnet", {})}
 
 
 @pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
 @pytest.mark.parametrize("model", GROUP_NORM_MODELS)
 def test_a_group_norm_nets_train_mode_features_do_not_depend_on_the_rest_of_the_batch(timm_models, model, engine):
-    """Unlike batch norm, a group norm has no batch statistics: in train mode too an image's
-    features are its own, whichever images share its batch (and however many of their patches
-    are visible)."""
+    """Unlike batch norm, a group norm (or no norm, NFNet) has no batch statistics: in train mode
+    too an image's features are its own, whichever images share its batch (and however many of
+    their patches are visible)."""
     name, kwargs = GROUP_NORM_MODELS[model]
     g = torch.Generator().manual_seed(2)
     images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64)

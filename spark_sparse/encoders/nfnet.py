@@ -7,10 +7,9 @@ input, activated and scaled by ``beta``, feeds the 1x1 -> 3x3 (grouped, may stri
 second 3x3) -> 1x1 branch (squeeze-excitation or ECA after the 3x3 or after the last 1x1, scaled
 by ``attn_gain``) and, where the block changes width or stride, the shortcut (2x2 average
 pooling, 1x1 convolution); the branch is scaled by a learned skip-init gain (DeepMind's ports),
-then by ``alpha``, and added to the shortcut. Without
-batch norm an image's features never depend on the others in either mode. timm's
-``forward_features`` ends with ``final_conv`` (NF-RegNet and NFNet-L: a 1x1 to the head's width)
-and ``final_act``: they end the last stage here.
+then by ``alpha``, and added to the shortcut. Without batch norm an image's features never
+depend on the others in either mode. timm's ``forward_features`` ends with ``final_conv``
+(NF-RegNet and NFNet-L: a 1x1 to the head's width) and ``final_act``: they end the last stage here.
 """
 
 from __future__ import annotations
@@ -79,8 +78,10 @@ def _check(model: NormFreeNet) -> None:
     if model.grad_checkpointing:
         raise unsupported(model, "stages", "gradient checkpointing is not mirrored; turn it off")
     for path, module in model.named_modules():
-        if isinstance(module, GammaAct) and module.act_fn.__name__.removesuffix("_") not in ZERO_KEEPING_ACTS:
-            raise unsupported(module, path, f"activation '{module.act_fn.__name__}' does not keep zero at zero")
+        if isinstance(module, GammaAct):
+            name = getattr(module.act_fn, "__name__", repr(module.act_fn))
+            if name.removesuffix("_") not in ZERO_KEEPING_ACTS:
+                raise unsupported(module, path, f"activation '{name}' does not keep zero at zero")
 
 
 NFNET = Family(
