@@ -23,7 +23,7 @@ from spark_sparse.mask import upsample_active
 from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
-from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling
+from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, standardised
 from spark_sparse.sparse.patch_sites import tile_geometry
 from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
 from spark_sparse.sparse.sparsify import sparsify, to_dense
@@ -221,6 +221,27 @@ def test_an_encoder_on_window_gemms_equals_it_on_offset_gemms(name):
     (feats_a, grads_a), (feats_b, grads_b) = runs
     for a, b in zip(feats_a + grads_a, feats_b + grads_b):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_weight_standardisation_off_the_cpu_is_a_batch_norm_and_the_same_on_the_cpu():
+    """A GPU standardises kernels with one batch norm (one kernel each way), the CPU with plain
+    reductions (faster there): the same kernels and gradients, each column (output channel)
+    at zero mean and unit variance, as timm's batch norm over the weight."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3 * 3 * 6, 8, generator=g, dtype=torch.float64) * 3 + 1
+    grad = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    outs, grads = [], []
+    for fused in (True, False):
+        x = w.clone().requires_grad_()
+        out = standardised(x, 1e-5, fused)
+        (out * grad).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    timm_way = torch.nn.functional.batch_norm(w.t().reshape(1, 8, -1), None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(outs[1], timm_way.reshape(8, -1).t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[1].mean(0), torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
 def test_same_padding_tile_starts_one_site_later_at_stride_two():

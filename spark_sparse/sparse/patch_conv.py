@@ -209,10 +209,15 @@ class StdPatchConvolution(PatchConvolution):
         return standardised(self.kernel.view(-1, self.out_channels), self.eps).view_as(self.kernel)
 
 
-def standardised(w: Tensor, eps: float) -> Tensor:
+def standardised(w: Tensor, eps: float, fused: bool | None = None) -> Tensor:
     """Each column of ``w`` (an output channel's weights) to zero mean and unit variance, ``eps``
-    added to the variance, as timm's weight standardisation does with a batch norm."""
-    centred = w - w.mean(0)  # (two passes of plain reductions: torch's var_mean is slow on CPU)
+    added to the variance, as timm's weight standardisation does with a batch norm. ``fused``
+    (None: off the CPU): that batch norm, one kernel each way on a GPU (the plain reductions
+    launch a dozen); on the CPU two passes of plain reductions, 2-3.5 times faster than torch's
+    batch norm or var_mean there for a ResNet-50's weights."""
+    if fused if fused is not None else w.device.type != "cpu":
+        return F.batch_norm(w, None, None, training=True, momentum=0.0, eps=eps)
+    centred = w - w.mean(0)
     return centred * torch.rsqrt((centred * centred).mean(0) + eps)
 
 
