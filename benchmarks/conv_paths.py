@@ -67,16 +67,8 @@ def time_path(conv: PatchConvolution | GroupedConvolution, x: ME.SparseTensor, p
 
 
 def time_depthwise(conv: DepthwiseConvolution, x: ME.SparseTensor, path: str) -> float:
-    conv.tile_min_sites, backward = DEPTHWISE_PATHS[path]
-    kept = depthwise.BACKWARDS.get(x.F.device.type)
-    depthwise.BACKWARDS[x.F.device.type] = backward
-    try:
-        return time_pass(conv, x, grad_input=True)
-    finally:
-        if kept is None:
-            del depthwise.BACKWARDS[x.F.device.type]
-        else:
-            depthwise.BACKWARDS[x.F.device.type] = kept
+    conv.tile_min_sites, conv.backward_path = DEPTHWISE_PATHS[path]
+    return time_pass(conv, x, grad_input=True)
 
 
 def time_pass(conv: torch.nn.Module, x: ME.SparseTensor, grad_input: bool) -> float:
@@ -173,7 +165,7 @@ def depthwise_table(encoder: SparseEncoder, images: torch.Tensor, active: torch.
                 t = time_depthwise(conv, x, path)
                 if r:
                     times[path].append(t)
-        del conv.tile_min_sites  # back to the class default
+        del conv.tile_min_sites, conv.backward_path  # back to the class defaults
         best = {p: min(v) * 1e3 for p, v in times.items()}
         for p in DEPTHWISE_PATHS:
             totals[p] += best.get(p, best[p.replace("tiles", "canvas")])  # no tiles: the canvas

@@ -20,7 +20,6 @@ from torch import nn
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
-from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, standardised
@@ -81,13 +80,11 @@ def test_convolution_matches_minkowski_forward_and_backward(kernel_size, stride,
 @pytest.mark.parametrize("backward", ["adjoint", "native"])
 @pytest.mark.parametrize("path", ["tiles", "canvas"])
 @pytest.mark.parametrize("kernel_size,stride", [(3, 1), (7, 1), (3, 2), (5, 2)])
-def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path, backward,
-                                                                      monkeypatch):
-    # the CPU's backward (forward convolutions) and a GPU's (torch's own), both run here
-    monkeypatch.setitem(depthwise.BACKWARDS, "cpu", backward)
+def test_depthwise_convolution_matches_minkowski_forward_and_backward(kernel_size, stride, path, backward):
     (xa, xb), (fa, fb) = twin_inputs(4, seed=2)
     ref = ME.MinkowskiChannelwiseConvolution(4, kernel_size, stride=stride, bias=True, dimension=2).double()
     ours = DepthwiseConvolution(4, kernel_size, bias=True, stride=stride).double()
+    ours.backward_path = backward  # the CPU's backward (forward convolutions) and a GPU's (torch's own), both run here
     ours.tile_min_sites = 1 if path == "tiles" else 10**6  # stride 1: force one of the two layouts
     with torch.no_grad():
         ours.weight.normal_()
@@ -233,7 +230,7 @@ def test_weight_standardisation_off_the_cpu_is_a_batch_norm_and_the_same_on_the_
     outs, grads = [], []
     for fused in (True, False):
         x = w.clone().requires_grad_()
-        out = standardised(x, 1e-5, fused)
+        out = standardised(x, 1e-5, fused=fused)
         (out * grad).sum().backward()
         outs.append(out.detach())
         grads.append(x.grad)

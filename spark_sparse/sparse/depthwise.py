@@ -65,7 +65,7 @@ def backward_path(device: torch.device) -> str:
 
 def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
     need_x, need_w = ctx.needs_input_grad[:2]
-    if backward_path(grad.device) == "native":
+    if ctx.backward == "native":
         grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], weight.shape[0],
             [need_x, need_w, False])
@@ -78,9 +78,9 @@ def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
 class TileDepthwise(torch.autograd.Function):
     @staticmethod
     @autocast_forward
-    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile) -> Tensor:
+    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, backward: str) -> Tensor:
         save_rows(ctx, feats, weight)
-        ctx.tile = tile
+        ctx.tile, ctx.backward = tile, backward
         return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0))
 
     @staticmethod
@@ -93,7 +93,7 @@ class TileDepthwise(torch.autograd.Function):
         # a kernel 10 times slower
         grad = grad_rows.contiguous().view(-1, s, s, grad_rows.shape[1]).permute(0, 3, 1, 2)
         grad_tiles, grad_w = _grads(ctx, gather_tiles(feats, tile), weight, grad, 0)
-        return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, None
+        return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, None, None
 
 
 def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
@@ -110,9 +110,10 @@ def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
 class CanvasDepthwise(torch.autograd.Function):
     @staticmethod
     @autocast_forward
-    def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int],
+                backward: str) -> Tensor:
         save_rows(ctx, feats, weight, index)
-        ctx.shape = shape
+        ctx.shape, ctx.backward = shape, backward
         padding = weight.shape[-1] // 2
         return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding), index)
 
@@ -123,7 +124,7 @@ class CanvasDepthwise(torch.autograd.Function):
         padding = weight.shape[-1] // 2
         grad = to_canvas(grad_rows.contiguous(), index, ctx.shape)
         grad_x, grad_w = _grads(ctx, to_canvas(feats, index, ctx.shape), weight, grad, padding)
-        return (None if grad_x is None else from_canvas(grad_x, index)), grad_w, None, None
+        return (None if grad_x is None else from_canvas(grad_x, index)), grad_w, None, None, None
 
 
 class DepthwiseConvolution(nn.Module):
@@ -134,6 +135,7 @@ class DepthwiseConvolution(nn.Module):
 
     tile_min_sites = TILE_MIN_SITES
     padding: int | None = None  # (a class default too: modules pickled before it existed)
+    backward_path: str | None = None  # stride 1: "adjoint" or "native"; None: by device (``BACKWARDS``)
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True, stride: int = 1,
                  padding: int | None = None):
@@ -161,9 +163,10 @@ class DepthwiseConvolution(nn.Module):
             out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
         elif s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
-            out = TileDepthwise.apply(x.F, weight, tile)
+            out = TileDepthwise.apply(x.F, weight, tile, self.backward_path or backward_path(x.F.device))
         else:
-            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride))
+            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride),
+                                        self.backward_path or backward_path(x.F.device))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride > 1:

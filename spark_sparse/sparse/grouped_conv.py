@@ -132,5 +132,5 @@ class ScaledStdGroupedConvolution(GroupedConvolution):
         self.gain = nn.Parameter(torch.ones(self.weight.shape[0], 1, 1, 1))
 
     def weight_kernel(self) -> Tensor:
-        w = standardised(self.weight.view(self.weight.shape[0], -1).t(), self.eps).t()
-        return (w * (self.gain * self.scale).view(-1, 1)).view_as(self.weight)
+        w = self.weight.view(self.weight.shape[0], -1).t()  # a column per output channel
+        return standardised(w, self.eps, (self.gain * self.scale).view(-1)).t().reshape_as(self.weight)

@@ -204,36 +204,40 @@ class StdPatchConvolution(PatchConvolution):
         super().__init__(*args, **kwargs)
         self.eps = eps
 
+    def channel_gain(self) -> Tensor | None:
+        """Each output channel's factor after standardising (none here)."""
+        return None
+
     def weight_kernel(self) -> Tensor:
         # a column per output channel, any kernel layout
-        return standardised(self.kernel.view(-1, self.out_channels), self.eps).view_as(self.kernel)
+        w = self.kernel.view(-1, self.out_channels)
+        return standardised(w, self.eps, self.channel_gain()).view_as(self.kernel)
 
 
-def standardised(w: Tensor, eps: float, fused: bool | None = None) -> Tensor:
+def standardised(w: Tensor, eps: float, gain: Tensor | None = None, fused: bool | None = None) -> Tensor:
     """Each column of ``w`` (an output channel's weights) to zero mean and unit variance, ``eps``
-    added to the variance, as timm's weight standardisation does with a batch norm. ``fused``
-    (None: off the CPU): that batch norm, one kernel each way on a GPU (the plain reductions
-    launch a dozen); on the CPU two passes of plain reductions, 2-3.5 times faster than torch's
-    batch norm or var_mean there for a ResNet-50's weights."""
+    added to the variance, times ``gain`` (per column), as timm's weight standardisation does
+    with a batch norm. ``fused`` (None: off the CPU): that batch norm, one kernel each way on a
+    GPU (the plain reductions launch a dozen); on the CPU two passes of plain reductions, 2-3.5
+    times faster than torch's batch norm or var_mean there for a ResNet-50's weights."""
     if fused if fused is not None else w.device.type != "cpu":
-        return F.batch_norm(w, None, None, training=True, momentum=0.0, eps=eps)
+        return F.batch_norm(w, None, None, weight=gain, training=True, momentum=0.0, eps=eps)
     centred = w - w.mean(0)
-    return centred * torch.rsqrt((centred * centred).mean(0) + eps)
+    out = centred * torch.rsqrt((centred * centred).mean(0) + eps)
+    return out if gain is None else out * gain
 
 
-class ScaledStdPatchConvolution(PatchConvolution):
-    """timm's ScaledStdConv2d (NFNet): the standardised kernel (as ``StdPatchConvolution``'s)
-    times ``gain`` (a parameter per output channel, timm's shape) times ``scale`` (a constant)."""
+class ScaledStdPatchConvolution(StdPatchConvolution):
+    """timm's ScaledStdConv2d (NFNet): the standardised kernel times ``gain`` (a parameter per
+    output channel, timm's name and shape) and ``scale`` (a constant)."""
 
-    def __init__(self, *args, eps: float = 1e-6, scale: float = 1.0, **kwargs):
+    def __init__(self, *args, scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eps, self.scale = eps, scale
+        self.scale = scale
         self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
 
-    def weight_kernel(self) -> Tensor:
-        w = standardised(self.kernel.view(-1, self.out_channels), self.eps)
-        return (w * (self.gain * self.scale).view(1, -1)).view_as(self.kernel)
-
+    def channel_gain(self) -> Tensor:
+        return (self.gain * self.scale).view(-1)
 
 class PatchPooling(nn.Module):
     """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling. ``fill``: what
