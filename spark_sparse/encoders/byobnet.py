@@ -18,8 +18,7 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
 from torch import nn
 
-from .family import Converter, Family, MirrorSequential, TappedStages, unsupported
-from .regnet import MirrorConvNormAct
+from .family import Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages, unsupported
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
 # shortcut and the activation)

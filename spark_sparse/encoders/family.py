@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import Conv2dSame, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import (Conv2dSame, ConvNormAct, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d,
+                         StdConv2dSame)
 from timm.layers import activations as timm_act
 from timm.models.nfnet import GammaAct
 from torch import nn
@@ -87,6 +88,22 @@ class MirrorSequential(nn.Sequential):
     def __init__(self, module: nn.Sequential, convert: Converter, path: str):
         super().__init__(OrderedDict((name, convert(child, f"{path}.{name}"))
                                      for name, child in _zero_pads_fused(module.named_children())))
+
+
+class MirrorConvNormAct(nn.Module):
+    """timm's ConvNormAct: convolution, then batch norm with its activation, then anti-aliasing
+    where it has one (a leaf: a 2x2 average pooling converts, a blur pooling is refused)."""
+
+    def __init__(self, block: ConvNormAct, convert: Converter, path: str):
+        super().__init__()
+        self.conv = convert.leaf(block.conv, f"{path}.conv")
+        self.bn = convert(block.bn, f"{path}.bn")
+        aa = getattr(block, "aa", None)
+        self.aa = None if aa is None else convert.leaf(aa, f"{path}.aa")
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return x if self.aa is None else self.aa(x)
 
 
 # why no engine mirrors an optional sub-module of timm's blocks, by its attribute name

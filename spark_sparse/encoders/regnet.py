@@ -11,23 +11,7 @@ from timm.layers import ConvNormAct
 from timm.models.regnet import Bottleneck, RegNet, RegStage
 from torch import nn
 
-from .family import Converter, Family, NamedStages, unsupported
-
-
-class MirrorConvNormAct(nn.Module):
-    """timm's ConvNormAct: convolution, then batch norm with its activation, then anti-aliasing
-    where it has one (a leaf: a 2x2 average pooling converts, a blur pooling is refused)."""
-
-    def __init__(self, block: ConvNormAct, convert: Converter, path: str):
-        super().__init__()
-        self.conv = convert.leaf(block.conv, f"{path}.conv")
-        self.bn = convert(block.bn, f"{path}.bn")
-        aa = getattr(block, "aa", None)
-        self.aa = None if aa is None else convert.leaf(aa, f"{path}.aa")
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return x if self.aa is None else self.aa(x)
+from .family import Converter, Family, MirrorConvNormAct, NamedStages, unsupported
 
 
 class MirrorRegBottleneck(nn.Module):
