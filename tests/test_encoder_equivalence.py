@@ -25,9 +25,11 @@ import pytest
 import timm
 import torch
 from timm.layers import StdConv2dSame
+from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
+from timm.models.mobilenetv3 import MobileNetV3
 
-from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch, randomise_norms
 
 if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
@@ -194,6 +196,9 @@ VARIANTS = {
     "grouped convolutions (ResNeXt)": ("resnet26", {"cardinality": 32, "base_width": 4}),
     "grouped convolutions and squeeze-excitation (Bottleneck)": ("seresnext26d_32x4d", {}),
     "ResNet with another activation (SiLU)": ("resnet26", {"act_layer": "silu"}),
+    "anti-aliased ResNet: 2x2 average pooling after the stride-1 3x3 and in the stem, avg-down": (
+        "resnetaa50d", {"layers": (1, 1, 1, 1)}),
+    "anti-aliased BasicBlock ResNet": ("resnetaa34d", {"layers": (1, 1, 1, 1)}),
     "ConvNeXt with linear MLP, channels-last norms": ("convnext_atto", {"conv_mlp": False}),
     "ConvNeXt with overlapping stem": ("convnext_atto_ols", {}),
     "ConvNeXt without layer scale": ("convnext_atto", {"ls_init_value": None}),
@@ -205,6 +210,9 @@ VARIANTS = {
     "MobileNetV2: inverted residuals with ReLU6": ("mobilenetv2_050", {}),
     "MobileNetV3: hard-swish, hard-sigmoid SE, ReLU": ("mobilenetv3_large_100", {}),
     "MobileNetV3-Small: the first block strides": ("mobilenetv3_small_100", {}),
+    "MobileNetV4: universal inverted residuals (extra depthwise, inverted, ConvNeXt-like)": (
+        "mobilenetv4_conv_small", {}),
+    "MobileNetV4 anti-aliased: stride-1 convolutions then 2x2 average pooling": ("mobilenetv4_conv_aa_medium", {}),
 }
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
 
@@ -263,7 +271,33 @@ VARIANTS.update({
 # and SE, MobileNetV3-Small's strided first block, 'same' padding at every stride, a GroupNorm per
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
-              "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet"}
+              "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet"}
+
+
+def universal_inverted_residuals() -> torch.nn.Module:
+    """A small MobileNetV4 with every kind of universal inverted residual, each striding where it
+    can (timm's names: extra depthwise, ConvNeXt-like, inverted, FFN, a strided last depthwise),
+    SE, and layer scale (timm's conv models have none; its hybrids have attention)."""
+    arch = [["er_r1_k3_s2_e4_c24"],
+            ["uir_r1_a3_k5_s2_e4_c32", "uir_r1_a3_k0_s1_e4_c32"],
+            ["uir_r1_a5_k0_s2_e3_c48", "uir_r1_a0_k0_s1_e2_c48", "uir_r1_a0_k3_s1_e2_c48"],
+            ["uir_r1_a0_k0_p3_s2_e2_c64", "uir_r1_a3_k3_p3_s1_e2_c64_se0.25"]]
+    torch.manual_seed(0)
+    model = MobileNetV3(decode_arch_def(arch), num_classes=0, stem_size=16, layer_scale_init_value=1e-5)
+    return randomise_norms(model)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_every_kind_of_universal_inverted_residual_equals_dense_masked_and_plain_timm(mask, device):
+    model = universal_inverted_residuals()
+    images, active = batch_on(device, VARIANT_SIZE, mask, batch=4 if mask == "one" else 2)
+    assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
+    if mask == "none":
+        encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
+        with torch.no_grad():
+            got = encoder.dense_features(images.double(), active)
+            for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
+                assert rel_err(g, p) < 1e-9
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])

@@ -34,6 +34,7 @@ from .test_pretrain import config
     # TensorFlow ports: their modules' batch-norm recipe
     ("tf_efficientnet_b0", 0.0, "bn", [0.9, 0.95]),
     ("tf_mobilenetv3_small_100", 0.0, "bn", [0.9, 0.95]),
+    ("mobilenetv4_conv_medium", 0.0, "bn", [0.9, 0.95]),
     ("repvgg_b0", 0.0, "bn", [0.9, 0.95]),  # timm's byobnet and cspnet modules: batch-norm nets
     ("mobileone_s0", 0.0, "bn", [0.9, 0.95]),
     ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),

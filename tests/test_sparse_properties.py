@@ -26,8 +26,9 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 
 MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
                                         "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
-                                        "mobilenetv3_small_100", "mobilenetv2_050"]}
+                                        "mobilenetv3_small_100", "mobilenetv2_050", "mobilenetv4_conv_small"]}
 MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
+MODELS["anti-aliased resnetaa50d"] = ("resnetaa50d", {"layers": (1, 1, 1, 1)})  # 2x2 average pooling
 # TensorFlow 'same' padding: the off-centre window at a block's edge reads what the dense padded
 # convolution of the masked map reads (the next block, or zeros where it is hidden)
 MODELS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})

@@ -21,7 +21,9 @@ FOUR_BLOCKS = {"layers": (1, 1, 1, 1)}
 ALL_DEPTHS = {name: (name, {}) for name in [
     "resnet18", "resnet26", "resnet26d", "seresnet18", "ecaresnet26t", "seresnext26d_32x4d",
     "convnext_atto", "convnext_atto_ols", "convnextv2_atto", "regnetx_002", "regnety_002",
-    "efficientnet_b0", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100"]}
+    "efficientnet_b0", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100",
+    "mobilenetv4_conv_small", "mobilenetv4_conv_aa_medium"]}
+ALL_DEPTHS["anti-aliased ResNet (2x2 average pooling)"] = ("resnetaa50d", FOUR_BLOCKS)
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -87,7 +89,7 @@ def test_encoder_reports_stage_channels():
 def test_unconvertible_module_is_named_with_its_path():
     SparseEncoder = engine_class("sparse")
     model = timm.create_model("resnetblur18", pretrained=False, num_classes=0)  # anti-aliased pooling
-    with pytest.raises(ConversionError, match=r"cannot convert MaxPool2d at 'maxpool\.0': kernel 3, stride 1"):
+    with pytest.raises(ConversionError, match=r"cannot convert BlurPool2d at 'maxpool\.1': anti-aliased downsampling"):
         SparseEncoder.from_timm(model)
     model = timm.create_model("resnext50_32x4d", pretrained=False, num_classes=0)
     with pytest.raises(ConversionError, match=r"'layer1\.0\.conv2': grouped convolution \(32 groups\) with conv='minkowski'"):
@@ -108,7 +110,8 @@ def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path
         "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0': CondConv's kernels are mixed per image",
         "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
         "efficientnet_blur_b0": r"BlurPool2d at 'blocks\.1\.0\.aa': anti-aliased downsampling",
-        "mobilenetv4_conv_small": r"UniversalInvertedResidual at 'blocks\.2\.0'",
+        "mobilenetv4_hybrid_medium": r"MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid blocks attend",
+        "mobilenetv4_conv_blur_medium": r"BlurPool2d at 'blocks\.0\.0\.aa': anti-aliased downsampling",
         "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
     }
     for name, message in refused.items():

@@ -2,8 +2,10 @@
 
 Both are one Sequential ``blocks`` of stages built from the same blocks: inverted residuals
 (1x1 expansion, depthwise 3x3/5x5 that may stride, squeeze-excitation, 1x1 projection),
-depthwise-separable and plain conv-bn-act blocks, EfficientNet-V2's fused "edge" residuals.
-Each block is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
+depthwise-separable and plain conv-bn-act blocks, EfficientNet-V2's fused "edge" residuals, and
+MobileNetV4's universal inverted residuals (an optional depthwise conv before the 1x1 expansion,
+one in the middle, one after the projection, each a conv-norm-act that may stride, then a layer
+scale). Each block is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
 final 1x1 convolution and norm (``conv_head``, ``bn2``) run before pooling, so they end the last
 stage; MobileNetV3's run after pooling, so they are kept (frozen, never run) for strict loading.
 TensorFlow ports (``tf_*``, and the pruned EfficientNets) pad asymmetrically ("same", timm's
@@ -12,21 +14,26 @@ Conv2dSame) at stride 2: the engines' convolutions pad as they do.
 
 from __future__ import annotations
 
-from timm.layers import MixedConv2d
+from timm.layers import BlurPool2d, ConvNormAct, LayerScale2d, MixedConv2d
 from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, DepthwiseSeparableConv, EdgeResidual,
-                                              InvertedResidual)
+                                              InvertedResidual, MobileAttention, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import BlockStages, Converter, Family, reject_extras, unsupported
+from .family import (EXTRAS_REFUSED, BlockStages, Converter, Family, LayerScale, MirrorConvNormAct, reject_extras,
+                     unsupported)
 
 # each block's leaves in the order its forward runs them
+# (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
+# converts, as its windows lie in one patch)
 LEAVES = {
-    InvertedResidual: ("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl", "bn3"),
-    DepthwiseSeparableConv: ("conv_dw", "bn1", "se", "conv_pw", "bn2"),
-    EdgeResidual: ("conv_exp", "bn1", "se", "conv_pwl", "bn2"),
-    ConvBnAct: ("conv", "bn1"),
+    InvertedResidual: ("conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+    DepthwiseSeparableConv: ("conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"),
+    EdgeResidual: ("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2"),
+    ConvBnAct: ("conv", "bn1", "aa"),
+    # its sub-modules are conv-norm-acts (or identities) and a layer scale, mirrored as blocks
+    UniversalInvertedResidual: ("dw_start", "pw_exp", "dw_mid", "se", "pw_proj", "dw_end", "layer_scale"),
 }
 
 
@@ -35,10 +42,10 @@ class MirrorEfficientBlock(nn.Module):
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
-        reject_extras(block, path, ("aa", "conv_s2d"))
+        reject_extras(block, path, ("conv_s2d",))
         self.leaves = LEAVES[type(block)]
         for name in self.leaves:
-            self.add_module(name, convert.leaf(getattr(block, name), f"{path}.{name}"))
+            self.add_module(name, convert(getattr(block, name), f"{path}.{name}"))
         self.has_skip = block.has_skip
         self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
 
@@ -49,8 +56,23 @@ class MirrorEfficientBlock(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
+class MirrorLayerScale2d(nn.Module):
+    """timm's LayerScale2d: a learned per-channel scale, kept under timm's name (``gamma``)."""
+
+    def __init__(self, module: LayerScale2d, convert: Converter, path: str):
+        super().__init__()
+        self.gamma = nn.Parameter(module.gamma.detach().clone())
+        self.scale = convert.leaf(LayerScale(), f"{path}.gamma")
+
+    def forward(self, x):
+        return self.scale(x, self.gamma)
+
+
 # timm layers of this family that no engine mirrors, and why
 REFUSED = {
+    BlurPool2d: EXTRAS_REFUSED["aa"],
+    MobileAttention: "MobileNetV4's hybrid blocks attend over the whole map, hidden sites included; "
+                     "use a mobilenetv4_conv_* model",
     CondConvResidual: "CondConv's kernels are mixed per image by a routing from the whole map's "
                       "average; not mirrored",
     MixedConv2d: "MixNet's mixed kernel sizes over channel groups are not mirrored",
@@ -62,7 +84,8 @@ def _check(model: nn.Module) -> None:
         raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
 
 
-MIRRORS = {block: MirrorEfficientBlock for block in LEAVES}
+MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
+                                                              LayerScale2d: MirrorLayerScale2d}
 
 EFFICIENTNET = Family(
     name="efficientnet",

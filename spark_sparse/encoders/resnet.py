@@ -1,12 +1,15 @@
 """The ResNet family (timm ``ResNet``: BasicBlock and Bottleneck, deep stems, avg-down,
-squeeze-excitation and efficient channel attention)."""
+squeeze-excitation and efficient channel attention, and the anti-aliased ``resnetaa*``: a 2x2
+average pooling after a stride-1 convolution and its activation, in the stem in place of the max
+pooling; its windows lie in one patch, so nothing hidden leaks in, unlike a blur pooling's)."""
 
 from __future__ import annotations
 
+from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from .family import Converter, Family, NamedStages, StemPool, reject_extras
+from .family import EXTRAS_REFUSED, Converter, Family, NamedStages, StemPool, reject_extras
 
 
 class _MirrorBlock(nn.Module):
@@ -16,7 +19,7 @@ class _MirrorBlock(nn.Module):
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
-        reject_extras(block, path, ("drop_block", "aa"))
+        reject_extras(block, path, ("drop_block",))
         for name in self.leaves:
             setattr(self, name, convert.leaf(getattr(block, name), f"{path}.{name}"))
         self.se = None if block.se is None else convert.leaf(block.se, f"{path}.se")
@@ -34,11 +37,11 @@ class _MirrorBlock(nn.Module):
 class MirrorBasicBlock(_MirrorBlock):
     """timm's BasicBlock: conv-bn-act-conv-bn, + shortcut, act."""
 
-    leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2")
+    leaves = ("conv1", "bn1", "act1", "aa", "conv2", "bn2", "act2")
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act1(self.bn1(self.conv1(x))))
         x = self.bn2(self.conv2(x))
         return self.act2(self.residual(x, shortcut))
 
@@ -46,12 +49,12 @@ class MirrorBasicBlock(_MirrorBlock):
 class MirrorBottleneck(_MirrorBlock):
     """timm's Bottleneck: 1x1, 3x3 (strided), 1x1, + shortcut, act."""
 
-    leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3")
+    leaves = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "aa", "conv3", "bn3", "act3")
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.aa(self.act2(self.bn2(self.conv2(x))))
         x = self.bn3(self.conv3(x))
         return self.act3(self.residual(x, shortcut))
 
@@ -61,7 +64,8 @@ RESNET = Family(
     timm_class=ResNet,
     mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck},
     layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
-    stem_pool=StemPool(act="act1", pool="maxpool"),
+    stem_pool=StemPool(act="act1", pool="maxpool"),  # engines pool first only where it is a max pooling
+    refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
     # the norms whose activation comes before the residual addition (not bn2 / bn3 of the last)
     norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2"))},
 )

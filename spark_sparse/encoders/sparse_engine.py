@@ -327,7 +327,8 @@ class SparseEncoder(Encoder):
     def __init__(self, body: nn.ModuleDict, *args, **kwargs):
         super().__init__(body, *args, **kwargs)
         stem = self.family.stem_pool
-        if stem and isinstance(body[stem.pool], PatchPooling) and isinstance(body[stem.act], ME.MinkowskiReLU):
+        if (stem and isinstance(body[stem.pool], PatchPooling) and body[stem.pool].mode == "max"
+                and isinstance(body[stem.act], ME.MinkowskiReLU)):
             # ReLU and max pooling commute; pooling first means the stem's stride-2 ReLU output
             # (the largest map after the input) is never made, and the ReLU that remains runs
             # on a quarter of the rows and keeps what the next convolution keeps anyway
