@@ -29,6 +29,7 @@ MODELS = {name: (name, {}) for name in ["resnet18", "seresnet18", "ecaresnet26t"
                                         "mobilenetv3_small_100", "mobilenetv2_050", "mobilenetv4_conv_small"]}
 MODELS["resnet26 with SiLU"] = ("resnet26", {"act_layer": "silu"})  # max pooling after a negative-valued act
 MODELS["anti-aliased resnetaa50d"] = ("resnetaa50d", {"layers": (1, 1, 1, 1)})  # 2x2 average pooling
+MODELS["resnet50_gn"] = ("resnet50_gn", {"layers": (1, 1, 1, 1)})  # GroupNorm in place of batch norm
 # TensorFlow 'same' padding: the off-centre window at a block's edge reads what the dense padded
 # convolution of the masked map reads (the next block, or zeros where it is hidden)
 MODELS.update({name: (name, {}) for name in ["tf_efficientnet_b0", "tf_efficientnetv2_b0", "tf_mobilenetv3_small_100"]})
@@ -102,6 +103,7 @@ def assert_the_first_images_features_are_its_own(enc, images, active) -> None:
 # NFNets have no norm at all
 GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
                      "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
+                     "resnet50_gn": ("resnet50_gn", {"layers": (1, 1, 1, 1)}),
                      "test_nfnet": ("test_nfnet", {})}
 
 

@@ -24,6 +24,7 @@ ALL_DEPTHS = {name: (name, {}) for name in [
     "efficientnet_b0", "efficientnet_es", "mobilenetv3_large_100", "mobilenetv3_small_100",
     "mobilenetv4_conv_small", "mobilenetv4_conv_aa_medium"]}
 ALL_DEPTHS["anti-aliased ResNet (2x2 average pooling)"] = ("resnetaa50d", FOUR_BLOCKS)
+ALL_DEPTHS["ResNet with GroupNorm"] = ("resnet50_gn", FOUR_BLOCKS)
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import (Conv2dSame, ConvNormAct, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d,
-                         StdConv2dSame)
+from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame,
+                         StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act
 from timm.models.nfnet import GammaAct
 from torch import nn
@@ -162,6 +162,9 @@ ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, 
 CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 # torch's and timm's layer norms (channels last and channels first): every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+# torch's and timm's group norms without an activation (ResNet's ``*_gn``): every engine runs them
+# as timm's GroupNormAct with an identity, each image's statistics over its visible sites
+GROUP_NORMS = (nn.GroupNorm, GroupNorm)
 
 
 def check_norm_act(bn: nn.Module, path: str) -> None:

@@ -24,7 +24,7 @@ from ..precision import statistics_dtype
 from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
                      ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
@@ -113,12 +113,12 @@ class MaskedGroupNormAct(nn.Module):
     over its visible sites only (hidden sites hold zeros and are not counted), then its
     activation; hidden sites are zeroed by whatever reads the map next."""
 
-    def __init__(self, norm: GroupNormAct):
+    def __init__(self, norm: nn.GroupNorm, act: nn.Module):
         super().__init__()
         self.num_groups, self.eps = norm.num_groups, norm.eps
         self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().clone())
         self.bias = None if norm.bias is None else nn.Parameter(norm.bias.detach().clone())
-        self.act = copy.deepcopy(norm.act)
+        self.act = copy.deepcopy(act)
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x, visible = inp.clean().x, inp.visible().to(inp.x.dtype)
@@ -263,7 +263,9 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedBatchNormAct2d.from_timm(module)
     if type(module) is GroupNormAct:
         check_norm_act(module, path)
-        return MaskedGroupNormAct(module)
+        return MaskedGroupNormAct(module, module.act)
+    if type(module) in GROUP_NORMS:
+        return MaskedGroupNormAct(module, nn.Identity())
     if type(module) is ZeroPaddedMaxPool:  # hidden sites read zero, as the padding
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:

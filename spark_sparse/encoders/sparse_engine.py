@@ -33,7 +33,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
                      ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 
 
@@ -186,15 +186,18 @@ def fuse_norm_acts(body: nn.Module, norm_acts: Mapping[type, tuple[tuple[str, st
     for block in body.modules():
         for norm, act in norm_acts.get(type(block), ()):
             bn, sparse_act = getattr(block, norm), getattr(block, act)
-            if type(bn) is not ME.MinkowskiBatchNorm:
-                continue
             if isinstance(sparse_act, ME.MinkowskiReLU):
                 activation = nn.ReLU()
             elif isinstance(sparse_act, SparseActivation):
                 activation = sparse_act.act
             else:
                 continue
-            setattr(block, norm, SparseBatchNormAct(bn.bn, activation))
+            if type(bn) is ME.MinkowskiBatchNorm:
+                setattr(block, norm, SparseBatchNormAct(bn.bn, activation))
+            elif type(bn) is SparseGroupNormAct and isinstance(bn.act, nn.Identity):  # ResNet's *_gn
+                setattr(block, norm, SparseGroupNormAct(bn, activation))
+            else:
+                continue
             setattr(block, act, nn.Identity())
 
 
@@ -284,6 +287,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind is GroupNormAct:
         check_norm_act(module, path)
         return SparseGroupNormAct(module, module.act)
+    if kind in GROUP_NORMS:
+        return SparseGroupNormAct(module, nn.Identity())
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
     if kind is nn.Linear:
