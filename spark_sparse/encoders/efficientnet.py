@@ -21,8 +21,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, BlockStages, Converter, Family, LayerScale, MirrorConvNormAct, reject_extras,
-                     unsupported)
+from .family import (EXTRAS_REFUSED, BlockStages, Converter, Family, MirrorConvNormAct, MirrorLayerScale,
+                     reject_extras, unsupported)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -56,18 +56,6 @@ class MirrorEfficientBlock(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
-class MirrorLayerScale2d(nn.Module):
-    """timm's LayerScale2d: a learned per-channel scale, kept under timm's name (``gamma``)."""
-
-    def __init__(self, module: LayerScale2d, convert: Converter, path: str):
-        super().__init__()
-        self.gamma = nn.Parameter(module.gamma.detach().clone())
-        self.scale = convert.leaf(LayerScale(), f"{path}.gamma")
-
-    def forward(self, x):
-        return self.scale(x, self.gamma)
-
-
 # timm layers of this family that no engine mirrors, and why
 REFUSED = {
     BlurPool2d: EXTRAS_REFUSED["aa"],
@@ -85,7 +73,7 @@ def _check(model: nn.Module) -> None:
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
-                                                              LayerScale2d: MirrorLayerScale2d}
+                                                              LayerScale2d: MirrorLayerScale}
 
 EFFICIENTNET = Family(
     name="efficientnet",

@@ -182,6 +182,19 @@ class LayerScale(nn.Module):
         return x * gamma.view(1, -1, 1, 1)
 
 
+class MirrorLayerScale(nn.Module):
+    """timm's LayerScale2d (and LayerScale, its channels-last twin): a learned per-channel scale,
+    kept under timm's name (``gamma``)."""
+
+    def __init__(self, module: nn.Module, convert: Converter, path: str):
+        super().__init__()
+        self.gamma = nn.Parameter(module.gamma.detach().clone())
+        self.scale = convert.leaf(LayerScale(), f"{path}.gamma")
+
+    def forward(self, x):
+        return self.scale(x, self.gamma)
+
+
 class ChannelSplit(nn.Module):
     """x -> (its first ``first`` channels, the rest): a cross-stage partial split (timm's
     ``x.split``), a leaf every engine converts to its own twin."""
