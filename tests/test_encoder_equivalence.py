@@ -267,13 +267,23 @@ VARIANTS.update({
         "test_nfnet", {"same_padding": True, "skipinit": True, "gamma_in_act": True}),
 })
 
+# timm's mambaout module: gated CNN blocks (fc1 split three ways, a depthwise 7x7 on one part,
+# the gate's activation times the rest, fc2), layer norms, 3x3 stride-2 stem and downsampling
+VARIANTS.update({
+    "MambaOut: gated CNN blocks, 3x3 stride-2 stem with a middle norm, downsampling then norm": (
+        "mambaout_femto", {"depths": (1, 1, 1, 1)}),
+    "MambaOut _rw: norm-first downsampling, SiLU, layer scale, more channels convolved": (
+        "test_mambaout", {"conv_ratio": 1.5}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
 # and SE, MobileNetV3-Small's strided first block, 'same' padding at every stride, a GroupNorm per
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
-              "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet"}
+              "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
+              "test_mambaout"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

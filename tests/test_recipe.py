@@ -42,6 +42,9 @@ from .test_pretrain import config
     ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),
     ("eca_nfnet_l0", 0.0, "ln", [0.9, 0.95]),  # no norm: batch-independent, as the GroupNorm nets
     ("nf_resnet50", 0.0, "ln", [0.9, 0.95]),
+    ("mambaout_tiny", 0.0, "ln", [0.9, 0.999]),  # layer-norm nets: the ConvNeXt recipe, by size
+    ("mambaout_small", 0.2, "ln", [0.9, 0.999]),
+    ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")

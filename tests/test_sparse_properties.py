@@ -40,6 +40,7 @@ MODELS.update({name: (name, {}) for name in ["resnetv2_18d", "resnetv2_50x1_bit"
 MODELS.update({name: (name, {}) for name in ["repvgg_a0", "mobileone_s0", "eca_resnext26ts", "cspdarknet53"]})
 # timm's nfnet module: no norm at all (batch-independent in train mode too)
 MODELS["test_nfnet"] = ("test_nfnet", {})
+MODELS["test_mambaout"] = ("test_mambaout", {})  # layer norms; gated blocks
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
@@ -100,11 +101,12 @@ def assert_the_first_images_features_are_its_own(enc, images, active) -> None:
 
 
 # nets with no batch norm: group norms take each image's statistics over its own visible sites;
-# NFNets have no norm at all
+# NFNets have no norm at all, MambaOut only per-site layer norms
 GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
                      "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
                      "resnet50_gn": ("resnet50_gn", {"layers": (1, 1, 1, 1)}),
-                     "test_nfnet": ("test_nfnet", {})}
+                     "test_nfnet": ("test_nfnet", {}),
+                     "test_mambaout": ("test_mambaout", {})}
 
 
 @pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())

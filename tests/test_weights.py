@@ -25,6 +25,8 @@ ALL_DEPTHS = {name: (name, {}) for name in [
     "mobilenetv4_conv_small", "mobilenetv4_conv_aa_medium"]}
 ALL_DEPTHS["anti-aliased ResNet (2x2 average pooling)"] = ("resnetaa50d", FOUR_BLOCKS)
 ALL_DEPTHS["ResNet with GroupNorm"] = ("resnet50_gn", FOUR_BLOCKS)
+ALL_DEPTHS["MambaOut (a block a stage)"] = ("mambaout_femto", {"depths": (1, 1, 1, 1)})
+ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("test_mambaout", {})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -197,6 +199,14 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
     model.set_grad_checkpointing(True)
     with pytest.raises(ConversionError, match="gradient checkpointing"):
         engine.from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_mambaout_with_gradient_checkpointing_is_refused_by_path(engine):
+    model = timm.create_model("test_mambaout", pretrained=False, num_classes=0)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ConversionError, match=r"MambaOutStage at 'stages\.0': gradient checkpointing"):
+        engine_class(engine).from_timm(model)
 
 
 @needs_minkowski

@@ -10,13 +10,14 @@ from .convnext import CONVNEXT
 from .cspnet import CSPNET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
+from .mambaout import MAMBAOUT
 from .nfnet import NFNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -218,6 +218,14 @@ class ChannelConcat(nn.Module):
         return torch.cat([a, b], dim=1)
 
 
+class Product(nn.Module):
+    """(a, b) -> their elementwise product (a gated unit's gate times its value, as MambaOut's
+    ``act(g) * torch.cat((i, c))``); a leaf every engine converts to its own twin."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
 def pool_geometry(pool: nn.Module) -> tuple[int, int, int]:
     """(kernel, stride, padding) of a square pooling module."""
     return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
@@ -349,6 +357,8 @@ class Family:
     # product an engine may make again in backward rather than keep (RepVGG's 1x1 branch, beside a
     # 3x3 that keeps the same input)
     pointwise_norms: Mapping[type, tuple[str, ...]] = field(default_factory=dict)
+    # timm's maps are channels last between its modules (MambaOut); the engines' never are
+    channels_last: bool = False
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""
@@ -390,5 +400,5 @@ class Family:
         for stage in layout.stages:
             for path in stage:
                 x = model.get_submodule(path)(x)
-            feats.append(x)
+            feats.append(x.permute(0, 3, 1, 2) if self.channels_last else x)
         return feats

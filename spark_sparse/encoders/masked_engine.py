@@ -25,7 +25,7 @@ from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
-                     ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+                     Product, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -216,6 +216,12 @@ class MaskedChannelConcat(ChannelConcat):
         return MaskedTensor(super().forward(a.x, b.x), a.active, a.dirty or b.dirty)
 
 
+class MaskedProduct(Product):
+    def forward(self, a: MaskedTensor, b: MaskedTensor) -> MaskedTensor:
+        # zero at a hidden site if either factor is
+        return MaskedTensor(super().forward(a.x, b.x), a.active, a.dirty and b.dirty)
+
+
 class MaskedApply(nn.Module):
     """Run a dense module on the masked map, then zero the hidden sites again (pooling and
     convolutions spread into them): timm's own module, so its padding (TensorFlow 'same' in
@@ -297,6 +303,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelSplit(module.first)
     if type(module) is ChannelConcat:
         return MaskedChannelConcat()
+    if type(module) is Product:
+        return MaskedProduct()
     if type(module) is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)

@@ -34,7 +34,7 @@ from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
-                     ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+                     Product, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -257,13 +257,24 @@ class SparseChannelSplit(ChannelSplit):
         return tuple(with_features(x, f) for f in super().forward(x.F))
 
 
+def _same_sites(a: ME.SparseTensor, b: ME.SparseTensor, what: str) -> None:
+    if a.coordinate_map_key != b.coordinate_map_key:
+        raise ValueError(f"cannot {what} tensors on different sites ({a.coordinate_map_key} and {b.coordinate_map_key})")
+
+
 class SparseChannelConcat(ChannelConcat):
     """Two tensors' channels side by side, on the sites they share."""
 
     def forward(self, a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
-        if a.coordinate_map_key != b.coordinate_map_key:
-            raise ValueError(f"cannot concatenate channels of tensors on different sites "
-                             f"({a.coordinate_map_key} and {b.coordinate_map_key})")
+        _same_sites(a, b, "concatenate channels of")
+        return with_features(a, super().forward(a.F, b.F))
+
+
+class SparseProduct(Product):
+    """Two tensors' rows multiplied elementwise, on the sites they share."""
+
+    def forward(self, a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
+        _same_sites(a, b, "multiply")
         return with_features(a, super().forward(a.F, b.F))
 
 
@@ -314,6 +325,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelSplit(module.first)
     if kind is ChannelConcat:
         return SparseChannelConcat()
+    if kind is Product:
+        return SparseProduct()
     if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
