@@ -6,7 +6,7 @@ visible sites (and the group's channels) only: no statistic mixes images and non
 hidden area, so features are batch-independent and canvas-invariant in train mode too (a group
 norm has no batch statistics nor running ones). Rows are patch-major (patch_sites.py) and every
 patch has S x S of them, so a patch's sums are a reshape and a reduction; an image's are an
-index_add over its patches. As ``BatchNormAct``, it keeps only its input (and the per-image
+index_add over its patches. As ``BatchNormAct``, it keeps only its input (and the per-patch
 statistics) for backward and recomputes the normalised rows; the operator after it need not keep
 them either (row_saving.py).
 """
@@ -25,114 +25,100 @@ from .norm_act import activate_, activation_grad
 from .patch_sites import PatchSites
 
 
-def _per_channel(stat: Tensor, channels: int) -> Tensor:
-    """(B, G) per-group statistics -> (B, C)."""
-    return stat.repeat_interleave(channels // stat.shape[1], dim=1)
+def _image_group_sums(per_patch: Tensor, image: Tensor, batch: int, groups: int) -> Tensor:
+    """(P, C) per-patch sums -> (B, G) sums over each image's patches and each group's channels."""
+    sums = per_patch.view(per_patch.shape[0], groups, -1).sum(2)
+    return sums.new_zeros(batch, groups).index_add_(0, image, sums)
 
 
-def _per_patch(per_image: Tensor, image: Tensor) -> Tensor:
-    """(B, C) per-image values -> (P, 1, C), to broadcast over (P, rows, C) patches."""
-    return per_image.index_select(0, image)[:, None]
+def _per_channel(per_group: Tensor, channels: int) -> Tensor:
+    """(P, G) -> (P, 1, C): each group's value for its channels, to broadcast over a patch's rows
+    (a small copy: row-sized operations then run over whole rows, which CPUs vectorise)."""
+    p, g = per_group.shape
+    return per_group[:, :, None].expand(p, g, channels // g).reshape(p, 1, channels)
 
 
-def _patches_per_image(image: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1) how many patches each image has (at least 1): a scatter, where ``bincount`` would
-    read its input's maximum on the host (a GPU wait) and has no meta kernel."""
-    ones = torch.ones((), dtype=dtype, device=image.device).expand(image.shape[0])
-    count = torch.zeros(batch, dtype=dtype, device=image.device).index_add_(0, image, ones)
-    return count.clamp_min(1)[:, None]
+def _group_statistics(xp: Tensor, image: Tensor, count: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's mean per group over its rows for each of its patches, (P, G), its variance,
+    (B, G), and the rows less their mean; ``xp``: the rows as (P, rows, C), ``count``: (B, 1)
+    values per image and group.
+    Two passes (the mean, then the squares around it: no E[x^2] - E[x]^2 cancellation); each
+    sums a patch's rows first, a reduction over one dimension (torch's var_mean over the rows is
+    many times slower on CPU), then the (P, C) sums per image and group."""
+    batch, c = count.shape[0], xp.shape[2]
+    mean_p = (_image_group_sums(xp.sum(1), image, batch, groups) / count).index_select(0, image)
+    centred = xp - _per_channel(mean_p, c)
+    var = _image_group_sums((centred * centred).sum(1), image, batch, groups) / count
+    return mean_p, var, centred
 
 
-def _group_statistics(x: Tensor, image: Tensor, batch: int, groups: int) -> tuple[Tensor, Tensor]:
-    """Each image's mean and variance per group over its rows, (B, G) each. Per patch and channel
-    first (a mean, then the squares around it: no E[x^2] - E[x]^2 cancellation), then combined:
-    every (patch, channel) holds equally many values, so an image's group mean is the mean of
-    theirs and its variance the mean of theirs plus the mean squared distance of theirs from it.
-    (Plain reductions over the rows: torch's var_mean over them is many times slower on CPU.)"""
-    p, c = image.shape[0], x.shape[1]
-    xp = x.view(p, -1, c)
-    mean_pc = xp.mean(1)  # (P, C)
-    centred = xp - mean_pc[:, None]
-    var_pc = (centred * centred).mean(1)
-    patches = _patches_per_image(image, batch, x.dtype)
-    width = c // groups
-    mean = x.new_zeros(batch, groups).index_add_(0, image, mean_pc.view(p, groups, width).mean(2)) / patches
-    spread = mean_pc - _per_channel(mean, c).index_select(0, image)
-    var_pg = (var_pc + spread * spread).view(p, groups, width).mean(2)
-    return mean, x.new_zeros(batch, groups).index_add_(0, image, var_pg) / patches
+def _scale(invstd_p: Tensor, weight: Tensor | None, channels: int) -> Tensor:
+    """(P, 1, C): what the centred rows are multiplied by."""
+    if weight is None:
+        return _per_channel(invstd_p, channels)
+    p, g = invstd_p.shape
+    return (invstd_p[:, :, None] * weight.view(g, -1)).view(p, 1, channels)
 
 
-def _scale_shift(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
-                 channels: int) -> tuple[Tensor, Tensor]:
-    """(B, C) scale and shift: the normalised rows are x * scale + shift."""
-    scale = _per_channel(invstd, channels)
-    if weight is not None:
-        scale = scale * weight
-    shift = -_per_channel(mean, channels) * scale
-    return scale, shift if bias is None else shift + bias
+def _affine(centred: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return centred * scale if bias is None else torch.addcmul(bias, centred, scale)
 
 
-def _normalised(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
-                image: Tensor) -> Tensor:
-    """The affine-normalised rows (one multiply-add per element); ``image``: each patch's image."""
-    scale, shift = _scale_shift(weight, bias, mean, invstd, x.shape[1])
-    xp = x.view(image.shape[0], -1, x.shape[1])
-    return torch.addcmul(_per_patch(shift, image), xp, _per_patch(scale, image)).view_as(x)
-
-
-def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor, image: Tensor,
-            act: nn.Module) -> Tensor:
-    """The normalised, activated rows, computed in float32 and returned in the rows' dtype."""
-    y = _normalised(x.to(statistics_dtype(x.dtype)), weight, bias, mean, invstd, image)
-    return activate_(act, y).to(x.dtype)
+def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_p: Tensor, invstd_p: Tensor, image: Tensor,
+            count: Tensor, act: nn.Module) -> Tensor:
+    """The normalised, activated rows of the input ``x`` (as the backward saves it), computed in
+    float32 and returned in the rows' dtype."""
+    p, c = mean_p.shape[0], x.shape[1]
+    centred = x.to(statistics_dtype(x.dtype)).view(p, -1, c) - _per_channel(mean_p, c)
+    return activate_(act, _affine(centred, _scale(invstd_p, weight, c), bias)).view_as(x).to(x.dtype)
 
 
 class GroupNormAct(torch.autograd.Function):
-    """Group norm over each image's rows (``image``: the image of each patch of rows), then an
-    elementwise activation; keeps the input and the (B, G) statistics for backward."""
+    """Group norm over each image's rows (``image``: the image of each patch of rows; ``rows``:
+    (B,) how many rows each image has, at least 1), then an elementwise activation; keeps the
+    input and per-patch statistics for backward. Few whole-tensor operations (a GPU launches
+    each one): per-patch statistics broadcast over each patch's (rows, C) block."""
 
     @staticmethod
     @autocast_forward(cast_inputs=False)  # 16-bit rows kept as they come; statistics in float32
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, image: Tensor, batch: int,
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, image: Tensor, rows: Tensor,
                 groups: int, eps: float, act: nn.Module) -> Tensor:
-        mean, var = _group_statistics(x.to(statistics_dtype(x.dtype)), image, batch, groups)
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, image)
+        dtype, (p, c) = statistics_dtype(x.dtype), (image.shape[0], x.shape[1])
+        count = rows.to(dtype)[:, None] * (c // groups)
+        mean_p, var, centred = _group_statistics(x.to(dtype).view(p, -1, c), image, count, groups)
+        invstd_p = torch.rsqrt(var + eps).index_select(0, image)
+        ctx.save_for_backward(x, weight, bias, mean_p, invstd_p, image, count)
         ctx.act = act
-        return _output(x, weight, bias, mean, invstd, image, act)
+        return activate_(act, _affine(centred, _scale(invstd_p, weight, c), bias)).view_as(x).to(x.dtype)
 
     @staticmethod
     @autocast_backward
     def backward(ctx, grad: Tensor):
-        x, weight, bias, mean, invstd, image = ctx.saved_tensors
+        x, weight, bias, mean_p, invstd_p, image, count = ctx.saved_tensors
         x = x.to(statistics_dtype(x.dtype))  # the gradients' sums in float32: autograd casts them back
-        grad = grad.to(x.dtype)
-        (batch, groups), (p, c) = mean.shape, (image.shape[0], x.shape[1])
-        y = _normalised(x, weight, bias, mean, invstd, image)
-        grad_y = activation_grad(ctx.act, y, grad).view(p, -1, c)
-        xp, rows = x.view(p, -1, c), grad_y.shape[1]
-        mean_c, invstd_c = _per_channel(mean, c), _per_channel(invstd, c)
+        (p, g), c = mean_p.shape, x.shape[1]
+        xp, mean_c, scale = x.view(p, -1, c), _per_channel(mean_p, c), _scale(invstd_p, weight, c)
+        shift = -mean_c * scale if bias is None else torch.addcmul(bias, mean_c, scale, value=-1)
+        y = torch.addcmul(shift, xp, scale)  # the normalised rows again: one multiply-add a row
+        grad_y = activation_grad(ctx.act, y, grad.to(x.dtype).reshape(y.shape))
         # per patch and channel: the sums of grad_y and of grad_y * xhat, xhat = (x - mean) * invstd
         sum_g = grad_y.sum(1)  # (P, C)
-        sum_gxhat = ((grad_y * xp).sum(1) - mean_c.index_select(0, image) * sum_g) * invstd_c.index_select(0, image)
-        w = x.new_ones(c) if weight is None else weight
-        count = _patches_per_image(image, batch, x.dtype) * (rows * (c // groups))
-
-        def image_group_mean(per_patch: Tensor) -> Tensor:
-            """The (B, C) per-image, per-group mean of a per-patch, per-channel sum times w."""
-            sums = (per_patch * w).view(p, groups, -1).sum(2)
-            return _per_channel(mean.new_zeros(batch, groups).index_add_(0, image, sums) / count, c)
-
+        sum_gxhat = torch.addcmul((grad_y * xp).sum(1), mean_c[:, 0], sum_g, value=-1) * _per_channel(invstd_p, c)[:, 0]
         need = ctx.needs_input_grad
         grad_x = None
         if need[0]:
-            # invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = grad_y * w, is per
-            # image and channel grad_y * g_scale + x * x_scale + shift: two multiply-adds a row
-            m1, m2 = image_group_mean(sum_g), image_group_mean(sum_gxhat)
-            g_scale, x_scale = invstd_c * w, -invstd_c * invstd_c * m2
-            shift = invstd_c * (mean_c * invstd_c * m2 - m1)
-            grad_x = torch.addcmul(_per_patch(shift, image), grad_y, _per_patch(g_scale, image))
-            grad_x = grad_x.addcmul_(xp, _per_patch(x_scale, image)).view_as(x)
+            # invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = grad_y * w, the
+            # means per image and group (one index_add for both), is per patch and channel
+            # grad_y * scale + x * x_scale + shift: two multiply-adds a row
+            per_patch = torch.cat([sum_g, sum_gxhat], 1)
+            if weight is not None:
+                per_patch = per_patch * weight.repeat(2)
+            means = (_image_group_sums(per_patch, image, count.shape[0], 2 * g) / count).index_select(0, image)
+            m1, m2 = means.chunk(2, 1)  # (P, G) each
+            x_scale = (invstd_p * invstd_p * m2).neg_()
+            shift = torch.addcmul((invstd_p * m1).neg_(), x_scale, mean_p, value=-1)
+            grad_x = torch.addcmul(_per_channel(shift, c), grad_y, scale)
+            grad_x = grad_x.addcmul_(xp, _per_channel(x_scale, c)).view_as(x)
         grad_w = sum_gxhat.sum(0) if need[1] and weight is not None else None
         grad_b = sum_g.sum(0) if need[2] and bias is not None else None
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -158,8 +144,8 @@ class SparseGroupNormAct(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
-        out = GroupNormAct.apply(x.F, self.weight, self.bias, sites.image_of_patches(), sites.batch,
-                                 self.num_groups, self.eps, self.act)
+        out = GroupNormAct.apply(x.F, self.weight, self.bias, sites.image_of_patches(),
+                                 sites.mean_divisors(x.tensor_stride[0]), self.num_groups, self.eps, self.act)
         return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
 
     def extra_repr(self) -> str:
