@@ -43,9 +43,10 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # the canvas, layer norm, GRN (convnextv2), strided depthwise and SiLU (efficientnet); drop path;
 # TensorFlow's shifted windows (tf_efficientnet), group norm, weight standardisation and the
 # zero-padded stem pooling (a GroupNorm ResNetV2), grouped and fused 1x1 + norm branches (repvgg),
-# channel split and concatenation (cs3darknet)
+# channel split and concatenation (cs3darknet), universal inverted residuals (MobileNetV4),
+# 2x2 average-pool anti-aliasing (resnetaa50d), a gated product of rows and layer scale (MambaOut)
 AUDITED = ["resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
-           "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s"]
+           "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout"]
 
 
 def audit_device(device: torch.device) -> torch.device:
