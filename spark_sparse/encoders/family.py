@@ -252,7 +252,7 @@ class Layout(NamedTuple):
 STRIDES = (4, 8, 16, 32)
 
 
-def _check_strides(model: nn.Module, reductions: list[int]) -> None:
+def check_strides(model: nn.Module, reductions: list[int]) -> None:
     if tuple(reductions) != STRIDES:
         raise ConversionError(f"{type(model).__name__}: stage strides {reductions} are not 4, 8, 16, 32 "
                               "(dilated or output-stride models cannot be masked on a 32-pixel grid)")
@@ -272,7 +272,7 @@ class NamedStages:
         missing = [s for s in self.stages if s not in info]
         if missing:
             raise ConversionError(f"{type(model).__name__} reports no features for {missing}")
-        _check_strides(model, [info[s]["reduction"] for s in self.stages])
+        check_strides(model, [info[s]["reduction"] for s in self.stages])
         channels = [info[s]["num_chs"] for s in self.stages]
         if self.head:
             channels[-1] = model.num_features
@@ -291,7 +291,7 @@ class BlockStages:
 
     def __call__(self, model: nn.Module) -> Layout:
         taps = {i["reduction"]: i for i in model.feature_info}  # the last tap at each stride
-        _check_strides(model, sorted(r for r in taps if r > 2))
+        check_strides(model, sorted(r for r in taps if r > 2))
         modules = [taps[r]["module"] for r in STRIDES]
         if not all(m.startswith("blocks.") for m in modules):
             raise ConversionError(f"{type(model).__name__}: feature taps {modules} are not blocks")
@@ -321,7 +321,7 @@ class TappedStages:
         for info in model.feature_info:
             if info["module"] in order:
                 taps[info["reduction"]] = (order.index(info["module"]), info["num_chs"])
-        _check_strides(model, sorted(r for r in taps if r > 2))
+        check_strides(model, sorted(r for r in taps if r > 2))
         early = [taps[r][0] for r in taps if r < STRIDES[0]]
         ends = [max(early, default=0)] + [taps[r][0] for r in STRIDES]
         ends[-1] = len(order) - 1  # the head keeps the last stride
