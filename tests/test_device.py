@@ -44,9 +44,12 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # TensorFlow's shifted windows (tf_efficientnet), group norm, weight standardisation and the
 # zero-padded stem pooling (a GroupNorm ResNetV2), grouped and fused 1x1 + norm branches (repvgg),
 # channel split and concatenation (cs3darknet), universal inverted residuals (MobileNetV4),
-# 2x2 average-pool anti-aliasing (resnetaa50d), a gated product of rows and layer scale (MambaOut)
-AUDITED = ["resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
-           "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout"]
+# 2x2 average-pool anti-aliasing (resnetaa50d), a gated product of rows and layer scale (MambaOut),
+# dense blocks' running concatenation (densenet121)
+AUDITED = {name: {"drop_path_rate": 0.1} for name in [
+    "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
+    "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout"]}
+AUDITED["densenet121"] = {"block_config": (2, 2, 2, 2)}  # DenseNet has no drop path
 
 
 def audit_device(device: torch.device) -> torch.device:
@@ -57,7 +60,7 @@ def audit_device(device: torch.device) -> torch.device:
 @pytest.mark.parametrize("name", AUDITED)
 def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_models, name, device):
     where = audit_device(device)
-    model = copy.deepcopy(timm_models(name, drop_path_rate=0.1))
+    model = copy.deepcopy(timm_models(name, **AUDITED[name]))
     encoder = SparseEncoder.from_timm(model).train().to(where)
     images, active = make_batch((128, 160), "ratio0.6", batch=4)  # a 4x5 grid: every tile shape
     images = images.to(where)

@@ -276,6 +276,14 @@ VARIANTS.update({
         "test_mambaout", {"conv_ratio": 1.5}),
 })
 
+# timm's densenet module: each layer reads the running concatenation; transitions pool 2x2
+SMALL_DENSENET = {"block_config": (2, 2, 2, 2), "growth_rate": 8}
+VARIANTS.update({
+    "DenseNet: dense blocks (pre-activation, concatenated), transitions, 7x7 stem and max pooling": (
+        "densenet121", SMALL_DENSENET),
+    "DenseNet with a deep 3x3 stem": ("densenet264d", {"block_config": (1, 2, 1, 1), "growth_rate": 8}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -283,7 +291,7 @@ VARIANTS.update({
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout"}
+              "test_mambaout", "densenet121"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

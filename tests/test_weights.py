@@ -27,6 +27,8 @@ ALL_DEPTHS["anti-aliased ResNet (2x2 average pooling)"] = ("resnetaa50d", FOUR_B
 ALL_DEPTHS["ResNet with GroupNorm"] = ("resnet50_gn", FOUR_BLOCKS)
 ALL_DEPTHS["MambaOut (a block a stage)"] = ("mambaout_femto", {"depths": (1, 1, 1, 1)})
 ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("test_mambaout", {})
+ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (2, 2, 2, 2)})
+ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -207,6 +209,27 @@ def test_mambaout_with_gradient_checkpointing_is_refused_by_path(engine):
     model.set_grad_checkpointing(True)
     with pytest.raises(ConversionError, match=r"MambaOutStage at 'stages\.0': gradient checkpointing"):
         engine_class(engine).from_timm(model)
+
+
+def test_a_drop_path_rate_for_a_model_without_stochastic_depth_is_refused_in_one_line():
+    assert create_encoder("densenet121", "dense_masked", drop_path_rate=0.0).channels == [256, 512, 1024, 1024]
+    with pytest.raises(ValueError, match=r"^timm model 'densenet121' takes no drop_path_rate \(got 0\.1\); "
+                                         r"leave it at its default$"):
+        create_encoder("densenet121", "dense_masked", drop_path_rate=0.1)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
+    engine = engine_class(engine)
+    refused = {
+        ("densenet121", "memory_efficient", True): r"DenseLayer at 'features\.denseblock1\.denselayer1': memory-efficient",
+        ("densenet121", "proj_drop_rate", 0.1): r"DenseLayer at 'features\.denseblock1\.denselayer1': dropout p=0\.1",
+        ("densenetblur121d", "drop_rate", 0.0): r"BlurPool2d at 'features\.pool0\.1': anti-aliased downsampling",
+    }
+    for (name, key, value), message in refused.items():
+        model = timm.create_model(name, pretrained=False, num_classes=0, block_config=(1, 1, 1, 1), **{key: value})
+        with pytest.raises(ConversionError, match=f"cannot convert {message}"):
+            engine.from_timm(model)
 
 
 @needs_minkowski

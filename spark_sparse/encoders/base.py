@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 
-import timm
 import torch
 from torch import nn
 
 from ..mask import check_inputs
+from ..timm_models import create_timm_model
 from .families import family_of
 from .family import STRIDES, ConversionError, Family, Layout, unsupported
 
@@ -23,10 +23,7 @@ __all__ = ["ConversionError", "Encoder", "resolve_model", "unsupported"]
 def resolve_model(model: nn.Module | str, **timm_kwargs) -> nn.Module:
     """Accept a timm model instance, or a timm model name (built with ``timm_kwargs``)."""
     if isinstance(model, str):
-        try:
-            model = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
-        except RuntimeError as err:  # timm's "Unknown model"
-            raise ValueError(f"unknown timm model '{model}': {err}") from None
+        model = create_timm_model(model, num_classes=0, **timm_kwargs)
     family_of(model)
     return model
 

@@ -8,6 +8,7 @@ from torch import nn
 from .byobnet import BYOBNET
 from .convnext import CONVNEXT
 from .cspnet import CSPNET
+from .densenet import DENSENET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .mambaout import MAMBAOUT
@@ -17,7 +18,7 @@ from .resnet import RESNET
 from .resnetv2 import RESNETV2
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -8,7 +8,6 @@ import re
 import zipfile
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -16,6 +15,7 @@ from ..run.checkpoint import CHECKPOINT_KEYS
 from ..run.checks import ConfigError
 from ..run.failures import first_line
 from ..run.run_dir import RunFiles
+from ..timm_models import create_timm_model
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # torch's unpickling errors set words in bold
 
@@ -48,9 +48,9 @@ def build_model(name: str, mode: str, num_classes: int, drop_path_rate: float) -
     """mode 'finetune': ``timm.create_model(name, num_classes=K)``; 'linear': LinearProbe on
     ``timm.create_model(name, num_classes=0)``, whose pooled features the head reads."""
     if mode == "finetune":
-        return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
+        return create_timm_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate)
     if mode == "linear":
-        return LinearProbe(timm.create_model(name, num_classes=0), num_classes)
+        return LinearProbe(create_timm_model(name, num_classes=0), num_classes)
     raise ConfigError(f"mode must be finetune or linear, got '{mode}'")
 
 

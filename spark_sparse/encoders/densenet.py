@@ -1,0 +1,80 @@
+"""The DenseNet family (timm ``DenseNet``: DenseNet-121/161/169/201/264d, deep stems).
+
+A dense block's every layer reads the concatenation of the block's input and all earlier layers'
+outputs (pre-activation: norm + ReLU, 1x1, norm + ReLU, 3x3) and adds ``growth_rate`` channels to
+it; a transition (norm + ReLU, 1x1, 2x2 average pooling) halves width and map between blocks.
+The body is one Sequential ``features``: the stem is what runs before the first dense block, a
+stage ends at timm's feature tap at its stride (a dense block; the last stage ends with ``norm5``).
+"""
+
+from __future__ import annotations
+
+from timm.layers import BlurPool2d
+from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
+from torch import nn
+
+from .family import (EXTRAS_REFUSED, STRIDES, ChannelConcat, Converter, Family, Layout, MirrorSequential,
+                     check_strides, unsupported)
+
+
+class MirrorDenseLayer(nn.Module):
+    """timm's DenseLayer on the concatenation it is given: norm1, conv1, norm2, conv2."""
+
+    def __init__(self, layer: DenseLayer, convert: Converter, path: str):
+        super().__init__()
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            setattr(self, name, convert.leaf(getattr(layer, name), f"{path}.{name}"))
+
+    def forward(self, x):
+        return self.conv2(self.norm2(self.conv1(self.norm1(x))))
+
+
+class MirrorDenseBlock(nn.Module):
+    """timm's DenseBlock: each layer reads everything so far, its output joins it. The running
+    concatenation holds what timm's ``torch.cat`` of the list makes at each layer."""
+
+    def __init__(self, block: DenseBlock, convert: Converter, path: str):
+        super().__init__()
+        for name, layer in block.items():
+            self.add_module(name, convert(layer, f"{path}.{name}"))
+        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")  # parameter-free, a name timm's block lacks
+
+    def forward(self, x):
+        for name, layer in self.named_children():
+            if name != "concat":
+                x = self.concat(x, layer(x))
+        return x
+
+
+def layout(model: DenseNet) -> Layout:
+    """Stem: every ``features`` child before the first dense block; a stage ends at timm's tap
+    at its stride (stride 4: the first dense block; 32: ``norm5``)."""
+    order = [f"features.{name}" for name, _ in model.features.named_children()]
+    first = next(i for i, (_, m) in enumerate(model.features.named_children()) if isinstance(m, DenseBlock))
+    taps = {i["reduction"]: i for i in model.feature_info}
+    check_strides(model, sorted(r for r in taps if r > 2))
+    ends = [order.index(taps[r]["module"]) for r in STRIDES]
+    starts = [first] + [e + 1 for e in ends[:-1]]
+    stages = tuple(tuple(order[a:e + 1]) for a, e in zip(starts, ends))
+    return Layout(tuple(order[:first]), stages, tuple(taps[r]["num_chs"] for r in STRIDES))
+
+
+def _check(model: nn.Module) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, DenseLayer):
+            if module.grad_checkpointing:
+                raise unsupported(module, path, "memory-efficient (checkpointed) layers are not mirrored; "
+                                                "set memory_efficient=False")
+            if module.drop_rate > 0:
+                raise unsupported(module, path, f"dropout p={module.drop_rate} after the layer "
+                                                "(proj_drop_rate) is not mirrored; set it to 0")
+
+
+DENSENET = Family(
+    name="densenet",
+    timm_class=DenseNet,
+    mirrors={DenseBlock: MirrorDenseBlock, DenseLayer: MirrorDenseLayer, DenseTransition: MirrorSequential},
+    layout=layout,
+    check=_check,
+    refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
+)
