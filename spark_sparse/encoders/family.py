@@ -282,27 +282,30 @@ class NamedStages:
 
 @dataclass(frozen=True)
 class BlockStages:
-    """Models whose body is one Sequential ``blocks`` of stages (EfficientNet, MobileNetV3): a
-    stage runs every block after the previous stage's tap up to timm's feature tap at its stride;
-    ``head`` runs after the last, which then has ``num_features`` channels."""
+    """Models whose body is one Sequential (``blocks``: EfficientNet, MobileNetV3; ``features``:
+    RexNet) of stages: a stage runs every block after the previous stage's tap up to timm's
+    feature tap at its stride; blocks after the last tap, then ``head``, end the last stage,
+    which then has ``num_features`` channels (what timm's ``forward_features`` returns)."""
 
     stem: tuple[str, ...]
     head: tuple[str, ...] = ()
+    body: str = "blocks"
 
     def __call__(self, model: nn.Module) -> Layout:
         taps = {i["reduction"]: i for i in model.feature_info}  # the last tap at each stride
         check_strides(model, sorted(r for r in taps if r > 2))
         modules = [taps[r]["module"] for r in STRIDES]
-        if not all(m.startswith("blocks.") for m in modules):
-            raise ConversionError(f"{type(model).__name__}: feature taps {modules} are not blocks")
+        if not all(m.startswith(f"{self.body}.") for m in modules):
+            raise ConversionError(f"{type(model).__name__}: feature taps {modules} are not in '{self.body}'")
         ends = [int(m.split(".")[1]) for m in modules]
-        ends[-1] = len(model.blocks) - 1  # blocks after the last tap keep its stride
-        starts = [0] + [e + 1 for e in ends[:-1]]
-        stages = [tuple(f"blocks.{i}" for i in range(a, e + 1)) for a, e in zip(starts, ends)]
-        stages[-1] += self.head
+        last = len(getattr(model, self.body)) - 1
         channels = [taps[r]["num_chs"] for r in STRIDES]
-        if self.head:
+        if self.head or ends[-1] < last:
             channels[-1] = model.num_features
+        ends[-1] = last  # blocks after the last tap keep its stride
+        starts = [0] + [e + 1 for e in ends[:-1]]
+        stages = [tuple(f"{self.body}.{i}" for i in range(a, e + 1)) for a, e in zip(starts, ends)]
+        stages[-1] += self.head
         return Layout(self.stem, tuple(stages), tuple(channels))
 
 
