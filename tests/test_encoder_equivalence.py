@@ -284,6 +284,13 @@ VARIANTS.update({
     "DenseNet with a deep 3x3 stem": ("densenet264d", {"block_config": (1, 2, 1, 1), "growth_rate": 8}),
 })
 
+# timm's rexnet module: linear bottlenecks whose input joins their first channels, SE with a batch
+# norm on the pooled vectors, a final 1x1 conv-norm-act ending the last stage
+VARIANTS.update({
+    "ReXNet: partial residuals, SE with a batch norm inside, SiLU and ReLU6": ("rexnet_100", {}),
+    "ReXNet with rounded channels": ("rexnetr_100", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -291,7 +298,7 @@ VARIANTS.update({
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout", "densenet121"}
+              "test_mambaout", "densenet121", "rexnet_100"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -42,7 +42,8 @@ from .test_pretrain import config
     ("cspdarknet53", 0.0, "bn", [0.9, 0.95]),
     ("eca_nfnet_l0", 0.0, "ln", [0.9, 0.95]),  # no norm: batch-independent, as the GroupNorm nets
     ("nf_resnet50", 0.0, "ln", [0.9, 0.95]),
-    ("densenet121", 0.0, "bn", [0.9, 0.95]),  # a batch-norm net: the ResNet recipe
+    ("densenet121", 0.0, "bn", [0.9, 0.95]),  # batch-norm nets: the ResNet recipe
+    ("rexnet_150", 0.0, "bn", [0.9, 0.95]),
     ("mambaout_tiny", 0.0, "ln", [0.9, 0.999]),  # layer-norm nets: the ConvNeXt recipe, by size
     ("mambaout_small", 0.2, "ln", [0.9, 0.999]),
     ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),

@@ -29,6 +29,7 @@ ALL_DEPTHS["MambaOut (a block a stage)"] = ("mambaout_femto", {"depths": (1, 1, 
 ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("test_mambaout", {})
 ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (2, 2, 2, 2)})
 ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
+ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -204,10 +205,12 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_mambaout_with_gradient_checkpointing_is_refused_by_path(engine):
-    model = timm.create_model("test_mambaout", pretrained=False, num_classes=0)
+@pytest.mark.parametrize("name, where", [("test_mambaout", r"MambaOutStage at 'stages\.0'"),
+                                         ("rexnet_100", r"RexNet at 'features'")])
+def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
+    model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)
-    with pytest.raises(ConversionError, match=r"MambaOutStage at 'stages\.0': gradient checkpointing"):
+    with pytest.raises(ConversionError, match=f"{where}: gradient checkpointing"):
         engine_class(engine).from_timm(model)
 
 

@@ -16,9 +16,10 @@ from .nfnet import NFNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
+from .rexnet import REXNET
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET)
 
 
 def family_of(model: nn.Module) -> Family:
