@@ -291,6 +291,10 @@ VARIANTS.update({
     "ReXNet with rounded channels": ("rexnetr_100", {}),
 })
 
+# timm's ghostnet module (version 1): ghost modules (a 1x1 and a depthwise 3x3 of it side by side),
+# strided depthwise convolutions, hard-sigmoid SE, depthwise + 1x1 shortcuts
+VARIANTS["GhostNet: ghost modules, strided depthwise 3x3/5x5, SE, depthwise shortcuts"] = ("ghostnet_050", {})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -298,7 +302,7 @@ VARIANTS.update({
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout", "densenet121", "rexnet_100"}
+              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -29,7 +29,7 @@ ALL_DEPTHS["MambaOut (a block a stage)"] = ("mambaout_femto", {"depths": (1, 1, 
 ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("test_mambaout", {})
 ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (2, 2, 2, 2)})
 ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
-ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100", "ghostnet_050"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -206,12 +206,22 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("name, where", [("test_mambaout", r"MambaOutStage at 'stages\.0'"),
-                                         ("rexnet_100", r"RexNet at 'features'")])
+                                         ("rexnet_100", r"RexNet at 'features'"),
+                                         ("ghostnet_050", r"GhostNet at 'blocks'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)
     with pytest.raises(ConversionError, match=f"{where}: gradient checkpointing"):
         engine_class(engine).from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_ghostnets_v2_and_v3_are_refused_by_path(engine):
+    engine = engine_class(engine)
+    for name, message in {"ghostnetv2_100": r"GhostModuleV2 at 'blocks\.2\.0\.ghost1': GhostNetV2's DFC attention",
+                          "ghostnetv3_050": r"GhostBottleneckV3 at 'blocks\.0\.0': GhostNetV3's"}.items():
+        with pytest.raises(ConversionError, match=f"cannot convert {message}"):
+            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
 
 
 def test_a_drop_path_rate_for_a_model_without_stochastic_depth_is_refused_in_one_line():

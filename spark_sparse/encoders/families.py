@@ -11,6 +11,7 @@ from .cspnet import CSPNET
 from .densenet import DENSENET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
+from .ghostnet import GHOSTNET
 from .mambaout import MAMBAOUT
 from .nfnet import NFNET
 from .regnet import REGNET
@@ -19,7 +20,7 @@ from .resnetv2 import RESNETV2
 from .rexnet import REXNET
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET)
 
 
 def family_of(model: nn.Module) -> Family:
