@@ -25,8 +25,9 @@ TEST_WORKERS ?= auto
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
-# `make bench`: the speed benchmark at the speed targets' settings, one model of each family
-# (about 2 hours on 2 cores, most of it the whole SparK step with its 768-wide decoder;
+# `make bench`: the speed benchmark at the speed targets' settings, one model of each family that
+# had a speed target (NFNet, MambaOut, DenseNet, RexNet, GhostNet and MobileNetV4 are measured by
+# the `benchmarks.sparse_vs_dense` commands their README sections quote) (about 2 hours on 2 cores, most of it the whole SparK step with its 768-wide decoder;
 # BENCH_ARGS with passes=[fwd_bwd] alone takes about 15 minutes)
 # and a short mask-ratio ablation (about 5), then the README's tables and docs/ plots are
 # refreshed. Override the grids with BENCH_ARGS / ABLATION_ARGS; ARGS is appended to the speed
