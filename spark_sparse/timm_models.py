@@ -10,10 +10,8 @@ from torch import nn
 
 def create_timm_model(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)``, with one-line ValueErrors for an
-    unknown name or an argument the model does not take. A zero ``drop_path_rate`` is left out:
-    models without stochastic depth (DenseNet) take no such argument, and zero is its default."""
-    if not kwargs.get("drop_path_rate", 1):
-        kwargs.pop("drop_path_rate")
+    unknown name or an argument the model does not take. A model without stochastic depth
+    (DenseNet) takes no ``drop_path_rate``: a zero one is then left out, as it asks for nothing."""
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as err:  # timm's "Unknown model"
@@ -22,6 +20,8 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if unexpected is None:
             raise
-        value = kwargs.get(unexpected[1])
-        raise ValueError(f"timm model '{name}' takes no {unexpected[1]} (got {value}); "
+        key = unexpected[1]
+        if key == "drop_path_rate" and not kwargs[key]:
+            return create_timm_model(name, **{k: v for k, v in kwargs.items() if k != key})
+        raise ValueError(f"timm model '{name}' takes no {key} (got {kwargs.get(key)}); "
                          f"leave it at its default") from None

@@ -91,8 +91,9 @@ class MirrorSequential(nn.Sequential):
 
 
 class MirrorConvNormAct(nn.Module):
-    """timm's ConvNormAct: convolution, then batch norm with its activation, then anti-aliasing
-    where it has one (a leaf: a 2x2 average pooling converts, a blur pooling is refused)."""
+    """timm's ConvNormAct: convolution, then its norm with its activation (batch norm, or group
+    norm in ``regnety_040_sgn``), then anti-aliasing where it has one (a leaf: a 2x2 average
+    pooling converts, a blur pooling is refused)."""
 
     def __init__(self, block: ConvNormAct, convert: Converter, path: str):
         super().__init__()
