@@ -221,9 +221,12 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
         return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else PatchPooling("max", 3, 2)
-    if isinstance(pool, nn.AvgPool2d) and (k, s, p) == (2, 2, 0):
-        # avg-down shortcut: mask-aligned 2x2 windows are fully visible or fully hidden
-        return ME.MinkowskiAvgPooling(2, stride=2, dimension=2) if stock else PatchPooling("avg", 2, 2)
+    if (k, s, p) == (2, 2, 0):
+        # avg-down shortcuts, anti-aliasing, VGG's and DenseNet's pooling: mask-aligned 2x2
+        # windows are fully visible or fully hidden
+        if isinstance(pool, nn.AvgPool2d):
+            return ME.MinkowskiAvgPooling(2, stride=2, dimension=2) if stock else PatchPooling("avg", 2, 2)
+        return ME.MinkowskiMaxPooling(2, stride=2, dimension=2) if stock else PatchPooling("max", 2, 2)
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}")
 
 

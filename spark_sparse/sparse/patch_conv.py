@@ -240,8 +240,10 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
         return (self.gain * self.scale).view(-1)
 
 class PatchPooling(nn.Module):
-    """Max (3x3, stride 2, over present sites) or average (2x2, stride 2) pooling. ``fill``: what
-    an absent site reads in max pooling (-inf: nothing; 0: as a zero padding would)."""
+    """Max (3x3, stride 2, over present sites; or 2x2, stride 2) or average (2x2, stride 2)
+    pooling. ``fill``: what an absent site reads in 3x3 max pooling (-inf: nothing; 0: as a zero
+    padding would). Non-overlapping windows lie inside one patch (the mask is aligned to the
+    coarsest grid): a patch's rows are its channels-last map, pooled by torch, with no index table."""
 
     fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
 
@@ -255,12 +257,14 @@ class PatchPooling(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
-        s = sites.sites_per_side(x.tensor_stride[0])
-        tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, self.kernel_size, self.stride))
-        if self.mode == "max":
-            out = TileMaxPool.apply(x.F, tile, self.kernel_size, self.stride, self.fill)
-        else:  # mask-aligned 2x2 windows lie inside one patch: always complete
-            out = tile_rows(F.avg_pool2d(gather_tiles(x.F, tile), self.kernel_size, self.stride))
+        s, k = sites.sites_per_side(x.tensor_stride[0]), self.kernel_size
+        if k == self.stride:  # each patch a channels-last (C, s, s) map: torch's own pooling (and ties)
+            pool = F.max_pool2d if self.mode == "max" else F.avg_pool2d
+            maps = x.F.view(-1, s, s, x.F.shape[1]).permute(0, 3, 1, 2)
+            out = pool(maps, k, k).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
+        else:
+            tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, k, self.stride))
+            out = TileMaxPool.apply(x.F, tile, k, self.stride, self.fill)
         if self.relu:
             out = F.relu(out)
         key = sites.key(x.tensor_stride[0] * self.stride)
@@ -268,7 +272,8 @@ class PatchPooling(nn.Module):
 
     def extra_repr(self) -> str:
         relu = ", then ReLU" if self.relu else ""
-        fill = f", absent sites read {self.fill}" if self.mode == "max" and self.fill != float("-inf") else ""
+        overlapping = self.kernel_size != self.stride
+        fill = f", absent sites read {self.fill}" if overlapping and self.fill != float("-inf") else ""
         return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{fill}{relu}"
 
 
