@@ -3,7 +3,7 @@
 A dense block's every layer reads the concatenation of the block's input and all earlier layers'
 outputs (pre-activation: norm + ReLU, 1x1, norm + ReLU, 3x3) and adds ``growth_rate`` channels to
 it; a transition (norm + ReLU, 1x1, 2x2 average pooling) halves width and map between blocks.
-The body is one Sequential ``features``: the stem is what runs before the first dense block, a
+The body is one Sequential ``features``: the stem runs up to the stride-2 tap (the stem's norm), a
 stage ends at timm's feature tap at its stride (a dense block; the last stage ends with ``norm5``).
 """
 
@@ -13,8 +13,7 @@ from timm.layers import BlurPool2d
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, STRIDES, ChannelConcat, Converter, Family, Layout, MirrorSequential,
-                     check_strides, unsupported)
+from .family import EXTRAS_REFUSED, ChannelConcat, ChildStages, Converter, Family, MirrorSequential, unsupported
 
 
 class MirrorDenseLayer(nn.Module):
@@ -46,19 +45,6 @@ class MirrorDenseBlock(nn.Module):
         return x
 
 
-def layout(model: DenseNet) -> Layout:
-    """Stem: every ``features`` child before the first dense block; a stage ends at timm's tap
-    at its stride (stride 4: the first dense block; 32: ``norm5``)."""
-    order = [f"features.{name}" for name, _ in model.features.named_children()]
-    first = next(i for i, (_, m) in enumerate(model.features.named_children()) if isinstance(m, DenseBlock))
-    taps = {i["reduction"]: i for i in model.feature_info}
-    check_strides(model, sorted(r for r in taps if r > 2))
-    ends = [order.index(taps[r]["module"]) for r in STRIDES]
-    starts = [first] + [e + 1 for e in ends[:-1]]
-    stages = tuple(tuple(order[a:e + 1]) for a, e in zip(starts, ends))
-    return Layout(tuple(order[:first]), stages, tuple(taps[r]["num_chs"] for r in STRIDES))
-
-
 def _check(model: nn.Module) -> None:
     for path, module in model.named_modules():
         if isinstance(module, DenseLayer):
@@ -74,7 +60,7 @@ DENSENET = Family(
     name="densenet",
     timm_class=DenseNet,
     mirrors={DenseBlock: MirrorDenseBlock, DenseLayer: MirrorDenseLayer, DenseTransition: MirrorSequential},
-    layout=layout,
+    layout=ChildStages(),
     check=_check,
     refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
 )

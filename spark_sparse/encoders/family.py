@@ -333,6 +333,27 @@ class TappedStages:
         return Layout(tuple(order[:ends[0] + 1]), stages, tuple(taps[r][1] for r in STRIDES))
 
 
+@dataclass(frozen=True)
+class ChildStages:
+    """Models whose body is one Sequential (``features``: VGG, DenseNet) with timm's feature taps
+    among its children: the stem runs up to the last tap below stride 4, a stage from there up
+    to its stride's tap; the stride-32 tap must be the last child (VGG's last max pooling,
+    DenseNet's ``norm5``)."""
+
+    body: str = "features"
+
+    def __call__(self, model: nn.Module) -> Layout:
+        order = [f"{self.body}.{name}" for name, _ in getattr(model, self.body).named_children()]
+        taps = {i["reduction"]: i for i in model.feature_info}  # the last tap at each stride
+        check_strides(model, sorted(r for r in taps if r > 2))
+        if taps[STRIDES[-1]]["module"] != order[-1]:
+            raise ConversionError(f"{type(model).__name__}: '{order[-1]}' runs after the stride-32 tap")
+        ends = [max((order.index(taps[r]["module"]) for r in taps if r < STRIDES[0]), default=-1)]
+        ends += [order.index(taps[r]["module"]) for r in STRIDES]
+        stages = tuple(tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:]))
+        return Layout(tuple(order[:ends[0] + 1]), stages, tuple(taps[r]["num_chs"] for r in STRIDES))
+
+
 class StemPool(NamedTuple):
     """A stem that ends in an activation then a max pooling (top-level module names). An engine may
     pool first (they commute for ReLU), and hidden zeros never win the pooling after a ReLU."""
