@@ -295,6 +295,14 @@ VARIANTS.update({
 # strided depthwise convolutions, hard-sigmoid SE, depthwise + 1x1 shortcuts
 VARIANTS["GhostNet: ghost modules, strided depthwise 3x3/5x5, SE, depthwise shortcuts"] = ("ghostnet_050", {})
 
+# timm's vgg module: plain 3x3 convolutions at every stride from 1, 2x2 max poolings (a small head MLP:
+# timm's 7x7 pre-logits convolution is kept, not run)
+SMALL_VGG_HEAD = {"mlp_ratio": 1 / 64}
+VARIANTS.update({
+    "VGG with batch norm: stride-1 and stride-2 convolutions in the stem, 2x2 max poolings": ("vgg11_bn", SMALL_VGG_HEAD),
+    "VGG without norms": ("vgg11", SMALL_VGG_HEAD),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -302,7 +310,7 @@ VARIANTS["GhostNet: ghost modules, strided depthwise 3x3/5x5, SE, depthwise shor
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050"}
+              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -30,6 +30,7 @@ ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("t
 ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (2, 2, 2, 2)})
 ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
 ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100", "ghostnet_050"]})
+ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) for name in ["vgg11", "vgg11_bn"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (

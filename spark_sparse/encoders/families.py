@@ -18,9 +18,10 @@ from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
 from .rexnet import REXNET
+from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY)
 
 
 def family_of(model: nn.Module) -> Family:
