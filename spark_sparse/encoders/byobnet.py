@@ -18,7 +18,7 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
 from torch import nn
 
-from .family import Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages, unsupported
+from .family import Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages, refuse_checkpointing
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
 # shortcut and the activation)
@@ -124,8 +124,7 @@ REFUSED = {
 
 
 def _check(model: nn.Module) -> None:
-    if getattr(model, "grad_checkpointing", False):
-        raise unsupported(model, "stages", "gradient checkpointing is not mirrored; turn it off")
+    refuse_checkpointing(model, "stages")
 
 
 BYOBNET = Family(

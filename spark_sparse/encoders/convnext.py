@@ -12,7 +12,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from .family import Converter, Family, LayerScale, NamedStages, unsupported
+from .family import Converter, Family, LayerScale, MirrorDownsampleBlocks, NamedStages, unsupported
 
 
 def _reject_dropout(module: nn.Module, path: str) -> None:
@@ -58,16 +58,6 @@ class MirrorConvNeXtBlock(nn.Module):
         return self.drop_path(x) + shortcut
 
 
-class MirrorConvNeXtStage(nn.Module):
-    def __init__(self, stage: ConvNeXtStage, convert: Converter, path: str):
-        super().__init__()
-        self.downsample = convert(stage.downsample, f"{path}.downsample")
-        self.blocks = convert(stage.blocks, f"{path}.blocks")
-
-    def forward(self, x):
-        return self.blocks(self.downsample(x))
-
-
 def _check(model: nn.Module) -> None:
     if getattr(model, "grad_checkpointing", False) or any(
             getattr(s, "grad_checkpointing", False) for s in model.stages):
@@ -77,7 +67,7 @@ def _check(model: nn.Module) -> None:
 CONVNEXT = Family(
     name="convnext",
     timm_class=ConvNeXt,
-    mirrors={ConvNeXtStage: MirrorConvNeXtStage, ConvNeXtBlock: MirrorConvNeXtBlock,
+    mirrors={ConvNeXtStage: MirrorDownsampleBlocks, ConvNeXtBlock: MirrorConvNeXtBlock,
              Mlp: MirrorMlp, GlobalResponseNormMlp: MirrorMlp},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("norm_pre", "head.norm", "head.pre_logits"),

@@ -22,7 +22,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from .family import (EXTRAS_REFUSED, BlockStages, Converter, Family, MirrorConvNormAct, MirrorLayerScale,
-                     reject_extras, unsupported)
+                     refuse_checkpointing, reject_extras)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -68,8 +68,7 @@ REFUSED = {
 
 
 def _check(model: nn.Module) -> None:
-    if getattr(model, "grad_checkpointing", False):
-        raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
+    refuse_checkpointing(model, "blocks")
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,

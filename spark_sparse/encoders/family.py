@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame,
-                         StdConv2d, StdConv2dSame)
+from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d,
+                         ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act
 from timm.models.nfnet import GammaAct
 from torch import nn
@@ -90,6 +90,19 @@ class MirrorSequential(nn.Sequential):
                                      for name, child in _zero_pads_fused(module.named_children())))
 
 
+class MirrorDownsampleBlocks(nn.Module):
+    """A stage that is a ``downsample`` (an identity in the first) then its Sequential ``blocks``
+    (timm's ConvNeXtStage, MambaOutStage)."""
+
+    def __init__(self, stage: nn.Module, convert: Converter, path: str):
+        super().__init__()
+        self.downsample = convert(stage.downsample, f"{path}.downsample")
+        self.blocks = convert(stage.blocks, f"{path}.blocks")
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
 class MirrorConvNormAct(nn.Module):
     """timm's ConvNormAct: convolution, then its norm with its activation (batch norm, or group
     norm in ``regnety_040_sgn``), then anti-aliasing where it has one (a leaf: a 2x2 average
@@ -123,6 +136,13 @@ def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
         sub = getattr(block, name, None)
         if sub is not None and not isinstance(sub, nn.Identity):
             raise unsupported(sub, f"{path}.{name}", EXTRAS_REFUSED[name])
+
+
+def refuse_checkpointing(module: nn.Module, path: str) -> None:
+    """Refuse a module whose timm forward checkpoints (``grad_checkpointing``): no engine mirrors
+    timm's re-run of its blocks in backward."""
+    if getattr(module, "grad_checkpointing", False):
+        raise unsupported(module, path, "gradient checkpointing is not mirrored; turn it off")
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ from timm.models.ghostnet import GhostBottleneck, GhostBottleneckV3, GhostModule
 from torch import nn
 
 from .efficientnet import MirrorEfficientBlock
-from .family import BlockStages, ChannelConcat, Converter, Family, unsupported
+from .family import BlockStages, ChannelConcat, Converter, Family, refuse_checkpointing, unsupported
 
 
 class MirrorGhostModule(nn.Module):
@@ -53,9 +53,11 @@ class MirrorGhostBottleneck(nn.Module):
         return self.ghost2(y) + self.shortcut(x)
 
 
+V3_REFUSED = "GhostNetV3's re-parameterisable branches are not mirrored; use a ghostnet_* (version 1) model"
+
+
 def _check(model: nn.Module) -> None:
-    if model.grad_checkpointing:
-        raise unsupported(model, "blocks", "gradient checkpointing is not mirrored; turn it off")
+    refuse_checkpointing(model, "blocks")
 
 
 GHOSTNET = Family(
@@ -68,7 +70,7 @@ GHOSTNET = Family(
     refused={
         GhostModuleV2: "GhostNetV2's DFC attention pools the map and upsamples it back across patch borders; "
                        "use a ghostnet_* (version 1) model",
-        GhostModuleV3: "GhostNetV3's re-parameterisable branches are not mirrored; use a ghostnet_* (version 1) model",
-        GhostBottleneckV3: "GhostNetV3's re-parameterisable branches are not mirrored; use a ghostnet_* (version 1) model",
+        GhostModuleV3: V3_REFUSED,
+        GhostBottleneckV3: V3_REFUSED,
     },
 )

@@ -16,7 +16,8 @@ from timm.layers import LayerScale
 from timm.models.mambaout import Downsample, DownsampleNormFirst, GatedConvBlock, MambaOut, MambaOutStage, Stem
 from torch import nn
 
-from .family import ChannelConcat, ChannelSplit, Converter, Family, MirrorLayerScale, NamedStages, Product, unsupported
+from .family import (ChannelConcat, ChannelSplit, Converter, Family, MirrorDownsampleBlocks, MirrorLayerScale,
+                     NamedStages, Product, refuse_checkpointing)
 
 
 class MirrorStem(nn.Module):
@@ -70,27 +71,16 @@ class MirrorGatedConvBlock(nn.Module):
         return self.drop_path(self.ls(y)) + x
 
 
-class MirrorMambaOutStage(nn.Module):
-    def __init__(self, stage: MambaOutStage, convert: Converter, path: str):
-        super().__init__()
-        self.downsample = convert(stage.downsample, f"{path}.downsample")
-        self.blocks = convert(stage.blocks, f"{path}.blocks")
-
-    def forward(self, x):
-        return self.blocks(self.downsample(x))
-
-
 def _check(model: nn.Module) -> None:
     for i, stage in enumerate(model.stages):
-        if stage.grad_checkpointing:
-            raise unsupported(stage, f"stages.{i}", "gradient checkpointing is not mirrored; turn it off")
+        refuse_checkpointing(stage, f"stages.{i}")
 
 
 MAMBAOUT = Family(
     name="mambaout",
     timm_class=MambaOut,
     mirrors={Stem: MirrorStem, Downsample: MirrorDownsample, DownsampleNormFirst: MirrorDownsample,
-             GatedConvBlock: MirrorGatedConvBlock, MambaOutStage: MirrorMambaOutStage, LayerScale: MirrorLayerScale},
+             GatedConvBlock: MirrorGatedConvBlock, MambaOutStage: MirrorDownsampleBlocks, LayerScale: MirrorLayerScale},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("head.norm", "head.pre_logits"),
     check=_check,

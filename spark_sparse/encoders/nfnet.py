@@ -18,7 +18,8 @@ from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock, NormFreeNe
 from torch import nn
 
 from .byobnet import MirrorDownsampleAvg  # the same shortcut: 2x2 average pooling, then a 1x1 convolution
-from .family import STRIDES, ConversionError, Converter, Family, Layout, LayerScale, Scale, unsupported
+from .family import (STRIDES, ConversionError, Converter, Family, Layout, LayerScale, Scale, refuse_checkpointing,
+                     unsupported)
 
 # GammaAct's activations that keep zero at zero (the engines run it on visible sites only)
 ZERO_KEEPING_ACTS = {"relu", "relu6", "leaky_relu", "silu", "swish", "gelu", "elu", "celu", "selu", "tanh",
@@ -75,8 +76,7 @@ def _layout(model: NormFreeNet) -> Layout:
 
 
 def _check(model: NormFreeNet) -> None:
-    if model.grad_checkpointing:
-        raise unsupported(model, "stages", "gradient checkpointing is not mirrored; turn it off")
+    refuse_checkpointing(model, "stages")
     for path, module in model.named_modules():
         if isinstance(module, GammaAct):
             name = getattr(module.act_fn, "__name__", repr(module.act_fn))

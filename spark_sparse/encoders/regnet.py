@@ -11,7 +11,7 @@ from timm.layers import ConvNormAct
 from timm.models.regnet import Bottleneck, RegNet, RegStage
 from torch import nn
 
-from .family import Converter, Family, MirrorConvNormAct, NamedStages, unsupported
+from .family import Converter, Family, MirrorConvNormAct, NamedStages, refuse_checkpointing, unsupported
 
 
 class MirrorRegBottleneck(nn.Module):
@@ -47,8 +47,7 @@ class MirrorRegStage(nn.Module):
 def _check(model: nn.Module) -> None:
     for name in ("s1", "s2", "s3", "s4"):
         stage = getattr(model, name)
-        if getattr(stage, "grad_checkpointing", False):
-            raise unsupported(stage, name, "gradient checkpointing is not mirrored; turn it off")
+        refuse_checkpointing(stage, name)
         for block_name, block in stage.named_children():
             if type(block) is not Bottleneck:
                 raise unsupported(block, f"{name}.{block_name}", "only RegNet's post-activation "

@@ -20,7 +20,7 @@ from timm.models.resnetv2 import (Bottleneck, DownsampleAvg, DownsampleConv, Pre
                                   ResNetStage, ResNetV2)
 from torch import nn
 
-from .family import Converter, Family, NamedStages, unsupported
+from .family import Converter, Family, NamedStages, refuse_checkpointing
 
 
 class _MirrorLeaves(nn.Module):
@@ -113,8 +113,7 @@ UNMIRRORED_WHY = ("EvoNorm and filter response norms are not mirrored (their sta
 
 def _check(model: nn.Module) -> None:
     for name, stage in model.stages.named_children():
-        if stage.grad_checkpointing:
-            raise unsupported(stage, f"stages.{name}", "gradient checkpointing is not mirrored; turn it off")
+        refuse_checkpointing(stage, f"stages.{name}")
 
 
 RESNETV2 = Family(

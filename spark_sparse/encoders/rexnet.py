@@ -12,7 +12,7 @@ from timm.layers import ConvNormAct
 from timm.models.rexnet import LinearBottleneck, RexNet
 from torch import nn
 
-from .family import BlockStages, ChannelConcat, ChannelSplit, Converter, Family, MirrorConvNormAct, unsupported
+from .family import BlockStages, ChannelConcat, ChannelSplit, Converter, Family, MirrorConvNormAct, refuse_checkpointing
 
 
 class MirrorLinearBottleneck(nn.Module):
@@ -47,8 +47,7 @@ class MirrorLinearBottleneck(nn.Module):
 
 
 def _check(model: nn.Module) -> None:
-    if model.grad_checkpointing:
-        raise unsupported(model, "features", "gradient checkpointing is not mirrored; turn it off")
+    refuse_checkpointing(model, "features")
 
 
 REXNET = Family(

@@ -262,7 +262,8 @@ class SparseChannelSplit(ChannelSplit):
 
 def _same_sites(a: ME.SparseTensor, b: ME.SparseTensor, what: str) -> None:
     if a.coordinate_map_key != b.coordinate_map_key:
-        raise ValueError(f"cannot {what} tensors on different sites ({a.coordinate_map_key} and {b.coordinate_map_key})")
+        raise ValueError(f"cannot {what} tensors on different sites "
+                         f"({a.coordinate_map_key} and {b.coordinate_map_key})")
 
 
 class SparseChannelConcat(ChannelConcat):
