@@ -27,6 +27,7 @@ import torch
 from timm.layers import StdConv2dSame
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
+from timm.models.mambaout import GatedConvBlock
 from timm.models.mobilenetv3 import MobileNetV3
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch, randomise_norms
@@ -337,6 +338,17 @@ def test_every_kind_of_universal_inverted_residual_equals_dense_masked_and_plain
             got = encoder.dense_features(images.double(), active)
             for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
                 assert rel_err(g, p) < 1e-9
+
+
+def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):
+    """MambaOut without fc2's bias: only the gated product says its hidden sites hold values (both
+    factors do, from fc1's bias), and the block's sum must clean them."""
+    model = copy.deepcopy(timm_models("test_mambaout"))
+    for block in model.modules():
+        if isinstance(block, GatedConvBlock):
+            block.fc2.register_parameter("bias", None)
+    images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
+    assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
 
 
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
