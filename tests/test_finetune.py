@@ -187,20 +187,25 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     assert not run.exists()  # a refused command leaves no trace
 
 
-@pytest.mark.parametrize("model,opt,base_lr,layer_decay,mixup,drop_path", [
-    ("resnet50", "lamb", 2e-3, 0.7, 0.1, 0.05),
-    ("resnet101", "lamb", 1e-3, 0.8, 0.1, 0.2),
-    ("convnext_small", "adamw", 2e-4, 0.7, 0.8, 0.3),
-    ("convnext_base", "adamw", 1e-4, 0.7, 0.8, 0.4),
+@pytest.mark.parametrize("model,opt,base_lr,layer_decay,mixup,drop_path,repeats", [
+    ("resnet50", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("resnet101", "lamb", 1e-3, 0.8, 0.1, 0.2, 1),
+    ("convnext_small", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),  # SparK: repeated augmentation for ConvNeXt
+    ("convnext_base", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),
+    # families SparK has no downstream recipe for: the ResNet entry's values (ConvNeXt's for MambaOut)
+    ("efficientnet_b0", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("mobilenetv4_conv_small", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("densenet121", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
+    ("mambaout_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
 ])
 def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
-                                                                           mixup, drop_path):
+                                                                           mixup, drop_path, repeats):
     register_resolver()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("finetune", overrides=[f"model={model}"])
         assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.layer_decay) == (opt, base_lr, layer_decay)
         assert (cfg.mixup.mixup_alpha, cfg.drop_path_rate, cfg.ema.decay) == (mixup, drop_path, 0.9999)
-        assert cfg.aug.repeats == (3 if model.startswith("convnext") else 1)  # SparK: repeated aug for ConvNeXt
+        assert cfg.aug.repeats == repeats
         assert compose("finetune", overrides=[f"model={model}", "aug.repeats=2"]).aug.repeats == 2
         cfg = compose("finetune", overrides=[f"model={model}", "optim.base_lr=0.5", "mode=linear"])
         assert (cfg.optim.name, cfg.optim.base_lr, cfg.mixup.mixup_alpha, cfg.ema.decay) == ("sgd", 0.5, 0.0, None)
