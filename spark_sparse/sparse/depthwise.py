@@ -157,16 +157,15 @@ class DepthwiseConvolution(nn.Module):
         sites = PatchSites.of(x)
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
-        weight = self.weight
+        weight, backward = self.weight, self.backward_path or backward_path(x.F.device)
         if self.stride > 1:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride, self.padding))
             out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
         elif s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
-            out = TileDepthwise.apply(x.F, weight, tile, self.backward_path or backward_path(x.F.device))
+            out = TileDepthwise.apply(x.F, weight, tile, backward)
         else:
-            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride),
-                                        self.backward_path or backward_path(x.F.device))
+            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride), backward)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride > 1:

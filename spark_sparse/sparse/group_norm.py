@@ -60,8 +60,12 @@ def _scale(invstd_p: Tensor, weight: Tensor | None, channels: int) -> Tensor:
     return (invstd_p[:, :, None] * weight.view(g, -1)).view(p, 1, channels)
 
 
-def _affine(centred: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    return centred * scale if bias is None else torch.addcmul(bias, centred, scale)
+def _activated(centred: Tensor, invstd_p: Tensor, weight: Tensor | None, bias: Tensor | None, act: nn.Module,
+               x: Tensor) -> Tensor:
+    """The normalised, activated rows of the centred ones, in the shape and dtype of the input ``x``."""
+    scale = _scale(invstd_p, weight, x.shape[1])
+    y = centred * scale if bias is None else torch.addcmul(bias, centred, scale)
+    return activate_(act, y).view_as(x).to(x.dtype)
 
 
 def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_p: Tensor, invstd_p: Tensor, image: Tensor,
@@ -70,7 +74,7 @@ def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_p: Tenso
     float32 and returned in the rows' dtype."""
     p, c = mean_p.shape[0], x.shape[1]
     centred = x.to(statistics_dtype(x.dtype)).view(p, -1, c) - _per_channel(mean_p, c)
-    return activate_(act, _affine(centred, _scale(invstd_p, weight, c), bias)).view_as(x).to(x.dtype)
+    return _activated(centred, invstd_p, weight, bias, act, x)
 
 
 class GroupNormAct(torch.autograd.Function):
@@ -89,7 +93,7 @@ class GroupNormAct(torch.autograd.Function):
         invstd_p = torch.rsqrt(var + eps).index_select(0, image)
         ctx.save_for_backward(x, weight, bias, mean_p, invstd_p, image, count)
         ctx.act = act
-        return activate_(act, _affine(centred, _scale(invstd_p, weight, c), bias)).view_as(x).to(x.dtype)
+        return _activated(centred, invstd_p, weight, bias, act, x)
 
     @staticmethod
     @autocast_backward

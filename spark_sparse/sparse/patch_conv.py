@@ -239,6 +239,7 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
     def channel_gain(self) -> Tensor:
         return (self.gain * self.scale).view(-1)
 
+
 class PatchPooling(nn.Module):
     """Max (3x3, stride 2, over present sites; or 2x2, stride 2) or average (2x2, stride 2)
     pooling. ``fill``: what an absent site reads in 3x3 max pooling (-inf: nothing; 0: as a zero
