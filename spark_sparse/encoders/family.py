@@ -232,11 +232,11 @@ class ChannelSplit(nn.Module):
 
 
 class ChannelConcat(nn.Module):
-    """(a, b) -> their channels side by side (timm's ``torch.cat(..., dim=1)``); a leaf every
+    """(a, b, ...) -> their channels side by side (timm's ``torch.cat(..., dim=1)``); a leaf every
     engine converts to its own twin."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.cat([a, b], dim=1)
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat(tensors, dim=1)
 
 
 class Product(nn.Module):

@@ -212,8 +212,9 @@ class MaskedChannelSplit(ChannelSplit):
 
 
 class MaskedChannelConcat(ChannelConcat):
-    def forward(self, a: MaskedTensor, b: MaskedTensor) -> MaskedTensor:
-        return MaskedTensor(super().forward(a.x, b.x), a.active, a.dirty or b.dirty)
+    def forward(self, *tensors: MaskedTensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(*(t.x for t in tensors)), tensors[0].active,
+                            any(t.dirty for t in tensors))
 
 
 class MaskedProduct(Product):

@@ -267,11 +267,12 @@ def _same_sites(a: ME.SparseTensor, b: ME.SparseTensor, what: str) -> None:
 
 
 class SparseChannelConcat(ChannelConcat):
-    """Two tensors' channels side by side, on the sites they share."""
+    """Tensors' channels side by side, on the sites they share."""
 
-    def forward(self, a: ME.SparseTensor, b: ME.SparseTensor) -> ME.SparseTensor:
-        _same_sites(a, b, "concatenate channels of")
-        return with_features(a, super().forward(a.F, b.F))
+    def forward(self, *tensors: ME.SparseTensor) -> ME.SparseTensor:
+        for other in tensors[1:]:
+            _same_sites(tensors[0], other, "concatenate channels of")
+        return with_features(tensors[0], super().forward(*(t.F for t in tensors)))
 
 
 class SparseProduct(Product):
