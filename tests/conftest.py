@@ -72,8 +72,9 @@ def torch_threads_kept():
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
-    convolution and skip-init gains and convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6 and
-    ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
+    convolution and skip-init gains, HGNetV2's scalar affines and convolution and linear biases (timm initialises GRN to the
+    identity, layer scale to 1e-6, scalar affines to x -> x and ConvNeXt's biases to zero, which would hide errors: a zero
+    bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -84,6 +85,9 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
             if isinstance(getattr(m, "skipinit_gain", None), torch.nn.Parameter):  # NFNet's, starts at 0
                 m.skipinit_gain.copy_(0.5 + torch.rand((), generator=g))
+            if type(m).__name__ == "LearnableAffineBlock":  # HGNetV2's: starts at x -> x
+                m.scale.copy_(0.5 + torch.rand(1, generator=g))
+                m.bias.copy_(0.1 * torch.randn(1, generator=g))
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))

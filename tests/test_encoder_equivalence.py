@@ -304,6 +304,16 @@ VARIANTS.update({
     "VGG without norms": ("vgg11", SMALL_VGG_HEAD),
 })
 
+# timm's hgnet module: blocks joining their input and every layer's output (a chain of conv-norm-acts,
+# or light 1x1 + depthwise 5x5 pairs), residual after a stage's first block, strided depthwise 3x3;
+# V2's stem: 2x2 convolutions and a 2x2 max pooling padded below and right, joined; learned scalar
+# affines after its activations (they move zero); V1's stem and effective SE (ESE) aggregation
+VARIANTS.update({
+    "PP-HGNetV2: 2x2 stem convolutions and pooling padded below/right, scalar affines, light blocks": (
+        "hgnetv2_b0", {}),
+    "PP-HGNet: 3x3 stem and max pooling, ESE aggregation": ("hgnet_tiny", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -311,7 +321,8 @@ VARIANTS.update({
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn"}
+              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
+              "hgnetv2_b0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -256,13 +256,13 @@ def test_same_padding_tile_starts_one_site_later_at_stride_two():
             assert get_same_padding(n, k, 2, 1) // 2 == k // 2 - 1
 
 
-def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
-    """A sparse strided convolution with TensorFlow's 'same' padding and timm's dense one, with
-    the same random weights (float64)."""
+def _same_padded(kind: str, k: int, c: int, stride: int = 2) -> tuple[nn.Module, Conv2dSame]:
+    """A sparse convolution with TensorFlow's 'same' padding and timm's dense one, with the same
+    random weights (float64)."""
     torch.manual_seed(0)
     groups = c if kind == "depthwise" else 2 if kind.startswith("grouped") else 1
-    dense = Conv2dSame(c, c if kind == "depthwise" else 6, k, stride=2, groups=groups, bias=True).double()
-    padding = k // 2 - 1  # what timm pads above and left of an even side at stride 2
+    dense = Conv2dSame(c, c if kind == "depthwise" else 6, k, stride=stride, groups=groups, bias=True).double()
+    padding = (k - stride) // 2  # what timm pads above and left of an even side
     path = {"tiles": "tiles", "offset GEMMs": "offsets", "window GEMMs": "windows"}.get(kind.removeprefix("grouped "))
     if kind == "depthwise":
         sparse = DepthwiseConvolution(c, k, bias=True, stride=2, padding=padding).double()
@@ -272,7 +272,7 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
         sparse = force_path(GroupedConvolution(c, 6, k, 2, groups, bias=True, padding=padding).double(), path)
         sparse.load_state_dict(dense.state_dict())
         return sparse, dense
-    sparse = PatchConvolution(c, 6, kernel_size=k, stride=2, bias=True, dimension=2, padding=padding).double()
+    sparse = PatchConvolution(c, 6, kernel_size=k, stride=stride, bias=True, dimension=2, padding=padding).double()
     force_path(sparse, path)
     with torch.no_grad():
         sparse.kernel.copy_(dense_to_me_kernel(dense.weight).view_as(sparse.kernel))
@@ -280,23 +280,29 @@ def _same_padded(kind: str, k: int, c: int) -> tuple[nn.Module, Conv2dSame]:
     return sparse, dense
 
 
+DENSE_PATHS = ["tiles", "offset GEMMs", "window GEMMs"]
+# odd kernels at stride 2 (TensorFlow ports) on every path; even ones at stride 1 (HGNetV2's 2x2
+# stem convolutions) on the dense paths: no family has an even depthwise or grouped one
+SAME_PADDED = ([(kind, k, 2) for kind in DENSE_PATHS + ["depthwise"] + [f"grouped {p}" for p in DENSE_PATHS]
+                for k in (3, 5)] + [(kind, k, 1) for kind in DENSE_PATHS for k in (2, 4)])
+
+
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
-@pytest.mark.parametrize("kernel_size", [3, 5])
-@pytest.mark.parametrize("kind", ["tiles", "offset GEMMs", "window GEMMs", "depthwise", "grouped tiles",
-                                  "grouped offset GEMMs", "grouped window GEMMs"])
-def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_map(kind, kernel_size, block):
+@pytest.mark.parametrize("kind,kernel_size,stride", SAME_PADDED)
+def test_same_padded_convolution_equals_timm_conv2d_same_on_the_masked_map(kind, kernel_size, stride, block):
     """At every visible output site (block edges included, where the off-centre window reads the
     next block or the padding below/right), the same value and the same gradients as timm's
-    dynamically padded Conv2dSame over the masked map: features, input and weight gradients."""
+    dynamically padded Conv2dSame over the masked map: features, input and weight gradients
+    (an even kernel at stride 1 reads one site more below and right than above and left)."""
     g = torch.Generator().manual_seed(3)
     b, c, grid = 3, 4, (2, 3)
     images = torch.randn(b, c, grid[0] * block, grid[1] * block, generator=g, dtype=torch.float64)
     active = random_active(b, grid, 0.5, g)
-    sparse, dense = _same_padded(kind, kernel_size, c)
+    sparse, dense = _same_padded(kind, kernel_size, c, stride)
     x = sparsify(images, active)
     feats = x.F.clone().requires_grad_()
     out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
-    size = (grid[0] * block // 2, grid[1] * block // 2)
+    size = (grid[0] * block // stride, grid[1] * block // stride)
     visible_in = upsample_active(active, images.shape[-2:])
     masked = (images * visible_in).requires_grad_()
     want = dense(masked) * upsample_active(active, size)
@@ -314,21 +320,25 @@ def test_same_padded_strided_convolution_equals_timm_conv2d_same_on_the_masked_m
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
-def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(block):
-    """BiT's stem: a zero pad then an unpadded 3x3 stride-2 max pooling, with no activation before
-    it (values of either sign): hidden sites read zero there as the padding does. Forward and
-    gradient (which goes nowhere where a zero won)."""
+@pytest.mark.parametrize("pad,kernel_size,stride", [((1, 1, 1, 1), 3, 2), ((0, 1, 0, 1), 2, 1)], ids=["BiT", "HGNetV2"])
+def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(
+        block, pad, kernel_size, stride):
+    """BiT's stem (a zero pad then an unpadded 3x3 stride-2 max pooling) and HGNetV2's (padded
+    below and right, 2x2 stride 1), with no activation before them (values of either sign): hidden
+    sites read zero there as the padding does. Forward and gradient (which goes nowhere where a
+    zero won)."""
     g = torch.Generator().manual_seed(4)
     images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
     active = random_active(3, (2, 3), 0.5, g)
     x = sparsify(images, active)
     feats = x.F.clone().requires_grad_()
-    out = PatchPooling("max", 3, 2, fill=0.0)(
+    out = PatchPooling("max", kernel_size, stride, fill=0.0)(
         ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
     visible = upsample_active(active, images.shape[-2:])
     masked = (images * visible).requires_grad_()
-    size = (block, 3 * block // 2)
-    want = nn.Sequential(nn.ConstantPad2d(1, 0.0), nn.MaxPool2d(3, 2))(masked) * upsample_active(active, size)
+    size = (2 * block // stride, 3 * block // stride)
+    want = nn.Sequential(nn.ConstantPad2d(pad, 0.0), nn.MaxPool2d(kernel_size, stride))(masked)
+    want = want * upsample_active(active, size)
     got = to_dense(out, 3, size)
     assert torch.equal(got, want)
     assert bool((want == 0).logical_and(upsample_active(active, size)).any())  # a zero won somewhere

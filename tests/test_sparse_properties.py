@@ -45,6 +45,8 @@ MODELS["densenet121"] = ("densenet121", {"block_config": (2, 2, 2, 2), "growth_r
 MODELS["rexnet_100"] = ("rexnet_100", {})  # partial residuals, SE with a batch norm
 MODELS["ghostnet_050"] = ("ghostnet_050", {})  # ghost modules
 MODELS["vgg11_bn"] = ("vgg11_bn", {"mlp_ratio": 1 / 64})  # stride-1 convolutions, 2x2 max poolings
+# 2x2 convolutions and pooling padded below and right, scalar affines that move zero; ESE attention
+MODELS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

@@ -31,6 +31,7 @@ ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (
 ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
 ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100", "ghostnet_050"]})
 ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) for name in ["vgg11", "vgg11_bn"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  # a head 1x1 kept
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -208,7 +209,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("name, where", [("test_mambaout", r"MambaOutStage at 'stages\.0'"),
                                          ("rexnet_100", r"RexNet at 'features'"),
-                                         ("ghostnet_050", r"GhostNet at 'blocks'")])
+                                         ("ghostnet_050", r"GhostNet at 'blocks'"),
+                                         ("hgnetv2_b0", r"HighPerfGpuStage at 'stages\.0'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)
@@ -295,6 +297,20 @@ def test_resnetv2_without_an_exact_twin_is_refused_by_path(engine):
     model.set_grad_checkpointing(True)
     with pytest.raises(ConversionError, match=r"ResNetStage at 'stages\.0': gradient checkpointing"):
         engine.from_timm(model)
+
+
+@needs_minkowski
+def test_hgnet_keeps_timm_names_and_its_head_convolution():
+    # the learned scalar affines keep timm's names; the head's 1x1 after pooling is kept, not trained
+    enc = create_encoder("hgnetv2_b0", "sparse")
+    assert enc.channels == [64, 256, 512, 1024]
+    state = enc.timm_state_dict()
+    assert {"stem.stem1.lab.scale", "stem.stem2a.conv.weight", "head.last_conv.0.weight"} <= state.keys()
+    assert not any(name.startswith("body.head.") for name, _ in enc.named_parameters())
+    # the 2x2 stem convolutions read one site more below and right: ours only
+    with pytest.raises(ConversionError,
+                       match=r"Conv2dSame at 'stem\.stem2a\.conv': conv='minkowski' centres its kernels"):
+        engine_class("sparse").from_timm("hgnetv2_b0", conv="minkowski")
 
 
 @needs_minkowski

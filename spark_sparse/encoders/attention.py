@@ -1,4 +1,5 @@
-"""Channel attention (squeeze-excitation, efficient channel attention) on visible sites only.
+"""Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE) on
+visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -12,17 +13,18 @@ import copy
 
 from timm.layers import EcaModule, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.models.hgnet import EseModule
 from torch import Tensor, nn
 
 from .family import unsupported
 
-ATTENTION = (SEModule, EcaModule, SqueezeExcite)
-KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se"}
+ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule)
+KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese"}
 
 
 class ChannelAttention(nn.Module):
-    """The gate of a timm SEModule, EcaModule or EfficientNet SqueezeExcite, applied to a pooled
-    (B, C) vector."""
+    """The gate of a timm SEModule, EcaModule, EfficientNet SqueezeExcite or HGNet EseModule (one
+    1x1 convolution, no reduction), applied to a pooled (B, C) vector."""
 
     def __init__(self, module: nn.Module, path: str):
         super().__init__()
@@ -41,6 +43,8 @@ class ChannelAttention(nn.Module):
         if self.kind == "se":
             y = self.fc2(self.act(self.bn(self.fc1(pooled[:, :, None, None]))))
             return self.gate(y).flatten(1)
+        if self.kind == "ese":
+            return self.sigmoid(self.conv(pooled[:, :, None, None])).flatten(1)
         if self.kind == "effnet_se":
             y = self.conv_expand(self.act1(self.conv_reduce(pooled[:, :, None, None])))
             return self.gate(y).flatten(1)

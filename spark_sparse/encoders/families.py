@@ -12,6 +12,7 @@ from .densenet import DENSENET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .family import ConversionError, Family
 from .ghostnet import GHOSTNET
+from .hgnet import HGNET
 from .mambaout import MAMBAOUT
 from .nfnet import NFNET
 from .regnet import REGNET
@@ -21,7 +22,8 @@ from .rexnet import REXNET
 from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
-                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY)
+                                RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
+                                HGNET)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from timm.layers import BatchNormAct2d, DropPath, GroupNormAct
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
 
 from ..mask import upsample_active
@@ -248,6 +249,20 @@ class MaskedPointwise(nn.Module):
         return inp._replace(x=self.module(inp.x))
 
 
+class MaskedScalarAffine(nn.Module):
+    """``scale * x + bias`` with learned scalars (HGNetV2's LearnableAffineBlock, timm's names), in
+    the map's dtype: hidden sites get the bias, so whatever reads the map next masks it."""
+
+    def __init__(self, module: LearnableAffineBlock):
+        super().__init__()
+        self.scale = nn.Parameter(module.scale.detach().clone())
+        self.bias = nn.Parameter(module.bias.detach().clone())
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = torch.addcmul(self.bias, inp.x, self.scale).to(inp.x.dtype)
+        return MaskedTensor(x, inp.active, dirty=True)
+
+
 POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
 
 
@@ -290,6 +305,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGlobalResponseNorm(module)
     if type(module) is LayerScale:
         return MaskedLayerScale()
+    if type(module) is LearnableAffineBlock:
+        return MaskedScalarAffine(module)
     if type(module) in ATTENTION:
         return MaskedChannelAttention(module, path)
     if type(module) in POINTWISE:

@@ -15,6 +15,7 @@ import torch
 from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
                          StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
 
 from ..precision import statistics_dtype
@@ -29,7 +30,8 @@ from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPoo
 from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
-                              SparseLayerNorm, SparseLayerScale, SparseLinear, image_of_rows, with_features)
+                              SparseLayerNorm, SparseLayerScale, SparseLinear, SparseScalarAffine, image_of_rows,
+                              with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
@@ -93,7 +95,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     centred = kh % 2 == 1 and ph == kh // 2
     # TensorFlow's 'same' at stride 2: the window starts one site later (patch_sites.tile_geometry)
     shifted = kh % 2 == 1 and sh == 2 and ph == kh // 2 - 1
-    padding = ph if shifted else None
+    # and for an even kernel at stride 1 (HGNetV2's 2x2 stem): one site more below and right
+    same = isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False)
+    even = same and kh % 2 == 0 and sh == 1
+    padding = ph if shifted or even else None
     bias = conv.bias is not None
     scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))  # NFNet's: times a learned gain
     if scaled or isinstance(conv, (StdConv2d, StdConv2dSame)):
@@ -106,7 +111,7 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
             grouped = ScaledStdGroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias,
                                                   padding, eps=conv.eps, scale=conv.scale)
             return _copy_weights(conv, grouped)
-    elif shifted and impl == "minkowski":
+    elif (shifted or even) and impl == "minkowski":
         raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
                                       "needs conv='patch'")
     if conv.groups > 1 and kh == 1 and ph == 0 and impl == "patch":  # no neighbours: rows and GEMMs
@@ -126,7 +131,7 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")
         return _copy_weights(conv, PatchifyConvolution(conv.in_channels, conv.out_channels, kh, bias))
-    if not (centred or shifted):
+    if not (centred or shifted or (even and conv.groups == 1)):
         raise unsupported(conv, path, f"kernel {kh}, stride {sh}, padding {ph} is not a centred "
                                       "odd kernel, TensorFlow 'same' padding nor a non-overlapping one")
     settings = dict(kernel_size=kh, stride=sh, bias=conv.bias is not None, dimension=2)
@@ -232,12 +237,17 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
 
 def _sparse_zero_padded_pool(module: ZeroPaddedMaxPool, path: str, impl: str) -> PatchPooling:
     pad, pool = module.pad.padding, module.pool
-    geometry = (to_2tuple(pool.kernel_size), to_2tuple(pool.stride), to_2tuple(pool.dilation), pool.ceil_mode)
-    if impl == "minkowski" or pad != (1, 1, 1, 1) or geometry != ((3, 3), (2, 2), (1, 1), False):
+    geometry = (to_2tuple(pool.kernel_size), to_2tuple(pool.stride), to_2tuple(pool.dilation))
+    # BiT's: 3x3 stride 2 over a map padded by 1 (floor, as timm's); HGNetV2's: 2x2 stride 1, padded
+    # below and right (its ceil_mode changes nothing there)
+    bit = pad == (1, 1, 1, 1) and geometry == ((3, 3), (2, 2), (1, 1)) and not pool.ceil_mode
+    hgnet = pad == (0, 1, 0, 1) and geometry == ((2, 2), (1, 1), (1, 1))
+    if impl == "minkowski" or not (bit or hgnet):
         raise unsupported(module, path, f"zero pad {pad} then max pooling (kernel {pool.kernel_size}, stride "
                                         f"{pool.stride}) with conv='{impl}': only a 3x3 stride-2 one padded "
-                                        "by 1 with conv='patch'")
-    return PatchPooling("max", 3, 2, fill=0.0)  # hidden sites read zero, as the padding
+                                        "by 1, or a 2x2 stride-1 one padded below and right, with conv='patch'")
+    k = geometry[0][0]
+    return PatchPooling("max", k, geometry[1][0], fill=0.0)  # hidden sites read zero, as the padding
 
 
 class SparseChannelAttention(ChannelAttention):
@@ -324,6 +334,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
         return _sparse_zero_padded_pool(module, path, conv)
+    if kind is LearnableAffineBlock:
+        return _copy_weights(module, SparseScalarAffine())
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
     if kind is ChannelSplit:

@@ -1,5 +1,5 @@
 """Operators on each visible site's feature row, or on each image's rows: layer norm, linear,
-activations, per-image scales (squeeze-excitation gates), layer scale, drop path, and
+activations, scalar affines, per-image scales (squeeze-excitation gates), layer scale, drop path, and
 ConvNeXt-V2's global response norm. Batch norm with its activation is in norm_act.py.
 
 They read and return ``MinkowskiEngine.SparseTensor``s on the input's coordinates and keep
@@ -75,6 +75,19 @@ class SparseActivation(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         return with_features(x, self.act(x.F))
+
+
+class SparseScalarAffine(nn.Module):
+    """``scale * x + bias`` with learned scalars (HGNetV2's LearnableAffineBlock, timm's names),
+    in the rows' dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, torch.addcmul(self.bias, x.F, self.scale).to(x.F.dtype))
 
 
 class SparseLayerScale(nn.Module):
