@@ -10,6 +10,7 @@ from .convnext import CONVNEXT
 from .cspnet import CSPNET
 from .densenet import DENSENET
 from .efficientnet import EFFICIENTNET, MOBILENETV3
+from .fasternet import FASTERNET
 from .family import ConversionError, Family
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
@@ -19,11 +20,12 @@ from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
 from .rexnet import REXNET
+from .starnet import STARNET
 from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET)
+                                HGNET, STARNET, FASTERNET)
 
 
 def family_of(model: nn.Module) -> Family:
