@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import tempfile
 
 # `make test` runs the suite in one worker process per core (pytest-xdist): each worker keeps its
 # share of the cores in every thread pool (torch's, numpy's and MinkowskiEngine's BLAS), set before
@@ -100,6 +101,17 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name.endswith("gamma") or ".grn." in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_under_pytest_tmp(tmp_path_factory):
+    """Temporary files the tests' runs leave (torchrun's torchelastic logs, wandb's media and
+    artifacts) go under pytest's own temporary folder, which pytest prunes, not into /tmp."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(scratch))  # subprocesses: torchrun, the apps' CLI runs
+        patch.setattr(tempfile, "tempdir", str(scratch))  # this process (gettempdir caches it)
+        yield scratch
 
 
 @pytest.fixture(scope="session")
