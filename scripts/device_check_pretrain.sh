@@ -137,7 +137,7 @@ else
          decoder_width=768)
   LONG=(max_steps=200 log_every=10)  # the bundled photos, ResNet-18 at 128 px, batch 16: `make pretrain`'s run
   FAMILIES=(resnet50 convnext_tiny regnety_016 efficientnet_b0 mobilenetv3_large_100 eca_nfnet_l0
-            mobilenetv4_conv_medium mambaout_tiny resnet50_gn)
+            mobilenetv4_conv_medium mambaout_tiny resnet50_gn hgnetv2_b4)
   SHORT=(max_steps=10 input_size=224 batch_size=32)
 fi
 
