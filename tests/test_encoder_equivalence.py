@@ -325,6 +325,13 @@ VARIANTS.update({
     "FasterNet with layer scale and GELU": ("fasternet_t0", {"layer_scale_init_value": 0.1, "act_layer": torch.nn.GELU}),
 })
 
+# timm's repvit module: depthwise kxk conv-norm + depthwise 1x1 (with a bias, or legacy: a conv-norm)
+# + identity under one norm, SE every other block, 1x1 conv-norm MLPs with GELU, downsampling blocks
+VARIANTS.update({
+    "RepViT: re-parameterisable depthwise branches, SE, GELU MLPs, downsampling blocks": ("repvit_m0_9", {}),
+    "RepViT, legacy branches (the 1x1 with its own norm, none after the sum)": ("repvit_m1", {"legacy": True}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -333,7 +340,7 @@ VARIANTS.update({
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
-              "hgnetv2_b0", "starnet_s050", "fasternet_t0"}
+              "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

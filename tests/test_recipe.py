@@ -49,6 +49,7 @@ from .test_pretrain import config
     ("hgnetv2_b4", 0.0, "bn", [0.9, 0.95]),
     ("starnet_s1", 0.0, "bn", [0.9, 0.95]),
     ("fasternet_t0", 0.0, "bn", [0.9, 0.95]),
+    ("repvit_m1_1", 0.0, "bn", [0.9, 0.95]),
     ("mambaout_tiny", 0.0, "ln", [0.9, 0.999]),  # layer-norm nets: the ConvNeXt recipe, by size
     ("mambaout_small", 0.2, "ln", [0.9, 0.999]),
     ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),

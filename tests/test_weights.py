@@ -34,6 +34,7 @@ ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) f
 ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  # a head 1x1 kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
 ALL_DEPTHS["FasterNet with layer scale"] = ("fasternet_t0", {"layer_scale_init_value": 0.1})
+ALL_DEPTHS.update({"repvit_m0_9": ("repvit_m0_9", {}), "RepViT, legacy branches": ("repvit_m1", {"legacy": True})})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -214,7 +215,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("ghostnet_050", r"GhostNet at 'blocks'"),
                                          ("hgnetv2_b0", r"HighPerfGpuStage at 'stages\.0'"),
                                          ("starnet_s050", r"StarNet at 'stages'"),
-                                         ("fasternet_t0", r"Block at 'stages\.0'")])
+                                         ("fasternet_t0", r"Block at 'stages\.0'"),
+                                         ("repvit_m0_9", r"RepVit at 'stages'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

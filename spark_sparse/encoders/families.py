@@ -19,13 +19,14 @@ from .nfnet import NFNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
+from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
 from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET, STARNET, FASTERNET)
+                                HGNET, STARNET, FASTERNET, REPVIT)
 
 
 def family_of(model: nn.Module) -> Family:
