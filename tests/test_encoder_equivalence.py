@@ -332,6 +332,17 @@ VARIANTS.update({
     "RepViT, legacy branches (the 1x1 with its own norm, none after the sum)": ("repvit_m1", {"legacy": True}),
 })
 
+# timm's res2net and resnest modules (ResNet models of their own bottlenecks): groups of channels in a
+# chain of 3x3s, a 3x3 average pooling at a stage's first block (hidden sites counted as zeros, as the
+# padding), grouped; split attention (radix 2, or 1: a sigmoid), the pooling before or after the 3x3
+FOUR_BLOCKS = {"layers": (1, 1, 1, 1)}
+VARIANTS.update({
+    "Res2Net: hierarchical groups of 3x3s, 3x3 average pooling at stride 1 and 2": ("res2net50_26w_4s", FOUR_BLOCKS),
+    "Res2NeXt: grouped 3x3s in the groups": ("res2next50", FOUR_BLOCKS),
+    "ResNeSt: split attention (radix 2), 3x3 average pooling after it, avg-down": ("resnest14d", {}),
+    "ResNeSt radix 1 (a sigmoid), grouped, pooling before the split attention": ("resnest50d_1s4x24d", FOUR_BLOCKS),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -340,7 +351,7 @@ VARIANTS.update({
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
-              "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9"}
+              "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -320,6 +320,33 @@ def test_same_padded_convolution_equals_timm_conv2d_same_on_the_masked_map(kind,
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_3x3_average_pooling_counts_absent_sites_as_zeros_like_the_padding(block, stride):
+    """Res2Net's and ResNeSt's 3x3 average pooling (padding 1, padding counted): at every visible
+    output site the value and the gradient of torch's pooling of the masked map, a fixed
+    depthwise convolution (hidden sites read zero and count, as the padding does)."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = PatchPooling("avg", 3, stride)(
+        ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    visible = upsample_active(active, images.shape[-2:])
+    masked = (images * visible).requires_grad_()
+    size = (2 * block // stride, 3 * block // stride)
+    want = nn.AvgPool2d(3, stride, padding=1)(masked) * upsample_active(active, size)
+    got = to_dense(out, 3, size)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, 3, images.shape[-2:]), masked.grad * visible,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("pad,kernel_size,stride", [((1, 1, 1, 1), 3, 2), ((0, 1, 0, 1), 2, 1)], ids=["BiT", "HGNetV2"])
 def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(
         block, pad, kernel_size, stride):

@@ -264,7 +264,7 @@ def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_p
 
 # --- models timm has and we do not convert ------------------------------------------------------
 
-SUPPORTED = ", ".join(family.name for family in FAMILIES)  # as families are added, so is the message
+SUPPORTED = ", ".join(m for family in FAMILIES for m in family.timm_modules)  # as families are added, so is the message
 
 
 @pytest.mark.parametrize("model,module", [("vit_base_patch16_224", "vision_transformer"), ("dla34", "dla")])
@@ -273,6 +273,12 @@ def test_a_timm_model_of_another_family_is_named_as_timms_with_its_module(model,
         check_model_and_missing(OmegaConf.create({"model": model}))
     assert str(refused.value) == (f"model '{model}' is timm's (timm.models.{module}), a family spark_sparse does "
                                   f"not convert; supported: the models of {SUPPORTED} (README: Families)")
+
+
+@pytest.mark.parametrize("model", ["hardcorenas_a", "res2net50_26w_4s", "resnest50d"])
+def test_a_model_of_another_timm_module_of_a_supported_class_is_accepted(model):
+    # timm's hardcorenas builds MobileNetV3s, its res2net and resnest ResNets
+    check_model_and_missing(OmegaConf.create({"model": model}))
 
 
 def test_a_name_timm_does_not_know_is_unknown_with_close_matches():

@@ -50,6 +50,9 @@ MODELS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})
 MODELS["starnet_s050"] = ("starnet_s050", {})  # the star: a product of two branches' rows
 MODELS["fasternet_t0"] = ("fasternet_t0", {})  # partial convolutions: split, 3x3 on a quarter, concatenation
 MODELS["repvit_m0_9"] = ("repvit_m0_9", {})  # depthwise kxk + depthwise 1x1 + identity, then a norm
+# 3x3 average poolings counting hidden zeros, split attention over each image's visible sites
+MODELS["res2net50_26w_4s"] = ("res2net50_26w_4s", {"layers": (1, 1, 1, 1)})
+MODELS["resnest14d"] = ("resnest14d", {})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

@@ -35,6 +35,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
 ALL_DEPTHS["FasterNet with layer scale"] = ("fasternet_t0", {"layer_scale_init_value": 0.1})
 ALL_DEPTHS.update({"repvit_m0_9": ("repvit_m0_9", {}), "RepViT, legacy branches": ("repvit_m1", {"legacy": True})})
+ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["res2net50_26w_4s", "res2next50", "resnest50d_1s4x24d"]})
+ALL_DEPTHS["resnest14d"] = ("resnest14d", {})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -140,6 +142,7 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
         ("regnetz_b16_evos", ()): r"EvoNorm2dS0a at 'stem\.bn'",
         ("resnet33ts", (("aa_layer", "blur"),)): r"BlurPool2d at 'stages\.1\.0\.shortcut\.aa': blur-pool",
         ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
+        # its padding uncounted (test_a_3x3_average_pooling_that_leaves_the_padding_uncounted_is_refused)
         ("resnext26ts", (("stem_pool", "avg"),)): r"AvgPool2d at 'stem\.pool': kernel 3, stride 2, padding 1",
     }
     for (name, kwargs), message in refused.items():
@@ -303,6 +306,23 @@ def test_resnetv2_without_an_exact_twin_is_refused_by_path(engine):
     model.set_grad_checkpointing(True)
     with pytest.raises(ConversionError, match=r"ResNetStage at 'stages\.0': gradient checkpointing"):
         engine.from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_3x3_average_pooling_that_leaves_the_padding_uncounted_is_refused(engine):
+    # counted, the padding reads as hidden sites do (zeros); uncounted, an image's border would
+    # average fewer sites than the same border beside hidden patches
+    model = timm.create_model("resnest14d", pretrained=False, num_classes=0)
+    model.layer2[0].avd_last.count_include_pad = False
+    with pytest.raises(ConversionError, match=r"AvgPool2d at 'layer2\.0\.avd_last': kernel 3, stride 2, padding 1"):
+        engine_class(engine).from_timm(model)
+
+
+@needs_minkowski
+def test_a_3x3_average_pooling_is_refused_with_minkowskis_own_pooling():
+    with pytest.raises(ConversionError, match=r"AvgPool2d at 'layer1\.0\.pool': a 3x3 average pooling with "
+                                              r"conv='minkowski' \(it divides by the present sites"):
+        engine_class("sparse").from_timm("res2net50_26w_4s", conv="minkowski")
 
 
 @needs_minkowski

@@ -91,4 +91,5 @@ MOBILENETV3 = Family(
     kept=("conv_head", "norm_head"),
     check=_check,
     refused=REFUSED,
+    other_modules=("hardcorenas",),
 )

@@ -247,6 +247,32 @@ class Product(nn.Module):
         return a * b
 
 
+class ImageMean(nn.Module):
+    """x -> (B, C): each image's mean over its sites (timm's ``x.mean((2, 3))``); a leaf every
+    engine converts to its own twin, which takes the mean over the visible sites only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class RadixSum(nn.Module):
+    """(x with radix x C channels, (B, radix x C) weights) -> the radix groups of x's channels, each
+    times its image's weights, summed: C channels (ResNeSt's split attention); a leaf every engine
+    converts to its own twin."""
+
+    def __init__(self, radix: int):
+        super().__init__()
+        self.radix = radix
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        b, rc, h, w = x.shape
+        weighted = x.view(b, self.radix, rc // self.radix, h, w) * weights.view(b, self.radix, -1, 1, 1)
+        return weighted.sum(1)
+
+    def extra_repr(self) -> str:
+        return f"radix={self.radix}"
+
+
 def pool_geometry(pool: nn.Module) -> tuple[int, int, int]:
     """(kernel, stride, padding) of a square pooling module."""
     return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
@@ -404,6 +430,13 @@ class Family:
     pointwise_norms: Mapping[type, tuple[str, ...]] = field(default_factory=dict)
     # timm's maps are channels last between its modules (MambaOut); the engines' never are
     channels_last: bool = False
+    # timm modules besides ``name`` whose models are this family's class (hardcorenas: MobileNetV3)
+    other_modules: tuple[str, ...] = ()
+
+    @property
+    def timm_modules(self) -> tuple[str, ...]:
+        """The timm modules whose models this family converts (where each module has no refusal)."""
+        return (self.name, *self.other_modules)
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
         """Stem and stages with leaves converted (plus the kept modules); names match timm's."""

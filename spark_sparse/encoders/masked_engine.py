@@ -25,8 +25,8 @@ from ..precision import statistics_dtype
 from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
-                     Product, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
+                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -249,6 +249,20 @@ class MaskedPointwise(nn.Module):
         return inp._replace(x=self.module(inp.x))
 
 
+class MaskedImageMean(ImageMean):
+    """Each image's mean over its visible positions (in float32 for 16-bit maps)."""
+
+    def forward(self, inp: MaskedTensor) -> Tensor:
+        x = inp.clean().x
+        dtype = statistics_dtype(x.dtype)
+        return x.sum((2, 3), dtype=dtype) / inp.visible().sum((2, 3)).to(dtype)
+
+
+class MaskedRadixSum(RadixSum):
+    def forward(self, inp: MaskedTensor, weights: Tensor) -> MaskedTensor:
+        return inp._replace(x=super().forward(inp.x, weights))  # zero stays zero
+
+
 class MaskedScalarAffine(nn.Module):
     """``scale * x + bias`` with learned scalars (HGNetV2's LearnableAffineBlock, timm's names), in
     the map's dtype: hidden sites get the bias, so whatever reads the map next masks it."""
@@ -314,15 +328,24 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if isinstance(module, nn.MaxPool2d):
         return MaskedMaxPool(module)
     if isinstance(module, nn.AvgPool2d):
-        if pool_geometry(module) != (2, 2, 0):  # a larger window would average hidden zeros in
-            raise unsupported(module, path, "kernel {}, stride {}, padding {}".format(*pool_geometry(module)))
-        return MaskedApply(module)  # avg-down: mask-aligned windows, all visible or all hidden
+        k, s, p = pool_geometry(module)
+        # avg-down: mask-aligned windows, all visible or all hidden; a 3x3 (Res2Net, ResNeSt) counts
+        # hidden zeros as it counts the padding's, a fixed depthwise convolution of the masked map
+        same_divisor = (k, p) == (3, 1) and s in (1, 2) and module.count_include_pad and not module.ceil_mode
+        if (k, s, p) != (2, 2, 0) and not same_divisor:
+            raise unsupported(module, path, f"kernel {k}, stride {s}, padding {p}, count_include_pad "
+                                            f"{module.count_include_pad}, ceil_mode {module.ceil_mode}")
+        return MaskedApply(module)
     if type(module) is ChannelSplit:
         return MaskedChannelSplit(module.first)
     if type(module) is ChannelConcat:
         return MaskedChannelConcat()
     if type(module) is Product:
         return MaskedProduct()
+    if type(module) is ImageMean:
+        return MaskedImageMean()
+    if type(module) is RadixSum:
+        return MaskedRadixSum(module.radix)
     if type(module) is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)

@@ -1,7 +1,8 @@
 """The ResNet family (timm ``ResNet``: BasicBlock and Bottleneck, deep stems, avg-down,
 squeeze-excitation and efficient channel attention, and the anti-aliased ``resnetaa*``: a 2x2
 average pooling after a stride-1 convolution and its activation, in the stem in place of the max
-pooling; its windows lie in one patch, so nothing hidden leaks in, unlike a blur pooling's)."""
+pooling; its windows lie in one patch, so nothing hidden leaks in, unlike a blur pooling's).
+Res2Net's and ResNeSt's blocks (res2net.py, resnest.py) run in the same ResNet."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
+from . import res2net, resnest
 from .family import EXTRAS_REFUSED, Converter, Family, NamedStages, StemPool, reject_extras
 
 
@@ -62,10 +64,12 @@ class MirrorBottleneck(_MirrorBlock):
 RESNET = Family(
     name="resnet",
     timm_class=ResNet,
-    mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck},
+    mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck, **res2net.MIRRORS, **resnest.MIRRORS},
     layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
     stem_pool=StemPool(act="act1", pool="maxpool"),  # engines pool first only where it is a max pooling
     refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
+    other_modules=("res2net", "resnest"),
     # the norms whose activation comes before the residual addition (not bn2 / bn3 of the last)
-    norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2"))},
+    norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2")),
+               **resnest.NORM_ACTS},
 )

@@ -35,8 +35,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, LayerScale,
-                     Product, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
+                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -226,6 +226,14 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
         return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else PatchPooling("max", 3, 2)
+    if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and pool.count_include_pad \
+            and not pool.ceil_mode:
+        # Res2Net's and ResNeSt's: hidden sites read zero and are counted, as the padding (a fixed
+        # depthwise convolution); MinkowskiEngine's divides by the present sites instead
+        if stock:
+            raise unsupported(pool, path, "a 3x3 average pooling with conv='minkowski' (it divides by the present "
+                                          "sites, not by 9); use conv='patch'")
+        return PatchPooling("avg", 3, s)
     if (k, s, p) == (2, 2, 0):
         # avg-down shortcuts, anti-aliasing, VGG's and DenseNet's pooling: mask-aligned 2x2
         # windows are fully visible or fully hidden
@@ -293,6 +301,25 @@ class SparseProduct(Product):
         return with_features(a, super().forward(a.F, b.F))
 
 
+class SparseImageMean(ImageMean):
+    """Each image's mean over its visible rows (in float32 for 16-bit rows)."""
+
+    def forward(self, x: ME.SparseTensor) -> Tensor:
+        sites, image = PatchSites.of(x), image_of_rows(x)
+        dtype = statistics_dtype(x.F.dtype)
+        sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image, x.F.to(dtype))
+        return sums / sites.mean_divisors(x.tensor_stride[0]).to(dtype)[:, None]
+
+
+class SparseRadixSum(RadixSum):
+    """Each row's radix groups of channels times its image's weights, summed."""
+
+    def forward(self, x: ME.SparseTensor, weights: Tensor) -> ME.SparseTensor:
+        n, rc = x.F.shape
+        per_row = weights.index_select(0, image_of_rows(x)).view(n, self.radix, -1)
+        return with_features(x, (x.F.view(n, self.radix, rc // self.radix) * per_row).sum(1))
+
+
 def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
     sparse = SparseLayerNorm(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None)
     return _copy_weights(norm, sparse)
@@ -344,6 +371,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelConcat()
     if kind is Product:
         return SparseProduct()
+    if kind is ImageMean:
+        return SparseImageMean()
+    if kind is RadixSum:
+        return SparseRadixSum(module.radix)
     if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)

@@ -17,7 +17,7 @@ from ..precision import PRECISIONS, check_precision
 from .schema import ANY_TABLE, FLAG, NULL, POSITIVE, TEXT, TEXTS, Rule, at_least, one_of
 
 # the timm modules whose models spark_sparse.encoders converts (refusals name the module and path)
-TIMM_MODULES = [family.name for family in FAMILIES]
+TIMM_MODULES = [module for family in FAMILIES for module in family.timm_modules]
 
 
 # the keys every training app has (conf/logger/*.yaml among them); each app adds its own

@@ -107,6 +107,30 @@ class TileMaxPool(torch.autograd.Function):
         return grad.scatter_add_(0, source, grad_rows.contiguous())[:-1], None, None, None, None
 
 
+class TileAvgPool(torch.autograd.Function):
+    """Average pooling over every patch's tile, absent sites reading zero and counted (the
+    divisor is always k * k, as torch's with ``count_include_pad``); keeps nothing for backward
+    (the pooling is linear: its adjoint needs only the tile's shape)."""
+
+    @staticmethod
+    @autocast_forward(cast_inputs=False)  # pooling keeps its input's dtype
+    def forward(ctx, feats: Tensor, tile: Tile, kernel_size: int, stride: int) -> Tensor:
+        tiles = gather_tiles(feats, tile)
+        ctx.tile, ctx.kernel_size, ctx.stride, ctx.shape = tile, kernel_size, stride, tiles.shape
+        return tile_rows(F.avg_pool2d(tiles, kernel_size, stride))
+
+    @staticmethod
+    @autocast_backward
+    def backward(ctx, grad_rows: Tensor):
+        tile, k, stride = ctx.tile, ctx.kernel_size, ctx.stride
+        s_out = tile.sites // stride
+        grad_out = grad_rows.reshape(-1, s_out, s_out, grad_rows.shape[1]).permute(0, 3, 1, 2)
+        tiles = grad_out.new_empty(ctx.shape)  # uninitialised: only its shape is read
+        grad_tiles = torch.ops.aten.avg_pool2d_backward(grad_out, tiles, [k, k], [stride, stride], [0, 0],
+                                                        False, True, None)
+        return scatter_tiles(grad_tiles, tile), None, None, None
+
+
 class PatchConvolution(ME.MinkowskiConvolution):
     """Drop-in for MinkowskiConvolution (same parameters and state dict) on mask-aligned tensors;
     ``padding``: the zero padding above and left of the map (patch_sites.py ``tile_geometry``),
@@ -241,10 +265,11 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
 
 
 class PatchPooling(nn.Module):
-    """Max (3x3, stride 2, over present sites; or 2x2, stride 2) or average (2x2, stride 2)
-    pooling. ``fill``: what an absent site reads in 3x3 max pooling (-inf: nothing; 0: as a zero
-    padding would). Non-overlapping windows lie inside one patch (the mask is aligned to the
-    coarsest grid): a patch's rows are its channels-last map, pooled by torch, with no index table."""
+    """Max (3x3, stride 2, over present sites; 2x2, stride 1 or 2) or average (2x2, stride 2; 3x3,
+    stride 1 or 2, absent sites counted as zeros) pooling. ``fill``: what an absent site reads in
+    an overlapping max pooling (-inf: nothing; 0: as a zero padding would). Non-overlapping windows
+    lie inside one patch (the mask is aligned to the coarsest grid): a patch's rows are its
+    channels-last map, pooled by torch, with no index table."""
 
     fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
 
@@ -265,7 +290,10 @@ class PatchPooling(nn.Module):
             out = pool(maps, k, k).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
         else:
             tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, k, self.stride))
-            out = TileMaxPool.apply(x.F, tile, k, self.stride, self.fill)
+            if self.mode == "max":
+                out = TileMaxPool.apply(x.F, tile, k, self.stride, self.fill)
+            else:
+                out = TileAvgPool.apply(x.F, tile, k, self.stride)
         if self.relu:
             out = F.relu(out)
         key = sites.key(x.tensor_stride[0] * self.stride)
@@ -275,6 +303,7 @@ class PatchPooling(nn.Module):
         relu = ", then ReLU" if self.relu else ""
         overlapping = self.kernel_size != self.stride
         fill = f", absent sites read {self.fill}" if overlapping and self.fill != float("-inf") else ""
+        fill = ", absent sites read 0 (counted)" if overlapping and self.mode == "avg" else fill
         return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{fill}{relu}"
 
 

@@ -1,0 +1,56 @@
+"""Res2Net's blocks (timm's ``res2net`` module: ResNet models of Bottle2neck blocks).
+
+A bottleneck splits its 1x1's output into ``scale`` groups of channels: the first groups each go
+through a 3x3 conv-norm-ReLU, each (after a stage's first block) added to the previous one's
+output first; the last group passes through, or, in a stage's first block, through a 3x3 average
+pooling at the block's stride (hidden sites read zero and are counted, as the padding); the
+groups are concatenated for the last 1x1. The family is timm's ResNet (resnet.py).
+"""
+
+from __future__ import annotations
+
+from timm.models.res2net import Bottle2neck
+from torch import nn
+
+from .family import ChannelConcat, ChannelSplit, Converter, reject_extras
+
+
+class MirrorBottle2neck(nn.Module):
+    """timm's Bottle2neck: conv1, bn1, relu, the chain of group convolutions, [pool], conv3, bn3,
+    [se], [drop path], + shortcut, relu (one ReLU module, as timm's)."""
+
+    def __init__(self, block: Bottle2neck, convert: Converter, path: str):
+        super().__init__()
+        reject_extras(block, path, ("drop_block",))
+        for name in ("conv1", "bn1", "relu", "pool", "conv3", "bn3", "se", "downsample", "drop_path"):
+            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        self.convs = nn.ModuleList(convert(c, f"{path}.convs.{i}") for i, c in enumerate(block.convs))
+        self.bns = nn.ModuleList(convert(b, f"{path}.bns.{i}") for i, b in enumerate(block.bns))
+        self.is_first, self.scale = block.is_first, block.scale
+        # parameter-free leaves under names timm's block does not use
+        self.split = convert.leaf(ChannelSplit(block.width), f"{path}.split")
+        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        groups = []
+        for _ in range(self.scale - 1):  # timm's torch.split by width, one group at a time
+            group, out = self.split(out)
+            groups.append(group)
+        groups.append(out)
+        outputs = []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = groups[i] if i == 0 or self.is_first else outputs[-1] + groups[i]
+            outputs.append(self.relu(bn(conv(sp))))
+        if self.scale > 1:
+            outputs.append(groups[-1] if self.pool is None else self.pool(groups[-1]))
+        out = self.bn3(self.conv3(self.concat(*outputs)))
+        if self.se is not None:
+            out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + shortcut)
+
+
+MIRRORS = {Bottle2neck: MirrorBottle2neck}
