@@ -5,10 +5,12 @@ import json
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 
 import spark_sparse.pretrain.app as pretrain
+from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
-from spark_sparse.run.recipe import default_recipe, recipe_value
+from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value
 
 from .conftest import needs_minkowski
 from .test_pretrain import config
@@ -63,6 +65,17 @@ def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     assert cfg.drop_path_rate == drop_path
     assert cfg.decoder.densify_norm == norm
     assert list(cfg.optim.betas) == betas
+
+
+@pytest.mark.parametrize("module", [m for family in FAMILIES for m in family.timm_modules])
+def test_every_timm_module_the_encoders_convert_has_a_pretraining_and_a_fine_tuning_recipe(module):
+    # hardcorenas converted (MobileNetV3s) while its models had no recipe and stopped at the first key
+    pretraining, fine_tuning = (OmegaConf.load(f"{CONF_DIR}/recipe/{name}.yaml") for name in ("spark", "finetune"))
+    for model in timm.list_models(module=module):
+        for key in pretraining.resnet:
+            assert recipe_value(pretraining, model, key) is not None, (model, key)
+        for key in fine_tuning.resnet:
+            assert recipe_value(fine_tuning, model, key) is not None, (model, key)
 
 
 def test_the_command_line_wins_over_the_recipe():
@@ -124,9 +137,9 @@ def test_the_coarsest_densify_projection_is_an_identity_where_widths_match():
 
 
 def test_unknown_and_unsupported_models_are_refused_before_any_work():
-    with pytest.raises(pretrain.ConfigError, match=r"expected a timm model of resnet, convnext, .* \(did you mean"):
+    with pytest.raises(pretrain.ConfigError, match=r"expected a timm model of resnet, res2net, .* \(did you mean"):
         pretrain.validate(config("model=convnext_tinny"))
     with pytest.raises(pretrain.ConfigError, match=r"model 'vit_base_patch16_224' is timm's "
                                                    r"\(timm.models.vision_transformer\), a family spark_sparse "
-                                                   r"does not convert; supported: the models of resnet, convnext"):
+                                                   r"does not convert; supported: the models of resnet, res2net"):
         pretrain.validate(config("model=vit_base_patch16_224"))
