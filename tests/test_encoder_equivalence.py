@@ -343,6 +343,15 @@ VARIANTS.update({
     "ResNeSt radix 1 (a sigmoid), grouped, pooling before the split attention": ("resnest50d_1s4x24d", FOUR_BLOCKS),
 })
 
+# timm's rdnet module: dense stages whose blocks (depthwise 7x7, layer norm, 1x1 MLP with GELU,
+# [effective SE with a hard sigmoid], layer scale) read the running concatenation; layer-norm
+# transitions with 1x1 and 2x2 stride-2 convolutions; a patchify stem, or a deep one
+VARIANTS.update({
+    "RDNet: dense stages of ConvNeXt-like blocks, effective SE, transitions": ("rdnet_tiny", {}),
+    "RDNet with an overlapping 3x3 stem and its head norm first": (
+        "rdnet_tiny", {"stem_type": "overlap_tiered", "head_norm_first": True}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -351,7 +360,8 @@ VARIANTS.update({
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
-              "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d"}
+              "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
+              "rdnet_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

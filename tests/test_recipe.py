@@ -59,6 +59,8 @@ from .test_pretrain import config
     ("mambaout_tiny", 0.0, "ln", [0.9, 0.999]),  # layer-norm nets: the ConvNeXt recipe, by size
     ("mambaout_small", 0.2, "ln", [0.9, 0.999]),
     ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),
+    ("rdnet_tiny", 0.0, "ln", [0.9, 0.999]),
+    ("rdnet_base", 0.3, "ln", [0.9, 0.999]),
 ])
 def test_the_model_picks_its_recipe(model, drop_path, norm, betas):
     cfg = config(f"model={model}")

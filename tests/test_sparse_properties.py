@@ -53,6 +53,7 @@ MODELS["repvit_m0_9"] = ("repvit_m0_9", {})  # depthwise kxk + depthwise 1x1 + i
 # 3x3 average poolings counting hidden zeros, split attention over each image's visible sites
 MODELS["res2net50_26w_4s"] = ("res2net50_26w_4s", {"layers": (1, 1, 1, 1)})
 MODELS["resnest14d"] = ("resnest14d", {})
+MODELS["rdnet_tiny"] = ("rdnet_tiny", {})  # dense stages of layer-norm blocks, effective SE
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import copy
 
-from timm.layers import EcaModule, SEModule
+from timm.layers import EcaModule, EffectiveSEModule, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
 from torch import Tensor, nn
 
 from .family import unsupported
 
-ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule)
-KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese"}
+ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule, EffectiveSEModule)
+KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese", EffectiveSEModule: "timm_ese"}
 
 
 class ChannelAttention(nn.Module):
-    """The gate of a timm SEModule, EcaModule, EfficientNet SqueezeExcite or HGNet EseModule (one
-    1x1 convolution, no reduction), applied to a pooled (B, C) vector."""
+    """The gate of a timm SEModule, EcaModule, EfficientNet SqueezeExcite, or effective SE (one 1x1
+    convolution, no reduction: HGNet's EseModule, timm's EffectiveSEModule), applied to a pooled
+    (B, C) vector."""
 
     def __init__(self, module: nn.Module, path: str):
         super().__init__()
@@ -45,6 +46,8 @@ class ChannelAttention(nn.Module):
             return self.gate(y).flatten(1)
         if self.kind == "ese":
             return self.sigmoid(self.conv(pooled[:, :, None, None])).flatten(1)
+        if self.kind == "timm_ese":
+            return self.gate(self.fc(pooled[:, :, None, None])).flatten(1)
         if self.kind == "effnet_se":
             y = self.conv_expand(self.act1(self.conv_reduce(pooled[:, :, None, None])))
             return self.gate(y).flatten(1)

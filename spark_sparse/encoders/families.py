@@ -16,6 +16,7 @@ from .ghostnet import GHOSTNET
 from .hgnet import HGNET
 from .mambaout import MAMBAOUT
 from .nfnet import NFNET
+from .rdnet import RDNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
@@ -26,7 +27,7 @@ from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET, STARNET, FASTERNET, REPVIT)
+                                HGNET, STARNET, FASTERNET, REPVIT, RDNET)
 
 
 def family_of(model: nn.Module) -> Family:

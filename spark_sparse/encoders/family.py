@@ -381,12 +381,15 @@ class TappedStages:
 
 @dataclass(frozen=True)
 class ChildStages:
-    """Models whose body is one Sequential (``features``: VGG, DenseNet) with timm's feature taps
-    among its children: the stem runs up to the last tap below stride 4, a stage from there up
-    to its stride's tap; the stride-32 tap must be the last child (VGG's last max pooling,
-    DenseNet's ``norm5``)."""
+    """Models whose body is one Sequential (``features``: VGG, DenseNet; ``dense_stages``: RDNet)
+    with timm's feature taps among its children: the stem (``stem`` first, where the model has
+    one apart) runs up to the last tap below stride 4, a stage from there up to its stride's tap;
+    the stride-32 tap must be the last child (VGG's last max pooling, DenseNet's ``norm5``), and
+    ``head`` (RDNet's ``norm_pre``) runs after it."""
 
     body: str = "features"
+    stem: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
 
     def __call__(self, model: nn.Module) -> Layout:
         order = [f"{self.body}.{name}" for name, _ in getattr(model, self.body).named_children()]
@@ -396,8 +399,9 @@ class ChildStages:
             raise ConversionError(f"{type(model).__name__}: '{order[-1]}' runs after the stride-32 tap")
         ends = [max((order.index(taps[r]["module"]) for r in taps if r < STRIDES[0]), default=-1)]
         ends += [order.index(taps[r]["module"]) for r in STRIDES]
-        stages = tuple(tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:]))
-        return Layout(tuple(order[:ends[0] + 1]), stages, tuple(taps[r]["num_chs"] for r in STRIDES))
+        stages = [tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:])]
+        stages[-1] += self.head
+        return Layout(self.stem + tuple(order[:ends[0] + 1]), tuple(stages), tuple(taps[r]["num_chs"] for r in STRIDES))
 
 
 class StemPool(NamedTuple):
