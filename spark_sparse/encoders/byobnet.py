@@ -18,7 +18,7 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
 from torch import nn
 
-from .family import Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages, refuse_checkpointing
+from .family import CheckpointingRefused, Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
 # shortcut and the activation)
@@ -123,10 +123,6 @@ REFUSED = {
 }
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "stages")
-
-
 BYOBNET = Family(
     name="byobnet",
     timm_class=ByobNet,
@@ -136,7 +132,7 @@ BYOBNET = Family(
     layout=TappedStages(head=("final_conv",)),
     # what a head without its classifier holds: an attention pool's (CLIP) or an MLP head's weights
     kept=("head.pos_embed", "head.cls_token", "head.q", "head.k", "head.v", "head.qkv", "head.norm", "head.pre_logits"),
-    check=_check,
+    check=CheckpointingRefused("stages"),
     refused=REFUSED,
     pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
 )

@@ -21,8 +21,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, BlockStages, Converter, Family, MirrorConvNormAct, MirrorLayerScale,
-                     refuse_checkpointing, reject_extras)
+from .family import (EXTRAS_REFUSED, BlockStages, CheckpointingRefused, Converter, Family, MirrorConvNormAct,
+                     MirrorLayerScale, reject_extras)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -67,10 +67,6 @@ REFUSED = {
 }
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "blocks")
-
-
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
                                                               LayerScale2d: MirrorLayerScale}
 
@@ -79,7 +75,7 @@ EFFICIENTNET = Family(
     timm_class=EfficientNet,
     mirrors=MIRRORS,
     layout=BlockStages(("conv_stem", "bn1"), head=("conv_head", "bn2")),
-    check=_check,
+    check=CheckpointingRefused("blocks"),
     refused=REFUSED,
 )
 
@@ -89,7 +85,7 @@ MOBILENETV3 = Family(
     mirrors=MIRRORS,
     layout=BlockStages(("conv_stem", "bn1")),
     kept=("conv_head", "norm_head"),
-    check=_check,
+    check=CheckpointingRefused("blocks"),
     refused=REFUSED,
     other_modules=("hardcorenas",),
 )

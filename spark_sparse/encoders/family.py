@@ -145,6 +145,19 @@ def refuse_checkpointing(module: nn.Module, path: str) -> None:
         raise unsupported(module, path, "gradient checkpointing is not mirrored; turn it off")
 
 
+@dataclass(frozen=True)
+class CheckpointingRefused:
+    """A family's check: refuse gradient checkpointing wherever timm keeps its flag, on the model
+    (reported at ``body``, what its forward checkpoints) or on each of ``body``'s stages."""
+
+    body: str
+
+    def __call__(self, model: nn.Module) -> None:
+        refuse_checkpointing(model, self.body)
+        for name, stage in getattr(model, self.body).named_children():
+            refuse_checkpointing(stage, f"{self.body}.{name}")
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy whose parameters are buffers: it keeps tensors the encoder never runs (a classifier
     head's norm) so that exported weights load strictly into the timm model, without giving the

@@ -12,8 +12,8 @@ from __future__ import annotations
 from timm.models.fasternet import Block, FasterNet, MLPBlock, Partial_conv3, PatchEmbed, PatchMerging
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, Converter, Family, LayerScale, MirrorDownsampleBlocks, NamedStages,
-                     refuse_checkpointing)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, LayerScale,
+                     MirrorDownsampleBlocks, NamedStages)
 
 
 class MirrorPartialConv(nn.Module):
@@ -63,11 +63,6 @@ class MirrorConvNorm(nn.Module):
         return self.norm(getattr(self, self.conv_name)(x))
 
 
-def _check(model: nn.Module) -> None:
-    for i, stage in enumerate(model.stages):
-        refuse_checkpointing(stage, f"stages.{i}")
-
-
 FASTERNET = Family(
     name="fasternet",
     timm_class=FasterNet,
@@ -75,5 +70,5 @@ FASTERNET = Family(
              PatchEmbed: MirrorConvNorm, PatchMerging: MirrorConvNorm},
     layout=NamedStages(("patch_embed",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("conv_head",),
-    check=_check,
+    check=CheckpointingRefused("stages"),
 )

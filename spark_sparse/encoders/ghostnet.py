@@ -17,7 +17,7 @@ from timm.models.ghostnet import GhostBottleneck, GhostBottleneckV3, GhostModule
 from torch import nn
 
 from .efficientnet import MirrorEfficientBlock
-from .family import BlockStages, ChannelConcat, Converter, Family, refuse_checkpointing, unsupported
+from .family import BlockStages, ChannelConcat, CheckpointingRefused, Converter, Family, unsupported
 
 
 class MirrorGhostModule(nn.Module):
@@ -56,17 +56,13 @@ class MirrorGhostBottleneck(nn.Module):
 V3_REFUSED = "GhostNetV3's re-parameterisable branches are not mirrored; use a ghostnet_* (version 1) model"
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "blocks")
-
-
 GHOSTNET = Family(
     name="ghostnet",
     timm_class=GhostNet,
     mirrors={GhostModule: MirrorGhostModule, GhostBottleneck: MirrorGhostBottleneck, ConvBnAct: MirrorEfficientBlock},
     layout=BlockStages(("conv_stem", "bn1", "act1")),
     kept=("conv_head",),  # a 1x1 convolution after pooling, kept (frozen, never run) for strict loading
-    check=_check,
+    check=CheckpointingRefused("blocks"),
     refused={
         GhostModuleV2: "GhostNetV2's DFC attention pools the map and upsamples it back across patch borders; "
                        "use a ghostnet_* (version 1) model",

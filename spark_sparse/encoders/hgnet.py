@@ -19,8 +19,8 @@ from timm.models.hgnet import (ConvBNAct, HighPerfGpuBlock, HighPerfGpuNet, High
                                StemV2)
 from torch import nn
 
-from .family import (ChannelConcat, Converter, Family, MirrorDownsampleBlocks, TappedStages, ZeroPaddedMaxPool,
-                     refuse_checkpointing, unsupported)
+from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks, TappedStages,
+                     ZeroPaddedMaxPool, unsupported)
 
 
 def same_padded(conv: nn.Conv2d, path: str) -> Conv2dSame:
@@ -115,11 +115,6 @@ class MirrorHighPerfGpuBlock(nn.Module):
         return self.drop_path(y) + x if self.residual else y
 
 
-def _check(model: nn.Module) -> None:
-    for i, stage in enumerate(model.stages):
-        refuse_checkpointing(stage, f"stages.{i}")
-
-
 HGNET = Family(
     name="hgnet",
     timm_class=HighPerfGpuNet,
@@ -128,6 +123,6 @@ HGNET = Family(
              HighPerfGpuStage: MirrorDownsampleBlocks},
     layout=TappedStages(),
     kept=("head.last_conv",),
-    check=_check,
+    check=CheckpointingRefused("stages"),
     norm_acts={MirrorConvBNAct: (("bn", "act"),)},
 )

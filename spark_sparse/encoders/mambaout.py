@@ -16,8 +16,8 @@ from timm.layers import LayerScale
 from timm.models.mambaout import Downsample, DownsampleNormFirst, GatedConvBlock, MambaOut, MambaOutStage, Stem
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, Converter, Family, MirrorDownsampleBlocks, MirrorLayerScale,
-                     NamedStages, Product, refuse_checkpointing)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
+                     MirrorLayerScale, NamedStages, Product)
 
 
 class MirrorStem(nn.Module):
@@ -71,11 +71,6 @@ class MirrorGatedConvBlock(nn.Module):
         return self.drop_path(self.ls(y)) + x
 
 
-def _check(model: nn.Module) -> None:
-    for i, stage in enumerate(model.stages):
-        refuse_checkpointing(stage, f"stages.{i}")
-
-
 MAMBAOUT = Family(
     name="mambaout",
     timm_class=MambaOut,
@@ -83,6 +78,6 @@ MAMBAOUT = Family(
              GatedConvBlock: MirrorGatedConvBlock, MambaOutStage: MirrorDownsampleBlocks, LayerScale: MirrorLayerScale},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("head.norm", "head.pre_logits"),
-    check=_check,
+    check=CheckpointingRefused("stages"),
     channels_last=True,
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from timm.models.rdnet import Block, BlockESE, DenseBlock, DenseStage, RDNet
 from torch import nn
 
-from .family import ChannelConcat, ChildStages, Converter, Family, LayerScale, refuse_checkpointing, unsupported
+from .family import ChannelConcat, CheckpointingRefused, ChildStages, Converter, Family, LayerScale, unsupported
 
 
 class MirrorDenseStage(nn.Module):
@@ -64,15 +64,11 @@ class MirrorBlock(nn.Module):
         return self.layers(x)
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "dense_stages")
-
-
 RDNET = Family(
     name="rdnet",
     timm_class=RDNet,
     mirrors={DenseStage: MirrorDenseStage, DenseBlock: MirrorDenseBlock, Block: MirrorBlock, BlockESE: MirrorBlock},
     layout=ChildStages(body="dense_stages", stem=("stem",), head=("norm_pre",)),
     kept=("head.norm",),
-    check=_check,
+    check=CheckpointingRefused("dense_stages"),
 )

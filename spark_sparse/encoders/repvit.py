@@ -14,7 +14,7 @@ from timm.models.repvit import (ConvNorm, RepVggDw, RepViTBlock, RepVit, RepVitD
                                 RepVitStem)
 from torch import nn
 
-from .family import Converter, Family, MirrorDownsampleBlocks, MirrorSequential, NamedStages, refuse_checkpointing
+from .family import CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks, MirrorSequential, NamedStages
 
 
 def _children(mirror: nn.Module, module: nn.Module, convert: Converter, path: str, names: tuple[str, ...]) -> None:
@@ -80,10 +80,6 @@ class MirrorRepVitDownsample(nn.Module):
         return self.ffn(x) + x
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "stages")
-
-
 REPVIT = Family(
     name="repvit",
     timm_class=RepVit,
@@ -91,5 +87,5 @@ REPVIT = Family(
              RepViTBlock: MirrorRepViTBlock, RepVitStem: MirrorRepVitStem, RepVitDownsample: MirrorRepVitDownsample,
              RepVitStage: MirrorDownsampleBlocks},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
-    check=_check,
+    check=CheckpointingRefused("stages"),
 )

@@ -12,7 +12,7 @@ from timm.layers import ConvNormAct
 from timm.models.rexnet import LinearBottleneck, RexNet
 from torch import nn
 
-from .family import BlockStages, ChannelConcat, ChannelSplit, Converter, Family, MirrorConvNormAct, refuse_checkpointing
+from .family import BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorConvNormAct
 
 
 class MirrorLinearBottleneck(nn.Module):
@@ -46,14 +46,10 @@ class MirrorLinearBottleneck(nn.Module):
         return self.concat(first + shortcut, rest)
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "features")
-
-
 REXNET = Family(
     name="rexnet",
     timm_class=RexNet,
     mirrors={LinearBottleneck: MirrorLinearBottleneck, ConvNormAct: MirrorConvNormAct},
     layout=BlockStages(("stem",), body="features"),
-    check=_check,
+    check=CheckpointingRefused("features"),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from timm.models.starnet import Block, ConvBN, StarNet
 from torch import nn
 
-from .family import Converter, Family, MirrorSequential, NamedStages, Product, refuse_checkpointing
+from .family import CheckpointingRefused, Converter, Family, MirrorSequential, NamedStages, Product
 
 
 class MirrorStarBlock(nn.Module):
@@ -29,14 +29,10 @@ class MirrorStarBlock(nn.Module):
         return self.drop_path(self.dwconv2(self.g(y))) + x
 
 
-def _check(model: nn.Module) -> None:
-    refuse_checkpointing(model, "stages")
-
-
 STARNET = Family(
     name="starnet",
     timm_class=StarNet,
     mirrors={Block: MirrorStarBlock, ConvBN: MirrorSequential},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3"), head=("norm",)),
-    check=_check,
+    check=CheckpointingRefused("stages"),
 )
