@@ -13,7 +13,8 @@ from timm.layers import BlurPool2d
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
 from torch import nn
 
-from .family import EXTRAS_REFUSED, ChannelConcat, ChildStages, Converter, Family, MirrorSequential, unsupported
+from .family import (EXTRAS_REFUSED, ChildStages, Converter, Family, MirrorRunningConcat, MirrorSequential,
+                     unsupported)
 
 
 class MirrorDenseLayer(nn.Module):
@@ -26,23 +27,6 @@ class MirrorDenseLayer(nn.Module):
 
     def forward(self, x):
         return self.conv2(self.norm2(self.conv1(self.norm1(x))))
-
-
-class MirrorDenseBlock(nn.Module):
-    """timm's DenseBlock: each layer reads everything so far, its output joins it. The running
-    concatenation holds what timm's ``torch.cat`` of the list makes at each layer."""
-
-    def __init__(self, block: DenseBlock, convert: Converter, path: str):
-        super().__init__()
-        for name, layer in block.items():
-            self.add_module(name, convert(layer, f"{path}.{name}"))
-        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")  # parameter-free, a name timm's block lacks
-
-    def forward(self, x):
-        for name, layer in self.named_children():
-            if name != "concat":
-                x = self.concat(x, layer(x))
-        return x
 
 
 def _check(model: nn.Module) -> None:
@@ -59,7 +43,7 @@ def _check(model: nn.Module) -> None:
 DENSENET = Family(
     name="densenet",
     timm_class=DenseNet,
-    mirrors={DenseBlock: MirrorDenseBlock, DenseLayer: MirrorDenseLayer, DenseTransition: MirrorSequential},
+    mirrors={DenseBlock: MirrorRunningConcat, DenseLayer: MirrorDenseLayer, DenseTransition: MirrorSequential},
     layout=ChildStages(),
     check=_check,
     refused={BlurPool2d: EXTRAS_REFUSED["aa"]},

@@ -90,6 +90,25 @@ class MirrorSequential(nn.Sequential):
                                      for name, child in _zero_pads_fused(module.named_children())))
 
 
+class MirrorRunningConcat(nn.Module):
+    """A container whose every child reads the concatenation of its input and all earlier
+    children's outputs, and whose output is that concatenation with the last one's (DenseNet's
+    DenseBlock, RDNet's DenseStage). One running concatenation holds what timm's ``torch.cat`` of
+    the list makes at each child; children keep timm's names."""
+
+    def __init__(self, module: nn.Module, convert: Converter, path: str):
+        super().__init__()
+        for name, child in module.named_children():
+            self.add_module(name, convert(child, f"{path}.{name}"))
+        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")  # parameter-free, a name timm's lacks
+
+    def forward(self, x):
+        for name, child in self.named_children():
+            if name != "concat":
+                x = self.concat(x, child(x))
+        return x
+
+
 class MirrorDownsampleBlocks(nn.Module):
     """A stage that is a ``downsample`` (an identity in the first) then its Sequential ``blocks``
     (timm's ConvNeXtStage, MambaOutStage)."""

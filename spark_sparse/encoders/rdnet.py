@@ -13,24 +13,8 @@ from __future__ import annotations
 from timm.models.rdnet import Block, BlockESE, DenseBlock, DenseStage, RDNet
 from torch import nn
 
-from .family import ChannelConcat, CheckpointingRefused, ChildStages, Converter, Family, LayerScale, unsupported
-
-
-class MirrorDenseStage(nn.Module):
-    """timm's DenseStage: each block reads everything so far, its output joins it. The running
-    concatenation holds what timm's ``torch.cat`` of the list makes at each block."""
-
-    def __init__(self, stage: DenseStage, convert: Converter, path: str):
-        super().__init__()
-        for name, block in stage.named_children():
-            self.add_module(name, convert(block, f"{path}.{name}"))
-        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")  # parameter-free, a name timm's stage lacks
-
-    def forward(self, x):
-        for name, block in self.named_children():
-            if name != "concat":
-                x = self.concat(x, block(x))
-        return x
+from .family import (CheckpointingRefused, ChildStages, Converter, Family, LayerScale, MirrorRunningConcat,
+                     unsupported)
 
 
 class MirrorDenseBlock(nn.Module):
@@ -67,7 +51,7 @@ class MirrorBlock(nn.Module):
 RDNET = Family(
     name="rdnet",
     timm_class=RDNet,
-    mirrors={DenseStage: MirrorDenseStage, DenseBlock: MirrorDenseBlock, Block: MirrorBlock, BlockESE: MirrorBlock},
+    mirrors={DenseStage: MirrorRunningConcat, DenseBlock: MirrorDenseBlock, Block: MirrorBlock, BlockESE: MirrorBlock},
     layout=ChildStages(body="dense_stages", stem=("stem",), head=("norm_pre",)),
     kept=("head.norm",),
     check=CheckpointingRefused("dense_stages"),
