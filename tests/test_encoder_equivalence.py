@@ -352,6 +352,10 @@ VARIANTS.update({
         "rdnet_tiny", {"stem_type": "overlap_tiered", "head_norm_first": True}),
 })
 
+# timm's inception_next module: inception depthwise convolutions (channels split four ways: kept, a
+# 3x3, a 1 x 11 and an 11 x 1 band), batch norms, 1x1 MLPs with GELU, layer scale
+VARIANTS["InceptionNeXt: inception depthwise with 1 x 11 and 11 x 1 bands"] = ("inception_next_atto", {})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -361,7 +365,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
-              "rdnet_tiny"}
+              "rdnet_tiny", "inception_next_atto"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

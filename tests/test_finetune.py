@@ -202,6 +202,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("resnest50d", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("mambaout_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("rdnet_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("inception_next_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
 ])
 def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
                                                                            mixup, drop_path, repeats):

@@ -20,7 +20,7 @@ from torch import nn
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
-from spark_sparse.sparse.depthwise import DepthwiseConvolution
+from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, standardised
 from spark_sparse.sparse.patch_sites import tile_geometry
@@ -317,6 +317,43 @@ def test_same_padded_convolution_equals_timm_conv2d_same_on_the_masked_map(kind,
     weight_grad = sparse.weight.grad if kind == "depthwise" or kind.startswith("grouped") else me_to_dense_kernel(
         sparse.kernel.grad, (kernel_size, kernel_size))
     torch.testing.assert_close(weight_grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks (canvas)", "8x8 blocks (tiles)"])
+@pytest.mark.parametrize("backward", ["adjoint", "native"])
+@pytest.mark.parametrize("kernel_size", [(1, 11), (11, 1), (1, 3)])
+def test_a_band_depthwise_convolution_equals_torchs_on_the_masked_map(block, kernel_size, backward):
+    """InceptionNeXt's 1 x k and k x 1 depthwise convolutions, run as k x k ones with a kernel zero
+    off its middle row or column: torch's band convolution of the masked map at every visible site
+    (windows reaching across blocks, into hidden ones and the padding), and its gradients (input,
+    the band weight itself, bias)."""
+    g = torch.Generator().manual_seed(6)
+    b, c, grid = 3, 4, (2, 3)
+    images = torch.randn(b, c, grid[0] * block, grid[1] * block, generator=g, dtype=torch.float64)
+    active = random_active(b, grid, 0.5, g)
+    torch.manual_seed(0)
+    padding = (kernel_size[0] // 2, kernel_size[1] // 2)
+    dense = nn.Conv2d(c, c, kernel_size, padding=padding, groups=c).double()
+    sparse = BandDepthwiseConvolution(c, kernel_size).double()
+    sparse.load_state_dict(dense.state_dict())
+    sparse.backward_path = backward
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    visible = upsample_active(active, images.shape[-2:])
+    masked = (images * visible).requires_grad_()
+    want = dense(masked) * visible
+    got = to_dense(out, b, images.shape[-2:])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, b, images.shape[-2:]), masked.grad * visible,
+                               rtol=1e-12, atol=1e-12)
+    assert sparse.weight.grad.shape == dense.weight.grad.shape == (c, 1, *kernel_size)
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])

@@ -39,6 +39,7 @@ ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["res2net50_26w_4s", "r
 ALL_DEPTHS["resnest14d"] = ("resnest14d", {})
 ALL_DEPTHS["rdnet_tiny"] = ("rdnet_tiny", {})  # the head's norm kept
 ALL_DEPTHS["RDNet with its head norm first"] = ("rdnet_tiny", {"head_norm_first": True})
+ALL_DEPTHS["inception_next_atto"] = ("inception_next_atto", {})  # the head's fc1 and norm kept
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -222,7 +223,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("starnet_s050", r"StarNet at 'stages'"),
                                          ("fasternet_t0", r"Block at 'stages\.0'"),
                                          ("repvit_m0_9", r"RepVit at 'stages'"),
-                                         ("rdnet_tiny", r"RDNet at 'dense_stages'")])
+                                         ("rdnet_tiny", r"RDNet at 'dense_stages'"),
+                                         ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

@@ -14,6 +14,7 @@ from .fasternet import FASTERNET
 from .family import ConversionError, Family
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
+from .inception_next import INCEPTION_NEXT
 from .mambaout import MAMBAOUT
 from .nfnet import NFNET
 from .rdnet import RDNET
@@ -27,7 +28,7 @@ from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET, STARNET, FASTERNET, REPVIT, RDNET)
+                                HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT)
 
 
 def family_of(model: nn.Module) -> Family:

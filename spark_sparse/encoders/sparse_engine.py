@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.amp import autocast_dtype
-from ..sparse.depthwise import DepthwiseConvolution
+from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
 from ..sparse.norm_act import batch_norm_act
@@ -89,6 +89,13 @@ def _top_left_padding(conv: nn.Conv2d) -> tuple[int, int]:
 def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     kh, kw = conv.kernel_size
     (sh, sw), (ph, pw) = conv.stride, _top_left_padding(conv)
+    band = (type(conv) is nn.Conv2d and min(kh, kw) == 1 < max(kh, kw) and max(kh, kw) % 2 == 1
+            and conv.groups == conv.in_channels == conv.out_channels and (sh, sw) == (1, 1)
+            and (ph, pw) == (kh // 2, kw // 2) and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+    if band:  # InceptionNeXt's 1 x k and k x 1 depthwise convolutions
+        if impl == "minkowski":
+            raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
+        return _copy_weights(conv, BandDepthwiseConvolution(conv.out_channels, (kh, kw), conv.bias is not None))
     if kh != kw or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")

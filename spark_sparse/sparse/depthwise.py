@@ -153,11 +153,15 @@ class DepthwiseConvolution(nn.Module):
     def kernel_size(self) -> int:
         return self.weight.shape[-1]
 
+    def kernel(self) -> Tensor:
+        """The (C, 1, k, k) kernel the convolution runs with."""
+        return self.weight
+
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
-        weight, backward = self.weight, self.backward_path or backward_path(x.F.device)
+        weight, backward = self.kernel(), self.backward_path or backward_path(x.F.device)
         if self.stride > 1:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride, self.padding))
             out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
@@ -178,3 +182,28 @@ class DepthwiseConvolution(nn.Module):
         padding = "" if self.padding is None else f", padding={self.padding}"
         return (f"{self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}{padding}, "
                 f"bias={self.bias is not None}")
+
+
+class BandDepthwiseConvolution(DepthwiseConvolution):
+    """A depthwise 1 x k or k x 1 submanifold convolution (odd k, centred: InceptionNeXt's band
+    kernels) with timm's ``weight`` (C, 1, 1, k) or (C, 1, k, 1): it runs as the k x k depthwise
+    convolution whose kernel is zero off its middle row or column, which is the same convolution
+    (k times the band's arithmetic, on the few channels a band branch has)."""
+
+    def __init__(self, channels: int, kernel_size: tuple[int, int], bias: bool = True):
+        super().__init__(channels, max(kernel_size), bias)
+        if min(kernel_size) != 1:
+            raise ValueError(f"a band kernel is 1 x k or k x 1, got {kernel_size}")
+        self.weight = nn.Parameter(torch.zeros(channels, 1, *kernel_size))
+
+    @property
+    def kernel_size(self) -> int:
+        return max(self.weight.shape[-2:])
+
+    def kernel(self) -> Tensor:
+        kh, kw = self.weight.shape[-2:]
+        side, top = max(kh - kw, 0) // 2, max(kw - kh, 0) // 2  # zero columns left/right, rows above/below
+        return F.pad(self.weight, (side, side, top, top))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[-2:])}, bias={self.bias is not None}"
