@@ -178,15 +178,20 @@ class MaskedLayerScale(nn.Module):
         return inp._replace(x=inp.x * gamma.view(1, -1, 1, 1))
 
 
+def visible_means(inp: MaskedTensor) -> Tensor:
+    """(B, C): each image's mean over its visible positions, not over the whole map (in float32
+    for 16-bit maps)."""
+    x = inp.clean().x
+    dtype = statistics_dtype(x.dtype)
+    return x.sum((2, 3), dtype=dtype) / inp.visible().sum((2, 3)).to(dtype)
+
+
 class MaskedChannelAttention(ChannelAttention):
-    """SE/ECA with each image's mean over its visible positions, not over the whole map (in
-    float32 for 16-bit maps)."""
+    """SE/ECA with each image's mean over its visible positions."""
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x, vis = inp.clean().x, inp.visible()
-        dtype = statistics_dtype(x.dtype)
-        pooled = x.sum((2, 3), dtype=dtype) / vis.sum((2, 3)).to(dtype)
-        return MaskedTensor(x * self.gates(pooled)[:, :, None, None], inp.active)
+        x = inp.clean().x
+        return MaskedTensor(x * self.gates(visible_means(inp))[:, :, None, None], inp.active)
 
 
 class MaskedMaxPool(nn.Module):
@@ -250,12 +255,10 @@ class MaskedPointwise(nn.Module):
 
 
 class MaskedImageMean(ImageMean):
-    """Each image's mean over its visible positions (in float32 for 16-bit maps)."""
+    """Each image's mean over its visible positions."""
 
     def forward(self, inp: MaskedTensor) -> Tensor:
-        x = inp.clean().x
-        dtype = statistics_dtype(x.dtype)
-        return x.sum((2, 3), dtype=dtype) / inp.visible().sum((2, 3)).to(dtype)
+        return visible_means(inp)
 
 
 class MaskedRadixSum(RadixSum):

@@ -265,17 +265,20 @@ def _sparse_zero_padded_pool(module: ZeroPaddedMaxPool, path: str, impl: str) ->
     return PatchPooling("max", k, geometry[1][0], fill=0.0)  # hidden sites read zero, as the padding
 
 
+def visible_means(x: ME.SparseTensor) -> Tensor:
+    """(B, C): each image's mean over its visible rows (in float32 for 16-bit rows)."""
+    sites = PatchSites.of(x)
+    dtype = statistics_dtype(x.F.dtype)
+    sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image_of_rows(x), x.F.to(dtype))
+    return sums / sites.mean_divisors(x.tensor_stride[0]).to(dtype)[:, None]
+
+
 class SparseChannelAttention(ChannelAttention):
-    """SE/ECA: each image's mean over its visible rows (in float32 for 16-bit rows), a gate per
-    image and channel."""
+    """SE/ECA: each image's mean over its visible rows, a gate per image and channel."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        sites, image = PatchSites.of(x), image_of_rows(x)
-        dtype = statistics_dtype(x.F.dtype)
-        sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image, x.F.to(dtype))
-        counts = sites.mean_divisors(x.tensor_stride[0]).to(dtype)
-        gates = self.gates(sums / counts[:, None])
-        return with_features(x, ImageScale.apply(x.F, gates, image))
+        gates = self.gates(visible_means(x))
+        return with_features(x, ImageScale.apply(x.F, gates, image_of_rows(x)))
 
 
 class SparseChannelSplit(ChannelSplit):
@@ -309,13 +312,10 @@ class SparseProduct(Product):
 
 
 class SparseImageMean(ImageMean):
-    """Each image's mean over its visible rows (in float32 for 16-bit rows)."""
+    """Each image's mean over its visible rows."""
 
     def forward(self, x: ME.SparseTensor) -> Tensor:
-        sites, image = PatchSites.of(x), image_of_rows(x)
-        dtype = statistics_dtype(x.F.dtype)
-        sums = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add_(0, image, x.F.to(dtype))
-        return sums / sites.mean_divisors(x.tensor_stride[0]).to(dtype)[:, None]
+        return visible_means(x)
 
 
 class SparseRadixSum(RadixSum):
