@@ -60,7 +60,8 @@ def sparse_encoder(model, **options):
 
 
 FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
-            "mobilenetv3_small_100", "resnet50_gn", "test_mambaout"]
+            "mobilenetv3_small_100", "resnet50_gn", "test_mambaout",
+            "hgnetv2_b0", "resnest14d", "inception_next_atto"]  # scalar affines, radix sums, 3x3 average, bands
 FOUR_BLOCKS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}}  # group norms: deeper nets drift further in bf16
 
 
