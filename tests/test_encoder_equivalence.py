@@ -356,6 +356,14 @@ VARIANTS.update({
 # 3x3, a 1 x 11 and an 11 x 1 band), batch norms, 1x1 MLPs with GELU, layer scale
 VARIANTS["InceptionNeXt: inception depthwise with 1 x 11 and 11 x 1 bands"] = ("inception_next_atto", {})
 
+# timm's dpn module: dual path blocks (pre-activation 1x1, grouped 3x3, 1x1 or the b variants' two
+# 1x1s; a residual and a dense path in one tensor, split, summed and concatenated), strided projections,
+# a final norm + ReLU after the last tap
+VARIANTS.update({
+    "DPN-48b: dual paths, the b variant's two 1x1s, a 3x3 stem": ("dpn48b", {}),
+    "DPN-68: dual paths, one 1x1 split in two": ("dpn68", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -365,7 +373,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
-              "rdnet_tiny", "inception_next_atto"}
+              "rdnet_tiny", "inception_next_atto", "dpn48b"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

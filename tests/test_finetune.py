@@ -197,6 +197,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("mobilenetv4_conv_small", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("densenet121", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("repvit_m0_9", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
+    ("dpn68", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("hgnetv2_b0", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("hardcorenas_a", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("resnest50d", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),

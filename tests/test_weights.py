@@ -40,6 +40,7 @@ ALL_DEPTHS["resnest14d"] = ("resnest14d", {})
 ALL_DEPTHS["rdnet_tiny"] = ("rdnet_tiny", {})  # the head's norm kept
 ALL_DEPTHS["RDNet with its head norm first"] = ("rdnet_tiny", {"head_norm_first": True})
 ALL_DEPTHS["inception_next_atto"] = ("inception_next_atto", {})  # the head's fc1 and norm kept
+ALL_DEPTHS.update({name: (name, {}) for name in ["dpn48b", "dpn68"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (

@@ -9,6 +9,7 @@ from .byobnet import BYOBNET
 from .convnext import CONVNEXT
 from .cspnet import CSPNET
 from .densenet import DENSENET
+from .dpn import DPN_FAMILY
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .fasternet import FASTERNET
 from .family import ConversionError, Family
@@ -28,7 +29,7 @@ from .vgg import VGG_FAMILY
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT)
+                                HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -413,11 +413,11 @@ class TappedStages:
 
 @dataclass(frozen=True)
 class ChildStages:
-    """Models whose body is one Sequential (``features``: VGG, DenseNet; ``dense_stages``: RDNet)
-    with timm's feature taps among its children: the stem (``stem`` first, where the model has
-    one apart) runs up to the last tap below stride 4, a stage from there up to its stride's tap;
-    the stride-32 tap must be the last child (VGG's last max pooling, DenseNet's ``norm5``), and
-    ``head`` (RDNet's ``norm_pre``) runs after it."""
+    """Models whose body is one Sequential (``features``: VGG, DenseNet, DPN; ``dense_stages``:
+    RDNet) with timm's feature taps among its children: the stem (``stem`` first, where the model
+    has one apart) runs up to the last tap below stride 4, a stage from there up to its stride's
+    tap; children after the stride-32 tap (DPN's final norm), then ``head`` (RDNet's ``norm_pre``),
+    end the last stage, which then has ``num_features`` channels."""
 
     body: str = "features"
     stem: tuple[str, ...] = ()
@@ -427,13 +427,15 @@ class ChildStages:
         order = [f"{self.body}.{name}" for name, _ in getattr(model, self.body).named_children()]
         taps = {i["reduction"]: i for i in model.feature_info}  # the last tap at each stride
         check_strides(model, sorted(r for r in taps if r > 2))
-        if taps[STRIDES[-1]]["module"] != order[-1]:
-            raise ConversionError(f"{type(model).__name__}: '{order[-1]}' runs after the stride-32 tap")
         ends = [max((order.index(taps[r]["module"]) for r in taps if r < STRIDES[0]), default=-1)]
         ends += [order.index(taps[r]["module"]) for r in STRIDES]
+        channels = [taps[r]["num_chs"] for r in STRIDES]
+        if ends[-1] < len(order) - 1:
+            channels[-1] = model.num_features
+        ends[-1] = len(order) - 1  # children after the last tap keep its stride
         stages = [tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:])]
         stages[-1] += self.head
-        return Layout(self.stem + tuple(order[:ends[0] + 1]), tuple(stages), tuple(taps[r]["num_chs"] for r in STRIDES))
+        return Layout(self.stem + tuple(order[:ends[0] + 1]), tuple(stages), tuple(channels))
 
 
 class StemPool(NamedTuple):
