@@ -473,7 +473,7 @@ class Family:
 
     @property
     def timm_modules(self) -> tuple[str, ...]:
-        """The timm modules whose models this family converts (where each module has no refusal)."""
+        """The timm modules whose models are this family's class (its refusals still apply)."""
         return (self.name, *self.other_modules)
 
     def convert(self, model: nn.Module, leaf: LeafConverter, layout: Layout) -> nn.ModuleDict:
