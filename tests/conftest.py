@@ -107,9 +107,12 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def scratch_under_pytest_tmp(tmp_path_factory):
     """Temporary files the tests' runs leave (torchrun's torchelastic logs, wandb's media and
     artifacts) go under pytest's own temporary folder, which pytest prunes, not into /tmp."""
+    from .runs import ENV  # the environment of the apps' command-line runs, made at import
+
     scratch = tmp_path_factory.mktemp("scratch")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TMPDIR", str(scratch))  # subprocesses: torchrun, the apps' CLI runs
+        patch.setenv("TMPDIR", str(scratch))  # subprocesses that copy os.environ when started
+        patch.setitem(ENV, "TMPDIR", str(scratch))  # and those started with tests.runs.ENV
         patch.setattr(tempfile, "tempdir", str(scratch))  # this process (gettempdir caches it)
         yield scratch
 
