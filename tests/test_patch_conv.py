@@ -280,6 +280,28 @@ def _same_padded(kind: str, k: int, c: int, stride: int = 2) -> tuple[nn.Module,
     return sparse, dense
 
 
+def assert_equal_on_masked_map(sparse: nn.Module, dense: nn.Module, images: torch.Tensor, active: torch.Tensor,
+                               stride: int, g: torch.Generator) -> None:
+    """``sparse`` on the visible pixels and ``dense`` on the masked images: the same output at every
+    visible output site and the same gradient reaching every visible input (float64, to 1e-12);
+    the modules' parameter gradients are left for the caller to compare."""
+    b, _, h, w = images.shape
+    x = sparsify(images, active)
+    feats = x.F.clone().requires_grad_()
+    out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
+    size = (h // stride, w // stride)
+    visible = upsample_active(active, (h, w))
+    masked = (images * visible).requires_grad_()
+    want = dense(masked) * upsample_active(active, size)
+    got = to_dense(out, b, size)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got * grad).sum().backward()
+    (want * grad).sum().backward()
+    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    torch.testing.assert_close(to_dense(grad_rows, b, (h, w)), masked.grad * visible, rtol=1e-12, atol=1e-12)
+
+
 DENSE_PATHS = ["tiles", "offset GEMMs", "window GEMMs"]
 # odd kernels at stride 2 (TensorFlow ports) on every path; even ones at stride 1 (HGNetV2's 2x2
 # stem convolutions) on the dense paths: no family has an even depthwise or grouped one
@@ -299,21 +321,7 @@ def test_same_padded_convolution_equals_timm_conv2d_same_on_the_masked_map(kind,
     images = torch.randn(b, c, grid[0] * block, grid[1] * block, generator=g, dtype=torch.float64)
     active = random_active(b, grid, 0.5, g)
     sparse, dense = _same_padded(kind, kernel_size, c, stride)
-    x = sparsify(images, active)
-    feats = x.F.clone().requires_grad_()
-    out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
-    size = (grid[0] * block // stride, grid[1] * block // stride)
-    visible_in = upsample_active(active, images.shape[-2:])
-    masked = (images * visible_in).requires_grad_()
-    want = dense(masked) * upsample_active(active, size)
-    got = to_dense(out, b, size)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    (got * grad).sum().backward()
-    (want * grad).sum().backward()
-    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-    torch.testing.assert_close(to_dense(grad_rows, b, images.shape[-2:]), masked.grad * visible_in,
-                               rtol=1e-12, atol=1e-12)
+    assert_equal_on_masked_map(sparse, dense, images, active, stride, g)
     weight_grad = sparse.weight.grad if kind == "depthwise" or kind.startswith("grouped") else me_to_dense_kernel(
         sparse.kernel.grad, (kernel_size, kernel_size))
     torch.testing.assert_close(weight_grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
@@ -337,20 +345,7 @@ def test_a_band_depthwise_convolution_equals_torchs_on_the_masked_map(block, ker
     sparse = BandDepthwiseConvolution(c, kernel_size).double()
     sparse.load_state_dict(dense.state_dict())
     sparse.backward_path = backward
-    x = sparsify(images, active)
-    feats = x.F.clone().requires_grad_()
-    out = sparse(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
-    visible = upsample_active(active, images.shape[-2:])
-    masked = (images * visible).requires_grad_()
-    want = dense(masked) * visible
-    got = to_dense(out, b, images.shape[-2:])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    (got * grad).sum().backward()
-    (want * grad).sum().backward()
-    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-    torch.testing.assert_close(to_dense(grad_rows, b, images.shape[-2:]), masked.grad * visible,
-                               rtol=1e-12, atol=1e-12)
+    assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
     assert sparse.weight.grad.shape == dense.weight.grad.shape == (c, 1, *kernel_size)
     torch.testing.assert_close(sparse.weight.grad, dense.weight.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-12, atol=1e-12)
@@ -365,22 +360,8 @@ def test_3x3_average_pooling_counts_absent_sites_as_zeros_like_the_padding(block
     g = torch.Generator().manual_seed(5)
     images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
     active = random_active(3, (2, 3), 0.5, g)
-    x = sparsify(images, active)
-    feats = x.F.clone().requires_grad_()
-    out = PatchPooling("avg", 3, stride)(
-        ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager))
-    visible = upsample_active(active, images.shape[-2:])
-    masked = (images * visible).requires_grad_()
-    size = (2 * block // stride, 3 * block // stride)
-    want = nn.AvgPool2d(3, stride, padding=1)(masked) * upsample_active(active, size)
-    got = to_dense(out, 3, size)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    (got * grad).sum().backward()
-    (want * grad).sum().backward()
-    grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-    torch.testing.assert_close(to_dense(grad_rows, 3, images.shape[-2:]), masked.grad * visible,
-                               rtol=1e-12, atol=1e-12)
+    assert_equal_on_masked_map(PatchPooling("avg", 3, stride), nn.AvgPool2d(3, stride, padding=1), images, active,
+                               stride, g)
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])

@@ -12,7 +12,7 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from .family import Converter, Family, LayerScale, MirrorDownsampleBlocks, NamedStages, unsupported
+from .family import Converter, Family, MirrorDownsampleBlocks, NamedStages, mirror_layer_scale, unsupported
 
 
 def _reject_dropout(module: nn.Module, path: str) -> None:
@@ -46,8 +46,7 @@ class MirrorConvNeXtBlock(nn.Module):
         self.conv_dw = convert.leaf(block.conv_dw, f"{path}.conv_dw")
         self.norm = convert.leaf(block.norm, f"{path}.norm")
         self.mlp = convert(block.mlp, f"{path}.mlp")
-        self.gamma = None if block.gamma is None else nn.Parameter(block.gamma.detach().clone())
-        self.scale = None if block.gamma is None else convert.leaf(LayerScale(), f"{path}.gamma")
+        mirror_layer_scale(self, block, convert, path)
         self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
 
     def forward(self, x):

@@ -235,6 +235,16 @@ class LayerScale(nn.Module):
         return x * gamma.view(1, -1, 1, 1)
 
 
+def mirror_layer_scale(mirror: nn.Module, block: nn.Module, convert: Converter, path: str,
+                       name: str = "gamma") -> None:
+    """Give ``mirror`` the optional per-channel layer scale that ``block`` holds as its own
+    parameter (timm's ``gamma``; FasterNet's ``layer_scale``): the parameter under timm's name and
+    a ``scale`` leaf, both None where the block has none (``self.scale(x, self.<name>)`` applies it)."""
+    gamma = getattr(block, name)
+    setattr(mirror, name, None if gamma is None else nn.Parameter(gamma.detach().clone()))
+    mirror.scale = None if gamma is None else convert.leaf(LayerScale(), f"{path}.{name}")
+
+
 class MirrorLayerScale(nn.Module):
     """timm's LayerScale2d (and LayerScale, its channels-last twin): a learned per-channel scale,
     kept under timm's name (``gamma``)."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 from timm.models.fasternet import Block, FasterNet, MLPBlock, Partial_conv3, PatchEmbed, PatchMerging
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, LayerScale,
-                     MirrorDownsampleBlocks, NamedStages)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
+                     NamedStages, mirror_layer_scale)
 
 
 class MirrorPartialConv(nn.Module):
@@ -38,9 +38,7 @@ class MirrorMLPBlock(nn.Module):
         super().__init__()
         self.spatial_mixing = convert(block.spatial_mixing, f"{path}.spatial_mixing")
         self.mlp = convert(block.mlp, f"{path}.mlp")
-        scaled = block.layer_scale is not None
-        self.layer_scale = nn.Parameter(block.layer_scale.detach().clone()) if scaled else None
-        self.scale = convert.leaf(LayerScale(), f"{path}.layer_scale") if scaled else None
+        mirror_layer_scale(self, block, convert, path, name="layer_scale")
         self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
 
     def forward(self, x):

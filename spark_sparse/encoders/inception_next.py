@@ -13,8 +13,8 @@ from __future__ import annotations
 from timm.models.inception_next import ConvMlp, InceptionDWConv2d, MetaNeXt, MetaNeXtBlock, MetaNeXtStage
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, LayerScale,
-                     MirrorDownsampleBlocks, NamedStages, unsupported)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
+                     NamedStages, mirror_layer_scale, unsupported)
 
 
 class MirrorInceptionDWConv2d(nn.Module):
@@ -59,8 +59,7 @@ class MirrorMetaNeXtBlock(nn.Module):
         super().__init__()
         for name in ("token_mixer", "norm", "mlp", "drop_path"):
             setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
-        self.gamma = None if block.gamma is None else nn.Parameter(block.gamma.detach().clone())
-        self.scale = None if block.gamma is None else convert.leaf(LayerScale(), f"{path}.gamma")
+        mirror_layer_scale(self, block, convert, path)
 
     def forward(self, x):
         y = self.mlp(self.norm(self.token_mixer(x)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from timm.models.rdnet import Block, BlockESE, DenseBlock, DenseStage, RDNet
 from torch import nn
 
-from .family import (CheckpointingRefused, ChildStages, Converter, Family, LayerScale, MirrorRunningConcat,
+from .family import (CheckpointingRefused, ChildStages, Converter, Family, MirrorRunningConcat, mirror_layer_scale,
                      unsupported)
 
 
@@ -26,8 +26,7 @@ class MirrorDenseBlock(nn.Module):
             raise unsupported(block, path, f"dropout p={block.drop_rate} after the block (proj_drop_rate) is not "
                                            "mirrored; set it to 0")
         self.layers = convert(block.layers, f"{path}.layers")
-        self.gamma = None if block.gamma is None else nn.Parameter(block.gamma.detach().clone())
-        self.scale = None if block.gamma is None else convert.leaf(LayerScale(), f"{path}.gamma")
+        mirror_layer_scale(self, block, convert, path)
         self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
 
     def forward(self, x):
