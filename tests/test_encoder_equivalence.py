@@ -364,6 +364,16 @@ VARIANTS.update({
     "DPN-68: dual paths, one 1x1 split in two": ("dpn68", {}),
 })
 
+# timm's vovnet module: one-shot aggregation blocks (a chain of 3x3 conv-norm-acts, or of depthwise-
+# separable ones after a 1x1 reduction, joined once with the block's input), effective SE or ECA,
+# residual from a stage's second block; unpadded 3x3 stride-2 max poolings with ceil_mode
+VARIANTS.update({
+    "VoVNet V1: OSA blocks, unpadded ceil-mode max poolings": ("vovnet39a", {"layer_per_block": 2}),
+    "ESE-VoVNet: residual blocks, effective SE": ("ese_vovnet19b_slim", {"block_per_stage": (1, 2, 1, 2)}),
+    "ESE-VoVNet, depthwise-separable layers after a 1x1 reduction": ("ese_vovnet19b_slim_dw", {}),
+    "ECA-VoVNet: efficient channel attention": ("eca_vovnet39b", {"layer_per_block": 2, "block_per_stage": (1, 1, 1, 2)}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -373,7 +383,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
-              "rdnet_tiny", "inception_next_atto", "dpn48b"}
+              "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -364,6 +364,31 @@ def test_3x3_average_pooling_counts_absent_sites_as_zeros_like_the_padding(block
                                stride, g)
 
 
+class PoolVisibleOnly(nn.Module):
+    """A dense max pooling of the map with its hidden sites at -inf (0 where nothing visible won)."""
+
+    def __init__(self, pool: nn.MaxPool2d, visible: torch.Tensor):
+        super().__init__()
+        self.pool, self.visible = pool, visible
+
+    def forward(self, x):
+        y = self.pool(x.masked_fill(~self.visible, float("-inf")))
+        return y.masked_fill(y == float("-inf"), 0.0)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+def test_unpadded_ceil_mode_max_pooling_takes_the_maximum_over_visible_sites(block):
+    """VoVNet's 3x3 stride-2 max pooling without padding, ``ceil_mode``: output i reads input sites
+    2i..2i+2 (one into the next patch; the last window hangs over the map's edge), values of
+    either sign; the maximum over the visible ones, forward and gradient."""
+    g = torch.Generator().manual_seed(6)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    visible = upsample_active(active, images.shape[-2:])
+    dense = PoolVisibleOnly(nn.MaxPool2d(3, 2, ceil_mode=True), visible)
+    assert_equal_on_masked_map(PatchPooling("max", 3, 2, padding=0), dense, images, active, 2, g)
+
+
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("pad,kernel_size,stride", [((1, 1, 1, 1), 3, 2), ((0, 1, 0, 1), 2, 1)], ids=["BiT", "HGNetV2"])
 def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(

@@ -56,6 +56,8 @@ MODELS["resnest14d"] = ("resnest14d", {})
 MODELS["rdnet_tiny"] = ("rdnet_tiny", {})  # dense stages of layer-norm blocks, effective SE
 MODELS["inception_next_atto"] = ("inception_next_atto", {})  # 1 x 11 and 11 x 1 depthwise bands
 MODELS["dpn48b"] = ("dpn48b", {})  # dual paths: a residual and a dense path in one tensor
+# one-shot aggregation, effective SE, unpadded ceil-mode max poolings reaching into the next patch
+MODELS["ese_vovnet19b_slim"] = ("ese_vovnet19b_slim", {"block_per_stage": (1, 2, 1, 1)})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

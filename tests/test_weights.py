@@ -41,6 +41,7 @@ ALL_DEPTHS["rdnet_tiny"] = ("rdnet_tiny", {})  # the head's norm kept
 ALL_DEPTHS["RDNet with its head norm first"] = ("rdnet_tiny", {"head_norm_first": True})
 ALL_DEPTHS["inception_next_atto"] = ("inception_next_atto", {})  # the head's fc1 and norm kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["dpn48b", "dpn68"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["ese_vovnet19b_slim", "ese_vovnet19b_slim_dw", "vovnet39a"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -225,7 +226,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("fasternet_t0", r"Block at 'stages\.0'"),
                                          ("repvit_m0_9", r"RepVit at 'stages'"),
                                          ("rdnet_tiny", r"RDNet at 'dense_stages'"),
-                                         ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'")])
+                                         ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'"),
+                                         ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)
@@ -329,6 +331,25 @@ def test_a_3x3_average_pooling_is_refused_with_minkowskis_own_pooling():
     with pytest.raises(ConversionError, match=r"AvgPool2d at 'layer1\.0\.pool': a 3x3 average pooling with "
                                               r"conv='minkowski' \(it divides by the present sites"):
         engine_class("sparse").from_timm("res2net50_26w_4s", conv="minkowski")
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_max_pooling_that_does_not_keep_the_mask_grid_is_refused(engine):
+    # VoVNet's unpadded 3x3 stride-2 pooling keeps an even map's last window only with ceil_mode
+    model = timm.create_model("ese_vovnet19b_slim_dw", pretrained=False, num_classes=0)
+    model.stages[1].pool.ceil_mode = False
+    with pytest.raises(ConversionError, match=r"MaxPool2d at 'stages\.1\.pool': kernel 3, stride 2, padding 0, "
+                                              r"dilation 1, ceil_mode False"):
+        engine_class(engine).from_timm(model)
+    with pytest.raises(ConversionError, match=r"cannot convert EvoNorm2dS0 at 'stem\.0\.bn'"):
+        engine_class(engine).from_timm("ese_vovnet39b_evos")
+
+
+@needs_minkowski
+def test_vovnets_unpadded_pooling_is_refused_with_minkowskis_own_pooling():
+    with pytest.raises(ConversionError, match=r"MaxPool2d at 'stages\.1\.pool': conv='minkowski' centres its "
+                                              r"pooling windows"):
+        engine_class("sparse").from_timm("vovnet39a", conv="minkowski")
 
 
 @needs_minkowski

@@ -26,10 +26,12 @@ from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
 from .vgg import VGG_FAMILY
+from .vovnet import VOVNET
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
-                                HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY)
+                                HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
+                                VOVNET)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -320,6 +320,18 @@ def pool_geometry(pool: nn.Module) -> tuple[int, int, int]:
     return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
 
 
+def check_max_pool(pool: nn.MaxPool2d, path: str) -> None:
+    """Refuse a max pooling whose windows do not map the mask's grid onto itself: both engines
+    run a centred 3x3 at stride 2, VoVNet's unpadded 3x3 with ``ceil_mode`` (its windows start at
+    the output's own site) and a 2x2 at stride 2 (a zero pad before one: ``ZeroPaddedMaxPool``)."""
+    k, s, p = pool_geometry(pool)
+    if (k, s, p) in ((3, 2, 1), (2, 2, 0)) or ((k, s, p) == (3, 2, 0) and pool.ceil_mode):
+        if pool.dilation in (1, (1, 1)):
+            return
+    raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}, dilation {pool.dilation}, "
+                                  f"ceil_mode {pool.ceil_mode}")
+
+
 def no_check(model: nn.Module) -> None:
     """Families without refusals beyond those of their leaves and blocks."""
 

@@ -26,7 +26,8 @@ from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
-                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
+                     unsupported)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -329,6 +330,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, nn.MaxPool2d):
+        check_max_pool(module, path)
         return MaskedMaxPool(module)
     if isinstance(module, nn.AvgPool2d):
         k, s, p = pool_geometry(module)

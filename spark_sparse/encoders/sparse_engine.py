@@ -36,7 +36,8 @@ from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
-                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_norm_act, pool_geometry, unsupported)
+                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
+                     unsupported)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -230,9 +231,18 @@ def recompute_pointwise_norms(body: nn.Module, pointwise_norms: Mapping[type, tu
 def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
     k, s, p = pool_geometry(pool)
     stock = impl == "minkowski"
+    if isinstance(pool, nn.MaxPool2d):
+        check_max_pool(pool, path)
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 1):
         # after a ReLU, the zeros a dense max-pool would see at hidden sites never win
         return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else PatchPooling("max", 3, 2)
+    if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 0):
+        # VoVNet's: unpadded, its ceil_mode keeps the last window over an even map's edge: the
+        # window starts at the output's own site (TensorFlow's 'same' there)
+        if stock:
+            raise unsupported(pool, path, "conv='minkowski' centres its pooling windows; this unpadded one "
+                                          "needs conv='patch'")
+        return PatchPooling("max", 3, 2, padding=0)
     if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and pool.count_include_pad \
             and not pool.ceil_mode:
         # Res2Net's and ResNeSt's: hidden sites read zero and are counted, as the padding (a fixed

@@ -269,17 +269,23 @@ class PatchPooling(nn.Module):
     stride 1 or 2, absent sites counted as zeros) pooling. ``fill``: what an absent site reads in
     an overlapping max pooling (-inf: nothing; 0: as a zero padding would). Non-overlapping windows
     lie inside one patch (the mask is aligned to the coarsest grid): a patch's rows are its
-    channels-last map, pooled by torch, with no index table."""
+    channels-last map, pooled by torch, with no index table. ``padding``: as ``tile_geometry``'s
+    (None: a centred window; 0 for an unpadded 3x3 stride-2 max pooling with ``ceil_mode``, as
+    VoVNet's, which on the even maps it reads is TensorFlow's 'same')."""
 
     fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
 
-    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False, fill: float = float("-inf")):
+    padding: int | None = None  # (a class default too: modules pickled before it existed)
+
+    def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False, fill: float = float("-inf"),
+                 padding: int | None = None):
         super().__init__()
         if mode not in ("max", "avg"):
             raise ValueError(f"pooling mode must be 'max' or 'avg', got '{mode}'")
         self.mode, self.kernel_size, self.stride = mode, kernel_size, stride
         self.relu = relu  # a ReLU after pooling (for max pooling the same as one before it)
         self.fill = fill
+        self.padding = padding
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
@@ -289,7 +295,7 @@ class PatchPooling(nn.Module):
             maps = x.F.view(-1, s, s, x.F.shape[1]).permute(0, 3, 1, 2)
             out = pool(maps, k, k).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
         else:
-            tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, k, self.stride))
+            tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, k, self.stride, self.padding))
             if self.mode == "max":
                 out = TileMaxPool.apply(x.F, tile, k, self.stride, self.fill)
             else:
@@ -304,7 +310,8 @@ class PatchPooling(nn.Module):
         overlapping = self.kernel_size != self.stride
         fill = f", absent sites read {self.fill}" if overlapping and self.fill != float("-inf") else ""
         fill = ", absent sites read 0 (counted)" if overlapping and self.mode == "avg" else fill
-        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{fill}{relu}"
+        padding = "" if self.padding is None else f", padding={self.padding}"
+        return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{padding}{fill}{relu}"
 
 
 class PatchifyConvolution(nn.Module):
