@@ -374,6 +374,11 @@ VARIANTS.update({
     "ECA-VoVNet: efficient channel attention": ("eca_vovnet39b", {"layer_per_block": 2, "block_per_stage": (1, 1, 1, 2)}),
 })
 
+# timm's cspnext module (RTMDet's backbones): cross-stage partial layers of 3x3 + depthwise 5x5 blocks
+# with SiLU, effective SE over the joined branches; the last stage's spatial pyramid: 5x5, 9x9, 13x13
+# stride-1 max poolings over the visible sites (on the canvas), no residuals there
+VARIANTS["CSPNeXt: CSP layers of depthwise 5x5 blocks, effective SE, spatial pyramid max poolings"] = ("cspnext_tiny", {})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -383,7 +388,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
-              "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim"}
+              "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
+              "cspnext_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

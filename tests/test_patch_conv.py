@@ -389,6 +389,20 @@ def test_unpadded_ceil_mode_max_pooling_takes_the_maximum_over_visible_sites(blo
     assert_equal_on_masked_map(PatchPooling("max", 3, 2, padding=0), dense, images, active, 2, g)
 
 
+@pytest.mark.parametrize("block", [1, 4], ids=["one site a patch", "4x4 blocks"])
+@pytest.mark.parametrize("kernel_size", [5, 9, 13])
+def test_wide_stride_1_max_pooling_takes_the_maximum_over_visible_sites(block, kernel_size):
+    """CSPNeXt's spatial pyramid: centred k x k stride-1 max poolings reaching several patches
+    away (one site a patch at stride 32), on a 7x9 patch grid where the image's edges cut the
+    windows; values of either sign, forward and gradient."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(3, 4, 7 * block, 9 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (7, 9), 0.6, g)
+    visible = upsample_active(active, images.shape[-2:])
+    dense = PoolVisibleOnly(nn.MaxPool2d(kernel_size, 1, kernel_size // 2), visible)
+    assert_equal_on_masked_map(PatchPooling("max", kernel_size, 1), dense, images, active, 1, g)
+
+
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("pad,kernel_size,stride", [((1, 1, 1, 1), 3, 2), ((0, 1, 0, 1), 2, 1)], ids=["BiT", "HGNetV2"])
 def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_the_masked_map(

@@ -42,6 +42,7 @@ ALL_DEPTHS["RDNet with its head norm first"] = ("rdnet_tiny", {"head_norm_first"
 ALL_DEPTHS["inception_next_atto"] = ("inception_next_atto", {})  # the head's fc1 and norm kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["dpn48b", "dpn68"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["ese_vovnet19b_slim", "ese_vovnet19b_slim_dw", "vovnet39a"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["cspnext_tiny", "cspnext_s"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -227,7 +228,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("repvit_m0_9", r"RepVit at 'stages'"),
                                          ("rdnet_tiny", r"RDNet at 'dense_stages'"),
                                          ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'"),
-                                         ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'")])
+                                         ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'"),
+                                         ("cspnext_tiny", r"CspNext at 'stages'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

@@ -8,6 +8,7 @@ from torch import nn
 from .byobnet import BYOBNET
 from .convnext import CONVNEXT
 from .cspnet import CSPNET
+from .cspnext import CSPNEXT
 from .densenet import DENSENET
 from .dpn import DPN_FAMILY
 from .efficientnet import EFFICIENTNET, MOBILENETV3
@@ -31,7 +32,7 @@ from .vovnet import VOVNET
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET)
+                                VOVNET, CSPNEXT)
 
 
 def family_of(model: nn.Module) -> Family:

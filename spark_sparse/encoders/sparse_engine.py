@@ -243,6 +243,11 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
             raise unsupported(pool, path, "conv='minkowski' centres its pooling windows; this unpadded one "
                                           "needs conv='patch'")
         return PatchPooling("max", 3, 2, padding=0)
+    if isinstance(pool, nn.MaxPool2d) and s == 1:
+        # CSPNeXt's spatial pyramid (5, 9, 13 at stride 32): wider than a patch's halo, on the canvas
+        if stock:
+            raise unsupported(pool, path, f"a {k}x{k} stride-1 max pooling with conv='minkowski'; use conv='patch'")
+        return PatchPooling("max", k, 1)
     if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and pool.count_include_pad \
             and not pool.ceil_mode:
         # Res2Net's and ResNeSt's: hidden sites read zero and are counted, as the padding (a fixed

@@ -264,9 +264,19 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
         return (self.gain * self.scale).view(-1)
 
 
+def canvas_max_pool(feats: Tensor, index: Tensor, shape: tuple[int, int, int], kernel_size: int) -> Tensor:
+    """A centred odd k x k stride-1 max pooling over the present sites (CSPNeXt's spatial pyramid
+    pooling: 5, 9, 13 at stride 32, far wider than a patch's halo): the rows scattered into the
+    whole images' map at -inf, pooled there by torch, gathered back (autograd through all three)."""
+    b, h, w = shape
+    canvas = feats.new_full((b * h * w, feats.shape[1]), float("-inf")).index_copy(0, index, feats)
+    pooled = F.max_pool2d(canvas.view(b, h, w, -1).permute(0, 3, 1, 2), kernel_size, 1, kernel_size // 2)
+    return pooled.permute(0, 2, 3, 1).reshape(b * h * w, -1).index_select(0, index)
+
+
 class PatchPooling(nn.Module):
-    """Max (3x3, stride 2, over present sites; 2x2, stride 1 or 2) or average (2x2, stride 2; 3x3,
-    stride 1 or 2, absent sites counted as zeros) pooling. ``fill``: what an absent site reads in
+    """Max (3x3, stride 2, over present sites; 2x2, stride 1 or 2; any odd k x k at stride 1, on the
+    canvas) or average (2x2, stride 2; 3x3, stride 1 or 2, absent sites counted as zeros) pooling. ``fill``: what an absent site reads in
     an overlapping max pooling (-inf: nothing; 0: as a zero padding would). Non-overlapping windows
     lie inside one patch (the mask is aligned to the coarsest grid): a patch's rows are its
     channels-last map, pooled by torch, with no index table. ``padding``: as ``tile_geometry``'s
@@ -290,7 +300,10 @@ class PatchPooling(nn.Module):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         s, k = sites.sites_per_side(x.tensor_stride[0]), self.kernel_size
-        if k == self.stride:  # each patch a channels-last (C, s, s) map: torch's own pooling (and ties)
+        if self.mode == "max" and self.stride == 1 and k % 2 and self.fill == float("-inf"):
+            stride = x.tensor_stride[0]
+            out = canvas_max_pool(x.F, sites.canvas_index(stride), sites.canvas_shape(stride), k)
+        elif k == self.stride:  # each patch a channels-last (C, s, s) map: torch's own pooling (and ties)
             pool = F.max_pool2d if self.mode == "max" else F.avg_pool2d
             maps = x.F.view(-1, s, s, x.F.shape[1]).permute(0, 3, 1, 2)
             out = pool(maps, k, k).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
