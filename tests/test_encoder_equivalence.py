@@ -379,6 +379,16 @@ VARIANTS.update({
 # stride-1 max poolings over the visible sites (on the canvas), no residuals there
 VARIANTS["CSPNeXt: CSP layers of depthwise 5x5 blocks, effective SE, spatial pyramid max poolings"] = ("cspnext_tiny", {})
 
+# timm's senet module (the legacy Caffe ports): basic blocks and bottlenecks striding in their first
+# 1x1 or in their (grouped) 3x3, SE before the shortcut; a 7x7 stem or SENet-154's three 3x3s and 3x3
+# strided shortcuts; the stem's unpadded ceil-mode 3x3 stride-2 max pooling
+VARIANTS.update({
+    "Legacy SE-ResNet: basic blocks, unpadded ceil-mode stem pooling, SE": ("legacy_seresnet18", FOUR_BLOCKS),
+    "Legacy SE-ResNet bottlenecks, striding in their first 1x1": ("legacy_seresnet50", FOUR_BLOCKS),
+    "Legacy SE-ResNeXt: grouped 3x3 striding": ("legacy_seresnext26_32x4d", FOUR_BLOCKS),
+    "Legacy SENet-154: three 3x3s in the stem, 3x3 strided shortcuts, 64 groups": ("legacy_senet154", FOUR_BLOCKS),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -389,7 +399,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
-              "cspnext_tiny"}
+              "cspnext_tiny", "legacy_seresnext26_32x4d"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -14,18 +14,20 @@ import copy
 from timm.layers import EcaModule, EffectiveSEModule, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
+from timm.models.senet import SEModule as LegacySEModule
 from torch import Tensor, nn
 
 from .family import unsupported
 
-ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule, EffectiveSEModule)
-KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese", EffectiveSEModule: "timm_ese"}
+ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule, EffectiveSEModule, LegacySEModule)
+KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese", EffectiveSEModule: "timm_ese",
+         LegacySEModule: "legacy_se"}
 
 
 class ChannelAttention(nn.Module):
-    """The gate of a timm SEModule, EcaModule, EfficientNet SqueezeExcite, or effective SE (one 1x1
-    convolution, no reduction: HGNet's EseModule, timm's EffectiveSEModule), applied to a pooled
-    (B, C) vector."""
+    """The gate of a timm SEModule (or the legacy senet module's), EcaModule, EfficientNet
+    SqueezeExcite, or effective SE (one 1x1 convolution, no reduction: HGNet's EseModule, timm's
+    EffectiveSEModule), applied to a pooled (B, C) vector."""
 
     def __init__(self, module: nn.Module, path: str):
         super().__init__()
@@ -48,6 +50,8 @@ class ChannelAttention(nn.Module):
             return self.sigmoid(self.conv(pooled[:, :, None, None])).flatten(1)
         if self.kind == "timm_ese":
             return self.gate(self.fc(pooled[:, :, None, None])).flatten(1)
+        if self.kind == "legacy_se":  # the senet module's: fc1, relu, fc2, sigmoid
+            return self.sigmoid(self.fc2(self.relu(self.fc1(pooled[:, :, None, None])))).flatten(1)
         if self.kind == "effnet_se":
             y = self.conv_expand(self.act1(self.conv_reduce(pooled[:, :, None, None])))
             return self.gate(y).flatten(1)

@@ -23,6 +23,7 @@ from .rdnet import RDNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
+from .senet import SENET
 from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
@@ -32,7 +33,7 @@ from .vovnet import VOVNET
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT)
+                                VOVNET, CSPNEXT, SENET)
 
 
 def family_of(model: nn.Module) -> Family:
