@@ -15,6 +15,26 @@ from torch import nn
 from .family import ChannelConcat, ChannelSplit, Converter, reject_extras
 
 
+def hierarchical_groups(block: nn.Module, out):
+    """A Res2Net bottleneck's middle, on its first 1x1's output: the groups of channels (``split``
+    one at a time, as timm's torch.split by width), each of the first through ``convs``, ``bns``
+    and ``relu`` after adding the previous one's output (not in a stage's first block,
+    ``is_first``), the last passed through or ``pool``-ed, all joined (``concat``). Shared by
+    timm's Bottle2neck and DLA's DlaBottle2neck, which hold these under the same names."""
+    groups = []
+    for _ in range(block.scale - 1):
+        group, out = block.split(out)
+        groups.append(group)
+    groups.append(out)
+    outputs = []
+    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
+        sp = groups[i] if i == 0 or block.is_first else outputs[-1] + groups[i]
+        outputs.append(block.relu(bn(conv(sp))))
+    if block.scale > 1:
+        outputs.append(groups[-1] if block.pool is None else block.pool(groups[-1]))
+    return block.concat(*outputs)
+
+
 class MirrorBottle2neck(nn.Module):
     """timm's Bottle2neck: conv1, bn1, relu, the chain of group convolutions, [pool], conv3, bn3,
     [se], [drop path], + shortcut, relu (one ReLU module, as timm's)."""
@@ -32,19 +52,7 @@ class MirrorBottle2neck(nn.Module):
         self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")
 
     def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        groups = []
-        for _ in range(self.scale - 1):  # timm's torch.split by width, one group at a time
-            group, out = self.split(out)
-            groups.append(group)
-        groups.append(out)
-        outputs = []
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            sp = groups[i] if i == 0 or self.is_first else outputs[-1] + groups[i]
-            outputs.append(self.relu(bn(conv(sp))))
-        if self.scale > 1:
-            outputs.append(groups[-1] if self.pool is None else self.pool(groups[-1]))
-        out = self.bn3(self.conv3(self.concat(*outputs)))
+        out = self.bn3(self.conv3(hierarchical_groups(self, self.relu(self.bn1(self.conv1(x))))))
         if self.se is not None:
             out = self.se(out)
         if self.drop_path is not None:
