@@ -389,6 +389,17 @@ VARIANTS.update({
     "Legacy SENet-154: three 3x3s in the stem, 3x3 strided shortcuts, 64 groups": ("legacy_senet154", FOUR_BLOCKS),
 })
 
+# timm's dla module: a 7x7 and 3x3s at stride 1 (the pixels), aggregation trees (two residual blocks
+# joined with the stage's 2x2-max-pooled input by a root 1x1; deeper trees nest, handing children on)
+# of basic blocks, (grouped) bottlenecks or Res2Net's groups with a 3x3 average pooling; root shortcuts
+SHALLOW_DLA = {"levels": (1, 1, 1, 1, 1, 1)}
+VARIANTS.update({
+    "DLA-34: basic blocks, trees of two levels, roots joining the pooled input": ("dla34", {}),
+    "DLA-46-C: bottlenecks, a root shortcut": ("dla46_c", {"shortcut_root": True}),
+    "DLA-X-46-C: grouped bottlenecks": ("dla46x_c", {}),
+    "DLA-60-Res2Net: hierarchical groups of channels, 3x3 average pooling": ("dla60_res2net", SHALLOW_DLA),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -399,7 +410,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
-              "cspnext_tiny", "legacy_seresnext26_32x4d"}
+              "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -60,6 +60,7 @@ MODELS["dpn48b"] = ("dpn48b", {})  # dual paths: a residual and a dense path in 
 MODELS["ese_vovnet19b_slim"] = ("ese_vovnet19b_slim", {"block_per_stage": (1, 2, 1, 1)})
 MODELS["cspnext_tiny"] = ("cspnext_tiny", {})  # 5x5, 9x9 and 13x13 stride-1 max poolings at stride 32
 MODELS["legacy_seresnet18"] = ("legacy_seresnet18", {"layers": (1, 1, 1, 1)})  # SE, the ceil-mode stem pooling
+MODELS["dla46_c"] = ("dla46_c", {"shortcut_root": True})  # aggregation trees, convolutions on the pixels
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

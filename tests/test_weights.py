@@ -45,6 +45,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["ese_vovnet19b_slim", "ese_vovn
 ALL_DEPTHS.update({name: (name, {}) for name in ["cspnext_tiny", "cspnext_s"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["legacy_seresnet18", "legacy_seresnet50", "legacy_seresnext26_32x4d"]})
 ALL_DEPTHS["legacy_senet154"] = ("legacy_senet154", FOUR_BLOCKS)
+ALL_DEPTHS.update({name: (name, {}) for name in ["dla34", "dla46_c", "dla46x_c", "dla60_res2net", "dla102"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (

@@ -10,6 +10,7 @@ from .convnext import CONVNEXT
 from .cspnet import CSPNET
 from .cspnext import CSPNEXT
 from .densenet import DENSENET
+from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .fasternet import FASTERNET
@@ -33,7 +34,7 @@ from .vovnet import VOVNET
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY)
 
 
 def family_of(model: nn.Module) -> Family:
