@@ -400,6 +400,10 @@ VARIANTS.update({
     "DLA-60-Res2Net: hierarchical groups of channels, 3x3 average pooling": ("dla60_res2net", SHALLOW_DLA),
 })
 
+# timm's repghost module: GhostNet's bottlenecks with re-parameterisable ghost modules (a depthwise 3x3
+# conv-norm of the primary 1x1 plus a batch norm of it, summed), hard-sigmoid SE
+VARIANTS["RepGhostNet: ghost modules summing a depthwise 3x3 and a norm of the primary, SE"] = ("repghostnet_050", {})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -410,7 +414,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
-              "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c"}
+              "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
+              "repghostnet_050"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -450,8 +455,8 @@ def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
-def test_reparameterised_repvgg_and_mobileone_equal_dense_masked_and_plain_timm(timm_models, name, device):
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050"])
+def test_reparameterised_repvgg_mobileone_and_repghost_equal_dense_masked_and_plain_timm(timm_models, name, device):
     # for inference timm folds each block's branches into one convolution with a bias
     model = timm.models.reparameterize_model(copy.deepcopy(timm_models(name)))
     assert not any(isinstance(m, (RepVggBlock, MobileOneBlock)) and m.reparam_conv is None for m in model.modules())

@@ -203,6 +203,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("cspnext_s", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("legacy_seresnet50", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("dla34", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
+    ("repghostnet_100", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
     ("hardcorenas_a", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("resnest50d", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("mambaout_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),

@@ -61,6 +61,7 @@ MODELS["ese_vovnet19b_slim"] = ("ese_vovnet19b_slim", {"block_per_stage": (1, 2,
 MODELS["cspnext_tiny"] = ("cspnext_tiny", {})  # 5x5, 9x9 and 13x13 stride-1 max poolings at stride 32
 MODELS["legacy_seresnet18"] = ("legacy_seresnet18", {"layers": (1, 1, 1, 1)})  # SE, the ceil-mode stem pooling
 MODELS["dla46_c"] = ("dla46_c", {"shortcut_root": True})  # aggregation trees, convolutions on the pixels
+MODELS["repghostnet_050"] = ("repghostnet_050", {})  # a depthwise 3x3 and a norm of its input, summed
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

@@ -46,6 +46,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["cspnext_tiny", "cspnext_s"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["legacy_seresnet18", "legacy_seresnet50", "legacy_seresnext26_32x4d"]})
 ALL_DEPTHS["legacy_senet154"] = ("legacy_senet154", FOUR_BLOCKS)
 ALL_DEPTHS.update({name: (name, {}) for name in ["dla34", "dla46_c", "dla46x_c", "dla60_res2net", "dla102"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["repghostnet_050", "repghostnet_130"]})  # the head 1x1 kept
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -232,7 +233,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("rdnet_tiny", r"RDNet at 'dense_stages'"),
                                          ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'"),
                                          ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'"),
-                                         ("cspnext_tiny", r"CspNext at 'stages'")])
+                                         ("cspnext_tiny", r"CspNext at 'stages'"),
+                                         ("repghostnet_050", r"RepGhostNet at 'blocks'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

@@ -25,6 +25,7 @@ from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
 from .senet import SENET
+from .repghost import REPGHOST
 from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
@@ -34,7 +35,7 @@ from .vovnet import VOVNET
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST)
 
 
 def family_of(model: nn.Module) -> Family:
