@@ -404,6 +404,16 @@ VARIANTS.update({
 # conv-norm of the primary 1x1 plus a batch norm of it, summed), hard-sigmoid SE
 VARIANTS["RepGhostNet: ghost modules summing a depthwise 3x3 and a norm of the primary, SE"] = ("repghostnet_050", {})
 
+# timm's sknet module (ResNets of selective kernel blocks): a 3x3 and a 3x3 with dilation 2 side by side
+# (on halves of the input, or grouped on all of it), mixed by a softmax across them of an attention
+# (1x1, batch norm over the pooled vectors, ReLU, 1x1) on each image's visible mean; at stride 32 the
+# dilated 3x3 reaches two patches away
+VARIANTS.update({
+    "SKResNet: selective kernels on split inputs, a dilated 3x3, basic blocks": ("skresnet18", FOUR_BLOCKS),
+    "SKResNeXt: grouped selective kernels on the whole input, bottlenecks": ("skresnext50_32x4d", FOUR_BLOCKS),
+    "SKResNet-D: deep stem, avg-down, selective kernel bottlenecks": ("skresnet50d", {"layers": (1, 1, 1, 2)}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -415,7 +425,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
-              "repghostnet_050"}
+              "repghostnet_050", "skresnet18"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -206,6 +206,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("repghostnet_100", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
     ("hardcorenas_a", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("resnest50d", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("skresnet18", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("mambaout_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("rdnet_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("inception_next_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),

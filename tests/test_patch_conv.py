@@ -21,6 +21,7 @@ from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
+from spark_sparse.sparse.dilated import DilatedConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, standardised
 from spark_sparse.sparse.patch_sites import tile_geometry
@@ -362,6 +363,26 @@ def test_3x3_average_pooling_counts_absent_sites_as_zeros_like_the_padding(block
     active = random_active(3, (2, 3), 0.5, g)
     assert_equal_on_masked_map(PatchPooling("avg", 3, stride), nn.AvgPool2d(3, stride, padding=1), images, active,
                                stride, g)
+
+
+# stride 2 reads blocks of 2x2 sites at least (the stride-32 map, one site a patch, is the last)
+@pytest.mark.parametrize("block,stride", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)],
+                         ids=["one site a patch (canvas)", "2x2 blocks", "2x2 blocks, stride 2", "8x8 blocks (tiles)",
+                              "8x8 blocks, stride 2"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_dilated_convolution_equals_torchs_on_the_masked_map(block, stride, groups):
+    """SKNet's 3x3 with dilation 2, on every path (tiles, the small-block path, the canvas where it
+    reaches two patches away), grouped or not: torch's dilated convolution of the masked map at
+    every visible output site, its input gradient and its weight and bias gradients."""
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(3, 8, 3 * block, 4 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (3, 4), 0.5, g)
+    dense = nn.Conv2d(8, 12, 3, stride, padding=2, dilation=2, groups=groups).double()
+    sparse = DilatedConvolution(8, 12, 3, stride, groups, bias=True, dilation=2).double()
+    sparse.load_state_dict(dense.state_dict())
+    assert_equal_on_masked_map(sparse, dense, images, active, stride, g)
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 class PoolVisibleOnly(nn.Module):

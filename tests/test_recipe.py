@@ -62,6 +62,7 @@ from .test_pretrain import config
     ("hardcorenas_a", 0.0, "bn", [0.9, 0.95]),
     ("res2net50_26w_4s", 0.0, "bn", [0.9, 0.95]),
     ("resnest50d", 0.0, "bn", [0.9, 0.95]),
+    ("skresnet50", 0.0, "bn", [0.9, 0.95]),
     ("mambaout_tiny", 0.0, "ln", [0.9, 0.999]),  # layer-norm nets: the ConvNeXt recipe, by size
     ("mambaout_small", 0.2, "ln", [0.9, 0.999]),
     ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),

@@ -275,9 +275,9 @@ def test_a_timm_model_of_another_family_is_named_as_timms_with_its_module(model,
                                   f"not convert; supported: the models of {SUPPORTED} (README: Families)")
 
 
-@pytest.mark.parametrize("model", ["hardcorenas_a", "res2net50_26w_4s", "resnest50d"])
+@pytest.mark.parametrize("model", ["hardcorenas_a", "res2net50_26w_4s", "resnest50d", "skresnet18"])
 def test_a_model_of_another_timm_module_of_a_supported_class_is_accepted(model):
-    # timm's hardcorenas builds MobileNetV3s, its res2net and resnest ResNets
+    # timm's hardcorenas builds MobileNetV3s, its res2net, resnest and sknet ResNets
     check_model_and_missing(OmegaConf.create({"model": model}))
 
 

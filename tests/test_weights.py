@@ -47,6 +47,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["legacy_seresnet18", "legacy_se
 ALL_DEPTHS["legacy_senet154"] = ("legacy_senet154", FOUR_BLOCKS)
 ALL_DEPTHS.update({name: (name, {}) for name in ["dla34", "dla46_c", "dla46x_c", "dla60_res2net", "dla102"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["repghostnet_050", "repghostnet_130"]})  # the head 1x1 kept
+ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -350,6 +351,14 @@ def test_a_max_pooling_that_does_not_keep_the_mask_grid_is_refused(engine):
         engine_class(engine).from_timm(model)
     with pytest.raises(ConversionError, match=r"cannot convert EvoNorm2dS0 at 'stem\.0\.bn'"):
         engine_class(engine).from_timm("ese_vovnet39b_evos")
+
+
+@needs_minkowski
+def test_a_dilated_convolution_is_refused_with_minkowskis_own_convolution():
+    with pytest.raises(ConversionError, match=r"Conv2d at 'layer1\.0\.conv1\.paths\.1\.conv': dilated convolution "
+                                              r"\(kernel \(3, 3\), stride \(1, 1\), padding \(2, 2\), dilation \(2, 2\)\) "
+                                              r"with conv='minkowski'"):
+        engine_class("sparse").from_timm("skresnet18", conv="minkowski")
 
 
 @needs_minkowski

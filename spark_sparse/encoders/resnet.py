@@ -2,7 +2,7 @@
 squeeze-excitation and efficient channel attention, and the anti-aliased ``resnetaa*``: a 2x2
 average pooling after a stride-1 convolution and its activation, in the stem in place of the max
 pooling; its windows lie in one patch, so nothing hidden leaks in, unlike a blur pooling's).
-Res2Net's and ResNeSt's blocks (res2net.py, resnest.py) run in the same ResNet."""
+Res2Net's, ResNeSt's and SKNet's blocks (res2net.py, resnest.py, sknet.py) run in the same ResNet."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from . import res2net, resnest
+from . import res2net, resnest, sknet
 from .family import EXTRAS_REFUSED, Converter, Family, NamedStages, StemPool, reject_extras
 
 
@@ -64,11 +64,12 @@ class MirrorBottleneck(_MirrorBlock):
 RESNET = Family(
     name="resnet",
     timm_class=ResNet,
-    mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck, **res2net.MIRRORS, **resnest.MIRRORS},
+    mirrors={BasicBlock: MirrorBasicBlock, Bottleneck: MirrorBottleneck, **res2net.MIRRORS, **resnest.MIRRORS,
+             **sknet.MIRRORS},
     layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
     stem_pool=StemPool(act="act1", pool="maxpool"),  # engines pool first only where it is a max pooling
     refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
-    other_modules=("res2net", "resnest"),
+    other_modules=("res2net", "resnest", "sknet"),
     # the norms whose activation comes before the residual addition (not bn2 / bn3 of the last)
     norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2")),
                **resnest.NORM_ACTS},

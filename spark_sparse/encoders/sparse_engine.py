@@ -22,6 +22,7 @@ from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.amp import autocast_dtype
 from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
+from ..sparse.dilated import DilatedConvolution
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
 from ..sparse.norm_act import batch_norm_act
@@ -97,7 +98,9 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
         return _copy_weights(conv, BandDepthwiseConvolution(conv.out_channels, (kh, kw), conv.bias is not None))
-    if kh != kw or sh != sw or ph != pw or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+    if conv.dilation != (1, 1):
+        return _dilated_conv(conv, path, impl)
+    if kh != kw or sh != sw or ph != pw or conv.padding_mode != "zeros":
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")
     centred = kh % 2 == 1 and ph == kh // 2
@@ -160,6 +163,20 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
             sparse.gain.copy_(conv.gain)
     sparse.train(conv.training)
     return sparse
+
+
+def _dilated_conv(conv: nn.Conv2d, path: str, impl: str) -> DilatedConvolution:
+    """SKNet's 3x3 with dilation 2 (its "5x5" path): centred, square, stride 1 or 2, any groups."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    centred = conv.padding == (dh * (kh // 2), dw * (kw // 2))
+    if type(conv) is not nn.Conv2d or kh != kw or kh % 2 == 0 or dh != dw or sh != sw or sh not in (1, 2) \
+            or not centred or conv.padding_mode != "zeros" or impl == "minkowski":
+        raise unsupported(conv, path, f"dilated convolution (kernel {conv.kernel_size}, stride {conv.stride}, padding "
+                                      f"{conv.padding}, dilation {conv.dilation}) with conv='{impl}': only centred "
+                                      "square odd ones at stride 1 or 2, with conv='patch'")
+    dilated = DilatedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, conv.bias is not None,
+                                 dilation=dh)
+    return _copy_weights(conv, dilated)
 
 
 def _sparse_bn(bn: nn.BatchNorm2d, path: str) -> ME.MinkowskiBatchNorm:

@@ -66,8 +66,9 @@ class GroupedOffsetGemm(torch.autograd.Function):
 
 
 class GroupedConvolution(nn.Module):
-    """A grouped k x k (odd k) submanifold or strided convolution; ``padding``: as
-    ``PatchConvolution``'s (None: centred; TensorFlow's 'same' at stride 2 starts one site later)."""
+    """A grouped k x k (odd k) submanifold or strided convolution (any groups in dilated.py's
+    subclass); ``padding``: as ``PatchConvolution``'s (None: centred; TensorFlow's 'same' at
+    stride 2 starts one site later)."""
 
     tile_min_sites = GROUPED_TILE_MIN_SITES
     small_block_path: str | None = None  # "offsets" or "windows"; None: by device (gemm_conv.SMALL_BLOCK_PATHS)
@@ -92,17 +93,18 @@ class GroupedConvolution(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
-        c_out, c_in_g, k, _ = self.weight.shape
+        kernel = self.weight_kernel()  # its size, not the parameter's: a dilated one is wider
+        c_out, c_in_g, k, _ = kernel.shape
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
         s = sites.sites_per_side(in_stride)
         g = self.groups
         path = self.path(s, x.F.device)
         if path == "tiles":
             tile = sites.tile(in_stride, *tile_geometry(s, k, self.stride, self.padding))
-            out = TileConv.apply(x.F, self.weight_kernel(), tile, self.stride, self.groups)
+            out = TileConv.apply(x.F, kernel, tile, self.stride, self.groups)
         else:
             # (C_out, C_in/G, kh, kw) with MinkowskiEngine's offset order (first axis fastest) ...
-            weight = self.weight_kernel().view(g, c_out // g, c_in_g, k, k)
+            weight = kernel.view(g, c_out // g, c_in_g, k, k)
             if path == "windows":
                 kernel = weight.permute(0, 4, 3, 2, 1).reshape(g, k * k * c_in_g, c_out // g)  # (G, K * C_in/G, C_out/G)
                 out = WindowGemm.apply(x.F, kernel, sites.windows(in_stride, k, self.stride, self.padding))
