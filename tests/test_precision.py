@@ -61,8 +61,10 @@ def sparse_encoder(model, **options):
 
 FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "efficientnet_b0",
             "mobilenetv3_small_100", "resnet50_gn", "test_mambaout",
-            "hgnetv2_b0", "resnest14d", "inception_next_atto"]  # scalar affines, radix sums, 3x3 average, bands
-FOUR_BLOCKS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}}  # group norms: deeper nets drift further in bf16
+            "hgnetv2_b0", "resnest14d", "inception_next_atto",  # scalar affines, radix sums, 3x3 average, bands
+            "cspnext_tiny", "skresnet18"]  # on the canvas: stride-1 max poolings, dilated convolutions
+# group norms: deeper nets drift further in bf16; SKResNet's second stride-32 block reaches the canvas
+FOUR_BLOCKS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers": (1, 1, 1, 2)}}
 
 
 def features_and_gradients(encoder, images, active, precision: str = "fp32", dtype=torch.float32):
