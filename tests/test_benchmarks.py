@@ -286,10 +286,12 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
 
 @pytest.mark.parametrize("module, argv, error", [
     ("conv_paths", ["--model", "resnet_nope"], "--model resnet_nope: unknown timm model 'resnet_nope'"),
-    ("conv_paths", ["--model", "tf_mixnet_s"], "--model tf_mixnet_s: cannot convert MixedConv2d"),
+    ("conv_paths", ["--model", "tf_efficientnet_cc_b0_4e"], "--model tf_efficientnet_cc_b0_4e: cannot convert "
+                                                             "CondConvResidual"),
     ("conv_paths", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
     ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
-    ("queued_ops", ["--models", "tf_mixnet_s"], "--models tf_mixnet_s: cannot convert MixedConv2d"),
+    ("queued_ops", ["--models", "tf_efficientnet_cc_b0_4e"], "--models tf_efficientnet_cc_b0_4e: cannot convert "
+                                                              "CondConvResidual"),
     ("batch_tables", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
 ])
 def test_benchmark_command_lines_refuse_bad_arguments_in_one_line(module, argv, error, capsys):

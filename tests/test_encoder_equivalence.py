@@ -414,6 +414,13 @@ VARIANTS.update({
     "SKResNet-D: deep stem, avg-down, selective kernel bottlenecks": ("skresnet50d", {"layers": (1, 1, 1, 2)}),
 })
 
+# MixNet (timm's efficientnet module): mixed convolutions, the channels split into groups each with its own
+# depthwise kernel (3x3 .. 9x9, strided too) or its own 1x1, joined; TensorFlow's 'same' padding in tf_mixnet
+VARIANTS.update({
+    "MixNet: mixed depthwise kernels 3x3 to 9x9 and grouped 1x1s": ("mixnet_m", {}),
+    "TensorFlow MixNet: mixed 'same'-padded depthwise kernels striding": ("tf_mixnet_s", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -425,7 +432,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
-              "repghostnet_050", "skresnet18"}
+              "repghostnet_050", "skresnet18", "mixnet_m"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -307,7 +307,8 @@ DENSE_PATHS = ["tiles", "offset GEMMs", "window GEMMs"]
 # odd kernels at stride 2 (TensorFlow ports) on every path; even ones at stride 1 (HGNetV2's 2x2
 # stem convolutions) on the dense paths: no family has an even depthwise or grouped one
 SAME_PADDED = ([(kind, k, 2) for kind in DENSE_PATHS + ["depthwise"] + [f"grouped {p}" for p in DENSE_PATHS]
-                for k in (3, 5)] + [(kind, k, 1) for kind in DENSE_PATHS for k in (2, 4)])
+                for k in (3, 5)] + [(kind, k, 1) for kind in DENSE_PATHS for k in (2, 4)]
+               + [("depthwise", k, 2) for k in (7, 9)])  # tf_mixnet's: past 2x2 blocks' neighbours, on the canvas
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
@@ -381,6 +382,22 @@ def test_dilated_convolution_equals_torchs_on_the_masked_map(block, stride, grou
     sparse = DilatedConvolution(8, 12, 3, stride, groups, bias=True, dilation=2).double()
     sparse.load_state_dict(dense.state_dict())
     assert_equal_on_masked_map(sparse, dense, images, active, stride, g)
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks (canvas)", "8x8 blocks (tiles)"])
+@pytest.mark.parametrize("kernel_size", [7, 9])
+def test_a_wide_strided_depthwise_convolution_equals_torchs_on_the_masked_map(block, kernel_size):
+    """MixNet's 7x7 and 9x9 depthwise kernels at stride 2: over 2x2 blocks the window reaches past
+    the neighbours, and the convolution runs on the canvas; forward, input and weight gradients."""
+    g = torch.Generator().manual_seed(9)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    dense = nn.Conv2d(4, 4, kernel_size, 2, padding=kernel_size // 2, groups=4).double()
+    sparse = DepthwiseConvolution(4, kernel_size, stride=2).double()
+    sparse.load_state_dict(dense.state_dict())
+    assert_equal_on_masked_map(sparse, dense, images, active, 2, g)
     for name, p in dense.named_parameters():
         torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
 

@@ -48,6 +48,7 @@ ALL_DEPTHS["legacy_senet154"] = ("legacy_senet154", FOUR_BLOCKS)
 ALL_DEPTHS.update({name: (name, {}) for name in ["dla34", "dla46_c", "dla46x_c", "dla60_res2net", "dla102"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["repghostnet_050", "repghostnet_130"]})  # the head 1x1 kept
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -130,7 +131,6 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "tf_mixnet_s": r"MixedConv2d at 'blocks\.1\.0\.conv_pw': MixNet's mixed kernel sizes",
         "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0': CondConv's kernels are mixed per image",
         "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
         "efficientnet_blur_b0": r"BlurPool2d at 'blocks\.1\.0\.aa': anti-aliased downsampling",

@@ -21,8 +21,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, BlockStages, CheckpointingRefused, Converter, Family, MirrorConvNormAct,
-                     MirrorLayerScale, reject_extras)
+from .family import (EXTRAS_REFUSED, BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
+                     Family, MirrorConvNormAct, MirrorLayerScale, reject_extras)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -56,6 +56,28 @@ class MirrorEfficientBlock(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
+class MirrorMixedConv2d(nn.Module):
+    """timm's MixedConv2d (MixNet): the input's channels split into groups, each through its own
+    convolution (depthwise 3x3/5x5/7x7/9x9, or 1x1), joined; the children keep timm's names."""
+
+    def __init__(self, module: MixedConv2d, convert: Converter, path: str):
+        super().__init__()
+        for name, conv in module.items():
+            self.add_module(name, convert.leaf(conv, f"{path}.{name}"))
+        # parameter-free leaves under names timm's module does not use: a split for each group but the last
+        self.splits = nn.ModuleList(convert.leaf(ChannelSplit(n), f"{path}.split") for n in module.splits[:-1])
+        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")
+
+    def forward(self, x):
+        parts = []
+        for split in self.splits:
+            part, x = split(x)
+            parts.append(part)
+        parts.append(x)
+        convs = [child for name, child in self.named_children() if name.isdigit()]
+        return self.concat(*(conv(part) for conv, part in zip(convs, parts)))
+
+
 # timm layers of this family that no engine mirrors, and why
 REFUSED = {
     BlurPool2d: EXTRAS_REFUSED["aa"],
@@ -63,12 +85,12 @@ REFUSED = {
                      "use a mobilenetv4_conv_* model",
     CondConvResidual: "CondConv's kernels are mixed per image by a routing from the whole map's "
                       "average; not mirrored",
-    MixedConv2d: "MixNet's mixed kernel sizes over channel groups are not mirrored",
 }
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
-                                                              LayerScale2d: MirrorLayerScale}
+                                                              LayerScale2d: MirrorLayerScale,
+                                                              MixedConv2d: MirrorMixedConv2d}
 
 EFFICIENTNET = Family(
     name="efficientnet",

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
-from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_geometry
+from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_fits, tile_geometry
 
 
 def dw_forward(x: Tensor, weight: Tensor, padding: int) -> Tensor:
@@ -107,6 +107,20 @@ def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
     return canvas.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]).index_select(0, index)
 
 
+def canvas_convolution(feats: Tensor, weight: Tensor, sites: PatchSites, in_stride: int, stride: int = 1,
+                       top_left: int | None = None, dilation: int = 1, groups: int = 1) -> Tensor:
+    """The rows convolved on the whole images' zeroed map at ``in_stride`` by torch (autograd
+    through scatter, convolution and gather), the output's visible rows gathered: for windows that
+    reach past a block's neighbours, where no tile or offset table goes. ``top_left``: the
+    padding above and left (None: centred); below and right, what keeps every output site."""
+    k = (weight.shape[-1] - 1) * dilation + 1
+    top_left = k // 2 if top_left is None else top_left
+    canvas = to_canvas(feats, sites.canvas_index(in_stride), sites.canvas_shape(in_stride))
+    out = F.conv2d(F.pad(canvas, (top_left, k - 1 - top_left) * 2), weight, stride=stride, dilation=dilation,
+                   groups=groups)
+    return from_canvas(out, sites.canvas_index(in_stride * stride))
+
+
 class CanvasDepthwise(torch.autograd.Function):
     @staticmethod
     @autocast_forward
@@ -131,7 +145,8 @@ class DepthwiseConvolution(nn.Module):
     """A depthwise k x k (odd k) submanifold convolution, or a strided one that keeps the visible
     sites of the coarser grid, on mask-aligned sparse tensors, with timm's parameters (``weight``
     (C, 1, k, k), ``bias`` (C,)). Strided ones (a few per EfficientNet) run on tiles, with
-    oneDNN's own backward; ``padding`` (strided ones only) as for patch_sites.py ``tile_geometry``."""
+    oneDNN's own backward, or where the window reaches past the neighbours on the canvas;
+    ``padding`` (strided ones only) as for patch_sites.py ``tile_geometry``."""
 
     tile_min_sites = TILE_MIN_SITES
     padding: int | None = None  # (a class default too: modules pickled before it existed)
@@ -162,9 +177,11 @@ class DepthwiseConvolution(nn.Module):
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
         weight, backward = self.kernel(), self.backward_path or backward_path(x.F.device)
-        if self.stride > 1:
-            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, self.stride, self.padding))
-            out = TileConv.apply(x.F, weight, tile, self.stride, weight.shape[0])
+        start, size = tile_geometry(s, self.kernel_size, self.stride, self.padding)
+        if self.stride > 1 and not tile_fits(s, start, size):  # MixNet's 7x7, 9x9 over 2x2 blocks
+            out = canvas_convolution(x.F, weight, sites, stride, self.stride, -start, groups=weight.shape[0])
+        elif self.stride > 1:
+            out = TileConv.apply(x.F, weight, sites.tile(stride, start, size), self.stride, weight.shape[0])
         elif s >= self.tile_min_sites:
             tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
             out = TileDepthwise.apply(x.F, weight, tile, backward)

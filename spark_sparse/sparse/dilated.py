@@ -13,12 +13,11 @@ visible sites back. Parameters keep timm's layout (``weight`` (C_out, C_in / gro
 from __future__ import annotations
 
 import MinkowskiEngine as ME
-import torch.nn.functional as F
 from torch import Tensor
 
-from .depthwise import from_canvas, to_canvas
+from .depthwise import canvas_convolution
 from .grouped_conv import GroupedConvolution
-from .patch_sites import PatchSites
+from .patch_sites import PatchSites, tile_fits, tile_geometry
 
 
 def expand_dilated(weight: Tensor, dilation: int) -> Tensor:
@@ -46,13 +45,14 @@ class DilatedConvolution(GroupedConvolution):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         in_stride = x.tensor_stride[0]
-        reach = self.dilation * (self.weight.shape[-1] // 2)
-        if reach <= sites.sites_per_side(in_stride):
+        s = sites.sites_per_side(in_stride)
+        if tile_fits(s, *tile_geometry(s, (self.weight.shape[-1] - 1) * self.dilation + 1, self.stride)):
             return super().forward(x)
         out_stride = in_stride * self.stride
-        canvas = to_canvas(x.F, sites.canvas_index(in_stride), sites.canvas_shape(in_stride))
-        y = F.conv2d(canvas, self.weight, self.bias, self.stride, reach, self.dilation, self.groups)
-        out = from_canvas(y, sites.canvas_index(out_stride))
+        out = canvas_convolution(x.F, self.weight, sites, in_stride, self.stride, dilation=self.dilation,
+                                 groups=self.groups)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride == 1:
             return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
         return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)

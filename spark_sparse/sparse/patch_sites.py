@@ -87,8 +87,13 @@ def _cat(tensors: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
     return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int32, device=device)
 
 
+def tile_fits(sites_per_side: int, start: int, size: int) -> bool:
+    """Whether a tile stays within a block's neighbours (the tables reach no further)."""
+    return -sites_per_side <= start and start + size <= 2 * sites_per_side
+
+
 def _check_tile(sites_per_side: int, start: int, size: int) -> None:
-    if start < -sites_per_side or start + size > 2 * sites_per_side:
+    if not tile_fits(sites_per_side, start, size):
         raise ValueError(f"a tile of {size} sites from {start} reaches beyond the neighbours "
                          f"of a {sites_per_side}x{sites_per_side} block")
 
