@@ -421,6 +421,15 @@ VARIANTS.update({
     "TensorFlow MixNet: mixed 'same'-padded depthwise kernels striding": ("tf_mixnet_s", {}),
 })
 
+# global context attention (GCNet: timm's byobnet gcresnet*, efficientnet's gc_efficientnetv2_rw_t): the context
+# a softmax over each image's visible sites of a 1x1's logits, weighting the rows; a per-image channel shift
+# (gcresnet*) or gated scale (gc_efficientnetv2_rw_t)
+VARIANTS.update({
+    "GCResNet: global context attention pooled by a softmax over visible sites": ("gcresnet33ts", {}),
+    "GCResNeXt: global context after grouped 3x3s": ("gcresnext26ts", {}),
+    "GC-EfficientNetV2: global context in place of SE": ("gc_efficientnetv2_rw_t", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -432,7 +441,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
-              "repghostnet_050", "skresnet18", "mixnet_m"}
+              "repghostnet_050", "skresnet18", "mixnet_m",
+              "gcresnet33ts"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -459,6 +469,29 @@ def test_every_kind_of_universal_inverted_residual_equals_dense_masked_and_plain
             got = encoder.dense_features(images.double(), active)
             for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
                 assert rel_err(g, p) < 1e-9
+
+
+@pytest.mark.parametrize("use_attn, fuse_add, fuse_scale", [(False, False, True), (True, True, True)],
+                         ids=["the visible mean, a scale", "attention pooling, a scale and a shift"])
+def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_models, use_attn, fuse_add, fuse_scale,
+                                                                         device):
+    """timm's GlobalContext without attention pooling (each image's visible mean), and with a gated
+    scale beside the added context (gcresnet33ts's: a per-image shift, which puts values at hidden
+    sites in dense masking, masked later)."""
+    model = copy.deepcopy(timm_models("gcresnet33ts"))
+    for block in model.modules():
+        if isinstance(getattr(block, "attn", None), timm.layers.GlobalContext):
+            channels = block.attn.conv_attn.in_channels
+            block.attn = timm.layers.GlobalContext(channels, use_attn=use_attn, fuse_add=fuse_add, fuse_scale=fuse_scale)
+    randomise_norms(model)
+    for mask in ("ratio0.6", "none"):
+        images, active = batch_on(device, VARIANT_SIZE, mask, batch=2)
+        assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
+    with torch.no_grad():
+        got = encoder.dense_features(images.double(), active)
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
+            assert rel_err(g, p) < 1e-9
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):

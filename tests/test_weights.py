@@ -49,6 +49,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["dla34", "dla46_c", "dla46x_c",
 ALL_DEPTHS.update({name: (name, {}) for name in ["repghostnet_050", "repghostnet_130"]})  # the head 1x1 kept
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
+ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -148,7 +149,6 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
         ("halonet26t", ()): r"SelfAttnBlock at 'stages\.2\.1': self-attention mixes every site",
-        ("gcresnet33ts", ()): r"GlobalContext at 'stages\.0\.0\.attn': global-context attention pools",
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
         ("regnetz_b16_evos", ()): r"EvoNorm2dS0a at 'stem\.bn'",
         ("resnet33ts", (("aa_layer", "blur"),)): r"BlurPool2d at 'stages\.1\.0\.shortcut\.aa': blur-pool",

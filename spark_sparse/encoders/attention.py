@@ -1,5 +1,5 @@
-"""Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE) on
-visible sites only.
+"""Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
+global context) on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from timm.layers import EcaModule, EffectiveSEModule, SEModule
+from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
 from timm.models.senet import SEModule as LegacySEModule
@@ -59,3 +59,29 @@ class ChannelAttention(nn.Module):
         if self.conv2 is not None:
             y = self.conv2(self.act(y))
         return self.gate(y).flatten(1)
+
+
+class GlobalContextAttention(nn.Module):
+    """timm's GlobalContext (GCNet) with its context pooled over each image's visible sites: a
+    softmax of ``conv_attn``'s logits over them (or, without it, their mean) weights the rows;
+    the context then scales the rows by ``gate(mlp_scale(.))`` and/or shifts them by
+    ``mlp_add(.)``, per image and channel. Engines pool their own way (a softmax over the visible
+    rows, or over the map with hidden logits at -inf) and share ``scale_and_shift``; timm's
+    sub-modules keep their names."""
+
+    def __init__(self, module: GlobalContext, path: str):
+        super().__init__()
+        if type(module) is not GlobalContext:
+            raise unsupported(module, path)
+        for name, child in module.named_children():  # timm's names: weights map one-to-one
+            self.add_module(name, copy.deepcopy(child))
+        for name in ("conv_attn", "mlp_add", "mlp_scale"):
+            if getattr(module, name) is None:
+                setattr(self, name, None)
+
+    def scale_and_shift(self, context: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(B, C) context -> (B, C) scales and (B, C) shifts (None where the module has none)."""
+        c = context[:, :, None, None]
+        scale = None if self.mlp_scale is None else self.gate(self.mlp_scale(c)).flatten(1)
+        shift = None if self.mlp_add is None else self.mlp_add(c).flatten(1)
+        return scale, shift

@@ -12,7 +12,7 @@ Self-attention blocks and attention that pools over the whole map are refused by
 
 from __future__ import annotations
 
-from timm.layers import BlurPool2d, ConvNormAct, EvoNorm2dS0a, GlobalContext
+from timm.layers import BlurPool2d, ConvNormAct, EvoNorm2dS0a
 from timm.layers.non_local_attn import BatNonLocalAttn
 from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock, DownsampleAvg, EdgeBlock,
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
@@ -116,7 +116,6 @@ class MirrorDownsampleAvg(nn.Module):
 REFUSED = {
     SelfAttnBlock: "self-attention mixes every site of the map (halo, bottleneck-transformer, lambda "
                    "layers): it has no exact sparse twin",
-    GlobalContext: "global-context attention pools with a softmax over the whole map",
     BatNonLocalAttn: "non-local attention mixes every site of the map",
     EvoNorm2dS0a: "EvoNorm's group statistics are not mirrored; use a batch-norm model",
     BlurPool2d: "blur-pool anti-aliasing spreads into hidden sites; use a model without it",

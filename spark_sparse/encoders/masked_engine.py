@@ -15,7 +15,7 @@ import copy
 from typing import NamedTuple
 
 import torch
-from timm.layers import BatchNormAct2d, DropPath, GroupNormAct
+from timm.layers import BatchNormAct2d, DropPath, GlobalContext, GroupNormAct
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..transfer import to_device
-from .attention import ATTENTION, ChannelAttention
+from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
@@ -195,6 +195,26 @@ class MaskedChannelAttention(ChannelAttention):
         return MaskedTensor(x * self.gates(visible_means(inp))[:, :, None, None], inp.active)
 
 
+class MaskedGlobalContext(GlobalContextAttention):
+    """GCNet's attention with a softmax over each image's visible positions (hidden logits at
+    -inf); its shift reaches hidden positions too, and is masked later."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        dtype = statistics_dtype(x.dtype)
+        if self.conv_attn is None:
+            context = visible_means(inp)
+        else:
+            logits = self.conv_attn(x).to(dtype).masked_fill(~inp.visible(), float("-inf"))
+            weights = logits.flatten(1).softmax(-1)  # (B, H * W)
+            context = torch.einsum("bcn,bn->bc", x.flatten(2).to(dtype), weights)
+        scale, shift = self.scale_and_shift(context)
+        y = x if scale is None else x * scale.to(x.dtype)[:, :, None, None]
+        if shift is None:
+            return MaskedTensor(y, inp.active)
+        return MaskedTensor(y + shift.to(y.dtype)[:, :, None, None], inp.active, dirty=True)
+
+
 class MaskedMaxPool(nn.Module):
     """Max pooling over the visible sites only: hidden ones go in as -inf and come out as zeros.
     After a ReLU (``after_relu``) the zeros they hold never win, so the fill is skipped, as in
@@ -327,6 +347,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedScalarAffine(module)
     if type(module) in ATTENTION:
         return MaskedChannelAttention(module, path)
+    if type(module) is GlobalContext:
+        return MaskedGlobalContext(module, path)
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, nn.MaxPool2d):

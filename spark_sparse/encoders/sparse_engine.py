@@ -12,7 +12,9 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
+import torch.nn.functional as F
+from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, GlobalContext, GroupNormAct, ScaledStdConv2d,
+                         ScaledStdConv2dSame,
                          StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
@@ -34,7 +36,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
                               SparseLayerNorm, SparseLayerScale, SparseLinear, SparseScalarAffine, image_of_rows,
                               with_features)
 from ..sparse.sparsify import sparsify, to_dense
-from .attention import ATTENTION, ChannelAttention
+from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
@@ -313,6 +315,29 @@ class SparseChannelAttention(ChannelAttention):
         return with_features(x, ImageScale.apply(x.F, gates, image_of_rows(x)))
 
 
+class SparseGlobalContext(GlobalContextAttention):
+    """GCNet's attention: the context a softmax-weighted sum of each image's visible rows."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites = PatchSites.of(x)
+        image, dtype = image_of_rows(x), statistics_dtype(x.F.dtype)
+        if self.conv_attn is None:
+            context = visible_means(x)
+        else:
+            logits = F.linear(x.F, self.conv_attn.weight.flatten(1), self.conv_attn.bias).squeeze(1).to(dtype)
+            # a softmax per image over its rows (each image's largest logit subtracted: no overflow)
+            top = logits.new_full((sites.batch,), float("-inf")).scatter_reduce(0, image, logits.detach(), "amax")
+            e = (logits - top.index_select(0, image)).exp()
+            weights = e / e.new_zeros(sites.batch).index_add(0, image, e).index_select(0, image)
+            context = x.F.new_zeros(sites.batch, x.F.shape[1], dtype=dtype).index_add(
+                0, image, x.F.to(dtype) * weights[:, None])
+        scale, shift = self.scale_and_shift(context)
+        out = x.F if scale is None else ImageScale.apply(x.F, scale, image)
+        if shift is not None:
+            out = out + shift.to(out.dtype).index_select(0, image)
+        return with_features(x, out)
+
+
 class SparseChannelSplit(ChannelSplit):
     """The first channels of each row, and the rest, on the same sites."""
 
@@ -396,6 +421,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseLayerScale()
     if kind in ATTENTION:
         return SparseChannelAttention(module, path)
+    if kind is GlobalContext:
+        return SparseGlobalContext(module, path)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
