@@ -73,8 +73,8 @@ def torch_threads_kept():
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
-    convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context and convolution and linear biases
-    (timm initialises GRN to the
+    convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and FRN's parameters
+    and convolution and linear biases (timm initialises GRN to the
     identity, layer scale to 1e-6, scalar affines to x -> x and ConvNeXt's biases to zero, which would hide errors: a zero
     bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
@@ -89,6 +89,11 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.skipinit_gain.copy_(0.5 + torch.rand((), generator=g))
             if type(m).__name__ == "GlobalContext" and m.mlp_add is not None:  # GCNet's added context starts at 0
                 m.mlp_add.fc2.weight.copy_(0.1 * torch.randn(m.mlp_add.fc2.weight.shape, generator=g))
+            if type(m).__name__.startswith(("EvoNorm", "FilterResponseNorm")):  # start at weight 1, bias 0
+                for name, p in m.named_parameters(recurse=False):
+                    scale, shift = (0.5, 0.5) if name in ("weight", "v") else (0.1, 0.0)
+                    p.copy_(shift + scale * torch.rand(p.shape, generator=g) if shift
+                            else scale * torch.randn(p.shape, generator=g))
             if type(m).__name__ == "LearnableAffineBlock":  # HGNetV2's: starts at x -> x
                 m.scale.copy_(0.5 + torch.rand(1, generator=g))
                 m.bias.copy_(0.1 * torch.randn(1, generator=g))

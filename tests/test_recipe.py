@@ -35,6 +35,9 @@ from .test_pretrain import config
     ("resnetv2_50d_gn", 0.0, "ln", [0.9, 0.95]),
     ("resnet50_gn", 0.05, "ln", [0.9, 0.95]),  # resnet50's drop path, a GroupNorm net's densify
     ("regnety_040_sgn", 0.0, "ln", [0.9, 0.95]),
+    ("resnetv2_50d_evos", 0.0, "ln", [0.9, 0.95]),  # EvoNorm and FRN nets: per-image statistics only
+    ("regnetz_d8_evos", 0.0, "ln", [0.9, 0.95]),
+    ("ese_vovnet39b_evos", 0.0, "ln", [0.9, 0.95]),
     # TensorFlow ports: their modules' batch-norm recipe
     ("tf_efficientnet_b0", 0.0, "bn", [0.9, 0.95]),
     ("tf_mobilenetv3_small_100", 0.0, "bn", [0.9, 0.95]),

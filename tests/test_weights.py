@@ -50,6 +50,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["repghostnet_050", "repghostnet
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
+ALL_DEPTHS.update({name: (name, {}) for name in [  # EvoNorm-S0/S0a, FRN with its threshold
+    "resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "ese_vovnet39b_evos", "test_efficientnet_evos"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -150,7 +152,6 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     refused = {
         ("halonet26t", ()): r"SelfAttnBlock at 'stages\.2\.1': self-attention mixes every site",
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
-        ("regnetz_b16_evos", ()): r"EvoNorm2dS0a at 'stem\.bn'",
         ("resnet33ts", (("aa_layer", "blur"),)): r"BlurPool2d at 'stages\.1\.0\.shortcut\.aa': blur-pool",
         ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
         # its padding uncounted (test_a_3x3_average_pooling_that_leaves_the_padding_uncounted_is_refused)
@@ -312,10 +313,10 @@ def test_encoders_deep_copy_and_pickle_to_the_same_function(timm_models, name, e
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_resnetv2_without_an_exact_twin_is_refused_by_path(engine):
     engine = engine_class(engine)
-    for name in ("resnetv2_50d_evos", "resnetv2_50d_frn"):
-        with pytest.raises(ConversionError, match=r"cannot convert (EvoNorm2dS0|FilterResponseNormTlu2d) at "
-                                                  r"'stem\.norm1': EvoNorm and filter response norms are not mirrored"):
-            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
+    # EvoNorm-B0's batch statistics and running variance, and FRN with its own activation: no twins
+    for norm in (timm.layers.EvoNorm2dB0, timm.layers.FilterResponseNormAct2d):
+        with pytest.raises(ConversionError, match=f"cannot convert {norm.__name__} at 'stem\\.norm1': EvoNorm-B0 "):
+            engine.from_timm(timm.create_model("resnetv2_50d", pretrained=False, num_classes=0, norm_layer=norm))
     with pytest.raises(ConversionError, match=r"stage strides \[4, 8, 16, 16\] are not 4, 8, 16, 32"):
         engine.from_timm(timm.create_model("resnetv2_50", pretrained=False, num_classes=0, output_stride=16))
     model = timm.create_model("resnetv2_18", pretrained=False, num_classes=0)
@@ -349,8 +350,6 @@ def test_a_max_pooling_that_does_not_keep_the_mask_grid_is_refused(engine):
     with pytest.raises(ConversionError, match=r"MaxPool2d at 'stages\.1\.pool': kernel 3, stride 2, padding 0, "
                                               r"dilation 1, ceil_mode False"):
         engine_class(engine).from_timm(model)
-    with pytest.raises(ConversionError, match=r"cannot convert EvoNorm2dS0 at 'stem\.0\.bn'"):
-        engine_class(engine).from_timm("ese_vovnet39b_evos")
 
 
 @needs_minkowski

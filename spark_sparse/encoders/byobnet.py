@@ -12,7 +12,7 @@ Self-attention blocks and attention that pools over the whole map are refused by
 
 from __future__ import annotations
 
-from timm.layers import BlurPool2d, ConvNormAct, EvoNorm2dS0a
+from timm.layers import BlurPool2d, ConvNormAct
 from timm.layers.non_local_attn import BatNonLocalAttn
 from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock, DownsampleAvg, EdgeBlock,
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
@@ -117,7 +117,6 @@ REFUSED = {
     SelfAttnBlock: "self-attention mixes every site of the map (halo, bottleneck-transformer, lambda "
                    "layers): it has no exact sparse twin",
     BatNonLocalAttn: "non-local attention mixes every site of the map",
-    EvoNorm2dS0a: "EvoNorm's group statistics are not mirrored; use a batch-norm model",
     BlurPool2d: "blur-pool anti-aliasing spreads into hidden sites; use a model without it",
 }
 

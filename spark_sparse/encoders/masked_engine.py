@@ -15,7 +15,8 @@ import copy
 from typing import NamedTuple
 
 import torch
-from timm.layers import BatchNormAct2d, DropPath, GlobalContext, GroupNormAct
+from timm.layers import (BatchNormAct2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d, GlobalContext,
+                         GroupNormAct)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -137,6 +138,57 @@ class MaskedGroupNormAct(nn.Module):
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return MaskedTensor(self.act(y), inp.active, dirty=True)
+
+
+class MaskedEvoNorm(nn.Module):
+    """timm's EvoNorm2dS0 / S0a with each image's group deviation over its visible positions
+    (hidden ones hold zeros and are not counted); the bias reaches hidden positions (masked later)."""
+
+    def __init__(self, norm: EvoNorm2dS0):
+        super().__init__()
+        self.groups, self.eps = norm.groups, norm.eps
+        self.divide_always = isinstance(norm, EvoNorm2dS0a)
+        self.register_parameter("v", None)  # timm's weight, bias and (where it has one) v follow
+        for name, p in norm.named_parameters(recurse=False):
+            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, c, h, w = x.shape
+        if self.v is not None or self.divide_always:
+            visible, dtype = inp.visible(), statistics_dtype(x.dtype)
+            xg = x.to(dtype).view(b, self.groups, c // self.groups, h, w)
+            count = visible.sum((1, 2, 3)).clamp_min(1).to(dtype) * (c // self.groups)  # (B,)
+            mean = xg.sum((2, 3, 4)) / count[:, None]
+            centred = (xg - mean[:, :, None, None, None]) * visible[:, None]
+            std = (centred.square().sum((2, 3, 4)) / count[:, None] + self.eps).sqrt().to(x.dtype)
+            if self.v is not None:
+                x = x * torch.sigmoid(x * self.v.view(1, -1, 1, 1).to(x.dtype))
+            x = x / std.repeat_interleave(c // self.groups, 1)[:, :, None, None]
+        y = x * self.weight.view(1, -1, 1, 1).to(x.dtype) + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        return MaskedTensor(y, inp.active, dirty=True)
+
+
+class MaskedFilterResponseNorm(nn.Module):
+    """timm's FilterResponseNormTlu2d with each image's channel RMS over its visible positions."""
+
+    def __init__(self, norm: FilterResponseNormTlu2d):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().clone())
+        self.bias = nn.Parameter(norm.bias.detach().clone())
+        self.tau = None if norm.tau is None else nn.Parameter(norm.tau.detach().clone())
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        dtype = statistics_dtype(x.dtype)
+        count = inp.visible().sum((2, 3)).clamp_min(1).to(dtype)  # (B, 1)
+        inv_rms = torch.rsqrt(x.to(dtype).square().sum((2, 3)) / count + self.eps).to(x.dtype)
+        y = x * inv_rms[:, :, None, None] * self.weight.view(1, -1, 1, 1).to(x.dtype)
+        y = y + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        if self.tau is not None:
+            y = torch.maximum(y, self.tau.view(1, -1, 1, 1).to(y.dtype))
+        return MaskedTensor(y, inp.active, dirty=True)
 
 
 class MaskedLayerNorm(nn.LayerNorm):
@@ -349,6 +401,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelAttention(module, path)
     if type(module) is GlobalContext:
         return MaskedGlobalContext(module, path)
+    if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):
+        return MaskedEvoNorm(module)
+    if type(module) is FilterResponseNormTlu2d:
+        return MaskedFilterResponseNorm(module)
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
     if isinstance(module, nn.MaxPool2d):

@@ -15,7 +15,7 @@ are mirrored as well.
 
 from __future__ import annotations
 
-from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormAct2d, FilterResponseNormTlu2d
+from timm.layers import EvoNorm2dB0, FilterResponseNormAct2d
 from timm.models.resnetv2 import (Bottleneck, DownsampleAvg, DownsampleConv, PreActBasic, PreActBottleneck,
                                   ResNetStage, ResNetV2)
 from torch import nn
@@ -104,11 +104,11 @@ class MirrorResNetStage(nn.Module):
         return self.blocks(x)
 
 
-# per-image normalisations of the activations whose statistics would need twins of their own
-# over visible sites, as GroupNormAct has (sparse/group_norm.py): not mirrored
-UNMIRRORED_NORMS = (EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormAct2d, FilterResponseNormTlu2d)
-UNMIRRORED_WHY = ("EvoNorm and filter response norms are not mirrored (their statistics over visible sites "
-                  "have no twin here); use the batch-norm or GroupNorm models")
+# normalisations with no twin over visible sites (EvoNorm-S0/S0a and the filter response norm with its
+# threshold have them: sparse/image_norms.py)
+UNMIRRORED_NORMS = (EvoNorm2dB0, FilterResponseNormAct2d)
+UNMIRRORED_WHY = ("EvoNorm-B0 (batch statistics and a running variance) and the filter response norm with a "
+                  "separate activation are not mirrored; use the batch-norm, GroupNorm, EvoNorm-S0 or FRN-TLU models")
 
 
 def _check(model: nn.Module) -> None:

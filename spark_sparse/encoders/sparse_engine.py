@@ -13,8 +13,8 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, GlobalContext, GroupNormAct, ScaledStdConv2d,
-                         ScaledStdConv2dSame,
+from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
+                         GlobalContext, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
                          StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
@@ -27,6 +27,7 @@ from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
 from ..sparse.dilated import DilatedConvolution
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
+from ..sparse.image_norms import SparseEvoNorm, SparseFilterResponseNorm
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPooling, ScaledStdPatchConvolution,
                                  StdPatchConvolution)
@@ -423,6 +424,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelAttention(module, path)
     if kind is GlobalContext:
         return SparseGlobalContext(module, path)
+    if kind in (EvoNorm2dS0, EvoNorm2dS0a):
+        return SparseEvoNorm(module)
+    if kind is FilterResponseNormTlu2d:
+        return SparseFilterResponseNorm(module)
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
