@@ -15,7 +15,7 @@ from __future__ import annotations
 import MinkowskiEngine as ME
 import torch
 from timm.layers import EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d
-from torch import Tensor, nn
+from torch import nn
 
 from ..precision import statistics_dtype
 from .group_norm import _group_statistics
@@ -44,7 +44,7 @@ class SparseEvoNorm(nn.Module):
         out = x.F
         if self.v is not None or self.divide_always:
             sites = PatchSites.of(x)
-            stride, (n, c) = x.tensor_stride[0], x.F.shape
+            stride, c = x.tensor_stride[0], x.F.shape[1]
             dtype = statistics_dtype(x.F.dtype)
             count = sites.mean_divisors(stride).to(dtype)[:, None] * (c // self.groups)
             patches = sites.image_of_patches()
