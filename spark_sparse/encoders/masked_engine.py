@@ -261,7 +261,7 @@ class MaskedGlobalContext(GlobalContextAttention):
             weights = logits.flatten(1).softmax(-1)  # (B, H * W)
             context = torch.einsum("bcn,bn->bc", x.flatten(2).to(dtype), weights)
         scale, shift = self.scale_and_shift(context)
-        y = x if scale is None else x * scale.to(x.dtype)[:, :, None, None]
+        y = x if scale is None else x * scale[:, :, None, None]  # promoted, as the sparse engine's ImageScale
         if shift is None:
             return MaskedTensor(y, inp.active)
         return MaskedTensor(y + shift.to(y.dtype)[:, :, None, None], inp.active, dirty=True)
