@@ -42,20 +42,13 @@ class DilatedConvolution(GroupedConvolution):
     def weight_kernel(self) -> Tensor:
         return expand_dilated(self.weight, self.dilation)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        sites = PatchSites.of(x)
+    def rows(self, x: ME.SparseTensor, sites: PatchSites) -> Tensor:
         in_stride = x.tensor_stride[0]
         s = sites.sites_per_side(in_stride)
         if tile_fits(s, *tile_geometry(s, (self.weight.shape[-1] - 1) * self.dilation + 1, self.stride)):
-            return super().forward(x)
-        out_stride = in_stride * self.stride
-        out = canvas_convolution(x.F, self.weight, sites, in_stride, self.stride, dilation=self.dilation,
-                                 groups=self.groups)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
-        if self.stride == 1:
-            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-        return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)
+            return super().rows(x, sites)
+        return canvas_convolution(x.F, self.weight, sites, in_stride, self.stride, dilation=self.dilation,
+                                  groups=self.groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dilation={self.dilation}"

@@ -93,6 +93,16 @@ class GroupedConvolution(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
+        out = self.rows(x, sites)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
+        if self.stride == 1:
+            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+        out_stride = x.tensor_stride[0] * self.stride
+        return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)
+
+    def rows(self, x: ME.SparseTensor, sites: PatchSites) -> Tensor:
+        """The output rows, without the bias."""
         kernel = self.weight_kernel()  # its size, not the parameter's: a dilated one is wider
         c_out, c_in_g, k, _ = kernel.shape
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
@@ -112,11 +122,7 @@ class GroupedConvolution(nn.Module):
                 kernel = weight.permute(4, 3, 0, 2, 1).reshape(k * k, g, c_in_g, c_out // g)  # (K, G, C_in/G, C_out/G)
                 out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride, self.padding),
                                               sites.num_rows(out_stride))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
-        if self.stride == 1:
-            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
-        return ME.SparseTensor(out, coordinate_map_key=sites.key(out_stride), coordinate_manager=sites.manager)
+        return out
 
     def extra_repr(self) -> str:
         c_out, c_in_g, k, _ = self.weight.shape
