@@ -15,7 +15,8 @@
 #       0.75, ConvNeXt-T at mask 0.6; encoder fwd+bwd and the whole SparK step (768-wide decoder):
 #       images/s, peak CUDA memory, the GPU's idle share
 #   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall), and 10 steps
-#       of one model of every family
+#       of a model of each of ten families (the rest run on the device in (c): their device audit and
+#       equivalence at mask 0.6)
 #   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
 #       (scripts/distributed_check.py: the app itself needs one GPU per process)
 # Every step has a time limit; logs, results.json, results.md and summary.txt go to $OUT (commit
