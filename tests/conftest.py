@@ -73,10 +73,10 @@ def torch_threads_kept():
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
-    convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and FRN's parameters
-    and convolution and linear biases (timm initialises GRN to the
-    identity, layer scale to 1e-6, scalar affines to x -> x and ConvNeXt's biases to zero, which would hide errors: a zero
-    bias cannot leak into hidden sites)."""
+    convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and
+    FRN's parameters and convolution and linear biases (timm initialises GRN to the identity, layer
+    scale to 1e-6, scalar affines to x -> x and ConvNeXt's biases to zero, which would hide errors:
+    a zero bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

@@ -324,7 +324,7 @@ def check_max_pool(pool: nn.MaxPool2d, path: str) -> None:
     """Refuse a max pooling whose windows do not map the mask's grid onto itself: both engines
     run a centred 3x3 at stride 2, VoVNet's unpadded 3x3 with ``ceil_mode`` (its windows start at
     the output's own site), a 2x2 at stride 2 and a centred odd one at stride 1 (CSPNeXt's spatial
-    pyramid; a zero pad before one: ``ZeroPaddedMaxPool``)."""
+    pyramid). A zero pad then a max pooling (BiT, HGNetV2) is ``ZeroPaddedMaxPool``'s, checked apart."""
     k, s, p = pool_geometry(pool)
     centred_stride_1 = s == 1 and k % 2 == 1 and p == k // 2
     if (k, s, p) in ((3, 2, 1), (2, 2, 0)) or ((k, s, p) == (3, 2, 0) and pool.ceil_mode) or centred_stride_1:

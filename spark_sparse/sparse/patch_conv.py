@@ -276,8 +276,9 @@ def canvas_max_pool(feats: Tensor, index: Tensor, shape: tuple[int, int, int], k
 
 class PatchPooling(nn.Module):
     """Max (3x3, stride 2, over present sites; 2x2, stride 1 or 2; any odd k x k at stride 1, on the
-    canvas) or average (2x2, stride 2; 3x3, stride 1 or 2, absent sites counted as zeros) pooling. ``fill``: what an absent site reads in
-    an overlapping max pooling (-inf: nothing; 0: as a zero padding would). Non-overlapping windows
+    canvas) or average (2x2, stride 2; 3x3, stride 1 or 2, absent sites counted as zeros) pooling.
+    ``fill``: what an absent site reads in an overlapping max pooling (-inf: nothing; 0: as a zero
+    padding would). Non-overlapping windows
     lie inside one patch (the mask is aligned to the coarsest grid): a patch's rows are its
     channels-last map, pooled by torch, with no index table. ``padding``: as ``tile_geometry``'s
     (None: a centred window; 0 for an unpadded 3x3 stride-2 max pooling with ``ceil_mode``, as
