@@ -442,6 +442,13 @@ VARIANTS.update({
 # float64: with nothing hidden, equal to plain timm to float32's rounding only
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
+# CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
+# visible mean; depthwise 5x5 experts striding, TensorFlow's 'same' padding in the ports
+VARIANTS.update({
+    "EfficientNet-CondConv: per-image expert kernels routed by the visible mean": ("efficientnet_cc_b0_4e", {}),
+    "TensorFlow EfficientNet-CondConv, 8 experts, 'same' padding": ("tf_efficientnet_cc_b0_8e", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -454,7 +461,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
-              "gcresnet33ts", "resnetv2_50d_evos"}
+              "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -67,6 +67,7 @@ MODELS["tf_mixnet_s"] = ("tf_mixnet_s", {})  # mixed kernels: 'same'-padded 7x7,
 MODELS["gc_efficientnetv2_rw_t"] = ("gc_efficientnetv2_rw_t", {})  # a softmax over each image's visible sites
 # EvoNorm's group deviations, FRN's channel RMS: per image, over its visible sites, batch statistics none
 MODELS.update({name: (name, {"layers": (1, 1, 1, 1)}) for name in ["resnetv2_50d_evos", "resnetv2_50d_frn"]})
+MODELS["efficientnet_cc_b0_4e"] = ("efficientnet_cc_b0_4e", {})  # CondConv: routed by each image's visible mean
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

@@ -52,6 +52,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mi
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
 ALL_DEPTHS.update({name: (name, {}) for name in [  # EvoNorm-S0/S0a, FRN with its threshold
     "resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "ese_vovnet39b_evos", "test_efficientnet_evos"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_efficientnet_cc_b1_8e"]})  # CondConv
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -134,7 +135,6 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "tf_efficientnet_cc_b0_4e": r"CondConvResidual at 'blocks\.4\.0': CondConv's kernels are mixed per image",
         "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
         "efficientnet_blur_b0": r"BlurPool2d at 'blocks\.1\.0\.aa': anti-aliased downsampling",
         "mobilenetv4_hybrid_medium": r"MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid blocks attend",

@@ -14,6 +14,9 @@ Conv2dSame) at stride 2: the engines' convolutions pad as they do.
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from timm.layers import BlurPool2d, ConvNormAct, LayerScale2d, MixedConv2d
 from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, DepthwiseSeparableConv, EdgeResidual,
                                               InvertedResidual, MobileAttention, UniversalInvertedResidual)
@@ -22,7 +25,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from .family import (EXTRAS_REFUSED, BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
-                     Family, MirrorConvNormAct, MirrorLayerScale, reject_extras)
+                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, reject_extras)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -78,19 +81,39 @@ class MirrorMixedConv2d(nn.Module):
         return self.concat(*(conv(part) for conv, part in zip(convs, parts)))
 
 
+class MirrorCondConvResidual(nn.Module):
+    """timm's CondConvResidual: routing weights from each image's visible mean (timm's own
+    ``routing_fn`` and a sigmoid on (B, C) vectors), then an inverted residual whose three
+    convolutions are CondConvs taking them, + its input if it has a skip."""
+
+    def __init__(self, block: CondConvResidual, convert: Converter, path: str):
+        super().__init__()
+        for name in ("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl", "bn3"):
+            self.add_module(name, convert(getattr(block, name), f"{path}.{name}"))
+        self.routing_fn = copy.deepcopy(block.routing_fn)
+        self.mean = convert.leaf(ImageMean(), f"{path}.mean")  # parameter-free, a name timm's block lacks
+        self.has_skip = block.has_skip
+        self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
+
+    def forward(self, x):
+        routing = torch.sigmoid(self.routing_fn(self.mean(x)))
+        y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x, routing)), routing))
+        y = self.bn3(self.conv_pwl(self.se(y), routing))
+        return self.drop_path(y) + x if self.has_skip else y
+
+
 # timm layers of this family that no engine mirrors, and why
 REFUSED = {
     BlurPool2d: EXTRAS_REFUSED["aa"],
     MobileAttention: "MobileNetV4's hybrid blocks attend over the whole map, hidden sites included; "
                      "use a mobilenetv4_conv_* model",
-    CondConvResidual: "CondConv's kernels are mixed per image by a routing from the whole map's "
-                      "average; not mirrored",
 }
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
                                                               LayerScale2d: MirrorLayerScale,
-                                                              MixedConv2d: MirrorMixedConv2d}
+                                                              MixedConv2d: MirrorMixedConv2d,
+                                                              CondConvResidual: MirrorCondConvResidual}
 
 EFFICIENTNET = Family(
     name="efficientnet",

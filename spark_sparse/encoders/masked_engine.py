@@ -15,7 +15,7 @@ import copy
 from typing import NamedTuple
 
 import torch
-from timm.layers import (BatchNormAct2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d, GlobalContext,
+from timm.layers import (BatchNormAct2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d, GlobalContext,
                          GroupNormAct)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
@@ -26,6 +26,7 @@ from ..precision import statistics_dtype
 from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
+from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
                      unsupported)
@@ -267,6 +268,14 @@ class MaskedGlobalContext(GlobalContextAttention):
         return MaskedTensor(y + shift.to(y.dtype)[:, :, None, None], inp.active, dirty=True)
 
 
+class MaskedCondConv(CondConvExperts):
+    """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
+    get values (masked later)."""
+
+    def forward(self, inp: MaskedTensor, routing: Tensor) -> MaskedTensor:
+        return MaskedTensor(CondConv2d.forward(self, inp.clean().x, routing), inp.active, dirty=True)
+
+
 class MaskedMaxPool(nn.Module):
     """Max pooling over the visible sites only: hidden ones go in as -inf and come out as zeros.
     After a ReLU (``after_relu``) the zeros they hold never win, so the fill is skipped, as in
@@ -401,6 +410,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelAttention(module, path)
     if type(module) is GlobalContext:
         return MaskedGlobalContext(module, path)
+    if type(module) is CondConv2d:
+        return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):
         return MaskedEvoNorm(module)
     if type(module) is FilterResponseNormTlu2d:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
+from timm.layers import (BatchNormAct2d, CondConv2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
                          GlobalContext, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
                          StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
@@ -39,6 +39,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.sparsify import sparsify, to_dense
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
+from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
                      unsupported)
@@ -339,6 +340,35 @@ class SparseGlobalContext(GlobalContextAttention):
         return with_features(x, out)
 
 
+class SparseCondConv(CondConvExperts):
+    """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
+    is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
+    Each expert runs through one operator of the layer's geometry, its tensors passed per call
+    (``functional_call``): the operator's own are never used, nor registered."""
+
+    def __init__(self, module: CondConv2d, path: str, impl: str):
+        super().__init__(module)
+        conv_class = Conv2dSame if module.dynamic_padding else nn.Conv2d
+        plain = conv_class(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           0 if module.dynamic_padding else module.padding, module.dilation, module.groups, bias=False)
+        self._op = (_sparse_conv(plain, path, impl),)
+
+    def forward(self, x: ME.SparseTensor, routing: Tensor) -> ME.SparseTensor:
+        op = self._op[0]
+        out = image = None
+        for e in range(self.num_experts):
+            w = self.expert_weight(e)
+            me_layout = isinstance(op, ME.MinkowskiConvolution)  # its `kernel` parameter; ours keep timm's `weight`
+            tensors = {"kernel": dense_to_me_kernel(w).view_as(op.kernel)} if me_layout else {"weight": w}
+            y = torch.func.functional_call(op, tensors, (x,))
+            image = image_of_rows(y) if image is None else image
+            term = y.F * routing.index_select(0, image)[:, e:e + 1].to(y.F.dtype)
+            out = term if out is None else out + term
+        if self.bias is not None:
+            out = out + (routing @ self.bias).index_select(0, image).to(out.dtype)
+        return with_features(y, out)
+
+
 class SparseChannelSplit(ChannelSplit):
     """The first channels of each row, and the rest, on the same sites."""
 
@@ -424,6 +454,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelAttention(module, path)
     if kind is GlobalContext:
         return SparseGlobalContext(module, path)
+    if kind is CondConv2d:
+        return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
         return SparseEvoNorm(module)
     if kind is FilterResponseNormTlu2d:
