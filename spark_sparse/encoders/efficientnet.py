@@ -25,7 +25,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from .family import (EXTRAS_REFUSED, BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
-                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, reject_extras)
+                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, reject_extras, split_in_turn)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -72,11 +72,7 @@ class MirrorMixedConv2d(nn.Module):
         self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")
 
     def forward(self, x):
-        parts = []
-        for split in self.splits:
-            part, x = split(x)
-            parts.append(part)
-        parts.append(x)
+        parts = split_in_turn(self.splits, x)
         convs = [child for name, child in self.named_children() if name.isdigit()]
         return self.concat(*(conv(part) for conv, part in zip(convs, parts)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -271,6 +271,16 @@ class ChannelSplit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"first={self.first}"
+
+
+def split_in_turn(splits: Sequence[nn.Module], x) -> list:
+    """``x`` cut into ``len(splits) + 1`` groups of channels by ``ChannelSplit`` leaves taken in
+    turn, each cutting the first group off the rest (timm's ``torch.split`` by sizes)."""
+    groups = []
+    for split in splits:
+        group, x = split(x)
+        groups.append(group)
+    return groups + [x]
 
 
 class ChannelConcat(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from timm.models.res2net import Bottle2neck
 from torch import nn
 
-from .family import ChannelConcat, ChannelSplit, Converter, reject_extras
+from .family import ChannelConcat, ChannelSplit, Converter, reject_extras, split_in_turn
 
 
 def hierarchical_groups(block: nn.Module, out):
@@ -21,11 +21,7 @@ def hierarchical_groups(block: nn.Module, out):
     and ``relu`` after adding the previous one's output (not in a stage's first block,
     ``is_first``), the last passed through or ``pool``-ed, all joined (``concat``). Shared by
     timm's Bottle2neck and DLA's DlaBottle2neck, which hold these under the same names."""
-    groups = []
-    for _ in range(block.scale - 1):
-        group, out = block.split(out)
-        groups.append(group)
-    groups.append(out)
+    groups = split_in_turn([block.split] * (block.scale - 1), out)
     outputs = []
     for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
         sp = groups[i] if i == 0 or block.is_first else outputs[-1] + groups[i]

@@ -16,7 +16,7 @@ from timm.layers import ConvNormAct, SelectiveKernel
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import nn
 
-from .family import ChannelConcat, ChannelSplit, Converter, ImageMean, MirrorConvNormAct, RadixSum
+from .family import ChannelConcat, ChannelSplit, Converter, ImageMean, MirrorConvNormAct, RadixSum, split_in_turn
 
 
 class MirrorSelectiveKernel(nn.Module):
@@ -36,13 +36,8 @@ class MirrorSelectiveKernel(nn.Module):
         self.weighted_sum = convert.leaf(RadixSum(module.num_paths), f"{path}.weighted_sum")
 
     def forward(self, x):
-        inputs = [x] * self.num_paths
-        if self.split_input:  # timm's torch.split, one share at a time
-            rest, inputs = x, []
-            for _ in range(self.num_paths - 1):
-                share, rest = self.split(rest)
-                inputs.append(share)
-            inputs.append(rest)
+        # timm's torch.split into equal shares, or the whole input to every path
+        inputs = split_in_turn([self.split] * (self.num_paths - 1), x) if self.split_input else [x] * self.num_paths
         maps = self.concat(*(p(share) for p, share in zip(self.paths, inputs)))  # (paths x C) channels
         pooled = self.mean(maps)  # the mean of the paths' sum is the sum of their means
         b = pooled.shape[0]
