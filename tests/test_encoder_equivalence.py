@@ -449,6 +449,14 @@ VARIANTS.update({
     "TensorFlow EfficientNet-CondConv, 8 experts, 'same' padding": ("tf_efficientnet_cc_b0_8e", {}),
 })
 
+# timm's xception_aligned module (DeepLabV3+'s backbones): blocks of three depthwise-separable convolutions,
+# each after a ReLU (or, in the last block, normed and activated, no shortcut), the third striding with a 1x1
+# conv-norm shortcut; the pre-activation nets: a norm-ReLU before each, the block's first feeding its shortcut
+VARIANTS.update({
+    "Aligned Xception: separable convolutions after ReLUs, strided shortcuts, a no-skip last block": ("xception41", {}),
+    "Pre-activation aligned Xception: norm-ReLUs before separable convolutions, a final ReLU": ("xception41p", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -461,7 +469,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
-              "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e"}
+              "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

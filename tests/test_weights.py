@@ -53,6 +53,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts"
 ALL_DEPTHS.update({name: (name, {}) for name in [  # EvoNorm-S0/S0a, FRN with its threshold
     "resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "ese_vovnet39b_evos", "test_efficientnet_evos"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_efficientnet_cc_b1_8e"]})  # CondConv
+# aligned Xception: two stride-4 and stride-8 blocks (71), pre-activation (41p), a final ReLU and no-skip block
+ALL_DEPTHS.update({name: (name, {}) for name in ["xception41", "xception71", "xception41p"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -160,7 +162,7 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     for (name, kwargs), message in refused.items():
         with pytest.raises(ConversionError, match=f"cannot convert {message}"):
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0, **dict(kwargs)))
-    for name in ("repvgg_a0", "cspdarknet53"):  # dilated: not masked on a 32-pixel grid
+    for name in ("repvgg_a0", "cspdarknet53", "xception41"):  # dilated: not masked on a 32-pixel grid
         with pytest.raises(ConversionError, match=r"stage strides \[4, 8, 16\] are not 4, 8, 16, 32"):
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0, output_stride=16))
 
@@ -236,7 +238,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("inception_next_atto", r"MetaNeXtStage at 'stages\.0'"),
                                          ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'"),
                                          ("cspnext_tiny", r"CspNext at 'stages'"),
-                                         ("repghostnet_050", r"RepGhostNet at 'blocks'")])
+                                         ("repghostnet_050", r"RepGhostNet at 'blocks'"),
+                                         ("xception41p", r"XceptionAligned at 'blocks'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

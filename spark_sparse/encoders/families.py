@@ -31,11 +31,12 @@ from .rexnet import REXNET
 from .starnet import STARNET
 from .vgg import VGG_FAMILY
 from .vovnet import VOVNET
+from .xception import XCEPTION
 
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION)
 
 
 def family_of(model: nn.Module) -> Family:
