@@ -17,7 +17,8 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
     except RuntimeError as err:  # timm's "Unknown model"
         raise ValueError(f"unknown timm model '{name}': {err}") from None
     except TypeError as err:
-        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        # Python's words, or HRNet's own check of its config's keys ("argument(s): ['drop_path_rate']")
+        unexpected = re.search(r"unexpected keyword argument(?:\(s\): \[)? ?'(\w+)'", str(err))
         if unexpected is None:
             raise
         key = unexpected[1]

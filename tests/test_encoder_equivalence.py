@@ -457,6 +457,14 @@ VARIANTS.update({
     "Pre-activation aligned Xception: norm-ReLUs before separable convolutions, a final ReLU": ("xception41p", {}),
 })
 
+# timm's hrnet module: parallel branches at strides 4 to 32, each fusing all others (finer ones through strided
+# 3x3 conv-norms, coarser ones through a 1x1 conv-norm and a nearest upsampling), ResNet blocks in the branches;
+# the features the classification head's joined maps (bottlenecks, strided 3x3s, the final 1x1)
+VARIANTS.update({
+    "HRNet: parallel branches fused by strided 3x3s and nearest upsampling, the head's joins": ("hrnet_w18_small", {}),
+    "HRNet with two modules a stage, bottlenecks in the stem": ("hrnet_w18_small_v2", {}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -469,7 +477,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
-              "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41"}
+              "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
+              "hrnet_w18_small"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -27,6 +27,7 @@ from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, stand
 from spark_sparse.sparse.patch_sites import tile_geometry
 from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
 from spark_sparse.sparse.sparsify import sparsify, to_dense
+from spark_sparse.sparse.upsample import PatchUpsample
 
 
 def twin_inputs(channels: int, seed: int = 0):
@@ -469,3 +470,24 @@ def test_max_pooling_where_absent_sites_read_zero_equals_zero_padded_pooling_of_
     (want * grad).sum().backward()
     grad_rows = ME.SparseTensor(feats.grad, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
     torch.testing.assert_close(to_dense(grad_rows, 3, images.shape[-2:]), masked.grad * visible, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("block,scale", [(2, 2), (8, 2), (8, 4), (8, 8)],
+                         ids=["2x2 blocks, x2", "8x8 blocks, x2", "8x8 blocks, x4", "8x8 blocks, x8"])
+def test_nearest_upsampling_copies_each_coarse_site_within_its_patch(block, scale):
+    """HRNet's fusion of a coarser branch (a coarse map made here by 2x2 average poolings): torch's
+    nearest upsampling of the masked map at every visible site, and each coarse site's gradient
+    the sum of its copies'."""
+    g = torch.Generator().manual_seed(9)
+    images = torch.randn(3, 4, 3 * block, 4 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (3, 4), 0.5, g)
+    pools = scale.bit_length() - 1
+    sparse = nn.Sequential(*[PatchPooling("avg", 2, 2) for _ in range(pools)], PatchUpsample(scale))
+    dense = nn.Sequential(*[nn.AvgPool2d(2) for _ in range(pools)], nn.Upsample(scale_factor=scale, mode="nearest"))
+    assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
+
+
+def test_upsampling_past_the_pixels_is_refused():
+    images = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="cannot upsample a stride-1 map by 2: past the pixels' own grid"):
+        PatchUpsample(2)(sparsify(images, torch.ones(1, 1, 1, 1, dtype=torch.bool)))

@@ -267,7 +267,7 @@ def test_wandb_online_without_a_network_warns_in_one_line_and_logs_offline(tmp_p
 SUPPORTED = ", ".join(m for family in FAMILIES for m in family.timm_modules)  # as families are added, so is the message
 
 
-@pytest.mark.parametrize("model,module", [("vit_base_patch16_224", "vision_transformer"), ("hrnet_w18_small", "hrnet")])
+@pytest.mark.parametrize("model,module", [("vit_base_patch16_224", "vision_transformer"), ("inception_v3", "inception_v3")])
 def test_a_timm_model_of_another_family_is_named_as_timms_with_its_module(model, module):
     with pytest.raises(ConfigError) as refused:
         check_model_and_missing(OmegaConf.create({"model": model}))

@@ -55,6 +55,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in [  # EvoNorm-S0/S0a, FRN with it
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_efficientnet_cc_b1_8e"]})  # CondConv
 # aligned Xception: two stride-4 and stride-8 blocks (71), pre-activation (41p), a final ReLU and no-skip block
 ALL_DEPTHS.update({name: (name, {}) for name in ["xception41", "xception71", "xception41p"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["hrnet_w18_small", "hrnet_w18_small_v2", "hrnet_w18"]})  # HRNet
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -256,11 +257,13 @@ def test_ghostnets_v2_and_v3_are_refused_by_path(engine):
             engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
 
 
-def test_a_drop_path_rate_for_a_model_without_stochastic_depth_is_refused_in_one_line():
-    assert create_encoder("densenet121", "dense_masked", drop_path_rate=0.0).channels == [256, 512, 1024, 1024]
-    with pytest.raises(ValueError, match=r"^timm model 'densenet121' takes no drop_path_rate \(got 0\.1\); "
+@pytest.mark.parametrize("name, channels", [("densenet121", [256, 512, 1024, 1024]),
+                                           ("hrnet_w18_small", [128, 256, 512, 2048])])  # HRNet checks its own keys
+def test_a_drop_path_rate_for_a_model_without_stochastic_depth_is_refused_in_one_line(name, channels):
+    assert create_encoder(name, "dense_masked", drop_path_rate=0.0).channels == channels
+    with pytest.raises(ValueError, match=rf"^timm model '{name}' takes no drop_path_rate \(got 0\.1\); "
                                          r"leave it at its default$"):
-        create_encoder("densenet121", "dense_masked", drop_path_rate=0.1)
+        create_encoder(name, "dense_masked", drop_path_rate=0.1)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
@@ -368,6 +371,27 @@ def test_vovnets_unpadded_pooling_is_refused_with_minkowskis_own_pooling():
     with pytest.raises(ConversionError, match=r"MaxPool2d at 'stages\.1\.pool': conv='minkowski' centres its "
                                               r"pooling windows"):
         engine_class("sparse").from_timm("vovnet39a", conv="minkowski")
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_an_hrnet_upsampling_off_the_grid_or_without_the_classification_head_is_refused(engine):
+    engine = engine_class(engine)
+    model = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=0)
+    model.stage2[0].fuse_layers[0][1][2] = torch.nn.Upsample(scale_factor=2, mode="bilinear")
+    with pytest.raises(ConversionError, match=r"cannot convert Upsample at 'stage2\.0\.fuse_layers\.0\.1\.2': mode "
+                                              r"'bilinear', scale factor 2\.0, size None \(only nearest by a power of two"):
+        engine.from_timm(model)
+    # timm's 'incre' head has no joins, its '' head no widening: the features are the joined maps
+    with pytest.raises(ConversionError, match=r"^HighResolutionNet with head 'incre': the encoder's features are the "
+                                              r"classification head's joined maps"):
+        engine.from_timm(timm.create_model("hrnet_w18_small", pretrained=False, num_classes=0, head="incre"))
+
+
+@needs_minkowski
+def test_hrnets_upsampling_is_refused_with_minkowskis_own_convolutions():
+    with pytest.raises(ConversionError, match=r"Upsample at 'stage2\.0\.fuse_layers\.0\.1\.2': conv='minkowski' has "
+                                              r"no upsampling of patch rows"):
+        engine_class("sparse").from_timm("hrnet_w18_small", conv="minkowski")
 
 
 @needs_minkowski

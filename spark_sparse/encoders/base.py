@@ -75,6 +75,8 @@ class Encoder(nn.Module):
                              "but the whole batch has a single visible patch; use eval mode or "
                              "more visible patches")
         x = self.encode_input(images, active)
+        if self.family.features is not None:
+            return self.family.features(self.body, x)
         for path in self.layout.stem:
             x = self.body.get_submodule(path)(x)
         feats = []

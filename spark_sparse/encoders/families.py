@@ -17,6 +17,7 @@ from .fasternet import FASTERNET
 from .family import ConversionError, Family
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
+from .hrnet import HRNET
 from .inception_next import INCEPTION_NEXT
 from .mambaout import MAMBAOUT
 from .nfnet import NFNET
@@ -36,7 +37,7 @@ from .xception import XCEPTION
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET)
 
 
 def family_of(model: nn.Module) -> Family:

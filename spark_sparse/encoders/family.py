@@ -12,7 +12,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d,
@@ -344,6 +344,20 @@ def check_max_pool(pool: nn.MaxPool2d, path: str) -> None:
                                   f"ceil_mode {pool.ceil_mode}")
 
 
+def upsample_scale(upsample: nn.Upsample, path: str) -> int:
+    """The factor of a nearest upsampling by a power of two, the same on both axes (HRNet's fusion
+    of coarser branches): each finer site copies the coarser one it lies in, within one patch.
+    Anything else (bilinear windows reach across patch borders, sizes off the grid) is refused."""
+    factor = upsample.scale_factor
+    factors = set(factor) if isinstance(factor, tuple) else {factor}
+    if upsample.mode == "nearest" and upsample.size is None and len(factors) == 1:
+        scale = factors.pop()
+        if scale == int(scale) and int(scale) > 1 and int(scale) & (int(scale) - 1) == 0:
+            return int(scale)
+    raise unsupported(upsample, path, f"mode {upsample.mode!r}, scale factor {factor}, size {upsample.size} "
+                                      "(only nearest by a power of two keeps the mask's grid)")
+
+
 def no_check(model: nn.Module) -> None:
     """Families without refusals beyond those of their leaves and blocks."""
 
@@ -504,6 +518,10 @@ class Family:
     channels_last: bool = False
     # timm modules besides ``name`` whose models are this family's class (hardcorenas: MobileNetV3)
     other_modules: tuple[str, ...] = ()
+    # where the stages are no chain of modules (HRNet's parallel branches): the family's own forward
+    # from the input to the four features, run on the converted body and the timm model alike (the
+    # body keeps timm's names); the layout then only names the modules to convert
+    features: Callable[[nn.Module, Any], list] | None = None
 
     @property
     def timm_modules(self) -> tuple[str, ...]:
@@ -542,6 +560,8 @@ class Family:
     @torch.no_grad()
     def plain_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
         """The four stage outputs of the ordinary (unmasked) timm model, for comparison."""
+        if self.features is not None:
+            return self.features(model, images)
         layout = self.layout(model)
         x = images
         for path in layout.stem:

@@ -29,7 +29,7 @@ from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     unsupported)
+                     unsupported, upsample_scale)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -430,6 +430,9 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
             raise unsupported(module, path, f"kernel {k}, stride {s}, padding {p}, count_include_pad "
                                             f"{module.count_include_pad}, ceil_mode {module.ceil_mode}")
         return MaskedApply(module)
+    if type(module) is nn.Upsample:
+        upsample_scale(module, path)  # the same refusals as the sparse engine's
+        return MaskedApply(copy.deepcopy(module))
     if type(module) is ChannelSplit:
         return MaskedChannelSplit(module.first)
     if type(module) is ChannelConcat:

@@ -37,12 +37,13 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
                               SparseLayerNorm, SparseLayerScale, SparseLinear, SparseScalarAffine, image_of_rows,
                               with_features)
 from ..sparse.sparsify import sparsify, to_dense
+from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
                      LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     unsupported)
+                     unsupported, upsample_scale)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -464,6 +465,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
         return _sparse_zero_padded_pool(module, path, conv)
+    if kind is nn.Upsample:
+        if conv == "minkowski":  # its strided modules order their rows their own way
+            raise unsupported(module, path, "conv='minkowski' has no upsampling of patch rows; use 'patch'")
+        return PatchUpsample(upsample_scale(module, path))
     if kind is LearnableAffineBlock:
         return _copy_weights(module, SparseScalarAffine())
     if kind is DropPath:
