@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
-from .patch_conv import TileConv, gather_tiles, scatter_tiles, tile_rows
+from .patch_conv import TileConv, from_canvas, gather_tiles, scatter_tiles, tile_rows, to_canvas
 from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_fits, tile_geometry
 
 
@@ -94,17 +94,6 @@ class TileDepthwise(torch.autograd.Function):
         grad = grad_rows.contiguous().view(-1, s, s, grad_rows.shape[1]).permute(0, 3, 1, 2)
         grad_tiles, grad_w = _grads(ctx, gather_tiles(feats, tile), weight, grad, 0)
         return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, None, None
-
-
-def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """Rows -> a zeroed (B, C, h, w) map (channels-last in memory) holding them at ``index``."""
-    b, h, w = shape
-    canvas = rows.new_zeros(b * h * w, rows.shape[1]).index_copy_(0, index, rows)
-    return canvas.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-
-def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
-    return canvas.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]).index_select(0, index)
 
 
 def canvas_convolution(feats: Tensor, weight: Tensor, sites: PatchSites, in_stride: int, stride: int = 1,

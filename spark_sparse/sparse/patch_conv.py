@@ -264,6 +264,17 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
         return (self.gain * self.scale).view(-1)
 
 
+def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """Rows -> a zeroed (B, C, h, w) map (channels-last in memory) holding them at ``index``."""
+    b, h, w = shape
+    canvas = rows.new_zeros(b * h * w, rows.shape[1]).index_copy_(0, index, rows)
+    return canvas.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def from_canvas(canvas: Tensor, index: Tensor) -> Tensor:
+    return canvas.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]).index_select(0, index)
+
+
 def canvas_max_pool(feats: Tensor, index: Tensor, shape: tuple[int, int, int], kernel_size: int) -> Tensor:
     """A centred odd k x k stride-1 max pooling over the present sites (CSPNeXt's spatial pyramid
     pooling: 5, 9, 13 at stride 32, far wider than a patch's halo): the rows scattered into the
