@@ -264,10 +264,11 @@ class ScaledStdPatchConvolution(StdPatchConvolution):
         return (self.gain * self.scale).view(-1)
 
 
-def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """Rows -> a zeroed (B, C, h, w) map (channels-last in memory) holding them at ``index``."""
+def to_canvas(rows: Tensor, index: Tensor, shape: tuple[int, int, int], fill: float = 0.0) -> Tensor:
+    """Rows -> a (B, C, h, w) map (channels-last in memory) holding them at ``index`` and ``fill``
+    elsewhere (zeros for a convolution, -inf for a max pooling)."""
     b, h, w = shape
-    canvas = rows.new_zeros(b * h * w, rows.shape[1]).index_copy_(0, index, rows)
+    canvas = rows.new_full((b * h * w, rows.shape[1]), fill).index_copy_(0, index, rows)
     return canvas.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -279,10 +280,8 @@ def canvas_max_pool(feats: Tensor, index: Tensor, shape: tuple[int, int, int], k
     """A centred odd k x k stride-1 max pooling over the present sites (CSPNeXt's spatial pyramid
     pooling: 5, 9, 13 at stride 32, far wider than a patch's halo): the rows scattered into the
     whole images' map at -inf, pooled there by torch, gathered back (autograd through all three)."""
-    b, h, w = shape
-    canvas = feats.new_full((b * h * w, feats.shape[1]), float("-inf")).index_copy(0, index, feats)
-    pooled = F.max_pool2d(canvas.view(b, h, w, -1).permute(0, 3, 1, 2), kernel_size, 1, kernel_size // 2)
-    return pooled.permute(0, 2, 3, 1).reshape(b * h * w, -1).index_select(0, index)
+    canvas = to_canvas(feats, index, shape, fill=float("-inf"))
+    return from_canvas(F.max_pool2d(canvas, kernel_size, 1, kernel_size // 2), index)
 
 
 class PatchPooling(nn.Module):
