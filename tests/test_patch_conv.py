@@ -388,6 +388,24 @@ def test_dilated_convolution_equals_torchs_on_the_masked_map(block, stride, grou
 
 
 @pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks (canvas)", "8x8 blocks (tiles)"])
+@pytest.mark.parametrize("groups,same", [(4, False), (8, False), (8, True)],
+                         ids=["4 groups", "2 outputs a channel (FastViT)", "2 outputs a channel, 'same'"])
+def test_a_wide_strided_grouped_convolution_equals_torchs_on_the_masked_map(block, groups, same):
+    """FastViT's 7x7 grouped convolution at stride 2 (and TensorFlow's 'same' padding): over 2x2
+    blocks its window reaches past the neighbours the tables cover, and runs on the canvas;
+    features, input, weight and bias gradients equal torch's on the masked map."""
+    g = torch.Generator().manual_seed(10)
+    images = torch.randn(3, 8, 3 * block, 4 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (3, 4), 0.5, g)
+    dense = (Conv2dSame(8, 16, 7, 2, groups=groups) if same else nn.Conv2d(8, 16, 7, 2, 3, groups=groups)).double()
+    sparse = GroupedConvolution(8, 16, 7, 2, groups, bias=True, padding=2 if same else None).double()
+    sparse.load_state_dict(dense.state_dict())
+    assert_equal_on_masked_map(sparse, dense, images, active, 2, g)
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks (canvas)", "8x8 blocks (tiles)"])
 @pytest.mark.parametrize("kernel_size", [7, 9])
 def test_a_wide_strided_depthwise_convolution_equals_torchs_on_the_masked_map(block, kernel_size):
     """MixNet's 7x7 and 9x9 depthwise kernels at stride 2: over 2x2 blocks the window reaches past

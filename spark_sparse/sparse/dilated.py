@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .depthwise import canvas_convolution
 from .grouped_conv import GroupedConvolution
-from .patch_sites import PatchSites, tile_fits, tile_geometry
+from .patch_sites import PatchSites
 
 
 def expand_dilated(weight: Tensor, dilation: int) -> Tensor:
@@ -42,12 +42,9 @@ class DilatedConvolution(GroupedConvolution):
     def weight_kernel(self) -> Tensor:
         return expand_dilated(self.weight, self.dilation)
 
-    def rows(self, x: ME.SparseTensor, sites: PatchSites) -> Tensor:
-        in_stride = x.tensor_stride[0]
-        s = sites.sites_per_side(in_stride)
-        if tile_fits(s, *tile_geometry(s, (self.weight.shape[-1] - 1) * self.dilation + 1, self.stride)):
-            return super().rows(x, sites)
-        return canvas_convolution(x.F, self.weight, sites, in_stride, self.stride, dilation=self.dilation,
+    def canvas_rows(self, x: ME.SparseTensor, sites: PatchSites) -> Tensor:
+        # torch's own dilated convolution of the taps, not the wider kernel holding them
+        return canvas_convolution(x.F, self.weight, sites, x.tensor_stride[0], self.stride, dilation=self.dilation,
                                   groups=self.groups)
 
     def extra_repr(self) -> str:

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from .amp import autocast_backward, autocast_forward
 from .row_saving import save_rows, saved_rows
 from .gemm_conv import WindowGemm, accumulate_rows, select_rows, small_block_path
+from .depthwise import canvas_convolution
 from .patch_conv import TileConv, standardised
-from .patch_sites import OffsetPairs, PatchSites, tile_geometry
+from .patch_sites import OffsetPairs, PatchSites, tile_fits, tile_geometry
 
 
 # Grouped convolutions run on tiles from 4x4 blocks, not 8x8 as dense ones: their offset GEMMs
@@ -107,6 +108,8 @@ class GroupedConvolution(nn.Module):
         c_out, c_in_g, k, _ = kernel.shape
         in_stride, out_stride = x.tensor_stride[0], x.tensor_stride[0] * self.stride
         s = sites.sites_per_side(in_stride)
+        if not tile_fits(s, *tile_geometry(s, k, self.stride, self.padding)):
+            return self.canvas_rows(x, sites)
         g = self.groups
         path = self.path(s, x.F.device)
         if path == "tiles":
@@ -123,6 +126,13 @@ class GroupedConvolution(nn.Module):
                 out = GroupedOffsetGemm.apply(x.F, kernel, sites.pairs(in_stride, k, self.stride, self.padding),
                                               sites.num_rows(out_stride))
         return out
+
+    def canvas_rows(self, x: ME.SparseTensor, sites: PatchSites) -> Tensor:
+        """The output rows where the window reaches past a block's neighbours (FastViT's 7x7 at
+        stride 2 over 2x2 blocks; SKNet's dilated 3x3 at stride 32), where no table goes: on the
+        whole images' map at this stride (depthwise.canvas_convolution)."""
+        return canvas_convolution(x.F, self.weight_kernel(), sites, x.tensor_stride[0], self.stride,
+                                  top_left=self.padding, groups=self.groups)
 
     def extra_repr(self) -> str:
         c_out, c_in_g, k, _ = self.weight.shape
