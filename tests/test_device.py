@@ -56,7 +56,8 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # dilated convolutions on tiles, offset or window GEMMs and the canvas (sknet), mixed convolutions (mixnet),
 # global context attention (gcresnet), EvoNorm and filter response norms (resnetv2 _evos, _frn),
 # CondConv experts (efficientnet_cc), separable convolutions after ReLUs or norm-ReLUs (xception_aligned),
-# parallel branches fused through strided convolutions and nearest upsampling (hrnet)
+# parallel branches fused through strided convolutions and nearest upsampling (hrnet), RepMixer and
+# grouped 7x7 patch embeddings on the canvas (fastvit)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -79,6 +80,7 @@ AUDITED.update({name: {"layers": (1, 1, 1, 1)} for name in ["resnetv2_50d_evos",
 AUDITED["tf_efficientnet_cc_b0_4e"] = {"drop_path_rate": 0.1}
 AUDITED.update({name: {"drop_path_rate": 0.1} for name in ["xception41", "xception41p"]})
 AUDITED["hrnet_w18_small"] = {}  # no stochastic depth
+AUDITED["fastvit_t8"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -465,6 +465,14 @@ VARIANTS.update({
     "HRNet with two modules a stage, bottlenecks in the stem": ("hrnet_w18_small_v2", {}),
 })
 
+# timm's fastvit module, its convolutional models: MobileOne blocks (summed conv-norm branches and an identity
+# norm), RepMixer (x + layer scale (a depthwise 3x3's MobileOne block - a norm of x)), MLPs after a depthwise 7x7;
+# patch embeddings of a 7x7 + 3x3 at stride 2 with two outputs a channel (over 2x2 blocks on the canvas); SE at the end
+VARIANTS.update({
+    "FastViT: RepMixer blocks, MobileOne stem, large-kernel grouped patch embeddings": ("fastvit_t8", {}),
+    "FastViT re-parameterised: one convolution each": ("fastvit_t8", {"inference_mode": True}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -478,7 +486,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
-              "hrnet_w18_small"}
+              "hrnet_w18_small", "fastvit_t8"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

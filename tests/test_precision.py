@@ -93,7 +93,12 @@ def gradient_errors(got: dict, want: dict) -> list[float]:
 
 @needs_minkowski
 @pytest.mark.parametrize("name, depthwise_backward", [(name, "adjoint") for name in FAMILIES]
-                         + [("convnext_atto", "native")])  # a GPU's depthwise backward, run here
+                         + [("convnext_atto", "native")]  # a GPU's depthwise backward, run here
+                         + [pytest.param("fastvit_t8", "adjoint", marks=pytest.mark.xfail(strict=True, reason=(
+                             "features and median gradient agree, but the final block's SE fc1 gradient is 4% off "
+                             "float64 in the sparse engine, 1% in dense masking: its gates' gradient (as accurate "
+                             "in both, 0.6%) carries a bias across channels that the SE's backward sums up; not "
+                             "yet explained")))])
 def test_bf16_engines_agree_to_bf16_rounding(timm_models, name, depthwise_backward, monkeypatch):
     from spark_sparse.sparse import depthwise
 

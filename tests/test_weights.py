@@ -56,6 +56,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_ef
 # aligned Xception: two stride-4 and stride-8 blocks (71), pre-activation (41p), a final ReLU and no-skip block
 ALL_DEPTHS.update({name: (name, {}) for name in ["xception41", "xception71", "xception41p"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["hrnet_w18_small", "hrnet_w18_small_v2", "hrnet_w18"]})  # HRNet
+ALL_DEPTHS.update({name: (name, {}) for name in ["fastvit_t8", "fastvit_t12", "fastvit_s12"]})  # FastViT
+ALL_DEPTHS["FastViT re-parameterised"] = ("fastvit_s12", {"inference_mode": True})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -143,6 +145,7 @@ def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path
         "mobilenetv4_hybrid_medium": r"MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid blocks attend",
         "mobilenetv4_conv_blur_medium": r"BlurPool2d at 'blocks\.0\.0\.aa': anti-aliased downsampling",
         "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
+        "fastvit_sa12": r"RepConditionalPosEnc at 'stages\.3\.pos_emb': the conditional positional encoding",
     }
     for name, message in refused.items():
         with pytest.raises(ConversionError, match=f"cannot convert {message}"):
@@ -240,7 +243,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("ese_vovnet19b_slim", r"OsaStage at 'stages\.0'"),
                                          ("cspnext_tiny", r"CspNext at 'stages'"),
                                          ("repghostnet_050", r"RepGhostNet at 'blocks'"),
-                                         ("xception41p", r"XceptionAligned at 'blocks'")])
+                                         ("xception41p", r"XceptionAligned at 'blocks'"),
+                                         ("fastvit_t8", r"FastVitStage at 'stages\.0'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)

@@ -14,6 +14,7 @@ from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .fasternet import FASTERNET
+from .fastvit import FASTVIT
 from .family import ConversionError, Family
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
@@ -37,7 +38,7 @@ from .xception import XCEPTION
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -246,8 +246,8 @@ def mirror_layer_scale(mirror: nn.Module, block: nn.Module, convert: Converter, 
 
 
 class MirrorLayerScale(nn.Module):
-    """timm's LayerScale2d (and LayerScale, its channels-last twin): a learned per-channel scale,
-    kept under timm's name (``gamma``)."""
+    """timm's LayerScale2d (and LayerScale, its channels-last twin; FastViT's own, a (C, 1, 1)
+    ``gamma``): a learned per-channel scale, kept under timm's name and shape (``gamma``)."""
 
     def __init__(self, module: nn.Module, convert: Converter, path: str):
         super().__init__()
@@ -255,7 +255,7 @@ class MirrorLayerScale(nn.Module):
         self.scale = convert.leaf(LayerScale(), f"{path}.gamma")
 
     def forward(self, x):
-        return self.scale(x, self.gamma)
+        return self.scale(x, self.gamma.view(-1))
 
 
 class ChannelSplit(nn.Module):
@@ -441,7 +441,8 @@ class TappedStages:
     """Models whose body is ``stem``, the Sequential ``stages`` and ``head`` (ByobNet's final 1x1
     convolution), run in that order (ByobNet, CspNet). A stage ends at timm's feature tap at
     its stride; what runs before the stride-4 stage (CSPDarkNet's stride-2 first stage, after a
-    stride-1 stem) joins the stem, what runs after the stride-32 tap joins the last stage."""
+    stride-1 stem) joins the stem, what runs after the stride-32 tap joins the last stage, which
+    then has ``num_features`` channels."""
 
     head: tuple[str, ...] = ()
 
@@ -455,8 +456,11 @@ class TappedStages:
         early = [taps[r][0] for r in taps if r < STRIDES[0]]
         ends = [max(early, default=0)] + [taps[r][0] for r in STRIDES]
         ends[-1] = len(order) - 1  # the head keeps the last stride
+        channels = [taps[r][1] for r in STRIDES]
+        if taps[STRIDES[-1]][0] < ends[-1]:  # a head timm does not tap (FastViT's final MobileOne block)
+            channels[-1] = model.num_features
         stages = tuple(tuple(order[a + 1:e + 1]) for a, e in zip(ends, ends[1:]))
-        return Layout(tuple(order[:ends[0] + 1]), stages, tuple(taps[r][1] for r in STRIDES))
+        return Layout(tuple(order[:ends[0] + 1]), stages, tuple(channels))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class MaskedTensor(NamedTuple):
     def __add__(self, other: "MaskedTensor") -> "MaskedTensor":
         return MaskedTensor(self.clean().x + other.clean().x, self.active)
 
+    def __sub__(self, other: "MaskedTensor") -> "MaskedTensor":
+        return MaskedTensor(self.clean().x - other.clean().x, self.active)
+
 
 def on_visible_rows(inp: MaskedTensor, fn) -> MaskedTensor:
     """``fn`` on the (N_visible, C) channel rows of the visible sites; hidden sites become zeros
