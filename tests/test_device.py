@@ -81,6 +81,7 @@ AUDITED["tf_efficientnet_cc_b0_4e"] = {"drop_path_rate": 0.1}
 AUDITED.update({name: {"drop_path_rate": 0.1} for name in ["xception41", "xception41p"]})
 AUDITED["hrnet_w18_small"] = {}  # no stochastic depth
 AUDITED["fastvit_t8"] = {"drop_path_rate": 0.1}
+AUDITED["regnetv_040"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

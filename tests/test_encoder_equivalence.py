@@ -209,6 +209,7 @@ VARIANTS = {
     "RegNetX: grouped bottlenecks, conv-norm-act leaves": ("regnetx_002", {}),
     "RegNetY: squeeze-excitation after the grouped 3x3": ("regnety_002", {}),
     "RegNetY with GroupNorm (timm's GroupNormAct in each conv-norm-act)": ("regnety_040_sgn", {}),
+    "RegNetV: pre-activation bottlenecks, a plain stem convolution, a final activation": ("regnetv_040", {}),
     "EfficientNet: inverted residuals, strided depthwise 3x3/5x5, SiLU, SE, head conv": ("efficientnet_b0", {}),
     "EfficientNet-EdgeTPU: fused edge residuals": ("efficientnet_es", {}),
     "MobileNetV2: inverted residuals with ReLU6": ("mobilenetv2_050", {}),

@@ -57,6 +57,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_ef
 ALL_DEPTHS.update({name: (name, {}) for name in ["xception41", "xception71", "xception41p"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["hrnet_w18_small", "hrnet_w18_small_v2", "hrnet_w18"]})  # HRNet
 ALL_DEPTHS.update({name: (name, {}) for name in ["fastvit_t8", "fastvit_t12", "fastvit_s12"]})  # FastViT
+ALL_DEPTHS.update({name: (name, {}) for name in ["regnetv_040", "regnetv_064"]})  # pre-activation RegNets
 ALL_DEPTHS["FastViT re-parameterised"] = ("fastvit_s12", {"inference_mode": True})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
@@ -137,14 +138,13 @@ def test_unconvertible_module_is_named_with_its_path():
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_regnet_efficientnet_mobilenet_without_an_exact_twin_are_refused_by_path(engine):
+def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
         "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
         "efficientnet_blur_b0": r"BlurPool2d at 'blocks\.1\.0\.aa': anti-aliased downsampling",
         "mobilenetv4_hybrid_medium": r"MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid blocks attend",
         "mobilenetv4_conv_blur_medium": r"BlurPool2d at 'blocks\.0\.0\.aa': anti-aliased downsampling",
-        "regnetv_040": r"PreBottleneck at 's1\.b1': only RegNet's post-activation Bottleneck",
         "fastvit_sa12": r"RepConditionalPosEnc at 'stages\.3\.pos_emb': the conditional positional encoding",
     }
     for name, message in refused.items():

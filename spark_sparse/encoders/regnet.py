@@ -1,14 +1,17 @@
-"""The RegNet family (timm ``RegNet``: RegNetX, and RegNetY with squeeze-excitation).
+"""The RegNet family (timm ``RegNet``: RegNetX, RegNetY with squeeze-excitation, and the
+pre-activation RegNetV).
 
 A stage is a sequence of bottlenecks (1x1, grouped 3x3 that may stride, SE, 1x1, + shortcut,
 act); every convolution sits in timm's ``ConvNormAct`` (conv, batch norm with its activation).
-Pre-activation blocks (RegNetV) are refused, as their stem-less first norm has no twin here.
+RegNetV's pre-activation bottlenecks run a norm-act before each convolution, the first one's
+output also feeding the shortcut (a plain strided 1x1 where the block strides or widens); its
+stem is a plain 3x3 stride-2 convolution and an activation ends the network.
 """
 
 from __future__ import annotations
 
 from timm.layers import ConvNormAct
-from timm.models.regnet import Bottleneck, RegNet, RegStage
+from timm.models.regnet import Bottleneck, PreBottleneck, RegNet, RegStage
 from torch import nn
 
 from .family import Converter, Family, MirrorConvNormAct, NamedStages, refuse_checkpointing, unsupported
@@ -30,6 +33,23 @@ class MirrorRegBottleneck(nn.Module):
         return self.act3(x)
 
 
+class MirrorRegPreBottleneck(nn.Module):
+    """timm's PreBottleneck (RegNetV): norm-act, 1x1, norm-act, grouped 3x3, SE, norm-act, 1x1,
+    + the shortcut of the first norm-act's output (no act after the sum)."""
+
+    def __init__(self, block: PreBottleneck, convert: Converter, path: str):
+        super().__init__()
+        for name in ("norm1", "conv1", "norm2", "conv2", "se", "norm3", "conv3", "downsample", "drop_path"):
+            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+
+    def forward(self, x):
+        shortcut = x = self.norm1(x)
+        x = self.conv3(self.norm3(self.se(self.conv2(self.norm2(self.conv1(x))))))
+        if self.downsample is not None:
+            x = self.drop_path(x) + self.downsample(shortcut)
+        return x
+
+
 class MirrorRegStage(nn.Module):
     """timm's RegStage: blocks b1, b2, ... in order."""
 
@@ -49,16 +69,18 @@ def _check(model: nn.Module) -> None:
         stage = getattr(model, name)
         refuse_checkpointing(stage, name)
         for block_name, block in stage.named_children():
-            if type(block) is not Bottleneck:
-                raise unsupported(block, f"{name}.{block_name}", "only RegNet's post-activation "
-                                                                 "Bottleneck is mirrored")
+            if type(block) not in (Bottleneck, PreBottleneck):
+                raise unsupported(block, f"{name}.{block_name}", "only RegNet's Bottleneck and "
+                                                                 "PreBottleneck are mirrored")
 
 
 REGNET = Family(
     name="regnet",
     timm_class=RegNet,
-    mirrors={RegStage: MirrorRegStage, Bottleneck: MirrorRegBottleneck, ConvNormAct: MirrorConvNormAct},
-    # RegNetX/Y have an Identity final_conv; where it is a ConvNormAct, it belongs to the features
+    mirrors={RegStage: MirrorRegStage, Bottleneck: MirrorRegBottleneck, PreBottleneck: MirrorRegPreBottleneck,
+             ConvNormAct: MirrorConvNormAct},
+    # RegNetX/Y have an Identity final_conv; where it is a ConvNormAct (or RegNetV's activation), it
+    # belongs to the features
     layout=NamedStages(("stem",), ("s1", "s2", "s3", "s4"), head=("final_conv",)),
     check=_check,
 )
