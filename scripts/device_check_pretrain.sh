@@ -142,7 +142,7 @@ else
   SHORT=(max_steps=10 input_size=224 batch_size=32)
 fi
 
-# (c) the engine's tests on the device (113 s on 2 CPU cores for the 152 tests of 2026-11-29: every
+# (c) the engine's tests on the device (139 s on 2 CPU cores for the 167 tests of 2026-11-29: every
 # variant's float64 train step at mask 0.6, the device audit of every family)
 step "(c) pytest --device $DEVICE" c.log 240 \
   "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"
