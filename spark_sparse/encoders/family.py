@@ -90,6 +90,18 @@ class MirrorSequential(nn.Sequential):
                                      for name, child in _zero_pads_fused(module.named_children())))
 
 
+class MirrorChildren(nn.Module):
+    """A mirror holding the timm module's children named in ``children_names``, each converted
+    under its own name (None where the module has none); subclasses name them and run them."""
+
+    children_names: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module, convert: Converter, path: str):
+        super().__init__()
+        for name in self.children_names:
+            setattr(self, name, convert(getattr(module, name, None), f"{path}.{name}"))
+
+
 class MirrorRunningConcat(nn.Module):
     """A container whose every child reads the concatenation of its input and all earlier
     children's outputs, and whose output is that concatenation with the last one's (DenseNet's

@@ -20,23 +20,11 @@ from timm.models.fastvit import (Attention, ConvMlp, FastVit, FastVitStage, Laye
                                  RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer, RepMixerBlock)
 from torch import nn
 
-from .family import (CheckpointingRefused, Converter, Family, MirrorConvNormAct, MirrorLayerScale, TappedStages,
-                     unsupported)
+from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorConvNormAct, MirrorLayerScale,
+                     TappedStages, unsupported)
 
 
-class _Mirror(nn.Module):
-    """A timm module with the children named in ``children`` converted under their own names
-    (None where it has none)."""
-
-    children_names: tuple[str, ...] = ()
-
-    def __init__(self, module: nn.Module, convert: Converter, path: str):
-        super().__init__()
-        for name in self.children_names:
-            setattr(self, name, convert(getattr(module, name, None), f"{path}.{name}"))
-
-
-class MirrorMobileOneBlock(_Mirror):
+class MirrorMobileOneBlock(MirrorChildren):
     """FastViT's MobileOneBlock: the sum of its identity norm, 1x1 "scale" conv-norm and k x k
     conv-norm branches (or its re-parameterised convolution), SE, activation."""
 
@@ -58,7 +46,7 @@ class MirrorMobileOneBlock(_Mirror):
         return self.act(self.se(out))
 
 
-class MirrorReparamLargeKernelConv(_Mirror):
+class MirrorReparamLargeKernelConv(MirrorChildren):
     """ReparamLargeKernelConv: a large kernel's conv-norm + a small kernel's beside it (or the
     re-parameterised convolution), SE, activation."""
 
@@ -74,7 +62,7 @@ class MirrorReparamLargeKernelConv(_Mirror):
         return self.act(self.se(out))
 
 
-class MirrorPatchEmbed(_Mirror):
+class MirrorPatchEmbed(MirrorChildren):
     """PatchEmbed: its ``proj`` (the large-kernel convolution, a 1x1 MobileOne block)."""
 
     children_names = ("proj",)
@@ -83,7 +71,7 @@ class MirrorPatchEmbed(_Mirror):
         return self.proj(x)
 
 
-class MirrorRepMixer(_Mirror):
+class MirrorRepMixer(MirrorChildren):
     """RepMixer: x + layer scale (mixer(x) - norm(x)), or its re-parameterised depthwise convolution."""
 
     children_names = ("reparam_conv", "norm", "mixer", "layer_scale")
@@ -94,7 +82,7 @@ class MirrorRepMixer(_Mirror):
         return x + self.layer_scale(self.mixer(x) - self.norm(x))
 
 
-class MirrorConvMlp(_Mirror):
+class MirrorConvMlp(MirrorChildren):
     """ConvMlp: a depthwise 7x7 conv-norm, 1x1, activation, 1x1 (its dropout refused unless zero)."""
 
     children_names = ("conv", "fc1", "act", "fc2")
@@ -109,7 +97,7 @@ class MirrorConvMlp(_Mirror):
         return self.fc2(self.act(self.fc1(self.conv(x))))
 
 
-class MirrorRepMixerBlock(_Mirror):
+class MirrorRepMixerBlock(MirrorChildren):
     """RepMixerBlock: the token mixer, then + drop path (layer scale (MLP))."""
 
     children_names = ("token_mixer", "mlp", "layer_scale", "drop_path")
@@ -119,7 +107,7 @@ class MirrorRepMixerBlock(_Mirror):
         return x + self.drop_path(self.layer_scale(self.mlp(x)))
 
 
-class MirrorFastVitStage(_Mirror):
+class MirrorFastVitStage(MirrorChildren):
     """FastVitStage: the patch embedding (none in the first stage), then its blocks."""
 
     children_names = ("downsample", "pos_emb", "blocks")

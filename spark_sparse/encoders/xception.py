@@ -22,47 +22,36 @@ from timm.models.xception_aligned import (PreSeparableConv2d, PreXceptionModule,
                                           XceptionModule)
 from torch import nn
 
-from .family import STRIDES, CheckpointingRefused, Converter, Family, Layout, MirrorConvNormAct, check_strides
+from .family import (STRIDES, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorConvNormAct,
+                     check_strides)
 
 
-class _Mirror(nn.Module):
-    """A timm module with the children named in ``leaves`` converted under their own names."""
-
-    leaves: tuple[str, ...] = ()
-
-    def __init__(self, module: nn.Module, convert: Converter, path: str):
-        super().__init__()
-        for name in self.leaves:
-            self.add_module(name, convert(getattr(module, name), f"{path}.{name}"))
-
-
-class MirrorSeparableConv2d(_Mirror):
+class MirrorSeparableConv2d(MirrorChildren):
     """SeparableConv2d: depthwise conv, norm, activation (an identity where a ReLU runs before the
     convolution), pointwise conv, norm, activation."""
 
-    leaves = ("conv_dw", "bn_dw", "act_dw", "conv_pw", "bn_pw", "act_pw")
+    children_names = ("conv_dw", "bn_dw", "act_dw", "conv_pw", "bn_pw", "act_pw")
 
     def forward(self, x):
         x = self.act_dw(self.bn_dw(self.conv_dw(x)))
         return self.act_pw(self.bn_pw(self.conv_pw(x)))
 
 
-class MirrorPreSeparableConv2d(_Mirror):
+class MirrorPreSeparableConv2d(MirrorChildren):
     """PreSeparableConv2d: norm-ReLU (an identity in a block's first), depthwise conv, pointwise conv."""
 
-    leaves = ("norm", "conv_dw", "conv_pw")
+    children_names = ("norm", "conv_dw", "conv_pw")
 
     def forward(self, x):
         return self.conv_pw(self.conv_dw(self.norm(x)))
 
 
-class _MirrorXceptionBlock(_Mirror):
+class _MirrorXceptionBlock(MirrorChildren):
     """The residual both block kinds share: the stack's output [after drop path] + the shortcut of
     ``skip`` (the block's input, or its normed input in pre-activation blocks), none in a no-skip block."""
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__(block, convert, path)
-        self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path") if block.drop_path is not None else None
         self.no_skip = block.no_skip
 
     def residual(self, x, skip):
@@ -77,7 +66,7 @@ class MirrorXceptionModule(_MirrorXceptionBlock):
     """XceptionModule: three separable convolutions (each after a ReLU, unless it starts without
     one), + a 1x1 conv-norm shortcut where the block strides or widens."""
 
-    leaves = ("stack", "shortcut")
+    children_names = ("stack", "shortcut", "drop_path")
 
     def forward(self, x):
         return self.residual(self.stack(x), x)
@@ -87,7 +76,7 @@ class MirrorPreXceptionModule(_MirrorXceptionBlock):
     """PreXceptionModule: norm-ReLU, then three pre-activation separable convolutions, + the normed
     input (through a 1x1 conv where the block strides or widens)."""
 
-    leaves = ("norm", "stack", "shortcut")
+    children_names = ("norm", "stack", "shortcut", "drop_path")
 
     def forward(self, x):
         x = self.norm(x)
