@@ -82,6 +82,7 @@ AUDITED.update({name: {"drop_path_rate": 0.1} for name in ["xception41", "xcepti
 AUDITED["hrnet_w18_small"] = {}  # no stochastic depth
 AUDITED["fastvit_t8"] = {"drop_path_rate": 0.1}
 AUDITED["regnetv_040"] = {"drop_path_rate": 0.1}
+AUDITED["test_efficientnet_ln"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

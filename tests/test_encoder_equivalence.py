@@ -438,6 +438,7 @@ VARIANTS.update({
     "ResNetV2 with filter response norms and thresholds": ("resnetv2_50d_frn", FOUR_BLOCKS),
     "RegNetZ with EvoNorm-S0a": ("regnetz_b16_evos", {}),
     "EfficientNet with EvoNorm-S0 (no activation after its projections)": ("test_efficientnet_evos", {}),
+    "EfficientNet with layer norms and their activations (LayerNormAct2d)": ("test_efficientnet_ln", {}),
 })
 # timm takes these norms' statistics in float32 (``x.float()``) even of a float64 map; ours in the map's
 # float64: with nothing hidden, equal to plain timm to float32's rounding only

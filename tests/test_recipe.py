@@ -37,6 +37,7 @@ from .test_pretrain import config
     ("regnety_040_sgn", 0.0, "ln", [0.9, 0.95]),
     ("resnetv2_50d_evos", 0.0, "ln", [0.9, 0.95]),  # EvoNorm and FRN nets: per-image statistics only
     ("regnetz_d8_evos", 0.0, "ln", [0.9, 0.95]),
+    ("test_efficientnet_ln", 0.0, "ln", [0.9, 0.95]),
     ("ese_vovnet39b_evos", 0.0, "ln", [0.9, 0.95]),
     # TensorFlow ports: their modules' batch-norm recipe
     ("tf_efficientnet_b0", 0.0, "bn", [0.9, 0.95]),

@@ -72,6 +72,7 @@ MODELS["xception41p"] = ("xception41p", {})  # pre-activation separable convolut
 MODELS["hrnet_w18_small"] = ("hrnet_w18_small", {})  # branches fused across strides: nearest upsampling in each patch
 MODELS["fastvit_t8"] = ("fastvit_t8", {})  # RepMixer; a grouped 7x7 at stride 2 on the canvas at stride 16
 MODELS["regnetv_040"] = ("regnetv_040", {})  # pre-activation: a norm of the plain stem convolution first
+MODELS["test_efficientnet_ln"] = ("test_efficientnet_ln", {})  # layer norms with their activations
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

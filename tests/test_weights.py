@@ -52,6 +52,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mi
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
 ALL_DEPTHS.update({name: (name, {}) for name in [  # EvoNorm-S0/S0a, FRN with its threshold
     "resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "ese_vovnet39b_evos", "test_efficientnet_evos"]})
+ALL_DEPTHS["test_efficientnet_ln"] = ("test_efficientnet_ln", {})  # LayerNormAct2d
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_cc_b0_4e", "tf_efficientnet_cc_b1_8e"]})  # CondConv
 # aligned Xception: two stride-4 and stride-8 blocks (71), pre-activation (41p), a final ReLU and no-skip block
 ALL_DEPTHS.update({name: (name, {}) for name in ["xception41", "xception71", "xception41p"]})

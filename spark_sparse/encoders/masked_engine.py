@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 from timm.layers import (BatchNormAct2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d, GlobalContext,
-                         GroupNormAct)
+                         GroupNormAct, LayerNormAct2d)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -201,6 +201,18 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         return on_visible_rows(inp, super().forward)
+
+
+class MaskedLayerNormAct(MaskedLayerNorm):
+    """timm's LayerNormAct2d: the layer norm of each visible site's channels, then ``act`` (its
+    activation, which keeps zeros at zero)."""
+
+    def __init__(self, *args, act: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.act = act
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        return self.act(super().forward(inp))
 
 
 class MaskedLinear(nn.Linear):
@@ -392,9 +404,14 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, nn.Identity())
     if type(module) is ZeroPaddedMaxPool:  # hidden sites read zero, as the padding
         return MaskedApply(copy.deepcopy(module))
-    if type(module) in LAYER_NORMS:
-        norm = MaskedLayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
-                               bias=module.bias is not None)
+    if type(module) in LAYER_NORMS or type(module) is LayerNormAct2d:
+        settings = dict(normalized_shape=module.normalized_shape, eps=module.eps,
+                        elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
+        if type(module) is LayerNormAct2d:
+            check_norm_act(module, path)
+            norm = MaskedLayerNormAct(**settings, act=convert_leaf(module.act, f"{path}.act"))
+        else:
+            norm = MaskedLayerNorm(**settings)
         norm.load_state_dict(module.state_dict())
         return norm
     if type(module) is nn.Linear:

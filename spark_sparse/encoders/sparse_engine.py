@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, CondConv2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
-                         GlobalContext, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame,
+                         GlobalContext, GroupNormAct, LayerNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame,
                          StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
@@ -34,7 +34,8 @@ from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPoo
 from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
-                              SparseLayerNorm, SparseLayerScale, SparseLinear, SparseScalarAffine, image_of_rows,
+                              SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
+                              image_of_rows,
                               with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
@@ -440,6 +441,12 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGroupNormAct(module, nn.Identity())
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
+    if kind is LayerNormAct2d:
+        check_norm_act(module, path)
+        act = convert_leaf(module.act, f"{path}.act", conv)
+        norm = SparseLayerNormAct(module.normalized_shape, module.eps, module.elementwise_affine,
+                                  bias=module.bias is not None, act=act)
+        return _copy_weights(module, norm)
     if kind is nn.Linear:
         linear = SparseLinear(module.in_features, module.out_features, module.bias is not None)
         return _copy_weights(module, linear)

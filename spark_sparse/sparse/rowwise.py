@@ -61,6 +61,18 @@ class SparseLayerNorm(nn.LayerNorm):
         return with_features(x, super().forward(x.F))
 
 
+class SparseLayerNormAct(SparseLayerNorm):
+    """timm's LayerNormAct2d: the layer norm of each visible site's channels, then ``act`` (a
+    sparse twin of its activation; no tensors, so timm's names are the norm's)."""
+
+    def __init__(self, *args, act: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.act = act
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return self.act(super().forward(x))
+
+
 class SparseLinear(nn.Linear):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         return with_features(x, super().forward(x.F))
