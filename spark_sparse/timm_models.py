@@ -8,6 +8,16 @@ import timm
 from torch import nn
 
 
+def copy_parameters(module: nn.Module, twin: nn.Module, optional: tuple[str, ...] = ()) -> None:
+    """Give ``twin`` copies of ``module``'s own parameters under timm's names (an engine's twin of a
+    timm norm: EvoNorm's ``weight``, ``bias``, ``v``); each name in ``optional`` is None where the
+    module has no such parameter."""
+    for name in optional:
+        twin.register_parameter(name, None)
+    for name, p in module.named_parameters(recurse=False):
+        twin.register_parameter(name, nn.Parameter(p.detach().clone()))
+
+
 def create_timm_model(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)``, with one-line ValueErrors for an
     unknown name or an argument the model does not take. A model without stochastic depth

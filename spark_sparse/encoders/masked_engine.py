@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..mask import upsample_active
 from ..precision import statistics_dtype
+from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
@@ -152,9 +153,7 @@ class MaskedEvoNorm(nn.Module):
         super().__init__()
         self.groups, self.eps = norm.groups, norm.eps
         self.divide_always = isinstance(norm, EvoNorm2dS0a)
-        self.register_parameter("v", None)  # timm's weight, bias and (where it has one) v follow
-        for name, p in norm.named_parameters(recurse=False):
-            self.register_parameter(name, nn.Parameter(p.detach().clone()))
+        copy_parameters(norm, self, optional=("v",))
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x = inp.clean().x
@@ -179,9 +178,7 @@ class MaskedFilterResponseNorm(nn.Module):
     def __init__(self, norm: FilterResponseNormTlu2d):
         super().__init__()
         self.eps = norm.eps
-        self.weight = nn.Parameter(norm.weight.detach().clone())
-        self.bias = nn.Parameter(norm.bias.detach().clone())
-        self.tau = None if norm.tau is None else nn.Parameter(norm.tau.detach().clone())
+        copy_parameters(norm, self, optional=("tau",))
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         x = inp.clean().x
@@ -380,6 +377,15 @@ class MaskedScalarAffine(nn.Module):
 POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
 
 
+def _masked_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> MaskedLayerNorm:
+    """A layer norm's twin (with its activation's twin, LayerNormAct2d's, where given), timm's tensors loaded."""
+    args = (norm.normalized_shape, norm.eps, norm.elementwise_affine)
+    bias = norm.bias is not None
+    twin = MaskedLayerNorm(*args, bias=bias) if act is None else MaskedLayerNormAct(*args, bias=bias, act=act)
+    twin.load_state_dict(norm.state_dict())
+    return twin
+
+
 def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is nn.Conv2d:
         conv = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size,
@@ -404,16 +410,11 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, nn.Identity())
     if type(module) is ZeroPaddedMaxPool:  # hidden sites read zero, as the padding
         return MaskedApply(copy.deepcopy(module))
-    if type(module) in LAYER_NORMS or type(module) is LayerNormAct2d:
-        settings = dict(normalized_shape=module.normalized_shape, eps=module.eps,
-                        elementwise_affine=module.elementwise_affine, bias=module.bias is not None)
-        if type(module) is LayerNormAct2d:
-            check_norm_act(module, path)
-            norm = MaskedLayerNormAct(**settings, act=convert_leaf(module.act, f"{path}.act"))
-        else:
-            norm = MaskedLayerNorm(**settings)
-        norm.load_state_dict(module.state_dict())
-        return norm
+    if type(module) in LAYER_NORMS:
+        return _masked_layer_norm(module)
+    if type(module) is LayerNormAct2d:
+        check_norm_act(module, path)
+        return _masked_layer_norm(module, convert_leaf(module.act, f"{path}.act"))
     if type(module) is nn.Linear:
         linear = MaskedLinear(module.in_features, module.out_features, module.bias is not None)
         linear.load_state_dict(module.state_dict())

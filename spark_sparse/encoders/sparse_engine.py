@@ -35,8 +35,7 @@ from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
-                              image_of_rows,
-                              with_features)
+                              image_of_rows, with_features)
 from ..sparse.sparsify import sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
@@ -357,10 +356,10 @@ class SparseCondConv(CondConvExperts):
 
     def forward(self, x: ME.SparseTensor, routing: Tensor) -> ME.SparseTensor:
         op = self._op[0]
+        me_layout = isinstance(op, ME.MinkowskiConvolution)  # its `kernel` parameter; ours keep timm's `weight`
         out = image = None
         for e in range(self.num_experts):
             w = self.expert_weight(e)
-            me_layout = isinstance(op, ME.MinkowskiConvolution)  # its `kernel` parameter; ours keep timm's `weight`
             tensors = {"kernel": dense_to_me_kernel(w).view_as(op.kernel)} if me_layout else {"weight": w}
             y = torch.func.functional_call(op, tensors, (x,))
             image = image_of_rows(y) if image is None else image
@@ -417,8 +416,11 @@ class SparseRadixSum(RadixSum):
         return with_features(x, (x.F.view(n, self.radix, rc // self.radix) * per_row).sum(1))
 
 
-def _sparse_layer_norm(norm: nn.LayerNorm) -> SparseLayerNorm:
-    sparse = SparseLayerNorm(norm.normalized_shape, norm.eps, norm.elementwise_affine, bias=norm.bias is not None)
+def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> SparseLayerNorm:
+    """A layer norm's twin (with its activation's twin, LayerNormAct2d's, where given), timm's tensors copied."""
+    args = (norm.normalized_shape, norm.eps, norm.elementwise_affine)
+    bias = norm.bias is not None
+    sparse = SparseLayerNorm(*args, bias=bias) if act is None else SparseLayerNormAct(*args, bias=bias, act=act)
     return _copy_weights(norm, sparse)
 
 
@@ -443,10 +445,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_layer_norm(module)
     if kind is LayerNormAct2d:
         check_norm_act(module, path)
-        act = convert_leaf(module.act, f"{path}.act", conv)
-        norm = SparseLayerNormAct(module.normalized_shape, module.eps, module.elementwise_affine,
-                                  bias=module.bias is not None, act=act)
-        return _copy_weights(module, norm)
+        return _sparse_layer_norm(module, convert_leaf(module.act, f"{path}.act", conv))
     if kind is nn.Linear:
         linear = SparseLinear(module.in_features, module.out_features, module.bias is not None)
         return _copy_weights(module, linear)

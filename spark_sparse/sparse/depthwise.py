@@ -172,8 +172,7 @@ class DepthwiseConvolution(nn.Module):
         elif self.stride > 1:
             out = TileConv.apply(x.F, weight, sites.tile(stride, start, size), self.stride, weight.shape[0])
         elif s >= self.tile_min_sites:
-            tile = sites.tile(stride, *tile_geometry(s, self.kernel_size, 1))
-            out = TileDepthwise.apply(x.F, weight, tile, backward)
+            out = TileDepthwise.apply(x.F, weight, sites.tile(stride, start, size), backward)
         else:
             out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride), backward)
         if self.bias is not None:

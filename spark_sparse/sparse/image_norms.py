@@ -18,15 +18,9 @@ from timm.layers import EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d
 from torch import nn
 
 from ..precision import statistics_dtype
+from ..timm_models import copy_parameters
 from .group_norm import _group_statistics
 from .patch_sites import PatchSites
-
-
-def _copy_parameters(norm: nn.Module, twin: nn.Module, optional: str) -> None:
-    """timm's parameters under their names; ``optional`` (``v``, ``tau``) None where it has none."""
-    twin.register_parameter(optional, None)
-    for name, p in norm.named_parameters(recurse=False):
-        twin.register_parameter(name, nn.Parameter(p.detach().clone()))
 
 
 class SparseEvoNorm(nn.Module):
@@ -38,7 +32,7 @@ class SparseEvoNorm(nn.Module):
         super().__init__()
         self.groups, self.eps = norm.groups, norm.eps
         self.divide_always = isinstance(norm, EvoNorm2dS0a)
-        _copy_parameters(norm, self, "v")
+        copy_parameters(norm, self, optional=("v",))
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         out = x.F
@@ -67,7 +61,7 @@ class SparseFilterResponseNorm(nn.Module):
     def __init__(self, norm: FilterResponseNormTlu2d):
         super().__init__()
         self.eps = norm.eps
-        _copy_parameters(norm, self, "tau")
+        copy_parameters(norm, self, optional=("tau",))
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
