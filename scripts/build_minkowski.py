@@ -3,7 +3,8 @@
 PyPI holds MinkowskiEngine 0.5.4 only as its 2021 source package. It needs two fixes to build
 and import on Python 3.11 with a current torch:
   * its setup.py finds BLAS through numpy.distutils, which is gone from numpy 2: we pass
-    ``--blas=openblas`` explicitly (and SETUPTOOLS_USE_DISTUTILS=stdlib for pip's metadata step);
+    ``--blas=openblas`` explicitly (and SETUPTOOLS_USE_DISTUTILS=stdlib for pip's metadata step,
+    where the interpreter still has the standard library's distutils: not from Python 3.12);
   * five modules do ``from collections import Sequence``, removed in Python 3.10.
 The compile takes minutes, so the built wheel is cached outside the checkout, keyed by
 everything it depends on; a second set-up (or a fresh clone elsewhere) installs it in seconds.
@@ -112,13 +113,19 @@ def run(cmd: list[str], cwd: Path | None, logfile: Path, what: str, env: dict | 
         fail(f"{what} failed (exit {proc.returncode}); full log: {logfile}")
 
 
+def distutils_env() -> dict[str, str]:
+    """The standard library's distutils for the old setup.py, where there is one (before Python
+    3.12; from 3.12 setuptools' own copy is the only one, and asking for the other fails)."""
+    return {"SETUPTOOLS_USE_DISTUTILS": "stdlib"} if sys.version_info < (3, 12) else {}
+
+
 def build_wheel(target: str, dest: Path) -> Path:
     if target == "cpu" and ctypes.util.find_library("openblas") is None:
         fail("OpenBLAS not found: install Debian's libopenblas-dev (scripts/setup.sh does this)")
     dest.mkdir(parents=True, exist_ok=True)
     logfile = dest / "build.log"
     logfile.write_text("")
-    env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib")
+    env = dict(os.environ, **distutils_env())
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="spark-sparse-me-") as tmp:
         tmpdir = Path(tmp)
@@ -148,8 +155,9 @@ CBLAS_CALLS = ("cblas_sgemm", "cblas_dgemm", "cblas_saxpy", "cblas_daxpy")  # al
 def scipy_openblas_env(site: Path, links: Path) -> dict[str, str]:
     """Compile and link settings for the scipy-openblas32 wheel's CBLAS, installed in ``site``.
     ``--blas=openblas`` links ``-lopenblas``: a link of that name in ``links`` is the wheel's
-    library; the rpath (an old-style one, which its own libgfortran is found through as well)
-    lets the extension load it from ``site``."""
+    library; the rpath (an old-style one, which its own libgfortran is found through as well),
+    relative to the extension, finds it beside MinkowskiEngine wherever both are installed
+    together: the wheel built once, for one Python and torch, serves any ``--target``."""
     root = site / "scipy_openblas32"
     library = root / "lib" / "libscipy_openblas.so"
     if not library.exists() or not (root / "include" / "cblas.h").exists():
@@ -159,7 +167,7 @@ def scipy_openblas_env(site: Path, links: Path) -> dict[str, str]:
     (links / "libopenblas.so").symlink_to(library)
     defines = " ".join(f"-D{name}=scipy_{name}" for name in CBLAS_CALLS)
     return {"CFLAGS": f"{defines} -I{root / 'include'}",
-            "LDFLAGS": f"-L{links} -Wl,--disable-new-dtags,-rpath,{library.parent}"}
+            "LDFLAGS": f"-L{links} -Wl,--disable-new-dtags,-rpath,$ORIGIN/../scipy_openblas32/lib"}
 
 
 def build_offline(source: Path, site: Path, out: Path) -> Path:
@@ -169,7 +177,7 @@ def build_offline(source: Path, site: Path, out: Path) -> Path:
     logfile.write_text("")
     with tempfile.TemporaryDirectory(prefix="spark-sparse-me-") as tmp:
         tmpdir = Path(tmp)
-        env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib", **scipy_openblas_env(site, tmpdir / "blas"))
+        env = dict(os.environ, **distutils_env(), **scipy_openblas_env(site, tmpdir / "blas"))
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
         with tarfile.open(source) as tar:
             tar.extractall(tmpdir, filter="data")
