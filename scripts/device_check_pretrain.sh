@@ -3,7 +3,8 @@
 # (features on the GPU, coordinates and index tables made on the CPU), in one command of under 8
 # minutes on a 16-core H100/H200 machine without network (Python 3.12, torch 2.11 + CUDA 13):
 #   (a) the carried wheels installed into $SITE
-#   (b) MinkowskiEngine 0.5.4's CPU build, compiled there from its carried source package with
+#   (b) MinkowskiEngine 0.5.4's CPU build: its wheel for Python 3.12 and torch 2.11 where carried and
+#       importing there, else compiled there from its carried source package with
 #       scripts/build_minkowski.py's patches and the scipy-openblas32 wheel's CBLAS
 #   (c) the engine's tests on CUDA: every operation on the GPU and none waiting for it, the
 #       issue's three models equal to dense masking (float64), canvas invariance and batch
@@ -33,7 +34,11 @@
 #       -d .whl MinkowskiEngine==0.5.4                              # the source package, built there
 # (the versions requirements.txt pins or resolves to; the GPU image has numpy, matplotlib, pytest,
 # ninja, setuptools, wheel, scikit-image, tifffile and tqdm.) Then run with carry=[".whl"]. The build
-# (b) takes minutes; the MinkowskiEngine wheel it leaves in $OUT, put into .whl, skips it next time.
+# (b) takes minutes (11 on 2 cores here); the MinkowskiEngine wheel it leaves in $OUT, put into .whl,
+# skips it next time, as does one built on a developer's machine in a venv of the GPU machine's Python
+# and torch (Python 3.12, pip install torch==2.11.0 torchvision==0.26.0 and the packages above):
+#   python scripts/build_minkowski.py --source .whl/MinkowskiEngine-0.5.4.tar.gz --scipy-openblas SITE --out .whl
+# with SITE a folder (a) installed the wheels into. If it does not import there, (b) builds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,20 +79,34 @@ step() {
   return "$rc"
 }
 
-# (a) the wheels: hydra-core, omegaconf, antlr4, our timm, scipy-openblas32 (not on the GPU image)
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+# (a) the wheels: hydra-core, omegaconf, antlr4, our timm, scipy-openblas32 (not on the GPU image);
+# a MinkowskiEngine wheel among them is (b)'s
+PURE=()
+for w in "$WHEELS"/*.whl; do
+  case $(basename "$w") in minkowskiengine-*|MinkowskiEngine-*) ;; *) [ -e "$w" ] && PURE+=("$w") ;; esac
+done
+if [ ${#PURE[@]} -gt 0 ]; then
   step "(a) install the carried wheels" a.log 60 \
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${PURE[@]}"
   export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD
   say "no wheels in $WHEELS: using the installed packages"
 fi
 
-# (b) MinkowskiEngine's CPU build, unless one imports already (a developer's machine)
+# (b) MinkowskiEngine's CPU build, unless one imports already (a developer's machine) or a wheel
+# carried for this Python (built elsewhere by build_minkowski.py --source, for the same torch) imports
+ME_TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+ME_WHEEL=$(compgen -G "$WHEELS/minkowskiengine-0.5.4-$ME_TAG-*.whl" | head -1)
 if "$PY" -c "import MinkowskiEngine" >/dev/null 2>&1; then
   say "MinkowskiEngine imports already: not built"
+elif [ -n "$ME_WHEEL" ] \
+    && step "(b) install the carried MinkowskiEngine wheel" b.log 60 \
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$ME_WHEEL" \
+    && "$PY" -c "import torch, MinkowskiEngine" >>"$OUT/b.log" 2>&1; then
+  say "MinkowskiEngine from the carried $(basename "$ME_WHEEL"): not built"
 else
+  [ -n "$ME_WHEEL" ] && say "the carried $(basename "$ME_WHEEL") does not import (see b.log): building"
   ME_SOURCE=$(compgen -G "$WHEELS/MinkowskiEngine-0.5.4.tar.gz" | head -1)
   if [ -z "$ME_SOURCE" ]; then
     say "FAIL (b): no $WHEELS/MinkowskiEngine-0.5.4.tar.gz to build MinkowskiEngine from"
@@ -97,9 +116,9 @@ else
   step "(b) build MinkowskiEngine (CPU, scipy-openblas32)" b.log 360 \
     "$PY" scripts/build_minkowski.py --source "$ME_SOURCE" --scipy-openblas "$SITE" --out "$WORK/me" \
     && step "(b) install MinkowskiEngine" b.log 60 \
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WORK"/me/*.whl \
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WORK"/me/*.whl \
     || { say "MinkowskiEngine could not be built: nothing else can run"; exit 1; }
-  # carried next time (into $WHEELS, with SITE unchanged: its rpath names $SITE), it saves the build
+  # carried next time (into $WHEELS: its rpath is relative, any SITE does), it saves the build
   cp "$WORK"/me/*.whl "$OUT"/
 fi
 
