@@ -475,6 +475,18 @@ VARIANTS.update({
     "FastViT re-parameterised: one convolution each": ("fastvit_t8", {"inference_mode": True}),
 })
 
+# blur pools (timm's BlurPool2d, anti-aliased downsampling): a fixed binomial 3x3 at stride 2 after the
+# activation, reflection-padded (ResNet's stem after a stride-1 max pooling and its strided blocks, DenseNet's
+# stem and transitions) or zero-padded ('blurpc': MobileNetV4)
+VARIANTS.update({
+    "ResNet with blur pools: stem max pooling at stride 1, blur after strided 3x3s": (
+        "resnetblur18", {"layers": (1, 1, 1, 1)}),
+    "DenseNet with blur pools in its deep stem and transitions": (
+        "densenetblur121d", {"block_config": (1, 1, 1, 1), "growth_rate": 8}),
+    "MobileNetV4 with zero-padded blur pools": ("mobilenetv4_conv_blur_medium", {}),
+    "ByobNet with blur pools in its strided 3x3s and shortcuts": ("resnet33ts", {"aa_layer": "blur"}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -488,7 +500,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
-              "hrnet_w18_small", "fastvit_t8"}
+              "hrnet_w18_small", "fastvit_t8", "resnetblur18"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

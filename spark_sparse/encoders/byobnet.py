@@ -12,7 +12,7 @@ Self-attention blocks and attention that pools over the whole map are refused by
 
 from __future__ import annotations
 
-from timm.layers import BlurPool2d, ConvNormAct
+from timm.layers import ConvNormAct
 from timm.layers.non_local_attn import BatNonLocalAttn
 from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock, DownsampleAvg, EdgeBlock,
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
@@ -117,7 +117,6 @@ REFUSED = {
     SelfAttnBlock: "self-attention mixes every site of the map (halo, bottleneck-transformer, lambda "
                    "layers): it has no exact sparse twin",
     BatNonLocalAttn: "non-local attention mixes every site of the map",
-    BlurPool2d: "blur-pool anti-aliasing spreads into hidden sites; use a model without it",
 }
 
 

@@ -9,11 +9,10 @@ stage ends at timm's feature tap at its stride (a dense block; the last stage en
 
 from __future__ import annotations
 
-from timm.layers import BlurPool2d
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, ChildStages, Converter, Family, MirrorRunningConcat, MirrorSequential,
+from .family import (ChildStages, Converter, Family, MirrorRunningConcat, MirrorSequential,
                      unsupported)
 
 
@@ -46,5 +45,4 @@ DENSENET = Family(
     mirrors={DenseBlock: MirrorRunningConcat, DenseLayer: MirrorDenseLayer, DenseTransition: MirrorSequential},
     layout=ChildStages(),
     check=_check,
-    refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
 )

@@ -17,14 +17,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from timm.layers import BlurPool2d, ConvNormAct, LayerScale2d, MixedConv2d
+from timm.layers import ConvNormAct, LayerScale2d, MixedConv2d
 from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, DepthwiseSeparableConv, EdgeResidual,
                                               InvertedResidual, MobileAttention, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import (EXTRAS_REFUSED, BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
+from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
                      Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, reject_extras, split_in_turn)
 
 # each block's leaves in the order its forward runs them
@@ -100,7 +100,6 @@ class MirrorCondConvResidual(nn.Module):
 
 # timm layers of this family that no engine mirrors, and why
 REFUSED = {
-    BlurPool2d: EXTRAS_REFUSED["aa"],
     MobileAttention: "MobileNetV4's hybrid blocks attend over the whole map, hidden sites included; "
                      "use a mobilenetv4_conv_* model",
 }

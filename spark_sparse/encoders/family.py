@@ -137,7 +137,7 @@ class MirrorDownsampleBlocks(nn.Module):
 class MirrorConvNormAct(nn.Module):
     """timm's ConvNormAct: convolution, then its norm with its activation (batch norm, or group
     norm in ``regnety_040_sgn``), then anti-aliasing where it has one (a leaf: a 2x2 average
-    pooling converts, a blur pooling is refused)."""
+    pooling or a blur pooling)."""
 
     def __init__(self, block: ConvNormAct, convert: Converter, path: str):
         super().__init__()
@@ -153,7 +153,6 @@ class MirrorConvNormAct(nn.Module):
 
 # why no engine mirrors an optional sub-module of timm's blocks, by its attribute name
 EXTRAS_REFUSED = {
-    "aa": "anti-aliased downsampling (a blur pool) spreads into hidden sites; use a model without it",
     "drop_block": "DropBlock drops square regions of the whole map, hidden sites included; "
                   "set drop_block_rate to 0",
     "drop": "DropBlock drops square regions of the whole map, hidden sites included; set drop_block_rate to 0",

@@ -6,12 +6,11 @@ Res2Net's, ResNeSt's and SKNet's blocks (res2net.py, resnest.py, sknet.py) run i
 
 from __future__ import annotations
 
-from timm.layers import BlurPool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from . import res2net, resnest, sknet
-from .family import EXTRAS_REFUSED, Converter, Family, NamedStages, StemPool, reject_extras
+from .family import Converter, Family, NamedStages, StemPool, reject_extras
 
 
 class _MirrorBlock(nn.Module):
@@ -68,7 +67,6 @@ RESNET = Family(
              **sknet.MIRRORS},
     layout=NamedStages(("conv1", "bn1", "act1", "maxpool"), ("layer1", "layer2", "layer3", "layer4")),
     stem_pool=StemPool(act="act1", pool="maxpool"),  # engines pool first only where it is a max pooling
-    refused={BlurPool2d: EXTRAS_REFUSED["aa"]},
     other_modules=("res2net", "resnest", "sknet"),
     # the norms whose activation comes before the residual addition (not bn2 / bn3 of the last)
     norm_acts={MirrorBasicBlock: (("bn1", "act1"),), MirrorBottleneck: (("bn1", "act1"), ("bn2", "act2")),

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.layers import (BatchNormAct2d, CondConv2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
-                         GlobalContext, GroupNormAct, LayerNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame,
-                         StdConv2d, StdConv2dSame, to_2tuple)
+from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a,
+                         FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, ScaledStdConv2d,
+                         ScaledStdConv2dSame, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.amp import autocast_dtype
+from ..sparse.blur_pool import PatchBlurPool
 from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
 from ..sparse.dilated import DilatedConvolution
 from ..sparse.group_norm import SparseGroupNormAct
@@ -471,6 +472,13 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
         return _sparse_zero_padded_pool(module, path, conv)
+    if kind is BlurPool2d:
+        if conv == "minkowski":  # its strided modules order their rows their own way
+            raise unsupported(module, path, "conv='minkowski' has no blur pooling of patch rows; use 'patch'")
+        try:
+            return PatchBlurPool(module.filt, module.stride, module.padding, module.pad_mode)
+        except ValueError as err:
+            raise unsupported(module, path, str(err)) from None
     if kind is nn.Upsample:
         if conv == "minkowski":  # its strided modules order their rows their own way
             raise unsupported(module, path, "conv='minkowski' has no upsampling of patch rows; use 'patch'")

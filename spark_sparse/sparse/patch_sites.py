@@ -117,6 +117,17 @@ def tile_geometry(sites_per_side: int, kernel_size: int, stride: int, padding: i
     return start, size
 
 
+def _tile_of(rows: Tensor, start: int, size: int, sites: int, num_rows: int) -> Tile:
+    """The tile table of ``rows`` (P * size * size,) int32, ``num_rows`` where absent."""
+    present = rows != num_rows
+    steps = torch.arange(start, start + size)
+    inside = (steps >= 0) & (steps < sites)
+    halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
+    positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
+    return Tile(rows, start, size, sites, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
+                positions, rows.index_select(0, positions))
+
+
 class PatchSites:
     """Coordinates, ME keys and index tables of one batch's visible patches, at every stride."""
 
@@ -282,12 +293,26 @@ class PatchSites:
         site = steps - which * s  # the site inside that patch
         patch = self._cached("neighbours")[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
         rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1).int()
-        present = (patch >= 0).view(-1)
-        inside = (steps >= 0) & (steps < s)
-        halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
-        positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
-        return Tile(rows, start, size, s, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
-                    positions, rows.index_select(0, positions))
+        return _tile_of(rows, start, size, s, n)
+
+    def reflected_tile(self, stride: int, start: int, size: int) -> Tile:
+        """``tile``'s table, its positions above and left of an image read by reflection (a blur
+        pool's padding): a patch on the image's first row of patches reads its own row -r at a
+        halo row r < 0, one on the first column its own column -r (both at the corner)."""
+        return self._table("reflected_tile", stride, start, size)
+
+    def _build_reflected_tile(self, stride: int, start: int, size: int) -> Tile:
+        s = self.sites_per_side(stride)
+        if start + size > s or -start >= s:
+            raise ValueError(f"a reflected tile reflects above and left only, within the patch: {size} sites "
+                             f"from {start} in a {s}x{s} block")
+        rows = self._cached("tile", stride, start, size).rows.view(-1, size, size).clone()
+        top, left = self.patches[:, 1] == 0, self.patches[:, 2] == 0
+        for r in range(start, 0):
+            rows[top, r - start] = rows[top, -r - start]
+        for r in range(start, 0):
+            rows[left, :, r - start] = rows[left, :, -r - start]
+        return _tile_of(rows.view(-1), start, size, s, self.num_rows(stride))
 
     def _tile_on(self, device: torch.device, stride: int, start: int, size: int) -> Tile:
         """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts, in a dozen
