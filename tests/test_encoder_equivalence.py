@@ -487,6 +487,13 @@ VARIANTS.update({
     "ByobNet with blur pools in its strided 3x3s and shortcuts": ("resnet33ts", {"aa_layer": "blur"}),
 })
 
+# timm's tresnet module: space to depth (4x4 pixel blocks into channels), LeakyReLU conv-norm-acts, blur
+# pools after stride-1 3x3s, SE, avg-down shortcuts; basic blocks (M) and bottlenecks (V2)
+VARIANTS.update({
+    "TResNet: space-to-depth stem, blur-pooled basic blocks and bottlenecks": ("tresnet_m", {"layers": (1, 1, 1, 1)}),
+    "TResNet V2: bottlenecks in every stage": ("tresnet_v2_l", {"layers": (1, 1, 1, 1)}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -500,7 +507,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
-              "hrnet_w18_small", "fastvit_t8", "resnetblur18"}
+              "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -207,6 +207,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("xception41", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("hrnet_w18", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("fastvit_t8", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("tresnet_m", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("hardcorenas_a", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("resnest50d", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("skresnet18", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),

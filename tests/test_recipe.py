@@ -65,6 +65,7 @@ from .test_pretrain import config
     ("xception65p", 0.0, "bn", [0.9, 0.95]),
     ("hrnet_w32", 0.0, "bn", [0.9, 0.95]),
     ("fastvit_s12", 0.0, "bn", [0.9, 0.95]),
+    ("tresnet_m", 0.0, "bn", [0.9, 0.95]),
     # timm modules of another module's class: entries of their own
     ("hardcorenas_a", 0.0, "bn", [0.9, 0.95]),
     ("res2net50_26w_4s", 0.0, "bn", [0.9, 0.95]),

@@ -77,7 +77,8 @@ MODELS["resnetblur18"] = ("resnetblur18", {"layers": (1, 1, 1, 1)})  # blur pool
 MODELS["mobilenetv4_conv_blur_medium"] = ("mobilenetv4_conv_blur_medium", {})  # zero-padded blur pools
 # a reflection padding reads an image's own second row and column at its top and left border, where
 # a larger canvas would put hidden sites: there the image keeps the canvas's top-left corner
-AT_THE_CORNER = {"resnetblur18"}
+MODELS["tresnet_m"] = ("tresnet_m", {"layers": (1, 1, 1, 1)})  # space to depth, reflected blur pools
+AT_THE_CORNER = {"resnetblur18", "tresnet_m"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

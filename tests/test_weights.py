@@ -7,7 +7,7 @@ import pickle
 import pytest
 import timm
 import torch
-from timm.layers import BlurPool2d
+from timm.layers import BlurPool2d, SpaceToDepth
 
 from spark_sparse import create_encoder, engine_class, random_active
 from spark_sparse.encoders.family import ConversionError
@@ -63,6 +63,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["regnetv_040", "regnetv_064"]})
 ALL_DEPTHS["FastViT re-parameterised"] = ("fastvit_s12", {"inference_mode": True})
 ALL_DEPTHS.update({name: (name, {}) for name in [  # blur pools (their fixed filters are not in a state dict)
     "resnetblur18", "densenetblur121d", "efficientnet_blur_b0", "mobilenetv4_conv_blur_medium"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["tresnet_m", "tresnet_v2_l"]})  # TResNet: basic blocks, bottlenecks
+ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["tresnet_l", "tresnet_xl"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
 ALL_DEPTHS["ConvNeXt, linear MLP, 11 blocks in a stage (ConvNeXt-S/B/L)"] = (
@@ -245,7 +247,8 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("cspnext_tiny", r"CspNext at 'stages'"),
                                          ("repghostnet_050", r"RepGhostNet at 'blocks'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
-                                         ("fastvit_t8", r"FastVitStage at 'stages\.0'")])
+                                         ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
+                                         ("tresnet_m", r"TResNet at 'body'")])
 def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
     model = timm.create_model(name, pretrained=False, num_classes=0)
     model.set_grad_checkpointing(True)
@@ -399,10 +402,12 @@ def test_hrnets_upsampling_is_refused_with_minkowskis_own_convolutions():
 
 
 @needs_minkowski
-def test_blur_pools_are_refused_with_minkowskis_own_convolutions():
+def test_blur_pools_and_space_to_depth_are_refused_with_minkowskis_own_convolutions():
     from spark_sparse.encoders.sparse_engine import convert_leaf
     with pytest.raises(ConversionError, match=r"BlurPool2d at 'layer2\.0\.aa': conv='minkowski' has no blur pooling"):
         convert_leaf(BlurPool2d(8), "layer2.0.aa", conv="minkowski")
+    with pytest.raises(ConversionError, match=r"SpaceToDepth at 'body\.s2d': conv='minkowski' has no space to depth"):
+        convert_leaf(SpaceToDepth(), "body.s2d", conv="minkowski")
 
 
 @needs_minkowski

@@ -31,6 +31,7 @@ from .repghost import REPGHOST
 from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
+from .tresnet import TRESNET
 from .vgg import VGG_FAMILY
 from .vovnet import VOVNET
 from .xception import XCEPTION
@@ -38,7 +39,7 @@ from .xception import XCEPTION
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, DropPath, EvoNorm2dS0, EvoNorm2dS0a,
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, ScaledStdConv2d,
-                         ScaledStdConv2dSame, StdConv2d, StdConv2dSame, to_2tuple)
+                         ScaledStdConv2dSame, SpaceToDepth, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
                               image_of_rows, with_features)
+from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
@@ -479,6 +480,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
             return PatchBlurPool(module.filt, module.stride, module.padding, module.pad_mode)
         except ValueError as err:
             raise unsupported(module, path, str(err)) from None
+    if kind is SpaceToDepth:
+        if conv == "minkowski":  # its maps order their rows their own way
+            raise unsupported(module, path, "conv='minkowski' has no space to depth of patch rows; use 'patch'")
+        return PatchSpaceToDepth(module.bs)
     if kind is nn.Upsample:
         if conv == "minkowski":  # its strided modules order their rows their own way
             raise unsupported(module, path, "conv='minkowski' has no upsampling of patch rows; use 'patch'")
