@@ -286,10 +286,10 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
 
 @pytest.mark.parametrize("module, argv, error", [
     ("conv_paths", ["--model", "resnet_nope"], "--model resnet_nope: unknown timm model 'resnet_nope'"),
-    ("conv_paths", ["--model", "efficientnet_x_b3"], "--model efficientnet_x_b3: cannot convert Conv2dSame"),
+    ("conv_paths", ["--model", "bat_resnext26ts"], "--model bat_resnext26ts: cannot convert BatNonLocalAttn"),
     ("conv_paths", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
     ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
-    ("queued_ops", ["--models", "efficientnet_x_b3"], "--models efficientnet_x_b3: cannot convert Conv2dSame"),
+    ("queued_ops", ["--models", "ghostnetv2_100"], "--models ghostnetv2_100: cannot convert GhostModuleV2"),
     ("batch_tables", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
 ])
 def test_benchmark_command_lines_refuse_bad_arguments_in_one_line(module, argv, error, capsys):

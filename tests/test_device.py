@@ -85,6 +85,7 @@ AUDITED["regnetv_040"] = {"drop_path_rate": 0.1}
 AUDITED["test_efficientnet_ln"] = {"drop_path_rate": 0.1}
 AUDITED["resnetblur18"] = {"layers": (1, 1, 1, 1), "drop_path_rate": 0.1}
 AUDITED["tresnet_m"] = {"layers": (1, 1, 1, 1), "drop_path_rate": 0.1}
+AUDITED["efficientnet_x_b3"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -493,6 +493,9 @@ VARIANTS.update({
     "TResNet: space-to-depth stem, blur-pooled basic blocks and bottlenecks": ("tresnet_m", {"layers": (1, 1, 1, 1)}),
     "TResNet V2: bottlenecks in every stage": ("tresnet_v2_l", {"layers": (1, 1, 1, 1)}),
 })
+# EfficientNet-X: a first block of a space-to-depth 2x2 stride-2 convolution, then a depthwise 2x2 at stride 1
+# with TensorFlow's 'same' padding (one site more below and right)
+VARIANTS["EfficientNet-X: space-to-depth convolution, depthwise 2x2"] = ("efficientnet_x_b3", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing

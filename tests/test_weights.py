@@ -64,6 +64,8 @@ ALL_DEPTHS["FastViT re-parameterised"] = ("fastvit_s12", {"inference_mode": True
 ALL_DEPTHS.update({name: (name, {}) for name in [  # blur pools (their fixed filters are not in a state dict)
     "resnetblur18", "densenetblur121d", "efficientnet_blur_b0", "mobilenetv4_conv_blur_medium"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["tresnet_m", "tresnet_v2_l"]})  # TResNet: basic blocks, bottlenecks
+# a space-to-depth 2x2 convolution, then a depthwise 2x2 'same' (EfficientNet-X and -H)
+ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_x_b3", "efficientnet_x_b5", "efficientnet_h_b5"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["tresnet_l", "tresnet_xl"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
@@ -147,7 +149,6 @@ def test_unconvertible_module_is_named_with_its_path():
 def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        "efficientnet_x_b3": r"Conv2dSame at 'blocks\.0\.0\.conv_s2d': a space-to-depth convolution",
         "mobilenetv4_hybrid_medium": r"MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid blocks attend",
         "fastvit_sa12": r"RepConditionalPosEnc at 'stages\.3\.pos_emb': the conditional positional encoding",
     }

@@ -25,7 +25,7 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
-                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, reject_extras, split_in_turn)
+                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, split_in_turn)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -45,8 +45,9 @@ class MirrorEfficientBlock(nn.Module):
 
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__()
-        reject_extras(block, path, ("conv_s2d",))
-        self.leaves = LEAVES[type(block)]
+        # a space-to-depth convolution (2x2, stride 2) and its norm first, where the block has one
+        s2d = ("conv_s2d", "bn_s2d") if getattr(block, "conv_s2d", None) is not None else ()
+        self.leaves = s2d + LEAVES[type(block)]
         for name in self.leaves:
             self.add_module(name, convert(getattr(block, name), f"{path}.{name}"))
         self.has_skip = block.has_skip

@@ -156,7 +156,6 @@ EXTRAS_REFUSED = {
     "drop_block": "DropBlock drops square regions of the whole map, hidden sites included; "
                   "set drop_block_rate to 0",
     "drop": "DropBlock drops square regions of the whole map, hidden sites included; set drop_block_rate to 0",
-    "conv_s2d": "a space-to-depth convolution (2x2, stride 2) before the depthwise one is not mirrored",
 }
 
 

@@ -139,8 +139,8 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
             raise unsupported(conv, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
         depthwise = DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh, padding=padding)
         return _copy_weights(conv, depthwise)
-    if conv.groups != 1:
-        if impl == "minkowski" or not (centred or shifted):
+    if conv.groups != 1:  # an even one: EfficientNet-X's depthwise 2x2 after a space-to-depth convolution
+        if impl == "minkowski" or not (centred or shifted or even):
             raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
                                           f"kernel {kh}, padding {ph}")
         grouped = GroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias, padding)

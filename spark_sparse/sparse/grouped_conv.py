@@ -67,9 +67,9 @@ class GroupedOffsetGemm(torch.autograd.Function):
 
 
 class GroupedConvolution(nn.Module):
-    """A grouped k x k (odd k) submanifold or strided convolution (any groups in dilated.py's
-    subclass); ``padding``: as ``PatchConvolution``'s (None: centred; TensorFlow's 'same' at
-    stride 2 starts one site later)."""
+    """A grouped k x k (odd k, or an even one at stride 1) submanifold or strided convolution (any
+    groups in dilated.py's subclass); ``padding``: as ``PatchConvolution``'s (None: centred;
+    TensorFlow's 'same' at stride 2 starts one site later, an even kernel's at stride 1 at the site)."""
 
     tile_min_sites = GROUPED_TILE_MIN_SITES
     small_block_path: str | None = None  # "offsets" or "windows"; None: by device (gemm_conv.SMALL_BLOCK_PATHS)
