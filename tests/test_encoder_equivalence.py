@@ -496,6 +496,8 @@ VARIANTS.update({
 # EfficientNet-X: a first block of a space-to-depth 2x2 stride-2 convolution, then a depthwise 2x2 at stride 1
 # with TensorFlow's 'same' padding (one site more below and right)
 VARIANTS["EfficientNet-X: space-to-depth convolution, depthwise 2x2"] = ("efficientnet_x_b3", {})
+# YOLOv5's "focus" stem as timm builds it: a 6x6 stride-2 convolution with padding 2 on the pixels
+VARIANTS["CS3DarkNet with the focus stem"] = ("cs3darknet_focus_s", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing

@@ -66,6 +66,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in [  # blur pools (their fixed fil
 ALL_DEPTHS.update({name: (name, {}) for name in ["tresnet_m", "tresnet_v2_l"]})  # TResNet: basic blocks, bottlenecks
 # a space-to-depth 2x2 convolution, then a depthwise 2x2 'same' (EfficientNet-X and -H)
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientnet_x_b3", "efficientnet_x_b5", "efficientnet_h_b5"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["cs3darknet_focus_s", "cs3darknet_focus_m"]})  # the 6x6 focus stem
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["tresnet_l", "tresnet_xl"]})
 ALL_DEPTHS["ConvNeXt with head norm first"] = ("convnext_atto", {"head_norm_first": True})
 ALL_DEPTHS["Bottleneck ResNet with 11 blocks in a stage (ResNet-101/152/200)"] = ("resnet50", {"layers": (1, 11, 1, 1)})
@@ -186,11 +187,12 @@ def test_nfnets_without_an_exact_twin_are_refused_by_path(engine):
 
 
 @needs_minkowski
-def test_a_focus_stem_has_no_sparse_twin():
-    # a 6x6 stride-2 convolution is off-centre: the dense-masked engine runs it, the sparse one refuses it
+def test_a_focus_stem_needs_the_patch_convolutions():
+    # a 6x6 stride-2 convolution (padding 2) reads from 2 sites before to 3 after its own: off-centre
     model = timm.create_model("cs3darknet_focus_s", pretrained=False, num_classes=0)
-    with pytest.raises(ConversionError, match=r"Conv2d at 'stem\.conv1\.conv': kernel 6, stride 2, padding 2"):
-        engine_class("sparse").from_timm(model)
+    with pytest.raises(ConversionError, match=r"Conv2d at 'stem\.conv1\.conv': conv='minkowski' centres its kernels; "
+                                              r"a window off the centre"):
+        engine_class("sparse").from_timm(model, conv="minkowski")
 
 
 @needs_minkowski

@@ -113,9 +113,11 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     centred = kh % 2 == 1 and ph == kh // 2
     # TensorFlow's 'same' at stride 2: the window starts one site later (patch_sites.tile_geometry)
     shifted = kh % 2 == 1 and sh == 2 and ph == kh // 2 - 1
-    # and for an even kernel at stride 1 (HGNetV2's 2x2 stem): one site more below and right
+    # and for an even kernel at stride 1 (HGNetV2's 2x2 stem): one site more below and right; at
+    # stride s, a padding of (k - s) / 2 each side keeps one window per s sites (the 6x6 stride-2
+    # "focus" stem of YOLOv5 and cs3darknet_focus_*: output i reads 2i - 2 .. 2i + 3)
     same = isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False)
-    even = same and kh % 2 == 0 and sh == 1
+    even = kh % 2 == 0 and ((same and sh == 1) or (1 < sh < kh and 2 * ph == kh - sh))
     padding = ph if shifted or even else None
     bias = conv.bias is not None
     scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))  # NFNet's: times a learned gain
@@ -130,8 +132,8 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
                                                   padding, eps=conv.eps, scale=conv.scale)
             return _copy_weights(conv, grouped)
     elif (shifted or even) and impl == "minkowski":
-        raise unsupported(conv, path, "conv='minkowski' centres its kernels; TensorFlow 'same' padding "
-                                      "needs conv='patch'")
+        raise unsupported(conv, path, "conv='minkowski' centres its kernels; a window off the centre "
+                                      "(TensorFlow 'same' padding, an even kernel) needs conv='patch'")
     if conv.groups > 1 and kh == 1 and ph == 0 and impl == "patch":  # no neighbours: rows and GEMMs
         return _copy_weights(conv, GroupedPointwise(conv.in_channels, conv.out_channels, conv.groups, sh, bias))
     if conv.groups == conv.in_channels == conv.out_channels > 1 and (centred or shifted) and sh in (1, 2):
