@@ -51,7 +51,7 @@ SMALL=${SMALL:-0}  # 1: tiny settings, for a dry run on a CPU
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d /tmp/pretrain-check.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pretrain-check.XXXXXX")
 SUMMARY=$OUT/summary.txt
 STEPS=$OUT/steps.jsonl
 : >"$SUMMARY"

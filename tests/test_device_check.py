@@ -1,0 +1,38 @@
+"""The GPU check of issue 19 (scripts/device_check_pretrain.sh) dry-runs on the CPU with tiny
+settings: every step it takes on a GPU machine (the engine's tests on the device, the benchmarks,
+pretraining, torchrun) runs here with the same arguments, so that scarce device minutes are never
+spent on a script that fell behind the code."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import needs_minkowski
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@needs_minkowski
+def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_path):
+    out = tmp_path / "out"
+    before = set(Path("/tmp").glob("pretrain-check.*"))
+    env = dict(os.environ, DEVICE="cpu", SMALL="1", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path),
+               WHEELS=str(tmp_path / "no-wheels"), OMP_NUM_THREADS="1")  # the installed packages
+    proc = subprocess.run(["bash", "scripts/device_check_pretrain.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-3000:]
+    assert "all steps ok (device cpu" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"] == "cpu"
+    steps = {s["step"]: s["rc"] for s in results["steps"]}
+    assert all(rc == 0 for rc in steps.values()) and len(steps) >= 8, steps
+    assert any(name.startswith("(c) pytest") for name in steps)
+    assert any(name.startswith("(g) torchrun") for name in steps)
+    speedups = [row["speedup"] for rows in results["benchmarks"].values() for row in rows]
+    assert speedups and all(s > 0 for s in speedups)
+    assert (out / "results.md").read_text().strip()
+    # its work folder is in TMPDIR, nothing left in /tmp
+    assert list(tmp_path.glob("pretrain-check.*")) and set(Path("/tmp").glob("pretrain-check.*")) == before
