@@ -15,8 +15,8 @@ import copy
 from typing import NamedTuple
 
 import torch
-from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a, FilterResponseNormTlu2d,
-                         GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
+from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a,
+                         FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from torch import Tensor, nn
@@ -408,7 +408,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, module.act)
     if type(module) in GROUP_NORMS:
         return MaskedGroupNormAct(module, nn.Identity())
-    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth):  # hidden sites read zero, as the padding
+    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth):  # timm's own, hidden sites reading zero
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)

@@ -14,7 +14,8 @@ from timm.layers import ConvNormAct
 from timm.models.regnet import Bottleneck, PreBottleneck, RegNet, RegStage
 from torch import nn
 
-from .family import Converter, Family, MirrorConvNormAct, NamedStages, refuse_checkpointing, unsupported
+from .family import (Converter, Family, MirrorChildren, MirrorConvNormAct, NamedStages, refuse_checkpointing,
+                     unsupported)
 
 
 class MirrorRegBottleneck(nn.Module):
@@ -33,14 +34,11 @@ class MirrorRegBottleneck(nn.Module):
         return self.act3(x)
 
 
-class MirrorRegPreBottleneck(nn.Module):
+class MirrorRegPreBottleneck(MirrorChildren):
     """timm's PreBottleneck (RegNetV): norm-act, 1x1, norm-act, grouped 3x3, SE, norm-act, 1x1,
     + the shortcut of the first norm-act's output (no act after the sum)."""
 
-    def __init__(self, block: PreBottleneck, convert: Converter, path: str):
-        super().__init__()
-        for name in ("norm1", "conv1", "norm2", "conv2", "se", "norm3", "conv3", "downsample", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+    children_names = ("norm1", "conv1", "norm2", "conv2", "se", "norm3", "conv3", "downsample", "drop_path")
 
     def forward(self, x):
         shortcut = x = self.norm1(x)

@@ -428,6 +428,10 @@ def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Spar
     return _copy_weights(norm, sparse)
 
 
+# leaves that rearrange the rows of whole patches: not MinkowskiEngine's own maps
+PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth", nn.Upsample: "upsampling"}
+
+
 def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:
     """One timm leaf -> its sparse twin; ``conv`` picks the ResNet convolution implementation."""
     if conv not in CONV_IMPLS:
@@ -475,20 +479,16 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _sparse_pool(module, path, conv)
     if kind is ZeroPaddedMaxPool:
         return _sparse_zero_padded_pool(module, path, conv)
+    if kind in PATCH_ROWS_ONLY and conv == "minkowski":  # its strided modules order their rows their own way
+        raise unsupported(module, path, f"conv='minkowski' has no {PATCH_ROWS_ONLY[kind]} of patch rows; use 'patch'")
     if kind is BlurPool2d:
-        if conv == "minkowski":  # its strided modules order their rows their own way
-            raise unsupported(module, path, "conv='minkowski' has no blur pooling of patch rows; use 'patch'")
         try:
             return PatchBlurPool(module.filt, module.stride, module.padding, module.pad_mode)
         except ValueError as err:
             raise unsupported(module, path, str(err)) from None
     if kind is SpaceToDepth:
-        if conv == "minkowski":  # its maps order their rows their own way
-            raise unsupported(module, path, "conv='minkowski' has no space to depth of patch rows; use 'patch'")
         return PatchSpaceToDepth(module.bs)
     if kind is nn.Upsample:
-        if conv == "minkowski":  # its strided modules order their rows their own way
-            raise unsupported(module, path, "conv='minkowski' has no upsampling of patch rows; use 'patch'")
         return PatchUpsample(upsample_scale(module, path))
     if kind is LearnableAffineBlock:
         return _copy_weights(module, SparseScalarAffine())
