@@ -134,11 +134,16 @@ def broadcast_from_main(obj: T) -> T:
 
 def mean_over_ranks(value: Tensor) -> float:
     """The mean of a scalar over all ranks (gloo has no AVG reduction: sum, then divide)."""
+    return averaged_over_ranks(value).item()
+
+
+def averaged_over_ranks(value: Tensor) -> Tensor:
+    """``mean_over_ranks`` left on the value's device, unread (float64: the mean of the ranks' own values)."""
+    total = value.detach().to(torch.float64, copy=True)  # all_reduce works in place
     if not is_active():
-        return value.item()
-    total = value.detach().clone()
+        return total
     dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
+    return total / dist.get_world_size()
 
 
 def total_over_ranks(value: Tensor) -> Tensor:

@@ -201,15 +201,26 @@ class Run:
 
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor],
                  clip: float | None) -> tuple[float, float]:
-        """Backward, the global norm clipped to ``clip`` (None: not clipped), the optimizer step;
-        returns the loss averaged over processes and the gradient norm. A NaN or infinite one
-        stops the run before the weights are touched (the same decision on every rank: both
-        are global), except fp16's overflowing gradients: the loss scaler skips that step."""
+        """``backward`` then ``update``: returns the loss averaged over processes and the gradient norm."""
+        self.backward(loss, optimizer)
+        return self.update(loss, optimizer, parameters, clip)
+
+    def backward(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients of ``loss`` (scaled for fp16), the last ones cleared; on a GPU only queued:
+        the CPU is free for the next step's preparations until ``update`` reads the loss."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        loss_value = distributed.mean_over_ranks(loss)
+
+    def update(self, loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor],
+               clip: float | None) -> tuple[float, float]:
+        """The global gradient norm clipped to ``clip`` (None: not clipped), then the optimizer
+        step; returns the loss averaged over processes and the gradient norm, read in one wait
+        for the GPU. A NaN or infinite one stops the run before the weights are touched (the same
+        decision on every rank: both are global), except fp16's overflowing gradients: the loss
+        scaler skips that step."""
         self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
+        loss_value, grad_norm = torch.stack([distributed.averaged_over_ranks(loss), grad_norm.double()]).tolist()
         overflow = self.scaler.is_enabled() and not math.isfinite(grad_norm)
         if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or overflow)):
             self._diverged(f"loss {loss_value} / gradient norm {grad_norm} at step {self.step + 1}")
