@@ -133,6 +133,30 @@ def test_a_whole_spark_step_runs_on_the_features_device_and_none_waits_for_it(ti
         assert not audit.host_reads, f"operations reading {where.type} tensors on the host: {dict(audit.host_reads)}"
 
 
+def test_a_step_whose_mask_was_planned_ahead_only_queues_the_devices_work(timm_models, device):
+    """Pretraining plans each step's mask while the GPU runs the step before (``SparK.plan`` with
+    the previous plan): the step itself then builds no table and copies nothing to the device,
+    in forward or backward; the CPU only queues kernels."""
+    where = audit_device(device)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18")))
+    model = SparK(encoder, decoder_width=64).train().to(where)
+    images, active = make_batch((128, 160), "ratio0.6", batch=4)
+    images = images.to(where)
+    before = model.plan(random_active(4, (4, 5), 0.6, torch.Generator().manual_seed(1)), where)
+    model(images, before)["loss"].backward()
+    plan = model.plan(active, where, like=before)
+    built = plan.encoder.sites.tables()
+    forward, backward = DeviceAudit(), DeviceAudit()
+    with forward:
+        loss = model(images, plan)["loss"]
+    with backward:
+        loss.backward()
+    for audit in (forward, backward):
+        assert not audit.copies, f"copied to the device in the step: {dict(audit.copies)}"
+        assert not audit.mixed and not audit.host_reads
+    assert plan.encoder.sites.tables() == built, "a table was built in the step"
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_off_the_cpu_a_convolution_over_small_blocks_queues_a_few_operations_whatever_its_kernel(stride, device):
     """Off the CPU, k x k convolutions over blocks smaller than a tile run as window GEMMs: their

@@ -106,6 +106,37 @@ def test_masks_come_from_the_models_seeded_generator():
     assert not torch.equal(a.random_mask(x), m1)  # the generator moves on
 
 
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_mask_planned_ahead_gives_what_the_mask_itself_gives(engine):
+    """``SparK.plan`` makes what a mask alone decides (on a GPU, while the step before runs; with
+    ``like``, every table that step's layers read): the loss and every gradient are the mask's."""
+    model = small(engine).train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, 96, 128, generator=g)
+    before, active = model.random_mask(x, generator=g), model.random_mask(x, generator=g)
+
+    def loss_and_grads(mask):
+        model.zero_grad(set_to_none=True)
+        loss = model(x, mask)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    first = model.plan(before, "cpu")
+    model(x, first)
+    want = loss_and_grads(active)
+    got = loss_and_grads(model.plan(active, "cpu", like=first))
+    assert torch.equal(got[0], want[0])
+    assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_plan_refuses_images_it_was_not_made_for(engine):
+    model = small(engine)
+    plan = model.plan(torch.ones(2, 1, 2, 2, dtype=torch.bool), "cpu")
+    with pytest.raises(ValueError, match="planned for 2 images|active must have shape"):
+        model(torch.randn(3, 3, 64, 64), plan)
+
+
 @needs_minkowski
 def test_sparse_and_dense_masked_spark_agree():
     sparse, dense = small("sparse").eval(), small("dense_masked").eval()

@@ -8,6 +8,7 @@ parameter names and layouts map to timm's. The families it can convert are liste
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,20 +62,28 @@ class Encoder(nn.Module):
         layout = family.layout(model)
         return cls(family.convert(model, leaf, layout), family, layout, model_name(model))
 
-    def encode_input(self, images: torch.Tensor, active: torch.Tensor):
+    def plan(self, active: torch.Tensor, device: torch.device | str, like: Any = None) -> Any:
+        """What the engine makes of a mask alone, before its images come (the sparse engine: the
+        batch's coordinates and index tables; with ``like``, an earlier batch's plan, every table
+        that batch's layers read): made while a GPU still runs the previous batch, it leaves the
+        forward pass only the GPU's work. None where the engine has nothing to make ahead."""
+        return None
+
+    def encode_input(self, images: torch.Tensor, active: torch.Tensor, layout: Any = None):
         raise NotImplementedError
 
     def to_dense(self, feature, batch: int, size: tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, active: torch.Tensor) -> list:
-        """The four stage outputs (strides 4, 8, 16, 32), fine to coarse, in the engine's type."""
+    def forward(self, images: torch.Tensor, active: torch.Tensor, layout: Any = None) -> list:
+        """The four stage outputs (strides 4, 8, 16, 32), fine to coarse, in the engine's type;
+        ``layout``: ``plan(active, images.device)``'s, made ahead (by default made now)."""
         check_inputs(images, active, self.stride)
         if self.training and int(active.sum()) == 1:
             raise ValueError("batch-norm in train mode needs more than one visible site per scale, "
                              "but the whole batch has a single visible patch; use eval mode or "
                              "more visible patches")
-        x = self.encode_input(images, active)
+        x = self.encode_input(images, active, layout)
         if self.family.features is not None:
             return self.family.features(self.body, x)
         for path in self.layout.stem:
@@ -86,10 +95,10 @@ class Encoder(nn.Module):
             feats.append(x)
         return feats
 
-    def dense_features(self, images: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+    def dense_features(self, images: torch.Tensor, active: torch.Tensor, layout: Any = None) -> list[torch.Tensor]:
         """The same as ``forward`` as dense (B, C, h, w) tensors with zeros at hidden sites."""
         b, _, h, w = images.shape
-        feats = self(images, active)
+        feats = self(images, active, layout)
         return [self.to_dense(f, b, (h // s, w // s)) for f, s in zip(feats, self.strides)]
 
     # -- weights in timm's names and layouts ------------------------------------------------

@@ -482,7 +482,7 @@ class MaskedDenseEncoder(Encoder):
             if isinstance(pool, MaskedMaxPool) and isinstance(act, MaskedPointwise) and type(act.module) is nn.ReLU:
                 pool.after_relu = True  # as SparK's code: no -inf fill over the stem's map
 
-    def encode_input(self, images: Tensor, active: Tensor) -> MaskedTensor:
+    def encode_input(self, images: Tensor, active: Tensor, layout: None = None) -> MaskedTensor:
         active = to_device(active, images.device)
         return MaskedTensor(images * upsample_active(active, images.shape[-2:]), active)
 

@@ -38,7 +38,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
                               SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
                               image_of_rows, with_features)
 from ..sparse.space_to_depth import PatchSpaceToDepth
-from ..sparse.sparsify import sparsify, to_dense
+from ..sparse.sparsify import SparseLayout, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
@@ -533,11 +533,15 @@ class SparseEncoder(Encoder):
         recompute_pointwise_norms(body, self.family.pointwise_norms)
         self.stock_modules = any(type(m) in STOCK_MODULES for m in body.modules())
 
-    def encode_input(self, images: Tensor, active: Tensor) -> ME.SparseTensor:
+    def plan(self, active: Tensor, device: torch.device | str, like: SparseLayout | None = None) -> SparseLayout:
+        # MinkowskiEngine's own modules read coordinate maps in C++: registered as they are made
+        return plan_layout(active, self.stride, device, insert=self.stock_modules,
+                           like=like.sites if like is not None else None)
+
+    def encode_input(self, images: Tensor, active: Tensor, layout: SparseLayout | None = None) -> ME.SparseTensor:
         if self.stock_modules:
             check_stock_modules(images.device, autocast_dtype(images.device.type) is not None)
-        # MinkowskiEngine's own modules read coordinate maps in C++: registered as they are made
-        return sparsify(images, active, insert=self.stock_modules)
+        return sparsify(images, active, insert=self.stock_modules, layout=layout)
 
     def to_dense(self, feature: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
         return to_dense(feature, batch, size)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from .decoder import LightDecoder
 from .densify import Densify, visible_sites
 from .loss import masked_patch_loss
-from ..mask import random_active, upsample_active
+from ..mask import check_inputs, random_active, upsample_active
 from ..encoders.registry import create_encoder
 from ..encoders.base import Encoder
 from ..transfer import to_device
+
+
+class MaskPlan(NamedTuple):
+    """What one batch's mask decides, made before its forward pass (``SparK.plan``)."""
+
+    active: Tensor  # (B, 1, gh, gw) bool on the CPU, where the engines read it
+    on_device: Tensor  # the same on the images' device
+    visible: list[Tensor]  # per decoder scale, coarsest first: (B, 1, h, w) bool on the device
+    sites: list[Tensor]  # ... and the flat indices of its visible sites
+    encoder: Any  # the encoder's own plan (``Encoder.plan``), None when it makes nothing ahead
 
 
 class SparK(nn.Module):
@@ -45,7 +57,7 @@ class SparK(nn.Module):
             Densify(c, self.decoder.widths[i], densify_norm, kernel_size=1 if i == 0 else 3)
             for i, c in enumerate(coarse_first)
         )
-        # masks come from the model's own generator: reproducible, and saved with checkpoints
+        # masks drawn without a generator of the caller's come from the model's own: reproducible
         self.generator = torch.Generator().manual_seed(mask_seed)
 
     @classmethod
@@ -56,34 +68,50 @@ class SparK(nn.Module):
         """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
         return {f"densify.{i}.mask_token" for i in range(len(self.densify))}
 
-    def random_mask(self, images: Tensor, rank: int = 0, world_size: int = 1) -> Tensor:
-        """Visible patches for ``images``. In data-parallel training ``images`` is slice ``rank``
-        of a global batch ``world_size`` times larger: every rank draws the mask of the whole
-        global batch (same generator, same seed) and keeps its slice, so each image is masked
-        exactly as a single process would mask it and the generators stay in step. The mask stays
-        on the CPU, where the sparse engine reads it without waiting for the GPU."""
+    def random_mask(self, images: Tensor, rank: int = 0, world_size: int = 1,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Visible patches for ``images``, drawn from ``generator`` (by default the model's own).
+        In data-parallel training ``images`` is slice ``rank`` of a global batch ``world_size``
+        times larger: every rank draws the mask of the whole global batch (same generator, same
+        seed) and keeps its slice, so each image is masked exactly as a single process would mask
+        it. The mask stays on the CPU, where the sparse engine reads it without waiting for the GPU."""
         b, _, h, w = images.shape
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not divisible by the encoder stride {self.stride}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         grid = (h // self.stride, w // self.stride)
-        active = random_active(b * world_size, grid, self.mask_ratio, self.generator)
+        active = random_active(b * world_size, grid, self.mask_ratio, generator or self.generator)
         return active[rank * b:(rank + 1) * b]
 
-    def forward(self, images: Tensor, active: Tensor | None = None) -> dict[str, Tensor]:
+    def plan(self, active: Tensor, device: torch.device | str, like: MaskPlan | None = None) -> MaskPlan:
+        """Everything the mask ``active`` (on the CPU) decides, made now for a forward on
+        ``device`` later: the mask and each decoder scale's visible sites there, and the
+        encoder's coordinates and index tables (with ``like``, an earlier batch's plan, every
+        table that batch read). Made while a GPU runs the previous step, it leaves the step only
+        the GPU's work to queue; nothing here waits for the GPU."""
+        gh, gw = active.shape[-2:]
+        sizes = [(gh * self.stride // s, gw * self.stride // s) for s in self.encoder.strides[::-1][: self.hierarchy]]
+        visible = [upsample_active(active, size) for size in sizes]
+        # each scale's visible set and its sites are made where the mask is, then copied
+        on_device = to_device((active, visible, [visible_sites(v) for v in visible]), torch.device(device))
+        encoder = self.encoder.plan(active, device, like.encoder if like is not None else None)
+        return MaskPlan(active, *on_device, encoder)
+
+    def forward(self, images: Tensor, active: Tensor | MaskPlan | None = None) -> dict[str, Tensor]:
         """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask
-        (on the images' device). ``active`` is best on the CPU, as ``random_mask`` makes it."""
+        (on the images' device). ``active``: the mask, best on the CPU, as ``random_mask`` makes
+        it, or its ``plan`` (by default a random mask)."""
         if active is None:
             active = self.random_mask(images)
-        feats = self.encoder.dense_features(images, active)[::-1][: self.hierarchy]
-        # each scale's visible set and its sites are made where the mask is, then copied
-        visible = [upsample_active(active, f.shape[-2:]) for f in feats]
-        visible, sites, active = to_device((visible, [visible_sites(v) for v in visible], active), images.device)
-        to_decoder = [d(f, v, s) for d, f, v, s in zip(self.densify, feats, visible, sites)]
+        if not isinstance(active, MaskPlan):
+            check_inputs(images, active, self.stride)
+        plan = active if isinstance(active, MaskPlan) else self.plan(active, images.device)
+        feats = self.encoder.dense_features(images, plan.active, plan.encoder)[::-1][: self.hierarchy]
+        to_decoder = [d(f, v, s) for d, f, v, s in zip(self.densify, feats, plan.visible, plan.sites)]
         pred = self.decoder(to_decoder)
-        loss = masked_patch_loss(pred, images, active, self.stride)
-        return {"loss": loss, "pred": pred, "active": active}
+        loss = masked_patch_loss(pred, images, plan.on_device, self.stride)
+        return {"loss": loss, "pred": pred, "active": plan.on_device}
 
     @classmethod
     def from_config(cls, cfg) -> "SparK":

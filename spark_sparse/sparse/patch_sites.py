@@ -234,6 +234,13 @@ class PatchSites:
         """The keys of the tables built so far (what the batch's layers read)."""
         return list(self._cache)
 
+    def build_like(self, earlier: "PatchSites") -> None:
+        """Build now, on the features' device, every table ``earlier`` (a batch of the same
+        model) handed its layers: this batch's layers then find theirs made, and on a GPU
+        they were made while it still ran the earlier batch."""
+        for key in list(earlier._on_device):
+            self._table(*key)
+
     def image_of_rows(self, stride: int) -> Tensor:
         """(N,) int64: the image each row at ``stride`` belongs to (rows of an image are contiguous)."""
         return self._table("image_of_rows", stride)

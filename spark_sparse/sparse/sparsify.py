@@ -11,6 +11,8 @@ is not needed, and nothing here waits for the GPU when the mask is on the CPU.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import MinkowskiEngine as ME
 import torch
 from torch import Tensor
@@ -19,36 +21,75 @@ from ..transfer import to_device
 from .patch_sites import BatchCoordinates, PatchSites
 
 
-def sparsify(images: Tensor, active: Tensor, insert: bool = False) -> ME.SparseTensor:
-    """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels.
+class SparseLayout(NamedTuple):
+    """Where a batch's visible pixels go, made from its mask alone (``plan_layout``): the coordinate
+    managers, the sites with their index tables, and the visible patches on the features'
+    device. Made ahead, while the GPU still runs the previous batch, it leaves a batch's
+    forward pass nothing to build."""
 
-    ``active`` is best on the CPU: one on the GPU is copied back, which waits for the GPU.
-    ``insert``: register every coordinate map with MinkowskiEngine as soon as it is named, as
-    its own modules (conv='minkowski'), which read maps in C++, need; otherwise a map is
-    registered only when its coordinates are read (``x.C``): our operators never read them.
-    With ``insert`` and CUDA images the maps are on the GPU, which needs a CUDA build."""
-    b, c, h, w = images.shape
-    gh, gw = active.shape[-2:]
-    patch = h // gh
+    pixels: BatchCoordinates  # the pixels' map; it holds the layers' manager, which holds ``sites``
+    sites: PatchSites
+    visible: Tensor  # (P,) the visible patches' flat (image, patch row, patch column) index, on ``device``
+    batch: int
+    device: torch.device
+
+
+def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: bool = False,
+         like: PatchSites | None = None) -> SparseLayout:
+    """The layout of a batch masked by ``active`` (B, 1, gh, gw) with ``patch``-pixel patches,
+    its features on ``device``. ``insert``: as for ``sparsify``. ``like``: the sites of an
+    earlier batch of the same model, whose tables are built now for this one (a layer then
+    finds its table made).
+
+    ``active`` is best on the CPU: one on the GPU is copied back, which waits for the GPU."""
+    device = torch.device(device)
+    b, (gh, gw) = active.shape[0], active.shape[-2:]
     visible = active.detach().to("cpu").reshape(-1).nonzero()[:, 0]  # flat (image, patch row, patch column) order
     patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
-    kind = ME.CoordinateMapType.CUDA if insert and images.is_cuda else ME.CoordinateMapType.CPU
+    kind = ME.CoordinateMapType.CUDA if insert and device.type == "cuda" else ME.CoordinateMapType.CPU
     network = BatchCoordinates(kind)  # strides 2..32: the layers' maps
-    sites = PatchSites(network, patches, patch, (gh, gw), b, images.device, insert)
+    sites = PatchSites(network, patches, patch, (gh, gw), b, device, insert)
     # The pixels' own map (by far the largest) lives in a manager of its own, which holds the
     # network's: it goes with the input tensor, right after the stem has read it, instead of
     # staying for the whole backward pass.
     pixels = BatchCoordinates(kind, network=network)
     sites.attach(network)
     sites.attach(pixels)
+    sites.key(1, pixels)
+    if like is not None:
+        sites.build_like(like)
+    return SparseLayout(pixels, sites, to_device(visible, device), b, device)
+
+
+def sparsify(images: Tensor, active: Tensor, insert: bool = False,
+             layout: SparseLayout | None = None) -> ME.SparseTensor:
+    """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels.
+
+    ``active`` is best on the CPU: one on the GPU is copied back, which waits for the GPU.
+    ``insert``: register every coordinate map with MinkowskiEngine as soon as it is named, as
+    its own modules (conv='minkowski'), which read maps in C++, need; otherwise a map is
+    registered only when its coordinates are read (``x.C``): our operators never read them.
+    With ``insert`` and CUDA images the maps are on the GPU, which needs a CUDA build.
+    ``layout``: ``plan_layout``'s for this mask and device, made ahead (by default made now)."""
+    b, c, h, w = images.shape
+    gh, gw = active.shape[-2:]
+    patch = h // gh
+    if layout is None:
+        layout = plan_layout(active, patch, images.device, insert)
+    elif ((layout.batch, layout.sites.grid, layout.sites.patch_size) != (b, (gh, gw), patch)
+          or layout.device.type != images.device.type or layout.device.index not in (None, images.device.index)):
+        raise ValueError(f"the layout was planned for {layout.batch} images of {layout.sites.grid} patches of "
+                         f"{layout.sites.patch_size} pixels on {layout.device}, not {b} of {(gh, gw)} of {patch} "
+                         f"on {images.device}")
     # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
     tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
-    feats = tiles.index_select(0, to_device(visible, images.device)).transpose(1, 2).reshape(-1, c)
+    feats = tiles.index_select(0, layout.visible).transpose(1, 2).reshape(-1, c)
     # ME's autograd functions are float32/float64 only. Under autocast the rows stay float32 too,
     # as the masked images of the dense engine do: the stem's convolution casts them.
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
-    return ME.SparseTensor(feats, coordinate_map_key=sites.key(1, pixels), coordinate_manager=pixels)
+    pixels = layout.pixels
+    return ME.SparseTensor(feats, coordinate_map_key=layout.sites.key(1, pixels), coordinate_manager=pixels)
 
 
 def to_dense(x: ME.SparseTensor, batch: int, size: tuple[int, int]) -> Tensor:
