@@ -20,7 +20,9 @@ median of the repeats after ``warmup`` untimed runs is reported. Memory is measu
 timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
 counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the timed
 masks run once more back to back under torch.profiler for the share of that time the GPU idles
-(benchmarks/gpu_idle.py), and each timed pass also records how long the CPU took to queue it
+(benchmarks/gpu_idle.py), whole SparK steps twice: each making its mask's tables as its layers
+ask, and each mask planned while the GPU runs the step before (``gpu_idle_share_planned``, as
+pretraining runs them), and each timed pass also records how long the CPU took to queue it
 (``queue_s``: until the pass returned, before waiting for the GPU): a pass whose queueing takes
 about its whole time keeps the GPU waiting for launches. Masks are made on the CPU, as pretraining makes them. The run
 directory receives results.json, results.md, speedup.png and flops_ratio.png.
@@ -49,7 +51,7 @@ from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note sil
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.run.runtime import configure_cpu, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
-from spark_sparse.model.spark import SparK
+from spark_sparse.model.spark import MaskPlan, SparK
 from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
@@ -186,14 +188,23 @@ def timed(run: Callable[[torch.Tensor], None], active: torch.Tensor, model: Spar
     return time.perf_counter() - start
 
 
-def idle_of(run: Callable[[torch.Tensor], None], masks: list, model: SparK,
-            device: torch.device) -> tuple[float, float] | None:
-    """``gpu_idle`` of ``run`` over ``masks``, back to back as training runs them; None off CUDA."""
-    todo = iter(masks)
+def idle_of(run: Callable[[torch.Tensor], None], masks: list, model: SparK, device: torch.device,
+            ahead: bool = False) -> tuple[float, float] | None:
+    """``gpu_idle`` of ``run`` over ``masks``, back to back as training runs them; None off CUDA.
+    ``ahead`` (a whole SparK step's ``run``): each mask after the first is planned (``SparK.plan``,
+    with the tables the step before read) while the GPU still runs the step before, before the
+    wait for it, as pretraining does; otherwise a step makes its tables as its layers ask."""
+    pending = iter(masks)
+    upcoming: list = [next(pending)]
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        run(next(todo))
+        current = upcoming.pop()
+        run(current)
+        following = next(pending, None)
+        if following is not None:
+            upcoming.append(model.plan(following, device, like=current if isinstance(current, MaskPlan) else None)
+                            if ahead else following)
 
     return gpu_idle(step, len(masks), device)
 
@@ -295,6 +306,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
                 times[e].append(timed(runs[e], active, models[e], device, queue[e]))
         for e in ENGINES:
             idle = idle_of(runs[e], timed_masks, models[e], device)
+            planned = idle_of(runs[e], timed_masks, models[e], device, ahead=True) if pass_name == "train_step" else None
             models[e].zero_grad(set_to_none=True)
             mem, method = memory[pass_name, e]
             enc, head = flops[e]
@@ -311,6 +323,8 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
                 "gpu_idle_share": None if idle is None else idle[0],
                 "gpu_busy_s": None if idle is None else idle[1],
                 "gpu_idle_share_vs_median": None if idle is None else max(0.0, 1.0 - idle[1] / median),
+                # CUDA, whole steps: the same with each step's mask planned during the step before
+                "gpu_idle_share_planned": None if planned is None else planned[0],
                 # CUDA: the CPU's time to queue a pass (median); on the CPU the pass itself
                 "queue_s": statistics.median(queue[e]) if device.type == "cuda" else None,
                 "sparse_conv": conv_class(models["sparse"].encoder),

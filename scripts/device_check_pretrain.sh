@@ -14,7 +14,8 @@
 #       depthwise ones on tiles or canvas with either backward (benchmarks.conv_paths)
 #   (e) benchmarks.sparse_vs_dense device=cuda, fp32 and bf16: ResNet-50 at batch 64, mask 0.6 and
 #       0.75, ConvNeXt-T at mask 0.6; encoder fwd+bwd and the whole SparK step (768-wide decoder):
-#       images/s, peak CUDA memory, the GPU's idle share
+#       images/s, peak CUDA memory, the GPU's idle share (whole steps both ways: each making its
+#       mask's tables, and each mask planned during the step before, as pretraining runs them)
 #   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall), and 10 steps
 #       of a model of each of ten families (the rest run on the device in (c): their device audit and
 #       equivalence at mask 0.6)

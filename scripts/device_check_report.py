@@ -47,6 +47,9 @@ def pairs(records: list[dict]) -> list[dict]:
                         "speedup": s["images_per_s"] / d["images_per_s"], "memory_ratio": mem,
                         "sparse_peak_mb": s["peak_mem_mb"], "dense_peak_mb": d["peak_mem_mb"],
                         "sparse_gpu_idle": s.get("gpu_idle_share"), "dense_gpu_idle": d.get("gpu_idle_share"),
+                        # whole steps with each mask planned during the step before, as pretraining runs
+                        "sparse_gpu_idle_planned": s.get("gpu_idle_share_planned"),
+                        "dense_gpu_idle_planned": d.get("gpu_idle_share_planned"),
                         "sparse_gpu_idle_vs_median": s.get("gpu_idle_share_vs_median"),
                         "dense_gpu_idle_vs_median": d.get("gpu_idle_share_vs_median"),
                         # the CPU's time to queue a pass against the pass's time: near 1, launch-bound
@@ -81,11 +84,14 @@ def targets(rows: list[dict], steps: dict, losses: list[float]) -> list[dict]:
                                      "dense masking's (encoder fwd+bwd)",
                            "measured": f"{r['memory_ratio']:.2f}", "met": r["memory_ratio"] <= MEMORY_TARGET})
         if r["pass"] == "train_step" and r["model"] == "resnet50" and r["sparse_gpu_idle"] is not None:
+            # judged as pretraining runs its steps: each mask planned during the step before
+            idle = r.get("sparse_gpu_idle_planned")
+            idle = r["sparse_gpu_idle"] if idle is None else idle
             checks.append({"target": f"resnet50 mask {r['mask_ratio']}: GPU idle <= {IDLE_TARGET:.0%} of a SparK step "
-                                     "(sparse)",
-                           "measured": f"{r['sparse_gpu_idle']:.1%} profiled, "
-                                       f"{fmt(r['sparse_gpu_idle_vs_median'], '.1%')} against the median",
-                           "met": r["sparse_gpu_idle"] <= IDLE_TARGET})
+                                     "(sparse, masks planned a step ahead as pretraining does)",
+                           "measured": f"{idle:.1%} profiled ({r['sparse_gpu_idle']:.1%} with each step making "
+                                       f"its tables), {fmt(r['sparse_gpu_idle_vs_median'], '.1%')} against the median",
+                           "met": idle <= IDLE_TARGET})
     falls = len(losses) >= 2 and losses[-1] < losses[0]
     checks.append({"target": "200 steps of pretraining on the device: the loss falls",
                    "measured": f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no metrics",
@@ -105,14 +111,15 @@ def markdown(result: dict) -> str:
             continue
         lines += ["", f"## Sparse vs dense masking, {precision}", "",
                   "| model | batch | mask | pass | dense img/s | sparse img/s | speed-up | peak MiB sparse/dense "
-                  "| GPU idle dense / sparse | CPU queueing dense / sparse |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| GPU idle dense / sparse | planned ahead | CPU queueing dense / sparse |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             mem = (f"{fmt(r['memory_ratio'], '.2f')} ({fmt(r['sparse_peak_mb'], '.0f')}/"
                    f"{fmt(r['dense_peak_mb'], '.0f')})")
             lines.append(f"| {r['model']} | {r['batch_size']} | {r['mask_ratio']} | {r['pass']} | "
                          f"{r['dense_images_per_s']:.1f} | {r['sparse_images_per_s']:.1f} | {r['speedup']:.2f}x | "
                          f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} | "
+                         f"{fmt(r.get('dense_gpu_idle_planned'), '.1%')} / {fmt(r.get('sparse_gpu_idle_planned'), '.1%')} | "
                          f"{fmt(r.get('dense_queue_share'), '.0%')} / {fmt(r.get('sparse_queue_share'), '.0%')} |")
     lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
               "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
