@@ -210,6 +210,35 @@ def test_gpu_idle_share_is_the_window_not_covered_by_gpu_work():
     assert (share, busy) == (1.0, 0.0)
 
 
+def test_idle_steps_run_every_mask_once_each_planned_during_the_step_before(monkeypatch):
+    """The profiled steps (on CUDA only) dry-run here: ``gpu_idle`` made to run them on the CPU."""
+    import benchmarks.sparse_vs_dense as bench
+    from spark_sparse.model.spark import MaskPlan, SparK
+
+    monkeypatch.setattr(bench, "gpu_idle", lambda step, steps, device: [step() for _ in range(steps)] and (0.0, 0.0))
+    model = SparK(SparseEncoder.from_timm(timm.create_model("resnet18", num_classes=0)), decoder_width=32)
+    images = torch.randn(2, 3, 64, 64)
+    masks = [random_active(2, (2, 2), 0.5, torch.Generator().manual_seed(i)) for i in range(3)]
+    seen, built = [], []
+    run = bench.make_pass("train_step", model, images, "fp32")
+
+    def step(mask):
+        seen.append(mask)
+        built.append(mask.encoder.sites.tables() if isinstance(mask, MaskPlan) else None)  # before the step
+        run(mask)
+
+    for ahead in (False, True):
+        seen.clear(), built.clear()
+        assert bench.idle_of(step, masks, model, torch.device("cpu"), ahead) == (0.0, 0.0)
+        got = [m.active if isinstance(m, MaskPlan) else m for m in seen]
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, masks))
+        # planned ahead: every mask after the first comes planned; the third with the tables the
+        # second's step read already built
+        assert [isinstance(m, MaskPlan) for m in seen] == [False, ahead, ahead]
+        if ahead:
+            assert built[1] == [] and built[2] == seen[1].encoder.sites.tables() != []
+
+
 def test_batch_size_is_one_int_or_one_per_model():
     from omegaconf import OmegaConf
 
