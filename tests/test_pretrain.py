@@ -88,6 +88,30 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     assert losses(interrupted) == losses(straight)  # same process, same threads: bit for bit
 
 
+def test_each_step_reads_its_loss_only_once_the_next_batch_is_ready(tmp_path, monkeypatch):
+    """Reading the loss waits for the GPU to finish the step: before it, while the GPU works, the
+    next step's images are loaded and sent and its mask is planned with the tables this step read."""
+    events = []
+    real_next, real_update = pretrain.Pretraining.next_batch, pretrain.Run.update
+
+    def next_batch(self, run, model, batches, step, like):
+        batch = real_next(self, run, model, batches, step, like)
+        events.append(("next batch", step, like is not None, batch is not None))
+        return batch
+
+    def update(self, *args, **kwargs):
+        events.append(("loss read", self.step))
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.Pretraining, "next_batch", next_batch)
+    monkeypatch.setattr(pretrain.Run, "update", update)
+    pretrain.train(config("max_steps=3"), tmp_path / "run")
+    assert events == [("next batch", 0, False, True),
+                      ("next batch", 1, True, True), ("loss read", 0),
+                      ("next batch", 2, True, True), ("loss read", 1),
+                      ("next batch", 3, True, False), ("loss read", 2)]
+
+
 def test_resume_refuses_a_different_experiment_and_a_missing_checkpoint(tmp_path):
     with pytest.raises(pretrain.ConfigError, match="no checkpoint"):
         pretrain.train(config("resume=true"), tmp_path)

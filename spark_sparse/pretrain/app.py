@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
-from ..model.spark import SparK
+from ..data.seeds import derive_seed
+from ..model.spark import MaskPlan, SparK
 from ..run import distributed
 from ..run.checks import ConfigError
 from ..run.cli import run_app
@@ -41,6 +45,13 @@ def plan(cfg: DictConfig, num_images: int) -> tuple[int, int]:
     max_steps = cfg.max_steps if cfg.epochs is None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), max_steps // 4)
     return max_steps, warmup
+
+
+class Batch(NamedTuple):
+    """One step's share of the global batch, ready for the model."""
+
+    images: Tensor  # on the run's device (on a GPU, perhaps still being copied there)
+    plan: MaskPlan  # its mask and what the mask decides (SparK.plan)
 
 
 class Pretraining:
@@ -66,7 +77,7 @@ class Pretraining:
         max_steps, warmup = plan(cfg, len(self.dataset))
         optimizer = build_optimizer(model, cfg.optim, cfg.batch_size)
         scheduler = build_scheduler(optimizer, cfg.optim, max_steps, warmup)
-        resumed = run.track(model=model, optimizer=optimizer, scheduler=scheduler, generator=model.generator,
+        resumed = run.track(model=model, optimizer=optimizer, scheduler=scheduler,
                             values=lambda: {"max_steps": max_steps, "loss": loss})
         loss = resumed.get("loss", float("nan"))  # the last step's, until this run takes one
         if run.step >= max_steps and run.ctx.is_main:
@@ -79,8 +90,10 @@ class Pretraining:
                               pin_memory=run.device.type == "cuda")
         run.progress(max_steps, f"SparK {cfg.model}")
         net.train()
-        for images in loader:
-            loss = self.step(run, net, model, optimizer, scheduler, images, max_steps)
+        batches = iter(loader)
+        batch = self.next_batch(run, model, batches, run.step, like=None)
+        while batch is not None:
+            loss, batch = self.step(run, net, model, optimizer, scheduler, batch, batches, max_steps)
             if run.step == max_steps:
                 break
             run.stop_if_requested()
@@ -96,26 +109,43 @@ class Pretraining:
         return {"step": run.step, "loss": loss, "run_dir": run.files.root, "checkpoint": run.files.checkpoint,
                 "encoder": export, "picture": picture, "world_size": run.ctx.world_size}
 
-    def step(self, run: Run, net, model: SparK, optimizer, scheduler, images: torch.Tensor, max_steps: int) -> float:
-        """One optimizer step on ``images`` (this process's share of the global batch)."""
-        cfg, start = run.cfg, time.perf_counter()
+    def next_batch(self, run: Run, model: SparK, batches: Iterator[Tensor], step: int,
+                   like: MaskPlan | None) -> Batch | None:
+        """The batch of optimizer step ``step`` (counted from 0): its images on their way to the
+        device and its mask's plan (``like``: the previous batch's, whose tables it builds too);
+        None after the last. A mask is a function of the seed and the step, as the images are,
+        so a resumed run masks what an uninterrupted one would, however far ahead it plans."""
+        images = next(batches, None)
+        if images is None:
+            return None
         images = images.to(run.device, non_blocking=True)
+        generator = torch.Generator().manual_seed(derive_seed("mask", run.cfg.seed, step))
+        # equal hidden counts per image: the mean of the ranks' losses is the global loss, and
+        # DDP's averaged gradients are its gradients
+        active = model.random_mask(images, run.ctx.rank, run.ctx.world_size, generator)
+        return Batch(images, model.plan(active, run.device, like))
+
+    def step(self, run: Run, net, model: SparK, optimizer, scheduler, batch: Batch, batches: Iterator[Tensor],
+             max_steps: int) -> tuple[float, Batch | None]:
+        """One optimizer step on ``batch`` (this process's share of the global batch); returns its
+        loss and the next step's batch, made while the GPU runs this one: on a GPU the loss is
+        read (a wait) only once the next images are loaded and their mask's tables built."""
+        cfg, start = run.cfg, time.perf_counter()
         scheduler.step_update(run.step)
         wd = weight_decay_at(run.step, max_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
         set_weight_decay(optimizer, wd)
-        # equal hidden counts per image: the mean of the ranks' losses is the global loss, and
-        # DDP's averaged gradients are its gradients
-        active = model.random_mask(images, run.ctx.rank, run.ctx.world_size)
         with run.autocast():
-            loss = net(images, active)["loss"]
-        loss, grad_norm = run.optimize(loss, optimizer, model.parameters(), cfg.optim.clip_grad)
-        images_per_s = images.shape[0] * run.ctx.world_size / (time.perf_counter() - start)
+            loss = net(batch.images, batch.plan)["loss"]
+        run.backward(loss, optimizer)
+        upcoming = self.next_batch(run, model, batches, run.step + 1, like=batch.plan)
+        loss, grad_norm = run.update(loss, optimizer, model.parameters(), cfg.optim.clip_grad)
+        images_per_s = batch.images.shape[0] * run.ctx.world_size / (time.perf_counter() - start)
         lr = optimizer.param_groups[0]["lr"]
         step = run.advance(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
         if step % cfg.log_every == 0 or step == max_steps:
             run.log({"step": step, "loss": loss, "lr": lr, "weight_decay": wd, "grad_norm": grad_norm,
                      "images_per_s": images_per_s, "epoch": step * cfg.batch_size / len(self.dataset)})
-        return loss
+        return loss, upcoming
 
     def pictures(self, run: Run, model: SparK):
         """A function drawing the reconstruction picture of a step (rank 0; eval mode: the norms
