@@ -14,7 +14,7 @@ from timm.layers import ConvNormAct
 from timm.models.dpn import DPN, BnAct, BnActConv2d, DualPathBlock
 from torch import nn
 
-from .family import ChannelConcat, ChannelSplit, ChildStages, Converter, Family, MirrorConvNormAct
+from .family import ChannelConcat, ChannelSplit, ChildStages, Converter, Family, MirrorChildren, MirrorConvNormAct
 
 
 class MirrorBnActConv2d(nn.Module):
@@ -40,14 +40,14 @@ class MirrorBnAct(nn.Module):
         return self.bn(x)
 
 
-class MirrorDualPathBlock(nn.Module):
+class MirrorDualPathBlock(MirrorChildren):
     """timm's DualPathBlock: [the input's projection], c1x1_a, c3x3_b, c1x1_c [c1, c2]; the
     residual path plus the new residual channels, the dense path, the new dense channels."""
 
+    children_names = ("c1x1_w_s1", "c1x1_w_s2", "c1x1_a", "c3x3_b", "c1x1_c", "c1x1_c1", "c1x1_c2")
+
     def __init__(self, block: DualPathBlock, convert: Converter, path: str):
-        super().__init__()
-        for name in ("c1x1_w_s1", "c1x1_w_s2", "c1x1_a", "c3x3_b", "c1x1_c", "c1x1_c1", "c1x1_c2"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         # parameter-free leaves under names timm's block does not use
         self.split = convert.leaf(ChannelSplit(block.num_1x1_c), f"{path}.split")
         self.concat = convert.leaf(ChannelConcat(), f"{path}.concat")

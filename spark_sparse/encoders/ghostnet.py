@@ -17,7 +17,7 @@ from timm.models.ghostnet import GhostBottleneck, GhostBottleneckV3, GhostModule
 from torch import nn
 
 from .efficientnet import MirrorEfficientBlock
-from .family import BlockStages, ChannelConcat, CheckpointingRefused, Converter, Family, unsupported
+from .family import BlockStages, ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, unsupported
 
 
 class MirrorGhostModule(nn.Module):
@@ -38,11 +38,8 @@ class MirrorGhostModule(nn.Module):
         return self.concat(x1, self.cheap_operation(x1))
 
 
-class MirrorGhostBottleneck(nn.Module):
-    def __init__(self, block: GhostBottleneck, convert: Converter, path: str):
-        super().__init__()
-        for name in ("ghost1", "conv_dw", "bn_dw", "se", "ghost2", "shortcut"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+class MirrorGhostBottleneck(MirrorChildren):
+    children_names = ("ghost1", "conv_dw", "bn_dw", "se", "ghost2", "shortcut")
 
     def forward(self, x):
         y = self.ghost1(x)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from timm.models.inception_next import ConvMlp, InceptionDWConv2d, MetaNeXt, MetaNeXtBlock, MetaNeXtStage
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
-                     NamedStages, mirror_layer_scale, unsupported)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, mirror_layer_scale,
+                     MirrorChildren, MirrorDownsampleBlocks, NamedStages, unsupported)
 
 
 class MirrorInceptionDWConv2d(nn.Module):
@@ -52,13 +52,13 @@ class MirrorConvMlp(nn.Module):
         return self.fc2(self.act(self.norm(self.fc1(x))))
 
 
-class MirrorMetaNeXtBlock(nn.Module):
+class MirrorMetaNeXtBlock(MirrorChildren):
     """timm's MetaNeXtBlock: token mixer, norm, MLP, [layer scale], drop path, + its input."""
 
+    children_names = ("token_mixer", "norm", "mlp", "drop_path")
+
     def __init__(self, block: MetaNeXtBlock, convert: Converter, path: str):
-        super().__init__()
-        for name in ("token_mixer", "norm", "mlp", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         mirror_layer_scale(self, block, convert, path)
 
     def forward(self, x):

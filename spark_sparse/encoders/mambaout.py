@@ -16,17 +16,14 @@ from timm.layers import LayerScale
 from timm.models.mambaout import Downsample, DownsampleNormFirst, GatedConvBlock, MambaOut, MambaOutStage, Stem
 from torch import nn
 
-from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
-                     MirrorLayerScale, NamedStages, Product)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren,
+                     MirrorDownsampleBlocks, MirrorLayerScale, NamedStages, Product)
 
 
-class MirrorStem(nn.Module):
+class MirrorStem(MirrorChildren):
     """conv1 (stride 2), [norm1], act, conv2 (stride 2), norm2."""
 
-    def __init__(self, stem: Stem, convert: Converter, path: str):
-        super().__init__()
-        for name in ("conv1", "norm1", "act", "conv2", "norm2"):
-            setattr(self, name, convert(getattr(stem, name), f"{path}.{name}"))
+    children_names = ("conv1", "norm1", "act", "conv2", "norm2")
 
     def forward(self, x):
         x = self.conv1(x)

@@ -18,24 +18,22 @@ from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock, NormFreeNe
 from torch import nn
 
 from .byobnet import MirrorDownsampleAvg  # the same shortcut: 2x2 average pooling, then a 1x1 convolution
-from .family import (STRIDES, ConversionError, Converter, Family, Layout, LayerScale, Scale, refuse_checkpointing,
-                     unsupported)
+from .family import (ConversionError, Converter, Family, LayerScale, Layout, MirrorChildren, refuse_checkpointing,
+                     Scale, STRIDES, unsupported)
 
 # GammaAct's activations that keep zero at zero (the engines run it on visible sites only)
 ZERO_KEEPING_ACTS = {"relu", "relu6", "leaky_relu", "silu", "swish", "gelu", "elu", "celu", "selu", "tanh",
                      "mish", "identity"}
 
 
-class MirrorNormFreeBlock(nn.Module):
+class MirrorNormFreeBlock(MirrorChildren):
     """timm's NormFreeBlock, its scalings as ``Scale`` leaves (they hold no tensors)."""
 
-    leaves = ("act1", "conv1", "act2", "conv2", "act2b", "conv2b", "attn", "act3", "conv3", "attn_last",
-              "drop_path", "downsample")
+    children_names = ("act1", "conv1", "act2", "conv2", "act2b", "conv2b", "attn", "act3", "conv3", "attn_last",
+                      "drop_path", "downsample")
 
     def __init__(self, block: NormFreeBlock, convert: Converter, path: str):
-        super().__init__()
-        for name in self.leaves:
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         # the skip-init gain (DeepMind's ports): a learned scalar on the branch, under timm's name
         self.skipinit_gain = None if block.skipinit_gain is None else nn.Parameter(block.skipinit_gain.detach().clone())
         self.skipinit = None if block.skipinit_gain is None else convert.leaf(LayerScale(), f"{path}.skipinit_gain")

@@ -18,13 +18,10 @@ from .family import (Converter, Family, MirrorChildren, MirrorConvNormAct, Named
                      unsupported)
 
 
-class MirrorRegBottleneck(nn.Module):
+class MirrorRegBottleneck(MirrorChildren):
     """timm's RegNet Bottleneck: SE after the 3x3 (not after the last 1x1, as in ResNet)."""
 
-    def __init__(self, block: Bottleneck, convert: Converter, path: str):
-        super().__init__()
-        for name in ("conv1", "conv2", "se", "conv3", "act3", "downsample", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+    children_names = ("conv1", "conv2", "se", "conv3", "act3", "downsample", "drop_path")
 
     def forward(self, x):
         shortcut = x

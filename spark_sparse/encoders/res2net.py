@@ -12,7 +12,7 @@ from __future__ import annotations
 from timm.models.res2net import Bottle2neck
 from torch import nn
 
-from .family import ChannelConcat, ChannelSplit, Converter, reject_extras, split_in_turn
+from .family import ChannelConcat, ChannelSplit, Converter, MirrorChildren, reject_extras, split_in_turn
 
 
 def hierarchical_groups(block: nn.Module, out):
@@ -31,15 +31,15 @@ def hierarchical_groups(block: nn.Module, out):
     return block.concat(*outputs)
 
 
-class MirrorBottle2neck(nn.Module):
+class MirrorBottle2neck(MirrorChildren):
     """timm's Bottle2neck: conv1, bn1, relu, the chain of group convolutions, [pool], conv3, bn3,
     [se], [drop path], + shortcut, relu (one ReLU module, as timm's)."""
 
+    children_names = ("conv1", "bn1", "relu", "pool", "conv3", "bn3", "se", "downsample", "drop_path")
+
     def __init__(self, block: Bottle2neck, convert: Converter, path: str):
-        super().__init__()
         reject_extras(block, path, ("drop_block",))
-        for name in ("conv1", "bn1", "relu", "pool", "conv3", "bn3", "se", "downsample", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         self.convs = nn.ModuleList(convert(c, f"{path}.convs.{i}") for i, c in enumerate(block.convs))
         self.bns = nn.ModuleList(convert(b, f"{path}.bns.{i}") for i, b in enumerate(block.bns))
         self.is_first, self.scale = block.is_first, block.scale

@@ -15,7 +15,7 @@ from timm.layers.split_attn import SplitAttn
 from timm.models.resnest import ResNestBottleneck
 from torch import nn
 
-from .family import Converter, ImageMean, RadixSum, reject_extras
+from .family import Converter, ImageMean, MirrorChildren, RadixSum, reject_extras
 
 
 class MirrorSplitAttn(nn.Module):
@@ -42,19 +42,17 @@ class MirrorSplitAttn(nn.Module):
         return self.weighted_sum(x, weights.view(weights.shape[0], -1))
 
 
-class MirrorResNestBottleneck(nn.Module):
+class MirrorResNestBottleneck(MirrorChildren):
     """timm's ResNestBottleneck: 1x1, [pool], split attention (or a 3x3 conv-norm-act), [pool],
     1x1, + shortcut (timm drops paths of the block's input, before its downsample), act."""
 
-    leaves = ("conv1", "bn1", "act1", "avd_first", "bn2", "act2", "avd_last", "conv3", "bn3", "act3")
+    # the poolings may be None; conv2 is a mirror
+    children_names = ("conv1", "bn1", "act1", "avd_first", "bn2", "act2", "avd_last", "conv3", "bn3", "act3",
+                      "conv2", "downsample", "drop_path")
 
     def __init__(self, block: ResNestBottleneck, convert: Converter, path: str):
-        super().__init__()
         reject_extras(block, path, ("drop_block",))
-        for name in self.leaves + ("conv2",):  # the poolings may be None; conv2 a mirror
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
-        self.downsample = convert(block.downsample, f"{path}.downsample")
-        self.drop_path = convert(block.drop_path, f"{path}.drop_path")
+        super().__init__(block, convert, path)
 
     def forward(self, x):
         out = self.act1(self.bn1(self.conv1(x)))

@@ -20,19 +20,7 @@ from timm.models.resnetv2 import (Bottleneck, DownsampleAvg, DownsampleConv, Pre
                                   ResNetStage, ResNetV2)
 from torch import nn
 
-from .family import Converter, Family, NamedStages, refuse_checkpointing
-
-
-class _MirrorLeaves(nn.Module):
-    """A timm module whose named leaves (and Sequentials) are converted one-to-one; subclasses
-    name them and say in which order they run."""
-
-    leaves: tuple[str, ...] = ()
-
-    def __init__(self, block: nn.Module, convert: Converter, path: str):
-        super().__init__()
-        for name in self.leaves:
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+from .family import Converter, Family, MirrorChildren, NamedStages, refuse_checkpointing
 
 
 class MirrorDownsample(nn.Module):
@@ -51,7 +39,7 @@ class MirrorDownsample(nn.Module):
         return self.norm(self.conv(x))
 
 
-class _MirrorBlock(_MirrorLeaves):
+class _MirrorBlock(MirrorChildren):
     def __init__(self, block: nn.Module, convert: Converter, path: str):
         super().__init__(block, convert, path)
         self.downsample = convert(block.downsample, f"{path}.downsample")
@@ -61,7 +49,7 @@ class _MirrorBlock(_MirrorLeaves):
 class MirrorPreActBasic(_MirrorBlock):
     """timm's PreActBasic: norm1, then 3x3 (may stride), norm2, 3x3; + the shortcut."""
 
-    leaves = ("norm1", "conv1", "norm2", "conv2")
+    children_names = ("norm1", "conv1", "norm2", "conv2")
 
     def forward(self, x):
         x_preact = self.norm1(x)
@@ -73,7 +61,7 @@ class MirrorPreActBasic(_MirrorBlock):
 class MirrorPreActBottleneck(_MirrorBlock):
     """timm's PreActBottleneck: norm1, 1x1, norm2, 3x3 (may stride), norm3, 1x1; + the shortcut."""
 
-    leaves = ("norm1", "conv1", "norm2", "conv2", "norm3", "conv3")
+    children_names = ("norm1", "conv1", "norm2", "conv2", "norm3", "conv3")
 
     def forward(self, x):
         x_preact = self.norm1(x)
@@ -85,7 +73,7 @@ class MirrorPreActBottleneck(_MirrorBlock):
 class MirrorBottleneck(_MirrorBlock):
     """timm's ResNetV2 Bottleneck without pre-activation: conv-norm three times, + shortcut, act."""
 
-    leaves = ("conv1", "norm1", "conv2", "norm2", "conv3", "norm3", "act3")
+    children_names = ("conv1", "norm1", "conv2", "norm2", "conv3", "norm3", "act3")
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from timm.layers import ConvNormAct
 from timm.models.rexnet import LinearBottleneck, RexNet
-from torch import nn
 
-from .family import BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorConvNormAct
+from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family,
+                     MirrorChildren, MirrorConvNormAct)
 
 
-class MirrorLinearBottleneck(nn.Module):
+class MirrorLinearBottleneck(MirrorChildren):
     """timm's LinearBottleneck: [conv_exp], conv_dw, [se], act_dw, conv_pwl, + its input on the
     first channels where it has a shortcut."""
 
+    children_names = ("conv_exp", "conv_dw", "se", "act_dw", "conv_pwl", "drop_path")
+
     def __init__(self, block: LinearBottleneck, convert: Converter, path: str):
-        super().__init__()
-        for name in ("conv_exp", "conv_dw", "se", "act_dw", "conv_pwl", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         self.use_shortcut = block.use_shortcut
         widens = block.use_shortcut and block.in_channels < block.out_channels
         # parameter-free leaves under names timm's block does not use

@@ -9,18 +9,17 @@ ReLU6. timm's ``forward_features`` ends with a batch norm: it ends the last stag
 from __future__ import annotations
 
 from timm.models.starnet import Block, ConvBN, StarNet
-from torch import nn
 
-from .family import CheckpointingRefused, Converter, Family, MirrorSequential, NamedStages, Product
+from .family import CheckpointingRefused, Converter, Family, MirrorChildren, MirrorSequential, NamedStages, Product
 
 
-class MirrorStarBlock(nn.Module):
+class MirrorStarBlock(MirrorChildren):
     """timm's StarNet Block: dwconv, f1 and f2, act(f1) * f2, g, dwconv2, drop path, + input."""
 
+    children_names = ("dwconv", "f1", "f2", "act", "g", "dwconv2", "drop_path")
+
     def __init__(self, block: Block, convert: Converter, path: str):
-        super().__init__()
-        for name in ("dwconv", "f1", "f2", "act", "g", "dwconv2", "drop_path"):
-            setattr(self, name, convert(getattr(block, name), f"{path}.{name}"))
+        super().__init__(block, convert, path)
         self.star = convert.leaf(Product(), f"{path}.star")  # parameter-free, a name timm's block lacks
 
     def forward(self, x):
