@@ -104,9 +104,11 @@ class SparK(nn.Module):
         it, or its ``plan`` (by default a random mask)."""
         if active is None:
             active = self.random_mask(images)
-        if not isinstance(active, MaskPlan):
+        if isinstance(active, MaskPlan):
+            plan = active
+        else:
             check_inputs(images, active, self.stride)
-        plan = active if isinstance(active, MaskPlan) else self.plan(active, images.device)
+            plan = self.plan(active, images.device)
         feats = self.encoder.dense_features(images, plan.active, plan.encoder)[::-1][: self.hierarchy]
         to_decoder = [d(f, v, s) for d, f, v, s in zip(self.densify, feats, plan.visible, plan.sites)]
         pred = self.decoder(to_decoder)

@@ -35,7 +35,7 @@ class SparseLayout(NamedTuple):
 
 
 def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: bool = False,
-         like: PatchSites | None = None) -> SparseLayout:
+                like: PatchSites | None = None) -> SparseLayout:
     """The layout of a batch masked by ``active`` (B, 1, gh, gw) with ``patch``-pixel patches,
     its features on ``device``. ``insert``: as for ``sparsify``. ``like``: the sites of an
     earlier batch of the same model, whose tables are built now for this one (a layer then
