@@ -27,19 +27,13 @@
 #   bash scripts/device_check_pretrain.sh                             # the GPU machine, OUT=...
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out PYTHON=.venv/bin/python bash scripts/device_check_pretrain.sh  # dry run
 #
-# The wheel folder ($WHEELS, default .whl; not in git), made on a machine with a registry:
-#   pip download --no-deps --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all: \
-#       -d .whl hydra-core==1.3.8 omegaconf==2.3.1 timm==1.0.31 scipy-openblas32
-#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3       # a source package only: pure Python
-#   SETUPTOOLS_USE_DISTUTILS=stdlib pip download --no-deps --no-binary :all: --no-build-isolation \
-#       -d .whl MinkowskiEngine==0.5.4                              # the source package, built there
-# (the versions requirements.txt pins or resolves to; the GPU image has numpy, matplotlib, pytest,
-# ninja, setuptools, wheel, scikit-image, tifffile and tqdm.) Then run with carry=[".whl"]. The build
-# (b) takes minutes (11 on 2 cores here); the MinkowskiEngine wheel it leaves in $OUT, put into .whl,
-# skips it next time, as does one built on a developer's machine in a venv of the GPU machine's Python
-# and torch (Python 3.12, pip install torch==2.11.0 torchvision==0.26.0 and the packages above):
-#   python scripts/build_minkowski.py --source .whl/MinkowskiEngine-0.5.4.tar.gz --scipy-openblas SITE --out .whl
-# with SITE a folder (a) installed the wheels into. If it does not import there, (b) builds.
+# The wheel folder ($WHEELS, default .whl; not in git) is made on a machine with a registry by
+# scripts/prepare_device_wheels.sh (about 15 minutes on 2 cores): the wheels the GPU image lacks
+# (hydra-core, omegaconf, antlr4, timm, scipy-openblas32; it has numpy, matplotlib, pytest, ninja,
+# setuptools, wheel, scikit-image, tifffile and tqdm), MinkowskiEngine's source package, and
+# MinkowskiEngine built for the GPU machine's Python 3.12 and torch 2.11. Then run with
+# carry=[".whl"]. Without that wheel (or if it does not import there) (b) builds from the source
+# package (11 minutes on 2 cores here) and leaves the wheel in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

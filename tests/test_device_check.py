@@ -36,3 +36,14 @@ def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_pat
     assert (out / "results.md").read_text().strip()
     # its work folder is in TMPDIR, nothing left in /tmp
     assert list(tmp_path.glob("pretrain-check.*")) and set(Path("/tmp").glob("pretrain-check.*")) == before
+
+
+def test_preparing_the_carried_wheels_refuses_a_missing_python_before_anything(tmp_path):
+    """scripts/prepare_device_wheels.sh needs PyPI and minutes, so it runs by hand; its refusal of a
+    Python it cannot find (the GPU machine's) comes first, in one line, with nothing made."""
+    env = dict(os.environ, GPU_PYTHON="9.9", WHEELS=str(tmp_path / "wheels"), PYENV_ROOT=str(tmp_path))
+    proc = subprocess.run(["bash", "scripts/prepare_device_wheels.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == ["[device wheels] error: no Python 9.9 that runs (the GPU machine's; set GPU_PYTHON)"]
+    assert not (tmp_path / "wheels").exists()
