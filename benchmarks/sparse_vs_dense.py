@@ -195,16 +195,18 @@ def idle_of(run: Callable[[torch.Tensor], None], masks: list, model: SparK, devi
     with the tables the step before read) while the GPU still runs the step before, before the
     wait for it, as pretraining does; otherwise a step makes its tables as its layers ask."""
     pending = iter(masks)
-    upcoming: list = [next(pending)]
+    upcoming = next(pending)
 
     def step() -> None:
+        nonlocal upcoming
         model.zero_grad(set_to_none=True)
-        current = upcoming.pop()
+        current = upcoming
         run(current)
         following = next(pending, None)
-        if following is not None:
-            upcoming.append(model.plan(following, device, like=current if isinstance(current, MaskPlan) else None)
-                            if ahead else following)
+        if following is not None and ahead:
+            upcoming = model.plan(following, device, like=current if isinstance(current, MaskPlan) else None)
+        elif following is not None:
+            upcoming = following
 
     return gpu_idle(step, len(masks), device)
 

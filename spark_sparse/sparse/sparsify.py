@@ -29,9 +29,7 @@ class SparseLayout(NamedTuple):
 
     pixels: BatchCoordinates  # the pixels' map; it holds the layers' manager, which holds ``sites``
     sites: PatchSites
-    visible: Tensor  # (P,) the visible patches' flat (image, patch row, patch column) index, on ``device``
-    batch: int
-    device: torch.device
+    visible: Tensor  # (P,) the visible patches' flat (image, patch row, patch column) index, on the sites' device
 
 
 def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: bool = False,
@@ -58,7 +56,7 @@ def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: 
     sites.key(1, pixels)
     if like is not None:
         sites.build_like(like)
-    return SparseLayout(pixels, sites, to_device(visible, device), b, device)
+    return SparseLayout(pixels, sites, to_device(visible, device))
 
 
 def sparsify(images: Tensor, active: Tensor, insert: bool = False,
@@ -76,10 +74,11 @@ def sparsify(images: Tensor, active: Tensor, insert: bool = False,
     patch = h // gh
     if layout is None:
         layout = plan_layout(active, patch, images.device, insert)
-    elif ((layout.batch, layout.sites.grid, layout.sites.patch_size) != (b, (gh, gw), patch)
-          or layout.device.type != images.device.type or layout.device.index not in (None, images.device.index)):
-        raise ValueError(f"the layout was planned for {layout.batch} images of {layout.sites.grid} patches of "
-                         f"{layout.sites.patch_size} pixels on {layout.device}, not {b} of {(gh, gw)} of {patch} "
+    elif ((layout.sites.batch, layout.sites.grid, layout.sites.patch_size) != (b, (gh, gw), patch)
+          or layout.sites.device.type != images.device.type
+          or layout.sites.device.index not in (None, images.device.index)):
+        raise ValueError(f"the layout was planned for {layout.sites.batch} images of {layout.sites.grid} patches of "
+                         f"{layout.sites.patch_size} pixels on {layout.sites.device}, not {b} of {(gh, gw)} of {patch} "
                          f"on {images.device}")
     # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
     tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
