@@ -125,7 +125,8 @@ def markdown(result: dict) -> str:
               "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
               "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]
     lines += ["", "## Steps", "", "| step | rc | s |", "|---|---:|---:|"]
-    lines += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in result["steps"]]
+    lines += [f"| {s['step']} | {s['rc']}{' (skipped: no time left)' if s.get('skipped') else ''} | {s['seconds']} |"
+              for s in result["steps"]]
     return "\n".join(lines) + "\n"
 
 

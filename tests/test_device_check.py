@@ -38,6 +38,25 @@ def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_pat
     assert list(tmp_path.glob("pretrain-check.*")) and set(Path("/tmp").glob("pretrain-check.*")) == before
 
 
+@needs_minkowski
+def test_a_check_out_of_time_skips_its_steps_and_still_writes_its_report(tmp_path):
+    """The device tool stops a command at 600 s and a stopped check would leave no results.json:
+    each step's limit is cut to what is left of DEADLINE_S, a step without 10 s left is skipped,
+    and the report is written whatever ran."""
+    out = tmp_path / "out"
+    env = dict(os.environ, DEVICE="cpu", SMALL="1", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path),
+               WHEELS=str(tmp_path / "no-wheels"), DEADLINE_S="5")
+    proc = subprocess.run(["bash", "scripts/device_check_pretrain.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1, summary
+    assert "SKIP (c) pytest --device cpu (" in summary and "some steps FAILED or were skipped" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] and all(s["rc"] == 125 and s["skipped"] for s in results["steps"])
+    assert {s["step"].split()[0] for s in results["steps"]} == {"(c)", "(d)", "(e)", "(f)", "(g)"}
+    assert "(skipped: no time left)" in (out / "results.md").read_text()
+
+
 def test_preparing_the_carried_wheels_refuses_a_missing_python_before_anything(tmp_path):
     """scripts/prepare_device_wheels.sh needs PyPI and minutes, so it runs by hand; its refusal of a
     Python it cannot find (the GPU machine's) comes first, in one line, with nothing made."""
