@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,8 @@ def idle_from_trace(events: list[dict], window: str = WINDOW) -> tuple[float, fl
     work = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events
             if e.get("ph") == "X" and e.get("cat", "").lower() in GPU_WORK]
     busy = covered(work, start, end)
+    if busy == 0:  # steps that ran on a GPU: the profiler saw none of it
+        raise ValueError(f"the trace has no GPU work in its '{window}' window (CUPTI unavailable?)")
     return 1.0 - busy / (end - start), busy
 
 
@@ -63,8 +66,13 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device) ->
 
 
 def gpu_idle(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float] | None:
-    """(idle share, GPU-busy seconds a step) over ``steps`` back-to-back steps; None off CUDA."""
+    """(idle share, GPU-busy seconds a step) over ``steps`` back-to-back steps; None off CUDA, and
+    None with a warning where the trace cannot tell (a share of 1 would be a figure nobody measured)."""
     if device.type != "cuda":
         return None
-    share, busy_us = idle_from_trace(profile_steps(step, steps, device))
+    try:
+        share, busy_us = idle_from_trace(profile_steps(step, steps, device))
+    except ValueError as err:
+        warnings.warn(f"GPU idle share not measured: {err}", stacklevel=2)
+        return None
     return share, busy_us / 1e6 / steps

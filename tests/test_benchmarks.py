@@ -205,9 +205,22 @@ def test_gpu_idle_share_is_the_window_not_covered_by_gpu_work():
     assert busy == 50 + 10 and share == pytest.approx(0.4)
     with pytest.raises(ValueError, match="no 'other' annotation"):
         idle_from_trace(events, "other")
-    # the window of real steps is found in a real trace (on the CPU: no GPU work in it)
-    share, busy = idle_from_trace(profile_steps(lambda: torch.ones(8).sum(), 2, torch.device("cpu")))
-    assert (share, busy) == (1.0, 0.0)
+    # the window of real steps is found in a real trace; one without GPU work (here: the CPU's; on a GPU
+    # machine: a profiler without CUPTI) is refused rather than read as a GPU idle all the time
+    cpu_trace = profile_steps(lambda: torch.ones(8).sum(), 2, torch.device("cpu"))
+    assert any(e.get("name") == WINDOW for e in cpu_trace)
+    with pytest.raises(ValueError, match="no GPU work in its 'spark_sparse.steps' window"):
+        idle_from_trace(cpu_trace)
+
+
+def test_gpu_idle_is_not_measured_when_the_profiler_saw_no_gpu_work(monkeypatch):
+    import benchmarks.gpu_idle as gpu_idle
+
+    monkeypatch.setattr(gpu_idle, "profile_steps", lambda step, steps, device: [
+        {"ph": "X", "cat": "user_annotation", "name": gpu_idle.WINDOW, "ts": 0, "dur": 100}])
+    with pytest.warns(UserWarning, match="GPU idle share not measured: the trace has no GPU work"):
+        assert gpu_idle.gpu_idle(lambda: None, 2, torch.device("cuda")) is None
+    assert gpu_idle.gpu_idle(lambda: None, 2, torch.device("cpu")) is None  # off CUDA: nothing to measure
 
 
 def test_idle_steps_run_every_mask_once_each_planned_during_the_step_before(monkeypatch):
