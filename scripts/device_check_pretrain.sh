@@ -183,19 +183,24 @@ for precision in fp32 bf16; do
 done
 
 # (f) pretraining: a long run whose loss must fall, a short one per family, and (g) torchrun on
-# one GPU: side by side (separate processes and logs; nothing of them is timed against another)
+# one GPU: side by side (separate processes and logs; nothing of them is timed against another).
+# Each process takes its share of the cores' threads: PyTorch's default is every core in each, and
+# the OpenMP threads of processes fighting over cores make them all many times slower
+SHARE=$(($(nproc) / (${#FAMILIES[@]} + 4)))  # the long run, the families, 3 torchrun processes
+[ "$SHARE" -ge 1 ] || SHARE=1
 step "(f) pretrain 200 steps" f.log 120 \
-  "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" vis_every=100000 hydra.run.dir="$WORK/pretrain" &
+  "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" threads=$SHARE vis_every=100000 \
+  hydra.run.dir="$WORK/pretrain" &
 for model in "${FAMILIES[@]}"; do
   step "(f) pretrain $model, ${SHORT[0]}" "f_$model.log" 120 \
-    "$PY" -m spark_sparse.pretrain device="$DEVICE" model="$model" "${SHORT[@]}" vis_every=100000 \
+    "$PY" -m spark_sparse.pretrain device="$DEVICE" model="$model" "${SHORT[@]}" threads=$SHARE vis_every=100000 \
     hydra.run.dir="$WORK/pretrain_$model" &
 done
 if [ "$DEVICE" = cuda ]; then
-  step "(g) torchrun 1 process, NCCL" g_nccl.log 120 \
+  step "(g) torchrun 1 process, NCCL" g_nccl.log 120 env OMP_NUM_THREADS=$SHARE \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/distributed_check.py nccl &
 fi
-step "(g) torchrun 2 processes on one device, gloo" g_gloo.log 120 \
+step "(g) torchrun 2 processes on one device, gloo" g_gloo.log 120 env OMP_NUM_THREADS=$SHARE \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/distributed_check.py gloo &
 wait
 cp "$WORK/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
