@@ -22,6 +22,7 @@ import torch
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.family import ConversionError
+from spark_sparse.precision import set_tf32
 from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
@@ -96,12 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: float32 tiles (convolutions) and GEMMs both in TF32, or both in IEEE float32")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
     if args.input_size <= 0 or args.input_size % 32:
         parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     device = torch.device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.tf32)  # PyTorch's default would give the tiles TF32 and the GEMMs none
     configure_cpu()
     g = torch.Generator().manual_seed(args.seed)
     size = args.input_size
@@ -112,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConversionError, ValueError) as err:  # an unknown model, or one no engine mirrors
         parser.error(f"--model {args.model}: {err}")
 
+    precision = f", float32 in {'TF32' if args.tf32 else 'IEEE float32'}" if device.type == "cuda" else ""
     print(f"{args.model}, batch {args.batch_size}, {size} px, mask {args.mask_ratio}, forward+backward on "
-          f"{device.type}, best of {args.repeats} (ms)\n")
+          f"{device.type}{precision}, best of {args.repeats} (ms)\n")
     print("| layer | channels(/groups) | kernel/stride | sites per side in->out | tiles | offset GEMMs | window GEMMs "
           "| picked | faster |")
     print("|---|---|---|---|---:|---:|---:|---|---|")

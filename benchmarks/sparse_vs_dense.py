@@ -52,7 +52,7 @@ from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.run.runtime import configure_cpu, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
 from spark_sparse.model.spark import MaskPlan, SparK
-from spark_sparse.precision import autocast, check_precision
+from spark_sparse.precision import autocast, check_precision, set_tf32, tf32_enabled
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.recipe import default_recipe
@@ -93,6 +93,8 @@ def validate(cfg: DictConfig) -> None:
         raise BenchConfigError(f"sparse_conv must be null or one of {list(CONV_IMPLS)}, got '{cfg.sparse_conv}'")
     if cfg.device not in ("cpu", "cuda"):
         raise BenchConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
+    if not isinstance(cfg.tf32, bool):
+        raise BenchConfigError(f"tf32 must be true or false, got '{cfg.tf32}'")
     try:
         check_precision(cfg.precision, cfg.device)
     except ValueError as err:
@@ -342,6 +344,8 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     validate(cfg)
     sizes = batch_sizes(cfg)
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        set_tf32(cfg.tf32)  # both engines' float32 convolutions and GEMMs alike
     # memory first (see memory_by_model); then time with freed memory kept
     memory = memory_by_model(cfg, sizes, device)
     cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
@@ -349,6 +353,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
         "input_size": cfg.input_size, "precision": cfg.precision, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
         "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
+        "tf32": tf32_enabled() if device.type == "cuda" else None,
         "keep_freed_memory": cpu["keep_freed_memory"],
         "torch": torch.__version__, "minkowski_engine": ME.__version__,
     }

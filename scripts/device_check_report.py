@@ -18,6 +18,10 @@ from pathlib import Path
 SPEEDUP_TARGETS = {("resnet50", 0.6): 1.5, ("resnet50", 0.75): 2.0, ("convnext_tiny", 0.6): 1.3}
 MEMORY_TARGET = 0.6  # sparse peak CUDA memory / dense masking's, encoder fwd+bwd
 IDLE_TARGET = 0.05  # the GPU's idle share of a whole SparK step
+# the benchmark's runs (OUT/bench_<run>): the targets are judged on fp32's, whose float32 convolutions
+# and GEMMs run in TF32 on CUDA (the benchmark's default), fp32_ieee's in IEEE float32
+RUNS = {"fp32": "fp32 (on CUDA: TF32 for both engines' convolutions and GEMMs)", "bf16": "bf16 autocast",
+        "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -106,10 +110,10 @@ def markdown(result: dict) -> str:
     for c in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[c["met"]]
         lines.append(f"| {c['target']} | {c['measured'] or 'n/a'} | {met} |")
-    for precision, rows in result["benchmarks"].items():
+    for run, rows in result["benchmarks"].items():
         if not rows:
             continue
-        lines += ["", f"## Sparse vs dense masking, {precision}", "",
+        lines += ["", f"## Sparse vs dense masking, {RUNS[run]}", "",
                   "| model | batch | mask | pass | dense img/s | sparse img/s | speed-up | peak MiB sparse/dense "
                   "| GPU idle dense / sparse | planned ahead | CPU queueing dense / sparse |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -147,9 +151,13 @@ def main(out: Path, device: str, seconds: int) -> None:
     summary = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []
     environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
     fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
+    runs = {"fp32": pairs(fp32), "bf16": pairs(bf16)}
+    if bench(out, "fp32_ieee"):
+        runs["fp32_ieee"] = pairs(bench(out, "fp32_ieee"))
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),
-              "steps": steps, "benchmarks": {"fp32": pairs(fp32), "bf16": pairs(bf16)},
+              "tf32": next((r.get("tf32") for r in fp32), None),
+              "steps": steps, "benchmarks": runs,
               "pretrain_losses": losses, "batch_tables": table, "conv_paths": paths,
               "torchrun": torchrun}
     result["targets"] = targets(result["benchmarks"]["fp32"], by_step, losses)

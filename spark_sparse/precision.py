@@ -1,6 +1,7 @@
 """Mixed precision: which arithmetic a run's forward pass uses.
 
-``fp32`` runs everything in float32. ``bf16`` and ``fp16`` run the forward pass under
+``fp32`` runs everything in float32: on CUDA, convolutions and matrix products alike either in
+TF32 (``set_tf32(True)``, the apps' default) or in IEEE float32. ``bf16`` and ``fp16`` run the forward pass under
 ``torch.autocast``: matrix products and convolutions (timm's and the sparse engine's own) in the
 16-bit type, norm statistics and the loss in float32, parameters kept in float32 (master weights,
 float32 gradients). fp16's narrow range needs loss scaling (``torch.amp.GradScaler``), and
@@ -56,3 +57,18 @@ def autocast(precision: str, device_type: str) -> contextlib.AbstractContextMana
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=_DTYPES[precision])
+
+
+def set_tf32(enabled: bool) -> None:
+    """CUDA float32 convolutions and matrix products both in TF32 (tensor cores, a 10-bit mantissa)
+    or both in IEEE float32. PyTorch's default mixes them (convolutions TF32, matrix products
+    not): a layer run as a convolution in one engine and as GEMMs in the other would round
+    differently and run at different speeds. Process-wide, as PyTorch's flags are: for entry points."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA float32 convolutions and matrix products run in TF32 (both, by ``set_tf32``)."""
+    return torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"

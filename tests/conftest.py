@@ -16,6 +16,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from spark_sparse import random_active  # noqa: E402
+from spark_sparse.precision import set_tf32  # noqa: E402
 from spark_sparse.run.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -56,8 +57,7 @@ def device(request) -> torch.device:
     IEEE float32 (no TF32), which is what the tests' float32 tolerances assume."""
     device = torch.device(request.config.getoption("--device"))
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        set_tf32(False)
     return device
 
 

@@ -174,6 +174,9 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
         cfg.precision, cfg.sparse_conv = precision, conv
         with pytest.raises(BenchConfigError, match=error):
             validate(cfg)
+    cfg.precision, cfg.sparse_conv, cfg.tf32 = "fp32", None, "yes"
+    with pytest.raises(BenchConfigError, match="tf32 must be true or false, got 'yes'"):
+        validate(cfg)
 
 
 def test_on_cuda_only_minkowskis_own_convolutions_need_its_cuda_build(monkeypatch):

@@ -50,6 +50,7 @@ def test_every_declared_key_is_one_the_configs_have(name, keys):
     ("optim.clip_grad=-1", "optim.clip_grad must be positive or null, got -1"),
     ("optim.lr=0", "optim.lr must be positive or null, got 0"),
     ("mixup.prob=1.5", r"mixup.prob must be in \[0, 1\], got 1.5"),
+    ("tf32=maybe", "tf32 must be true or false, got 'maybe'"),
 ])
 def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, message):
     with pytest.raises(ConfigError, match=message):

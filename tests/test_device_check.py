@@ -31,6 +31,7 @@ def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_pat
     assert all(rc == 0 for rc in steps.values()) and len(steps) >= 8, steps
     assert any(name.startswith("(c) pytest") for name in steps)
     assert any(name.startswith("(g) torchrun") for name in steps)
+    assert set(results["benchmarks"]) == {"fp32", "bf16", "fp32_ieee"}  # TF32, bf16, IEEE float32
     speedups = [row["speedup"] for rows in results["benchmarks"].values() for row in rows]
     assert speedups and all(s > 0 for s in speedups)
     assert (out / "results.md").read_text().strip()

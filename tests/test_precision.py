@@ -21,7 +21,8 @@ import torch
 from spark_sparse import MaskedDenseEncoder, engine_class
 from spark_sparse.encoders.families import family_of
 from spark_sparse.model.spark import SparK
-from spark_sparse.precision import PRECISIONS, autocast, compute_dtype, needs_grad_scaler, statistics_dtype
+from spark_sparse.precision import (PRECISIONS, autocast, compute_dtype, needs_grad_scaler, set_tf32, statistics_dtype,
+                                    tf32_enabled)
 
 from .conftest import make_batch, needs_minkowski
 
@@ -43,6 +44,20 @@ def test_precisions_and_their_autocast():
     assert [needs_grad_scaler(p) for p in PRECISIONS] == [False, False, True]
     assert [statistics_dtype(d) for d in (BF16, torch.float16, torch.float32, torch.float64)] == [
         torch.float32, torch.float32, torch.float32, torch.float64]
+
+
+def test_tf32_is_set_for_convolutions_and_matrix_products_together():
+    """PyTorch's default runs CUDA float32 convolutions in TF32 and matrix products in IEEE float32,
+    so a layer would round (and run) differently as the dense engine's convolution and as the
+    sparse engine's GEMMs; ``set_tf32`` sets both (flags only: this runs without a GPU)."""
+    kept = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        for enabled, mode in ((True, "tf32"), (False, "ieee")):
+            set_tf32(enabled)
+            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
+            assert tf32_enabled() is enabled
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = kept
 
 
 def test_fp16_on_cpu_and_unknown_precisions_are_refused_in_one_line():

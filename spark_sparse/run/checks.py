@@ -28,6 +28,7 @@ RUN_KEYS: dict[str, Rule] = {
     "resume_changes": TEXTS,  # which may change: the app's changeable_on_resume (check_resumable)
     "device": one_of("cpu", "cuda"),
     "precision": one_of(*PRECISIONS),
+    "tf32": FLAG,
     "threads": at_least(1) | NULL,
     "dist_timeout_s": POSITIVE,
     "logger.kind": one_of("none", "wandb"),
