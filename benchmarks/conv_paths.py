@@ -22,14 +22,13 @@ import torch
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.family import ConversionError
-from spark_sparse.precision import set_tf32
 from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.gemm_conv import small_block_path
 from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import PatchSites
-from spark_sparse.run.runtime import configure_cpu
+from spark_sparse.run.runtime import configure_cpu, configure_cuda
 
 # (tile_min_sites, small_block_path) that force each path
 PATHS = {"tiles": (1, None), "offsets": (10**9, "offsets"), "windows": (10**9, "windows")}
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     device = torch.device(args.device)
     if device.type == "cuda":
-        set_tf32(args.tf32)  # PyTorch's default would give the tiles TF32 and the GEMMs none
+        configure_cuda(args.tf32)  # PyTorch's default would give the tiles TF32 and the GEMMs none
     configure_cpu()
     g = torch.Generator().manual_seed(args.seed)
     size = args.input_size

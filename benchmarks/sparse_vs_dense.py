@@ -49,10 +49,10 @@ from torch import nn
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
-from spark_sparse.run.runtime import configure_cpu, returning_freed_memory
+from spark_sparse.run.runtime import configure_cpu, configure_cuda, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
 from spark_sparse.model.spark import MaskPlan, SparK
-from spark_sparse.precision import autocast, check_precision, set_tf32, tf32_enabled
+from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.recipe import default_recipe
@@ -344,8 +344,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     validate(cfg)
     sizes = batch_sizes(cfg)
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        set_tf32(cfg.tf32)  # both engines' float32 convolutions and GEMMs alike
+    cuda = configure_cuda(cfg.tf32) if device.type == "cuda" else {}  # both engines' float32 arithmetic alike
     # memory first (see memory_by_model); then time with freed memory kept
     memory = memory_by_model(cfg, sizes, device)
     cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
@@ -353,7 +352,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
         "input_size": cfg.input_size, "precision": cfg.precision, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
         "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
-        "tf32": tf32_enabled() if device.type == "cuda" else None,
+        "tf32": cuda.get("tf32"), "cudnn_benchmark": cuda.get("cudnn_benchmark"),
         "keep_freed_memory": cpu["keep_freed_memory"],
         "torch": torch.__version__, "minkowski_engine": ME.__version__,
     }

@@ -60,6 +60,20 @@ def test_tf32_is_set_for_convolutions_and_matrix_products_together():
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = kept
 
 
+def test_a_cuda_entry_point_sets_tf32_and_autotunes_convolutions():
+    from spark_sparse.run.runtime import configure_cuda
+
+    kept = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cudnn.benchmark)
+    try:
+        assert configure_cuda(False) == {"tf32": False, "cudnn_benchmark": True}
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee" and torch.backends.cudnn.benchmark
+        assert configure_cuda(True) == {"tf32": True, "cudnn_benchmark": True}
+    finally:
+        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+         torch.backends.cudnn.benchmark) = kept
+
+
 def test_fp16_on_cpu_and_unknown_precisions_are_refused_in_one_line():
     with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device") as err:
         autocast("fp16", "cpu")

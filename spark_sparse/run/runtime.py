@@ -1,4 +1,5 @@
-"""CPU run-time settings for training and benchmarks, applied by entry points (never on import).
+"""Run-time settings for training and benchmarks, applied by entry points (never on import): the
+CPU's allocator and threads, CUDA's float32 arithmetic and convolution algorithms.
 
 glibc returns every large freed block to the kernel and page-faults it back in at the next
 allocation. A training step allocates and frees hundreds of megabytes of activations layer by
@@ -15,6 +16,8 @@ import ctypes.util
 import os
 
 import torch
+
+from ..precision import set_tf32, tf32_enabled
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 # glibc's defaults, restored while memory is being measured
@@ -60,3 +63,13 @@ def configure_cpu(threads: int | None = None, keep_memory: bool = True) -> dict:
     kept = _kept = keep_freed_memory() if keep_memory else False
     return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "keep_freed_memory": kept}
+
+
+def configure_cuda(tf32: bool) -> dict:
+    """CUDA's float32 arithmetic (``precision.set_tf32``) and cuDNN's autotuning of convolution
+    algorithms, which pays off because a run's convolution shapes repeat (every SparK mask keeps
+    the same number of patches per image; timm's training script turns it on too); returns the
+    settings, for the record."""
+    set_tf32(tf32)
+    torch.backends.cudnn.benchmark = True
+    return {"tf32": tf32_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark}

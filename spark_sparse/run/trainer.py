@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data.seeds import derive_seed
-from ..precision import autocast, needs_grad_scaler, set_tf32
+from ..precision import autocast, needs_grad_scaler
 from . import distributed
 from .checkpoint import Saver, load_checkpoint
 from .checks import get as _get
@@ -33,7 +33,7 @@ from .logger import NullLogger, RunLogger
 from .recipe import register_resolver
 from .rng import restore_rng, rng_state, seed_everything
 from .run_dir import RunDirLock, RunFiles, open_run_dir
-from .runtime import configure_cpu
+from .runtime import configure_cpu, configure_cuda
 from .signals import StopSignals, Stopped
 
 
@@ -130,7 +130,7 @@ class Run:
         self.device = torch.device(cfg.device, ctx.local_rank if cfg.device == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            set_tf32(cfg.tf32)
+            configure_cuda(cfg.tf32)
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self._resumed = ckpt
         self.step = ckpt["step"] if ckpt is not None else 0
