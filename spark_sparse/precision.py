@@ -63,12 +63,15 @@ def set_tf32(enabled: bool) -> None:
     """CUDA float32 convolutions and matrix products both in TF32 (tensor cores, a 10-bit mantissa)
     or both in IEEE float32. PyTorch's default mixes them (convolutions TF32, matrix products
     not): a layer run as a convolution in one engine and as GEMMs in the other would round
-    differently and run at different speeds. Process-wide, as PyTorch's flags are: for entry points."""
-    mode = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    differently and run at different speeds. Process-wide, as PyTorch's flags are: for entry points.
+
+    Through the ``allow_tf32`` flags: in torch 2.11 and 2.14 they set the newer ``fp32_precision``
+    settings as well, while setting those alone leaves the two out of step, and then reading a
+    flag (as torch's cuBLAS and cuDNN code may) raises "mix of the legacy and new APIs"."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def tf32_enabled() -> bool:
     """Whether CUDA float32 convolutions and matrix products run in TF32 (both, by ``set_tf32``)."""
-    return torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

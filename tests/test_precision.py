@@ -46,32 +46,40 @@ def test_precisions_and_their_autocast():
         torch.float32, torch.float32, torch.float32, torch.float64]
 
 
+def tf32_flags() -> tuple:
+    """Every way torch reports its TF32 settings; reading one raises where they were set out of step."""
+    return (torch._C._get_cublas_allow_tf32(), torch._C._get_cudnn_allow_tf32(), torch.get_float32_matmul_precision(),
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+
+
 def test_tf32_is_set_for_convolutions_and_matrix_products_together():
     """PyTorch's default runs CUDA float32 convolutions in TF32 and matrix products in IEEE float32,
     so a layer would round (and run) differently as the dense engine's convolution and as the
-    sparse engine's GEMMs; ``set_tf32`` sets both (flags only: this runs without a GPU)."""
-    kept = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    sparse engine's GEMMs; ``set_tf32`` sets both, leaving torch's older and newer settings in
+    step (flags only: this runs without a GPU)."""
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        for enabled, mode in ((True, "tf32"), (False, "ieee")):
-            set_tf32(enabled)
-            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
-            assert tf32_enabled() is enabled
+        set_tf32(True)
+        assert tf32_enabled() and tf32_flags() == (True, True, "high", "tf32", "tf32")
+        set_tf32(False)
+        assert not tf32_enabled() and tf32_flags()[:3] == (False, False, "highest")
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision in ("ieee", "none")  # none: the parent's, IEEE
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = kept
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
 def test_a_cuda_entry_point_sets_tf32_and_autotunes_convolutions():
     from spark_sparse.run.runtime import configure_cuda
 
-    kept = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-            torch.backends.cudnn.benchmark)
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     try:
         assert configure_cuda(False) == {"tf32": False, "cudnn_benchmark": True}
-        assert torch.backends.cudnn.conv.fp32_precision == "ieee" and torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
         assert configure_cuda(True) == {"tf32": True, "cudnn_benchmark": True}
+        tf32_flags()  # readable
     finally:
-        (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
-         torch.backends.cudnn.benchmark) = kept
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = kept
 
 
 def test_fp16_on_cpu_and_unknown_precisions_are_refused_in_one_line():
