@@ -1,11 +1,12 @@
 """Mixed precision: which arithmetic a run's forward pass uses.
 
-``fp32`` runs everything in float32: on CUDA, convolutions and matrix products alike either in
-TF32 (``set_tf32(True)``, the apps' default) or in IEEE float32. ``bf16`` and ``fp16`` run the forward pass under
-``torch.autocast``: matrix products and convolutions (timm's and the sparse engine's own) in the
-16-bit type, norm statistics and the loss in float32, parameters kept in float32 (master weights,
-float32 gradients). fp16's narrow range needs loss scaling (``torch.amp.GradScaler``), and
-autocast offers it on CUDA only; bf16 has float32's range and needs none.
+``fp32`` runs everything in float32 (on CUDA, convolutions and matrix products alike either in
+TF32, the apps' default, or in IEEE float32: ``set_tf32``). ``bf16`` and ``fp16`` run the
+forward pass under ``torch.autocast``: matrix products and convolutions (timm's and the sparse
+engine's own) in the 16-bit type, norm statistics and the loss in float32, parameters kept in
+float32 (master weights, float32 gradients). fp16's narrow range needs loss scaling
+(``torch.amp.GradScaler``), and autocast offers it on CUDA only; bf16 has float32's range and
+needs none.
 
 >>> with autocast("bf16", images.device.type):
 ...     loss = model(images)["loss"]
@@ -67,7 +68,7 @@ def set_tf32(enabled: bool) -> None:
 
     Through the ``allow_tf32`` flags: in torch 2.11 and 2.14 they set the newer ``fp32_precision``
     settings as well, while setting those alone leaves the two out of step, and then reading a
-    flag (as torch's cuBLAS and cuDNN code may) raises "mix of the legacy and new APIs"."""
+    flag raises "mix of the legacy and new APIs" (libtorch_cuda reads the cuBLAS one)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
 

@@ -49,8 +49,7 @@ KEYS = {
 
 # a resumed run must be the same experiment
 FIXED_ON_RESUME = ("mode", "model", "pretrained", "data.train", "data.val", "input_size", "batch_size", "epochs",
-                   "seed", "optim", "aug", "mixup", "ema", "drop_path_rate", "precision",
-                   "tf32")
+                   "seed", "optim", "aug", "mixup", "ema", "drop_path_rate", "precision", "tf32")
 # ... but a user may resume with these changed on purpose (resume_changes=[...])
 CHANGEABLE_ON_RESUME = ("precision", "optim.lr", "optim.base_lr", "optim.min_lr", "optim.clip_grad", "tf32")
 

@@ -49,8 +49,7 @@ KEYS = {
 
 # a resumed run must be the same experiment; these may not change between the two halves
 FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed", "data.kind", "data.root",
-                   "data.scale", "decoder", "drop_path_rate", "optim", "max_steps", "epochs", "precision",
-                   "tf32")
+                   "data.scale", "decoder", "drop_path_rate", "optim", "max_steps", "epochs", "precision", "tf32")
 # ... but a user may resume with these changed on purpose (resume_changes=[...]): a long run that
 # diverged goes on from its last good checkpoint with a smaller lr
 CHANGEABLE_ON_RESUME = ("precision", "optim.base_lr", "optim.min_lr", "optim.clip_grad", "optim.weight_decay",
