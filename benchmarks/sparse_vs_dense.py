@@ -205,10 +205,9 @@ def idle_of(run: Callable[[torch.Tensor], None], masks: list, model: SparK, devi
         current = upcoming
         run(current)
         following = next(pending, None)
-        if following is not None and ahead:
-            upcoming = model.plan(following, device, like=current if isinstance(current, MaskPlan) else None)
-        elif following is not None:
-            upcoming = following
+        if following is not None:
+            like = current if isinstance(current, MaskPlan) else None
+            upcoming = model.plan(following, device, like=like) if ahead else following
 
     return gpu_idle(step, len(masks), device)
 

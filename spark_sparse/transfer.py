@@ -17,12 +17,17 @@ from torch import Tensor
 T = TypeVar("T")
 
 
+def is_on(actual: torch.device, wanted: torch.device) -> bool:
+    """Whether a tensor on ``actual`` is already on ``wanted`` (a device without an index: any of its kind)."""
+    return actual.type == wanted.type and wanted.index in (None, actual.index)
+
+
 def to_device(value: T, device: torch.device) -> T:
     """``value`` (a tensor, or a tuple, NamedTuple or list holding tensors and other values) with
     its tensors on ``device``; a CPU tensor bound for a GPU goes through pinned memory without
     blocking. On the CPU, or already there, a tensor is returned as it is."""
     if isinstance(value, Tensor):
-        if value.device.type == device.type and device.index in (None, value.device.index):
+        if is_on(value.device, device):
             return value
         if value.device.type == "cpu" and device.type == "cuda":
             return value.pin_memory().to(device, non_blocking=True)

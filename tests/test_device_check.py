@@ -14,14 +14,20 @@ from .conftest import needs_minkowski
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def dry_run(tmp_path: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """The check with tiny settings on the CPU, this Python's packages (no wheels), its results in
+    ``tmp_path/out`` and its work folder in ``tmp_path``."""
+    env = dict(os.environ, DEVICE="cpu", SMALL="1", OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               TMPDIR=str(tmp_path), WHEELS=str(tmp_path / "no-wheels"), **env)
+    return subprocess.run(["bash", "scripts/device_check_pretrain.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 @needs_minkowski
 def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_path):
     out = tmp_path / "out"
     before = set(Path("/tmp").glob("pretrain-check.*"))
-    env = dict(os.environ, DEVICE="cpu", SMALL="1", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path),
-               WHEELS=str(tmp_path / "no-wheels"), OMP_NUM_THREADS="1")  # the installed packages
-    proc = subprocess.run(["bash", "scripts/device_check_pretrain.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = dry_run(tmp_path, 900, OMP_NUM_THREADS="1")
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
     assert "all steps ok (device cpu" in summary
@@ -45,10 +51,7 @@ def test_a_check_out_of_time_skips_its_steps_and_still_writes_its_report(tmp_pat
     each step's limit is cut to what is left of DEADLINE_S, a step without 10 s left is skipped,
     and the report is written whatever ran."""
     out = tmp_path / "out"
-    env = dict(os.environ, DEVICE="cpu", SMALL="1", OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path),
-               WHEELS=str(tmp_path / "no-wheels"), DEADLINE_S="5")
-    proc = subprocess.run(["bash", "scripts/device_check_pretrain.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = dry_run(tmp_path, 120, DEADLINE_S="5")
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 1, summary
     assert "SKIP (c) pytest --device cpu (" in summary and "some steps FAILED or were skipped" in summary

@@ -17,7 +17,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from ..transfer import to_device
+from ..transfer import is_on, to_device
 from .patch_sites import BatchCoordinates, PatchSites
 
 
@@ -75,8 +75,7 @@ def sparsify(images: Tensor, active: Tensor, insert: bool = False,
     if layout is None:
         layout = plan_layout(active, patch, images.device, insert)
     elif ((layout.sites.batch, layout.sites.grid, layout.sites.patch_size) != (b, (gh, gw), patch)
-          or layout.sites.device.type != images.device.type
-          or layout.sites.device.index not in (None, images.device.index)):
+          or not is_on(images.device, layout.sites.device)):
         raise ValueError(f"the layout was planned for {layout.sites.batch} images of {layout.sites.grid} patches of "
                          f"{layout.sites.patch_size} pixels on {layout.sites.device}, not {b} of {(gh, gw)} of {patch} "
                          f"on {images.device}")
