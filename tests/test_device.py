@@ -22,6 +22,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch
 
@@ -29,6 +30,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.encoders.masked_engine import MaskedTensor, convert_leaf
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME
 from spark_sparse.sparse.patch_conv import PatchConvolution
@@ -256,6 +258,22 @@ def test_the_issues_models_equal_dense_masked_on_the_device(timm_models, name, d
         for a, b in zip(sparse.eval().dense_features(images.double(), active),
                         dense.eval().dense_features(images.double(), active)):
             assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_dense_masked_padded_average_pooling_has_the_cpus_gradient(stride, device):
+    """Res2Net's and ResNeSt's 3x3 pooling (padding 1) reads the channels-last maps the masked
+    norms hand on; on CUDA, torch's own backward of that was wrong (pytorch/pytorch#188344)."""
+    pool = convert_leaf(torch.nn.AvgPool2d(3, stride, padding=1), "pool")
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    active = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    grad_out = torch.randn(2, 8, 6 // stride, 6 // stride, dtype=torch.float64)
+
+    x_on = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    (grad,) = torch.autograd.grad(pool(MaskedTensor(x_on, active.to(device))).x, x_on, grad_out.to(device))
+    x_cpu = x.clone().requires_grad_()  # contiguous, on the CPU: torch's reference
+    (want,) = torch.autograd.grad(F.avg_pool2d(x_cpu, 3, stride, padding=1), x_cpu, grad_out)
+    assert torch.allclose(grad.cpu(), want, rtol=0, atol=1e-12)
 
 
 def test_the_audit_sees_a_cpu_index_and_a_host_read():

@@ -337,6 +337,15 @@ class MaskedApply(nn.Module):
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
+class MaskedPaddedAvgPool(MaskedApply):
+    """A padded average pooling on a contiguous map: the masked norms hand on channels-last maps,
+    and torch's CUDA backward of a padded average pooling over channels-last input leaves out the
+    padding offset, silently wrong gradients (pytorch/pytorch#188344, fixed after torch 2.11)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        return super().forward(inp._replace(x=inp.x.contiguous()))
+
+
 class MaskedPointwise(nn.Module):
     """An elementwise module (ReLU, GELU, drop-path) that keeps zeros at zero: no re-masking."""
 
@@ -450,7 +459,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         if (k, s, p) != (2, 2, 0) and not same_divisor:
             raise unsupported(module, path, f"kernel {k}, stride {s}, padding {p}, count_include_pad "
                                             f"{module.count_include_pad}, ceil_mode {module.ceil_mode}")
-        return MaskedApply(module)
+        return MaskedApply(module) if p == 0 else MaskedPaddedAvgPool(module)
     if type(module) is nn.Upsample:
         upsample_scale(module, path)  # the same refusals as the sparse engine's
         return MaskedApply(copy.deepcopy(module))
