@@ -61,6 +61,18 @@ def test_a_check_out_of_time_skips_its_steps_and_still_writes_its_report(tmp_pat
     assert "(skipped: no time left)" in (out / "results.md").read_text()
 
 
+@needs_minkowski
+def test_a_part_of_the_check_runs_alone(tmp_path):
+    """A rerun on the device of what failed: ONLY names the steps by letter, PYTEST_K the tests."""
+    out = tmp_path / "out"
+    proc = dry_run(tmp_path, 300, OMP_NUM_THREADS="1", ONLY="c", PYTEST_K="small_blocks")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [s["step"] for s in results["steps"]] == ["(c) pytest --device cpu"]
+    assert " passed" in (out / "c.log").read_text() and "deselected" in (out / "c.log").read_text()
+
+
 def test_preparing_the_carried_wheels_refuses_a_missing_python_before_anything(tmp_path):
     """scripts/prepare_device_wheels.sh needs PyPI and minutes, so it runs by hand; its refusal of a
     Python it cannot find (the GPU machine's) comes first, in one line, with nothing made."""
