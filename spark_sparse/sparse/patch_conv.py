@@ -33,17 +33,19 @@ from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_geometry
 
 def gather_tiles(feats: Tensor, tile: Tile, fill: float = 0.0) -> Tensor:
     """Every patch's tile as a (P, C, size, size) batch (channels-last in memory)."""
-    rows = feats.index_select(0, tile.present_rows).index_fill_(0, tile.absent, fill)
+    rows = feats.index_select(0, tile.present_rows).masked_fill_(tile.absent, fill)
     return rows.view(-1, tile.size, tile.size, feats.shape[1]).permute(0, 3, 1, 2)
 
 
 def scatter_tiles(grad: Tensor, tile: Tile) -> Tensor:
     """The adjoint of ``gather_tiles``: tile gradients summed back onto rows. A patch's own part
-    of its tile is its rows in order (a copy); only present halo positions need a scatter."""
+    of its tile is its rows in order (a copy); the halo is scattered, its absent positions'
+    gradients zeroed first (they add to row 0: a fixed shape, whichever neighbours are present)."""
     c, a, s = grad.shape[1], -tile.start, tile.sites
     g = grad.permute(0, 2, 3, 1)
     rows = g[:, a:a + s, a:a + s].reshape(-1, c)
-    return rows.index_add_(0, tile.halo_rows, g.reshape(-1, c).index_select(0, tile.halo_positions))
+    halo = g.reshape(-1, c).index_select(0, tile.halo_positions).masked_fill_(tile.halo_absent, 0)
+    return rows.index_add_(0, tile.halo_rows, halo)
 
 
 def tile_rows(out: Tensor) -> Tensor:

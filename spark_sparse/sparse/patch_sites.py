@@ -23,6 +23,7 @@ from typing import NamedTuple
 import MinkowskiEngine as ME
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from ..transfer import to_device
 
@@ -35,16 +36,19 @@ TILE_MIN_SITES = 8
 
 
 class Tile(NamedTuple):
-    """Each patch's ``size`` x ``size`` neighbourhood, starting ``start`` sites before its corner."""
+    """Each patch's ``size`` x ``size`` neighbourhood, starting ``start`` sites before its corner.
+    Every tensor's shape follows from the number of patches alone, never from which neighbours
+    are present: a step captured on one batch (a CUDA graph) replays on another's tables."""
 
     rows: Tensor  # (P * size * size,) int32: the row at each tile position, N where absent
     start: int
     size: int
     sites: int  # sites per side of the patch itself
     present_rows: Tensor  # ``rows`` with row 0 for absent sites (overwritten after gathering) ...
-    absent: Tensor  # ... at these positions
-    halo_positions: Tensor  # positions outside the patch itself that hold a present row ...
-    halo_rows: Tensor  # ... and those rows: where a tile's gradient spills into other patches
+    absent: Tensor  # ... where this (P * size * size, 1) bool is true
+    halo_positions: Tensor  # every position outside the patch itself ...
+    halo_rows: Tensor  # ... the row there (0 where absent): where a tile's gradient spills into other patches ...
+    halo_absent: Tensor  # ... but for these (P * halo, 1) bool
 
 
 class OffsetPairs(NamedTuple):
@@ -80,13 +84,6 @@ class BatchCoordinates(ME.CoordinateManager):
         return super().get_coordinates(key_or_tensor_strides)
 
 
-def _cat(tensors: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
-    """int32 tensors concatenated (one as it is); none, an empty one."""
-    if len(tensors) == 1:
-        return tensors[0]
-    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int32, device=device)
-
-
 def tile_fits(sites_per_side: int, start: int, size: int) -> bool:
     """Whether a tile stays within a block's neighbours (the tables reach no further)."""
     return -sites_per_side <= start and start + size <= 2 * sites_per_side
@@ -117,15 +114,27 @@ def tile_geometry(sites_per_side: int, kernel_size: int, stride: int, padding: i
     return start, size
 
 
-def _tile_of(rows: Tensor, start: int, size: int, sites: int, num_rows: int) -> Tile:
-    """The tile table of ``rows`` (P * size * size,) int32, ``num_rows`` where absent."""
-    present = rows != num_rows
+def halo_of_tile(start: int, size: int, sites: int) -> Tensor:
+    """(halo,) int32: the positions of a ``size`` x ``size`` tile outside its patch (geometry only)."""
     steps = torch.arange(start, start + size)
     inside = (steps >= 0) & (steps < sites)
-    halo = (~(inside.view(-1, 1) & inside)).view(1, -1) & present.view(-1, size * size)
-    positions = halo.view(-1).nonzero()[:, 0].int()  # int32: the tables are a batch's
-    return Tile(rows, start, size, sites, rows.masked_fill(~present, 0), (~present).nonzero()[:, 0],
-                positions, rows.index_select(0, positions))
+    return (~(inside.view(-1, 1) & inside)).view(-1).nonzero()[:, 0].int()
+
+
+def _tile_of(rows: Tensor, start: int, size: int, sites: int, num_rows: int, halo: Tensor | None = None) -> Tile:
+    """The tile table of ``rows`` (P * size * size,) int32, ``num_rows`` where absent, on its
+    device; ``halo``: ``halo_of_tile``'s, there (by default made on the CPU and copied). Elementwise
+    work and one gather: nothing reads the device back."""
+    if halo is None:
+        halo = to_device(halo_of_tile(start, size, sites), rows.device)
+    absent = rows == num_rows
+    area = size * size
+    first = torch.arange(0, rows.shape[0], area, device=rows.device, dtype=torch.int32)
+    positions = (first.view(-1, 1) + halo).view(-1)  # int32: the tables are a batch's
+    halo_rows = rows.index_select(0, positions)
+    halo_absent = halo_rows == num_rows
+    return Tile(rows, start, size, sites, rows.masked_fill(absent, 0), absent.view(-1, 1), positions,
+                halo_rows.masked_fill_(halo_absent, 0), halo_absent.view(-1, 1))
 
 
 class PatchSites:
@@ -241,6 +250,31 @@ class PatchSites:
         for key in list(earlier._on_device):
             self._table(*key)
 
+    def copy_tables_(self, other: "PatchSites") -> None:
+        """Overwrite, in place, every table handed out so far with ``other``'s (a batch of as many
+        visible patches per image, planned ``like`` this one): operators whose work was captured
+        reading these tables (a CUDA graph) then compute ``other``'s batch. Device-to-device
+        copies, queued: nothing waits for the GPU."""
+        if (other.batch, other.grid, other.patch_size, other.device) != (self.batch, self.grid, self.patch_size,
+                                                                       self.device):
+            raise ValueError(f"the new batch is {other.batch} images of {other.grid} patches on {other.device}, "
+                             f"not {self.batch} of {self.grid} on {self.device}")
+        if other.patches.shape != self.patches.shape:
+            raise ValueError(f"the new batch has {len(other.patches)} visible patches, not {len(self.patches)}: "
+                             f"a replayed step needs as many in every batch (the mask ratio fixes them)")
+        for key, table in self._on_device.items():
+            mine, spec = tree_flatten(table)
+            theirs, their_spec = tree_flatten(other._table(*key))  # made now unless planned like this batch
+            if spec != their_spec or any(isinstance(a, Tensor) != isinstance(b, Tensor) or
+                                         (a.shape != b.shape if isinstance(a, Tensor) else a != b)
+                                         for a, b in zip(mine, theirs)):
+                raise ValueError(f"table {key} differs in shape in the new batch (offset pairs, the CPU's "
+                                 f"small-block path, vary from batch to batch; window GEMMs do not)")
+            for a, b in zip(mine, theirs):
+                if isinstance(a, Tensor):
+                    a.copy_(b, non_blocking=True)
+        self.patches.copy_(other.patches)
+
     def image_of_rows(self, stride: int) -> Tensor:
         """(N,) int64: the image each row at ``stride`` belongs to (rows of an image are contiguous)."""
         return self._table("image_of_rows", stride)
@@ -326,9 +360,7 @@ class PatchSites:
         kernels and one copy of kilobytes instead of megabytes built on the CPU (which, for a CPU
         run, ``_build_tile`` does in fewer, larger steps). A tile position lies in one of the 3 x 3
         cells of the patch and its neighbours: its row is that neighbour's first row (N where
-        absent, small and made on the CPU from the mask) plus the position's fixed row inside
-        it. The halo and absent lists are, cell by cell, the patches with (without) that
-        neighbour times the cell's positions; cells of equal area are made together."""
+        absent, small and made on the CPU from the mask) plus the position's fixed row inside it."""
         s, n = self.sites_per_side(stride), self.num_rows(stride)
         _check_tile(s, start, size)
         steps = torch.arange(start, start + size)
@@ -339,32 +371,11 @@ class PatchSites:
         neighbours = self._cached("neighbours").view(-1, 9)  # (P, 9), -1 where absent
         # N for an absent neighbour: any row inside it then reaches N or more, cut to N on the device
         first_row = torch.where(neighbours >= 0, neighbours * (s * s), n)
-        groups: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # area -> (cell's positions, with, without)
-        for k in range(9):
-            at = (cell == k).nonzero()[:, 0]
-            if k != 4 and len(at):
-                there = neighbours[:, k] >= 0
-                groups.setdefault(len(at), []).append((at, there.nonzero()[:, 0], (~there).nonzero()[:, 0]))
-        # per area: each cell's positions stacked, and the tiles' first positions (present ones
-        # first) with the cell they take positions from
-        parts = [first_row.view(-1), cell, local]
-        for cells in groups.values():
-            firsts = [p for _, p, _ in cells] + [h for _, _, h in cells]
-            parts += [torch.cat([at for at, _, _ in cells]), torch.cat(firsts) * (size * size),
-                      torch.cat([torch.full((len(f),), i % len(cells)) for i, f in enumerate(firsts)])]
+        parts = [first_row.view(-1), cell, local, halo_of_tile(start, size, s)]
         lengths = [len(x) for x in parts]
-        parts = to_device(torch.cat(parts).int(), device).split(lengths)  # one copy
-        rows = parts[0].view(-1, 9).index_select(1, parts[1]).add_(parts[2]).clamp_(max=n).view(-1)
-        present, hidden = [], []
-        for g, (area, cells) in enumerate(groups.items()):
-            at, first, which_cell = parts[3 + 3 * g: 6 + 3 * g]
-            spots = (first.view(-1, 1) + at.view(len(cells), area).index_select(0, which_cell)).view(-1)
-            split = sum(len(p) for _, p, _ in cells) * area
-            present.append(spots[:split])
-            hidden.append(spots[split:])
-        positions = _cat(present, rows.device)  # int32: the tables are a batch's
-        return Tile(rows, start, size, s, rows.remainder(max(n, 1)), _cat(hidden, rows.device).long(),
-                    positions, rows.index_select(0, positions))
+        first_row, cell, local, halo = to_device(torch.cat(parts).int(), device).split(lengths)  # one copy
+        rows = first_row.view(-1, 9).index_select(1, cell).add_(local).clamp_(max=n).view(-1)
+        return _tile_of(rows, start, size, s, n, halo)
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> Tensor:
         """(N_out, K) input rows of each output site's window, in ME's kernel order (first axis
