@@ -52,12 +52,13 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
-    """The context a forward pass runs in: nothing for fp32, ``torch.autocast`` otherwise."""
+def autocast(precision: str, device_type: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """The context a forward pass runs in: nothing for fp32, ``torch.autocast`` otherwise
+    (``cache=False`` for a pass captured in a CUDA graph, as torch asks: no weight casts kept)."""
     check_precision(precision, device_type)
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=_DTYPES[precision])
+    return torch.autocast(device_type, dtype=_DTYPES[precision], cache_enabled=cache)
 
 
 def set_tf32(enabled: bool) -> None:

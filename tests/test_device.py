@@ -31,6 +31,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.masked_engine import MaskedTensor, convert_leaf
+from spark_sparse.model.graphed import GraphedStep
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME
 from spark_sparse.sparse.patch_conv import PatchConvolution
@@ -248,6 +249,37 @@ def test_the_issues_models_equal_dense_masked_on_the_device(timm_models, name, d
         for a, b in zip(sparse.eval().dense_features(images.double(), active),
                         dense.eval().dense_features(images.double(), active)):
             assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_tiny", "efficientnet_b0"])
+def test_a_step_replayed_from_a_cuda_graph_is_the_eager_step(timm_models, name, device):
+    """``GraphedStep``: captured on one batch, replayed on later ones (their tables copied into
+    the captured ones), the loss and every gradient are those of the eager step on each."""
+    if device.type != "cuda":  # tests/test_graphed.py covers the copying of plans on the CPU
+        pytest.skip("CUDA graphs (pytest --device cuda)")
+    torch.manual_seed(0)
+    model = SparK(SparseEncoder.from_timm(copy.deepcopy(timm_models(name))), decoder_width=64)
+    model = model.double().to(device).train()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 3, 64, 96, dtype=torch.float64, generator=g).to(device) for _ in range(4)]
+    masks = [model.random_mask(images[0], generator=g) for _ in images]
+
+    def step(x, plan):
+        loss = model(x, plan)["loss"]
+        loss.backward()
+        return loss.detach()
+
+    graphed = GraphedStep(model, step, images[0], model.plan(masks[0], device))
+    for x, active in zip(images[1:], masks[1:]):
+        loss = graphed(x, model.plan(active, device, like=graphed.plan)).clone()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        eager = copy.deepcopy(model)
+        eager.zero_grad(set_to_none=True)
+        want_loss = eager(x, active)["loss"]
+        want_loss.backward()
+        want = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+        assert rel_err(loss, want_loss.detach()) < 1e-9
+        assert got.keys() == want.keys() and all(rel_err(got[n], want[n]) < 1e-6 for n in want)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

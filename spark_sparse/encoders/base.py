@@ -69,6 +69,13 @@ class Encoder(nn.Module):
         forward pass only the GPU's work. None where the engine has nothing to make ahead."""
         return None
 
+    def copy_plan_(self, plan: Any, other: Any) -> None:
+        """Overwrite ``plan`` (``plan``'s result) in place with ``other``, a later batch's planned
+        ``like`` it: a step captured on ``plan``'s batch (a CUDA graph) then computes ``other``'s.
+        Refused where the engine's step cannot be replayed."""
+        raise ValueError(f"the {type(self).__name__}'s step cannot be captured and replayed (a CUDA graph): "
+                         f"it reads the device back or makes its index tables during the step")
+
     def encode_input(self, images: torch.Tensor, active: torch.Tensor, layout: Any = None):
         raise NotImplementedError
 

@@ -38,7 +38,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
                               SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
                               image_of_rows, with_features)
 from ..sparse.space_to_depth import PatchSpaceToDepth
-from ..sparse.sparsify import SparseLayout, plan_layout, sparsify, to_dense
+from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
@@ -537,6 +537,11 @@ class SparseEncoder(Encoder):
         # MinkowskiEngine's own modules read coordinate maps in C++: registered as they are made
         return plan_layout(active, self.stride, device, insert=self.stock_modules,
                            like=like.sites if like is not None else None)
+
+    def copy_plan_(self, plan: SparseLayout, other: SparseLayout) -> None:
+        if self.stock_modules:  # their kernel maps are made in C++ during the step
+            raise ValueError("MinkowskiEngine's own modules (conv='minkowski') cannot be captured and replayed")
+        copy_layout_(plan, other)
 
     def encode_input(self, images: Tensor, active: Tensor, layout: SparseLayout | None = None) -> ME.SparseTensor:
         if self.stock_modules:

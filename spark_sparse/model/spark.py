@@ -98,6 +98,20 @@ class SparK(nn.Module):
         encoder = self.encoder.plan(active, device, like.encoder if like is not None else None)
         return MaskPlan(active, *on_device, encoder)
 
+    def copy_plan_(self, plan: MaskPlan, other: MaskPlan) -> None:
+        """Overwrite ``plan`` in place with ``other``, a later batch's plan made ``like=plan``
+        with as many visible patches per image: a step captured on ``plan`` (a CUDA graph,
+        ``graphed.py``) then computes ``other``'s batch. Queued copies; nothing waits."""
+        if other.active.shape != plan.active.shape or not torch.equal(other.active.sum((1, 2, 3)),
+                                                                      plan.active.sum((1, 2, 3))):
+            raise ValueError("a replayed step needs every batch of the same size with as many visible patches "
+                             "per image (one mask ratio)")
+        plan.active.copy_(other.active)
+        for mine, theirs in zip([plan.on_device, *plan.visible, *plan.sites],
+                                [other.on_device, *other.visible, *other.sites], strict=True):
+            mine.copy_(theirs, non_blocking=True)
+        self.encoder.copy_plan_(plan.encoder, other.encoder)
+
     def forward(self, images: Tensor, active: Tensor | MaskPlan | None = None) -> dict[str, Tensor]:
         """Returns the loss, the prediction (B, 3, H, W) in normalised-patch units, and the mask
         (on the images' device). ``active``: the mask, best on the CPU, as ``random_mask`` makes

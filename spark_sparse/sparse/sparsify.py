@@ -59,6 +59,13 @@ def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: 
     return SparseLayout(pixels, sites, to_device(visible, device))
 
 
+def copy_layout_(layout: SparseLayout, other: SparseLayout) -> None:
+    """Overwrite ``layout``'s device tensors, in place, with those of ``other`` (planned ``like``
+    it, as many visible patches per image): a step captured on ``layout`` replays ``other``'s."""
+    layout.sites.copy_tables_(other.sites)
+    layout.visible.copy_(other.visible, non_blocking=True)
+
+
 def sparsify(images: Tensor, active: Tensor, insert: bool = False,
              layout: SparseLayout | None = None) -> ME.SparseTensor:
     """Images (B, C, H, W) and a visible-patch grid -> one SparseTensor of the visible pixels.

@@ -1,0 +1,89 @@
+"""A SparK step captured in a CUDA graph and replayed for later batches (spark_sparse/model/graphed.py).
+
+A replay runs the kernels of the captured step on the tensors they read then, so a later batch is
+copied into the captured batch's tensors: its images and every index table of its plan
+(``SparK.copy_plan_``). What the CPU establishes: a plan overwritten with a later batch's gives
+that batch's loss and gradients exactly (every table the step reads is copied, none is left
+stale), for the operators of three families; plans that cannot be overwritten are refused in one
+line. That the replay itself equals the eager step is ``pytest --device cuda``'s
+(tests/test_device.py), which needs a GPU.
+"""
+
+import pytest
+import torch
+
+from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
+
+if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
+    pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
+
+from spark_sparse.model.graphed import GraphedStep
+from spark_sparse.model.spark import SparK
+from spark_sparse.sparse import gemm_conv
+
+
+def loss_and_grads(model: SparK, images: torch.Tensor, plan) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(images, plan)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def masks(model: SparK, count: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [model.random_mask(torch.zeros(3, 3, 64, 96), generator=g) for _ in range(count)]
+
+
+# ResNet (tiles, window GEMMs, max pooling), ConvNeXt (patchify, depthwise on tiles and canvas,
+# layer norms), EfficientNet (strided depthwise, squeeze-excitation's per-image means)
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "efficientnet_b0"])
+def test_a_plan_overwritten_with_a_later_batch_gives_that_batchs_step(name, monkeypatch):
+    # the GPU's path for small blocks, whose tables keep their shape from batch to batch
+    monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "windows")
+    torch.manual_seed(0)
+    model = SparK.build(name, decoder_width=32).double().train()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(3, 3, 64, 96, dtype=torch.float64, generator=g) for _ in range(3)]
+    first, *later = masks(model, 3)
+    captured = model.plan(first, "cpu")
+    loss_and_grads(model, images[0], captured)  # the captured step: its layers make their tables
+    for x, active in zip(images[1:], later):
+        want = loss_and_grads(model, x, model.plan(active, "cpu"))
+        model.copy_plan_(captured, model.plan(active, "cpu", like=captured))
+        got = loss_and_grads(model, x, captured)
+        assert torch.equal(got[0], want[0])
+        assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
+
+
+def test_a_plan_is_overwritten_only_with_a_batch_of_as_many_visible_patches_per_image():
+    model = SparK.build("resnet18", decoder_width=32, mask_ratio=0.5)
+    first, other = masks(model, 2)
+    captured = model.plan(first, "cpu")
+    fewer = other.clone()
+    fewer[0].view(-1)[fewer[0].view(-1).nonzero()[0]] = False
+    with pytest.raises(ValueError, match="as many visible patches per image"):
+        model.copy_plan_(captured, model.plan(fewer, "cpu"))
+    with pytest.raises(ValueError, match="as many visible patches per image"):
+        model.copy_plan_(captured, model.plan(other[:2], "cpu"))
+
+
+def test_offset_pairs_which_vary_from_batch_to_batch_are_refused(monkeypatch):
+    monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "offsets")
+    model = SparK.build("resnet18", decoder_width=32).train()
+    first, *later = masks(model, 8)
+    captured = model.plan(first, "cpu")
+    model(torch.randn(3, 3, 64, 96), captured)
+    with pytest.raises(ValueError, match="differs in shape in the new batch"):
+        for active in later:  # some batch's neighbours differ from the first's
+            model.copy_plan_(captured, model.plan(active, "cpu", like=captured))
+
+
+def test_the_dense_masked_engine_and_a_cpu_step_are_not_captured():
+    dense = SparK.build("resnet18", engine="dense_masked", decoder_width=32)
+    (active,) = masks(dense, 1)
+    with pytest.raises(ValueError, match="cannot be captured and replayed"):
+        dense.copy_plan_(dense.plan(active, "cpu"), dense.plan(active, "cpu"))
+    sparse = SparK.build("resnet18", decoder_width=32)
+    with pytest.raises(ValueError, match="needs the images on a CUDA device"):
+        GraphedStep(sparse, lambda x, plan: sparse(x, plan)["loss"], torch.zeros(3, 3, 64, 96),
+                    sparse.plan(active, "cpu"))
