@@ -26,6 +26,11 @@ pretraining runs them), and each timed pass also records how long the CPU took t
 (``queue_s``: until the pass returned, before waiting for the GPU): a pass whose queueing takes
 about its whole time keeps the GPU waiting for launches. Masks are made on the CPU, as pretraining makes them. The run
 directory receives results.json, results.md, speedup.png and flops_ratio.png.
+
+``cuda_graph=true`` (CUDA): the sparse engine's passes are captured once in a CUDA graph and
+replayed (spark_sparse/model/graphed.py), each timed pass planning its mask, copying its tables
+into the captured ones and replaying; dense masking runs as it is (it reads the device back and
+cannot be captured). Peak memory is the eager pass's either way.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note sil
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.run.runtime import configure_cpu, configure_cuda, returning_freed_memory
 from spark_sparse.encoders.sparse_engine import CONV_IMPLS
+from spark_sparse.model.graphed import GraphedStep
 from spark_sparse.model.spark import MaskPlan, SparK
 from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
@@ -102,6 +108,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.precision != "fp32" and cfg.sparse_conv == "minkowski":
         raise BenchConfigError(f"sparse_conv=minkowski runs MinkowskiEngine's float32 operators: no "
                                f"precision={cfg.precision}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise BenchConfigError(f"cuda_graph must be true or false, got '{cfg.cuda_graph}'")
+    if cfg.cuda_graph and cfg.device != "cuda":
+        raise BenchConfigError("cuda_graph=true replays the sparse engine's steps from CUDA graphs: it needs device=cuda")
+    if cfg.cuda_graph and cfg.sparse_conv == "minkowski":
+        raise BenchConfigError("cuda_graph=true cannot replay MinkowskiEngine's own modules (sparse_conv=minkowski)")
     if cfg.device == "cuda":
         if not torch.cuda.is_available():
             raise BenchConfigError("device=cuda but PyTorch sees no CUDA GPU; use device=cpu")
@@ -169,6 +181,35 @@ def make_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> 
     else:
         def run(active):
             forward(model, images, active)["loss"].backward()
+    return run
+
+
+def make_graphed_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> Callable:
+    """``make_pass``'s run for the sparse engine, replayed from a CUDA graph (``GraphedStep``)
+    captured on its first mask; each later mask is planned like that one, its tables copied
+    into the captured ones and the graph replayed, all within the timed pass. ``run`` also takes
+    a mask already planned (``idle_of`` with ``ahead``)."""
+    def step(imgs: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+        with torch.set_grad_enabled(name != "fwd"), autocast(precision, imgs.device.type, cache=False):
+            if name == "train_step":
+                out = model(imgs, plan)["loss"]
+            else:
+                out = sum(_feature_sum(f) for f in model.encoder(imgs, plan.active, plan.encoder))
+        if name != "fwd":
+            out.backward()
+        return out.detach()
+
+    graphed: GraphedStep | None = None
+
+    def run(active) -> None:
+        nonlocal graphed
+        if graphed is None:
+            plan = active if isinstance(active, MaskPlan) else model.plan(active, images.device)
+            graphed = GraphedStep(model, step, images, plan)  # captures: runs nothing yet
+            graphed(images, plan)
+        else:
+            graphed(images, active if isinstance(active, MaskPlan)
+                    else model.plan(active, images.device, like=graphed.plan))
     return run
 
 
@@ -298,7 +339,8 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
 
     records = []
     for pass_name in cfg.passes:
-        runs = {e: make_pass(pass_name, m, images, cfg.precision) for e, m in models.items()}
+        runs = {e: make_graphed_pass(pass_name, m, images, cfg.precision) if cfg.cuda_graph and e == "sparse"
+                else make_pass(pass_name, m, images, cfg.precision) for e, m in models.items()}
         for active in masks[: cfg.warmup]:
             for e in ENGINES:
                 timed(runs[e], active, models[e], device)
@@ -351,7 +393,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
         "input_size": cfg.input_size, "precision": cfg.precision, "repeats": cfg.repeats,
         "warmup": cfg.warmup, "decoder_width": cfg.decoder_width, "seed": cfg.seed,
         "device": device.type, "device_name": device_name(device), "threads": cpu["threads"],
-        "tf32": cuda.get("tf32"), "cudnn_benchmark": cuda.get("cudnn_benchmark"),
+        "tf32": cuda.get("tf32"), "cudnn_benchmark": cuda.get("cudnn_benchmark"), "cuda_graph": cfg.cuda_graph,
         "keep_freed_memory": cpu["keep_freed_memory"],
         "torch": torch.__version__, "minkowski_engine": ME.__version__,
     }

@@ -179,6 +179,24 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
         validate(cfg)
 
 
+def test_cuda_graphs_are_refused_off_cuda_and_for_minkowskis_own_modules(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    assert cfg.cuda_graph is False
+    cfg.cuda_graph = True
+    with pytest.raises(BenchConfigError, match="cuda_graph=true .* needs device=cuda"):
+        validate(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what validate asks of the GPU
+    cfg.device = "cuda"
+    validate(cfg)
+    cfg.sparse_conv = "minkowski"
+    with pytest.raises(BenchConfigError, match="cuda_graph=true cannot replay MinkowskiEngine's own modules"):
+        validate(cfg)
+
+
 def test_on_cuda_only_minkowskis_own_convolutions_need_its_cuda_build(monkeypatch):
     from omegaconf import OmegaConf
 
