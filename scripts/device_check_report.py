@@ -20,8 +20,9 @@ MEMORY_TARGET = 0.6  # sparse peak CUDA memory / dense masking's, encoder fwd+bw
 IDLE_TARGET = 0.05  # the GPU's idle share of a whole SparK step
 # the benchmark's runs (OUT/bench_<run>): the targets are judged on fp32's, whose float32 convolutions
 # and GEMMs run in TF32 on CUDA (the benchmark's default), fp32_ieee's in IEEE float32
-RUNS = {"fp32": "fp32 (on CUDA: TF32 for both engines' convolutions and GEMMs)", "bf16": "bf16 autocast",
-        "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
+RUNS = {"fp32": "fp32 (on CUDA: TF32 for both engines' convolutions and GEMMs)",
+        "fp32_graph": "fp32 (TF32), the sparse engine replayed from CUDA graphs (cuda_graph=true)",
+        "bf16": "bf16 autocast", "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -152,9 +153,9 @@ def main(out: Path, device: str, seconds: int) -> None:
     environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
     fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
     runs = {"fp32": pairs(fp32), "bf16": pairs(bf16)}
-    ieee = bench(out, "fp32_ieee")  # the last step: absent when the check ran out of time
-    if ieee:
-        runs["fp32_ieee"] = pairs(ieee)
+    for name in ("fp32_graph", "fp32_ieee"):  # absent off CUDA, or when the check ran out of time
+        if bench(out, name):
+            runs[name] = pairs(bench(out, name))
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),
               "tf32": next((r.get("tf32") for r in fp32), None),
