@@ -178,11 +178,26 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     ("optim.clip_grad=-1", "optim.clip_grad must be positive or null, got -1"),  # else: gradient ascent
     ("data.num_workers=-1", "data.num_workers must be a whole number of at least 0, got -1"),
     ("+optim.lrr=0.1", r"unknown config key optim.lrr \(did you mean"),
+    ("cuda_graph=maybe", "cuda_graph must be true or false, got 'maybe'"),
+    ("cuda_graph=true", "cuda_graph=true replays each step from a CUDA graph: it needs device=cuda"),
 ])
 def test_config_errors_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(pretrain.ConfigError, match=message):
         pretrain.train(config(override), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides,world_size,why", [
+    (["engine=dense_masked"], 1, "the dense-masked engine reads the GPU back"),
+    ([], 2, "under torchrun it is not supported yet"),
+    (["precision=fp16"], 1, "fp16's loss scaling is not captured; use precision=bf16"),
+])
+def test_steps_from_a_cuda_graph_need_the_sparse_engine_in_one_process_without_loss_scaling(overrides, world_size, why):
+    from spark_sparse.pretrain.checks import check_graphable
+
+    check_graphable(config("device=cuda", "cuda_graph=true"), 1)
+    with pytest.raises(pretrain.ConfigError, match=why):
+        check_graphable(config("device=cuda", "cuda_graph=true", *overrides), world_size)
 
 
 def test_wandb_online_without_an_api_key_is_refused_up_front(tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ class GraphedStep:
         self.images = images.clone()
         # warm-up on a side stream, as CUDA graphs want: cuDNN's autotuning, the first batch's
         # tables, lazily made buffers and the autograd engine's streams all happen before capture
+        kept = [b.clone() for b in model.buffers()]  # the warm-up leaves no trace in them
         side = torch.cuda.Stream(images.device)
         side.wait_stream(torch.cuda.current_stream(images.device))
         with torch.cuda.stream(side):
@@ -57,6 +58,8 @@ class GraphedStep:
         # thread-local: a DataLoader's pinning thread may call CUDA meanwhile
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = step(self.images, plan)
+        for buffer, value in zip(model.buffers(), kept):  # in place: the graph updates these tensors
+            buffer.copy_(value)
 
     def __call__(self, images: Tensor, plan: MaskPlan) -> Tensor:
         """The step on ``images`` and ``plan`` (planned like ``self.plan``): their tensors copied

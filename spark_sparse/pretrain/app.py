@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from ..data.seeds import derive_seed
+from ..model.graphed import GraphedStep
 from ..model.spark import MaskPlan, SparK
 from ..run import distributed
 from ..run.checks import ConfigError
@@ -84,6 +85,7 @@ class Pretraining:
             print(f"note: {run.files.root} had finished ({run.step} of {max_steps} steps): nothing left to train")
         # synchronised norms keep identical running statistics on all ranks: no broadcast needed
         net = run.wrap(model, broadcast_buffers=not cfg.sync_bn)
+        self.graphed: GraphedStep | None = None  # cuda_graph: captured on this run's first step
         pictures = self.pictures(run, model)
         loader = build_loader(self.dataset, cfg.batch_size, cfg.seed, start_step=run.step, max_steps=max_steps,
                               num_workers=cfg.data.num_workers, rank=run.ctx.rank, world_size=run.ctx.world_size,
@@ -134,9 +136,12 @@ class Pretraining:
         scheduler.step_update(run.step)
         wd = weight_decay_at(run.step, max_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
         set_weight_decay(optimizer, wd)
-        with run.autocast():
-            loss = net(batch.images, batch.plan)["loss"]
-        run.backward(loss, optimizer)
+        if cfg.cuda_graph:
+            loss = self.replayed(run, net, batch)
+        else:
+            with run.autocast():
+                loss = net(batch.images, batch.plan)["loss"]
+            run.backward(loss, optimizer)
         upcoming = self.next_batch(run, model, batches, run.step + 1, like=batch.plan)
         loss, grad_norm = run.update(loss, optimizer, model.parameters(), cfg.optim.clip_grad)
         images_per_s = batch.images.shape[0] * run.ctx.world_size / (time.perf_counter() - start)
@@ -146,6 +151,19 @@ class Pretraining:
             run.log({"step": step, "loss": loss, "lr": lr, "weight_decay": wd, "grad_norm": grad_norm,
                      "images_per_s": images_per_s, "epoch": step * cfg.batch_size / len(self.dataset)})
         return loss, upcoming
+
+    def replayed(self, run: Run, model: SparK, batch: Batch) -> Tensor:
+        """Forward and backward of ``batch`` replayed from a CUDA graph of the run's first batch
+        (``cuda_graph``): the gradients are overwritten in place, never cleared."""
+        if self.graphed is None:
+            def step(images: Tensor, plan: MaskPlan) -> Tensor:
+                with run.autocast(cache=False):
+                    loss = model(images, plan)["loss"]
+                loss.backward()
+                return loss.detach()
+
+            self.graphed = GraphedStep(model, step, batch.images, batch.plan)
+        return self.graphed(batch.images, batch.plan)
 
     def pictures(self, run: Run, model: SparK):
         """A function drawing the reconstruction picture of a step (rank 0; eval mode: the norms

@@ -37,6 +37,7 @@ KEYS = {
                                 whole=True),
     "decoder.densify_norm": one_of(*NORMS),
     "sync_bn": FLAG,
+    "cuda_graph": FLAG,
     "log_every": at_least(1),
     "save_every": at_least(1),
     "vis_every": at_least(1),
@@ -78,4 +79,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                           f"among the {world_size} processes")
     if cfg.epochs is None and cfg.max_steps is None:
         raise ConfigError("set max_steps (a positive number of steps) or epochs")
+    if cfg.cuda_graph:
+        check_graphable(cfg, world_size)
     check_runtime(cfg)
+
+
+def check_graphable(cfg: DictConfig, world_size: int) -> None:
+    """What replaying every step from a CUDA graph (``cuda_graph``, spark_sparse/model/graphed.py) needs."""
+    why = ("it needs device=cuda" if cfg.device != "cuda" else
+           "the dense-masked engine reads the GPU back (nonzero) and cannot be captured" if cfg.engine != "sparse" else
+           "under torchrun it is not supported yet (DistributedDataParallel's gradient hooks)" if world_size > 1 else
+           "fp16's loss scaling is not captured; use precision=bf16" if cfg.precision == "fp16" else None)
+    if why:
+        raise ConfigError(f"cuda_graph=true replays each step from a CUDA graph: {why}")

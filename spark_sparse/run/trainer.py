@@ -195,10 +195,11 @@ class Run:
         return DistributedDataParallel(model, **ddp)
 
     # -- one step -----------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
         """The context of a forward pass in the run's ``precision`` (bf16, fp16: torch.autocast;
-        the weights stay float32, and so do their gradients and the optimizer's state)."""
-        return autocast(self.cfg.precision, self.device.type)
+        the weights stay float32, and so do their gradients and the optimizer's state);
+        ``cache=False`` inside a CUDA graph."""
+        return autocast(self.cfg.precision, self.device.type, cache)
 
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[Tensor],
                  clip: float | None) -> tuple[float, float]:
