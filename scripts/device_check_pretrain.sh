@@ -18,7 +18,8 @@
 #       0.75; encoder fwd+bwd and the whole SparK step (768-wide decoder):
 #       images/s, peak CUDA memory, the GPU's idle share (whole steps both ways: each making its
 #       mask's tables, and each mask planned during the step before, as pretraining runs them)
-#   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall), then 5 steps
+#   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall; on CUDA again with
+#       cuda_graph=true), then 5 steps
 #       of each of the three models (every family runs on the device in (c): its device
 #       audit and equivalence at mask 0.6)
 #   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
@@ -202,6 +203,12 @@ done
 # 50 to 100 times slower than one alone, each step waiting its turn on the GPU
 step "(f) pretrain 200 steps" f.log 120 \
   "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" vis_every=100000 hydra.run.dir="$WORK/pretrain"
+if [ "$DEVICE" = cuda ]; then  # the same run, every step replayed from a CUDA graph of the first
+  step "(f) pretrain 200 steps, cuda_graph=true" f_graph.log 120 \
+    "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" cuda_graph=true vis_every=100000 \
+    hydra.run.dir="$WORK/pretrain_graph"
+  cp "$WORK/pretrain_graph/metrics.jsonl" "$OUT/pretrain_graph_metrics.jsonl" 2>/dev/null
+fi
 for model in "${FAMILIES[@]}"; do
   step "(f) pretrain $model, ${SHORT[0]}" "f_$model.log" 60 \
     "$PY" -m spark_sparse.pretrain device="$DEVICE" model="$model" "${SHORT[@]}" vis_every=100000 \
