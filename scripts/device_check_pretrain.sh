@@ -34,6 +34,9 @@
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out PYTHON=.venv/bin/python bash scripts/device_check_pretrain.sh  # dry run
 #   ONLY=cf PYTEST_K=Res2Net MODELS="resnet50" OUT=... bash scripts/device_check_pretrain.sh  # a part again
 #
+# On the H200 the whole check needs more than one 600-s command (2026-11-29: the tests 186 s, each
+# benchmark run 100-115 s): run ONLY=ce, then ONLY=fgd (DEADLINE_S=300), in the 15 device minutes.
+#
 # The wheel folder ($WHEELS, default .whl; not in git) is made on a machine with a registry by
 # scripts/prepare_device_wheels.sh (about 15 minutes on 2 cores): the wheels the GPU image lacks
 # (hydra-core, omegaconf, antlr4, timm, scipy-openblas32; it has numpy, matplotlib, pytest, ninja,
