@@ -111,7 +111,8 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.cuda_graph, bool):
         raise BenchConfigError(f"cuda_graph must be true or false, got '{cfg.cuda_graph}'")
     if cfg.cuda_graph and cfg.device != "cuda":
-        raise BenchConfigError("cuda_graph=true replays the sparse engine's steps from CUDA graphs: it needs device=cuda")
+        raise BenchConfigError("cuda_graph=true replays the sparse engine's steps from CUDA graphs: "
+                               "it needs device=cuda")
     if cfg.cuda_graph and cfg.sparse_conv == "minkowski":
         raise BenchConfigError("cuda_graph=true cannot replay MinkowskiEngine's own modules (sparse_conv=minkowski)")
     if cfg.device == "cuda":
@@ -189,27 +190,21 @@ def make_graphed_pass(name: str, model: SparK, images: torch.Tensor, precision: 
     captured on its first mask; each later mask is planned like that one, its tables copied
     into the captured ones and the graph replayed, all within the timed pass. ``run`` also takes
     a mask already planned (``idle_of`` with ``ahead``)."""
-    def step(imgs: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
+    def forward(imgs: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         with torch.set_grad_enabled(name != "fwd"), autocast(precision, imgs.device.type, cache=False):
             if name == "train_step":
-                out = model(imgs, plan)["loss"]
-            else:
-                out = sum(_feature_sum(f) for f in model.encoder(imgs, plan.active, plan.encoder))
-        if name != "fwd":
-            out.backward()
-        return out.detach()
+                return model(imgs, plan)["loss"]
+            return sum(_feature_sum(f) for f in model.encoder(imgs, plan.active, plan.encoder))
 
     graphed: GraphedStep | None = None
 
     def run(active) -> None:
         nonlocal graphed
-        if graphed is None:
-            plan = active if isinstance(active, MaskPlan) else model.plan(active, images.device)
-            graphed = GraphedStep(model, step, images, plan)  # captures: runs nothing yet
-            graphed(images, plan)
-        else:
-            graphed(images, active if isinstance(active, MaskPlan)
-                    else model.plan(active, images.device, like=graphed.plan))
+        plan = active if isinstance(active, MaskPlan) else model.plan(
+            active, images.device, like=graphed.plan if graphed is not None else None)
+        if graphed is None:  # captures on this mask: runs nothing yet
+            graphed = GraphedStep(model, forward, images, plan, backward=name != "fwd")
+        graphed(images, plan)
     return run
 
 

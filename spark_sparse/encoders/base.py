@@ -70,7 +70,7 @@ class Encoder(nn.Module):
         return None
 
     def copy_plan_(self, plan: Any, other: Any) -> None:
-        """Overwrite ``plan`` (``plan``'s result) in place with ``other``, a later batch's planned
+        """Overwrite ``plan`` (what ``plan()`` made) in place with ``other``, a later batch's planned
         ``like`` it: a step captured on ``plan``'s batch (a CUDA graph) then computes ``other``'s.
         Refused where the engine's step cannot be replayed."""
         raise ValueError(f"the {type(self).__name__}'s step cannot be captured and replayed (a CUDA graph): "

@@ -25,23 +25,20 @@ __all__ = ["GraphedStep"]
 
 
 class GraphedStep:
-    """``step(images, plan)`` (forward and backward of ``model`` on one batch; returns what to
-    keep, e.g. the loss) captured on CUDA on the first batch and replayed on the next ones.
+    """``forward(images, plan)`` of ``model`` on one batch (a scalar, e.g. the loss) and, with
+    ``backward``, its backward pass, captured on CUDA on the first batch and replayed on the next.
 
     A replay overwrites every gradient the capture made, in the same tensors (``param.grad``):
     step the optimizer between replays but never set gradients to None, or the captured
     gradients are no longer the parameters'. A later batch is best planned ``like`` the captured
     one (``model.plan(active, device, like=graphed.plan)``): its tables are then made ahead."""
 
-    def __init__(self, model: SparK, step: Callable[[Tensor, MaskPlan], Tensor], images: Tensor,
-                 plan: MaskPlan, warmup: int = 3):
+    def __init__(self, model: SparK, forward: Callable[[Tensor, MaskPlan], Tensor], images: Tensor,
+                 plan: MaskPlan, backward: bool = True, warmup: int = 3):
         if images.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the images on a CUDA device, not {images.device}")
-        if plan.encoder is None:
-            raise ValueError(f"the {type(model.encoder).__name__}'s step cannot be captured and replayed "
-                             f"(a CUDA graph): it plans nothing ahead and reads the device back")
         model.copy_plan_(plan, plan)  # refuses an engine or module that cannot be replayed, before any work
-        self.model, self.step, self.plan = model, step, plan
+        self.model, self.forward, self.backward, self.plan = model, forward, backward, plan
         self.images = images.clone()
         # warm-up on a side stream, as CUDA graphs want: cuDNN's autotuning, the first batch's
         # tables, lazily made buffers and the autograd engine's streams all happen before capture
@@ -51,15 +48,21 @@ class GraphedStep:
         with torch.cuda.stream(side):
             for _ in range(warmup):
                 model.zero_grad(set_to_none=True)
-                step(self.images, plan)
+                self._step()
         torch.cuda.current_stream(images.device).wait_stream(side)
         model.zero_grad(set_to_none=True)  # the capture's backward makes the gradients it replays into
         self.graph = torch.cuda.CUDAGraph()
         # thread-local: a DataLoader's pinning thread may call CUDA meanwhile
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = step(self.images, plan)
+            self.output = self._step()
         for buffer, value in zip(model.buffers(), kept):  # in place: the graph updates these tensors
             buffer.copy_(value)
+
+    def _step(self) -> Tensor:
+        out = self.forward(self.images, self.plan)
+        if self.backward:
+            out.backward()
+        return out.detach()
 
     def __call__(self, images: Tensor, plan: MaskPlan) -> Tensor:
         """The step on ``images`` and ``plan`` (planned like ``self.plan``): their tensors copied

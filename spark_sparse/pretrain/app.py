@@ -156,13 +156,11 @@ class Pretraining:
         """Forward and backward of ``batch`` replayed from a CUDA graph of the run's first batch
         (``cuda_graph``): the gradients are overwritten in place, never cleared."""
         if self.graphed is None:
-            def step(images: Tensor, plan: MaskPlan) -> Tensor:
+            def loss_of(images: Tensor, plan: MaskPlan) -> Tensor:
                 with run.autocast(cache=False):
-                    loss = model(images, plan)["loss"]
-                loss.backward()
-                return loss.detach()
+                    return model(images, plan)["loss"]
 
-            self.graphed = GraphedStep(model, step, batch.images, batch.plan)
+            self.graphed = GraphedStep(model, loss_of, batch.images, batch.plan)
         return self.graphed(batch.images, batch.plan)
 
     def pictures(self, run: Run, model: SparK):
