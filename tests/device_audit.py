@@ -46,3 +46,38 @@ class DeviceAudit(QueuedOps):
         elif len(devices) > 1:
             self.mixed[f"{name} {sorted(devices)}"] += 1
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _fixed_at_capture(arg):
+    """What a CUDA graph keeps of an argument: a tensor's shape, dtype and device (its values
+    are read at replay), a 0-dimensional CPU tensor's value (a scalar, read into the kernel's
+    arguments at capture) and any other argument itself."""
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    if arg.device.type == "cpu" and arg.dim() == 0:
+        return ("scalar", arg.item())
+    return (tuple(arg.shape), arg.dtype, arg.device.type)
+
+
+class OperationTrace(DeviceAudit):
+    """``DeviceAudit`` that also lists, in order, every operation with what a CUDA graph captured
+    on it would fix (``operations``): a replay queues exactly that list again."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        fixed = tuple(_fixed_at_capture(a) for a in tree_leaves((args, kwargs)))
+        self.operations.append((str(func), tuple(kwargs), fixed))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def first_difference(self, other: "OperationTrace") -> str | None:
+        """None where both queued the same operations, else the first that differs."""
+        for i, (mine, theirs) in enumerate(zip(self.operations, other.operations)):
+            if mine != theirs:
+                return f"operation {i}: {mine} against {theirs}"
+        if len(self.operations) != len(other.operations):
+            return f"{len(self.operations)} operations against {len(other.operations)}"
+        return None

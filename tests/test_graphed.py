@@ -2,12 +2,22 @@
 
 A replay runs the kernels of the captured step on the tensors they read then, so a later batch is
 copied into the captured batch's tensors: its images and every index table of its plan
-(``SparK.copy_plan_``). What the CPU establishes: a plan overwritten with a later batch's gives
-that batch's loss and gradients exactly (every table the step reads is copied, none is left
-stale), for the operators of three families; plans that cannot be overwritten are refused in one
-line. That the replay itself equals the eager step is ``pytest --device cuda``'s
-(tests/test_device.py), which needs a GPU.
+(``SparK.copy_plan_``). What the CPU establishes:
+
+* a batch planned like the captured one queues the captured step's operations again, in order,
+  on tensors of the same shapes, with the same constants, and copies nothing: for every family
+  of the device audit (tests/test_device.py), on PyTorch's ``meta`` device as that audit runs
+  (``--device cuda``: on the GPU). A branch taken on the mask's values, or a number read from it
+  into a kernel's arguments, would be frozen at capture and wrong for every later batch.
+* a plan overwritten with a later batch's gives that batch's loss and gradients exactly (every
+  table the step reads is copied, none is left stale), for the operators of three families;
+  plans that cannot be overwritten are refused in one line.
+
+That the replay itself equals the eager step is ``pytest --device cuda``'s (tests/test_device.py),
+which needs a GPU.
 """
+
+import copy
 
 import pytest
 import torch
@@ -17,9 +27,68 @@ from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
 if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
+from spark_sparse import SparseEncoder, random_active
 from spark_sparse.model.graphed import GraphedStep
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import gemm_conv
+
+from .device_audit import OperationTrace
+from .test_device import AUDITED, audit_device
+
+
+def traced(step, *args) -> OperationTrace:
+    trace = OperationTrace()
+    with trace:
+        step(*args)
+    return trace
+
+
+def assert_replays_the_capture(capture: OperationTrace, later: OperationTrace) -> None:
+    assert not later.copies, f"copied to the device in a planned step: {dict(later.copies)}"
+    assert not later.mixed and not later.host_reads
+    difference = capture.first_difference(later)
+    assert difference is None, f"a later batch queues other operations than the captured one: {difference}"
+
+
+@pytest.mark.parametrize("name", AUDITED)
+def test_a_batch_planned_like_the_captured_one_queues_the_captured_operations(timm_models, name, device):
+    where = audit_device(device)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models(name, **AUDITED[name]))).train().to(where)
+    images = torch.randn(4, 3, 128, 160).to(where)  # a 4x5 grid: every tile shape
+    g = torch.Generator().manual_seed(0)
+    first, second = (random_active(4, (4, 5), 0.6, g) for _ in range(2))
+
+    def step(active, layout) -> None:
+        sum(f.sum() for f in encoder.dense_features(images, active, layout)).backward()
+
+    captured = encoder.plan(first, where)
+    step(first, captured)  # the warm-up before a capture: the layers make the tables they read
+    capture = traced(step, first, captured)
+    later = encoder.plan(second, where, like=captured)
+    assert_replays_the_capture(capture, traced(step, second, later))
+    encoder.copy_plan_(captured, later)  # and every table the step reads keeps its shape
+
+
+@pytest.mark.parametrize("densify_norm", ["bn", "ln"])
+def test_a_whole_spark_step_planned_like_the_captured_one_queues_the_captured_operations(
+        timm_models, densify_norm, device):
+    """Densify's mask tokens, the decoder and the loss read each scale's visible sites from the plan."""
+    where = audit_device(device)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18")))
+    model = SparK(encoder, decoder_width=64, densify_norm=densify_norm).train().to(where)
+    images = torch.randn(4, 3, 128, 160).to(where)
+    g = torch.Generator().manual_seed(0)
+    first, second = (random_active(4, (4, 5), 0.6, g) for _ in range(2))
+
+    def step(plan) -> None:
+        model(images, plan)["loss"].backward()
+
+    captured = model.plan(first, where)
+    step(captured)
+    capture = traced(step, captured)
+    later = model.plan(second, where, like=captured)
+    assert_replays_the_capture(capture, traced(step, later))
+    model.copy_plan_(captured, later)
 
 
 def loss_and_grads(model: SparK, images: torch.Tensor, plan) -> tuple[torch.Tensor, dict]:
