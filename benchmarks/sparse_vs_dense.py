@@ -18,14 +18,15 @@ the same densify/decoder weights, and every pass sees the same images and masks 
 Timed repeats alternate which engine goes first, so slow phases of the machine hit both; the
 median of the repeats after ``warmup`` untimed runs is reported. Memory is measured before any
 timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
-counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the timed
-masks run once more back to back under torch.profiler for the share of that time the GPU idles
-(benchmarks/gpu_idle.py), whole SparK steps twice: each making its mask's tables as its layers
-ask, and each mask planned while the GPU runs the step before (``gpu_idle_share_planned``, as
-pretraining runs them), and each timed pass also records how long the CPU took to queue it
-(``queue_s``: until the pass returned, before waiting for the GPU): a pass whose queueing takes
-about its whole time keeps the GPU waiting for launches. Masks are made on the CPU, as pretraining makes them. The run
-directory receives results.json, results.md, speedup.png and flops_ratio.png.
+counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the first
+``idle_steps`` timed masks run once more back to back under torch.profiler for the share of that
+time the GPU idles (benchmarks/gpu_idle.py), whole SparK steps twice: each making its mask's
+tables as its layers ask, and each mask planned while the GPU runs the step before
+(``gpu_idle_share_planned``, as pretraining runs them), and each timed pass also records how long
+the CPU took to queue it (``queue_s``: until the pass returned, before waiting for the GPU): a
+pass whose queueing takes about its whole time keeps the GPU waiting for launches. Masks are made
+on the CPU, as pretraining makes them. The run directory receives results.json, results.md,
+speedup.png and flops_ratio.png.
 
 ``cuda_graph=true`` (CUDA): the sparse engine's passes are captured once in a CUDA graph and
 replayed (spark_sparse/model/graphed.py), each timed pass planning its mask, copying its tables
@@ -93,8 +94,8 @@ def validate(cfg: DictConfig) -> None:
     sizes = batch_sizes(cfg)
     if any(b < 2 for b in sizes.values()):
         raise BenchConfigError("batch_size must be at least 2 (train-mode batch norm)")
-    if cfg.repeats < 1 or cfg.warmup < 0:
-        raise BenchConfigError("repeats must be >= 1 and warmup >= 0")
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.idle_steps < 1:
+        raise BenchConfigError("repeats and idle_steps must be >= 1 and warmup >= 0")
     if cfg.sparse_conv is not None and cfg.sparse_conv not in CONV_IMPLS:
         raise BenchConfigError(f"sparse_conv must be null or one of {list(CONV_IMPLS)}, got '{cfg.sparse_conv}'")
     if cfg.device not in ("cpu", "cuda"):
@@ -331,6 +332,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
     for engine, model in models.items():
         enc = sum(encoder_flops(model.encoder, images, timed_masks[0]).values()) / b
         flops[engine] = (enc, head_flops(model, images, timed_masks[0]) / b)
+    log.info("%s r=%.2f: FLOPs counted", model_name, ratio)  # the log's times show where a run's time goes
 
     records = []
     for pass_name in cfg.passes:
@@ -344,9 +346,12 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
         for i, active in enumerate(timed_masks):
             for e in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
                 times[e].append(timed(runs[e], active, models[e], device, queue[e]))
+        # a few: every profiled step's trace (a thousand kernels and as many CPU operations or
+        # more) is written out and parsed as JSON, which takes longer than the step
+        profiled = timed_masks[: cfg.idle_steps]
         for e in ENGINES:
-            idle = idle_of(runs[e], timed_masks, models[e], device)
-            planned = idle_of(runs[e], timed_masks, models[e], device, ahead=True) if pass_name == "train_step" else None
+            idle = idle_of(runs[e], profiled, models[e], device)
+            planned = idle_of(runs[e], profiled, models[e], device, ahead=True) if pass_name == "train_step" else None
             models[e].zero_grad(set_to_none=True)
             mem, method = memory[pass_name, e]
             enc, head = flops[e]
@@ -383,6 +388,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     cuda = configure_cuda(cfg.tf32) if device.type == "cuda" else {}  # both engines' float32 arithmetic alike
     # memory first (see memory_by_model); then time with freed memory kept
     memory = memory_by_model(cfg, sizes, device)
+    log.info("peak memory measured")
     cpu = configure_cpu(cfg.threads)  # the same allocator and threads for both engines
     common = {
         "input_size": cfg.input_size, "precision": cfg.precision, "repeats": cfg.repeats,
@@ -395,6 +401,7 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     records: list[dict] = []
     for model_name in cfg.models:
         models = build_pair(model_name, cfg, device)
+        log.info("%s: both engines built", model_name)
         for ratio in cfg.mask_ratios:
             records += bench_ratio(models, model_name, sizes[model_name], float(ratio), cfg, device, common,
                                    memory[model_name, float(ratio)])

@@ -177,6 +177,9 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
     cfg.precision, cfg.sparse_conv, cfg.tf32 = "fp32", None, "yes"
     with pytest.raises(BenchConfigError, match="tf32 must be true or false, got 'yes'"):
         validate(cfg)
+    cfg.tf32, cfg.idle_steps = True, 0
+    with pytest.raises(BenchConfigError, match="repeats and idle_steps must be >= 1"):
+        validate(cfg)
 
 
 def test_cuda_graphs_are_refused_off_cuda_and_for_minkowskis_own_modules(monkeypatch):
