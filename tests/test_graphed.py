@@ -12,6 +12,9 @@ copied into the captured batch's tensors: its images and every index table of it
 * a plan overwritten with a later batch's gives that batch's loss and gradients exactly (every
   table the step reads is copied, none is left stale), for the operators of three families;
   plans that cannot be overwritten are refused in one line.
+* pretraining with ``cuda_graph=true``, its capture and replays stood in for by eager steps on
+  the captured tensors, takes the eager run's steps (each batch copied in, the optimizer on the
+  gradients the replays write, never cleared).
 
 That the replay itself equals the eager step is ``pytest --device cuda``'s (tests/test_device.py),
 which needs a GPU.
@@ -156,3 +159,48 @@ def test_the_dense_masked_engine_and_a_cpu_step_are_not_captured():
     with pytest.raises(ValueError, match="needs the images on a CUDA device"):
         GraphedStep(sparse, lambda x, plan: sparse(x, plan)["loss"], torch.zeros(3, 3, 64, 96),
                     sparse.plan(active, "cpu"))
+
+
+class EagerReplay(GraphedStep):
+    """``GraphedStep``'s contract on the CPU, for the caller's side of it: the capture runs the step
+    once and restores the buffers (as the real warm-up and capture leave them), and each replay
+    runs the step again eagerly on the captured tensors, writing its gradients into the tensors
+    the capture made, as a CUDA graph's replay does; it fails where the caller replaced them."""
+
+    def __init__(self, model: SparK, forward, images: torch.Tensor, plan, backward: bool = True, warmup: int = 3):
+        model.copy_plan_(plan, plan)
+        self.model, self.forward, self.backward, self.plan = model, forward, backward, plan
+        self.images = images.clone()
+        kept = [b.clone() for b in model.buffers()]
+        model.zero_grad(set_to_none=True)
+        self.output = self._step()
+        self.grads = [p.grad for p in model.parameters()]
+        for buffer, value in zip(model.buffers(), kept):
+            buffer.copy_(value)
+        self.graph = self
+
+    def replay(self) -> None:
+        for p, captured in zip(self.model.parameters(), self.grads):
+            assert p.grad is captured, "a replay writes the captured gradients, no longer the parameters'"
+            if captured is not None:
+                captured.zero_()  # the backward below adds to them
+        self.output.copy_(self._step())
+
+
+def test_pretraining_that_replays_its_first_step_takes_the_eager_runs_steps(tmp_path, monkeypatch):
+    """The pretraining app's side of ``cuda_graph=true``, on the CPU: each batch's images and plan
+    go into the captured ones, the optimizer steps on the gradients the replays write, and the
+    run's losses are the eager run's, step for step."""
+    import spark_sparse.pretrain.app as pretrain
+    import spark_sparse.pretrain.checks as checks
+
+    from .runs import losses
+    from .test_pretrain import config
+
+    monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "windows")
+    pretrain.train(config(), tmp_path / "eager")
+    monkeypatch.setattr(pretrain, "GraphedStep", EagerReplay)
+    monkeypatch.setattr(checks, "check_graphable", lambda cfg, world_size: None)  # CUDA's alone
+    pretrain.train(config("cuda_graph=true"), tmp_path / "replayed")
+    assert len(losses(tmp_path / "replayed")) == 6
+    assert losses(tmp_path / "replayed") == losses(tmp_path / "eager")
