@@ -14,7 +14,7 @@ copied into the captured batch's tensors: its images and every index table of it
   plans that cannot be overwritten are refused in one line.
 * pretraining with ``cuda_graph=true``, its capture and replays stood in for by eager steps on
   the captured tensors, takes the eager run's steps (each batch copied in, the optimizer on the
-  gradients the replays write, never cleared).
+  gradients the replays write, never cleared), and so do the benchmark's replayed passes.
 
 That the replay itself equals the eager step is ``pytest --device cuda``'s (tests/test_device.py),
 which needs a GPU.
@@ -204,3 +204,28 @@ def test_pretraining_that_replays_its_first_step_takes_the_eager_runs_steps(tmp_
     pretrain.train(config("cuda_graph=true"), tmp_path / "replayed")
     assert len(losses(tmp_path / "replayed")) == 6
     assert losses(tmp_path / "replayed") == losses(tmp_path / "eager")
+
+
+@pytest.mark.parametrize("pass_name", ["fwd_bwd", "train_step"])
+def test_the_benchmarks_replayed_passes_compute_its_eager_passes(pass_name, monkeypatch):
+    """``sparse_vs_dense cuda_graph=true``'s passes, the capture stood in for as above: each later
+    mask (raw, or planned ahead as ``idle_of`` hands it) gives the eager pass's gradients."""
+    import benchmarks.sparse_vs_dense as bench
+
+    monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "windows")
+    monkeypatch.setattr(bench, "GraphedStep", EagerReplay)
+    torch.manual_seed(0)
+    model = SparK.build("resnet18", decoder_width=32).double().train()
+    twin = copy.deepcopy(model)  # the eager passes' (train mode: no gradient reads a running statistic)
+    images = torch.randn(3, 3, 64, 96, dtype=torch.float64)
+    replayed, eager = bench.make_graphed_pass(pass_name, model, images, "fp32"), bench.make_pass(
+        pass_name, twin, images, "fp32")
+    first, second, third = masks(model, 3)
+    replayed(first)  # the capture
+    for active in (second, model.plan(third, "cpu", like=model.plan(second, "cpu"))):
+        replayed(active)
+        twin.zero_grad(set_to_none=True)
+        eager(active if isinstance(active, torch.Tensor) else active.active)
+        want = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
