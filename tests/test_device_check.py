@@ -82,3 +82,44 @@ def test_preparing_the_carried_wheels_refuses_a_missing_python_before_anything(t
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == ["[device wheels] error: no Python 9.9 that runs (the GPU machine's; set GPU_PYTHON)"]
     assert not (tmp_path / "wheels").exists()
+
+
+def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs(tmp_path):
+    """On CUDA the check also times the sparse engine replayed from CUDA graphs and pretrains with
+    cuda_graph=true: their speed-ups, idle shares and loss are judged apart from the eager run's."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import device_check_report as report
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def records(speedup: float, idle: float) -> list[dict]:
+        out = []
+        for model, ratio in [("resnet50", 0.6), ("resnet50", 0.75), ("convnext_tiny", 0.6)]:
+            for pass_ in ("fwd_bwd", "train_step"):
+                for engine, images_per_s in (("sparse", 100.0 * speedup), ("dense_masked", 100.0)):
+                    out.append({"model": model, "batch_size": 64, "mask_ratio": ratio, "pass": pass_,
+                                "engine": engine, "images_per_s": images_per_s, "median_s": 64 / images_per_s,
+                                "peak_mem_mb": 40.0 if engine == "sparse" else 100.0, "gpu_idle_share": idle,
+                                "gpu_idle_share_planned": idle, "gpu_idle_share_vs_median": idle,
+                                "queue_s": 0.01, "device_name": "a GPU", "tf32": True})
+        return out
+
+    for run, speedup, idle in [("fp32", 1.4, 0.5), ("fp32_graph", 2.5, 0.02), ("bf16", 1.2, 0.5)]:
+        (tmp_path / f"bench_{run}").mkdir()
+        (tmp_path / f"bench_{run}" / "results.json").write_text(json.dumps(records(speedup, idle)))
+    steps = ["(c) pytest --device cuda", "(f) pretrain 200 steps", "(f) pretrain 200 steps, cuda_graph=true"]
+    (tmp_path / "steps.jsonl").write_text("\n".join(json.dumps({"step": name, "rc": 0, "seconds": 1, "log": "x"})
+                                                    for name in steps))
+    (tmp_path / "pretrain_metrics.jsonl").write_text('{"loss": 1.2}\n{"loss": 0.7}\n')  # the graph run's: none
+    report.main(tmp_path, "cuda", 400)
+    met = {t["target"]: t["met"] for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
+    graphed = ", sparse replayed from CUDA graphs"
+    assert met["resnet50 encoder fwd+bwd at mask 0.75: >= 2.0x dense masking"] is False
+    assert met[f"resnet50 encoder fwd+bwd at mask 0.75: >= 2.0x dense masking{graphed}"] is True
+    idle = "resnet50 mask 0.6: GPU idle <= 5% of a SparK step (sparse, masks planned a step ahead as pretraining does)"
+    assert met[idle] is False and met[idle + graphed] is True
+    assert met["resnet50 mask 0.6: peak memory <= 0.6 of dense masking's (encoder fwd+bwd)"] is True
+    assert met["200 steps of pretraining on the device: the loss falls"] is True
+    assert met["200 steps of pretraining with cuda_graph=true: the loss falls"] is False  # it wrote no metrics
+    assert "replayed from CUDA graphs" in (tmp_path / "results.md").read_text()
