@@ -1,5 +1,5 @@
 """``GraphedStep``'s contract on the CPU, for the tests of its callers (the pretraining app, the
-benchmark): a CUDA graph needs a GPU."""
+benchmark, torchrun runs through tests/pretrain_replayed.py): a CUDA graph needs a GPU."""
 
 import torch
 

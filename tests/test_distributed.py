@@ -21,7 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.run.checkpoint import load_checkpoint
 from spark_sparse.run.cli import RUN_DIR_EXISTED, RunDirCallback
-from spark_sparse.run.distributed import SyncVisibleBatchNorm, convert_sync_batchnorm
+from spark_sparse.run.distributed import (SyncVisibleBatchNorm, average_gradients, broadcast_parameters,
+                                          convert_sync_batchnorm)
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d, MaskedTensor
 from spark_sparse.model.spark import SparK
@@ -96,6 +97,34 @@ def test_sync_norm_over_two_processes_equals_one_batchnorm_over_both(tmp_path):
     mp.spawn(_norm_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
+# -- outside DistributedDataParallel (steps replayed from CUDA graphs) --------------------------
+def _weights_worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # every rank's own weights and gradients
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+        model[1].running_mean.uniform_()
+        broadcast_parameters(model)
+        torch.manual_seed(0)
+        want = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+        want[1].running_mean.uniform_()
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+        grads = [torch.full_like(p, float(rank + 1)) for p in model.parameters()]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        model[2].weight.grad = None  # no gradient on any rank: left alone
+        average_gradients(model.parameters())
+        mean = sum(range(1, world + 1)) / world
+        assert all(torch.equal(p.grad, torch.full_like(p, mean)) for p in list(model.parameters())[:-1])
+        assert model[2].weight.grad is None and grads[0] is model[0].weight.grad  # in place
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weights_from_rank_0_and_gradients_averaged_in_place_over_two_processes(tmp_path):
+    mp.spawn(_weights_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 def test_sync_norm_without_a_process_group_is_plain_batchnorm():
     ref = nn.BatchNorm1d(3)
     sync = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(3)))[0]
@@ -123,10 +152,10 @@ def test_conversion_reaches_every_norm_and_keeps_the_state_dict(engine, model):
 
 
 # -- whole runs: torchrun with 2 gloo processes against one process ---------------------------
-def torchrun(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def torchrun(*overrides: str, cwd: Path = ROOT, entry: tuple[str, ...] = ("-m", "spark_sparse.pretrain")
+             ) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m",
-                           "spark_sparse.pretrain", *RUN, "threads=1", *overrides],
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", *entry, *RUN, "threads=1", *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -179,6 +208,20 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(tmp_path,
     # the single-process step-2 checkpoint, finished by 2 processes
     torchrun("resume=true", f"hydra.run.dir={interrupted}")
     assert_same_run(interrupted, single, after=2)
+
+
+def test_two_processes_replaying_their_steps_take_the_steps_of_distributed_data_parallel(tmp_path):
+    """``cuda_graph=true`` under torchrun (with ``sync_bn=false``): DistributedDataParallel's hooks
+    do not run in a replayed backward, so the run starts every rank from rank 0's weights and
+    averages the gradients after each step. The graphs stood in for on the CPU (tests/replay.py),
+    its losses, gradient norms and weights are DDP's. A sum in place of the mean would double
+    every gradient norm."""
+    entry = (str(ROOT / "tests" / "pretrain_replayed.py"),)
+    ddp, replayed = tmp_path / "ddp", tmp_path / "replayed"
+    torchrun("sync_bn=false", f"hydra.run.dir={ddp}", entry=entry)
+    torchrun("sync_bn=false", "cuda_graph=true", f"hydra.run.dir={replayed}", entry=entry)
+    assert_same_run(replayed, ddp)
+    assert len(records(replayed)) == 4
 
 
 # -- a frozen rank ------------------------------------------------------------------------------

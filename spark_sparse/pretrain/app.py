@@ -84,7 +84,7 @@ class Pretraining:
         if run.step >= max_steps and run.ctx.is_main:
             print(f"note: {run.files.root} had finished ({run.step} of {max_steps} steps): nothing left to train")
         # synchronised norms keep identical running statistics on all ranks: no broadcast needed
-        net = run.wrap(model, broadcast_buffers=not cfg.sync_bn)
+        net = run.wrap(model, replayed=cfg.cuda_graph, broadcast_buffers=not cfg.sync_bn)
         self.graphed: GraphedStep | None = None  # cuda_graph: captured on this run's first step
         pictures = self.pictures(run, model)
         loader = build_loader(self.dataset, cfg.batch_size, cfg.seed, start_step=run.step, max_steps=max_steps,
@@ -154,14 +154,17 @@ class Pretraining:
 
     def replayed(self, run: Run, model: SparK, batch: Batch) -> Tensor:
         """Forward and backward of ``batch`` replayed from a CUDA graph of the run's first batch
-        (``cuda_graph``): the gradients are overwritten in place, never cleared."""
+        (``cuda_graph``): the gradients are overwritten in place, never cleared; under torchrun
+        then averaged over the processes."""
         if self.graphed is None:
             def loss_of(images: Tensor, plan: MaskPlan) -> Tensor:
                 with run.autocast(cache=False):
                     return model(images, plan)["loss"]
 
             self.graphed = GraphedStep(model, loss_of, batch.images, batch.plan)
-        return self.graphed(batch.images, batch.plan)
+        loss = self.graphed(batch.images, batch.plan)
+        run.average_gradients(model.parameters())
+        return loss
 
     def pictures(self, run: Run, model: SparK):
         """A function drawing the reconstruction picture of a step (rank 0; eval mode: the norms

@@ -88,7 +88,9 @@ def check_graphable(cfg: DictConfig, world_size: int) -> None:
     """What replaying every step from a CUDA graph (``cuda_graph``, spark_sparse/model/graphed.py) needs."""
     why = ("it needs device=cuda" if cfg.device != "cuda" else
            "the dense-masked engine reads the GPU back (nonzero) and cannot be captured" if cfg.engine != "sparse" else
-           "under torchrun it is not supported yet (DistributedDataParallel's gradient hooks)" if world_size > 1 else
+           "under torchrun the synchronised norms' collectives run inside the step, which a graph does not "
+           "capture; set sync_bn=false (each process's norms then see its share of the batch)"
+           if world_size > 1 and cfg.sync_bn else
            "fp16's loss scaling is not captured; use precision=bf16" if cfg.precision == "fp16" else None)
     if why:
         raise ConfigError(f"cuda_graph=true replays each step from a CUDA graph: {why}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -153,6 +153,31 @@ def total_over_ranks(value: Tensor) -> Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+def broadcast_parameters(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, as DistributedDataParallel's constructor
+    hands them out."""
+    if is_active():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(parameters: Iterable[Tensor]) -> None:
+    """Every gradient replaced, in place, by its mean over the ranks, in one all-reduce of all of
+    them: what DistributedDataParallel does during backward, done after it, for a backward
+    replayed from a CUDA graph, where DDP's hooks do not run. Every rank must hold gradients for
+    the same parameters."""
+    if not is_active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(mean.view_as(grad))
 
 
 def broadcast_buffers(module: nn.Module) -> None:

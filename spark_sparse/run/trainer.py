@@ -186,15 +186,26 @@ class Run:
             print(f"resuming {self.files.root} from step {self.step}")
         return {k: v for k, v in ckpt.items() if k not in states}
 
-    def wrap(self, model: nn.Module, **ddp: Any) -> nn.Module:
-        """``model`` as DistributedDataParallel under torchrun (``ddp``: its options), else itself."""
+    def wrap(self, model: nn.Module, replayed: bool = False, **ddp: Any) -> nn.Module:
+        """``model`` as DistributedDataParallel under torchrun (``ddp``: its options), else itself.
+        ``replayed``: its steps are replayed from CUDA graphs, whose backward DDP's hooks cannot
+        follow: the model itself, with rank 0's weights on every rank, and its gradients averaged
+        after each step by ``average_gradients``."""
         if not self.ctx.distributed:
+            return model
+        if replayed:
+            distributed.broadcast_parameters(model)
             return model
         # no device_ids: DDP would then copy every input to the GPU, the mask included, which the
         # sparse engine reads on the CPU (the apps move their images themselves)
         return DistributedDataParallel(model, **ddp)
 
     # -- one step -----------------------------------------------------------------------------
+    def average_gradients(self, parameters: Iterable[Tensor]) -> None:
+        """Each gradient's mean over the processes, for a model ``wrap``ped with ``replayed``
+        (DistributedDataParallel averages its own during backward); nothing in one process."""
+        distributed.average_gradients(parameters)
+
     def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
         """The context of a forward pass in the run's ``precision`` (bf16, fp16: torch.autocast;
         the weights stay float32, and so do their gradients and the optimizer's state);
