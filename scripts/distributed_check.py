@@ -91,7 +91,7 @@ def main(backend: str, steps: int = 3, batch: int = 8, size: int = 128) -> int:
         ways[", steps replayed from CUDA graphs"] = replayed_steps
     failed = False
     for how, take_steps in ways.items():
-        torch.manual_seed(rank)  # the ranks' own starting weights: the first step's broadcast must unify them
+        torch.manual_seed(rank)  # each rank its own starting weights: either way must hand out rank 0's
         model = SparK.build("resnet18", decoder_width=128).to(device)
         losses = take_steps(model, device, rank, world, steps, batch, size)
         diff = spread(model)
