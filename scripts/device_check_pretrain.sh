@@ -31,7 +31,7 @@
 # 10 s left is skipped), so that the report is written before the device tool stops the command at
 # 600 s; logs, results.json, results.md and summary.txt go to $OUT (commit results.json and
 # results.md under docs/gpu/). The steps run in order of what the targets need most: (c), (e)
-# in TF32 and bf16, (f) and (g), then (d), (p) and (i).
+# in TF32 and bf16, (f)'s 200 steps and (g), (f)'s families, then (d), (p) and (i).
 #
 #   bash scripts/device_check_pretrain.sh                             # the GPU machine, OUT=...
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out PYTHON=.venv/bin/python bash scripts/device_check_pretrain.sh  # dry run
@@ -221,13 +221,6 @@ if [ "$DEVICE" = cuda ]; then  # the same run, every step replayed from a CUDA g
     hydra.run.dir="$WORK/pretrain_graph"
   cp "$WORK/pretrain_graph/metrics.jsonl" "$OUT/pretrain_graph_metrics.jsonl" 2>/dev/null
 fi
-# the families in one process, one after the other (hydra's multirun): a process's start (imports,
-# CUDA's context) is paid once, not per family (26-39 s each for 5 steps on the H200, 2026-11-29,
-# one process each); a family that fails stops the ones after it
-MODEL_LIST=$(IFS=,; echo "${FAMILIES[*]}")
-step "(f) pretrain ${FAMILIES[*]}, ${SHORT[0]}" f_families.log $((60 * ${#FAMILIES[@]})) \
-  "$PY" -m spark_sparse.pretrain -m device="$DEVICE" model="$MODEL_LIST" "${SHORT[@]}" vis_every=100000 \
-  hydra.sweep.dir="$WORK/pretrain_families"
 if [ "$DEVICE" = cuda ]; then
   step "(g) torchrun 1 process, NCCL" g_nccl.log 60 \
     "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/distributed_check.py nccl
@@ -235,6 +228,14 @@ fi
 step "(g) torchrun 2 processes on one device, gloo" g_gloo.log 60 env OMP_NUM_THREADS=$(($(nproc) / 2)) \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/distributed_check.py gloo
 cp "$WORK/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
+# the families (after torchrun, whose steps are replayed too: ResNet-50 and EfficientNet-B0 ran so
+# on the H200, 2026-11-29; ConvNeXt-T not yet) in one process, one after the other (hydra's
+# multirun): a process's start (imports, CUDA's context) is paid once, not per family (26-39 s each
+# for 5 steps then, one process each); a family that fails stops the ones after it
+MODEL_LIST=$(IFS=,; echo "${FAMILIES[*]}")
+step "(f) pretrain ${FAMILIES[*]}, ${SHORT[0]}" f_families.log $((60 * ${#FAMILIES[@]})) \
+  "$PY" -m spark_sparse.pretrain -m device="$DEVICE" model="$MODEL_LIST" "${SHORT[@]}" vis_every=100000 \
+  hydra.sweep.dir="$WORK/pretrain_families"
 
 # (d) a batch's CPU work and the convolution paths per layer: diagnostics, last (timed alone)
 step "(d) benchmarks.batch_tables" d.log 60 \
