@@ -12,16 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 Record = dict
 
 
-def pair_rows(records: list[Record]) -> list[dict]:
-    """One row per (model, mask ratio, pass) holding both engines' numbers and the ratios."""
+def pair_rows(records: list[Record], sparse: str = "sparse") -> list[dict]:
+    """One row per (model, mask ratio, pass) holding both engines' numbers and the ratios;
+    ``sparse``: the sparse engine's records to pair ("sparse_graph": replayed from CUDA graphs)."""
     by_key: dict[tuple, dict[str, Record]] = {}
     for r in records:
         by_key.setdefault((r["model"], r["batch_size"], r["mask_ratio"], r["pass"]), {})[r["engine"]] = r
     rows = []
     for (model, batch, ratio, pass_), engines in by_key.items():
-        if not {"sparse", "dense_masked"} <= engines.keys():
+        if not {sparse, "dense_masked"} <= engines.keys():
             continue
-        s, d = engines["sparse"], engines["dense_masked"]
+        s, d = engines[sparse], engines["dense_masked"]
         mem = (s["peak_mem_mb"] / d["peak_mem_mb"]
                if s["peak_mem_mb"] is not None and d["peak_mem_mb"] else None)
         rows.append({
@@ -77,20 +78,25 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def _cuda_settings(record: Record) -> str:
-    """How CUDA ran float32 convolutions and matrix products, and whether from graphs (nothing on a CPU)."""
+    """How CUDA ran float32 convolutions and matrix products (nothing on a CPU)."""
     tf32 = record.get("tf32")
-    graph = "; the sparse engine replayed from CUDA graphs" if record.get("cuda_graph") else ""
-    return ("" if tf32 is None else "; float32 convolutions and GEMMs in " + ("TF32" if tf32 else "IEEE float32")) + graph
+    return "" if tf32 is None else "; float32 convolutions and GEMMs in " + ("TF32" if tf32 else "IEEE float32")
+
+
+def _tables(rows: list[dict]) -> str:
+    """The summary where fwd_bwd was measured, then the full table."""
+    table, summary = markdown_table(rows), summary_table(rows)
+    return f"{summary}\n\nAll passes:\n\n{table}" if summary else table
 
 
 def write_markdown(records: list[Record], path: Path) -> str:
     """Write results.md (settings, the summary where fwd_bwd was measured, then the full table);
     returns the tables."""
-    rows = pair_rows(records)
-    table = markdown_table(rows)
-    summary = summary_table(rows)
-    if summary:
-        table = f"{summary}\n\nAll passes:\n\n{table}"
+    table = _tables(pair_rows(records))
+    replayed = pair_rows(records, "sparse_graph")
+    if replayed:  # cuda_graph=true: the sparse engine's model again, in the same process
+        table += ("\n\n## The sparse engine replayed from CUDA graphs (cuda_graph=true)\n\n"
+                  "Peak memory: the eager pass's.\n\n" + _tables(replayed))
     first = records[0]
     convs = ", ".join(sorted({f"'{c}'" for r in records for c in r["sparse_conv"].split("+") if c}))
     settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "

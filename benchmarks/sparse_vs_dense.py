@@ -28,10 +28,11 @@ pass whose queueing takes about its whole time keeps the GPU waiting for launche
 on the CPU, as pretraining makes them. The run directory receives results.json, results.md,
 speedup.png and flops_ratio.png.
 
-``cuda_graph=true`` (CUDA): the sparse engine's passes are captured once in a CUDA graph and
-replayed (spark_sparse/model/graphed.py), each timed pass planning its mask, copying its tables
-into the captured ones and replaying; dense masking runs as it is (it reads the device back and
-cannot be captured). Peak memory is the eager pass's either way.
+``cuda_graph=true`` (CUDA): the sparse engine is timed a third time in the same process
+(``engine: sparse_graph``), its passes captured once in a CUDA graph and replayed
+(spark_sparse/model/graphed.py), each timed pass planning its mask, copying its tables into the
+captured ones and replaying; dense masking runs as it is (it reads the device back and cannot be
+captured). Its peak memory is recorded as the eager pass's; results.md gives it a table of its own.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from .report import write_markdown, write_plots
 log = logging.getLogger(__name__)
 
 ENGINES = ("sparse", "dense_masked")
+GRAPHED = "sparse_graph"  # cuda_graph=true: the sparse engine's model, its passes replayed from CUDA graphs
 PASSES = ("fwd", "fwd_bwd", "train_step")
 
 
@@ -323,7 +325,10 @@ def memory_by_model(cfg: DictConfig, sizes: dict[str, int], device: torch.device
 
 def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float, cfg: DictConfig,
                 device: torch.device, common: dict, memory: dict) -> list[dict]:
-    """All passes, both engines, one model, batch size and mask ratio."""
+    """All passes, both engines (and the sparse one replayed: ``cuda_graph``), one model, batch
+    size and mask ratio."""
+    engines = ENGINES + (GRAPHED,) if cfg.cuda_graph else ENGINES
+    model_of = {e: models["sparse" if e == GRAPHED else e] for e in engines}
     images, masks = make_inputs(cfg, b, ratio, device)
     timed_masks = masks[cfg.warmup:]
     visible = float(torch.stack(timed_masks).float().mean())
@@ -336,25 +341,26 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
 
     records = []
     for pass_name in cfg.passes:
-        runs = {e: make_graphed_pass(pass_name, m, images, cfg.precision) if cfg.cuda_graph and e == "sparse"
-                else make_pass(pass_name, m, images, cfg.precision) for e, m in models.items()}
+        runs = {e: make_graphed_pass(pass_name, m, images, cfg.precision) if e == GRAPHED
+                else make_pass(pass_name, m, images, cfg.precision) for e, m in model_of.items()}
         for active in masks[: cfg.warmup]:
-            for e in ENGINES:
-                timed(runs[e], active, models[e], device)
-        times: dict[str, list[float]] = {e: [] for e in ENGINES}
-        queue: dict[str, list[float]] = {e: [] for e in ENGINES}
+            for e in engines:
+                timed(runs[e], active, model_of[e], device)
+        times: dict[str, list[float]] = {e: [] for e in engines}
+        queue: dict[str, list[float]] = {e: [] for e in engines}
         for i, active in enumerate(timed_masks):
-            for e in (ENGINES if i % 2 == 0 else ENGINES[::-1]):
-                times[e].append(timed(runs[e], active, models[e], device, queue[e]))
+            for e in (engines if i % 2 == 0 else engines[::-1]):
+                times[e].append(timed(runs[e], active, model_of[e], device, queue[e]))
         # a few: every profiled step's trace (a thousand kernels and as many CPU operations or
         # more) is written out and parsed as JSON, which takes longer than the step
         profiled = timed_masks[: cfg.idle_steps]
-        for e in ENGINES:
-            idle = idle_of(runs[e], profiled, models[e], device)
-            planned = idle_of(runs[e], profiled, models[e], device, ahead=True) if pass_name == "train_step" else None
-            models[e].zero_grad(set_to_none=True)
-            mem, method = memory[pass_name, e]
-            enc, head = flops[e]
+        for e in engines:
+            idle = idle_of(runs[e], profiled, model_of[e], device)
+            planned = idle_of(runs[e], profiled, model_of[e], device, ahead=True) if pass_name == "train_step" else None
+            model_of[e].zero_grad(set_to_none=True)
+            eager = "sparse" if e == GRAPHED else e  # the same model: its memory (eager) and FLOPs
+            mem, method = memory[pass_name, eager]
+            enc, head = flops[eager]
             median = statistics.median(times[e])
             records.append({
                 **common, "model": model_name, "batch_size": b, "mask_ratio": ratio, "visible_fraction": visible,

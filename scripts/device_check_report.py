@@ -21,6 +21,7 @@ IDLE_TARGET = 0.05  # the GPU's idle share of a whole SparK step
 # the benchmark's runs (OUT/bench_<run>): the targets are judged on fp32's, whose float32 convolutions
 # and GEMMs run in TF32 on CUDA (the benchmark's default), fp32_ieee's in IEEE float32
 RUNS = {"fp32": "fp32 (on CUDA: TF32 for both engines' convolutions and GEMMs)",
+        # the fp32 run's third engine on CUDA (cuda_graph=true), paired with its dense masking
         "fp32_graph": "fp32 (TF32), the sparse engine replayed from CUDA graphs (cuda_graph=true)",
         "bf16": "bf16 autocast", "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
 
@@ -36,16 +37,17 @@ def bench(out: Path, precision: str) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def pairs(records: list[dict]) -> list[dict]:
-    """One row per (model, batch, mask ratio, pass) with both engines."""
+def pairs(records: list[dict], sparse: str = "sparse") -> list[dict]:
+    """One row per (model, batch, mask ratio, pass) with both engines (``sparse``: the sparse
+    engine's records to pair, "sparse_graph" for those replayed from CUDA graphs)."""
     rows: dict[tuple, dict] = {}
     for r in records:
         row = rows.setdefault((r["model"], r["batch_size"], r["mask_ratio"], r["pass"]), {})
         row[r["engine"]] = r
     out = []
     for (model, batch, ratio, pass_), e in rows.items():
-        if {"sparse", "dense_masked"} <= e.keys():
-            s, d = e["sparse"], e["dense_masked"]
+        if {sparse, "dense_masked"} <= e.keys():
+            s, d = e[sparse], e["dense_masked"]
             mem = s["peak_mem_mb"] / d["peak_mem_mb"] if s["peak_mem_mb"] and d["peak_mem_mb"] else None
             out.append({"model": model, "batch_size": batch, "mask_ratio": ratio, "pass": pass_,
                         "sparse_images_per_s": s["images_per_s"], "dense_images_per_s": d["images_per_s"],
@@ -171,9 +173,10 @@ def main(out: Path, device: str, seconds: int) -> None:
     environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
     fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
     runs = {"fp32": pairs(fp32), "bf16": pairs(bf16)}
-    for name in ("fp32_graph", "fp32_ieee"):  # absent off CUDA, or when the check ran out of time
-        if bench(out, name):
-            runs[name] = pairs(bench(out, name))
+    if pairs(fp32, "sparse_graph"):  # CUDA
+        runs["fp32_graph"] = pairs(fp32, "sparse_graph")
+    if bench(out, "fp32_ieee"):  # asked for (ONLY=i)
+        runs["fp32_ieee"] = pairs(bench(out, "fp32_ieee"))
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),
               "tf32": next((r.get("tf32") for r in fp32), None),

@@ -204,3 +204,41 @@ def test_the_benchmarks_replayed_passes_compute_its_eager_passes(pass_name, monk
         want = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
         got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_with_cuda_graph_the_benchmark_times_the_sparse_engine_a_third_time_replayed(monkeypatch, tmp_path):
+    """``sparse_vs_dense cuda_graph=true`` (its capture stood in for as above): every pass timed
+    for dense masking, the sparse engine and the same model replayed, side by side in one process;
+    results.md gives the replayed engine its own table against the same dense masking."""
+    from omegaconf import OmegaConf
+
+    import benchmarks.sparse_vs_dense as bench
+    from benchmarks.report import write_markdown
+
+    class Timed(EagerReplay):
+        """A timed pass sets the gradients to None first (each engine's pass makes its own): a
+        graph's replay writes into the tensors it captured all the same."""
+
+        def replay(self) -> None:
+            for p, captured in zip(self.model.parameters(), self.grads):
+                p.grad = captured
+            super().replay()
+
+    monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "windows")
+    monkeypatch.setattr(bench, "GraphedStep", Timed)
+    cfg = OmegaConf.load(bench.Path(bench.__file__).parents[1] / "conf/bench/sparse_vs_dense.yaml")
+    cfg.merge_with({"models": ["resnet18"], "batch_size": 2, "input_size": 64, "mask_ratios": [0.6],
+                    "passes": ["fwd_bwd", "train_step"], "repeats": 2, "warmup": 1, "decoder_width": 32,
+                    "cuda_graph": True})
+    cpu = torch.device("cpu")
+    memory = {(p, e): (10.0 if e == "sparse" else 20.0, "test") for p in cfg.passes for e in bench.ENGINES}
+    common = {"device": "cpu", "device_name": "a CPU", "threads": 1, "precision": "fp32", "torch": torch.__version__,
+              "minkowski_engine": "0.5.4", "input_size": 64, "repeats": 2, "warmup": 1, "cuda_graph": True}
+    records = bench.bench_ratio(bench.build_pair("resnet18", cfg, cpu), "resnet18", 2, 0.6, cfg, cpu, common, memory)
+    assert [(r["pass"], r["engine"]) for r in records] == [
+        (p, e) for p in cfg.passes for e in ("sparse", "dense_masked", "sparse_graph")]
+    replayed = [r for r in records if r["engine"] == "sparse_graph"]
+    assert all(len(r["times_s"]) == 2 and r["images_per_s"] > 0 and r["peak_mem_mb"] == 10.0 for r in replayed)
+    table = write_markdown(records, tmp_path / "results.md")
+    eager, graphs = table.split("## The sparse engine replayed from CUDA graphs")
+    assert eager.count("| resnet18 | 2 | 0.60 | fwd_bwd |") == graphs.count("| resnet18 | 2 | 0.60 | fwd_bwd |") == 1
