@@ -242,3 +242,26 @@ def test_with_cuda_graph_the_benchmark_times_the_sparse_engine_a_third_time_repl
     table = write_markdown(records, tmp_path / "results.md")
     eager, graphs = table.split("## The sparse engine replayed from CUDA graphs")
     assert eager.count("| resnet18 | 2 | 0.60 | fwd_bwd |") == graphs.count("| resnet18 | 2 | 0.60 | fwd_bwd |") == 1
+
+
+def test_a_pass_that_cannot_be_captured_leaves_the_other_engines_timed(monkeypatch, caplog):
+    """A capture that fails on the GPU (an operation a graph refuses) is logged with its error,
+    and the run keeps the eager engines' figures rather than losing them."""
+    from omegaconf import OmegaConf
+
+    import benchmarks.sparse_vs_dense as bench
+
+    class Refused(EagerReplay):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench, "GraphedStep", Refused)
+    cfg = OmegaConf.load(bench.Path(bench.__file__).parents[1] / "conf/bench/sparse_vs_dense.yaml")
+    cfg.merge_with({"batch_size": 2, "input_size": 64, "passes": ["fwd_bwd"], "repeats": 1, "warmup": 0,
+                    "decoder_width": 32, "cuda_graph": True})
+    cpu = torch.device("cpu")
+    memory = {("fwd_bwd", e): (None, "test") for e in bench.ENGINES}
+    records = bench.bench_ratio(bench.build_pair("resnet18", cfg, cpu), "resnet18", 2, 0.6, cfg, cpu, {}, memory)
+    assert [r["engine"] for r in records] == ["sparse", "dense_masked"]
+    assert "could not be replayed from a CUDA graph" in caplog.text
+    assert "operation not permitted when stream is capturing" in caplog.text
