@@ -77,8 +77,8 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _cuda_settings(record: Record) -> str:
-    """How CUDA ran float32 convolutions and matrix products (nothing on a CPU)."""
+def _tf32(record: Record) -> str:
+    """How CUDA ran float32 convolutions and matrix products (nothing to say on a CPU)."""
     tf32 = record.get("tf32")
     return "" if tf32 is None else "; float32 convolutions and GEMMs in " + ("TF32" if tf32 else "IEEE float32")
 
@@ -100,7 +100,7 @@ def write_markdown(records: list[Record], path: Path) -> str:
     first = records[0]
     convs = ", ".join(sorted({f"'{c}'" for r in records for c in r["sparse_conv"].split("+") if c}))
     settings = (f"device {first['device']} ({first['device_name']}), {first['threads']} torch threads, "
-                f"precision {first['precision']} (both engines{_cuda_settings(first)}), "
+                f"precision {first['precision']} (both engines{_tf32(first)}), "
                 f"torch {first['torch']}, MinkowskiEngine {first['minkowski_engine']}, "
                 f"sparse convolutions {convs}; "
                 f"input {first['input_size']}, median of {first['repeats']} repeats after "

@@ -172,11 +172,9 @@ def main(out: Path, device: str, seconds: int) -> None:
     summary = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []
     environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
     fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
-    runs = {"fp32": pairs(fp32), "bf16": pairs(bf16)}
-    if pairs(fp32, "sparse_graph"):  # CUDA
-        runs["fp32_graph"] = pairs(fp32, "sparse_graph")
-    if bench(out, "fp32_ieee"):  # asked for (ONLY=i)
-        runs["fp32_ieee"] = pairs(bench(out, "fp32_ieee"))
+    runs = {"fp32": pairs(fp32), "bf16": pairs(bf16), "fp32_graph": pairs(fp32, "sparse_graph"),
+            "fp32_ieee": pairs(bench(out, "fp32_ieee"))}
+    runs = {name: rows for name, rows in runs.items() if rows or name in ("fp32", "bf16")}  # graphs: CUDA; IEEE: ONLY=i
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),
               "tf32": next((r.get("tf32") for r in fp32), None),

@@ -206,12 +206,22 @@ def test_the_benchmarks_replayed_passes_compute_its_eager_passes(pass_name, monk
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
 
 
+def bench_config(**overrides):
+    """sparse_vs_dense's config with cuda_graph=true for a tiny ResNet-18 run on the CPU."""
+    from omegaconf import OmegaConf
+
+    import benchmarks.sparse_vs_dense as bench
+
+    cfg = OmegaConf.load(bench.Path(bench.__file__).parents[1] / "conf/bench/sparse_vs_dense.yaml")
+    cfg.merge_with({"models": ["resnet18"], "batch_size": 2, "input_size": 64, "mask_ratios": [0.6],
+                    "decoder_width": 32, "cuda_graph": True, **overrides})
+    return cfg
+
+
 def test_with_cuda_graph_the_benchmark_times_the_sparse_engine_a_third_time_replayed(monkeypatch, tmp_path):
     """``sparse_vs_dense cuda_graph=true`` (its capture stood in for as above): every pass timed
     for dense masking, the sparse engine and the same model replayed, side by side in one process;
     results.md gives the replayed engine its own table against the same dense masking."""
-    from omegaconf import OmegaConf
-
     import benchmarks.sparse_vs_dense as bench
     from benchmarks.report import write_markdown
 
@@ -226,10 +236,7 @@ def test_with_cuda_graph_the_benchmark_times_the_sparse_engine_a_third_time_repl
 
     monkeypatch.setitem(gemm_conv.SMALL_BLOCK_PATHS, "cpu", "windows")
     monkeypatch.setattr(bench, "GraphedStep", Timed)
-    cfg = OmegaConf.load(bench.Path(bench.__file__).parents[1] / "conf/bench/sparse_vs_dense.yaml")
-    cfg.merge_with({"models": ["resnet18"], "batch_size": 2, "input_size": 64, "mask_ratios": [0.6],
-                    "passes": ["fwd_bwd", "train_step"], "repeats": 2, "warmup": 1, "decoder_width": 32,
-                    "cuda_graph": True})
+    cfg = bench_config(passes=["fwd_bwd", "train_step"], repeats=2, warmup=1)
     cpu = torch.device("cpu")
     memory = {(p, e): (10.0 if e == "sparse" else 20.0, "test") for p in cfg.passes for e in bench.ENGINES}
     common = {"device": "cpu", "device_name": "a CPU", "threads": 1, "precision": "fp32", "torch": torch.__version__,
@@ -247,8 +254,6 @@ def test_with_cuda_graph_the_benchmark_times_the_sparse_engine_a_third_time_repl
 def test_a_pass_that_cannot_be_captured_leaves_the_other_engines_timed(monkeypatch, caplog):
     """A capture that fails on the GPU (an operation a graph refuses) is logged with its error,
     and the run keeps the eager engines' figures rather than losing them."""
-    from omegaconf import OmegaConf
-
     import benchmarks.sparse_vs_dense as bench
 
     class Refused(EagerReplay):
@@ -256,9 +261,7 @@ def test_a_pass_that_cannot_be_captured_leaves_the_other_engines_timed(monkeypat
             raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(bench, "GraphedStep", Refused)
-    cfg = OmegaConf.load(bench.Path(bench.__file__).parents[1] / "conf/bench/sparse_vs_dense.yaml")
-    cfg.merge_with({"batch_size": 2, "input_size": 64, "passes": ["fwd_bwd"], "repeats": 1, "warmup": 0,
-                    "decoder_width": 32, "cuda_graph": True})
+    cfg = bench_config(passes=["fwd_bwd"], repeats=1, warmup=0)
     cpu = torch.device("cpu")
     memory = {("fwd_bwd", e): (None, "test") for e in bench.ENGINES}
     records = bench.bench_ratio(bench.build_pair("resnet18", cfg, cpu), "resnet18", 2, 0.6, cfg, cpu, {}, memory)

@@ -159,8 +159,9 @@ def broadcast_parameters(module: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank, as DistributedDataParallel's constructor
     hands them out."""
     if is_active():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+        for parameter in module.parameters():
+            dist.broadcast(parameter.data, src=0)
+        broadcast_buffers(module)
 
 
 def average_gradients(parameters: Iterable[Tensor]) -> None:

@@ -84,6 +84,11 @@ class BatchCoordinates(ME.CoordinateManager):
         return super().get_coordinates(key_or_tensor_strides)
 
 
+def _shape_of(leaf):
+    """What a replayed step fixes of a table's part: a tensor's shape (its values are copied), any other value."""
+    return ("tensor", leaf.shape) if isinstance(leaf, Tensor) else leaf
+
+
 def tile_fits(sites_per_side: int, start: int, size: int) -> bool:
     """Whether a tile stays within a block's neighbours (the tables reach no further)."""
     return -sites_per_side <= start and start + size <= 2 * sites_per_side
@@ -265,9 +270,7 @@ class PatchSites:
         for key, table in self._on_device.items():
             mine, spec = tree_flatten(table)
             theirs, their_spec = tree_flatten(other._table(*key))  # made now unless planned like this batch
-            if spec != their_spec or any(isinstance(a, Tensor) != isinstance(b, Tensor) or
-                                         (a.shape != b.shape if isinstance(a, Tensor) else a != b)
-                                         for a, b in zip(mine, theirs)):
+            if (spec, [_shape_of(a) for a in mine]) != (their_spec, [_shape_of(b) for b in theirs]):
                 raise ValueError(f"table {key} differs in shape in the new batch (offset pairs, the CPU's "
                                  f"small-block path, vary from batch to batch; window GEMMs do not)")
             for a, b in zip(mine, theirs):
