@@ -18,7 +18,8 @@ from timm.layers.padding import get_same_padding
 from torch import nn
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.sparse_engine import dense_to_me_kernel, me_to_dense_kernel
+from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.sparse_engine import convert_leaf, dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
 from spark_sparse.sparse.dilated import DilatedConvolution
@@ -419,6 +420,31 @@ def test_a_wide_strided_depthwise_convolution_equals_torchs_on_the_masked_map(bl
     assert_equal_on_masked_map(sparse, dense, images, active, 2, g)
     for name, p in dense.named_parameters():
         torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("path", ["tiles", "offsets", "windows"])
+@pytest.mark.parametrize("block", [4, 8], ids=["4x4 blocks", "8x8 blocks"])
+def test_metaformers_stride_4_stem_equals_torchs_on_the_masked_map(path, block):
+    """MetaFormer's 7x7 stride-4 stem pads 2, not 3: output i reads input sites 4i - 2 .. 4i + 4,
+    one site into the next block below and right. Converted from timm's module, on every path:
+    features, input, weight and bias gradients equal torch's on the masked map."""
+    g = torch.Generator().manual_seed(12)
+    images = torch.randn(3, 3, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    dense = nn.Conv2d(3, 5, 7, 4, 2).double()
+    sparse = force_path(convert_leaf(dense, "stem.conv").double(), path)
+    assert isinstance(sparse, PatchConvolution) and sparse.padding == 2
+    assert_equal_on_masked_map(sparse, dense, images, active, 4, g)
+    torch.testing.assert_close(me_to_dense_kernel(sparse.kernel.grad, (7, 7)), dense.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.bias.grad.view(-1), dense.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [1, 4])
+def test_a_strided_convolution_whose_padding_changes_the_maps_size_is_refused(padding):
+    """7x7 at stride 4 padding 1 gives 55 outputs on a 224-pixel side, padding 4 gives 57: no
+    window a stride apart per block of sites, so no sparse twin; one line names the layer."""
+    with pytest.raises(ConversionError, match=r"'stem\.conv'.*one window per stride"):
+        convert_leaf(nn.Conv2d(3, 5, 7, 4, padding), "stem.conv")
 
 
 class PoolVisibleOnly(nn.Module):

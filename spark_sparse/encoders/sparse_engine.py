@@ -118,7 +118,11 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     # "focus" stem of YOLOv5 and cs3darknet_focus_*: output i reads 2i - 2 .. 2i + 3)
     same = isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False)
     even = kh % 2 == 0 and ((same and sh == 1) or (1 < sh < kh and 2 * ph == kh - sh))
-    padding = ph if shifted or even else None
+    # an odd kernel at a stride above 2 whose padding still makes one window per s sites (the map's
+    # side / s outputs): MetaFormer's 7x7 stride-4 stem, padding 2, output i reading 4i - 2 .. 4i + 4
+    fitted = (kh % 2 == 1 and not centred and sh > 2 and sh & (sh - 1) == 0 and type(conv) is nn.Conv2d
+              and kh - sh <= 2 * ph < kh)
+    padding = ph if shifted or even or fitted else None
     bias = conv.bias is not None
     scaled = isinstance(conv, (ScaledStdConv2d, ScaledStdConv2dSame))  # NFNet's: times a learned gain
     if scaled or isinstance(conv, (StdConv2d, StdConv2dSame)):
@@ -131,9 +135,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
             grouped = ScaledStdGroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias,
                                                   padding, eps=conv.eps, scale=conv.scale)
             return _copy_weights(conv, grouped)
-    elif (shifted or even) and impl == "minkowski":
+    elif (shifted or even or fitted) and impl == "minkowski":
         raise unsupported(conv, path, "conv='minkowski' centres its kernels; a window off the centre "
-                                      "(TensorFlow 'same' padding, an even kernel) needs conv='patch'")
+                                      "(TensorFlow 'same' padding, an even kernel, a padding less than "
+                                      "half the kernel) needs conv='patch'")
     if conv.groups > 1 and kh == 1 and ph == 0 and impl == "patch":  # no neighbours: rows and GEMMs
         return _copy_weights(conv, GroupedPointwise(conv.in_channels, conv.out_channels, conv.groups, sh, bias))
     if conv.groups == conv.in_channels == conv.out_channels > 1 and (centred or shifted) and sh in (1, 2):
@@ -151,9 +156,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")
         return _copy_weights(conv, PatchifyConvolution(conv.in_channels, conv.out_channels, kh, bias))
-    if not (centred or shifted or (even and conv.groups == 1)):
+    if not (centred or shifted or fitted or (even and conv.groups == 1)):
         raise unsupported(conv, path, f"kernel {kh}, stride {sh}, padding {ph} is not a centred "
-                                      "odd kernel, TensorFlow 'same' padding nor a non-overlapping one")
+                                      "odd kernel, TensorFlow 'same' padding, a non-overlapping one nor "
+                                      "one window per stride")
     settings = dict(kernel_size=kh, stride=sh, bias=conv.bias is not None, dimension=2)
     if impl == "minkowski":
         sparse = ME.MinkowskiConvolution(conv.in_channels, conv.out_channels, **settings)
