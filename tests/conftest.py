@@ -74,9 +74,10 @@ def torch_threads_kept():
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
     convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and
-    FRN's parameters and convolution and linear biases (timm initialises GRN to the identity, layer
-    scale to 1e-6, scalar affines to x -> x and ConvNeXt's biases to zero, which would hide errors:
-    a zero bias cannot leak into hidden sites)."""
+    FRN's parameters, MetaFormer's StarReLU and residual scales and convolution and linear biases
+    (timm initialises GRN to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's
+    bias and ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden
+    sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -94,9 +95,12 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                     scale, shift = (0.5, 0.5) if name in ("weight", "v") else (0.1, 0.0)
                     p.copy_(shift + scale * torch.rand(p.shape, generator=g) if shift
                             else scale * torch.randn(p.shape, generator=g))
-            if type(m).__name__ == "LearnableAffineBlock":  # HGNetV2's: starts at x -> x
+            # HGNetV2's scalar affine starts at x -> x, MetaFormer's StarReLU at relu(x) ** 2
+            if type(m).__name__ in ("LearnableAffineBlock", "StarReLU"):
                 m.scale.copy_(0.5 + torch.rand(1, generator=g))
                 m.bias.copy_(0.1 * torch.randn(1, generator=g))
+            if type(m).__name__ == "Scale" and isinstance(getattr(m, "scale", None), torch.nn.Parameter):
+                m.scale.copy_(0.5 + torch.rand(m.scale.shape, generator=g))  # MetaFormer's res scale: 1
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
@@ -104,7 +108,8 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
                 c = m.weight.shape[0]
                 m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                if m.bias is not None:  # MetaFormer's layer norms have none
+                    m.bias.copy_(0.1 * torch.randn(c, generator=g))
         for name, p in model.named_parameters():
             if name.endswith("gamma") or ".grn." in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))

@@ -499,6 +499,16 @@ VARIANTS["EfficientNet-X: space-to-depth convolution, depthwise 2x2"] = ("effici
 # YOLOv5's "focus" stem as timm builds it: a 6x6 stride-2 convolution with padding 2 on the pixels
 VARIANTS["CS3DarkNet with the focus stem"] = ("cs3darknet_focus_s", {})
 
+# timm's metaformer module, its ConvFormers: inverted separable convolutions (1x1, StarReLU, which moves zero:
+# hidden sites read its bias until masked, depthwise 7x7, 1x1), bias-free layer norms, 1x1 MLPs with StarReLU,
+# learned residual scales in the last two stages; a 7x7 stride-4 stem padded 2, norm-first strided 3x3s
+VARIANTS.update({
+    "ConvFormer: separable convolutions with StarReLU, residual scales, a 7x7 stride-4 stem padded 2": (
+        "convformer_s18", {}),
+    "ConvFormer with layer scale, residual scales in every stage": (
+        "convformer_s18", {"layer_scale_init_values": 1e-5, "res_scale_init_values": 1.0}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -512,7 +522,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
-              "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m"}
+              "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

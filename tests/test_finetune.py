@@ -214,6 +214,8 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("mambaout_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("rdnet_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("inception_next_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("convformer_s18", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("convformer_b36", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
 ])
 def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
                                                                            mixup, drop_path, repeats):

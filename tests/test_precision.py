@@ -103,6 +103,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "gcresnet33ts",  # a softmax over each image's visible sites
             "hrnet_w18_small",  # branches fused across strides by nearest upsampling
             "resnetblur18", "tresnet_m",  # blur pools, space to depth
+            "convformer_s18",  # StarReLU: relu(x) ** 2 of 16-bit rows, its learned scalars float32
             "resnetv2_50d_evos"]  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
 # group norms: deeper nets drift further in bf16; SKResNet's second stride-32 block reaches the canvas
 FOUR_BLOCKS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers": (1, 1, 1, 2)},

@@ -76,6 +76,9 @@ from .test_pretrain import config
     ("mambaout_base_wide_rw", 0.3, "ln", [0.9, 0.999]),
     ("rdnet_tiny", 0.0, "ln", [0.9, 0.999]),
     ("rdnet_base", 0.3, "ln", [0.9, 0.999]),
+    ("convformer_s18", 0.0, "ln", [0.9, 0.999]),  # MetaFormer's ConvFormers, by size
+    ("convformer_m36", 0.2, "ln", [0.9, 0.999]),
+    ("convformer_b36", 0.3, "ln", [0.9, 0.999]),
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),
 ])

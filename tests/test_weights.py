@@ -34,6 +34,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100", "g
 ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) for name in ["vgg11", "vgg11_bn"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  # a head 1x1 kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
+ALL_DEPTHS["ConvFormer (StarReLU's scalars, residual scales, a kept head norm)"] = ("convformer_s18", {})
 ALL_DEPTHS["FasterNet with layer scale"] = ("fasternet_t0", {"layer_scale_init_value": 0.1})
 ALL_DEPTHS.update({"repvit_m0_9": ("repvit_m0_9", {}), "RepViT, legacy branches": ("repvit_m1", {"legacy": True})})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["res2net50_26w_4s", "res2next50", "resnest50d_1s4x24d"]})

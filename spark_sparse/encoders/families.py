@@ -21,6 +21,7 @@ from .hgnet import HGNET
 from .hrnet import HRNET
 from .inception_next import INCEPTION_NEXT
 from .mambaout import MAMBAOUT
+from .metaformer import METAFORMER
 from .nfnet import NFNET
 from .rdnet import RDNET
 from .regnet import REGNET
@@ -39,7 +40,8 @@ from .xception import XCEPTION
 FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENETV3,
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
-                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET)
+                                VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
+                                METAFORMER)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -18,6 +18,7 @@ import torch
 from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d,
                          ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act
+from timm.models.metaformer import LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.nfnet import GammaAct
 from torch import nn
 
@@ -223,8 +224,9 @@ ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, 
 # (the kernel normalised per output channel at every forward, NFNet's then scaled by a learned
 # gain: a weight-only operation)
 CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
-# torch's and timm's layer norms (channels last and channels first): every engine runs them per site
-LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
+# torch's and timm's layer norms (channels last and channels first; MetaFormer's without a bias):
+# every engine runs them per site
+LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, LayerNormNoBias, LayerNorm2dNoBias)
 # torch's and timm's group norms without an activation (ResNet's ``*_gn``): every engine runs them
 # as timm's GroupNormAct with an identity, each image's statistics over its visible sites
 GROUP_NORMS = (nn.GroupNorm, GroupNorm)

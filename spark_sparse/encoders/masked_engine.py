@@ -19,6 +19,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNo
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
+from timm.models.metaformer import StarReLU
 from torch import Tensor, nn
 
 from ..mask import upsample_active
@@ -383,6 +384,15 @@ class MaskedScalarAffine(nn.Module):
         return MaskedTensor(x, inp.active, dirty=True)
 
 
+class MaskedStarReLU(MaskedScalarAffine):
+    """MetaFormer's StarReLU, ``scale * relu(x) ** 2 + bias``: the scalar affine of relu(x) ** 2
+    (hidden sites get the bias, so whatever reads the map next masks it)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = (self.scale * torch.relu(inp.x) ** 2 + self.bias).to(inp.x.dtype)
+        return MaskedTensor(x, inp.active, dirty=True)
+
+
 POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
 
 
@@ -436,6 +446,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedLayerScale()
     if type(module) is LearnableAffineBlock:
         return MaskedScalarAffine(module)
+    if type(module) is StarReLU:
+        return MaskedStarReLU(module)
     if type(module) in ATTENTION:
         return MaskedChannelAttention(module, path)
     if type(module) is GlobalContext:

@@ -18,6 +18,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, Dro
                          ScaledStdConv2dSame, SpaceToDepth, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
+from timm.models.metaformer import StarReLU
 from torch import Tensor, nn
 
 from ..precision import statistics_dtype
@@ -36,7 +37,7 @@ from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
                               SparseLayerNorm, SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine,
-                              image_of_rows, with_features)
+                              SparseStarReLU, image_of_rows, with_features)
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
@@ -498,6 +499,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return PatchUpsample(upsample_scale(module, path))
     if kind is LearnableAffineBlock:
         return _copy_weights(module, SparseScalarAffine())
+    if kind is StarReLU:
+        return _copy_weights(module, SparseStarReLU())
     if kind is DropPath:
         return SparseDropPath(module.drop_prob)
     if kind is ChannelSplit:

@@ -102,6 +102,13 @@ class SparseScalarAffine(nn.Module):
         return with_features(x, torch.addcmul(self.bias, x.F, self.scale).to(x.F.dtype))
 
 
+class SparseStarReLU(SparseScalarAffine):
+    """MetaFormer's StarReLU, ``scale * relu(x) ** 2 + bias``: the scalar affine of relu(x) ** 2."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, (self.scale * torch.relu(x.F) ** 2 + self.bias).to(x.F.dtype))
+
+
 class SparseLayerScale(nn.Module):
     def forward(self, x: ME.SparseTensor, gamma: Tensor) -> ME.SparseTensor:
         return with_features(x, x.F * gamma)

@@ -1,0 +1,93 @@
+"""The ConvFormer models of timm's MetaFormer family (``convformer_s18`` .. ``_b36``, "MetaFormer
+Baselines for Vision").
+
+A block is a layer norm -> token mixer -> drop path -> [layer scale], added to its input times
+a learned per-channel ``res_scale`` (the last two stages), then the same with an MLP (1x1 fc1,
+StarReLU, 1x1 fc2). ConvFormer's token mixer is MobileNetV2's inverted separable convolution:
+1x1 expansion, StarReLU (``scale * relu(x) ** 2 + bias``: hidden sites would read the bias, so
+the dense-masked engine masks before the depthwise convolution reads them), depthwise 7x7, 1x1
+projection. The stem is a 7x7 stride-4 convolution padded 2 then a layer norm; each later stage
+begins with a layer norm and a 3x3 stride-2 convolution. The classifier head's norm runs after
+pooling and is kept (frozen, never run) for strict loading.
+
+PoolFormer's pooling mixer divides by the window's sites inside the image
+(``count_include_pad=False``), which a canvas larger than the image changes, and CAFormer's later
+stages are self-attention over every site: both are refused.
+"""
+
+from __future__ import annotations
+
+from timm.layers import Mlp
+from timm.models.metaformer import (Attention, Downsampling, MetaFormer, MetaFormerBlock, MetaFormerStage, Pooling,
+                                    Scale, SepConv, Stem)
+from torch import nn
+
+from .convnext import MirrorMlp
+from .family import (CheckpointingRefused, Converter, Family, LayerScale, MirrorChildren, MirrorDownsampleBlocks,
+                     NamedStages)
+
+
+class MirrorStem(MirrorChildren):
+    """The 7x7 stride-4 convolution, then its norm (an identity where the model has none)."""
+
+    children_names = ("conv", "norm")
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class MirrorDownsampling(MirrorChildren):
+    """A stage's first layers: the norm, then the 3x3 stride-2 convolution."""
+
+    children_names = ("norm", "conv")
+
+    def forward(self, x):
+        return self.conv(self.norm(x))
+
+
+class MirrorSepConv(MirrorChildren):
+    """ConvFormer's token mixer: pwconv1, act1, dwconv, act2, pwconv2."""
+
+    children_names = ("pwconv1", "act1", "dwconv", "act2", "pwconv2")
+
+    def forward(self, x):
+        return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
+
+
+class MirrorScale(nn.Module):
+    """MetaFormer's Scale (layer scale and res scale): a learned per-channel factor, kept under
+    timm's name and shape (``scale``, (C,))."""
+
+    def __init__(self, module: Scale, convert: Converter, path: str):
+        super().__init__()
+        self.scale = nn.Parameter(module.scale.detach().clone())
+        self.multiply = convert.leaf(LayerScale(), f"{path}.scale")
+
+    def forward(self, x):
+        return self.multiply(x, self.scale)
+
+
+class MirrorMetaFormerBlock(MirrorChildren):
+    """x = res_scale1(x) + layer_scale1(drop_path1(token_mixer(norm1(x)))), then the same with
+    norm2 and the MLP (each scale an identity where the stage has none)."""
+
+    children_names = ("norm1", "token_mixer", "drop_path1", "layer_scale1", "res_scale1",
+                      "norm2", "mlp", "drop_path2", "layer_scale2", "res_scale2")
+
+    def forward(self, x):
+        x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path2(self.mlp(self.norm2(x))))
+
+
+METAFORMER = Family(
+    name="metaformer",
+    timm_class=MetaFormer,
+    mirrors={Stem: MirrorStem, Downsampling: MirrorDownsampling, MetaFormerStage: MirrorDownsampleBlocks,
+             MetaFormerBlock: MirrorMetaFormerBlock, SepConv: MirrorSepConv, Scale: MirrorScale, Mlp: MirrorMlp},
+    layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
+    kept=("head.norm",),
+    check=CheckpointingRefused("stages"),
+    refused={Pooling: "PoolFormer's pooling divides by the window's sites inside the image "
+                      "(count_include_pad=False), which a larger canvas changes: no sparse twin is canvas-invariant",
+             Attention: "self-attention mixes every site of the map, hidden ones included"},
+)
