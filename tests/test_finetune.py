@@ -94,6 +94,32 @@ def test_pretrained_weights_are_loaded_tensor_for_tensor(exported):
             assert torch.equal(got[name], tensor), (mode, name)
 
 
+@pytest.mark.parametrize("name, head", [
+    ("convformer_s18", {"head.fc.fc1", "head.fc.norm", "head.fc.fc2"}),  # an MLP classifier
+    ("repvit_m0_9", {"head.head.bn", "head.head.l", "head.head_dist.bn", "head.head_dist.l"}),  # two, distilled
+])
+def test_a_classifier_the_headless_model_lacks_starts_fresh_and_a_supervised_ones_is_dropped(tmp_path, name, head):
+    """ConvFormer's classifier is an MLP (fc1, norm, fc2), RepViT's a norm and a linear layer twice
+    (its head and its distillation head), all missing from the headless model pretraining exports:
+    fine-tuning loads every exported tensor and leaves the whole head as timm made it; a supervised
+    checkpoint's head (1000 classes) is dropped the same way."""
+    torch.manual_seed(0)
+    exported = tmp_path / "encoder_timm.pth"
+    torch.save(timm.create_model(name, num_classes=0).state_dict(), exported)
+    supervised = tmp_path / "supervised.pth"
+    torch.save(timm.create_model(name, num_classes=1000).state_dict(), supervised)
+    for path in (exported, supervised):
+        model = build_model(name, "finetune", num_classes=3, drop_path_rate=0.0)
+        fresh = {k: v.clone() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in head}
+        assert {k.rsplit(".", 1)[0] for k in fresh} == head
+        loaded = load_encoder(model, path, name)
+        want = torch.load(exported)
+        assert loaded.keys() == want.keys()
+        got = model.state_dict()
+        for key, tensor in (loaded | fresh).items():
+            assert torch.equal(got[key], tensor), key
+
+
 def test_linear_mode_trains_the_head_and_leaves_the_pretrained_encoder_untouched(colours, exported, tmp_path):
     finetune.train(config(colours, "mode=linear", f"pretrained={exported}", "optim.lr=0.05"), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]

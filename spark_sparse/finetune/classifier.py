@@ -60,8 +60,20 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 
 def is_classifier_key(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` belongs to a timm model's classifier (never part of a pretrained encoder)."""
-    return key.startswith(model.pretrained_cfg["classifier"] + ".")
+    """Whether ``key`` belongs to a timm model's classifier (never part of a pretrained encoder);
+    a distilled model (RepViT) names two, its head and its distillation head."""
+    classifier = model.pretrained_cfg["classifier"]
+    names = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
+    return key.startswith(tuple(f"{name}." for name in names))
+
+
+def head_only_keys(model: nn.Module, model_name: str) -> set[str]:
+    """The tensors of ``model`` (a timm ``model_name``) that ``timm.create_model(model_name,
+    num_classes=0)``, what pretraining exports, lacks: its classifier, and the hidden layer of a
+    classifier MLP (MetaFormer's head). Never pretrained: they start as timm initialises them."""
+    with torch.device("meta"):  # names and shapes only
+        headless = create_timm_model(model_name, num_classes=0)
+    return set(model.state_dict()) - set(headless.state_dict())
 
 
 def _examples(keys: set[str] | list[str], n: int = 3) -> str:
@@ -109,12 +121,13 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
 def load_encoder(model: nn.Module, source: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     """Load the encoder weights at ``source`` into ``model``'s encoder, refusing (naming the keys) a
     file that does not fit it: every encoder tensor must be in the file with its shape, and nothing
-    else may be. A classifier in the file is dropped: the downstream task has its own classes.
-    Returns the loaded state."""
+    else may be. A classifier in the file (and a classifier MLP's hidden layer) is dropped: the
+    downstream task has its own classes. Returns the loaded state."""
     path, state = read_encoder_weights(source)
     encoder = encoder_of(model)
-    state = {k: v for k, v in state.items() if not is_classifier_key(encoder, k)}
-    want = {k: v for k, v in encoder.state_dict().items() if not is_classifier_key(encoder, k)}
+    head = head_only_keys(encoder, model_name)
+    state = {k: v for k, v in state.items() if not is_classifier_key(encoder, k) and k not in head}
+    want = {k: v for k, v in encoder.state_dict().items() if not is_classifier_key(encoder, k) and k not in head}
     missing, unexpected = set(want) - set(state), set(state) - set(want)
     reshaped = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
