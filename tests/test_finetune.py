@@ -120,6 +120,28 @@ def test_a_classifier_the_headless_model_lacks_starts_fresh_and_a_supervised_one
             assert torch.equal(got[key], tensor), key
 
 
+# a member of every family the encoders convert (test_spark's pretraining list): its export fits its classifier
+EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "mobilenetv3_small_100",
+                "resnetv2_50x1_bit", "repvgg_a0", "mobileone_s0", "cspdarknet53", "test_nfnet", "mobilenetv4_conv_small",
+                "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "hgnetv2_b0", "hgnet_tiny", "starnet_s050",
+                "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d", "rdnet_tiny", "inception_next_atto",
+                "dpn48b", "ese_vovnet19b_slim_dw", "cspnext_tiny", "legacy_seresnet18", "dla46_c", "repghostnet_050",
+                "skresnet18", "mixnet_s", "gcresnet33ts", "xception41", "hrnet_w18_small", "fastvit_t8", "tresnet_m",
+                "convformer_s18", "vgg11"]
+
+
+@pytest.mark.parametrize("name", EVERY_FAMILY)
+def test_every_familys_pretrained_encoder_loads_into_its_classifier_and_its_linear_probe(tmp_path, name):
+    """What pretraining exports (the headless model's tensors) loads, tensor for tensor, into the
+    fine-tuned classifier and into the linear probe's encoder, whatever the family's head."""
+    exported = tmp_path / "encoder_timm.pth"
+    torch.save(timm.create_model(name, num_classes=0).state_dict(), exported)
+    want = torch.load(exported)
+    for mode in ("finetune", "linear"):
+        model = build_model(name, mode, num_classes=3, drop_path_rate=0.0)
+        assert load_encoder(model, exported, name).keys() == want.keys()
+
+
 def test_linear_mode_trains_the_head_and_leaves_the_pretrained_encoder_untouched(colours, exported, tmp_path):
     finetune.train(config(colours, "mode=linear", f"pretrained={exported}", "optim.lr=0.05"), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
