@@ -508,6 +508,15 @@ VARIANTS.update({
     "ConvFormer with layer scale, residual scales in every stage": (
         "convformer_s18", {"layer_scale_init_values": 1e-5, "res_scale_init_values": 1.0}),
 })
+# and its PoolFormers: a 3x3 average pooling over each window's visible sites minus the input (timm leaves the
+# padding uncounted: the mean of the sites inside the image), group norms of one group per image; V1: norms with
+# biases, GELU MLPs with biases, layer scale, no norm in the stem and downsampling; V2: StarReLU, residual scales
+VARIANTS.update({
+    "PoolFormer: visible-site average pooling minus the input, one-group norms, GELU MLPs, layer scale": (
+        "poolformer_s12", {}),
+    "PoolFormer V2: bias-free one-group norms, StarReLU, residual scales": ("poolformerv2_s12", {}),
+    "ResNeXt-26ts with an average-pooled stem leaving its padding uncounted": ("resnext26ts", {"stem_pool": "avg"}),
+})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -522,7 +531,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
-              "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18"}
+              "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
+              "poolformerv2_s12"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -127,7 +127,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d", "rdnet_tiny", "inception_next_atto",
                 "dpn48b", "ese_vovnet19b_slim_dw", "cspnext_tiny", "legacy_seresnet18", "dla46_c", "repghostnet_050",
                 "skresnet18", "mixnet_s", "gcresnet33ts", "xception41", "hrnet_w18_small", "fastvit_t8", "tresnet_m",
-                "convformer_s18", "vgg11"]
+                "convformer_s18", "poolformer_s12", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)

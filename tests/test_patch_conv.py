@@ -368,6 +368,44 @@ def test_3x3_average_pooling_counts_absent_sites_as_zeros_like_the_padding(block
                                stride, g)
 
 
+class MeanOfVisible(nn.Module):
+    """Each 3x3 window's mean over its visible sites (zero where it has none), from torch's pooling
+    of the masked map and of the mask, the padding counted in both (so it cancels)."""
+
+    def __init__(self, stride: int, visible: torch.Tensor):
+        super().__init__()
+        self.stride, self.visible = stride, visible
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        share = nn.functional.avg_pool2d(self.visible.to(x.dtype), 3, self.stride, 1)
+        return nn.functional.avg_pool2d(x, 3, self.stride, 1) / share.clamp_min(1 / 9)
+
+
+@pytest.mark.parametrize("block,stride", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)],
+                         ids=["one site a patch", "2x2 blocks", "2x2 blocks, stride 2", "8x8 blocks",
+                              "8x8 blocks, stride 2"])
+def test_an_average_pooling_leaving_its_padding_uncounted_is_the_mean_of_the_visible_sites(block, stride):
+    """PoolFormer's 3x3 average pooling with ``count_include_pad=False``, converted from torch's
+    module: at every visible output site the mean of its window's visible sites and its gradient;
+    where nothing is hidden, torch's own pooling (which divides by the sites inside the image)."""
+    g = torch.Generator().manual_seed(13)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    torch_pool = nn.AvgPool2d(3, stride, padding=1, count_include_pad=False)
+    sparse = convert_leaf(torch_pool, "token_mixer.pool")
+    assert isinstance(sparse, PatchPooling) and sparse.present_only
+    visible = upsample_active(active, images.shape[-2:])
+    assert_equal_on_masked_map(sparse, MeanOfVisible(stride, visible), images, active, stride, g)
+    everything = torch.ones_like(active)
+    assert_equal_on_masked_map(sparse, torch_pool, images, everything, stride, g)
+
+
+def test_an_average_pooling_of_the_present_sites_is_refused_with_minkowskis_own_modules():
+    with pytest.raises(ConversionError, match=r"AvgPool2d at 'pool': an average pooling of present sites with "
+                                              r"conv='minkowski'; use conv='patch'"):
+        convert_leaf(nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), "pool", conv="minkowski")
+
+
 # stride 2 reads blocks of 2x2 sites at least (the stride-32 map, one site a patch, is the last)
 @pytest.mark.parametrize("block,stride", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)],
                          ids=["one site a patch (canvas)", "2x2 blocks", "2x2 blocks, stride 2", "8x8 blocks (tiles)",

@@ -35,6 +35,7 @@ ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) f
 ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  # a head 1x1 kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
 ALL_DEPTHS["ConvFormer (StarReLU's scalars, residual scales, a kept head norm)"] = ("convformer_s18", {})
+ALL_DEPTHS.update({name: (name, {}) for name in ["poolformer_s12", "poolformerv2_s12"]})  # one-group norms
 ALL_DEPTHS["FasterNet with layer scale"] = ("fasternet_t0", {"layer_scale_init_value": 0.1})
 ALL_DEPTHS.update({"repvit_m0_9": ("repvit_m0_9", {}), "RepViT, legacy branches": ("repvit_m1", {"legacy": True})})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["res2net50_26w_4s", "res2next50", "resnest50d_1s4x24d"]})
@@ -166,8 +167,6 @@ def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
         ("halonet26t", ()): r"SelfAttnBlock at 'stages\.2\.1': self-attention mixes every site",
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
         ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
-        # its padding uncounted (test_a_3x3_average_pooling_that_leaves_the_padding_uncounted_is_refused)
-        ("resnext26ts", (("stem_pool", "avg"),)): r"AvgPool2d at 'stem\.pool': kernel 3, stride 2, padding 1",
     }
     for (name, kwargs), message in refused.items():
         with pytest.raises(ConversionError, match=f"cannot convert {message}"):
@@ -343,11 +342,10 @@ def test_resnetv2_without_an_exact_twin_is_refused_by_path(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_a_3x3_average_pooling_that_leaves_the_padding_uncounted_is_refused(engine):
-    # counted, the padding reads as hidden sites do (zeros); uncounted, an image's border would
-    # average fewer sites than the same border beside hidden patches
+def test_an_average_pooling_that_does_not_keep_the_mask_grid_is_refused(engine):
+    # a 3x3 stride-2 one with ceil_mode keeps an odd map's last window past the edge
     model = timm.create_model("resnest14d", pretrained=False, num_classes=0)
-    model.layer2[0].avd_last.count_include_pad = False
+    model.layer2[0].avd_last.ceil_mode = True
     with pytest.raises(ConversionError, match=r"AvgPool2d at 'layer2\.0\.avd_last': kernel 3, stride 2, padding 1"):
         engine_class(engine).from_timm(model)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
-from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, LayerNorm, LayerNorm2d, ScaledStdConv2d,
+from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, ScaledStdConv2d,
                          ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act
-from timm.models.metaformer import LayerNorm2dNoBias, LayerNormNoBias
+from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.nfnet import GammaAct
 from torch import nn
 
@@ -227,9 +227,10 @@ CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d
 # torch's and timm's layer norms (channels last and channels first; MetaFormer's without a bias):
 # every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, LayerNormNoBias, LayerNorm2dNoBias)
-# torch's and timm's group norms without an activation (ResNet's ``*_gn``): every engine runs them
-# as timm's GroupNormAct with an identity, each image's statistics over its visible sites
-GROUP_NORMS = (nn.GroupNorm, GroupNorm)
+# torch's and timm's group norms without an activation (ResNet's ``*_gn``; PoolFormer's of one group,
+# with or without a bias): every engine runs them as timm's GroupNormAct with an identity, each
+# image's statistics over its visible sites
+GROUP_NORMS = (nn.GroupNorm, GroupNorm, GroupNorm1, GroupNorm1NoBias)
 
 
 def check_norm_act(bn: nn.Module, path: str) -> None:

@@ -15,6 +15,7 @@ import copy
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a,
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
@@ -393,6 +394,22 @@ class MaskedStarReLU(MaskedScalarAffine):
         return MaskedTensor(x, inp.active, dirty=True)
 
 
+class MaskedVisibleAvgPool(MaskedPaddedAvgPool):
+    """An average pooling that leaves its padding uncounted (``count_include_pad=False``) as the
+    mean of each window's visible sites: the masked map's window sums over its share of visible
+    sites, both pooled with the padding counted. Where nothing is hidden, torch's own; hidden sites
+    count as the padding does (not at all), so an image's border averages as it would beside
+    hidden patches (canvas invariance)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        pool = self.module
+        x, visible = inp.clean().x.contiguous(), inp.visible().to(inp.x.dtype)
+        k, s, p = pool_geometry(pool)
+        share = F.avg_pool2d(visible, k, s, p).clamp_min(1 / k**2)  # a window with none visible sums to 0
+        y = F.avg_pool2d(x, k, s, p) / share
+        return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
+
+
 POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
 
 
@@ -467,8 +484,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         k, s, p = pool_geometry(module)
         # avg-down: mask-aligned windows, all visible or all hidden; a 3x3 (Res2Net, ResNeSt) counts
         # hidden zeros as it counts the padding's, a fixed depthwise convolution of the masked map
-        same_divisor = (k, p) == (3, 1) and s in (1, 2) and module.count_include_pad and not module.ceil_mode
-        if (k, s, p) != (2, 2, 0) and not same_divisor:
+        centred_3x3 = (k, p) == (3, 1) and s in (1, 2) and not module.ceil_mode
+        if centred_3x3 and not module.count_include_pad:  # PoolFormer's: the mean of the visible sites
+            return MaskedVisibleAvgPool(module)
+        if (k, s, p) != (2, 2, 0) and not (centred_3x3 and module.count_include_pad):
             raise unsupported(module, path, f"kernel {k}, stride {s}, padding {p}, count_include_pad "
                                             f"{module.count_include_pad}, ceil_mode {module.ceil_mode}")
         return MaskedApply(module) if p == 0 else MaskedPaddedAvgPool(module)

@@ -1,18 +1,20 @@
-"""The ConvFormer models of timm's MetaFormer family (``convformer_s18`` .. ``_b36``, "MetaFormer
-Baselines for Vision").
+"""The convolutional models of timm's MetaFormer family ("MetaFormer Baselines for Vision"):
+ConvFormer (``convformer_s18`` .. ``_b36``) and PoolFormer (``poolformer_*``, ``poolformerv2_*``).
 
-A block is a layer norm -> token mixer -> drop path -> [layer scale], added to its input times
-a learned per-channel ``res_scale`` (the last two stages), then the same with an MLP (1x1 fc1,
-StarReLU, 1x1 fc2). ConvFormer's token mixer is MobileNetV2's inverted separable convolution:
+A block is a norm -> token mixer -> drop path -> [layer scale], added to its input times a learned
+per-channel ``res_scale`` (where the stage has one), then the same with an MLP (1x1 fc1, an
+activation, 1x1 fc2). ConvFormer's token mixer is MobileNetV2's inverted separable convolution:
 1x1 expansion, StarReLU (``scale * relu(x) ** 2 + bias``: hidden sites would read the bias, so
 the dense-masked engine masks before the depthwise convolution reads them), depthwise 7x7, 1x1
-projection. The stem is a 7x7 stride-4 convolution padded 2 then a layer norm; each later stage
-begins with a layer norm and a 3x3 stride-2 convolution. The classifier head's norm runs after
-pooling and is kept (frozen, never run) for strict loading.
+projection; its norms are bias-free layer norms per site. PoolFormer's token mixer is a 3x3 average
+pooling minus its input, the pooling leaving its padding uncounted: here the mean of the window's
+visible sites (torch's where nothing is hidden; hidden sites count as the padding does, not at all,
+which keeps features canvas-invariant); its norms are group norms of one group, each image's
+statistics over its visible sites. The stem is a 7x7 stride-4 convolution padded 2 then a norm (none
+in PoolFormer V1); each later stage begins with a norm (idem) and a 3x3 stride-2 convolution. The
+classifier head's norm runs after pooling and is kept (frozen, never run) for strict loading.
 
-PoolFormer's pooling mixer divides by the window's sites inside the image
-(``count_include_pad=False``), which a canvas larger than the image changes, and CAFormer's later
-stages are self-attention over every site: both are refused.
+CAFormer's later stages are self-attention over every site: refused.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ class MirrorSepConv(MirrorChildren):
         return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
 
 
+class MirrorPooling(MirrorChildren):
+    """PoolFormer's token mixer: the 3x3 average pooling minus its input."""
+
+    children_names = ("pool",)
+
+    def forward(self, x):
+        return self.pool(x) - x
+
+
 class MirrorScale(nn.Module):
     """MetaFormer's Scale (layer scale and res scale): a learned per-channel factor, kept under
     timm's name and shape (``scale``, (C,))."""
@@ -83,11 +94,10 @@ METAFORMER = Family(
     name="metaformer",
     timm_class=MetaFormer,
     mirrors={Stem: MirrorStem, Downsampling: MirrorDownsampling, MetaFormerStage: MirrorDownsampleBlocks,
-             MetaFormerBlock: MirrorMetaFormerBlock, SepConv: MirrorSepConv, Scale: MirrorScale, Mlp: MirrorMlp},
+             MetaFormerBlock: MirrorMetaFormerBlock, SepConv: MirrorSepConv, Pooling: MirrorPooling, Scale: MirrorScale,
+             Mlp: MirrorMlp},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("head.norm",),
     check=CheckpointingRefused("stages"),
-    refused={Pooling: "PoolFormer's pooling divides by the window's sites inside the image "
-                      "(count_include_pad=False), which a larger canvas changes: no sparse twin is canvas-invariant",
-             Attention: "self-attention mixes every site of the map, hidden ones included"},
+    refused={Attention: "self-attention mixes every site of the map, hidden ones included"},
 )

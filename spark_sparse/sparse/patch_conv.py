@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..precision import statistics_dtype
 from .amp import autocast_backward, autocast_forward
 from .gemm_conv import OffsetGemm, Pointwise, WindowGemm, small_block_path
 from .row_saving import save_rows, saved_rows
@@ -288,7 +289,9 @@ def canvas_max_pool(feats: Tensor, index: Tensor, shape: tuple[int, int, int], k
 
 class PatchPooling(nn.Module):
     """Max (3x3, stride 2, over present sites; 2x2, stride 1 or 2; any odd k x k at stride 1, on the
-    canvas) or average (2x2, stride 2; 3x3, stride 1 or 2, absent sites counted as zeros) pooling.
+    canvas) or average (2x2, stride 2; 3x3, stride 1 or 2, absent sites counted as zeros, or with
+    ``present_only`` the mean of the window's present sites: torch's ``count_include_pad=False``
+    where nothing is hidden, and MinkowskiEngine's average pooling) pooling.
     ``fill``: what an absent site reads in an overlapping max pooling (-inf: nothing; 0: as a zero
     padding would). Non-overlapping windows
     lie inside one patch (the mask is aligned to the coarsest grid): a patch's rows are its
@@ -299,9 +302,10 @@ class PatchPooling(nn.Module):
     fill: float = float("-inf")  # (a class default too: modules pickled before it existed)
 
     padding: int | None = None  # (a class default too: modules pickled before it existed)
+    present_only: bool = False  # (a class default too: modules pickled before it existed)
 
     def __init__(self, mode: str, kernel_size: int, stride: int, relu: bool = False, fill: float = float("-inf"),
-                 padding: int | None = None):
+                 padding: int | None = None, present_only: bool = False):
         super().__init__()
         if mode not in ("max", "avg"):
             raise ValueError(f"pooling mode must be 'max' or 'avg', got '{mode}'")
@@ -309,6 +313,7 @@ class PatchPooling(nn.Module):
         self.relu = relu  # a ReLU after pooling (for max pooling the same as one before it)
         self.fill = fill
         self.padding = padding
+        self.present_only = present_only
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
@@ -326,6 +331,10 @@ class PatchPooling(nn.Module):
                 out = TileMaxPool.apply(x.F, tile, k, self.stride, self.fill)
             else:
                 out = TileAvgPool.apply(x.F, tile, k, self.stride)
+                if self.present_only:  # the share of the window present, from the tables alone
+                    ones = x.F.new_ones(x.F.shape[0], 1, dtype=statistics_dtype(x.F.dtype))
+                    present = TileAvgPool.apply(ones, tile, k, self.stride)
+                    out = (out / present).to(out.dtype)
         if self.relu:
             out = F.relu(out)
         key = sites.key(x.tensor_stride[0] * self.stride)
@@ -336,6 +345,7 @@ class PatchPooling(nn.Module):
         overlapping = self.kernel_size != self.stride
         fill = f", absent sites read {self.fill}" if overlapping and self.fill != float("-inf") else ""
         fill = ", absent sites read 0 (counted)" if overlapping and self.mode == "avg" else fill
+        fill = ", over the present sites" if overlapping and self.present_only else fill
         padding = "" if self.padding is None else f", padding={self.padding}"
         return f"{self.mode}, kernel_size={self.kernel_size}, stride={self.stride}{padding}{fill}{relu}"
 
