@@ -281,15 +281,14 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
         if stock:
             raise unsupported(pool, path, f"a {k}x{k} stride-1 max pooling with conv='minkowski'; use conv='patch'")
         return PatchPooling("max", k, 1)
-    if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and not pool.count_include_pad \
-            and not pool.ceil_mode:
-        # PoolFormer's, its padding uncounted: the mean of the window's present sites (absent ones are
-        # not counted either: torch's where nothing is hidden, canvas-invariant)
-        if stock:
-            raise unsupported(pool, path, "an average pooling of present sites with conv='minkowski'; use conv='patch'")
-        return PatchPooling("avg", 3, s, present_only=True)
-    if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and pool.count_include_pad \
-            and not pool.ceil_mode:
+    if isinstance(pool, nn.AvgPool2d) and (k, p) == (3, 1) and s in (1, 2) and not pool.ceil_mode:
+        if not pool.count_include_pad:
+            # PoolFormer's, its padding uncounted: the mean of the window's present sites (absent ones
+            # are not counted either: torch's where nothing is hidden, canvas-invariant)
+            if stock:
+                raise unsupported(pool, path, "an average pooling of present sites with conv='minkowski'; "
+                                              "use conv='patch'")
+            return PatchPooling("avg", 3, s, present_only=True)
         # Res2Net's and ResNeSt's: hidden sites read zero and are counted, as the padding (a fixed
         # depthwise convolution); MinkowskiEngine's divides by the present sites instead
         if stock:

@@ -127,7 +127,7 @@ def load_encoder(model: nn.Module, source: str | Path, model_name: str) -> dict[
     encoder = encoder_of(model)
     head = head_only_keys(encoder, model_name)
     state = {k: v for k, v in state.items() if not is_classifier_key(encoder, k) and k not in head}
-    want = {k: v for k, v in encoder.state_dict().items() if not is_classifier_key(encoder, k) and k not in head}
+    want = {k: v for k, v in encoder.state_dict().items() if k not in head}  # a classifier is in ``head``
     missing, unexpected = set(want) - set(state), set(state) - set(want)
     reshaped = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
