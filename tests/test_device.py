@@ -61,7 +61,8 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # CondConv experts (efficientnet_cc), separable convolutions after ReLUs or norm-ReLUs (xception_aligned),
 # parallel branches fused through strided convolutions and nearest upsampling (hrnet), RepMixer and
 # grouped 7x7 patch embeddings on the canvas (fastvit), StarReLU and residual scales after a 7x7
-# stride-4 stem padded 2 (metaformer's ConvFormer), the mean of each window's visible sites (PoolFormer)
+# stride-4 stem padded 2 (metaformer's ConvFormer), the mean of each window's visible sites (PoolFormer),
+# gated depthwise levels and a global level per image (focalnet)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -92,6 +93,7 @@ AUDITED["tresnet_m"] = {"layers": (1, 1, 1, 1), "drop_path_rate": 0.1}
 AUDITED["efficientnet_x_b3"] = {"drop_path_rate": 0.1}
 AUDITED["convformer_s18"] = {"drop_path_rate": 0.1}
 AUDITED["poolformer_s12"] = {"drop_path_rate": 0.1}
+AUDITED["focalnet_tiny_srf"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -517,6 +517,20 @@ VARIANTS.update({
     "PoolFormer V2: bias-free one-group norms, StarReLU, residual scales": ("poolformerv2_s12", {}),
     "ResNeXt-26ts with an average-pooled stem leaving its padding uncounted": ("resnext26ts", {"stem_pool": "avg"}),
 })
+# timm's focalnet module: focal modulation (a 1x1 split into a query, a context and gates, the context through
+# depthwise convolutions with GELU level by level, each level gated, the last one's mean over each image's
+# visible sites the gated global level, then a 1x1 times the query), layer norms, 4x4 and 2x2 patchify
+# convolutions. FocalNet-H's layout on the tiny one: four levels (depthwise 5x5 .. 11x11, on tiles at stride 4
+# and the canvas beyond), post norms, a norm inside the modulation, layer scale, the modulator normalised, 7x7
+# stride-4 and 3x3 stride-2 overlapping convolutions. Stochastic depth off: timm's default is 0.1
+VARIANTS.update({
+    "FocalNet: gated depthwise 3x3 and 5x5 levels, a global level over visible sites, patchify convolutions": (
+        "focalnet_tiny_srf", {"drop_path_rate": 0.0}),
+    "FocalNet-H's layout: four levels up to 11x11, post norms, layer scale, overlapping convolutions": (
+        "focalnet_tiny_srf", {"drop_path_rate": 0.0, "focal_levels": (4,) * 4, "focal_windows": (5,) * 4,
+                              "use_post_norm": True, "use_post_norm_in_modulation": True, "normalize_modulator": True,
+                              "use_overlap_down": True, "layerscale_value": 1e-4}),
+})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -532,7 +546,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
-              "poolformerv2_s12"}
+              "poolformerv2_s12", "focalnet_tiny_srf"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

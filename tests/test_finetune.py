@@ -127,7 +127,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d", "rdnet_tiny", "inception_next_atto",
                 "dpn48b", "ese_vovnet19b_slim_dw", "cspnext_tiny", "legacy_seresnet18", "dla46_c", "repghostnet_050",
                 "skresnet18", "mixnet_s", "gcresnet33ts", "xception41", "hrnet_w18_small", "fastvit_t8", "tresnet_m",
-                "convformer_s18", "poolformer_s12", "vgg11"]
+                "convformer_s18", "poolformer_s12", "focalnet_tiny_srf", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)
@@ -264,6 +264,8 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("inception_next_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("convformer_s18", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("convformer_b36", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
+    ("focalnet_small_lrf", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("focalnet_large_fl3", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
 ])
 def test_sparks_downstream_recipe_is_the_default_per_model_and_overridable(model, opt, base_lr, layer_decay,
                                                                            mixup, drop_path, repeats):

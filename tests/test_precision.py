@@ -107,6 +107,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             # the mean of each window's visible sites (V2: V1's norm biases before the pooling minus its
             # input, which removes a constant, have gradients of pure rounding, 1e-4 of the largest in bf16)
             "poolformerv2_s12",
+            "focalnet_tiny_srf",  # each image's visible mean as a gated global level, in the rows' dtype
             "resnetv2_50d_evos"]  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
 # group norms: deeper nets drift further in bf16; SKResNet's second stride-32 block reaches the canvas
 FOUR_BLOCKS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers": (1, 1, 1, 2)},

@@ -36,6 +36,10 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
 ALL_DEPTHS["ConvFormer (StarReLU's scalars, residual scales, a kept head norm)"] = ("convformer_s18", {})
 ALL_DEPTHS.update({name: (name, {}) for name in ["poolformer_s12", "poolformerv2_s12"]})  # one-group norms
+ALL_DEPTHS["FocalNet (split 1x1 outputs, a final norm ending the last stage)"] = ("focalnet_tiny_srf", {})
+ALL_DEPTHS["FocalNet-H's layout (post norms, a norm in the modulation, layer scale, overlapping convolutions)"] = (
+    "focalnet_tiny_srf", {"use_post_norm": True, "use_post_norm_in_modulation": True, "use_overlap_down": True,
+                          "layerscale_value": 1e-4})
 ALL_DEPTHS["FasterNet with layer scale"] = ("fasternet_t0", {"layer_scale_init_value": 0.1})
 ALL_DEPTHS.update({"repvit_m0_9": ("repvit_m0_9", {}), "RepViT, legacy branches": ("repvit_m1", {"legacy": True})})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["res2net50_26w_4s", "res2next50", "resnest50d_1s4x24d"]})

@@ -16,6 +16,7 @@ from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .fasternet import FASTERNET
 from .fastvit import FASTVIT
 from .family import ConversionError, Family
+from .focalnet import FOCALNET
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
 from .hrnet import HRNET
@@ -41,7 +42,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
-                                METAFORMER)
+                                METAFORMER, FOCALNET)
 
 
 def family_of(model: nn.Module) -> Family:

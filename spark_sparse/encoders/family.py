@@ -312,6 +312,15 @@ class Product(nn.Module):
         return a * b
 
 
+class GatedImageVector(nn.Module):
+    """(a one-channel gate map, (B, C) vectors) -> each site's gate times its image's vector, in the
+    map's dtype (FocalNet's global context, ``ctx_global * gates[:, L:]``); a leaf every engine
+    converts to its own twin."""
+
+    def forward(self, gate: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return gate * vector.to(gate.dtype)[:, :, None, None]
+
+
 class ImageMean(nn.Module):
     """x -> (B, C): each image's mean over its sites (timm's ``x.mean((2, 3))``); a leaf every
     engine converts to its own twin, which takes the mean over the visible sites only."""

@@ -30,9 +30,9 @@ from ..transfer import to_device
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
-                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     unsupported, upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
+                     GatedImageVector, ImageMean, LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool,
+                     check_norm_act, pool_geometry, unsupported, upsample_scale)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -366,6 +366,11 @@ class MaskedImageMean(ImageMean):
         return visible_means(inp)
 
 
+class MaskedGatedImageVector(GatedImageVector):
+    def forward(self, gate: MaskedTensor, vector: Tensor) -> MaskedTensor:
+        return gate._replace(x=super().forward(gate.x, vector))  # zero where the gate is
+
+
 class MaskedRadixSum(RadixSum):
     def forward(self, inp: MaskedTensor, weights: Tensor) -> MaskedTensor:
         return inp._replace(x=super().forward(inp.x, weights))  # zero stays zero
@@ -502,6 +507,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedProduct()
     if type(module) is ImageMean:
         return MaskedImageMean()
+    if type(module) is GatedImageVector:
+        return MaskedGatedImageVector()
     if type(module) is RadixSum:
         return MaskedRadixSum(module.radix)
     if type(module) is nn.Identity:

@@ -44,9 +44,9 @@ from ..sparse.upsample import PatchUpsample
 from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit, ImageMean,
-                     LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     unsupported, upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
+                     GatedImageVector, ImageMean, LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool,
+                     check_norm_act, pool_geometry, unsupported, upsample_scale)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -417,6 +417,13 @@ class SparseProduct(Product):
         return with_features(a, super().forward(a.F, b.F))
 
 
+class SparseGatedImageVector(GatedImageVector):
+    """Each row's gate times its image's vector."""
+
+    def forward(self, gate: ME.SparseTensor, vector: Tensor) -> ME.SparseTensor:
+        return with_features(gate, gate.F * vector.to(gate.F.dtype).index_select(0, image_of_rows(gate)))
+
+
 class SparseImageMean(ImageMean):
     """Each image's mean over its visible rows."""
 
@@ -517,6 +524,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseProduct()
     if kind is ImageMean:
         return SparseImageMean()
+    if kind is GatedImageVector:
+        return SparseGatedImageVector()
     if kind is RadixSum:
         return SparseRadixSum(module.radix)
     if kind is nn.Identity:
