@@ -27,6 +27,7 @@ import torch
 from timm.layers import StdConv2dSame
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
+from timm.models.lcnetv2 import RepDepthwiseSeparable
 from timm.models.mambaout import GatedConvBlock
 from timm.models.mobilenetv3 import MobileNetV3
 
@@ -531,6 +532,9 @@ VARIANTS.update({
                               "use_post_norm": True, "use_post_norm_in_modulation": True, "normalize_modulator": True,
                               "use_overlap_down": True, "layerscale_value": 1e-4}),
 })
+# timm's lcnetv2 module (PP-LCNetV2): depthwise separable blocks whose depthwise convolution trains as 5x5, 3x3
+# and 1x1 (at stride 1) depthwise conv-norms summed over the same sites, SE, two 1x1 conv-norm-ReLUs in a row
+VARIANTS["PP-LCNetV2: depthwise 5x5, 3x3 and 1x1 conv-norm branches, SE, residual blocks"] = ("lcnetv2_small", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -546,7 +550,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
-              "poolformerv2_s12", "focalnet_tiny_srf"}
+              "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -609,11 +613,12 @@ def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050"])
-def test_reparameterised_repvgg_mobileone_and_repghost_equal_dense_masked_and_plain_timm(timm_models, name, device):
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "lcnetv2_small"])
+def test_reparameterised_branches_equal_dense_masked_and_plain_timm(timm_models, name, device):
     # for inference timm folds each block's branches into one convolution with a bias
     model = timm.models.reparameterize_model(copy.deepcopy(timm_models(name)))
     assert not any(isinstance(m, (RepVggBlock, MobileOneBlock)) and m.reparam_conv is None for m in model.modules())
+    assert not any(isinstance(m, RepDepthwiseSeparable) and m.dw_conv_list is not None for m in model.modules())
     images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
     images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)

@@ -21,6 +21,7 @@ from .ghostnet import GHOSTNET
 from .hgnet import HGNET
 from .hrnet import HRNET
 from .inception_next import INCEPTION_NEXT
+from .lcnetv2 import LCNETV2
 from .mambaout import MAMBAOUT
 from .metaformer import METAFORMER
 from .nfnet import NFNET
@@ -42,7 +43,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
-                                METAFORMER, FOCALNET)
+                                METAFORMER, FOCALNET, LCNETV2)
 
 
 def family_of(model: nn.Module) -> Family:
