@@ -109,7 +109,8 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "poolformerv2_s12",
             "focalnet_tiny_srf",  # each image's visible mean as a gated global level, in the rows' dtype
             "resnetv2_50d_evos",  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
-            # a member of the other families but VGG (no operator of its own: concatenations, split convolutions,
+            # a member of the other families but VGG (its 3x3s on the pixels, norms and 2x2 max poolings are
+            # CSPDarkNet's and DLA's; none has an operator of its own: concatenations, split convolutions,
             # re-parameterisable branches, SE and the leaves above): cross stages, aggregation trees, dual paths,
             # partial convolutions, ghost modules, PP-LCNetV2, norm-free nets, dense stages of layer norms, RepGhost,
             # RepViT, ReXNet, legacy SE blocks, stars, separable convolutions. Not DenseNet-121: one value before its
