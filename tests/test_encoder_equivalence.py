@@ -535,6 +535,15 @@ VARIANTS.update({
 # timm's lcnetv2 module (PP-LCNetV2): depthwise separable blocks whose depthwise convolution trains as 5x5, 3x3
 # and 1x1 (at stride 1) depthwise conv-norms summed over the same sites, SE, two 1x1 conv-norm-ReLUs in a row
 VARIANTS["PP-LCNetV2: depthwise 5x5, 3x3 and 1x1 conv-norm branches, SE, residual blocks"] = ("lcnetv2_small", {})
+# timm's efficientvit_mit module: ReLU linear attention per head over each image's tokens (hidden ones add nothing),
+# q, k, v aggregated by a depthwise 5x5 and a grouped 1x1 beside them, MBConvs, depthwise separable stem blocks, the
+# head's 1x1 conv-norm-act before pooling; EfficientViT-L: fused MBConvs, two-3x3 stem blocks, GELU (tanh)
+VARIANTS.update({
+    "EfficientViT: linear attention over visible tokens, multi-scale q, k, v, MBConvs, the head's 1x1": (
+        "efficientvit_b0", {}),
+    "EfficientViT-L: fused MBConvs, a stem of two 3x3s, GELU (tanh), attention in the last stage": (
+        "efficientvit_l1", {}),
+})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -550,7 +559,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
-              "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small"}
+              "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -63,6 +63,8 @@ from .test_pretrain import config
     ("dla34", 0.0, "bn", [0.9, 0.95]),
     ("repghostnet_100", 0.0, "bn", [0.9, 0.95]),
     ("lcnetv2_base", 0.0, "bn", [0.9, 0.95]),
+    ("efficientvit_b1", 0.0, "bn", [0.9, 0.95]),
+    ("efficientvit_l2", 0.0, "bn", [0.9, 0.95]),
     ("xception65p", 0.0, "bn", [0.9, 0.95]),
     ("hrnet_w32", 0.0, "bn", [0.9, 0.95]),
     ("fastvit_s12", 0.0, "bn", [0.9, 0.95]),

@@ -1,5 +1,5 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
-global context) on visible sites only.
+global context) and EfficientViT's linear attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -10,11 +10,13 @@ way and share the gate (``ChannelAttention.gates``), which keeps timm's sub-modu
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 
 from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
 from timm.models.senet import SEModule as LegacySEModule
+import torch
 from torch import Tensor, nn
 
 from .family import unsupported
@@ -85,3 +87,36 @@ class GlobalContextAttention(nn.Module):
         scale = None if self.mlp_scale is None else self.gate(self.mlp_scale(c)).flatten(1)
         shift = None if self.mlp_add is None else self.mlp_add(c).flatten(1)
         return scale, shift
+
+
+class LinearAttention(nn.Module):
+    """EfficientViT's lightweight attention (timm's ``LiteMLA`` after its multi-scale q, k, v): per
+    head of ``dim`` channels, relu(q) times the sum over the image's tokens of relu(k)^T [v, 1], its
+    last column dividing the rest (+ ``eps``); in float32, autocast off, as timm's. Linear in the
+    tokens, so a token that is zero adds nothing: over an image's visible tokens it is exactly the
+    attention of the visible part (hidden tokens hold zeros in both engines), canvas-invariant. A
+    leaf every engine converts to its own twin; ``attend`` is the computation they share."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def attend(self, tokens: Tensor) -> Tensor:
+        """(B, n, heads * 3 * dim) tokens, each head's q, k, v side by side -> (B, n, heads * dim)."""
+        b, n, c = tokens.shape
+        device = tokens.device.type  # ``meta`` (the device audit) has no autocast to turn off
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            q, k, v = tokens.float().view(b, n, -1, 3 * self.dim).split(self.dim, dim=-1)
+            q, k = torch.relu(q), torch.relu(k)
+            v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
+            kv = torch.einsum("bnhd,bnhe->bhde", k, v)
+            out = torch.einsum("bnhd,bhde->bnhe", q, kv)
+            out = out[..., :-1] / (out[..., -1:] + self.eps)
+        return out.reshape(b, n, -1).to(tokens.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        return self.attend(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}"

@@ -13,6 +13,7 @@ from .densenet import DENSENET
 from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
 from .efficientnet import EFFICIENTNET, MOBILENETV3
+from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
 from .fastvit import FASTVIT
 from .family import ConversionError, Family
@@ -43,14 +44,14 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
-                                METAFORMER, FOCALNET, LCNETV2)
+                                METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT)
 
 
 def family_of(model: nn.Module) -> Family:
     """The family of a timm model instance; a one-line ConversionError for any other model."""
     for family in FAMILIES:
-        if type(model) is family.timm_class:
+        if type(model) in family.timm_classes:
             return family
-    names = ", ".join(f.timm_class.__name__ for f in FAMILIES)
+    names = ", ".join(c.__name__ for f in FAMILIES for c in f.timm_classes)
     raise ConversionError(f"expected a timm model of a supported family ({names}), "
                           f"got {type(model).__name__}")

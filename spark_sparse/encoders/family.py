@@ -544,10 +544,17 @@ class Family:
     channels_last: bool = False
     # timm modules besides ``name`` whose models are this family's class (hardcorenas: MobileNetV3)
     other_modules: tuple[str, ...] = ()
+    # timm classes besides ``timm_class`` of the same shape in the same module (EfficientVitLarge)
+    other_classes: tuple[type[nn.Module], ...] = ()
     # where the stages are no chain of modules (HRNet's parallel branches): the family's own forward
     # from the input to the four features, run on the converted body and the timm model alike (the
     # body keeps timm's names); the layout then only names the modules to convert
     features: Callable[[nn.Module, Any], list] | None = None
+
+    @property
+    def timm_classes(self) -> tuple[type[nn.Module], ...]:
+        """The timm model classes of the family."""
+        return (self.timm_class, *self.other_classes)
 
     @property
     def timm_modules(self) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
+from .attention import ATTENTION, ChannelAttention, GlobalContextAttention, LinearAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -282,6 +282,14 @@ class MaskedGlobalContext(GlobalContextAttention):
         return MaskedTensor(y + shift.to(y.dtype)[:, :, None, None], inp.active, dirty=True)
 
 
+class MaskedLinearAttention(LinearAttention):
+    """The attention over the masked map: hidden tokens hold zeros, so they add nothing, and come
+    out as zeros (relu(q) = 0 there)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(inp.clean().x), inp.active)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -474,6 +482,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelAttention(module, path)
     if type(module) is GlobalContext:
         return MaskedGlobalContext(module, path)
+    if type(module) is LinearAttention:
+        return MaskedLinearAttention(module.dim, module.eps)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -32,7 +32,7 @@ from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolutio
 from ..sparse.image_norms import SparseEvoNorm, SparseFilterResponseNorm
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPooling, ScaledStdPatchConvolution,
-                                 StdPatchConvolution)
+                                 StdPatchConvolution, to_canvas)
 from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, SparseGlobalResponseNorm,
@@ -41,7 +41,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import ATTENTION, ChannelAttention, GlobalContextAttention
+from .attention import ATTENTION, ChannelAttention, GlobalContextAttention, LinearAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -358,6 +358,18 @@ class SparseGlobalContext(GlobalContextAttention):
         return with_features(x, out)
 
 
+class SparseLinearAttention(LinearAttention):
+    """The attention over each image's visible rows: the rows scattered into the image's token grid
+    at their stride (zeros elsewhere, which add nothing), attended there, gathered back."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites, stride = PatchSites.of(x), x.tensor_stride[0]
+        index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+        tokens = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        out = self.attend(tokens)
+        return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+
+
 class SparseCondConv(CondConvExperts):
     """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
     is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
@@ -489,6 +501,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelAttention(module, path)
     if kind is GlobalContext:
         return SparseGlobalContext(module, path)
+    if kind is LinearAttention:
+        return SparseLinearAttention(module.dim, module.eps)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
