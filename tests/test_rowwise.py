@@ -12,6 +12,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 import torch
+from timm.layers import activations as timm_act
 from torch import nn
 
 from spark_sparse import SparseEncoder, random_active
@@ -24,7 +25,9 @@ from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.rowwise import ImageScale, image_of_rows, with_features
 from spark_sparse.sparse.sparsify import sparsify, to_dense
 
-ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.GELU(), nn.Identity()]  # GELU, Identity: via autograd
+# GELU in its three spellings (torch's, tanh-approximated, timm's): their own kernels; Mish, Identity: via autograd
+ACTS = [nn.SiLU(), nn.Hardswish(), nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.GELU(), nn.GELU(approximate="tanh"),
+        timm_act.GELUTanh(), timm_act.GELU(), nn.Mish(), nn.Identity()]
 # float64, the same arithmetic reordered at most: measured differences are at most 1e-14 on values
 # of order 1-50, so 1e-12 (relative and absolute) leaves room for rounding and no more
 EXACT64 = dict(rtol=1e-12, atol=1e-12)

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import activations as timm_act
 from torch import Tensor, nn
 
 from .amp import autocast_backward, autocast_forward
 
-# activations whose forward can run in place and whose backward has its own kernel, as
-# (forward(act, y), gradient(act, grad, y)) of the pre-activation rows y: the forward and
+
+def _gelu(approximate: str | None = None):
+    """GELU's kernels (exact, or the tanh approximation; ``None``: the module's own setting): not
+    in place, but its backward is one kernel instead of autograd recomputing the forward."""
+    def mode(act: nn.Module) -> str:
+        return act.approximate if approximate is None else approximate
+    return (lambda act, y: F.gelu(y, approximate=mode(act)),
+            lambda act, grad, y: torch.ops.aten.gelu_backward(grad, y, approximate=mode(act)))
+
+
+# activations whose backward has its own kernel (and whose forward can run in place, but GELU's),
+# as (forward(act, y), gradient(act, grad, y)) of the pre-activation rows y: the forward and
 # gradient of any other module go through autograd
 _ACT_KERNELS = {
     nn.ReLU: (lambda act, y: torch.relu_(y), lambda act, grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
@@ -26,11 +37,12 @@ _ACT_KERNELS = {
                lambda act, grad, y: torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)),
     nn.LeakyReLU: (lambda act, y: F.leaky_relu(y, act.negative_slope, inplace=True),
                    lambda act, grad, y: torch.ops.aten.leaky_relu_backward(grad, y, act.negative_slope, False)),
+    nn.GELU: _gelu(), timm_act.GELU: _gelu("none"), timm_act.GELUTanh: _gelu("tanh"),
 }
 
 
 def activate_(act: nn.Module, y: Tensor) -> Tensor:
-    """``act(y)``, in place in ``y`` where the activation has its own kernels."""
+    """``act(y)``, in place in ``y`` where the activation has its own in-place kernel."""
     kernels = _ACT_KERNELS.get(type(act))
     return kernels[0](act, y) if kernels is not None else act(y)
 
