@@ -89,8 +89,9 @@ def _sparse_layer_flops(layer: nn.Module, x: ME.SparseTensor, y: ME.SparseTensor
 
 
 def _dense_layer_flops(layer: nn.Module, y: Tensor) -> int:
-    if y.dim() == 2:  # a linear layer on pooled (B, C) vectors (CondConv's routing)
-        return 2 * y.shape[0] * y.shape[1] * layer.in_features
+    if isinstance(layer, nn.Linear) and y.dim() != 4:
+        # features last: pooled (B, C) vectors (CondConv's routing), rows, (B, n, C) tokens (SwiftFormer's attention)
+        return 2 * y.numel() * layer.in_features
     b, c_out, h, w = y.shape  # a masked linear layer's output is a (B, C, h, w) map too
     if isinstance(layer, nn.Linear):
         return 2 * b * c_out * layer.in_features * h * w

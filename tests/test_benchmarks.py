@@ -104,6 +104,23 @@ def test_resnet18_sparse_dense_flops_ratio(resnet18_pair):
     assert 0.27 <= ratios[0.6] <= 0.33
 
 
+def test_linear_layers_on_rows_and_on_tokens_are_counted_per_token():
+    # SwiftFormer's attention runs plain linear layers on the sparse engine's (N, C) rows and on the
+    # dense-masked engine's (B, n, C) tokens: a linear layer's work is per token, so the sparse count
+    # is the dense one times the visible share, exactly
+    torch.manual_seed(0)
+    model = timm.create_model("swiftformer_xs", pretrained=False, num_classes=0)
+    sparse, dense = SparseEncoder.from_timm(model), MaskedDenseEncoder.from_timm(model)
+    images = torch.randn(2, 3, 128, 128)
+    for mask_ratio in (0.0, 0.5):
+        active = random_active(2, (4, 4), mask_ratio, torch.Generator().manual_seed(0))
+        s, d = encoder_flops(sparse, images, active), encoder_flops(dense, images, active)
+        attention = [k for k in s if ".attn." in k]
+        assert len(attention) == 4 * 4  # to_query, to_key, proj, final in each stage's last block
+        for k in attention:
+            assert s[k] == d[k] * float(active.float().mean())
+
+
 def test_peak_memory_sees_an_allocation_and_only_what_it_adds():
     # in a fresh process: in this one, memory that earlier tests freed and the heap kept could serve
     # the allocation without growing the resident set

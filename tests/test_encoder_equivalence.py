@@ -544,6 +544,9 @@ VARIANTS.update({
     "EfficientViT-L: fused MBConvs, a stem of two 3x3s, GELU (tanh), attention in the last stage": (
         "efficientvit_l1", {}),
 })
+# timm's swiftformer module: efficient additive attention (normalised queries and keys per token, a global query
+# pooled by weights normalised over each image's visible tokens), ConvEncoders, layer scale, the final batch norm
+VARIANTS["SwiftFormer: additive attention pooled over visible tokens, ConvEncoders, layer scale"] = ("swiftformer_xs", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -559,7 +562,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "repghostnet_050", "skresnet18", "mixnet_m",
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
-              "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0"}
+              "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
+              "swiftformer_xs"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

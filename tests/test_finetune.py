@@ -128,7 +128,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "dpn48b", "ese_vovnet19b_slim_dw", "cspnext_tiny", "legacy_seresnet18", "dla46_c", "repghostnet_050",
                 "skresnet18", "mixnet_s", "gcresnet33ts", "xception41", "hrnet_w18_small", "fastvit_t8", "tresnet_m",
                 "convformer_s18", "poolformer_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-                "vgg11"]
+                "swiftformer_xs", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)
@@ -255,6 +255,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("repghostnet_100", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
     ("lcnetv2_base", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
     ("efficientvit_l1", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
+    ("swiftformer_s", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("xception41", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("hrnet_w18", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("fastvit_t8", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),

@@ -65,6 +65,7 @@ from .test_pretrain import config
     ("lcnetv2_base", 0.0, "bn", [0.9, 0.95]),
     ("efficientvit_b1", 0.0, "bn", [0.9, 0.95]),
     ("efficientvit_l2", 0.0, "bn", [0.9, 0.95]),
+    ("swiftformer_l1", 0.0, "bn", [0.9, 0.95]),
     ("xception65p", 0.0, "bn", [0.9, 0.95]),
     ("hrnet_w32", 0.0, "bn", [0.9, 0.95]),
     ("fastvit_s12", 0.0, "bn", [0.9, 0.95]),

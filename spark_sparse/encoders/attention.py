@@ -1,5 +1,6 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
-global context) and EfficientViT's linear attention on visible sites only.
+global context), EfficientViT's linear attention and SwiftFormer's additive attention on visible
+sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -16,7 +17,9 @@ from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
 from timm.models.senet import SEModule as LegacySEModule
+from timm.models.swiftformer import EfficientAdditiveAttention
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .family import unsupported
@@ -120,3 +123,29 @@ class LinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"
+
+
+class AdditiveAttention(nn.Module):
+    """SwiftFormer's efficient additive attention with its sums over each image's visible tokens:
+    q and k are each token's normalised projections; a = q w_g / sqrt(d), normalised over the
+    image's tokens, pools q into one global query g = sum(a q); the output is final(proj(g k) + q).
+    timm sums over every token of the map; a hidden token would bring its projections' biases
+    into both sums, so here it brings nothing (engines leave it out their own way). timm's
+    sub-modules and ``w_g`` keep their names."""
+
+    def __init__(self, module: EfficientAdditiveAttention, path: str):
+        super().__init__()
+        if type(module) is not EfficientAdditiveAttention:
+            raise unsupported(module, path)
+        for name, child in module.named_children():  # timm's names: weights map one-to-one
+            self.add_module(name, copy.deepcopy(child))
+        self.w_g = nn.Parameter(module.w_g.detach().clone())
+        self.scale_factor = module.scale_factor
+
+    def query_and_key(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's normalised query and key."""
+        return F.normalize(self.to_query(tokens), dim=-1), F.normalize(self.to_key(tokens), dim=-1)
+
+    def output(self, query: Tensor, key: Tensor, pooled: Tensor) -> Tensor:
+        """final(proj(g k) + q), ``pooled`` g given per token."""
+        return self.final(self.proj(pooled * key) + query)

@@ -35,6 +35,7 @@ from .repghost import REPGHOST
 from .repvit import REPVIT
 from .rexnet import REXNET
 from .starnet import STARNET
+from .swiftformer import SWIFTFORMER
 from .tresnet import TRESNET
 from .vgg import VGG_FAMILY
 from .vovnet import VOVNET
@@ -44,7 +45,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
-                                METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT)
+                                METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER)
 
 
 def family_of(model: nn.Module) -> Family:

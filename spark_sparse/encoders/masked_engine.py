@@ -21,13 +21,14 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNo
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import StarReLU
+from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
 
 from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import ATTENTION, ChannelAttention, GlobalContextAttention, LinearAttention
+from .attention import ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -290,6 +291,21 @@ class MaskedLinearAttention(LinearAttention):
         return MaskedTensor(super().forward(inp.clean().x), inp.active)
 
 
+class MaskedAdditiveAttention(AdditiveAttention):
+    """SwiftFormer's attention as timm computes it over the map's tokens, the queries of hidden
+    ones zeroed first, so that neither sum sees them; its output's biases reach hidden sites."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, c, h, w = x.shape
+        query, key = self.query_and_key(x.flatten(2).transpose(1, 2))
+        query = query * inp.visible().flatten(2).transpose(1, 2).to(query.dtype)
+        a = F.normalize(query @ self.w_g * self.scale_factor, dim=1)
+        pooled = torch.sum(a * query, dim=1, keepdim=True)
+        out = self.output(query, key, pooled)
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -484,6 +500,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGlobalContext(module, path)
     if type(module) is LinearAttention:
         return MaskedLinearAttention(module.dim, module.eps)
+    if type(module) is EfficientAdditiveAttention:
+        return MaskedAdditiveAttention(module, path)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

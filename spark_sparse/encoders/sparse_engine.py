@@ -19,6 +19,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, Dro
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import StarReLU
+from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
 
 from ..precision import statistics_dtype
@@ -41,7 +42,7 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import ATTENTION, ChannelAttention, GlobalContextAttention, LinearAttention
+from .attention import ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -370,6 +371,21 @@ class SparseLinearAttention(LinearAttention):
         return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
 
 
+class SparseAdditiveAttention(AdditiveAttention):
+    """SwiftFormer's attention with its two sums (the norm of a, the pooled query) taken per image
+    over its visible rows (in float32 for 16-bit rows)."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        batch, image = PatchSites.of(x).batch, image_of_rows(x)
+        query, key = self.query_and_key(x.F)
+        a = query @ self.w_g * self.scale_factor  # (N, 1)
+        dtype = statistics_dtype(a.dtype)
+        norm = a.new_zeros(batch, 1, dtype=dtype).index_add_(0, image, a.to(dtype).square()).sqrt()
+        a = a / norm.clamp_min(1e-12).index_select(0, image).to(a.dtype)  # F.normalize over the tokens
+        pooled = query.new_zeros(batch, query.shape[1], dtype=dtype).index_add_(0, image, (a * query).to(dtype))
+        return with_features(x, self.output(query, key, pooled.to(query.dtype).index_select(0, image)))
+
+
 class SparseCondConv(CondConvExperts):
     """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
     is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
@@ -503,6 +519,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGlobalContext(module, path)
     if kind is LinearAttention:
         return SparseLinearAttention(module.dim, module.eps)
+    if kind is EfficientAdditiveAttention:
+        return SparseAdditiveAttention(module, path)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
