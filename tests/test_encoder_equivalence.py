@@ -547,6 +547,9 @@ VARIANTS.update({
 # timm's swiftformer module: efficient additive attention (normalised queries and keys per token, a global query
 # pooled by weights normalised over each image's visible tokens), ConvEncoders, layer scale, the final batch norm
 VARIANTS["SwiftFormer: additive attention pooled over visible tokens, ConvEncoders, layer scale"] = ("swiftformer_xs", {})
+# MetaFormer's CAFormers: multi-head self-attention in the last two stages, each visible token attending to its
+# image's visible tokens only (one token an image at stride 32 with a single visible patch), linear MLPs
+VARIANTS["CAFormer: self-attention among each image's visible tokens, linear StarReLU MLPs"] = ("caformer_s18", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -563,7 +566,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-              "swiftformer_xs"}
+              "swiftformer_xs", "caformer_s18"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -613,6 +616,17 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
         got = encoder.dense_features(images.double(), active)
         for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
             assert rel_err(g, p) < 1e-9
+
+
+def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, device):
+    """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
+    has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys."""
+    images, _ = batch_on(device, VARIANT_SIZE, "none", batch=3)
+    active = torch.zeros(3, 1, 2, 3, dtype=torch.bool)
+    active[0].view(-1)[:5] = True
+    active[1, 0, 1, 0] = active[1, 0, 0, 2] = True
+    active[2, 0, 1, 1] = True
+    assert_train_steps_equal(*encoders(timm_models("caformer_s18"), train=True, device=device), images, active)
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):

@@ -268,6 +268,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("inception_next_tiny", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("convformer_s18", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("convformer_b36", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
+    ("caformer_b36", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),
     ("focalnet_small_lrf", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("focalnet_large_fl3", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
 ])

@@ -85,6 +85,8 @@ from .test_pretrain import config
     ("convformer_b36", 0.3, "ln", [0.9, 0.999]),
     ("poolformer_s36", 0.0, "ln", [0.9, 0.999]),  # and its PoolFormers
     ("poolformerv2_m48", 0.2, "ln", [0.9, 0.999]),
+    ("caformer_s18", 0.0, "ln", [0.9, 0.999]),  # and its CAFormers
+    ("caformer_b36", 0.3, "ln", [0.9, 0.999]),
     ("focalnet_tiny_srf", 0.0, "ln", [0.9, 0.999]),  # FocalNets, by size
     ("focalnet_base_lrf", 0.3, "ln", [0.9, 0.999]),
     ("focalnet_huge_fl4", 0.4, "ln", [0.9, 0.999]),

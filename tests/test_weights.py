@@ -36,6 +36,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
 ALL_DEPTHS["ConvFormer (StarReLU's scalars, residual scales, a kept head norm)"] = ("convformer_s18", {})
 ALL_DEPTHS.update({name: (name, {}) for name in ["poolformer_s12", "poolformerv2_s12"]})  # one-group norms
+ALL_DEPTHS["caformer_s18"] = ("caformer_s18", {})  # self-attention's qkv and proj, linear MLPs
 ALL_DEPTHS["FocalNet (split 1x1 outputs, a final norm ending the last stage)"] = ("focalnet_tiny_srf", {})
 ALL_DEPTHS["FocalNet-H's layout (post norms, a norm in the modulation, layer scale, overlapping convolutions)"] = (
     "focalnet_tiny_srf", {"use_post_norm": True, "use_post_norm_in_modulation": True, "use_overlap_down": True,

@@ -1,6 +1,6 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
-global context), EfficientViT's linear attention and SwiftFormer's additive attention on visible
-sites only.
+global context), EfficientViT's linear attention, SwiftFormer's additive attention and
+MetaFormer's self-attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
+from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.senet import SEModule as LegacySEModule
 from timm.models.swiftformer import EfficientAdditiveAttention
 import torch
@@ -149,3 +150,31 @@ class AdditiveAttention(nn.Module):
     def output(self, query: Tensor, key: Tensor, pooled: Tensor) -> Tensor:
         """final(proj(g k) + q), ``pooled`` g given per token."""
         return self.final(self.proj(pooled * key) + query)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head softmax self-attention over each image's visible tokens (MetaFormer's
+    ``Attention``, CAFormer's later stages): every visible token attends to the visible tokens of
+    its image only. Over the visible part this is timm's attention of a smaller image: no hidden
+    token is a key, so nothing of the hidden area or of the mask ratio reaches a feature (canvas
+    invariance), as the paper's sparse convolutions promise and MAE's encoder does for ViTs.
+    timm's ``qkv`` and ``proj`` keep their names; engines gather the tokens their own way."""
+
+    def __init__(self, module: MetaFormerAttention, path: str):
+        super().__init__()
+        if type(module) is not MetaFormerAttention:
+            raise unsupported(module, path)
+        for name in ("attn_drop", "proj_drop"):
+            if getattr(module, name).p > 0:
+                raise unsupported(getattr(module, name), f"{path}.{name}", f"dropout p={getattr(module, name).p}")
+        self.qkv, self.proj = copy.deepcopy(module.qkv), copy.deepcopy(module.proj)
+        self.num_heads, self.head_dim = module.num_heads, module.head_dim
+
+    def attend(self, tokens: Tensor, keys: Tensor) -> Tensor:
+        """(B, n, C) tokens, (B, n) bool: which of them are keys (an image without one lets every
+        token be, so that no softmax is empty) -> (B, n, C), each token's attention output."""
+        b, n, _ = tokens.shape
+        q, k, v = self.qkv(tokens).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        keys = keys | ~keys.any(1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -20,6 +20,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNo
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
+from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
@@ -28,7 +29,8 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
+                        SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -306,6 +308,17 @@ class MaskedAdditiveAttention(AdditiveAttention):
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
 
 
+class MaskedSelfAttention(SelfAttention):
+    """The attention over every token of the map with the hidden ones left out as keys (SparK's
+    masking applied to attention); hidden tokens, as queries, get values, masked later."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, c, h, w = x.shape
+        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1))
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -502,6 +515,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedLinearAttention(module.dim, module.eps)
     if type(module) is EfficientAdditiveAttention:
         return MaskedAdditiveAttention(module, path)
+    if type(module) is MetaFormerAttention:
+        return MaskedSelfAttention(module, path)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -1,5 +1,5 @@
-"""The convolutional models of timm's MetaFormer family ("MetaFormer Baselines for Vision"):
-ConvFormer (``convformer_s18`` .. ``_b36``) and PoolFormer (``poolformer_*``, ``poolformerv2_*``).
+"""timm's MetaFormer family ("MetaFormer Baselines for Vision"): ConvFormer (``convformer_s18`` ..
+``_b36``), PoolFormer (``poolformer_*``, ``poolformerv2_*``) and CAFormer (``caformer_*``).
 
 A block is a norm -> token mixer -> drop path -> [layer scale], added to its input times a learned
 per-channel ``res_scale`` (where the stage has one), then the same with an MLP (1x1 fc1, an
@@ -14,14 +14,16 @@ statistics over its visible sites. The stem is a 7x7 stride-4 convolution padded
 in PoolFormer V1); each later stage begins with a norm (idem) and a 3x3 stride-2 convolution. The
 classifier head's norm runs after pooling and is kept (frozen, never run) for strict loading.
 
-CAFormer's later stages are self-attention over every site: refused.
+CAFormer's last two stages mix tokens by multi-head self-attention (``attention.SelfAttention``):
+each visible token attends to its image's visible tokens only, on channels-last tokens in timm and
+on the engines' rows or maps here (the same tokens).
 """
 
 from __future__ import annotations
 
 from timm.layers import Mlp
-from timm.models.metaformer import (Attention, Downsampling, MetaFormer, MetaFormerBlock, MetaFormerStage, Pooling,
-                                    Scale, SepConv, Stem)
+from timm.models.metaformer import (Downsampling, MetaFormer, MetaFormerBlock, MetaFormerStage, Pooling, Scale, SepConv,
+                                    Stem)
 from torch import nn
 
 from .convnext import MirrorMlp
@@ -99,5 +101,4 @@ METAFORMER = Family(
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     kept=("head.norm",),
     check=CheckpointingRefused("stages"),
-    refused={Attention: "self-attention mixes every site of the map, hidden ones included"},
 )

@@ -18,6 +18,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, Dro
                          ScaledStdConv2dSame, SpaceToDepth, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
+from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
@@ -42,7 +43,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
+                        SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -386,6 +388,19 @@ class SparseAdditiveAttention(AdditiveAttention):
         return with_features(x, self.output(query, key, pooled.to(query.dtype).index_select(0, image)))
 
 
+class SparseSelfAttention(SelfAttention):
+    """Each image's visible rows side by side as its tokens (``PatchSites.image_slots``: no padding
+    when every image keeps as many patches), attended, gathered back: the arithmetic of the visible
+    tokens alone, a sixth of dense attention's at mask 0.6."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
+        b, n = present.shape
+        tokens = x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1)
+        out = self.attend(tokens, present)
+        return with_features(x, out.reshape(b * n, -1).index_select(0, slots))
+
+
 class SparseCondConv(CondConvExperts):
     """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
     is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
@@ -521,6 +536,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseLinearAttention(module.dim, module.eps)
     if kind is EfficientAdditiveAttention:
         return SparseAdditiveAttention(module, path)
+    if kind is MetaFormerAttention:
+        return SparseSelfAttention(module, path)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):

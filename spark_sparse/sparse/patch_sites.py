@@ -301,6 +301,20 @@ class PatchSites:
         rows = torch.bincount(self.patches[:, 0], minlength=self.batch) * self.sites_per_side(stride) ** 2
         return rows.clamp_min(1).float()
 
+    def image_slots(self, stride: int) -> tuple[Tensor, Tensor]:
+        """Each image's rows at ``stride`` side by side, as (B, n, C) tokens: (N,) int64, each row's
+        slot in the flattened (B, n) grid, n the most rows an image has (every image, for SparK's
+        masks), and (B, n) bool, which slots hold a row."""
+        return self._table("image_slots", stride)
+
+    def _build_image_slots(self, stride: int) -> tuple[Tensor, Tensor]:
+        rows = torch.bincount(self.patches[:, 0], minlength=self.batch) * self.sites_per_side(stride) ** 2
+        n = max(int(rows.max()), 1)
+        image = self._cached("image_of_rows", stride)
+        first = rows.cumsum(0) - rows  # rows of an image are contiguous
+        slots = image * n + torch.arange(len(image)) - first.index_select(0, image)
+        return slots, torch.arange(n) < rows[:, None]
+
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
         s = self.sites_per_side(stride)
