@@ -100,6 +100,7 @@ AUDITED["lcnetv2_small"] = {}  # no stochastic depth
 AUDITED["efficientvit_b0"] = {}
 AUDITED["swiftformer_xs"] = {"drop_path_rate": 0.1}
 AUDITED["caformer_s18"] = {"drop_path_rate": 0.1}
+AUDITED["fastvit_sa12"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -550,6 +550,12 @@ VARIANTS["SwiftFormer: additive attention pooled over visible tokens, ConvEncode
 # MetaFormer's CAFormers: multi-head self-attention in the last two stages, each visible token attending to its
 # image's visible tokens only (one token an image at stride 32 with a single visible patch), linear MLPs
 VARIANTS["CAFormer: self-attention among each image's visible tokens, linear StarReLU MLPs"] = ("caformer_s18", {})
+# FastViT's SA models: a conditional positional encoding (the input plus a depthwise 7x7) and self-attention blocks
+# after a batch norm in the last stage; MobileCLIP's image tower the same with its own widths
+VARIANTS.update({"FastViT-SA: conditional positional encoding, self-attention after a batch norm": ("fastvit_sa12", {}),
+                 "FastViT-SA re-parameterised: the positional encoding one convolution": (
+                     "fastvit_sa12", {"inference_mode": True}),
+                 "FastViT-MCi (MobileCLIP): RepMixer stages, self-attention in the last": ("fastvit_mci0", {})})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing

@@ -56,6 +56,7 @@ MODELS["lcnetv2_small"] = ("lcnetv2_small", {})  # depthwise 5x5, 3x3 and 1x1 co
 MODELS["efficientvit_b0"] = ("efficientvit_b0", {})  # linear attention: sums over each image's visible tokens
 MODELS["swiftformer_xs"] = ("swiftformer_xs", {})  # additive attention: a query pooled over each image's visible tokens
 MODELS["caformer_s18"] = ("caformer_s18", {})  # self-attention: an image's visible tokens attend to each other only
+MODELS["fastvit_sa12"] = ("fastvit_sa12", {})  # conditional positional encodings, self-attention after batch norms
 MODELS["fasternet_t0"] = ("fasternet_t0", {})  # partial convolutions: split, 3x3 on a quarter, concatenation
 MODELS["repvit_m0_9"] = ("repvit_m0_9", {})  # depthwise kxk + depthwise 1x1 + identity, then a norm
 # 3x3 average poolings counting hidden zeros, split attention over each image's visible sites

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
+from timm.models.fastvit import Attention as FastVitAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.senet import SEModule as LegacySEModule
 from timm.models.swiftformer import EfficientAdditiveAttention
@@ -152,17 +153,21 @@ class AdditiveAttention(nn.Module):
         return self.final(self.proj(pooled * key) + query)
 
 
+# timm's multi-head self-attention modules of convnet families (qkv and proj linear layers, no position bias)
+SELF_ATTENTION = (MetaFormerAttention, FastVitAttention)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head softmax self-attention over each image's visible tokens (MetaFormer's
-    ``Attention``, CAFormer's later stages): every visible token attends to the visible tokens of
-    its image only. Over the visible part this is timm's attention of a smaller image: no hidden
+    """Multi-head softmax self-attention over each image's visible tokens (CAFormer's and
+    FastViT's last stages): every visible token attends to the visible tokens of its image only.
+    Over the visible part this is timm's attention of a smaller image: no hidden
     token is a key, so nothing of the hidden area or of the mask ratio reaches a feature (canvas
     invariance), as the paper's sparse convolutions promise and MAE's encoder does for ViTs.
     timm's ``qkv`` and ``proj`` keep their names; engines gather the tokens their own way."""
 
-    def __init__(self, module: MetaFormerAttention, path: str):
+    def __init__(self, module: nn.Module, path: str):
         super().__init__()
-        if type(module) is not MetaFormerAttention:
+        if type(module) not in SELF_ATTENTION:
             raise unsupported(module, path)
         for name in ("attn_drop", "proj_drop"):
             if getattr(module, name).p > 0:

@@ -1,5 +1,6 @@
-"""The FastViT family's convolutional models (timm ``fastvit``: FastViT-T8, -T12 and -S12, whose
-every stage mixes tokens with RepMixer; at train time or re-parameterised).
+"""The FastViT family (timm ``fastvit``: FastViT-T8, -T12 and -S12, whose every stage mixes tokens
+with RepMixer, and the SA, MA and MobileCLIP ones with attention in the last; at train time or
+re-parameterised).
 
 A stem of three MobileOne blocks (3x3 stride 2, a depthwise 3x3 stride 2, a 1x1: each a sum of
 conv-norm branches and an identity norm, then GELU), then four stages. A stage (but the first)
@@ -10,14 +11,18 @@ then a layer-scaled MLP (a depthwise 7x7 conv-norm, 1x1, GELU, 1x1); a MobileOne
 the last stage. Over 2x2 blocks (stride 16 to 32) the 7x7's window reaches past the neighbours'
 tables: it runs on the canvas (``GroupedConvolution.canvas_rows``).
 
-The models with attention in their last stage (``fastvit_sa*``, ``_ma36``, ``_mci*``) are refused.
+The models with attention in their last stage (``fastvit_sa*``, ``_ma36``, ``_mci0/1/2``) begin it
+with a conditional positional encoding (the input plus a depthwise 7x7 of it, or its re-parameterised
+convolution) and mix tokens by multi-head self-attention over each image's visible tokens
+(``attention.SelfAttention``) after a batch norm, each block adding its layer-scaled output and then
+an MLP's, as RepMixer blocks do.
 """
 
 from __future__ import annotations
 
 from timm.layers import ConvNormAct
-from timm.models.fastvit import (Attention, ConvMlp, FastVit, FastVitStage, LayerScale2d, MobileOneBlock, PatchEmbed,
-                                 RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer, RepMixerBlock)
+from timm.models.fastvit import (AttentionBlock, ConvMlp, FastVit, FastVitStage, LayerScale2d, MobileOneBlock,
+                                 PatchEmbed, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer, RepMixerBlock)
 from torch import nn
 
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorConvNormAct, MirrorLayerScale,
@@ -107,6 +112,25 @@ class MirrorRepMixerBlock(MirrorChildren):
         return x + self.drop_path(self.layer_scale(self.mlp(x)))
 
 
+class MirrorRepConditionalPosEnc(MirrorChildren):
+    """The conditional positional encoding: x + a depthwise 7x7 of x, or its re-parameterised convolution."""
+
+    children_names = ("reparam_conv", "pos_enc")
+
+    def forward(self, x):
+        return self.reparam_conv(x) if self.reparam_conv is not None else self.pos_enc(x) + x
+
+
+class MirrorAttentionBlock(MirrorChildren):
+    """x + layer scale (self-attention (norm(x))), then + layer scale (MLP), each through drop path."""
+
+    children_names = ("norm", "token_mixer", "layer_scale_1", "drop_path1", "mlp", "layer_scale_2", "drop_path2")
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.layer_scale_1(self.token_mixer(self.norm(x))))
+        return x + self.drop_path2(self.layer_scale_2(self.mlp(x)))
+
+
 class MirrorFastVitStage(MirrorChildren):
     """FastVitStage: the patch embedding (none in the first stage), then its blocks."""
 
@@ -122,10 +146,8 @@ FASTVIT = Family(
     mirrors={ConvNormAct: MirrorConvNormAct, MobileOneBlock: MirrorMobileOneBlock,
              ReparamLargeKernelConv: MirrorReparamLargeKernelConv, PatchEmbed: MirrorPatchEmbed,
              RepMixer: MirrorRepMixer, ConvMlp: MirrorConvMlp, RepMixerBlock: MirrorRepMixerBlock,
-             FastVitStage: MirrorFastVitStage, LayerScale2d: MirrorLayerScale},
+             FastVitStage: MirrorFastVitStage, LayerScale2d: MirrorLayerScale,
+             RepConditionalPosEnc: MirrorRepConditionalPosEnc, AttentionBlock: MirrorAttentionBlock},
     layout=TappedStages(head=("final_conv",)),
     check=CheckpointingRefused("stages"),
-    refused={Attention: "self-attention over the whole map mixes visible and hidden sites",
-             RepConditionalPosEnc: "the conditional positional encoding of FastViT's attention stages "
-                                   "(fastvit_sa*, _ma36, _mci*) is not mirrored"},
 )

@@ -20,7 +20,6 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNo
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
-from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        SelfAttention)
+                        SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -515,7 +514,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedLinearAttention(module.dim, module.eps)
     if type(module) is EfficientAdditiveAttention:
         return MaskedAdditiveAttention(module, path)
-    if type(module) is MetaFormerAttention:
+    if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)

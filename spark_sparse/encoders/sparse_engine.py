@@ -18,7 +18,6 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, Dro
                          ScaledStdConv2dSame, SpaceToDepth, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.hgnet import LearnableAffineBlock
-from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
@@ -44,7 +43,7 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        SelfAttention)
+                        SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -536,7 +535,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseLinearAttention(module.dim, module.eps)
     if kind is EfficientAdditiveAttention:
         return SparseAdditiveAttention(module, path)
-    if kind is MetaFormerAttention:
+    if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
