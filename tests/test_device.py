@@ -101,6 +101,7 @@ AUDITED["efficientvit_b0"] = {}
 AUDITED["swiftformer_xs"] = {"drop_path_rate": 0.1}
 AUDITED["caformer_s18"] = {"drop_path_rate": 0.1}
 AUDITED["fastvit_sa12"] = {"drop_path_rate": 0.1}
+AUDITED["mobilenetv4_hybrid_medium"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

@@ -556,6 +556,10 @@ VARIANTS.update({"FastViT-SA: conditional positional encoding, self-attention af
                  "FastViT-SA re-parameterised: the positional encoding one convolution": (
                      "fastvit_sa12", {"inference_mode": True}),
                  "FastViT-MCi (MobileCLIP): RepMixer stages, self-attention in the last": ("fastvit_mci0", {})})
+# MobileNetV4's hybrid models: multi-query attention blocks (query heads sharing one key and value head, which come
+# from a strided depthwise conv-norm at stride 16: queries at 16 attend to keys at 32), layer scale
+VARIANTS["MobileNetV4 hybrid: multi-query attention, keys and values from a strided depthwise conv"] = (
+    "mobilenetv4_hybrid_medium", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing

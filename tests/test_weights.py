@@ -38,6 +38,7 @@ ALL_DEPTHS["ConvFormer (StarReLU's scalars, residual scales, a kept head norm)"]
 ALL_DEPTHS.update({name: (name, {}) for name in ["poolformer_s12", "poolformerv2_s12"]})  # one-group norms
 ALL_DEPTHS["caformer_s18"] = ("caformer_s18", {})  # self-attention's qkv and proj, linear MLPs
 ALL_DEPTHS.update({name: (name, {}) for name in ["fastvit_sa12", "fastvit_mci0"]})  # positional encodings, attention
+ALL_DEPTHS["mobilenetv4_hybrid_medium"] = ("mobilenetv4_hybrid_medium", {})  # multi-query attention's projections
 ALL_DEPTHS["FocalNet (split 1x1 outputs, a final norm ending the last stage)"] = ("focalnet_tiny_srf", {})
 ALL_DEPTHS["FocalNet-H's layout (post norms, a norm in the modulation, layer scale, overlapping convolutions)"] = (
     "focalnet_tiny_srf", {"use_post_norm": True, "use_post_norm_in_modulation": True, "use_overlap_down": True,
@@ -162,9 +163,13 @@ def test_unconvertible_module_is_named_with_its_path():
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
-    with pytest.raises(ConversionError, match=r"cannot convert MobileAttention at 'blocks\.2\.4': MobileNetV4's hybrid "
-                                              r"blocks attend"):
-        engine.from_timm(timm.create_model("mobilenetv4_hybrid_medium", pretrained=False, num_classes=0))
+    # MobileNetV4's hybrid attention with query strides: its output's bilinear upsampling crosses patches
+    model = timm.create_model("mobilenetv4_hybrid_medium", pretrained=False, num_classes=0)
+    attention = model.blocks[2][4].attn
+    attention.query_strides, attention.has_query_strides = (2, 2), True
+    with pytest.raises(ConversionError, match=r"cannot convert MultiQueryAttention2d at 'blocks\.2\.4\.attn': query "
+                                              r"strides \(2, 2\)"):
+        engine.from_timm(model)
     # MobileCLIP's larger image towers run a fifth stage, to stride 64
     with pytest.raises(ConversionError, match=r"FastVit: stage strides \[4, 8, 16, 32, 64\] are not 4, 8, 16, 32"):
         engine.from_timm(timm.create_model("fastvit_mci3", pretrained=False, num_classes=0))

@@ -1,6 +1,6 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
 global context), EfficientViT's linear attention, SwiftFormer's additive attention and
-MetaFormer's self-attention on visible sites only.
+MetaFormer's and MobileNetV4's self-attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -183,3 +183,33 @@ class SelfAttention(nn.Module):
         keys = keys | ~keys.any(1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MultiQueryAttention(nn.Module):
+    """MobileNetV4's multi-query attention after its projections (timm's ``MultiQueryAttention2d``):
+    ``num_heads`` query heads of ``key_dim`` channels share one key and one value head, which may
+    come from a coarser map (``kv_stride``: a strided depthwise convolution first). Each visible
+    query attends to its image's visible keys only, as ``SelfAttention``; a parameter-free leaf
+    every engine converts to its own twin (the projections are the block's converted modules)."""
+
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int):
+        super().__init__()
+        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, keys: Tensor) -> Tensor:
+        """(B, n, heads * key_dim) queries, (B, m, key_dim) keys, (B, m, value_dim) values, (B, m) bool:
+        which keys count (an image without one lets every key) -> (B, n, heads * value_dim)."""
+        b, n, _ = q.shape
+        q = q.view(b, n, self.num_heads, self.key_dim).transpose(1, 2)
+        keys = keys | ~keys.any(1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=keys[:, None, None, :])
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, _, h, w = q.shape
+        tokens = [t.flatten(2).transpose(1, 2) for t in (q, k, v)]
+        keys = k.new_ones(k.shape[0], tokens[1].shape[1], dtype=torch.bool)
+        return self.attend(*tokens, keys).transpose(1, 2).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}"

@@ -5,7 +5,9 @@ Both are one Sequential ``blocks`` of stages built from the same blocks: inverte
 depthwise-separable and plain conv-bn-act blocks, EfficientNet-V2's fused "edge" residuals, and
 MobileNetV4's universal inverted residuals (an optional depthwise conv before the 1x1 expansion,
 one in the middle, one after the projection, each a conv-norm-act that may stride, then a layer
-scale). Each block is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
+scale), and its hybrid models' attention blocks (multi-query attention, keys and values from a
+strided depthwise convolution, each visible query attending to its image's visible keys). Each block
+is its leaves in order, plus its input where timm's block has a skip. EfficientNet's
 final 1x1 convolution and norm (``conv_head``, ``bn2``) run before pooling, so they end the last
 stage; MobileNetV3's run after pooling, so they are kept (frozen, never run) for strict loading.
 TensorFlow ports (``tf_*``, and the pruned EfficientNets) pad asymmetrically ("same", timm's
@@ -15,17 +17,19 @@ Conv2dSame) at stride 2: the engines' convolutions pad as they do.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
-from timm.layers import ConvNormAct, LayerScale2d, MixedConv2d
+from timm.layers import ConvNormAct, LayerScale2d, MixedConv2d, MultiQueryAttention2d
 from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, DepthwiseSeparableConv, EdgeResidual,
                                               InvertedResidual, MobileAttention, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter,
-                     Family, ImageMean, MirrorConvNormAct, MirrorLayerScale, split_in_turn)
+from .attention import MultiQueryAttention
+from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, ImageMean,
+                     MirrorChildren, MirrorConvNormAct, MirrorLayerScale, split_in_turn, unsupported)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -99,17 +103,52 @@ class MirrorCondConvResidual(nn.Module):
         return self.drop_path(y) + x if self.has_skip else y
 
 
-# timm layers of this family that no engine mirrors, and why
-REFUSED = {
-    MobileAttention: "MobileNetV4's hybrid blocks attend over the whole map, hidden sites included; "
-                     "use a mobilenetv4_conv_* model",
-}
+class MirrorMultiQueryAttention2d(nn.Module):
+    """timm's MultiQueryAttention2d: the query, key and value projections (key and value after a
+    strided depthwise conv-norm where ``kv_stride`` > 1), the attention, the output projection."""
+
+    def __init__(self, module: MultiQueryAttention2d, convert: Converter, path: str):
+        super().__init__()
+        if module.has_query_strides:
+            raise unsupported(module, path, f"query strides {module.query_strides}: the output's bilinear "
+                                            "upsampling reaches across patch borders")
+        for drop, where in ((module.attn_drop, "attn_drop"), (module.output.drop, "output.drop")):
+            if drop.p > 0:
+                raise unsupported(drop, f"{path}.{where}", f"dropout p={drop.p}")
+        for name in ("query", "key", "value"):
+            setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
+        self.attention = convert.leaf(MultiQueryAttention(module.num_heads, module.key_dim, module.value_dim),
+                                      f"{path}.attention")  # parameter-free, a name timm's module lacks
+        # timm's output is the projection and its dropout (zero, checked above)
+        self.output = nn.Sequential(OrderedDict(proj=convert.leaf(module.output.proj, f"{path}.output.proj")))
+
+    def forward(self, x):
+        return self.output(self.attention(self.query(x), self.key(x), self.value(x)))
+
+
+class MirrorMobileAttention(MirrorChildren):
+    """MobileNetV4's hybrid block: [x + a depthwise conv of x (CPE)], then layer scale (attention
+    (norm(x))), + x where the block has a skip."""
+
+    children_names = ("conv_cpe_dw", "norm", "attn", "layer_scale", "drop_path")
+
+    def __init__(self, block: MobileAttention, convert: Converter, path: str):
+        super().__init__(block, convert, path)
+        self.has_skip = block.has_skip
+
+    def forward(self, x):
+        if self.conv_cpe_dw is not None:
+            x = x + self.conv_cpe_dw(x)
+        y = self.layer_scale(self.attn(self.norm(x)))
+        return self.drop_path(y) + x if self.has_skip else y
 
 
 MIRRORS = {block: MirrorEfficientBlock for block in LEAVES} | {ConvNormAct: MirrorConvNormAct,
                                                               LayerScale2d: MirrorLayerScale,
                                                               MixedConv2d: MirrorMixedConv2d,
-                                                              CondConvResidual: MirrorCondConvResidual}
+                                                              CondConvResidual: MirrorCondConvResidual,
+                                                              MobileAttention: MirrorMobileAttention,
+                                                              MultiQueryAttention2d: MirrorMultiQueryAttention2d}
 
 EFFICIENTNET = Family(
     name="efficientnet",
@@ -117,7 +156,6 @@ EFFICIENTNET = Family(
     mirrors=MIRRORS,
     layout=BlockStages(("conv_stem", "bn1"), head=("conv_head", "bn2")),
     check=CheckpointingRefused("blocks"),
-    refused=REFUSED,
 )
 
 MOBILENETV3 = Family(
@@ -127,6 +165,5 @@ MOBILENETV3 = Family(
     layout=BlockStages(("conv_stem", "bn1")),
     kept=("conv_head", "norm_head"),
     check=CheckpointingRefused("blocks"),
-    refused=REFUSED,
     other_modules=("hardcorenas",),
 )

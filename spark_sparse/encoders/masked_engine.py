@@ -29,7 +29,7 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        SELF_ATTENTION, SelfAttention)
+                        MultiQueryAttention, SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -318,6 +318,18 @@ class MaskedSelfAttention(SelfAttention):
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
 
 
+class MaskedMultiQueryAttention(MultiQueryAttention):
+    """The attention over every query of the map, the hidden keys (at the keys' resolution) left
+    out; hidden queries get values, masked later."""
+
+    def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor) -> MaskedTensor:
+        qx, kx, vx = q.clean().x, k.clean().x, v.clean().x
+        b, _, h, w = qx.shape
+        tokens = [t.flatten(2).transpose(1, 2) for t in (qx, kx, vx)]
+        out = self.attend(*tokens, k.visible().flatten(1))
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -516,6 +528,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedAdditiveAttention(module, path)
     if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
+    if type(module) is MultiQueryAttention:
+        return MaskedMultiQueryAttention(module.num_heads, module.key_dim, module.value_dim)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

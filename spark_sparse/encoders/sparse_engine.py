@@ -43,7 +43,7 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        SELF_ATTENTION, SelfAttention)
+                        MultiQueryAttention, SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -393,11 +393,29 @@ class SparseSelfAttention(SelfAttention):
     tokens alone, a sixth of dense attention's at mask 0.6."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
-        b, n = present.shape
-        tokens = x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1)
+        tokens, slots, present = image_tokens(x)
         out = self.attend(tokens, present)
-        return with_features(x, out.reshape(b * n, -1).index_select(0, slots))
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+
+def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's rows side by side as its tokens: (B, n, C) tokens, (N,) each row's slot in the
+    flattened (B, n), (B, n) bool, which slots hold a row (``PatchSites.image_slots``)."""
+    slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
+    b, n = present.shape
+    return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
+
+
+class SparseMultiQueryAttention(MultiQueryAttention):
+    """Each image's visible query rows attend to its visible key rows (at their own stride)."""
+
+    def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor) -> ME.SparseTensor:
+        _same_sites(k, v, "attend with keys and values on")
+        queries, slots, _ = image_tokens(q)
+        keys, _, present = image_tokens(k)
+        values, _, _ = image_tokens(v)
+        out = self.attend(queries, keys, values, present)
+        return with_features(q, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
 class SparseCondConv(CondConvExperts):
@@ -537,6 +555,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseAdditiveAttention(module, path)
     if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
+    if kind is MultiQueryAttention:
+        return SparseMultiQueryAttention(module.num_heads, module.key_dim, module.value_dim)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
