@@ -362,7 +362,9 @@ class SparseGlobalContext(GlobalContextAttention):
 
 class SparseLinearAttention(LinearAttention):
     """The attention over each image's visible rows: the rows scattered into the image's token grid
-    at their stride (zeros elsewhere, which add nothing), attended there, gathered back."""
+    at their stride (zeros elsewhere, which add nothing), attended there, gathered back. On the grid
+    the sums run over timm's token order, which matters: timm attends in float32 even for float64
+    maps, and the image's rows side by side would round otherwise (1e-7 apart)."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
@@ -387,6 +389,14 @@ class SparseAdditiveAttention(AdditiveAttention):
         return with_features(x, self.output(query, key, pooled.to(query.dtype).index_select(0, image)))
 
 
+def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each image's rows side by side as its tokens: (B, n, C) tokens, (N,) each row's slot in the
+    flattened (B, n), (B, n) bool, which slots hold a row (``PatchSites.image_slots``)."""
+    slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
+    b, n = present.shape
+    return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
+
+
 class SparseSelfAttention(SelfAttention):
     """Each image's visible rows side by side as its tokens (``PatchSites.image_slots``: no padding
     when every image keeps as many patches), attended, gathered back: the arithmetic of the visible
@@ -396,14 +406,6 @@ class SparseSelfAttention(SelfAttention):
         tokens, slots, present = image_tokens(x)
         out = self.attend(tokens, present)
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
-
-
-def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each image's rows side by side as its tokens: (B, n, C) tokens, (N,) each row's slot in the
-    flattened (B, n), (B, n) bool, which slots hold a row (``PatchSites.image_slots``)."""
-    slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
-    b, n = present.shape
-    return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
 
 
 class SparseMultiQueryAttention(MultiQueryAttention):
