@@ -31,6 +31,15 @@ KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule
          LegacySEModule: "legacy_se"}
 
 
+def adopt_children(twin: nn.Module, module: nn.Module, path: str, kinds: tuple[type, ...]) -> None:
+    """Refuse ``module`` unless it is one of ``kinds``; else give ``twin`` a copy of each of its
+    children under timm's name (weights map one-to-one)."""
+    if type(module) not in kinds:
+        raise unsupported(module, path)
+    for name, child in module.named_children():
+        twin.add_module(name, copy.deepcopy(child))
+
+
 class ChannelAttention(nn.Module):
     """The gate of a timm SEModule (or the legacy senet module's), EcaModule, EfficientNet
     SqueezeExcite, or effective SE (one 1x1 convolution, no reduction: HGNet's EseModule, timm's
@@ -38,13 +47,10 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, module: nn.Module, path: str):
         super().__init__()
-        if type(module) not in ATTENTION:
-            raise unsupported(module, path)
+        adopt_children(self, module, path, ATTENTION)
         if getattr(module, "add_maxpool", False):
             raise unsupported(module, path, "add_maxpool (a max over visible sites is not mirrored)")
         self.kind = KINDS[type(module)]
-        for name, child in module.named_children():  # timm's names: weights map one-to-one
-            self.add_module(name, copy.deepcopy(child))
         if self.kind == "eca" and module.conv2 is None:
             self.conv2 = None  # ECA without its MLP: one 1-D convolution
 
@@ -78,10 +84,7 @@ class GlobalContextAttention(nn.Module):
 
     def __init__(self, module: GlobalContext, path: str):
         super().__init__()
-        if type(module) is not GlobalContext:
-            raise unsupported(module, path)
-        for name, child in module.named_children():  # timm's names: weights map one-to-one
-            self.add_module(name, copy.deepcopy(child))
+        adopt_children(self, module, path, (GlobalContext,))
         for name in ("conv_attn", "mlp_add", "mlp_scale"):
             if getattr(module, name) is None:
                 setattr(self, name, None)
@@ -137,10 +140,7 @@ class AdditiveAttention(nn.Module):
 
     def __init__(self, module: EfficientAdditiveAttention, path: str):
         super().__init__()
-        if type(module) is not EfficientAdditiveAttention:
-            raise unsupported(module, path)
-        for name, child in module.named_children():  # timm's names: weights map one-to-one
-            self.add_module(name, copy.deepcopy(child))
+        adopt_children(self, module, path, (EfficientAdditiveAttention,))
         self.w_g = nn.Parameter(module.w_g.detach().clone())
         self.scale_factor = module.scale_factor
 
