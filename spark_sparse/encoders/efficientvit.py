@@ -21,11 +21,11 @@ from timm.models.efficientvit_mit import (ClassifierHead, ConvBlock, ConvNormAct
 from torch import nn
 
 from .attention import LinearAttention
-from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorSequential,
-                     NamedStages, unsupported)
+from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorInOrder,
+                     MirrorSequential, NamedStages, unsupported)
 
 
-class MirrorConvNormAct(MirrorChildren):
+class MirrorConvNormAct(MirrorInOrder):
     """The module's own conv-norm-act: conv, norm, act (identities where absent); no dropout."""
 
     children_names = ("conv", "norm", "act")
@@ -34,9 +34,6 @@ class MirrorConvNormAct(MirrorChildren):
         if module.dropout.p > 0:
             raise unsupported(module.dropout, f"{path}.dropout", f"dropout p={module.dropout.p}")
         super().__init__(module, convert, path)
-
-    def forward(self, x):
-        return self.act(self.norm(self.conv(x)))
 
 
 class MirrorResidualBlock(MirrorChildren):
@@ -68,48 +65,31 @@ class MirrorLiteMLA(nn.Module):
         return self.proj(self.attention(self.concat(qkv, *(op(qkv) for op in self.aggreg))))
 
 
-class MirrorDSConv(MirrorChildren):
+# blocks and stages that run their children in order
+class MirrorDSConv(MirrorInOrder):
     children_names = ("depth_conv", "point_conv")
 
-    def forward(self, x):
-        return self.point_conv(self.depth_conv(x))
 
-
-class MirrorMBConv(MirrorChildren):
+class MirrorMBConv(MirrorInOrder):
     children_names = ("inverted_conv", "depth_conv", "point_conv")
 
-    def forward(self, x):
-        return self.point_conv(self.depth_conv(self.inverted_conv(x)))
 
-
-class MirrorFusedMBConv(MirrorChildren):
+class MirrorFusedMBConv(MirrorInOrder):
     children_names = ("spatial_conv", "point_conv")
 
-    def forward(self, x):
-        return self.point_conv(self.spatial_conv(x))
 
-
-class MirrorConvBlock(MirrorChildren):
+class MirrorConvBlock(MirrorInOrder):
     children_names = ("conv1", "conv2")
 
-    def forward(self, x):
-        return self.conv2(self.conv1(x))
 
-
-class MirrorEfficientVitBlock(MirrorChildren):
+class MirrorEfficientVitBlock(MirrorInOrder):
     children_names = ("context_module", "local_module")
 
-    def forward(self, x):
-        return self.local_module(self.context_module(x))
 
-
-class MirrorBlocks(MirrorChildren):
+class MirrorBlocks(MirrorInOrder):
     """A stage: its Sequential ``blocks``."""
 
     children_names = ("blocks",)
-
-    def forward(self, x):
-        return self.blocks(x)
 
 
 class MirrorHead(MirrorChildren):

@@ -103,6 +103,18 @@ class MirrorChildren(nn.Module):
             setattr(self, name, convert(getattr(module, name, None), f"{path}.{name}"))
 
 
+class MirrorInOrder(MirrorChildren):
+    """A mirror whose forward runs its ``children_names`` one after the other (those the module
+    lacks skipped): conv-norm pairs, a block's layers in a row, a stage's Sequential blocks."""
+
+    def forward(self, x):
+        for name in self.children_names:
+            child = getattr(self, name)
+            if child is not None:
+                x = child(x)
+        return x
+
+
 class MirrorRunningConcat(nn.Module):
     """A container whose every child reads the concatenation of its input and all earlier
     children's outputs, and whose output is that concatenation with the last one's (DenseNet's

@@ -26,16 +26,13 @@ from torch import nn
 
 from .convnext import MirrorMlp
 from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, GatedImageVector, ImageMean, MirrorChildren,
-                     MirrorLayerScale, NamedStages, Product, Scale, split_in_turn, unsupported)
+                     MirrorInOrder, MirrorLayerScale, NamedStages, Product, Scale, split_in_turn, unsupported)
 
 
-class MirrorDownsample(MirrorChildren):
+class MirrorDownsample(MirrorInOrder):
     """The stem and each later stage's first layers: the strided convolution, then its norm."""
 
     children_names = ("proj", "norm")
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
 
 
 class MirrorFocalModulation(nn.Module):

@@ -28,34 +28,25 @@ from torch import nn
 
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, Converter, Family, LayerScale, MirrorChildren, MirrorDownsampleBlocks,
-                     NamedStages)
+                     MirrorInOrder, NamedStages)
 
 
-class MirrorStem(MirrorChildren):
+class MirrorStem(MirrorInOrder):
     """The 7x7 stride-4 convolution, then its norm (an identity where the model has none)."""
 
     children_names = ("conv", "norm")
 
-    def forward(self, x):
-        return self.norm(self.conv(x))
 
-
-class MirrorDownsampling(MirrorChildren):
+class MirrorDownsampling(MirrorInOrder):
     """A stage's first layers: the norm, then the 3x3 stride-2 convolution."""
 
     children_names = ("norm", "conv")
 
-    def forward(self, x):
-        return self.conv(self.norm(x))
 
-
-class MirrorSepConv(MirrorChildren):
+class MirrorSepConv(MirrorInOrder):
     """ConvFormer's token mixer: pwconv1, act1, dwconv, act2, pwconv2."""
 
     children_names = ("pwconv1", "act1", "dwconv", "act2", "pwconv2")
-
-    def forward(self, x):
-        return self.pwconv2(self.act2(self.dwconv(self.act1(self.pwconv1(x)))))
 
 
 class MirrorPooling(MirrorChildren):

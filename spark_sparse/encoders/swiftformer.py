@@ -14,17 +14,14 @@ from __future__ import annotations
 from timm.models.swiftformer import (Block, ConvEncoder, Embedding, LayerScale2d, LocalRepresentation, Mlp, Stage,
                                      SwiftFormer)
 
-from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks,
+from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
                      MirrorLayerScale, NamedStages, unsupported)
 
 
-class MirrorEmbedding(MirrorChildren):
+class MirrorEmbedding(MirrorInOrder):
     """A stage's first layers: the 3x3 stride-2 convolution, then its norm."""
 
     children_names = ("proj", "norm")
-
-    def forward(self, x):
-        return self.norm(self.proj(x))
 
 
 class MirrorConvEncoder(MirrorChildren):
@@ -38,7 +35,7 @@ class MirrorConvEncoder(MirrorChildren):
         return x + self.drop_path(self.layer_scale(y))
 
 
-class MirrorMlp(MirrorChildren):
+class MirrorMlp(MirrorInOrder):
     """SwiftFormer's MLP: norm1, fc1, act, fc2 (its dropout must be 0)."""
 
     children_names = ("norm1", "fc1", "act", "fc2")
@@ -47,9 +44,6 @@ class MirrorMlp(MirrorChildren):
         if module.drop.p > 0:
             raise unsupported(module.drop, f"{path}.drop", f"dropout p={module.drop.p} inside the MLP")
         super().__init__(module, convert, path)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(self.norm1(x))))
 
 
 class MirrorBlock(MirrorChildren):
