@@ -185,7 +185,7 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-class MultiQueryAttention(nn.Module):
+class GroupedQueryAttention(nn.Module):
     """MobileNetV4's multi-query attention after its projections (timm's ``MultiQueryAttention2d``):
     ``num_heads`` query heads of ``key_dim`` channels share one key and one value head, which may
     come from a coarser map (``kv_stride``: a strided depthwise convolution first). Each visible

@@ -27,7 +27,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
-from .attention import MultiQueryAttention
+from .attention import GroupedQueryAttention
 from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, ImageMean,
                      MirrorChildren, MirrorConvNormAct, MirrorLayerScale, split_in_turn, unsupported)
 
@@ -117,7 +117,7 @@ class MirrorMultiQueryAttention2d(nn.Module):
                 raise unsupported(drop, f"{path}.{where}", f"dropout p={drop.p}")
         for name in ("query", "key", "value"):
             setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
-        self.attention = convert.leaf(MultiQueryAttention(module.num_heads, module.key_dim, module.value_dim),
+        self.attention = convert.leaf(GroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim),
                                       f"{path}.attention")  # parameter-free, a name timm's module lacks
         # timm's output is the projection and its dropout (zero, checked above)
         self.output = nn.Sequential(OrderedDict(proj=convert.leaf(module.output.proj, f"{path}.output.proj")))

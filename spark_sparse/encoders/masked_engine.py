@@ -29,7 +29,7 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        MultiQueryAttention, SELF_ATTENTION, SelfAttention)
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -318,7 +318,7 @@ class MaskedSelfAttention(SelfAttention):
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
 
 
-class MaskedMultiQueryAttention(MultiQueryAttention):
+class MaskedGroupedQueryAttention(GroupedQueryAttention):
     """The attention over every query of the map, the hidden keys (at the keys' resolution) left
     out; hidden queries get values, masked later."""
 
@@ -528,8 +528,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedAdditiveAttention(module, path)
     if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
-    if type(module) is MultiQueryAttention:
-        return MaskedMultiQueryAttention(module.num_heads, module.key_dim, module.value_dim)
+    if type(module) is GroupedQueryAttention:
+        return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

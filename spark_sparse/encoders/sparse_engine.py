@@ -43,7 +43,7 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        MultiQueryAttention, SELF_ATTENTION, SelfAttention)
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -408,7 +408,7 @@ class SparseSelfAttention(SelfAttention):
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
-class SparseMultiQueryAttention(MultiQueryAttention):
+class SparseGroupedQueryAttention(GroupedQueryAttention):
     """Each image's visible query rows attend to its visible key rows (at their own stride)."""
 
     def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor) -> ME.SparseTensor:
@@ -557,8 +557,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseAdditiveAttention(module, path)
     if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
-    if kind is MultiQueryAttention:
-        return SparseMultiQueryAttention(module.num_heads, module.key_dim, module.value_dim)
+    if kind is GroupedQueryAttention:
+        return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
