@@ -10,10 +10,11 @@ size (see ``DepthwiseConvolution``):
   convolution, the visible rows gathered back. For small blocks, where a tile would be mostly
   halo (a 2x2 block in a 7x7 neighbourhood is a 8x8 tile: 16 times its rows).
 
-On the CPU, forward, input gradient and weight gradient all run as *forward* depthwise
-convolutions ("adjoint"): oneDNN's depthwise backward takes 5-30 times its forward there. The
-input gradient is the convolution with the flipped kernel; the weight gradient is, per image and
-channel, the input convolved with its output gradient as a (large) kernel. Elsewhere backward is
+On the CPU, forward and input gradient run as *forward* depthwise convolutions ("adjoint"): the
+input gradient is the convolution with the flipped kernel. So does the weight gradient of kernels
+from 5x5 on: per image and channel, the input convolved with its output gradient as a (large)
+kernel, twice as fast as oneDNN's weight gradient there; a 3x3's is oneDNN's, 5-8 times faster
+than that (the image-sized kernels' transposes cost more than its arithmetic). Elsewhere backward is
 torch's own ("native": one call for both gradients, cuDNN's depthwise kernels on a GPU, where
 a convolution with an image-sized kernel per image and channel has no fast kernel);
 ``BACKWARDS`` says which per device type. Backward regathers tiles or canvas from the saved
@@ -57,6 +58,9 @@ def dw_grad_weight(x: Tensor, grad: Tensor, padding: int) -> Tensor:
 
 # how a stride-1 depthwise convolution's backward runs, per device type (others: "native")
 BACKWARDS = {"cpu": "adjoint"}
+# the adjoint's smallest kernel for the weight gradient: smaller ones take oneDNN's (measured on 2
+# cores, torch 2.11: 3x3 over 256-1280 channels 5-8x faster; 5x5 and 7x7 2x slower)
+ADJOINT_WEIGHT_MIN_KERNEL = 5
 
 
 def backward_path(device: torch.device) -> str:
@@ -71,7 +75,12 @@ def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
             [need_x, need_w, False])
         return grad_x, grad_w
     grad_x = dw_grad_input(grad, weight, padding) if need_x else None
-    grad_w = dw_grad_weight(x, grad, padding) if need_w else None
+    if need_w and weight.shape[-1] < ADJOINT_WEIGHT_MIN_KERNEL:
+        _, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], weight.shape[0],
+            [False, True, False])
+    else:
+        grad_w = dw_grad_weight(x, grad, padding) if need_w else None
     return grad_x, grad_w
 
 
