@@ -64,7 +64,8 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # stride-4 stem padded 2 (metaformer's ConvFormer), the mean of each window's visible sites (PoolFormer),
 # gated depthwise levels and a global level per image (focalnet), depthwise conv-norm branches (lcnetv2),
 # linear attention over each image's tokens on the canvas (efficientvit_mit), additive attention's sums
-# over each image's rows (swiftformer), self-attention among each image's visible rows (CAFormer)
+# over each image's rows (swiftformer), self-attention among each image's visible rows (CAFormer), queries
+# attending to keys one per visible patch (pvt_v2)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -102,6 +103,7 @@ AUDITED["swiftformer_xs"] = {"drop_path_rate": 0.1}
 AUDITED["caformer_s18"] = {"drop_path_rate": 0.1}
 AUDITED["fastvit_sa12"] = {"drop_path_rate": 0.1}
 AUDITED["mobilenetv4_hybrid_medium"] = {"drop_path_rate": 0.1}
+AUDITED["pvt_v2_b0"] = {"drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

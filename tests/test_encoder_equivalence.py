@@ -560,6 +560,10 @@ VARIANTS.update({"FastViT-SA: conditional positional encoding, self-attention af
 # from a strided depthwise conv-norm at stride 16: queries at 16 attend to keys at 32), layer scale
 VARIANTS["MobileNetV4 hybrid: multi-query attention, keys and values from a strided depthwise conv"] = (
     "mobilenetv4_hybrid_medium", {})
+# timm's pvt_v2 module: spatial-reduction attention (every token a query, keys and values from a convolution whose
+# kernel is its stride, reaching the 32-pixel patches, then a layer norm; the tokens themselves at stride 32), a head
+# of keys and values per query head, MLPs with a depthwise 3x3, overlapping patch embeddings, layer norms
+VARIANTS["PVT v2: queries attend to keys made one per visible patch, depthwise MLPs"] = ("pvt_v2_b0", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -576,7 +580,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-              "swiftformer_xs", "caformer_s18"}
+              "swiftformer_xs", "caformer_s18", "pvt_v2_b0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -628,15 +632,17 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, device):
+@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0"])
+def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, name, device):
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
-    has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys."""
+    has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:
+    queries at stride 4 to 32, keys at 32)."""
     images, _ = batch_on(device, VARIANT_SIZE, "none", batch=3)
     active = torch.zeros(3, 1, 2, 3, dtype=torch.bool)
     active[0].view(-1)[:5] = True
     active[1, 0, 1, 0] = active[1, 0, 0, 2] = True
     active[2, 0, 1, 1] = True
-    assert_train_steps_equal(*encoders(timm_models("caformer_s18"), train=True, device=device), images, active)
+    assert_train_steps_equal(*encoders(timm_models(name), train=True, device=device), images, active)
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):

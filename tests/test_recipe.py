@@ -90,6 +90,9 @@ from .test_pretrain import config
     ("focalnet_tiny_srf", 0.0, "ln", [0.9, 0.999]),  # FocalNets, by size
     ("focalnet_base_lrf", 0.3, "ln", [0.9, 0.999]),
     ("focalnet_huge_fl4", 0.4, "ln", [0.9, 0.999]),
+    ("pvt_v2_b2", 0.0, "ln", [0.9, 0.999]),  # PVT v2, by size
+    ("pvt_v2_b3", 0.2, "ln", [0.9, 0.999]),
+    ("pvt_v2_b5", 0.3, "ln", [0.9, 0.999]),
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),
 ])

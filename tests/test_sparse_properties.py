@@ -58,6 +58,7 @@ MODELS["swiftformer_xs"] = ("swiftformer_xs", {})  # additive attention: a query
 MODELS["caformer_s18"] = ("caformer_s18", {})  # self-attention: an image's visible tokens attend to each other only
 MODELS["fastvit_sa12"] = ("fastvit_sa12", {})  # conditional positional encodings, self-attention after batch norms
 MODELS["mobilenetv4_hybrid_medium"] = ("mobilenetv4_hybrid_medium", {})  # multi-query attention, keys a stride coarser
+MODELS["pvt_v2_b0"] = ("pvt_v2_b0", {})  # queries at every stride attend to keys made one per visible patch
 MODELS["fasternet_t0"] = ("fasternet_t0", {})  # partial convolutions: split, 3x3 on a quarter, concatenation
 MODELS["repvit_m0_9"] = ("repvit_m0_9", {})  # depthwise kxk + depthwise 1x1 + identity, then a norm
 # 3x3 average poolings counting hidden zeros, split attention over each image's visible sites

@@ -1,6 +1,6 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
 global context), EfficientViT's linear attention, SwiftFormer's additive attention and
-MetaFormer's and MobileNetV4's self-attention on visible sites only.
+MetaFormer's, MobileNetV4's and PVT v2's softmax attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -186,23 +186,33 @@ class SelfAttention(nn.Module):
 
 
 class GroupedQueryAttention(nn.Module):
-    """MobileNetV4's multi-query attention after its projections (timm's ``MultiQueryAttention2d``):
-    ``num_heads`` query heads of ``key_dim`` channels share one key and one value head, which may
-    come from a coarser map (``kv_stride``: a strided depthwise convolution first). Each visible
-    query attends to its image's visible keys only, as ``SelfAttention``; a parameter-free leaf
-    every engine converts to its own twin (the projections are the block's converted modules)."""
+    """Softmax attention after its projections, ``num_heads`` query heads of ``key_dim`` channels
+    sharing ``kv_heads`` key and value heads (a divisor of ``num_heads``), which may come from a
+    coarser map: MobileNetV4's multi-query attention (timm's ``MultiQueryAttention2d``: one key and
+    value head, after a strided depthwise convolution where ``kv_stride`` > 1) and PVT v2's
+    spatial-reduction attention (a key and value head per query head, from the 32-pixel patches).
+    Each visible query attends to its image's visible keys only, as ``SelfAttention``; a
+    parameter-free leaf every engine converts to its own twin (the projections are the block's
+    converted modules)."""
 
-    def __init__(self, num_heads: int, key_dim: int, value_dim: int):
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int, kv_heads: int = 1):
         super().__init__()
-        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
+        if num_heads % kv_heads:
+            raise ValueError(f"kv_heads {kv_heads} does not divide num_heads {num_heads}")
+        self.num_heads, self.key_dim, self.value_dim, self.kv_heads = num_heads, key_dim, value_dim, kv_heads
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, keys: Tensor) -> Tensor:
-        """(B, n, heads * key_dim) queries, (B, m, key_dim) keys, (B, m, value_dim) values, (B, m) bool:
-        which keys count (an image without one lets every key) -> (B, n, heads * value_dim)."""
+        """(B, n, heads * key_dim) queries, (B, m, kv_heads * key_dim) keys, (B, m, kv_heads * value_dim)
+        values, (B, m) bool: which keys count (an image without one lets every key) -> (B, n, heads * value_dim)."""
         b, n, _ = q.shape
+        m = k.shape[1]
         q = q.view(b, n, self.num_heads, self.key_dim).transpose(1, 2)
+        k = k.view(b, m, self.kv_heads, self.key_dim).transpose(1, 2)
+        v = v.view(b, m, self.kv_heads, self.value_dim).transpose(1, 2)
+        if 1 < self.kv_heads < self.num_heads:  # one head broadcasts, as many heads pair up
+            k, v = (t.repeat_interleave(self.num_heads // self.kv_heads, dim=1) for t in (k, v))
         keys = keys | ~keys.any(1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k[:, None], v[:, None], attn_mask=keys[:, None, None, :])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
         return out.transpose(1, 2).reshape(b, n, -1)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -212,4 +222,5 @@ class GroupedQueryAttention(nn.Module):
         return self.attend(*tokens, keys).transpose(1, 2).reshape(b, -1, h, w)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}"
+        return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+                f"kv_heads={self.kv_heads}")

@@ -26,6 +26,7 @@ from .lcnetv2 import LCNETV2
 from .mambaout import MAMBAOUT
 from .metaformer import METAFORMER
 from .nfnet import NFNET
+from .pvt_v2 import PVT_V2
 from .rdnet import RDNET
 from .regnet import REGNET
 from .resnet import RESNET
@@ -45,7 +46,8 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 RESNETV2, BYOBNET, CSPNET, NFNET, MAMBAOUT, DENSENET, REXNET, GHOSTNET, VGG_FAMILY,
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
-                                METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER)
+                                METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
+                                PVT_V2)
 
 
 def family_of(model: nn.Module) -> Family:

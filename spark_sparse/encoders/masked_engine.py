@@ -529,7 +529,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
     if type(module) is GroupedQueryAttention:
-        return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim)
+        return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
+                                            module.kv_heads)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -558,7 +558,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
     if kind is GroupedQueryAttention:
-        return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim)
+        return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
+                                            module.kv_heads)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -1,0 +1,107 @@
+"""The PVT v2 family (timm ``pvt_v2``: Pyramid Vision Transformer v2, ``pvt_v2_b0`` .. ``_b5``).
+
+An overlapping patch embedding (a 7x7 stride-4 convolution padded 3, then a layer norm) is the
+stem; each later stage begins with another (3x3, stride 2) and ends with a layer norm. A block is
+x + attention(norm1(x)), then x + MLP(norm2(x)), the MLP a linear layer, a depthwise 3x3, GELU, a
+linear layer (no position embedding: the depthwise convolution is the position code).
+
+The attention is spatial-reduction attention: every token is a query, and the keys and values are
+made from a coarser map, a convolution whose kernel is its stride (``sr_ratio``: 8, 4, 2 at strides
+4, 8, 16), then a layer norm; at stride 32 the tokens themselves. Each key so covers exactly one of
+the mask's 32-pixel patches: a visible patch's key sees visible pixels only, and each visible query
+attends to its image's visible keys (``attention.GroupedQueryAttention``, a key and value head per
+query head), as MAE's encoder would. The linear variant (``pvt_v2_b2_li``) pools the whole map to
+7x7 first, windows that depend on the map's size: refused.
+"""
+
+from __future__ import annotations
+
+from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed,
+                                PyramidVisionTransformerStage, PyramidVisionTransformerV2)
+from torch import nn
+
+from .attention import GroupedQueryAttention
+from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder, NamedStages,
+                     unsupported)
+
+
+def refuse_dropout(module: nn.Module, path: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        drop = getattr(module, name)
+        if drop.p > 0:
+            raise unsupported(drop, f"{path}.{name}", f"dropout p={drop.p}")
+
+
+class MirrorPatchEmbed(MirrorInOrder):
+    """The overlapping patch embedding: its strided convolution, then its layer norm."""
+
+    children_names = ("proj", "norm")
+
+
+class MirrorMlp(MirrorInOrder):
+    """fc1, [ReLU: the linear variant's], the depthwise 3x3, GELU, fc2 (dropout 0)."""
+
+    children_names = ("fc1", "relu", "dwconv", "act", "fc2")
+
+    def __init__(self, module: MlpWithDepthwiseConv, convert: Converter, path: str):
+        refuse_dropout(module, path, ("drop",))
+        super().__init__(module, convert, path)
+
+
+class MirrorAttention(MirrorChildren):
+    """Queries from every token, keys and values from the reduced map (``sr`` then ``norm``, or
+    the tokens where the stage has no reduction), attended per head, projected."""
+
+    children_names = ("q", "kv", "sr", "norm", "proj")
+
+    def __init__(self, module: Attention, convert: Converter, path: str):
+        if module.pool is not None:
+            raise unsupported(module.pool, f"{path}.pool", "linear attention's adaptive pooling to 7x7 (windows "
+                                                           "that depend on the map's size)")
+        refuse_dropout(module, path, ("attn_drop", "proj_drop"))
+        super().__init__(module, convert, path)
+        # parameter-free, names timm's module lacks
+        self.split = convert.leaf(ChannelSplit(module.dim), f"{path}.split")
+        heads, dim = module.num_heads, module.head_dim
+        self.attention = convert.leaf(GroupedQueryAttention(heads, dim, dim, kv_heads=heads), f"{path}.attention")
+
+    def forward(self, x):
+        reduced = x if self.sr is None else self.norm(self.sr(x))
+        k, v = self.split(self.kv(reduced))
+        return self.proj(self.attention(self.q(x), k, v))
+
+
+class MirrorBlock(MirrorChildren):
+    """x + drop_path1(attn(norm1(x))), then x + drop_path2(mlp(norm2(x)))."""
+
+    children_names = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")
+
+    def forward(self, x):
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class MirrorStage(nn.Module):
+    """The patch embedding (none in the first stage), the blocks, the layer norm."""
+
+    def __init__(self, stage: PyramidVisionTransformerStage, convert: Converter, path: str):
+        super().__init__()
+        self.downsample = convert(stage.downsample, f"{path}.downsample")
+        # timm's blocks are a ModuleList, each called with the map's size: a Sequential of the same names
+        self.blocks = convert(nn.Sequential(*stage.blocks), f"{path}.blocks")
+        self.norm = convert(stage.norm, f"{path}.norm")
+
+    def forward(self, x):
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.norm(self.blocks(x))
+
+
+PVT_V2 = Family(
+    name="pvt_v2",
+    timm_class=PyramidVisionTransformerV2,
+    mirrors={OverlapPatchEmbed: MirrorPatchEmbed, PyramidVisionTransformerStage: MirrorStage, Block: MirrorBlock,
+             Attention: MirrorAttention, MlpWithDepthwiseConv: MirrorMlp},
+    layout=NamedStages(("patch_embed",), ("stages.0", "stages.1", "stages.2", "stages.3")),
+    check=CheckpointingRefused("stages"),
+)
