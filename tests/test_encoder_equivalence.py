@@ -443,6 +443,9 @@ VARIANTS.update({
 })
 # timm takes these norms' statistics in float32 (``x.float()``) even of a float64 map; ours in the map's
 # float64: with nothing hidden, equal to plain timm to float32's rounding only
+# timm pads Twins-SVT's maps to whole groups of 7x7 sites and lets the padding's projections be keys; here the
+# padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
+PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -564,6 +567,14 @@ VARIANTS["MobileNetV4 hybrid: multi-query attention, keys and values from a stri
 # kernel is its stride, reaching the 32-pixel patches, then a layer norm; the tokens themselves at stride 32), a head
 # of keys and values per query head, MLPs with a depthwise 3x3, overlapping patch embeddings, layer norms
 VARIANTS["PVT v2: queries attend to keys made one per visible patch, depthwise MLPs"] = ("pvt_v2_b0", {})
+# timm's twins module: PCPVT's blocks are PVT v2's with a position encoding generator (the input plus a depthwise
+# 3x3) after each stage's first, 4x4 and 2x2 patchify embeddings; SVT's alternate PVT's attention with attention
+# within groups of 7x7 sites from the map's corner (at stride 4 they straddle the patches), each visible token
+# attending to its group's visible tokens, timm's padding of the map to whole groups no key
+VARIANTS.update({"Twins-PCPVT: PVT v2's attention, a position encoding generator, patchify embeddings": (
+                     "twins_pcpvt_small", {}),
+                 "Twins-SVT: attention within groups of 7x7 sites, alternating with PVT v2's": (
+                     "twins_svt_small", {})})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -580,7 +591,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-              "swiftformer_xs", "caformer_s18", "pvt_v2_b0"}
+              "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -694,7 +705,7 @@ def test_variants_with_nothing_hidden_equal_plain_timm_in_eval_and_train_mode(ti
     # (MobileNetV3) round to 1e-5 apart
     name, kwargs = VARIANTS[variant]
     model = timm_models(name, **kwargs)
-    images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
+    images, everything = batch_on(device, PLAIN_TIMM_SIZE.get(name, VARIANT_SIZE), "none", batch=2)
     images = images.double()
     encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().to(device)
     tol = 1e-6 if name in FLOAT32_STATISTICS_IN_TIMM else 1e-9

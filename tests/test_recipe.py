@@ -93,6 +93,9 @@ from .test_pretrain import config
     ("pvt_v2_b2", 0.0, "ln", [0.9, 0.999]),  # PVT v2, by size
     ("pvt_v2_b3", 0.2, "ln", [0.9, 0.999]),
     ("pvt_v2_b5", 0.3, "ln", [0.9, 0.999]),
+    ("twins_pcpvt_small", 0.0, "ln", [0.9, 0.999]),  # Twins, by size
+    ("twins_svt_base", 0.2, "ln", [0.9, 0.999]),
+    ("twins_svt_large", 0.3, "ln", [0.9, 0.999]),
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),
 ])

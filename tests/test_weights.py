@@ -63,6 +63,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["efficientvit_b0", "efficientvi
 # the final norm in the last stage, the head and distillation head kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["swiftformer_xs", "swiftformer_l1"]})
 ALL_DEPTHS["pvt_v2_b0"] = ("pvt_v2_b0", {})  # attention's q, kv, reduction and its norm; the stages' norms
+ALL_DEPTHS.update({name: (name, {}) for name in ["twins_pcpvt_small", "twins_svt_small"]})  # four lists of modules
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet

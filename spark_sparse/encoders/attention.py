@@ -1,6 +1,6 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
 global context), EfficientViT's linear attention, SwiftFormer's additive attention and
-MetaFormer's, MobileNetV4's and PVT v2's softmax attention on visible sites only.
+MetaFormer's, MobileNetV4's, PVT v2's and Twins' softmax attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -224,3 +224,42 @@ class GroupedQueryAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
                 f"kv_heads={self.kv_heads}")
+
+
+class WindowAttention(nn.Module):
+    """Twins' locally-grouped self-attention after its ``qkv`` projection (timm's
+    ``LocallyGroupedAttn``): the map, padded below and right to whole ``window`` x ``window``
+    groups of sites from its top-left corner, attends within each group. Here each visible token
+    attends to its group's visible tokens only: timm's padding and the hidden tokens are no keys
+    (timm lets its zero padding's projections be keys; on maps of whole groups, as at 224 px, there
+    is none). A parameter-free leaf every engine converts to its own twin; ``attend`` runs on the
+    whole images' map, which every engine can lay out."""
+
+    def __init__(self, num_heads: int, head_dim: int, window: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.window = num_heads, head_dim, window
+
+    def attend(self, qkv: Tensor, present: Tensor) -> Tensor:
+        """(B, h, w, 3 * heads * head_dim) each site's q, k, v, (B, h, w) bool: which sites are
+        keys -> (B, h, w, heads * head_dim), every site's attention output."""
+        b, h, w, _ = qkv.shape
+        ws, heads, dim = self.window, self.num_heads, self.head_dim
+        down, right = -h % ws, -w % ws
+        qkv = F.pad(qkv, (0, 0, 0, right, 0, down))
+        present = F.pad(present, (0, right, 0, down))  # padding: no keys
+        gh, gw = (h + down) // ws, (w + right) // ws
+        groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, 3, heads, dim)
+        q, k, v = groups.permute(2, 0, 3, 1, 4)
+        keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
+        keys = keys | ~keys.any(1, keepdim=True)  # a group without a key: its outputs are never read
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        out = out.transpose(1, 2).reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
+        return out[:, :h, :w]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        present = x.new_ones(b, h, w, dtype=torch.bool)
+        return self.attend(x.permute(0, 2, 3, 1), present).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"

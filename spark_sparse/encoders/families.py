@@ -38,6 +38,7 @@ from .rexnet import REXNET
 from .starnet import STARNET
 from .swiftformer import SWIFTFORMER
 from .tresnet import TRESNET
+from .twins import TWINS
 from .vgg import VGG_FAMILY
 from .vovnet import VOVNET
 from .xception import XCEPTION
@@ -47,7 +48,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
-                                PVT_V2)
+                                PVT_V2, TWINS)
 
 
 def family_of(model: nn.Module) -> Family:

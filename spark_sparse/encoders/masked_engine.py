@@ -29,7 +29,7 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention)
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -330,6 +330,15 @@ class MaskedGroupedQueryAttention(GroupedQueryAttention):
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
 
 
+class MaskedWindowAttention(WindowAttention):
+    """timm's attention within groups of sites over the map, the hidden sites (and the padding)
+    left out as keys; hidden queries get values, masked later."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0])
+        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -531,6 +540,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is GroupedQueryAttention:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
+    if type(module) is WindowAttention:
+        return MaskedWindowAttention(module.num_heads, module.head_dim, module.window)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

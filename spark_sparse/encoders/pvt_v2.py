@@ -50,19 +50,20 @@ class MirrorMlp(MirrorInOrder):
 
 class MirrorAttention(MirrorChildren):
     """Queries from every token, keys and values from the reduced map (``sr`` then ``norm``, or
-    the tokens where the stage has no reduction), attended per head, projected."""
+    the tokens where the stage has no reduction), attended per head, projected (PVT v2's
+    attention, and Twins' global sub-sampled attention, the same)."""
 
     children_names = ("q", "kv", "sr", "norm", "proj")
 
-    def __init__(self, module: Attention, convert: Converter, path: str):
-        if module.pool is not None:
+    def __init__(self, module: nn.Module, convert: Converter, path: str):
+        if getattr(module, "pool", None) is not None:
             raise unsupported(module.pool, f"{path}.pool", "linear attention's adaptive pooling to 7x7 (windows "
                                                            "that depend on the map's size)")
         refuse_dropout(module, path, ("attn_drop", "proj_drop"))
         super().__init__(module, convert, path)
         # parameter-free, names timm's module lacks
         self.split = convert.leaf(ChannelSplit(module.dim), f"{path}.split")
-        heads, dim = module.num_heads, module.head_dim
+        heads, dim = module.num_heads, module.dim // module.num_heads
         self.attention = convert.leaf(GroupedQueryAttention(heads, dim, dim, kv_heads=heads), f"{path}.attention")
 
     def forward(self, x):
@@ -72,7 +73,7 @@ class MirrorAttention(MirrorChildren):
 
 
 class MirrorBlock(MirrorChildren):
-    """x + drop_path1(attn(norm1(x))), then x + drop_path2(mlp(norm2(x)))."""
+    """x + drop_path1(attn(norm1(x))), then x + drop_path2(mlp(norm2(x))) (Twins' blocks alike)."""
 
     children_names = ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2")
 

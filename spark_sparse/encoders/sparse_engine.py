@@ -43,7 +43,7 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention)
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -420,6 +420,20 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         return with_features(q, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
+class SparseWindowAttention(WindowAttention):
+    """Attention within groups of sites, on the whole images' map at the rows' stride (the
+    canvas of the depthwise convolutions: a group holds sites of several patches); the visible
+    rows gathered back."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites, stride = PatchSites.of(x), x.tensor_stride[0]
+        index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+        qkv = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
+        present = torch.zeros(b * h * w, dtype=torch.bool, device=x.F.device).index_fill_(0, index, True)
+        out = self.attend(qkv, present.view(b, h, w))
+        return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+
+
 class SparseCondConv(CondConvExperts):
     """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
     is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
@@ -560,6 +574,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind is GroupedQueryAttention:
         return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
+    if kind is WindowAttention:
+        return SparseWindowAttention(module.num_heads, module.head_dim, module.window)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
