@@ -443,9 +443,9 @@ VARIANTS.update({
 })
 # timm takes these norms' statistics in float32 (``x.float()``) even of a float64 map; ours in the map's
 # float64: with nothing hidden, equal to plain timm to float32's rounding only
-# timm pads Twins-SVT's maps to whole groups of 7x7 sites and lets the padding's projections be keys; here the
+# timm pads Twins-SVT's and TinyViT's maps to whole groups of sites and lets the padding's projections be keys; here the
 # padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
-PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224)}
+PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -575,6 +575,11 @@ VARIANTS.update({"Twins-PCPVT: PVT v2's attention, a position encoding generator
                      "twins_pcpvt_small", {}),
                  "Twins-SVT: attention within groups of 7x7 sites, alternating with PVT v2's": (
                      "twins_svt_small", {})})
+# timm's tiny_vit module: attention within groups of 7x7 sites (at stride 8 here; the whole map at 16 and 32 at 224
+# px) after a layer norm, each head's q, k, v side by side, a learned bias per relative offset; MBConvs, patch
+# merging (a strided depthwise 3x3 between 1x1 conv-norms), depthwise 3x3 conv-norms between attention and MLP
+VARIANTS["TinyViT: attention within groups of sites with relative-offset biases, MBConvs, patch merging"] = (
+    "tiny_vit_5m_224", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -591,7 +596,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-              "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small"}
+              "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -227,39 +227,52 @@ class GroupedQueryAttention(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Twins' locally-grouped self-attention after its ``qkv`` projection (timm's
-    ``LocallyGroupedAttn``): the map, padded below and right to whole ``window`` x ``window``
-    groups of sites from its top-left corner, attends within each group. Here each visible token
-    attends to its group's visible tokens only: timm's padding and the hidden tokens are no keys
-    (timm lets its zero padding's projections be keys; on maps of whole groups, as at 224 px, there
-    is none). A parameter-free leaf every engine converts to its own twin; ``attend`` runs on the
-    whole images' map, which every engine can lay out."""
+    """Attention within groups of ``window`` x ``window`` sites after the q, k, v projection: Twins'
+    locally-grouped self-attention (timm's ``LocallyGroupedAttn``: every head's q, then k, then v)
+    and TinyViT's (``per_head``: each head's q, k, v side by side, values ``value_dim`` wide, and a
+    learned bias per relative offset). The map, padded below and right to whole groups laid from its
+    top-left corner, attends within each group. Here each visible token attends to its group's
+    visible tokens only: the padding and the hidden tokens are no keys (timm lets its padding's
+    projections be keys; on maps of whole groups, as at 224 px, there is none). A parameter-free leaf
+    every engine converts to its own twin; ``attend`` runs on the whole images' map, which every
+    engine can lay out."""
 
-    def __init__(self, num_heads: int, head_dim: int, window: int):
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int, window: int, per_head: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim, self.window = num_heads, head_dim, window
+        if not per_head and key_dim != value_dim:
+            raise ValueError(f"q, k, v laid out head after head need key_dim == value_dim, got {key_dim}, {value_dim}")
+        self.num_heads, self.key_dim, self.value_dim, self.window = num_heads, key_dim, value_dim, window
+        self.per_head = per_head
 
-    def attend(self, qkv: Tensor, present: Tensor) -> Tensor:
-        """(B, h, w, 3 * heads * head_dim) each site's q, k, v, (B, h, w) bool: which sites are
-        keys -> (B, h, w, heads * head_dim), every site's attention output."""
+    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None) -> Tensor:
+        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
+        of each query and key position in a group (L = window ** 2) or None -> (B, h, w, heads *
+        value_dim), every site's attention output."""
         b, h, w, _ = qkv.shape
-        ws, heads, dim = self.window, self.num_heads, self.head_dim
+        ws, heads, kd, vd = self.window, self.num_heads, self.key_dim, self.value_dim
         down, right = -h % ws, -w % ws
         qkv = F.pad(qkv, (0, 0, 0, right, 0, down))
         present = F.pad(present, (0, right, 0, down))  # padding: no keys
         gh, gw = (h + down) // ws, (w + right) // ws
-        groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, 3, heads, dim)
-        q, k, v = groups.permute(2, 0, 3, 1, 4)
+        groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, -1)
+        if self.per_head:
+            q, k, v = (t.transpose(1, 2) for t in groups.unflatten(-1, (heads, -1)).split([kd, kd, vd], dim=-1))
+        else:
+            q, k, v = groups.unflatten(-1, (3, heads, kd)).permute(2, 0, 3, 1, 4)
         keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
-        keys = keys | ~keys.any(1, keepdim=True)  # a group without a key: its outputs are never read
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        keys = (keys | ~keys.any(1, keepdim=True))[:, None, None, :]  # a group without a key: outputs never read
+        if bias is not None:
+            keys = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill_(~keys, float("-inf"))
+            keys = keys + bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
         out = out.transpose(1, 2).reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
         return out[:, :h, :w]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
         present = x.new_ones(b, h, w, dtype=torch.bool)
-        return self.attend(x.permute(0, 2, 3, 1), present).permute(0, 3, 1, 2)
+        return self.attend(x.permute(0, 2, 3, 1), present, bias).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
+        return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+                f"window={self.window}, per_head={self.per_head}")

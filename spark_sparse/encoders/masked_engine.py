@@ -334,8 +334,8 @@ class MaskedWindowAttention(WindowAttention):
     """timm's attention within groups of sites over the map, the hidden sites (and the padding)
     left out as keys; hidden queries get values, masked later."""
 
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0])
+    def forward(self, inp: MaskedTensor, bias: Tensor | None = None) -> MaskedTensor:
+        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0], bias)
         return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
 
 
@@ -541,7 +541,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
     if type(module) is WindowAttention:
-        return MaskedWindowAttention(module.num_heads, module.head_dim, module.window)
+        return MaskedWindowAttention(module.num_heads, module.key_dim, module.value_dim, module.window, module.per_head)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -425,12 +425,12 @@ class SparseWindowAttention(WindowAttention):
     canvas of the depthwise convolutions: a group holds sites of several patches); the visible
     rows gathered back."""
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+    def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
         index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
         qkv = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
         present = torch.zeros(b * h * w, dtype=torch.bool, device=x.F.device).index_fill_(0, index, True)
-        out = self.attend(qkv, present.view(b, h, w))
+        out = self.attend(qkv, present.view(b, h, w), bias)
         return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
 
 
@@ -575,7 +575,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
     if kind is WindowAttention:
-        return SparseWindowAttention(module.num_heads, module.head_dim, module.window)
+        return SparseWindowAttention(module.num_heads, module.key_dim, module.value_dim, module.window, module.per_head)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -57,8 +57,8 @@ class MirrorLocallyGroupedAttn(nn.Module):
         refuse_dropout(module, path, ("attn_drop", "proj_drop"))
         self.qkv = convert(module.qkv, f"{path}.qkv")
         # parameter-free, a name timm's module lacks
-        self.attention = convert.leaf(WindowAttention(module.num_heads, module.dim // module.num_heads, module.ws),
-                                      f"{path}.attention")
+        dim = module.dim // module.num_heads
+        self.attention = convert.leaf(WindowAttention(module.num_heads, dim, dim, module.ws), f"{path}.attention")
         self.proj = convert(module.proj, f"{path}.proj")
 
     def forward(self, x):
