@@ -648,11 +648,11 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0"])
+@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224"])
 def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, name, device):
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
     has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:
-    queries at stride 4 to 32, keys at 32)."""
+    queries at stride 4 to 32, keys at 32; TinyViT: its bias gathered at each token's position)."""
     images, _ = batch_on(device, VARIANT_SIZE, "none", batch=3)
     active = torch.zeros(3, 1, 2, 3, dtype=torch.bool)
     active[0].view(-1)[:5] = True

@@ -244,28 +244,35 @@ class WindowAttention(nn.Module):
         self.num_heads, self.key_dim, self.value_dim, self.window = num_heads, key_dim, value_dim, window
         self.per_head = per_head
 
-    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None) -> Tensor:
-        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
-        of each query and key position in a group (L = window ** 2) or None -> (B, h, w, heads *
-        value_dim), every site's attention output."""
-        b, h, w, _ = qkv.shape
-        ws, heads, kd, vd = self.window, self.num_heads, self.key_dim, self.value_dim
-        down, right = -h % ws, -w % ws
-        qkv = F.pad(qkv, (0, 0, 0, right, 0, down))
-        present = F.pad(present, (0, right, 0, down))  # padding: no keys
-        gh, gw = (h + down) // ws, (w + right) // ws
-        groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, -1)
+    def attend_groups(self, tokens: Tensor, keys: Tensor, bias: Tensor | None = None) -> Tensor:
+        """(G, L, C) each group's tokens' q, k, v, (G, L) bool: which are keys, (G or 1, heads, L, L)
+        bias of each query and key or None -> (G, L, heads * value_dim)."""
+        heads, kd, vd = self.num_heads, self.key_dim, self.value_dim
         if self.per_head:
-            q, k, v = (t.transpose(1, 2) for t in groups.unflatten(-1, (heads, -1)).split([kd, kd, vd], dim=-1))
+            q, k, v = (t.transpose(1, 2) for t in tokens.unflatten(-1, (heads, -1)).split([kd, kd, vd], dim=-1))
         else:
-            q, k, v = groups.unflatten(-1, (3, heads, kd)).permute(2, 0, 3, 1, 4)
-        keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
+            q, k, v = tokens.unflatten(-1, (3, heads, kd)).permute(2, 0, 3, 1, 4)
         keys = (keys | ~keys.any(1, keepdim=True))[:, None, None, :]  # a group without a key: outputs never read
         if bias is not None:
             keys = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill_(~keys, float("-inf"))
             keys = keys + bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
-        out = out.transpose(1, 2).reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
+        return out.transpose(1, 2).flatten(2)
+
+    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None) -> Tensor:
+        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
+        of each query and key position in a group (L = window ** 2) or None -> (B, h, w, heads *
+        value_dim), every site's attention output."""
+        b, h, w, _ = qkv.shape
+        ws = self.window
+        down, right = -h % ws, -w % ws
+        qkv = F.pad(qkv, (0, 0, 0, right, 0, down))
+        present = F.pad(present, (0, right, 0, down))  # padding: no keys
+        gh, gw = (h + down) // ws, (w + right) // ws
+        groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, -1)
+        keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
+        out = self.attend_groups(groups, keys, bias)
+        out = out.reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
         return out[:, :h, :w]
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -421,13 +421,24 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
 
 
 class SparseWindowAttention(WindowAttention):
-    """Attention within groups of sites, on the whole images' map at the rows' stride (the
-    canvas of the depthwise convolutions: a group holds sites of several patches); the visible
-    rows gathered back."""
+    """Attention within groups of sites. Where one group holds a whole image (TinyViT's at strides
+    16 and 32, Twins-SVT's at 32, at 224 px), each image's visible rows side by side as its tokens
+    (``image_tokens``), the bias gathered at their positions in the group: queries at visible sites
+    only. Smaller groups, which hold sites of several patches, on the whole images' map at the
+    rows' stride (the depthwise convolutions' canvas); the visible rows gathered back."""
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
         index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+        if h <= self.window and w <= self.window:
+            tokens, slots, present = image_tokens(x)
+            if bias is not None:  # each row's position in its image's group, padded on the right
+                inside = index % (h * w)
+                position = inside // w * self.window + inside % w
+                position = position.new_zeros(present.numel()).index_copy_(0, slots, position).view(present.shape)
+                bias = bias[:, position[:, :, None], position[:, None, :]].transpose(0, 1)
+            out = self.attend_groups(tokens, present, bias)
+            return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
         qkv = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
         present = torch.zeros(b * h * w, dtype=torch.bool, device=x.F.device).index_fill_(0, index, True)
         out = self.attend(qkv, present.view(b, h, w), bias)
