@@ -445,7 +445,8 @@ VARIANTS.update({
 # float64: with nothing hidden, equal to plain timm to float32's rounding only
 # timm pads Twins-SVT's and TinyViT's maps to whole groups of sites and lets the padding's projections be keys; here the
 # padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
-PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224)}
+# EfficientFormer's attention biases are timm's for a 7x7 map only (224 px)
+PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -580,6 +581,10 @@ VARIANTS.update({"Twins-PCPVT: PVT v2's attention, a position encoding generator
 # merging (a strided depthwise 3x3 between 1x1 conv-norms), depthwise 3x3 conv-norms between attention and MLP
 VARIANTS["TinyViT: attention within groups of sites with relative-offset biases, MBConvs, patch merging"] = (
     "tiny_vit_5m_224", {})
+# timm's efficientformer module: PoolFormer's blocks with batch-norm 1x1 MLPs and layer scale, the last block a
+# transformer's whose attention over the image's visible tokens carries a learned bias per offset on the 7x7 grid
+VARIANTS["EfficientFormer: attention with offset biases at stride 32, pooling blocks, layer scale"] = (
+    "efficientformer_l1", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -596,7 +601,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "gcresnet33ts", "resnetv2_50d_evos", "efficientnet_cc_b0_4e", "xception41",
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
-              "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224"}
+              "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
+              "efficientformer_l1"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -648,7 +654,7 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224"])
+@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224", "efficientformer_l1"])
 def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, name, device):
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
     has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:

@@ -65,6 +65,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["swiftformer_xs", "swiftformer_
 ALL_DEPTHS["pvt_v2_b0"] = ("pvt_v2_b0", {})  # attention's q, kv, reduction and its norm; the stages' norms
 ALL_DEPTHS.update({name: (name, {}) for name in ["twins_pcpvt_small", "twins_svt_small"]})  # four lists of modules
 ALL_DEPTHS["tiny_vit_5m_224"] = ("tiny_vit_5m_224", {})  # attention biases per offset, the head's norm kept
+ALL_DEPTHS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention biases and their (saved) index
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -272,6 +273,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("swiftformer_xs", r"Stage at 'stages\.0'"),
                                          ("pvt_v2_b0", r"PyramidVisionTransformerStage at 'stages\.0'"),
                                          ("tiny_vit_5m_224", r"TinyVit at 'stages'"),
+                                         ("efficientformer_l1", r"EfficientFormerStage at 'stages\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])

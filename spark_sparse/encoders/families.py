@@ -12,6 +12,7 @@ from .cspnext import CSPNEXT
 from .densenet import DENSENET
 from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
+from .efficientformer import EFFICIENTFORMER
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
@@ -49,7 +50,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
-                                PVT_V2, TWINS, TINY_VIT)
+                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER)
 
 
 def family_of(model: nn.Module) -> Family:
