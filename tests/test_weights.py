@@ -315,6 +315,20 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
             engine.from_timm(model)
 
 
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+@pytest.mark.parametrize("name, kwargs, where", [
+    ("pvt_v2_b0", {"attn_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.attn\.attn_drop"),
+    ("twins_pcpvt_small", {"pos_drop_rate": 0.1}, r"pos_drops\.0"),  # after each patch embedding
+    ("twins_svt_small", {"attn_drop_rate": 0.1}, r"blocks\.0\.0\.attn\.attn_drop"),  # within groups of sites
+    ("tiny_vit_5m_224", {"proj_drop_rate": 0.1}, r"stages\.1\.blocks\.0\.mlp\.drop1"),
+    ("efficientformer_l1", {"proj_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.mlp\.drop")])
+def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
+    # no engine mirrors a dropout's random mask
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    with pytest.raises(ConversionError, match=f"^cannot convert Dropout at '{where}': dropout p=0\\.1$"):
+        engine_class(engine).from_timm(model)
+
+
 @needs_minkowski
 def test_convnext_drop_path_and_head_norm_are_mirrored():
     enc = create_encoder("convnext_tiny", "sparse", drop_path_rate=0.2)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .family import unsupported
+from .family import refuse_dropout, unsupported
 
 ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule, EffectiveSEModule, LegacySEModule)
 KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese", EffectiveSEModule: "timm_ese",
@@ -169,9 +169,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         if type(module) not in SELF_ATTENTION:
             raise unsupported(module, path)
-        for name in ("attn_drop", "proj_drop"):
-            if getattr(module, name).p > 0:
-                raise unsupported(getattr(module, name), f"{path}.{name}", f"dropout p={getattr(module, name).p}")
+        refuse_dropout(module, path, "attn_drop", "proj_drop")
         self.qkv, self.proj = copy.deepcopy(module.qkv), copy.deepcopy(module.proj)
         self.num_heads, self.head_dim = module.num_heads, module.head_dim
 

@@ -23,7 +23,7 @@ from torch import nn
 from .attention import WindowAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorLayerScale, MirrorSequential, NamedStages, unsupported)
+                     MirrorLayerScale, MirrorSequential, NamedStages, refuse_dropout, unsupported)
 from .metaformer import MirrorPooling
 
 
@@ -44,8 +44,7 @@ class MirrorConvMlpWithNorm(MirrorInOrder):
     children_names = ("fc1", "norm1", "act", "fc2", "norm2")
 
     def __init__(self, module: ConvMlpWithNorm, convert: Converter, path: str):
-        if module.drop.p > 0:
-            raise unsupported(module.drop, f"{path}.drop", f"dropout p={module.drop.p}")
+        refuse_dropout(module, path, "drop")
         super().__init__(module, convert, path)
 
 

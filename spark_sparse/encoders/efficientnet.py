@@ -29,7 +29,7 @@ from torch import nn
 
 from .attention import GroupedQueryAttention
 from .family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, ImageMean,
-                     MirrorChildren, MirrorConvNormAct, MirrorLayerScale, split_in_turn, unsupported)
+                     MirrorChildren, MirrorConvNormAct, MirrorLayerScale, refuse_dropout, split_in_turn, unsupported)
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling
@@ -112,9 +112,7 @@ class MirrorMultiQueryAttention2d(nn.Module):
         if module.has_query_strides:
             raise unsupported(module, path, f"query strides {module.query_strides}: the output's bilinear "
                                             "upsampling reaches across patch borders")
-        for drop, where in ((module.attn_drop, "attn_drop"), (module.output.drop, "output.drop")):
-            if drop.p > 0:
-                raise unsupported(drop, f"{path}.{where}", f"dropout p={drop.p}")
+        refuse_dropout(module, path, "attn_drop", "output.drop")
         for name in ("query", "key", "value"):
             setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
         self.attention = convert.leaf(GroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim),

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import LinearAttention
 from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorInOrder,
-                     MirrorSequential, NamedStages, unsupported)
+                     MirrorSequential, NamedStages, refuse_dropout, unsupported)
 
 
 class MirrorConvNormAct(MirrorInOrder):
@@ -31,8 +31,7 @@ class MirrorConvNormAct(MirrorInOrder):
     children_names = ("conv", "norm", "act")
 
     def __init__(self, module: ConvNormAct, convert: Converter, path: str):
-        if module.dropout.p > 0:
-            raise unsupported(module.dropout, f"{path}.dropout", f"dropout p={module.dropout.p}")
+        refuse_dropout(module, path, "dropout")
         super().__init__(module, convert, path)
 
 

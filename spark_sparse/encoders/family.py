@@ -180,6 +180,15 @@ def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
             raise unsupported(sub, f"{path}.{name}", EXTRAS_REFUSED[name])
 
 
+def refuse_dropout(module: nn.Module, path: str, *names: str) -> None:
+    """Refuse ``module`` where any of its dropouts ``names`` (dotted paths below it) drops: no
+    engine mirrors a dropout's random mask (timm's default rate is 0)."""
+    for name in names:
+        drop = module.get_submodule(name)
+        if drop.p > 0:
+            raise unsupported(drop, f"{path}.{name}", f"dropout p={drop.p}")
+
+
 def refuse_checkpointing(module: nn.Module, path: str) -> None:
     """Refuse a module whose timm forward checkpoints (``grad_checkpointing``): no engine mirrors
     timm's re-run of its blocks in backward."""

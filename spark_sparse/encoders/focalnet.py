@@ -26,7 +26,7 @@ from torch import nn
 
 from .convnext import MirrorMlp
 from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, GatedImageVector, ImageMean, MirrorChildren,
-                     MirrorInOrder, MirrorLayerScale, NamedStages, Product, Scale, split_in_turn, unsupported)
+                     MirrorInOrder, MirrorLayerScale, NamedStages, Product, Scale, refuse_dropout, split_in_turn)
 
 
 class MirrorDownsample(MirrorInOrder):
@@ -41,8 +41,7 @@ class MirrorFocalModulation(nn.Module):
 
     def __init__(self, module: FocalModulation, convert: Converter, path: str):
         super().__init__()
-        if module.proj_drop.p > 0:
-            raise unsupported(module.proj_drop, f"{path}.proj_drop", f"dropout p={module.proj_drop.p}")
+        refuse_dropout(module, path, "proj_drop")
         levels = module.focal_level
         for name in ("f", "h", "norm", "proj"):
             setattr(self, name, convert.leaf(getattr(module, name), f"{path}.{name}"))

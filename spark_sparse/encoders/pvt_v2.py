@@ -22,14 +22,7 @@ from torch import nn
 
 from .attention import GroupedQueryAttention
 from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder, NamedStages,
-                     unsupported)
-
-
-def refuse_dropout(module: nn.Module, path: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        drop = getattr(module, name)
-        if drop.p > 0:
-            raise unsupported(drop, f"{path}.{name}", f"dropout p={drop.p}")
+                     refuse_dropout, unsupported)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -44,7 +37,7 @@ class MirrorMlp(MirrorInOrder):
     children_names = ("fc1", "relu", "dwconv", "act", "fc2")
 
     def __init__(self, module: MlpWithDepthwiseConv, convert: Converter, path: str):
-        refuse_dropout(module, path, ("drop",))
+        refuse_dropout(module, path, "drop")
         super().__init__(module, convert, path)
 
 
@@ -59,7 +52,7 @@ class MirrorAttention(MirrorChildren):
         if getattr(module, "pool", None) is not None:
             raise unsupported(module.pool, f"{path}.pool", "linear attention's adaptive pooling to 7x7 (windows "
                                                            "that depend on the map's size)")
-        refuse_dropout(module, path, ("attn_drop", "proj_drop"))
+        refuse_dropout(module, path, "attn_drop", "proj_drop")
         super().__init__(module, convert, path)
         # parameter-free, names timm's module lacks
         self.split = convert.leaf(ChannelSplit(module.dim), f"{path}.split")

@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import WindowAttention
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorSequential, NamedStages, unsupported)
+                     MirrorSequential, NamedStages, refuse_dropout, unsupported)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -60,9 +60,7 @@ class MirrorNormMlp(MirrorInOrder):
     children_names = ("norm", "fc1", "act", "fc2")
 
     def __init__(self, module: NormMlp, convert: Converter, path: str):
-        for name in ("drop1", "drop2"):
-            if getattr(module, name).p > 0:
-                raise unsupported(getattr(module, name), f"{path}.{name}", f"dropout p={getattr(module, name).p}")
+        refuse_dropout(module, path, "drop1", "drop2")
         super().__init__(module, convert, path)
 
 

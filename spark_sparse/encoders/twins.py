@@ -23,9 +23,10 @@ from torch import nn
 
 from .attention import WindowAttention
 from .convnext import MirrorMlp
-from .family import ConversionError, Converter, Family, Layout, MirrorChildren, MirrorInOrder, check_strides
+from .family import (ConversionError, Converter, Family, Layout, MirrorChildren, MirrorInOrder, check_strides,
+                     refuse_dropout)
 from .hrnet import mirror_module_list
-from .pvt_v2 import MirrorAttention, MirrorBlock, refuse_dropout
+from .pvt_v2 import MirrorAttention, MirrorBlock
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -54,7 +55,7 @@ class MirrorLocallyGroupedAttn(nn.Module):
 
     def __init__(self, module: LocallyGroupedAttn, convert: Converter, path: str):
         super().__init__()
-        refuse_dropout(module, path, ("attn_drop", "proj_drop"))
+        refuse_dropout(module, path, "attn_drop", "proj_drop")
         self.qkv = convert(module.qkv, f"{path}.qkv")
         # parameter-free, a name timm's module lacks
         dim = module.dim // module.num_heads
@@ -92,7 +93,7 @@ def twins_layout(model: Twins) -> Layout:
 
 def refuse_position_dropout(model: Twins) -> None:
     """timm's dropout after each patch embedding (``pos_drop_rate``) is not mirrored."""
-    refuse_dropout(model.pos_drops, "pos_drops", tuple(str(i) for i in range(len(model.pos_drops))))
+    refuse_dropout(model.pos_drops, "pos_drops", *(str(i) for i in range(len(model.pos_drops))))
 
 
 TWINS = Family(
