@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -27,10 +28,29 @@ PRETRAIN = ["model=resnet18", "input_size=64", "batch_size=4", "decoder.width=64
             "threads=1", "log_every=1"]
 
 
-def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run_child(cmd: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root, its output captured, bounded in time. A child still running
+    at ``timeout`` is sent SIGABRT, on which Python's fault handler prints every thread's stack, and
+    the test fails with them: a hang says where it hung."""
+    env = dict(ENV if env is None else env, PYTHONFAULTHANDLER="1")
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            raise AssertionError(f"still running after {timeout} s: {cmd[:3]}...; its threads then:\n"
+                                 f"{err[-8000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m module args`` from the repository root, single-threaded, bounded in time."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return run_child([sys.executable, "-m", module, *args], timeout)
 
 
 def pretrain_cli(*overrides: str, **kwargs) -> subprocess.CompletedProcess:

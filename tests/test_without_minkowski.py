@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .conftest import needs_minkowski
-from .runs import error_lines
+from .runs import error_lines, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,7 @@ WITHOUT_MINKOWSKI = textwrap.dedent("""
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_child([sys.executable, "-c", code, *args], env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def test_fine_tuning_and_the_dense_masked_engine_work_and_the_sparse_one_says_what_is_missing(tmp_path):
