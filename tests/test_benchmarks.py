@@ -3,7 +3,6 @@
 import importlib
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,7 +21,7 @@ from benchmarks.flops import ConvFlopCounter, encoder_flops, kernel_pairs
 from spark_sparse import MaskedDenseEncoder, SparseEncoder, random_active
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 
-from .runs import cli_in_process
+from .runs import cli_in_process, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,8 +130,7 @@ def test_peak_memory_sees_an_allocation_and_only_what_it_adds():
         print(json.dumps([peak_memory_mb(lambda: keep.append(torch.ones(mib * 2**20 // 4)), torch.device("cpu"))
                           for mib in (64, 128)]))
     """)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = run_child([sys.executable, "-c", code], timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     (first, method), (second, _) = json.loads(done.stdout.splitlines()[-1])
     if first is None:

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.run_dir import repair_metrics
 from spark_sparse.run.signals import StopSignals, Stopped
 
-from .runs import ENV, ROOT, assert_one_line_error, cli_in_process, run_cli
+from .runs import assert_one_line_error, cli_in_process, run_child, run_cli
 from .test_pretrain import config as pretrain_config
 
 
@@ -231,8 +230,7 @@ def test_a_picture_of_a_1_by_60000_strip_costs_megabytes_not_gigabytes(tmp_path)
               "    (x, _), _ = Labelled([(Path(sys.argv[1]) / name, 0)], ['a'], evaluation, substitute=False)[(0, 0)]\n"
               "    assert x.shape == (3, 64, 64)\n"
               "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_child([sys.executable, "-c", script, str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 100, f"{proc.stdout} MB"
 

@@ -22,7 +22,7 @@ from spark_sparse.run.signals import Stopped
 
 from . import faults
 from .runs import (ENV, PRETRAIN, ROOT, after_checkpoint, assert_one_line_error, checkpoint_step, cli_in_process,
-                   error_lines, losses, pretrain_cli, pretrain_in_process, records, wait_until)
+                   error_lines, losses, pretrain_cli, pretrain_in_process, records, run_child, wait_until)
 from .test_pretrain import config
 
 CLI = [sys.executable, "-m", "spark_sparse.pretrain", *PRETRAIN]
@@ -399,9 +399,8 @@ def test_running_out_of_memory_on_the_command_line_is_one_line_naming_the_size(t
     """A real allocation failure: one batch of 96 images at 512 px asks for more than the 1.5 GiB
     the process may still take."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", CAPPED_CLI, *PRETRAIN, "input_size=512", "batch_size=96",
-                           "max_steps=2", f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_child([sys.executable, "-c", CAPPED_CLI, *PRETRAIN, "input_size=512", "batch_size=96",
+                      "max_steps=2", f"hydra.run.dir={run}"])
     assert_one_line_error(proc, "error: out of memory at input_size=512, batch_size=96 (resnet18, 1 process(es))")
     assert "no checkpoint was written" in proc.stderr
 
