@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from spark_sparse import random_active  # noqa: E402
 from spark_sparse.precision import set_tf32  # noqa: E402
-from spark_sparse.run.runtime import keep_freed_memory  # noqa: E402
+from spark_sparse.run.runtime import return_freed_memory  # noqa: E402
 
 
 def _minkowski_installed() -> bool:
@@ -46,9 +46,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda, but PyTorch sees no CUDA GPU")
-    # freed memory stays in the heap, as the apps' entry points keep it (runtime.configure_cpu);
-    # the tests that measure memory do so in processes of their own
-    keep_freed_memory()
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +60,16 @@ def device(request) -> torch.device:
 
 @pytest.fixture(autouse=True)
 def torch_threads_kept():
-    """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole
-    process (its `threads` setting): restored after each test, so the rest of the suite keeps
-    the threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine."""
+    """A run started in-process (pretrain.train, finetune) sets torch's threads and glibc's
+    allocator policy for the whole process (runtime.configure_cpu): both restored after each test,
+    so the rest of the suite keeps the threads it started with (OMP_NUM_THREADS) instead of
+    oversubscribing a shared machine, and returns freed memory. A worker that kept it held its
+    largest test's peak for the rest of the session: two such on a 23 GB machine got one killed
+    for memory (2026-11-30, the other at 11 GB resident)."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+    return_freed_memory()
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

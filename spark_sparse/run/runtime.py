@@ -42,6 +42,14 @@ def keep_freed_memory() -> bool:
     return _mallopt(_KEEP)
 
 
+def return_freed_memory() -> bool:
+    """Back to glibc's default policy (what ``keep_freed_memory`` turned off): large blocks mapped
+    and unmapped, the resident set following live memory. False where that is not glibc."""
+    global _kept
+    _kept = False
+    return _mallopt(_DEFAULTS)
+
+
 @contextlib.contextmanager
 def returning_freed_memory():
     """glibc's default policy for the duration: large blocks are mapped and unmapped, so the
