@@ -1,3 +1,4 @@
+import collections
 import importlib.util
 import os
 import tempfile
@@ -17,7 +18,7 @@ import torch  # noqa: E402
 
 from spark_sparse import random_active  # noqa: E402
 from spark_sparse.precision import set_tf32  # noqa: E402
-from spark_sparse.run.runtime import return_freed_memory  # noqa: E402
+from spark_sparse.run.runtime import keep_freed_memory, trim_freed_memory  # noqa: E402
 
 
 def _minkowski_installed() -> bool:
@@ -46,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda, but PyTorch sees no CUDA GPU")
+    # freed memory stays in the heap within a test, as the apps' entry points keep it
+    # (runtime.configure_cpu), and goes back to the kernel after it (torch_threads_kept)
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="session")
@@ -60,16 +64,18 @@ def device(request) -> torch.device:
 
 @pytest.fixture(autouse=True)
 def torch_threads_kept():
-    """A run started in-process (pretrain.train, finetune) sets torch's threads and glibc's
-    allocator policy for the whole process (runtime.configure_cpu): both restored after each test,
-    so the rest of the suite keeps the threads it started with (OMP_NUM_THREADS) instead of
-    oversubscribing a shared machine, and returns freed memory. A worker that kept it held its
-    largest test's peak for the rest of the session: two such on a 23 GB machine got one killed
-    for memory (2026-11-30, the other at 11 GB resident)."""
+    """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole
+    process (its `threads` setting): restored after each test, so the rest of the suite keeps the
+    threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine. The
+    heap's free pages go back to the kernel after each test: a worker that kept them held its
+    largest test's peak for the rest of the session, and two such on a 23 GB machine got one
+    killed for memory (2026-11-30). Restoring glibc's default policy instead cost 40% of the
+    suite's time in page faults."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-    return_freed_memory()
+    keep_freed_memory()  # whatever the test left (returning_freed_memory, configure_cpu)
+    trim_freed_memory()
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -133,20 +139,34 @@ def scratch_under_pytest_tmp(tmp_path_factory):
         yield scratch
 
 
+# the most recently used models the session keeps; all of them were 10 GiB of float32
+MODEL_CACHE_BYTES = 1 << 30
+
+
 @pytest.fixture(scope="session")
 def timm_models():
-    """``timm_models(name, **timm_kwargs)``: a timm model with randomised norms, built once per
-    session (seed 0). Shared: deep-copy it before converting or training it."""
-    cache = {}
+    """``timm_models(name, **timm_kwargs)``: a timm model with randomised norms (seed 0), kept
+    while it is among the most recently used (MODEL_CACHE_BYTES): a test table's rows for one
+    model run one after another, and building one takes 0.1-0.5 s. Shared: deep-copy it before
+    converting or training it."""
+    cache: collections.OrderedDict = collections.OrderedDict()
 
     def get(name: str, **kwargs) -> torch.nn.Module:
         key = (name, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            torch.manual_seed(0)
-            cache[key] = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
-        return cache[key]
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        torch.manual_seed(0)
+        cache[key] = model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+        while len(cache) > 1 and sum(map(_bytes, cache.values())) > MODEL_CACHE_BYTES:
+            cache.popitem(last=False)
+        return model
 
     return get
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def make_batch(size: tuple[int, int], mask: str, batch: int = 4, seed: int = 0):

@@ -26,14 +26,19 @@ _KEEP = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 256 << 20}
 _kept = False  # whether configure_cpu switched the policy on (returning_freed_memory restores it)
 
 
-def _mallopt(settings: dict[int, int]) -> bool:
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        return all(libc.mallopt(k, v) for k, v in settings.items())
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    libc = _libc()
+    try:
+        return libc is not None and all(libc.mallopt(k, v) for k, v in settings.items())
+    except AttributeError:
         return False
 
 
@@ -42,12 +47,15 @@ def keep_freed_memory() -> bool:
     return _mallopt(_KEEP)
 
 
-def return_freed_memory() -> bool:
-    """Back to glibc's default policy (what ``keep_freed_memory`` turned off): large blocks mapped
-    and unmapped, the resident set following live memory. False where that is not glibc."""
-    global _kept
-    _kept = False
-    return _mallopt(_DEFAULTS)
+def trim_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim``), whatever the
+    policy: between the phases of a process that keeps freed memory, so that its resident set
+    drops to live memory without page faults inside a phase. False where that is not glibc."""
+    libc = _libc()
+    try:
+        return libc is not None and libc.malloc_trim(0) in (0, 1)
+    except AttributeError:
+        return False
 
 
 @contextlib.contextmanager
