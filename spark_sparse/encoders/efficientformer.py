@@ -23,7 +23,7 @@ from torch import nn
 from .attention import WindowAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorLayerScale, MirrorSequential, NamedStages, refuse_dropout, unsupported)
+                     MirrorLayerScale, MirrorSequential, NamedStages, unsupported)
 from .metaformer import MirrorPooling
 
 
@@ -42,10 +42,7 @@ class MirrorConvMlpWithNorm(MirrorInOrder):
     """fc1, norm1, act, fc2, norm2 (1x1 convolutions and batch norms; dropout 0)."""
 
     children_names = ("fc1", "norm1", "act", "fc2", "norm2")
-
-    def __init__(self, module: ConvMlpWithNorm, convert: Converter, path: str):
-        refuse_dropout(module, path, "drop")
-        super().__init__(module, convert, path)
+    dropouts = ("drop",)
 
 
 class MirrorMetaBlock2d(MirrorChildren):

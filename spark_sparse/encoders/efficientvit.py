@@ -22,17 +22,14 @@ from torch import nn
 
 from .attention import LinearAttention
 from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorInOrder,
-                     MirrorSequential, NamedStages, refuse_dropout, unsupported)
+                     MirrorSequential, NamedStages, unsupported)
 
 
 class MirrorConvNormAct(MirrorInOrder):
     """The module's own conv-norm-act: conv, norm, act (identities where absent); no dropout."""
 
     children_names = ("conv", "norm", "act")
-
-    def __init__(self, module: ConvNormAct, convert: Converter, path: str):
-        refuse_dropout(module, path, "dropout")
-        super().__init__(module, convert, path)
+    dropouts = ("dropout",)
 
 
 class MirrorResidualBlock(MirrorChildren):

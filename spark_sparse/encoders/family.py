@@ -93,12 +93,15 @@ class MirrorSequential(nn.Sequential):
 
 class MirrorChildren(nn.Module):
     """A mirror holding the timm module's children named in ``children_names``, each converted
-    under its own name (None where the module has none); subclasses name them and run them."""
+    under its own name (None where the module has none); subclasses name them and run them, and
+    name the module's ``dropouts``, refused where they drop."""
 
     children_names: tuple[str, ...] = ()
+    dropouts: tuple[str, ...] = ()
 
     def __init__(self, module: nn.Module, convert: Converter, path: str):
         super().__init__()
+        refuse_dropout(module, path, *self.dropouts)
         for name in self.children_names:
             setattr(self, name, convert(getattr(module, name, None), f"{path}.{name}"))
 

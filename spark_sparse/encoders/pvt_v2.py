@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import GroupedQueryAttention
 from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder, NamedStages,
-                     refuse_dropout, unsupported)
+                     unsupported)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -35,10 +35,7 @@ class MirrorMlp(MirrorInOrder):
     """fc1, [ReLU: the linear variant's], the depthwise 3x3, GELU, fc2 (dropout 0)."""
 
     children_names = ("fc1", "relu", "dwconv", "act", "fc2")
-
-    def __init__(self, module: MlpWithDepthwiseConv, convert: Converter, path: str):
-        refuse_dropout(module, path, "drop")
-        super().__init__(module, convert, path)
+    dropouts = ("drop",)
 
 
 class MirrorAttention(MirrorChildren):
@@ -47,12 +44,12 @@ class MirrorAttention(MirrorChildren):
     attention, and Twins' global sub-sampled attention, the same)."""
 
     children_names = ("q", "kv", "sr", "norm", "proj")
+    dropouts = ("attn_drop", "proj_drop")
 
     def __init__(self, module: nn.Module, convert: Converter, path: str):
         if getattr(module, "pool", None) is not None:
             raise unsupported(module.pool, f"{path}.pool", "linear attention's adaptive pooling to 7x7 (windows "
                                                            "that depend on the map's size)")
-        refuse_dropout(module, path, "attn_drop", "proj_drop")
         super().__init__(module, convert, path)
         # parameter-free, names timm's module lacks
         self.split = convert.leaf(ChannelSplit(module.dim), f"{path}.split")

@@ -14,8 +14,8 @@ from __future__ import annotations
 from timm.models.swiftformer import (Block, ConvEncoder, Embedding, LayerScale2d, LocalRepresentation, Mlp, Stage,
                                      SwiftFormer)
 
-from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorLayerScale, NamedStages, unsupported)
+from .family import (CheckpointingRefused, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
+                     MirrorLayerScale, NamedStages)
 
 
 class MirrorEmbedding(MirrorInOrder):
@@ -39,11 +39,7 @@ class MirrorMlp(MirrorInOrder):
     """SwiftFormer's MLP: norm1, fc1, act, fc2 (its dropout must be 0)."""
 
     children_names = ("norm1", "fc1", "act", "fc2")
-
-    def __init__(self, module: Mlp, convert: Converter, path: str):
-        if module.drop.p > 0:
-            raise unsupported(module.drop, f"{path}.drop", f"dropout p={module.drop.p} inside the MLP")
-        super().__init__(module, convert, path)
+    dropouts = ("drop",)
 
 
 class MirrorBlock(MirrorChildren):

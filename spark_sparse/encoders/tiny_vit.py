@@ -23,7 +23,7 @@ from torch import nn
 
 from .attention import WindowAttention
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorSequential, NamedStages, refuse_dropout, unsupported)
+                     MirrorSequential, NamedStages, unsupported)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -58,10 +58,7 @@ class MirrorNormMlp(MirrorInOrder):
     """norm, fc1, act, fc2 (dropout 0)."""
 
     children_names = ("norm", "fc1", "act", "fc2")
-
-    def __init__(self, module: NormMlp, convert: Converter, path: str):
-        refuse_dropout(module, path, "drop1", "drop2")
-        super().__init__(module, convert, path)
+    dropouts = ("drop1", "drop2")
 
 
 class MirrorAttention(MirrorChildren):
