@@ -429,16 +429,15 @@ class SparseWindowAttention(WindowAttention):
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+        b, h, w = sites.canvas_shape(stride)
         if h <= self.window and w <= self.window:
             tokens, slots, present = image_tokens(x)
-            if bias is not None:  # each row's position in its image's group, padded on the right
-                inside = index % (h * w)
-                position = inside // w * self.window + inside % w
-                position = position.new_zeros(present.numel()).index_copy_(0, slots, position).view(present.shape)
+            if bias is not None:
+                position = sites.group_positions(stride, self.window)
                 bias = bias[:, position[:, :, None], position[:, None, :]].transpose(0, 1)
             out = self.attend_groups(tokens, present, bias)
             return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        index = sites.canvas_index(stride)
         qkv = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
         present = torch.zeros(b * h * w, dtype=torch.bool, device=x.F.device).index_fill_(0, index, True)
         out = self.attend(qkv, present.view(b, h, w), bias)

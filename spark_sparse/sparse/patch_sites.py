@@ -315,6 +315,18 @@ class PatchSites:
         slots = image * n + torch.arange(len(image)) - first.index_select(0, image)
         return slots, torch.arange(n) < rows[:, None]
 
+    def group_positions(self, stride: int, window: int) -> Tensor:
+        """(B, n) int64: for each ``image_slots`` slot, its site's position in a ``window`` x
+        ``window`` group laid from its image's top-left corner (site (y, x) at y * window + x), 0
+        in empty slots: where attention's bias per relative offset is read, on maps of one group."""
+        return self._table("group_positions", stride, window)
+
+    def _build_group_positions(self, stride: int, window: int) -> Tensor:
+        slots, present = self._cached("image_slots", stride)
+        c = self.coordinates(stride).long() // stride
+        positions = torch.zeros(present.numel(), dtype=torch.long)
+        return positions.index_copy_(0, slots, c[:, 1] * window + c[:, 2]).view(present.shape)
+
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
         s = self.sites_per_side(stride)
