@@ -182,6 +182,21 @@ def test_hidden_sites_are_zero_and_never_encoded(timm_models, name, device):
     assert torch.all(dense_maps[-3].masked_select(hidden) == 0)
 
 
+def test_stochastic_depth_drops_and_rescales_the_images_timm_would_from_the_same_random_state(timm_models, device):
+    # a float64 step of each engine from one seed: the same images' blocks dropped, the rest
+    # rescaled by 1 / keep in float64 (both draw as timm's drop_path does)
+    images, active = batch_on(device, SIZE, "ratio0.6", batch=8)
+    sparse, dense = encoders(timm_models("convnext_atto", drop_path_rate=0.5), train=True, device=device)
+    steps = []
+    for encoder in (sparse, dense):
+        torch.manual_seed(3)
+        steps.append(train_step(encoder, images, active, torch.float64))
+    for a, b in zip(steps[0][0], steps[1][0]):
+        assert rel_err(a, b) < 1e-9
+    for key, err in grad_errors(steps[0][1], steps[1][1]).items():
+        assert err < 1e-6, key
+
+
 @pytest.mark.parametrize("name", ["resnet26d", "resnet34"])
 def test_deep_stem_avg_down_and_other_depths_equal_dense_masked(timm_models, name, device):
     images, active = batch_on(device, SIZE, "ratio0.6")

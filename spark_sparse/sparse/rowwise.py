@@ -126,8 +126,9 @@ class SparseDropPath(nn.Module):
             return x
         keep = 1.0 - self.drop_prob
         sites = PatchSites.of(x)
-        scale = torch.bernoulli(torch.full((sites.batch,), keep, device=x.F.device)) / keep
-        return with_features(x, x.F * scale.to(x.F.dtype)[image_of_rows(x), None])
+        # timm's draws and rescaling, in the features' dtype (a float32 1 / keep is 3e-8 off float64's)
+        scale = x.F.new_empty(sites.batch).bernoulli_(keep).div_(keep)
+        return with_features(x, x.F * scale[image_of_rows(x), None])
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
