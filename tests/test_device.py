@@ -66,7 +66,7 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # linear attention over each image's tokens on the canvas (efficientvit_mit), additive attention's sums
 # over each image's rows (swiftformer), self-attention among each image's visible rows (CAFormer), queries
 # attending to keys one per visible patch (pvt_v2), attention within groups of sites on the canvas (twins), with
-# biases per relative offset (tiny_vit, efficientformer)
+# biases per relative offset (tiny_vit, efficientformer), in shifted groups (swin_transformer)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -108,6 +108,7 @@ AUDITED["pvt_v2_b0"] = {"drop_path_rate": 0.1}
 AUDITED["twins_svt_small"] = {"drop_path_rate": 0.1}
 AUDITED["tiny_vit_5m_224"] = {"drop_path_rate": 0.1}
 AUDITED["efficientformer_l1"] = {"drop_path_rate": 0.1}
+AUDITED["swin_tiny_patch4_window7_224"] = {"depths": (2, 2, 2, 2), "drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

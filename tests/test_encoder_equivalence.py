@@ -458,10 +458,11 @@ VARIANTS.update({
 })
 # timm takes these norms' statistics in float32 (``x.float()``) even of a float64 map; ours in the map's
 # float64: with nothing hidden, equal to plain timm to float32's rounding only
-# timm pads Twins-SVT's and TinyViT's maps to whole groups of sites and lets the padding's projections be keys; here the
-# padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
+# timm pads Twins-SVT's, TinyViT's and Swin's maps to whole groups of sites and lets the padding's projections be
+# keys; here the padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
 # EfficientFormer's attention biases are timm's for a 7x7 map only (224 px)
-PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224)}
+PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224),
+                   "swin_tiny_patch4_window7_224": (224, 224)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -600,6 +601,11 @@ VARIANTS["TinyViT: attention within groups of sites with relative-offset biases,
 # transformer's whose attention over the image's visible tokens carries a learned bias per offset on the 7x7 grid
 VARIANTS["EfficientFormer: attention with offset biases at stride 32, pooling blocks, layer scale"] = (
     "efficientformer_l1", {})
+# timm's swin_transformer module: attention within groups of 7x7 sites with a learned bias per relative offset, every
+# other block's groups shifted by 3 sites (timm's cyclic roll and its mask), patch merging (2x2 sites into channels,
+# a layer norm, a linear reduction); two blocks a stage keep both kinds in each
+VARIANTS["Swin: attention within shifted groups of sites with relative-offset biases, patch merging"] = (
+    "swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -617,7 +623,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
-              "efficientformer_l1"}
+              "efficientformer_l1", "swin_tiny_patch4_window7_224"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

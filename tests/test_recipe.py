@@ -97,6 +97,10 @@ from .test_pretrain import config
     ("twins_svt_base", 0.2, "ln", [0.9, 0.999]),
     ("twins_svt_large", 0.3, "ln", [0.9, 0.999]),
     ("tiny_vit_21m_512", 0.0, "ln", [0.9, 0.999]),  # TinyViT: ConvNeXt-T's
+    ("swin_tiny_patch4_window7_224", 0.0, "ln", [0.9, 0.999]),  # Swin, by size
+    ("swin_small_patch4_window7_224", 0.2, "ln", [0.9, 0.999]),
+    ("swin_large_patch4_window12_384", 0.4, "ln", [0.9, 0.999]),
+    ("swin_s3_base_224", 0.3, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),

@@ -89,13 +89,16 @@ MODELS["mobilenetv4_conv_blur_medium"] = ("mobilenetv4_conv_blur_medium", {})  #
 # a reflection padding reads an image's own second row and column at its top and left border, where
 # a larger canvas would put hidden sites: there the image keeps the canvas's top-left corner
 MODELS["tresnet_m"] = ("tresnet_m", {"layers": (1, 1, 1, 1)})  # space to depth, reflected blur pools
-# Twins-SVT's, TinyViT's and EfficientFormer's groups of sites start at the map's top-left corner: there the image
-# keeps it too
+# Twins-SVT's, TinyViT's, EfficientFormer's and Swin's groups of sites start at the map's top-left corner: there the
+# image keeps it too
 MODELS["twins_svt_small"] = ("twins_svt_small", {})  # attention within groups of sites, PVT's between them
 MODELS["twins_pcpvt_small"] = ("twins_pcpvt_small", {})  # PVT's attention, position encoding generators
 MODELS["tiny_vit_5m_224"] = ("tiny_vit_5m_224", {})  # attention within groups of sites, relative-offset biases
 MODELS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention with offset biases on the 7x7 grid
-AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1"}
+# attention within shifted and unshifted groups of sites with relative-offset biases, patch merging
+MODELS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
+                 "swin_tiny_patch4_window7_224"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

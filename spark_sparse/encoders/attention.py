@@ -228,19 +228,28 @@ class WindowAttention(nn.Module):
     """Attention within groups of ``window`` x ``window`` sites after the q, k, v projection: Twins'
     locally-grouped self-attention (timm's ``LocallyGroupedAttn``: every head's q, then k, then v)
     and TinyViT's (``per_head``: each head's q, k, v side by side, values ``value_dim`` wide, and a
-    learned bias per relative offset). The map, padded below and right to whole groups laid from its
-    top-left corner, attends within each group. Here each visible token attends to its group's
-    visible tokens only: the padding and the hidden tokens are no keys (timm lets its padding's
-    projections be keys; on maps of whole groups, as at 224 px, there is none). A parameter-free leaf
-    every engine converts to its own twin; ``attend`` runs on the whole images' map, which every
-    engine can lay out."""
+    learned bias per relative offset) and Swin's (``shift``: the groups' grid starts ``shift`` sites
+    in from the top-left corner, the sites before it in groups of their own: Swin's shifted windows,
+    whose cyclic roll timm masks so that wrapped-around sites never meet). The map, padded to whole
+    groups laid from its top-left corner (after the shift), attends within each group. Here each
+    visible token attends to its group's visible tokens only: the padding and the hidden tokens are
+    no keys (timm lets its padding's projections be keys; on maps of whole groups, as at 224 px,
+    there is none). A parameter-free leaf every engine converts to its own twin; ``attend`` runs on
+    the whole images' map, which every engine can lay out."""
 
-    def __init__(self, num_heads: int, key_dim: int, value_dim: int, window: int, per_head: bool = False):
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int, window: int, per_head: bool = False,
+                 shift: int = 0):
         super().__init__()
         if not per_head and key_dim != value_dim:
             raise ValueError(f"q, k, v laid out head after head need key_dim == value_dim, got {key_dim}, {value_dim}")
+        if not 0 <= shift < window:
+            raise ValueError(f"a shift of {shift} sites for groups of {window}: it must be in [0, {window})")
         self.num_heads, self.key_dim, self.value_dim, self.window = num_heads, key_dim, value_dim, window
-        self.per_head = per_head
+        self.per_head, self.shift = per_head, shift
+
+    def like(self, cls: type) -> "WindowAttention":
+        """This attention as ``cls`` (an engine's twin), every setting kept."""
+        return cls(self.num_heads, self.key_dim, self.value_dim, self.window, self.per_head, self.shift)
 
     def attend_groups(self, tokens: Tensor, keys: Tensor, bias: Tensor | None = None) -> Tensor:
         """(G, L, C) each group's tokens' q, k, v, (G, L) bool: which are keys, (G or 1, heads, L, L)
@@ -262,16 +271,16 @@ class WindowAttention(nn.Module):
         of each query and key position in a group (L = window ** 2) or None -> (B, h, w, heads *
         value_dim), every site's attention output."""
         b, h, w, _ = qkv.shape
-        ws = self.window
-        down, right = -h % ws, -w % ws
-        qkv = F.pad(qkv, (0, 0, 0, right, 0, down))
-        present = F.pad(present, (0, right, 0, down))  # padding: no keys
-        gh, gw = (h + down) // ws, (w + right) // ws
+        ws, lead = self.window, -self.shift % self.window
+        down, right = -(lead + h) % ws, -(lead + w) % ws
+        qkv = F.pad(qkv, (0, 0, lead, right, lead, down))
+        present = F.pad(present, (lead, right, lead, down))  # padding: no keys
+        gh, gw = (lead + h + down) // ws, (lead + w + right) // ws
         groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, -1)
         keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
         out = self.attend_groups(groups, keys, bias)
         out = out.reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
-        return out[:, :h, :w]
+        return out[:, lead:lead + h, lead:lead + w]
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
@@ -280,4 +289,4 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-                f"window={self.window}, per_head={self.per_head}")
+                f"window={self.window}, per_head={self.per_head}, shift={self.shift}")

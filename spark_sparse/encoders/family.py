@@ -310,6 +310,24 @@ class ChannelSplit(nn.Module):
         return f"first={self.first}"
 
 
+class ColumnsFirstSpaceToDepth(nn.Module):
+    """Each ``block_size`` x ``block_size`` block of sites into one site's channels, ordered by the
+    column offset, then the row offset, then the channel (Swin's ``PatchMerging``; timm's
+    ``SpaceToDepth`` puts the row offset first): a parameter-free leaf every engine converts."""
+
+    def __init__(self, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        k = self.block_size
+        return x.view(b, c, h // k, k, w // k, k).permute(0, 5, 3, 1, 2, 4).reshape(b, k * k * c, h // k, w // k)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}"
+
+
 def split_in_turn(splits: Sequence[nn.Module], x) -> list:
     """``x`` cut into ``len(splits) + 1`` groups of channels by ``ChannelSplit`` leaves taken in
     turn, each cutting the first group off the rest (timm's ``torch.split`` by sizes)."""

@@ -33,8 +33,8 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalCo
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
-                     GatedImageVector, ImageMean, LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool,
-                     check_norm_act, pool_geometry, unsupported, upsample_scale)
+                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+                     ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -506,7 +506,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, module.act)
     if type(module) in GROUP_NORMS:
         return MaskedGroupNormAct(module, nn.Identity())
-    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth):  # timm's own, hidden sites reading zero
+    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth):  # timm's own, hidden sites reading zero
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)
@@ -541,7 +541,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
     if type(module) is WindowAttention:
-        return MaskedWindowAttention(module.num_heads, module.key_dim, module.value_dim, module.window, module.per_head)
+        return module.like(MaskedWindowAttention)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -47,8 +47,8 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalCo
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
-                     GatedImageVector, ImageMean, LayerScale, Product, RadixSum, ZeroPaddedMaxPool, check_max_pool,
-                     check_norm_act, pool_geometry, unsupported, upsample_scale)
+                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+                     ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -430,7 +430,7 @@ class SparseWindowAttention(WindowAttention):
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
         b, h, w = sites.canvas_shape(stride)
-        if h <= self.window and w <= self.window:
+        if h <= self.window and w <= self.window and not self.shift:
             tokens, slots, present = image_tokens(x)
             if bias is not None:
                 position = sites.group_positions(stride, self.window)
@@ -535,7 +535,8 @@ def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Spar
 
 
 # leaves that rearrange the rows of whole patches: not MinkowskiEngine's own maps
-PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth", nn.Upsample: "upsampling"}
+PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth", ColumnsFirstSpaceToDepth: "space to depth",
+                   nn.Upsample: "upsampling"}
 
 
 def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:
@@ -585,7 +586,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
     if kind is WindowAttention:
-        return SparseWindowAttention(module.num_heads, module.key_dim, module.value_dim, module.window, module.per_head)
+        return module.like(SparseWindowAttention)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
@@ -605,6 +606,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
             raise unsupported(module, path, str(err)) from None
     if kind is SpaceToDepth:
         return PatchSpaceToDepth(module.bs)
+    if kind is ColumnsFirstSpaceToDepth:
+        return PatchSpaceToDepth(module.block_size, columns_first=True)
     if kind is nn.Upsample:
         return PatchUpsample(upsample_scale(module, path))
     if kind is LearnableAffineBlock:

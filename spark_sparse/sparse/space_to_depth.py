@@ -16,11 +16,12 @@ from .patch_sites import PatchSites
 
 
 class PatchSpaceToDepth(nn.Module):
-    """timm's ``SpaceToDepth(block_size)`` of the visible rows."""
+    """timm's ``SpaceToDepth(block_size)`` of the visible rows; ``columns_first``: the block's
+    column before its row in the channels (Swin's patch merging)."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, columns_first: bool = False):
         super().__init__()
-        self.block_size = block_size
+        self.block_size, self.columns_first = block_size, columns_first
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
@@ -29,8 +30,9 @@ class PatchSpaceToDepth(nn.Module):
         if s % b:
             raise ValueError(f"cannot move {b}x{b} blocks of a stride-{stride} map into channels: a patch has "
                              f"{s}x{s} sites")
-        rows = x.F.view(-1, s // b, b, s // b, b, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, b * b * c)
+        order = (0, 1, 3, 4, 2, 5) if self.columns_first else (0, 1, 3, 2, 4, 5)
+        rows = x.F.view(-1, s // b, b, s // b, b, c).permute(order).reshape(-1, b * b * c)
         return ME.SparseTensor(rows, coordinate_map_key=sites.key(stride * b), coordinate_manager=sites.manager)
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}"
+        return f"block_size={self.block_size}, columns_first={self.columns_first}"
