@@ -421,27 +421,26 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
 
 
 class SparseWindowAttention(WindowAttention):
-    """Attention within groups of sites. Where one group holds a whole image (TinyViT's at strides
-    16 and 32, Twins-SVT's at 32, at 224 px), each image's visible rows side by side as its tokens
-    (``image_tokens``), the bias gathered at their positions in the group: queries at visible sites
-    only. Smaller groups, which hold sites of several patches, on the whole images' map at the
-    rows' stride (the depthwise convolutions' canvas); the visible rows gathered back."""
+    """Attention within groups of sites. Where one unshifted group holds a whole image (TinyViT's
+    at strides 16 and 32, Twins-SVT's and Swin's at 32, at 224 px), each image's visible rows side
+    by side as its tokens (``image_tokens``), the bias gathered at their positions in the group:
+    queries at visible sites only. Smaller groups, which hold sites of several patches: the rows
+    scattered straight into their groups' slots (``PatchSites.group_slots``, as many groups as the
+    whole images' map has: hidden queries computed, never read), attended, gathered back."""
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        b, h, w = sites.canvas_shape(stride)
+        _, h, w = sites.canvas_shape(stride)
         if h <= self.window and w <= self.window and not self.shift:
             tokens, slots, present = image_tokens(x)
             if bias is not None:
                 position = sites.group_positions(stride, self.window)
                 bias = bias[:, position[:, :, None], position[:, None, :]].transpose(0, 1)
-            out = self.attend_groups(tokens, present, bias)
-            return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
-        index = sites.canvas_index(stride)
-        qkv = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
-        present = torch.zeros(b * h * w, dtype=torch.bool, device=x.F.device).index_fill_(0, index, True)
-        out = self.attend(qkv, present.view(b, h, w), bias)
-        return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+        else:
+            slots, present = sites.group_slots(stride, self.window, self.shift)
+            tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
+        out = self.attend_groups(tokens, present, bias)
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
 class SparseCondConv(CondConvExperts):

@@ -327,6 +327,24 @@ class PatchSites:
         positions = torch.zeros(present.numel(), dtype=torch.long)
         return positions.index_copy_(0, slots, c[:, 1] * window + c[:, 2]).view(present.shape)
 
+    def group_slots(self, stride: int, window: int, shift: int = 0) -> tuple[Tensor, Tensor]:
+        """Each image's site grid at ``stride`` in groups of ``window`` x ``window`` sites laid from
+        its top-left corner (the grid started ``shift`` sites in; partial groups at the borders):
+        (N,) int64, each row's slot in the flattened (G, window ** 2) groups, sites row by row in
+        each, and (G, window ** 2) bool, which slots hold a row. G depends on the batch's size alone."""
+        return self._table("group_slots", stride, window, shift)
+
+    def _build_group_slots(self, stride: int, window: int, shift: int) -> tuple[Tensor, Tensor]:
+        b, h, w = self.canvas_shape(stride)
+        lead = -shift % window
+        gh, gw = -(-(lead + h) // window), -(-(lead + w) // window)
+        c = self.coordinates(stride).long()
+        y, x = c[:, 1] // stride + lead, c[:, 2] // stride + lead
+        group = (c[:, 0] * gh + y // window) * gw + x // window
+        slots = (group * window + y % window) * window + x % window
+        present = torch.zeros(b * gh * gw * window * window, dtype=torch.bool).index_fill_(0, slots, True)
+        return slots, present.view(b * gh * gw, window * window)
+
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
         s = self.sites_per_side(stride)
