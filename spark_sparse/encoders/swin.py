@@ -12,9 +12,9 @@ by half a window. timm shifts by a cyclic roll and masks the pairs of sites the 
 together; that is attention within groups whose grid starts ``shift`` sites in from the map's
 top-left corner, the sites before it in groups of their own (``attention.WindowAttention`` with
 ``shift``). Each visible token attends to its group's visible tokens; groups of 7 at stride 4 are 28
-pixels and straddle the mask's patches, so the sparse engine lays the rows out on the whole images'
-map to group them (where one unshifted group holds a whole image, as at stride 32 for 224 px, it
-attends over the visible rows alone). timm pads a map to whole groups and lets the padding be keys;
+pixels and straddle the mask's patches, so the sparse engine scatters the rows into their groups'
+slots (where one unshifted group holds a whole image, as at stride 32 for 224 px, it attends over
+the visible rows alone). timm pads a map to whole groups and lets the padding be keys;
 here it is none, so timm's features are matched on maps of whole groups (224 px, 384 px for the
 window-12 models).
 """

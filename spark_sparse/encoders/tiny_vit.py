@@ -10,9 +10,8 @@ The attention runs within groups of ``window_size`` x ``window_size`` sites laid
 top-left corner (7 at strides 8 and 32, 14 at stride 16 for 224 px: the whole map there), after a
 layer norm, with a learned bias per head and relative offset (|dy|, |dx|) inside the group
 (``attention_biases``, timm's name). Each visible token attends to its group's visible tokens
-(``attention.WindowAttention``, each head's q, k, v side by side); the sparse engine lays the rows
-out on the whole images' map to group them. The classifier head's norm (after pooling) is kept,
-frozen.
+(``attention.WindowAttention``, each head's q, k, v side by side); the sparse engine scatters the
+rows into their groups' slots. The classifier head's norm (after pooling) is kept, frozen.
 """
 
 from __future__ import annotations

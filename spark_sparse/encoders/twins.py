@@ -12,7 +12,7 @@ PCPVT's attention is PVT v2's spatial-reduction attention (``pvt_v2.MirrorAttent
 visible 32-pixel patch). SVT's blocks alternate it with locally-grouped attention
 (``attention.WindowAttention``): groups of 7x7 sites from the map's top-left corner (28 pixels at
 stride 4, which straddle the mask's patches), each visible token attending to its group's visible
-tokens; the sparse engine lays the rows out on the whole images' map to group them.
+tokens; the sparse engine scatters the rows into their groups' slots.
 """
 
 from __future__ import annotations
