@@ -81,8 +81,8 @@ def torch_threads_kept():
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
     convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and
-    FRN's parameters, MetaFormer's StarReLU and residual scales, TinyViT's attention biases and
-    convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's
+    FRN's parameters, MetaFormer's StarReLU and residual scales, TinyViT's attention biases, Swin
+    V2's q and v biases and logit scales, and convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's
     bias and ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden
     sites)."""
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +120,9 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("gamma") or ".grn." in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            if name.endswith("attention_biases"):  # TinyViT's bias per relative offset starts at zero
+            # TinyViT's bias per relative offset and Swin V2's q and v biases start at zero, its
+            # per-head logit scales all at log(10)
+            if name.endswith(("attention_biases", "q_bias", "v_bias", "logit_scale")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
 

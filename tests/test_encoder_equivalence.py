@@ -462,7 +462,7 @@ VARIANTS.update({
 # keys; here the padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
 # EfficientFormer's attention biases are timm's for a 7x7 map only (224 px)
 PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224),
-                   "swin_tiny_patch4_window7_224": (224, 224)}
+                   "swin_tiny_patch4_window7_224": (224, 224), "swinv2_tiny_window8_256": (256, 256)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -606,6 +606,10 @@ VARIANTS["EfficientFormer: attention with offset biases at stride 32, pooling bl
 # a layer norm, a linear reduction); two blocks a stage keep both kinds in each
 VARIANTS["Swin: attention within shifted groups of sites with relative-offset biases, patch merging"] = (
     "swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+# timm's swin_transformer_v2 module: the same groups with cosine attention (a learned scale per head), a bias from an
+# MLP of log-spaced offsets, q and v biases, norms after attention and MLP, patch merging that reduces then normalises
+VARIANTS["Swin V2: cosine attention within shifted groups of sites, post-norms"] = (
+    "swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -623,7 +627,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
-              "efficientformer_l1", "swin_tiny_patch4_window7_224"}
+              "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -101,6 +101,8 @@ from .test_pretrain import config
     ("swin_small_patch4_window7_224", 0.2, "ln", [0.9, 0.999]),
     ("swin_large_patch4_window12_384", 0.4, "ln", [0.9, 0.999]),
     ("swin_s3_base_224", 0.3, "ln", [0.9, 0.999]),
+    ("swinv2_tiny_window16_256", 0.0, "ln", [0.9, 0.999]),  # Swin V2, by size
+    ("swinv2_base_window12to24_192to384", 0.3, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),

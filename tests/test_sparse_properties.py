@@ -97,8 +97,10 @@ MODELS["tiny_vit_5m_224"] = ("tiny_vit_5m_224", {})  # attention within groups o
 MODELS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention with offset biases on the 7x7 grid
 # attention within shifted and unshifted groups of sites with relative-offset biases, patch merging
 MODELS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+# and with cosine attention, a bias MLP, post-norms
+MODELS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
 AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
-                 "swin_tiny_patch4_window7_224"}
+                 "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

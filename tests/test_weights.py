@@ -67,6 +67,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["twins_pcpvt_small", "twins_svt
 ALL_DEPTHS["tiny_vit_5m_224"] = ("tiny_vit_5m_224", {})  # attention biases per offset, the head's norm kept
 ALL_DEPTHS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention biases and their (saved) index
 ALL_DEPTHS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {})  # bias tables, patch merging, norm
+ALL_DEPTHS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {})  # bias MLPs, q and v biases, logit scales
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -276,6 +277,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("tiny_vit_5m_224", r"TinyVit at 'stages'"),
                                          ("efficientformer_l1", r"EfficientFormerStage at 'stages\.0'"),
                                          ("swin_tiny_patch4_window7_224", r"SwinTransformerStage at 'layers\.0'"),
+                                         ("swinv2_tiny_window8_256", r"SwinTransformerV2Stage at 'layers\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])
@@ -324,7 +326,8 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
     ("twins_svt_small", {"attn_drop_rate": 0.1}, r"blocks\.0\.0\.attn\.attn_drop"),  # within groups of sites
     ("tiny_vit_5m_224", {"proj_drop_rate": 0.1}, r"stages\.1\.blocks\.0\.mlp\.drop1"),
     ("efficientformer_l1", {"proj_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.mlp\.drop"),
-    ("swin_tiny_patch4_window7_224", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop")])
+    ("swin_tiny_patch4_window7_224", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
+    ("swinv2_tiny_window8_256", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop")])
 def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
     # no engine mirrors a dropout's random mask
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -230,7 +230,8 @@ class WindowAttention(nn.Module):
     and TinyViT's (``per_head``: each head's q, k, v side by side, values ``value_dim`` wide, and a
     learned bias per relative offset) and Swin's (``shift``: the groups' grid starts ``shift`` sites
     in from the top-left corner, the sites before it in groups of their own: Swin's shifted windows,
-    whose cyclic roll timm masks so that wrapped-around sites never meet). The map, padded to whole
+    whose cyclic roll timm masks so that wrapped-around sites never meet; Swin V2's cosine attention
+    where a ``logit_scale`` is given, its q, k, v bias added first). The map, padded to whole
     groups laid from its top-left corner (after the shift), attends within each group. Here each
     visible token attends to its group's visible tokens only: the padding and the hidden tokens are
     no keys (timm lets its padding's projections be keys; on maps of whole groups, as at 224 px,
@@ -251,10 +252,15 @@ class WindowAttention(nn.Module):
         """This attention as ``cls`` (an engine's twin), every setting kept."""
         return cls(self.num_heads, self.key_dim, self.value_dim, self.window, self.per_head, self.shift)
 
-    def attend_groups(self, tokens: Tensor, keys: Tensor, bias: Tensor | None = None) -> Tensor:
+    def attend_groups(self, tokens: Tensor, keys: Tensor, bias: Tensor | None = None, qkv_bias: Tensor | None = None,
+                      logit_scale: Tensor | None = None) -> Tensor:
         """(G, L, C) each group's tokens' q, k, v, (G, L) bool: which are keys, (G or 1, heads, L, L)
-        bias of each query and key or None -> (G, L, heads * value_dim)."""
+        bias of each query and key or None -> (G, L, heads * value_dim). ``qkv_bias`` (C,) is added
+        to every token first; with ``logit_scale`` (heads, 1, 1) the logits are the cosines of
+        queries and keys times it (Swin V2's), not their scaled dot products."""
         heads, kd, vd = self.num_heads, self.key_dim, self.value_dim
+        if qkv_bias is not None:  # empty slots get it too: they are neither keys nor read
+            tokens = tokens + qkv_bias.to(tokens.dtype)
         if self.per_head:
             q, k, v = (t.transpose(1, 2) for t in tokens.unflatten(-1, (heads, -1)).split([kd, kd, vd], dim=-1))
         else:
@@ -263,13 +269,16 @@ class WindowAttention(nn.Module):
         if bias is not None:
             keys = torch.zeros(keys.shape, dtype=q.dtype, device=q.device).masked_fill_(~keys, float("-inf"))
             keys = keys + bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
+        scale = None
+        if logit_scale is not None:
+            q, k, scale = F.normalize(q, dim=-1) * logit_scale.to(q.dtype), F.normalize(k, dim=-1), 1.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale)
         return out.transpose(1, 2).flatten(2)
 
-    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None) -> Tensor:
+    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
         """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
         of each query and key position in a group (L = window ** 2) or None -> (B, h, w, heads *
-        value_dim), every site's attention output."""
+        value_dim), every site's attention output; ``terms``: ``attend_groups``'."""
         b, h, w, _ = qkv.shape
         ws, lead = self.window, -self.shift % self.window
         down, right = -(lead + h) % ws, -(lead + w) % ws
@@ -278,14 +287,14 @@ class WindowAttention(nn.Module):
         gh, gw = (lead + h + down) // ws, (lead + w + right) // ws
         groups = qkv.view(b, gh, ws, gw, ws, -1).transpose(2, 3).reshape(b * gh * gw, ws * ws, -1)
         keys = present.view(b, gh, ws, gw, ws).transpose(2, 3).reshape(b * gh * gw, ws * ws)
-        out = self.attend_groups(groups, keys, bias)
+        out = self.attend_groups(groups, keys, bias, **terms)
         out = out.reshape(b, gh, gw, ws, ws, -1).transpose(2, 3).reshape(b, gh * ws, gw * ws, -1)
         return out[:, lead:lead + h, lead:lead + w]
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
         b, _, h, w = x.shape
         present = x.new_ones(b, h, w, dtype=torch.bool)
-        return self.attend(x.permute(0, 2, 3, 1), present, bias).permute(0, 3, 1, 2)
+        return self.attend(x.permute(0, 2, 3, 1), present, bias, **terms).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "

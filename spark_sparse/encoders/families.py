@@ -39,6 +39,7 @@ from .rexnet import REXNET
 from .starnet import STARNET
 from .swiftformer import SWIFTFORMER
 from .swin import SWIN
+from .swin_v2 import SWIN_V2
 from .tiny_vit import TINY_VIT
 from .tresnet import TRESNET
 from .twins import TWINS
@@ -51,7 +52,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
-                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN)
+                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2)
 
 
 def family_of(model: nn.Module) -> Family:

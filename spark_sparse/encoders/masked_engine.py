@@ -334,8 +334,8 @@ class MaskedWindowAttention(WindowAttention):
     """timm's attention within groups of sites over the map, the hidden sites (and the padding)
     left out as keys; hidden queries get values, masked later."""
 
-    def forward(self, inp: MaskedTensor, bias: Tensor | None = None) -> MaskedTensor:
-        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0], bias)
+    def forward(self, inp: MaskedTensor, bias: Tensor | None = None, **terms: Tensor | None) -> MaskedTensor:
+        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0], bias, **terms)
         return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
 
 

@@ -428,7 +428,7 @@ class SparseWindowAttention(WindowAttention):
     scattered straight into their groups' slots (``PatchSites.group_slots``, as many groups as the
     whole images' map has: hidden queries computed, never read), attended, gathered back."""
 
-    def forward(self, x: ME.SparseTensor, bias: Tensor | None = None) -> ME.SparseTensor:
+    def forward(self, x: ME.SparseTensor, bias: Tensor | None = None, **terms: Tensor | None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
         _, h, w = sites.canvas_shape(stride)
         if h <= self.window and w <= self.window and not self.shift:
@@ -439,7 +439,7 @@ class SparseWindowAttention(WindowAttention):
         else:
             slots, present = sites.group_slots(stride, self.window, self.shift)
             tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
-        out = self.attend_groups(tokens, present, bias)
+        out = self.attend_groups(tokens, present, bias, **terms)
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
