@@ -235,8 +235,9 @@ class WindowAttention(nn.Module):
     groups laid from its top-left corner (after the shift), attends within each group. Here each
     visible token attends to its group's visible tokens only: the padding and the hidden tokens are
     no keys (timm lets its padding's projections be keys; on maps of whole groups, as at 224 px,
-    there is none). A parameter-free leaf every engine converts to its own twin; ``attend`` runs on
-    the whole images' map, which every engine can lay out."""
+    there is none). A parameter-free leaf every engine converts to its own twin; ``attend`` groups
+    the whole images' map (the dense-masked engine's layout), ``attend_groups`` attends within
+    groups however an engine laid them out (the sparse engine scatters its rows into them)."""
 
     def __init__(self, num_heads: int, key_dim: int, value_dim: int, window: int, per_head: bool = False,
                  shift: int = 0):

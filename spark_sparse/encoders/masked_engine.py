@@ -506,7 +506,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, module.act)
     if type(module) in GROUP_NORMS:
         return MaskedGroupNormAct(module, nn.Identity())
-    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth):  # timm's own, hidden sites reading zero
+    # timm's own (and Swin's space to depth), hidden sites reading zero
+    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth):
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)

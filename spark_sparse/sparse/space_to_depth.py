@@ -1,5 +1,5 @@
 """Space to depth of a sparse map (TResNet's stem: each 4x4 block of pixels becomes one site of
-48 channels at stride 4).
+48 channels at stride 4; Swin's patch merging: each 2x2 block of sites, its column first).
 
 A block of b x b sites at stride s is one site at stride s b, inside the same patch (b divides the
 patch's sites per side), so nothing hidden is read: a patch's rows, S x S row by row, are viewed as
