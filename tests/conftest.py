@@ -66,16 +66,30 @@ def device(request) -> torch.device:
 def torch_threads_kept():
     """A run started in-process (pretrain.train, finetune) sets torch's threads for the whole
     process (its `threads` setting): restored after each test, so the rest of the suite keeps the
-    threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine. The
-    heap's free pages go back to the kernel after each test: a worker that kept them held its
-    largest test's peak for the rest of the session, and two such on a 23 GB machine got one
-    killed for memory (2026-11-30). Restoring glibc's default policy instead cost 40% of the
-    suite's time in page faults."""
+    threads it started with (OMP_NUM_THREADS) instead of oversubscribing a shared machine. A worker
+    keeps the memory its tests free, as the entry points do, until it is RESIDENT_KEPT: then the
+    heap's free pages go back to the kernel. One that kept everything held its largest test's peak
+    for good (two such on a 23 GB machine got one killed for memory, 2026-11-30); handing them back
+    after every test, or glibc's default policy, cost 20-40% of the suite's time in page faults."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
     keep_freed_memory()  # whatever the test left (returning_freed_memory, configure_cpu)
-    trim_freed_memory()
+    if _resident_bytes() > RESIDENT_KEPT:
+        trim_freed_memory()
+
+
+# how much a test worker may keep resident before it hands its free pages back (its models, its
+# largest test's working set)
+RESIDENT_KEPT = 3 << 30
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no /proc: no glibc either, nothing to trim
+        return 0
 
 
 def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
