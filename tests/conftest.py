@@ -96,9 +96,9 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
     convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and
     FRN's parameters, MetaFormer's StarReLU and residual scales, TinyViT's attention biases, Swin
-    V2's q and v biases and logit scales, and convolution and linear biases (timm initialises GRN to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's
-    bias and ConvNeXt's biases to zero, which would hide errors: a zero bias cannot leak into hidden
-    sites)."""
+    V2's q and v biases and logit scales, and convolution and linear biases (timm initialises GRN
+    to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's bias and ConvNeXt's
+    biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

@@ -534,8 +534,8 @@ def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Spar
 
 
 # leaves that rearrange the rows of whole patches: not MinkowskiEngine's own maps
-PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth", ColumnsFirstSpaceToDepth: "space to depth",
-                   nn.Upsample: "upsampling"}
+PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth",
+                   ColumnsFirstSpaceToDepth: "space to depth", nn.Upsample: "upsampling"}
 
 
 def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:

@@ -82,13 +82,14 @@ class MirrorSwinBlock(MirrorChildren):
     are the block's (``window_size``, ``shift_size``: timm fits them to the map it was built for)."""
 
     children_names = ("norm1", "drop_path1", "norm2", "mlp", "drop_path2")
+    attention_mirror: type[nn.Module] = MirrorWindowAttention
 
     def __init__(self, block: SwinTransformerBlock, convert: Converter, path: str):
         super().__init__(block, convert, path)
         (window, window_w), (shift, shift_w) = block.window_size, block.shift_size
         if (window, shift) != (window_w, shift_w):
             raise unsupported(block, path, f"a {block.window_size} window shifted {block.shift_size} (not square)")
-        self.attn = MirrorWindowAttention(block.attn, convert, f"{path}.attn", shift)
+        self.attn = self.attention_mirror(block.attn, convert, f"{path}.attn", shift)
 
     def forward(self, x):
         x = x + self.drop_path1(self.attn(self.norm1(x)))
@@ -98,8 +99,8 @@ class MirrorSwinBlock(MirrorChildren):
 SWIN = Family(
     name="swin_transformer",
     timm_class=SwinTransformer,
-    mirrors={PatchEmbed: MirrorPatchEmbed, SwinTransformerStage: MirrorDownsampleBlocks, PatchMerging: MirrorPatchMerging,
-             SwinTransformerBlock: MirrorSwinBlock, Mlp: MirrorMlp},
+    mirrors={PatchEmbed: MirrorPatchEmbed, SwinTransformerStage: MirrorDownsampleBlocks,
+             PatchMerging: MirrorPatchMerging, SwinTransformerBlock: MirrorSwinBlock, Mlp: MirrorMlp},
     layout=NamedStages(("patch_embed",), ("layers.0", "layers.1", "layers.2", "layers.3"), head=("norm",)),
     check=CheckpointingRefused("layers"),
     channels_last=True,

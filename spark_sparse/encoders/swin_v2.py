@@ -24,9 +24,8 @@ from torch import nn
 
 from .attention import WindowAttention
 from .convnext import MirrorMlp
-from .family import (CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren, NamedStages,
-                     unsupported)
-from .swin import MirrorPatchEmbed
+from .family import CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren, NamedStages
+from .swin import MirrorPatchEmbed, MirrorSwinBlock
 
 
 class MirrorPatchMerging(MirrorChildren):
@@ -79,18 +78,11 @@ class MirrorWindowAttention(MirrorChildren):
         return self.proj(self.attention(self.qkv(x), bias, qkv_bias=qkv_bias, logit_scale=scale))
 
 
-class MirrorSwinV2Block(MirrorChildren):
+class MirrorSwinV2Block(MirrorSwinBlock):
     """x + drop_path1(norm1(attn(x))), then x + drop_path2(norm2(mlp(x))); the attention's groups
-    are the block's (``window_size``, ``shift_size``: timm fits them to the map it was built for)."""
+    are the block's, as in Swin."""
 
-    children_names = ("norm1", "drop_path1", "norm2", "mlp", "drop_path2")
-
-    def __init__(self, block: SwinTransformerV2Block, convert: Converter, path: str):
-        super().__init__(block, convert, path)
-        (window, window_w), (shift, shift_w) = block.window_size, block.shift_size
-        if (window, shift) != (window_w, shift_w):
-            raise unsupported(block, path, f"a {block.window_size} window shifted {block.shift_size} (not square)")
-        self.attn = MirrorWindowAttention(block.attn, convert, f"{path}.attn", shift)
+    attention_mirror = MirrorWindowAttention
 
     def forward(self, x):
         x = x + self.drop_path1(self.norm1(self.attn(x)))
