@@ -47,8 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda, but PyTorch sees no CUDA GPU")
-    # freed memory stays in the heap within a test, as the apps' entry points keep it
-    # (runtime.configure_cpu), and goes back to the kernel after it (torch_threads_kept)
+    # freed memory stays in the heap, as the apps' entry points keep it (runtime.configure_cpu),
+    # until a worker is RESIDENT_KEPT (torch_threads_kept)
     keep_freed_memory()
 
 
