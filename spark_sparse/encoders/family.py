@@ -138,13 +138,15 @@ class MirrorRunningConcat(nn.Module):
 
 
 class MirrorDownsampleBlocks(nn.Module):
-    """A stage that is a ``downsample`` (an identity in the first) then its Sequential ``blocks``
-    (timm's ConvNeXtStage, MambaOutStage)."""
+    """A stage that is a ``downsample`` (an identity in the first) then its ``blocks`` in order
+    (timm's ConvNeXtStage, MambaOutStage; Swin V2's, whose blocks are a ModuleList: mirrored as a
+    Sequential of the same names)."""
 
     def __init__(self, stage: nn.Module, convert: Converter, path: str):
         super().__init__()
         self.downsample = convert(stage.downsample, f"{path}.downsample")
-        self.blocks = convert(stage.blocks, f"{path}.blocks")
+        blocks = stage.blocks
+        self.blocks = convert(nn.Sequential(*blocks) if isinstance(blocks, nn.ModuleList) else blocks, f"{path}.blocks")
 
     def forward(self, x):
         return self.blocks(self.downsample(x))

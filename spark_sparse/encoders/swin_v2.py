@@ -24,7 +24,8 @@ from torch import nn
 
 from .attention import WindowAttention
 from .convnext import MirrorMlp
-from .family import CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren, NamedStages
+from .family import (CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren,
+                     MirrorDownsampleBlocks, NamedStages)
 from .swin import MirrorPatchEmbed, MirrorSwinBlock
 
 
@@ -89,24 +90,11 @@ class MirrorSwinV2Block(MirrorSwinBlock):
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 
-class MirrorStage(nn.Module):
-    """Patch merging (an identity in the first stage), then the blocks (timm's ModuleList, run in
-    order: a Sequential of the same names)."""
-
-    def __init__(self, stage: SwinTransformerV2Stage, convert: Converter, path: str):
-        super().__init__()
-        self.downsample = convert(stage.downsample, f"{path}.downsample")
-        self.blocks = convert(nn.Sequential(*stage.blocks), f"{path}.blocks")
-
-    def forward(self, x):
-        return self.blocks(self.downsample(x))
-
-
 SWIN_V2 = Family(
     name="swin_transformer_v2",
     timm_class=SwinTransformerV2,
-    mirrors={PatchEmbed: MirrorPatchEmbed, SwinTransformerV2Stage: MirrorStage, PatchMerging: MirrorPatchMerging,
-             SwinTransformerV2Block: MirrorSwinV2Block, Mlp: MirrorMlp},
+    mirrors={PatchEmbed: MirrorPatchEmbed, SwinTransformerV2Stage: MirrorDownsampleBlocks,
+             PatchMerging: MirrorPatchMerging, SwinTransformerV2Block: MirrorSwinV2Block, Mlp: MirrorMlp},
     layout=NamedStages(("patch_embed",), ("layers.0", "layers.1", "layers.2", "layers.3"), head=("norm",)),
     check=CheckpointingRefused("layers"),
     channels_last=True,
