@@ -1,6 +1,7 @@
 import collections
 import importlib.util
 import os
+import signal
 import tempfile
 
 # `make test` runs the suite in one worker process per core (pytest-xdist): each worker keeps its
@@ -50,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # freed memory stays in the heap, as the apps' entry points keep it (runtime.configure_cpu),
     # until a worker is RESIDENT_KEPT (torch_threads_kept)
     keep_freed_memory()
+    # the suite sends Ctrl-C to runs, in this process and in children, which inherit an ignored
+    # signal: a suite started in the background by a script (`make test &`: SIGINT ignored, which
+    # the apps then leave ignored) tests them as a terminal starts them
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -370,3 +370,15 @@ def test_ctrl_c_is_the_main_process_s_alone_data_workers_neither_speak_nor_stop(
     assert stops.requested == "SIGINT"
     assert capfd.readouterr().err == ("SIGINT: saving a checkpoint after this step, then stopping (send it again "
                                       "to stop at once)\n")
+
+
+def test_a_signal_the_run_was_started_ignoring_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `cmd &` in a non-interactive shell
+    try:
+        with StopSignals() as stops:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stops._handle
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stops.requested is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -28,6 +28,10 @@ class StopSignals:
     """While active, a first SIGINT or SIGTERM only sets ``requested``: the training loop saves
     a checkpoint after the current step and stops. A second one raises ``Stopped`` at once.
 
+    A signal the process was started ignoring stays ignored: a job sent to the background by a
+    non-interactive shell (``nohup python -m ... &`` in a script) ignores SIGINT, so that the
+    terminal's Ctrl-C is not for it, as Python's own KeyboardInterrupt handler leaves it.
+
     Outside the main thread (where Python cannot install handlers) it does nothing. Processes
     forked meanwhile (data-loader workers; Ctrl-C reaches the terminal's whole process group)
     inherit the handler but leave the signal to the process that installed it, which stops the
@@ -44,7 +48,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc: object) -> None:
