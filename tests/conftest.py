@@ -102,9 +102,10 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial norm affine parameters, BN running stats, layer scales, GRN parameters, NFNet's
     convolution and skip-init gains, HGNetV2's scalar affines, GCNet's added context, EvoNorm's and
     FRN's parameters, MetaFormer's StarReLU and residual scales, TinyViT's attention biases, Swin
-    V2's q and v biases and logit scales, and convolution and linear biases (timm initialises GRN
-    to the identity, layer scale to 1e-6, scalar affines to x -> x, StarReLU's bias and ConvNeXt's
-    biases to zero, which would hide errors: a zero bias cannot leak into hidden sites)."""
+    V2's q and v biases and logit scales, EdgeNeXt's attention temperatures, and convolution and
+    linear biases (timm initialises GRN to the identity, layer scale to 1e-6, scalar affines to
+    x -> x, StarReLU's bias and ConvNeXt's biases to zero, which would hide errors: a zero bias
+    cannot leak into hidden sites)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -138,11 +139,11 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 if m.bias is not None:  # MetaFormer's layer norms have none
                     m.bias.copy_(0.1 * torch.randn(c, generator=g))
         for name, p in model.named_parameters():
-            if name.endswith("gamma") or ".grn." in name:
+            if name.endswith(("gamma", "gamma_xca")) or ".grn." in name:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             # TinyViT's bias per relative offset and Swin V2's q and v biases start at zero, its
-            # per-head logit scales all at log(10)
-            if name.endswith(("attention_biases", "q_bias", "v_bias", "logit_scale")):
+            # per-head logit scales all at log(10), EdgeNeXt's temperatures at 1
+            if name.endswith(("attention_biases", "q_bias", "v_bias", "logit_scale", "xca.temperature")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     return model
 

@@ -610,6 +610,15 @@ VARIANTS["Swin: attention within shifted groups of sites with relative-offset bi
 # MLP of log-spaced offsets, q and v biases, norms after attention and MLP, patch merging that reduces then normalises
 VARIANTS["Swin V2: cosine attention within shifted groups of sites, post-norms"] = (
     "swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+# timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
+# Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
+# channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
+# convolution strides and widens, no convolution biases
+VARIANTS.update({
+    "EdgeNeXt: split depthwise groups, channel attention over visible tokens, Fourier positions": (
+        "edgenext_xx_small", {}),
+    "EdgeNeXt small_rw: a 9x9 stride-4 stem, strided widening depthwise blocks, no biases": ("edgenext_small_rw", {}),
+})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -627,7 +636,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
-              "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"}
+              "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -679,7 +688,8 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224", "efficientformer_l1"])
+@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224", "efficientformer_l1",
+                                  "edgenext_xx_small"])
 def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, name, device):
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
     has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:

@@ -99,6 +99,9 @@ MODELS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention with offs
 MODELS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
 # and with cosine attention, a bias MLP, post-norms
 MODELS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+# attention between channels over each image's visible tokens; EdgeNeXt's Fourier position encoding is
+# absolute over the whole map (an image in a larger canvas is another input, in timm too): off here, on below
+MODELS["edgenext_xx_small"] = ("edgenext_xx_small", {"use_pos_emb": (False,) * 4})
 AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
                  "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
@@ -162,12 +165,13 @@ def assert_the_first_images_features_are_its_own(enc, images, active) -> None:
 
 
 # nets with no batch norm: group norms take each image's statistics over its own visible sites;
-# NFNets have no norm at all, MambaOut only per-site layer norms
+# NFNets have no norm at all, MambaOut and EdgeNeXt only per-site layer norms
 GROUP_NORM_MODELS = {"resnetv2_50x1_bit": ("resnetv2_50x1_bit", {}),
                      "resnetv2_50d_gn": ("resnetv2_50d_gn", {"layers": (1, 1, 1, 1)}),
                      "resnet50_gn": ("resnet50_gn", {"layers": (1, 1, 1, 1)}),
                      "test_nfnet": ("test_nfnet", {}),
-                     "test_mambaout": ("test_mambaout", {})}
+                     "test_mambaout": ("test_mambaout", {}),
+                     "edgenext_xx_small": ("edgenext_xx_small", {})}  # layer norms, its position encoding
 
 
 @pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())

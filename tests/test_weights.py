@@ -68,6 +68,8 @@ ALL_DEPTHS["tiny_vit_5m_224"] = ("tiny_vit_5m_224", {})  # attention biases per 
 ALL_DEPTHS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention biases and their (saved) index
 ALL_DEPTHS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {})  # bias tables, patch merging, norm
 ALL_DEPTHS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {})  # bias MLPs, q and v biases, logit scales
+# temperatures, two layer scales a block, position projections; small_rw: strided blocks, no biases
+ALL_DEPTHS.update({name: (name, {}) for name in ["edgenext_xx_small", "edgenext_small_rw"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -278,6 +280,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("efficientformer_l1", r"EfficientFormerStage at 'stages\.0'"),
                                          ("swin_tiny_patch4_window7_224", r"SwinTransformerStage at 'layers\.0'"),
                                          ("swinv2_tiny_window8_256", r"SwinTransformerV2Stage at 'layers\.0'"),
+                                         ("edgenext_xx_small", r"EdgeNeXtStage at 'stages\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])

@@ -1,6 +1,7 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
-global context), EfficientViT's linear attention, SwiftFormer's additive attention and
-MetaFormer's, MobileNetV4's, PVT v2's and Twins' softmax attention on visible sites only.
+global context), EfficientViT's linear attention, EdgeNeXt's cross-covariance attention (and its
+Fourier position encoding), SwiftFormer's additive attention and MetaFormer's, MobileNetV4's,
+PVT v2's and Twins' softmax attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -16,6 +17,7 @@ from contextlib import nullcontext
 from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models.hgnet import EseModule
+from timm.models.edgenext import PositionalEncodingFourier
 from timm.models.fastvit import Attention as FastVitAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.senet import SEModule as LegacySEModule
@@ -128,6 +130,65 @@ class LinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"
+
+
+class CrossCovarianceAttention(nn.Module):
+    """EdgeNeXt's transposed attention (timm's ``CrossCovarianceAttn`` after its qkv projection):
+    per head, each channel of q attends to the channels of k, the logits the cosines of their
+    columns over the image's tokens times a learned per-head ``temperature``, and mixes v's channels
+    at every token. A token that is zero adds nothing to the sums and gets zero: over an image's
+    visible tokens (hidden ones zero in both engines) it is exactly the attention of the visible
+    part, canvas-invariant. A parameter-free leaf every engine converts to its own twin (the
+    temperature is its block's, under timm's name)."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def attend(self, tokens: Tensor, temperature: Tensor) -> Tensor:
+        """(B, n, 3 * C) each token's q, k, v (head after head within each), (heads, 1, 1) -> (B, n, C)."""
+        b, n, _ = tokens.shape
+        q, k, v = tokens.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1)  # (B, heads, C / heads, n)
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * temperature
+        return (logits.softmax(-1) @ v).permute(0, 3, 1, 2).reshape(b, n, -1)
+
+    def forward(self, x: Tensor, temperature: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        return self.attend(x.flatten(2).transpose(1, 2), temperature).transpose(1, 2).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+
+class FourierPositions(nn.Module):
+    """EdgeNeXt's absolute position encoding (timm's ``PositionalEncodingFourier``): sines and
+    cosines of each site's row and column, counted from 1 and scaled to (0, 2 pi] over the map,
+    projected by a 1x1 convolution (``token_projection``, under timm's name) and added to every
+    site. The map is the whole images' map at the layer's stride, so an image in a larger canvas
+    gets other positions, as it does in timm. Computed on the features' device in timm's float32
+    order (timm's builds its grid on the CPU); engines add it to their sites their own way."""
+
+    def __init__(self, module: nn.Module, path: str):
+        super().__init__()
+        adopt_children(self, module, path, (PositionalEncodingFourier,))
+        self.hidden_dim, self.temperature, self.scale = module.hidden_dim, module.temperature, module.scale
+
+    def encoding(self, h: int, w: int) -> Tensor:
+        """(C, h, w): the encoding of every site of an h x w map."""
+        weight = self.token_projection.weight
+        eps = 1e-6  # timm's, in each denominator
+        rows = torch.arange(1, h + 1, device=weight.device, dtype=torch.float32)
+        cols = torch.arange(1, w + 1, device=weight.device, dtype=torch.float32)
+        y = (rows / (rows[-1:] + eps) * self.scale)[:, None].expand(h, w)
+        x = (cols / (cols[-1:] + eps) * self.scale)[None, :].expand(h, w)
+        dim_t = torch.arange(self.hidden_dim, device=weight.device, dtype=torch.int64).to(torch.float32)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+        pos = [torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=3).flatten(2)
+               for p in (y[..., None] / dim_t, x[..., None] / dim_t)]
+        return self.token_projection(torch.cat(pos, dim=2).permute(2, 0, 1)[None].to(weight.dtype))[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.encoding(*x.shape[-2:])
 
 
 class AdditiveAttention(nn.Module):

@@ -12,6 +12,7 @@ from .cspnext import CSPNEXT
 from .densenet import DENSENET
 from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
+from .edgenext import EDGENEXT
 from .efficientformer import EFFICIENTFORMER
 from .efficientnet import EFFICIENTNET, MOBILENETV3
 from .efficientvit import EFFICIENTVIT
@@ -52,7 +53,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
-                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2)
+                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -28,8 +28,9 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, WindowAttention)
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, CrossCovarianceAttention, FourierPositions,
+                        GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
+                        SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -292,6 +293,21 @@ class MaskedLinearAttention(LinearAttention):
         return MaskedTensor(super().forward(inp.clean().x), inp.active)
 
 
+class MaskedCrossCovarianceAttention(CrossCovarianceAttention):
+    """The attention over the map's tokens, the hidden ones zeroed first: they add nothing to the
+    sums and come out as zeros."""
+
+    def forward(self, inp: MaskedTensor, temperature: Tensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(inp.clean().x, temperature), inp.active)
+
+
+class MaskedFourierPositions(FourierPositions):
+    """The encoding added at every site of the map, hidden ones too (masked later)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(inp.x), inp.active, dirty=True)
+
+
 class MaskedAdditiveAttention(AdditiveAttention):
     """SwiftFormer's attention as timm computes it over the map's tokens, the queries of hidden
     ones zeroed first, so that neither sum sees them; its output's biases reach hidden sites."""
@@ -536,6 +552,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedLinearAttention(module.dim, module.eps)
     if type(module) is EfficientAdditiveAttention:
         return MaskedAdditiveAttention(module, path)
+    if type(module) is CrossCovarianceAttention:
+        return MaskedCrossCovarianceAttention(module.num_heads)
+    if type(module) is PositionalEncodingFourier:
+        return MaskedFourierPositions(module, path)
     if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
     if type(module) is GroupedQueryAttention:

@@ -42,8 +42,9 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, GlobalContextAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, WindowAttention)
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, CrossCovarianceAttention, FourierPositions,
+                        GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
+                        SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -397,6 +398,26 @@ def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
 
 
+class SparseCrossCovarianceAttention(CrossCovarianceAttention):
+    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing),
+    attended, gathered back."""
+
+    def forward(self, x: ME.SparseTensor, temperature: Tensor) -> ME.SparseTensor:
+        tokens, slots, _ = image_tokens(x)
+        out = self.attend(tokens, temperature)
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+
+class SparseFourierPositions(FourierPositions):
+    """The encoding of the whole images' map at the rows' stride, each row given its site's."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        sites, stride = PatchSites.of(x), x.tensor_stride[0]
+        _, h, w = sites.canvas_shape(stride)
+        encoding = self.encoding(h, w).flatten(1).t()
+        return with_features(x, x.F + encoding.index_select(0, sites.canvas_index(stride) % (h * w)))
+
+
 class SparseSelfAttention(SelfAttention):
     """Each image's visible rows side by side as its tokens (``PatchSites.image_slots``: no padding
     when every image keeps as many patches), attended, gathered back: the arithmetic of the visible
@@ -579,6 +600,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseLinearAttention(module.dim, module.eps)
     if kind is EfficientAdditiveAttention:
         return SparseAdditiveAttention(module, path)
+    if kind is CrossCovarianceAttention:
+        return SparseCrossCovarianceAttention(module.num_heads)
+    if kind is PositionalEncodingFourier:
+        return SparseFourierPositions(module, path)
     if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
     if kind is GroupedQueryAttention:
