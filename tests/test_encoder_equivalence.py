@@ -619,6 +619,9 @@ VARIANTS.update({
         "edgenext_xx_small", {}),
     "EdgeNeXt small_rw: a 9x9 stride-4 stem, strided widening depthwise blocks, no biases": ("edgenext_small_rw", {}),
 })
+# timm's selecsls module (XNect's backbones): conv-norm-ReLU chains of 3x3s and 1x1s whose 3x3 outputs are concatenated
+# with the stage's first block's output (timm's [x, skip] lists), strided 3x3s; the head's stride-32 layers
+VARIANTS["SelecSLS: concatenated 3x3 chains, each stage's first output beside every later block"] = ("selecsls60", {})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -636,7 +639,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "hrnet_w18_small", "fastvit_t8", "resnetblur18", "tresnet_m", "convformer_s18",
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
-              "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small"}
+              "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
+              "selecsls60"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -99,6 +99,7 @@ MODELS["efficientformer_l1"] = ("efficientformer_l1", {})  # attention with offs
 MODELS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
 # and with cosine attention, a bias MLP, post-norms
 MODELS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+MODELS["selecsls42b"] = ("selecsls42b", {})  # concatenated 3x3 chains, the stage's first output beside each block
 # attention between channels over each image's visible tokens; EdgeNeXt's Fourier position encoding is
 # absolute over the whole map (an image in a larger canvas is another input, in timm too): off here, on below
 MODELS["edgenext_xx_small"] = ("edgenext_xx_small", {"use_pos_emb": (False,) * 4})

@@ -70,6 +70,8 @@ ALL_DEPTHS["swin_tiny_patch4_window7_224"] = ("swin_tiny_patch4_window7_224", {}
 ALL_DEPTHS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {})  # bias MLPs, q and v biases, logit scales
 # temperatures, two layer scales a block, position projections; small_rw: strided blocks, no biases
 ALL_DEPTHS.update({name: (name, {}) for name in ["edgenext_xx_small", "edgenext_small_rw"]})
+# the head's stride-64 conv-norm-ReLUs kept, frozen
+ALL_DEPTHS.update({name: (name, {}) for name in ["selecsls42b", "selecsls60", "selecsls84"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet

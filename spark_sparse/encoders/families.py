@@ -33,6 +33,7 @@ from .rdnet import RDNET
 from .regnet import REGNET
 from .resnet import RESNET
 from .resnetv2 import RESNETV2
+from .selecsls import SELECSLS
 from .senet import SENET
 from .repghost import REPGHOST
 from .repvit import REPVIT
@@ -53,7 +54,8 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 HGNET, STARNET, FASTERNET, REPVIT, RDNET, INCEPTION_NEXT, DPN_FAMILY,
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
-                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT)
+                                PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
+                                SELECSLS)
 
 
 def family_of(model: nn.Module) -> Family:
