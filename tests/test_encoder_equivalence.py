@@ -112,8 +112,8 @@ def test_train_features_equal_dense_masked(timm_models, name, mask, device):
             assert rel_err(g.detach(), p) < 1e-3
 
 
-# what is random in train mode (stochastic depth) draws the same in both engines and in timm from the
-# same random state: every train-mode pass compared starts from this one
+# what is random in train mode (stochastic depth, Swin V2-CR's dropout in its bias MLP) draws the same in
+# both engines and in timm from the same random state: every train-mode pass compared starts from this one
 SEED = 0
 
 
@@ -466,7 +466,8 @@ VARIANTS.update({
 # keys; here the padding is no key, so timm's features are the encoder's on maps of whole groups: 224 px
 # EfficientFormer's attention biases are timm's for a 7x7 map only (224 px)
 PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224),
-                   "swin_tiny_patch4_window7_224": (224, 224), "swinv2_tiny_window8_256": (256, 256)}
+                   "swin_tiny_patch4_window7_224": (224, 224), "swinv2_tiny_window8_256": (256, 256),
+                   "swinv2_cr_tiny_ns_224": (224, 224)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -614,6 +615,11 @@ VARIANTS["Swin: attention within shifted groups of sites with relative-offset bi
 # MLP of log-spaced offsets, q and v biases, norms after attention and MLP, patch merging that reduces then normalises
 VARIANTS["Swin V2: cosine attention within shifted groups of sites, post-norms"] = (
     "swinv2_tiny_window8_256", {"depths": (2, 2, 2, 2), "drop_path_rate": 0.0})
+# timm's swin_transformer_v2_cr module: Swin V2's attention in its own modules, the bias of each pair of sites from an
+# MLP with a dropout of its own (drawn in train mode as timm's, from the same random state), q, k, v biases, norms
+# ending each stage (the _ns models)
+VARIANTS["Swin V2-CR: cosine attention, a bias MLP per pair with its dropout, stage norms"] = (
+    "swinv2_cr_tiny_ns_224", {"depths": (2, 2, 2, 2)})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
@@ -644,7 +650,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
-              "selecsls60"}
+              "selecsls60", "swinv2_cr_tiny_ns_224"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

@@ -104,6 +104,9 @@ from .test_pretrain import config
     ("swin_s3_base_224", 0.3, "ln", [0.9, 0.999]),
     ("swinv2_tiny_window16_256", 0.0, "ln", [0.9, 0.999]),  # Swin V2, by size
     ("swinv2_base_window12to24_192to384", 0.3, "ln", [0.9, 0.999]),
+    ("swinv2_cr_tiny_ns_224", 0.0, "ln", [0.9, 0.999]),  # Swin V2-CR, by size
+    ("swinv2_cr_small_ns_256", 0.2, "ln", [0.9, 0.999]),
+    ("swinv2_cr_giant_384", 0.4, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
     ("edgenext_base", 0.0, "ln", [0.9, 0.999]),  # EdgeNeXt: ConvNeXt-T's, every size
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms

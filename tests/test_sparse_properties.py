@@ -103,8 +103,10 @@ MODELS["selecsls42b"] = ("selecsls42b", {})  # concatenated 3x3 chains, the stag
 # attention between channels over each image's visible tokens; EdgeNeXt's Fourier position encoding is
 # absolute over the whole map (an image in a larger canvas is another input, in timm too): off here, on below
 MODELS["edgenext_xx_small"] = ("edgenext_xx_small", {"use_pos_emb": (False,) * 4})
+# and Swin V2-CR's: a bias MLP per pair of sites, norms ending each stage (its _ns models)
+MODELS["swinv2_cr_tiny_ns_224"] = ("swinv2_cr_tiny_ns_224", {"depths": (2, 2, 2, 2)})
 AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
-                 "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"}
+                 "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
@@ -135,7 +137,7 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name
     canvas_active = torch.zeros(2, 1, 5, 6, dtype=torch.bool)
     canvas_active[:, :, top // 32:top // 32 + 2, left // 32:left // 32 + 3] = active
     enc = encoder(timm_models, engine, name, train, device)
-    with torch.no_grad():  # masks on the CPU, as in training; train mode's random draws alike
+    with torch.no_grad():  # masks on the CPU, as in training; train mode's draws (Swin V2-CR's bias dropout) alike
         torch.manual_seed(0)
         alone = enc.dense_features(images.to(device), active)
         torch.manual_seed(0)

@@ -72,6 +72,7 @@ ALL_DEPTHS["swinv2_tiny_window8_256"] = ("swinv2_tiny_window8_256", {})  # bias 
 ALL_DEPTHS.update({name: (name, {}) for name in ["edgenext_xx_small", "edgenext_small_rw"]})
 # the head's stride-64 conv-norm-ReLUs kept, frozen
 ALL_DEPTHS.update({name: (name, {}) for name in ["selecsls42b", "selecsls60", "selecsls84"]})
+ALL_DEPTHS["swinv2_cr_tiny_ns_224"] = ("swinv2_cr_tiny_ns_224", {})  # bias MLPs per pair, logit scales, stage norms
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -283,6 +284,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("swin_tiny_patch4_window7_224", r"SwinTransformerStage at 'layers\.0'"),
                                          ("swinv2_tiny_window8_256", r"SwinTransformerV2Stage at 'layers\.0'"),
                                          ("edgenext_xx_small", r"EdgeNeXtStage at 'stages\.0'"),
+                                         ("swinv2_cr_tiny_224", r"SwinTransformerV2CrStage at 'stages\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])
@@ -332,7 +334,8 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
     ("tiny_vit_5m_224", {"proj_drop_rate": 0.1}, r"stages\.1\.blocks\.0\.mlp\.drop1"),
     ("efficientformer_l1", {"proj_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.mlp\.drop"),
     ("swin_tiny_patch4_window7_224", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
-    ("swinv2_tiny_window8_256", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop")])
+    ("swinv2_tiny_window8_256", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
+    ("swinv2_cr_tiny_224", {"attn_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.attn\.attn_drop")])
 def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
     # no engine mirrors a dropout's random mask
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -42,6 +42,7 @@ from .starnet import STARNET
 from .swiftformer import SWIFTFORMER
 from .swin import SWIN
 from .swin_v2 import SWIN_V2
+from .swin_v2_cr import SWIN_V2_CR
 from .tiny_vit import TINY_VIT
 from .tresnet import TRESNET
 from .twins import TWINS
@@ -55,7 +56,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS)
+                                SELECSLS, SWIN_V2_CR)
 
 
 def family_of(model: nn.Module) -> Family:
