@@ -69,7 +69,7 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # biases per relative offset (tiny_vit, efficientformer), in shifted groups (swin_transformer), cosine attention
 # (swin_transformer_v2), attention between channels and a Fourier position encoding made on the device (edgenext),
 # blocks passing [x, skip] lists, a head at stride 64 kept (selecsls), a bias MLP per pair with its dropout
-# (swin_transformer_v2_cr)
+# (swin_transformer_v2_cr), attention between channels with a per-image scale (davit)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -116,6 +116,7 @@ AUDITED["swinv2_tiny_window8_256"] = {"depths": (2, 2, 2, 2), "drop_path_rate": 
 AUDITED["edgenext_xx_small"] = {"drop_path_rate": 0.1}
 AUDITED["selecsls42b"] = {}  # no stochastic depth
 AUDITED["swinv2_cr_tiny_ns_224"] = {"depths": (2, 2, 2, 2), "drop_path_rate": 0.1}
+AUDITED["davit_base_fl"] = {"depths": (1, 1, 1, 1), "drop_path_rate": 0.1}
 
 
 def audit_device(device: torch.device) -> torch.device:

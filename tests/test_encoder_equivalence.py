@@ -467,7 +467,7 @@ VARIANTS.update({
 # EfficientFormer's attention biases are timm's for a 7x7 map only (224 px)
 PLAIN_TIMM_SIZE = {"twins_svt_small": (224, 224), "tiny_vit_5m_224": (224, 224), "efficientformer_l1": (224, 224),
                    "swin_tiny_patch4_window7_224": (224, 224), "swinv2_tiny_window8_256": (256, 256),
-                   "swinv2_cr_tiny_ns_224": (224, 224)}
+                   "swinv2_cr_tiny_ns_224": (224, 224), "davit_tiny": (224, 224), "davit_base_fl": (384, 384)}
 FLOAT32_STATISTICS_IN_TIMM = {"resnetv2_50d_evos", "resnetv2_50d_frn", "regnetz_b16_evos", "test_efficientnet_evos"}
 
 # CondConv (EfficientNet-CondConv): each image's kernels its experts' summed with routing weights from its
@@ -620,6 +620,17 @@ VARIANTS["Swin V2: cosine attention within shifted groups of sites, post-norms"]
 # ending each stage (the _ns models)
 VARIANTS["Swin V2-CR: cosine attention, a bias MLP per pair with its dropout, stage norms"] = (
     "swinv2_cr_tiny_ns_224", {"depths": (2, 2, 2, 2)})
+# timm's davit module: pairs of blocks, one attending within groups of 7x7 sites from the map's corner, one between
+# channels (sums over each image's visible tokens), each after a convolutional position encoding (the input plus a
+# depthwise 3x3); Florence-2's: groups of 12x12, the channel attention v2 scaled by each image's visible tokens, 3x3
+# stride-2 downsampling
+SMALL_FLORENCE_DAVIT = {"depths": (1, 1, 1, 1), "embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8)}
+VARIANTS.update({
+    "DaViT: attention within groups of sites and between channels, convolutional position encodings": (
+        "davit_tiny", {"depths": (1, 1, 1, 1)}),
+    "DaViT of Florence-2: groups of 12x12, channel attention scaled per image, 3x3 downsampling": (
+        "davit_base_fl", SMALL_FLORENCE_DAVIT),
+})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
@@ -650,7 +661,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
-              "selecsls60", "swinv2_cr_tiny_ns_224"}
+              "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -702,18 +713,24 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["caformer_s18", "pvt_v2_b0", "tiny_vit_5m_224", "efficientformer_l1",
-                                  "edgenext_xx_small"])
+# nets whose attention the sparse engine runs on each image's rows side by side
+UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
+                  "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT}
+
+
+@pytest.mark.parametrize("name", UNEQUAL_IMAGES)
 def test_self_attention_over_images_with_different_numbers_of_visible_patches(timm_models, name, device):
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
     has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:
-    queries at stride 4 to 32, keys at 32; TinyViT: its bias gathered at each token's position)."""
+    queries at stride 4 to 32, keys at 32; TinyViT: its bias gathered at each token's position) and
+    count for nothing (Florence-2's DaViT scales its channel attention by each image's visible tokens)."""
     images, _ = batch_on(device, VARIANT_SIZE, "none", batch=3)
     active = torch.zeros(3, 1, 2, 3, dtype=torch.bool)
     active[0].view(-1)[:5] = True
     active[1, 0, 1, 0] = active[1, 0, 0, 2] = True
     active[2, 0, 1, 1] = True
-    assert_train_steps_equal(*encoders(timm_models(name), train=True, device=device), images, active)
+    assert_train_steps_equal(*encoders(timm_models(name, **UNEQUAL_IMAGES[name]), train=True, device=device), images,
+                             active)
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):

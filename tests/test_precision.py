@@ -118,6 +118,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "swin_tiny_patch4_window7_224",  # within shifted groups, a bias table's float entries
             "swinv2_tiny_window8_256",  # cosine attention: unit queries and keys of 16-bit rows
             "edgenext_xx_small",  # attention between channels: per-image cosines of 16-bit columns
+            "davit_tiny",  # and per-image sums of products of 16-bit columns, within groups of sites too
             "resnetv2_50d_evos",  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
             # a member of the other families but VGG (its 3x3s on the pixels, norms and 2x2 max poolings are
             # CSPDarkNet's and DLA's; none has an operator of its own: concatenations, split convolutions,

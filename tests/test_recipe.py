@@ -109,6 +109,9 @@ from .test_pretrain import config
     ("swinv2_cr_giant_384", 0.4, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
     ("edgenext_base", 0.0, "ln", [0.9, 0.999]),  # EdgeNeXt: ConvNeXt-T's, every size
+    ("davit_tiny", 0.0, "ln", [0.9, 0.999]),  # DaViT, by size
+    ("davit_base_fl", 0.3, "ln", [0.9, 0.999]),
+    ("davit_huge_fl", 0.4, "ln", [0.9, 0.999]),
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),
 ])

@@ -105,8 +105,13 @@ MODELS["selecsls42b"] = ("selecsls42b", {})  # concatenated 3x3 chains, the stag
 MODELS["edgenext_xx_small"] = ("edgenext_xx_small", {"use_pos_emb": (False,) * 4})
 # and Swin V2-CR's: a bias MLP per pair of sites, norms ending each stage (its _ns models)
 MODELS["swinv2_cr_tiny_ns_224"] = ("swinv2_cr_tiny_ns_224", {"depths": (2, 2, 2, 2)})
+# DaViT's attention within groups of 7x7 sites and between channels; Florence-2's groups of 12x12, its channel
+# attention scaled by each image's visible tokens (timm's by the map's)
+MODELS["davit_tiny"] = ("davit_tiny", {"depths": (1, 1, 1, 1)})
+MODELS["davit_base_fl"] = ("davit_base_fl", {"depths": (1, 1, 1, 1)})
 AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
-                 "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224"}
+                 "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224", "davit_tiny",
+                 "davit_base_fl"}
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm

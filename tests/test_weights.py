@@ -73,6 +73,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["edgenext_xx_small", "edgenext_
 # the head's stride-64 conv-norm-ReLUs kept, frozen
 ALL_DEPTHS.update({name: (name, {}) for name in ["selecsls42b", "selecsls60", "selecsls84"]})
 ALL_DEPTHS["swinv2_cr_tiny_ns_224"] = ("swinv2_cr_tiny_ns_224", {})  # bias MLPs per pair, logit scales, stage norms
+ALL_DEPTHS.update({name: (name, {}) for name in ["davit_tiny", "davit_base_fl"]})  # position encodings, named blocks
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -285,6 +286,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("swinv2_tiny_window8_256", r"SwinTransformerV2Stage at 'layers\.0'"),
                                          ("edgenext_xx_small", r"EdgeNeXtStage at 'stages\.0'"),
                                          ("swinv2_cr_tiny_224", r"SwinTransformerV2CrStage at 'stages\.0'"),
+                                         ("davit_tiny", r"DaVit at 'stages'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])

@@ -1,7 +1,7 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
 global context), EfficientViT's linear attention, EdgeNeXt's cross-covariance attention (and its
-Fourier position encoding), SwiftFormer's additive attention and MetaFormer's, MobileNetV4's,
-PVT v2's and Twins' softmax attention on visible sites only.
+Fourier position encoding), DaViT's channel group attention, SwiftFormer's additive attention and
+MetaFormer's, MobileNetV4's, PVT v2's and Twins' softmax attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -158,6 +158,44 @@ class CrossCovarianceAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
+
+
+class ChannelGroupAttention(nn.Module):
+    """DaViT's channel group attention after its qkv projection: per head, a softmax over channels of
+    a sum over the image's tokens, mixing each token's channels. timm's ``ChannelAttention``: the
+    sums of k scaled by head_dim^-1/2 times v, mixing q; Florence-2's ``ChannelAttentionV2``
+    (``v2``): the sums of q times k, mixing v, q scaled by n^-1/2 for n tokens (``dynamic_scale``;
+    timm's n is the whole map's, here the image's visible tokens, the same with nothing hidden). A
+    token that is zero adds nothing to the sums and gets zero; over an image's visible tokens (hidden
+    ones zero in both engines) it is the attention of the visible part. A parameter-free leaf every
+    engine converts to its own twin."""
+
+    def __init__(self, num_heads: int, head_dim: int, v2: bool = False, dynamic_scale: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim, self.v2, self.dynamic_scale = num_heads, head_dim, v2, dynamic_scale
+
+    def attend(self, tokens: Tensor, count: Tensor) -> Tensor:
+        """(B, n, 3 * C) each token's q, k, v (head after head within each), (B,) each image's
+        tokens -> (B, n, C)."""
+        b, n, _ = tokens.shape
+        q, k, v = tokens.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, n, d)
+        if not self.v2:
+            q, k, v = k * self.head_dim ** -0.5, v, q  # timm's: k^T v mixes q
+        elif self.dynamic_scale:  # timm's Python float n ** -0.5, rounded to the tokens' dtype
+            q = q * count.to(torch.float64).pow(-0.5).to(q.dtype)[:, None, None, None]
+        else:
+            q = q * self.head_dim ** -0.5
+        mix = (q.transpose(-1, -2) @ k).softmax(-1)
+        return (v @ mix.transpose(-1, -2)).transpose(1, 2).reshape(b, n, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        count = torch.full((b,), h * w, device=x.device)
+        return self.attend(x.flatten(2).transpose(1, 2), count).transpose(1, 2).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, v2={self.v2}, "
+                f"dynamic_scale={self.dynamic_scale}")
 
 
 class FourierPositions(nn.Module):

@@ -9,6 +9,7 @@ from .byobnet import BYOBNET
 from .convnext import CONVNEXT
 from .cspnet import CSPNET
 from .cspnext import CSPNEXT
+from .davit import DAVIT
 from .densenet import DENSENET
 from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
@@ -56,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR)
+                                SELECSLS, SWIN_V2_CR, DAVIT)
 
 
 def family_of(model: nn.Module) -> Family:

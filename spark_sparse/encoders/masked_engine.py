@@ -28,7 +28,8 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, CrossCovarianceAttention, FourierPositions,
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
+                        CrossCovarianceAttention, FourierPositions,
                         GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
                         SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
@@ -301,6 +302,17 @@ class MaskedCrossCovarianceAttention(CrossCovarianceAttention):
         return MaskedTensor(super().forward(inp.clean().x, temperature), inp.active)
 
 
+class MaskedChannelGroupAttention(ChannelGroupAttention):
+    """The attention over the map's tokens, the hidden ones zeroed first (they add nothing to the
+    sums and come out as zeros); an image's tokens are its visible ones."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, _, h, w = x.shape
+        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1).sum(1))
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active)
+
+
 class MaskedFourierPositions(FourierPositions):
     """The encoding added at every site of the map, hidden ones too (masked later)."""
 
@@ -554,6 +566,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedAdditiveAttention(module, path)
     if type(module) is CrossCovarianceAttention:
         return MaskedCrossCovarianceAttention(module.num_heads)
+    if type(module) is ChannelGroupAttention:
+        return MaskedChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if type(module) is PositionalEncodingFourier:
         return MaskedFourierPositions(module, path)
     if type(module) in SELF_ATTENTION:

@@ -42,7 +42,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, CrossCovarianceAttention, FourierPositions,
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
+                        CrossCovarianceAttention, FourierPositions,
                         GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
                         SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
@@ -408,6 +409,16 @@ class SparseCrossCovarianceAttention(CrossCovarianceAttention):
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
+class SparseChannelGroupAttention(ChannelGroupAttention):
+    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing),
+    attended, gathered back; an image's tokens are its visible rows."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        tokens, slots, present = image_tokens(x)
+        out = self.attend(tokens, present.sum(1))
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+
 class SparseFourierPositions(FourierPositions):
     """The encoding of the whole images' map at the rows' stride, each row given its site's."""
 
@@ -602,6 +613,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseAdditiveAttention(module, path)
     if kind is CrossCovarianceAttention:
         return SparseCrossCovarianceAttention(module.num_heads)
+    if kind is ChannelGroupAttention:
+        return SparseChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if kind is PositionalEncodingFourier:
         return SparseFourierPositions(module, path)
     if kind in SELF_ATTENTION:
