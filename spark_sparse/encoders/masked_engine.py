@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, DropPath, EvoNorm2dS0, EvoNorm2dS0a,
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, SpaceToDepth)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.edgenext import PositionalEncodingFourier
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
@@ -28,9 +29,8 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
-                        CrossCovarianceAttention, FourierPositions,
-                        GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
+                        FourierPositions, GlobalContextAttention, LinearAttention, GroupedQueryAttention,
                         SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts

@@ -9,7 +9,7 @@ place where a timm leaf module becomes its sparse twin, for every family.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from timm.layers import (BatchNormAct2d, BlurPool2d, CondConv2d, Conv2dSame, Dro
                          FilterResponseNormTlu2d, GlobalContext, GroupNormAct, LayerNormAct2d, ScaledStdConv2d,
                          ScaledStdConv2dSame, SpaceToDepth, StdConv2d, StdConv2dSame, to_2tuple)
 from timm.layers.grn import GlobalResponseNorm
+from timm.models.edgenext import PositionalEncodingFourier
 from timm.models.hgnet import LearnableAffineBlock
 from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
@@ -42,9 +43,8 @@ from ..sparse.rowwise import (ImageScale, SparseActivation, SparseDropPath, Spar
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
-                        CrossCovarianceAttention, FourierPositions,
-                        GlobalContextAttention, LinearAttention, GroupedQueryAttention, PositionalEncodingFourier,
+from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
+                        FourierPositions, GlobalContextAttention, LinearAttention, GroupedQueryAttention,
                         SELF_ATTENTION, SelfAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
@@ -399,24 +399,27 @@ def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
 
 
+def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tensor]) -> ME.SparseTensor:
+    """``attend((B, n, C) tokens, (B, n) bool: which slots hold a row)`` on each image's rows side by
+    side (``image_tokens``), its (B, n, C') output gathered back to the rows."""
+    tokens, slots, present = image_tokens(x)
+    out = attend(tokens, present)
+    return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+
 class SparseCrossCovarianceAttention(CrossCovarianceAttention):
-    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing),
-    attended, gathered back."""
+    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing)."""
 
     def forward(self, x: ME.SparseTensor, temperature: Tensor) -> ME.SparseTensor:
-        tokens, slots, _ = image_tokens(x)
-        out = self.attend(tokens, temperature)
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        return on_image_tokens(x, lambda tokens, present: self.attend(tokens, temperature))
 
 
 class SparseChannelGroupAttention(ChannelGroupAttention):
-    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing),
-    attended, gathered back; an image's tokens are its visible rows."""
+    """Each image's visible rows side by side as its tokens (the padding's zeros add nothing); an
+    image's tokens are its visible rows."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        tokens, slots, present = image_tokens(x)
-        out = self.attend(tokens, present.sum(1))
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        return on_image_tokens(x, lambda tokens, present: self.attend(tokens, present.sum(1)))
 
 
 class SparseFourierPositions(FourierPositions):
@@ -435,9 +438,7 @@ class SparseSelfAttention(SelfAttention):
     tokens alone, a sixth of dense attention's at mask 0.6."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        tokens, slots, present = image_tokens(x)
-        out = self.attend(tokens, present)
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        return on_image_tokens(x, self.attend)
 
 
 class SparseGroupedQueryAttention(GroupedQueryAttention):
