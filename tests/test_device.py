@@ -69,7 +69,8 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # biases per relative offset (tiny_vit, efficientformer), in shifted groups (swin_transformer), cosine attention
 # (swin_transformer_v2), attention between channels and a Fourier position encoding made on the device (edgenext),
 # blocks passing [x, skip] lists, a head at stride 64 kept (selecsls), a bias MLP per pair with its dropout
-# (swin_transformer_v2_cr), attention between channels with a per-image scale (davit)
+# (swin_transformer_v2_cr), attention between channels with a per-image scale (davit), attention within groups of
+# sites two apart (mobilevit)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -117,6 +118,8 @@ AUDITED["edgenext_xx_small"] = {"drop_path_rate": 0.1}
 AUDITED["selecsls42b"] = {}  # no stochastic depth
 AUDITED["swinv2_cr_tiny_ns_224"] = {"depths": (2, 2, 2, 2), "drop_path_rate": 0.1}
 AUDITED["davit_base_fl"] = {"depths": (1, 1, 1, 1), "drop_path_rate": 0.1}
+AUDITED.update({name: {"drop_path_rate": 0.1} for name in ["mobilevit_xxs", "mobilevitv2_050"]})
+AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32
 
 
 def audit_device(device: torch.device) -> torch.device:
@@ -129,7 +132,7 @@ def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_
     where = audit_device(device)
     model = copy.deepcopy(timm_models(name, **AUDITED[name]))
     encoder = SparseEncoder.from_timm(model).train().to(where)
-    images, active = make_batch((128, 160), "ratio0.6", batch=4)  # a 4x5 grid: every tile shape
+    images, active = make_batch(AUDIT_SIZES.get(name, (128, 160)), "ratio0.6", batch=4)  # 4x5: every tile shape
     images = images.to(where)
     forward, backward = DeviceAudit(), DeviceAudit()
     with forward:

@@ -240,6 +240,8 @@ VARIANTS = {
     "MobileNetV4 anti-aliased: stride-1 convolutions then 2x2 average pooling": ("mobilenetv4_conv_aa_medium", {}),
 }
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
+# MobileViT's maps need whole 2x2 blocks of sites at every stride: a 2x4 patch grid
+VARIANT_SIZES = {"mobilevit_xxs": (64, 128), "mobilevitv2_050": (64, 128)}
 
 # TensorFlow ports: 'same' padding at stride 2 (stem, strided depthwise and fused convolutions)
 # puts each window one site later; at mask none, equal to timm is what proves the padding right
@@ -631,6 +633,14 @@ VARIANTS.update({
     "DaViT of Florence-2: groups of 12x12, channel attention scaled per image, 3x3 downsampling": (
         "davit_base_fl", SMALL_FLORENCE_DAVIT),
 })
+# timm's mobilevit module (ByobNet models): MobileViT blocks, a kxk and a 1x1, then transformer blocks whose attention
+# groups the sites by their offset in 2x2 blocks (v1: softmax attention over each group's visible sites, layer norms,
+# the input fused back by a 3x3; v2: separable attention, group norms, 1x1 MLPs), inverted residuals; on maps of
+# whole 2x2 blocks at every stride (a 2x4 patch grid)
+VARIANTS.update({"MobileViT: attention within groups of sites two apart, a fusion of input and output": (
+                     "mobilevit_xxs", {}),
+                 "MobileViT v2: separable attention within groups of sites two apart, group norms": (
+                     "mobilevitv2_050", {})})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
@@ -661,7 +671,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "poolformerv2_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
-              "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny"}
+              "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
+              "mobilevit_xxs", "mobilevitv2_050"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -767,7 +778,7 @@ def test_variants_equal_dense_masked(timm_models, variant, mask, device):
     name, kwargs = VARIANTS[variant]
     # one visible patch per image: four images, since a train-mode batch norm over only two sites
     # at stride 32 is so ill-conditioned that float64 rounding grows to 1e-8 (measured)
-    images, active = batch_on(device, VARIANT_SIZE, mask, batch=4 if mask == "one" else 2)
+    images, active = batch_on(device, VARIANT_SIZES.get(name, VARIANT_SIZE), mask, batch=4 if mask == "one" else 2)
     sparse, dense = encoders(timm_models(name, **kwargs), train=True, device=device)
     assert_train_steps_equal(sparse, dense, images, active)
     with torch.no_grad():  # eval mode: the running statistics, the same masked features
@@ -782,7 +793,8 @@ def test_variants_with_nothing_hidden_equal_plain_timm_in_eval_and_train_mode(ti
     # (MobileNetV3) round to 1e-5 apart
     name, kwargs = VARIANTS[variant]
     model = timm_models(name, **kwargs)
-    images, everything = batch_on(device, PLAIN_TIMM_SIZE.get(name, VARIANT_SIZE), "none", batch=2)
+    images, everything = batch_on(device, PLAIN_TIMM_SIZE.get(name, VARIANT_SIZES.get(name, VARIANT_SIZE)), "none",
+                                  batch=2)
     images = images.double()
     encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().to(device)
     tol = 1e-6 if name in FLOAT32_STATISTICS_IN_TIMM else 1e-9

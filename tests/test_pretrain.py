@@ -187,6 +187,14 @@ def test_config_errors_fail_before_any_work(tmp_path, override, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_before_any_work(tmp_path):
+    # timm resizes such a map bilinearly, which has no sparse twin (encoders/mobilevit.py)
+    with pytest.raises(pretrain.ConfigError, match="^model mobilevit_xxs unfolds its maps into 2x2 blocks of sites, "
+                                                   "at stride 32 too: input_size must be a multiple of 64, got 96$"):
+        pretrain.train(config("model=mobilevit_xxs", "input_size=96"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("overrides,world_size,why", [
     (["engine=dense_masked"], 1, "the dense-masked engine reads the GPU back"),
     ([], 2, "under torchrun the synchronised norms' collectives run inside the step.*set sync_bn=false"),

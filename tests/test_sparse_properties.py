@@ -112,7 +112,13 @@ MODELS["davit_base_fl"] = ("davit_base_fl", {"depths": (1, 1, 1, 1)})
 AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_224", "efficientformer_l1",
                  "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "swinv2_cr_tiny_ns_224", "davit_tiny",
                  "davit_base_fl"}
+# MobileViT's attention groups the sites by their offset in 2x2 blocks, at stride 32 too (v1: softmax, v2:
+# separable attention): its maps need whole blocks, and its image keeps the canvas's grid of 64-pixel blocks
+MODELS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
+# the image's size, the canvas's and where the image lies in it (pixels)
+PLACEMENT = ((64, 96), (160, 192), (64, 32))
+PLACEMENTS = {"mobilevit_xxs": ((64, 128), (192, 256), (64, 64)), "mobilevitv2_050": ((64, 128), (192, 256), (64, 64))}
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)
@@ -134,13 +140,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name,engine", NETS_AND_ENGINES)
 def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name, engine, train, device):
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 96, generator=g, dtype=torch.float64)
-    active = random_active(2, (2, 3), 0.5, g)
-    canvas = torch.randn(2, 3, 160, 192, generator=g, dtype=torch.float64)  # hidden: anything
-    top, left = (0, 0) if name in AT_THE_CORNER else (64, 32)
-    canvas[:, :, top:top + 64, left:left + 96] = images
-    canvas_active = torch.zeros(2, 1, 5, 6, dtype=torch.bool)
-    canvas_active[:, :, top // 32:top // 32 + 2, left // 32:left // 32 + 3] = active
+    (h, w), (canvas_h, canvas_w), (top, left) = PLACEMENTS.get(name, PLACEMENT)
+    images = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    active = random_active(2, (h // 32, w // 32), 0.5, g)
+    canvas = torch.randn(2, 3, canvas_h, canvas_w, generator=g, dtype=torch.float64)  # hidden: anything
+    if name in AT_THE_CORNER:
+        top, left = 0, 0
+    canvas[:, :, top:top + h, left:left + w] = images
+    canvas_active = torch.zeros(2, 1, canvas_h // 32, canvas_w // 32, dtype=torch.bool)
+    canvas_active[:, :, top // 32:(top + h) // 32, left // 32:(left + w) // 32] = active
     enc = encoder(timm_models, engine, name, train, device)
     with torch.no_grad():  # masks on the CPU, as in training; train mode's draws (Swin V2-CR's bias dropout) alike
         torch.manual_seed(0)
@@ -148,7 +156,7 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name
         torch.manual_seed(0)
         embedded = enc.dense_features(canvas.to(device), canvas_active)
     for stride, a, e in zip(enc.strides, alone, embedded):
-        rows, cols = slice(top // stride, (top + 64) // stride), slice(left // stride, (left + 96) // stride)
+        rows, cols = slice(top // stride, (top + h) // stride), slice(left // stride, (left + w) // stride)
         assert rel_err(e[:, :, rows, cols], a) < 1e-12, f"stride {stride}"
         rest = e.clone()
         rest[:, :, rows, cols] = 0
@@ -158,8 +166,9 @@ def test_an_image_in_a_larger_hidden_canvas_keeps_its_features(timm_models, name
 @pytest.mark.parametrize("name,engine", NETS_AND_ENGINES)
 def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, name, engine, device):
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(3, 3, 64, 96, generator=g, dtype=torch.float64).to(device)
-    active = random_active(3, (2, 3), 0.5, g)
+    (h, w), _, _ = PLACEMENTS.get(name, PLACEMENT)
+    images = torch.randn(3, 3, h, w, generator=g, dtype=torch.float64).to(device)
+    active = random_active(3, (h // 32, w // 32), 0.5, g)
     assert_the_first_images_features_are_its_own(encoder(timm_models, engine, name, train=False, device=device),
                                                  images, active)
 

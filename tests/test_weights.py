@@ -74,6 +74,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["edgenext_xx_small", "edgenext_
 ALL_DEPTHS.update({name: (name, {}) for name in ["selecsls42b", "selecsls60", "selecsls84"]})
 ALL_DEPTHS["swinv2_cr_tiny_ns_224"] = ("swinv2_cr_tiny_ns_224", {})  # bias MLPs per pair, logit scales, stage norms
 ALL_DEPTHS.update({name: (name, {}) for name in ["davit_tiny", "davit_base_fl"]})  # position encodings, named blocks
+ALL_DEPTHS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})  # ViT blocks in a ByobNet
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet

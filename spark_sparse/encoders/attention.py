@@ -1,7 +1,7 @@
 """Channel attention (squeeze-excitation, efficient channel attention, HGNet's effective SE,
 global context), EfficientViT's linear attention, EdgeNeXt's cross-covariance attention (and its
 Fourier position encoding), DaViT's channel group attention, SwiftFormer's additive attention and
-MetaFormer's, MobileNetV4's, PVT v2's and Twins' softmax attention on visible sites only.
+MetaFormer's, MobileNetV4's, PVT v2's, Twins' and MobileViT's softmax attention on visible sites only.
 
 timm's modules squeeze each image by its global mean; over a masked image that mean would count
 the hidden zeros and leak the mask ratio into every gate (SparK issue #54). Here the mean is
@@ -399,3 +399,75 @@ class WindowAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
                 f"window={self.window}, per_head={self.per_head}, shift={self.shift}")
+
+
+def grid_groups(x: Tensor, grid: int) -> Tensor:
+    """(B, h, w, C) -> (B * grid^2, h * w / grid^2, C): the sites of each image with the same offset
+    in their ``grid`` x ``grid`` block, block after block (MobileViT's unfolding); a map of no whole
+    blocks refused in one line (timm resizes it bilinearly, which has no sparse twin)."""
+    b, h, w, c = x.shape
+    if h % grid or w % grid:
+        raise ValueError(f"MobileViT's {grid}x{grid} unfolding needs maps of whole {grid}x{grid} blocks, got {h}x{w} "
+                         f"sites (timm resizes such a map); use an input size that is a multiple of {32 * grid}")
+    return x.view(b, h // grid, grid, w // grid, grid, c).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, -1, c)
+
+
+def grid_sites(groups: Tensor, shape: tuple[int, int, int], grid: int) -> Tensor:
+    """``grid_groups``' inverse: (B * grid^2, h * w / grid^2, C) -> (B, h, w, C)."""
+    b, h, w = shape
+    out = groups.view(b, grid, grid, h // grid, w // grid, -1).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(b, h, w, -1)
+
+
+class GridAttention(WindowAttention):
+    """MobileViT's attention (timm's ViT ``Attention`` on its unfolded map) after the q, k, v
+    projection: each site attends to the sites of its image with the same offset in their ``grid`` x
+    ``grid`` block, here to the visible ones only (a group spans the whole image: at stride 32 its
+    sites lie in different patches). A parameter-free leaf every engine converts to its own twin."""
+
+    def __init__(self, num_heads: int, head_dim: int, grid: int):
+        super().__init__(num_heads, head_dim, head_dim, grid)
+
+    def like(self, cls: type) -> "GridAttention":
+        return cls(self.num_heads, self.key_dim, self.window)
+
+    def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
+        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys -> (B, h, w, heads
+        * head_dim)."""
+        grid = self.window
+        keys = grid_groups(present[..., None], grid)[..., 0]
+        return grid_sites(self.attend_groups(grid_groups(qkv, grid), keys, bias, **terms), present.shape, grid)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.key_dim}, grid={self.window}"
+
+
+class SeparableGridAttention(nn.Module):
+    """MobileViT v2's separable self-attention (timm's ``LinearSelfAttention`` after its qkv 1x1):
+    within each group of sites of ``GridAttention`` (an image's sites with the same offset in their
+    ``grid`` x ``grid`` block), a softmax over the group of each site's score (the first channel)
+    weights the keys into one context vector, and each site's output is relu(its value) times it;
+    here the softmax runs over the group's visible sites. A parameter-free leaf every engine
+    converts to its own twin."""
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.dim, self.grid = dim, grid
+
+    def attend(self, qkv: Tensor, present: Tensor) -> Tensor:
+        """(B, h, w, 1 + 2 * dim) each site's score, key and value, (B, h, w) bool: which sites
+        count -> (B, h, w, dim)."""
+        groups, keys = grid_groups(qkv, self.grid), grid_groups(present[..., None], self.grid)
+        score, key, value = groups.split([1, self.dim, self.dim], dim=-1)
+        keys = keys | ~keys.any(1, keepdim=True)  # a group without a visible site: outputs never read
+        weights = score.masked_fill(~keys, float("-inf")).softmax(1)
+        context = (key * weights).sum(1, keepdim=True)
+        return grid_sites(torch.relu(value) * context, present.shape, self.grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        present = x.new_ones(b, h, w, dtype=torch.bool)
+        return self.attend(x.permute(0, 2, 3, 1), present).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, grid={self.grid}"

@@ -1,5 +1,6 @@
 """The ByobNet family (timm ``byobnet``: RepVGG, MobileOne, GENet, the ``resnet*ts``/``*resnext26ts``
-nets, byobnet's RegNetZ, CLIP's ResNets).
+nets, byobnet's RegNetZ, CLIP's ResNets; and timm's ``mobilevit`` models, ByobNets whose MobileViT
+blocks mobilevit.py mirrors).
 
 "Bring your own blocks": a stem (one conv-norm-act, a ``Stem`` of them with an optional pooling,
 or a RepVGG/MobileOne block), stages of declared blocks, and an optional final 1x1 convolution
@@ -18,6 +19,7 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
 from torch import nn
 
+from . import mobilevit
 from .family import CheckpointingRefused, Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
@@ -125,11 +127,12 @@ BYOBNET = Family(
     timm_class=ByobNet,
     mirrors={**{block: MirrorByoBlock for block in ORDER}, RepVggBlock: MirrorRepVggBlock,
              MobileOneBlock: MirrorMobileOneBlock, DownsampleAvg: MirrorDownsampleAvg,
-             ConvNormAct: MirrorConvNormAct, Stem: MirrorSequential},
+             ConvNormAct: MirrorConvNormAct, Stem: MirrorSequential, **mobilevit.MIRRORS},
     layout=TappedStages(head=("final_conv",)),
     # what a head without its classifier holds: an attention pool's (CLIP) or an MLP head's weights
     kept=("head.pos_embed", "head.cls_token", "head.q", "head.k", "head.v", "head.qkv", "head.norm", "head.pre_logits"),
     check=CheckpointingRefused("stages"),
     refused=REFUSED,
     pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
+    other_modules=("mobilevit",),
 )

@@ -30,8 +30,8 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
-                        FourierPositions, GlobalContextAttention, LinearAttention, GroupedQueryAttention,
-                        SELF_ATTENTION, SelfAttention, WindowAttention)
+                        FourierPositions, GlobalContextAttention, GridAttention, LinearAttention,
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -367,6 +367,20 @@ class MaskedWindowAttention(WindowAttention):
         return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
 
 
+class MaskedGridAttention(GridAttention, MaskedWindowAttention):
+    """MobileViT's attention over the map's groups of every other site (``MaskedWindowAttention``'s
+    forward), hidden sites no keys; hidden queries get values, masked later."""
+
+
+class MaskedSeparableGridAttention(SeparableGridAttention):
+    """MobileViT v2's separable attention over the map's groups, the hidden sites' scores left out
+    of each softmax; hidden sites get values, masked later."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0])
+        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
+
+
 class MaskedCondConv(CondConvExperts):
     """CondConv on the masked map: timm's own forward (each image's mixed kernel); hidden sites
     get values (masked later)."""
@@ -577,6 +591,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
                                             module.kv_heads)
     if type(module) is WindowAttention:
         return module.like(MaskedWindowAttention)
+    if type(module) is GridAttention:
+        return module.like(MaskedGridAttention)
+    if type(module) is SeparableGridAttention:
+        return MaskedSeparableGridAttention(module.dim, module.grid)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):

@@ -44,8 +44,8 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
-                        FourierPositions, GlobalContextAttention, LinearAttention, GroupedQueryAttention,
-                        SELF_ATTENTION, SelfAttention, WindowAttention)
+                        FourierPositions, GlobalContextAttention, GridAttention, LinearAttention,
+                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
@@ -476,6 +476,32 @@ class SparseWindowAttention(WindowAttention):
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
+def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tensor]) -> ME.SparseTensor:
+    """``attend((B, h, w, C) the whole images' map at the rows' stride, zeros where hidden, (B, h,
+    w) bool: which sites hold a row)``, its (B, h, w, C') output gathered back to the rows."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+    canvas = x.F.new_zeros(b * h * w, x.F.shape[1]).index_copy(0, index, x.F).view(b, h, w, -1)
+    present = torch.zeros(b * h * w, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
+    out = attend(canvas, present.view(b, h, w))
+    return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+
+
+class SparseGridAttention(GridAttention):
+    """MobileViT's groups span the whole image (every other site): the rows on the whole images'
+    map, grouped there, attended, gathered back (hidden queries computed, never read)."""
+
+    def forward(self, x: ME.SparseTensor, bias: Tensor | None = None, **terms: Tensor | None) -> ME.SparseTensor:
+        return on_canvas_sites(x, lambda canvas, present: self.attend(canvas, present, bias, **terms))
+
+
+class SparseSeparableGridAttention(SeparableGridAttention):
+    """MobileViT v2's separable attention on the whole images' map (as ``SparseGridAttention``)."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return on_canvas_sites(x, self.attend)
+
+
 class SparseCondConv(CondConvExperts):
     """CondConv as its experts' convolutions weighted per row by its image's routing: a convolution
     is linear in its kernel, so this is the per-image mixed kernel's, exactly, at E times the arithmetic.
@@ -625,6 +651,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
                                             module.kv_heads)
     if kind is WindowAttention:
         return module.like(SparseWindowAttention)
+    if kind is GridAttention:
+        return module.like(SparseGridAttention)
+    if kind is SeparableGridAttention:
+        return SparseSeparableGridAttention(module.dim, module.grid)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
