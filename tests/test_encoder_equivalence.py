@@ -641,6 +641,10 @@ VARIANTS.update({"MobileViT: attention within groups of sites two apart, a fusio
                      "mobilevit_xxs", {}),
                  "MobileViT v2: separable attention within groups of sites two apart, group norms": (
                      "mobilevitv2_050", {})})
+# timm's mobilenetv5 module (Gemma 3n's vision tower): MobileNetV4's edge and universal inverted residuals and multi-query
+# attention with RMS norms of each site's channels (with and without GELU), no batch norm; a quarter of its widths
+VARIANTS["MobileNetV5: MobileNetV4's blocks and multi-query attention with RMS norms"] = (
+    "mobilenetv5_base", {"channel_multiplier": 0.25})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
@@ -672,7 +676,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
-              "mobilevit_xxs", "mobilevitv2_050"}
+              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

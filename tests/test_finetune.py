@@ -130,7 +130,8 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "convformer_s18", "poolformer_s12", "focalnet_tiny_srf", "lcnetv2_small", "efficientvit_b0",
                 "swiftformer_xs", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
                 "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
-                "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050", "vgg11"]
+                "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050",
+                "mobilenetv5_base", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)
@@ -290,6 +291,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("swinv2_cr_huge_384", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
     ("edgenext_small_rw", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("davit_small", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("mobilenetv5_300m_enc", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("davit_base_fl", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
     ("davit_giant", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
 ])

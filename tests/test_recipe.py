@@ -110,6 +110,7 @@ from .test_pretrain import config
     ("swinv2_cr_giant_384", 0.4, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
     ("edgenext_base", 0.0, "ln", [0.9, 0.999]),  # EdgeNeXt: ConvNeXt-T's, every size
+    ("mobilenetv5_300m", 0.0, "ln", [0.9, 0.999]),  # MobileNetV5: RMS norms, no batch norm
     ("davit_tiny", 0.0, "ln", [0.9, 0.999]),  # DaViT, by size
     ("davit_base_fl", 0.3, "ln", [0.9, 0.999]),
     ("davit_huge_fl", 0.4, "ln", [0.9, 0.999]),

@@ -115,6 +115,7 @@ AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_22
 # MobileViT's attention groups the sites by their offset in 2x2 blocks, at stride 32 too (v1: softmax, v2:
 # separable attention): its maps need whole blocks, and its image keeps the canvas's grid of 64-pixel blocks
 MODELS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})
+MODELS["mobilenetv5_base"] = ("mobilenetv5_base", {"channel_multiplier": 0.25})  # RMS norms, multi-query attention
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

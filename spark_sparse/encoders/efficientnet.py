@@ -25,6 +25,7 @@ from timm.models._efficientnet_blocks import (ConvBnAct, CondConvResidual, Depth
                                               InvertedResidual, MobileAttention, UniversalInvertedResidual)
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.mobilenetv5 import MobileNetV5, MobileNetV5Encoder
 from torch import nn
 
 from .attention import GroupedQueryAttention
@@ -164,4 +165,16 @@ MOBILENETV3 = Family(
     kept=("conv_head", "norm_head"),
     check=CheckpointingRefused("blocks"),
     other_modules=("hardcorenas",),
+)
+
+# Gemma 3n's vision tower and its family: MobileNetV4's blocks with RMS norms; the multi-scale fusion
+# adapter after the last stage (its output at stride 16) is the head, kept
+MOBILENETV5 = Family(
+    name="mobilenetv5",
+    timm_class=MobileNetV5,
+    other_classes=(MobileNetV5Encoder,),
+    mirrors=MIRRORS,
+    layout=BlockStages(("conv_stem",)),
+    kept=("msfa",),
+    check=CheckpointingRefused("blocks"),
 )

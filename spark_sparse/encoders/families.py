@@ -15,7 +15,7 @@ from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
 from .edgenext import EDGENEXT
 from .efficientformer import EFFICIENTFORMER
-from .efficientnet import EFFICIENTNET, MOBILENETV3
+from .efficientnet import EFFICIENTNET, MOBILENETV3, MOBILENETV5
 from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
 from .fastvit import FASTVIT
@@ -57,7 +57,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR, DAVIT)
+                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
-from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, ScaledStdConv2d,
-                         ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm2d,
+                         RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
+from timm.layers.fast_norm import rms_norm2d
 from timm.layers import activations as timm_act
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.nfnet import GammaAct
@@ -257,6 +258,27 @@ LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, LayerNormNoBias, LayerNorm2
 # with or without a bias): every engine runs them as timm's GroupNormAct with an identity, each
 # image's statistics over its visible sites
 GROUP_NORMS = (nn.GroupNorm, GroupNorm, GroupNorm1, GroupNorm1NoBias)
+
+
+# timm's RMS norms of each site's channels (MobileNetV5's), with or without an activation
+RMS_NORMS = (RmsNorm2d, RmsNormAct2d)
+
+
+class SiteRmsNorm(nn.Module):
+    """timm's RmsNorm2d or RmsNormAct2d of each site's channels (``rows``: timm's own function on
+    (N, C) rows as N 1x1 maps, then the activation): every engine runs it on its visible sites.
+    Its ``weight`` and ``act`` keep timm's names."""
+
+    def __init__(self, norm: nn.Module, path: str):
+        super().__init__()
+        if isinstance(norm, RmsNormAct2d):
+            check_norm_act(norm, path)
+        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
+        self.weight = None if norm.weight is None else nn.Parameter(norm.weight.detach().clone())
+        self.act = copy.deepcopy(getattr(norm, "act", nn.Identity()))
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.act(rms_norm2d(rows[:, :, None, None], self.normalized_shape, self.weight, self.eps).flatten(1))
 
 
 def check_norm_act(bn: nn.Module, path: str) -> None:

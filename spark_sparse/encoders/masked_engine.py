@@ -34,8 +34,8 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelG
                         GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
-                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ChannelConcat, ChannelSplit,
+                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum, SiteRmsNorm,
                      ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
@@ -526,6 +526,13 @@ def _masked_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Mask
     return twin
 
 
+class MaskedRmsNorm(SiteRmsNorm):
+    """An RMS norm of each visible site's channels; hidden sites stay zero."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        return on_visible_rows(inp, self.rows)
+
+
 def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is nn.Conv2d:
         conv = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size,
@@ -553,6 +560,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)
+    if type(module) in RMS_NORMS:
+        return MaskedRmsNorm(module, path)
     if type(module) is LayerNormAct2d:
         check_norm_act(module, path)
         return _masked_layer_norm(module, convert_leaf(module.act, f"{path}.act"))

@@ -48,8 +48,8 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelG
                         GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, ChannelConcat, ChannelSplit,
-                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ChannelConcat, ChannelSplit,
+                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum, SiteRmsNorm,
                      ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
 
 
@@ -597,6 +597,13 @@ PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth",
                    ColumnsFirstSpaceToDepth: "space to depth", nn.Upsample: "upsampling"}
 
 
+class SparseRmsNorm(SiteRmsNorm):
+    """An RMS norm of each row's channels (MobileNetV5's)."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, self.rows(x.F))
+
+
 def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module:
     """One timm leaf -> its sparse twin; ``conv`` picks the ResNet convolution implementation."""
     if conv not in CONV_IMPLS:
@@ -616,6 +623,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGroupNormAct(module, nn.Identity())
     if kind in LAYER_NORMS:
         return _sparse_layer_norm(module)
+    if kind in RMS_NORMS:
+        return SparseRmsNorm(module, path)
     if kind is LayerNormAct2d:
         check_norm_act(module, path)
         return _sparse_layer_norm(module, convert_leaf(module.act, f"{path}.act", conv))
