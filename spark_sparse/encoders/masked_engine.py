@@ -458,6 +458,10 @@ class MaskedPointwise(nn.Module):
         return inp._replace(x=self.module(inp.x))
 
 
+# the twins that run timm's module itself as their ``module``
+WRAPPERS = (MaskedApply, MaskedPointwise)
+
+
 class MaskedImageMean(ImageMean):
     """Each image's mean over its visible positions."""
 
@@ -667,5 +671,9 @@ class MaskedDenseEncoder(Encoder):
         return feature.clean().x
 
     def timm_key(self, key: str) -> str:
-        # wrappers add ".module." to pooling/activation paths, which hold no tensors anyway
-        return super().timm_key(key).replace(".module.", ".")
+        # the wrappers of timm's own modules (a 'same'-padded convolution's weight) add a ".module" to
+        # their paths; a timm child named "module" (iFormer's Residual) keeps its name
+        names = key.split(".")
+        kept = [name for i, name in enumerate(names)
+                if not (name == "module" and isinstance(self.get_submodule(".".join(names[:i])), WRAPPERS))]
+        return super().timm_key(".".join(kept))
