@@ -37,7 +37,7 @@ from spark_sparse.sparse import gemm_conv
 
 from .device_audit import OperationTrace
 from .replay import EagerReplay
-from .test_device import AUDITED, audit_device
+from .test_device import AUDIT_SIZES, AUDITED, audit_device
 
 
 def traced(step, *args) -> OperationTrace:
@@ -58,9 +58,10 @@ def assert_replays_the_capture(capture: OperationTrace, later: OperationTrace) -
 def test_a_batch_planned_like_the_captured_one_queues_the_captured_operations(timm_models, name, device):
     where = audit_device(device)
     encoder = SparseEncoder.from_timm(copy.deepcopy(timm_models(name, **AUDITED[name]))).train().to(where)
-    images = torch.randn(4, 3, 128, 160).to(where)  # a 4x5 grid: every tile shape
+    h, w = AUDIT_SIZES.get(name, (128, 160))  # a 4x5 grid: every tile shape
+    images = torch.randn(4, 3, h, w).to(where)
     g = torch.Generator().manual_seed(0)
-    first, second = (random_active(4, (4, 5), 0.6, g) for _ in range(2))
+    first, second = (random_active(4, (h // 32, w // 32), 0.6, g) for _ in range(2))
 
     def step(active, layout) -> None:
         sum(f.sum() for f in encoder.dense_features(images, active, layout)).backward()
