@@ -645,6 +645,10 @@ VARIANTS.update({"MobileViT: attention within groups of sites two apart, a fusio
 # attention with RMS norms of each site's channels (with and without GELU), no batch norm; a quarter of its widths
 VARIANTS["MobileNetV5: MobileNetV4's blocks and multi-query attention with RMS norms"] = (
     "mobilenetv5_base", {"channel_multiplier": 0.25})
+# timm's iformer module: conv-norms in residuals with layer scale (ConvNeXt-like blocks, FFNs, conditional position
+# encodings) and single-head modulation attention: one head over each image's visible tokens, its values and gate
+# through a sigmoid (which moves zero: hidden sites hold values until masked), a 5x5 stride-2 stem
+VARIANTS["iFormer: single-head attention over visible tokens gated by a sigmoid, conv-norm residuals"] = ("iformer_t", {})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
@@ -676,7 +680,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
-              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base"}
+              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -730,7 +734,7 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
 
 # nets whose attention the sparse engine runs on each image's rows side by side
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
-                  "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT}
+                  "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

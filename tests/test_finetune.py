@@ -131,7 +131,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "swiftformer_xs", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
                 "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
                 "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050",
-                "mobilenetv5_base", "vgg11"]
+                "mobilenetv5_base", "iformer_t", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)
@@ -263,6 +263,7 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("hrnet_w18", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),  # no stochastic depth
     ("selecsls42b", "lamb", 2e-3, 0.7, 0.1, 0.0, 1),
     ("mobilevit_s", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("iformer_m", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("fastvit_t8", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("tresnet_m", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("hardcorenas_a", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),

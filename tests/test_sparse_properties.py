@@ -116,6 +116,7 @@ AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_22
 # separable attention): its maps need whole blocks, and its image keeps the canvas's grid of 64-pixel blocks
 MODELS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})
 MODELS["mobilenetv5_base"] = ("mobilenetv5_base", {"channel_multiplier": 0.25})  # RMS norms, multi-query attention
+MODELS["iformer_t"] = ("iformer_t", {})  # single-head attention over visible tokens, gated by a sigmoid
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

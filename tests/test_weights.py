@@ -77,6 +77,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["davit_tiny", "davit_base_fl"]}
 ALL_DEPTHS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})  # ViT blocks in a ByobNet
 # RMS norms, multi-query attention; the fusion adapter kept; the encoder-only class too
 ALL_DEPTHS.update({name: (name, {"channel_multiplier": 0.25}) for name in ["mobilenetv5_base", "mobilenetv5_300m_enc"]})
+# conv-norms in Residuals (a timm child named "module"), single-head attention; the RepViT head kept
+ALL_DEPTHS.update({name: (name, {}) for name in ["iformer_t", "iformer_m_distilled"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -291,6 +293,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("swinv2_cr_tiny_224", r"SwinTransformerV2CrStage at 'stages\.0'"),
                                          ("davit_tiny", r"DaVit at 'stages'"),
                                          ("mobilenetv5_base", r"MobileNetV5 at 'blocks'"),
+                                         ("iformer_t", r"StageBlock at 'stages\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])

@@ -247,6 +247,9 @@ class Scale(nn.Module):
 # GammaAct (an activation times a constant) keeps zero at zero for the activations its family allows.
 ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, timm_act.GELU, timm_act.GELUTanh,
                timm_act.Swish, timm_act.HardSwish, timm_act.Mish, GammaAct, Scale)
+# Elementwise functions that move zero (a sigmoid gate, iFormer's): applied to visible rows they compute
+# what the dense-masked engine computes, where hidden sites get values until masked
+ZERO_MOVING = (nn.Sigmoid,)
 # torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
 # (the kernel normalised per output channel at every forward, NFNet's then scaled by a learned
 # gain: a weight-only operation)

@@ -34,9 +34,10 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelG
                         GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ChannelConcat, ChannelSplit,
-                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum, SiteRmsNorm,
-                     ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
+                     ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+                     SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
+                     upsample_scale)
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -448,14 +449,15 @@ class MaskedPaddedAvgPool(MaskedApply):
 
 
 class MaskedPointwise(nn.Module):
-    """An elementwise module (ReLU, GELU, drop-path) that keeps zeros at zero: no re-masking."""
+    """An elementwise module (ReLU, GELU, drop-path) that keeps zeros at zero: no re-masking; one
+    that moves zero (``moves_zero``: a sigmoid) gives hidden sites values, masked later."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, moves_zero: bool = False):
         super().__init__()
-        self.module = module
+        self.module, self.moves_zero = module, moves_zero
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        return inp._replace(x=self.module(inp.x))
+        return inp._replace(x=self.module(inp.x), dirty=inp.dirty or self.moves_zero)
 
 
 # the twins that run timm's module itself as their ``module``
@@ -616,6 +618,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedFilterResponseNorm(module)
     if type(module) in POINTWISE:
         return MaskedPointwise(copy.deepcopy(module))
+    if type(module) in ZERO_MOVING:
+        return MaskedPointwise(copy.deepcopy(module), moves_zero=True)
     if isinstance(module, nn.MaxPool2d):
         check_max_pool(module, path)
         return MaskedMaxPool(module)

@@ -48,9 +48,10 @@ from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelG
                         GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ChannelConcat, ChannelSplit,
-                     ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum, SiteRmsNorm,
-                     ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported, upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
+                     ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
+                     SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
+                     upsample_scale)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -633,7 +634,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _copy_weights(module, linear)
     if kind is nn.ReLU:
         return ME.MinkowskiReLU()
-    if kind in ACTIVATIONS:
+    if kind in ACTIVATIONS or kind in ZERO_MOVING:
         return SparseActivation(copy.deepcopy(module))
     if kind is GlobalResponseNorm:
         return _copy_weights(module, SparseGlobalResponseNorm(module.weight.shape[0], module.eps))
