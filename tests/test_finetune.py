@@ -291,8 +291,8 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("swinv2_cr_small_ns_224", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("swinv2_cr_huge_384", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
     ("edgenext_small_rw", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
-    ("davit_small", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("mobilenetv5_300m_enc", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("davit_small", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("davit_base_fl", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
     ("davit_giant", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
 ])
