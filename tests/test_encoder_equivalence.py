@@ -641,14 +641,16 @@ VARIANTS.update({"MobileViT: attention within groups of sites two apart, a fusio
                      "mobilevit_xxs", {}),
                  "MobileViT v2: separable attention within groups of sites two apart, group norms": (
                      "mobilevitv2_050", {})})
-# timm's mobilenetv5 module (Gemma 3n's vision tower): MobileNetV4's edge and universal inverted residuals and multi-query
-# attention with RMS norms of each site's channels (with and without GELU), no batch norm; a quarter of its widths
+# timm's mobilenetv5 module (Gemma 3n's vision tower): MobileNetV4's edge and universal inverted residuals and
+# multi-query attention with RMS norms of each site's channels (with and without GELU), no batch norm; a quarter of
+# its widths
 VARIANTS["MobileNetV5: MobileNetV4's blocks and multi-query attention with RMS norms"] = (
     "mobilenetv5_base", {"channel_multiplier": 0.25})
 # timm's iformer module: conv-norms in residuals with layer scale (ConvNeXt-like blocks, FFNs, conditional position
 # encodings) and single-head modulation attention: one head over each image's visible tokens, its values and gate
 # through a sigmoid (which moves zero: hidden sites hold values until masked), a 5x5 stride-2 stem
-VARIANTS["iFormer: single-head attention over visible tokens gated by a sigmoid, conv-norm residuals"] = ("iformer_t", {})
+VARIANTS["iFormer: single-head attention over visible tokens gated by a sigmoid, conv-norm residuals"] = (
+    "iformer_t", {})
 # timm's edgenext module: ConvNeXt-like blocks with depthwise 3x3 to 9x9, and ending each later stage a block of
 # Res2Net-like depthwise 3x3s over groups of channels, a Fourier position encoding (second stage), attention between
 # channels over each image's visible tokens, layer scales; small_rw: a 9x9 stride-4 stem, blocks whose depthwise
