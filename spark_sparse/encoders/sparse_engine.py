@@ -370,11 +370,7 @@ class SparseLinearAttention(LinearAttention):
     maps, and the image's rows side by side would round otherwise (1e-7 apart)."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
-        tokens = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1).reshape(b, h * w, -1)
-        out = self.attend(tokens)
-        return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+        return on_canvas_sites(x, lambda canvas, present: self.attend(canvas.flatten(1, 2)).view(*canvas.shape[:3], -1))
 
 
 class SparseAdditiveAttention(AdditiveAttention):
@@ -482,7 +478,7 @@ def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     w) bool: which sites hold a row)``, its (B, h, w, C') output gathered back to the rows."""
     sites, stride = PatchSites.of(x), x.tensor_stride[0]
     index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
-    canvas = x.F.new_zeros(b * h * w, x.F.shape[1]).index_copy(0, index, x.F).view(b, h, w, -1)
+    canvas = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
     present = torch.zeros(b * h * w, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
     out = attend(canvas, present.view(b, h, w))
     return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
