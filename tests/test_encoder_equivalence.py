@@ -242,6 +242,11 @@ VARIANTS = {
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
 # MobileViT's maps need whole 2x2 blocks of sites at every stride: a 2x4 patch grid
 VARIANT_SIZES = {"mobilevit_xxs": (64, 128), "mobilevitv2_050": (64, 128)}
+# MaxViT's groups and grids of 2x2 sites (built for 64 px) need maps of whole ones at every stride: a 2x4 patch
+# grid; CoAtNet's attention runs over the whole map of the size timm builds it for: a 2x2 patch grid
+VARIANT_SIZES.update({name: (64, 128) for name in ["test_maxvit", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
+                                                   "maxxvitv2_nano_rw_256", "maxvit_tiny_pm_256"]})
+VARIANT_SIZES.update({"test_coatnet": (64, 64), "coatnet_rmlp_1_rw_224": (64, 64)})
 
 # TensorFlow ports: 'same' padding at stride 2 (stem, strided depthwise and fused convolutions)
 # puts each window one site later; at mask none, equal to timm is what proves the padding right
@@ -663,6 +668,28 @@ VARIANTS.update({
 # timm's selecsls module (XNect's backbones): conv-norm-ReLU chains of 3x3s and 1x1s whose 3x3 outputs are concatenated
 # with the stage's first block's output (timm's [x, skip] lists), strided 3x3s; the head's stride-32 layers
 VARIANTS["SelecSLS: concatenated 3x3 chains, each stage's first output beside every later block"] = ("selecsls60", {})
+# timm's maxxvit module, built for 64 px (groups of 2x2 sites): MaxViT's blocks, a pre-norm MBConv (strided depthwise
+# 3x3, SE, the input average-pooled), attention within groups of sites from the map's corner, then within grids of
+# sites spread over the map, each with a bias per pair of places (a table; TensorFlow's ports: a table of row and
+# column offsets, q, k, v head after head, 'same' padding, a head norm and MLP kept; MaxxViT: ConvNeXt blocks, a bias
+# MLP with its own dropout, v2 without the group attention; the parallel variant: both halves concatenated);
+# CoAtNet's transformer blocks attend over the whole map of the model's size (norm, then pooling, where they stride;
+# max-pooled shortcuts in coatnet_rmlp_1_rw, SE before the norm, a pre-norm activation)
+SMALL_MAXXVIT = {"embed_dim": (32, 64, 128, 256), "depths": (1, 2, 1, 1), "stem_width": (16, 32), "img_size": 64}
+VARIANTS.update({
+    "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
+        "test_maxvit", {"img_size": 64}),
+    "MaxViT of TensorFlow: biases from row and column offsets, q, k, v head after head, 'same' padding": (
+        "maxvit_tiny_tf_224", SMALL_MAXXVIT),
+    "MaxxViT: ConvNeXt blocks, a bias MLP of log-spaced offsets with its own dropout": (
+        "maxxvit_rmlp_nano_rw_256", SMALL_MAXXVIT),
+    "MaxxViT v2: grid attention alone": ("maxxvitv2_nano_rw_256", SMALL_MAXXVIT),
+    "MaxViT parallel: group and grid attention side by side, concatenated": ("maxvit_tiny_pm_256", SMALL_MAXXVIT),
+    "CoAtNet: MBConvs, then attention over the whole map with a bias per pair of sites": (
+        "test_coatnet", {"img_size": 64}),
+    "CoAtNet rmlp_1_rw: max-pooled shortcuts, pooled MBConvs, SE before the norm, a bias MLP": (
+        "coatnet_rmlp_1_rw_224", SMALL_MAXXVIT),
+})
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
@@ -682,7 +709,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
-              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t"}
+              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

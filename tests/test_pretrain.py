@@ -195,6 +195,15 @@ def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_
     assert not any(tmp_path.iterdir())
 
 
+def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
+    # its grid attention spreads groups of 7x7 sites over each map (encoders/maxxvit.py)
+    with pytest.raises(pretrain.ConfigError, match=r"^model maxvit_tiny_rw_224 attends within groups and grids of "
+                                                   r"sites that must be whole at every stride \(timm asserts so\): "
+                                                   "input_size must be a multiple of 224, got 96$"):
+        pretrain.train(config("model=maxvit_tiny_rw_224", "input_size=96"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("overrides,world_size,why", [
     (["engine=dense_masked"], 1, "the dense-masked engine reads the GPU back"),
     ([], 2, "under torchrun the synchronised norms' collectives run inside the step.*set sync_bn=false"),

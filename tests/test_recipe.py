@@ -115,6 +115,13 @@ from .test_pretrain import config
     ("davit_tiny", 0.0, "ln", [0.9, 0.999]),  # DaViT, by size
     ("davit_base_fl", 0.3, "ln", [0.9, 0.999]),
     ("davit_huge_fl", 0.4, "ln", [0.9, 0.999]),
+    ("maxvit_tiny_tf_224", 0.0, "ln", [0.9, 0.999]),  # MaxViT, MaxxViT and CoAtNet, by size
+    ("maxvit_rmlp_small_rw_256", 0.2, "ln", [0.9, 0.999]),
+    ("maxvit_base_tf_512", 0.3, "ln", [0.9, 0.999]),
+    ("maxxvitv2_rmlp_large_rw_224", 0.4, "ln", [0.9, 0.999]),
+    ("coatnet_0_rw_224", 0.0, "ln", [0.9, 0.999]),
+    ("coatnet_rmlp_2_rw_384", 0.3, "ln", [0.9, 0.999]),
+    ("coatnet_5_224", 0.4, "ln", [0.9, 0.999]),
     ("inception_next_tiny", 0.0, "bn", [0.9, 0.999]),  # ConvNeXt's shape with batch norms
     ("inception_next_small", 0.2, "bn", [0.9, 0.999]),
 ])

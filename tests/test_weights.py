@@ -79,6 +79,10 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_0
 ALL_DEPTHS.update({name: (name, {"channel_multiplier": 0.25}) for name in ["mobilenetv5_base", "mobilenetv5_300m_enc"]})
 # conv-norms in Residuals (a timm child named "module"), single-head attention; the RepViT head kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["iformer_t", "iformer_m_distilled"]})
+# MBConvs, group and grid attention with bias tables (TensorFlow's row and column ones, MLPs of offsets: timm's
+# modules under timm's names), ConvNeXt blocks, CoAtNet's transformer blocks; the head's norm and MLP kept
+ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
+                                                 "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["mixnet_s", "mixnet_xl", "tf_mixnet_m"]})  # mixed convolutions
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcresnet33ts", "gcresnext50ts", "gc_efficientnetv2_rw_t"]})  # GCNet
@@ -294,6 +298,7 @@ def test_convnext_without_an_exact_twin_is_refused_by_path(engine):
                                          ("davit_tiny", r"DaVit at 'stages'"),
                                          ("mobilenetv5_base", r"MobileNetV5 at 'blocks'"),
                                          ("iformer_t", r"StageBlock at 'stages\.0'"),
+                                         ("maxvit_nano_rw_256", r"MaxxVitStage at 'stages\.0'"),
                                          ("xception41p", r"XceptionAligned at 'blocks'"),
                                          ("fastvit_t8", r"FastVitStage at 'stages\.0'"),
                                          ("tresnet_m", r"TResNet at 'body'")])
@@ -344,12 +349,29 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
     ("efficientformer_l1", {"proj_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.mlp\.drop"),
     ("swin_tiny_patch4_window7_224", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
     ("swinv2_tiny_window8_256", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
-    ("swinv2_cr_tiny_224", {"attn_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.attn\.attn_drop")])
+    ("swinv2_cr_tiny_224", {"attn_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.attn\.attn_drop"),
+    ("test_maxvit", {"transformer_attn_drop": 0.1}, r"stages\.0\.blocks\.0\.attn_block\.attn\.attn_drop")])
 def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
     # no engine mirrors a dropout's random mask
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     with pytest.raises(ConversionError, match=f"^cannot convert Dropout at '{where}': dropout p=0\\.1$"):
         engine_class(engine).from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_maxvits_groups_must_be_square_and_its_grids_whole(engine):
+    """timm sizes MaxViT's groups and grids from the input size it builds for (a 64x128 one: 2x4
+    sites), and asserts whole grids at every stride; the engines refuse both in one line."""
+    model = timm.create_model("test_maxvit", pretrained=False, num_classes=0, img_size=(64, 128))
+    with pytest.raises(ConversionError, match=r"^cannot convert PartitionAttentionCl at 'stages\.0\.blocks\.0\."
+                                              r"attn_block': groups of \(2, 4\) sites \(not square\)$"):
+        engine_class(engine).from_timm(model)
+    encoder = engine_class(engine).from_timm(timm.create_model("test_maxvit", pretrained=False, num_classes=0,
+                                                               img_size=64))
+    with pytest.raises(ValueError, match=r"^MaxViT's grid attention spreads groups of 2x2 sites over each map, which "
+                                         r"needs a multiple of 2 sites a side, got 3x3; use an input size that is a "
+                                         r"multiple of 64 \(the model's own\)$"):
+        encoder(torch.randn(1, 3, 96, 96), torch.ones(1, 1, 3, 3, dtype=torch.bool))
 
 
 @needs_minkowski

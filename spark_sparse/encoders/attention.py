@@ -401,45 +401,67 @@ class WindowAttention(nn.Module):
                 f"window={self.window}, per_head={self.per_head}, shift={self.shift}")
 
 
-def grid_groups(x: Tensor, grid: int) -> Tensor:
-    """(B, h, w, C) -> (B * grid^2, h * w / grid^2, C): the sites of each image with the same offset
-    in their ``grid`` x ``grid`` block, block after block (MobileViT's unfolding); a map of no whole
-    blocks refused in one line (timm resizes it bilinearly, which has no sparse twin)."""
-    b, h, w, c = x.shape
+def unfolding_blocks(h: int, w: int, grid: int) -> tuple[int, int]:
+    """MobileViT's ``grid`` x ``grid`` blocks of an h x w map, refused in one line where the map is
+    no whole number of them (timm resizes such a map bilinearly, which has no sparse twin)."""
     if h % grid or w % grid:
         raise ValueError(f"MobileViT's {grid}x{grid} unfolding needs maps of whole {grid}x{grid} blocks, got {h}x{w} "
                          f"sites (timm resizes such a map); use an input size that is a multiple of {32 * grid}")
-    return x.view(b, h // grid, grid, w // grid, grid, c).permute(0, 2, 4, 1, 3, 5).reshape(b * grid * grid, -1, c)
+    return grid, grid
 
 
-def grid_sites(groups: Tensor, shape: tuple[int, int, int], grid: int) -> Tensor:
-    """``grid_groups``' inverse: (B * grid^2, h * w / grid^2, C) -> (B, h, w, C)."""
+def spread_blocks(h: int, w: int, grid: int) -> tuple[int, int]:
+    """MaxViT's grid: ``grid`` x ``grid`` sites spread evenly over an h x w map are a group, so the
+    blocks are (h / grid) x (w / grid); refused in one line where they are not whole (timm asserts)."""
+    if h % grid or w % grid:
+        raise ValueError(f"MaxViT's grid attention spreads groups of {grid}x{grid} sites over each map, which needs "
+                         f"a multiple of {grid} sites a side, got {h}x{w}; use an input size that is a multiple of "
+                         f"{32 * grid} (the model's own)")
+    return h // grid, w // grid
+
+
+def grid_groups(x: Tensor, block: tuple[int, int]) -> Tensor:
+    """(B, h, w, C) -> (B * bh * bw, h * w / (bh * bw), C): the sites of each image with the same
+    offset in their bh x bw ``block``, block after block in rows (MobileViT's unfolding, MaxViT's grid)."""
+    b, h, w, c = x.shape
+    bh, bw = block
+    return x.view(b, h // bh, bh, w // bw, bw, c).permute(0, 2, 4, 1, 3, 5).reshape(b * bh * bw, -1, c)
+
+
+def grid_sites(groups: Tensor, shape: tuple[int, int, int], block: tuple[int, int]) -> Tensor:
+    """``grid_groups``' inverse: (B * bh * bw, h * w / (bh * bw), C) -> (B, h, w, C)."""
     b, h, w = shape
-    out = groups.view(b, grid, grid, h // grid, w // grid, -1).permute(0, 3, 1, 4, 2, 5)
+    bh, bw = block
+    out = groups.view(b, bh, bw, h // bh, w // bw, -1).permute(0, 3, 1, 4, 2, 5)
     return out.reshape(b, h, w, -1)
 
 
 class GridAttention(WindowAttention):
-    """MobileViT's attention (timm's ViT ``Attention`` on its unfolded map) after the q, k, v
-    projection: each site attends to the sites of its image with the same offset in their ``grid`` x
-    ``grid`` block, here to the visible ones only (a group spans the whole image: at stride 32 its
-    sites lie in different patches). A parameter-free leaf every engine converts to its own twin."""
+    """Attention within strided groups after the q, k, v projection. MobileViT's (timm's ViT
+    ``Attention`` on its unfolded map): each site attends to the sites of its image with the same
+    offset in their ``grid`` x ``grid`` block. MaxViT's grid attention (``spread``, each head's q,
+    k, v side by side where ``per_head``): the group is ``grid`` x ``grid`` sites spread evenly over
+    the map (one in each of its grid x grid blocks), with a bias per pair of their places in the grid.
+    Here each site attends to the visible ones only (a group spans the whole image: its sites lie
+    in different patches). A parameter-free leaf every engine converts to its own twin."""
 
-    def __init__(self, num_heads: int, head_dim: int, grid: int):
-        super().__init__(num_heads, head_dim, head_dim, grid)
+    def __init__(self, num_heads: int, head_dim: int, grid: int, spread: bool = False, per_head: bool = False):
+        super().__init__(num_heads, head_dim, head_dim, grid, per_head=per_head)
+        self.spread = spread
 
     def like(self, cls: type) -> "GridAttention":
-        return cls(self.num_heads, self.key_dim, self.window)
+        return cls(self.num_heads, self.key_dim, self.window, self.spread, self.per_head)
 
     def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
-        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys -> (B, h, w, heads
-        * head_dim)."""
-        grid = self.window
-        keys = grid_groups(present[..., None], grid)[..., 0]
-        return grid_sites(self.attend_groups(grid_groups(qkv, grid), keys, bias, **terms), present.shape, grid)
+        """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
+        of each pair of places in a group or None -> (B, h, w, heads * head_dim)."""
+        block = (spread_blocks if self.spread else unfolding_blocks)(*present.shape[1:], self.window)
+        keys = grid_groups(present[..., None], block)[..., 0]
+        return grid_sites(self.attend_groups(grid_groups(qkv, block), keys, bias, **terms), present.shape, block)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.key_dim}, grid={self.window}"
+        return (f"num_heads={self.num_heads}, head_dim={self.key_dim}, grid={self.window}, spread={self.spread}, "
+                f"per_head={self.per_head}")
 
 
 class SeparableGridAttention(nn.Module):
@@ -457,12 +479,13 @@ class SeparableGridAttention(nn.Module):
     def attend(self, qkv: Tensor, present: Tensor) -> Tensor:
         """(B, h, w, 1 + 2 * dim) each site's score, key and value, (B, h, w) bool: which sites
         count -> (B, h, w, dim)."""
-        groups, keys = grid_groups(qkv, self.grid), grid_groups(present[..., None], self.grid)
+        block = unfolding_blocks(*present.shape[1:], self.grid)
+        groups, keys = grid_groups(qkv, block), grid_groups(present[..., None], block)
         score, key, value = groups.split([1, self.dim, self.dim], dim=-1)
         keys = keys | ~keys.any(1, keepdim=True)  # a group without a visible site: outputs never read
         weights = score.masked_fill(~keys, float("-inf")).softmax(1)
         context = (key * weights).sum(1, keepdim=True)
-        return grid_sites(torch.relu(value) * context, present.shape, self.grid)
+        return grid_sites(torch.relu(value) * context, present.shape, block)
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape

@@ -28,6 +28,7 @@ from .iformer import IFORMER
 from .inception_next import INCEPTION_NEXT
 from .lcnetv2 import LCNETV2
 from .mambaout import MAMBAOUT
+from .maxxvit import MAXXVIT
 from .metaformer import METAFORMER
 from .nfnet import NFNET
 from .pvt_v2 import PVT_V2
@@ -58,7 +59,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER)
+                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT)
 
 
 def family_of(model: nn.Module) -> Family:

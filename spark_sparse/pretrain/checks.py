@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..encoders import mobilevit
+from ..encoders import maxxvit, mobilevit
 from ..encoders.family import STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
@@ -14,8 +14,13 @@ from ..run.schema import FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_
 from .optim import OPTIMIZERS
 
 PATCH = STRIDES[-1]  # the mask's patch: the encoders' total stride
-# timm modules whose encoders need input sizes of a coarser multiple (MobileViT unfolds its maps into 2x2 blocks)
-INPUT_MULTIPLES = {"mobilevit": mobilevit.INPUT_MULTIPLE}
+# timm modules whose encoders need input sizes of a coarser multiple: (the multiple for a model's name, why)
+INPUT_MULTIPLES = {
+    "mobilevit": (lambda name: mobilevit.INPUT_MULTIPLE,
+                  f"unfolds its maps into 2x2 blocks of sites, at stride {PATCH} too"),
+    "maxxvit": (maxxvit.input_multiple,
+                "attends within groups and grids of sites that must be whole at every stride (timm asserts so)"),
+}
 
 KEYS = {
     **RUN_KEYS,
@@ -73,10 +78,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         engine_class(cfg.engine)  # imported now: a sparse engine without MinkowskiEngine stops before any work
     except (ValueError, ImportError) as err:
         raise ConfigError(str(err)) from None
-    multiple = INPUT_MULTIPLES.get(timm_module_of(str(cfg.model)), PATCH)
+    multiple_of, why = INPUT_MULTIPLES.get(timm_module_of(str(cfg.model)), (lambda name: PATCH, ""))
+    multiple = multiple_of(str(cfg.model))
     if cfg.input_size % multiple:
-        raise ConfigError(f"model {cfg.model} unfolds its maps into 2x2 blocks of sites, at stride {PATCH} too: "
-                          f"input_size must be a multiple of {multiple}, got {cfg.input_size}")
+        raise ConfigError(f"model {cfg.model} {why}: input_size must be a multiple of {multiple}, got {cfg.input_size}")
     if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
                           f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
