@@ -452,10 +452,15 @@ class GridAttention(WindowAttention):
     def like(self, cls: type) -> "GridAttention":
         return cls(self.num_heads, self.key_dim, self.window, self.spread, self.per_head)
 
+    def blocks(self, h: int, w: int) -> tuple[int, int]:
+        """The blocks whose sites at one offset are a group, on an h x w map (refused in one line
+        where the map is no whole number of them)."""
+        return (spread_blocks if self.spread else unfolding_blocks)(h, w, self.window)
+
     def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
         """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
         of each pair of places in a group or None -> (B, h, w, heads * head_dim)."""
-        block = (spread_blocks if self.spread else unfolding_blocks)(*present.shape[1:], self.window)
+        block = self.blocks(*present.shape[1:])
         keys = grid_groups(present[..., None], block)[..., 0]
         return grid_sites(self.attend_groups(grid_groups(qkv, block), keys, bias, **terms), present.shape, block)
 
@@ -476,16 +481,25 @@ class SeparableGridAttention(nn.Module):
         super().__init__()
         self.dim, self.grid = dim, grid
 
+    def blocks(self, h: int, w: int) -> tuple[int, int]:
+        """MobileViT's 2x2 (``grid``) blocks, refused in one line on a map of no whole ones."""
+        return unfolding_blocks(h, w, self.grid)
+
+    def attend_groups(self, groups: Tensor, keys: Tensor) -> Tensor:
+        """(G, L, 1 + 2 * dim) each group's sites' score, key and value, (G, L) bool: which count
+        -> (G, L, dim)."""
+        score, key, value = groups.split([1, self.dim, self.dim], dim=-1)
+        keys = (keys | ~keys.any(1, keepdim=True))[..., None]  # a group without a visible site: outputs never read
+        weights = score.masked_fill(~keys, float("-inf")).softmax(1)
+        context = (key * weights).sum(1, keepdim=True)
+        return torch.relu(value) * context
+
     def attend(self, qkv: Tensor, present: Tensor) -> Tensor:
         """(B, h, w, 1 + 2 * dim) each site's score, key and value, (B, h, w) bool: which sites
         count -> (B, h, w, dim)."""
-        block = unfolding_blocks(*present.shape[1:], self.grid)
-        groups, keys = grid_groups(qkv, block), grid_groups(present[..., None], block)
-        score, key, value = groups.split([1, self.dim, self.dim], dim=-1)
-        keys = keys | ~keys.any(1, keepdim=True)  # a group without a visible site: outputs never read
-        weights = score.masked_fill(~keys, float("-inf")).softmax(1)
-        context = (key * weights).sum(1, keepdim=True)
-        return grid_sites(torch.relu(value) * context, present.shape, block)
+        block = self.blocks(*present.shape[1:])
+        out = self.attend_groups(grid_groups(qkv, block), grid_groups(present[..., None], block)[..., 0])
+        return grid_sites(out, present.shape, block)
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape

@@ -484,19 +484,36 @@ def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
 
 
+def grid_tokens(x: ME.SparseTensor,
+                blocks: Callable[[int, int], tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows in their groups of a grid (``PatchSites.grid_slots`` of the ``blocks(h, w)`` of the
+    whole images' h x w map): (G, n, C) tokens, (N,) each row's slot in the flattened (G, n), (G, n)
+    bool, which slots hold a row, (G, n) each slot's place in its group."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    slots, present, places = sites.grid_slots(stride, blocks(*sites.canvas_shape(stride)[1:]))
+    tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
+    return tokens, slots, present, places
+
+
 class SparseGridAttention(GridAttention):
-    """MobileViT's groups span the whole image (every other site): the rows on the whole images'
-    map, grouped there, attended, gathered back (hidden queries computed, never read)."""
+    """MobileViT's and MaxViT's groups span the whole image: each group's visible rows side by side
+    (``grid_tokens``), the bias gathered at their places in the grid; queries at visible sites only."""
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None, **terms: Tensor | None) -> ME.SparseTensor:
-        return on_canvas_sites(x, lambda canvas, present: self.attend(canvas, present, bias, **terms))
+        tokens, slots, present, places = grid_tokens(x, self.blocks)
+        if bias is not None:
+            bias = bias[:, places[:, :, None], places[:, None, :]].transpose(0, 1)
+        out = self.attend_groups(tokens, present, bias, **terms)
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
 class SparseSeparableGridAttention(SeparableGridAttention):
-    """MobileViT v2's separable attention on the whole images' map (as ``SparseGridAttention``)."""
+    """MobileViT v2's separable attention on each group's visible rows side by side (``grid_tokens``)."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return on_canvas_sites(x, self.attend)
+        tokens, slots, present, _ = grid_tokens(x, self.blocks)
+        out = self.attend_groups(tokens, present)
+        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
 class SparseCondConv(CondConvExperts):

@@ -345,6 +345,36 @@ class PatchSites:
         present = torch.zeros(b * gh * gw * window * window, dtype=torch.bool).index_fill_(0, slots, True)
         return slots, present.view(b * gh * gw, window * window)
 
+    def grid_slots(self, stride: int, block: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each image's sites at ``stride`` grouped by their offset in the bh x bw ``block``s that
+        tile its grid (MobileViT's and MaxViT's grids), a group's rows side by side in the order of
+        their blocks: (N,) int64, each row's slot in the flattened (G, n) groups; (G, n) bool, which
+        slots hold a row; (G, n) int64, each slot's block (row by row over the grid), 0 where empty.
+        G = B * bh * bw; n, the most rows a group can hold given each image's visible patches (a
+        group has at most ceil(s / bh) * ceil(s / bw) sites in a patch of s x s): shapes that depend
+        on the batch's size and visible patches per image alone, as a replayed step needs."""
+        return self._table("grid_slots", stride, *block)
+
+    def _build_grid_slots(self, stride: int, bh: int, bw: int) -> tuple[Tensor, Tensor, Tensor]:
+        b, h, w = self.canvas_shape(stride)
+        s = self.sites_per_side(stride)
+        per_patch = -(-s // bh) * -(-s // bw)
+        most_patches = int(torch.bincount(self.patches[:, 0], minlength=b).max())
+        n = max(min((h // bh) * (w // bw), most_patches * per_patch), 1)
+        c = self.coordinates(stride).long()
+        y, x = c[:, 1] // stride, c[:, 2] // stride
+        group = (c[:, 0] * bh + y % bh) * bw + x % bw
+        place = (y // bh) * (w // bw) + x // bw
+        order = torch.argsort(group * (h * w) + place)  # by group, then by block
+        counts = torch.bincount(group, minlength=b * bh * bw)
+        first = counts.cumsum(0) - counts
+        sorted_group = group.index_select(0, order)
+        slots = torch.empty_like(order).index_copy_(
+            0, order, sorted_group * n + torch.arange(len(order)) - first.index_select(0, sorted_group))
+        present = torch.zeros(len(counts) * n, dtype=torch.bool).index_fill_(0, slots, True)
+        places = torch.zeros(len(counts) * n, dtype=torch.long).index_copy_(0, slots, place)
+        return slots, present.view(-1, n), places.view(-1, n)
+
     def canvas_shape(self, stride: int) -> tuple[int, int, int]:
         """(B, h, w): the whole images' site grid at ``stride``."""
         s = self.sites_per_side(stride)
