@@ -451,16 +451,21 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
 
 
 class SparseWindowAttention(WindowAttention):
-    """Attention within groups of sites. Where one unshifted group holds a whole image (TinyViT's
-    at strides 16 and 32, Twins-SVT's and Swin's at 32, at 224 px), each image's visible rows side
-    by side as its tokens (``image_tokens``), the bias gathered at their positions in the group:
-    queries at visible sites only. Smaller groups, which hold sites of several patches: the rows
+    """Attention within groups of sites. Where unshifted groups tile each patch (MaxViT's and Swin
+    V2's of 8x8 at stride 4, at 256 px), each visible patch's rows regrouped in place: nothing
+    scattered, no hidden query. Where one unshifted group holds a whole image (TinyViT's at strides
+    16 and 32, Twins-SVT's and Swin's at 32, at 224 px), each image's visible rows side by side as
+    its tokens (``image_tokens``), the bias gathered at their positions in the group: queries at
+    visible sites only. Other groups, which hold sites of several patches: the rows
     scattered straight into their groups' slots (``PatchSites.group_slots``, as many groups as the
     whole images' map has: hidden queries computed, never read), attended, gathered back."""
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None, **terms: Tensor | None) -> ME.SparseTensor:
         sites, stride = PatchSites.of(x), x.tensor_stride[0]
         _, h, w = sites.canvas_shape(stride)
+        per_patch, rest = divmod(sites.sites_per_side(stride), self.window)
+        if not self.shift and per_patch and not rest:
+            return with_features(x, self.within_patches(x.F, per_patch, bias, **terms))
         if h <= self.window and w <= self.window and not self.shift:
             tokens, slots, present = image_tokens(x)
             if bias is not None:
@@ -471,6 +476,14 @@ class SparseWindowAttention(WindowAttention):
             tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
         out = self.attend_groups(tokens, present, bias, **terms)
         return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+    def within_patches(self, rows: Tensor, per_patch: int, bias: Tensor | None, **terms: Tensor | None) -> Tensor:
+        """(N, C) rows, patch-major and row by row in each patch -> (N, C'), attended within the
+        per_patch x per_patch groups of ``window`` x ``window`` sites that tile each visible patch."""
+        q, ws = per_patch, self.window
+        groups = rows.view(-1, q, ws, q, ws, rows.shape[1]).transpose(2, 3).reshape(-1, ws * ws, rows.shape[1])
+        out = self.attend_groups(groups, groups.new_ones(groups.shape[:2], dtype=torch.bool), bias, **terms)
+        return out.view(-1, q, q, ws, ws, out.shape[-1]).transpose(2, 3).reshape(rows.shape[0], -1)
 
 
 def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tensor]) -> ME.SparseTensor:
