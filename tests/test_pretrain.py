@@ -75,7 +75,9 @@ def test_the_recipe_fits_a_fixed_batch():
     assert loss.item() < 0.5 * first, (first, loss.item())
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("changes", [(), ("decoder.checkpoint=true",)], ids=["as it was", "decoder checkpointed"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch, changes):
+    # a memory setting may change on resume: the decoder's recomputed activations are the same
     straight = tmp_path / "straight"
     pretrain.train(config(), straight)
 
@@ -84,7 +86,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         pretrain.train(config(), interrupted)
     assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"] == 3
-    pretrain.train(config("resume=true"), interrupted)
+    pretrain.train(config("resume=true", *changes), interrupted)
     assert losses(interrupted) == losses(straight)  # same process, same threads: bit for bit
 
 
@@ -125,6 +127,8 @@ def test_resume_refuses_a_different_experiment_and_a_missing_checkpoint(tmp_path
         pretrain.train(config("max_steps=2", "resume=true", "data=imagefolder", f"data.root={tmp_path}"), tmp_path)
     with pytest.raises(pretrain.ConfigError, match="different data.scale"):
         pretrain.train(config("max_steps=2", "resume=true", "data.scale=[0.5,1.0]"), tmp_path)
+    with pytest.raises(pretrain.ConfigError, match="different decoder.width"):
+        pretrain.train(config("max_steps=2", "resume=true", "decoder.width=32"), tmp_path)
 
 
 def test_resuming_a_finished_run_says_so_and_reports_its_final_loss(tmp_path, capsys):
@@ -264,6 +268,11 @@ def test_wandb_logger_runs_offline(tmp_path):
 
 def test_visualize_command_draws_any_checkpoint(tmp_path):
     pretrain.train(config("max_steps=2"), tmp_path)
+    # a checkpoint from before decoder.checkpoint existed: drawn with the plain decoder
+    last = tmp_path / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=False)
+    del saved["config"]["decoder"]["checkpoint"]
+    torch.save(saved, last)
     out = tmp_path / "picture.png"
     proc = cli_in_process("spark_sparse.visualize", str(tmp_path), "--out", str(out), "--num-images", "2")
     assert proc.returncode == 0, proc.stderr

@@ -412,6 +412,7 @@ def test_running_out_of_memory_names_the_size_that_was_asked_for(tmp_path, monke
 
     monkeypatch.setattr(SparK, "forward", forward)
     with pytest.raises(pretrain.RunFailed, match=r"out of memory at input_size=64, batch_size=4 .*"
-                                                 r"you tried to allocate 68719476736 bytes\.; a smaller") as err:
+                                                 r"you tried to allocate 68719476736 bytes\.; a smaller input_size "
+                                                 r"or batch_size, or decoder\.checkpoint=true, needs less;") as err:
         pretrain.train(config(), tmp_path)
     assert "\n" not in str(err.value)

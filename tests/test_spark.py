@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from spark_sparse import create_encoder
 
+from spark_sparse.model.decoder import LightDecoder
 from spark_sparse.model.densify import Densify
 from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
 from spark_sparse.pretrain.optim import build_optimizer, build_scheduler, weight_decay_at
@@ -57,6 +58,48 @@ def test_densify_fills_hidden_sites_with_the_mask_token():
     assert torch.equal(out[0, :, 0, 1], d.mask_token.view(-1))
     with pytest.raises(ValueError, match="densify norm must be one of"):
         Densify(8, 8, norm="group")
+
+
+@pytest.mark.parametrize("precision", [torch.float64, torch.bfloat16], ids=["float64", "bf16 autocast"])
+def test_decoder_checkpointing_changes_nothing_but_memory(precision):
+    """Made again in backward, the decoder's activations give the plain step's loss, gradients and
+    norm statistics, bit for bit: its batch norms count the batch once (under autocast too)."""
+    images, active = torch.randn(2, 3, 64, 96, dtype=torch.float64), torch.rand(2, 1, 2, 3) < 0.5
+    results = []
+    for checkpointed in (False, True):
+        model = small("dense_masked", decoder_checkpoint=checkpointed).double().train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+            loss = model(images, active)["loss"]
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss, grads, dict(model.decoder.named_buffers())))
+    (loss, grads, buffers), (loss_c, grads_c, buffers_c) = results
+    assert torch.equal(loss, loss_c)
+    assert grads.keys() == grads_c.keys() and all(torch.equal(grads[k], grads_c[k]) for k in grads)
+    assert buffers.keys() == buffers_c.keys() and all(torch.equal(buffers[k], buffers_c[k]) for k in buffers)
+    assert all(int(n) == 1 for k, n in buffers_c.items() if k.endswith("num_batches_tracked"))
+
+
+def test_a_checkpointed_decoder_keeps_each_blocks_input_alone():
+    """What a training pass keeps for backward: a tenth of the plain decoder's (each block's input
+    and the head's), and the plain decoder's all in eval mode or without gradients."""
+    features = [torch.randn(2, 64 // 2 ** i, 2 * 2 ** i, 3 * 2 ** i, requires_grad=True) for i in range(4)]
+
+    def kept(decoder) -> int:
+        count = [0]
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            count[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            decoder(features)
+        return count[0]
+
+    torch.manual_seed(0)
+    plain, checkpointed = LightDecoder(64), LightDecoder(64, checkpoint=True)
+    assert kept(checkpointed) < 0.1 * kept(plain)
+    assert kept(checkpointed.eval()) == kept(plain.eval())
 
 
 @needs_minkowski

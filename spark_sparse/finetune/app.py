@@ -27,7 +27,7 @@ from torch import nn
 from ..run import distributed
 from ..run.checks import ConfigError
 from ..run.cli import run_app
-from ..run.failures import RunFailed, TrainingDiverged
+from ..run.failures import LESS_MEMORY, RunFailed, TrainingDiverged
 from ..run.recipe import CONF_DIR
 from ..run.signals import Stopped
 from ..run.trainer import Run, launch
@@ -51,6 +51,7 @@ class FineTuning:
     fixed_on_resume = FIXED_ON_RESUME
     changeable_on_resume = CHANGEABLE_ON_RESUME
     outputs = (BEST,)
+    memory_savers = LESS_MEMORY
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         validate(cfg, world_size)

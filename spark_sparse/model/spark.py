@@ -41,6 +41,7 @@ class SparK(nn.Module):
         densify_norm: str = "bn",
         mask_ratio: float = 0.6,
         mask_seed: int = 0,
+        decoder_checkpoint: bool = False,
     ):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -51,7 +52,7 @@ class SparK(nn.Module):
         self.mask_ratio = mask_ratio
         self.hierarchy = hierarchy
         self.stride = encoder.stride
-        self.decoder = LightDecoder(decoder_width, encoder.stride)
+        self.decoder = LightDecoder(decoder_width, encoder.stride, checkpoint=decoder_checkpoint)
         coarse_first = list(reversed(encoder.channels))[:hierarchy]
         self.densify = nn.ModuleList(
             Densify(c, self.decoder.widths[i], densify_norm, kernel_size=1 if i == 0 else 3)
@@ -131,8 +132,9 @@ class SparK(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> "SparK":
-        """Build from a pretraining config (conf/pretrain.yaml)."""
+        """Build from a pretraining config (conf/pretrain.yaml; a checkpoint's from before
+        ``decoder.checkpoint`` existed builds the plain decoder)."""
         return cls.build(cfg.model, engine=cfg.engine, drop_path_rate=cfg.drop_path_rate,
                          decoder_width=cfg.decoder.width, hierarchy=cfg.decoder.hierarchy,
                          densify_norm=cfg.decoder.densify_norm, mask_ratio=cfg.mask_ratio,
-                         mask_seed=cfg.seed)
+                         mask_seed=cfg.seed, decoder_checkpoint=cfg.decoder.get("checkpoint", False))

@@ -28,7 +28,7 @@ from ..model.spark import MaskPlan, SparK
 from ..run import distributed
 from ..run.checks import ConfigError
 from ..run.cli import run_app
-from ..run.failures import RunFailed, TrainingDiverged
+from ..run.failures import LESS_MEMORY, RunFailed, TrainingDiverged
 from ..run.recipe import CONF_DIR
 from ..run.run_dir import RunFiles
 from ..run.trainer import Run, launch
@@ -62,6 +62,7 @@ class Pretraining:
     fixed_on_resume = FIXED_ON_RESUME
     changeable_on_resume = CHANGEABLE_ON_RESUME
     outputs = (RunFiles.ENCODER,)
+    memory_savers = f"{LESS_MEMORY}, or decoder.checkpoint=true,"
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         validate(cfg, world_size)

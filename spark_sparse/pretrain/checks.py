@@ -44,6 +44,7 @@ KEYS = {
     "decoder.hierarchy": number(f"a whole number from 1 to {len(STRIDES)}", lambda v: 1 <= v <= len(STRIDES),
                                 whole=True),
     "decoder.densify_norm": one_of(*NORMS),
+    "decoder.checkpoint": FLAG,
     "sync_bn": FLAG,
     "cuda_graph": FLAG,
     "log_every": at_least(1),
@@ -57,8 +58,10 @@ KEYS = {
 }
 
 # a resumed run must be the same experiment; these may not change between the two halves
+# (decoder.checkpoint, a memory setting, may change freely)
 FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", "seed", "data.kind", "data.root",
-                   "data.scale", "decoder", "drop_path_rate", "optim", "max_steps", "epochs", "precision", "tf32")
+                   "data.scale", "decoder.width", "decoder.hierarchy", "decoder.densify_norm", "drop_path_rate",
+                   "optim", "max_steps", "epochs", "precision", "tf32")
 # ... but a user may resume with these changed on purpose (resume_changes=[...]): a long run that
 # diverged goes on from its last good checkpoint with a smaller lr
 CHANGEABLE_ON_RESUME = ("precision", "optim.base_lr", "optim.min_lr", "optim.clip_grad", "optim.weight_decay",

@@ -41,8 +41,12 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def out_of_memory(err: BaseException, cfg: DictConfig, kept: str, processes: int = 1) -> RunFailed:
-    """The one-line account of an allocation failure: the size asked for and what was kept."""
+# what every app's out-of-memory line suggests (an app may name more: App.memory_savers)
+LESS_MEMORY = "a smaller input_size or batch_size"
+
+
+def out_of_memory(err: BaseException, cfg: DictConfig, kept: str, processes: int = 1,
+                  savers: str = LESS_MEMORY) -> RunFailed:
+    """The one-line account of an allocation failure: the size asked for, what needs less, what was kept."""
     return RunFailed(f"out of memory at input_size={cfg.input_size}, batch_size={cfg.batch_size} "
-                     f"({cfg.model}, {processes} process(es)): {first_line(err)}; a smaller "
-                     f"input_size or batch_size needs less; {kept}")
+                     f"({cfg.model}, {processes} process(es)): {first_line(err)}; {savers} needs less; {kept}")

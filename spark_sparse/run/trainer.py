@@ -50,6 +50,7 @@ class App(Protocol):
     fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
     changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
     outputs: tuple[str, ...]  # files it writes atomically into the run directory besides checkpoints
+    memory_savers: str  # what its out-of-memory line says needs less (failures.LESS_MEMORY and its own)
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
         """Refuse a config that cannot work, before anything is read."""
@@ -88,7 +89,7 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
             finally:
                 run.close()
         except (MemoryError, RuntimeError, OSError) as err:
-            failure = _failure(err, cfg, files, run, ctx.world_size)
+            failure = _failure(err, cfg, files, run, ctx.world_size, app.memory_savers)
             if failure is err:
                 raise
             raise failure from None
@@ -96,7 +97,8 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
             lock.release()
 
 
-def _failure(err: BaseException, cfg: DictConfig, files: RunFiles, run: Run | None, processes: int) -> BaseException:
+def _failure(err: BaseException, cfg: DictConfig, files: RunFiles, run: Run | None, processes: int,
+             memory_savers: str) -> BaseException:
     """The one-line failure a full disk or an exhausted memory becomes; any other error as it is."""
     if isinstance(err, (RunFailed, TrainingDiverged)):
         return err
@@ -108,7 +110,7 @@ def _failure(err: BaseException, cfg: DictConfig, files: RunFiles, run: Run | No
         return RunFailed(f"disk full while writing {getattr(err, 'filename', None) or 'the run directory'}: {kept}; "
                          "free some space and continue with resume=true")
     if is_out_of_memory(err):
-        return out_of_memory(err, cfg, kept, processes)
+        return out_of_memory(err, cfg, kept, processes, memory_savers)
     return err
 
 
