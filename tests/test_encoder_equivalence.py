@@ -761,9 +761,11 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
             assert rel_err(g, p) < 1e-9
 
 
-# nets whose attention the sparse engine runs on each image's rows side by side
+# nets whose attention the sparse engine runs on each image's rows side by side (MobileViT's and MaxViT's: each grid
+# group's rows)
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
-                  "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {}}
+                  "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
+                  "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)
@@ -771,11 +773,13 @@ def test_self_attention_over_images_with_different_numbers_of_visible_patches(ti
     """The sparse engine lays each image's rows side by side as its tokens, up to the most any image
     has: with 5, 2 and 1 visible patches, the shorter images' empty slots must be no keys (PVT v2:
     queries at stride 4 to 32, keys at 32; TinyViT: its bias gathered at each token's position) and
-    count for nothing (Florence-2's DaViT scales its channel attention by each image's visible tokens)."""
-    images, _ = batch_on(device, VARIANT_SIZE, "none", batch=3)
-    active = torch.zeros(3, 1, 2, 3, dtype=torch.bool)
+    count for nothing (Florence-2's DaViT scales its channel attention by each image's visible tokens;
+    MobileViT's and MaxViT's grid groups hold as many rows as the image has visible patches)."""
+    size = VARIANT_SIZES.get(name, VARIANT_SIZE)
+    images, _ = batch_on(device, size, "none", batch=3)
+    active = torch.zeros(3, 1, size[0] // 32, size[1] // 32, dtype=torch.bool)
     active[0].view(-1)[:5] = True
-    active[1, 0, 1, 0] = active[1, 0, 0, 2] = True
+    active[1, 0, 1, 0] = active[1, 0, 0, -1] = True
     active[2, 0, 1, 1] = True
     assert_train_steps_equal(*encoders(timm_models(name, **UNEQUAL_IMAGES[name]), train=True, device=device), images,
                              active)
