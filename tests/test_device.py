@@ -71,7 +71,7 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # blocks passing [x, skip] lists, a head at stride 64 kept (selecsls), a bias MLP per pair with its dropout
 # (swin_transformer_v2_cr), attention between channels with a per-image scale (davit), attention within groups of
 # sites two apart (mobilevit), RMS norms (mobilenetv5), a sigmoid-gated single-head attention (iformer), grids of
-# sites spread over the map and bias tables run on the device (maxxvit)
+# sites spread over the map and bias tables run on the device (maxxvit), relative-offset logits (byoanet)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -123,6 +123,7 @@ AUDITED.update({name: {"drop_path_rate": 0.1} for name in ["mobilevit_xxs", "mob
 AUDITED["mobilenetv5_base"] = {"channel_multiplier": 0.25, "drop_path_rate": 0.1}
 AUDITED["iformer_t"] = {"drop_path_rate": 0.1}
 AUDITED.update({name: {"img_size": 64, "drop_path_rate": 0.1} for name in ["test_maxvit", "test_coatnet"]})
+AUDITED["botnet26t_256"] = {"img_size": (128, 160), "drop_path_rate": 0.1}
 AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32
 AUDIT_SIZES["test_maxvit"] = (128, 192)  # its groups and grids (of 2x2 sites: built for 64 px) whole at every stride
 

@@ -25,6 +25,7 @@ import pytest
 import timm
 import torch
 from timm.layers import StdConv2dSame
+from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
 from timm.models.lcnetv2 import RepDepthwiseSeparable
@@ -676,6 +677,13 @@ VARIANTS["SelecSLS: concatenated 3x3 chains, each stage's first output beside ev
 # CoAtNet's transformer blocks attend over the whole map of the model's size (norm, then pooling, where they stride;
 # max-pooled shortcuts in coatnet_rmlp_1_rw, SE before the norm, a pre-norm activation)
 SMALL_MAXXVIT = {"embed_dim": (32, 64, 128, 256), "depths": (1, 2, 1, 1), "stem_width": (16, 32), "img_size": 64}
+# timm's byoanet module (ByobNets), built for the test's 64x96 images: BotNet's bottlenecks whose 3x3 is attention over
+# each image's visible sites with logits from each query and learned embeddings of the key's row and column offsets
+# (a 2x2 average pooling after it where the block strides); ECA and grouped convolutions in eca_botnext
+BOTNET = {"img_size": (64, 96)}
+VARIANTS.update({"BotNet: attention over visible sites with relative-offset logits, pooled where it strides": (
+                     "botnet26t_256", BOTNET),
+                 "BotNeXt: the same in ResNeXt bottlenecks with ECA": ("eca_botnext26ts_256", BOTNET)})
 VARIANTS.update({
     "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
         "test_maxvit", {"img_size": 64}),
@@ -709,7 +717,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "swiftformer_xs", "caformer_s18", "pvt_v2_b0", "twins_svt_small", "tiny_vit_5m_224",
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
-              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet"}
+              "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
+              "botnet26t_256"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -765,7 +774,7 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
 # group's rows)
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
-                  "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}}
+                  "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)
@@ -783,6 +792,23 @@ def test_self_attention_over_images_with_different_numbers_of_visible_patches(ti
     active[2, 0, 1, 1] = True
     assert_train_steps_equal(*encoders(timm_models(name, **UNEQUAL_IMAGES[name]), train=True, device=device), images,
                              active)
+
+
+def test_botnets_attention_with_its_position_logits_scaled_too_equals_dense_masked_and_plain_timm(timm_models, device):
+    """timm's BottleneckAttn scales the relative logits with the dot products where ``scale_pos_embed``
+    (no registered model sets it)."""
+    model = copy.deepcopy(timm_models("botnet26t_256", **BOTNET))
+    for module in model.modules():
+        if isinstance(module, BottleneckAttn):
+            module.scale_pos_embed = True
+    images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
+    assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
+    images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
+    with torch.no_grad():
+        got = encoder.dense_features(images.double(), everything)
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
+            assert rel_err(g, p) < 1e-9
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):

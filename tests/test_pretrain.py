@@ -199,6 +199,14 @@ def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_
     assert not any(tmp_path.iterdir())
 
 
+def test_a_botnet_above_its_own_input_size_fails_before_any_work(tmp_path):
+    # its relative position tables reach the map of its own size (encoders/byoanet.py)
+    with pytest.raises(pretrain.ConfigError, match=r"^model botnet26t_256's relative position embeddings reach maps "
+                                                   r"of its own input size: input_size must be at most 256, got 288$"):
+        pretrain.train(config("model=botnet26t_256", "input_size=288"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     # its grid attention spreads groups of 7x7 sites over each map (encoders/maxxvit.py)
     with pytest.raises(pretrain.ConfigError, match=r"^model maxvit_tiny_rw_224 attends within groups and grids of "

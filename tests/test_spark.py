@@ -132,13 +132,14 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "tiny_vit_5m_224", "efficientformer_l1", "swin_tiny_patch4_window7_224",
                                   "swinv2_tiny_window8_256", "edgenext_xx_small",
                                   "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs",
-                                  "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet"])
+                                  "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
+                                  "botnet26t_256"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
     torch.manual_seed(0)
-    # MaxViT's groups and grids, and CoAtNet's, of the size it is built for: 64 px here
-    kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet") else {}
+    # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
+    kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256") else {}
     timm_model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
     model = SparK(create_encoder(timm_model, "sparse"), decoder_width=32, mask_ratio=0.6)
     out = model(torch.randn(2, 3, 64, 64))

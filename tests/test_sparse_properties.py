@@ -123,6 +123,9 @@ MODELS["iformer_t"] = ("iformer_t", {})  # single-head attention over visible to
 # canvas around it, so MaxViT keeps batch independence alone (its groups of sites are CoAtNet's and Swin's kind)
 MODELS.update({name: (name, {"img_size": 64}) for name in ["test_coatnet", "test_maxvit"]})
 CANVAS_DEPENDENT = {"test_maxvit"}
+# BotNet's attention over each image's visible sites with logits from relative offsets, built for the canvas's size
+# (its tables reach that map; timm runs no other)
+MODELS["botnet26t_256"] = ("botnet26t_256", {"img_size": (160, 192)})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

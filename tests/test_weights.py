@@ -81,6 +81,9 @@ ALL_DEPTHS.update({name: (name, {"channel_multiplier": 0.25}) for name in ["mobi
 ALL_DEPTHS.update({name: (name, {}) for name in ["iformer_t", "iformer_m_distilled"]})
 # MBConvs, group and grid attention with bias tables (TensorFlow's row and column ones, MLPs of offsets: timm's
 # modules under timm's names), ConvNeXt blocks, CoAtNet's transformer blocks; the head's norm and MLP kept
+# BotNets: relative position tables (pos_embed.height_rel, .width_rel) in ByobNet bottlenecks
+ALL_DEPTHS.update({name: (name, {}) for name in ["botnet26t_256", "botnet50ts_256", "eca_botnext26ts_256",
+                                                 "sebotnet33ts_256"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
@@ -200,7 +203,8 @@ def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_ref
 def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        ("halonet26t", ()): r"SelfAttnBlock at 'stages\.2\.1': self-attention mixes every site",
+        ("halonet26t", ()): r"HaloAttn at 'stages\.2\.1\.self_attn': halo attention's keys come from halos zero-padded",
+        ("lambda_resnet26t", ()): r"LambdaLayer at 'stages\.2\.1\.self_attn': lambda layers .* are not mirrored",
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
         ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
     }

@@ -1,6 +1,6 @@
 """The ByobNet family (timm ``byobnet``: RepVGG, MobileOne, GENet, the ``resnet*ts``/``*resnext26ts``
 nets, byobnet's RegNetZ, CLIP's ResNets; and timm's ``mobilevit`` models, ByobNets whose MobileViT
-blocks mobilevit.py mirrors).
+blocks mobilevit.py mirrors, and its ``byoanet`` BotNets, whose bottleneck attention byoanet.py mirrors).
 
 "Bring your own blocks": a stem (one conv-norm-act, a ``Stem`` of them with an optional pooling,
 or a RepVGG/MobileOne block), stages of declared blocks, and an optional final 1x1 convolution
@@ -8,7 +8,7 @@ that ends the stride-32 features. Residual blocks (basic, bottleneck, dark, edge
 sub-modules in order, plus a shortcut. RepVGG and MobileOne blocks are re-parameterisable: at
 train time, when SparK runs, they sum parallel conv+norm branches (k x k, 1x1, an identity
 norm) over the same visible sites; a re-parameterised block is one convolution with a bias.
-Self-attention blocks and attention that pools over the whole map are refused by path.
+Halo attention, lambda layers and non-local attention are refused by path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
                                  MobileOneBlock, RepVggBlock, SelfAttnBlock, Stem)
 from torch import nn
 
-from . import mobilevit
+from . import byoanet, mobilevit
 from .family import CheckpointingRefused, Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
@@ -29,6 +29,7 @@ ORDER = {
     BottleneckBlock: ("conv1_1x1", "conv2_kxk", "conv2b_kxk", "attn", "conv3_1x1", "attn_last"),
     DarkBlock: ("conv1_1x1", "attn", "conv2_kxk", "attn_last"),
     EdgeBlock: ("conv1_kxk", "attn", "conv2_1x1", "attn_last"),
+    SelfAttnBlock: ("conv1_1x1", "conv2_kxk", "self_attn", "post_attn", "conv3_1x1"),  # BotNet's (byoanet.py)
 }
 
 
@@ -116,9 +117,8 @@ class MirrorDownsampleAvg(nn.Module):
 
 # modules with no exact sparse twin, and why (refused by path before any conversion)
 REFUSED = {
-    SelfAttnBlock: "self-attention mixes every site of the map (halo, bottleneck-transformer, lambda "
-                   "layers): it has no exact sparse twin",
     BatNonLocalAttn: "non-local attention mixes every site of the map",
+    **byoanet.REFUSED,
 }
 
 
@@ -127,12 +127,12 @@ BYOBNET = Family(
     timm_class=ByobNet,
     mirrors={**{block: MirrorByoBlock for block in ORDER}, RepVggBlock: MirrorRepVggBlock,
              MobileOneBlock: MirrorMobileOneBlock, DownsampleAvg: MirrorDownsampleAvg,
-             ConvNormAct: MirrorConvNormAct, Stem: MirrorSequential, **mobilevit.MIRRORS},
+             ConvNormAct: MirrorConvNormAct, Stem: MirrorSequential, **mobilevit.MIRRORS, **byoanet.MIRRORS},
     layout=TappedStages(head=("final_conv",)),
     # what a head without its classifier holds: an attention pool's (CLIP) or an MLP head's weights
     kept=("head.pos_embed", "head.cls_token", "head.q", "head.k", "head.v", "head.qkv", "head.norm", "head.pre_logits"),
     check=CheckpointingRefused("stages"),
     refused=REFUSED,
     pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
-    other_modules=("mobilevit",),
+    other_modules=("mobilevit", "byoanet"),
 )

@@ -31,7 +31,8 @@ from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
                         FourierPositions, GlobalContextAttention, GridAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, RelativeLogitsAttention, SELF_ATTENTION, SelfAttention,
+                        SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
@@ -293,6 +294,20 @@ class MaskedLinearAttention(LinearAttention):
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
         return MaskedTensor(super().forward(inp.clean().x), inp.active)
+
+
+class MaskedRelativeLogitsAttention(RelativeLogitsAttention):
+    """BotNet's attention over the map's sites, the hidden ones no keys; hidden queries get values,
+    masked later."""
+
+    def forward(self, inp: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, _, h, w = x.shape
+        self.check(h, w)
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible()[:, 0].flatten(1),
+                          ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
 
 
 class MaskedCrossCovarianceAttention(CrossCovarianceAttention):
@@ -595,6 +610,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedAdditiveAttention(module, path)
     if type(module) is CrossCovarianceAttention:
         return MaskedCrossCovarianceAttention(module.num_heads)
+    if type(module) is RelativeLogitsAttention:
+        return module.like(MaskedRelativeLogitsAttention)
     if type(module) is ChannelGroupAttention:
         return MaskedChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if type(module) is PositionalEncodingFourier:

@@ -45,7 +45,8 @@ from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify,
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
                         FourierPositions, GlobalContextAttention, GridAttention, LinearAttention,
-                        GroupedQueryAttention, SELF_ATTENTION, SelfAttention, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, RelativeLogitsAttention, SELF_ATTENTION, SelfAttention,
+                        SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
@@ -404,6 +405,20 @@ def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
 
 
+class SparseRelativeLogitsAttention(RelativeLogitsAttention):
+    """BotNet's attention on each image's visible rows side by side (``on_image_tokens``), their rows
+    and columns from their positions in the image: queries at visible sites only."""
+
+    def forward(self, x: ME.SparseTensor, height_rel: Tensor, width_rel: Tensor) -> ME.SparseTensor:
+        sites, stride = PatchSites.of(x), x.tensor_stride[0]
+        _, h, w = sites.canvas_shape(stride)
+        self.check(h, w)
+        side = max(h, w)
+        position = sites.group_positions(stride, side)  # y * side + x
+        return on_image_tokens(x, lambda tokens, present: self.attend(
+            tokens, present, position // side, position % side, height_rel, width_rel))
+
+
 class SparseCrossCovarianceAttention(CrossCovarianceAttention):
     """Each image's visible rows side by side as its tokens (the padding's zeros add nothing)."""
 
@@ -676,6 +691,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseAdditiveAttention(module, path)
     if kind is CrossCovarianceAttention:
         return SparseCrossCovarianceAttention(module.num_heads)
+    if kind is RelativeLogitsAttention:
+        return module.like(SparseRelativeLogitsAttention)
     if kind is ChannelGroupAttention:
         return SparseChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if kind is PositionalEncodingFourier:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..encoders import maxxvit, mobilevit
+from ..encoders import byoanet, maxxvit, mobilevit
 from ..encoders.family import STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
@@ -21,6 +21,8 @@ INPUT_MULTIPLES = {
     "maxxvit": (maxxvit.input_multiple,
                 "attends within groups and grids of sites that must be whole at every stride (timm asserts so)"),
 }
+# timm modules whose encoders take input sizes up to the model's own: the largest for a model's name, or None
+LARGEST_INPUTS = {"byoanet": byoanet.largest_input}
 
 KEYS = {
     **RUN_KEYS,
@@ -85,6 +87,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     multiple = multiple_of(str(cfg.model))
     if cfg.input_size % multiple:
         raise ConfigError(f"model {cfg.model} {why}: input_size must be a multiple of {multiple}, got {cfg.input_size}")
+    largest = LARGEST_INPUTS.get(timm_module_of(str(cfg.model)), lambda name: None)(str(cfg.model))
+    if largest is not None and cfg.input_size > largest:
+        raise ConfigError(f"model {cfg.model}'s relative position embeddings reach maps of its own input size: "
+                          f"input_size must be at most {largest}, got {cfg.input_size}")
     if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
                           f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
