@@ -75,6 +75,15 @@ def batch_on(device: torch.device, size: tuple[int, int], mask: str, batch: int 
     return images.to(device), active
 
 
+def assert_equals_plain_timm_in_eval_mode(model, images, everything, device) -> None:
+    """``model``'s sparse encoder (float64, eval mode) with nothing hidden equals timm's model."""
+    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
+    with torch.no_grad():
+        got = encoder.dense_features(images.double(), everything)
+        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
+            assert rel_err(g, p) < 1e-9
+
+
 def running_statistics(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
 
@@ -740,11 +749,7 @@ def test_every_kind_of_universal_inverted_residual_equals_dense_masked_and_plain
     images, active = batch_on(device, VARIANT_SIZE, mask, batch=4 if mask == "one" else 2)
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
     if mask == "none":
-        encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
-        with torch.no_grad():
-            got = encoder.dense_features(images.double(), active)
-            for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
-                assert rel_err(g, p) < 1e-9
+        assert_equals_plain_timm_in_eval_mode(model, images, active, device)
 
 
 @pytest.mark.parametrize("use_attn, fuse_add, fuse_scale", [(False, False, True), (True, True, True)],
@@ -763,11 +768,7 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
     for mask in ("ratio0.6", "none"):
         images, active = batch_on(device, VARIANT_SIZE, mask, batch=2)
         assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
-    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
-    with torch.no_grad():
-        got = encoder.dense_features(images.double(), active)
-        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
-            assert rel_err(g, p) < 1e-9
+    assert_equals_plain_timm_in_eval_mode(model, images, active, device)
 
 
 # nets whose attention the sparse engine runs on each image's rows side by side (MobileViT's and MaxViT's: each grid
@@ -804,11 +805,7 @@ def test_botnets_attention_with_its_position_logits_scaled_too_equals_dense_mask
     images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
     images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
-    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
-    with torch.no_grad():
-        got = encoder.dense_features(images.double(), everything)
-        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
-            assert rel_err(g, p) < 1e-9
+    assert_equals_plain_timm_in_eval_mode(model, images, everything, device)
 
 
 def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later(timm_models, device):
@@ -831,11 +828,7 @@ def test_reparameterised_branches_equal_dense_masked_and_plain_timm(timm_models,
     images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
     images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
-    encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().eval().to(device)
-    with torch.no_grad():
-        got = encoder.dense_features(images.double(), everything)
-        for g, p in zip(got, plain_features(copy.deepcopy(model).double().eval().to(device), images.double())):
-            assert rel_err(g, p) < 1e-9
+    assert_equals_plain_timm_in_eval_mode(model, images, everything, device)
 
 
 @pytest.mark.parametrize("variant, mask", [(v, m) for v, (name, _) in VARIANTS.items()
