@@ -460,14 +460,18 @@ class RelativeLogitsAttention(nn.Module):
         out = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(-1) @ v
         return out.transpose(1, 2).flatten(2)
 
-    def forward(self, x: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
+    def attend_map(self, x: Tensor, present: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
+        """(B, C, h, w) the map's q, k, v, (B, h * w) bool: which sites are keys -> (B, C', h, w)."""
         b, _, h, w = x.shape
         self.check(h, w)
         ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        present = x.new_ones(b, h * w, dtype=torch.bool)
         out = self.attend(x.flatten(2).transpose(1, 2), present, ys.reshape(1, -1).expand(b, -1),
                           xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
         return out.transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, x: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
+        present = x.new_ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool)
+        return self.attend_map(x, present, height_rel, width_rel)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, feat={self.feat}, "

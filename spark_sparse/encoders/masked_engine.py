@@ -301,13 +301,8 @@ class MaskedRelativeLogitsAttention(RelativeLogitsAttention):
     masked later."""
 
     def forward(self, inp: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
-        x = inp.clean().x
-        b, _, h, w = x.shape
-        self.check(h, w)
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible()[:, 0].flatten(1),
-                          ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
+        out = self.attend_map(inp.clean().x, inp.visible()[:, 0].flatten(1), height_rel, width_rel)
+        return MaskedTensor(out, inp.active, dirty=True)
 
 
 class MaskedCrossCovarianceAttention(CrossCovarianceAttention):

@@ -389,20 +389,35 @@ class SparseAdditiveAttention(AdditiveAttention):
         return with_features(x, self.output(query, key, pooled.to(query.dtype).index_select(0, image)))
 
 
+def into_slots(rows: Tensor, slots: Tensor, present: Tensor) -> Tensor:
+    """(N, C) rows laid into their ``slots`` of a (G, n) grid of tokens (``present``'s shape), zeros
+    in the empty ones -> (G, n, C)."""
+    return rows.new_zeros(present.numel(), rows.shape[1]).index_copy(0, slots, rows).view(*present.shape, -1)
+
+
+def from_slots(x: ME.SparseTensor, out: Tensor, slots: Tensor) -> ME.SparseTensor:
+    """``into_slots``' inverse for an attention's (G, n, C') output: ``x``'s rows with its features."""
+    return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+
+
+def bias_at(bias: Tensor, places: Tensor) -> Tensor:
+    """(heads, L, L) bias of each pair of places in a group, (G, n) each token's place -> (G, heads,
+    n, n): the bias of each pair of tokens."""
+    return bias[:, places[:, :, None], places[:, None, :]].transpose(0, 1)
+
+
 def image_tokens(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each image's rows side by side as its tokens: (B, n, C) tokens, (N,) each row's slot in the
     flattened (B, n), (B, n) bool, which slots hold a row (``PatchSites.image_slots``)."""
     slots, present = PatchSites.of(x).image_slots(x.tensor_stride[0])
-    b, n = present.shape
-    return x.F.new_zeros(b * n, x.F.shape[1]).index_copy(0, slots, x.F).view(b, n, -1), slots, present
+    return into_slots(x.F, slots, present), slots, present
 
 
 def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tensor]) -> ME.SparseTensor:
     """``attend((B, n, C) tokens, (B, n) bool: which slots hold a row)`` on each image's rows side by
     side (``image_tokens``), its (B, n, C') output gathered back to the rows."""
     tokens, slots, present = image_tokens(x)
-    out = attend(tokens, present)
-    return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+    return from_slots(x, attend(tokens, present), slots)
 
 
 class SparseRelativeLogitsAttention(RelativeLogitsAttention):
@@ -461,8 +476,7 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         queries, slots, _ = image_tokens(q)
         keys, _, present = image_tokens(k)
         values, _, _ = image_tokens(v)
-        out = self.attend(queries, keys, values, present)
-        return with_features(q, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        return from_slots(q, self.attend(queries, keys, values, present), slots)
 
 
 class SparseWindowAttention(WindowAttention):
@@ -485,12 +499,11 @@ class SparseWindowAttention(WindowAttention):
             tokens, slots, present = image_tokens(x)
             if bias is not None:
                 position = sites.group_positions(stride, self.window)
-                bias = bias[:, position[:, :, None], position[:, None, :]].transpose(0, 1)
+                bias = bias_at(bias, position)
         else:
             slots, present = sites.group_slots(stride, self.window, self.shift)
-            tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
-        out = self.attend_groups(tokens, present, bias, **terms)
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+            tokens = into_slots(x.F, slots, present)
+        return from_slots(x, self.attend_groups(tokens, present, bias, **terms), slots)
 
     def within_patches(self, rows: Tensor, per_patch: int, bias: Tensor | None, **terms: Tensor | None) -> Tensor:
         """(N, C) rows, patch-major and row by row in each patch -> (N, C'), attended within the
@@ -519,8 +532,7 @@ def grid_tokens(x: ME.SparseTensor,
     bool, which slots hold a row, (G, n) each slot's place in its group."""
     sites, stride = PatchSites.of(x), x.tensor_stride[0]
     slots, present, places = sites.grid_slots(stride, blocks(*sites.canvas_shape(stride)[1:]))
-    tokens = x.F.new_zeros(present.numel(), x.F.shape[1]).index_copy(0, slots, x.F).view(*present.shape, -1)
-    return tokens, slots, present, places
+    return into_slots(x.F, slots, present), slots, present, places
 
 
 class SparseGridAttention(GridAttention):
@@ -529,10 +541,8 @@ class SparseGridAttention(GridAttention):
 
     def forward(self, x: ME.SparseTensor, bias: Tensor | None = None, **terms: Tensor | None) -> ME.SparseTensor:
         tokens, slots, present, places = grid_tokens(x, self.blocks)
-        if bias is not None:
-            bias = bias[:, places[:, :, None], places[:, None, :]].transpose(0, 1)
-        out = self.attend_groups(tokens, present, bias, **terms)
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        bias = None if bias is None else bias_at(bias, places)
+        return from_slots(x, self.attend_groups(tokens, present, bias, **terms), slots)
 
 
 class SparseSeparableGridAttention(SeparableGridAttention):
@@ -540,8 +550,7 @@ class SparseSeparableGridAttention(SeparableGridAttention):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         tokens, slots, present, _ = grid_tokens(x, self.blocks)
-        out = self.attend_groups(tokens, present)
-        return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, slots))
+        return from_slots(x, self.attend_groups(tokens, present), slots)
 
 
 class SparseCondConv(CondConvExperts):
