@@ -420,64 +420,6 @@ def spread_blocks(h: int, w: int, grid: int) -> tuple[int, int]:
     return h // grid, w // grid
 
 
-class RelativeLogitsAttention(nn.Module):
-    """BotNet's bottleneck attention (timm's ``BottleneckAttn`` after its qkv 1x1: every head's q,
-    then k, then v) over each image's tokens, the logits of each query and key plus the query's
-    products with learned embeddings of the key's row and column offset from it (``height_rel``,
-    ``width_rel``, timm's ``PosEmbedRel``: (2H - 1, key_dim) and (2W - 1, key_dim) for maps of up to
-    ``feat`` = (H, W) sites; timm runs the map of that size alone), all scaled where
-    ``scale_pos_embed``, else the dot products alone. Here each visible query attends to its image's
-    visible keys. A parameter-free leaf every engine converts to its own twin."""
-
-    def __init__(self, num_heads: int, key_dim: int, value_dim: int, feat: tuple[int, int], scale_pos_embed: bool):
-        super().__init__()
-        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
-        self.feat, self.scale_pos_embed = tuple(feat), scale_pos_embed
-
-    def like(self, cls: type) -> "RelativeLogitsAttention":
-        return cls(self.num_heads, self.key_dim, self.value_dim, self.feat, self.scale_pos_embed)
-
-    def check(self, h: int, w: int) -> None:
-        """Refuse, in one line, a map larger than the offset tables reach."""
-        if h > self.feat[0] or w > self.feat[1]:
-            raise ValueError(f"BotNet's relative position embeddings reach maps of up to {self.feat[0]}x{self.feat[1]} "
-                             f"sites, got {h}x{w}; use an input size up to the model's own (timm runs that alone)")
-
-    def attend(self, tokens: Tensor, present: Tensor, ys: Tensor, xs: Tensor, height_rel: Tensor,
-               width_rel: Tensor) -> Tensor:
-        """(B, n, C) each token's q, k, v, (B, n) bool: which are keys, (B, n) each token's row and
-        column -> (B, n, heads * value_dim)."""
-        heads, kd, vd = self.num_heads, self.key_dim, self.value_dim
-        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2)
-                   for t in tokens.split([heads * kd, heads * kd, heads * vd], dim=-1))
-        (h, w), expand = self.feat, (-1, heads, -1, -1)
-        rows = (ys[:, None, :] - ys[:, :, None] + h - 1)[:, None].expand(expand)  # the key's offset from the query
-        cols = (xs[:, None, :] - xs[:, :, None] + w - 1)[:, None].expand(expand)
-        relative = (q @ height_rel.to(q.dtype).t()).gather(-1, rows) + (q @ width_rel.to(q.dtype).t()).gather(-1, cols)
-        logits = q @ k.transpose(-1, -2)
-        logits = (logits + relative) * kd ** -0.5 if self.scale_pos_embed else logits * kd ** -0.5 + relative
-        keys = present | ~present.any(1, keepdim=True)  # an image without a key: outputs never read
-        out = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(-1) @ v
-        return out.transpose(1, 2).flatten(2)
-
-    def attend_map(self, x: Tensor, present: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
-        """(B, C, h, w) the map's q, k, v, (B, h * w) bool: which sites are keys -> (B, C', h, w)."""
-        b, _, h, w = x.shape
-        self.check(h, w)
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        out = self.attend(x.flatten(2).transpose(1, 2), present, ys.reshape(1, -1).expand(b, -1),
-                          xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
-
-    def forward(self, x: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
-        present = x.new_ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool)
-        return self.attend_map(x, present, height_rel, width_rel)
-
-    def extra_repr(self) -> str:
-        return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, feat={self.feat}, "
-                f"scale_pos_embed={self.scale_pos_embed}")
-
-
 def grid_groups(x: Tensor, block: tuple[int, int]) -> Tensor:
     """(B, h, w, C) -> (B * bh * bw, h * w / (bh * bw), C): the sites of each image with the same
     offset in their bh x bw ``block``, block after block in rows (MobileViT's unfolding, MaxViT's grid)."""
@@ -566,3 +508,61 @@ class SeparableGridAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grid={self.grid}"
+
+
+class RelativeLogitsAttention(nn.Module):
+    """BotNet's bottleneck attention (timm's ``BottleneckAttn`` after its qkv 1x1: every head's q,
+    then k, then v) over each image's tokens, the logits of each query and key plus the query's
+    products with learned embeddings of the key's row and column offset from it (``height_rel``,
+    ``width_rel``, timm's ``PosEmbedRel``: (2H - 1, key_dim) and (2W - 1, key_dim) for maps of up to
+    ``feat`` = (H, W) sites; timm runs the map of that size alone), all scaled where
+    ``scale_pos_embed``, else the dot products alone. Here each visible query attends to its image's
+    visible keys. A parameter-free leaf every engine converts to its own twin."""
+
+    def __init__(self, num_heads: int, key_dim: int, value_dim: int, feat: tuple[int, int], scale_pos_embed: bool):
+        super().__init__()
+        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
+        self.feat, self.scale_pos_embed = tuple(feat), scale_pos_embed
+
+    def like(self, cls: type) -> "RelativeLogitsAttention":
+        return cls(self.num_heads, self.key_dim, self.value_dim, self.feat, self.scale_pos_embed)
+
+    def check(self, h: int, w: int) -> None:
+        """Refuse, in one line, a map larger than the offset tables reach."""
+        if h > self.feat[0] or w > self.feat[1]:
+            raise ValueError(f"BotNet's relative position embeddings reach maps of up to {self.feat[0]}x{self.feat[1]} "
+                             f"sites, got {h}x{w}; use an input size up to the model's own (timm runs that alone)")
+
+    def attend(self, tokens: Tensor, present: Tensor, ys: Tensor, xs: Tensor, height_rel: Tensor,
+               width_rel: Tensor) -> Tensor:
+        """(B, n, C) each token's q, k, v, (B, n) bool: which are keys, (B, n) each token's row and
+        column -> (B, n, heads * value_dim)."""
+        heads, kd, vd = self.num_heads, self.key_dim, self.value_dim
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2)
+                   for t in tokens.split([heads * kd, heads * kd, heads * vd], dim=-1))
+        (h, w), expand = self.feat, (-1, heads, -1, -1)
+        rows = (ys[:, None, :] - ys[:, :, None] + h - 1)[:, None].expand(expand)  # the key's offset from the query
+        cols = (xs[:, None, :] - xs[:, :, None] + w - 1)[:, None].expand(expand)
+        relative = (q @ height_rel.to(q.dtype).t()).gather(-1, rows) + (q @ width_rel.to(q.dtype).t()).gather(-1, cols)
+        logits = q @ k.transpose(-1, -2)
+        logits = (logits + relative) * kd ** -0.5 if self.scale_pos_embed else logits * kd ** -0.5 + relative
+        keys = present | ~present.any(1, keepdim=True)  # an image without a key: outputs never read
+        out = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(-1) @ v
+        return out.transpose(1, 2).flatten(2)
+
+    def attend_map(self, x: Tensor, present: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
+        """(B, C, h, w) the map's q, k, v, (B, h * w) bool: which sites are keys -> (B, C', h, w)."""
+        b, _, h, w = x.shape
+        self.check(h, w)
+        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+        out = self.attend(x.flatten(2).transpose(1, 2), present, ys.reshape(1, -1).expand(b, -1),
+                          xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
+        return out.transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, x: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
+        present = x.new_ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool)
+        return self.attend_map(x, present, height_rel, width_rel)
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, feat={self.feat}, "
+                f"scale_pos_embed={self.scale_pos_embed}")
