@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spark_sparse import engine_class, random_active
+from spark_sparse.encoders.families import input_sizes
 
 from .conftest import ENGINE_NAMES
 
@@ -57,3 +58,22 @@ def test_random_active_keeps_the_papers_count():
     active = random_active(4, (7, 7), 0.6, g)
     assert active.shape == (4, 1, 7, 7) and active.dtype == torch.bool
     assert active.flatten(1).sum(1).tolist() == [20] * 4  # round(49 * 0.4)
+
+
+@pytest.mark.parametrize("model,multiple,largest", [
+    ("resnet18", 32, None),
+    ("mobilevit_xxs", 64, None),  # 2x2 blocks of sites at stride 32 too
+    ("maxvit_tiny_tf_224", 224, None),  # groups and grids of 7x7 sites whole at stride 32
+    ("maxvit_tiny_tf_384", 384, None),  # of 12x12
+    ("coatnet_0_rw_224", 32, None),  # global attention: no partitions
+    ("botnet26t_256", 32, 256),  # relative position tables of its own map
+])
+def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple, largest):
+    sizes = input_sizes(model)
+    assert (sizes.multiple, sizes.largest) == (multiple, largest)
+    assert sizes.refusal(model, multiple * 2 if largest is None else largest) is None
+    assert sizes.refusal(model, multiple + 16) == (
+        f"model {model} {sizes.why_multiple}: input_size must be a multiple of {multiple}, got {multiple + 16}")
+    if largest is not None:
+        assert sizes.refusal(model, largest + multiple) == (
+            f"model {model} {sizes.why_largest}: input_size must be at most {largest}, got {largest + multiple}")

@@ -201,8 +201,9 @@ def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_
 
 def test_a_botnet_above_its_own_input_size_fails_before_any_work(tmp_path):
     # its relative position tables reach the map of its own size (encoders/byoanet.py)
-    with pytest.raises(pretrain.ConfigError, match=r"^model botnet26t_256's relative position embeddings reach maps "
-                                                   r"of its own input size: input_size must be at most 256, got 288$"):
+    with pytest.raises(pretrain.ConfigError, match=r"^model botnet26t_256 has relative position tables that reach "
+                                                   r"the map of its own input size: input_size must be at most 256, "
+                                                   r"got 288$"):
         pretrain.train(config("model=botnet26t_256", "input_size=288"), tmp_path)
     assert not any(tmp_path.iterdir())
 

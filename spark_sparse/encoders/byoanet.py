@@ -22,7 +22,7 @@ from timm.layers.lambda_layer import LambdaLayer
 from torch import nn
 
 from .attention import RelativeLogitsAttention
-from .family import Converter
+from .family import Converter, InputSizes
 
 
 class MirrorBottleneckAttn(nn.Module):
@@ -45,14 +45,14 @@ class MirrorBottleneckAttn(nn.Module):
         return self.pool(self.attention(self.qkv(x), self.pos_embed.height_rel, self.pos_embed.width_rel))
 
 
-def largest_input(name: str) -> int | None:
-    """The largest input size the timm model ``name`` runs at: a BotNet's own (its relative position
-    tables reach that map and no larger), else None."""
+def input_sizes(name: str) -> InputSizes:
+    """A BotNet's: up to its own input size (its relative position tables reach that map, no larger)."""
     with torch.device("meta"):  # no weights made
         model = timm.create_model(name, pretrained=False, num_classes=0)
     if any(isinstance(m, BottleneckAttn) for m in model.modules()):
-        return model.pretrained_cfg["input_size"][-1]
-    return None
+        return InputSizes(largest=model.pretrained_cfg["input_size"][-1],
+                          why_largest="has relative position tables that reach the map of its own input size")
+    return InputSizes()
 
 
 MIRRORS = {BottleneckAttn: MirrorBottleneckAttn}

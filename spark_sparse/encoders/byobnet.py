@@ -13,6 +13,7 @@ Halo attention, lambda layers and non-local attention are refused by path.
 
 from __future__ import annotations
 
+import timm
 from timm.layers import ConvNormAct
 from timm.layers.non_local_attn import BatNonLocalAttn
 from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock, DownsampleAvg, EdgeBlock,
@@ -20,7 +21,8 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
 from torch import nn
 
 from . import byoanet, mobilevit
-from .family import CheckpointingRefused, Converter, Family, MirrorConvNormAct, MirrorSequential, TappedStages
+from .family import (CheckpointingRefused, Converter, Family, InputSizes, MirrorConvNormAct, MirrorSequential,
+                     TappedStages)
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
 # shortcut and the activation)
@@ -122,6 +124,14 @@ REFUSED = {
 }
 
 
+def input_sizes(name: str) -> InputSizes:
+    """MobileViT's and BotNet's limits (their modules'); the other ByobNets run at any whole number of patches."""
+    for module, sizes in (("mobilevit", mobilevit.input_sizes), ("byoanet", byoanet.input_sizes)):
+        if timm.models.is_model_in_modules(name, [module]):
+            return sizes(name)
+    return InputSizes()
+
+
 BYOBNET = Family(
     name="byobnet",
     timm_class=ByobNet,
@@ -135,4 +145,5 @@ BYOBNET = Family(
     refused=REFUSED,
     pointwise_norms={MirrorRepVggBlock: ("conv_1x1",)},
     other_modules=("mobilevit", "byoanet"),
+    input_sizes=input_sizes,
 )

@@ -3,6 +3,7 @@ a new family is one module (resnet.py, convnext.py, ...) defining a ``Family``, 
 
 from __future__ import annotations
 
+import timm
 from torch import nn
 
 from .byobnet import BYOBNET
@@ -19,7 +20,7 @@ from .efficientnet import EFFICIENTNET, MOBILENETV3, MOBILENETV5
 from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
 from .fastvit import FASTVIT
-from .family import ConversionError, Family
+from .family import ConversionError, Family, InputSizes
 from .focalnet import FOCALNET
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
@@ -70,3 +71,9 @@ def family_of(model: nn.Module) -> Family:
     names = ", ".join(c.__name__ for f in FAMILIES for c in f.timm_classes)
     raise ConversionError(f"expected a timm model of a supported family ({names}), "
                           f"got {type(model).__name__}")
+
+
+def input_sizes(name: str) -> InputSizes:
+    """The input sizes the encoders of the timm model ``name`` (of a supported family) run at."""
+    family = next(f for f in FAMILIES if timm.models.is_model_in_modules(name, list(f.timm_modules)))
+    return family.input_sizes(name)

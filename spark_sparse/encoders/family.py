@@ -590,6 +590,30 @@ class StemPool(NamedTuple):
 
 
 @dataclass(frozen=True)
+class InputSizes:
+    """The input sizes a model's encoders run at: multiples of ``multiple``, up to ``largest`` (None:
+    any), each limit with why it is there (a pretraining config off them fails before any work)."""
+
+    multiple: int = STRIDES[-1]  # the mask's patch: any whole number of patches
+    why_multiple: str = ""
+    largest: int | None = None
+    why_largest: str = ""
+
+    def refusal(self, model: str, size: int) -> str | None:
+        """The one-line reason ``model`` cannot run at ``size``, or None where it can."""
+        if size % self.multiple:
+            return f"model {model} {self.why_multiple}: input_size must be a multiple of {self.multiple}, got {size}"
+        if self.largest is not None and size > self.largest:
+            return f"model {model} {self.why_largest}: input_size must be at most {self.largest}, got {size}"
+        return None
+
+
+def any_input_size(name: str) -> InputSizes:
+    """A family whose models run at any whole number of patches."""
+    return InputSizes()
+
+
+@dataclass(frozen=True)
 class Family:
     """A timm model family as the shared encoder sees it."""
 
@@ -619,6 +643,8 @@ class Family:
     # from the input to the four features, run on the converted body and the timm model alike (the
     # body keeps timm's names); the layout then only names the modules to convert
     features: Callable[[nn.Module, Any], list] | None = None
+    # the input sizes the timm model of a name runs at, where some sizes are off limits (MaxViT's whole grids)
+    input_sizes: Callable[[str], InputSizes] = any_input_size
 
     @property
     def timm_classes(self) -> tuple[type[nn.Module], ...]:

@@ -34,20 +34,21 @@ from torch import nn
 
 from .attention import GridAttention, WindowAttention
 from .convnext import MirrorMlp
-from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder,
+from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
                      MirrorLayerScale, NamedStages, unsupported)
 from .mobilevit import MirrorConvMlp
 
 PARTITIONED = (PartitionAttentionCl, PartitionAttention2d, ParallelPartitionAttention)
 
 
-def input_multiple(name: str) -> int:
-    """The input sizes the timm model ``name`` runs at: for a MaxViT, multiples of 32 times its
-    groups' and grids' side (its own size; timm asserts whole ones at every stride), else of 32."""
+def input_sizes(name: str) -> InputSizes:
+    """A MaxViT's: multiples of 32 times its groups' and grids' side (its own size; timm asserts
+    whole ones at every stride); a CoAtNet's or MaxxViT's without partitions: multiples of 32."""
     with torch.device("meta"):  # no weights made
         model = timm.create_model(name, pretrained=False, num_classes=0)
     sides = {block.partition_size[0] for block in model.modules() if isinstance(block, PARTITIONED)}
-    return 32 * math.lcm(*sides) if sides else 32
+    return InputSizes(32 * math.lcm(*sides) if sides else 32,
+                      "attends within groups and grids of sites that must be whole at every stride (timm asserts so)")
 
 
 class MirrorAttention(MirrorChildren):
@@ -205,4 +206,5 @@ MAXXVIT = Family(
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3"), head=("norm",)),
     kept=("head.norm", "head.pre_logits"),
     check=CheckpointingRefused("stages"),
+    input_sizes=input_sizes,
 )

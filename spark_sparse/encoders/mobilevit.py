@@ -23,11 +23,13 @@ from torch import nn
 
 from .attention import GridAttention, SeparableGridAttention
 from .convnext import MirrorMlp
-from .family import ChannelConcat, Converter, MirrorChildren, MirrorInOrder, MirrorLayerScale, unsupported
+from .family import (ChannelConcat, Converter, InputSizes, MirrorChildren, MirrorInOrder, MirrorLayerScale,
+                     unsupported)
 
 
-# its stride-32 map must be one of whole 2x2 blocks too (timm's models unfold by 2)
-INPUT_MULTIPLE = 64
+def input_sizes(name: str) -> InputSizes:
+    """Multiples of 64: the stride-32 map must be one of whole 2x2 blocks too (timm's models unfold by 2)."""
+    return InputSizes(64, "unfolds its maps into 2x2 blocks of sites, at stride 32 too")
 
 
 def grid_of(block: nn.Module, path: str) -> int:

@@ -5,25 +5,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..encoders import byoanet, maxxvit, mobilevit
+from ..encoders.families import input_sizes
 from ..encoders.family import STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
-from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime, timm_module_of
+from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
 from ..run.schema import FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_least, check_keys, number, numbers, one_of
 from .optim import OPTIMIZERS
 
 PATCH = STRIDES[-1]  # the mask's patch: the encoders' total stride
-# timm modules whose encoders need input sizes of a coarser multiple: (the multiple for a model's name, why)
-INPUT_MULTIPLES = {
-    "mobilevit": (lambda name: mobilevit.INPUT_MULTIPLE,
-                  f"unfolds its maps into 2x2 blocks of sites, at stride {PATCH} too"),
-    "maxxvit": (maxxvit.input_multiple,
-                "attends within groups and grids of sites that must be whole at every stride (timm asserts so)"),
-}
-# timm modules whose encoders take input sizes up to the model's own: the largest for a model's name, or None
-LARGEST_INPUTS = {"byoanet": byoanet.largest_input}
-
 KEYS = {
     **RUN_KEYS,
     "engine": one_of(*ENGINES),
@@ -83,14 +73,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         engine_class(cfg.engine)  # imported now: a sparse engine without MinkowskiEngine stops before any work
     except (ValueError, ImportError) as err:
         raise ConfigError(str(err)) from None
-    multiple_of, why = INPUT_MULTIPLES.get(timm_module_of(str(cfg.model)), (lambda name: PATCH, ""))
-    multiple = multiple_of(str(cfg.model))
-    if cfg.input_size % multiple:
-        raise ConfigError(f"model {cfg.model} {why}: input_size must be a multiple of {multiple}, got {cfg.input_size}")
-    largest = LARGEST_INPUTS.get(timm_module_of(str(cfg.model)), lambda name: None)(str(cfg.model))
-    if largest is not None and cfg.input_size > largest:
-        raise ConfigError(f"model {cfg.model}'s relative position embeddings reach maps of its own input size: "
-                          f"input_size must be at most {largest}, got {cfg.input_size}")
+    refusal = input_sizes(str(cfg.model)).refusal(str(cfg.model), cfg.input_size)
+    if refusal:
+        raise ConfigError(refusal)
     if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
                           f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
