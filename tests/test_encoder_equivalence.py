@@ -688,11 +688,17 @@ VARIANTS["SelecSLS: concatenated 3x3 chains, each stage's first output beside ev
 SMALL_MAXXVIT = {"embed_dim": (32, 64, 128, 256), "depths": (1, 2, 1, 1), "stem_width": (16, 32), "img_size": 64}
 # timm's byoanet module (ByobNets), built for the test's 64x96 images: BotNet's bottlenecks whose 3x3 is attention over
 # each image's visible sites with logits from each query and learned embeddings of the key's row and column offsets
-# (a 2x2 average pooling after it where the block strides); ECA and grouped convolutions in eca_botnext
+# (a 2x2 average pooling after it where the block strides); ECA and grouped convolutions in eca_botnext; lambda
+# layers: each image's content lambda (a softmax of k over its visible sites times v), each site's position lambda
+# (a 9x9 convolution of v, hidden sites reading zero, or embeddings of the other visible sites' offsets times their v)
 BOTNET = {"img_size": (64, 96)}
 VARIANTS.update({"BotNet: attention over visible sites with relative-offset logits, pooled where it strides": (
                      "botnet26t_256", BOTNET),
-                 "BotNeXt: the same in ResNeXt bottlenecks with ECA": ("eca_botnext26ts_256", BOTNET)})
+                 "BotNeXt: the same in ResNeXt bottlenecks with ECA": ("eca_botnext26ts_256", BOTNET),
+                 "Lambda-ResNet: lambdas of each image's visible sites, position lambdas of a 9x9 convolution": (
+                     "lambda_resnet26t", {}),
+                 "Lambda-ResNet rpt: position lambdas from embeddings of each visible site's offset": (
+                     "lambda_resnet26rpt_256", BOTNET)})
 VARIANTS.update({
     "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
         "test_maxvit", {"img_size": 64}),
@@ -727,7 +733,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-              "botnet26t_256"}
+              "botnet26t_256", "lambda_resnet26t"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -775,7 +781,8 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
 # group's rows)
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
-                  "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET}
+                  "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
+                  "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

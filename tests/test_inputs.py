@@ -67,6 +67,8 @@ def test_random_active_keeps_the_papers_count():
     ("maxvit_tiny_tf_384", 384, None),  # of 12x12
     ("coatnet_0_rw_224", 32, None),  # global attention: no partitions
     ("botnet26t_256", 32, 256),  # relative position tables of its own map
+    ("lambda_resnet26rpt_256", 32, 256),  # the same for its position lambdas
+    ("lambda_resnet26t", 32, None),  # position lambdas of a convolution
 ])
 def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple, largest):
     sizes = input_sizes(model)

@@ -115,7 +115,8 @@ from .test_pretrain import config
     ("davit_tiny", 0.0, "ln", [0.9, 0.999]),  # DaViT, by size
     ("davit_base_fl", 0.3, "ln", [0.9, 0.999]),
     ("davit_huge_fl", 0.4, "ln", [0.9, 0.999]),
-    ("sebotnet33ts_256", 0.0, "bn", [0.9, 0.95]),  # BotNets (ByobNets): batch-norm nets
+    ("sebotnet33ts_256", 0.0, "bn", [0.9, 0.95]),  # BotNets and Lambda-ResNets (ByobNets): batch-norm nets
+    ("lambda_resnet50ts", 0.0, "bn", [0.9, 0.95]),
     ("maxvit_tiny_tf_224", 0.0, "ln", [0.9, 0.999]),  # MaxViT, MaxxViT and CoAtNet, by size
     ("maxvit_rmlp_small_rw_256", 0.2, "ln", [0.9, 0.999]),
     ("maxvit_base_tf_512", 0.3, "ln", [0.9, 0.999]),

@@ -126,6 +126,10 @@ CANVAS_DEPENDENT = {"test_maxvit"}
 # BotNet's attention over each image's visible sites with logits from relative offsets, built for the canvas's size
 # (its tables reach that map; timm runs no other)
 MODELS["botnet26t_256"] = ("botnet26t_256", {"img_size": (160, 192)})
+# lambda layers: each image's content lambda over its visible sites; position lambdas of a 9x9 convolution (hidden
+# sites reading zero, as the padding does) or of embeddings of offsets (built for the canvas's size, as BotNet's)
+MODELS["lambda_resnet26t"] = ("lambda_resnet26t", {})
+MODELS["lambda_resnet26rpt_256"] = ("lambda_resnet26rpt_256", {"img_size": (160, 192)})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

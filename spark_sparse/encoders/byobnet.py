@@ -1,6 +1,7 @@
 """The ByobNet family (timm ``byobnet``: RepVGG, MobileOne, GENet, the ``resnet*ts``/``*resnext26ts``
 nets, byobnet's RegNetZ, CLIP's ResNets; and timm's ``mobilevit`` models, ByobNets whose MobileViT
-blocks mobilevit.py mirrors, and its ``byoanet`` BotNets, whose bottleneck attention byoanet.py mirrors).
+blocks mobilevit.py mirrors, and its ``byoanet`` BotNets and Lambda-ResNets, whose attention and
+lambda layers byoanet.py mirrors).
 
 "Bring your own blocks": a stem (one conv-norm-act, a ``Stem`` of them with an optional pooling,
 or a RepVGG/MobileOne block), stages of declared blocks, and an optional final 1x1 convolution
@@ -8,7 +9,7 @@ that ends the stride-32 features. Residual blocks (basic, bottleneck, dark, edge
 sub-modules in order, plus a shortcut. RepVGG and MobileOne blocks are re-parameterisable: at
 train time, when SparK runs, they sum parallel conv+norm branches (k x k, 1x1, an identity
 norm) over the same visible sites; a re-parameterised block is one convolution with a bias.
-Halo attention, lambda layers and non-local attention are refused by path.
+Halo attention and non-local attention are refused by path.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NO
                      ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
                      upsample_scale)
+from .lambdas import LambdaMixing, PositionLambdas
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -302,6 +303,15 @@ class MaskedRelativeLogitsAttention(RelativeLogitsAttention):
 
     def forward(self, inp: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
         out = self.attend_map(inp.clean().x, inp.visible()[:, 0].flatten(1), height_rel, width_rel)
+        return MaskedTensor(out, inp.active, dirty=True)
+
+
+class MaskedLambdaMixing(LambdaMixing):
+    """The lambda layer's mixing over the map's sites, the hidden ones no tokens of the image (their
+    v zero); hidden sites get values, masked later."""
+
+    def forward(self, inp: MaskedTensor, pos_emb: Tensor | None = None) -> MaskedTensor:
+        out = self.mix_map(inp.clean().x, inp.visible()[:, 0].flatten(1), pos_emb)
         return MaskedTensor(out, inp.active, dirty=True)
 
 
@@ -572,7 +582,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) in GROUP_NORMS:
         return MaskedGroupNormAct(module, nn.Identity())
     # timm's own (and Swin's space to depth), hidden sites reading zero
-    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth):
+    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth, PositionLambdas):
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)
@@ -607,6 +617,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedCrossCovarianceAttention(module.num_heads)
     if type(module) is RelativeLogitsAttention:
         return module.like(MaskedRelativeLogitsAttention)
+    if type(module) is LambdaMixing:
+        return module.like(MaskedLambdaMixing)
     if type(module) is ChannelGroupAttention:
         return MaskedChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if type(module) is PositionalEncodingFourier:

@@ -27,7 +27,7 @@ from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.amp import autocast_dtype
 from ..sparse.blur_pool import PatchBlurPool
-from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
+from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution, SharedKernelsDepthwise
 from ..sparse.dilated import DilatedConvolution
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
@@ -53,6 +53,7 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NO
                      ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
                      upsample_scale)
+from .lambdas import LambdaMixing, PositionLambdas
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -420,18 +421,36 @@ def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     return from_slots(x, attend(tokens, present), slots)
 
 
+def on_placed_image_tokens(x: ME.SparseTensor, check: Callable[[int, int], None],
+                           attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> ME.SparseTensor:
+    """``on_image_tokens`` for ``attend(tokens, present, (B, n) each token's row, and column in its
+    image)``; ``check(h, w)`` first refuses a map larger than the offsets reach."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    _, h, w = sites.canvas_shape(stride)
+    check(h, w)
+    side = max(h, w)
+    position = sites.group_positions(stride, side)  # y * side + x
+    return on_image_tokens(x, lambda tokens, present: attend(tokens, present, position // side, position % side))
+
+
 class SparseRelativeLogitsAttention(RelativeLogitsAttention):
-    """BotNet's attention on each image's visible rows side by side (``on_image_tokens``), their rows
-    and columns from their positions in the image: queries at visible sites only."""
+    """BotNet's attention on each image's visible rows side by side, their rows and columns from
+    their positions in the image: queries at visible sites only."""
 
     def forward(self, x: ME.SparseTensor, height_rel: Tensor, width_rel: Tensor) -> ME.SparseTensor:
-        sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        _, h, w = sites.canvas_shape(stride)
-        self.check(h, w)
-        side = max(h, w)
-        position = sites.group_positions(stride, side)  # y * side + x
-        return on_image_tokens(x, lambda tokens, present: self.attend(
-            tokens, present, position // side, position % side, height_rel, width_rel))
+        return on_placed_image_tokens(x, self.check, lambda tokens, present, ys, xs: self.attend(
+            tokens, present, ys, xs, height_rel, width_rel))
+
+
+class SparseLambdaMixing(LambdaMixing):
+    """The lambda layer's mixing on each image's visible rows side by side (``on_image_tokens``), the
+    global variant's rows and columns from their positions in the image: at visible sites only."""
+
+    def forward(self, x: ME.SparseTensor, pos_emb: Tensor | None = None) -> ME.SparseTensor:
+        if self.feat is None:
+            return on_image_tokens(x, self.mix)
+        return on_placed_image_tokens(x, self.check, lambda tokens, present, ys, xs: self.mix(
+            tokens, present, ys, xs, pos_emb))
 
 
 class SparseCrossCovarianceAttention(CrossCovarianceAttention):
@@ -702,6 +721,11 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseCrossCovarianceAttention(module.num_heads)
     if kind is RelativeLogitsAttention:
         return module.like(SparseRelativeLogitsAttention)
+    if kind is LambdaMixing:
+        return module.like(SparseLambdaMixing)
+    if kind is PositionLambdas:
+        return _copy_weights(module, SharedKernelsDepthwise(module.weight.shape[0], module.value_dim,
+                                                            module.kernel_size))
     if kind is ChannelGroupAttention:
         return SparseChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if kind is PositionalEncodingFourier:

@@ -170,6 +170,10 @@ class DepthwiseConvolution(nn.Module):
         """The (C, 1, k, k) kernel the convolution runs with."""
         return self.weight
 
+    def kernel_bias(self) -> Tensor | None:
+        """The (C,) bias the convolution adds, if any."""
+        return self.bias
+
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         sites = PatchSites.of(x)
         stride = x.tensor_stride[0]
@@ -184,8 +188,9 @@ class DepthwiseConvolution(nn.Module):
             out = TileDepthwise.apply(x.F, weight, sites.tile(stride, start, size), backward)
         else:
             out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride), backward)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
+        bias = self.kernel_bias()
+        if bias is not None:
+            out = out + bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride > 1:
             return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
                                    coordinate_manager=sites.manager)
@@ -221,3 +226,34 @@ class BandDepthwiseConvolution(DepthwiseConvolution):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[-2:])}, bias={self.bias is not None}"
+
+
+class SharedKernelsDepthwise(DepthwiseConvolution):
+    """Each of ``kernels`` k x k kernels over each of the input's C channels (timm's lambda layer's
+    position convolution: an ``nn.Conv3d`` of one input channel and kernel (k, k, 1)): (N, C) ->
+    (N, kernels * C), kernel after kernel; ``weight`` (kernels, 1, k, k, 1) and ``bias`` (kernels,)
+    are timm's. A depthwise convolution of the input repeated ``kernels`` times."""
+
+    def __init__(self, kernels: int, channels: int, kernel_size: int):
+        super().__init__(kernels * channels, kernel_size)
+        self.channels = channels
+        self.weight = nn.Parameter(torch.zeros(kernels, 1, kernel_size, kernel_size, 1))
+        self.bias = nn.Parameter(torch.zeros(kernels))
+
+    @property
+    def kernel_size(self) -> int:
+        return self.weight.shape[2]
+
+    def kernel(self) -> Tensor:
+        return self.weight[..., 0].repeat_interleave(self.channels, 0)
+
+    def kernel_bias(self) -> Tensor:
+        return self.bias.repeat_interleave(self.channels)
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        tiled = ME.SparseTensor(x.F.repeat(1, self.weight.shape[0]), coordinate_map_key=x.coordinate_map_key,
+                                coordinate_manager=x.coordinate_manager)
+        return super().forward(tiled)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} x {self.channels}, kernel_size={self.kernel_size}"
