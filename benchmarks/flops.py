@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spark_sparse.encoders.base import Encoder
-from spark_sparse.encoders.masked_engine import MaskedTensor
+from spark_sparse.encoders.masked_tensor import MaskedTensor
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution

@@ -30,7 +30,8 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.masked_engine import MaskedTensor, convert_leaf
+from spark_sparse.encoders.masked_engine import convert_leaf
+from spark_sparse.encoders.masked_tensor import MaskedTensor
 from spark_sparse.model.graphed import GraphedStep
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME

@@ -272,7 +272,7 @@ def test_long_per_image_sums_are_taken_in_float32():
     the reference is float64 on the same bf16 values. Measured: 2e-7 off, against 2e-3 in bf16."""
     from timm.layers import SEModule
 
-    from spark_sparse.encoders.sparse_engine import SparseChannelAttention
+    from spark_sparse.encoders.sparse_attention import SparseChannelAttention
     from spark_sparse.sparse.rowwise import ImageScale, SparseGlobalResponseNorm, image_of_rows, with_features
     from spark_sparse.sparse.sparsify import sparsify
 

@@ -12,7 +12,6 @@ tensor (``MaskedTensor``), never in global state.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +28,9 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import (ATTENTION, AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
-                        FourierPositions, GlobalContextAttention, GridAttention, LinearAttention,
-                        GroupedQueryAttention, RelativeLogitsAttention, SELF_ATTENTION, SelfAttention,
-                        SeparableGridAttention, WindowAttention)
+from .attention import (ATTENTION, ChannelGroupAttention, CrossCovarianceAttention, GridAttention, GroupedQueryAttention,
+                        LinearAttention, RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention,
+                        WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
@@ -40,39 +38,13 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NO
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
                      upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
+from .masked_attention import (MaskedAdditiveAttention, MaskedChannelAttention, MaskedChannelGroupAttention,
+                               MaskedCrossCovarianceAttention, MaskedFourierPositions, MaskedGlobalContext,
+                               MaskedGridAttention, MaskedGroupedQueryAttention, MaskedLambdaMixing,
+                               MaskedLinearAttention, MaskedRelativeLogitsAttention, MaskedSelfAttention,
+                               MaskedSeparableGridAttention, MaskedWindowAttention, visible_means)
+from .masked_tensor import MaskedTensor, on_visible_rows
 from .sync_norm import SyncVisibleBatchNorm, twin_of
-
-
-class MaskedTensor(NamedTuple):
-    """A dense (B, C, h, w) map, the coarse visible-patch grid, and whether hidden sites may hold
-    values (``dirty``) rather than zeros."""
-
-    x: Tensor
-    active: Tensor
-    dirty: bool = False
-
-    def visible(self) -> Tensor:
-        """(B, 1, h, w) bool mask at this map's resolution."""
-        return upsample_active(self.active, self.x.shape[-2:])
-
-    def clean(self) -> "MaskedTensor":
-        return MaskedTensor(self.x * self.visible(), self.active) if self.dirty else self
-
-    def __add__(self, other: "MaskedTensor") -> "MaskedTensor":
-        return MaskedTensor(self.clean().x + other.clean().x, self.active)
-
-    def __sub__(self, other: "MaskedTensor") -> "MaskedTensor":
-        return MaskedTensor(self.clean().x - other.clean().x, self.active)
-
-
-def on_visible_rows(inp: MaskedTensor, fn) -> MaskedTensor:
-    """``fn`` on the (N_visible, C) channel rows of the visible sites; hidden sites become zeros
-    (whatever a dirty input held there)."""
-    x = inp.x.permute(0, 2, 3, 1)
-    where = inp.visible()[:, 0].nonzero(as_tuple=True)
-    rows = fn(x[where])  # not always x's dtype: a layer norm returns float32 under CUDA autocast
-    out = rows.new_zeros(x.shape[:-1] + (rows.shape[-1],)).index_put(where, rows)
-    return MaskedTensor(out.permute(0, 3, 1, 2), inp.active)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -251,155 +223,6 @@ class MaskedGlobalResponseNorm(nn.Module):
 class MaskedLayerScale(nn.Module):
     def forward(self, inp: MaskedTensor, gamma: Tensor) -> MaskedTensor:
         return inp._replace(x=inp.x * gamma.view(1, -1, 1, 1))
-
-
-def visible_means(inp: MaskedTensor) -> Tensor:
-    """(B, C): each image's mean over its visible positions, not over the whole map (in float32
-    for 16-bit maps)."""
-    x = inp.clean().x
-    dtype = statistics_dtype(x.dtype)
-    return x.sum((2, 3), dtype=dtype) / inp.visible().sum((2, 3)).to(dtype)
-
-
-class MaskedChannelAttention(ChannelAttention):
-    """SE/ECA with each image's mean over its visible positions."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.clean().x
-        return MaskedTensor(x * self.gates(visible_means(inp))[:, :, None, None], inp.active)
-
-
-class MaskedGlobalContext(GlobalContextAttention):
-    """GCNet's attention with a softmax over each image's visible positions (hidden logits at
-    -inf); its shift reaches hidden positions too, and is masked later."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.clean().x
-        dtype = statistics_dtype(x.dtype)
-        if self.conv_attn is None:
-            context = visible_means(inp)
-        else:
-            logits = self.conv_attn(x).to(dtype).masked_fill(~inp.visible(), float("-inf"))
-            weights = logits.flatten(1).softmax(-1)  # (B, H * W)
-            context = torch.einsum("bcn,bn->bc", x.flatten(2).to(dtype), weights)
-        scale, shift = self.scale_and_shift(context)
-        y = x if scale is None else x * scale[:, :, None, None]  # promoted, as the sparse engine's ImageScale
-        if shift is None:
-            return MaskedTensor(y, inp.active)
-        return MaskedTensor(y + shift.to(y.dtype)[:, :, None, None], inp.active, dirty=True)
-
-
-class MaskedLinearAttention(LinearAttention):
-    """The attention over the masked map: hidden tokens hold zeros, so they add nothing, and come
-    out as zeros (relu(q) = 0 there)."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        return MaskedTensor(super().forward(inp.clean().x), inp.active)
-
-
-class MaskedRelativeLogitsAttention(RelativeLogitsAttention):
-    """BotNet's attention over the map's sites, the hidden ones no keys; hidden queries get values,
-    masked later."""
-
-    def forward(self, inp: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
-        out = self.attend_map(inp.clean().x, inp.visible()[:, 0].flatten(1), height_rel, width_rel)
-        return MaskedTensor(out, inp.active, dirty=True)
-
-
-class MaskedLambdaMixing(LambdaMixing):
-    """The lambda layer's mixing over the map's sites, the hidden ones no tokens of the image (their
-    v zero); hidden sites get values, masked later."""
-
-    def forward(self, inp: MaskedTensor, pos_emb: Tensor | None = None) -> MaskedTensor:
-        out = self.mix_map(inp.clean().x, inp.visible()[:, 0].flatten(1), pos_emb)
-        return MaskedTensor(out, inp.active, dirty=True)
-
-
-class MaskedCrossCovarianceAttention(CrossCovarianceAttention):
-    """The attention over the map's tokens, the hidden ones zeroed first: they add nothing to the
-    sums and come out as zeros."""
-
-    def forward(self, inp: MaskedTensor, temperature: Tensor) -> MaskedTensor:
-        return MaskedTensor(super().forward(inp.clean().x, temperature), inp.active)
-
-
-class MaskedChannelGroupAttention(ChannelGroupAttention):
-    """The attention over the map's tokens, the hidden ones zeroed first (they add nothing to the
-    sums and come out as zeros); an image's tokens are its visible ones."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.clean().x
-        b, _, h, w = x.shape
-        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1).sum(1))
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active)
-
-
-class MaskedFourierPositions(FourierPositions):
-    """The encoding added at every site of the map, hidden ones too (masked later)."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        return MaskedTensor(super().forward(inp.x), inp.active, dirty=True)
-
-
-class MaskedAdditiveAttention(AdditiveAttention):
-    """SwiftFormer's attention as timm computes it over the map's tokens, the queries of hidden
-    ones zeroed first, so that neither sum sees them; its output's biases reach hidden sites."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.clean().x
-        b, c, h, w = x.shape
-        query, key = self.query_and_key(x.flatten(2).transpose(1, 2))
-        query = query * inp.visible().flatten(2).transpose(1, 2).to(query.dtype)
-        a = F.normalize(query @ self.w_g * self.scale_factor, dim=1)
-        pooled = torch.sum(a * query, dim=1, keepdim=True)
-        out = self.output(query, key, pooled)
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
-
-
-class MaskedSelfAttention(SelfAttention):
-    """The attention over every token of the map with the hidden ones left out as keys (SparK's
-    masking applied to attention); hidden tokens, as queries, get values, masked later."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x = inp.clean().x
-        b, c, h, w = x.shape
-        out = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1))
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
-
-
-class MaskedGroupedQueryAttention(GroupedQueryAttention):
-    """The attention over every query of the map, the hidden keys (at the keys' resolution) left
-    out; hidden queries get values, masked later."""
-
-    def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor) -> MaskedTensor:
-        qx, kx, vx = q.clean().x, k.clean().x, v.clean().x
-        b, _, h, w = qx.shape
-        tokens = [t.flatten(2).transpose(1, 2) for t in (qx, kx, vx)]
-        out = self.attend(*tokens, k.visible().flatten(1))
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
-
-
-class MaskedWindowAttention(WindowAttention):
-    """timm's attention within groups of sites over the map, the hidden sites (and the padding)
-    left out as keys; hidden queries get values, masked later."""
-
-    def forward(self, inp: MaskedTensor, bias: Tensor | None = None, **terms: Tensor | None) -> MaskedTensor:
-        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0], bias, **terms)
-        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
-
-
-class MaskedGridAttention(GridAttention, MaskedWindowAttention):
-    """MobileViT's attention over the map's groups of every other site (``MaskedWindowAttention``'s
-    forward), hidden sites no keys; hidden queries get values, masked later."""
-
-
-class MaskedSeparableGridAttention(SeparableGridAttention):
-    """MobileViT v2's separable attention over the map's groups, the hidden sites' scores left out
-    of each softmax; hidden sites get values, masked later."""
-
-    def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        out = self.attend(inp.clean().x.permute(0, 2, 3, 1), inp.visible()[:, 0])
-        return MaskedTensor(out.permute(0, 3, 1, 2), inp.active, dirty=True)
 
 
 class MaskedCondConv(CondConvExperts):

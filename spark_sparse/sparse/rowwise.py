@@ -25,6 +25,13 @@ def with_features(x: ME.SparseTensor, feats: Tensor) -> ME.SparseTensor:
                            coordinate_manager=x.coordinate_manager)
 
 
+def same_sites(a: ME.SparseTensor, b: ME.SparseTensor, what: str) -> None:
+    """Refuse, in one line, to ``what`` two tensors on different sites."""
+    if a.coordinate_map_key != b.coordinate_map_key:
+        raise ValueError(f"cannot {what} tensors on different sites "
+                         f"({a.coordinate_map_key} and {b.coordinate_map_key})")
+
+
 def image_of_rows(x: ME.SparseTensor) -> Tensor:
     return PatchSites.of(x).image_of_rows(x.tensor_stride[0])
 
