@@ -699,6 +699,15 @@ VARIANTS.update({"BotNet: attention over visible sites with relative-offset logi
                      "lambda_resnet26t", {}),
                  "Lambda-ResNet rpt: position lambdas from embeddings of each visible site's offset": (
                      "lambda_resnet26rpt_256", BOTNET)})
+# timm's hiera module, built for the test's 64x96 images (its position embedding is made for the model's own map):
+# attention within mask units (the mask's 32-pixel patches), the stage's first block's queries and shortcut
+# max-pooled over 2x2 sites, then attention over each image's visible tokens (abswin: the position table a resized
+# global one plus the mask unit's, tiled)
+HIERA = {"img_size": (64, 96)}
+VARIANTS.update({"Hiera: attention within mask units, then over the image, queries max-pooled where a stage starts": (
+                     "hiera_tiny_224", HIERA),
+                 "Hiera abswin: a resized global position table plus the mask unit's, tiled": (
+                     "hiera_small_abswin_256", HIERA)})
 VARIANTS.update({
     "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
         "test_maxvit", {"img_size": 64}),
@@ -733,7 +742,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-              "botnet26t_256", "lambda_resnet26t"}
+              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -782,7 +791,7 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
-                  "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET}
+                  "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

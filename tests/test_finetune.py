@@ -132,7 +132,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
                 "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050",
                 "mobilenetv5_base", "iformer_t", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "botnet26t_256",
-                "lambda_resnet26t", "vgg11"]
+                "lambda_resnet26t", "hiera_tiny_224", "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)
@@ -298,6 +298,9 @@ def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, me
     ("davit_giant", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
     ("botnet50ts_256", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
     ("lambda_resnet26rpt_256", "lamb", 2e-3, 0.7, 0.1, 0.05, 1),
+    ("hiera_small_224", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
+    ("hiera_base_plus_224", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
+    ("hiera_huge_224", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L
     ("maxvit_tiny_rw_224", "adamw", 2e-4, 0.7, 0.8, 0.3, 3),
     ("maxvit_base_tf_384", "adamw", 1e-4, 0.7, 0.8, 0.4, 3),  # as ConvNeXt-B
     ("coatnet_rmlp_3_rw_224", "adamw", 1e-4, 0.7, 0.8, 0.5, 3),  # as ConvNeXt-L

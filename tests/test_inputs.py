@@ -69,11 +69,16 @@ def test_random_active_keeps_the_papers_count():
     ("botnet26t_256", 32, 256),  # relative position tables of its own map
     ("lambda_resnet26rpt_256", 32, 256),  # the same for its position lambdas
     ("lambda_resnet26t", 32, None),  # position lambdas of a convolution
+    ("hiera_tiny_224", 224, 224),  # a position embedding of its own map
 ])
 def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple, largest):
     sizes = input_sizes(model)
     assert (sizes.multiple, sizes.largest) == (multiple, largest)
     assert sizes.refusal(model, multiple * 2 if largest is None else largest) is None
+    if largest == multiple:  # its own size alone
+        assert sizes.refusal(model, largest * 2) == (
+            f"model {model} {sizes.why_multiple}: input_size must be {largest}, got {largest * 2}")
+        return
     assert sizes.refusal(model, multiple + 16) == (
         f"model {model} {sizes.why_multiple}: input_size must be a multiple of {multiple}, got {multiple + 16}")
     if largest is not None:

@@ -217,6 +217,14 @@ def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_hiera_off_its_own_input_size_fails_before_any_work(tmp_path):
+    # its position embedding is made for the map of its own size (encoders/hiera.py)
+    with pytest.raises(pretrain.ConfigError, match=r"^model hiera_tiny_224 adds a position embedding made for its own "
+                                                   r"input size: input_size must be 224, got 256$"):
+        pretrain.train(config("model=hiera_tiny_224", "input_size=256"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("overrides,world_size,why", [
     (["engine=dense_masked"], 1, "the dense-masked engine reads the GPU back"),
     ([], 2, "under torchrun the synchronised norms' collectives run inside the step.*set sync_bn=false"),

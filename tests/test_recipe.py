@@ -117,6 +117,10 @@ from .test_pretrain import config
     ("davit_huge_fl", 0.4, "ln", [0.9, 0.999]),
     ("sebotnet33ts_256", 0.0, "bn", [0.9, 0.95]),  # BotNets and Lambda-ResNets (ByobNets): batch-norm nets
     ("lambda_resnet50ts", 0.0, "bn", [0.9, 0.95]),
+    ("hiera_tiny_224", 0.0, "ln", [0.9, 0.999]),  # Hiera, by size
+    ("hiera_small_abswin_256", 0.2, "ln", [0.9, 0.999]),
+    ("hiera_base_plus_224", 0.3, "ln", [0.9, 0.999]),
+    ("hiera_huge_224", 0.4, "ln", [0.9, 0.999]),
     ("maxvit_tiny_tf_224", 0.0, "ln", [0.9, 0.999]),  # MaxViT, MaxxViT and CoAtNet, by size
     ("maxvit_rmlp_small_rw_256", 0.2, "ln", [0.9, 0.999]),
     ("maxvit_base_tf_512", 0.3, "ln", [0.9, 0.999]),

@@ -133,13 +133,13 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "swinv2_tiny_window8_256", "edgenext_xx_small",
                                   "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs",
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-                                  "botnet26t_256", "lambda_resnet26t"])
+                                  "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
     torch.manual_seed(0)
     # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
-    kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256") else {}
+    kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256", "hiera_tiny_224") else {}
     timm_model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
     model = SparK(create_encoder(timm_model, "sparse"), decoder_width=32, mask_ratio=0.6)
     out = model(torch.randn(2, 3, 64, 64))

@@ -130,6 +130,10 @@ MODELS["botnet26t_256"] = ("botnet26t_256", {"img_size": (160, 192)})
 # sites reading zero, as the padding does) or of embeddings of offsets (built for the canvas's size, as BotNet's)
 MODELS["lambda_resnet26t"] = ("lambda_resnet26t", {})
 MODELS["lambda_resnet26rpt_256"] = ("lambda_resnet26rpt_256", {"img_size": (160, 192)})
+# Hiera's position embedding is absolute over the map of the model's own size (timm's too): batch independence
+# alone, at its size
+MODELS["hiera_tiny_224"] = ("hiera_tiny_224", {"img_size": (64, 96)})
+CANVAS_DEPENDENT.add("hiera_tiny_224")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

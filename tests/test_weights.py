@@ -86,6 +86,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["botnet26t_256", "botnet50ts_25
                                                  "sebotnet33ts_256"]})
 # lambda layers: the 9x9 position convolution (conv_lambda, a 3-D one in timm) or the offset embeddings (pos_emb)
 ALL_DEPTHS.update({name: (name, {}) for name in ["lambda_resnet26t", "lambda_resnet50ts", "lambda_resnet26rpt_256"]})
+# Hiera: the position embeddings (pos_embed; abswin: pos_embed_win too) on the body under timm's names
+ALL_DEPTHS.update({name: (name, {}) for name in ["hiera_tiny_224", "hiera_small_abswin_256"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
@@ -199,6 +201,17 @@ def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_ref
     # MobileCLIP's larger image towers run a fifth stage, to stride 64
     with pytest.raises(ConversionError, match=r"FastVit: stage strides \[4, 8, 16, 32, 64\] are not 4, 8, 16, 32"):
         engine.from_timm(timm.create_model("fastvit_mci3", pretrained=False, num_classes=0))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"patch_drop_rate": 0.1}, r"Hiera's patch dropout \(patch_drop_rate\) drops mask units at random"),
+    ({"mask_unit_size": (16, 16)}, r"Hiera with mask units \(16, 16\), .*: only timm's .* make the mask unit the "
+                                   r"mask's 32-pixel patch"),
+])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_hiera_whose_mask_unit_is_not_the_masks_patch_or_that_drops_patches_is_refused(engine, kwargs, message):
+    with pytest.raises(ConversionError, match=message):
+        engine_class(engine).from_timm(timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, **kwargs))
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

@@ -132,6 +132,23 @@ class LinearAttention(nn.Module):
         return f"dim={self.dim}, eps={self.eps}"
 
 
+class AbsolutePositions(nn.Module):
+    """A learned position embedding added at every site (Hiera's ``pos_embed``), made for the map of
+    the model's own input size: its (C, h, w) table comes with the features (the family's parameters
+    under timm's names, or computed from them) and must be the whole images' map, as in timm. A
+    parameter-free leaf every engine converts to its own twin."""
+
+    @staticmethod
+    def check(table: Tensor, h: int, w: int) -> None:
+        if tuple(table.shape[1:]) != (h, w):
+            raise ValueError(f"the position embedding is made for maps of {table.shape[1]}x{table.shape[2]} sites, "
+                             f"got {h}x{w}; use the model's own input size")
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        self.check(table, *x.shape[-2:])
+        return x + table
+
+
 class CrossCovarianceAttention(nn.Module):
     """EdgeNeXt's transposed attention (timm's ``CrossCovarianceAttn`` after its qkv projection):
     per head, each channel of q attends to the channels of k, the logits the cosines of their
@@ -321,6 +338,47 @@ class GroupedQueryAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
                 f"kv_heads={self.kv_heads}")
+
+
+class MaskUnitAttention(GroupedQueryAttention):
+    """Hiera's attention after its qkv projection (timm's ``MaskUnitAttention``: q, k, v each head
+    after head), its queries max-pooled over 2x2 sites where the block pools: each query attends to
+    the keys of its mask unit, a 32-pixel patch of ``unit`` x ``unit`` key sites (the mask's patch:
+    Hiera's own unit at every stride), or with ``unit`` None to those of its whole image. Each visible
+    query attends to the visible keys only; a patch's sites are all visible or all hidden. A
+    parameter-free leaf every engine converts to its own twin."""
+
+    def __init__(self, num_heads: int, head_dim: int, unit: int | None):
+        super().__init__(num_heads, head_dim, head_dim, num_heads)
+        self.unit = unit
+
+    def like(self, cls: type) -> "MaskUnitAttention":
+        return cls(self.num_heads, self.key_dim, self.unit)
+
+    def attend_map(self, q: Tensor, k: Tensor, v: Tensor, keys: Tensor) -> Tensor:
+        """(B, C, h, w) queries, (B, C, hk, wk) keys and values (hk = h or 2h), (B, hk, wk) bool:
+        which keys count -> (B, C', h, w)."""
+        b, _, h, w = q.shape
+        if self.unit is None:
+            tokens = [t.flatten(2).transpose(1, 2) for t in (q, k, v)]
+            return self.attend(*tokens, keys.flatten(1)).transpose(1, 2).reshape(b, -1, h, w)
+        sides = (self.unit * h // k.shape[-2], self.unit, self.unit)
+        tokens = [units(t, s) for t, s in zip((q, k, v), sides)]
+        out = self.attend(*tokens, units(keys[:, None], self.unit)[..., 0])
+        return out.view(b, h // sides[0], w // sides[0], sides[0], sides[0], -1).permute(0, 5, 1, 3, 2, 4).reshape(
+            b, -1, h, w)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.attend_map(q, k, v, k.new_ones(k.shape[0], *k.shape[-2:], dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.key_dim}, unit={self.unit}"
+
+
+def units(x: Tensor, side: int) -> Tensor:
+    """(B, C, h, w) -> (B * units, side * side, C): the sites of each side x side unit row by row."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // side, side, w // side, side).permute(0, 2, 4, 3, 5, 1).reshape(-1, side * side, c)
 
 
 class WindowAttention(nn.Module):

@@ -24,6 +24,7 @@ from .family import ConversionError, Family, InputSizes
 from .focalnet import FOCALNET
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
+from .hiera import HIERA
 from .hrnet import HRNET
 from .iformer import IFORMER
 from .inception_next import INCEPTION_NEXT
@@ -60,7 +61,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT)
+                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA)
 
 
 def family_of(model: nn.Module) -> Family:

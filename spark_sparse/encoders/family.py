@@ -601,6 +601,8 @@ class InputSizes:
 
     def refusal(self, model: str, size: int) -> str | None:
         """The one-line reason ``model`` cannot run at ``size``, or None where it can."""
+        if self.largest == self.multiple and size != self.multiple:
+            return f"model {model} {self.why_multiple}: input_size must be {self.multiple}, got {size}"
         if size % self.multiple:
             return f"model {model} {self.why_multiple}: input_size must be a multiple of {self.multiple}, got {size}"
         if self.largest is not None and size > self.largest:
@@ -645,6 +647,9 @@ class Family:
     features: Callable[[nn.Module, Any], list] | None = None
     # the input sizes the timm model of a name runs at, where some sizes are off limits (MaxViT's whole grids)
     input_sizes: Callable[[str], InputSizes] = any_input_size
+    # the model's own parameters the family's ``features`` reads (Hiera's position embeddings), trainable
+    # copies on the converted body under timm's names, if the model has them
+    parameters: tuple[str, ...] = ()
 
     @property
     def timm_classes(self) -> tuple[type[nn.Module], ...]:
@@ -665,6 +670,9 @@ class Family:
                 raise unsupported(module, path, why)
         convert = Converter(leaf, self.mirrors)
         body = nn.ModuleDict({name: convert(getattr(model, name), name) for name in layout.top_level()})
+        for name in self.parameters:
+            if getattr(model, name, None) is not None:
+                body.register_parameter(name, nn.Parameter(getattr(model, name).detach().clone()))
         for path in self.kept:
             *parents, name = path.split(".")
             try:

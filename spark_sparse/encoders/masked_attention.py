@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..precision import statistics_dtype
-from .attention import (AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
-                        FourierPositions, GlobalContextAttention, GridAttention, GroupedQueryAttention, LinearAttention,
-                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
+from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
+                        CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
+                        SelfAttention, SeparableGridAttention, WindowAttention)
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
 
@@ -141,6 +142,22 @@ class MaskedGroupedQueryAttention(GroupedQueryAttention):
         tokens = [t.flatten(2).transpose(1, 2) for t in (qx, kx, vx)]
         out = self.attend(*tokens, k.visible().flatten(1))
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+
+
+class MaskedMaskUnitAttention(MaskUnitAttention):
+    """Hiera's attention over every query of the map, the hidden keys left out; hidden queries get
+    values, masked later."""
+
+    def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor) -> MaskedTensor:
+        out = self.attend_map(q.clean().x, k.clean().x, v.clean().x, k.visible()[:, 0])
+        return MaskedTensor(out, q.active, dirty=True)
+
+
+class MaskedAbsolutePositions(AbsolutePositions):
+    """The embedding added at every site of the map, hidden ones too (masked later)."""
+
+    def forward(self, inp: MaskedTensor, table: Tensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(inp.x, table), inp.active, dirty=True)
 
 
 class MaskedWindowAttention(WindowAttention):

@@ -28,9 +28,9 @@ from ..mask import upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
-from .attention import (ATTENTION, ChannelGroupAttention, CrossCovarianceAttention, GridAttention, GroupedQueryAttention,
-                        LinearAttention, RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention,
-                        WindowAttention)
+from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, CrossCovarianceAttention, GridAttention,
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
+                        SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
@@ -38,11 +38,12 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NO
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
                      upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
-from .masked_attention import (MaskedAdditiveAttention, MaskedChannelAttention, MaskedChannelGroupAttention,
-                               MaskedCrossCovarianceAttention, MaskedFourierPositions, MaskedGlobalContext,
-                               MaskedGridAttention, MaskedGroupedQueryAttention, MaskedLambdaMixing,
-                               MaskedLinearAttention, MaskedRelativeLogitsAttention, MaskedSelfAttention,
-                               MaskedSeparableGridAttention, MaskedWindowAttention, visible_means)
+from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
+                               MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
+                               MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
+                               MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
+                               MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
+                               MaskedWindowAttention, visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
@@ -440,6 +441,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedCrossCovarianceAttention(module.num_heads)
     if type(module) is RelativeLogitsAttention:
         return module.like(MaskedRelativeLogitsAttention)
+    if type(module) is MaskUnitAttention:
+        return module.like(MaskedMaskUnitAttention)
+    if type(module) is AbsolutePositions:
+        return MaskedAbsolutePositions()
     if type(module) is LambdaMixing:
         return module.like(MaskedLambdaMixing)
     if type(module) is ChannelGroupAttention:

@@ -17,9 +17,10 @@ from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY not
 from ..sparse.patch_conv import to_canvas
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import ImageScale, image_of_rows, same_sites, with_features
-from .attention import (AdditiveAttention, ChannelAttention, ChannelGroupAttention, CrossCovarianceAttention,
-                        FourierPositions, GlobalContextAttention, GridAttention, GroupedQueryAttention, LinearAttention,
-                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
+from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
+                        CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
+                        SelfAttention, SeparableGridAttention, WindowAttention)
 from .lambdas import LambdaMixing
 
 
@@ -193,6 +194,37 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         keys, _, present = image_tokens(k)
         values, _, _ = image_tokens(v)
         return from_slots(q, self.attend(queries, keys, values, present), slots)
+
+
+class SparseMaskUnitAttention(MaskUnitAttention):
+    """Hiera's attention on the rows: within mask units, each visible patch's query rows attend to
+    its key rows (rows are patch-major at every stride: one view, no gather); over images, as
+    ``SparseGroupedQueryAttention``."""
+
+    def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor) -> ME.SparseTensor:
+        same_sites(k, v, "attend with keys and values on")
+        if self.unit is None:
+            queries, slots, _ = image_tokens(q)
+            keys, _, present = image_tokens(k)
+            values, _, _ = image_tokens(v)
+            return from_slots(q, self.attend(queries, keys, values, present), slots)
+        side = PatchSites.of(k).sites_per_side(k.tensor_stride[0])
+        if side != self.unit:
+            raise ValueError(f"Hiera's mask units are {self.unit}x{self.unit} sites, the mask's patches {side}x{side}")
+        patches = k.F.shape[0] // side ** 2
+        queries, keys, values = (t.F.view(patches, -1, t.F.shape[1]) for t in (q, k, v))
+        present = keys.new_ones(keys.shape[:2], dtype=torch.bool)
+        return with_features(q, self.attend(queries, keys, values, present).reshape(q.F.shape[0], -1))
+
+
+class SparseAbsolutePositions(AbsolutePositions):
+    """The table's row of each row's site in its image."""
+
+    def forward(self, x: ME.SparseTensor, table: Tensor) -> ME.SparseTensor:
+        sites, stride = PatchSites.of(x), x.tensor_stride[0]
+        _, h, w = sites.canvas_shape(stride)
+        self.check(table, h, w)
+        return with_features(x, x.F + table.flatten(1).t().index_select(0, sites.canvas_index(stride) % (h * w)))
 
 
 class SparseWindowAttention(WindowAttention):

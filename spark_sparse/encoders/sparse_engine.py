@@ -40,9 +40,9 @@ from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResp
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
-from .attention import (ATTENTION, ChannelGroupAttention, CrossCovarianceAttention, GridAttention, GroupedQueryAttention,
-                        LinearAttention, RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention,
-                        WindowAttention)
+from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, CrossCovarianceAttention, GridAttention,
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
+                        SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
@@ -50,11 +50,12 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NO
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
                      upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
-from .sparse_attention import (SparseAdditiveAttention, SparseChannelAttention, SparseChannelGroupAttention,
-                               SparseCrossCovarianceAttention, SparseFourierPositions, SparseGlobalContext,
-                               SparseGridAttention, SparseGroupedQueryAttention, SparseLambdaMixing,
-                               SparseLinearAttention, SparseRelativeLogitsAttention, SparseSelfAttention,
-                               SparseSeparableGridAttention, SparseWindowAttention, visible_means)
+from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
+                               SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
+                               SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
+                               SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
+                               SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
+                               SparseWindowAttention, visible_means)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -470,6 +471,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseCrossCovarianceAttention(module.num_heads)
     if kind is RelativeLogitsAttention:
         return module.like(SparseRelativeLogitsAttention)
+    if kind is MaskUnitAttention:
+        return module.like(SparseMaskUnitAttention)
+    if kind is AbsolutePositions:
+        return SparseAbsolutePositions()
     if kind is LambdaMixing:
         return module.like(SparseLambdaMixing)
     if kind is PositionLambdas:
