@@ -5,6 +5,7 @@ import torch
 
 from spark_sparse import engine_class, random_active
 from spark_sparse.encoders.families import input_sizes
+from spark_sparse.encoders.family import ConversionError
 
 from .conftest import ENGINE_NAMES
 
@@ -84,3 +85,9 @@ def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple,
     if largest is not None:
         assert sizes.refusal(model, largest + multiple) == (
             f"model {model} {sizes.why_largest}: input_size must be at most {largest}, got {largest + multiple}")
+
+
+def test_the_input_sizes_of_a_model_of_no_supported_family_are_refused_in_one_line():
+    with pytest.raises(ConversionError, match="^'vit_base_patch16_224' is no model of a timm module the encoders "
+                                              "convert$"):
+        input_sizes("vit_base_patch16_224")

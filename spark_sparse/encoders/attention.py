@@ -365,7 +365,7 @@ class MaskUnitAttention(GroupedQueryAttention):
         sides = (self.unit * h // k.shape[-2], self.unit, self.unit)
         tokens = [units(t, s) for t, s in zip((q, k, v), sides)]
         out = self.attend(*tokens, units(keys[:, None], self.unit)[..., 0])
-        return out.view(b, h // sides[0], w // sides[0], sides[0], sides[0], -1).permute(0, 5, 1, 3, 2, 4).reshape(
+        return out.reshape(b, h // sides[0], w // sides[0], sides[0], sides[0], -1).permute(0, 5, 1, 3, 2, 4).reshape(
             b, -1, h, w)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -378,7 +378,7 @@ class MaskUnitAttention(GroupedQueryAttention):
 def units(x: Tensor, side: int) -> Tensor:
     """(B, C, h, w) -> (B * units, side * side, C): the sites of each side x side unit row by row."""
     b, c, h, w = x.shape
-    return x.view(b, c, h // side, side, w // side, side).permute(0, 2, 4, 3, 5, 1).reshape(-1, side * side, c)
+    return x.reshape(b, c, h // side, side, w // side, side).permute(0, 2, 4, 3, 5, 1).reshape(-1, side * side, c)
 
 
 class WindowAttention(nn.Module):

@@ -76,5 +76,7 @@ def family_of(model: nn.Module) -> Family:
 
 def input_sizes(name: str) -> InputSizes:
     """The input sizes the encoders of the timm model ``name`` (of a supported family) run at."""
-    family = next(f for f in FAMILIES if timm.models.is_model_in_modules(name, list(f.timm_modules)))
+    family = next((f for f in FAMILIES if timm.models.is_model_in_modules(name, list(f.timm_modules))), None)
+    if family is None:
+        raise ConversionError(f"'{name}' is no model of a timm module the encoders convert")
     return family.input_sizes(name)
