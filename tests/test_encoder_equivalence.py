@@ -707,7 +707,9 @@ HIERA = {"img_size": (64, 96)}
 VARIANTS.update({"Hiera: attention within mask units, then over the image, queries max-pooled where a stage starts": (
                      "hiera_tiny_224", HIERA),
                  "Hiera abswin: a resized global position table plus the mask unit's, tiled": (
-                     "hiera_small_abswin_256", HIERA)})
+                     "hiera_small_abswin_256", HIERA),
+                 "Hiera with layer scale (hiera_base_abswin_256's)": (
+                     "hiera_tiny_224", {**HIERA, "init_values": 1e-5})})
 VARIANTS.update({
     "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
         "test_maxvit", {"img_size": 64}),
