@@ -93,8 +93,6 @@ class MirrorBlock(nn.Module):
 
     def __init__(self, module: HieraBlock, convert: Converter, path: str):
         super().__init__()
-        if module.attn.q_stride not in (1, 4):
-            raise unsupported(module, path, f"q_stride {module.attn.q_stride}: only 2x2 pooling (4) is mirrored")
         for name in ("norm1", "proj", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
             setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
         self.widens = module.do_expand  # where a stage starts

@@ -196,18 +196,15 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         return from_slots(q, self.attend(queries, keys, values, present), slots)
 
 
-class SparseMaskUnitAttention(MaskUnitAttention):
+class SparseMaskUnitAttention(MaskUnitAttention, SparseGroupedQueryAttention):
     """Hiera's attention on the rows: within mask units, each visible patch's query rows attend to
     its key rows (rows are patch-major at every stride: one view, no gather); over images, as
     ``SparseGroupedQueryAttention``."""
 
     def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor) -> ME.SparseTensor:
-        same_sites(k, v, "attend with keys and values on")
         if self.unit is None:
-            queries, slots, _ = image_tokens(q)
-            keys, _, present = image_tokens(k)
-            values, _, _ = image_tokens(v)
-            return from_slots(q, self.attend(queries, keys, values, present), slots)
+            return SparseGroupedQueryAttention.forward(self, q, k, v)
+        same_sites(k, v, "attend with keys and values on")
         side = PatchSites.of(k).sites_per_side(k.tensor_stride[0])
         if side != self.unit:
             raise ValueError(f"Hiera's mask units are {self.unit}x{self.unit} sites, the mask's patches {side}x{side}")
