@@ -90,6 +90,29 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypa
     assert losses(interrupted) == losses(straight)  # same process, same threads: bit for bit
 
 
+def test_a_run_begun_before_a_config_key_existed_resumes_as_it_began(tmp_path, monkeypatch, capsys):
+    """Runs begun before optim.timm_no_weight_decay decayed their position tables (TinyViT's attention
+    biases): resumed by today's code, they still do, from the optimizer state they saved."""
+    before = ["model=tiny_vit_5m_224", "optim.timm_no_weight_decay=false"]
+    straight = tmp_path / "straight"
+    pretrain.train(config(*before), straight)
+
+    interrupted = tmp_path / "interrupted"
+    after_checkpoint(monkeypatch, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(config(*before), interrupted)
+    monkeypatch.undo()
+    path = interrupted / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["config"]["optim"]["timm_no_weight_decay"]  # as the older code wrote it
+    atomic_save(ckpt, path)
+    pretrain.train(config("model=tiny_vit_5m_224", "resume=true"), interrupted)
+    assert "optim.timm_no_weight_decay=False, as the checkpoint's run began before the key existed" \
+        in capsys.readouterr().out
+    assert losses(interrupted) == losses(straight)
+    assert load_checkpoint(path)["config"]["optim"]["timm_no_weight_decay"] is False
+
+
 def test_each_step_reads_its_loss_only_once_the_next_batch_is_ready(tmp_path, monkeypatch):
     """Reading the loss waits for the GPU to finish the step: before it, while the GPU works, the
     next step's images are loaded and sent and its mask is planned with the tables this step read."""

@@ -208,11 +208,20 @@ def _as_dense_names(sparse_model: SparK) -> dict:
     return sd
 
 
+def optim_config(name="lamb", base_lr=2e-4, timm_no_weight_decay=True):
+    return OmegaConf.create({"name": name, "base_lr": base_lr, "betas": [0.9, 0.95], "weight_decay": 0.04,
+                             "min_lr": 0.0, "timm_no_weight_decay": timm_no_weight_decay})
+
+
+def decayed(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> set[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+
 @pytest.mark.parametrize("engine", ENGINE_NAMES)  # the sparse engine's biases are (1, C) matrices
 def test_no_weight_decay_on_biases_norms_and_mask_tokens(engine):
     model = small(engine)
-    cfg = OmegaConf.create({"name": "lamb", "base_lr": 2e-4, "betas": [0.9, 0.95], "weight_decay": 0.04,
-                            "min_lr": 0.0})
+    cfg = optim_config()
     opt = build_optimizer(model, cfg, batch_size=512)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
@@ -223,10 +232,33 @@ def test_no_weight_decay_on_biases_norms_and_mask_tokens(engine):
     assert type(opt).__name__ == "Lamb"
 
 
+# one model of each timm module whose no_weight_decay() names parameters that are not 1-D
+EXEMPT_BY_NAME = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "hiera_tiny_224", "tiny_vit_5m_224",
+                  "efficientformer_l1", "twins_pcpvt_small", "coatnet_rmlp_nano_rw_224", "maxvit_nano_rw_256"]
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+@pytest.mark.parametrize("name", EXEMPT_BY_NAME)
+def test_pretraining_decays_the_encoder_weights_timms_optimiser_decays(name, engine):
+    """As fine-tuning (timm's optimiser on timm's model) and SparK's own ``pos_embed`` rule: position
+    tables, attention biases and positional convolutions take no weight decay."""
+    timm_model = timm.create_model(name, num_classes=0)
+    timm_decayed = decayed(timm.optim.create_optimizer_v2(timm_model, "lamb", weight_decay=0.04), timm_model)
+    model = SparK(create_encoder(timm_model, engine), decoder_width=64)
+    ours = decayed(build_optimizer(model, optim_config(), batch_size=256), model)
+    timm_decayed &= set(model.encoder.timm_state_dict())  # not its head's weights
+    assert {model.encoder.timm_key(k.removeprefix("encoder.")) for k in ours if k.startswith("encoder.")} \
+        == timm_decayed
+    exempt_by_name = {n for n, p in timm_model.named_parameters() if p.ndim > 1 and n not in timm_decayed}
+    assert exempt_by_name, "the model has no parameter its no_weight_decay() exempts"
+    # runs begun before optim.timm_no_weight_decay existed decay those too, resumed as they began
+    before = decayed(build_optimizer(model, optim_config(timm_no_weight_decay=False), batch_size=256), model)
+    assert {model.encoder.timm_key(k.removeprefix("encoder.")) for k in before - ours} == exempt_by_name
+
+
 def test_schedules_warm_up_then_decay():
     model = small("dense_masked")  # the engine plays no part
-    cfg = OmegaConf.create({"name": "adamw", "base_lr": 256.0, "betas": [0.9, 0.95], "weight_decay": 0.04,
-                            "min_lr": 0.0})
+    cfg = optim_config("adamw", base_lr=256.0)
     opt = build_optimizer(model, cfg, batch_size=1)
     sched = build_scheduler(opt, cfg, max_steps=100, warmup_steps=10)
     lrs = []

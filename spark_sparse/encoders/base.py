@@ -8,6 +8,8 @@ parameter names and layouts map to timm's. The families it can convert are liste
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -40,13 +42,16 @@ class Encoder(nn.Module):
     strides = STRIDES
     stride = STRIDES[-1]
 
-    def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str):
+    def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str,
+                 timm_no_weight_decay: Iterable[str] = ()):
         super().__init__()
         self.body = body
         self.family = family
         self.layout = layout
         self.channels = list(layout.channels)
         self.model_name = name
+        # the timm model's no_weight_decay(): names and fnmatch patterns, in timm's names
+        self.timm_no_weight_decay = frozenset(timm_no_weight_decay)
 
     @staticmethod
     def convert_leaf(module: nn.Module, path: str) -> nn.Module:
@@ -60,7 +65,8 @@ class Encoder(nn.Module):
         family = family_of(model)
         leaf = functools.partial(cls.convert_leaf, **options) if options else cls.convert_leaf
         layout = family.layout(model)
-        return cls(family.convert(model, leaf, layout), family, layout, model_name(model))
+        exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        return cls(family.convert(model, leaf, layout), family, layout, model_name(model), exempt)
 
     def plan(self, active: torch.Tensor, device: torch.device | str, like: Any = None) -> Any:
         """What the engine makes of a mask alone, before its images come (the sparse engine: the
@@ -107,6 +113,12 @@ class Encoder(nn.Module):
         b, _, h, w = images.shape
         feats = self(images, active, layout)
         return [self.to_dense(f, b, (h // s, w // s)) for f, s in zip(feats, self.strides)]
+
+    def no_weight_decay(self) -> set[str]:
+        """Our names of the parameters timm's model exempts from weight decay by name (position
+        tables, attention biases: its ``no_weight_decay()``), matched as timm's optimizers match."""
+        return {k for k, _ in self.named_parameters()
+                if any(fnmatch(self.timm_key(k), pattern) for pattern in self.timm_no_weight_decay)}
 
     # -- weights in timm's names and layouts ------------------------------------------------
     def timm_key(self, key: str) -> str:

@@ -50,6 +50,7 @@ class FineTuning:
     module = "spark_sparse.finetune"
     fixed_on_resume = FIXED_ON_RESUME
     changeable_on_resume = CHANGEABLE_ON_RESUME
+    former_defaults: dict = {}
     outputs = (BEST,)
     memory_savers = LESS_MEMORY
 

@@ -66,7 +66,11 @@ class SparK(nn.Module):
         return cls(create_encoder(model, engine, drop_path_rate=drop_path_rate), **kwargs)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay besides biases and norms (timm's convention)."""
+        """Parameter names exempt from weight decay besides biases and norms (timm's convention):
+        the mask tokens and what the encoder's timm model exempts (position tables)."""
+        return self.mask_tokens() | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def mask_tokens(self) -> set[str]:
         return {f"densify.{i}.mask_token" for i in range(len(self.densify))}
 
     def random_mask(self, images: Tensor, rank: int = 0, world_size: int = 1,

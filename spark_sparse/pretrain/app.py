@@ -32,7 +32,7 @@ from ..run.failures import LESS_MEMORY, RunFailed, TrainingDiverged
 from ..run.recipe import CONF_DIR
 from ..run.run_dir import RunFiles
 from ..run.trainer import Run, launch
-from .checks import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, validate
+from .checks import CHANGEABLE_ON_RESUME, FIXED_ON_RESUME, FORMER_DEFAULTS, validate
 from .data import build_dataset, build_loader
 from .optim import build_optimizer, build_scheduler, set_weight_decay, weight_decay_at
 from .visualize import save_reconstruction
@@ -61,6 +61,7 @@ class Pretraining:
     module = "spark_sparse.pretrain"
     fixed_on_resume = FIXED_ON_RESUME
     changeable_on_resume = CHANGEABLE_ON_RESUME
+    former_defaults = FORMER_DEFAULTS
     outputs = (RunFiles.ENCODER,)
     memory_savers = f"{LESS_MEMORY}, or decoder.checkpoint=true,"
 

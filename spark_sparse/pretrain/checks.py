@@ -28,6 +28,7 @@ KEYS = {
     "optim.betas": numbers(2, "two numbers in [0, 1)", lambda v: all(0 <= b < 1 for b in v)),
     "optim.weight_decay": NON_NEGATIVE,
     "optim.weight_decay_end": NON_NEGATIVE,
+    "optim.timm_no_weight_decay": FLAG,
     "optim.warmup_epochs": NON_NEGATIVE,
     "optim.min_lr": NON_NEGATIVE,
     "optim.clip_grad": POSITIVE | NULL,  # a negative clip would turn every step into gradient ascent
@@ -58,6 +59,9 @@ FIXED_ON_RESUME = ("model", "engine", "mask_ratio", "input_size", "batch_size", 
 # diverged goes on from its last good checkpoint with a smaller lr
 CHANGEABLE_ON_RESUME = ("precision", "optim.base_lr", "optim.min_lr", "optim.clip_grad", "optim.weight_decay",
                         "optim.weight_decay_end", "tf32")
+
+# keys added since older runs began, with the value those runs behave by (their code had no such key)
+FORMER_DEFAULTS = {"optim.timm_no_weight_decay": False}
 
 
 def hidden_patches(input_size: int, mask_ratio: float, stride: int = PATCH) -> int:

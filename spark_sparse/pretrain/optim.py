@@ -1,7 +1,8 @@
 """The paper's optimisation: timm's LAMB (or AdamW), warmup + cosine lr, cosine weight-decay ramp.
 
-Biases, norms (1-D parameters) and mask tokens get no weight decay (timm's param grouping and
-the model's ``no_weight_decay()``); lr = base_lr * batch_size / 256.
+Biases, norms (1-D parameters), mask tokens and what the encoder's timm model exempts by name
+(position tables, as SparK's ``pos_embed``; ``optim.timm_no_weight_decay``) get no weight decay,
+grouped as timm groups them; lr = base_lr * batch_size / 256.
 """
 
 from __future__ import annotations
@@ -9,24 +10,25 @@ from __future__ import annotations
 import math
 
 from omegaconf import DictConfig
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from torch import nn
 from torch.optim import Optimizer
 
+from ..model.spark import SparK
 from ..run.recipe import scaled_lr
 
 OPTIMIZERS = ("lamb", "adamw")
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig, batch_size: int) -> Optimizer:
+def build_optimizer(model: SparK, cfg: DictConfig, batch_size: int) -> Optimizer:
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got '{cfg.name}'")
     kwargs = {"betas": tuple(cfg.betas)}
     if cfg.name == "lamb":
         kwargs["max_grad_norm"] = None  # we clip the global norm ourselves (optim.clip_grad)
-    return create_optimizer_v2(model, opt=cfg.name, lr=scaled_lr(cfg.base_lr, batch_size),
-                               weight_decay=cfg.weight_decay, **kwargs)
+    exempt = model.no_weight_decay() if cfg.timm_no_weight_decay else model.mask_tokens()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=exempt)
+    return create_optimizer_v2(groups, opt=cfg.name, lr=scaled_lr(cfg.base_lr, batch_size), **kwargs)
 
 
 def build_scheduler(optimizer: Optimizer, cfg: DictConfig, max_steps: int, warmup_steps: int) -> CosineLRScheduler:

@@ -7,6 +7,8 @@ import copy
 import difflib
 import netrc
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
@@ -121,6 +123,21 @@ def _without(config: dict, keys: list[str]) -> dict:
         if isinstance(node, dict):
             node.pop(last, None)
     return config
+
+
+def adopt_former_defaults(saved: dict, cfg: DictConfig, former: Mapping[str, Any]) -> list[str]:
+    """A resumed run goes on as it began: each key of ``former`` (added to the config since, with
+    the value the code before it behaved by) that the checkpoint's config ``saved`` lacks takes
+    that value, in ``saved`` and in ``cfg``. Returns those keys."""
+    adopted = [key for key in former if get(saved, key, ABSENT) is ABSENT]
+    for key in adopted:
+        *parents, last = key.split(".")
+        node = saved
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = former[key]
+        OmegaConf.update(cfg, key, former[key], merge=False)
+    return adopted
 
 
 def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...], changeable: tuple[str, ...] = ()) -> None:

@@ -16,15 +16,16 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, load_checkpoint, partial_saves
-from .checks import ConfigError, Refused, check_resumable, get
+from .checks import ConfigError, Refused, adopt_former_defaults, check_resumable, get
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,13 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
 
 
 def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_resume: Iterable[str],
-                 changeable_on_resume: Iterable[str] = (), outputs: Iterable[str] = ()) -> dict | None:
+                 changeable_on_resume: Iterable[str] = (), outputs: Iterable[str] = (),
+                 former_defaults: Mapping[str, Any] | None = None) -> dict | None:
     """Judge the run directory under its lock and return the checkpoint to resume from (None
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
     leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
-    or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``."""
+    or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``; keys
+    its checkpoint predates take their ``former_defaults`` (``adopt_former_defaults``)."""
     run_dir, ckpt_path = files.root, files.checkpoint
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,12 +185,13 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
         if not cfg.resume and ckpt_path.exists():
             raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
                               "it or choose another hydra.run.dir")
-        ckpt = None
+        ckpt, adopted = None, []
         if cfg.resume:
             try:
                 ckpt = load_checkpoint(ckpt_path)
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
+            adopted = adopt_former_defaults(ckpt["config"], cfg, former_defaults or {})
             check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
     except BaseException:
         lock.release()
@@ -201,6 +205,8 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
     if note:
         print(f"note: {note}")
     if ckpt is not None:
+        for key in adopted:
+            print(f"note: {key}={OmegaConf.select(cfg, key)}, as the checkpoint's run began before the key existed")
         for key in cfg.get("resume_changes") or []:
             print(f"note: resume_changes: {key} {get(ckpt['config'], key)} -> {OmegaConf.select(cfg, key)} "
                   f"from step {ckpt['step']} on (recorded in the checkpoint)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from ..data.seeds import derive_seed
 from ..precision import autocast, needs_grad_scaler
 from . import distributed
 from .checkpoint import Saver, load_checkpoint
+from .checks import adopt_former_defaults
 from .checks import get as _get
 from .failures import RunFailed, TrainingDiverged, is_disk_full, is_out_of_memory, out_of_memory
 from .logger import NullLogger, RunLogger
@@ -49,6 +50,7 @@ class App(Protocol):
     module: str  # its command line, ``python -m <module>``, for the line that resumes a stopped run
     fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
     changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
+    former_defaults: Mapping[str, Any]  # keys added since older runs began: the value those behave by
     outputs: tuple[str, ...]  # files it writes atomically into the run directory besides checkpoints
     memory_savers: str  # what its out-of-memory line says needs less (failures.LESS_MEMORY and its own)
 
@@ -80,9 +82,11 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
     with StopSignals() as stops:
         try:
             ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
-                                                                app.changeable_on_resume, app.outputs))
+                                                                app.changeable_on_resume, app.outputs,
+                                                                app.former_defaults))
             if cfg.resume and not ctx.is_main:
                 ckpt = load_checkpoint(files.checkpoint)  # a shared run directory
+                adopt_former_defaults(ckpt["config"], cfg, app.former_defaults)
             run = Run(cfg, files, ctx, ckpt, stops)
             try:
                 return app.fit(run)
