@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import spark_sparse.finetune.app as finetune
+import spark_sparse.finetune.checks as finetune_checks
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.checkpoint import load_checkpoint
 from spark_sparse.finetune.classifier import build_model, encoder_of, load_encoder
@@ -167,6 +168,25 @@ def test_a_weight_file_for_another_model_is_refused_naming_the_keys(colours, tmp
     with pytest.raises(finetune.ConfigError, match=message):
         finetune.train(config(colours, f"pretrained={tmp_path / 'other.pth'}"), run)
     assert not run.exists()
+
+
+@pytest.mark.parametrize("model,size,message", [
+    ("swin_tiny_patch4_window7_224", 64, r"\(Input height \(64\) doesn't match model \(224\)\.\); set input_size=224$"),
+    ("hiera_tiny_224", 256, r"\(Attempting to broadcast a dimension of length 3136 .*\); set input_size=224$"),
+    ("botnet26t_256", 224, r"\(AssertionError in its forward\); set input_size=256$"),  # timm's assert says nothing
+])
+def test_a_model_timm_makes_for_one_input_size_is_refused_at_another_before_any_work(colours, tmp_path, model, size,
+                                                                                      message):
+    with pytest.raises(finetune.ConfigError, match=f"^timm makes {model} for input_size .* and it does not run at "
+                                                   f"{size} " + message):
+        finetune.train(config(colours, f"model={model}", f"input_size={size}"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_timm_marks_as_made_for_one_size_that_runs_at_others_is_not_refused():
+    # twins_svt_small's pretrained_cfg says fixed_input_size; its windows and position convolutions take other sizes
+    finetune_checks.check_input_size("twins_svt_small", 64)
+    finetune_checks.check_input_size("maxvit_nano_rw_256", 512)  # whole groups and grids at every stride
 
 
 def test_resume_after_a_stop_mid_epoch_gives_the_same_run(colours, tmp_path, monkeypatch):

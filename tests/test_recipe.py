@@ -5,12 +5,13 @@ import json
 import pytest
 import timm
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
-from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value
+from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value, register_resolver
 
 from .conftest import needs_minkowski
 from .test_pretrain import config
@@ -147,6 +148,30 @@ def test_every_timm_module_the_encoders_convert_has_a_pretraining_and_a_fine_tun
             assert recipe_value(pretraining, model, key) is not None, (model, key)
         for key in fine_tuning.resnet:
             assert recipe_value(fine_tuning, model, key) is not None, (model, key)
+
+
+def composed(app: str, *overrides: str):
+    register_resolver()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(app, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("model, pretraining, fine_tuning", [
+    ("resnet18", 128, 64),  # the bundled photos' sizes
+    ("mobilevit_xxs", 128, 64),  # 2x2 blocks of sites at stride 32: 128 has them
+    ("maxvit_tiny_tf_224", 224, 224),  # groups and grids of 7x7 sites at stride 32; timm: its own size
+    ("maxvit_nano_rw_256", 256, 256),
+    ("botnet26t_256", 128, 256),  # position tables reach its own size: smaller ones run; timm: its own
+    ("swin_tiny_patch4_window7_224", 128, 224),  # our windows run at any size; timm's at its own
+    ("hiera_tiny_224", 224, 224),  # a position embedding of its own size, in both
+    ("hiera_small_abswin_256", 256, 256),
+])
+def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_it_it_runs_at(
+        model, pretraining, fine_tuning):
+    assert composed("pretrain", f"model={model}").input_size == pretraining
+    assert composed("finetune", f"model={model}").input_size == fine_tuning
+    assert composed("pretrain", f"model={model}", "input_size=512").input_size == 512  # the command line wins
+    assert composed("finetune", f"model={model}", "input_size=512").input_size == 512
 
 
 def test_the_command_line_wins_over_the_recipe():

@@ -609,6 +609,11 @@ class InputSizes:
             return f"model {model} {self.why_largest}: input_size must be at most {self.largest}, got {size}"
         return None
 
+    def fit(self, size: int) -> int:
+        """The least input size from ``size`` up that the model runs at (its own, where it has one)."""
+        fitted = -(-size // self.multiple) * self.multiple
+        return fitted if self.largest is None else min(fitted, self.largest)
+
 
 def any_input_size(name: str) -> InputSizes:
     """A family whose models run at any whole number of patches."""

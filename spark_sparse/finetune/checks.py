@@ -3,9 +3,12 @@ every key's type and range (``KEYS``), then the rules that tie keys together."""
 
 from __future__ import annotations
 
+import timm
+import torch
 from omegaconf import DictConfig
 from timm.optim import list_optimizers
 
+from ..timm_models import create_timm_model
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
 from ..run.schema import (FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, PROBABILITY, TEXT, Rule, at_least,
                           check_keys, number, numbers, one_of)
@@ -64,4 +67,24 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must split evenly among the "
                           f"{world_size} processes into shares of at least 2"
                           + (", even (mixup)" if mixing(cfg) else ""))
+    check_input_size(cfg.model, cfg.input_size)
     check_runtime(cfg)
+
+
+def check_input_size(model: str, size: int) -> None:
+    """timm makes some models for one input size (their ``fixed_input_size``: position tables,
+    window grids). Such a model runs once at ``size`` on the meta device (no data, no arithmetic):
+    a size its own checks refuse is refused here in one line, before any work."""
+    cfg = timm.models.get_pretrained_cfg(model)
+    own = cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else size
+    if size == own:
+        return
+    with torch.device("meta"):
+        net = create_timm_model(model, num_classes=0).eval()
+    try:
+        with torch.no_grad():
+            net(torch.empty(1, 3, size, size, device="meta"))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        why = str(err).strip().splitlines()[0][:120] if str(err).strip() else f"{type(err).__name__} in its forward"
+        raise ConfigError(f"timm makes {model} for input_size {own} and it does not run at {size} ({why}); "
+                          f"set input_size={own}") from None

@@ -1,8 +1,11 @@
-"""Per-model defaults of the official SparK recipes (conf/recipe/spark.yaml) as ``${recipe:KEY}``.
+"""Per-model defaults: the official SparK recipes (conf/recipe/spark.yaml) as ``${recipe:KEY}``,
+and input sizes the model runs at.
 
 A config interpolates ``${recipe:drop_path_rate}`` and gets the value for its ``model``: the
 entry of ``recipe`` whose name is the longest prefix of the model name and sets the key, else
-the entry named after the model's timm module (its family).
+the entry named after the model's timm module (its family). ``${encoder_input_size:128}`` is 128
+or the least size up from it the model's encoders run at (Hiera: its own 224);
+``${timm_input_size:64}`` is 64 or, where timm fixes the model's input size, that size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from typing import Any, Mapping
 
 import timm
 from omegaconf import OmegaConf
+
+from ..encoders.families import input_sizes
+from ..encoders.family import ConversionError
 
 # absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path against
 # that entry module's package
@@ -36,14 +42,36 @@ def default_recipe(model: str, key: str) -> Any:
     return recipe_value(OmegaConf.load(RECIPE_FILE), model, key)
 
 
+def encoder_input_size(model: str, default: int) -> int:
+    """``default``, or the least size up from it the encoders of ``model`` run at; ``default``
+    for a model they do not convert (the config check names that)."""
+    try:
+        return input_sizes(model).fit(default)
+    except ConversionError:
+        return default
+
+
+def timm_input_size(model: str, default: int) -> int:
+    """``default``, or the model's own input size where timm fixes it (Swin, Hiera, MaxViT, ...:
+    their ``pretrained_cfg``'s ``fixed_input_size``)."""
+    cfg = timm.models.get_pretrained_cfg(model) if timm.is_model(model) else None
+    return cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else default
+
+
 def _resolve(key: str, *, _root_) -> Any:
     return recipe_value(_root_.recipe, _root_.model, key)
 
 
+RESOLVERS = {"recipe": _resolve,
+             "encoder_input_size": lambda default, *, _root_: encoder_input_size(_root_.model, default),
+             "timm_input_size": lambda default, *, _root_: timm_input_size(_root_.model, default)}
+
+
 def register_resolver() -> None:
-    """Make ``${recipe:KEY}`` available to OmegaConf (idempotent)."""
-    if not OmegaConf.has_resolver("recipe"):
-        OmegaConf.register_new_resolver("recipe", _resolve)
+    """Make ``${recipe:KEY}`` and the input-size defaults available to OmegaConf (idempotent)."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
