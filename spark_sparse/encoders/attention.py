@@ -375,6 +375,13 @@ class MaskUnitAttention(GroupedQueryAttention):
         return f"num_heads={self.num_heads}, head_dim={self.key_dim}, unit={self.unit}"
 
 
+def map_tokens(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, C, h, w) -> its sites as tokens (B, h * w, C), row by row, and each one's row and column (B, h * w)."""
+    b, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    return x.flatten(2).transpose(1, 2), ys.reshape(1, -1).expand(b, -1), xs.reshape(1, -1).expand(b, -1)
+
+
 def units(x: Tensor, side: int) -> Tensor:
     """(B, C, h, w) -> (B * units, side * side, C): the sites of each side x side unit row by row."""
     b, c, h, w = x.shape
@@ -612,10 +619,8 @@ class RelativeLogitsAttention(nn.Module):
         """(B, C, h, w) the map's q, k, v, (B, h * w) bool: which sites are keys -> (B, C', h, w)."""
         b, _, h, w = x.shape
         self.check(h, w)
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        out = self.attend(x.flatten(2).transpose(1, 2), present, ys.reshape(1, -1).expand(b, -1),
-                          xs.reshape(1, -1).expand(b, -1), height_rel, width_rel)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+        tokens, ys, xs = map_tokens(x)
+        return self.attend(tokens, present, ys, xs, height_rel, width_rel).transpose(1, 2).reshape(b, -1, h, w)
 
     def forward(self, x: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
         present = x.new_ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool)

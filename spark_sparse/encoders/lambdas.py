@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import map_tokens
+
 
 class PositionLambdas(nn.Module):
     """The local variant's position lambdas: each of ``key_dim`` r x r kernels over each channel of
@@ -86,10 +88,8 @@ class LambdaMixing(nn.Module):
         the image's tokens -> (B, C', h, w)."""
         b, _, h, w = x.shape
         self.check(h, w)
-        ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-        out = self.mix(x.flatten(2).transpose(1, 2), present, ys.reshape(1, -1).expand(b, -1),
-                       xs.reshape(1, -1).expand(b, -1), pos_emb)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+        tokens, ys, xs = map_tokens(x)
+        return self.mix(tokens, present, ys, xs, pos_emb).transpose(1, 2).reshape(b, -1, h, w)
 
     def forward(self, x: Tensor, pos_emb: Tensor | None = None) -> Tensor:
         present = x.new_ones(x.shape[0], x.shape[2] * x.shape[3], dtype=torch.bool)
