@@ -4,7 +4,9 @@ PyPI holds MinkowskiEngine 0.5.4 only as its 2021 source package. It needs two f
 and import on Python 3.11 with a current torch:
   * its setup.py finds BLAS through numpy.distutils, which is gone from numpy 2: we pass
     ``--blas=openblas`` explicitly (and SETUPTOOLS_USE_DISTUTILS=stdlib for pip's metadata step,
-    where the interpreter still has the standard library's distutils: not from Python 3.12);
+    where the interpreter still has the standard library's distutils; from Python 3.12, where
+    numpy has no distutils at all, the package comes from the index's JSON page instead of pip's
+    download, which would run that setup.py to read its metadata);
   * five modules do ``from collections import Sequence``, removed in Python 3.10.
 The compile takes minutes, so the built wheel is cached outside the checkout, keyed by
 everything it depends on; a second set-up (or a fresh clone elsewhere) installs it in seconds.
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import hashlib
+import json
 import os
 import platform
 import re
@@ -35,6 +39,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 ME_VERSION = "0.5.4"
@@ -119,6 +125,36 @@ def distutils_env() -> dict[str, str]:
     return {"SETUPTOOLS_USE_DISTUTILS": "stdlib"} if sys.version_info < (3, 12) else {}
 
 
+def index_url() -> str:
+    """The index pip installs from: PIP_INDEX_URL, pip's configuration, else PyPI's."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    config = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                            capture_output=True, text=True)
+    return config.stdout.strip() if config.returncode == 0 and config.stdout.strip() else "https://pypi.org/simple"
+
+
+def fetch_source(folder: Path) -> Path:
+    """The source package from the index's JSON page (PEP 691), checked against its sha256, without
+    running its setup.py."""
+    name = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
+    page = f"{index_url().rstrip('/')}/minkowskiengine/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=180) as response:
+            entry = next((f for f in json.load(response)["files"] if f["filename"] == name), None)
+            if entry is None:
+                fail(f"{page} lists no {name}")
+            with urllib.request.urlopen(urllib.parse.urljoin(page, entry["url"]), timeout=180) as package:
+                data = package.read()
+    except (OSError, ValueError, KeyError) as err:
+        fail(f"downloading {name} from {page} failed: {err}")
+    if hashlib.sha256(data).hexdigest() != entry["hashes"]["sha256"]:
+        fail(f"{name} from {page} does not match the index's sha256")
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
 def build_wheel(target: str, dest: Path) -> Path:
     if target == "cpu" and ctypes.util.find_library("openblas") is None:
         fail("OpenBLAS not found: install Debian's libopenblas-dev (scripts/setup.sh does this)")
@@ -130,10 +166,13 @@ def build_wheel(target: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="spark-sparse-me-") as tmp:
         tmpdir = Path(tmp)
         log(f"downloading the MinkowskiEngine {ME_VERSION} source package from PyPI")
-        run([sys.executable, "-m", "pip", "download", f"MinkowskiEngine=={ME_VERSION}", "--no-deps",
-             "--no-binary", ":all:", "--no-build-isolation", "-d", str(tmpdir)],
-            None, logfile, "downloading MinkowskiEngine", env)
-        archive = next(tmpdir.glob("MinkowskiEngine-*.tar.gz"))
+        if sys.version_info < (3, 12):
+            run([sys.executable, "-m", "pip", "download", f"MinkowskiEngine=={ME_VERSION}", "--no-deps",
+                 "--no-binary", ":all:", "--no-build-isolation", "-d", str(tmpdir)],
+                None, logfile, "downloading MinkowskiEngine", env)
+            archive = next(tmpdir.glob("MinkowskiEngine-*.tar.gz"))
+        else:
+            archive = fetch_source(tmpdir)
         with tarfile.open(archive) as tar:
             tar.extractall(tmpdir, filter="data")
         src = tmpdir / f"MinkowskiEngine-{ME_VERSION}"

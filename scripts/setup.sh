@@ -8,16 +8,20 @@ cd "$(dirname "$0")/.."
 say() { echo "[setup] $*"; }
 die() { echo "[setup] error: $*" >&2; exit 1; }
 
-# torch 2.14.1 (and the MinkowskiEngine wheel we build) are for CPython 3.11.
+# CPython 3.11 (CI's) or 3.12 (Ubuntu 24.04's python3, the GPU image's): the pins have wheels for
+# both and MinkowskiEngine builds on both (from 3.12 without the standard library's distutils).
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  for candidate in python3.11 python3.12 python3; do
+    if "$candidate" -c "" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
   done
 fi
-[ -n "$PYTHON" ] || die "no python3 found; install CPython 3.11"
+[ -n "$PYTHON" ] || die "no python3 found; install CPython 3.11 or 3.12"
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-[ "$pyver" = "3.11" ] || die "$PYTHON is Python $pyver; spark-sparse pins torch 2.14.1 for Python 3.11 (set PYTHON=/path/to/python3.11)"
+case $pyver in
+  3.11|3.12) ;;
+  *) die "$PYTHON is Python $pyver; spark-sparse pins torch 2.14.1 for Python 3.11 or 3.12 (set PYTHON=/path/to/python3.12)" ;;
+esac
 
 if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then
   command -v apt-get >/dev/null 2>&1 || die "libopenblas-dev is missing and apt-get is not available; install OpenBLAS development files by hand"

@@ -1,11 +1,16 @@
 """The set-up is reproducible: one set of pins, a patched MinkowskiEngine, an idempotent script."""
 
+import hashlib
+import http.server
 import importlib.util
+import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import needs_minkowski
@@ -63,6 +68,48 @@ def test_collections_patch_splits_abc_names(tmp_path):
     assert (pkg / "a.py").read_text() == (
         "from collections import namedtuple\nfrom collections.abc import Sequence\nx = 1\n")
     assert (pkg / "b.py").read_text() == "from collections import OrderedDict\n"
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """A package index on localhost: its JSON page (PEP 691) for minkowskiengine lists ``files``."""
+    files: list[dict] = []
+    package = b"the source package's bytes"
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"files": files}).encode() if self.path == "/simple/minkowskiengine/" else package
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    for name in ("no_proxy", "NO_PROXY"):  # a proxy of the machine's is not asked for localhost
+        monkeypatch.setenv(name, "127.0.0.1")
+    yield files, package
+    server.shutdown()
+
+
+def test_the_source_package_is_fetched_from_pips_index_and_checked_against_its_hash(tmp_path, index, capsys):
+    """Python 3.12's path: pip's download would run the package's setup.py, which needs numpy.distutils."""
+    build = load_build_script()
+    files, package = index
+    files.append({"filename": "MinkowskiEngine-0.5.4.tar.gz", "url": "../../packages/me.tar.gz",
+                  "hashes": {"sha256": hashlib.sha256(package).hexdigest()}})
+    assert build.fetch_source(tmp_path).read_bytes() == package
+    files[0]["hashes"]["sha256"] = hashlib.sha256(b"another package").hexdigest()
+    with pytest.raises(SystemExit):
+        build.fetch_source(tmp_path)
+    assert "MinkowskiEngine-0.5.4.tar.gz from http://127.0.0.1:" in capsys.readouterr().err
+    files.clear()
+    with pytest.raises(SystemExit):
+        build.fetch_source(tmp_path)
+    assert "/simple/minkowskiengine/ lists no MinkowskiEngine-0.5.4.tar.gz" in capsys.readouterr().err
 
 
 def test_wheel_cache_key_names_what_the_build_depends_on():
