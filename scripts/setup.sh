@@ -20,7 +20,7 @@ fi
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 case $pyver in
   3.11|3.12) ;;
-  *) die "$PYTHON is Python $pyver; spark-sparse pins torch 2.14.1 for Python 3.11 or 3.12 (set PYTHON=/path/to/python3.12)" ;;
+  *) die "$PYTHON is Python $pyver; spark-sparse pins torch 2.14.1 for Python 3.11 or 3.12 (set PYTHON=...)" ;;
 esac
 
 if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then
