@@ -8,12 +8,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import spark_sparse.finetune.checks as finetune_checks
 import spark_sparse.pretrain.app as pretrain
+import spark_sparse.pretrain.checks as pretrain_checks
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value, register_resolver
 
 from .conftest import needs_minkowski
+from .test_finetune import EVERY_FAMILY
 from .test_pretrain import config
 
 
@@ -172,6 +175,14 @@ def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_i
     assert composed("finetune", f"model={model}").input_size == fine_tuning
     assert composed("pretrain", f"model={model}", "input_size=512").input_size == 512  # the command line wins
     assert composed("finetune", f"model={model}", "input_size=512").input_size == 512
+
+
+@needs_minkowski  # pretraining's default engine
+@pytest.mark.parametrize("model", EVERY_FAMILY)
+def test_every_familys_default_pretraining_and_fine_tuning_configs_are_accepted(model):
+    """``python -m spark_sparse.pretrain model=X`` and ``... finetune model=X`` need no input_size."""
+    pretrain_checks.validate(composed("pretrain", f"model={model}"))
+    finetune_checks.validate(composed("finetune", f"model={model}"))
 
 
 def test_the_command_line_wins_over_the_recipe():
