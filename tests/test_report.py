@@ -292,6 +292,14 @@ def test_finetune_columns_put_each_runs_downstream_accuracy_beside_the_random_in
 
 
 @needs_minkowski
+def test_the_probe_runs_at_the_runs_size_up_to_128_or_at_timms_own_for_a_model_timm_makes_for_one():
+    assert report.probe_size_for({"model": "resnet18", "input_size": 96}, None) == 96
+    assert report.probe_size_for({"model": "resnet18", "input_size": 224}, None) == 128
+    assert report.probe_size_for({"model": "swin_tiny_patch4_window7_224", "input_size": 128}, None) == 224
+    assert report.probe_size_for({"model": "hiera_small_abswin_256", "input_size": 256}, None) == 256
+    assert report.probe_size_for({"model": "hiera_tiny_224", "input_size": 224}, 64) == 64  # asked for
+
+
 def test_linear_probe_takes_a_convnext_export(photos):
     # the exported encoder of a ConvNeXt run loads strictly into timm's model (head norm included)
     data = build_probe_data(photos, 32, train_per_image=4, test_per_image=2)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..run.checkpoint import load_checkpoint
-from ..run.recipe import register_resolver
+from ..run.recipe import register_resolver, timm_input_size
 from ..run.run_dir import RunFiles
 from .cli import CommandError, OneLineParser, run_command
 
@@ -143,7 +143,11 @@ def summarize_run(run_dir: Path, beta: float) -> dict[str, Any]:
 
 
 def probe_size_for(config: dict, probe_size: int | None) -> int:
-    return probe_size or min(int(config.get("input_size", PROBE_MAX_SIZE)), PROBE_MAX_SIZE)
+    """``probe_size``, else the run's input size up to ``PROBE_MAX_SIZE``, or timm's own size for a
+    model timm makes for one (the probe runs timm's model: a Hiera or a Swin at 224 whatever its run's)."""
+    if probe_size:
+        return probe_size
+    return timm_input_size(config["model"], min(int(config.get("input_size", PROBE_MAX_SIZE)), PROBE_MAX_SIZE))
 
 
 def collect(sweep_dir: Path, beta: float = 0.9, probe: bool = True, probe_size: int | None = None,
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for the smoothed loss")
     parser.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     parser.add_argument("--probe-size", type=int, default=None,
-                        help=f"probe crop size (default: the run's input_size, at most {PROBE_MAX_SIZE})")
+                        help=f"probe crop size (default: the run's input_size, at most {PROBE_MAX_SIZE}, or "
+                             "timm's own size for a model timm makes for one)")
     parser.add_argument("--finetune", nargs="?", const="", default=None, metavar="OVERRIDES",
                         help="also fine-tune every run's encoder (and a random-init baseline) with "
                              "spark_sparse.finetune and these overrides, e.g. \"mode=linear epochs=5\"")
