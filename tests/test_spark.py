@@ -243,13 +243,15 @@ def test_pretraining_decays_the_encoder_weights_timms_optimiser_decays(name, eng
     """As fine-tuning (timm's optimiser on timm's model) and SparK's own ``pos_embed`` rule: position
     tables, attention biases and positional convolutions take no weight decay."""
     timm_model = timm.create_model(name, num_classes=0)
-    timm_decayed = decayed(timm.optim.create_optimizer_v2(timm_model, "lamb", weight_decay=0.04), timm_model)
     model = SparK(create_encoder(timm_model, engine), decoder_width=64)
+    encoder_weights = set(model.encoder.timm_state_dict())  # not its head's
+    timm_decayed = encoder_weights & decayed(timm.optim.create_optimizer_v2(timm_model, "lamb", weight_decay=0.04),
+                                             timm_model)
     ours = decayed(build_optimizer(model, optim_config(), batch_size=256), model)
-    timm_decayed &= set(model.encoder.timm_state_dict())  # not its head's weights
     assert {model.encoder.timm_key(k.removeprefix("encoder.")) for k in ours if k.startswith("encoder.")} \
         == timm_decayed
-    exempt_by_name = {n for n, p in timm_model.named_parameters() if p.ndim > 1 and n not in timm_decayed}
+    exempt_by_name = {n for n, p in timm_model.named_parameters()
+                      if n in encoder_weights and p.ndim > 1 and n not in timm_decayed}
     assert exempt_by_name, "the model has no parameter its no_weight_decay() exempts"
     # runs begun before optim.timm_no_weight_decay existed decay those too, resumed as they began
     before = decayed(build_optimizer(model, optim_config(timm_no_weight_decay=False), batch_size=256), model)
