@@ -139,14 +139,15 @@ class AbsolutePositions(nn.Module):
     parameter-free leaf every engine converts to its own twin."""
 
     @staticmethod
-    def check(table: Tensor, h: int, w: int) -> None:
+    def checked(table: Tensor, h: int, w: int) -> Tensor:
+        """``table``, refused in one line unless it is made for an h x w map."""
         if tuple(table.shape[1:]) != (h, w):
             raise ValueError(f"the position embedding is made for maps of {table.shape[1]}x{table.shape[2]} sites, "
                              f"got {h}x{w}; use the model's own input size")
+        return table
 
     def forward(self, x: Tensor, table: Tensor) -> Tensor:
-        self.check(table, *x.shape[-2:])
-        return x + table
+        return x + self.checked(table, *x.shape[-2:])
 
 
 class CrossCovarianceAttention(nn.Module):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import timm
-import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp
 from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention as TimmMaskUnitAttention, PatchEmbed, Unroll
@@ -162,8 +161,7 @@ def check(model: Hiera) -> None:
 
 def input_sizes(name: str) -> InputSizes:
     """Its own: the position embedding is made for that map (timm runs no other)."""
-    with torch.device("meta"):  # no weights made
-        size = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg["input_size"][-1]
+    size = timm.models.get_pretrained_cfg(name).input_size[-1]
     return InputSizes(size, "adds a position embedding made for its own input size", largest=size)
 
 

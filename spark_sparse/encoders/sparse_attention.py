@@ -166,14 +166,19 @@ class SparseChannelGroupAttention(ChannelGroupAttention):
         return on_image_tokens(x, lambda tokens, present: self.attend(tokens, present.sum(1)))
 
 
+def at_sites(x: ME.SparseTensor, table: Callable[[int, int], Tensor]) -> Tensor:
+    """(N, C): each row's entry of ``table(h, w)``, a (C, h, w) table over an image's map at the
+    rows' stride."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    _, h, w = sites.canvas_shape(stride)
+    return table(h, w).flatten(1).t().index_select(0, sites.canvas_index(stride) % (h * w))
+
+
 class SparseFourierPositions(FourierPositions):
     """The encoding of the whole images' map at the rows' stride, each row given its site's."""
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        _, h, w = sites.canvas_shape(stride)
-        encoding = self.encoding(h, w).flatten(1).t()
-        return with_features(x, x.F + encoding.index_select(0, sites.canvas_index(stride) % (h * w)))
+        return with_features(x, x.F + at_sites(x, self.encoding))
 
 
 class SparseSelfAttention(SelfAttention):
@@ -218,10 +223,7 @@ class SparseAbsolutePositions(AbsolutePositions):
     """The table's row of each row's site in its image."""
 
     def forward(self, x: ME.SparseTensor, table: Tensor) -> ME.SparseTensor:
-        sites, stride = PatchSites.of(x), x.tensor_stride[0]
-        _, h, w = sites.canvas_shape(stride)
-        self.check(table, h, w)
-        return with_features(x, x.F + table.flatten(1).t().index_select(0, sites.canvas_index(stride) % (h * w)))
+        return with_features(x, x.F + at_sites(x, lambda h, w: self.checked(table, h, w)))
 
 
 class SparseWindowAttention(WindowAttention):

@@ -3,12 +3,12 @@ every key's type and range (``KEYS``), then the rules that tie keys together."""
 
 from __future__ import annotations
 
-import timm
 import torch
 from omegaconf import DictConfig
 from timm.optim import list_optimizers
 
 from ..timm_models import create_timm_model
+from ..run.recipe import timm_input_size
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
 from ..run.schema import (FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, PROBABILITY, TEXT, Rule, at_least,
                           check_keys, number, numbers, one_of)
@@ -75,8 +75,7 @@ def check_input_size(model: str, size: int) -> None:
     """timm makes some models for one input size (their ``fixed_input_size``: position tables,
     window grids). Such a model runs once at ``size`` on the meta device (no data, no arithmetic):
     a size its own checks refuse is refused here in one line, before any work."""
-    cfg = timm.models.get_pretrained_cfg(model)
-    own = cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else size
+    own = timm_input_size(model, size)
     if size == own:
         return
     with torch.device("meta"):
