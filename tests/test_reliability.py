@@ -336,6 +336,9 @@ def test_pretrained_training_checkpoint_says_what_to_pass_instead(tmp_path):
                                           r"load failed\)$") as refused:
         read_encoder_weights(tmp_path / "other.pt")
     assert "\x1b" not in str(refused.value)
+    (tmp_path / "empty.pth").touch()  # a copy that never happened
+    with pytest.raises(ConfigError, match=r"empty.pth is an empty file \(0 bytes\), not encoder weights; pass a"):
+        read_encoder_weights(tmp_path / "empty.pth")
 
 
 def test_metrics_with_bytes_that_are_not_utf8_are_repaired_as_torn_lines(tmp_path):

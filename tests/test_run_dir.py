@@ -74,6 +74,13 @@ def test_a_run_directory_that_cannot_be_one_is_refused_in_one_line(tmp_path):
                           f"cannot be a run directory: {tmp_path / 'afile'} is a file, not a folder")
 
 
+def test_a_run_directory_the_file_system_refuses_is_one_line_too(tmp_path):
+    """What no check foresees fails when the directory is made, before hydra would make it."""
+    too_long = tmp_path / ("a" * 300)  # over the 255 bytes a name may have
+    assert_one_line_error(cli("max_steps=1", f"hydra.run.dir={too_long}"),
+                          "cannot be a run directory: File name too long")
+
+
 def loading_torch(pid: int) -> bool:
     """Whether the process has begun loading torch (its libraries mapped, Linux): the app's imports,
     which a Ctrl-C ends quietly, are under way."""
@@ -272,8 +279,9 @@ def test_a_run_killed_by_sigkill_resumes_to_the_same_weights_and_optimizer_state
 
 # -- failures while running: one line, and what was kept -----------------------------------------
 
-@pytest.mark.parametrize("saves,kept", [(1, r"the last good checkpoint is .*last.pt \(step 1\)"),
-                                        (0, "no checkpoint was written")])
+@pytest.mark.parametrize("saves,kept", [
+    (1, r"the last good checkpoint is .*last.pt \(step 1\); free some space and continue with resume=true"),
+    (0, "no checkpoint was written; free some space and run the same command again")])
 def test_a_disk_that_fills_up_while_saving_stops_the_run_keeping_the_last_good_checkpoint(
         tmp_path, monkeypatch, saves, kept):
     # the real torch.save meets the full disk: it raises a RuntimeError, the OSError is its context
@@ -328,7 +336,7 @@ def test_a_disk_full_from_the_start_is_one_line(small_file_system):
     run = disk / "run"
     proc = cli("max_steps=2", f"hydra.run.dir={run}")
     assert_one_line_error(proc, "error: disk full while writing")
-    assert "no checkpoint was written; free some space" in proc.stderr
+    assert "no checkpoint was written; free some space and run the same command again" in proc.stderr
 
 
 def checkpoint_mib(*overrides: str) -> float:

@@ -102,6 +102,8 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
         raise FileNotFoundError(f"pretrained={source}: no such file (a pretraining run directory must "
                                 f"hold {RunFiles.ENCODER}; is the run finished?)")
     instead = f"pass a pretraining run directory or its {RunFiles.ENCODER}"
+    if path.stat().st_size == 0:  # torch would say only "EOFError"
+        raise ConfigError(f"pretrained={path} is an empty file (0 bytes), not encoder weights; {instead}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on other files

@@ -95,6 +95,10 @@ class Saver:
         return (f"the last good checkpoint is {self.ckpt_path} (step {self.last_saved})"
                 if self.last_saved is not None else "no checkpoint was written")
 
+    def then(self) -> str:
+        """How to go on once space is freed: resume, or (with nothing saved) start again."""
+        return "continue with resume=true" if self.last_saved is not None else "run the same command again"
+
     def write(self, obj: object, path: Path, what: str) -> None:
         try:
             atomic_save(obj, path)
@@ -102,7 +106,7 @@ class Saver:
             if not is_disk_full(err):
                 raise
             raise RunFailed(f"disk full while saving {what}: {self.kept()}; free some space and "
-                            "continue with resume=true") from None
+                            f"{self.then()}") from None
 
     def checkpoint(self, ckpt: dict, step: int) -> None:
         self.write(ckpt, self.ckpt_path, f"the step-{step} checkpoint")

@@ -45,8 +45,8 @@ def unusable(run_dir: Path) -> str | None:
 class RunDirCallback(Callback):
     """Hydra callback run before hydra makes the run directory: it refuses, in one line, a
     directory that cannot be one, notes whether it existed (a refused command then leaves it as it
-    was: hydra's new folder removed, the user's kept), and under torchrun gives every process rank
-    0's directory (``${now:...}`` can tick between processes, even between machines)."""
+    was: hydra's new folder removed, the user's kept), makes it, and under torchrun gives every
+    process rank 0's directory (``${now:...}`` can tick between processes, even between machines)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         ctx = distributed.init_from_env(config.get("dist_timeout_s"))
@@ -55,12 +55,20 @@ class RunDirCallback(Callback):
             run_dir = distributed.broadcast_from_main(run_dir if ctx.is_main else None)
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.run.dir = run_dir
-        why = unusable(Path(run_dir))
+        # hydra turns an exception raised here into a warning and then fails making the directory
+        # with a traceback: whatever the checks cannot foresee (a name too long, a pseudo file
+        # system) is caught here
+        try:
+            why = unusable(Path(run_dir))
+            os.environ[RUN_DIR_EXISTED] = "1" if Path(run_dir).exists() else "0"
+            if why is None:
+                Path(run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            why = err.strerror or type(err).__name__
         if why is not None:
             if ctx.is_main:
                 print(f"error: hydra.run.dir={run_dir} cannot be a run directory: {why}", file=sys.stderr)
             raise SystemExit(1)
-        os.environ[RUN_DIR_EXISTED] = "1" if Path(run_dir).exists() else "0"
 
 
 def _leave_as_found(run_dir: Path, ctx: distributed.Context) -> None:

@@ -107,12 +107,14 @@ def _failure(err: BaseException, cfg: DictConfig, files: RunFiles, run: Run | No
     if isinstance(err, (RunFailed, TrainingDiverged)):
         return err
     if run is not None:
-        kept = run.saver.kept()
+        kept, then = run.saver.kept(), run.saver.then()
+    elif cfg.resume:
+        kept, then = f"the checkpoint {files.checkpoint} is kept", "continue with resume=true"
     else:
-        kept = (f"the checkpoint {files.checkpoint} is kept" if cfg.resume else "no checkpoint was written")
+        kept, then = "no checkpoint was written", "run the same command again"
     if is_disk_full(err):
         return RunFailed(f"disk full while writing {getattr(err, 'filename', None) or 'the run directory'}: {kept}; "
-                         "free some space and continue with resume=true")
+                         f"free some space and {then}")
     if is_out_of_memory(err):
         return out_of_memory(err, cfg, kept, processes, memory_savers)
     return err
