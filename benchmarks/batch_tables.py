@@ -37,6 +37,8 @@ from spark_sparse.run.runtime import configure_cpu
 from spark_sparse.sparse.patch_sites import STRING_ID, BatchCoordinates, PatchSites
 from spark_sparse.sparse.sparsify import sparsify
 
+from . import arguments
+
 STRIDES = (1, 2, 4, 8, 16, 32)
 
 
@@ -114,19 +116,18 @@ def measure(keys: list[tuple], batch: int, input_size: int, mask_ratio: float, r
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the work is single-threaded)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", type=arguments.whole(1), nargs="+", default=[16, 64])
+    parser.add_argument("--input-size", type=arguments.multiple_of_32, default=224)
+    parser.add_argument("--mask-ratio", type=arguments.mask_ratio, default=0.6)
+    parser.add_argument("--repeats", type=arguments.repeats, default=5)
+    parser.add_argument("--threads", type=arguments.whole(1), default=1,
+                        help="torch threads (the work is single-threaded)")
+    parser.add_argument("--seed", type=arguments.seed, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the tables a GPU's layers read, and handing them to it")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
-    if args.input_size <= 0 or args.input_size % 32:
-        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     configure_cpu(args.threads)
     device = torch.device(args.device)
     keys = tables_read(args.model, args.input_size, device)

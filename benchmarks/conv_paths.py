@@ -30,6 +30,8 @@ from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import PatchSites
 from spark_sparse.run.runtime import configure_cpu, configure_cuda
 
+from . import arguments
+
 # (tile_min_sites, small_block_path) that force each path
 PATHS = {"tiles": (1, None), "offsets": (10**9, "offsets"), "windows": (10**9, "windows")}
 # (tile_min_sites, backward) that force each way of a stride-1 depthwise convolution
@@ -90,19 +92,17 @@ def sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=arguments.train_batch, default=16)
+    parser.add_argument("--input-size", type=arguments.multiple_of_32, default=224)
+    parser.add_argument("--mask-ratio", type=arguments.mask_ratio, default=0.6)
+    parser.add_argument("--repeats", type=arguments.repeats, default=7)
+    parser.add_argument("--seed", type=arguments.seed, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: float32 tiles (convolutions) and GEMMs both in TF32, or both in IEEE float32")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
-    if args.input_size <= 0 or args.input_size % 32:
-        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     device = torch.device(args.device)
     if device.type == "cuda":
         configure_cuda(args.tf32)  # PyTorch's default would give the tiles TF32 and the GEMMs none

@@ -23,6 +23,7 @@ from spark_sparse.model.spark import SparK
 from spark_sparse.precision import PRECISIONS, autocast
 from spark_sparse.run.runtime import configure_cpu
 
+from . import arguments
 from .sparse_vs_dense import ENGINES, build_pair
 
 
@@ -72,12 +73,12 @@ def measure(name: str, batch: int, size: int, ratio: float, precisions: list[str
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny"])
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--batch-size", type=arguments.train_batch, default=4)
+    parser.add_argument("--input-size", type=arguments.multiple_of_32, default=224)
+    parser.add_argument("--mask-ratio", type=arguments.mask_ratio, default=0.6)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS)
-    parser.add_argument("--decoder-width", type=int, default=768)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decoder-width", type=arguments.multiple_of_32, default=768)
+    parser.add_argument("--seed", type=arguments.seed, default=0)
     args = parser.parse_args(argv)
     configure_cpu()
     print("| model | engine | precision | stage outputs, strides 4/8/16/32 | loss | all gradients | median "

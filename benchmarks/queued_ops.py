@@ -32,6 +32,8 @@ from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.registry import create_encoder
 from spark_sparse.model.spark import SparK
 
+from . import arguments
+
 aten = torch.ops.aten
 # operations whose result the CPU reads: on a GPU, a wait for every queued kernel
 HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default,
@@ -107,13 +109,11 @@ def measure(model_name: str, batch: int, input_size: int, mask_ratio: float, dec
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "convnext_tiny", "efficientnet_b0"])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--mask-ratio", type=float, default=0.6)
-    parser.add_argument("--decoder-width", type=int, default=768)
+    parser.add_argument("--batch-size", type=arguments.train_batch, default=64)
+    parser.add_argument("--input-size", type=arguments.multiple_of_32, default=224)
+    parser.add_argument("--mask-ratio", type=arguments.mask_ratio, default=0.6)
+    parser.add_argument("--decoder-width", type=arguments.multiple_of_32, default=768)
     args = parser.parse_args(argv)
-    if args.input_size <= 0 or args.input_size % 32:
-        parser.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     print(f"operations queued on a device / reads of it by the CPU, per pass; batch {args.batch_size}, "
           f"{args.input_size} px, mask {args.mask_ratio}, decoder width {args.decoder_width}\n")
     print("| model | pass | timm, nothing masked | dense-masked | sparse | sparse / dense-masked |")

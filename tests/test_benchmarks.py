@@ -368,15 +368,25 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
 @pytest.mark.parametrize("module, argv, error", [
     ("conv_paths", ["--model", "resnet_nope"], "--model resnet_nope: unknown timm model 'resnet_nope'"),
     ("conv_paths", ["--model", "bat_resnext26ts"], "--model bat_resnext26ts: cannot convert BatNonLocalAttn"),
-    ("conv_paths", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
+    ("conv_paths", ["--input-size", "100"], "argument --input-size: must be a positive multiple of 32, got 100"),
+    ("conv_paths", ["--batch-size", "1"],
+     "argument --batch-size: must be a whole number of at least 2 (train-mode batch norm), got 1"),
     ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
     ("queued_ops", ["--models", "ghostnetv2_100"], "--models ghostnetv2_100: cannot convert GhostModuleV2"),
-    ("batch_tables", ["--input-size", "100"], "--input-size must be a positive multiple of 32, got 100"),
+    ("queued_ops", ["--mask-ratio", "1.5"], "argument --mask-ratio: must be in [0, 1), got 1.5"),
+    ("queued_ops", ["--decoder-width", "100"], "argument --decoder-width: must be a positive multiple of 32, got 100"),
+    ("batch_tables", ["--input-size", "100"], "argument --input-size: must be a positive multiple of 32, got 100"),
+    ("batch_tables", ["--batch-sizes", "16", "0"], "argument --batch-sizes: must be a whole number of at least 1, got 0"),
+    ("batch_tables", ["--repeats", "many"], "argument --repeats: must be a whole number of at least 1, got 'many'"),
+    ("precision_error", ["--mask-ratio", "nan"], "argument --mask-ratio: must be in [0, 1), got nan"),
+    ("precision_error", ["--seed", "-1"], "argument --seed: must be a whole number of at least 0, got -1"),
 ])
 def test_benchmark_command_lines_refuse_bad_arguments_in_one_line(module, argv, error, capsys):
+    """Refused before any model is built: a bad value used to end in a traceback from the first pass."""
     main = importlib.import_module(f"benchmarks.{module}").main
+    batch = "--batch-sizes" if module == "batch_tables" else "--batch-size"
     with pytest.raises(SystemExit) as stop:
-        main(argv + ["--batch-size" if module != "batch_tables" else "--batch-sizes", "2"])
+        main(argv + ([batch, "2"] if batch not in argv else []))
     assert stop.value.code == 2
     assert f": error: {error}" in capsys.readouterr().err
 
