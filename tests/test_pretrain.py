@@ -105,10 +105,13 @@ def test_a_run_begun_before_a_config_key_existed_resumes_as_it_began(tmp_path, m
     path = interrupted / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(path)
     del ckpt["config"]["optim"]["timm_no_weight_decay"]  # as the older code wrote it
+    del ckpt["config"]["tf32"]  # a key whose default behaves as before: not compared, and said so
     atomic_save(ckpt, path)
     pretrain.train(config("model=tiny_vit_5m_224", "resume=true"), interrupted)
-    assert "optim.timm_no_weight_decay=False, as the checkpoint's run began before the key existed" \
-        in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "optim.timm_no_weight_decay=False, as the checkpoint's run began before the key existed" in out
+    assert "tf32=True from this command: the checkpoint's run began before the key existed, so it was not " \
+        "compared" in out
     assert losses(interrupted) == losses(straight)
     assert load_checkpoint(path)["config"]["optim"]["timm_no_weight_decay"] is False
 

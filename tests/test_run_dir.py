@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import spark_sparse.pretrain.app as pretrain
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checkpoint import load_checkpoint
-from spark_sparse.run.checks import Refused
+from spark_sparse.run.checks import ConfigError, Refused, check_resumable
 from spark_sparse.run.run_dir import RunDirLock, repair_metrics
 from spark_sparse.run.signals import Stopped
 
@@ -366,6 +367,15 @@ def test_a_diverging_run_stops_in_one_line_keeping_the_last_checkpoint_with_sane
     assert "training stopped; the last good checkpoint is" in proc.stderr and "(step 1)" in proc.stderr
     weights = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_a_fixed_key_the_checkpoint_predates_is_not_compared_and_is_named():
+    """Its code had no such key; a key that it has is compared as usual."""
+    now = OmegaConf.create({"model": "resnet18", "tf32": False, "optim": {"lr": 1.0, "new": 2}, "resume_changes": []})
+    fixed = ("model", "tf32", "optim.new")
+    assert check_resumable({"model": "resnet18", "optim": {"lr": 1.0}}, now, fixed) == ["tf32", "optim.new"]
+    with pytest.raises(ConfigError, match="different model than the checkpoint's"):
+        check_resumable({"model": "resnet50", "optim": {"lr": 1.0}}, now, fixed)
 
 
 def test_a_diverged_run_resumes_from_its_last_good_checkpoint_with_a_deliberately_smaller_lr(tmp_path, capsys):

@@ -140,19 +140,24 @@ def adopt_former_defaults(saved: dict, cfg: DictConfig, former: Mapping[str, Any
     return adopted
 
 
-def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...], changeable: tuple[str, ...] = ()) -> None:
+def check_resumable(saved: dict, cfg: DictConfig, fixed: tuple[str, ...],
+                    changeable: tuple[str, ...] = ()) -> list[str]:
     """Refuse to resume a run whose ``fixed`` keys (dotted for one key of a group) differ from the
     checkpoint's config, but for the ``changeable`` ones the user names in ``resume_changes``: a
-    deliberate change (a smaller lr after a divergence), recorded in the checkpoint."""
+    deliberate change (a smaller lr after a divergence), recorded in the checkpoint. Returns the
+    fixed keys the checkpoint's config lacks (its code had none): those were not compared."""
     now = OmegaConf.to_container(cfg, resolve=True)
     changes = list(now.get("resume_changes") or [])
     refused = [k for k in changes if k not in changeable]
     if refused:
         raise ConfigError(f"resume_changes may name {', '.join(changeable) or 'nothing'}, not {', '.join(refused)}")
     saved, now = _without(saved, changes), _without(now, changes)
-    # a key the checkpoint's code did not have yet is not compared
-    changed = [k for k in fixed if get(saved, k, ABSENT) is not ABSENT and get(saved, k) != get(now, k)]
+    # a key the checkpoint's code did not have yet is not compared (a key whose former behaviour
+    # differs from today's default is the app's former_defaults)
+    unchecked = [k for k in fixed if get(saved, k, ABSENT) is ABSENT]
+    changed = [k for k in fixed if k not in unchecked and get(saved, k) != get(now, k)]
     if changed:
         allowed = f", or name it in resume_changes=[...] ({', '.join(changeable)} may change)" if changeable else ""
         raise ConfigError(f"resume=true with a different {', '.join(changed)} than the checkpoint's; "
                           f"start a new run directory instead{allowed}")
+    return unchecked

@@ -169,7 +169,8 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
     leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
     or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``; keys
-    its checkpoint predates take their ``former_defaults`` (``adopt_former_defaults``)."""
+    its checkpoint predates take their ``former_defaults`` (``adopt_former_defaults``), or else this
+    command's values, uncompared; a note names each."""
     run_dir, ckpt_path = files.root, files.checkpoint
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,14 +186,14 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
         if not cfg.resume and ckpt_path.exists():
             raise ConfigError(f"{run_dir} already holds a checkpoint; pass resume=true to continue "
                               "it or choose another hydra.run.dir")
-        ckpt, adopted = None, []
+        ckpt, adopted, unchecked = None, [], []
         if cfg.resume:
             try:
                 ckpt = load_checkpoint(ckpt_path)
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
             adopted = adopt_former_defaults(ckpt["config"], cfg, former_defaults or {})
-            check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
+            unchecked = check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
     except BaseException:
         lock.release()
         raise
@@ -207,6 +208,9 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
     if ckpt is not None:
         for key in adopted:
             print(f"note: {key}={OmegaConf.select(cfg, key)}, as the checkpoint's run began before the key existed")
+        for key in unchecked:
+            print(f"note: {key}={OmegaConf.select(cfg, key)} from this command: the checkpoint's run began before "
+                  "the key existed, so it was not compared")
         for key in cfg.get("resume_changes") or []:
             print(f"note: resume_changes: {key} {get(ckpt['config'], key)} -> {OmegaConf.select(cfg, key)} "
                   f"from step {ckpt['step']} on (recorded in the checkpoint)")
