@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from spark_sparse.finetune.checks import KEYS as FINETUNE_KEYS
 from spark_sparse.pretrain.checks import KEYS as PRETRAIN_KEYS
 from spark_sparse.run.checks import ConfigError
+from spark_sparse.run.overrides import override_error
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.schema import check_keys, leaves
 
@@ -55,3 +56,20 @@ def test_every_declared_key_is_one_the_configs_have(name, keys):
 def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, message):
     with pytest.raises(ConfigError, match=message):
         check_keys(compose_config("finetune", [override]), FINETUNE_KEYS, ConfigError)
+
+
+@pytest.mark.parametrize("name,overrides,error", [
+    ("pretrain", ["mask_ratio=0.75", "data=imagefolder", "data.root=/data", "+experiment=paper"], None),
+    ("pretrain", ["hydra.run.dir=/tmp/run", "hydra/launcher=basic", "~logger"], None),
+    ("pretrain", ["--cfg", "job", "mask_ratoi=1"], None),  # hydra's flags: hydra's own handling
+    ("pretrain", ["data.rot=/data"], "unknown config key data.rot (did you mean data.root, data?)"),
+    ("pretrain", ["hydra.rundir=/tmp"], "unknown config key hydra.rundir: not one of hydra's settings"),
+    ("pretrain", ["+experiment=imagenet"], "experiment=imagenet is not one of experiment's options (paper)"),
+    ("pretrain", ["mask_ratio=[0.6"], "cannot read the override 'mask_ratio=[0.6' (no viable alternative at "),
+    ("finetune", ["mode=probe"], "mode=probe is not one of mode's options (finetune, linear)"),
+    ("finetune", ["label_smoothing=0.1"], "unknown config key label_smoothing (did you mean mixup.label_smoothing?)"),
+])
+def test_overrides_hydra_cannot_compose_are_said_in_one_line(name, overrides, error):
+    register_resolver()
+    why = override_error(str(ROOT / "conf"), name, overrides)
+    assert why == error if error is None else why.startswith(error) and "\n" not in why, why

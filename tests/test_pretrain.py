@@ -278,6 +278,11 @@ def test_wandb_online_without_an_api_key_is_refused_up_front(tmp_path, monkeypat
     (["data=imagefolder"], "error: data.root must be set"),
     (["data=imagefolder", "data.root=pyproject.toml"], "pyproject.toml is a file; it must be a folder"),
     (["data=imagefolder", "data.root={bad}"], "none of the 3 images under"),
+    # what hydra cannot compose: hydra says it in several lines (a misspelt key: "use +mask_ratoi=0.7")
+    (["mask_ratoi=0.7"], "error: unknown config key mask_ratoi (did you mean mask_ratio?)"),
+    (["optim=sgd"], "error: optim=sgd is not one of optim's options (adamw, lamb)"),
+    (["mask_ratio=0.4,0.6"], "error: mask_ratio=0.4,0.6 is several values: add -m to sweep over them"),
+    (["model"], "error: cannot read the override 'model' (missing EQUAL at '<EOF>')"),
 ])
 def test_command_line_errors_are_one_clear_line(tmp_path, overrides, message):
     run, bad = tmp_path / "run", tmp_path / "unreadable"

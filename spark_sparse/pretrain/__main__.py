@@ -9,4 +9,4 @@ except KeyboardInterrupt:  # a Ctrl-C while torch and the app load: nothing has 
     sys.exit(130)
 
 if __name__ == "__main__":
-    command_line(main)
+    command_line(main, "pretrain")

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from . import distributed
 from .checks import Refused
 from .failures import RunFailed, TrainingDiverged, first_line
-from .recipe import register_resolver
+from .overrides import override_error
+from .recipe import CONF_DIR, register_resolver
 from .run_dir import RunFiles
 from .signals import Stopped
 
@@ -79,11 +80,16 @@ def _leave_as_found(run_dir: Path, ctx: distributed.Context) -> None:
         run_dir.rmdir()
 
 
-def command_line(main: Callable[[], Any]) -> None:
-    """Run an app's hydra ``main``: the recipe resolver first (``--cfg job --resolve`` resolves too),
-    and a Ctrl-C before the run has installed its stop signals ends quietly (exit 130)."""
+def command_line(main: Callable[[], Any], config_name: str, config_dir: str = CONF_DIR) -> None:
+    """Run an app's hydra ``main`` (its config ``config_name`` in ``config_dir``): the recipe
+    resolver first (``--cfg job --resolve`` resolves too), overrides hydra cannot compose refused in
+    one line, and a Ctrl-C before the run has installed its stop signals ends quietly (exit 130)."""
     register_resolver()
     try:
+        why = override_error(config_dir, config_name, sys.argv[1:])
+        if why is not None:
+            print(f"error: {why}", file=sys.stderr)
+            raise SystemExit(1)
         main()
     except KeyboardInterrupt:
         print("stopped by SIGINT", file=sys.stderr)

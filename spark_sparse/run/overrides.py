@@ -1,0 +1,91 @@
+"""A command line's overrides that hydra cannot compose, said in one line before hydra starts.
+
+Hydra reports them in several lines, some misleading here: a misspelt key gets "To append to your
+config use +key=value", which the app then refuses as an unknown key anyway. ``override_error``
+composes the config once with hydra's own compose API (about 0.15 s) and words what went wrong
+as the apps word their refusals, suggesting the keys a misspelt one may have meant."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .failures import first_line
+
+_NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
+_NOT_FOUND = re.compile(r"Could not find '([^']+)'")
+_SWEEP = re.compile(r"Ambiguous value for argument '([^']+)'")
+
+
+def _keys(cfg: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain config, groups and leaves."""
+    keys = []
+    for key, value in cfg.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _options(message: str) -> list[str]:
+    """The options hydra lists after "Available options in 'group':", one per tab-indented line."""
+    after = message.split("Available options", 1)[-1].split("Config search path", 1)[0]
+    return [line.strip() for line in after.splitlines()[1:] if line.startswith("\t")]
+
+
+def _unreadable(args: list[str]) -> str:
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_override(arg)
+        except HydraException as err:  # OverrideParseException for a list of them, its base for one
+            reason = str(err).split("\n")
+            detail = next((r for r in reason if r and not r.startswith(("Error parsing", "See "))), "")
+            return f"cannot read the override {arg!r} ({detail}); overrides are key=value, +key=value or ~key"
+    return "cannot read the overrides"
+
+
+def override_error(config_dir: str, config_name: str, args: list[str]) -> str | None:
+    """Why hydra would refuse the plain overrides ``args`` of ``config_name`` (one line), or None
+    when they compose. Command lines with hydra's flags (-m, --cfg, --help, ...) are left to hydra."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=args, return_hydra_config=True)
+            return None
+    except OverrideParseException:
+        return _unreadable(args)
+    except MissingConfigException as err:
+        found = _NOT_FOUND.search(str(err))
+        if found is None or "/" not in found.group(1):
+            return first_line(err)
+        group, option = found.group(1).rsplit("/", 1)
+        options = _options(str(err))
+        return f"{group}={option} is not one of {group}'s options" + (f" ({', '.join(options)})" if options else "")
+    except HydraException as err:
+        message = str(err)
+        if (sweep := _SWEEP.search(message)) is not None:
+            return (f"{sweep.group(1)} is several values: add -m to sweep over them, or write a list as "
+                    "key=[a,b] or a string as key='a,b'")
+        if (key := _NOT_OVERRIDABLE.search(message)) is not None:
+            return _unknown_key(config_dir, config_name, key.group(1))
+        return first_line(err)
+    except (ValueError, OmegaConfBaseException) as err:  # e.g. "=3", where hydra shows a traceback
+        return f"cannot compose the config: {first_line(err)}"
+
+
+def _unknown_key(config_dir: str, config_name: str, key: str) -> str:
+    if key.startswith("hydra."):
+        return f"unknown config key {key}: not one of hydra's settings"
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        known = _keys(OmegaConf.to_container(compose(config_name), resolve=False))
+    close = difflib.get_close_matches(key, known, n=3)
+    return f"unknown config key {key}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+
