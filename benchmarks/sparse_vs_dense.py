@@ -64,6 +64,7 @@ from spark_sparse.model.spark import MaskPlan, SparK
 from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
+from spark_sparse.run.cli import command_line
 from spark_sparse.run.recipe import default_recipe
 
 from .flops import encoder_flops, head_flops
@@ -437,7 +438,10 @@ def benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     return records
 
 
-@hydra.main(version_base="1.3", config_path="../conf/bench", config_name="sparse_vs_dense")
+BENCH_CONF = str(Path(__file__).resolve().parents[1] / "conf" / "bench")
+
+
+@hydra.main(version_base="1.3", config_path=BENCH_CONF, config_name="sparse_vs_dense")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
@@ -448,4 +452,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main, "sparse_vs_dense", BENCH_CONF)

@@ -73,3 +73,9 @@ def test_overrides_hydra_cannot_compose_are_said_in_one_line(name, overrides, er
     register_resolver()
     why = override_error(str(ROOT / "conf"), name, overrides)
     assert why == error if error is None else why.startswith(error) and "\n" not in why, why
+
+
+def test_the_speed_benchmark_says_a_misspelt_key_in_one_line_too():
+    register_resolver()
+    assert override_error(str(ROOT / "conf" / "bench"), "sparse_vs_dense", ["modles=[resnet18]"]) == \
+        "unknown config key modles (did you mean models?)"
