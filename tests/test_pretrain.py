@@ -278,6 +278,8 @@ def test_wandb_online_without_an_api_key_is_refused_up_front(tmp_path, monkeypat
     (["data=imagefolder"], "error: data.root must be set"),
     (["data=imagefolder", "data.root=pyproject.toml"], "pyproject.toml is a file; it must be a folder"),
     (["data=imagefolder", "data.root={bad}"], "none of the 3 images under"),
+    # a folder given without data=imagefolder: the bundled photos were trained on instead, silently
+    (["data.root={bad}"], "is read by data=imagefolder only: add data=imagefolder"),
     # what hydra cannot compose: hydra says it in several lines (a misspelt key: "use +mask_ratoi=0.7")
     (["mask_ratoi=0.7"], "error: unknown config key mask_ratoi (did you mean mask_ratio?)"),
     (["optim=sgd"], "error: optim=sgd is not one of optim's options (adamw, lamb)"),

@@ -80,6 +80,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     refusal = input_sizes(str(cfg.model)).refusal(str(cfg.model), cfg.input_size)
     if refusal:
         raise ConfigError(refusal)
+    if cfg.data.kind == "bundled" and cfg.data.root is not None and not cfg.resume:  # (a run begun so goes on)
+        raise ConfigError(f"data.root={cfg.data.root} is read by data=imagefolder only: add data=imagefolder "
+                          "(data=bundled trains on the photos bundled with scikit-image)")
     if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
                           f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
