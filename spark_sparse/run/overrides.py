@@ -51,11 +51,49 @@ def _unreadable(args: list[str]) -> str:
     return "cannot read the overrides"
 
 
+def _jobs(args: list[str], most: int = 16) -> list[list[str]] | None:
+    """The overrides of a multirun's jobs that meet each value of each sweep (every other sweep at
+    its first value; ``most`` jobs at most), or None where a sweep's values cannot be listed here
+    (glob, range and interval sweeps need hydra's loader)."""
+    parser = OverridesParser.create()
+    try:
+        parsed = [parser.parse_override(arg) for arg in args]
+        values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
+    except HydraException:
+        return None if all(_is_readable(parser, a) for a in args) else [args]  # unreadable: said as usual
+    def job(choice: dict[int, str]) -> list[str]:
+        return [arg if vals[0] is None else f"{o.get_key_element()}={choice.get(i, vals[0])}"
+                for i, (arg, o, vals) in enumerate(zip(args, parsed, values))]
+    jobs = [job({})] + [job({i: v}) for i, vals in enumerate(values) for v in vals[1:]]
+    if not all(_is_readable(parser, arg) for one in jobs for arg in one):
+        return None  # a value that needs quoting again ('a b'): left to hydra
+    return jobs[:most]
+
+
+def _is_readable(parser: OverridesParser, arg: str) -> bool:
+    try:
+        parser.parse_override(arg)
+    except HydraException:
+        return False
+    return True
+
+
 def override_error(config_dir: str, config_name: str, args: list[str]) -> str | None:
-    """Why hydra would refuse the plain overrides ``args`` of ``config_name`` (one line), or None
-    when they compose. Command lines with hydra's flags (-m, --cfg, --help, ...) are left to hydra."""
-    if any(arg.startswith("-") for arg in args):
+    """Why hydra would refuse the overrides ``args`` of ``config_name`` (one line), or None when
+    they compose; with -m (--multirun), those of each job, in a sweep of up to 16. Command lines
+    with other flags of hydra's (--cfg, --help, -cd, ...) are left to hydra."""
+    flags = [arg for arg in args if arg.startswith("-")]
+    if not flags:
+        return _compose_error(config_dir, config_name, args)
+    if set(flags) - {"-m", "--multirun"}:
         return None
+    for job in _jobs([arg for arg in args if arg not in flags]) or []:
+        if (why := _compose_error(config_dir, config_name, job)) is not None:
+            return why
+    return None
+
+
+def _compose_error(config_dir: str, config_name: str, args: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name, overrides=args, return_hydra_config=True)
