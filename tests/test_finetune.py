@@ -170,6 +170,17 @@ def test_a_weight_file_for_another_model_is_refused_naming_the_keys(colours, tmp
     assert not run.exists()
 
 
+def test_a_pretraining_run_of_another_model_is_refused_naming_that_model(colours, tmp_path):
+    pretraining = tmp_path / "pretraining"  # a run directory as pretraining leaves it
+    (pretraining / ".hydra").mkdir(parents=True)
+    (pretraining / ".hydra" / "config.yaml").write_text("model: resnet34\nmask_ratio: 0.6\n")
+    torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), pretraining / "encoder_timm.pth")
+    with pytest.raises(finetune.ConfigError, match=r"encoder_timm.pth is the encoder of a resnet34 pretraining run "
+                                                   r"\(its config record\) and does not fit resnet18 \(unexpected "
+                                                   r"layer1\.2\.bn1\.bias, .*\); set model=resnet34$"):
+        finetune.train(config(colours, f"pretrained={pretraining}"), tmp_path / "run")
+
+
 @pytest.mark.parametrize("model,size,message", [
     ("swin_tiny_patch4_window7_224", 64, r"\(Input height \(64\) doesn't match model \(224\)\.\); set input_size=224$"),
     ("hiera_tiny_224", 256, r"\(Attempting to broadcast a dimension of length 3136 .*\); set input_size=224$"),

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from ..run.checkpoint import CHECKPOINT_KEYS
@@ -120,6 +121,17 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
     return path, state
 
 
+def _run_model(encoder_file: Path) -> str | None:
+    """The model a pretraining run's config record names, for the encoder file in its run
+    directory; None for a file elsewhere or a record that cannot be read."""
+    record = RunFiles(encoder_file.parent).record / "config.yaml"
+    try:
+        model = OmegaConf.load(record).get("model")
+    except Exception:  # noqa: BLE001 - no record, or a damaged one: no hint, the refusal stands
+        return None
+    return model if isinstance(model, str) else None
+
+
 def load_encoder(model: nn.Module, source: str | Path, model_name: str) -> dict[str, torch.Tensor]:
     """Load the encoder weights at ``source`` into ``model``'s encoder, refusing (naming the keys) a
     file that does not fit it: every encoder tensor must be in the file with its shape, and nothing
@@ -135,6 +147,11 @@ def load_encoder(model: nn.Module, source: str | Path, model_name: str) -> dict[
     if missing or unexpected or reshaped:
         problems = [f"{what} {_examples(keys)}" for what, keys in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped)) if keys]
+        pretrained_as = _run_model(path)
+        if pretrained_as not in (None, model_name):
+            raise ConfigError(f"pretrained={path} is the encoder of a {pretrained_as} pretraining run (its config "
+                              f"record) and does not fit {model_name} ({'; '.join(problems)}); set "
+                              f"model={pretrained_as}")
         raise ConfigError(f"pretrained={path} does not fit {model_name}: {'; '.join(problems)}")
     encoder.load_state_dict(state, strict=False)
     return state
