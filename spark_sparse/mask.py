@@ -46,6 +46,8 @@ def check_inputs(images: Tensor, active: Tensor, stride: int) -> None:
     if not images.is_floating_point():
         raise ValueError(f"images must be a floating-point tensor, got {images.dtype}")
     b, _, h, w = images.shape
+    if b == 0:
+        raise ValueError("images hold no image (a batch of 0)")
     if h % stride or w % stride:
         raise ValueError(f"image size {h}x{w} is not divisible by the encoder stride {stride}")
     if not isinstance(active, Tensor) or active.dtype != torch.bool:

@@ -20,6 +20,11 @@ def test_size_not_divisible_by_32(encoder):
         encoder(torch.randn(1, 3, 100, 96), torch.ones(1, 1, 3, 3, dtype=torch.bool))
 
 
+def test_an_empty_batch(encoder):
+    with pytest.raises(ValueError, match=r"images hold no image \(a batch of 0\)"):
+        encoder(torch.randn(0, 3, 64, 64), torch.ones(0, 1, 2, 2, dtype=torch.bool))
+
+
 def test_active_of_wrong_shape(encoder):
     with pytest.raises(ValueError, match=r"active must have shape \(2, 1, 2, 3\)"):
         encoder(torch.randn(2, 3, 64, 96), torch.ones(2, 1, 3, 2, dtype=torch.bool))
