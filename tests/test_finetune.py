@@ -17,14 +17,17 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import spark_sparse.finetune.app as finetune
+import spark_sparse.pretrain.app as pretrain
 import spark_sparse.finetune.checks as finetune_checks
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.checkpoint import load_checkpoint
+from spark_sparse.run.checks import Refused
 from spark_sparse.finetune.classifier import build_model, encoder_of, load_encoder
 from spark_sparse.data.images import DataError
 from spark_sparse.finetune.data import EpochBatches, build_datasets
 
 from .runs import ENV, ROOT, assert_one_line_error, cli_in_process, records
+from .test_pretrain import config as pretrain_config
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COLOURS = {"blue": (30, 40, 220), "green": (40, 200, 50), "red": (220, 30, 40)}
@@ -168,6 +171,17 @@ def test_a_weight_file_for_another_model_is_refused_naming_the_keys(colours, tmp
     with pytest.raises(finetune.ConfigError, match=message):
         finetune.train(config(colours, f"pretrained={tmp_path / 'other.pth'}"), run)
     assert not run.exists()
+
+
+def test_resuming_a_pretraining_run_as_a_fine_tuning_is_refused_naming_both_apps(colours, tmp_path):
+    """resume=true continues a run of the same app; a pretraining run's encoder is pretrained=."""
+    run = tmp_path / "pretraining"
+    pretrain.train(pretrain_config("max_steps=1"), run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(Refused, match=r"last.pt is a checkpoint of python -m spark_sparse.pretrain, not of "
+                                      r"python -m spark_sparse.finetune; choose another hydra.run.dir$"):
+        finetune.train(config(colours, "resume=true"), run)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
 def test_a_pretraining_run_of_another_model_is_refused_naming_that_model(colours, tmp_path):

@@ -164,13 +164,14 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
 
 def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_resume: Iterable[str],
                  changeable_on_resume: Iterable[str] = (), outputs: Iterable[str] = (),
-                 former_defaults: Mapping[str, Any] | None = None) -> dict | None:
+                 former_defaults: Mapping[str, Any] | None = None, module: str = "") -> dict | None:
     """Judge the run directory under its lock and return the checkpoint to resume from (None
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
     leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
     or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``; keys
     its checkpoint predates take their ``former_defaults`` (``adopt_former_defaults``), or else this
-    command's values, uncompared; a note names each."""
+    command's values, uncompared; a note names each. A checkpoint another app (``module``) wrote
+    is refused (one written before checkpoints named their app is judged by its keys alone)."""
     run_dir, ckpt_path = files.root, files.checkpoint
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +193,10 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
                 ckpt = load_checkpoint(ckpt_path)
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
+            written_by = ckpt.get("app") or module
+            if written_by != module:
+                raise Refused(f"cannot resume: {ckpt_path} is a checkpoint of python -m {written_by}, not of "
+                              f"python -m {module}; choose another hydra.run.dir")
             adopted = adopt_former_defaults(ckpt["config"], cfg, former_defaults or {})
             unchecked = check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
     except BaseException:

@@ -47,7 +47,7 @@ class Stateful(Protocol):
 class App(Protocol):
     """What a training app gives the skeleton."""
 
-    module: str  # its command line, ``python -m <module>``, for the line that resumes a stopped run
+    module: str  # its command line, ``python -m <module>``: the line that resumes a stopped run; checkpoints name it
     fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
     changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
     former_defaults: Mapping[str, Any]  # keys added since older runs began: the value those behave by
@@ -83,11 +83,11 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
         try:
             ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
                                                                 app.changeable_on_resume, app.outputs,
-                                                                app.former_defaults))
+                                                                app.former_defaults, app.module))
             if cfg.resume and not ctx.is_main:
                 ckpt = load_checkpoint(files.checkpoint)  # a shared run directory
                 adopt_former_defaults(ckpt["config"], cfg, app.former_defaults)
-            run = Run(cfg, files, ctx, ckpt, stops)
+            run = Run(cfg, files, ctx, ckpt, stops, app.module)
             try:
                 return app.fit(run)
             finally:
@@ -131,10 +131,10 @@ class Run:
     LIMIT = 100.0
 
     def __init__(self, cfg: DictConfig, files: RunFiles, ctx: distributed.Context, ckpt: dict | None,
-                 stops: StopSignals) -> None:
+                 stops: StopSignals, module: str = "") -> None:
         if ctx.rank:  # rank 0 keeps a single process's RNG streams; drop path differs per rank
             seed_everything(derive_seed("rank", cfg.seed, ctx.rank))
-        self.cfg, self.files, self.ctx, self.stops = cfg, files, ctx, stops
+        self.cfg, self.files, self.ctx, self.stops, self.module = cfg, files, ctx, stops, module
         self.device = torch.device(cfg.device, ctx.local_rank if cfg.device == "cuda" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -293,7 +293,7 @@ class Run:
         if self.ctx.is_main:
             ckpt = {name: state.state_dict() if state is not None else None for name, state in self._states.items()}
             ckpt.update(self._values(), step=self.step, rng=states[0], config=self.config,
-                        reference=self._reference, changes=self._changes)
+                        reference=self._reference, changes=self._changes, app=self.module)
             if self.ctx.distributed:
                 ckpt["rng_per_rank"] = states
             self.saver.checkpoint(ckpt, self.step)
