@@ -61,6 +61,7 @@ def _jobs(args: list[str], most: int = 16) -> list[list[str]] | None:
         values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
     except HydraException:
         return None if all(_is_readable(parser, a) for a in args) else [args]  # unreadable: said as usual
+
     def job(choice: dict[int, str]) -> list[str]:
         return [arg if vals[0] is None else f"{o.get_key_element()}={choice.get(i, vals[0])}"
                 for i, (arg, o, vals) in enumerate(zip(args, parsed, values))]

@@ -193,8 +193,8 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
                 ckpt = load_checkpoint(ckpt_path)
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
-            written_by = ckpt.get("app") or module
-            if written_by != module:
+            written_by = ckpt.get("app")
+            if module and written_by not in (None, module):
                 raise Refused(f"cannot resume: {ckpt_path} is a checkpoint of python -m {written_by}, not of "
                               f"python -m {module}; choose another hydra.run.dir")
             adopted = adopt_former_defaults(ckpt["config"], cfg, former_defaults or {})
