@@ -1,12 +1,20 @@
 """Every key of every config group is declared with what its value must be, so a new key cannot be
 forgotten by the up-front checks; each app's shipped configs pass them."""
 
+import importlib
+import re
+import sys
+from unittest.mock import patch
+
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from spark_sparse.finetune.checks import KEYS as FINETUNE_KEYS
 from spark_sparse.pretrain.checks import KEYS as PRETRAIN_KEYS
-from spark_sparse.run.checks import ConfigError
+from spark_sparse.run.checks import ABSENT, ConfigError, get
+from spark_sparse.run.cli import command_line
 from spark_sparse.run.overrides import override_error
 from spark_sparse.run.recipe import register_resolver
 from spark_sparse.run.schema import check_keys, leaves
@@ -84,3 +92,36 @@ def test_the_speed_benchmark_says_a_misspelt_key_in_one_line_too():
     register_resolver()
     assert override_error(str(ROOT / "conf" / "bench"), "sparse_vs_dense", ["modles=[resnet18]"]) == \
         "unknown config key modles (did you mean models?)"
+
+
+HELP_TOKEN = re.compile(r"(?<![\w.=-])(\+?[a-z_]+(?:\.[a-z_]+)*)=([^\s()]+)")
+PLACEHOLDERS = {"DIR", "N", "RUN_DIR", "...", "SWEEP_DIR"}
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune"])
+def test_help_is_short_and_names_only_groups_options_keys_and_defaults_the_app_has(name, capsys):
+    """hydra's default help listed every app's groups and dumped the recipe table (580 lines)."""
+    main = importlib.import_module(f"spark_sparse.{name}.app").main
+    with pytest.raises(SystemExit) as stop, patch.object(sys, "argv", [name, "--help"]):
+        command_line(main, name)
+    assert stop.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert 15 < len(text.splitlines()) < 45, text
+    defaults = OmegaConf.to_container(compose_config(name, []), resolve=False)
+    wandb = OmegaConf.to_container(compose_config(name, ["logger=wandb"]), resolve=False)
+    checked = 0
+    for key, value in HELP_TOKEN.findall(text):
+        if key in ("group", "key"):  # the usage line's
+            continue
+        value = value.rstrip(",;")
+        group = key.lstrip("+")
+        if (ROOT / "conf" / group).is_dir():  # group=option|option
+            assert all((ROOT / "conf" / group / f"{option}.yaml").is_file() for option in value.split("|")), key
+        elif not key.startswith("hydra."):
+            config = wandb if key.startswith("logger.") else defaults
+            assert get(config, key, ABSENT) is not ABSENT, key
+            shown = value.split("|")[0]
+            if shown not in PLACEHOLDERS and "|" not in value and not str(get(config, key)).startswith("${"):
+                assert str(get(config, key)) == shown or get(config, key) == yaml.safe_load(shown), (key, value)
+        checked += 1
+    assert checked >= 12
