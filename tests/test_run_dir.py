@@ -75,6 +75,21 @@ def test_a_run_directory_that_cannot_be_one_is_refused_in_one_line(tmp_path):
                           f"cannot be a run directory: {tmp_path / 'afile'} is a file, not a folder")
 
 
+def test_a_run_directory_under_the_home_folder_goes_there_not_into_a_folder_named_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    proc = cli("max_steps=1", "hydra.run.dir='~/runs/a'")  # quoted: hydra's grammar refuses a bare ~
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "home" / "runs" / "a" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "~").exists()
+    # a sweep's jobs compose hydra.sweep.dir again, unexpanded: refused, naming the path to write
+    assert_one_line_error(cli_in_process("spark_sparse.pretrain", "-m", *PRETRAIN, "max_steps=1,2",
+                                         "hydra.sweep.dir='~/sweeps/a'"),
+                          f"would be a folder named ~ in the working directory (a sweep's jobs do not expand it); "
+                          f"write it in full: {tmp_path / 'home' / 'sweeps' / 'a'}")
+    assert not (tmp_path / "~").exists() and not (tmp_path / "home" / "sweeps").exists()
+
+
 def test_a_run_directory_the_file_system_refuses_is_one_line_too(tmp_path):
     """What no check foresees fails when the directory is made, before hydra would make it."""
     too_long = tmp_path / ("a" * 300)  # over the 255 bytes a name may have

@@ -51,11 +51,13 @@ class RunDirCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         ctx = distributed.init_from_env(config.get("dist_timeout_s"))
-        run_dir = str(config.hydra.run.dir)
+        # '~/runs/a' (quoted: hydra's grammar refuses a bare ~) is the home folder's, as data.root's
+        # is, not a folder named ~ in the working directory
+        run_dir = os.path.expanduser(str(config.hydra.run.dir))
         if ctx.distributed:
             run_dir = distributed.broadcast_from_main(run_dir if ctx.is_main else None)
-            with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.run.dir = run_dir
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
         # hydra turns an exception raised here into a warning and then fails making the directory
         # with a traceback: whatever the checks cannot foresee (a name too long, a pseudo file
         # system) is caught here
@@ -69,6 +71,16 @@ class RunDirCallback(Callback):
         if why is not None:
             if ctx.is_main:
                 print(f"error: hydra.run.dir={run_dir} cannot be a run directory: {why}", file=sys.stderr)
+            raise SystemExit(1)
+
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # each job composes its own hydra.sweep.dir again from the command line: no expanding it here
+        sweep_dir = str(config.hydra.sweep.dir)
+        if sweep_dir.startswith("~"):
+            print(f"error: hydra.sweep.dir={sweep_dir} would be a folder named ~ in the working directory "
+                  f"(a sweep's jobs do not expand it); write it in full: {os.path.expanduser(sweep_dir)}",
+                  file=sys.stderr)
             raise SystemExit(1)
 
 
