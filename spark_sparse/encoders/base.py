@@ -8,6 +8,7 @@ parameter names and layouts map to timm's. The families it can convert are liste
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterable
 from fnmatch import fnmatch
 from typing import Any
@@ -61,6 +62,12 @@ class Encoder(nn.Module):
     def from_timm(cls, model: nn.Module | str, **options) -> "Encoder":
         """Convert a timm model (or a timm model name) with its current weights; ``options``
         go to the engine's leaf conversion."""
+        accepted = list(inspect.signature(cls.convert_leaf).parameters)[2:]  # after (module, path)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:  # e.g. pretrained=True, which belongs to timm.create_model
+            raise TypeError(f"{cls.__name__}.from_timm takes the engine's conversion options "
+                            f"({', '.join(accepted) or 'none'}), not {', '.join(unknown)}; for timm's options "
+                            "pass a model: from_timm(timm.create_model(name, ...))")
         model = resolve_model(model)
         family = family_of(model)
         leaf = functools.partial(cls.convert_leaf, **options) if options else cls.convert_leaf

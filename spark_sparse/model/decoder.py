@@ -60,8 +60,8 @@ class LightDecoder(nn.Module):
     def __init__(self, width: int = 768, stride: int = 32, out_channels: int = 3, checkpoint: bool = False):
         super().__init__()
         n = round(math.log2(stride))
-        if 2**n != stride or width % 2**n:
-            raise ValueError(f"decoder width {width} must be divisible by {2 ** n} (stride {stride})")
+        if 2**n != stride or width <= 0 or width % 2**n:
+            raise ValueError(f"decoder width {width} must be a positive multiple of {2 ** n} (stride {stride})")
         self.widths = [width // 2**i for i in range(n + 1)]
         self.blocks = nn.ModuleList(UpBlock(a, b) for a, b in zip(self.widths[:-1], self.widths[1:]))
         self.head = nn.Conv2d(self.widths[-1], out_channels, kernel_size=1)
