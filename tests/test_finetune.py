@@ -176,7 +176,7 @@ def test_a_weight_file_for_another_model_is_refused_naming_the_keys(colours, tmp
 def test_resuming_a_pretraining_run_as_a_fine_tuning_is_refused_naming_both_apps(colours, tmp_path):
     """resume=true continues a run of the same app; a pretraining run's encoder is pretrained=."""
     run = tmp_path / "pretraining"
-    pretrain.train(pretrain_config("max_steps=1"), run)
+    pretrain.train(pretrain_config("max_steps=1", "engine=dense_masked"), run)  # fine-tuning needs no MinkowskiEngine
     before = (run / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(Refused, match=r"last.pt is a checkpoint of python -m spark_sparse.pretrain, not of "
                                       r"python -m spark_sparse.finetune; choose another hydra.run.dir$"):

@@ -55,19 +55,20 @@ def test_train_mode_batch_norm_with_a_single_visible_site(encoder):
     assert encoder(torch.randn(1, 3, 64, 64), active)[-1] is not None  # fine in eval mode
 
 
-def test_from_timm_options_are_the_engines_own():
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_from_timm_options_are_the_engines_own(engine):
     """timm's options (pretrained=True) belong to timm.create_model; they used to fail deep in a leaf."""
-    with pytest.raises(TypeError, match=r"SparseEncoder.from_timm takes the engine's conversion options \(conv\), "
+    own = "conv" if engine == "sparse" else "none"
+    with pytest.raises(TypeError, match=rf"Encoder.from_timm takes the engine's conversion options \({own}\), "
                                         r"not pretrained; for timm's options pass a model"):
-        engine_class("sparse").from_timm("resnet18", pretrained=True)
-    with pytest.raises(TypeError, match=r"options \(none\), not drop_path_rate"):
-        engine_class("dense_masked").from_timm("resnet18", drop_path_rate=0.1)
-    assert engine_class("sparse").from_timm("resnet18", conv="minkowski") is not None
+        engine_class(engine).from_timm("resnet18", pretrained=True)
+    if engine == "sparse":
+        assert engine_class(engine).from_timm("resnet18", conv="minkowski") is not None
 
 
 def test_a_decoder_of_no_width():
     with pytest.raises(ValueError, match=r"decoder width 0 must be a positive multiple of 32"):
-        SparK.build("resnet18", decoder_width=0)
+        SparK.build("resnet18", engine="dense_masked", decoder_width=0)
 
 
 def test_mask_ratio_outside_range():
