@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from ..run.checkpoint import load_checkpoint
 from ..run.recipe import register_resolver, timm_input_size
-from ..run.run_dir import RunFiles
+from ..run.run_dir import RunFiles, read_record
 from .cli import CommandError, OneLineParser, run_command
 
 FIXED_COLUMNS = ("status", "steps", "final_loss", "smoothed_loss", "images_per_s",
@@ -69,11 +68,10 @@ def find_runs(sweep_dir: Path) -> list[Path]:
 def load_config(run_dir: Path) -> dict | None:
     """The run's resolved config: the .hydra/ record (written once the run was accepted), else the checkpoint's."""
     register_resolver()  # the record interpolates the model's recipe defaults
-    try:
-        return OmegaConf.to_container(OmegaConf.load(RunFiles(run_dir).record / "config.yaml"), resolve=True)
-    except Exception:  # missing or unreadable: the checkpoint may still have it
-        pass
-    try:
+    record = read_record(RunFiles(run_dir))
+    if record is not None:
+        return record
+    try:  # missing or unreadable: the checkpoint may still have it
         return load_checkpoint(RunFiles(run_dir).checkpoint)["config"]
     except Exception:
         return None

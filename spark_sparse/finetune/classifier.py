@@ -9,13 +9,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from ..run.checkpoint import CHECKPOINT_KEYS
 from ..run.checks import ConfigError
 from ..run.failures import first_line
-from ..run.run_dir import RunFiles
+from ..run.run_dir import RunFiles, read_record
 from ..timm_models import create_timm_model
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # torch's unpickling errors set words in bold
@@ -124,11 +123,7 @@ def read_encoder_weights(source: str | Path) -> tuple[Path, dict[str, torch.Tens
 def _run_model(encoder_file: Path) -> str | None:
     """The model a pretraining run's config record names, for the encoder file in its run
     directory; None for a file elsewhere or a record that cannot be read."""
-    record = RunFiles(encoder_file.parent).record / "config.yaml"
-    try:
-        model = OmegaConf.load(record).get("model")
-    except Exception:  # noqa: BLE001 - no record, or a damaged one: no hint, the refusal stands
-        return None
+    model = (read_record(RunFiles(encoder_file.parent)) or {}).get("model")
     return model if isinstance(model, str) else None
 
 

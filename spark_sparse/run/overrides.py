@@ -39,14 +39,19 @@ def _options(message: str) -> list[str]:
     return [line.strip() for line in after.splitlines()[1:] if line.startswith("\t")]
 
 
+def _parse_error(parser: OverridesParser, arg: str) -> str | None:
+    """Why hydra's grammar refuses the override ``arg`` (its message's own line), None if it reads."""
+    try:
+        parser.parse_override(arg)
+    except HydraException as err:  # OverrideParseException for a list of them, its base for one
+        return next((r for r in str(err).split("\n") if r and not r.startswith(("Error parsing", "See "))), "")
+    return None
+
+
 def _unreadable(args: list[str]) -> str:
     parser = OverridesParser.create()
     for arg in args:
-        try:
-            parser.parse_override(arg)
-        except HydraException as err:  # OverrideParseException for a list of them, its base for one
-            reason = str(err).split("\n")
-            detail = next((r for r in reason if r and not r.startswith(("Error parsing", "See "))), "")
+        if (detail := _parse_error(parser, arg)) is not None:
             return f"cannot read the override {arg!r} ({detail}); overrides are key=value, +key=value or ~key"
     return "cannot read the overrides"
 
@@ -60,23 +65,15 @@ def _jobs(args: list[str], most: int = 16) -> list[list[str]] | None:
         parsed = [parser.parse_override(arg) for arg in args]
         values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
     except HydraException:
-        return None if all(_is_readable(parser, a) for a in args) else [args]  # unreadable: said as usual
+        return None if all(_parse_error(parser, a) is None for a in args) else [args]  # unreadable: said as usual
 
     def job(choice: dict[int, str]) -> list[str]:
         return [arg if vals[0] is None else f"{o.get_key_element()}={choice.get(i, vals[0])}"
                 for i, (arg, o, vals) in enumerate(zip(args, parsed, values))]
     jobs = [job({})] + [job({i: v}) for i, vals in enumerate(values) for v in vals[1:]]
-    if not all(_is_readable(parser, arg) for one in jobs for arg in one):
+    if any(_parse_error(parser, arg) is not None for one in jobs for arg in one):
         return None  # a value that needs quoting again ('a b'): left to hydra
     return jobs[:most]
-
-
-def _is_readable(parser: OverridesParser, arg: str) -> bool:
-    try:
-        parser.parse_override(arg)
-    except HydraException:
-        return False
-    return True
 
 
 def override_error(config_dir: str, config_name: str, args: list[str]) -> str | None:

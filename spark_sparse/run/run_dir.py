@@ -51,6 +51,11 @@ class RunFiles:
         return self.root / ".hydra"
 
     @property
+    def config_record(self) -> Path:
+        """The composed config in the record, as hydra names it."""
+        return self.record / "config.yaml"
+
+    @property
     def encoder(self) -> Path:
         return self.root / self.ENCODER
 
@@ -112,12 +117,21 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_record(files: RunFiles) -> dict | None:
+    """The run's config as its record holds it, resolved (the caller registers the resolvers it
+    interpolates: ``recipe.register_resolver``); None when it is missing or unreadable."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(files.config_record), resolve=True)
+    except Exception:  # noqa: BLE001 - no record, a damaged one, or one that does not resolve
+        return None
+
+
 def write_record(files: RunFiles, cfg: DictConfig) -> None:
     """The config record hydra would write (``.hydra/``), written only for an accepted run:
     hydra itself writes it before the app can refuse anything (``hydra.output_subdir: null``)."""
     folder = files.record
     folder.mkdir(exist_ok=True)
-    _write_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    _write_atomically(files.config_record, OmegaConf.to_yaml(cfg))
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.instance().cfg
         _write_atomically(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.masked_copy(hydra_cfg, ["hydra"])))
