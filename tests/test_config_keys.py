@@ -28,6 +28,7 @@ CONFIGS = [
     ("pretrain", PRETRAIN_KEYS, ["model=convnext_atto"]),
     ("finetune", FINETUNE_KEYS, []),
     ("finetune", FINETUNE_KEYS, ["mode=linear", "logger=wandb", "model=convnext_atto"]),
+    ("finetune", FINETUNE_KEYS, ["+experiment=finetune_paper", "data.train=/data/train", "data.val=/data/val"]),
 ]
 
 
@@ -80,6 +81,17 @@ def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, me
     ("pretrain", ["+experiment=imagenet"], "experiment=imagenet is not one of experiment's options (paper)"),
     ("pretrain", ["mask_ratio=[0.6"], "cannot read the override 'mask_ratio=[0.6' (no viable alternative at "),
     ("finetune", ["mode=probe"], "mode=probe is not one of mode's options (finetune, linear)"),
+    # the apps share conf/: another app's option is named as such, with this app's own
+    ("finetune", ["+experiment=paper"], "experiment=paper is not for finetune's config (its experiment options: "
+                                        "finetune_paper)"),
+    ("pretrain", ["+experiment=finetune_paper"], "experiment=finetune_paper is not for pretrain's config (its "
+                                                 "experiment options: paper)"),
+    ("finetune", ["+experiment=imagenet"], "experiment=imagenet is not one of experiment's options (finetune_paper)"),
+    ("pretrain", ["mode=linear"], "mode=linear is not for pretrain's config (it has no mode group)"),
+    ("finetune", ["data=imagefolder"], "data=imagefolder is not for finetune's config (it has no data group)"),
+    ("finetune", ["experiment=finetune_paper"], "experiment is added, not chosen: write +experiment=finetune_paper"),
+    ("finetune", ["+logger=wandb"], "logger is chosen, not added: write logger=wandb"),
+    ("finetune", ["+experiment=finetune_paper", "model=convnext_large"], None),
     ("finetune", ["label_smoothing=0.1"], "unknown config key label_smoothing (did you mean mixup.label_smoothing?)"),
 ])
 def test_overrides_hydra_cannot_compose_are_said_in_one_line(name, overrides, error):

@@ -276,6 +276,9 @@ def test_the_bundled_photos_task_runs_out_of_the_box(tmp_path):
     (["pretrained={colours}"], "must hold encoder_timm.pth"),
     (["batch_size=7"], "even with mixup"),
     (["aug.repeats=0"], "aug.repeats must be a whole number of at least 1, got 0"),
+    # the paper's schedule without one's own data
+    (["+experiment=finetune_paper", "device=cpu"], "error: batch_size 2048 is larger than the 320 training images of "
+                                                   "the bundled photos task (set data.train=DIR data.val=DIR"),
 ])
 def test_command_line_errors_are_one_clear_line(colours, tmp_path, overrides, message):
     run = tmp_path / "run"

@@ -13,6 +13,7 @@ import spark_sparse.pretrain.app as pretrain
 import spark_sparse.pretrain.checks as pretrain_checks
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
+from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value, register_resolver
 
 from .conftest import needs_minkowski
@@ -183,6 +184,29 @@ def test_every_familys_default_pretraining_and_fine_tuning_configs_are_accepted(
     """``python -m spark_sparse.pretrain model=X`` and ``... finetune model=X`` need no input_size."""
     pretrain_checks.validate(composed("pretrain", f"model={model}"))
     finetune_checks.validate(composed("finetune", f"model={model}"))
+
+
+@pytest.mark.parametrize("model, batch_size, epochs, base_lr", [
+    ("resnet50", 2048, 300, 2e-3),  # SparK's downstream table
+    ("resnet101", 2048, 300, 1e-3),
+    ("convnext_small", 4096, 400, 2e-4),
+    ("convnext_base", 4096, 400, 1e-4),
+    ("convnext_large", 4096, 200, 1e-4),
+    ("regnety_040", 2048, 300, 2e-3),  # the batch-norm nets take ResNet's
+    ("swin_large_patch4_window7_224", 4096, 200, 1e-4),  # the large layer-norm nets ConvNeXt-L's
+])
+def test_the_papers_fine_tuning_schedule_comes_with_the_model(model, batch_size, epochs, base_lr):
+    cfg = composed("finetune", "+experiment=finetune_paper", f"model={model}")
+    assert (cfg.batch_size, cfg.epochs, cfg.optim.base_lr) == (batch_size, epochs, base_lr)
+    assert (cfg.mode, cfg.input_size, cfg.device) == ("finetune", 224, "cuda")
+    assert composed("finetune", "+experiment=finetune_paper", "epochs=10").epochs == 10  # the command line wins
+
+
+def test_the_papers_pretraining_recipe_asks_for_the_image_folder():
+    cfg = composed("pretrain", "+experiment=paper")
+    assert (cfg.data.kind, cfg.batch_size, cfg.epochs, cfg.decoder.width) == ("imagefolder", 4096, 1600, 768)
+    with pytest.raises(ConfigError, match=r"data.root must be set \(add data.root=... to the command line\)"):
+        check_model_and_missing(cfg)
 
 
 def test_the_command_line_wins_over_the_recipe():

@@ -64,7 +64,9 @@ class FineTuning:
         self.train_set.check_readable()
         self.val_set.check_readable()
         if len(self.train_set) < cfg.batch_size:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_set)} training images")
+            task = " of the bundled photos task (set data.train=DIR data.val=DIR for your own)" if cfg.data.train is None else ""
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_set)} "
+                              f"training images{task}")
         self.model = build_model(cfg.model, cfg.mode, len(self.train_set.classes), cfg.drop_path_rate)
         if cfg.pretrained is not None:
             load_encoder(self.model, cfg.pretrained, cfg.model)

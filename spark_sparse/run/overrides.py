@@ -3,17 +3,20 @@
 Hydra reports them in several lines, some misleading here: a misspelt key gets "To append to your
 config use +key=value", which the app then refuses as an unknown key anyway. ``override_error``
 composes the config once with hydra's own compose API (about 0.15 s) and words what went wrong
-as the apps word their refusals, suggesting the keys a misspelt one may have meant."""
+as the apps word their refusals, suggesting the keys a misspelt one may have meant. The apps share
+conf/: an option of another app's (pretraining's experiment=paper given to fine-tuning) is named
+as such, with this app's own options."""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .failures import first_line
@@ -91,6 +94,52 @@ def override_error(config_dir: str, config_name: str, args: list[str]) -> str | 
     return None
 
 
+def _composed(config_dir: str, config_name: str, args: list[str]) -> DictConfig | None:
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name, overrides=args, return_hydra_config=True)
+    except (HydraException, ValueError, OmegaConfBaseException):
+        return None
+
+
+def _own_options(config_dir: str, config_name: str, group: str) -> list[str]:
+    """The options of a config group that this app's config takes. The apps share conf/: a group
+    the config chooses from takes all its options; an added one (experiment) those that compose
+    and set only keys the config has (fine-tuning has no data group, pretraining no mode, and each
+    app's experiments set its own keys)."""
+    folder = os.path.join(config_dir, group)
+    options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+    base = _composed(config_dir, config_name, [])
+    if base is None or group in base.hydra.runtime.choices:
+        return options
+
+    def keys(cfg: DictConfig) -> set[str]:
+        return {k for k in _keys(OmegaConf.to_container(cfg, resolve=False)) if k.split(".")[0] != "hydra"}
+    added = (_composed(config_dir, config_name, [f"+{group}={o}"]) for o in options)
+    return [o for o, cfg in zip(options, added) if cfg is not None and keys(cfg) <= keys(base)]
+
+
+def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str | None:
+    """An override choosing another app's option of a shared config group, said as such."""
+    for arg in args:
+        group, _, option = arg.lstrip("+").partition("=")
+        if not group or not os.path.isdir(os.path.join(config_dir, group)):
+            continue
+        own = _own_options(config_dir, config_name, group)
+        if option in own:
+            other = f"{group}={option}" if arg.startswith("+") else f"+{group}={option}"
+            if _composed(config_dir, config_name, [arg]) is None \
+                    and _composed(config_dir, config_name, [other]) is not None:
+                how = "chosen, not added" if arg.startswith("+") else "added, not chosen"
+                return f"{group} is {how}: write {other}"
+            continue
+        if not os.path.isfile(os.path.join(config_dir, group, f"{option}.yaml")):
+            continue  # no option at all: said with the options hydra lists
+        return (f"{group}={option} is not for {config_name}'s config"
+                + (f" (its {group} options: {', '.join(own)})" if own else f" (it has no {group} group)"))
+    return None
+
+
 def _compose_error(config_dir: str, config_name: str, args: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
@@ -98,23 +147,26 @@ def _compose_error(config_dir: str, config_name: str, args: list[str]) -> str | 
             return None
     except OverrideParseException:
         return _unreadable(args)
-    except MissingConfigException as err:
+    except (HydraException, ValueError, OmegaConfBaseException) as err:
+        return _foreign_choice(config_dir, config_name, args) or _compose_failure(config_dir, config_name, err)
+
+
+def _compose_failure(config_dir: str, config_name: str, err: Exception) -> str:
+    if isinstance(err, MissingConfigException):
         found = _NOT_FOUND.search(str(err))
         if found is None or "/" not in found.group(1):
             return first_line(err)
         group, option = found.group(1).rsplit("/", 1)
-        options = _options(str(err))
+        options = [o for o in _options(str(err)) if o in _own_options(config_dir, config_name, group)]
         return f"{group}={option} is not one of {group}'s options" + (f" ({', '.join(options)})" if options else "")
-    except HydraException as err:
-        message = str(err)
-        if (sweep := _SWEEP.search(message)) is not None:
-            return (f"{sweep.group(1)} is several values: add -m to sweep over them, or write a list as "
-                    "key=[a,b] or a string as key='a,b'")
-        if (key := _NOT_OVERRIDABLE.search(message)) is not None:
-            return _unknown_key(config_dir, config_name, key.group(1))
-        return first_line(err)
-    except (ValueError, OmegaConfBaseException) as err:  # e.g. "=3", where hydra shows a traceback
+    if not isinstance(err, HydraException):  # e.g. "=3", where hydra shows a traceback
         return f"cannot compose the config: {first_line(err)}"
+    if (sweep := _SWEEP.search(str(err))) is not None:
+        return (f"{sweep.group(1)} is several values: add -m to sweep over them, or write a list as "
+                "key=[a,b] or a string as key='a,b'")
+    if (key := _NOT_OVERRIDABLE.search(str(err))) is not None:
+        return _unknown_key(config_dir, config_name, key.group(1))
+    return first_line(err)
 
 
 def _unknown_key(config_dir: str, config_name: str, key: str) -> str:
