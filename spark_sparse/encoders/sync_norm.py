@@ -73,14 +73,9 @@ class SyncVisibleBatchNorm(_BatchNorm):
         else:  # a rank without visible sites still joins the all-reduce, with zeros
             var = mean = x.sum(dim=dims)
         count = torch.full_like(mean, rows, dtype=torch.float64)
-        mean, var = mean.double(), var.double()
-        total = sum_over_ranks(torch.stack([count, count * mean, count * (var + mean * mean)]),
-                               self.process_group)
-        n = total[0]  # kept on the device: no host synchronisation per layer
-        g_mean = total[1] / n
-        g_var = (total[2] / n - g_mean * g_mean).clamp_min(0.0)
+        n, g_mean, g_var = combine_over_ranks(count, mean, var, self.process_group)
         if self.track_running_stats:
-            self._update_running_stats(g_mean.detach(), g_var.detach(), n)
+            update_running_stats(self, g_mean.detach(), g_var.detach(), n)
         shape = [1, -1] + [1] * (x.dim() - 2)
         scale = torch.rsqrt(g_var + self.eps).to(x.dtype)
         if self.weight is not None:
@@ -88,13 +83,30 @@ class SyncVisibleBatchNorm(_BatchNorm):
         out = (x - g_mean.to(x.dtype).view(shape)) * scale.view(shape)
         return out if self.bias is None else out + self.bias.view(shape)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, n: Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * n / (n - 1.0).clamp_min(1.0)
-        self.running_mean.mul_(1.0 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1.0 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
+
+def combine_over_ranks(count: Tensor, mean: Tensor, var: Tensor,
+                       group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, mean, biased variance) of every rank's rows together, from each rank's count, mean and
+    biased variance per channel: all-reduced as count, sum and sum of squares in float64 (no
+    cancellation when they are combined), differentiably. ``n`` stays on the device: no host
+    synchronisation per layer."""
+    mean, var = mean.double(), var.double()
+    total = sum_over_ranks(torch.stack([count, count * mean, count * (var + mean * mean)]), group)
+    n = total[0]
+    g_mean = total[1] / n
+    return n, g_mean, (total[2] / n - g_mean * g_mean).clamp_min(0.0)
+
+
+@torch.no_grad()
+def update_running_stats(norm: _BatchNorm, mean: Tensor, var: Tensor, n: Tensor) -> None:
+    """``norm``'s running statistics after a batch of ``n`` rows with this mean and biased
+    variance, as torch's BatchNorm updates them (the unbiased variance; momentum, or a
+    cumulative average where it is None)."""
+    norm.num_batches_tracked.add_(1)
+    f = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    unbiased = var * n / (n - 1.0).clamp_min(1.0)
+    norm.running_mean.mul_(1.0 - f).add_(mean.to(norm.running_mean.dtype), alpha=f)
+    norm.running_var.mul_(1.0 - f).add_(unbiased.to(norm.running_var.dtype), alpha=f)
 
 
 def twin_of(norm: _BatchNorm, cls: type[_BatchNorm], **extra: Any) -> _BatchNorm:
