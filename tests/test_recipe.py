@@ -15,6 +15,7 @@ from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
 from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value, register_resolver
+from spark_sparse.timm_models import create_timm_model
 
 from .conftest import needs_minkowski
 from .test_finetune import EVERY_FAMILY
@@ -152,6 +153,16 @@ def test_every_timm_module_the_encoders_convert_has_a_pretraining_and_a_fine_tun
             assert recipe_value(pretraining, model, key) is not None, (model, key)
         for key in fine_tuning.resnet:
             assert recipe_value(fine_tuning, model, key) is not None, (model, key)
+
+
+@pytest.mark.parametrize("module", [m for family in FAMILIES for m in family.timm_modules])
+def test_every_timm_modules_recipes_give_a_drop_path_its_models_take(module):
+    # GhostNets have no stochastic depth, and fine-tuning one failed by default on the recipe's 0.05
+    name = timm.list_models(module=module)[0]
+    for recipe in ("spark", "finetune"):
+        rate = recipe_value(OmegaConf.load(f"{CONF_DIR}/recipe/{recipe}.yaml"), name, "drop_path_rate")
+        with torch.device("meta"):
+            create_timm_model(name, num_classes=0, drop_path_rate=rate)  # a rate it does not take: ValueError
 
 
 def composed(app: str, *overrides: str):
