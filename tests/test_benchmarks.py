@@ -372,7 +372,7 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
     ("conv_paths", ["--batch-size", "1"],
      "argument --batch-size: must be a whole number of at least 2 (train-mode batch norm), got 1"),
     ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
-    ("queued_ops", ["--models", "ghostnetv2_100"], "--models ghostnetv2_100: cannot convert GhostModuleV2"),
+    ("queued_ops", ["--models", "pvt_v2_b2_li"], "--models pvt_v2_b2_li: cannot convert"),
     ("queued_ops", ["--mask-ratio", "1.5"], "argument --mask-ratio: must be in [0, 1), got 1.5"),
     ("queued_ops", ["--decoder-width", "100"], "argument --decoder-width: must be a positive multiple of 32, got 100"),
     ("batch_tables", ["--input-size", "100"], "argument --input-size: must be a positive multiple of 32, got 100"),

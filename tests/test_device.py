@@ -72,7 +72,8 @@ from .test_encoder_equivalence import VARIANT_SIZE, assert_train_steps_equal, en
 # blocks passing [x, skip] lists, a head at stride 64 kept (selecsls), a bias MLP per pair with its dropout
 # (swin_transformer_v2_cr), attention between channels with a per-image scale (davit), attention within groups of
 # sites two apart (mobilevit), RMS norms (mobilenetv5), a sigmoid-gated single-head attention (iformer), grids of
-# sites spread over the map and bias tables run on the device (maxxvit), relative-offset logits (byoanet)
+# sites spread over the map and bias tables run on the device (maxxvit), relative-offset logits (byoanet),
+# DFC attention gates with masked statistics over pooled cells (ghostnet v2, v3 with summed branches)
 AUDITED = {name: {"drop_path_rate": 0.1} for name in [
     "resnet26d", "seresnext26d_32x4d", "convnextv2_atto", "efficientnet_b0", "tf_efficientnet_b0",
     "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "mobilenetv4_conv_small", "resnetaa50d", "test_mambaout",
@@ -88,6 +89,7 @@ AUDITED["cspnext_tiny"] = {"drop_path_rate": 0.1}
 AUDITED["legacy_seresnext26_32x4d"] = {"layers": (1, 1, 1, 1)}
 AUDITED["dla60_res2net"] = {"levels": (1, 1, 1, 1, 1, 1)}
 AUDITED["repghostnet_050"] = {}
+AUDITED.update({name: {} for name in ["ghostnetv2_100", "ghostnetv3_050"]})  # GhostNets have no drop path
 AUDITED["skresnext50_32x4d"] = {"layers": (1, 1, 1, 2), "drop_path_rate": 0.1}
 AUDITED["tf_mixnet_m"] = {"drop_path_rate": 0.1}
 AUDITED["gcresnet33ts"] = {"drop_path_rate": 0.1}

@@ -251,7 +251,7 @@ VARIANTS = {
 }
 VARIANT_SIZE = (64, 96)  # a 2x3 patch grid: at mask 0.6 two patches visible per image
 # MobileViT's maps need whole 2x2 blocks of sites at every stride: a 2x4 patch grid
-VARIANT_SIZES = {"mobilevit_xxs": (64, 128), "mobilevitv2_050": (64, 128)}
+VARIANT_SIZES = {"mobilevit_xxs": (64, 128), "mobilevitv2_050": (64, 128), "ghostnetv2_100": (64, 128)}
 # MaxViT's groups and grids of 2x2 sites (built for 64 px) need maps of whole ones at every stride: a 2x4 patch
 # grid; CoAtNet's attention runs over the whole map of the size timm builds it for: a 2x2 patch grid
 VARIANT_SIZES.update({name: (64, 128) for name in ["test_maxvit", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
@@ -332,8 +332,13 @@ VARIANTS.update({
 })
 
 # timm's ghostnet module (version 1): ghost modules (a 1x1 and a depthwise 3x3 of it side by side),
-# strided depthwise convolutions, hard-sigmoid SE, depthwise + 1x1 shortcuts
+# strided depthwise convolutions, hard-sigmoid SE, depthwise + 1x1 shortcuts; version 2's DFC attention
+# gate (2x2 cells with norms of their own, upsampled back: at 64 x 128 the stride-32 map's two cells of
+# 2 x 2 patches, some half hidden); version 3's re-parameterisable branches and the gate (at 64 x 96 the
+# 2 x 3 sites' one cell, timm's pooling leaving out a column, its upsampling stretching the cell)
 VARIANTS["GhostNet: ghost modules, strided depthwise 3x3/5x5, SE, depthwise shortcuts"] = ("ghostnet_050", {})
+VARIANTS["GhostNetV2: V1's ghost modules times the DFC attention gate of their input"] = ("ghostnetv2_100", {})
+VARIANTS["GhostNetV3: summed conv-norm branches, a strided 1x1 branch, the DFC gate"] = ("ghostnetv3_050", {})
 
 # timm's vgg module: plain 3x3 convolutions at every stride from 1, 2x2 max poolings (a small head MLP:
 # timm's 7x7 pre-logits convolution is kept, not run)
@@ -732,7 +737,8 @@ VARIANTS.update({
 # image, RepVGG's summed branches, cross stages
 EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mobilenetv3_small_100",
               "mobilenetv4_conv_small", "resnetaa50d", "resnetv2_50d_gn", "repvgg_a0", "cs3darknet_s", "test_nfnet",
-              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "vgg11_bn",
+              "test_mambaout", "densenet121", "rexnet_100", "ghostnet_050", "ghostnetv2_100", "ghostnetv3_050",
+              "vgg11_bn",
               "hgnetv2_b0", "starnet_s050", "fasternet_t0", "repvit_m0_9", "res2net50_26w_4s", "resnest14d",
               "rdnet_tiny", "inception_next_atto", "dpn48b", "ese_vovnet19b_slim",
               "cspnext_tiny", "legacy_seresnext26_32x4d", "dla46_c",
@@ -837,7 +843,7 @@ def test_a_gated_product_of_two_maps_with_values_at_hidden_sites_is_masked_later
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "lcnetv2_small"])
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "repghostnet_050", "lcnetv2_small", "ghostnetv3_050"])
 def test_reparameterised_branches_equal_dense_masked_and_plain_timm(timm_models, name, device):
     # for inference timm folds each block's branches into one convolution with a bias
     model = timm.models.reparameterize_model(copy.deepcopy(timm_models(name)))

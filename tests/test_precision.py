@@ -102,6 +102,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "cspnext_tiny", "skresnet18",  # on the canvas: stride-1 max poolings, dilated convolutions
             "gcresnet33ts",  # a softmax over each image's visible sites
             "hrnet_w18_small",  # branches fused across strides by nearest upsampling
+            "ghostnetv2_100",  # DFC gates: norms of pooled cells, statistics in float32, on the canvas
             "resnetblur18", "tresnet_m",  # blur pools, space to depth
             "convformer_s18",  # StarReLU: relu(x) ** 2 of 16-bit rows, its learned scalars float32
             # the mean of each window's visible sites (V2: V1's norm biases before the pooling minus its

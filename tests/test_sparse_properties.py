@@ -115,6 +115,10 @@ AT_THE_CORNER = {"resnetblur18", "tresnet_m", "twins_svt_small", "tiny_vit_5m_22
 # MobileViT's attention groups the sites by their offset in 2x2 blocks, at stride 32 too (v1: softmax, v2:
 # separable attention): its maps need whole blocks, and its image keeps the canvas's grid of 64-pixel blocks
 MODELS.update({name: (name, {}) for name in ["mobilevit_xxs", "mobilevitv2_050"]})
+# GhostNetV2's and V3's DFC gate pools 2x2 cells of sites (of patches at stride 32) and upsamples them back:
+# its image keeps the canvas's grid of 64-pixel blocks too, at a size whose maps are even (timm's pooling
+# leaves out an odd map's last row and column)
+MODELS.update({name: (name, {}) for name in ["ghostnetv2_100", "ghostnetv3_050"]})
 MODELS["mobilenetv5_base"] = ("mobilenetv5_base", {"channel_multiplier": 0.25})  # RMS norms, multi-query attention
 MODELS["iformer_t"] = ("iformer_t", {})  # single-head attention over visible tokens, gated by a sigmoid
 # CoAtNet's attention over the whole map of the size timm builds the model for (64 px: the image's), a bias per pair
@@ -137,9 +141,11 @@ CANVAS_DEPENDENT.add("hiera_tiny_224")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
-PLACEMENTS = {"mobilevit_xxs": ((64, 128), (192, 256), (64, 64)), "mobilevitv2_050": ((64, 128), (192, 256), (64, 64)),
+PLACEMENTS = {name: ((64, 128), (192, 256), (64, 64))
+              for name in ["mobilevit_xxs", "mobilevitv2_050", "ghostnetv2_100", "ghostnetv3_050"]}
+PLACEMENTS.update({
               "test_coatnet": ((64, 64), (128, 192), (0, 0)),
-              "test_maxvit": ((64, 128), (128, 256), (0, 0))}  # (no canvas test: the batch test's size)
+              "test_maxvit": ((64, 128), (128, 256), (0, 0))})  # (no canvas test: the batch test's size)
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)

@@ -31,6 +31,7 @@ ALL_DEPTHS["MambaOut _rw: norm-first downsampling, layer scale, MLP head"] = ("t
 ALL_DEPTHS["DenseNet (two layers a block)"] = ("densenet121", {"block_config": (2, 2, 2, 2)})
 ALL_DEPTHS["DenseNet, deep stem"] = ("densenet264d", {"block_config": (1, 1, 1, 1)})
 ALL_DEPTHS.update({name: (name, {}) for name in ["rexnet_100", "rexnetr_100", "ghostnet_050"]})
+ALL_DEPTHS.update({name: (name, {}) for name in ["ghostnetv2_100", "ghostnetv3_050"]})  # DFC gates, V3's branches
 ALL_DEPTHS.update({f"{name} (a small head MLP)": (name, {"mlp_ratio": 1 / 64}) for name in ["vgg11", "vgg11_bn"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["hgnetv2_b0", "hgnet_tiny"]})  # a head 1x1 kept
 ALL_DEPTHS.update({name: (name, {}) for name in ["starnet_s050", "fasternet_t0"]})
@@ -330,12 +331,16 @@ def test_gradient_checkpointing_is_refused_by_path(engine, name, where):
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_ghostnets_v2_and_v3_are_refused_by_path(engine):
-    engine = engine_class(engine)
-    for name, message in {"ghostnetv2_100": r"GhostModuleV2 at 'blocks\.2\.0\.ghost1': GhostNetV2's DFC attention",
-                          "ghostnetv3_050": r"GhostBottleneckV3 at 'blocks\.0\.0': GhostNetV3's"}.items():
-        with pytest.raises(ConversionError, match=f"cannot convert {message}"):
-            engine.from_timm(timm.create_model(name, pretrained=False, num_classes=0))
+def test_a_reparameterised_ghostnetv3_round_trips_and_trains_every_parameter(engine):
+    # timm's re-parameterisation leaves its blocks' parameters detached: the encoder's are trainable
+    model = timm.models.reparameterize_model(timm.create_model("ghostnetv3_050", pretrained=False, num_classes=0))
+    assert not any(p.requires_grad for p in model.blocks[1].parameters())
+    encoder = engine_class(engine).from_timm(copy.deepcopy(model))
+    frozen = [name for name, p in encoder.named_parameters() if not p.requires_grad]
+    assert frozen == [name for name in frozen if name.startswith("body.conv_head.")]  # kept, never run
+    want = model.state_dict()
+    got = encoder.timm_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
 
 
 @pytest.mark.parametrize("name, channels", [("densenet121", [256, 512, 1024, 1024]),

@@ -33,6 +33,7 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
                         SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
+from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
                      ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
@@ -252,6 +253,14 @@ class MaskedMaxPool(nn.Module):
         return MaskedTensor(y.masked_fill(~upsample_active(inp.active, y.shape[-2:]), 0.0), inp.active)
 
 
+class MaskedDfcGate(DfcGate):
+    """GhostNetV2's gate made on the input's map (zeros where hidden): the output times it."""
+
+    def forward(self, x: MaskedTensor, out: MaskedTensor) -> MaskedTensor:
+        canvas = x.clean().x
+        return MaskedTensor(out.x * self.gate(canvas, x.visible().to(canvas.dtype)), out.active, out.dirty)
+
+
 class MaskedChannelSplit(ChannelSplit):
     def forward(self, inp: MaskedTensor) -> tuple[MaskedTensor, MaskedTensor]:
         return tuple(inp._replace(x=x) for x in super().forward(inp.x))
@@ -464,6 +473,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedSeparableGridAttention(module.dim, module.grid)
     if type(module) is CondConv2d:
         return MaskedCondConv(module)
+    if type(module) is DfcGate:
+        return MaskedDfcGate(module)
     if type(module) in (EvoNorm2dS0, EvoNorm2dS0a):
         return MaskedEvoNorm(module)
     if type(module) is FilterResponseNormTlu2d:

@@ -45,6 +45,7 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
                         SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
+from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
                      ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
                      SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
@@ -55,7 +56,7 @@ from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
                                SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
                                SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
-                               SparseWindowAttention, visible_means)
+                               SparseWindowAttention, on_canvas_sites, visible_means)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -357,6 +358,17 @@ class SparseCondConv(CondConvExperts):
         return with_features(y, out)
 
 
+class SparseDfcGate(DfcGate):
+    """GhostNetV2's gate made on the whole images' map of the input rows (zeros where hidden) and
+    gathered at them: the output rows times it."""
+
+    def forward(self, x: ME.SparseTensor, out: ME.SparseTensor) -> ME.SparseTensor:
+        same_sites(x, out, "gate")
+        gate = on_canvas_sites(x, lambda canvas, present: self.gate(
+            canvas.permute(0, 3, 1, 2), present[:, None].to(canvas.dtype)).permute(0, 2, 3, 1))
+        return with_features(out, out.F * gate.F)
+
+
 class SparseChannelSplit(ChannelSplit):
     """The first channels of each row, and the rest, on the same sites."""
 
@@ -497,6 +509,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseSeparableGridAttention(module.dim, module.grid)
     if kind is CondConv2d:
         return SparseCondConv(module, path, conv)
+    if kind is DfcGate:
+        return SparseDfcGate(module)
     if kind in (EvoNorm2dS0, EvoNorm2dS0a):
         return SparseEvoNorm(module)
     if kind is FilterResponseNormTlu2d:
