@@ -92,6 +92,7 @@ def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, me
     ("finetune", ["experiment=finetune_paper"], "experiment is added, not chosen: write +experiment=finetune_paper"),
     ("finetune", ["+logger=wandb"], "logger is chosen, not added: write logger=wandb"),
     ("finetune", ["+experiment=finetune_paper", "model=convnext_large"], None),
+    ("pretrain", ["hydra/launcher=nope"], "hydra/launcher=nope is not one of hydra/launcher's options (basic)"),
     ("finetune", ["label_smoothing=0.1"], "unknown config key label_smoothing (did you mean mixup.label_smoothing?)"),
 ])
 def test_overrides_hydra_cannot_compose_are_said_in_one_line(name, overrides, error):

@@ -24,6 +24,7 @@ from spark_sparse.run.cli import RUN_DIR_EXISTED, RunDirCallback
 from spark_sparse.run.distributed import (SyncVisibleBatchNorm, average_gradients, broadcast_parameters,
                                           convert_sync_batchnorm)
 from spark_sparse.run.recipe import register_resolver
+from spark_sparse.encoders.dfc import cell_norm
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d
 from spark_sparse.encoders.masked_tensor import MaskedTensor
 from spark_sparse.model.spark import SparK
@@ -83,6 +84,16 @@ def _norm_worker(rank: int, world: int, init_file: str) -> None:
         b = x_all.shape[0] // world
         out_ref = ref(MaskedTensor(x_all, active)).x[rank * b:(rank + 1) * b]
         out = sync(MaskedTensor(x_all[rank * b:(rank + 1) * b], active[rank * b:(rank + 1) * b])).x
+        torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sync.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+        # GhostNetV2's DFC gate: a norm over the visible cells of pooled maps, by masked sums
+        ref = nn.BatchNorm2d(4)
+        sync = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))[0]
+        cells = (torch.rand(x_all.shape[0], 1, 4, 4, generator=g) < 0.5).float()
+        cells[:, 0, 0, 0] = 1.0
+        out_ref = cell_norm(ref, x_all, cells)[rank * b:(rank + 1) * b]
+        out = cell_norm(sync, x_all[rank * b:(rank + 1) * b], cells[rank * b:(rank + 1) * b])
         torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sync.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
     finally:

@@ -102,13 +102,11 @@ def _composed(config_dir: str, config_name: str, args: list[str]) -> DictConfig 
         return None
 
 
-def _own_options(config_dir: str, config_name: str, group: str) -> list[str]:
-    """The options of a config group that this app's config takes. The apps share conf/: a group
-    the config chooses from takes all its options; an added one (experiment) those that compose
-    and set only keys the config has (fine-tuning has no data group, pretraining no mode, and each
-    app's experiments set its own keys)."""
-    folder = os.path.join(config_dir, group)
-    options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+def _own_options(config_dir: str, config_name: str, group: str, options: list[str]) -> list[str]:
+    """Those of a config group's ``options`` that this app's config takes. The apps share conf/: a
+    group the config chooses from takes all its options; an added one (experiment) those that
+    compose and set only keys the config has (fine-tuning has no data group, pretraining no mode,
+    and each app's experiments set its own keys)."""
     base = _composed(config_dir, config_name, [])
     if base is None or group in base.hydra.runtime.choices:
         return options
@@ -123,9 +121,11 @@ def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str |
     """An override choosing another app's option of a shared config group, said as such."""
     for arg in args:
         group, _, option = arg.lstrip("+").partition("=")
-        if not group or not os.path.isdir(os.path.join(config_dir, group)):
+        folder = os.path.join(config_dir, group)
+        if not group or not os.path.isdir(folder):
             continue
-        own = _own_options(config_dir, config_name, group)
+        options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+        own = _own_options(config_dir, config_name, group, options)
         if option in own:
             other = f"{group}={option}" if arg.startswith("+") else f"+{group}={option}"
             if _composed(config_dir, config_name, [arg]) is None \
@@ -133,7 +133,7 @@ def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str |
                 how = "chosen, not added" if arg.startswith("+") else "added, not chosen"
                 return f"{group} is {how}: write {other}"
             continue
-        if not os.path.isfile(os.path.join(config_dir, group, f"{option}.yaml")):
+        if option not in options:
             continue  # no option at all: said with the options hydra lists
         return (f"{group}={option} is not for {config_name}'s config"
                 + (f" (its {group} options: {', '.join(own)})" if own else f" (it has no {group} group)"))
@@ -157,7 +157,7 @@ def _compose_failure(config_dir: str, config_name: str, err: Exception) -> str:
         if found is None or "/" not in found.group(1):
             return first_line(err)
         group, option = found.group(1).rsplit("/", 1)
-        options = [o for o in _options(str(err)) if o in _own_options(config_dir, config_name, group)]
+        options = _own_options(config_dir, config_name, group, _options(str(err)))
         return f"{group}={option} is not one of {group}'s options" + (f" ({', '.join(options)})" if options else "")
     if not isinstance(err, HydraException):  # e.g. "=3", where hydra shows a traceback
         return f"cannot compose the config: {first_line(err)}"
