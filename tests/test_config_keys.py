@@ -74,7 +74,10 @@ def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, me
     ("pretrain", ["-m", "mask_ratio=0.4,0.6", "optim=lamb,adamw"], None),
     ("pretrain", ["-m", "optim=lamb,sgd"], "optim=sgd is not one of optim's options (adamw, lamb)"),  # every job
     ("pretrain", ["--multirun", "mask_ratoi=0.4,0.6"], "unknown config key mask_ratoi (did you mean mask_ratio?)"),
-    ("pretrain", ["-m", "model=glob(resnet1*)", "mask_ratoi=1"], None),  # a sweep only hydra's loader lists
+    # a sweep only hydra's loader lists: its key checked (as key=null), a group's left to hydra
+    ("pretrain", ["-m", "model=glob(resnet1*)", "mask_ratoi=1"], "unknown config key mask_ratoi (did you mean"),
+    ("pretrain", ["-m", "mask_ratoi=interval(0,1)"], "unknown config key mask_ratoi (did you mean mask_ratio?)"),
+    ("pretrain", ["-m", "mask_ratio=interval(0,1)", "optim=glob(*)", "+experiment=glob(*)"], None),
     ("pretrain", ["-m", "data=imagefolder", "data.root='/a b',/c"], None),  # values that need quoting again
     ("pretrain", ["data.rot=/data"], "unknown config key data.rot (did you mean data.root, data?)"),
     ("pretrain", ["hydra.rundir=/tmp"], "unknown config key hydra.rundir: not one of hydra's settings"),

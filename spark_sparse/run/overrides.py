@@ -59,23 +59,51 @@ def _unreadable(args: list[str]) -> str:
     return "cannot read the overrides"
 
 
-def _jobs(args: list[str], most: int = 16) -> list[list[str]] | None:
+def _groups(config_dir: str, config_name: str) -> set[str]:
+    """The config groups: those the config chooses from (hydra's own too) and conf/'s folders."""
+    base = _composed(config_dir, config_name, [])
+    folders = {os.path.relpath(d, config_dir) for d, _, files in os.walk(config_dir) if d != config_dir
+               and any(f.endswith(".yaml") for f in files)}
+    return folders | (set() if base is None else set(base.hydra.runtime.choices))
+
+
+def _values(override) -> list[str | None] | None:
+    """The values of a sweep override ([None] for a plain one), None where they cannot be listed
+    here (glob and interval sweeps need hydra's loader)."""
+    if not override.is_sweep_override():
+        return [None]
+    try:
+        return list(override.sweep_string_iterator())
+    except HydraException:
+        return None
+
+
+def _jobs(args: list[str], groups: set[str], most: int = 16) -> list[list[str]] | None:
     """The overrides of a multirun's jobs that meet each value of each sweep (every other sweep at
-    its first value; ``most`` jobs at most), or None where a sweep's values cannot be listed here
-    (glob, range and interval sweeps need hydra's loader)."""
+    its first value; ``most`` jobs at most). A sweep whose values cannot be listed here (glob,
+    interval) stands as ``key=null`` in every job, so that its key is still checked, or, over a
+    config group's options (``groups``), is left out. None where a value needs quoting again
+    ('a b'): left to hydra."""
     parser = OverridesParser.create()
     try:
         parsed = [parser.parse_override(arg) for arg in args]
-        values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else [None] for o in parsed]
     except HydraException:
-        return None if all(_parse_error(parser, a) is None for a in args) else [args]  # unreadable: said as usual
+        return [args]  # unreadable: said as usual
+    listed = [_values(o) for o in parsed]
+
+    def in_every_job(arg: str, o, vals: list | None) -> str | None:
+        """What every job has of this override: None for a listed sweep's, "" for nothing."""
+        if vals is not None:
+            return arg if vals == [None] else None
+        return "" if o.key_or_group in groups else f"{o.get_key_element()}=null"
+    fixed = [in_every_job(arg, o, vals) for arg, o, vals in zip(args, parsed, listed)]
 
     def job(choice: dict[int, str]) -> list[str]:
-        return [arg if vals[0] is None else f"{o.get_key_element()}={choice.get(i, vals[0])}"
-                for i, (arg, o, vals) in enumerate(zip(args, parsed, values))]
-    jobs = [job({})] + [job({i: v}) for i, vals in enumerate(values) for v in vals[1:]]
+        return [f"{o.get_key_element()}={choice.get(i, listed[i][0])}" if fixed[i] is None else fixed[i]
+                for i, o in enumerate(parsed) if fixed[i] != ""]
+    jobs = [job({})] + [job({i: v}) for i, vals in enumerate(listed) if vals for v in vals[1:]]
     if any(_parse_error(parser, arg) is not None for one in jobs for arg in one):
-        return None  # a value that needs quoting again ('a b'): left to hydra
+        return None
     return jobs[:most]
 
 
@@ -88,7 +116,7 @@ def override_error(config_dir: str, config_name: str, args: list[str]) -> str | 
         return _compose_error(config_dir, config_name, args)
     if set(flags) - {"-m", "--multirun"}:
         return None
-    for job in _jobs([arg for arg in args if arg not in flags]) or []:
+    for job in _jobs([arg for arg in args if arg not in flags], _groups(config_dir, config_name)) or []:
         if (why := _compose_error(config_dir, config_name, job)) is not None:
             return why
     return None
