@@ -73,7 +73,6 @@ class RunDirCallback(Callback):
                 print(f"error: hydra.run.dir={run_dir} cannot be a run directory: {why}", file=sys.stderr)
             raise SystemExit(1)
 
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # each job composes its own hydra.sweep.dir again from the command line: no expanding it here
         sweep_dir = str(config.hydra.sweep.dir)

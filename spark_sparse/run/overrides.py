@@ -67,41 +67,31 @@ def _groups(config_dir: str, config_name: str) -> set[str]:
     return folders | (set() if base is None else set(base.hydra.runtime.choices))
 
 
-def _values(override) -> list[str | None] | None:
-    """The values of a sweep override ([None] for a plain one), None where they cannot be listed
-    here (glob and interval sweeps need hydra's loader)."""
+def _choices(arg: str, override, groups: set[str]) -> list[str]:
+    """What a multirun's jobs take of one override: the override itself, or each value of its
+    sweep; for a sweep only hydra's loader lists (glob, interval) ``key=null``, so that its key is
+    still checked, or nothing where it runs over a config group's options (``groups``)."""
     if not override.is_sweep_override():
-        return [None]
+        return [arg]
+    key = override.get_key_element()
     try:
-        return list(override.sweep_string_iterator())
+        return [f"{key}={value}" for value in override.sweep_string_iterator()]
     except HydraException:
-        return None
+        return [] if override.key_or_group in groups else [f"{key}=null"]
 
 
 def _jobs(args: list[str], groups: set[str], most: int = 16) -> list[list[str]] | None:
     """The overrides of a multirun's jobs that meet each value of each sweep (every other sweep at
-    its first value; ``most`` jobs at most). A sweep whose values cannot be listed here (glob,
-    interval) stands as ``key=null`` in every job, so that its key is still checked, or, over a
-    config group's options (``groups``), is left out. None where a value needs quoting again
-    ('a b'): left to hydra."""
+    its first value; ``most`` jobs at most; see ``_choices``). None where a value needs quoting
+    again ('a b'): left to hydra."""
     parser = OverridesParser.create()
     try:
         parsed = [parser.parse_override(arg) for arg in args]
     except HydraException:
         return [args]  # unreadable: said as usual
-    listed = [_values(o) for o in parsed]
-
-    def in_every_job(arg: str, o, vals: list | None) -> str | None:
-        """What every job has of this override: None for a listed sweep's, "" for nothing."""
-        if vals is not None:
-            return arg if vals == [None] else None
-        return "" if o.key_or_group in groups else f"{o.get_key_element()}=null"
-    fixed = [in_every_job(arg, o, vals) for arg, o, vals in zip(args, parsed, listed)]
-
-    def job(choice: dict[int, str]) -> list[str]:
-        return [f"{o.get_key_element()}={choice.get(i, listed[i][0])}" if fixed[i] is None else fixed[i]
-                for i, o in enumerate(parsed) if fixed[i] != ""]
-    jobs = [job({})] + [job({i: v}) for i, vals in enumerate(listed) if vals for v in vals[1:]]
+    choices = [c for c in (_choices(arg, o, groups) for arg, o in zip(args, parsed)) if c]
+    first = [c[0] for c in choices]
+    jobs = [first] + [first[:i] + [value] + first[i + 1:] for i, c in enumerate(choices) for value in c[1:]]
     if any(_parse_error(parser, arg) is not None for one in jobs for arg in one):
         return None
     return jobs[:most]
