@@ -730,6 +730,22 @@ VARIANTS.update({
         "coatnet_rmlp_1_rw_224", SMALL_MAXXVIT),
 })
 
+# timm's cpubone module: fused MBConvs (grouped 3x3, 1x1) and MBConvs, CPUBone blocks (a one-group norm
+# and attention from a depthwise 2x2 and a 1x1 to packed heads, per 32-pixel patch at stride 16 then
+# repeated over its sites, per site at 32; a 1x1 MLP; a local block of 2x2 kernels padded above and
+# left). The MLP's dropout (0.1 by default) draws its own mask in each engine: off here
+CPUBONE = {"proj_drop_rate": 0.0}
+VARIANTS.update({
+    "CPUBone: fused MBConvs, packed-head attention per patch and per site, 2x2 kernels padded above-left": (
+        "cpubone_t0", CPUBONE),
+    "CPUBone with a stem block and MBConvs (depthwise 2x2) where a stage is 256 wide": (
+        "cpubone_nano", {**CPUBONE, "width_list": (12, 24, 48, 96, 256), "depth_list": (1, 1, 1, 1, 1)}),
+    "CPUBone unfused: MBConvs everywhere, the attention's own output projection, norms in every conv": (
+        "cpubone_nano", {**CPUBONE, "fused_conv": False, "fused_downsample": False, "local_mbconv_norm": "all"}),
+    "CPUBone with ungrouped expansions: plain 3x3s and 2x2s (padded above-left)": (
+        "cpubone_nano", {**CPUBONE, "expand_groups": 1}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -750,7 +766,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224"}
+              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -799,7 +815,8 @@ def test_every_kind_of_global_context_equals_dense_masked_and_plain_timm(timm_mo
 UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "efficientformer_l1": {},
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
-                  "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA}
+                  "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
+                  "cpubone_t0": CPUBONE}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)
@@ -869,6 +886,27 @@ def test_variants_equal_dense_masked(timm_models, variant, mask, device):
         for a, b in zip(sparse.eval().dense_features(images.double(), active),
                         dense.eval().dense_features(images.double(), active)):
             assert rel_err(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
+def test_a_dropout_drops_visible_features_in_train_mode_only(timm_models, engine, device):
+    """CPUBone's MLPs (strides 16 and 32) drop 0.1 by default. Each engine draws its own mask (over
+    the visible rows, over the whole map), so what both must do is checked against the same net
+    without dropout: equal in eval mode and before the first dropout, changed after it in train
+    mode, hidden sites zero."""
+    images, active = batch_on(device, VARIANT_SIZE, "ratio0.6")
+    dropping, plain = (engine.from_timm(copy.deepcopy(timm_models("cpubone_t0", proj_drop_rate=p))).to(device)
+                       for p in (0.5, 0.0))
+    with torch.no_grad():
+        for a, b in zip(dropping.eval().dense_features(images, active), plain.eval().dense_features(images, active)):
+            assert torch.equal(a, b)
+        torch.manual_seed(SEED)
+        dropped = dropping.train().dense_features(images, active)
+        kept = plain.train().dense_features(images, active)
+    for stride, a, b in zip(dropping.strides, dropped, kept):
+        assert torch.equal(a, b) == (stride < 16), f"stride {stride}"
+        hidden = ~active.to(device).repeat_interleave(32 // stride, 2).repeat_interleave(32 // stride, 3)
+        assert not a.masked_select(hidden).any()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -92,6 +92,7 @@ def test_random_active_keeps_the_papers_count():
     ("botnet26t_256", 32, 256),  # relative position tables of its own map
     ("lambda_resnet26rpt_256", 32, 256),  # the same for its position lambdas
     ("lambda_resnet26t", 32, None),  # position lambdas of a convolution
+    ("cpubone_t0", 32, None),  # attention over patches at stride 16: a whole number of them, as the mask's
     ("hiera_tiny_224", 224, 224),  # a position embedding of its own map
 ])
 def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple, largest):

@@ -89,6 +89,10 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["botnet26t_256", "botnet50ts_25
 ALL_DEPTHS.update({name: (name, {}) for name in ["lambda_resnet26t", "lambda_resnet50ts", "lambda_resnet26rpt_256"]})
 # Hiera: the position embeddings (pos_embed; abswin: pos_embed_win too) on the body under timm's names
 ALL_DEPTHS.update({name: (name, {}) for name in ["hiera_tiny_224", "hiera_small_abswin_256"]})
+# CPUBone: 2x2 kernels after timm's zero pad (conv.1), packed-head attention, its unfused form's output projection
+ALL_DEPTHS.update({name: (name, {}) for name in ["cpubone_t0", "cpubone_b3"]})
+ALL_DEPTHS["CPUBone unfused"] = ("cpubone_nano", {"fused_conv": False, "fused_downsample": False})
+ALL_DEPTHS["CPUBone with ungrouped expansions (plain 2x2s)"] = ("cpubone_nano", {"expand_groups": 1})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
@@ -213,6 +217,20 @@ def test_efficientnet_mobilenet_and_fastvit_models_without_an_exact_twin_are_ref
 def test_a_hiera_whose_mask_unit_is_not_the_masks_patch_or_that_drops_patches_is_refused(engine, kwargs, message):
     with pytest.raises(ConversionError, match=message):
         engine_class(engine).from_timm(timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, **kwargs))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_cpubone_whose_attention_upsamples_by_transposed_convolution_is_refused(engine, fused):
+    """timm's CPUBone class upsamples its attention's tokens by a learned transposed convolution unless
+    told otherwise (every released model: nearest); its windows overlap the neighbouring patches."""
+    model = timm.create_model("cpubone_nano", pretrained=False, num_classes=0, attn_upsample="transpose",
+                              fused_conv=fused)
+    path = r"stages\.2\.1\.total\.0\.0\.main\.1"
+    with pytest.raises(ConversionError, match=rf"^cannot convert ConvAttention at '{path}': transposed-convolution "
+                                              rf"upsampling at '{path}\.upsampling' reaches across the patches' "
+                                              r"borders; use attn_upsample='nearest'$"):
+        engine_class(engine).from_timm(model)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

@@ -274,6 +274,14 @@ class AdditiveAttention(nn.Module):
 SELF_ATTENTION = (MetaFormerAttention, FastVitAttention)
 
 
+def attend_heads(q: Tensor, k: Tensor, v: Tensor, keys: Tensor) -> Tensor:
+    """(B, heads, n, d) queries, (B, heads, m, d) keys and values, (B, m) bool: which keys count (an
+    image without one lets every key, so that no softmax is empty) -> (B, n, heads * d), head after head."""
+    keys = keys | ~keys.any(1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
 class SelfAttention(nn.Module):
     """Multi-head softmax self-attention over each image's visible tokens (CAFormer's and
     FastViT's last stages): every visible token attends to the visible tokens of its image only.
@@ -295,9 +303,7 @@ class SelfAttention(nn.Module):
         token be, so that no softmax is empty) -> (B, n, C), each token's attention output."""
         b, n, _ = tokens.shape
         q, k, v = self.qkv(tokens).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        keys = keys | ~keys.any(1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.proj(attend_heads(q, k, v, keys))
 
 
 class GroupedQueryAttention(nn.Module):
@@ -326,9 +332,7 @@ class GroupedQueryAttention(nn.Module):
         v = v.view(b, m, self.kv_heads, self.value_dim).transpose(1, 2)
         if 1 < self.kv_heads < self.num_heads:  # one head broadcasts, as many heads pair up
             k, v = (t.repeat_interleave(self.num_heads // self.kv_heads, dim=1) for t in (k, v))
-        keys = keys | ~keys.any(1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
-        return out.transpose(1, 2).reshape(b, n, -1)
+        return attend_heads(q, k, v, keys)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, _, h, w = q.shape
@@ -339,6 +343,30 @@ class GroupedQueryAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
                 f"kv_heads={self.kv_heads}")
+
+
+class PackedQkvAttention(GroupedQueryAttention):
+    """Softmax attention from one map of each head's query, key and value channels in turn (CPUBone's
+    ``ConvAttention``: a 1x1 convolution to heads x (q, k, v) x ``head_dim`` channels, the output head
+    after head): each visible query attends to its image's visible keys. A parameter-free leaf every
+    engine converts to its own twin."""
+
+    def __init__(self, num_heads: int, head_dim: int):
+        super().__init__(num_heads, head_dim, head_dim, num_heads)
+
+    def attend_packed(self, qkv: Tensor, keys: Tensor) -> Tensor:
+        """(B, n, heads * 3 * head_dim) tokens, (B, n) bool: which are keys -> (B, n, heads * head_dim)."""
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, self.num_heads, 3, self.key_dim).permute(3, 0, 2, 1, 4)
+        return attend_heads(q, k, v, keys)
+
+    def forward(self, qkv: Tensor) -> Tensor:
+        b, _, h, w = qkv.shape
+        keys = qkv.new_ones(b, h * w, dtype=torch.bool)
+        return self.attend_packed(qkv.flatten(2).transpose(1, 2), keys).transpose(1, 2).reshape(b, -1, h, w)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.key_dim}"
 
 
 class MaskUnitAttention(GroupedQueryAttention):

@@ -8,6 +8,7 @@ from torch import nn
 
 from .byobnet import BYOBNET
 from .convnext import CONVNEXT
+from .cpubone import CPUBONE
 from .cspnet import CSPNET
 from .cspnext import CSPNEXT
 from .davit import DAVIT
@@ -61,7 +62,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA)
+                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -50,15 +50,42 @@ class ZeroPaddedMaxPool(nn.Module):
         return self.pool(self.pad(x))
 
 
+class ZeroPaddedConv2d(nn.Conv2d):
+    """timm's zero pad then an unpadded plain convolution (CPUBone's 2x2 kernels at stride 1, padded
+    one site above and left), as one convolution leaf with that padding: ``pad`` is
+    (left, right, top, bottom), as ``nn.ZeroPad2d`` takes it. Weights keep the convolution's names."""
+
+    def __init__(self, pad: nn.ConstantPad2d, conv: nn.Conv2d):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+        self.pad = tuple(pad.padding)
+        self.load_state_dict(conv.state_dict())
+        self.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.pad(x, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pad={self.pad}"
+
+
+def _zero_pad(module: nn.Module) -> bool:
+    return isinstance(module, nn.ConstantPad2d) and module.value == 0
+
+
 def _zero_pads_fused(children: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """A Sequential's children with each zero pad before an unpadded max pooling folded into the
-    pooling (a ``ZeroPaddedMaxPool``); the pad's place holds an Identity (neither holds tensors)."""
+    """A Sequential's children with each zero pad before an unpadded max pooling or plain
+    convolution folded into it (a ``ZeroPaddedMaxPool``, a ``ZeroPaddedConv2d``); the pad's place
+    holds an Identity (neither holds tensors)."""
     children = list(children)
     for i in range(len(children) - 1):
-        (pad_name, pad), (pool_name, pool) = children[i], children[i + 1]
-        if (type(pad) is nn.ConstantPad2d and pad.value == 0 and type(pool) is nn.MaxPool2d
-                and pool.padding in (0, (0, 0))):
-            children[i], children[i + 1] = (pad_name, nn.Identity()), (pool_name, ZeroPaddedMaxPool(pad, pool))
+        (pad_name, pad), (name, after) = children[i], children[i + 1]
+        if not _zero_pad(pad):
+            continue
+        if type(after) is nn.MaxPool2d and after.padding in (0, (0, 0)):
+            children[i], children[i + 1] = (pad_name, nn.Identity()), (name, ZeroPaddedMaxPool(pad, after))
+        elif type(after) is nn.Conv2d and after.padding == (0, 0) and after.padding_mode == "zeros":
+            children[i], children[i + 1] = (pad_name, nn.Identity()), (name, ZeroPaddedConv2d(pad, after))
     return children
 
 
@@ -187,8 +214,9 @@ def reject_extras(block: nn.Module, path: str, names: tuple[str, ...]) -> None:
 
 
 def refuse_dropout(module: nn.Module, path: str, *names: str) -> None:
-    """Refuse ``module`` where any of its dropouts ``names`` (dotted paths below it) drops: no
-    engine mirrors a dropout's random mask (timm's default rate is 0)."""
+    """Refuse ``module`` where any of its dropouts ``names`` (dotted paths below it) drops: its
+    mirror runs without them (timm's default rate is 0). A ``nn.Dropout`` the converter meets as a
+    leaf runs in every engine (``DROPOUTS``)."""
     for name in names:
         drop = module.get_submodule(name)
         if drop.p > 0:
@@ -250,10 +278,14 @@ ACTIVATIONS = (nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.GELU, nn.Mish, 
 # Elementwise functions that move zero (a sigmoid gate, iFormer's): applied to visible rows they compute
 # what the dense-masked engine computes, where hidden sites get values until masked
 ZERO_MOVING = (nn.Sigmoid,)
-# torch's convolution and timm's with TensorFlow 'same' padding and/or weight standardisation
-# (the kernel normalised per output channel at every forward, NFNet's then scaled by a learned
-# gain: a weight-only operation)
-CONVOLUTIONS = (nn.Conv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+# Dropout zeroes elements at random and keeps zero at zero (CPUBone's MLPs drop 0.1 by default): each
+# engine draws its own mask, over the visible rows or the whole map, so the engines agree at p=0 or in
+# eval, and in distribution otherwise
+DROPOUTS = (nn.Dropout,)
+# torch's convolution (and it after a zero pad) and timm's with TensorFlow 'same' padding and/or weight
+# standardisation (the kernel normalised per output channel at every forward, NFNet's then scaled by a
+# learned gain: a weight-only operation)
+CONVOLUTIONS = (nn.Conv2d, ZeroPaddedConv2d, Conv2dSame, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 # torch's and timm's layer norms (channels last and channels first; MetaFormer's without a bias):
 # every engine runs them per site
 LAYER_NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d, LayerNormNoBias, LayerNorm2dNoBias)

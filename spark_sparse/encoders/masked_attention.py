@@ -12,8 +12,8 @@ from torch import Tensor
 from ..precision import statistics_dtype
 from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
-                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
-                        SelfAttention, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
+                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
 
@@ -142,6 +142,17 @@ class MaskedGroupedQueryAttention(GroupedQueryAttention):
         tokens = [t.flatten(2).transpose(1, 2) for t in (qx, kx, vx)]
         out = self.attend(*tokens, k.visible().flatten(1))
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+
+
+class MaskedPackedQkvAttention(PackedQkvAttention):
+    """CPUBone's packed heads over every token of the map, the hidden ones left out as keys; hidden
+    queries get values, masked later."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        x = inp.clean().x
+        b, _, h, w = x.shape
+        out = self.attend_packed(x.flatten(2).transpose(1, 2), inp.visible().flatten(1))
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
 
 
 class MaskedMaskUnitAttention(MaskUnitAttention):

@@ -29,22 +29,22 @@ from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
 from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, CrossCovarianceAttention, GridAttention,
-                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
-                        SELF_ATTENTION, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
+                        RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
-                     ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
-                     SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
-                     upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
+                     Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
+                     unsupported, upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
                                MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
-                               MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
-                               MaskedWindowAttention, visible_means)
+                               MaskedPackedQkvAttention, MaskedRelativeLogitsAttention, MaskedSelfAttention,
+                               MaskedSeparableGridAttention, MaskedWindowAttention, visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
@@ -373,7 +373,7 @@ class MaskedVisibleAvgPool(MaskedPaddedAvgPool):
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
-POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS
+POINTWISE = (nn.ReLU, DropPath) + ACTIVATIONS + DROPOUTS
 
 
 def _masked_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> MaskedLayerNorm:
@@ -462,6 +462,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedFourierPositions(module, path)
     if type(module) in SELF_ATTENTION:
         return MaskedSelfAttention(module, path)
+    if type(module) is PackedQkvAttention:
+        return MaskedPackedQkvAttention(module.num_heads, module.key_dim)
     if type(module) is GroupedQueryAttention:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)

@@ -19,8 +19,8 @@ from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import ImageScale, image_of_rows, same_sites, with_features
 from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
-                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
-                        SelfAttention, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
+                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
 from .lambdas import LambdaMixing
 
 
@@ -199,6 +199,14 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         keys, _, present = image_tokens(k)
         values, _, _ = image_tokens(v)
         return from_slots(q, self.attend(queries, keys, values, present), slots)
+
+
+class SparsePackedQkvAttention(PackedQkvAttention):
+    """Each image's visible rows attend to its visible rows (CPUBone's heads, packed)."""
+
+    def forward(self, qkv: ME.SparseTensor) -> ME.SparseTensor:
+        tokens, slots, present = image_tokens(qkv)
+        return from_slots(qkv, self.attend_packed(tokens, present), slots)
 
 
 class SparseMaskUnitAttention(MaskUnitAttention, SparseGroupedQueryAttention):

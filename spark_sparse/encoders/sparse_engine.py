@@ -41,22 +41,22 @@ from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, CrossCovarianceAttention, GridAttention,
-                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, RelativeLogitsAttention,
-                        SELF_ATTENTION, SeparableGridAttention, WindowAttention)
+                        GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
+                        RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
-from .family import (ACTIVATIONS, CONVOLUTIONS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING, ChannelConcat,
-                     ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale, Product, RadixSum,
-                     SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry, unsupported,
-                     upsample_scale)
+from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
+                     Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, check_max_pool,
+                     check_norm_act, pool_geometry, unsupported, upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
                                SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
-                               SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
-                               SparseWindowAttention, on_canvas_sites, visible_means)
+                               SparsePackedQkvAttention, SparseRelativeLogitsAttention, SparseSelfAttention,
+                               SparseSeparableGridAttention, SparseWindowAttention, on_canvas_sites, visible_means)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -103,6 +103,9 @@ def _top_left_padding(conv: nn.Conv2d) -> tuple[int, int]:
     right, where absent sites read zero as the padding does)."""
     if isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False):
         return tuple(max(k - s, 0) // 2 for k, s in zip(conv.kernel_size, conv.stride))
+    if isinstance(conv, ZeroPaddedConv2d):
+        left, _, top, _ = conv.pad
+        return top, left
     return conv.padding
 
 
@@ -121,6 +124,11 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     if kh != kw or sh != sw or ph != pw or conv.padding_mode != "zeros":
         raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
                                       f"{conv.padding}, dilation {conv.dilation}: not square and plain")
+    # an explicit zero pad at stride 1 that keeps every site (CPUBone's 2x2 one above and left)
+    padded = isinstance(conv, ZeroPaddedConv2d)
+    if padded and not (sh == 1 and conv.pad[0] + conv.pad[1] == kh - 1 and conv.pad[2:] == conv.pad[:2]):
+        raise unsupported(conv, path, f"zero pad {conv.pad} before a {kh}x{kh} convolution at stride {sh}: "
+                                      "only stride 1 with the same padding both ways, keeping the map's size")
     centred = kh % 2 == 1 and ph == kh // 2
     # TensorFlow's 'same' at stride 2: the window starts one site later (patch_sites.tile_geometry)
     shifted = kh % 2 == 1 and sh == 2 and ph == kh // 2 - 1
@@ -128,7 +136,10 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
     # stride s, a padding of (k - s) / 2 each side keeps one window per s sites (the 6x6 stride-2
     # "focus" stem of YOLOv5 and cs3darknet_focus_*: output i reads 2i - 2 .. 2i + 3)
     same = isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False)
-    even = kh % 2 == 0 and ((same and sh == 1) or (1 < sh < kh and 2 * ph == kh - sh))
+    even = kh % 2 == 0 and (((same or padded) and sh == 1) or (1 < sh < kh and 2 * ph == kh - sh))
+    # non-overlapping windows inside one visible block, one group per channel or more (CPUBone's
+    # depthwise 2x2 at stride 2 before its attention)
+    patchify = kh == sh > 1 and ph == 0
     # an odd kernel at a stride above 2 whose padding still makes one window per s sites (the map's
     # side / s outputs): MetaFormer's 7x7 stride-4 stem, padding 2, output i reading 4i - 2 .. 4i + 4
     fitted = (kh % 2 == 1 and not centred and sh > 2 and sh & (sh - 1) == 0 and type(conv) is nn.Conv2d
@@ -158,12 +169,12 @@ def _sparse_conv(conv: nn.Conv2d, path: str, impl: str) -> nn.Module:
         depthwise = DepthwiseConvolution(conv.out_channels, kh, bias, stride=sh, padding=padding)
         return _copy_weights(conv, depthwise)
     if conv.groups != 1:  # an even one: EfficientNet-X's depthwise 2x2 after a space-to-depth convolution
-        if impl == "minkowski" or not (centred or shifted or even):
+        if impl == "minkowski" or not (centred or shifted or even or patchify):
             raise unsupported(conv, path, f"grouped convolution ({conv.groups} groups) with conv='{impl}', "
                                           f"kernel {kh}, padding {ph}")
         grouped = GroupedConvolution(conv.in_channels, conv.out_channels, kh, sh, conv.groups, bias, padding)
         return _copy_weights(conv, grouped)
-    if kh == sh > 1 and ph == 0:  # non-overlapping windows inside one visible block
+    if patchify:
         if impl == "minkowski":
             raise unsupported(conv, path, "conv='minkowski' has no patchify convolution; use 'patch'")
         return _copy_weights(conv, PatchifyConvolution(conv.in_channels, conv.out_channels, kh, bias))
@@ -465,7 +476,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return _copy_weights(module, linear)
     if kind is nn.ReLU:
         return ME.MinkowskiReLU()
-    if kind in ACTIVATIONS or kind in ZERO_MOVING:
+    if kind in ACTIVATIONS or kind in ZERO_MOVING or kind in DROPOUTS:
         return SparseActivation(copy.deepcopy(module))
     if kind is GlobalResponseNorm:
         return _copy_weights(module, SparseGlobalResponseNorm(module.weight.shape[0], module.eps))
@@ -498,6 +509,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseFourierPositions(module, path)
     if kind in SELF_ATTENTION:
         return SparseSelfAttention(module, path)
+    if kind is PackedQkvAttention:
+        return SparsePackedQkvAttention(module.num_heads, module.key_dim)
     if kind is GroupedQueryAttention:
         return SparseGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)
