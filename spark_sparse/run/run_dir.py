@@ -16,16 +16,26 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, load_checkpoint, partial_saves
 from .checks import ConfigError, Refused, adopt_former_defaults, check_resumable, get
+
+
+class RunRules(Protocol):
+    """What an app's runs tell their run directory (every training app, ``trainer.App``, has it)."""
+
+    module: str  # its command line, ``python -m <module>``: the line that resumes a stopped run; checkpoints name it
+    fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
+    changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
+    former_defaults: Mapping[str, Any]  # keys added since older runs began: the value those behave by
+    outputs: tuple[str, ...]  # files it writes atomically into the run directory besides checkpoints
 
 
 @dataclass(frozen=True)
@@ -176,13 +186,11 @@ def repair_metrics(path: Path, last_step: int) -> str | None:
     return f"{path}: dropped {', '.join(dropped)}; kept {len(by_step)} record(s)"
 
 
-def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_resume: Iterable[str],
-                 changeable_on_resume: Iterable[str] = (), outputs: Iterable[str] = (),
-                 former_defaults: Mapping[str, Any] | None = None, module: str = "") -> dict | None:
+def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, rules: RunRules) -> dict | None:
     """Judge the run directory under its lock and return the checkpoint to resume from (None
     for a fresh run). A refusal writes nothing; an accepted run gets its config record, and the
-    leftovers of a killed predecessor (partial saves of the checkpoint and of ``outputs``, a torn
-    or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``; keys
+    leftovers of a killed predecessor (partial saves of the checkpoint and of the app's ``outputs``, a
+    torn or repeated metrics log) are mended. A resumed run may not change ``fixed_on_resume``; keys
     its checkpoint predates take their ``former_defaults`` (``adopt_former_defaults``), or else this
     command's values, uncompared; a note names each. A checkpoint another app (``module``) wrote
     is refused (one written before checkpoints named their app is judged by its keys alone)."""
@@ -208,17 +216,18 @@ def open_run_dir(cfg: DictConfig, files: RunFiles, lock: RunDirLock, fixed_on_re
             except CheckpointError as err:
                 raise Refused(f"cannot resume: {err}; start a new run directory") from None
             written_by = ckpt.get("app")
-            if module and written_by not in (None, module):
+            if written_by not in (None, rules.module):
                 raise Refused(f"cannot resume: {ckpt_path} is a checkpoint of python -m {written_by}, not of "
-                              f"python -m {module}; choose another hydra.run.dir")
-            adopted = adopt_former_defaults(ckpt["config"], cfg, former_defaults or {})
-            unchecked = check_resumable(ckpt["config"], cfg, tuple(fixed_on_resume), tuple(changeable_on_resume))
+                              f"python -m {rules.module}; choose another hydra.run.dir")
+            adopted = adopt_former_defaults(ckpt["config"], cfg, rules.former_defaults)
+            unchecked = check_resumable(ckpt["config"], cfg, tuple(rules.fixed_on_resume),
+                                        tuple(rules.changeable_on_resume))
     except BaseException:
         lock.release()
         raise
     lock.claim()
     write_record(files, cfg)
-    for leftover in [p for path in [ckpt_path, *(run_dir / o for o in outputs)] for p in partial_saves(path)]:
+    for leftover in [p for path in [ckpt_path, *(run_dir / o for o in rules.outputs)] for p in partial_saves(path)]:
         leftover.unlink()
         print(f"note: removed {leftover}, left by a run killed while saving")
     note = repair_metrics(files.metrics, ckpt["step"] if ckpt else 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from .failures import RunFailed, TrainingDiverged, is_disk_full, is_out_of_memor
 from .logger import NullLogger, RunLogger
 from .recipe import register_resolver
 from .rng import restore_rng, rng_state, seed_everything
-from .run_dir import RunDirLock, RunFiles, open_run_dir
+from .run_dir import RunDirLock, RunFiles, RunRules, open_run_dir
 from .runtime import configure_cpu, configure_cuda
 from .signals import StopSignals, Stopped
 
@@ -44,14 +44,9 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> Any: ...
 
 
-class App(Protocol):
-    """What a training app gives the skeleton."""
+class App(RunRules, Protocol):
+    """What a training app gives the skeleton: its rules for its run directory (``RunRules``), and:"""
 
-    module: str  # its command line, ``python -m <module>``: the line that resumes a stopped run; checkpoints name it
-    fixed_on_resume: tuple[str, ...]  # config keys a resumed run may not change (the experiment) ...
-    changeable_on_resume: tuple[str, ...]  # ... except these, when named in resume_changes
-    former_defaults: Mapping[str, Any]  # keys added since older runs began: the value those behave by
-    outputs: tuple[str, ...]  # files it writes atomically into the run directory besides checkpoints
     memory_savers: str  # what its out-of-memory line says needs less (failures.LESS_MEMORY and its own)
 
     def check(self, cfg: DictConfig, world_size: int) -> None:
@@ -81,9 +76,7 @@ def launch(cfg: DictConfig, run_dir: Path, app: App) -> dict:
     run: Run | None = None
     with StopSignals() as stops:
         try:
-            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app.fixed_on_resume,
-                                                                app.changeable_on_resume, app.outputs,
-                                                                app.former_defaults, app.module))
+            ckpt = distributed.run_on_main(lambda: open_run_dir(cfg, files, lock, app))
             if cfg.resume and not ctx.is_main:
                 ckpt = load_checkpoint(files.checkpoint)  # a shared run directory
                 adopt_former_defaults(ckpt["config"], cfg, app.former_defaults)
