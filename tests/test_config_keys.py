@@ -69,7 +69,18 @@ def test_fine_tuning_refuses_keys_that_would_fail_or_train_nonsense(override, me
 
 @pytest.mark.parametrize("name,overrides,error", [
     ("pretrain", ["mask_ratio=0.75", "data=imagefolder", "data.root=/data", "+experiment=paper"], None),
-    ("pretrain", ["hydra.run.dir=/tmp/run", "hydra/launcher=basic", "~logger"], None),
+    ("pretrain", ["hydra.run.dir=/tmp/run", "hydra/launcher=basic"], None),
+    # hydra deletes what it is told to, but every run reads every key of its config (tracebacks, before)
+    ("pretrain", ["~logger"], "~logger removes the logger group, which every run reads; choose one of its options "
+                              "(none, wandb)"),
+    ("finetune", ["~mode"], "~mode removes the mode group, which every run reads; choose one of its options "
+                            "(finetune, linear)"),
+    ("pretrain", ["~mask_ratio"], "~mask_ratio removes mask_ratio, which every run reads; set it instead "
+                                  "(mask_ratio=...)"),
+    ("pretrain", ["~optim.weight_decay"], "~optim.weight_decay removes optim.weight_decay, which every run reads; set "
+                                          "it instead (optim.weight_decay=...)"),
+    ("pretrain", ["-m", "mask_ratio=0.4,0.6", "~data"], "~data removes the data group, which every run reads"),
+    ("pretrain", ["~mask_ratoi"], "Could not delete from config. 'mask_ratoi' does not exist."),  # hydra's words
     ("pretrain", ["--cfg", "job", "mask_ratoi=1"], None),  # hydra's flags: hydra's own handling
     ("pretrain", ["-m", "mask_ratio=0.4,0.6", "optim=lamb,adamw"], None),
     ("pretrain", ["-m", "optim=lamb,sgd"], "optim=sgd is not one of optim's options (adamw, lamb)"),  # every job

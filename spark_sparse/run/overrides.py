@@ -158,11 +158,29 @@ def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str |
     return None
 
 
+def _deletion(config_dir: str, config_name: str, args: list[str]) -> str | None:
+    """A deletion (``~key``, ``~group``) of what the app's config holds, said as such: hydra composes
+    it, but every run reads every key of its config (each has a default: null where it may be none)."""
+    parser = OverridesParser.create()
+    for arg in args:
+        override = parser.parse_override(arg)
+        key = override.key_or_group
+        if not override.is_delete() or re.split(r"[./]", key)[0] == "hydra":
+            continue
+        folder = os.path.join(config_dir, key)
+        if not os.path.isdir(folder):
+            return f"{arg} removes {key}, which every run reads; set it instead ({key}=...)"
+        options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+        own = _own_options(config_dir, config_name, key, options)
+        return f"{arg} removes the {key} group, which every run reads; choose one of its options ({', '.join(own)})"
+    return None
+
+
 def _compose_error(config_dir: str, config_name: str, args: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             compose(config_name, overrides=args, return_hydra_config=True)
-            return None
+        return _deletion(config_dir, config_name, args)
     except OverrideParseException:
         return _unreadable(args)
     except (HydraException, ValueError, OmegaConfBaseException) as err:
