@@ -84,6 +84,9 @@ class BenchConfigError(ValueError):
 
 
 def validate(cfg: DictConfig) -> None:
+    for key in ("models", "mask_ratios", "passes"):  # what every table row is made of
+        if not OmegaConf.is_list(cfg[key]) or not len(cfg[key]):
+            raise BenchConfigError(f"{key} must be a list of at least one ({key}=[...]), got {cfg[key]}")
     for name in cfg.models:
         if not timm.is_model(name):
             raise BenchConfigError(f"unknown timm model '{name}'")

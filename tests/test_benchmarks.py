@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -194,6 +195,20 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
         validate(cfg)
     cfg.tf32, cfg.idle_steps = True, 0
     with pytest.raises(BenchConfigError, match="repeats and idle_steps must be >= 1"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("models", []), ("mask_ratios", []), ("passes", []), ("mask_ratios", 0.6),
+                                        ("models", "resnet18")])
+def test_what_the_tables_rows_are_made_of_must_be_lists_of_at_least_one(key, value):
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    cfg[key] = value
+    message = f"{key} must be a list of at least one ({key}=[...]), got {value}"
+    with pytest.raises(BenchConfigError, match=f"^{re.escape(message)}$"):
         validate(cfg)
 
 
