@@ -51,13 +51,11 @@ class MirrorResidualBlock(nn.Module):
         if block.shortcut is not None and type(block.shortcut) is not nn.Identity:
             raise unsupported(block.shortcut, f"{path}.shortcut", "a shortcut other than the identity")
         self.main = convert(block.main, f"{path}.main")
-        self.shortcut = None if block.shortcut is None else nn.Identity()
+        self.has_shortcut = block.shortcut is not None
         self.drop_path = convert.leaf(block.drop_path, f"{path}.drop_path")
 
     def forward(self, x):
-        if self.shortcut is None:
-            return self.main(x)
-        return self.drop_path(self.main(x)) + x
+        return self.drop_path(self.main(x)) + x if self.has_shortcut else self.main(x)
 
 
 class MirrorConvAttention(nn.Module):

@@ -135,6 +135,11 @@ def _own_options(config_dir: str, config_name: str, group: str, options: list[st
     return [o for o, cfg in zip(options, added) if cfg is not None and keys(cfg) <= keys(base)]
 
 
+def _folder_options(folder: str) -> list[str]:
+    """A config group folder's options: its yaml files' names."""
+    return sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
 def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str | None:
     """An override choosing another app's option of a shared config group, said as such."""
     for arg in args:
@@ -142,7 +147,7 @@ def _foreign_choice(config_dir: str, config_name: str, args: list[str]) -> str |
         folder = os.path.join(config_dir, group)
         if not group or not os.path.isdir(folder):
             continue
-        options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+        options = _folder_options(folder)
         own = _own_options(config_dir, config_name, group, options)
         if option in own:
             other = f"{group}={option}" if arg.startswith("+") else f"+{group}={option}"
@@ -170,7 +175,7 @@ def _deletion(config_dir: str, config_name: str, args: list[str]) -> str | None:
         folder = os.path.join(config_dir, key)
         if not os.path.isdir(folder):
             return f"{arg} removes {key}, which every run reads; set it instead ({key}=...)"
-        options = sorted(f.removesuffix(".yaml") for f in os.listdir(folder) if f.endswith(".yaml"))
+        options = _folder_options(folder)
         own = _own_options(config_dir, config_name, key, options)
         return f"{arg} removes the {key} group, which every run reads; choose one of its options ({', '.join(own)})"
     return None
