@@ -744,6 +744,8 @@ VARIANTS.update({
         "cpubone_nano", {**CPUBONE, "fused_conv": False, "fused_downsample": False, "local_mbconv_norm": "all"}),
     "CPUBone with ungrouped expansions: plain 3x3s and 2x2s (padded above-left)": (
         "cpubone_nano", {**CPUBONE, "expand_groups": 1}),
+    "CPUBone upsampling its attention by learned transposed convolutions (4x4 at stride 2, 3x3)": (
+        "cpubone_nano", {**CPUBONE, "attn_upsample": "transpose"}),
 })
 
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)

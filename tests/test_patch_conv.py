@@ -28,6 +28,7 @@ from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, stand
 from spark_sparse.sparse.patch_sites import tile_geometry
 from spark_sparse.sparse.pointwise import GroupedPointwise, PointwiseNorm
 from spark_sparse.sparse.sparsify import sparsify, to_dense
+from spark_sparse.sparse.transposed_conv import TransposedConvolution
 from spark_sparse.sparse.upsample import PatchUpsample
 
 
@@ -567,6 +568,38 @@ def test_nearest_upsampling_copies_each_coarse_site_within_its_patch(block, scal
     sparse = nn.Sequential(*[PatchPooling("avg", 2, 2) for _ in range(pools)], PatchUpsample(scale))
     dense = nn.Sequential(*[nn.AvgPool2d(2) for _ in range(pools)], nn.Upsample(scale_factor=scale, mode="nearest"))
     assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
+
+
+@pytest.mark.parametrize("block", [1, 2, 8], ids=["1x1 blocks", "2x2 blocks", "8x8 blocks"])
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (3, 1, 1), (8, 4, 2), (2, 2, 0)])
+@pytest.mark.parametrize("groups", [1, 4], ids=["one group", "depthwise"])
+def test_transposed_convolution_equals_torchs_on_the_masked_map(block, kernel, stride, padding, groups):
+    """LowFormer's learned upsampling (4x4 at stride 2, padding 1; 3x3 at stride 1) and others that make
+    stride x stride fine sites of each coarse one (a coarse map made here by 2x2 average poolings): each
+    coarse row's windows reach into the neighbouring patches, where only visible sites take their share;
+    the same weight and bias gradients as torch's."""
+    g = torch.Generator().manual_seed(10)
+    side = block * stride
+    images = torch.randn(3, 4, 3 * side, 4 * side, generator=g, dtype=torch.float64)
+    active = random_active(3, (3, 4), 0.5, g)
+    dense_up = nn.ConvTranspose2d(4, 4, kernel, stride, padding, groups=groups).double()
+    sparse_up = TransposedConvolution(4, 4, kernel, stride, padding, groups).double()
+    sparse_up.load_state_dict(dense_up.state_dict())
+    pools = stride.bit_length() - 1
+    sparse = nn.Sequential(*[PatchPooling("avg", 2, 2) for _ in range(pools)], sparse_up)
+    dense = nn.Sequential(*[nn.AvgPool2d(2) for _ in range(pools)], dense_up)
+    assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(sparse_up, name).grad, getattr(dense_up, name).grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_transposed_convolution_that_leaves_the_grid_or_mixes_groups_is_refused():
+    with pytest.raises(ValueError, match="a transposed 3x3 convolution at stride 2 with padding 1 does not make "
+                                         "stride x stride sites of each one"):
+        TransposedConvolution(4, 4, 3, 2, 1)
+    with pytest.raises(ValueError, match=r"a transposed convolution of 2 groups \(4 -> 4 channels\): only one "
+                                         "group or depthwise"):
+        TransposedConvolution(4, 4, 4, 2, 1, groups=2)
 
 
 def test_upsampling_past_the_pixels_is_refused():

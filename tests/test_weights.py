@@ -93,6 +93,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["hiera_tiny_224", "hiera_small_
 ALL_DEPTHS.update({name: (name, {}) for name in ["cpubone_t0", "cpubone_b3"]})
 ALL_DEPTHS["CPUBone unfused"] = ("cpubone_nano", {"fused_conv": False, "fused_downsample": False})
 ALL_DEPTHS["CPUBone with ungrouped expansions (plain 2x2s)"] = ("cpubone_nano", {"expand_groups": 1})
+ALL_DEPTHS["CPUBone upsampling by transposed convolutions"] = ("cpubone_nano", {"attn_upsample": "transpose"})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
@@ -219,17 +220,25 @@ def test_a_hiera_whose_mask_unit_is_not_the_masks_patch_or_that_drops_patches_is
         engine_class(engine).from_timm(timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, **kwargs))
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kwargs,geometry", [
+    ({"output_padding": 1}, r"kernel \(4, 4\), stride \(2, 2\), padding \(1, 1\), output padding \(1, 1\), "
+                            r"dilation \(1, 1\), 1 groups"),
+    ({"kernel_size": 3}, r"kernel \(3, 3\), stride \(2, 2\), padding \(1, 1\), output padding \(0, 0\), "
+                         r"dilation \(1, 1\), 1 groups"),
+], ids=["an output padding", "a kernel that does not make stride x stride sites of each"])
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_a_cpubone_whose_attention_upsamples_by_transposed_convolution_is_refused(engine, fused):
-    """timm's CPUBone class upsamples its attention's tokens by a learned transposed convolution unless
-    told otherwise (every released model: nearest); its windows overlap the neighbouring patches."""
-    model = timm.create_model("cpubone_nano", pretrained=False, num_classes=0, attn_upsample="transpose",
-                              fused_conv=fused)
-    path = r"stages\.2\.1\.total\.0\.0\.main\.1"
-    with pytest.raises(ConversionError, match=rf"^cannot convert ConvAttention at '{path}': transposed-convolution "
-                                              rf"upsampling at '{path}\.upsampling' reaches across the patches' "
-                                              r"borders; use attn_upsample='nearest'$"):
+def test_a_transposed_convolution_off_the_masks_grid_is_refused(engine, kwargs, geometry):
+    """CPUBone's transposed convolutions (on request) make each coarse site stride x stride fine ones;
+    one that makes more or fewer would move sites off the patches' grid."""
+    model = timm.create_model("cpubone_nano", pretrained=False, num_classes=0, attn_upsample="transpose")
+    attention = model.stages[2][1].total[0][0].main[1]
+    old = attention.upsampling
+    attention.upsampling = torch.nn.ConvTranspose2d(old.in_channels, old.out_channels, **{
+        "kernel_size": 4, "stride": 2, "padding": 1, **kwargs})
+    path = r"stages\.2\.1\.total\.0\.0\.main\.1\.upsampling"
+    with pytest.raises(ConversionError, match=rf"^cannot convert ConvTranspose2d at '{path}': {geometry} \(only "
+                                              r"square kernels of 2 \* padding \+ stride, one group or depthwise, "
+                                              r"keep the mask's grid\)$"):
         engine_class(engine).from_timm(model)
 
 

@@ -9,7 +9,8 @@ norm and a 1x1 MLP, the local conv block, each plus its input. The attention mak
 key and value with a depthwise 2x2 (stride 2 at stride 16: one token per 32-pixel patch; stride 1 at
 stride 32) and a 1x1, lets each visible token attend to its image's visible tokens
 (``attention.PackedQkvAttention``), projects and, at stride 16, repeats each token over its patch's
-2x2 sites (nearest upsampling). The 2x2 kernels at stride 1 read the site and those above and left
+2x2 sites (nearest upsampling; timm's learned one, which no released model has, is a transposed
+convolution: ``sparse.transposed_conv``). The 2x2 kernels at stride 1 read the site and those above and left
 of it (timm's zero pad before them: one ``ZeroPaddedConv2d`` leaf). The MLP's dropout (0.1 by
 default) runs on the visible rows. timm's classifier head (1x1 conv, pooling, linears) is kept,
 frozen.
@@ -59,16 +60,12 @@ class MirrorResidualBlock(nn.Module):
 
 
 class MirrorConvAttention(nn.Module):
-    """q, k and v of each head from a depthwise 2x2 conv-norm and a 1x1, attention of each visible
-    token over its image's visible tokens, the output projection, [nearest upsampling to the input's
-    sites]. timm's learned transposed-convolution upsampling (no released model has it) is refused."""
+    """q, k and v of each head from a depthwise conv-norm and a 1x1, attention of each visible token
+    over its image's visible tokens, the output projection, [upsampling to the input's sites: nearest,
+    or learned, a transposed convolution that may fold the projection in]."""
 
     def __init__(self, module: ConvAttention, convert: Converter, path: str):
         super().__init__()
-        transposed = [name for name, sub in module.named_modules() if isinstance(sub, nn.ConvTranspose2d)]
-        if transposed:
-            raise unsupported(module, path, f"transposed-convolution upsampling at '{path}.{transposed[0]}' "
-                                            "reaches across the patches' borders; use attn_upsample='nearest'")
         self.conv_proj = convert(module.conv_proj, f"{path}.conv_proj")
         self.pwise = convert.leaf(module.pwise, f"{path}.pwise")
         # parameter-free, a name timm's module lacks

@@ -481,6 +481,22 @@ def upsample_scale(upsample: nn.Upsample, path: str) -> int:
                                       "(only nearest by a power of two keeps the mask's grid)")
 
 
+def transposed_geometry(conv: nn.ConvTranspose2d, path: str) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a transposed convolution whose output is its input's sites times
+    its stride (``kernel - 2 * padding == stride``: LowFormer's 4x4 at stride 2, padding 1, and 3x3
+    at stride 1, padding 1), square, one group or depthwise; anything else is refused. Its windows
+    reach into the neighbouring patches, where hidden sites give and take nothing."""
+    (k, kw), (s, sw), (p, pw) = conv.kernel_size, conv.stride, conv.padding
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
+    if ((k, s, p) == (kw, sw, pw) and k - 2 * p == s and conv.output_padding == (0, 0) and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and (conv.groups == 1 or depthwise)):
+        return k, s, p
+    raise unsupported(conv, path, f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}, "
+                                  f"output padding {conv.output_padding}, dilation {conv.dilation}, {conv.groups} "
+                                  "groups (only square kernels of 2 * padding + stride, one group or depthwise, "
+                                  "keep the mask's grid)")
+
+
 def no_check(model: nn.Module) -> None:
     """Families without refusals beyond those of their leaves and blocks."""
 

@@ -37,7 +37,7 @@ from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     unsupported, upsample_scale)
+                     transposed_geometry, unsupported, upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
@@ -501,6 +501,9 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedApply(module) if p == 0 else MaskedPaddedAvgPool(module)
     if type(module) is nn.Upsample:
         upsample_scale(module, path)  # the same refusals as the sparse engine's
+        return MaskedApply(copy.deepcopy(module))
+    if type(module) is nn.ConvTranspose2d:
+        transposed_geometry(module, path)
         return MaskedApply(copy.deepcopy(module))
     if type(module) is ChannelSplit:
         return MaskedChannelSplit(module.first)

@@ -39,6 +39,7 @@ from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResp
                               image_of_rows, same_sites, with_features)
 from ..sparse.space_to_depth import PatchSpaceToDepth
 from ..sparse.sparsify import SparseLayout, copy_layout_, plan_layout, sparsify, to_dense
+from ..sparse.transposed_conv import TransposedConvolution
 from ..sparse.upsample import PatchUpsample
 from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, CrossCovarianceAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
@@ -49,7 +50,7 @@ from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, check_max_pool,
-                     check_norm_act, pool_geometry, unsupported, upsample_scale)
+                     check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .lambdas import LambdaMixing, PositionLambdas
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
@@ -437,7 +438,8 @@ def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Spar
 
 # leaves that rearrange the rows of whole patches: not MinkowskiEngine's own maps
 PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth",
-                   ColumnsFirstSpaceToDepth: "space to depth", nn.Upsample: "upsampling"}
+                   ColumnsFirstSpaceToDepth: "space to depth", nn.Upsample: "upsampling",
+                   nn.ConvTranspose2d: "transposed convolution"}
 
 
 class SparseRmsNorm(SiteRmsNorm):
@@ -545,6 +547,10 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return PatchSpaceToDepth(module.block_size, columns_first=True)
     if kind is nn.Upsample:
         return PatchUpsample(upsample_scale(module, path))
+    if kind is nn.ConvTranspose2d:
+        k, s, p = transposed_geometry(module, path)
+        return _copy_weights(module, TransposedConvolution(module.in_channels, module.out_channels, k, s, p,
+                                                           module.groups, module.bias is not None))
     if kind is LearnableAffineBlock:
         return _copy_weights(module, SparseScalarAffine())
     if kind is StarReLU:
