@@ -748,6 +748,19 @@ VARIANTS.update({
         "cpubone_nano", {**CPUBONE, "attn_upsample": "transpose"}),
 })
 
+# timm's lowformer module: CPUBone's ancestor, the same blocks; attention from a depthwise 5x5 at stride 2
+# (one token per 32-pixel patch at stride 16) or a 3x3 (stride 32), upsampled by a transposed convolution
+# (4x4 at stride 2, reaching into the neighbouring patches; 3x3 at stride 1) with the projection folded in
+SMALL_LOWFORMER = {"width_list": (8, 16, 24, 32, 64), "depth_list": (1, 1, 1, 1, 2)}
+VARIANTS.update({
+    "LowFormer: fused MBConvs, attention upsampled by transposed convolutions holding its projection": (
+        "lowformer_b0", {}),
+    "LowFormer unfused: MBConvs, the attention's own projection, depthwise transposed convolutions": (
+        "lowformer_b0", {**SMALL_LOWFORMER, "fused_conv": False}),
+    "LowFormer-E3: a stem block, attention without MLPs": ("lowformer_e3", SMALL_LOWFORMER),
+    "LowFormer-E1: local blocks alone after the strided ones": ("lowformer_e1", SMALL_LOWFORMER),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -768,7 +781,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0"}
+              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -818,7 +831,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
-                  "cpubone_t0": CPUBONE}
+                  "cpubone_t0": CPUBONE, "lowformer_b0": {}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

@@ -121,6 +121,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "edgenext_xx_small",  # attention between channels: per-image cosines of 16-bit columns
             "davit_tiny",  # and per-image sums of products of 16-bit columns, within groups of sites too
             "cpubone_t0",  # and over packed heads, per patch at stride 16, after one-group norms
+            "lowformer_b0",  # the same, upsampled by transposed convolutions: sums over windows of 16-bit rows
             "resnetv2_50d_evos",  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
             # a member of the other families but VGG (its 3x3s on the pixels, norms and 2x2 max poolings are
             # CSPDarkNet's and DLA's; none has an operator of its own: concatenations, split convolutions,

@@ -62,6 +62,7 @@ from .test_pretrain import config
     ("mobilevitv2_150", 0.0, "bn", [0.9, 0.95]),
     ("iformer_l2_distilled", 0.0, "bn", [0.9, 0.95]),
     ("cpubone_b2_bfrobust", 0.0, "bn", [0.9, 0.95]),
+    ("lowformer_b15", 0.0, "bn", [0.9, 0.95]),
     ("hgnetv2_b4", 0.0, "bn", [0.9, 0.95]),
     ("starnet_s1", 0.0, "bn", [0.9, 0.95]),
     ("fasternet_t0", 0.0, "bn", [0.9, 0.95]),

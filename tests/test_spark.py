@@ -133,7 +133,8 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "swinv2_tiny_window8_256", "edgenext_xx_small",
                                   "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs",
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-                                  "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0"])
+                                  "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0",
+                                  "lowformer_b0"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient

@@ -141,6 +141,8 @@ CANVAS_DEPENDENT.add("hiera_tiny_224")
 # CPUBone's attention: one token per 32-pixel patch at stride 16 (repeated over its sites), one per site at 32;
 # 2x2 kernels reading the sites above and left (hidden ones and the canvas read zero, as timm's padding does)
 MODELS["cpubone_t0"] = ("cpubone_t0", {"proj_drop_rate": 0.0})
+# LowFormer's transposed convolutions reach into the neighbouring patches (hidden ones and the canvas give nothing)
+MODELS["lowformer_b0"] = ("lowformer_b0", {})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

@@ -94,6 +94,9 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["cpubone_t0", "cpubone_b3"]})
 ALL_DEPTHS["CPUBone unfused"] = ("cpubone_nano", {"fused_conv": False, "fused_downsample": False})
 ALL_DEPTHS["CPUBone with ungrouped expansions (plain 2x2s)"] = ("cpubone_nano", {"expand_groups": 1})
 ALL_DEPTHS["CPUBone upsampling by transposed convolutions"] = ("cpubone_nano", {"attn_upsample": "transpose"})
+# LowFormer: transposed convolutions (upsampling.weight: C_in first), with the projection folded in or beside it
+ALL_DEPTHS.update({name: (name, {}) for name in ["lowformer_b0", "lowformer_b3", "lowformer_e1"]})
+ALL_DEPTHS["LowFormer unfused"] = ("lowformer_b0", {"fused_conv": False})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})
@@ -228,8 +231,8 @@ def test_a_hiera_whose_mask_unit_is_not_the_masks_patch_or_that_drops_patches_is
 ], ids=["an output padding", "a kernel that does not make stride x stride sites of each"])
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_a_transposed_convolution_off_the_masks_grid_is_refused(engine, kwargs, geometry):
-    """CPUBone's transposed convolutions (on request) make each coarse site stride x stride fine ones;
-    one that makes more or fewer would move sites off the patches' grid."""
+    """LowFormer's (and CPUBone's, on request) transposed convolutions make each coarse site stride x
+    stride fine ones; one that makes more or fewer would move sites off the patches' grid."""
     model = timm.create_model("cpubone_nano", pretrained=False, num_classes=0, attn_upsample="transpose")
     attention = model.stages[2][1].total[0][0].main[1]
     old = attention.upsampling

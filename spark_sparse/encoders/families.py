@@ -30,6 +30,7 @@ from .hrnet import HRNET
 from .iformer import IFORMER
 from .inception_next import INCEPTION_NEXT
 from .lcnetv2 import LCNETV2
+from .lowformer import LOWFORMER
 from .mambaout import MAMBAOUT
 from .maxxvit import MAXXVIT
 from .metaformer import METAFORMER
@@ -62,7 +63,8 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 VOVNET, CSPNEXT, SENET, DLA_FAMILY, REPGHOST, XCEPTION, HRNET, FASTVIT, TRESNET,
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
-                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE)
+                                SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
+                                LOWFORMER)
 
 
 def family_of(model: nn.Module) -> Family:
