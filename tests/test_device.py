@@ -131,7 +131,9 @@ AUDITED["lambda_resnet26t"] = {"drop_path_rate": 0.1}
 AUDITED["hiera_tiny_224"] = {"img_size": (128, 160), "drop_path_rate": 0.1}
 AUDITED["cpubone_t0"] = {"drop_path_rate": 0.1}  # and its MLPs' dropout (0.1)
 AUDITED["lowformer_b0"] = {"drop_path_rate": 0.1, "proj_drop_rate": 0.1}
+AUDITED["gcvit_xxtiny"] = {"img_size": 96, "drop_path_rate": 0.1}
 AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32
+AUDIT_SIZES["gcvit_xxtiny"] = (96, 96)  # groups of 3x3 sites across the patches, one global token per patch
 AUDIT_SIZES["test_maxvit"] = (128, 192)  # its groups and grids (of 2x2 sites: built for 64 px) whole at every stride
 
 

@@ -761,6 +761,17 @@ VARIANTS.update({
     "LowFormer-E1: local blocks alone after the strided ones": ("lowformer_e1", SMALL_LOWFORMER),
 })
 
+# timm's gcvit module, built for square test images (its windows are fractions of its input size): at 96 px groups
+# of 3x3 sites straddle the patches at strides 4 and 8, and every other block's queries are the global tokens (one
+# per 32-pixel patch, from MBConvs and max poolings) tiled over the groups; at 64 px groups of 2x2 tile each patch
+VARIANT_SIZES.update({"gcvit_xxtiny": (96, 96), "gcvit_xtiny": (64, 64)})
+VARIANTS.update({
+    "GCViT: groups straddling the patches, global queries one per patch tiled over the groups": (
+        "gcvit_xxtiny", {"img_size": 96}),
+    "GCViT with layer scale (gcvit_base's), groups within the patches": (
+        "gcvit_xtiny", {"img_size": 64, "layer_scale": 1e-5}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -781,7 +792,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
-              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0"}
+              "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
+              "gcvit_xxtiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -831,7 +843,8 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "edgenext_xx_small": {}, "davit_base_fl": SMALL_FLORENCE_DAVIT, "iformer_t": {},
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
-                  "cpubone_t0": CPUBONE, "lowformer_b0": {}}
+                  "cpubone_t0": CPUBONE, "lowformer_b0": {},
+                  "gcvit_xxtiny": {"img_size": 96}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

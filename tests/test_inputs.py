@@ -94,6 +94,7 @@ def test_random_active_keeps_the_papers_count():
     ("lambda_resnet26t", 32, None),  # position lambdas of a convolution
     ("cpubone_t0", 32, None),  # attention over patches at stride 16: a whole number of them, as the mask's
     ("lowformer_b0", 32, None),  # the same, upsampled by transposed convolutions
+    ("gcvit_xxtiny", 224, 224),  # groups and global tokens fractions of its own size
     ("hiera_tiny_224", 224, 224),  # a position embedding of its own map
 ])
 def test_each_family_declares_the_input_sizes_its_models_run_at(model, multiple, largest):

@@ -243,11 +243,13 @@ def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_hiera_off_its_own_input_size_fails_before_any_work(tmp_path):
-    # its position embedding is made for the map of its own size (encoders/hiera.py)
-    with pytest.raises(pretrain.ConfigError, match=r"^model hiera_tiny_224 adds a position embedding made for its own "
-                                                   r"input size: input_size must be 224, got 256$"):
-        pretrain.train(config("model=hiera_tiny_224", "input_size=256"), tmp_path)
+@pytest.mark.parametrize("model,why", [
+    ("hiera_tiny_224", "adds a position embedding made for its own input size"),  # encoders/hiera.py
+    ("gcvit_xxtiny", "has windows made for its own input size"),  # encoders/gcvit.py
+])
+def test_a_model_off_its_own_input_size_fails_before_any_work(tmp_path, model, why):
+    with pytest.raises(pretrain.ConfigError, match=rf"^model {model} {why}: input_size must be 224, got 256$"):
+        pretrain.train(config(f"model={model}", "input_size=256"), tmp_path)
     assert not any(tmp_path.iterdir())
 
 

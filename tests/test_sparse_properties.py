@@ -143,6 +143,10 @@ CANVAS_DEPENDENT.add("hiera_tiny_224")
 MODELS["cpubone_t0"] = ("cpubone_t0", {"proj_drop_rate": 0.0})
 # LowFormer's transposed convolutions reach into the neighbouring patches (hidden ones and the canvas give nothing)
 MODELS["lowformer_b0"] = ("lowformer_b0", {})
+# GCViT's groups and global tokens are fractions of the input size it is made for (timm's too): batch independence
+# alone, at its size
+MODELS["gcvit_xxtiny"] = ("gcvit_xxtiny", {"img_size": 96})
+CANVAS_DEPENDENT.add("gcvit_xxtiny")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
@@ -150,7 +154,8 @@ PLACEMENTS = {name: ((64, 128), (192, 256), (64, 64))
               for name in ["mobilevit_xxs", "mobilevitv2_050", "ghostnetv2_100", "ghostnetv3_050"]}
 PLACEMENTS.update({
               "test_coatnet": ((64, 64), (128, 192), (0, 0)),
-              "test_maxvit": ((64, 128), (128, 256), (0, 0))})  # (no canvas test: the batch test's size)
+              "test_maxvit": ((64, 128), (128, 256), (0, 0)),
+              "gcvit_xxtiny": ((96, 96), (192, 192), (0, 0))})  # (no canvas test: the batch test's size)
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)

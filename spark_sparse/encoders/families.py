@@ -23,6 +23,7 @@ from .fasternet import FASTERNET
 from .fastvit import FASTVIT
 from .family import ConversionError, Family, InputSizes
 from .focalnet import FOCALNET
+from .gcvit import GCVIT
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
 from .hiera import HIERA
@@ -64,7 +65,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER)
+                                LOWFORMER, GCVIT)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -34,6 +34,7 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
+from .gcvit import TiledTokens
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
@@ -270,6 +271,13 @@ class MaskedChannelConcat(ChannelConcat):
     def forward(self, *tensors: MaskedTensor) -> MaskedTensor:
         return MaskedTensor(super().forward(*(t.x for t in tensors)), tensors[0].active,
                             any(t.dirty for t in tensors))
+
+
+class MaskedTiledTokens(TiledTokens):
+    """The tokens' clean map repeated over the finer one (hidden sites get values, masked later)."""
+
+    def forward(self, tokens: MaskedTensor, like: MaskedTensor) -> MaskedTensor:
+        return MaskedTensor(super().forward(tokens.clean().x, like.x), like.active, dirty=True)
 
 
 class MaskedProduct(Product):
@@ -511,6 +519,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedChannelConcat()
     if type(module) is Product:
         return MaskedProduct()
+    if type(module) is TiledTokens:
+        return MaskedTiledTokens(module.window)
     if type(module) is ImageMean:
         return MaskedImageMean()
     if type(module) is GatedImageVector:

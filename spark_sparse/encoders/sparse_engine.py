@@ -33,6 +33,7 @@ from ..sparse.image_norms import SparseEvoNorm, SparseFilterResponseNorm
 from ..sparse.norm_act import batch_norm_act
 from ..sparse.patch_conv import (PatchConvolution, PatchifyConvolution, PatchPooling, ScaledStdPatchConvolution,
                                  StdPatchConvolution)
+from ..sparse.patch_sites import PatchSites
 from ..sparse.pointwise import GroupedPointwise, PointwiseNorm
 from ..sparse.rowwise import (SparseActivation, SparseDropPath, SparseGlobalResponseNorm, SparseLayerNorm,
                               SparseLayerNormAct, SparseLayerScale, SparseLinear, SparseScalarAffine, SparseStarReLU,
@@ -47,6 +48,7 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
+from .gcvit import TiledTokens
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, check_max_pool,
@@ -397,6 +399,17 @@ class SparseChannelConcat(ChannelConcat):
         return with_features(tensors[0], super().forward(*(t.F for t in tensors)))
 
 
+class SparseTiledTokens(TiledTokens):
+    """Each row of the finer map takes its token's row (a zero row where that token is hidden)."""
+
+    def forward(self, tokens: ME.SparseTensor, like: ME.SparseTensor) -> ME.SparseTensor:
+        sites, (coarse, fine) = PatchSites.of(like), (tokens.tensor_stride[0], like.tensor_stride[0])
+        self.check(sites.canvas_shape(coarse)[1:], sites.canvas_shape(fine)[1:])
+        index = sites.tiled_rows(fine, coarse)
+        padded = torch.cat([tokens.F, tokens.F.new_zeros(1, tokens.F.shape[1])])
+        return with_features(like, padded.index_select(0, index))
+
+
 class SparseProduct(Product):
     """Two tensors' rows multiplied elementwise, on the sites they share."""
 
@@ -563,6 +576,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseChannelConcat()
     if kind is Product:
         return SparseProduct()
+    if kind is TiledTokens:
+        return SparseTiledTokens(module.window)
     if kind is ImageMean:
         return SparseImageMean()
     if kind is GatedImageVector:
