@@ -10,9 +10,9 @@ key and value with a depthwise 2x2 (stride 2 at stride 16: one token per 32-pixe
 stride 32) and a 1x1, lets each visible token attend to its image's visible tokens
 (``attention.PackedQkvAttention``), projects and, at stride 16, repeats each token over its patch's
 2x2 sites (nearest upsampling; timm's learned one, which no released model has, is a transposed
-convolution: ``sparse.transposed_conv``). The 2x2 kernels at stride 1 read the site and those above and left
-of it (timm's zero pad before them: one ``ZeroPaddedConv2d`` leaf). The MLP's dropout (0.1 by
-default) runs on the visible rows. timm's classifier head (1x1 conv, pooling, linears) is kept,
+convolution: ``sparse.transposed_conv``). The 2x2 kernels at stride 1 read the site and those above
+and left of it (timm's zero pad before them: one ``ZeroPaddedConv2d`` leaf). The MLP's dropout (0.1
+by default) runs on the visible rows. timm's classifier head (1x1 conv, pooling, linears) is kept,
 frozen.
 """
 

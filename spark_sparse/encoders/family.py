@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import timm
 import torch
 from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm2d,
                          RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
@@ -666,6 +667,15 @@ class InputSizes:
 def any_input_size(name: str) -> InputSizes:
     """A family whose models run at any whole number of patches."""
     return InputSizes()
+
+
+def own_input_size(why: str) -> Callable[[str], InputSizes]:
+    """``Family.input_sizes`` of a family whose models run at their own input size alone (timm runs
+    no other): ``why`` names what is made for it."""
+    def sizes(name: str) -> InputSizes:
+        size = timm.models.get_pretrained_cfg(name).input_size[-1]
+        return InputSizes(size, why, largest=size)
+    return sizes
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ size's fractions, so a model runs at its own input size only, as in timm.
 
 from __future__ import annotations
 
-import timm
 import torch
 from timm.layers import LayerScale, Mlp
 from timm.models.gcvit import (Downsample2d, FeatureBlock, GlobalContextVit, GlobalContextVitBlock,
@@ -24,8 +23,8 @@ from torch import nn
 
 from .attention import WindowAttention
 from .convnext import MirrorMlp
-from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren,
-                     MirrorInOrder, MirrorLayerScale, NamedStages, unsupported)
+from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder,
+                     MirrorLayerScale, NamedStages, own_input_size, unsupported)
 
 
 class TiledTokens(nn.Module):
@@ -146,12 +145,6 @@ class MirrorStage(MirrorChildren):
         return self.norm(x)
 
 
-def input_sizes(name: str) -> InputSizes:
-    """Its own: the windows are fractions of it (timm runs no other)."""
-    size = timm.models.get_pretrained_cfg(name).input_size[-1]
-    return InputSizes(size, "has windows made for its own input size", largest=size)
-
-
 GCVIT = Family(
     name="gcvit",
     timm_class=GlobalContextVit,
@@ -160,5 +153,5 @@ GCVIT = Family(
              WindowAttentionGlobal: MirrorWindowAttentionGlobal, Mlp: MirrorMlp, LayerScale: MirrorLayerScale},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     check=CheckpointingRefused("stages"),
-    input_sizes=input_sizes,
+    input_sizes=own_input_size("has windows made for its own input size"),
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-import timm
 import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp
 from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention as TimmMaskUnitAttention, PatchEmbed, Unroll
@@ -27,8 +26,8 @@ from torch import Tensor, nn
 
 from .attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
-from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family,
-                     InputSizes, Layout, MirrorLayerScale, check_strides, unsupported)
+from .family import (ChannelConcat, ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, Layout,
+                     MirrorLayerScale, check_strides, own_input_size, unsupported)
 from .hrnet import mirror_module_list
 
 # timm's defaults, the only ones whose mask unit is the mask's patch at every stride
@@ -159,12 +158,6 @@ def check(model: Hiera) -> None:
         raise ConversionError("Hiera with separate spatial and temporal position embeddings (video) is not mirrored")
 
 
-def input_sizes(name: str) -> InputSizes:
-    """Its own: the position embedding is made for that map (timm runs no other)."""
-    size = timm.models.get_pretrained_cfg(name).input_size[-1]
-    return InputSizes(size, "adds a position embedding made for its own input size", largest=size)
-
-
 HIERA = Family(
     name="hiera",
     timm_class=Hiera,
@@ -175,6 +168,6 @@ HIERA = Family(
     kept=("head.norm", "head.pre_logits"),
     check=check,
     features=hiera_features,
-    input_sizes=input_sizes,
+    input_sizes=own_input_size("adds a position embedding made for its own input size"),
     parameters=("pos_embed", "pos_embed_win"),
 )

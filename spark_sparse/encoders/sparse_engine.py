@@ -48,11 +48,11 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
 from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
-from .gcvit import TiledTokens
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, check_max_pool,
                      check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
