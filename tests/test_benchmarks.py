@@ -380,6 +380,16 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
     assert rows["train_step"][0] == "n/a" and rows["train_step"][2].endswith(" / 0")
 
 
+def test_queued_ops_shows_timm_as_na_where_timm_runs_no_other_input_size(capsys):
+    """BotNet's encoders run at any size up to its own (256), timm's model at 256 alone."""
+    from benchmarks.queued_ops import main
+
+    main(["--models", "botnet26t_256", "--batch-size", "2", "--input-size", "64", "--decoder-width", "64"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| botnet26t_256 | fwd_bwd |"))
+    timm_cell, masked, sparse = row.strip("| ").split(" | ")[2:5]
+    assert timm_cell == "n/a" and sparse.endswith(" / 0") and masked != "n/a"
+
+
 @pytest.mark.parametrize("module, argv, error", [
     ("conv_paths", ["--model", "resnet_nope"], "--model resnet_nope: unknown timm model 'resnet_nope'"),
     ("conv_paths", ["--model", "bat_resnext26ts"], "--model bat_resnext26ts: cannot convert BatNonLocalAttn"),
@@ -387,7 +397,10 @@ def test_queued_ops_counts_what_each_engine_hands_a_gpu_and_how_often_the_cpu_wa
     ("conv_paths", ["--batch-size", "1"],
      "argument --batch-size: must be a whole number of at least 2 (train-mode batch norm), got 1"),
     ("queued_ops", ["--models", "resnet18", "resnet_nope"], "--models: unknown timm model(s) resnet_nope"),
-    ("queued_ops", ["--models", "pvt_v2_b2_li"], "--models pvt_v2_b2_li: cannot convert"),
+    ("queued_ops", ["--models", "bat_resnext26ts"], "--models bat_resnext26ts: cannot convert"),
+    ("queued_ops", ["--models", "gcvit_xxtiny", "--input-size", "256"],
+     "--models gcvit_xxtiny: model gcvit_xxtiny has windows made for its own input size: input_size must be 224, "
+     "got 256"),
     ("queued_ops", ["--mask-ratio", "1.5"], "argument --mask-ratio: must be in [0, 1), got 1.5"),
     ("queued_ops", ["--decoder-width", "100"], "argument --decoder-width: must be a positive multiple of 32, got 100"),
     ("batch_tables", ["--input-size", "100"], "argument --input-size: must be a positive multiple of 32, got 100"),
