@@ -39,6 +39,14 @@ def upsample_active(active: Tensor, size: tuple[int, int]) -> Tensor:
     return active.repeat_interleave(h // gh, dim=-2).repeat_interleave(w // gw, dim=-1)
 
 
+def check_patch_grid(size: int, grid: tuple[int, int]) -> None:
+    """Refuse an adaptive pooling to ``size`` x ``size`` cells of a ``grid`` of patches other than one
+    cell per patch (its cells would straddle patches, reading part of a hidden one)."""
+    if tuple(grid) != (size, size):
+        raise ValueError(f"adaptive average pooling to {size}x{size} pools one patch per cell on a {size}x{size} "
+                         f"grid of patches only, got {grid[0]}x{grid[1]}: run the model at its own input size")
+
+
 def check_inputs(images: Tensor, active: Tensor, stride: int) -> None:
     """Raise a ValueError that names the problem when images and mask cannot be encoded."""
     if images.dim() != 4:

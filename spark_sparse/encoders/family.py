@@ -482,6 +482,16 @@ def upsample_scale(upsample: nn.Upsample, path: str) -> int:
                                       "(only nearest by a power of two keeps the mask's grid)")
 
 
+def adaptive_pool_size(pool: nn.AdaptiveAvgPool2d, path: str) -> int:
+    """The side of a square adaptive average pooling's output (PVT v2's 7x7 keys), which engines run
+    where it is the image's grid of patches; a missing or non-square size is refused."""
+    size = pool.output_size
+    sides = set(size) if isinstance(size, tuple) else {size}
+    if len(sides) == 1 and isinstance(next(iter(sides)), int):
+        return sides.pop()
+    raise unsupported(pool, path, f"output size {size} (only a square one, the image's grid of patches)")
+
+
 def transposed_geometry(conv: nn.ConvTranspose2d, path: str) -> tuple[int, int, int]:
     """(kernel, stride, padding) of a transposed convolution whose output is its input's sites times
     its stride (``kernel - 2 * padding == stride``: LowFormer's 4x4 at stride 2, padding 1, and 3x3

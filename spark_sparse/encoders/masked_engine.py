@@ -24,7 +24,7 @@ from timm.models.metaformer import StarReLU
 from timm.models.swiftformer import EfficientAdditiveAttention
 from torch import Tensor, nn
 
-from ..mask import upsample_active
+from ..mask import check_patch_grid, upsample_active
 from ..precision import statistics_dtype
 from ..timm_models import copy_parameters
 from ..transfer import to_device
@@ -36,8 +36,8 @@ from .cond_conv import CondConvExperts
 from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
-                     Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, check_max_pool, check_norm_act, pool_geometry,
-                     transposed_geometry, unsupported, upsample_scale)
+                     Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
+                     check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
@@ -300,6 +300,19 @@ class MaskedApply(nn.Module):
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
+class MaskedGridPool(nn.Module):
+    """timm's adaptive average pooling of the masked map, one cell per patch (a hidden patch's cell
+    zero), on a grid of patches of the pooling's size alone (``mask.check_patch_grid``)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        check_patch_grid(self.size, inp.active.shape[-2:])
+        return MaskedTensor(F.adaptive_avg_pool2d(inp.clean().x, self.size), inp.active)
+
+
 class MaskedPaddedAvgPool(MaskedApply):
     """A padded average pooling on a contiguous map: the masked norms hand on channels-last maps,
     and torch's CUDA backward of a padded average pooling over channels-last input leaves out the
@@ -510,6 +523,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) is nn.Upsample:
         upsample_scale(module, path)  # the same refusals as the sparse engine's
         return MaskedApply(copy.deepcopy(module))
+    if type(module) is nn.AdaptiveAvgPool2d:
+        return MaskedGridPool(adaptive_pool_size(module, path))
     if type(module) is nn.ConvTranspose2d:
         transposed_geometry(module, path)
         return MaskedApply(copy.deepcopy(module))

@@ -11,7 +11,8 @@ made from a coarser map, a convolution whose kernel is its stride (``sr_ratio``:
 the mask's 32-pixel patches: a visible patch's key sees visible pixels only, and each visible query
 attends to its image's visible keys (``attention.GroupedQueryAttention``, a key and value head per
 query head), as MAE's encoder would. The linear variant (``pvt_v2_b2_li``) pools the whole map to
-7x7 first, windows that depend on the map's size: refused.
+7x7 cells first (then a 1x1, the layer norm and GELU): at its own input size, 224 px, one cell per
+32-pixel patch, a visible patch's key its sites' mean; it runs at that size alone.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapP
 from torch import nn
 
 from .attention import GroupedQueryAttention
-from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder, NamedStages,
-                     unsupported)
+from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
+                     NamedStages, own_input_size)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -43,13 +44,10 @@ class MirrorAttention(MirrorChildren):
     the tokens where the stage has no reduction), attended per head, projected (PVT v2's
     attention, and Twins' global sub-sampled attention, the same)."""
 
-    children_names = ("q", "kv", "sr", "norm", "proj")
+    children_names = ("q", "kv", "pool", "sr", "norm", "act", "proj")
     dropouts = ("attn_drop", "proj_drop")
 
     def __init__(self, module: nn.Module, convert: Converter, path: str):
-        if getattr(module, "pool", None) is not None:
-            raise unsupported(module.pool, f"{path}.pool", "linear attention's adaptive pooling to 7x7 (windows "
-                                                           "that depend on the map's size)")
         super().__init__(module, convert, path)
         # parameter-free, names timm's module lacks
         self.split = convert.leaf(ChannelSplit(module.dim), f"{path}.split")
@@ -57,7 +55,10 @@ class MirrorAttention(MirrorChildren):
         self.attention = convert.leaf(GroupedQueryAttention(heads, dim, dim, kv_heads=heads), f"{path}.attention")
 
     def forward(self, x):
-        reduced = x if self.sr is None else self.norm(self.sr(x))
+        if self.pool is not None:  # the linear variant's
+            reduced = self.act(self.norm(self.sr(self.pool(x))))
+        else:
+            reduced = x if self.sr is None else self.norm(self.sr(x))
         k, v = self.split(self.kv(reduced))
         return self.proj(self.attention(self.q(x), k, v))
 
@@ -88,6 +89,13 @@ class MirrorStage(nn.Module):
         return self.norm(self.blocks(x))
 
 
+def input_sizes(name: str) -> InputSizes:
+    """Any whole number of patches, but the linear variant's own (its keys' 7x7 cells are patches there)."""
+    if name.endswith("_li"):  # timm's linear variants (pvt_v2_b2_li)
+        return own_input_size("pools its keys to 7x7 cells, one per patch at its own input size")(name)
+    return InputSizes()
+
+
 PVT_V2 = Family(
     name="pvt_v2",
     timm_class=PyramidVisionTransformerV2,
@@ -95,4 +103,5 @@ PVT_V2 = Family(
              Attention: MirrorAttention, MlpWithDepthwiseConv: MirrorMlp},
     layout=NamedStages(("patch_embed",), ("stages.0", "stages.1", "stages.2", "stages.3")),
     check=CheckpointingRefused("stages"),
+    input_sizes=input_sizes,
 )

@@ -27,6 +27,7 @@ from ..sparse.amp import autocast_dtype
 from ..sparse.blur_pool import PatchBlurPool
 from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution, SharedKernelsDepthwise
 from ..sparse.dilated import DilatedConvolution
+from ..sparse.grid_pool import PatchGridPool
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
 from ..sparse.image_norms import SparseEvoNorm, SparseFilterResponseNorm
@@ -50,8 +51,8 @@ from .cond_conv import CondConvExperts
 from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
-                     Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, check_max_pool,
-                     check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+                     Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
+                     check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
@@ -452,7 +453,7 @@ def _sparse_layer_norm(norm: nn.LayerNorm, act: nn.Module | None = None) -> Spar
 # leaves that rearrange the rows of whole patches: not MinkowskiEngine's own maps
 PATCH_ROWS_ONLY = {BlurPool2d: "blur pooling", SpaceToDepth: "space to depth",
                    ColumnsFirstSpaceToDepth: "space to depth", nn.Upsample: "upsampling",
-                   nn.ConvTranspose2d: "transposed convolution"}
+                   nn.ConvTranspose2d: "transposed convolution", nn.AdaptiveAvgPool2d: "adaptive pooling"}
 
 
 class SparseRmsNorm(SiteRmsNorm):
@@ -560,6 +561,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return PatchSpaceToDepth(module.block_size, columns_first=True)
     if kind is nn.Upsample:
         return PatchUpsample(upsample_scale(module, path))
+    if kind is nn.AdaptiveAvgPool2d:
+        return PatchGridPool(adaptive_pool_size(module, path))
     if kind is nn.ConvTranspose2d:
         k, s, p = transposed_geometry(module, path)
         return _copy_weights(module, TransposedConvolution(module.in_channels, module.out_channels, k, s, p,
