@@ -699,7 +699,8 @@ SMALL_MAXXVIT = {"embed_dim": (32, 64, 128, 256), "depths": (1, 2, 1, 1), "stem_
 BOTNET = {"img_size": (64, 96)}
 # PVT v2's linear variant pools its keys to 7x7 cells: one per patch of a 224-px image, the size it runs at
 VARIANT_SIZES["pvt_v2_b2_li"] = (224, 224)
-VARIANTS["PVT v2 linear: keys the mean of each visible patch (7x7 cells at 224 px), a ReLU in the MLP"] = (
+PVT_V2_LINEAR = "PVT v2 linear: keys the mean of each visible patch (7x7 cells at 224 px), a ReLU in the MLP"
+VARIANTS[PVT_V2_LINEAR] = (
     "pvt_v2_b2_li", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 3, 4)})
 VARIANTS.update({"BotNet: attention over visible sites with relative-offset logits, pooled where it strides": (
                      "botnet26t_256", BOTNET),
@@ -885,7 +886,7 @@ def test_botnets_attention_with_its_position_logits_scaled_too_equals_dense_mask
 def test_pvt_v2_linear_off_its_own_input_size_is_refused_in_one_line(timm_models, engine):
     """Its keys' 7x7 cells are patches on a 7x7 grid of them alone; elsewhere a cell would straddle
     patches (timm pools any map; pretraining refuses another size before any work)."""
-    name, kwargs = VARIANTS["PVT v2 linear: keys the mean of each visible patch (7x7 cells at 224 px), a ReLU in the MLP"]
+    name, kwargs = VARIANTS[PVT_V2_LINEAR]
     encoder = engine.from_timm(copy.deepcopy(timm_models(name, **kwargs)))
     images, active = make_batch((192, 224), "ratio0.6", 2)
     with pytest.raises(ValueError, match=r"^adaptive average pooling to 7x7 pools one patch per cell on a 7x7 grid "
