@@ -492,6 +492,14 @@ def adaptive_pool_size(pool: nn.AdaptiveAvgPool2d, path: str) -> int:
     raise unsupported(pool, path, f"output size {size} (only a square one, the image's grid of patches)")
 
 
+def square(size: tuple[int, int], module: nn.Module, path: str) -> int:
+    """The side of a square group of sites (an attention's window or grid); another shape is refused."""
+    side, side_w = size
+    if side != side_w:
+        raise unsupported(module, path, f"groups of {tuple(size)} sites (not square)")
+    return side
+
+
 def transposed_geometry(conv: nn.ConvTranspose2d, path: str) -> tuple[int, int, int]:
     """(kernel, stride, padding) of a transposed convolution whose output is its input's sites times
     its stride (``kernel - 2 * padding == stride``: LowFormer's 4x4 at stride 2, padding 1, and 3x3

@@ -35,7 +35,7 @@ from torch import nn
 from .attention import GridAttention, WindowAttention
 from .convnext import MirrorMlp
 from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
-                     MirrorLayerScale, NamedStages, unsupported)
+                     MirrorLayerScale, NamedStages, square, unsupported)
 from .mobilevit import MirrorConvMlp
 
 PARTITIONED = (PartitionAttentionCl, PartitionAttention2d, ParallelPartitionAttention)
@@ -73,13 +73,6 @@ class MirrorAttention(MirrorChildren):
             bias = self.rel_pos.get_bias()
             bias = bias.view(-1, *bias.shape[-2:])
         return self.proj(self.attention(self.qkv(x), bias))
-
-
-def square(size: tuple[int, int], module: nn.Module, path: str) -> int:
-    side, side_w = size
-    if side != side_w:
-        raise unsupported(module, path, f"groups of {tuple(size)} sites (not square)")
-    return side
 
 
 class MirrorPartitionAttention(MirrorChildren):
