@@ -24,7 +24,7 @@ from torch import nn
 from .attention import WindowAttention
 from .convnext import MirrorMlp
 from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder,
-                     MirrorLayerScale, NamedStages, own_input_size, unsupported)
+                     MirrorLayerScale, NamedStages, own_input_size, square)
 
 
 class TiledTokens(nn.Module):
@@ -98,9 +98,7 @@ class MirrorWindowAttentionGlobal(MirrorChildren):
 
     def __init__(self, module: WindowAttentionGlobal, convert: Converter, path: str):
         super().__init__(module, convert, path)
-        window, window_w = module.window_size
-        if window != window_w:
-            raise unsupported(module, path, f"a {module.window_size} window (not square)")
+        window = square(module.window_size, module, path)
         self.rel_pos = RelativePositionBias(module.rel_pos)
         self.use_global = module.use_global
         # parameter-free, names timm's module lacks

@@ -392,14 +392,12 @@ class PatchSites:
     def tiled_rows(self, stride: int, coarse: int) -> Tensor:
         """(N,) int64: for each row at ``stride``, the row at ``coarse`` whose map, an h x w grid of
         tokens, tiles the finer map: site (y, x) takes token (y % h, x % w) of its image (GCViT's
-        global queries), N at ``coarse`` where that token is hidden."""
+        global queries), N at ``coarse`` where that token is hidden; the finer map's sides are
+        multiples of h and w (its caller checks)."""
         return self._table("tiled_rows", stride, coarse)
 
     def _build_tiled_rows(self, stride: int, coarse: int) -> Tensor:
         b, th, tw = self.canvas_shape(coarse)
-        _, h, w = self.canvas_shape(stride)
-        if h % th or w % tw:
-            raise ValueError(f"a {th}x{tw} map of tokens does not tile a {h}x{w} map")
         n = self.num_rows(coarse)
         token = torch.full((b * th * tw,), n, dtype=torch.long)
         token.index_copy_(0, self._cached("canvas_index", coarse), torch.arange(n))

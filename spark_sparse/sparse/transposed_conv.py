@@ -47,12 +47,13 @@ class TransposedConvolution(nn.Module):
         fine = coarse // self.stride
         # (N_coarse, K) fine rows, taps with the first axis fastest; N_fine where absent
         windows = sites.windows(fine, self.kernel_size, self.stride, self.padding)
-        n, k2 = sites.num_rows(fine), self.kernel_size ** 2
-        taps = self.weight.permute(3, 2, 0, 1).reshape(k2, *self.weight.shape[:2])  # (K, C_in, C_out / groups)
+        n, c_out = sites.num_rows(fine), self.weight.shape[1] * self.groups
+        # each coarse row's contribution to its window's taps, in the windows' order (kx * k + ky)
         if self.groups == 1:
-            cols = (x.F @ taps.permute(1, 0, 2).reshape(taps.shape[1], -1)).view(-1, taps.shape[2])
+            cols = x.F @ self.weight.permute(0, 3, 2, 1).reshape(self.weight.shape[0], -1)
         else:
-            cols = (x.F.unsqueeze(1) * taps[:, :, 0]).view(-1, taps.shape[1])
+            cols = x.F.unsqueeze(1) * self.weight[:, 0].permute(2, 1, 0).reshape(-1, c_out)
+        cols = cols.reshape(-1, c_out)
         # summed in float32 for 16-bit rows, as a GEMM sums its products
         cols = cols.to(statistics_dtype(cols.dtype))
         out = cols.new_zeros(n + 1, cols.shape[1]).index_add_(0, windows.view(-1), cols)[:n]
