@@ -21,7 +21,7 @@ from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.sparse_engine import convert_leaf, dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
-from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution
+from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution, HeadSharedDepthwise
 from spark_sparse.sparse.dilated import DilatedConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution, PatchPooling, standardised
@@ -459,6 +459,25 @@ def test_a_wide_strided_depthwise_convolution_equals_torchs_on_the_masked_map(bl
     assert_equal_on_masked_map(sparse, dense, images, active, 2, g)
     for name, p in dense.named_parameters():
         torch.testing.assert_close(getattr(sparse, name).grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("block", [4, 8], ids=["4x4 blocks", "8x8 blocks"])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_a_depthwise_3x3_at_stride_4_equals_torchs_on_the_masked_map(block, heads):
+    """MViTv2's key pooling: a centred 3x3 at stride 4 skips sites between its windows (the tile still
+    holds the whole patch, so that backward reaches every row) and reads one site of the patch above
+    and left; one head's kernel repeated over the heads (``HeadSharedDepthwise``), its gradient
+    the sum over them. Forward, input and weight gradients."""
+    g = torch.Generator().manual_seed(11)
+    images = torch.randn(3, 2 * heads, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    dense = nn.Conv2d(2 * heads, 2 * heads, 3, 4, padding=1, groups=2 * heads, bias=False).double()
+    sparse = HeadSharedDepthwise(heads, 2, 3, stride=4).double()
+    with torch.no_grad():
+        dense.weight.copy_(sparse.weight.normal_(generator=g).repeat(heads, 1, 1, 1))
+    assert_equal_on_masked_map(sparse, dense, images, active, 4, g)
+    torch.testing.assert_close(sparse.weight.grad, dense.weight.grad.view(heads, 2, 1, 3, 3).sum(0), rtol=1e-12,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("path", ["tiles", "offsets", "windows"])

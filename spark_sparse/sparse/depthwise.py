@@ -257,3 +257,20 @@ class SharedKernelsDepthwise(DepthwiseConvolution):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]} x {self.channels}, kernel_size={self.kernel_size}"
+
+
+class HeadSharedDepthwise(DepthwiseConvolution):
+    """One depthwise k x k kernel of ``channels`` channels run on each of ``heads`` groups of them
+    (MViTv2's pooling of q, k and v, at stride 1, 2 or 4): ``weight`` (channels, 1, k, k) is
+    timm's; a depthwise convolution of heads * channels channels with that kernel repeated."""
+
+    def __init__(self, heads: int, channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(heads * channels, kernel_size, bias=False, stride=stride)
+        self.heads = heads
+        self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size, kernel_size))
+
+    def kernel(self) -> Tensor:
+        return self.weight.repeat(self.heads, 1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.heads} x {self.weight.shape[0]}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -113,9 +113,11 @@ def tile_geometry(sites_per_side: int, kernel_size: int, stride: int, padding: i
     input sites from ``stride * i - padding``. None: a centred odd kernel (or none for an even
     one). TensorFlow's "same" padding at stride 2 pads ``(k - 2) // 2`` there, one site less
     than a centred kernel's, on maps with even sides (every map a mask on the 32-pixel grid
-    reaches a stride-2 layer with): its window starts one site later."""
+    reaches a stride-2 layer with): its window starts one site later. A tile holds its whole
+    patch, even where the windows skip sites (MViTv2's 3x3 at stride 4): its backward scatters
+    the tile's gradient back onto every row of the patch."""
     start = -(centred_padding(kernel_size) if padding is None else padding)
-    size = (sites_per_side // stride - 1) * stride + kernel_size
+    size = max((sites_per_side // stride - 1) * stride + kernel_size, sites_per_side - start)
     return start, size
 
 
