@@ -777,6 +777,15 @@ VARIANTS.update({
         "gcvit_xtiny", {"img_size": 64, "layer_scale": 1e-5}),
 })
 
+# timm's mvitv2 module at 64 px (its relative position tables are made for its own input size): q, k and v pooled
+# per head by a shared depthwise 3x3 (k and v at stride 4 on the stride-4 map: keys at stride 16, reading one site of
+# the neighbouring patch), queries at stride 2 where a stage starts beside a max-pooled shortcut, residual pooling
+VARIANT_SIZES.update({"mvitv2_tiny": (64, 64)})
+VARIANTS.update({
+    "MViTv2: pooling attention with relative positions, depthwise 3x3s at strides 1, 2 and 4": (
+        "mvitv2_tiny", {"img_size": 64}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -798,7 +807,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
-              "gcvit_xxtiny"}
+              "gcvit_xxtiny", "mvitv2_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -849,7 +858,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
-                  "gcvit_xxtiny": {"img_size": 96}}
+                  "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

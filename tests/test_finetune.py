@@ -136,7 +136,8 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "efficientformer_l1", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "edgenext_xx_small",
                 "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050",
                 "mobilenetv5_base", "iformer_t", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "botnet26t_256",
-                "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0", "gcvit_xxtiny", "vgg11"]
+                "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny",
+                "vgg11"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)

@@ -100,6 +100,8 @@ ALL_DEPTHS["LowFormer unfused"] = ("lowformer_b0", {"fused_conv": False})
 # GCViT: relative position tables under timm's rel_pos, layer scales (gcvit_base), global blocks' kv projections
 ALL_DEPTHS.update({name: (name, {}) for name in ["gcvit_xxtiny", "gcvit_base"]})
 ALL_DEPTHS["pvt_v2_b2_li"] = ("pvt_v2_b2_li", {})  # its keys' 1x1 (sr) after the pooling
+# MViTv2: pooling kernels shared by the heads (pool_q.weight: one head's), per-head norms, relative position tables
+ALL_DEPTHS["mvitv2_tiny"] = ("mvitv2_tiny", {})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})

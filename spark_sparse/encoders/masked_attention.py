@@ -1,4 +1,4 @@
-"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py): each runs over
+"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py): each runs over
 the whole map, hidden sites zeroed first and no keys, its output masked later, as SparK's dense
 masking would; ``convert_leaf`` (masked_engine.py) picks the twin.
 """
@@ -13,9 +13,10 @@ from ..precision import statistics_dtype
 from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
-                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
+                        RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention, map_tokens)
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
+from .mvitv2 import PoolingAttention
 
 
 def visible_means(inp: MaskedTensor) -> Tensor:
@@ -141,6 +142,20 @@ class MaskedGroupedQueryAttention(GroupedQueryAttention):
         b, _, h, w = qx.shape
         tokens = [t.flatten(2).transpose(1, 2) for t in (qx, kx, vx)]
         out = self.attend(*tokens, k.visible().flatten(1))
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+
+
+class MaskedPoolingAttention(PoolingAttention):
+    """MViTv2's attention over every query of the map, the hidden keys (at the keys' resolution)
+    left out; hidden queries get values, masked later."""
+
+    def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor, rel_h: Tensor | None,
+                rel_w: Tensor | None) -> MaskedTensor:
+        q_map, k_map = q.clean().x, k.clean().x
+        b, _, h, w = q_map.shape
+        (queries, qy, qx), (keys, ky, kx) = map_tokens(q_map), map_tokens(k_map)
+        out = self.attend(queries, keys, map_tokens(v.clean().x)[0], k.visible().flatten(1), (qy, qx), (ky, kx),
+                          (h, w), tuple(k_map.shape[-2:]), rel_h, rel_w)
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
 
 

@@ -45,8 +45,10 @@ from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
                                MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
                                MaskedPackedQkvAttention, MaskedRelativeLogitsAttention, MaskedSelfAttention,
-                               MaskedSeparableGridAttention, MaskedWindowAttention, visible_means)
+                               MaskedPoolingAttention, MaskedSeparableGridAttention, MaskedWindowAttention,
+                               visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
+from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 
@@ -436,7 +438,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
     if type(module) in GROUP_NORMS:
         return MaskedGroupNormAct(module, nn.Identity())
     # timm's own (and Swin's space to depth), hidden sites reading zero
-    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth, PositionLambdas):
+    if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth, PositionLambdas,
+                        HeadSharedConv2d, HeadLayerNorm):
         return MaskedApply(copy.deepcopy(module))
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)
@@ -485,6 +488,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedSelfAttention(module, path)
     if type(module) is PackedQkvAttention:
         return MaskedPackedQkvAttention(module.num_heads, module.key_dim)
+    if type(module) is PoolingAttention:
+        return module.like(MaskedPoolingAttention)
     if type(module) is GroupedQueryAttention:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)

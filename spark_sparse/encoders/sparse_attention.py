@@ -1,4 +1,4 @@
-"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py): gates and pooled
+"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py): gates and pooled
 contexts from each image's visible rows, and attention over tokens laid out from the rows: each
 image's rows side by side, or each group's (windows, grids). Queries and keys are visible sites
 only; ``convert_leaf`` (sparse_engine.py) picks the twin.
@@ -22,6 +22,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
 from .lambdas import LambdaMixing
+from .mvitv2 import PoolingAttention
 
 
 def visible_means(x: ME.SparseTensor) -> Tensor:
@@ -119,16 +120,23 @@ def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     return from_slots(x, attend(tokens, present), slots)
 
 
+def image_positions(x: ME.SparseTensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    """(B, n) each ``image_tokens`` slot's row and column in its image (0 in empty slots), and the
+    whole images' (h, w) at the rows' stride."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    _, h, w = sites.canvas_shape(stride)
+    side = max(h, w)
+    position = sites.group_positions(stride, side)  # y * side + x
+    return (position // side, position % side), (h, w)
+
+
 def on_placed_image_tokens(x: ME.SparseTensor, check: Callable[[int, int], None],
                            attend: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> ME.SparseTensor:
     """``on_image_tokens`` for ``attend(tokens, present, (B, n) each token's row, and column in its
     image)``; ``check(h, w)`` first refuses a map larger than the offsets reach."""
-    sites, stride = PatchSites.of(x), x.tensor_stride[0]
-    _, h, w = sites.canvas_shape(stride)
+    (ys, xs), (h, w) = image_positions(x)
     check(h, w)
-    side = max(h, w)
-    position = sites.group_positions(stride, side)  # y * side + x
-    return on_image_tokens(x, lambda tokens, present: attend(tokens, present, position // side, position % side))
+    return on_image_tokens(x, lambda tokens, present: attend(tokens, present, ys, xs))
 
 
 class SparseRelativeLogitsAttention(RelativeLogitsAttention):
@@ -199,6 +207,19 @@ class SparseGroupedQueryAttention(GroupedQueryAttention):
         keys, _, present = image_tokens(k)
         values, _, _ = image_tokens(v)
         return from_slots(q, self.attend(queries, keys, values, present), slots)
+
+
+class SparsePoolingAttention(PoolingAttention):
+    """MViTv2's attention: each image's visible query rows attend to its visible key rows (at
+    their own stride), their rows and columns from their sites in the image."""
+
+    def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor, rel_h: Tensor | None,
+                rel_w: Tensor | None) -> ME.SparseTensor:
+        same_sites(k, v, "attend with keys and values on")
+        (queries, slots, _), (keys, _, present) = image_tokens(q), image_tokens(k)
+        (q_at, q_size), (k_at, k_size) = image_positions(q), image_positions(k)
+        out = self.attend(queries, keys, image_tokens(v)[0], present, q_at, k_at, q_size, k_size, rel_h, rel_w)
+        return from_slots(q, out, slots)
 
 
 class SparsePackedQkvAttention(PackedQkvAttention):

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
 from ..sparse.amp import autocast_dtype
 from ..sparse.blur_pool import PatchBlurPool
-from ..sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution, SharedKernelsDepthwise
+from ..sparse.depthwise import (BandDepthwiseConvolution, DepthwiseConvolution, HeadSharedDepthwise,
+                               SharedKernelsDepthwise)
 from ..sparse.dilated import DilatedConvolution
 from ..sparse.grid_pool import PatchGridPool
 from ..sparse.group_norm import SparseGroupNormAct
@@ -55,12 +56,14 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NOR
                      check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
+from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
                                SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
-                               SparsePackedQkvAttention, SparseRelativeLogitsAttention, SparseSelfAttention,
-                               SparseSeparableGridAttention, SparseWindowAttention, on_canvas_sites, visible_means)
+                               SparsePackedQkvAttention, SparsePoolingAttention, SparseRelativeLogitsAttention,
+                               SparseSelfAttention, SparseSeparableGridAttention, SparseWindowAttention,
+                               on_canvas_sites, visible_means)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -411,6 +414,13 @@ class SparseTiledTokens(TiledTokens):
         return with_features(like, padded.index_select(0, index))
 
 
+class SparseHeadLayerNorm(HeadLayerNorm):
+    """MViTv2's per-head layer norm of each row."""
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        return with_features(x, self.rows(x.F))
+
+
 class SparseProduct(Product):
     """Two tensors' rows multiplied elementwise, on the sites they share."""
 
@@ -519,6 +529,15 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind is PositionLambdas:
         return _copy_weights(module, SharedKernelsDepthwise(module.weight.shape[0], module.value_dim,
                                                             module.kernel_size))
+    if kind is HeadSharedConv2d:
+        if conv == "minkowski":
+            raise unsupported(module, path, "conv='minkowski' has no depthwise convolution; use 'patch'")
+        return _copy_weights(module, HeadSharedDepthwise(module.heads, module.weight.shape[0], module.kernel_size,
+                                                         module.stride))
+    if kind is HeadLayerNorm:
+        return SparseHeadLayerNorm(module, module.heads)
+    if kind is PoolingAttention:
+        return module.like(SparsePoolingAttention)
     if kind is ChannelGroupAttention:
         return SparseChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if kind is PositionalEncodingFourier:
