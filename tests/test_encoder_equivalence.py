@@ -572,7 +572,7 @@ VARIANTS.update({
 # and the canvas beyond), post norms, a norm inside the modulation, layer scale, the modulator normalised, 7x7
 # stride-4 and 3x3 stride-2 overlapping convolutions. Stochastic depth off: timm's default is 0.1
 VARIANTS.update({
-    "FocalNet: gated depthwise 3x3 and 5x5 levels, a global level over visible sites, patchify convolutions": (
+    "FocalNet: gated depthwise 3x3 and 5x5 levels, a global level over visible sites, patchify convs": (
         "focalnet_tiny_srf", {"drop_path_rate": 0.0}),
     "FocalNet-H's layout: four levels up to 11x11, post norms, layer scale, overlapping convolutions": (
         "focalnet_tiny_srf", {"drop_path_rate": 0.0, "focal_levels": (4,) * 4, "focal_windows": (5,) * 4,
