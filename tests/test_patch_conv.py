@@ -589,6 +589,32 @@ def test_nearest_upsampling_copies_each_coarse_site_within_its_patch(block, scal
     assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
 
 
+@pytest.mark.parametrize("block,scale", [(2, 2), (8, 2), (8, 4)],
+                         ids=["2x2 blocks, x2", "8x8 blocks, x2", "8x8 blocks, x4"])
+def test_bilinear_upsampling_reads_the_neighbouring_patches_visible_sites_only(block, scale):
+    """EfficientFormerV2's attention at stride 32 brought back to 16 (a coarse map made here by 2x2
+    average poolings): torch's bilinear upsampling of the masked map at every visible site, a
+    site at a patch's edge reading the neighbouring patch's edge (zero where it is hidden, clamped
+    at the image's border); the gradient reaching every visible coarse site."""
+    g = torch.Generator().manual_seed(12)
+    images = torch.randn(3, 4, 3 * block, 4 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (3, 4), 0.5, g)
+    pools = scale.bit_length() - 1
+    sparse = nn.Sequential(*[PatchPooling("avg", 2, 2) for _ in range(pools)], PatchUpsample(scale, "bilinear"))
+    dense = nn.Sequential(*[nn.AvgPool2d(2) for _ in range(pools)], nn.Upsample(scale_factor=scale, mode="bilinear"))
+    assert_equal_on_masked_map(sparse, dense, images, active, 1, g)
+
+
+@pytest.mark.parametrize("block", [2, 8], ids=["2x2 blocks", "8x8 blocks"])
+def test_a_1x1_average_pooling_at_stride_2_takes_each_2x2_blocks_first_site(block):
+    """EfficientFormerV2's query subsampling (timm's ``AvgPool2d(1, 2, 0)``): torch's at every visible
+    output site; only the sites it takes get a gradient."""
+    g = torch.Generator().manual_seed(13)
+    images = torch.randn(3, 4, 2 * block, 3 * block, generator=g, dtype=torch.float64)
+    active = random_active(3, (2, 3), 0.5, g)
+    assert_equal_on_masked_map(PatchPooling("avg", 1, 2), nn.AvgPool2d(1, 2, 0), images, active, 2, g)
+
+
 @pytest.mark.parametrize("block", [1, 2, 8], ids=["1x1 blocks", "2x2 blocks", "8x8 blocks"])
 @pytest.mark.parametrize("kernel,stride,padding", [(4, 2, 1), (3, 1, 1), (8, 4, 2), (2, 2, 0)])
 @pytest.mark.parametrize("groups", [1, 4], ids=["one group", "depthwise"])

@@ -530,9 +530,10 @@ def test_vovnets_unpadded_pooling_is_refused_with_minkowskis_own_pooling():
 def test_an_hrnet_upsampling_off_the_grid_or_without_the_classification_head_is_refused(engine):
     engine = engine_class(engine)
     model = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=0)
-    model.stage2[0].fuse_layers[0][1][2] = torch.nn.Upsample(scale_factor=2, mode="bilinear")
+    model.stage2[0].fuse_layers[0][1][2] = torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
     with pytest.raises(ConversionError, match=r"cannot convert Upsample at 'stage2\.0\.fuse_layers\.0\.1\.2': mode "
-                                              r"'bilinear', scale factor 2\.0, size None \(only nearest by a power of two"):
+                                              r"'bilinear', scale factor 2\.0, size None, align_corners True \(only "
+                                              r"nearest or bilinear without aligned corners, by a power of two"):
         engine.from_timm(model)
     # timm's 'incre' head has no joins, its '' head no widening: the features are the joined maps
     with pytest.raises(ConversionError, match=r"^HighResolutionNet with head 'incre': the encoder's features are the "

@@ -469,17 +469,22 @@ def check_max_pool(pool: nn.MaxPool2d, path: str) -> None:
 
 
 def upsample_scale(upsample: nn.Upsample, path: str) -> int:
-    """The factor of a nearest upsampling by a power of two, the same on both axes (HRNet's fusion
-    of coarser branches): each finer site copies the coarser one it lies in, within one patch.
-    Anything else (bilinear windows reach across patch borders, sizes off the grid) is refused."""
+    """The factor of a nearest or bilinear upsampling by a power of two, the same on both axes. A
+    nearest one (HRNet's fusion of coarser branches): each finer site copies the coarser one it lies
+    in, within one patch. A bilinear one (``align_corners`` off: EfficientFormerV2's attention at
+    stride 32) also reads the neighbouring coarser site, zero where it is hidden, as in dense
+    masking, and clamps at the image's border as torch does. Anything else (sizes off the grid,
+    corners aligned) is refused."""
     factor = upsample.scale_factor
     factors = set(factor) if isinstance(factor, tuple) else {factor}
-    if upsample.mode == "nearest" and upsample.size is None and len(factors) == 1:
+    plain = upsample.mode == "nearest" or (upsample.mode == "bilinear" and not upsample.align_corners)
+    if plain and upsample.size is None and len(factors) == 1:
         scale = factors.pop()
         if scale == int(scale) and int(scale) > 1 and int(scale) & (int(scale) - 1) == 0:
             return int(scale)
-    raise unsupported(upsample, path, f"mode {upsample.mode!r}, scale factor {factor}, size {upsample.size} "
-                                      "(only nearest by a power of two keeps the mask's grid)")
+    raise unsupported(upsample, path, f"mode {upsample.mode!r}, scale factor {factor}, size {upsample.size}, "
+                                      f"align_corners {upsample.align_corners} (only nearest or bilinear without "
+                                      "aligned corners, by a power of two, keeps the mask's grid)")
 
 
 def adaptive_pool_size(pool: nn.AdaptiveAvgPool2d, path: str) -> int:

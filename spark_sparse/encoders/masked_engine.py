@@ -521,7 +521,7 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         centred_3x3 = (k, p) == (3, 1) and s in (1, 2) and not module.ceil_mode
         if centred_3x3 and not module.count_include_pad:  # PoolFormer's: the mean of the visible sites
             return MaskedVisibleAvgPool(module)
-        if (k, s, p) != (2, 2, 0) and not (centred_3x3 and module.count_include_pad):
+        if (k, s, p) not in ((2, 2, 0), (1, 2, 0)) and not (centred_3x3 and module.count_include_pad):
             raise unsupported(module, path, f"kernel {k}, stride {s}, padding {p}, count_include_pad "
                                             f"{module.count_include_pad}, ceil_mode {module.ceil_mode}")
         return MaskedApply(module) if p == 0 else MaskedPaddedAvgPool(module)

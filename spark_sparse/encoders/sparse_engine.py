@@ -323,6 +323,11 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
             raise unsupported(pool, path, "a 3x3 average pooling with conv='minkowski' (it divides by the present "
                                           "sites, not by 9); use conv='patch'")
         return PatchPooling("avg", 3, s)
+    if isinstance(pool, nn.AvgPool2d) and (k, s, p) == (1, 2, 0):
+        # EfficientFormerV2's query subsampling: each 2x2 block's first site, inside one patch
+        if stock:
+            raise unsupported(pool, path, "a 1x1 stride-2 pooling with conv='minkowski'; use conv='patch'")
+        return PatchPooling("avg", 1, 2)
     if (k, s, p) == (2, 2, 0):
         # avg-down shortcuts, anti-aliasing, VGG's and DenseNet's pooling: mask-aligned 2x2
         # windows are fully visible or fully hidden
@@ -579,7 +584,7 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
     if kind is ColumnsFirstSpaceToDepth:
         return PatchSpaceToDepth(module.block_size, columns_first=True)
     if kind is nn.Upsample:
-        return PatchUpsample(upsample_scale(module, path))
+        return PatchUpsample(upsample_scale(module, path), module.mode)
     if kind is nn.AdaptiveAvgPool2d:
         return PatchGridPool(adaptive_pool_size(module, path))
     if kind is nn.ConvTranspose2d:

@@ -321,10 +321,12 @@ class PatchPooling(nn.Module):
         if self.mode == "max" and self.stride == 1 and k % 2 and self.fill == float("-inf"):
             stride = x.tensor_stride[0]
             out = canvas_max_pool(x.F, sites.canvas_index(stride), sites.canvas_shape(stride), k)
-        elif k == self.stride:  # each patch a channels-last (C, s, s) map: torch's own pooling (and ties)
+        elif k == self.stride or (k == 1 and not self.padding):
+            # windows inside one patch (EfficientFormerV2's 1x1 at stride 2 takes each 2x2 block's first
+            # site): each patch a channels-last (C, s, s) map, torch's own pooling (and ties)
             pool = F.max_pool2d if self.mode == "max" else F.avg_pool2d
             maps = x.F.view(-1, s, s, x.F.shape[1]).permute(0, 3, 1, 2)
-            out = pool(maps, k, k).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
+            out = pool(maps, k, self.stride).permute(0, 2, 3, 1).reshape(-1, x.F.shape[1])
         else:
             tile = sites.tile(x.tensor_stride[0], *tile_geometry(s, k, self.stride, self.padding))
             if self.mode == "max":
