@@ -786,6 +786,15 @@ VARIANTS.update({
         "mvitv2_tiny", {"img_size": 64}),
 })
 
+# timm's efficientformer_v2 module at 96 px (its attention biases are made for its own input size): attention at
+# stride 32 with talking heads, at stride 16 on the map reduced by a strided depthwise 3x3 and upsampled bilinearly
+# (each site reading a neighbouring patch's token), the last downsampling's queries at stride 32 over keys at 16
+VARIANT_SIZES.update({"efficientformerv2_s0": (96, 96)})
+VARIANTS.update({
+    "EfficientFormerV2: talking heads, bilinear upsampling at stride 16, attention downsampling": (
+        "efficientformerv2_s0", {"img_size": 96}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -807,7 +816,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
-              "gcvit_xxtiny", "mvitv2_tiny"}
+              "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -858,7 +867,8 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "mobilevit_xxs": {}, "mobilevitv2_050": {}, "test_maxvit": {"img_size": 64}, "botnet26t_256": BOTNET,
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
-                  "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64}}
+                  "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
+                  "efficientformerv2_s0": {"img_size": 96}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

@@ -247,6 +247,7 @@ def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     ("hiera_tiny_224", "adds a position embedding made for its own input size"),  # encoders/hiera.py
     ("gcvit_xxtiny", "has windows made for its own input size"),  # encoders/gcvit.py
     ("mvitv2_tiny", "indexes its relative positions from the corner of its own input size's map"),  # mvitv2.py
+    ("efficientformerv2_s0", "biases its attention by offsets on its own input size's maps"),  # efficientformer_v2.py
     ("pvt_v2_b2_li", "pools its keys to 7x7 cells, one per patch at its own input size"),  # encoders/pvt_v2.py
 ])
 def test_a_model_off_its_own_input_size_fails_before_any_work(tmp_path, model, why):

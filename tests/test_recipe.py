@@ -118,6 +118,7 @@ from .test_pretrain import config
     ("swinv2_cr_small_ns_256", 0.2, "ln", [0.9, 0.999]),
     ("swinv2_cr_giant_384", 0.4, "ln", [0.9, 0.999]),
     ("efficientformer_l3", 0.0, "bn", [0.9, 0.95]),  # batch norms but in its last block: ResNet's
+    ("efficientformerv2_l", 0.0, "bn", [0.9, 0.95]),  # V2: batch norms throughout, ResNet's
     ("edgenext_base", 0.0, "ln", [0.9, 0.999]),  # EdgeNeXt: ConvNeXt-T's, every size
     ("mobilenetv5_300m", 0.0, "ln", [0.9, 0.999]),  # MobileNetV5: RMS norms, no batch norm
     ("davit_tiny", 0.0, "ln", [0.9, 0.999]),  # DaViT, by size
@@ -190,6 +191,7 @@ def composed(app: str, *overrides: str):
     ("hiera_small_abswin_256", 256, 256),
     ("gcvit_xxtiny", 224, 224),  # groups and global tokens fractions of its own size, in both
     ("mvitv2_tiny", 224, 224),  # relative position tables of its own map, in both
+    ("efficientformerv2_s0", 224, 224),  # attention biases of its own maps, in both
 ])
 def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_it_it_runs_at(
         model, pretraining, fine_tuning):

@@ -151,6 +151,10 @@ CANVAS_DEPENDENT.add("gcvit_xxtiny")
 # independence alone, at its size
 MODELS["mvitv2_tiny"] = ("mvitv2_tiny", {"img_size": 64})
 CANVAS_DEPENDENT.add("mvitv2_tiny")
+# EfficientFormerV2's attention biases are made for the map of its own size, and its bilinear upsampling clamps at
+# the canvas's border (timm's too): batch independence alone, at its size
+MODELS["efficientformerv2_s0"] = ("efficientformerv2_s0", {"img_size": 96})
+CANVAS_DEPENDENT.add("efficientformerv2_s0")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
@@ -160,7 +164,8 @@ PLACEMENTS.update({
               "test_coatnet": ((64, 64), (128, 192), (0, 0)),
               "test_maxvit": ((64, 128), (128, 256), (0, 0)),
               "gcvit_xxtiny": ((96, 96), (192, 192), (0, 0)),  # (no canvas test: the batch test's size)
-              "mvitv2_tiny": ((64, 64), (128, 128), (0, 0))})
+              "mvitv2_tiny": ((64, 64), (128, 128), (0, 0)),
+              "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0))})
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)

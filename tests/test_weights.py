@@ -102,6 +102,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["gcvit_xxtiny", "gcvit_base"]})
 ALL_DEPTHS["pvt_v2_b2_li"] = ("pvt_v2_b2_li", {})  # its keys' 1x1 (sr) after the pooling
 # MViTv2: pooling kernels shared by the heads (pool_q.weight: one head's), per-head norms, relative position tables
 ALL_DEPTHS["mvitv2_tiny"] = ("mvitv2_tiny", {})
+# EfficientFormerV2: attention bias tables and talking heads under timm's names, the attention downsampling's query
+ALL_DEPTHS.update({name: (name, {}) for name in ["efficientformerv2_s0", "efficientformerv2_l"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
                                                  "maxvit_tiny_pm_256", "coatnet_nano_rw_224", "coatnext_nano_rw_224"]})
 ALL_DEPTHS.update({name: (name, FOUR_BLOCKS) for name in ["skresnet18", "skresnet50d", "skresnext50_32x4d"]})

@@ -129,8 +129,8 @@ def test_minkowski_is_imported_only_when_the_sparse_engine_is_asked_for_and_quie
     assert not [w for w in out["warnings"] if "CPU_ONLY" in w]  # silenced by spark_sparse/sparse/__init__.py
 
 
-SPARSE_ENGINE_MODULES = {"test_benchmarks", "test_device", "test_encoder_equivalence", "test_graphed", "test_mvitv2",
-                         "test_patch_conv", "test_rowwise", "test_sparse_properties"}
+SPARSE_ENGINE_MODULES = {"test_benchmarks", "test_device", "test_efficientformer_v2", "test_encoder_equivalence",
+                         "test_graphed", "test_mvitv2", "test_patch_conv", "test_rowwise", "test_sparse_properties"}
 
 
 def test_without_minkowski_the_suite_collects_the_sparse_engines_modules_skip_saying_why_and_the_rest_runs():

@@ -17,6 +17,7 @@ from .dla import DLA_FAMILY
 from .dpn import DPN_FAMILY
 from .edgenext import EDGENEXT
 from .efficientformer import EFFICIENTFORMER
+from .efficientformer_v2 import EFFICIENTFORMER_V2
 from .efficientnet import EFFICIENTNET, MOBILENETV3, MOBILENETV5
 from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
@@ -66,7 +67,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER, GCVIT, MVITV2)
+                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2)
 
 
 def family_of(model: nn.Module) -> Family:

@@ -1,19 +1,21 @@
-"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py): each runs over
-the whole map, hidden sites zeroed first and no keys, its output masked later, as SparK's dense
-masking would; ``convert_leaf`` (masked_engine.py) picks the twin.
+"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py,
+efficientformer_v2.py): each runs over the whole map, hidden sites zeroed first and no keys, its
+output masked later, as SparK's dense masking would; ``convert_leaf`` (masked_engine.py) picks the
+twin.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention, map_tokens)
+from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
 from .mvitv2 import PoolingAttention
@@ -156,6 +158,21 @@ class MaskedPoolingAttention(PoolingAttention):
         (queries, qy, qx), (keys, ky, kx) = map_tokens(q_map), map_tokens(k_map)
         out = self.attend(queries, keys, map_tokens(v.clean().x)[0], k.visible().flatten(1), (qy, qx), (ky, kx),
                           (h, w), tuple(k_map.shape[-2:]), rel_h, rel_w)
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+
+
+class MaskedOffsetBiasAttention(OffsetBiasAttention):
+    """EfficientFormerV2's attention over every query of the map, the hidden keys (at the keys'
+    resolution) left out; hidden queries get values, masked later."""
+
+    def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor, biases: Tensor,
+                heads_before: nn.Module | None = None, heads_after: nn.Module | None = None) -> MaskedTensor:
+        q_map, k_map = q.clean().x, k.clean().x
+        b, _, h, w = q_map.shape
+        self.check(*k_map.shape[-2:])
+        (queries, qy, qx), (keys, ky, kx) = map_tokens(q_map), map_tokens(k_map)
+        out = self.attend(queries, keys, map_tokens(v.clean().x)[0], k.visible().flatten(1), (qy, qx), (ky, kx),
+                          biases, heads_before, heads_after)
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
 
 

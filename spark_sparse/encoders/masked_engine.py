@@ -38,15 +38,16 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NOR
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
                      check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
                                MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
-                               MaskedPackedQkvAttention, MaskedRelativeLogitsAttention, MaskedSelfAttention,
-                               MaskedPoolingAttention, MaskedSeparableGridAttention, MaskedWindowAttention,
-                               visible_means)
+                               MaskedOffsetBiasAttention, MaskedPackedQkvAttention, MaskedPoolingAttention,
+                               MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
+                               MaskedWindowAttention, visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
 from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sync_norm import SyncVisibleBatchNorm, twin_of
@@ -490,6 +491,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedPackedQkvAttention(module.num_heads, module.key_dim)
     if type(module) is PoolingAttention:
         return module.like(MaskedPoolingAttention)
+    if type(module) is OffsetBiasAttention:
+        return module.like(MaskedOffsetBiasAttention)
     if type(module) is GroupedQueryAttention:
         return MaskedGroupedQueryAttention(module.num_heads, module.key_dim, module.value_dim,
                                             module.kv_heads)

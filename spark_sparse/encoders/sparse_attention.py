@@ -1,7 +1,8 @@
-"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py): gates and pooled
-contexts from each image's visible rows, and attention over tokens laid out from the rows: each
-image's rows side by side, or each group's (windows, grids). Queries and keys are visible sites
-only; ``convert_leaf`` (sparse_engine.py) picks the twin.
+"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py,
+efficientformer_v2.py): gates and pooled contexts from each image's visible rows, and attention
+over tokens laid out from the rows: each image's rows side by side, or each group's (windows,
+grids). Queries and keys are visible sites only; ``convert_leaf`` (sparse_engine.py) picks the
+twin.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
@@ -21,6 +22,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
+from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .mvitv2 import PoolingAttention
 
@@ -219,6 +221,20 @@ class SparsePoolingAttention(PoolingAttention):
         (queries, slots, _), (keys, _, present) = image_tokens(q), image_tokens(k)
         (q_at, q_size), (k_at, k_size) = image_positions(q), image_positions(k)
         out = self.attend(queries, keys, image_tokens(v)[0], present, q_at, k_at, q_size, k_size, rel_h, rel_w)
+        return from_slots(q, out, slots)
+
+
+class SparseOffsetBiasAttention(OffsetBiasAttention):
+    """EfficientFormerV2's attention: each image's visible query rows attend to its visible key rows,
+    their rows and columns from their sites in the image."""
+
+    def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor, biases: Tensor,
+                heads_before: nn.Module | None = None, heads_after: nn.Module | None = None) -> ME.SparseTensor:
+        same_sites(k, v, "attend with keys and values on")
+        (queries, slots, _), (keys, _, present) = image_tokens(q), image_tokens(k)
+        (q_at, _), (k_at, k_size) = image_positions(q), image_positions(k)
+        self.check(*k_size)
+        out = self.attend(queries, keys, image_tokens(v)[0], present, q_at, k_at, biases, heads_before, heads_after)
         return from_slots(q, out, slots)
 
 

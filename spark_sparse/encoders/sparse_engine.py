@@ -54,6 +54,7 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NOR
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
                      check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
@@ -61,9 +62,9 @@ from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
                                SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
-                               SparsePackedQkvAttention, SparsePoolingAttention, SparseRelativeLogitsAttention,
-                               SparseSelfAttention, SparseSeparableGridAttention, SparseWindowAttention,
-                               on_canvas_sites, visible_means)
+                               SparseOffsetBiasAttention, SparsePackedQkvAttention, SparsePoolingAttention,
+                               SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
+                               SparseWindowAttention, on_canvas_sites, visible_means)
 
 
 def dense_to_me_kernel(weight: Tensor) -> Tensor:
@@ -543,6 +544,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseHeadLayerNorm(module, module.heads)
     if kind is PoolingAttention:
         return module.like(SparsePoolingAttention)
+    if kind is OffsetBiasAttention:
+        return module.like(SparseOffsetBiasAttention)
     if kind is ChannelGroupAttention:
         return SparseChannelGroupAttention(module.num_heads, module.head_dim, module.v2, module.dynamic_scale)
     if kind is PositionalEncodingFourier:
