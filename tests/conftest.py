@@ -175,7 +175,7 @@ def timm_models():
     cache: collections.OrderedDict = collections.OrderedDict()
 
     def get(name: str, **kwargs) -> torch.nn.Module:
-        key = (name, tuple(sorted(kwargs.items())))
+        key = (name, repr(sorted(kwargs.items())))  # repr: some kwargs are dicts (ByobNet's self_attn_kwargs)
         if key in cache:
             cache.move_to_end(key)
             return cache[key]

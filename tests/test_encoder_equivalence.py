@@ -26,6 +26,7 @@ import timm
 import torch
 from timm.layers import StdConv2dSame
 from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.layers.halo_attn import HaloAttn
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.byobnet import MobileOneBlock, RepVggBlock
 from timm.models.lcnetv2 import RepDepthwiseSeparable
@@ -709,6 +710,17 @@ VARIANTS.update({"BotNet: attention over visible sites with relative-offset logi
                      "lambda_resnet26t", {}),
                  "Lambda-ResNet rpt: position lambdas from embeddings of each visible site's offset": (
                      "lambda_resnet26rpt_256", BOTNET)})
+# halo attention: the map cut into blocks of queries, each attending to the visible keys of its block widened by a
+# halo and to the zero padding's keys beyond the map's border (their position logits alone), the queries on every
+# other site where the block strides. Blocks smaller than timm's 8x8 (7x7), for small images: HaloNet's 4x4 sites
+# (2x2 patches at stride 16, the whole map at 32), HaloRegNetZ's 3x3 (straddling patches; it strides by pooling)
+HALONET = {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}}
+HALOREGNETZ = {"self_attn_kwargs": {"block_size": 3, "halo_size": 2, "qk_ratio": 0.33}}
+VARIANT_SIZES.update({"halonet26t": (128, 128), "haloregnetz_b": (96, 96)})
+VARIANTS.update({"HaloNet: attention in blocks and their halos, the padding's keys, strided queries": (
+                     "halonet26t", HALONET),
+                 "HaloRegNetZ: halo attention in blocks straddling patches, then average pooling": (
+                     "haloregnetz_b", HALOREGNETZ)})
 # timm's hiera module, built for the test's 64x96 images (its position embedding is made for the model's own map):
 # attention within mask units (the mask's 32-pixel patches), the stage's first block's queries and shortcut
 # max-pooled over 2x2 sites, then attention over each image's visible tokens (abswin: the position table a resized
@@ -816,7 +828,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
-              "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0"}
+              "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -868,7 +880,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
                   "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
-                  "efficientformerv2_s0": {"img_size": 96}}
+                  "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)
@@ -888,16 +900,20 @@ def test_self_attention_over_images_with_different_numbers_of_visible_patches(ti
                              active)
 
 
-def test_botnets_attention_with_its_position_logits_scaled_too_equals_dense_masked_and_plain_timm(timm_models, device):
-    """timm's BottleneckAttn scales the relative logits with the dot products where ``scale_pos_embed``
-    (no registered model sets it)."""
-    model = copy.deepcopy(timm_models("botnet26t_256", **BOTNET))
+@pytest.mark.parametrize("name, kwargs, attention", [("botnet26t_256", BOTNET, BottleneckAttn),
+                                                     ("halonet26t", HALONET, HaloAttn)])
+def test_attention_with_its_position_logits_scaled_too_equals_dense_masked_and_plain_timm(timm_models, name, kwargs,
+                                                                                          attention, device):
+    """timm's BottleneckAttn and HaloAttn scale the relative logits with the dot products where
+    ``scale_pos_embed`` (no registered model sets it)."""
+    model = copy.deepcopy(timm_models(name, **kwargs))
     for module in model.modules():
-        if isinstance(module, BottleneckAttn):
+        if isinstance(module, attention):
             module.scale_pos_embed = True
-    images, active = batch_on(device, VARIANT_SIZE, "ratio0.6", batch=2)
+    size = VARIANT_SIZES.get(name, VARIANT_SIZE)
+    images, active = batch_on(device, size, "ratio0.6", batch=2)
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
-    images, everything = batch_on(device, VARIANT_SIZE, "none", batch=2)
+    images, everything = batch_on(device, size, "none", batch=2)
     assert_equals_plain_timm_in_eval_mode(model, images, everything, device)
 
 
@@ -910,6 +926,17 @@ def test_pvt_v2_linear_off_its_own_input_size_is_refused_in_one_line(timm_models
     images, active = make_batch((192, 224), "ratio0.6", 2)
     with pytest.raises(ValueError, match=r"^adaptive average pooling to 7x7 pools one patch per cell on a 7x7 grid "
                                          r"of patches only, got 6x7: run the model at its own input size$"):
+        encoder(images, active)
+
+
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
+def test_halo_attention_on_a_map_of_part_blocks_is_refused_in_one_line(timm_models, engine):
+    """timm cuts the map into whole blocks (and asserts so); pretraining refuses another input size
+    before any work (test_pretrain.py), the encoder in one line where such a map reaches it."""
+    encoder = engine.from_timm(copy.deepcopy(timm_models("halonet26t", **HALONET)))
+    images, active = make_batch((96, 128), "ratio0.6", 2)
+    with pytest.raises(ValueError, match=r"^halo attention cuts its map into blocks of 4x4 sites, got 6x8; use an "
+                                         r"input size that makes whole blocks$"):
         encoder(images, active)
 
 

@@ -92,6 +92,9 @@ def test_random_active_keeps_the_papers_count():
     ("botnet26t_256", 32, 256),  # relative position tables of its own map
     ("lambda_resnet26rpt_256", 32, 256),  # the same for its position lambdas
     ("lambda_resnet26t", 32, None),  # position lambdas of a convolution
+    ("halonet26t", 256, None),  # halo attention's 8x8 blocks of sites whole at stride 32
+    ("haloregnetz_b", 224, None),  # of 7x7
+    ("halo2botnet50ts_256", 128, 256),  # halo attention's blocks whole at stride 16, BotNet's tables at 32
     ("cpubone_t0", 32, None),  # attention over patches at stride 16: a whole number of them, as the mask's
     ("lowformer_b0", 32, None),  # the same, upsampled by transposed convolutions
     ("gcvit_xxtiny", 224, 224),  # groups and global tokens fractions of its own size

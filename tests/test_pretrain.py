@@ -243,6 +243,14 @@ def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_halonet_at_an_input_size_off_its_blocks_fails_before_any_work(tmp_path):
+    # halo attention cuts each map into blocks of 8x8 sites (encoders/byoanet.py)
+    with pytest.raises(pretrain.ConfigError, match=r"^model halonet26t cuts its maps into whole blocks of halo "
+                                                   "attention: input_size must be a multiple of 256, got 128$"):
+        pretrain.train(config("model=halonet26t", "input_size=128"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("model,why", [
     ("hiera_tiny_224", "adds a position embedding made for its own input size"),  # encoders/hiera.py
     ("gcvit_xxtiny", "has windows made for its own input size"),  # encoders/gcvit.py

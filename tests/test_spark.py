@@ -134,7 +134,8 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs",
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
                                   "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0",
-                                  "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0"])
+                                  "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
+                                  "halonet26t"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
@@ -142,6 +143,8 @@ def test_every_family_pretrains_end_to_end(name):
     # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
     kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256", "hiera_tiny_224",
                                                 "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0") else {}
+    if name == "halonet26t":  # halo attention's blocks whole at stride 32: 2x2 sites at 64 px
+        kwargs = {"self_attn_kwargs": {"block_size": 2, "halo_size": 1}}
     timm_model = randomise_norms(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
     model = SparK(create_encoder(timm_model, "sparse"), decoder_width=32, mask_ratio=0.6)
     out = model(torch.randn(2, 3, 64, 64))

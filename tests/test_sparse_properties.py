@@ -155,6 +155,10 @@ CANVAS_DEPENDENT.add("mvitv2_tiny")
 # the canvas's border (timm's too): batch independence alone, at its size
 MODELS["efficientformerv2_s0"] = ("efficientformerv2_s0", {"img_size": 96})
 CANVAS_DEPENDENT.add("efficientformerv2_s0")
+# halo attention's blocks are the canvas's, and so is the zero padding whose keys count beyond its border (timm's
+# too): batch independence alone, at its size (blocks of 4x4 sites for small images)
+MODELS["halonet26t"] = ("halonet26t", {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}})
+CANVAS_DEPENDENT.add("halonet26t")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
@@ -165,7 +169,8 @@ PLACEMENTS.update({
               "test_maxvit": ((64, 128), (128, 256), (0, 0)),
               "gcvit_xxtiny": ((96, 96), (192, 192), (0, 0)),  # (no canvas test: the batch test's size)
               "mvitv2_tiny": ((64, 64), (128, 128), (0, 0)),
-              "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0))})
+              "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0)),
+              "halonet26t": ((128, 128), (256, 256), (0, 0))})
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)

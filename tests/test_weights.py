@@ -87,6 +87,11 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["botnet26t_256", "botnet50ts_25
                                                  "sebotnet33ts_256"]})
 # lambda layers: the 9x9 position convolution (conv_lambda, a 3-D one in timm) or the offset embeddings (pos_emb)
 ALL_DEPTHS.update({name: (name, {}) for name in ["lambda_resnet26t", "lambda_resnet50ts", "lambda_resnet26rpt_256"]})
+# halo attention: its relative position tables (pos_embed.height_rel, .width_rel), its q and kv projections; with
+# BotNet's attention and lambda layers in the last two
+ALL_DEPTHS.update({name: (name, {}) for name in ["halonet26t", "halonet50ts", "halonet_h1", "sehalonet33ts",
+                                                 "eca_halonext26ts", "haloregnetz_b", "halo2botnet50ts_256",
+                                                 "lamhalobotnet50ts_256"]})
 # Hiera: the position embeddings (pos_embed; abswin: pos_embed_win too) on the body under timm's names
 ALL_DEPTHS.update({name: (name, {}) for name in ["hiera_tiny_224", "hiera_small_abswin_256"]})
 # CPUBone: 2x2 kernels after timm's zero pad (conv.1), packed-head attention, its unfused form's output projection
@@ -256,9 +261,6 @@ def test_a_transposed_convolution_off_the_masks_grid_is_refused(engine, kwargs, 
 def test_byobnet_and_cspnet_without_an_exact_twin_are_refused_by_path(engine):
     engine = engine_class(engine)
     refused = {
-        ("halonet26t", ()): r"HaloAttn at 'stages\.2\.1\.self_attn': halo attention's keys come from halos zero-padded",
-        # its stage-1 lambda layers convert, its stage-2 halo attention is refused
-        ("lamhalobotnet50ts_256", ()): r"HaloAttn at 'stages\.2\.1\.self_attn': halo attention's keys",
         ("bat_resnext26ts", ()): r"BatNonLocalAttn at 'stages\.0\.0\.attn'",
         ("resnet33ts", (("drop_block_rate", 0.1),)): r"DropBlock2d at 'stages\.2\.0\.conv2_kxk\.bn\.drop': DropBlock",
     }

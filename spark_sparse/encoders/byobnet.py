@@ -1,7 +1,7 @@
 """The ByobNet family (timm ``byobnet``: RepVGG, MobileOne, GENet, the ``resnet*ts``/``*resnext26ts``
 nets, byobnet's RegNetZ, CLIP's ResNets; and timm's ``mobilevit`` models, ByobNets whose MobileViT
-blocks mobilevit.py mirrors, and its ``byoanet`` BotNets and Lambda-ResNets, whose attention and
-lambda layers byoanet.py mirrors).
+blocks mobilevit.py mirrors, and its ``byoanet`` BotNets, HaloNets and Lambda-ResNets, whose
+attention and lambda layers byoanet.py mirrors).
 
 "Bring your own blocks": a stem (one conv-norm-act, a ``Stem`` of them with an optional pooling,
 or a RepVGG/MobileOne block), stages of declared blocks, and an optional final 1x1 convolution
@@ -9,7 +9,7 @@ that ends the stride-32 features. Residual blocks (basic, bottleneck, dark, edge
 sub-modules in order, plus a shortcut. RepVGG and MobileOne blocks are re-parameterisable: at
 train time, when SparK runs, they sum parallel conv+norm branches (k x k, 1x1, an identity
 norm) over the same visible sites; a re-parameterised block is one convolution with a bias.
-Halo attention and non-local attention are refused by path.
+Non-local attention is refused by path.
 """
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ class MirrorDownsampleAvg(nn.Module):
 # modules with no exact sparse twin, and why (refused by path before any conversion)
 REFUSED = {
     BatNonLocalAttn: "non-local attention mixes every site of the map",
-    **byoanet.REFUSED,
 }
 
 
 def input_sizes(name: str) -> InputSizes:
-    """MobileViT's and BotNet's limits (their modules'); the other ByobNets run at any whole number of patches."""
+    """MobileViT's, BotNet's and HaloNet's limits (their modules'); the other ByobNets run at any
+    whole number of patches."""
     for module, sizes in (("mobilevit", mobilevit.input_sizes), ("byoanet", byoanet.input_sizes)):
         if timm.models.is_model_in_modules(name, [module]):
             return sizes(name)

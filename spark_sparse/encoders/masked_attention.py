@@ -1,7 +1,7 @@
-"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py,
-efficientformer_v2.py): each runs over the whole map, hidden sites zeroed first and no keys, its
-output masked later, as SparK's dense masking would; ``convert_leaf`` (masked_engine.py) picks the
-twin.
+"""The dense-masked engine's twins of the attention leaves (attention.py, lambdas.py, byoanet.py,
+mvitv2.py, efficientformer_v2.py): each runs over the whole map, hidden sites zeroed first and no
+keys, its output masked later, as SparK's dense masking would; ``convert_leaf`` (masked_engine.py)
+picks the twin.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention, map_tokens)
+from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
@@ -72,6 +73,15 @@ class MaskedRelativeLogitsAttention(RelativeLogitsAttention):
     def forward(self, inp: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
         out = self.attend_map(inp.clean().x, inp.visible()[:, 0].flatten(1), height_rel, width_rel)
         return MaskedTensor(out, inp.active, dirty=True)
+
+
+class MaskedHaloAttention(HaloAttention):
+    """Halo attention over every block of the map, the hidden keys left out; hidden queries get
+    values, masked later."""
+
+    def forward(self, q: MaskedTensor, kv: MaskedTensor, height_rel: Tensor, width_rel: Tensor) -> MaskedTensor:
+        out = self.attend(q.clean().x, kv.clean().x, kv.visible()[:, 0], height_rel, width_rel)
+        return MaskedTensor(out, q.active, dirty=True)
 
 
 class MaskedLambdaMixing(LambdaMixing):

@@ -38,13 +38,14 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NOR
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
                      check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
-                               MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
+                               MaskedHaloAttention, MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
                                MaskedOffsetBiasAttention, MaskedPackedQkvAttention, MaskedPoolingAttention,
                                MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
                                MaskedWindowAttention, visible_means)
@@ -475,6 +476,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedCrossCovarianceAttention(module.num_heads)
     if type(module) is RelativeLogitsAttention:
         return module.like(MaskedRelativeLogitsAttention)
+    if type(module) is HaloAttention:
+        return module.like(MaskedHaloAttention)
     if type(module) is MaskUnitAttention:
         return module.like(MaskedMaskUnitAttention)
     if type(module) is AbsolutePositions:

@@ -1,8 +1,9 @@
-"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py, mvitv2.py,
-efficientformer_v2.py): gates and pooled contexts from each image's visible rows, and attention
-over tokens laid out from the rows: each image's rows side by side, or each group's (windows,
-grids). Queries and keys are visible sites only; ``convert_leaf`` (sparse_engine.py) picks the
-twin.
+"""The sparse engine's twins of the attention leaves (attention.py, lambdas.py, byoanet.py,
+mvitv2.py, efficientformer_v2.py): gates and pooled contexts from each image's visible rows, and
+attention over tokens laid out from the rows: each image's rows side by side, or each group's
+(windows, grids). Keys are visible sites only, and so are queries but where groups straddle
+patches (halo attention's blocks, some windows): there hidden queries are computed, never read.
+``convert_leaf`` (sparse_engine.py) picks the twin.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY note silenced
-from ..sparse.patch_conv import to_canvas
+from ..sparse.patch_conv import from_canvas, to_canvas
 from ..sparse.patch_sites import PatchSites
 from ..sparse.rowwise import ImageScale, image_of_rows, same_sites, with_features
 from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, ChannelGroupAttention,
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
+from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .mvitv2 import PoolingAttention
@@ -306,15 +308,32 @@ class SparseWindowAttention(WindowAttention):
         return out.view(-1, q, q, ws, ws, out.shape[-1]).transpose(2, 3).reshape(rows.shape[0], -1)
 
 
+def on_canvas(x: ME.SparseTensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole images' (B, C, h, w) map at the rows' stride, zeros where hidden, (B, h, w) bool:
+    which sites hold a row, and the rows' (N,) index into the flattened (B, h, w)."""
+    sites, stride = PatchSites.of(x), x.tensor_stride[0]
+    index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
+    present = torch.zeros(b * h * w, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
+    return to_canvas(x.F, index, (b, h, w)), present.view(b, h, w), index
+
+
 def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tensor]) -> ME.SparseTensor:
     """``attend((B, h, w, C) the whole images' map at the rows' stride, zeros where hidden, (B, h,
     w) bool: which sites hold a row)``, its (B, h, w, C') output gathered back to the rows."""
-    sites, stride = PatchSites.of(x), x.tensor_stride[0]
-    index, (b, h, w) = sites.canvas_index(stride), sites.canvas_shape(stride)
-    canvas = to_canvas(x.F, index, (b, h, w)).permute(0, 2, 3, 1)
-    present = torch.zeros(b * h * w, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
-    out = attend(canvas, present.view(b, h, w))
-    return with_features(x, out.reshape(b * h * w, -1).index_select(0, index))
+    canvas, present, index = on_canvas(x)
+    out = attend(canvas.permute(0, 2, 3, 1), present)
+    return with_features(x, out.reshape(-1, out.shape[-1]).index_select(0, index))
+
+
+class SparseHaloAttention(HaloAttention):
+    """Halo attention on the whole images' maps at the queries' and the keys' strides, the rows
+    scattered there: every block attended as in timm, the hidden keys left out, hidden queries
+    computed and never read; the visible queries' outputs gathered back."""
+
+    def forward(self, q: ME.SparseTensor, kv: ME.SparseTensor, height_rel: Tensor,
+                width_rel: Tensor) -> ME.SparseTensor:
+        (q_map, _, index), (kv_map, keys, _) = on_canvas(q), on_canvas(kv)
+        return with_features(q, from_canvas(self.attend(q_map, kv_map, keys, height_rel, width_rel), index))
 
 
 def grid_tokens(x: ME.SparseTensor,

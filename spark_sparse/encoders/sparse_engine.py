@@ -54,6 +54,7 @@ from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NOR
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
                      Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
                      check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
@@ -61,7 +62,7 @@ from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
-                               SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
+                               SparseHaloAttention, SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
                                SparseOffsetBiasAttention, SparsePackedQkvAttention, SparsePoolingAttention,
                                SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
                                SparseWindowAttention, on_canvas_sites, visible_means)
@@ -526,6 +527,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseCrossCovarianceAttention(module.num_heads)
     if kind is RelativeLogitsAttention:
         return module.like(SparseRelativeLogitsAttention)
+    if kind is HaloAttention:
+        return module.like(SparseHaloAttention)
     if kind is MaskUnitAttention:
         return module.like(SparseMaskUnitAttention)
     if kind is AbsolutePositions:
