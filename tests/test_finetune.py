@@ -200,6 +200,7 @@ def test_a_pretraining_run_of_another_model_is_refused_naming_that_model(colours
     ("swin_tiny_patch4_window7_224", 64, r"\(Input height \(64\) doesn't match model \(224\)\.\); set input_size=224$"),
     ("hiera_tiny_224", 256, r"\(Attempting to broadcast a dimension of length 3136 .*\); set input_size=224$"),
     ("botnet26t_256", 224, r"\(AssertionError in its forward\); set input_size=256$"),  # timm's assert says nothing
+    ("halonet26t", 128, r"\(AssertionError in its forward\); set input_size=256$"),  # blocks of 8x8 sites at stride 32
 ])
 def test_a_model_timm_makes_for_one_input_size_is_refused_at_another_before_any_work(colours, tmp_path, model, size,
                                                                                       message):

@@ -186,6 +186,7 @@ def composed(app: str, *overrides: str):
     ("maxvit_tiny_tf_224", 224, 224),  # groups and grids of 7x7 sites at stride 32; timm: its own size
     ("maxvit_nano_rw_256", 256, 256),
     ("botnet26t_256", 128, 256),  # position tables reach its own size: smaller ones run; timm: its own
+    ("halonet26t", 256, 256),  # halo attention's blocks whole at stride 32: multiples of 256
     ("swin_tiny_patch4_window7_224", 128, 224),  # our windows run at any size; timm's at its own
     ("hiera_tiny_224", 224, 224),  # a position embedding of its own size, in both
     ("hiera_small_abswin_256", 256, 256),

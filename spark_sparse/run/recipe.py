@@ -5,7 +5,8 @@ A config interpolates ``${recipe:drop_path_rate}`` and gets the value for its ``
 entry of ``recipe`` whose name is the longest prefix of the model name and sets the key, else
 the entry named after the model's timm module (its family). ``${encoder_input_size:128}`` is 128
 or the least size up from it the model's encoders run at (Hiera: its own 224);
-``${timm_input_size:64}`` is 64 or, where timm fixes the model's input size, that size.
+``${timm_input_size:64}`` is the model's own size where timm fixes it, else 64 or the least size up
+from it the encoders run at.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def encoder_input_size(model: str, default: int) -> int:
 
 
 def timm_input_size(model: str, default: int) -> int:
-    """``default``, or the model's own input size where timm fixes it (Swin, Hiera, MaxViT, ...:
-    their ``pretrained_cfg``'s ``fixed_input_size``)."""
+    """The model's own input size where timm fixes it (Swin, Hiera, MaxViT, ...: their
+    ``pretrained_cfg``'s ``fixed_input_size``), else ``default`` or the least size up from it its
+    encoders run at (HaloNet's whole blocks of attention, which timm's forward asserts too)."""
     cfg = timm.models.get_pretrained_cfg(model) if timm.is_model(model) else None
-    return cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else default
+    return cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else encoder_input_size(model, default)
 
 
 def _resolve(key: str, *, _root_) -> Any:
