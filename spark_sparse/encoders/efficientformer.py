@@ -23,7 +23,7 @@ from torch import nn
 from .attention import WindowAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorLayerScale, MirrorSequential, NamedStages, unsupported)
+                     MirrorLayerScale, MirrorSequential, NamedStages, normed_stage_outputs, unsupported)
 from .metaformer import MirrorPooling
 
 
@@ -87,20 +87,6 @@ class MirrorAttention(MirrorChildren):
         return self.proj(self.attention(self.qkv(x), self.attention_biases[:, self.attention_bias_idxs]))
 
 
-def efficientformer_features(net: nn.Module, x) -> list:
-    """The four stages' outputs, the last through the final norm: timm's ``forward_intermediates``
-    (maps, not tokens) on a timm EfficientFormer, its flow on the converted body (the same names)."""
-    if isinstance(net, EfficientFormer):
-        return net.forward_intermediates(x, norm=True, intermediates_only=True)
-    x = net.stem(x)
-    feats = []
-    for stage in net.stages:
-        x = stage(x)
-        feats.append(x)
-    feats[-1] = net.norm(feats[-1])
-    return feats
-
-
 EFFICIENTFORMER = Family(
     name="efficientformer",
     timm_class=EfficientFormer,
@@ -110,5 +96,5 @@ EFFICIENTFORMER = Family(
              LayerScale: MirrorLayerScale, LayerScale2d: MirrorLayerScale},
     layout=NamedStages(("stem",), ("stages.0", "stages.1", "stages.2", "stages.3"), head=("norm",)),
     check=CheckpointingRefused("stages"),
-    features=efficientformer_features,
+    features=normed_stage_outputs(EfficientFormer, "stem"),
 )

@@ -692,6 +692,23 @@ def any_input_size(name: str) -> InputSizes:
     return InputSizes()
 
 
+def normed_stage_outputs(timm_class: type, stem: str) -> Callable[[nn.Module, Any], list]:
+    """``Family.features`` of a family whose features are its stages' outputs, the last through the
+    final ``norm``: timm's ``forward_intermediates(norm=True)`` on a ``timm_class`` model (maps, not
+    tokens), the same flow on the converted body (``stem``, ``stages``, ``norm``: timm's names)."""
+    def features(net: nn.Module, x) -> list:
+        if isinstance(net, timm_class):
+            return net.forward_intermediates(x, norm=True, intermediates_only=True)
+        x = getattr(net, stem)(x)
+        feats = []
+        for stage in net.stages:
+            x = stage(x)
+            feats.append(x)
+        feats[-1] = net.norm(x)
+        return feats
+    return features
+
+
 def own_input_size(why: str) -> Callable[[str], InputSizes]:
     """``Family.input_sizes`` of a family whose models run at their own input size alone (timm runs
     no other): ``why`` names what is made for it."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .attention import map_tokens
 from .convnext import MirrorMlp
 from .family import (ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, Layout, MirrorChildren,
-                     MirrorInOrder, check_strides, own_input_size, unsupported)
+                     MirrorInOrder, check_strides, normed_stage_outputs, own_input_size, unsupported)
 from .hrnet import mirror_module_list
 
 
@@ -225,21 +225,6 @@ class MirrorPatchEmbed(MirrorInOrder):
     children_names = ("proj",)
 
 
-def mvitv2_features(net: nn.Module, x) -> list:
-    """The four stages' outputs, the last layer-normed (``norm``, timm's ``forward_features`` end):
-    timm's ``forward_intermediates`` on a timm MViTv2 (its tokens laid on their maps), its flow on
-    the converted body (the same names)."""
-    if isinstance(net, MultiScaleVit):
-        return net.forward_intermediates(x, norm=True, intermediates_only=True)
-    x = net.patch_embed(x)
-    feats = []
-    for stage in net.stages:
-        x = stage(x)
-        feats.append(x)
-    feats[-1] = net.norm(x)
-    return feats
-
-
 def mvitv2_layout(model: MultiScaleVit) -> Layout:
     """Stem, stages and the final norm; a stage's stride from its first block's shortcut pooling."""
     reduction, reductions = model.patch_embed.proj.stride[0], []
@@ -270,6 +255,6 @@ MVITV2 = Family(
              MultiScaleAttention: MirrorAttention, Mlp: MirrorMlp, nn.ModuleList: mirror_module_list},
     layout=mvitv2_layout,
     check=check,
-    features=mvitv2_features,
+    features=normed_stage_outputs(MultiScaleVit, "patch_embed"),
     input_sizes=own_input_size("indexes its relative positions from the corner of its own input size's map"),
 )
