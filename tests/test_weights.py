@@ -423,6 +423,14 @@ def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_davits_groups_must_be_square(engine):
+    model = timm.create_model("davit_tiny", pretrained=False, num_classes=0, window_size=(7, 8))
+    with pytest.raises(ConversionError, match=r"^cannot convert WindowAttention at 'stages\.0\.blocks\.0\.0\.attn': "
+                                              r"groups of \(7, 8\) sites \(not square\)$"):
+        engine_class(engine).from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_maxvits_groups_must_be_square_and_its_grids_whole(engine):
     """timm sizes MaxViT's groups and grids from the input size it builds for (a 64x128 one: 2x4
     sites), and asserts whole grids at every stride; the engines refuse both in one line."""

@@ -22,7 +22,7 @@ from torch import nn
 from .attention import ChannelGroupAttention, WindowAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     NamedStages, unsupported)
+                     NamedStages, square, unsupported)
 
 
 class MirrorStem(MirrorInOrder):
@@ -72,9 +72,7 @@ class MirrorWindowAttention(MirrorChildren):
 
     def __init__(self, module: TimmWindowAttention, convert: Converter, path: str):
         super().__init__(module, convert, path)
-        window, window_w = module.window_size
-        if window != window_w:
-            raise unsupported(module, path, f"a {module.window_size} window (not square)")
+        window = square(module.window_size, module, path)
         head_dim = module.dim // module.num_heads
         # parameter-free, a name timm's module lacks
         self.attention = convert.leaf(WindowAttention(module.num_heads, head_dim, head_dim, window),

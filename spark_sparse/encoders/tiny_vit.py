@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import WindowAttention
 from .family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                     MirrorSequential, NamedStages, unsupported)
+                     MirrorSequential, NamedStages, square)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -70,9 +70,7 @@ class MirrorAttention(MirrorChildren):
         super().__init__(module, convert, path)
         self.attention_biases = nn.Parameter(module.attention_biases.detach().clone())
         self.register_buffer("attention_bias_idxs", module.attention_bias_idxs.clone(), persistent=False)
-        window = module.resolution[0]
-        if module.resolution != (window, window):
-            raise unsupported(module, path, f"a {module.resolution} window (not square)")
+        window = square(module.resolution, module, path)
         # parameter-free, a name timm's module lacks
         self.attention = convert.leaf(WindowAttention(module.num_heads, module.key_dim, module.val_dim, window,
                                                       per_head=True), f"{path}.attention")
