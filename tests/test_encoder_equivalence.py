@@ -716,9 +716,13 @@ VARIANTS.update({"BotNet: attention over visible sites with relative-offset logi
 # (2x2 patches at stride 16, the whole map at 32), HaloRegNetZ's 3x3 (straddling patches; it strides by pooling)
 HALONET = {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}}
 HALOREGNETZ = {"self_attn_kwargs": {"block_size": 3, "halo_size": 2, "qk_ratio": 0.33}}
-VARIANT_SIZES.update({"halonet26t": (128, 128), "haloregnetz_b": (96, 96)})
+VARIANT_SIZES.update({"halonet26t": (128, 128), "haloregnetz_b": (96, 96), "sehalonet33ts": (64, 128)})
 VARIANTS.update({"HaloNet: attention in blocks and their halos, the padding's keys, strided queries": (
                      "halonet26t", HALONET),
+                 # blocks of half a patch at stride 8, one patch at 16 and 2x2 at 32 (the sparse engine's windows
+                 # gathered per visible patch at 16 and 32)
+                 "SE-HaloNet: halo attention in blocks of one patch and of 2x2, squeeze-excitation": (
+                     "sehalonet33ts", {"self_attn_kwargs": {"block_size": 2, "halo_size": 1}}),
                  "HaloRegNetZ: halo attention in blocks straddling patches, then average pooling": (
                      "haloregnetz_b", HALOREGNETZ)})
 # timm's hiera module, built for the test's 64x96 images (its position embedding is made for the model's own map):
@@ -828,7 +832,8 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "selecsls60", "swinv2_cr_tiny_ns_224", "davit_tiny",
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
-              "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t"}
+              "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t",
+              "sehalonet33ts"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:

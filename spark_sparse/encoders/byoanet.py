@@ -107,7 +107,7 @@ class HaloAttention(nn.Module):
     minus the query's in its block (``height_rel``, ``width_rel``: timm's ``PosEmbedRel``), scaled
     with the dot products where ``scale_pos_embed``. Sites beyond the map's border are keys of zero
     content and value, as timm's padding; of the map's sites only ``keys`` count. A parameter-free
-    leaf every engine converts to its own twin (both run ``attend`` on the whole map)."""
+    leaf every engine converts to its own twin."""
 
     def __init__(self, num_heads: int, key_dim: int, value_dim: int, block: int, halo: int, q_stride: int,
                  scale_pos_embed: bool):
@@ -136,20 +136,28 @@ class HaloAttention(nn.Module):
         q = q.reshape(b, heads, kd, nh, side, nw, side).permute(0, 1, 3, 5, 4, 6, 2).reshape(b, heads, nh * nw, -1, kd)
         windows = F.pad(kv, [halo] * 4).unfold(2, win, size).unfold(3, win, size)  # (B, C, nh, nw, win, win)
         k, v = windows.reshape(b, heads, kd + vd, nh * nw, win * win).permute(0, 1, 3, 4, 2).split([kd, vd], -1)
-        # the padding counts as keys; a window without a key (its block hidden): outputs never read
         counted = F.pad(keys.to(torch.uint8), [halo] * 4, value=1).unfold(1, win, size).unfold(2, win, size)
         counted = counted.reshape(b, 1, nh * nw, 1, win * win).bool()
-        counted = counted | ~counted.any(-1, keepdim=True)
-        # each query's (row, column) in its block against each key's in the window: timm's table index
         (qy, qx), (ky, kx) = grid_sites(side, q.device), grid_sites(win, q.device)
         rows, cols = ((at[None, :] - of[:, None] + win - 1).expand(b, heads, nh * nw, -1, -1)
                       for of, at in ((qy, ky), (qx, kx)))
-        relative = (q @ height_rel.to(q.dtype).t()).gather(-1, rows) + (q @ width_rel.to(q.dtype).t()).gather(-1, cols)
-        logits = q @ k.transpose(-1, -2)
-        logits = (logits + relative) * kd ** -0.5 if self.scale_pos_embed else logits * kd ** -0.5 + relative
-        out = logits.masked_fill(~counted, float("-inf")).softmax(-1) @ v  # (B, heads, blocks, side * side, vd)
+        out = self.attend_windows(q, k, v, counted, rows, cols, height_rel, width_rel)  # (B, heads, blocks, n, vd)
         out = out.reshape(b, heads, nh, nw, side, side, vd).permute(0, 1, 6, 2, 4, 3, 5)
         return out.reshape(b, heads * vd, nh * side, nw * side)
+
+    def attend_windows(self, q: Tensor, k: Tensor, v: Tensor, counted: Tensor, rows: Tensor, cols: Tensor,
+                       height_rel: Tensor, width_rel: Tensor) -> Tensor:
+        """(..., n, key_dim) queries, (..., win * win, key_dim) keys and (..., value_dim) values of
+        their windows, which keys count (bool, broadcast to the logits), each query's and key's
+        index in the row and column tables ((..., n, win * win): the key's row in the window minus
+        the query's in its block, plus win - 1) -> (..., n, value_dim). The padding counts as keys; a
+        window without a key (its block hidden): outputs never read."""
+        relative = (q @ height_rel.to(q.dtype).t()).gather(-1, rows) + (q @ width_rel.to(q.dtype).t()).gather(-1, cols)
+        logits = q @ k.transpose(-1, -2)
+        kd = self.key_dim
+        logits = (logits + relative) * kd ** -0.5 if self.scale_pos_embed else logits * kd ** -0.5 + relative
+        counted = counted | ~counted.any(-1, keepdim=True)
+        return logits.masked_fill(~counted, float("-inf")).softmax(-1) @ v
 
     def forward(self, q: Tensor, kv: Tensor, height_rel: Tensor, width_rel: Tensor) -> Tensor:
         keys = kv.new_ones(kv.shape[0], *kv.shape[2:], dtype=torch.bool)

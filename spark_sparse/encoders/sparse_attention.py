@@ -23,7 +23,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
-from .byoanet import HaloAttention
+from .byoanet import HaloAttention, grid_sites
 from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .mvitv2 import PoolingAttention
@@ -326,14 +326,48 @@ def on_canvas_sites(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
 
 
 class SparseHaloAttention(HaloAttention):
-    """Halo attention on the whole images' maps at the queries' and the keys' strides, the rows
-    scattered there: every block attended as in timm, the hidden keys left out, hidden queries
-    computed and never read; the visible queries' outputs gathered back."""
+    """Halo attention. Where a block is one patch or 2x2 of them (HaloNet's at strides 4 and 8): each
+    visible patch's query rows attend to the window of its block, gathered from the whole images'
+    zero-padded map of keys (visible queries only; a block's window once per visible patch in it).
+    Larger blocks (the window would be gathered many times over) and blocks straddling patches: on
+    the whole images' maps, every block attended as in timm, hidden queries computed and never read.
+    The hidden keys are left out either way."""
 
     def forward(self, q: ME.SparseTensor, kv: ME.SparseTensor, height_rel: Tensor,
                 width_rel: Tensor) -> ME.SparseTensor:
+        span = self.block * kv.tensor_stride[0]  # a block's side in pixels
+        if span % PatchSites.of(kv).patch_size == 0 and span // PatchSites.of(kv).patch_size <= 2:
+            return with_features(q, self.attend_patches(q, kv, height_rel, width_rel))
         (q_map, _, index), (kv_map, keys, _) = on_canvas(q), on_canvas(kv)
         return with_features(q, from_canvas(self.attend(q_map, kv_map, keys, height_rel, width_rel), index))
+
+    def attend_patches(self, q: ME.SparseTensor, kv: ME.SparseTensor, height_rel: Tensor,
+                       width_rel: Tensor) -> Tensor:
+        """(N, heads * value_dim) outputs of q's rows, each visible patch's against its block's window."""
+        sites = PatchSites.of(kv)
+        kv_map, keys, _ = on_canvas(kv)
+        b, c, h, w = kv_map.shape
+        self.check(h, w)
+        heads, kd, vd, halo = self.num_heads, self.key_dim, self.value_dim, self.halo
+        win, per_block = self.block + 2 * halo, self.block * kv.tensor_stride[0] // sites.patch_size
+        # each visible patch's block: its window's sites on the padded map, flattened
+        patch, (_, ph, pw) = sites.canvas_index(sites.patch_size), sites.canvas_shape(sites.patch_size)
+        image, py, px = patch // (ph * pw), patch // pw % ph, patch % pw
+        (wy, wx), padded = grid_sites(win, patch.device), (h + 2 * halo, w + 2 * halo)
+        at = ((image[:, None] * padded[0] + py[:, None] // per_block * self.block + wy) * padded[1]
+              + px[:, None] // per_block * self.block + wx).flatten()  # (V * win * win,)
+        rows = F.pad(kv_map, [halo] * 4).permute(0, 2, 3, 1).reshape(-1, c).index_select(0, at)
+        k, v = rows.view(-1, win * win, heads, kd + vd).transpose(1, 2).split([kd, vd], -1)
+        counted = F.pad(keys.to(torch.uint8), [halo] * 4, value=1).flatten().index_select(0, at).bool()
+        # each query's (row, column) in its block: its patch's place in the block and its own in the patch
+        side = sites.sites_per_side(q.tensor_stride[0])
+        qy, qx = grid_sites(side, patch.device)
+        qy, qx = (py % per_block * side)[:, None] + qy, (px % per_block * side)[:, None] + qx  # (V, side * side)
+        tables = ((at_k[None, None, :] - at_q[:, :, None] + win - 1)[:, None].expand(-1, heads, -1, -1)
+                  for at_q, at_k in ((qy, wy), (qx, wx)))
+        queries = q.F.view(-1, side * side, heads, kd).transpose(1, 2)  # (V, heads, side * side, kd)
+        out = self.attend_windows(queries, k, v, counted.view(-1, 1, 1, win * win), *tables, height_rel, width_rel)
+        return out.transpose(1, 2).reshape(-1, heads * vd)  # rows in q's order: patch-major
 
 
 def grid_tokens(x: ME.SparseTensor,
