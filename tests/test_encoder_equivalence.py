@@ -736,6 +736,17 @@ VARIANTS.update({"Hiera: attention within mask units, then over the image, queri
                      "hiera_small_abswin_256", HIERA),
                  "Hiera with layer scale (hiera_base_abswin_256's)": (
                      "hiera_tiny_224", {**HIERA, "init_values": 1e-5})})
+# SAM 2's Hiera (timm's hieradet_sam2), with windows for small images: 8x8 sites at stride 4 and 4x4 at 8 (the mask's
+# patch), 4x4 at 16 (2x2 patches; the next stage's first block pools its queries within them) and 2x2 at 32; its
+# global blocks over each image's visible tokens; the position embedding resized to the canvas's map
+SAM2 = {"window_spec": (8, 4, 4, 2)}
+VARIANT_SIZES["sam2_hiera_tiny"] = (64, 128)
+VARIANTS["SAM 2 Hiera: windows of one patch and of 2x2, pooled queries, global blocks"] = ("sam2_hiera_tiny", SAM2)
+# its own windows, at 224 px: 14x14 sites at stride 16 (7x7 patches, the queries of the last stage's first block pooled
+# within them) and 7x7 at 32 (the whole image), a block a stage but two, one global
+VARIANT_SIZES["sam2_hiera_small"] = (224, 224)
+VARIANTS["SAM 2 Hiera at 224 px: its own windows of 7x7 patches"] = (
+    "sam2_hiera_small", {"stages": (1, 1, 2, 1), "global_att_blocks": (3,)})
 VARIANTS.update({
     "MaxViT: MBConvs, attention within groups of sites and within grids spread over the map": (
         "test_maxvit", {"img_size": 64}),
@@ -833,7 +844,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
               "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t",
-              "sehalonet33ts"}
+              "sehalonet33ts", "sam2_hiera_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -885,7 +896,8 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
                   "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
-                  "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET}
+                  "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET,
+                  "sam2_hiera_tiny": SAM2}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)
@@ -942,6 +954,17 @@ def test_halo_attention_on_a_map_of_part_blocks_is_refused_in_one_line(timm_mode
     images, active = make_batch((96, 128), "ratio0.6", 2)
     with pytest.raises(ValueError, match=r"^halo attention cuts its map into blocks of 4x4 sites, got 6x8; use an "
                                          r"input size that makes whole blocks$"):
+        encoder(images, active)
+
+
+@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
+def test_sam2s_windows_on_a_map_of_part_windows_are_refused_in_one_line(timm_models, engine):
+    """timm pads such a map with zeros its attention reads as keys; pretraining refuses the input
+    size before any work (test_pretrain.py), the encoder in one line where such a map reaches it."""
+    encoder = engine.from_timm(copy.deepcopy(timm_models("sam2_hiera_tiny", **SAM2)))
+    images, active = make_batch((96, 128), "ratio0.6", 2)
+    with pytest.raises(ValueError, match=r"^attention within units of 4x4 sites needs maps of whole units, got 6x8; "
+                                         r"use an input size that makes them$"):
         encoder(images, active)
 
 

@@ -243,6 +243,15 @@ def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_sam2s_hiera_at_an_input_size_off_its_windows_fails_before_any_work(tmp_path):
+    # timm pads a map of part windows with zeros that its attention reads as keys (encoders/hieradet.py)
+    with pytest.raises(pretrain.ConfigError, match=r"^model sam2_hiera_tiny attends within windows that must be "
+                                                   r"whole at every stride \(timm pads others with keys\): "
+                                                   "input_size must be a multiple of 224, got 256$"):
+        pretrain.train(config("model=sam2_hiera_tiny", "input_size=256"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_halonet_at_an_input_size_off_its_blocks_fails_before_any_work(tmp_path):
     # halo attention cuts each map into blocks of 8x8 sites (encoders/byoanet.py)
     with pytest.raises(pretrain.ConfigError, match=r"^model halonet26t cuts its maps into whole blocks of halo "

@@ -130,6 +130,9 @@ from .test_pretrain import config
     ("hiera_small_abswin_256", 0.2, "ln", [0.9, 0.999]),
     ("hiera_base_plus_224", 0.3, "ln", [0.9, 0.999]),
     ("hiera_huge_224", 0.4, "ln", [0.9, 0.999]),
+    ("sam2_hiera_tiny", 0.0, "ln", [0.9, 0.999]),  # SAM 2's Hiera, as Hiera
+    ("hieradet_small", 0.2, "ln", [0.9, 0.999]),
+    ("sam2_hiera_large", 0.4, "ln", [0.9, 0.999]),
     ("gcvit_xtiny", 0.0, "ln", [0.9, 0.999]),  # GCViT, by size
     ("gcvit_small", 0.2, "ln", [0.9, 0.999]),
     ("gcvit_base", 0.3, "ln", [0.9, 0.999]),
@@ -186,7 +189,8 @@ def composed(app: str, *overrides: str):
     ("maxvit_tiny_tf_224", 224, 224),  # groups and grids of 7x7 sites at stride 32; timm: its own size
     ("maxvit_nano_rw_256", 256, 256),
     ("botnet26t_256", 128, 256),  # position tables reach its own size: smaller ones run; timm: its own
-    ("halonet26t", 256, 256),  # halo attention's blocks whole at stride 32: multiples of 256
+    ("halonet26t", 256, 256),
+    ("sam2_hiera_tiny", 224, 224),  # windows whole at strides 16 and 32: multiples of 224  # halo attention's blocks whole at stride 32: multiples of 256
     ("swin_tiny_patch4_window7_224", 128, 224),  # our windows run at any size; timm's at its own
     ("hiera_tiny_224", 224, 224),  # a position embedding of its own size, in both
     ("hiera_small_abswin_256", 256, 256),

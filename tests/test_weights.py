@@ -94,6 +94,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["halonet26t", "halonet50ts", "h
                                                  "lamhalobotnet50ts_256"]})
 # Hiera: the position embeddings (pos_embed; abswin: pos_embed_win too) on the body under timm's names
 ALL_DEPTHS.update({name: (name, {}) for name in ["hiera_tiny_224", "hiera_small_abswin_256"]})
+# SAM 2's Hiera: its two position tables (pos_embed, pos_embed_window) on the body; hieradet_small with layer scale
+ALL_DEPTHS.update({name: (name, {}) for name in ["sam2_hiera_tiny", "hieradet_small"]})
 # CPUBone: 2x2 kernels after timm's zero pad (conv.1), packed-head attention, its unfused form's output projection
 ALL_DEPTHS.update({name: (name, {}) for name in ["cpubone_t0", "cpubone_b3"]})
 ALL_DEPTHS["CPUBone unfused"] = ("cpubone_nano", {"fused_conv": False, "fused_downsample": False})

@@ -12,6 +12,7 @@ way and share the gate (``ChannelAttention.gates``), which keeps timm's sub-modu
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import nullcontext
 
 from timm.layers import EcaModule, EffectiveSEModule, GlobalContext, SEModule
@@ -135,18 +136,22 @@ class LinearAttention(nn.Module):
 class AbsolutePositions(nn.Module):
     """A learned position embedding added at every site (Hiera's ``pos_embed``), made for the map of
     the model's own input size: its (C, h, w) table comes with the features (the family's parameters
-    under timm's names, or computed from them) and must be the whole images' map, as in timm. A
-    parameter-free leaf every engine converts to its own twin."""
+    under timm's names, or computed from them) and must be the whole images' map, as in timm; or
+    made for any map, a function of its (h, w) (SAM 2's, resized). A parameter-free leaf every engine
+    converts to its own twin."""
 
     @staticmethod
-    def checked(table: Tensor, h: int, w: int) -> Tensor:
-        """``table``, refused in one line unless it is made for an h x w map."""
+    def checked(table: Tensor | Callable[[int, int], Tensor], h: int, w: int) -> Tensor:
+        """The (C, h, w) table of an h x w map: ``table``, refused in one line unless it is made for
+        that map, or what ``table(h, w)`` makes."""
+        if callable(table):
+            return table(h, w)
         if tuple(table.shape[1:]) != (h, w):
             raise ValueError(f"the position embedding is made for maps of {table.shape[1]}x{table.shape[2]} sites, "
                              f"got {h}x{w}; use the model's own input size")
         return table
 
-    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+    def forward(self, x: Tensor, table: Tensor | Callable[[int, int], Tensor]) -> Tensor:
         return x + self.checked(table, *x.shape[-2:])
 
 
@@ -372,9 +377,9 @@ class PackedQkvAttention(GroupedQueryAttention):
 class MaskUnitAttention(GroupedQueryAttention):
     """Hiera's attention after its qkv projection (timm's ``MaskUnitAttention``: q, k, v each head
     after head), its queries max-pooled over 2x2 sites where the block pools: each query attends to
-    the keys of its mask unit, a 32-pixel patch of ``unit`` x ``unit`` key sites (the mask's patch:
-    Hiera's own unit at every stride), or with ``unit`` None to those of its whole image. Each visible
-    query attends to the visible keys only; a patch's sites are all visible or all hidden. A
+    the keys of its mask unit, ``unit`` x ``unit`` key sites laid from the map's corner (Hiera's: the
+    mask's 32-pixel patch at every stride; SAM 2's windows: also several patches), or with ``unit``
+    None to those of its whole image. Each visible query attends to the visible keys only. A
     parameter-free leaf every engine converts to its own twin."""
 
     def __init__(self, num_heads: int, head_dim: int, unit: int | None):
@@ -388,6 +393,7 @@ class MaskUnitAttention(GroupedQueryAttention):
         """(B, C, h, w) queries, (B, C, hk, wk) keys and values (hk = h or 2h), (B, hk, wk) bool:
         which keys count -> (B, C', h, w)."""
         b, _, h, w = q.shape
+        self.check(*k.shape[-2:])
         if self.unit is None:
             tokens = [t.flatten(2).transpose(1, 2) for t in (q, k, v)]
             return self.attend(*tokens, keys.flatten(1)).transpose(1, 2).reshape(b, -1, h, w)
@@ -396,6 +402,12 @@ class MaskUnitAttention(GroupedQueryAttention):
         out = self.attend(*tokens, units(keys[:, None], self.unit)[..., 0])
         return out.reshape(b, h // sides[0], w // sides[0], sides[0], sides[0], -1).permute(0, 5, 1, 3, 2, 4).reshape(
             b, -1, h, w)
+
+    def check(self, h: int, w: int) -> None:
+        """Refuse, in one line, keys on a map that is not whole units."""
+        if self.unit is not None and (h % self.unit or w % self.unit):
+            raise ValueError(f"attention within units of {self.unit}x{self.unit} sites needs maps of whole units, got "
+                             f"{h}x{w}; use an input size that makes them")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.attend_map(q, k, v, k.new_ones(k.shape[0], *k.shape[-2:], dtype=torch.bool))

@@ -28,6 +28,7 @@ from .gcvit import GCVIT
 from .ghostnet import GHOSTNET
 from .hgnet import HGNET
 from .hiera import HIERA
+from .hieradet import HIERADET
 from .hrnet import HRNET
 from .iformer import IFORMER
 from .inception_next import INCEPTION_NEXT
@@ -67,7 +68,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2)
+                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET)
 
 
 def family_of(model: nn.Module) -> Family:

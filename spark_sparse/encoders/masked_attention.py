@@ -6,6 +6,8 @@ picks the twin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -209,7 +211,7 @@ class MaskedMaskUnitAttention(MaskUnitAttention):
 class MaskedAbsolutePositions(AbsolutePositions):
     """The embedding added at every site of the map, hidden ones too (masked later)."""
 
-    def forward(self, inp: MaskedTensor, table: Tensor) -> MaskedTensor:
+    def forward(self, inp: MaskedTensor, table: Tensor | Callable[[int, int], Tensor]) -> MaskedTensor:
         return MaskedTensor(super().forward(inp.x, table), inp.active, dirty=True)
 
 

@@ -249,27 +249,35 @@ class SparsePackedQkvAttention(PackedQkvAttention):
 
 
 class SparseMaskUnitAttention(MaskUnitAttention, SparseGroupedQueryAttention):
-    """Hiera's attention on the rows: within mask units, each visible patch's query rows attend to
-    its key rows (rows are patch-major at every stride: one view, no gather); over images, as
-    ``SparseGroupedQueryAttention``."""
+    """Hiera's attention on the rows: within mask units that are the mask's patches, each visible
+    patch's query rows attend to its key rows (rows are patch-major at every stride: one view, no
+    gather); within other units (SAM 2's windows of several patches), the rows laid into their
+    units' slots (``PatchSites.group_slots``, as many units as the whole images' map has: units
+    wholly hidden attended for nothing, never read); over images, as ``SparseGroupedQueryAttention``."""
 
     def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor) -> ME.SparseTensor:
         if self.unit is None:
             return SparseGroupedQueryAttention.forward(self, q, k, v)
         same_sites(k, v, "attend with keys and values on")
-        side = PatchSites.of(k).sites_per_side(k.tensor_stride[0])
-        if side != self.unit:
-            raise ValueError(f"Hiera's mask units are {self.unit}x{self.unit} sites, the mask's patches {side}x{side}")
-        patches = k.F.shape[0] // side ** 2
-        queries, keys, values = (t.F.view(patches, -1, t.F.shape[1]) for t in (q, k, v))
-        present = keys.new_ones(keys.shape[:2], dtype=torch.bool)
-        return with_features(q, self.attend(queries, keys, values, present).reshape(q.F.shape[0], -1))
+        sites, stride = PatchSites.of(k), k.tensor_stride[0]
+        self.check(*sites.canvas_shape(stride)[1:])
+        side = sites.sites_per_side(stride)
+        if side == self.unit:
+            patches = k.F.shape[0] // side ** 2
+            queries, keys, values = (t.F.view(patches, -1, t.F.shape[1]) for t in (q, k, v))
+            present = keys.new_ones(keys.shape[:2], dtype=torch.bool)
+            return with_features(q, self.attend(queries, keys, values, present).reshape(q.F.shape[0], -1))
+        q_slots, q_present = sites.group_slots(q.tensor_stride[0], self.unit * stride // q.tensor_stride[0])
+        k_slots, present = sites.group_slots(stride, self.unit)
+        queries = into_slots(q.F, q_slots, q_present)
+        keys, values = into_slots(k.F, k_slots, present), into_slots(v.F, k_slots, present)
+        return from_slots(q, self.attend(queries, keys, values, present), q_slots)
 
 
 class SparseAbsolutePositions(AbsolutePositions):
     """The table's row of each row's site in its image."""
 
-    def forward(self, x: ME.SparseTensor, table: Tensor) -> ME.SparseTensor:
+    def forward(self, x: ME.SparseTensor, table: Tensor | Callable[[int, int], Tensor]) -> ME.SparseTensor:
         return with_features(x, x.F + at_sites(x, lambda h, w: self.checked(table, h, w)))
 
 
