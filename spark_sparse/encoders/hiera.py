@@ -126,21 +126,31 @@ def hiera_features(net: nn.Module, x) -> list:
     tokens, rerolled), its flow on the converted body (the same names) with the maps as they are."""
     if isinstance(net, Hiera):
         return net.forward_intermediates(x, intermediates_only=True)
-    x = net.patch_embed(x, position_table(net))
+    return stage_outputs(net.blocks, net.patch_embed(x, position_table(net)))
+
+
+def stage_outputs(blocks: nn.Module, x) -> list:
+    """``blocks`` (mirrors with ``widens``) run in order on ``x``: each stage's output, a stage ending
+    where the next block widens (Hiera's and SAM 2's)."""
     feats = []
-    for i, block in enumerate(net.blocks):
+    for i, block in enumerate(blocks):
         x = block(x)
-        if i + 1 == len(net.blocks) or net.blocks[i + 1].widens:  # a stage ends where the next block widens
+        if i + 1 == len(blocks) or blocks[i + 1].widens:
             feats.append(x)
     return feats
 
 
-def hiera_layout(model: Hiera) -> Layout:
-    """Every module the features use, stage by stage."""
+def blocks_layout(model: nn.Module, stem: tuple[str, ...]) -> Layout:
+    """``stem``, then the blocks stage by stage up to each of ``model.stage_ends`` (Hiera's and SAM 2's)."""
     check_strides(model, [info["reduction"] for info in model.feature_info])
     ends = model.stage_ends
     stages = tuple(tuple(f"blocks.{i}" for i in range(a + 1, e + 1)) for a, e in zip([-1] + ends[:-1], ends))
-    return Layout(("unroll", "patch_embed"), stages, tuple(info["num_chs"] for info in model.feature_info))
+    return Layout(stem, stages, tuple(info["num_chs"] for info in model.feature_info))
+
+
+def hiera_layout(model: Hiera) -> Layout:
+    """Every module the features use, stage by stage."""
+    return blocks_layout(model, ("unroll", "patch_embed"))
 
 
 def check(model: Hiera) -> None:

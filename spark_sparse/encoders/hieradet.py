@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from .attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
 from .family import (ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout,
-                     MirrorLayerScale, check_strides, square, unsupported)
+                     MirrorLayerScale, square, unsupported)
+from .hiera import blocks_layout, stage_outputs
 
 
 class MirrorPatchEmbed(nn.Module):
@@ -107,21 +108,12 @@ def hieradet_features(net: nn.Module, x) -> list:
     converted body (the same names)."""
     if isinstance(net, HieraDet):
         return net.forward_intermediates(x, intermediates_only=True)
-    x = net.patch_embed(x, lambda h, w: position_table(net, (h, w)))  # resized to the map
-    feats = []
-    for i, block in enumerate(net.blocks):
-        x = block(x)
-        if i + 1 == len(net.blocks) or net.blocks[i + 1].widens:  # a stage ends where the next block widens
-            feats.append(x)
-    return feats
+    return stage_outputs(net.blocks, net.patch_embed(x, lambda h, w: position_table(net, (h, w))))  # resized
 
 
 def hieradet_layout(model: HieraDet) -> Layout:
     """The patch embedding, then the blocks stage by stage."""
-    check_strides(model, [info["reduction"] for info in model.feature_info])
-    ends = model.stage_ends
-    stages = tuple(tuple(f"blocks.{i}" for i in range(a + 1, e + 1)) for a, e in zip([-1] + ends[:-1], ends))
-    return Layout(("patch_embed",), stages, tuple(info["num_chs"] for info in model.feature_info))
+    return blocks_layout(model, ("patch_embed",))
 
 
 def check(model: HieraDet) -> None:
