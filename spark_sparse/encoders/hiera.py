@@ -58,30 +58,39 @@ class MirrorUnroll(nn.Module):
         return f"size={self.size}"
 
 
-class MirrorAttention(nn.Module):
-    """qkv split into q, k and v, q max-pooled over 2x2 sites where the block pools, the attention
-    within mask units or over the image, proj."""
+class PooledQueryAttention(nn.Module):
+    """qkv split into q, k and v (each head after head), q max-pooled over 2x2 sites where the block
+    pools (``q_pool``), an attention leaf, proj: Hiera's and SAM 2's attention mirrors."""
 
-    def __init__(self, module: TimmMaskUnitAttention, convert: Converter, path: str):
+    def __init__(self, qkv: nn.Module, dim_out: int, q_pool: nn.Module | None, attention: nn.Module,
+                 proj: nn.Module, convert: Converter, path: str):
         super().__init__()
-        if module.q_stride not in (1, 4):
-            raise unsupported(module, path, f"q_stride {module.q_stride}: only 2x2 pooling (4) is mirrored")
-        pooled = module.q_stride > 1
-        self.qkv = convert(module.qkv, f"{path}.qkv")
-        self.split_q = convert.leaf(ChannelSplit(module.dim_out), f"{path}.split_q")  # names timm's lacks
-        self.split_k = convert.leaf(ChannelSplit(module.dim_out), f"{path}.split_k")
-        self.pool = convert.leaf(nn.MaxPool2d(2, 2), f"{path}.pool") if pooled else None
-        # window_size: the mask unit's sites after the pooling
-        unit = math.isqrt(module.window_size) * (2 if pooled else 1) if module.use_mask_unit_attn else None
-        self.attention = convert.leaf(MaskUnitAttention(module.heads, module.head_dim, unit), f"{path}.attention")
-        self.proj = convert(module.proj, f"{path}.proj")
+        self.qkv = convert(qkv, f"{path}.qkv")
+        self.split_q = convert.leaf(ChannelSplit(dim_out), f"{path}.split_q")  # names timm's lacks
+        self.split_k = convert.leaf(ChannelSplit(dim_out), f"{path}.split_k")
+        self.q_pool = None if q_pool is None else convert.leaf(q_pool, f"{path}.q_pool")
+        self.attention = convert.leaf(attention, f"{path}.attention")  # parameter-free
+        self.proj = convert(proj, f"{path}.proj")
 
     def forward(self, x):
         q, kv = self.split_q(self.qkv(x))
         k, v = self.split_k(kv)
-        if self.pool is not None:
-            q = self.pool(q)
+        if self.q_pool is not None:
+            q = self.q_pool(q)
         return self.proj(self.attention(q, k, v))
+
+
+class MirrorAttention(PooledQueryAttention):
+    """Hiera's: the attention within mask units or over the image."""
+
+    def __init__(self, module: TimmMaskUnitAttention, convert: Converter, path: str):
+        if module.q_stride not in (1, 4):
+            raise unsupported(module, path, f"q_stride {module.q_stride}: only 2x2 pooling (4) is mirrored")
+        pooled = module.q_stride > 1
+        # window_size: the mask unit's sites after the pooling
+        unit = math.isqrt(module.window_size) * (2 if pooled else 1) if module.use_mask_unit_attn else None
+        super().__init__(module.qkv, module.dim_out, nn.MaxPool2d(2, 2) if pooled else None,
+                         MaskUnitAttention(module.heads, module.head_dim, unit), module.proj, convert, path)
 
 
 class MirrorBlock(nn.Module):

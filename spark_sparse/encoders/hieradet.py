@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from .attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
-from .family import (ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout,
-                     MirrorLayerScale, square, unsupported)
-from .hiera import blocks_layout, stage_outputs
+from .family import (CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout, MirrorLayerScale,
+                     square, unsupported)
+from .hiera import PooledQueryAttention, blocks_layout, stage_outputs
 
 
 class MirrorPatchEmbed(nn.Module):
@@ -46,28 +46,12 @@ class MirrorPatchEmbed(nn.Module):
         return self.positions(self.proj(x), table)
 
 
-class MirrorAttention(nn.Module):
-    """qkv split into q, k and v (each head after head), q max-pooled over 2x2 sites where the block
-    pools, the attention within windows of ``window`` sites at the block's input stride or over the
-    image, proj."""
-
-    def __init__(self, module: MultiScaleAttention, window: int | None, convert: Converter, path: str):
-        super().__init__()
-        self.qkv = convert(module.qkv, f"{path}.qkv")
-        self.split_q = convert.leaf(ChannelSplit(module.dim_out), f"{path}.split_q")  # names timm's lacks
-        self.split_k = convert.leaf(ChannelSplit(module.dim_out), f"{path}.split_k")
-        self.q_pool = None if module.q_pool is None else convert.leaf(module.q_pool, f"{path}.q_pool")
-        heads = module.num_heads
-        attention = MaskUnitAttention(heads, module.dim_out // heads, window)
-        self.attention = convert.leaf(attention, f"{path}.attention")  # parameter-free, a name timm's lacks
-        self.proj = convert(module.proj, f"{path}.proj")
-
-    def forward(self, x):
-        q, kv = self.split_q(self.qkv(x))
-        k, v = self.split_k(kv)
-        if self.q_pool is not None:
-            q = self.q_pool(q)
-        return self.proj(self.attention(q, k, v))
+def mirror_attention(module: MultiScaleAttention, window: int | None, convert: Converter,
+                     path: str) -> PooledQueryAttention:
+    """The attention within windows of ``window`` sites at the block's input stride, or over the
+    image (None); q max-pooled where the block pools (timm's ``q_pool``)."""
+    attention = MaskUnitAttention(module.num_heads, module.dim_out // module.num_heads, window)
+    return PooledQueryAttention(module.qkv, module.dim_out, module.q_pool, attention, module.proj, convert, path)
 
 
 class MirrorBlock(nn.Module):
@@ -84,7 +68,7 @@ class MirrorBlock(nn.Module):
         self.widens = module.dim != module.dim_out  # where a stage starts
         self.proj = convert(module.proj, f"{path}.proj") if self.widens else None
         self.pool = convert.leaf(module.pool, f"{path}.pool") if self.widens and module.pool is not None else None
-        self.attn = MirrorAttention(module.attn, window, convert, f"{path}.attn")
+        self.attn = mirror_attention(module.attn, window, convert, f"{path}.attn")
 
     def forward(self, x):
         x_norm = self.norm1(x)
