@@ -946,25 +946,21 @@ def test_pvt_v2_linear_off_its_own_input_size_is_refused_in_one_line(timm_models
         encoder(images, active)
 
 
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("halonet26t", HALONET, r"halo attention cuts its map into blocks of 4x4 sites, got 6x8; use an input size that "
+                            r"makes whole blocks"),
+    ("sam2_hiera_tiny", SAM2, r"attention within units of 4x4 sites needs maps of whole units, got 6x8; use an "
+                              r"input size that makes them"),
+])
 @pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
-def test_halo_attention_on_a_map_of_part_blocks_is_refused_in_one_line(timm_models, engine):
-    """timm cuts the map into whole blocks (and asserts so); pretraining refuses another input size
-    before any work (test_pretrain.py), the encoder in one line where such a map reaches it."""
-    encoder = engine.from_timm(copy.deepcopy(timm_models("halonet26t", **HALONET)))
+def test_attention_in_groups_on_a_map_of_part_groups_is_refused_in_one_line(timm_models, engine, name, kwargs,
+                                                                             message):
+    """timm cuts HaloNet's map into whole blocks (and asserts so) and pads SAM 2's to whole windows
+    with zeros its attention reads as keys; pretraining refuses another input size before any work
+    (test_pretrain.py), the encoder in one line where such a map reaches it."""
+    encoder = engine.from_timm(copy.deepcopy(timm_models(name, **kwargs)))
     images, active = make_batch((96, 128), "ratio0.6", 2)
-    with pytest.raises(ValueError, match=r"^halo attention cuts its map into blocks of 4x4 sites, got 6x8; use an "
-                                         r"input size that makes whole blocks$"):
-        encoder(images, active)
-
-
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
-def test_sam2s_windows_on_a_map_of_part_windows_are_refused_in_one_line(timm_models, engine):
-    """timm pads such a map with zeros its attention reads as keys; pretraining refuses the input
-    size before any work (test_pretrain.py), the encoder in one line where such a map reaches it."""
-    encoder = engine.from_timm(copy.deepcopy(timm_models("sam2_hiera_tiny", **SAM2)))
-    images, active = make_batch((96, 128), "ratio0.6", 2)
-    with pytest.raises(ValueError, match=r"^attention within units of 4x4 sites needs maps of whole units, got 6x8; "
-                                         r"use an input size that makes them$"):
+    with pytest.raises(ValueError, match=f"^{message}$"):
         encoder(images, active)
 
 

@@ -234,29 +234,21 @@ def test_a_botnet_above_its_own_input_size_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_maxvit_at_an_input_size_off_its_own_fails_before_any_work(tmp_path):
+@pytest.mark.parametrize("model,size,why,multiple", [
     # its grid attention spreads groups of 7x7 sites over each map (encoders/maxxvit.py)
-    with pytest.raises(pretrain.ConfigError, match=r"^model maxvit_tiny_rw_224 attends within groups and grids of "
-                                                   r"sites that must be whole at every stride \(timm asserts so\): "
-                                                   "input_size must be a multiple of 224, got 96$"):
-        pretrain.train(config("model=maxvit_tiny_rw_224", "input_size=96"), tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
-def test_sam2s_hiera_at_an_input_size_off_its_windows_fails_before_any_work(tmp_path):
+    ("maxvit_tiny_rw_224", 96, r"attends within groups and grids of sites that must be whole at every stride "
+                               r"\(timm asserts so\)", 224),
     # timm pads a map of part windows with zeros that its attention reads as keys (encoders/hieradet.py)
-    with pytest.raises(pretrain.ConfigError, match=r"^model sam2_hiera_tiny attends within windows that must be "
-                                                   r"whole at every stride \(timm pads others with keys\): "
-                                                   "input_size must be a multiple of 224, got 256$"):
-        pretrain.train(config("model=sam2_hiera_tiny", "input_size=256"), tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
-def test_a_halonet_at_an_input_size_off_its_blocks_fails_before_any_work(tmp_path):
+    ("sam2_hiera_tiny", 256, r"attends within windows that must be whole at every stride \(timm pads others with "
+                             r"keys\)", 224),
     # halo attention cuts each map into blocks of 8x8 sites (encoders/byoanet.py)
-    with pytest.raises(pretrain.ConfigError, match=r"^model halonet26t cuts its maps into whole blocks of halo "
-                                                   "attention: input_size must be a multiple of 256, got 128$"):
-        pretrain.train(config("model=halonet26t", "input_size=128"), tmp_path)
+    ("halonet26t", 128, "cuts its maps into whole blocks of halo attention", 256),
+])
+def test_a_model_at_an_input_size_off_its_groups_of_sites_fails_before_any_work(tmp_path, model, size, why,
+                                                                                 multiple):
+    with pytest.raises(pretrain.ConfigError, match=rf"^model {model} {why}: input_size must be a multiple of "
+                                                   rf"{multiple}, got {size}$"):
+        pretrain.train(config(f"model={model}", f"input_size={size}"), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
