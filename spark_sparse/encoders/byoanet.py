@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.layers.bottleneck_attn import BottleneckAttn
@@ -39,7 +38,7 @@ from timm.layers.lambda_layer import LambdaLayer
 from torch import Tensor, nn
 
 from .attention import RelativeLogitsAttention
-from .family import ChannelConcat, ChannelSplit, Converter, InputSizes
+from .family import ChannelConcat, ChannelSplit, Converter, InputSizes, input_shapes, meta_model
 from .lambdas import LambdaMixing, PositionLambdas
 
 
@@ -195,21 +194,16 @@ def input_sizes(name: str) -> InputSizes:
     """A BotNet's or a global lambda network's: up to its own input size (its relative position
     tables reach that map, no larger). A HaloNet's: multiples of every halo attention's block in
     pixels (timm cuts its maps into whole blocks). Both where a model has both."""
-    with torch.device("meta"):  # no weights made
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = meta_model(name)
     sizes = InputSizes()
     if any(isinstance(m, BottleneckAttn) or isinstance(m, LambdaLayer) and m.pos_emb is not None
            for m in model.modules()):
         sizes = InputSizes(largest=model.pretrained_cfg["input_size"][-1],
                            why_largest="has relative position tables that reach the map of its own input size")
-    size, blocks = model.pretrained_cfg["input_size"][-1], []
-    hooks = [m.register_forward_pre_hook(lambda m, args: blocks.append(m.block_size * size // args[0].shape[-1]))
-             for m in model.modules() if isinstance(m, HaloAttn)]
-    with torch.device("meta"):  # each halo attention's stride, from the shapes alone
-        model(torch.empty(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    if blocks:
+    halos = [m for m in model.modules() if isinstance(m, HaloAttn)]
+    if halos:
+        size = model.pretrained_cfg["input_size"][-1]
+        blocks = [m.block_size * size // shape[-1] for m, shape in input_shapes(model, halos, size)]
         sizes = replace(sizes, multiple=math.lcm(sizes.multiple, *blocks),
                         why_multiple="cuts its maps into whole blocks of halo attention")
     return sizes

@@ -709,6 +709,26 @@ def normed_stage_outputs(timm_class: type, stem: str) -> Callable[[nn.Module, An
     return features
 
 
+def meta_model(name: str) -> nn.Module:
+    """timm's model ``name`` on the meta device: its modules and shapes, no weights made."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def input_shapes(model: nn.Module, modules: Sequence[nn.Module], size: int) -> list[tuple[nn.Module, torch.Size]]:
+    """Each call of one of ``modules`` in a forward of the meta ``model`` at ``size`` px, with the
+    shape of its first input (where its map's stride is read from the shapes alone)."""
+    seen: list[tuple[nn.Module, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].shape))) for m in modules]
+    try:
+        with torch.device("meta"):
+            model(torch.empty(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 def own_input_size(why: str) -> Callable[[str], InputSizes]:
     """``Family.input_sizes`` of a family whose models run at their own input size alone (timm runs
     no other): ``why`` names what is made for it."""

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import timm
-import torch
 import torch.nn.functional as F
 from timm.layers import LayerScale, Mlp
 from timm.models.hieradet_sam2 import HieraDet, HieraPatchEmbed, MultiScaleAttention, MultiScaleBlock
@@ -30,7 +28,7 @@ from torch import Tensor, nn
 from .attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout, MirrorLayerScale,
-                     square, unsupported)
+                     input_shapes, meta_model, square, unsupported)
 from .hiera import PooledQueryAttention, blocks_layout, stage_outputs
 
 
@@ -111,16 +109,11 @@ def check(model: HieraDet) -> None:
 def input_sizes(name: str) -> InputSizes:
     """Multiples of every window in pixels (timm pads a map of part windows, whose zeros its attention
     reads as keys) and of the window position table's (tiled over the map at stride 4)."""
-    with torch.device("meta"):  # no weights made
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    size, spans = model.pretrained_cfg["input_size"][-1], [4 * model.pos_embed_window.shape[-1]]
-    hooks = [block.register_forward_pre_hook(
-        lambda m, args: spans.append(m.window_size[0] * size // args[0].shape[1]))
-        for block in model.blocks if block.is_windowed]
-    with torch.device("meta"):  # each window's stride, from the shapes alone
-        model(torch.empty(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
+    model = meta_model(name)
+    size = model.pretrained_cfg["input_size"][-1]
+    windowed = [block for block in model.blocks if block.is_windowed]
+    spans = [4 * model.pos_embed_window.shape[-1]] + [  # blocks' maps are channels-last
+        block.window_size[0] * size // shape[1] for block, shape in input_shapes(model, windowed, size)]
     return InputSizes(math.lcm(InputSizes.multiple, *spans), "attends within windows that must be whole at every "
                                                              "stride (timm pads others with keys)")
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import math
 
-import timm
-import torch
 from timm.layers import ConvMlp, LayerScale, LayerScale2d, Mlp
 from timm.models.maxxvit import (ConvNeXtBlock, Downsample2d, MaxxVit, MaxxVitBlock,
                                  MaxxVitStage, MbConvBlock, ParallelMaxxVitBlock, ParallelPartitionAttention,
@@ -35,7 +33,7 @@ from torch import nn
 from .attention import GridAttention, WindowAttention
 from .convnext import MirrorMlp
 from .family import (ChannelConcat, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
-                     MirrorLayerScale, NamedStages, square, unsupported)
+                     MirrorLayerScale, NamedStages, meta_model, square, unsupported)
 from .mobilevit import MirrorConvMlp
 
 PARTITIONED = (PartitionAttentionCl, PartitionAttention2d, ParallelPartitionAttention)
@@ -44,8 +42,7 @@ PARTITIONED = (PartitionAttentionCl, PartitionAttention2d, ParallelPartitionAtte
 def input_sizes(name: str) -> InputSizes:
     """A MaxViT's: multiples of 32 times its groups' and grids' side (its own size; timm asserts
     whole ones at every stride); a CoAtNet's or MaxxViT's without partitions: multiples of 32."""
-    with torch.device("meta"):  # no weights made
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = meta_model(name)
     sides = {block.partition_size[0] for block in model.modules() if isinstance(block, PARTITIONED)}
     return InputSizes(32 * math.lcm(*sides) if sides else 32,
                       "attends within groups and grids of sites that must be whole at every stride (timm asserts so)")

@@ -17,15 +17,13 @@ query head), as MAE's encoder would. The linear variant (``pvt_v2_b2_li``) pools
 
 from __future__ import annotations
 
-import timm
-import torch
 from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed,
                                 PyramidVisionTransformerStage, PyramidVisionTransformerV2)
 from torch import nn
 
 from .attention import GroupedQueryAttention
 from .family import (ChannelSplit, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
-                     NamedStages, own_input_size)
+                     NamedStages, meta_model, own_input_size)
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -93,8 +91,7 @@ class MirrorStage(nn.Module):
 
 def input_sizes(name: str) -> InputSizes:
     """Any whole number of patches, but the linear variant's own (its keys' 7x7 cells are patches there)."""
-    with torch.device("meta"):  # no weights made
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = meta_model(name)
     if any(isinstance(m, Attention) and m.pool is not None for m in model.modules()):  # pvt_v2_b2_li
         return own_input_size("pools its keys to 7x7 cells, one per patch at its own input size")(name)
     return InputSizes()
