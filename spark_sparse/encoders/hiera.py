@@ -93,21 +93,12 @@ class MirrorAttention(PooledQueryAttention):
                          MaskUnitAttention(module.heads, module.head_dim, unit), module.proj, convert, path)
 
 
-class MirrorBlock(nn.Module):
-    """norm1; where the stage starts, the shortcut widened: its projection max-pooled over 2x2 sites,
-    or (abswin, no projection) the input's 2x2 max and average side by side; x + attention, then
-    x + MLP(norm2(x)), each with its layer scale and drop path."""
-
-    def __init__(self, module: HieraBlock, convert: Converter, path: str):
-        super().__init__()
-        for name in ("norm1", "proj", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
-            setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
-        self.widens = module.do_expand  # where a stage starts
-        pooled, stacked = module.attn.q_stride > 1, module.do_expand and module.proj is None
-        # parameter-free, names timm's lacks
-        self.pool = convert.leaf(nn.MaxPool2d(2, 2), f"{path}.pool") if pooled else None
-        self.avg_pool = convert.leaf(nn.AvgPool2d(2, 2), f"{path}.avg_pool") if pooled and stacked else None
-        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat") if stacked else None
+class BlockFlow(nn.Module):
+    """A Hiera block's flow (Hiera's and SAM 2's): norm1; where the stage starts, the shortcut
+    widened: its projection max-pooled over 2x2 sites, or (abswin, no projection) the input's 2x2
+    max and average side by side; x + attention, then x + MLP(norm2(x)), each with its layer scale
+    and drop path. Subclasses make the children from timm's block (``concat``, ``avg_pool`` of the
+    stacked shortcut None where there is none)."""
 
     def forward(self, x):
         x_norm = self.norm1(x)
@@ -119,6 +110,21 @@ class MirrorBlock(nn.Module):
             x = self.concat(self.pool(x), self.avg_pool(x)) if self.pool is not None else self.concat(x, x)
         x = x + self.drop_path1(self.ls1(self.attn(x_norm)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class MirrorBlock(BlockFlow):
+    """Hiera's block: timm's children, the pools its functional code runs made modules."""
+
+    def __init__(self, module: HieraBlock, convert: Converter, path: str):
+        super().__init__()
+        for name in ("norm1", "proj", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(self, name, convert(getattr(module, name), f"{path}.{name}"))
+        self.widens = module.do_expand  # where a stage starts
+        pooled, stacked = module.attn.q_stride > 1, module.do_expand and module.proj is None
+        # parameter-free, names timm's lacks
+        self.pool = convert.leaf(nn.MaxPool2d(2, 2), f"{path}.pool") if pooled else None
+        self.avg_pool = convert.leaf(nn.AvgPool2d(2, 2), f"{path}.avg_pool") if pooled and stacked else None
+        self.concat = convert.leaf(ChannelConcat(), f"{path}.concat") if stacked else None
 
 
 def position_table(net: nn.Module) -> Tensor:

@@ -29,7 +29,7 @@ from .attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
 from .family import (CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout, MirrorLayerScale,
                      input_shapes, meta_model, square, unsupported)
-from .hiera import PooledQueryAttention, blocks_layout, stage_outputs
+from .hiera import BlockFlow, PooledQueryAttention, blocks_layout, stage_outputs
 
 
 class MirrorPatchEmbed(nn.Module):
@@ -52,9 +52,9 @@ def mirror_attention(module: MultiScaleAttention, window: int | None, convert: C
     return PooledQueryAttention(module.qkv, module.dim_out, module.q_pool, attention, module.proj, convert, path)
 
 
-class MirrorBlock(nn.Module):
-    """norm1; where the stage starts, the shortcut the normed input projected and max-pooled over 2x2
-    sites; x + attention, then x + MLP(norm2(x)), each with its layer scale and drop path."""
+class MirrorBlock(BlockFlow):
+    """SAM 2's block: Hiera's flow, where a stage starts the shortcut the normed input projected and
+    max-pooled over 2x2 sites (no stacked shortcut)."""
 
     def __init__(self, module: MultiScaleBlock, convert: Converter, path: str):
         super().__init__()
@@ -67,15 +67,7 @@ class MirrorBlock(nn.Module):
         self.proj = convert(module.proj, f"{path}.proj") if self.widens else None
         self.pool = convert.leaf(module.pool, f"{path}.pool") if self.widens and module.pool is not None else None
         self.attn = mirror_attention(module.attn, window, convert, f"{path}.attn")
-
-    def forward(self, x):
-        x_norm = self.norm1(x)
-        if self.proj is not None:
-            x = self.proj(x_norm)
-            if self.pool is not None:
-                x = self.pool(x)
-        x = x + self.drop_path1(self.ls1(self.attn(x_norm)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        self.concat = None  # no stacked shortcut
 
 
 def position_table(net: nn.Module, size: tuple[int, int]) -> Tensor:
