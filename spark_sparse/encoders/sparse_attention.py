@@ -343,8 +343,8 @@ class SparseHaloAttention(HaloAttention):
 
     def forward(self, q: ME.SparseTensor, kv: ME.SparseTensor, height_rel: Tensor,
                 width_rel: Tensor) -> ME.SparseTensor:
-        span = self.block * kv.tensor_stride[0]  # a block's side in pixels
-        if span % PatchSites.of(kv).patch_size == 0 and span // PatchSites.of(kv).patch_size <= 2:
+        span, patch = self.block * kv.tensor_stride[0], PatchSites.of(kv).patch_size  # in pixels
+        if span % patch == 0 and span // patch <= 2:
             return with_features(q, self.attend_patches(q, kv, height_rel, width_rel))
         (q_map, _, index), (kv_map, keys, _) = on_canvas(q), on_canvas(kv)
         return with_features(q, from_canvas(self.attend(q_map, kv_map, keys, height_rel, width_rel), index))
