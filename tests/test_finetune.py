@@ -196,16 +196,20 @@ def test_a_pretraining_run_of_another_model_is_refused_naming_that_model(colours
         finetune.train(config(colours, f"pretrained={pretraining}"), tmp_path / "run")
 
 
-@pytest.mark.parametrize("model,size,message", [
-    ("swin_tiny_patch4_window7_224", 64, r"\(Input height \(64\) doesn't match model \(224\)\.\); set input_size=224$"),
-    ("hiera_tiny_224", 256, r"\(Attempting to broadcast a dimension of length 3136 .*\); set input_size=224$"),
-    ("botnet26t_256", 224, r"\(AssertionError in its forward\); set input_size=256$"),  # timm's assert says nothing
-    ("halonet26t", 128, r"\(AssertionError in its forward\); set input_size=256$"),  # blocks of 8x8 sites at stride 32
+@pytest.mark.parametrize("model,size,made,message", [
+    ("swin_tiny_patch4_window7_224", 64, "makes {} for input_size 224",
+     r"\(Input height \(64\) doesn't match model \(224\)\.\); set input_size=224$"),
+    ("hiera_tiny_224", 256, "makes {} for input_size 224",
+     r"\(Attempting to broadcast a dimension of length 3136 .*\); set input_size=224$"),
+    ("botnet26t_256", 224, "makes {} for input_size 256",
+     r"\(AssertionError in its forward\); set input_size=256$"),  # timm's assert says nothing
+    ("halonet26t", 300, "runs {} at multiples of 256",  # blocks of 8x8 sites at stride 32
+     r"\(AssertionError in its forward\); set input_size=512$"),
 ])
 def test_a_model_timm_makes_for_one_input_size_is_refused_at_another_before_any_work(colours, tmp_path, model, size,
-                                                                                      message):
-    with pytest.raises(finetune.ConfigError, match=f"^timm makes {model} for input_size .* and it does not run at "
-                                                   f"{size} " + message):
+                                                                                      made, message):
+    with pytest.raises(finetune.ConfigError, match=f"^timm {made.format(model)} and it does not run at {size} "
+                                                   + message):
         finetune.train(config(colours, f"model={model}", f"input_size={size}"), tmp_path)
     assert not any(tmp_path.iterdir())
 

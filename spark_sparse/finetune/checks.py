@@ -3,10 +3,12 @@ every key's type and range (``KEYS``), then the rules that tie keys together."""
 
 from __future__ import annotations
 
+import timm
 import torch
 from omegaconf import DictConfig
 from timm.optim import list_optimizers
 
+from ..encoders.families import input_sizes
 from ..timm_models import create_timm_model
 from ..run.recipe import timm_input_size
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
@@ -73,7 +75,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
 def check_input_size(model: str, size: int) -> None:
     """timm makes some models for one input size (their ``fixed_input_size``: position tables,
-    window grids). Such a model runs once at ``size`` on the meta device (no data, no arithmetic):
+    window grids), some for multiples of one (HaloNet's blocks). Such a model runs once at ``size`` on the meta device (no data, no arithmetic):
     a size its own checks refuse is refused here in one line, before any work."""
     own = timm_input_size(model, size)
     if size == own:
@@ -87,5 +89,6 @@ def check_input_size(model: str, size: int) -> None:
         return
     except (AssertionError, RuntimeError, ValueError) as err:
         why = str(err).strip().splitlines()[0][:120] if str(err).strip() else f"{type(err).__name__} in its forward"
-        raise ConfigError(f"timm makes {model} for input_size {own} and it does not run at {size} ({why}); "
-                          f"set input_size={own}") from None
+        made = (f"timm makes {model} for input_size {own}" if timm.models.get_pretrained_cfg(model).fixed_input_size
+                else f"timm runs {model} at multiples of {input_sizes(model).multiple}")  # HaloNet's blocks
+        raise ConfigError(f"{made} and it does not run at {size} ({why}); set input_size={own}") from None
