@@ -98,16 +98,24 @@ class Converter:
     def __init__(self, leaf: LeafConverter, mirrors: dict[type, type]):
         self.leaf = leaf
         self.mirrors = mirrors
+        # id -> (timm's module, kept so that no other takes its id; its conversion): a module timm
+        # shares (CoaT's position encodings, one per stage in every block) is converted once, shared
+        self.converted: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def __call__(self, module: nn.Module | None, path: str) -> nn.Module | None:
         if module is None:
             return None
+        if id(module) in self.converted:
+            return self.converted[id(module)][1]
         mirror = self.mirrors.get(type(module))
         if mirror is not None:
-            return mirror(module, self, path)
-        if type(module) is nn.Sequential:
-            return MirrorSequential(module, self, path)
-        return self.leaf(module, path)
+            out = mirror(module, self, path)
+        elif type(module) is nn.Sequential:
+            out = MirrorSequential(module, self, path)
+        else:
+            out = self.leaf(module, path)
+        self.converted[id(module)] = (module, out)
+        return out
 
 
 class MirrorSequential(nn.Sequential):
