@@ -136,6 +136,7 @@ AUDITED["mvitv2_tiny"] = {"img_size": 64, "drop_path_rate": 0.1}
 AUDITED["halonet26t"] = {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}, "drop_path_rate": 0.1}
 AUDITED["sam2_hiera_tiny"] = {"window_spec": (8, 4, 4, 2), "drop_path_rate": 0.1}
 AUDITED["efficientformerv2_s0"] = {"img_size": 96, "drop_path_rate": 0.1}
+AUDITED["coat_lite_tiny"] = {"img_size": 64, "drop_path_rate": 0.1}
 AUDITED["pvt_v2_b2_li"] = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 3, 4),
                            "drop_path_rate": 0.1}
 AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32
@@ -145,6 +146,7 @@ AUDIT_SIZES["halonet26t"] = (128, 128)  # whole blocks of 4x4 sites at stride 32
 AUDIT_SIZES["sam2_hiera_tiny"] = (64, 128)  # whole windows of 2x2 sites at stride 32
 AUDIT_SIZES["mvitv2_tiny"] = (64, 64)  # relative position tables of its own map
 AUDIT_SIZES["efficientformerv2_s0"] = (96, 96)  # attention biases of its own maps
+AUDIT_SIZES["coat_lite_tiny"] = (64, 64)  # patch embeddings of its own size
 AUDIT_SIZES["test_maxvit"] = (128, 192)  # its groups and grids (of 2x2 sites: built for 64 px) whole at every stride
 
 

@@ -822,6 +822,15 @@ VARIANTS.update({
         "efficientformerv2_s0", {"img_size": 96}),
 })
 
+# timm's coat module at 64 px (its patch embeddings are made for their own input size): each stage's class token
+# beside its map in the factorised attention (a key and value of every token), depthwise 3x3, 5x5 and 7x7 encodings of
+# v and a 3x3 position encoding shared by a stage's blocks; drop path drawn once per image for the map and its token
+VARIANT_SIZES.update({"coat_lite_tiny": (64, 64)})
+VARIANTS.update({
+    "CoaT-Lite: class tokens beside the maps, factorised attention, shared convolutional encodings": (
+        "coat_lite_tiny", {"img_size": 64, "drop_path_rate": 0.1}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -844,7 +853,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
               "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t",
-              "sehalonet33ts", "sam2_hiera_tiny"}
+              "sehalonet33ts", "sam2_hiera_tiny", "coat_lite_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -897,7 +906,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
                   "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
                   "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET,
-                  "sam2_hiera_tiny": SAM2}
+                  "sam2_hiera_tiny": SAM2, "coat_lite_tiny": {"img_size": 64}}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

@@ -99,6 +99,7 @@ def test_random_active_keeps_the_papers_count():
     ("lowformer_b0", 32, None),  # the same, upsampled by transposed convolutions
     ("gcvit_xxtiny", 224, 224),  # groups and global tokens fractions of its own size
     ("mvitv2_tiny", 224, 224),  # relative position tables indexed from its own map's corner
+    ("coat_lite_tiny", 32, None),  # its patch embeddings are timm's for its own size alone, the encoders' for any
     ("efficientformerv2_s0", 224, 224),  # attention biases of its own maps
     ("pvt_v2_b2_li", 224, 224),  # keys pooled to 7x7 cells: one per patch at its own size
     ("pvt_v2_b2", 32, None),  # the others' keys one per patch at any size

@@ -127,6 +127,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "efficientformerv2_s0",  # talking heads over 16-bit attention, bilinear upsampling on the canvas
             "halonet26t",  # attention in blocks and their halos on the canvas, the padding's keys among them
             "sam2_hiera_tiny",  # within windows of several patches, a position table resized bicubically
+            "coat_lite_tiny",  # factorised attention: per-image sums over 16-bit rows beside the class token
             "resnetv2_50d_evos",  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
             # a member of the other families but VGG (its 3x3s on the pixels, norms and 2x2 max poolings are
             # CSPDarkNet's and DLA's; none has an operator of its own: concatenations, split convolutions,
@@ -148,10 +149,10 @@ TIMM_KWARGS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers":
                "cpubone_t0": {"proj_drop_rate": 0.0}, "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
                "efficientformerv2_s0": {"img_size": 96},
                "halonet26t": {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}},
-               "sam2_hiera_tiny": {"window_spec": (8, 4, 4, 2)}}
+               "sam2_hiera_tiny": {"window_spec": (8, 4, 4, 2)}, "coat_lite_tiny": {"img_size": 64}}
 # GCViT, MViTv2 and EfficientFormerV2 run at the square size they are made for; HaloNet at whole blocks of 4x4 sites
 SIZES = {"gcvit_xxtiny": (96, 96), "mvitv2_tiny": (64, 64), "efficientformerv2_s0": (96, 96), "halonet26t": (128, 128),
-         "sam2_hiera_tiny": (64, 128)}
+         "sam2_hiera_tiny": (64, 128), "coat_lite_tiny": (64, 64)}
 
 
 def features_and_gradients(encoder, images, active, precision: str = "fp32", dtype=torch.float32):

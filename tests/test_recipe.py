@@ -136,6 +136,9 @@ from .test_pretrain import config
     ("gcvit_xtiny", 0.0, "ln", [0.9, 0.999]),  # GCViT, by size
     ("gcvit_small", 0.2, "ln", [0.9, 0.999]),
     ("gcvit_base", 0.3, "ln", [0.9, 0.999]),
+    ("coat_lite_tiny", 0.0, "ln", [0.9, 0.999]),  # CoaT-Lite, by size
+    ("coat_lite_small", 0.2, "ln", [0.9, 0.999]),
+    ("coat_lite_medium_384", 0.3, "ln", [0.9, 0.999]),
     ("mvitv2_tiny", 0.0, "ln", [0.9, 0.999]),  # MViTv2, by size
     ("mvitv2_small", 0.2, "ln", [0.9, 0.999]),
     ("mvitv2_large", 0.4, "ln", [0.9, 0.999]),
@@ -196,6 +199,7 @@ def composed(app: str, *overrides: str):
     ("hiera_small_abswin_256", 256, 256),
     ("gcvit_xxtiny", 224, 224),  # groups and global tokens fractions of its own size, in both
     ("mvitv2_tiny", 224, 224),  # relative position tables of its own map, in both
+    ("coat_lite_tiny", 128, 224),  # our patch embeddings run at any size; timm's at its own
     ("efficientformerv2_s0", 224, 224),  # attention biases of its own maps, in both
 ])
 def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_it_it_runs_at(

@@ -135,14 +135,15 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
                                   "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0",
                                   "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
-                                  "halonet26t", "sam2_hiera_tiny"])
+                                  "halonet26t", "sam2_hiera_tiny", "coat_lite_tiny"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
     torch.manual_seed(0)
     # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
     kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256", "hiera_tiny_224",
-                                                "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0") else {}
+                                                "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
+                                                "coat_lite_tiny") else {}
     if name == "halonet26t":  # halo attention's blocks whole at stride 32: 2x2 sites at 64 px
         kwargs = {"self_attn_kwargs": {"block_size": 2, "halo_size": 1}}
     if name == "sam2_hiera_tiny":  # windows whole at strides 16 and 32 at 64 px
@@ -242,7 +243,7 @@ def test_no_weight_decay_on_biases_norms_and_mask_tokens(engine):
 # one model of each timm module whose no_weight_decay() names parameters that are not 1-D
 EXEMPT_BY_NAME = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "hiera_tiny_224", "tiny_vit_5m_224",
                   "efficientformer_l1", "twins_pcpvt_small", "coatnet_rmlp_nano_rw_224", "maxvit_nano_rw_256",
-                  "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "sam2_hiera_tiny"]
+                  "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "sam2_hiera_tiny", "coat_lite_tiny"]
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

@@ -162,6 +162,9 @@ CANVAS_DEPENDENT.add("halonet26t")
 # SAM 2's Hiera resizes its position embedding to the canvas's map (timm's too): batch independence alone
 MODELS["sam2_hiera_tiny"] = ("sam2_hiera_tiny", {"window_spec": (8, 4, 4, 2)})
 CANVAS_DEPENDENT.add("sam2_hiera_tiny")
+# CoaT-Lite's class tokens meet each image's visible tokens alone; its patch embeddings are made for its own size, but
+# the encoders' run at any (timm's asserts): canvas invariance too
+MODELS["coat_lite_tiny"] = ("coat_lite_tiny", {"img_size": 64, "drop_path_rate": 0.1})
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
@@ -174,7 +177,8 @@ PLACEMENTS.update({
               "mvitv2_tiny": ((64, 64), (128, 128), (0, 0)),
               "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0)),
               "halonet26t": ((128, 128), (256, 256), (0, 0)),
-              "sam2_hiera_tiny": ((64, 128), (128, 256), (0, 0))})
+              "sam2_hiera_tiny": ((64, 128), (128, 256), (0, 0)),
+              "coat_lite_tiny": ((64, 64), (128, 192), (32, 64))})
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)

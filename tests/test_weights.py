@@ -109,6 +109,8 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["gcvit_xxtiny", "gcvit_base"]})
 ALL_DEPTHS["pvt_v2_b2_li"] = ("pvt_v2_b2_li", {})  # its keys' 1x1 (sr) after the pooling
 # MViTv2: pooling kernels shared by the heads (pool_q.weight: one head's), per-head norms, relative position tables
 ALL_DEPTHS["mvitv2_tiny"] = ("mvitv2_tiny", {})
+# CoaT-Lite: class tokens, position encodings shared by a stage's blocks (timm's state dict names them at both places)
+ALL_DEPTHS["coat_lite_tiny"] = ("coat_lite_tiny", {})
 # EfficientFormerV2: attention bias tables and talking heads under timm's names, the attention downsampling's query
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientformerv2_s0", "efficientformerv2_l"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
@@ -416,11 +418,21 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
     ("swin_tiny_patch4_window7_224", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
     ("swinv2_tiny_window8_256", {"attn_drop_rate": 0.1}, r"layers\.0\.blocks\.0\.attn\.attn_drop"),
     ("swinv2_cr_tiny_224", {"attn_drop_rate": 0.1}, r"stages\.0\.blocks\.0\.attn\.attn_drop"),
-    ("test_maxvit", {"transformer_attn_drop": 0.1}, r"stages\.0\.blocks\.0\.attn_block\.attn\.attn_drop")])
+    ("test_maxvit", {"transformer_attn_drop": 0.1}, r"stages\.0\.blocks\.0\.attn_block\.attn\.attn_drop"),
+    ("coat_lite_tiny", {"proj_drop_rate": 0.1}, r"serial_blocks1\.0\.factoratt_crpe\.proj_drop")])
 def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
     # no engine mirrors a dropout's random mask
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     with pytest.raises(ConversionError, match=f"^cannot convert Dropout at '{where}': dropout p=0\\.1$"):
+        engine_class(engine).from_timm(model)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_coat_with_parallel_blocks_is_refused_in_one_line(engine):
+    model = timm.create_model("coat_tiny", pretrained=False, num_classes=0, img_size=64)
+    with pytest.raises(ConversionError, match=r"^CoaT with parallel blocks \(coat_tiny, coat_mini, coat_small: the "
+                                              r"scales mixed by bilinear resizing\) is not mirrored; CoaT-Lite's "
+                                              r"serial blocks are$"):
         engine_class(engine).from_timm(model)
 
 

@@ -7,6 +7,7 @@ import timm
 from torch import nn
 
 from .byobnet import BYOBNET
+from .coat import COAT
 from .convnext import CONVNEXT
 from .cpubone import CPUBONE
 from .cspnet import CSPNET
@@ -68,7 +69,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET)
+                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET, COAT)
 
 
 def family_of(model: nn.Module) -> Family:

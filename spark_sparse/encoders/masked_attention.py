@@ -18,6 +18,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention, map_tokens)
 from .byoanet import HaloAttention
+from .coat import FactorAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
@@ -145,6 +146,17 @@ class MaskedSelfAttention(SelfAttention):
         b, c, h, w = x.shape
         out = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1))
         return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True)
+
+
+class MaskedFactorAttention(FactorAttention):
+    """CoaT's factorised attention over every token of the map and the class token, the hidden
+    tokens left out as keys; hidden tokens, as queries, get values, masked later."""
+
+    def forward(self, inp: MaskedTensor, cls: Tensor) -> tuple[MaskedTensor, Tensor]:
+        x = inp.clean().x
+        b, c, h, w = x.shape
+        out, out_cls = self.attend(x.flatten(2).transpose(1, 2), inp.visible().flatten(1), cls)
+        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), inp.active, dirty=True), out_cls
 
 
 class MaskedGroupedQueryAttention(GroupedQueryAttention):

@@ -45,11 +45,12 @@ from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
-                               MaskedHaloAttention, MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
+                               MaskedFactorAttention, MaskedHaloAttention, MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
                                MaskedOffsetBiasAttention, MaskedPackedQkvAttention, MaskedPoolingAttention,
                                MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
                                MaskedWindowAttention, visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
+from .coat import FactorAttention
 from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
@@ -494,6 +495,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedPackedQkvAttention(module.num_heads, module.key_dim)
     if type(module) is PoolingAttention:
         return module.like(MaskedPoolingAttention)
+    if type(module) is FactorAttention:
+        return MaskedFactorAttention(module.num_heads, module.scale)
     if type(module) is OffsetBiasAttention:
         return module.like(MaskedOffsetBiasAttention)
     if type(module) is GroupedQueryAttention:

@@ -24,6 +24,7 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
 from .byoanet import HaloAttention, grid_sites
+from .coat import FactorAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .lambdas import LambdaMixing
 from .mvitv2 import PoolingAttention
@@ -122,6 +123,16 @@ def on_image_tokens(x: ME.SparseTensor, attend: Callable[[Tensor, Tensor], Tenso
     side (``image_tokens``), its (B, n, C') output gathered back to the rows."""
     tokens, slots, present = image_tokens(x)
     return from_slots(x, attend(tokens, present), slots)
+
+
+class SparseFactorAttention(FactorAttention):
+    """CoaT's factorised attention of each image's visible rows side by side (``image_tokens``) and
+    its class token."""
+
+    def forward(self, x: ME.SparseTensor, cls: Tensor) -> tuple[ME.SparseTensor, Tensor]:
+        tokens, slots, present = image_tokens(x)
+        out, out_cls = self.attend(tokens, present, cls)
+        return from_slots(x, out, slots), out_cls
 
 
 def image_positions(x: ME.SparseTensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:

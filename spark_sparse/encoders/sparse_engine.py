@@ -58,11 +58,12 @@ from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
 from .lambdas import LambdaMixing, PositionLambdas
+from .coat import FactorAttention
 from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
-                               SparseHaloAttention, SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
+                               SparseFactorAttention, SparseHaloAttention, SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
                                SparseOffsetBiasAttention, SparsePackedQkvAttention, SparsePoolingAttention,
                                SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
                                SparseWindowAttention, on_canvas_sites, visible_means)
@@ -547,6 +548,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseHeadLayerNorm(module, module.heads)
     if kind is PoolingAttention:
         return module.like(SparsePoolingAttention)
+    if kind is FactorAttention:
+        return SparseFactorAttention(module.num_heads, module.scale)
     if kind is OffsetBiasAttention:
         return module.like(SparseOffsetBiasAttention)
     if kind is ChannelGroupAttention:
