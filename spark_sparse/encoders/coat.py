@@ -12,36 +12,22 @@ position encoding, shared by the stage's blocks; zero at the class token). A sta
 dropped at its end. Over the visible part this is timm's model of a smaller image: no hidden token is
 a key, the convolutions read zeros there, and the class token meets the visible tokens alone.
 
-The class token is a plain (B, C) tensor beside the engine's map: its layer norms and linear layers
-are the same leaves' (each engine's twin of ``nn.LayerNorm`` and ``nn.Linear`` is one), run on its
-rows; the attention leaf takes both, and a branch's drop path is drawn once per image for both.
-CoaT's parallel blocks (``coat_tiny``, ``_mini``, ``_small``: the scales mixed by bilinear resizing)
+The class token is a plain (B, C) tensor beside the engine's map (``class_token.py``); the attention
+leaf takes both. CoaT's parallel blocks (``coat_tiny``, ``_mini``, ``_small``: the scales mixed by bilinear resizing)
 are not mirrored.
 """
 
 from __future__ import annotations
 
-
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed
+from timm.layers import Mlp, PatchEmbed
 from timm.models.coat import CoaT, ConvPosEnc, ConvRelPosEnc, FactorAttnConvRelPosEnc, SerialBlock
 from torch import Tensor, nn
 
+from .class_token import DropPathBoth, check_mlp_rows, layer_norm_rows, linear_rows, mlp_rows
 from .convnext import MirrorMlp
-from .family import (ChannelConcat, ChannelSplit, ConversionError, Converter, Family, Layout, Product, RadixSum,
-                     refuse_dropout, unsupported)
+from .family import ChannelConcat, ChannelSplit, ConversionError, Converter, Family, Layout, Product, refuse_dropout
 from .hrnet import mirror_module_list
-
-
-def linear_rows(linear: nn.Linear, rows: Tensor) -> Tensor:
-    """A linear leaf (each engine's twin is an ``nn.Linear``) on plain (B, C) rows."""
-    return F.linear(rows, linear.weight, linear.bias)
-
-
-def layer_norm_rows(norm: nn.LayerNorm, rows: Tensor) -> Tensor:
-    """A layer-norm leaf (each engine's twin is an ``nn.LayerNorm``) on plain (B, C) rows."""
-    return F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class FactorAttention(nn.Module):
@@ -135,40 +121,23 @@ class MirrorFactorAttention(nn.Module):
 
 class MirrorSerialBlock(nn.Module):
     """The position encoding, x + attention(norm1(x)), x + MLP(norm2(x)), for the map and its class
-    token alike; each branch's drop path one draw per image for both (``mix``, a per-image scale)."""
+    token alike (each branch's drop path one draw per image for both)."""
 
     def __init__(self, module: SerialBlock, convert: Converter, path: str):
         super().__init__()
-        mlp = module.mlp
-        if not isinstance(mlp.norm, nn.Identity) or type(mlp.act) is not nn.GELU:
-            raise unsupported(mlp, f"{path}.mlp", "an MLP other than CoaT's (GELU, no norm)")
+        check_mlp_rows(module.mlp, f"{path}.mlp")
         self.cpe = convert(module.cpe, f"{path}.cpe")
         self.norm1 = convert.leaf(module.norm1, f"{path}.norm1")
         self.factoratt_crpe = convert(module.factoratt_crpe, f"{path}.factoratt_crpe")
         self.norm2 = convert.leaf(module.norm2, f"{path}.norm2")
-        self.mlp = convert(mlp, f"{path}.mlp")
-        self.drop_prob = module.drop_path.drop_prob if isinstance(module.drop_path, DropPath) else 0.0
-        self.mix = convert.leaf(RadixSum(1), f"{path}.mix")  # parameter-free: one group of channels, weighted
-
-    def mlp_rows(self, rows: Tensor) -> Tensor:
-        return linear_rows(self.mlp.fc2, F.gelu(linear_rows(self.mlp.fc1, rows)))
-
-    def add(self, x, cls: Tensor, out, out_cls: Tensor):
-        """x + out and cls + out_cls, out and out_cls dropped per image (timm's drop path: one draw
-        per image, the kept ones scaled by 1 / keep)."""
-        if not self.training or self.drop_prob == 0.0:
-            return x + out, cls + out_cls
-        keep = 1.0 - self.drop_prob
-        scale = out_cls.new_empty(out_cls.shape[0]).bernoulli_(keep).div_(keep)
-        return x + self.mix(out, scale[:, None].expand(-1, out_cls.shape[1]).contiguous()), cls + out_cls * scale[:, None]
+        self.mlp = convert(module.mlp, f"{path}.mlp")
+        # timm's one drop path serves both branches (parameter-free: names timm's lacks)
+        self.drop_path = DropPathBoth(module.drop_path, convert, f"{path}.drop_path")
 
     def forward(self, x, cls: Tensor):
         x = self.cpe(x)
-        x, cls = self.add(x, cls, *self.factoratt_crpe(self.norm1(x), layer_norm_rows(self.norm1, cls)))
-        return self.add(x, cls, self.mlp(self.norm2(x)), self.mlp_rows(layer_norm_rows(self.norm2, cls)))
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
+        x, cls = self.drop_path(x, cls, *self.factoratt_crpe(self.norm1(x), layer_norm_rows(self.norm1, cls)))
+        return self.drop_path(x, cls, self.mlp(self.norm2(x)), mlp_rows(self.mlp, layer_norm_rows(self.norm2, cls)))
 
 
 class MirrorPatchEmbed(nn.Module):
