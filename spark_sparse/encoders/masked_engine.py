@@ -45,7 +45,8 @@ from .lambdas import LambdaMixing, PositionLambdas
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
-                               MaskedFactorAttention, MaskedHaloAttention, MaskedLambdaMixing, MaskedLinearAttention, MaskedMaskUnitAttention,
+                               MaskedFactorAttention, MaskedHaloAttention, MaskedLambdaMixing, MaskedLinearAttention,
+                               MaskedMaskUnitAttention,
                                MaskedOffsetBiasAttention, MaskedPackedQkvAttention, MaskedPoolingAttention,
                                MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
                                MaskedWindowAttention, visible_means)

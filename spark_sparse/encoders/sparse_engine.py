@@ -63,7 +63,8 @@ from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
-                               SparseFactorAttention, SparseHaloAttention, SparseLambdaMixing, SparseLinearAttention, SparseMaskUnitAttention,
+                               SparseFactorAttention, SparseHaloAttention, SparseLambdaMixing, SparseLinearAttention,
+                               SparseMaskUnitAttention,
                                SparseOffsetBiasAttention, SparsePackedQkvAttention, SparsePoolingAttention,
                                SparseRelativeLogitsAttention, SparseSelfAttention, SparseSeparableGridAttention,
                                SparseWindowAttention, on_canvas_sites, visible_means)

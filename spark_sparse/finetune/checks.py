@@ -75,8 +75,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
 def check_input_size(model: str, size: int) -> None:
     """timm makes some models for one input size (their ``fixed_input_size``: position tables,
-    window grids), some for multiples of one (HaloNet's blocks). Such a model runs once at ``size`` on the meta device (no data, no arithmetic):
-    a size its own checks refuse is refused here in one line, before any work."""
+    window grids), some for multiples of one (HaloNet's blocks). Such a model runs once at ``size``
+    on the meta device (no data, no arithmetic): a size its own checks refuse is refused here in one
+    line, before any work."""
     own = timm_input_size(model, size)
     if size == own:
         return
