@@ -190,7 +190,7 @@ fi
 [ -n "${MODELS:-}" ] && read -ra FAMILIES <<<"$MODELS"
 
 # (c) the engine's tests on the device (186 s on the H200 for the 184 tests of 2026-11-29, the device
-# audit of 43 models among them, slowest of all: 3-9 s each; now 217 tests: every variant's float64
+# audit of 43 models among them, slowest of all: 3-9 s each; now 218 tests: every variant's float64
 # train step at mask 0.6, and the rest; the limit has the time a carried MinkowskiEngine wheel saves in (b))
 step "(c) pytest --device $DEVICE" c.log 300 \
   "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"

@@ -807,10 +807,12 @@ VARIANTS.update({
 # timm's mvitv2 module at 64 px (its relative position tables are made for its own input size): q, k and v pooled
 # per head by a shared depthwise 3x3 (k and v at stride 4 on the stride-4 map: keys at stride 16, reading one site of
 # the neighbouring patch), queries at stride 2 where a stage starts beside a max-pooled shortcut, residual pooling
-VARIANT_SIZES.update({"mvitv2_tiny": (64, 64)})
+VARIANT_SIZES.update({"mvitv2_tiny": (64, 64), "mvitv2_small_cls": (64, 64)})
 VARIANTS.update({
     "MViTv2: pooling attention with relative positions, depthwise 3x3s at strides 1, 2 and 4": (
         "mvitv2_tiny", {"img_size": 64}),
+    # the class token: one more query, key and value (normed, not pooled), no relative position; drop path for both
+    "MViTv2 with a class token (the _cls models)": ("mvitv2_small_cls", {"img_size": 64, "drop_path_rate": 0.1}),
 })
 
 # timm's efficientformer_v2 module at 96 px (its attention biases are made for its own input size): attention at
@@ -905,7 +907,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "lambda_resnet26t": {}, "lambda_resnet26rpt_256": BOTNET, "hiera_tiny_224": HIERA,
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
                   "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
-                  "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET,
+                  "mvitv2_small_cls": {"img_size": 64}, "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET,
                   "sam2_hiera_tiny": SAM2, "coat_lite_tiny": {"img_size": 64}}
 
 

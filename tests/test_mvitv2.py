@@ -9,7 +9,6 @@ its maps alone.
 import copy
 
 import pytest
-import timm
 import torch
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
@@ -19,7 +18,6 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
-from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.mvitv2 import HeadLayerNorm, HeadSharedConv2d
 
 from .test_encoder_equivalence import (assert_equals_plain_timm_in_eval_mode, assert_train_steps_equal, batch_on,
@@ -59,17 +57,6 @@ def test_the_large_models_weights_load_back_into_timm(engine):
     fresh.load_state_dict(state, strict=True)
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
-
-
-@pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])
-@pytest.mark.parametrize("name,why", [
-    ("mvitv2_small_cls", r"MViTv2 with a class token \(the _cls models, use_cls_token\) is not mirrored: no engine "
-                         r"carries a token beside the map"),
-])
-def test_the_class_token_models_are_refused_in_one_line(engine, name, why):
-    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=64)
-    with pytest.raises(ConversionError, match=rf"^{why}$"):
-        engine.from_timm(model)
 
 
 @pytest.mark.parametrize("engine", [SparseEncoder, MaskedDenseEncoder])

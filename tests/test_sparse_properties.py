@@ -150,7 +150,8 @@ CANVAS_DEPENDENT.add("gcvit_xxtiny")
 # MViTv2's relative position tables are indexed from the far corner of the map of its own size (timm's too): batch
 # independence alone, at its size
 MODELS["mvitv2_tiny"] = ("mvitv2_tiny", {"img_size": 64})
-CANVAS_DEPENDENT.add("mvitv2_tiny")
+MODELS["mvitv2_small_cls"] = ("mvitv2_small_cls", {"img_size": 64, "drop_path_rate": 0.1})  # its class token
+CANVAS_DEPENDENT.update({"mvitv2_tiny", "mvitv2_small_cls"})
 # EfficientFormerV2's attention biases are made for the map of its own size, and its bilinear upsampling clamps at
 # the canvas's border (timm's too): batch independence alone, at its size
 MODELS["efficientformerv2_s0"] = ("efficientformerv2_s0", {"img_size": 96})
@@ -175,6 +176,7 @@ PLACEMENTS.update({
               "test_maxvit": ((64, 128), (128, 256), (0, 0)),
               "gcvit_xxtiny": ((96, 96), (192, 192), (0, 0)),  # (no canvas test: the batch test's size)
               "mvitv2_tiny": ((64, 64), (128, 128), (0, 0)),
+              "mvitv2_small_cls": ((64, 64), (128, 128), (0, 0)),
               "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0)),
               "halonet26t": ((128, 128), (256, 256), (0, 0)),
               "sam2_hiera_tiny": ((64, 128), (128, 256), (0, 0)),

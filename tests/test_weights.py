@@ -109,6 +109,7 @@ ALL_DEPTHS.update({name: (name, {}) for name in ["gcvit_xxtiny", "gcvit_base"]})
 ALL_DEPTHS["pvt_v2_b2_li"] = ("pvt_v2_b2_li", {})  # its keys' 1x1 (sr) after the pooling
 # MViTv2: pooling kernels shared by the heads (pool_q.weight: one head's), per-head norms, relative position tables
 ALL_DEPTHS["mvitv2_tiny"] = ("mvitv2_tiny", {})
+ALL_DEPTHS["mvitv2_small_cls"] = ("mvitv2_small_cls", {})  # and its class token
 # CoaT-Lite: class tokens, position encodings shared by a stage's blocks (timm's state dict names them at both places)
 ALL_DEPTHS["coat_lite_tiny"] = ("coat_lite_tiny", {})
 # EfficientFormerV2: attention bias tables and talking heads under timm's names, the attention downsampling's query

@@ -176,13 +176,15 @@ class MaskedPoolingAttention(PoolingAttention):
     left out; hidden queries get values, masked later."""
 
     def forward(self, q: MaskedTensor, k: MaskedTensor, v: MaskedTensor, rel_h: Tensor | None,
-                rel_w: Tensor | None) -> MaskedTensor:
+                rel_w: Tensor | None, cls: tuple[Tensor, Tensor, Tensor] | None = None):
         q_map, k_map = q.clean().x, k.clean().x
         b, _, h, w = q_map.shape
         (queries, qy, qx), (keys, ky, kx) = map_tokens(q_map), map_tokens(k_map)
         out = self.attend(queries, keys, map_tokens(v.clean().x)[0], k.visible().flatten(1), (qy, qx), (ky, kx),
-                          (h, w), tuple(k_map.shape[-2:]), rel_h, rel_w)
-        return MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+                          (h, w), tuple(k_map.shape[-2:]), rel_h, rel_w, cls)
+        out, out_cls = (out, None) if cls is None else out
+        out = MaskedTensor(out.transpose(1, 2).reshape(b, -1, h, w), q.active, dirty=True)
+        return out if cls is None else (out, out_cls)
 
 
 class MaskedOffsetBiasAttention(OffsetBiasAttention):

@@ -306,6 +306,15 @@ class MaskedApply(nn.Module):
         return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
 
 
+class MaskedHeadLayerNorm(HeadLayerNorm):
+    """MViTv2's per-head layer norm of every site's channels, the hidden sites zeroed again (``rows``:
+    a class token's)."""
+
+    def forward(self, inp: MaskedTensor) -> MaskedTensor:
+        y = super().forward(inp.clean().x)
+        return MaskedTensor(y * upsample_active(inp.active, y.shape[-2:]), inp.active)
+
+
 class MaskedGridPool(nn.Module):
     """timm's adaptive average pooling of the masked map, one cell per patch (a hidden patch's cell
     zero), on a grid of patches of the pooling's size alone (``mask.check_patch_grid``)."""
@@ -443,8 +452,10 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGroupNormAct(module, nn.Identity())
     # timm's own (and Swin's space to depth), hidden sites reading zero
     if type(module) in (ZeroPaddedMaxPool, BlurPool2d, SpaceToDepth, ColumnsFirstSpaceToDepth, PositionLambdas,
-                        HeadSharedConv2d, HeadLayerNorm):
+                        HeadSharedConv2d):
         return MaskedApply(copy.deepcopy(module))
+    if type(module) is HeadLayerNorm:
+        return MaskedHeadLayerNorm(module, module.heads)
     if type(module) in LAYER_NORMS:
         return _masked_layer_norm(module)
     if type(module) in RMS_NORMS:

@@ -14,7 +14,9 @@ relative positions, ``rel_pos_h``, ``rel_pos_w``), and adds its q (residual pool
 timm's position tables are indexed from the far corner of the map its input size makes, so an
 offset's entry depends on the map's size: MViTv2 runs at its own input size alone, as timm does,
 and an image inside a larger canvas is another input (batch independence, not canvas
-invariance). The ``_cls`` models carry a class token beside the map, which no engine does.
+invariance). The ``_cls`` models carry a class token beside the map (``class_token.py``): it is
+one more query, key and value of each image's attention (timm pools the map's q, k and v alone, then
+norms the token's with them), without relative positions, and its block's shortcut is not pooled.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, MultiScaleV
 from torch import Tensor, nn
 
 from .attention import map_tokens
+from .class_token import DropPathBoth, check_mlp_rows, layer_norm_rows, linear_rows, mlp_rows
 from .convnext import MirrorMlp
 from .family import (ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, Layout, MirrorChildren,
-                     MirrorInOrder, check_strides, normed_stage_outputs, own_input_size, unsupported)
+                     MirrorInOrder, check_strides, own_input_size, unsupported)
 from .hrnet import mirror_module_list
 
 
@@ -118,30 +121,41 @@ class PoolingAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, keys: Tensor, q_at: tuple[Tensor, Tensor],
                k_at: tuple[Tensor, Tensor], q_size: tuple[int, int], k_size: tuple[int, int],
-               rel_h: Tensor | None, rel_w: Tensor | None) -> Tensor:
+               rel_h: Tensor | None, rel_w: Tensor | None, cls: tuple[Tensor, Tensor, Tensor] | None = None):
         """(B, n, C) queries, (B, m, C) keys and values, (B, m) bool: which keys count, each query's
-        and key's (row, column), the maps' (h, w) at their strides -> (B, n, C)."""
+        and key's (row, column), the maps' (h, w) at their strides -> (B, n, C); with ``cls``, the
+        class token's (B or 1, C) query, key and value first among them (no relative position), and
+        its (B, C) output too."""
         b, n, _ = q.shape
+        if cls is not None:
+            q, k, v = (torch.cat([c.to(t.dtype).expand(b, -1)[:, None], t], 1) for c, t in zip(cls, (q, k, v)))
+            keys = torch.cat([keys.new_ones(b, 1), keys], 1)
+        first = 0 if cls is None else 1  # the map's first token
         q, k, v = (t.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         logits = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)
         if self.relative:  # each query's products with every offset's embedding, read at each key's offset
             for table, axis in ((rel_h, 0), (rel_w, 1)):
                 self.check(table.shape[0], q_size[axis], k_size[axis])
                 index = offsets(q_at[axis], k_at[axis], q_size[axis], k_size[axis])[:, None]
-                logits = logits + (q @ table.to(q.dtype).t()).gather(-1, index.expand(-1, self.num_heads, -1, -1))
+                rel = (q[:, :, first:] @ table.to(q.dtype).t()).gather(-1, index.expand(-1, self.num_heads, -1, -1))
+                logits = logits + F.pad(rel, [first, 0, first, 0])  # the class token's row and column: none
         keys = keys | ~keys.any(1, keepdim=True)  # an image without a key: outputs never read
         out = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(-1) @ v
         if self.residual:
             out = out + q
-        return out.transpose(1, 2).reshape(b, n, -1)
+        out = out.transpose(1, 2).reshape(b, n + first, -1)
+        return out if cls is None else (out[:, 1:], out[:, 0])
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor | None, rel_w: Tensor | None,
+                cls: tuple[Tensor, Tensor, Tensor] | None = None):
         b, _, h, w = q.shape
         (queries, qy, qx), (keys, ky, kx) = map_tokens(q), map_tokens(k)
         present = keys.new_ones(keys.shape[:2], dtype=torch.bool)
         out = self.attend(queries, keys, map_tokens(v)[0], present, (qy, qx), (ky, kx), (h, w), tuple(k.shape[-2:]),
-                          rel_h, rel_w)
-        return out.transpose(1, 2).reshape(b, -1, h, w)
+                          rel_h, rel_w, cls)
+        if cls is None:
+            return out.transpose(1, 2).reshape(b, -1, h, w)
+        return out[0].transpose(1, 2).reshape(b, -1, h, w), out[1]
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, residual={self.residual}, "
@@ -154,9 +168,8 @@ class MirrorAttention(nn.Module):
 
     def __init__(self, module: MultiScaleAttention, convert: Converter, path: str):
         super().__init__()
-        if module.mode != "conv" or module.has_cls_token:
-            raise unsupported(module, path, f"mode '{module.mode}', class token {module.has_cls_token}: only "
-                                            "shared convolutional pooling (mode 'conv') over the map alone")
+        if module.mode != "conv":
+            raise unsupported(module, path, f"mode '{module.mode}': only shared convolutional pooling (mode 'conv')")
         heads, d = module.num_heads, module.head_dim
         self.qkv = convert(module.qkv, f"{path}.qkv")
         # parameter-free, names timm's lacks
@@ -183,11 +196,20 @@ class MirrorAttention(nn.Module):
         x = x if pool is None else pool(x)
         return x if norm is None else norm(x)
 
-    def forward(self, x):
+    def normed_rows(self, rows: Tensor, name: str) -> Tensor:
+        """The class token's q, k or v: normed as the map's (after their pooling, which it skips)."""
+        norm = getattr(self, f"norm_{name}")
+        return rows if norm is None else norm.rows(rows)
+
+    def forward(self, x, cls: Tensor | None = None):
         q, kv = self.split_q(self.qkv(x))
         k, v = self.split_k(kv)
         q, k, v = self.pooled(q, "q"), self.pooled(k, "k"), self.pooled(v, "v")
-        return self.proj(self.attention(q, k, v, self.rel_pos_h, self.rel_pos_w))
+        if cls is None:
+            return self.proj(self.attention(q, k, v, self.rel_pos_h, self.rel_pos_w))
+        tokens = tuple(self.normed_rows(t, name) for t, name in zip(linear_rows(self.qkv, cls).chunk(3, -1), "qkv"))
+        out, out_cls = self.attention(q, k, v, self.rel_pos_h, self.rel_pos_w, tokens)
+        return self.proj(out), linear_rows(self.proj, out_cls)
 
 
 class MirrorBlock(MirrorChildren):
@@ -208,15 +230,49 @@ class MirrorBlock(MirrorChildren):
         return shortcut + self.drop_path2(self.mlp(x_norm))
 
 
+class MirrorTokenBlock(MirrorBlock):
+    """A ``_cls`` model's block: the same for the map and its class token alike (its shortcut not
+    pooled), each branch's drop path one draw per image for both."""
+
+    def __init__(self, module: MultiScaleBlock, convert: Converter, path: str):
+        super().__init__(module, convert, path)
+        check_mlp_rows(module.mlp, f"{path}.mlp")
+        self.drop_path1 = DropPathBoth(module.drop_path1, convert, f"{path}.drop_path1")
+        self.drop_path2 = DropPathBoth(module.drop_path2, convert, f"{path}.drop_path2")
+
+    @staticmethod
+    def shortcut(x, cls: Tensor, x_norm, cls_norm: Tensor, proj: nn.Module | None):
+        return (x, cls) if proj is None else (proj(x_norm), linear_rows(proj, cls_norm))
+
+    def forward(self, x, cls: Tensor):
+        x_norm, cls_norm = self.norm1(x), layer_norm_rows(self.norm1, cls)
+        shortcut, cls_shortcut = self.shortcut(x, cls, x_norm, cls_norm, self.shortcut_proj_attn)
+        if self.shortcut_pool_attn is not None:
+            shortcut = self.shortcut_pool_attn(shortcut)
+        x, cls = self.drop_path1(shortcut, cls_shortcut, *self.attn(x_norm, cls_norm))
+        x_norm, cls_norm = self.norm2(x), layer_norm_rows(self.norm2, cls)
+        shortcut, cls_shortcut = self.shortcut(x, cls, x_norm, cls_norm, self.shortcut_proj_mlp)
+        return self.drop_path2(shortcut, cls_shortcut, self.mlp(x_norm), mlp_rows(self.mlp, cls_norm))
+
+
+def mirror_block(module: MultiScaleBlock, convert: Converter, path: str) -> MirrorBlock:
+    """A block's mirror: with the class token beside the map where its attention has one."""
+    return (MirrorTokenBlock if module.attn.has_cls_token else MirrorBlock)(module, convert, path)
+
+
 class MirrorStage(nn.Module):
-    """The blocks, in order (timm's pass the map's size along)."""
+    """The blocks, in order (timm's pass the map's size along), with the class token where there is one."""
 
     def __init__(self, stage: MultiScaleVitStage, convert: Converter, path: str):
         super().__init__()
         self.blocks = convert(nn.Sequential(*stage.blocks), f"{path}.blocks")
 
-    def forward(self, x):
-        return self.blocks(x)
+    def forward(self, x, cls: Tensor | None = None):
+        if cls is None:
+            return self.blocks(x)
+        for block in self.blocks:
+            x, cls = block(x, cls)
+        return x, cls
 
 
 class MirrorPatchEmbed(MirrorInOrder):
@@ -238,12 +294,27 @@ def mvitv2_layout(model: MultiScaleVit) -> Layout:
     return Layout(("patch_embed",), stages, tuple(stage.blocks[-1].dim_out for stage in model.stages))
 
 
+def mvitv2_features(net: nn.Module, x) -> list:
+    """The four stages' maps, the last through ``norm``: timm's ``forward_intermediates(norm=True)``
+    on a timm model; on the converted body the same flow, with the class token where there is one."""
+    if isinstance(net, MultiScaleVit):
+        return net.forward_intermediates(x, norm=True, intermediates_only=True)
+    x = net.patch_embed(x)
+    cls = net.cls_token[0] if hasattr(net, "cls_token") else None  # (1, C): the first block makes it each image's
+    feats = []
+    for stage in net.stages:
+        if cls is None:
+            x = stage(x)
+        else:
+            x, cls = stage(x, cls)
+        feats.append(x)
+    feats[-1] = net.norm(x)
+    return feats
+
+
 def check(model: MultiScaleVit) -> None:
-    """No class token, no absolute position embedding; no gradient checkpointing."""
+    """No absolute position embedding; no gradient checkpointing."""
     CheckpointingRefused("stages")(model)
-    if model.cls_token is not None:
-        raise ConversionError("MViTv2 with a class token (the _cls models, use_cls_token) is not mirrored: no engine "
-                              "carries a token beside the map")
     if model.pos_embed is not None:
         raise ConversionError("MViTv2 with an absolute position embedding (use_abs_pos) is not mirrored")
 
@@ -251,10 +322,11 @@ def check(model: MultiScaleVit) -> None:
 MVITV2 = Family(
     name="mvitv2",
     timm_class=MultiScaleVit,
-    mirrors={PatchEmbed: MirrorPatchEmbed, MultiScaleVitStage: MirrorStage, MultiScaleBlock: MirrorBlock,
+    mirrors={PatchEmbed: MirrorPatchEmbed, MultiScaleVitStage: MirrorStage, MultiScaleBlock: mirror_block,
              MultiScaleAttention: MirrorAttention, Mlp: MirrorMlp, nn.ModuleList: mirror_module_list},
     layout=mvitv2_layout,
     check=check,
-    features=normed_stage_outputs(MultiScaleVit, "patch_embed"),
+    features=mvitv2_features,
     input_sizes=own_input_size("indexes its relative positions from the corner of its own input size's map"),
+    parameters=("cls_token",),
 )

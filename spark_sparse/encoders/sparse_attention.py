@@ -229,12 +229,12 @@ class SparsePoolingAttention(PoolingAttention):
     their own stride), their rows and columns from their sites in the image."""
 
     def forward(self, q: ME.SparseTensor, k: ME.SparseTensor, v: ME.SparseTensor, rel_h: Tensor | None,
-                rel_w: Tensor | None) -> ME.SparseTensor:
+                rel_w: Tensor | None, cls: tuple[Tensor, Tensor, Tensor] | None = None):
         same_sites(k, v, "attend with keys and values on")
         (queries, slots, _), (keys, _, present) = image_tokens(q), image_tokens(k)
         (q_at, q_size), (k_at, k_size) = image_positions(q), image_positions(k)
-        out = self.attend(queries, keys, image_tokens(v)[0], present, q_at, k_at, q_size, k_size, rel_h, rel_w)
-        return from_slots(q, out, slots)
+        out = self.attend(queries, keys, image_tokens(v)[0], present, q_at, k_at, q_size, k_size, rel_h, rel_w, cls)
+        return from_slots(q, out, slots) if cls is None else (from_slots(q, out[0], slots), out[1])
 
 
 class SparseOffsetBiasAttention(OffsetBiasAttention):
