@@ -41,15 +41,16 @@ class FactorAttention(nn.Module):
         self.num_heads, self.scale = num_heads, scale
 
     def attend(self, tokens: Tensor, present: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, n, 3C) tokens, (B, n) bool: which hold a visible site, (B or 1, 3C) the class token's
-        -> (B, n, C) the tokens' outputs, (B, C) the class token's."""
+        """(B, n, 3C) tokens, zeros where they hold no visible site (both engines' are: empty slots,
+        cleaned maps), (B, n) bool: which hold one, (B or 1, 3C) the class token's -> (B, n, C) the
+        tokens' outputs, (B, C) the class token's."""
         b, n, c3 = tokens.shape
         heads, d = self.num_heads, c3 // 3 // self.num_heads
         t = torch.cat([cls.to(tokens.dtype).expand(b, -1)[:, None], tokens], 1)
         q, k, v = t.view(b, n + 1, 3, heads, d).permute(2, 0, 3, 1, 4)  # (B, heads, 1 + n, d)
         keys = torch.cat([present.new_ones(b, 1), present], 1)[:, None, :, None]
         k = k.masked_fill(~keys, float("-inf")).softmax(dim=2)
-        out = self.scale * (q @ (k.transpose(-1, -2) @ v.masked_fill(~keys, 0)))
+        out = self.scale * (q @ (k.transpose(-1, -2) @ v))  # absent keys: weight 0, value 0
         out = out.transpose(1, 2).reshape(b, n + 1, heads * d)
         return out[:, 1:], out[:, 0]
 
