@@ -109,7 +109,9 @@ class SyncMaskedBatchNormAct2d(MaskedBatchNormAct2d, SyncVisibleBatchNorm):
 class MaskedGroupNormAct(nn.Module):
     """timm's GroupNormAct (its ``weight`` and ``bias``) with each image's statistics per group
     over its visible sites only (hidden sites hold zeros and are not counted), then its
-    activation; hidden sites are zeroed by whatever reads the map next."""
+    activation; hidden sites are zeroed by whatever reads the map next. As the sparse engine's
+    (and torch's group norm on a CPU under autocast): statistics and output computed in float32
+    for 16-bit maps, returned in the map's dtype."""
 
     def __init__(self, norm: nn.GroupNorm, act: nn.Module):
         super().__init__()
@@ -119,10 +121,12 @@ class MaskedGroupNormAct(nn.Module):
         self.act = copy.deepcopy(act)
 
     def forward(self, inp: MaskedTensor) -> MaskedTensor:
-        x, visible = inp.clean().x, inp.visible().to(inp.x.dtype)
+        x = inp.clean().x
+        dtype = statistics_dtype(x.dtype)
+        visible = inp.visible().to(dtype)
         b, c, h, w = x.shape
         g = self.num_groups
-        xg = x.view(b, g, c // g, h, w)
+        xg = x.to(dtype).view(b, g, c // g, h, w)
         count = visible.sum((1, 2, 3)).clamp_min(1) * (c // g)  # (B,) visible values per group
         mean = xg.sum((2, 3, 4)) / count[:, None]
         centred = (xg - mean[:, :, None, None, None]) * visible[:, None]  # hidden: still zero
@@ -132,7 +136,7 @@ class MaskedGroupNormAct(nn.Module):
             y = y * self.weight.view(1, -1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
-        return MaskedTensor(self.act(y), inp.active, dirty=True)
+        return MaskedTensor(self.act(y).to(x.dtype), inp.active, dirty=True)
 
 
 class MaskedEvoNorm(nn.Module):

@@ -15,6 +15,7 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
 
+from ..precision import statistics_dtype
 from .amp import autocast_backward, autocast_dtype, autocast_forward
 from .norm_act import batch_norm_arguments
 from .patch_conv import PatchConvolution
@@ -51,15 +52,25 @@ class GroupedPointwise(nn.Module):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         s = PatchSites.of(x).sites_per_side(x.tensor_stride[0])
         feats = x.F if self.stride == 1 else strided_rows(x.F, s, self.stride)
-        c_out, c_in_g = self.weight.shape[:2]
+        weight, bias = self.weight, self.bias
+        c_out, c_in_g = weight.shape[:2]
         g = self.groups
+        dtype = autocast_dtype(feats.device.type)
+        if dtype is None or feats.dtype is torch.float64:
+            dtype = feats.dtype
+        # as a convolution under autocast: operands in autocast's dtype, products summed and the
+        # bias added in float32, the result rounded once to autocast's dtype
+        feats, weight = feats.to(dtype), weight.to(dtype)
         if c_in_g == 1 and c_out == g:  # depthwise: a scale per channel
-            out = feats * self.weight.view(1, c_out)
-        else:  # (G, n, C_in/G) @ (G, C_in/G, C_out/G)
-            weight = self.weight.view(g, c_out // g, c_in_g).transpose(1, 2)
-            out = torch.bmm(feats.view(-1, g, c_in_g).transpose(0, 1), weight).transpose(0, 1).reshape(-1, c_out)
-        if self.bias is not None:
-            out = out + self.bias
+            wide = statistics_dtype(dtype)
+            out = feats.to(wide) * weight.view(1, c_out).to(wide)
+            out = (out if bias is None else out + bias.to(wide)).to(dtype)
+        else:  # (G, n, C_in/G) @ (G, C_in/G, C_out/G) [+ bias (G, 1, C_out/G)]
+            rows = feats.view(-1, g, c_in_g).transpose(0, 1)
+            weight = weight.view(g, c_out // g, c_in_g).transpose(1, 2)
+            out = (torch.bmm(rows, weight) if bias is None else
+                   torch.baddbmm(bias.to(dtype).view(g, 1, c_out // g), rows, weight))
+            out = out.transpose(0, 1).reshape(-1, c_out)
         return on_output_sites(x, out, self.stride)
 
     def extra_repr(self) -> str:
