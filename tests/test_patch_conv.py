@@ -123,6 +123,30 @@ def test_grouped_and_depthwise_1x1_convolutions_match_minkowski_forward_and_back
     torch.testing.assert_close(ours.bias.grad.view_as(ref.bias), ref.bias.grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
+def test_grouped_and_depthwise_1x1_convolutions_under_bf16_autocast_round_once_as_a_convolution(groups):
+    """Rows, kernel and bias in bf16, products and bias summed in float32 and rounded once: bf16 rows
+    out, as timm's convolution under autocast (a float32 kernel or bias multiplied or added to
+    bf16 rows would hand float32 rows to the rest of the block)."""
+    from spark_sparse.sparse.rowwise import with_features
+
+    (x, _), _ = twin_inputs(8, seed=5)
+    ours = GroupedPointwise(8, 8, groups, bias=True)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = ours(with_features(x, x.F.detach().float())).F
+    exact = copy.deepcopy(ours).double()  # the bf16 operands' products and sums, unrounded
+    with torch.no_grad():
+        exact.weight.copy_(ours.weight.bfloat16().double())
+        exact.bias.copy_(ours.bias.bfloat16().double())
+        want = exact(with_features(x, x.F.detach().bfloat16().double())).F
+    assert out.dtype == torch.bfloat16
+    # equal here; within one bf16 step where another CPU's kernels break a tie otherwise
+    torch.testing.assert_close(out.double(), want.bfloat16().double(), rtol=2**-8, atol=0)
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_a_1x1_convolution_and_its_norm_keep_no_product_and_compute_the_same(stride, train):

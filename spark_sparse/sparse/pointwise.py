@@ -58,9 +58,10 @@ class GroupedPointwise(nn.Module):
         dtype = autocast_dtype(feats.device.type)
         if dtype is None or feats.dtype is torch.float64:
             dtype = feats.dtype
-        # as a convolution under autocast: operands in autocast's dtype, products summed and the
-        # bias added in float32, the result rounded once to autocast's dtype
+        # as a convolution under autocast: operands (bias too) in autocast's dtype, products summed
+        # and the bias added in float32, the result rounded once to autocast's dtype
         feats, weight = feats.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         if c_in_g == 1 and c_out == g:  # depthwise: a scale per channel
             wide = statistics_dtype(dtype)
             out = feats.to(wide) * weight.view(1, c_out).to(wide)
@@ -69,7 +70,7 @@ class GroupedPointwise(nn.Module):
             rows = feats.view(-1, g, c_in_g).transpose(0, 1)
             weight = weight.view(g, c_out // g, c_in_g).transpose(1, 2)
             out = (torch.bmm(rows, weight) if bias is None else
-                   torch.baddbmm(bias.to(dtype).view(g, 1, c_out // g), rows, weight))
+                   torch.baddbmm(bias.view(g, 1, c_out // g), rows, weight))
             out = out.transpose(0, 1).reshape(-1, c_out)
         return on_output_sites(x, out, self.stride)
 
