@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .family import Converter, RadixSum, unsupported
+from .family import Converter, ImageFactor, unsupported
 
 
 def linear_rows(linear: nn.Linear, rows: Tensor) -> Tensor:
@@ -45,16 +45,14 @@ class DropPathBoth(nn.Module):
     def __init__(self, drop_path: nn.Module, convert: Converter, path: str):
         super().__init__()
         self.drop_prob = drop_path.drop_prob if isinstance(drop_path, DropPath) else 0.0
-        # parameter-free: the map's rows times their image's weights (one group of channels)
-        self.mix = convert.leaf(RadixSum(1), f"{path}.mix")
+        self.scale = convert.leaf(ImageFactor(), f"{path}.scale")  # parameter-free: no state dict entry
 
     def forward(self, x, cls: Tensor, out, out_cls: Tensor):
         if not self.training or self.drop_prob == 0.0:
             return x + out, cls + out_cls
         keep = 1.0 - self.drop_prob
-        scale = out_cls.new_empty(out_cls.shape[0]).bernoulli_(keep).div_(keep)
-        weights = scale[:, None].expand(-1, out_cls.shape[1]).contiguous()  # each image's, for its rows
-        return x + self.mix(out, weights), cls + out_cls * scale[:, None]
+        factors = out_cls.new_empty(out_cls.shape[0]).bernoulli_(keep).div_(keep)  # timm's draw, per image
+        return x + self.scale(out, factors), cls + out_cls * factors[:, None]
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"

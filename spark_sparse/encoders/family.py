@@ -439,6 +439,15 @@ class ImageMean(nn.Module):
         return x.mean((2, 3))
 
 
+class ImageFactor(nn.Module):
+    """(x, (B,) factors) -> each image's map times its factor, in the map's dtype (a drop path drawn
+    once per image for a map and the class token beside it); a leaf every engine converts to its
+    own twin."""
+
+    def forward(self, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        return x * factors.to(x.dtype)[:, None, None, None]
+
+
 class RadixSum(nn.Module):
     """(x with radix x C channels, (B, radix x C) weights) -> the radix groups of x's channels, each
     times its image's weights, summed: C channels (ResNeSt's split attention); a leaf every engine

@@ -35,8 +35,8 @@ from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
-                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
-                     Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
+                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
                      check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
@@ -369,6 +369,11 @@ class MaskedGatedImageVector(GatedImageVector):
         return gate._replace(x=super().forward(gate.x, vector))  # zero where the gate is
 
 
+class MaskedImageFactor(ImageFactor):
+    def forward(self, inp: MaskedTensor, factors: Tensor) -> MaskedTensor:
+        return inp._replace(x=super().forward(inp.x, factors))  # zero stays zero
+
+
 class MaskedRadixSum(RadixSum):
     def forward(self, inp: MaskedTensor, weights: Tensor) -> MaskedTensor:
         return inp._replace(x=super().forward(inp.x, weights))  # zero stays zero
@@ -572,6 +577,8 @@ def convert_leaf(module: nn.Module, path: str) -> nn.Module:
         return MaskedGatedImageVector()
     if type(module) is RadixSum:
         return MaskedRadixSum(module.radix)
+    if type(module) is ImageFactor:
+        return MaskedImageFactor()
     if type(module) is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)

@@ -51,8 +51,8 @@ from .base import Encoder
 from .cond_conv import CondConvExperts
 from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
-                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageMean, LayerScale,
-                     Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
+                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
                      check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
 from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
@@ -452,6 +452,13 @@ class SparseImageMean(ImageMean):
         return visible_means(x)
 
 
+class SparseImageFactor(ImageFactor):
+    """Each row times its image's factor."""
+
+    def forward(self, x: ME.SparseTensor, factors: Tensor) -> ME.SparseTensor:
+        return with_features(x, x.F * factors.to(x.F.dtype).index_select(0, image_of_rows(x))[:, None])
+
+
 class SparseRadixSum(RadixSum):
     """Each row's radix groups of channels times its image's weights, summed."""
 
@@ -621,6 +628,8 @@ def convert_leaf(module: nn.Module, path: str, conv: str = "patch") -> nn.Module
         return SparseGatedImageVector()
     if kind is RadixSum:
         return SparseRadixSum(module.radix)
+    if kind is ImageFactor:
+        return SparseImageFactor()
     if kind is nn.Identity:
         return nn.Identity()
     raise unsupported(module, path)
