@@ -52,8 +52,9 @@ from .cond_conv import CondConvExperts
 from .dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
-                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool, adaptive_pool_size,
-                     check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
+                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool,
+                     adaptive_pool_size, check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported,
+                     upsample_scale)
 from .byoanet import HaloAttention
 from .efficientformer_v2 import OffsetBiasAttention
 from .gcvit import TiledTokens
