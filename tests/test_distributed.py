@@ -24,7 +24,7 @@ from spark_sparse.run.cli import RUN_DIR_EXISTED, RunDirCallback
 from spark_sparse.run.distributed import (SyncVisibleBatchNorm, average_gradients, broadcast_parameters,
                                           convert_sync_batchnorm)
 from spark_sparse.run.recipe import register_resolver
-from spark_sparse.encoders.dfc import cell_norm
+from spark_sparse.encoders.families.dfc import cell_norm
 from spark_sparse.encoders.masked_engine import MaskedBatchNorm2d
 from spark_sparse.encoders.masked_tensor import MaskedTensor
 from spark_sparse.model.spark import SparK

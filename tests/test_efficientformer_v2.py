@@ -1,4 +1,4 @@
-"""EfficientFormerV2 (encoders/efficientformer_v2.py) beyond the family tables, which test
+"""EfficientFormerV2 (encoders/families/efficientformer_v2.py) beyond the family tables, which test
 ``efficientformerv2_s0``: its attention biases are made for the maps of its own input size, so any
 other map is refused in one line by both engines (timm's own attention would fail to reshape it)."""
 

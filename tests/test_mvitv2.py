@@ -1,4 +1,4 @@
-"""MViTv2 (encoders/mvitv2.py) beyond the family tables, which test ``mvitv2_tiny``: the large model's
+"""MViTv2 (encoders/families/mvitv2.py) beyond the family tables, which test ``mvitv2_tiny``: the large model's
 layout (attention at the block's input width, the MLP's shortcut projected instead), the models and
 sizes refused, and the pooling leaves against timm's own arithmetic.
 
@@ -18,7 +18,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
     pytest.skip(WITHOUT_MINKOWSKI, allow_module_level=True)
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
-from spark_sparse.encoders.mvitv2 import HeadLayerNorm, HeadSharedConv2d
+from spark_sparse.encoders.families.mvitv2 import HeadLayerNorm, HeadSharedConv2d
 
 from .test_encoder_equivalence import (assert_equals_plain_timm_in_eval_mode, assert_train_steps_equal, batch_on,
                                        encoders)

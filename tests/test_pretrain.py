@@ -218,7 +218,7 @@ def test_config_errors_fail_before_any_work(tmp_path, override, message):
 
 
 def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_before_any_work(tmp_path):
-    # timm resizes such a map bilinearly, which has no sparse twin (encoders/mobilevit.py)
+    # timm resizes such a map bilinearly, which has no sparse twin (encoders/families/mobilevit.py)
     with pytest.raises(pretrain.ConfigError, match="^model mobilevit_xxs unfolds its maps into 2x2 blocks of sites, "
                                                    "at stride 32 too: input_size must be a multiple of 64, got 96$"):
         pretrain.train(config("model=mobilevit_xxs", "input_size=96"), tmp_path)
@@ -226,7 +226,7 @@ def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_
 
 
 def test_a_botnet_above_its_own_input_size_fails_before_any_work(tmp_path):
-    # its relative position tables reach the map of its own size (encoders/byoanet.py)
+    # its relative position tables reach the map of its own size (encoders/families/byoanet.py)
     with pytest.raises(pretrain.ConfigError, match=r"^model botnet26t_256 has relative position tables that reach "
                                                    r"the map of its own input size: input_size must be at most 256, "
                                                    r"got 288$"):
@@ -235,13 +235,13 @@ def test_a_botnet_above_its_own_input_size_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("model,size,why,multiple", [
-    # its grid attention spreads groups of 7x7 sites over each map (encoders/maxxvit.py)
+    # its grid attention spreads groups of 7x7 sites over each map (encoders/families/maxxvit.py)
     ("maxvit_tiny_rw_224", 96, r"attends within groups and grids of sites that must be whole at every stride "
                                r"\(timm asserts so\)", 224),
-    # timm pads a map of part windows with zeros that its attention reads as keys (encoders/hieradet.py)
+    # timm pads a map of part windows with zeros that its attention reads as keys (encoders/families/hieradet.py)
     ("sam2_hiera_tiny", 256, r"attends within windows that must be whole at every stride \(timm pads others with "
                              r"keys\)", 224),
-    # halo attention cuts each map into blocks of 8x8 sites (encoders/byoanet.py)
+    # halo attention cuts each map into blocks of 8x8 sites (encoders/families/byoanet.py)
     ("halonet26t", 128, "cuts its maps into whole blocks of halo attention", 256),
 ])
 def test_a_model_at_an_input_size_off_its_groups_of_sites_fails_before_any_work(tmp_path, model, size, why,
@@ -253,11 +253,11 @@ def test_a_model_at_an_input_size_off_its_groups_of_sites_fails_before_any_work(
 
 
 @pytest.mark.parametrize("model,why", [
-    ("hiera_tiny_224", "adds a position embedding made for its own input size"),  # encoders/hiera.py
-    ("gcvit_xxtiny", "has windows made for its own input size"),  # encoders/gcvit.py
+    ("hiera_tiny_224", "adds a position embedding made for its own input size"),  # encoders/families/hiera.py
+    ("gcvit_xxtiny", "has windows made for its own input size"),  # encoders/families/gcvit.py
     ("mvitv2_tiny", "indexes its relative positions from the corner of its own input size's map"),  # mvitv2.py
     ("efficientformerv2_s0", "biases its attention by offsets on its own input size's maps"),  # efficientformer_v2.py
-    ("pvt_v2_b2_li", "pools its keys to 7x7 cells, one per patch at its own input size"),  # encoders/pvt_v2.py
+    ("pvt_v2_b2_li", "pools its keys to 7x7 cells, one per patch at its own input size"),  # encoders/families/pvt_v2.py
 ])
 def test_a_model_off_its_own_input_size_fails_before_any_work(tmp_path, model, why):
     with pytest.raises(pretrain.ConfigError, match=rf"^model {model} {why}: input_size must be 224, got 256$"):

@@ -1,7 +1,7 @@
 """Both engines compute SparK's masked forward of the ordinary timm model, written here from the
 paper's description and independent of our block code.
 
-The engines share their block wiring (spark_sparse/encoders/resnet.py, convnext.py, ...), so
+The engines share their block wiring (spark_sparse/encoders/families/resnet.py, convnext.py, ...), so
 comparing them with each other checks only the leaf operators. This reference runs timm's own
 modules, in timm's own forward, and only changes what SparK changes (Tian et al., ICLR 2023,
 sec. 3; the official code simulates it the same way):

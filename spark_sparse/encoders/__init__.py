@@ -1,1 +1,2 @@
-"""timm models mirrored for any engine: the family structures, one leaf conversion per engine, the registry."""
+"""timm models mirrored for any engine: what a family is and the leaves families share, the encoder base,
+one leaf conversion per engine, the registry; one module per timm family in ``families/``."""

@@ -2,7 +2,7 @@
 
 An engine (sparse_engine.py, masked_engine.py) subclasses ``Encoder`` with its leaf conversion,
 how images and mask enter the engine, how a stage output becomes a dense map, and how its
-parameter names and layouts map to timm's. The families it can convert are listed in families.py.
+parameter names and layouts map to timm's. The families it can convert are listed in families/__init__.py.
 """
 
 from __future__ import annotations

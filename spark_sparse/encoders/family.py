@@ -3,7 +3,8 @@
 Every engine builds its encoder by walking a timm model and swapping each leaf module
 (convolution, norm, activation, pooling, drop-path, ...) for its own twin; the blocks and the
 stage layout are mirrored by the family's classes and keep timm's module names, so weights map
-one-to-one. A family module (resnet.py, convnext.py) defines a ``Family`` and its mirror blocks.
+one-to-one. A family module (families/resnet.py, families/convnext.py) defines a ``Family`` and its mirror
+blocks.
 """
 
 from __future__ import annotations

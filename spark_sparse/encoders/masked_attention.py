@@ -17,12 +17,12 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention, map_tokens)
-from .byoanet import HaloAttention
-from .coat import FactorAttention
-from .efficientformer_v2 import OffsetBiasAttention
-from .lambdas import LambdaMixing
+from .families.byoanet import HaloAttention
+from .families.coat import FactorAttention
+from .families.efficientformer_v2 import OffsetBiasAttention
+from .families.lambdas import LambdaMixing
 from .masked_tensor import MaskedTensor
-from .mvitv2 import PoolingAttention
+from .families.mvitv2 import PoolingAttention
 
 
 def visible_means(inp: MaskedTensor) -> Tensor:

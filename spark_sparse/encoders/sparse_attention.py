@@ -23,11 +23,11 @@ from .attention import (AbsolutePositions, AdditiveAttention, ChannelAttention, 
                         CrossCovarianceAttention, FourierPositions, GlobalContextAttention, GridAttention,
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SelfAttention, SeparableGridAttention, WindowAttention)
-from .byoanet import HaloAttention, grid_sites
-from .coat import FactorAttention
-from .efficientformer_v2 import OffsetBiasAttention
-from .lambdas import LambdaMixing
-from .mvitv2 import PoolingAttention
+from .families.byoanet import HaloAttention, grid_sites
+from .families.coat import FactorAttention
+from .families.efficientformer_v2 import OffsetBiasAttention
+from .families.lambdas import LambdaMixing
+from .families.mvitv2 import PoolingAttention
 
 
 def visible_means(x: ME.SparseTensor) -> Tensor:

@@ -26,7 +26,7 @@ from ..sparse import ME  # the engine package: MinkowskiEngine, its CPU_ONLY not
 from ..sparse.amp import autocast_dtype
 from ..sparse.blur_pool import PatchBlurPool
 from ..sparse.depthwise import (BandDepthwiseConvolution, DepthwiseConvolution, HeadSharedDepthwise,
-                               SharedKernelsDepthwise)
+                                SharedKernelsDepthwise)
 from ..sparse.dilated import DilatedConvolution
 from ..sparse.grid_pool import PatchGridPool
 from ..sparse.group_norm import SparseGroupNormAct
@@ -48,19 +48,19 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
-from .cond_conv import CondConvExperts
-from .dfc import DfcGate
+from .families.cond_conv import CondConvExperts
+from .families.dfc import DfcGate
 from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
                      ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
                      LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool,
                      adaptive_pool_size, check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported,
                      upsample_scale)
-from .byoanet import HaloAttention
-from .efficientformer_v2 import OffsetBiasAttention
-from .gcvit import TiledTokens
-from .lambdas import LambdaMixing, PositionLambdas
-from .coat import FactorAttention
-from .mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
+from .families.byoanet import HaloAttention
+from .families.efficientformer_v2 import OffsetBiasAttention
+from .families.gcvit import TiledTokens
+from .families.lambdas import LambdaMixing, PositionLambdas
+from .families.coat import FactorAttention
+from .families.mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,
