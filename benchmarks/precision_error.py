@@ -5,7 +5,7 @@
 One train-mode SparK step (encoder, densify, decoder, loss; as in pretraining) per engine and
 precision on the same weights, images and mask, against the same step in float64 (where both
 engines agree to 1e-9: tests/test_encoder_equivalence.py). Reported as relative errors (norm of
-the difference over the norm of the float64 value): the encoder's four stage outputs, the loss,
+the difference over the norm of the float64 value): the encoder's stage outputs, the loss,
 and the gradient of every parameter (all of them as one vector, and the median parameter's).
 """
 

@@ -10,7 +10,7 @@ For every model both engines are built from one timm model (so they hold the sam
 the same densify/decoder weights, and every pass sees the same images and masks on both. Passes:
 
 * ``fwd``: encoder forward in train mode (batch statistics, as in pretraining) under no_grad;
-* ``fwd_bwd``: encoder forward, then backward of the sum of the four raw stage outputs
+* ``fwd_bwd``: encoder forward, then backward of the sum of the raw stage outputs
   (sparse features / masked dense maps): the encoder's own work, no densify to dense maps;
 * ``train_step``: the whole SparK forward (encoder, densify, decoder, loss) and backward. The
   optimizer update is the same for both engines and left out.
@@ -147,7 +147,7 @@ def build_pair(model: str, cfg: DictConfig, device: torch.device) -> dict[str, S
     """Both engines' SparK models with identical encoder, densify and decoder weights."""
     torch.manual_seed(cfg.seed)
     timm_model = timm.create_model(model, pretrained=False, num_classes=0)
-    head = dict(decoder_width=cfg.decoder_width, hierarchy=4,
+    head = dict(decoder_width=cfg.decoder_width,  # every scale of the encoder, as pretraining's default
                 densify_norm=default_recipe(model, "densify_norm"))  # as pretraining would
     options = {} if cfg.sparse_conv is None else {"conv": cfg.sparse_conv}
     sparse = SparK(SparseEncoder.from_timm(timm_model, **options), **head)

@@ -138,6 +138,7 @@ AUDITED["halonet26t"] = {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}, 
 AUDITED["sam2_hiera_tiny"] = {"window_spec": (8, 4, 4, 2), "drop_path_rate": 0.1}
 AUDITED["efficientformerv2_s0"] = {"img_size": 96, "drop_path_rate": 0.1}
 AUDITED["coat_lite_tiny"] = {"img_size": 64, "drop_path_rate": 0.1}
+AUDITED["visformer_tiny"] = {"img_size": (128, 160), "drop_path_rate": 0.1}
 AUDITED["pvt_v2_b2_li"] = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 3, 4),
                            "drop_path_rate": 0.1}
 AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32

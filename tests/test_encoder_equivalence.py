@@ -833,6 +833,15 @@ VARIANTS.update({
         "coat_lite_tiny", {"img_size": 64, "drop_path_rate": 0.1}),
 })
 
+# timm's visformer module at 64x96 px (its position embeddings are made for its own input size): three scales (strides
+# 8, 16 and 32) after a stride-2 stem, patch embeddings with batch norms and position tables, grouped 3x3s in the
+# first stage's MLPs, attention over each image's visible tokens from a 1x1 convolution in the later stages
+VISFORMER = {"img_size": VARIANT_SIZE, "drop_path_rate": 0.1}
+VARIANTS.update({
+    "Visformer: three scales, position tables, attention from 1x1 convolutions over each image": (
+        "visformer_tiny", VISFORMER),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -855,7 +864,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
               "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t",
-              "sehalonet33ts", "sam2_hiera_tiny", "coat_lite_tiny"}
+              "sehalonet33ts", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -908,7 +917,7 @@ UNEQUAL_IMAGES = {"caformer_s18": {}, "pvt_v2_b0": {}, "tiny_vit_5m_224": {}, "e
                   "cpubone_t0": CPUBONE, "lowformer_b0": {},
                   "gcvit_xxtiny": {"img_size": 96}, "mvitv2_tiny": {"img_size": 64},
                   "mvitv2_small_cls": {"img_size": 64}, "efficientformerv2_s0": {"img_size": 96}, "halonet26t": HALONET,
-                  "sam2_hiera_tiny": SAM2, "coat_lite_tiny": {"img_size": 64}}
+                  "sam2_hiera_tiny": SAM2, "coat_lite_tiny": {"img_size": 64}, "visformer_tiny": VISFORMER}
 
 
 @pytest.mark.parametrize("name", UNEQUAL_IMAGES)

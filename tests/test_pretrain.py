@@ -217,6 +217,15 @@ def test_config_errors_fail_before_any_work(tmp_path, override, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_the_decoder_takes_every_scale_of_the_encoder_by_default_and_no_more(tmp_path):
+    # Visformer's encoders output three scales (strides 8, 16, 32), the other families' four
+    assert config().decoder.hierarchy == 4 and config("model=visformer_tiny").decoder.hierarchy == 3
+    with pytest.raises(pretrain.ConfigError, match=r"^decoder.hierarchy=4: the encoders of visformer_tiny output 3 "
+                                                   r"scales \(strides 8, 16, 32\); use 1..3$"):
+        pretrain.train(config("model=visformer_tiny", "input_size=224", "decoder.hierarchy=4"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_mobilevit_at_an_input_size_of_no_whole_2x2_blocks_at_stride_32_fails_before_any_work(tmp_path):
     # timm resizes such a map bilinearly, which has no sparse twin (encoders/families/mobilevit.py)
     with pytest.raises(pretrain.ConfigError, match="^model mobilevit_xxs unfolds its maps into 2x2 blocks of sites, "
@@ -258,6 +267,7 @@ def test_a_model_at_an_input_size_off_its_groups_of_sites_fails_before_any_work(
     ("mvitv2_tiny", "indexes its relative positions from the corner of its own input size's map"),  # mvitv2.py
     ("efficientformerv2_s0", "biases its attention by offsets on its own input size's maps"),  # efficientformer_v2.py
     ("pvt_v2_b2_li", "pools its keys to 7x7 cells, one per patch at its own input size"),  # encoders/families/pvt_v2.py
+    ("visformer_tiny", "adds position embeddings made for its own input size"),  # encoders/families/visformer.py
 ])
 def test_a_model_off_its_own_input_size_fails_before_any_work(tmp_path, model, why):
     with pytest.raises(pretrain.ConfigError, match=rf"^model {model} {why}: input_size must be 224, got 256$"):

@@ -139,6 +139,7 @@ from .test_pretrain import config
     ("coat_lite_tiny", 0.0, "ln", [0.9, 0.999]),  # CoaT-Lite, by size
     ("coat_lite_small", 0.2, "ln", [0.9, 0.999]),
     ("coat_lite_medium_384", 0.3, "ln", [0.9, 0.999]),
+    ("visformer_small", 0.0, "bn", [0.9, 0.95]),  # Visformer: batch norms throughout, ResNet's
     ("mvitv2_tiny", 0.0, "ln", [0.9, 0.999]),  # MViTv2, by size
     ("mvitv2_small", 0.2, "ln", [0.9, 0.999]),
     ("mvitv2_large", 0.4, "ln", [0.9, 0.999]),
@@ -201,6 +202,7 @@ def composed(app: str, *overrides: str):
     ("mvitv2_tiny", 224, 224),  # relative position tables of its own map, in both
     ("coat_lite_tiny", 128, 224),  # our patch embeddings run at any size; timm's at its own
     ("efficientformerv2_s0", 224, 224),  # attention biases of its own maps, in both
+    ("visformer_tiny", 224, 224),  # position embeddings of its own maps, in both
 ])
 def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_it_it_runs_at(
         model, pretraining, fine_tuning):

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from spark_sparse import create_encoder
-
+from spark_sparse.encoders.family import check_scales
 from spark_sparse.model.decoder import LightDecoder
 from spark_sparse.model.densify import Densify
 from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify
@@ -113,6 +113,29 @@ def test_model_shapes_and_hierarchy(hierarchy):
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
 
 
+def test_a_familys_scales_halve_without_a_gap_down_from_the_masks_patch():
+    for strides in [(4, 8, 16, 32), (8, 16, 32), (2, 4, 8, 16, 32), (32,)]:
+        check_scales(strides)
+    for strides in [(4, 8, 16), (8, 32), (4, 8, 16, 32, 64), ()]:  # each scale feeds a decoder block from 32 down
+        with pytest.raises(ValueError, match=r"must double from the finest to 32, the mask's patch$"):
+            check_scales(strides)
+
+
+@needs_minkowski
+def test_an_encoder_of_three_scales_feeds_the_decoder_three():
+    """Visformer's stages sit at strides 8, 16 and 32: by default all three feed the decoder, the
+    coarsest first (its blocks from stride 32 down; the two finest take none), and four are refused."""
+    timm_model = randomise_norms(timm.create_model("visformer_tiny", pretrained=False, num_classes=0, img_size=64))
+    model = SparK(create_encoder(timm_model, "sparse"), decoder_width=32)
+    assert model.encoder.strides == (8, 16, 32) and model.hierarchy == 3
+    assert [d.mask_token.shape[1] for d in model.densify] == [384, 192, 96]  # the encoder's channels, coarsest first
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["pred"].shape == (2, 3, 64, 64) and torch.isfinite(out["loss"])
+    assert SparK(create_encoder(timm_model, "sparse"), decoder_width=32, hierarchy=1).hierarchy == 1
+    with pytest.raises(ValueError, match=r"^hierarchy must be in 1\.\.3, got 4$"):
+        SparK(create_encoder(timm_model, "sparse"), decoder_width=32, hierarchy=4)
+
+
 @needs_minkowski
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0",
                                   "mobilenetv3_small_100",
@@ -135,7 +158,7 @@ def test_model_shapes_and_hierarchy(hierarchy):
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
                                   "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0",
                                   "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
-                                  "halonet26t", "sam2_hiera_tiny", "coat_lite_tiny"])
+                                  "halonet26t", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
@@ -143,7 +166,7 @@ def test_every_family_pretrains_end_to_end(name):
     # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
     kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256", "hiera_tiny_224",
                                                 "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
-                                                "coat_lite_tiny") else {}
+                                                "coat_lite_tiny", "visformer_tiny") else {}
     if name == "halonet26t":  # halo attention's blocks whole at stride 32: 2x2 sites at 64 px
         kwargs = {"self_attn_kwargs": {"block_size": 2, "halo_size": 1}}
     if name == "sam2_hiera_tiny":  # windows whole at strides 16 and 32 at 64 px

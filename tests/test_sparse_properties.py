@@ -166,6 +166,10 @@ CANVAS_DEPENDENT.add("sam2_hiera_tiny")
 # CoaT-Lite's class tokens meet each image's visible tokens alone; its patch embeddings are made for its own size, but
 # the encoders' run at any (timm's asserts): canvas invariance too
 MODELS["coat_lite_tiny"] = ("coat_lite_tiny", {"img_size": 64, "drop_path_rate": 0.1})
+# Visformer's position embeddings are absolute over the maps of the model's own size (timm's too): batch independence
+# alone, at its size, for its three scales (strides 8, 16, 32)
+MODELS["visformer_tiny"] = ("visformer_tiny", {"img_size": (64, 96)})
+CANVAS_DEPENDENT.add("visformer_tiny")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))

@@ -19,7 +19,7 @@ from torch import nn
 from ..mask import check_inputs
 from ..timm_models import create_timm_model
 from .families import family_of
-from .family import STRIDES, ConversionError, Family, Layout, unsupported
+from .family import ConversionError, Family, Layout, unsupported
 
 __all__ = ["ConversionError", "Encoder", "resolve_model", "unsupported"]
 
@@ -38,10 +38,8 @@ def model_name(model: nn.Module) -> str:
 
 
 class Encoder(nn.Module):
-    """A timm convnet mirrored for one engine; outputs the four stages (strides 4, 8, 16, 32)."""
-
-    strides = STRIDES
-    stride = STRIDES[-1]
+    """A timm convnet mirrored for one engine; outputs its stages at the family's ``strides`` (4, 8,
+    16, 32 for most; Visformer's 8, 16, 32), the last the mask's patch (``stride``)."""
 
     def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str,
                  timm_no_weight_decay: Iterable[str] = ()):
@@ -50,6 +48,8 @@ class Encoder(nn.Module):
         self.family = family
         self.layout = layout
         self.channels = list(layout.channels)
+        self.strides = family.strides
+        self.stride = family.strides[-1]
         self.model_name = name
         # the timm model's no_weight_decay(): names and fnmatch patterns, in timm's names
         self.timm_no_weight_decay = frozenset(timm_no_weight_decay)
@@ -96,7 +96,7 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor, active: torch.Tensor, layout: Any = None) -> list:
-        """The four stage outputs (strides 4, 8, 16, 32), fine to coarse, in the engine's type;
+        """The stage outputs (at ``strides``), fine to coarse, in the engine's type;
         ``layout``: ``plan(active, images.device)``'s, made ahead (by default made now)."""
         check_inputs(images, active, self.stride)
         if self.training and int(active.sum()) == 1:

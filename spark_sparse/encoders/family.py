@@ -547,7 +547,7 @@ class Layout(NamedTuple):
     """How one timm model runs as an encoder. Paths are timm module paths."""
 
     stem: tuple[str, ...]  # run in order before the stages
-    stages: tuple[tuple[str, ...], ...]  # four stages (strides 4, 8, 16, 32), each run in order
+    stages: tuple[tuple[str, ...], ...]  # one per scale (``Family.strides``), each run in order
     channels: tuple[int, ...]  # of each stage's output
 
     def top_level(self) -> list[str]:
@@ -556,14 +556,23 @@ class Layout(NamedTuple):
         return list(dict.fromkeys(p.split(".")[0] for p in paths))
 
 
-# the four stages' strides; the last is the mask's patch size
+# the stages' strides of most families; the last is the mask's patch size
 STRIDES = (4, 8, 16, 32)
+PATCH = STRIDES[-1]
 
 
-def check_strides(model: nn.Module, reductions: list[int]) -> None:
-    if tuple(reductions) != STRIDES:
-        raise ConversionError(f"{type(model).__name__}: stage strides {reductions} are not 4, 8, 16, 32 "
-                              "(dilated or output-stride models cannot be masked on a 32-pixel grid)")
+def check_strides(model: nn.Module, reductions: list[int], strides: tuple[int, ...] = STRIDES) -> None:
+    if tuple(reductions) != strides:
+        raise ConversionError(f"{type(model).__name__}: stage strides {reductions} are not "
+                              f"{', '.join(map(str, strides))} (dilated or output-stride models cannot be masked "
+                              f"on a {PATCH}-pixel grid)")
+
+
+def check_scales(strides: tuple[int, ...]) -> None:
+    """A family's scales feed SparK's decoder, whose blocks double the resolution from the mask's
+    patch down: they must halve from ``PATCH`` without a gap (4, 8, 16, 32; Visformer's 8, 16, 32)."""
+    if not strides or strides[-1] != PATCH or any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"encoder strides {strides} must double from the finest to {PATCH}, the mask's patch")
 
 
 @dataclass(frozen=True)
@@ -684,7 +693,7 @@ class InputSizes:
     """The input sizes a model's encoders run at: multiples of ``multiple``, up to ``largest`` (None:
     any), each limit with why it is there (a pretraining config off them fails before any work)."""
 
-    multiple: int = STRIDES[-1]  # the mask's patch: any whole number of patches
+    multiple: int = PATCH  # the mask's patch: any whole number of patches
     why_multiple: str = ""
     largest: int | None = None
     why_largest: str = ""
@@ -783,7 +792,7 @@ class Family:
     # timm classes besides ``timm_class`` of the same shape in the same module (EfficientVitLarge)
     other_classes: tuple[type[nn.Module], ...] = ()
     # where the stages are no chain of modules (HRNet's parallel branches): the family's own forward
-    # from the input to the four features, run on the converted body and the timm model alike (the
+    # from the input to the features, run on the converted body and the timm model alike (the
     # body keeps timm's names); the layout then only names the modules to convert
     features: Callable[[nn.Module, Any], list] | None = None
     # the input sizes the timm model of a name runs at, where some sizes are off limits (MaxViT's whole grids)
@@ -791,6 +800,11 @@ class Family:
     # the model's own parameters the family's ``features`` reads (Hiera's position embeddings), trainable
     # copies on the converted body under timm's names, if the model has them
     parameters: tuple[str, ...] = ()
+    # the strides of the encoder's outputs, fine to coarse (the scales SparK's decoder can take)
+    strides: tuple[int, ...] = STRIDES
+
+    def __post_init__(self) -> None:
+        check_scales(self.strides)
 
     @property
     def timm_classes(self) -> tuple[type[nn.Module], ...]:
@@ -836,7 +850,7 @@ class Family:
 
     @torch.no_grad()
     def plain_features(self, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage outputs of the ordinary (unmasked) timm model, for comparison."""
+        """The stage outputs of the ordinary (unmasked) timm model, for comparison."""
         if self.features is not None:
             return self.features(model, images)
         layout = self.layout(model)

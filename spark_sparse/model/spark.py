@@ -29,15 +29,16 @@ class MaskPlan(NamedTuple):
 class SparK(nn.Module):
     """Masked image modelling for a convnet encoder with a hierarchical decoder.
 
-    ``hierarchy`` is how many encoder scales (coarsest first) feed the decoder: 4 is the paper's
-    default, 1 the single-scale ablation. ``densify_norm`` is 'bn', 'ln' or 'none'.
+    ``hierarchy`` is how many encoder scales (coarsest first) feed the decoder: by default all of
+    them (the paper's 4; Visformer's 3), 1 the single-scale ablation. ``densify_norm`` is 'bn', 'ln'
+    or 'none'.
     """
 
     def __init__(
         self,
         encoder: Encoder,
         decoder_width: int = 768,
-        hierarchy: int = 4,
+        hierarchy: int | None = None,
         densify_norm: str = "bn",
         mask_ratio: float = 0.6,
         mask_seed: int = 0,
@@ -46,6 +47,7 @@ class SparK(nn.Module):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        hierarchy = len(encoder.strides) if hierarchy is None else hierarchy
         if not 1 <= hierarchy <= len(encoder.strides):
             raise ValueError(f"hierarchy must be in 1..{len(encoder.strides)}, got {hierarchy}")
         self.encoder = encoder

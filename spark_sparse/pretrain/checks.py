@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ..encoders.families import input_sizes
-from ..encoders.family import STRIDES
+from ..encoders.families import encoder_strides, input_sizes
+from ..encoders.family import PATCH, STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
 from ..run.schema import FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_least, check_keys, number, numbers, one_of
 from .optim import OPTIMIZERS
 
-PATCH = STRIDES[-1]  # the mask's patch: the encoders' total stride
 KEYS = {
     **RUN_KEYS,
     "engine": one_of(*ENGINES),
@@ -80,6 +79,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     refusal = input_sizes(str(cfg.model)).refusal(str(cfg.model), cfg.input_size)
     if refusal:
         raise ConfigError(refusal)
+    strides = encoder_strides(str(cfg.model))
+    if cfg.decoder.hierarchy > len(strides):
+        raise ConfigError(f"decoder.hierarchy={cfg.decoder.hierarchy}: the encoders of {cfg.model} output "
+                          f"{len(strides)} scales (strides {', '.join(map(str, strides))}); use 1..{len(strides)}")
     if cfg.data.kind == "bundled" and cfg.data.root is not None and not cfg.resume:  # (a run begun so goes on)
         raise ConfigError(f"data.root={cfg.data.root} is read by data=imagefolder only: add data=imagefolder "
                           "(data=bundled trains on the photos bundled with scikit-image)")

@@ -6,7 +6,7 @@ entry of ``recipe`` whose name is the longest prefix of the model name and sets 
 the entry named after the model's timm module (its family). ``${encoder_input_size:128}`` is 128
 or the least size up from it the model's encoders run at (Hiera: its own 224);
 ``${timm_input_size:64}`` is the model's own size where timm fixes it, else 64 or the least size up
-from it the encoders run at.
+from it the encoders run at. ``${encoder_scales:}`` is how many scales the model's encoders output.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import timm
 from omegaconf import OmegaConf
 
-from ..encoders.families import input_sizes
-from ..encoders.family import ConversionError
+from ..encoders.families import encoder_strides, input_sizes
+from ..encoders.family import STRIDES, ConversionError
 
 # absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path against
 # that entry module's package
@@ -52,6 +52,15 @@ def encoder_input_size(model: str, default: int) -> int:
         return default
 
 
+def encoder_scales(model: str) -> int:
+    """How many scales the encoders of ``model`` output (4 for most families; Visformer's 3); 4 for a
+    model they do not convert (the config check names that)."""
+    try:
+        return len(encoder_strides(model))
+    except ConversionError:
+        return len(STRIDES)
+
+
 def timm_input_size(model: str, default: int) -> int:
     """The model's own input size where timm fixes it (Swin, Hiera, MaxViT, ...: their
     ``pretrained_cfg``'s ``fixed_input_size``), else ``default`` or the least size up from it its
@@ -66,6 +75,7 @@ def _resolve(key: str, *, _root_) -> Any:
 
 RESOLVERS = {"recipe": _resolve,
              "encoder_input_size": lambda default, *, _root_: encoder_input_size(_root_.model, default),
+             "encoder_scales": lambda *, _root_: encoder_scales(_root_.model),
              "timm_input_size": lambda default, *, _root_: timm_input_size(_root_.model, default)}
 
 

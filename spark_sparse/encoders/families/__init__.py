@@ -60,6 +60,7 @@ from .tiny_vit import TINY_VIT
 from .tresnet import TRESNET
 from .twins import TWINS
 from .vgg import VGG_FAMILY
+from .visformer import VISFORMER
 from .vovnet import VOVNET
 from .xception import XCEPTION
 
@@ -70,7 +71,7 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET, COAT)
+                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET, COAT, VISFORMER)
 
 
 def family_of(model: nn.Module) -> Family:
@@ -83,9 +84,19 @@ def family_of(model: nn.Module) -> Family:
                           f"got {type(model).__name__}")
 
 
-def input_sizes(name: str) -> InputSizes:
-    """The input sizes the encoders of the timm model ``name`` (of a supported family) run at."""
+def family_named(name: str) -> Family:
+    """The family of the timm model called ``name``; a one-line ConversionError for any other."""
     family = next((f for f in FAMILIES if timm.models.is_model_in_modules(name, list(f.timm_modules))), None)
     if family is None:
         raise ConversionError(f"'{name}' is no model of a timm module the encoders convert")
-    return family.input_sizes(name)
+    return family
+
+
+def input_sizes(name: str) -> InputSizes:
+    """The input sizes the encoders of the timm model ``name`` (of a supported family) run at."""
+    return family_named(name).input_sizes(name)
+
+
+def encoder_strides(name: str) -> tuple[int, ...]:
+    """The strides of the scales the encoders of the timm model ``name`` output, fine to coarse."""
+    return family_named(name).strides
