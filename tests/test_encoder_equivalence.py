@@ -32,6 +32,7 @@ from timm.models.byobnet import MobileOneBlock, RepVggBlock
 from timm.models.lcnetv2 import RepDepthwiseSeparable
 from timm.models.mambaout import GatedConvBlock
 from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.visformer import Visformer
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI, make_batch, randomise_norms
 
@@ -40,6 +41,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
 from spark_sparse.encoders.families import family_of
+from spark_sparse.encoders.family import ConversionError
 
 # resnet26: Bottleneck blocks as in ResNet-50 (strided 3x3, 1x1 downsample, identity blocks), two a stage
 MODELS = ["resnet18", "resnet26", "convnext_atto", "convnextv2_atto"]
@@ -887,6 +889,21 @@ def test_every_kind_of_universal_inverted_residual_equals_dense_masked_and_plain
     assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
     if mask == "none":
         assert_equals_plain_timm_in_eval_mode(model, images, active, device)
+
+
+def test_a_visformer_without_its_convolution_stem_equals_dense_masked_and_plain_timm(device):
+    """timm's Visformer with init_channels=None (no registered model: timm's builder drops a None
+    argument) embeds the pixels in 8x8 patches, no stem before; a ViT stem (one scale) is refused."""
+    torch.manual_seed(0)
+    model = randomise_norms(Visformer(img_size=VARIANT_SIZE, num_classes=0, init_channels=None, embed_dim=48,
+                                      depth=(1, 1, 1), num_heads=2, attn_stage="011", spatial_conv="100",
+                                      norm_layer=torch.nn.BatchNorm2d, embed_norm=torch.nn.BatchNorm2d))
+    for mask in ("ratio0.6", "none"):
+        images, active = batch_on(device, VARIANT_SIZE, mask, batch=2)
+        assert_train_steps_equal(*encoders(model, train=True, device=device), images, active)
+    assert_equals_plain_timm_in_eval_mode(model, images, active, device)
+    with pytest.raises(ConversionError, match=r"^Visformer with a ViT stem \(vit_stem=True\) is not mirrored"):
+        SparseEncoder.from_timm(Visformer(img_size=VARIANT_SIZE, num_classes=0, vit_stem=True, depth=(1, 1, 1)))
 
 
 @pytest.mark.parametrize("use_attn, fuse_add, fuse_scale", [(False, False, True), (True, True, True)],

@@ -95,9 +95,12 @@ class MirrorBlock(nn.Module):
 
 
 def layout(model: Visformer) -> Layout:
+    if model.vit_stem:
+        raise ConversionError("Visformer with a ViT stem (vit_stem=True) is not mirrored: its stages all sit at "
+                              "stride 16, a single scale")
     check_strides(model, [info["reduction"] for info in model.feature_info], STRIDES)
     stages = tuple((f"patch_embed{i}", f"stage{i}") for i in STAGES)
-    return Layout(("stem",), stages[:-1] + (stages[-1] + ("norm",),),
+    return Layout(("stem",) if model.stem is not None else (), stages[:-1] + (stages[-1] + ("norm",),),
                   tuple(info["num_chs"] for info in model.feature_info))
 
 
@@ -107,7 +110,8 @@ def visformer_features(net: nn.Module, x) -> list:
     table handed to its patch embedding."""
     if isinstance(net, Visformer):
         return net.forward_intermediates(x, norm=True, intermediates_only=True)
-    x = net.stem(x)
+    if "stem" in net:  # (absent with init_channels=None: the first patch embedding on the pixels)
+        x = net.stem(x)
     feats = []
     for i in STAGES:
         table = getattr(net, f"pos_embed{i}", None)
@@ -118,12 +122,9 @@ def visformer_features(net: nn.Module, x) -> list:
 
 
 def check(model: Visformer) -> None:
-    """A convolution stem and a patch embedding per stage (timm's models), no dropout after the
-    position embeddings, no gradient checkpointing."""
+    """A patch embedding per stage (timm's models; with or without the convolution stem before the
+    first), no dropout after the position embeddings, no gradient checkpointing."""
     refuse_checkpointing(model, "stage1")
-    if model.stem is None or model.patch_embed2 is None:
-        raise ConversionError("Visformer without its convolution stem (vit_stem or init_channels=None) is not "
-                              "mirrored: its first stage would sit at stride 4 or 16")
     if model.use_pos_embed and model.pos_drop.p > 0:  # after each position embedding
         raise unsupported(model.pos_drop, "pos_drop", f"dropout p={model.pos_drop.p}")
 
