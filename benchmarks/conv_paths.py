@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(args.seed)
     size = args.input_size
     images = torch.randn(args.batch_size, 3, size, size, generator=g)
-    active = random_active(args.batch_size, (size // 32, size // 32), args.mask_ratio, g)
     try:
         encoder = SparseEncoder.from_timm(args.model).train().to(device)
     except (ConversionError, ValueError) as err:  # an unknown model, or one no engine mirrors
         parser.error(f"--model {args.model}: {err}")
+    active = random_active(args.batch_size, (size // encoder.stride, size // encoder.stride), args.mask_ratio, g)
 
     precision = f", float32 in {'TF32' if args.tf32 else 'IEEE float32'}" if device.type == "cuda" else ""
     print(f"{args.model}, batch {args.batch_size}, {size} px, mask {args.mask_ratio}, forward+backward on "

@@ -53,7 +53,8 @@ def measure(name: str, batch: int, size: int, ratio: float, precisions: list[str
                         torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=g)
-    active = random_active(batch, (size // 32, size // 32), ratio, g)
+    patch = models["sparse"].stride  # the mask's: the model's coarsest stride
+    active = random_active(batch, (size // patch, size // patch), ratio, g)
     reference = copy.deepcopy(models["dense_masked"]).double()
     want_f, want_loss, want_g = step(reference, images.double(), active, "fp32")
     lines = []

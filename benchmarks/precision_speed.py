@@ -58,7 +58,7 @@ def measure(cfg: DictConfig) -> list[dict]:
     for model_name, b in batch_sizes(cfg).items():
         models = build_pair(model_name, cfg, device)
         for ratio in cfg.mask_ratios:
-            images, masks = make_inputs(cfg, b, float(ratio), device)
+            images, masks = make_inputs(cfg, b, float(ratio), device, models["sparse"].stride)
             for pass_name in cfg.passes:
                 runs = {(e, p): make_pass(pass_name, models[e], images, p) for e, p in combos}
                 times: dict[tuple[str, str], list[float]] = {c: [] for c in combos}

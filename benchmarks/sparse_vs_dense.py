@@ -281,14 +281,16 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def make_inputs(cfg: DictConfig, b: int, ratio: float, device: torch.device) -> tuple[torch.Tensor, list]:
-    """The images and masks (warm-up ones first) of one model and ratio: the same every call."""
+def make_inputs(cfg: DictConfig, b: int, ratio: float, device: torch.device,
+                patch: int = 32) -> tuple[torch.Tensor, list]:
+    """The images and masks of ``patch``-pixel patches (the model's coarsest stride; warm-up ones
+    first) of one model and ratio: the same every call."""
     size = cfg.input_size
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(b, 3, size, size, generator=g).to(device)
     # on the CPU, as pretraining draws them: the sparse engine reads them there, the dense
     # engine copies them to the GPU (pinned, without waiting), each in its timed pass
-    masks = [random_active(b, (size // 32, size // 32), ratio, g) for _ in range(cfg.warmup + cfg.repeats)]
+    masks = [random_active(b, (size // patch, size // patch), ratio, g) for _ in range(cfg.warmup + cfg.repeats)]
     return images, masks
 
 
@@ -299,7 +301,7 @@ def measure_memory(models: dict[str, SparK], b: int, ratio: float, cfg: DictConf
     Run before any timing: timing keeps freed memory in the heap (runtime.configure_cpu), and a
     heap grown by earlier passes serves and keeps pages in ways that depend on what ran before,
     which made the same pass measure up to 20% apart."""
-    images, masks = make_inputs(cfg, b, ratio, device)
+    images, masks = make_inputs(cfg, b, ratio, device, models["sparse"].stride)
     active = masks[cfg.warmup]
     memory = {}
     for pass_name in cfg.passes:
@@ -346,7 +348,7 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
     size and mask ratio."""
     engines = ENGINES + (GRAPHED,) if cfg.cuda_graph else ENGINES
     model_of = {e: models["sparse" if e == GRAPHED else e] for e in engines}
-    images, masks = make_inputs(cfg, b, ratio, device)
+    images, masks = make_inputs(cfg, b, ratio, device, models["sparse"].stride)
     timed_masks = masks[cfg.warmup:]
     visible = float(torch.stack(timed_masks).float().mean())
 

@@ -192,12 +192,13 @@ def _bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def make_batch(size: tuple[int, int], mask: str, batch: int = 4, seed: int = 0):
-    """Images and an `active` grid for a named masking case: 'none', 'ratio0.6' or 'one'."""
+def make_batch(size: tuple[int, int], mask: str, batch: int = 4, seed: int = 0, patch: int = 32):
+    """Images and an `active` grid of ``patch``-pixel patches (the encoder's coarsest stride: 32, NesT's
+    16) for a named masking case: 'none', 'ratio0.6' or 'one'."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     images = torch.randn(batch, 3, h, w, generator=g)
-    grid = (h // 32, w // 32)
+    grid = (h // patch, w // patch)
     if mask == "none":
         active = random_active(batch, grid, 0.0, g)
     elif mask == "ratio0.6":

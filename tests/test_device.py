@@ -139,6 +139,7 @@ AUDITED["sam2_hiera_tiny"] = {"window_spec": (8, 4, 4, 2), "drop_path_rate": 0.1
 AUDITED["efficientformerv2_s0"] = {"img_size": 96, "drop_path_rate": 0.1}
 AUDITED["coat_lite_tiny"] = {"img_size": 64, "drop_path_rate": 0.1}
 AUDITED["visformer_tiny"] = {"img_size": (128, 160), "drop_path_rate": 0.1}
+AUDITED["nest_tiny"] = {"img_size": 64, "drop_path_rate": 0.1}
 AUDITED["pvt_v2_b2_li"] = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 48, 64), "num_heads": (1, 2, 3, 4),
                            "drop_path_rate": 0.1}
 AUDIT_SIZES = {"mobilevit_xxs": (128, 192), "mobilevitv2_050": (128, 192)}  # whole 2x2 blocks of sites at stride 32
@@ -150,6 +151,7 @@ AUDIT_SIZES["mvitv2_tiny"] = (64, 64)  # relative position tables of its own map
 AUDIT_SIZES["mvitv2_small_cls"] = (64, 64)
 AUDIT_SIZES["efficientformerv2_s0"] = (96, 96)  # attention biases of its own maps
 AUDIT_SIZES["coat_lite_tiny"] = (64, 64)  # patch embeddings of its own size
+AUDIT_SIZES["nest_tiny"] = (64, 64)  # position embeddings of its own size (16-pixel patches: a 4x4 grid)
 AUDIT_SIZES["test_maxvit"] = (128, 192)  # its groups and grids (of 2x2 sites: built for 64 px) whole at every stride
 
 
@@ -163,7 +165,8 @@ def test_every_operation_runs_on_the_features_device_and_none_waits_for_it(timm_
     where = audit_device(device)
     model = copy.deepcopy(timm_models(name, **AUDITED[name]))
     encoder = SparseEncoder.from_timm(model).train().to(where)
-    images, active = make_batch(AUDIT_SIZES.get(name, (128, 160)), "ratio0.6", batch=4)  # 4x5: every tile shape
+    images, active = make_batch(AUDIT_SIZES.get(name, (128, 160)), "ratio0.6", batch=4,  # 4x5: every tile shape
+                                patch=encoder.stride)
     images = images.to(where)
     forward, backward = DeviceAudit(), DeviceAudit()
     with forward:

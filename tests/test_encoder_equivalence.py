@@ -72,9 +72,9 @@ def encoders(timm_model, train: bool, device: torch.device):
     return sparse, dense
 
 
-def batch_on(device: torch.device, size: tuple[int, int], mask: str, batch: int = 4):
+def batch_on(device: torch.device, size: tuple[int, int], mask: str, batch: int = 4, patch: int = 32):
     """``make_batch``'s images on ``device``; the mask stays on the CPU, as in training."""
-    images, active = make_batch(size, mask, batch)
+    images, active = make_batch(size, mask, batch, patch=patch)
     return images.to(device), active
 
 
@@ -844,6 +844,19 @@ VARIANTS.update({
         "visformer_tiny", VISFORMER),
 })
 
+# timm's nest module at 64 px (its position embeddings are made for its own input size): levels at strides 4, 8, 16, so
+# 16-pixel patches (a 4x4 grid); attention within blocks of 4x4 sites (at stride 4: one patch; the whole map at 16),
+# block aggregations (3x3 convolution, layer norm, 3x3 stride-2 max pooling over the visible sites)
+VARIANT_SIZES["nest_tiny"] = (64, 64)
+VARIANT_SIZES["nest_small_jx"] = (64, 64)
+VARIANT_PATCHES = {"nest_tiny": 16, "nest_small_jx": 16}
+VARIANTS.update({
+    "NesT: 16-pixel patches, attention within blocks, block aggregation by max pooling": (
+        "nest_tiny", {"img_size": 64, "drop_path_rate": 0.1}),
+    # the JAX ports: TensorFlow's 'same' max pooling (its windows start at the output's own site)
+    "NesT _jx: 'same' max pooling in the block aggregation": ("nest_small_jx", {"img_size": 64, "drop_path_rate": 0.1}),
+})
+
 # the families whose coverage is this table get every mask (none hidden, one visible patch an image)
 # through one member carrying its operators; the rest of the table, mask 0.6 (and with nothing
 # hidden, plain timm below): RegNetY's grouped 3x3 and SE, EfficientNet's strided depthwise 3x3/5x5
@@ -866,7 +879,7 @@ EVERY_MASK = {"regnety_002", "efficientnet_b0", "mobilenetv3_small_100", "tf_mob
               "mobilevit_xxs", "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
               "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0",
               "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0", "halonet26t",
-              "sehalonet33ts", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny"}
+              "sehalonet33ts", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny", "nest_tiny"}
 
 
 def universal_inverted_residuals() -> torch.nn.Module:
@@ -1031,7 +1044,8 @@ def test_variants_equal_dense_masked(timm_models, variant, mask, device):
     name, kwargs = VARIANTS[variant]
     # one visible patch per image: four images, since a train-mode batch norm over only two sites
     # at stride 32 is so ill-conditioned that float64 rounding grows to 1e-8 (measured)
-    images, active = batch_on(device, VARIANT_SIZES.get(name, VARIANT_SIZE), mask, batch=4 if mask == "one" else 2)
+    images, active = batch_on(device, VARIANT_SIZES.get(name, VARIANT_SIZE), mask, batch=4 if mask == "one" else 2,
+                              patch=VARIANT_PATCHES.get(name, 32))
     sparse, dense = encoders(timm_models(name, **kwargs), train=True, device=device)
     assert_train_steps_equal(sparse, dense, images, active)
     with torch.no_grad():  # eval mode: the running statistics, the same masked features
@@ -1068,7 +1082,7 @@ def test_variants_with_nothing_hidden_equal_plain_timm_in_eval_and_train_mode(ti
     name, kwargs = VARIANTS[variant]
     model = timm_models(name, **kwargs)
     images, everything = batch_on(device, PLAIN_TIMM_SIZE.get(name, VARIANT_SIZES.get(name, VARIANT_SIZE)), "none",
-                                  batch=2)
+                                  batch=2, patch=VARIANT_PATCHES.get(name, 32))
     images = images.double()
     encoder = SparseEncoder.from_timm(copy.deepcopy(model)).double().to(device)
     tol = 1e-6 if name in FLOAT32_STATISTICS_IN_TIMM else 1e-9

@@ -137,7 +137,7 @@ EVERY_FAMILY = ["resnet18", "convnext_atto", "regnetx_002", "efficientnet_b0", "
                 "selecsls42b", "swinv2_cr_tiny_224", "davit_tiny", "mobilevit_xxs", "mobilevitv2_050",
                 "mobilenetv5_base", "iformer_t", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "botnet26t_256",
                 "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0", "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny",
-                "efficientformerv2_s0", "sam2_hiera_tiny", "coat_lite_tiny", "vgg11", "visformer_tiny"]
+                "efficientformerv2_s0", "sam2_hiera_tiny", "coat_lite_tiny", "vgg11", "visformer_tiny", "nest_tiny"]
 
 
 @pytest.mark.parametrize("name", EVERY_FAMILY)

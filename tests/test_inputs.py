@@ -105,6 +105,7 @@ def test_random_active_keeps_the_papers_count():
     ("pvt_v2_b2", 32, None),  # the others' keys one per patch at any size
     ("hiera_tiny_224", 224, 224),  # a position embedding of its own map
     ("visformer_tiny", 224, 224),  # position embeddings of its own maps
+    ("nest_tiny", 224, 224),  # the same
     ("sam2_hiera_tiny", 224, None),  # windows of 14x14 and 7x7 sites whole at strides 16 and 32
     ("sam2_hiera_large", 256, None),  # of 16x16 and 8x8
 ])

@@ -129,6 +129,7 @@ FAMILIES = ["seresnet18", "convnext_atto", "convnextv2_atto", "regnety_002", "ef
             "sam2_hiera_tiny",  # within windows of several patches, a position table resized bicubically
             "coat_lite_tiny",  # factorised attention: per-image sums over 16-bit rows beside the class token
             "visformer_tiny",  # three scales, float32 position tables added to 16-bit rows, attention over images
+            "nest_tiny",  # 16-pixel patches, attention within blocks of sites, max pooling over layer norms
             "resnetv2_50d_evos",  # per-image group deviations (an FRN net drifts 10% in bf16 by stride 32, either engine)
             # a member of the other families but VGG (its 3x3s on the pixels, norms and 2x2 max poolings are
             # CSPDarkNet's and DLA's; none has an operator of its own: concatenations, split convolutions,
@@ -147,7 +148,8 @@ TIMM_KWARGS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers":
                "efficientformerv2_s0": {"img_size": 96},
                "halonet26t": {"self_attn_kwargs": {"block_size": 4, "halo_size": 2}},
                "sam2_hiera_tiny": {"window_spec": (8, 4, 4, 2)}, "coat_lite_tiny": {"img_size": 64},
-               "visformer_tiny": {"img_size": (64, 96), "depth": (1, 1, 1)}}
+               "visformer_tiny": {"img_size": (64, 96), "depth": (1, 1, 1)},
+               "nest_tiny": {"img_size": 64, "drop_path_rate": 0.0}}
 # GCViT, MViTv2 and EfficientFormerV2 run at the square size they are made for; HaloNet at whole blocks of 4x4 sites.
 # Visformer-Tiny's 15 blocks with randomised norms grow gradients of 1e7 through softmaxes near one-hot, 6% off
 # float64 in float32 already: one block a stage
@@ -155,7 +157,8 @@ TIMM_KWARGS = {"resnet50_gn": {"layers": (1, 1, 1, 1)}, "skresnet18": {"layers":
 # bf16's rounding: it flipped in the sparse engine alone on an AMD EPYC (not on Intel Xeons), moving every gradient
 # behind it (90th percentile 4.4e-2 against 1.5e-2); at 96x96 px the nearest is 1.1e-2 of the median
 SIZES = {"gcresnet33ts": (96, 96), "gcvit_xxtiny": (96, 96), "mvitv2_tiny": (64, 64), "efficientformerv2_s0": (96, 96), "halonet26t": (128, 128),
-         "sam2_hiera_tiny": (64, 128), "coat_lite_tiny": (64, 64)}
+         "sam2_hiera_tiny": (64, 128), "coat_lite_tiny": (64, 64), "nest_tiny": (64, 64)}
+PATCHES = {"nest_tiny": 16}  # the mask's, the encoder's coarsest stride (32 for the others)
 
 
 def features_and_gradients(encoder, images, active, precision: str = "fp32", dtype=torch.float32):
@@ -194,7 +197,7 @@ DRAWS = (0, 2, 3)
 def bf16_disagreements(model, name: str, seed: int) -> list[str]:
     """How the two engines' bf16 features and gradients of one drawn batch differ in their error
     against float64 beyond what rounding the same operations allows; empty where they agree."""
-    images, active = make_batch(SIZES.get(name, SIZE), "ratio0.6", batch=2, seed=seed)
+    images, active = make_batch(SIZES.get(name, SIZE), "ratio0.6", batch=2, seed=seed, patch=PATCHES.get(name, 32))
     dense = MaskedDenseEncoder.from_timm(copy.deepcopy(model))
     want_f, want_g = features_and_gradients(copy.deepcopy(dense), images, active, dtype=torch.float64)
     dense_f, dense_g = features_and_gradients(dense, images, active, "bf16")
@@ -286,7 +289,7 @@ def test_bf16_every_module_hands_on_the_dtype_its_twin_does(timm_models, name):
     the rest of its block there, which the stage outputs may not show (a later convolution casts
     back): the dense-masked group norm's float32 maps and the sparse depthwise 1x1's, mended on
     2026-12-02, failed it for 7 models of the table, 4 of whose stage outputs showed nothing."""
-    images, active = make_batch(SIZES.get(name, SIZE), "ratio0.6", batch=2)
+    images, active = make_batch(SIZES.get(name, SIZE), "ratio0.6", batch=2, patch=PATCHES.get(name, 32))
     model = timm_models(name, **TIMM_KWARGS.get(name, {}))
     dense = dtypes_handed_on(MaskedDenseEncoder.from_timm(copy.deepcopy(model)), images, active)
     sparse = dtypes_handed_on(sparse_encoder(copy.deepcopy(model)), images, active)

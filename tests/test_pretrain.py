@@ -268,6 +268,7 @@ def test_a_model_at_an_input_size_off_its_groups_of_sites_fails_before_any_work(
     ("efficientformerv2_s0", "biases its attention by offsets on its own input size's maps"),  # efficientformer_v2.py
     ("pvt_v2_b2_li", "pools its keys to 7x7 cells, one per patch at its own input size"),  # encoders/families/pvt_v2.py
     ("visformer_tiny", "adds position embeddings made for its own input size"),  # encoders/families/visformer.py
+    ("nest_tiny", "adds position embeddings made for its own input size"),  # encoders/families/nest.py
 ])
 def test_a_model_off_its_own_input_size_fails_before_any_work(tmp_path, model, why):
     with pytest.raises(pretrain.ConfigError, match=rf"^model {model} {why}: input_size must be 224, got 256$"):

@@ -140,6 +140,9 @@ from .test_pretrain import config
     ("coat_lite_small", 0.2, "ln", [0.9, 0.999]),
     ("coat_lite_medium_384", 0.3, "ln", [0.9, 0.999]),
     ("visformer_small", 0.0, "bn", [0.9, 0.95]),  # Visformer: batch norms throughout, ResNet's
+    ("nest_tiny", 0.0, "ln", [0.9, 0.999]),  # NesT, by size (its "_jx" ports alike)
+    ("nest_small_jx", 0.2, "ln", [0.9, 0.999]),
+    ("nest_base", 0.3, "ln", [0.9, 0.999]),
     ("mvitv2_tiny", 0.0, "ln", [0.9, 0.999]),  # MViTv2, by size
     ("mvitv2_small", 0.2, "ln", [0.9, 0.999]),
     ("mvitv2_large", 0.4, "ln", [0.9, 0.999]),
@@ -203,6 +206,7 @@ def composed(app: str, *overrides: str):
     ("coat_lite_tiny", 128, 224),  # our patch embeddings run at any size; timm's at its own
     ("efficientformerv2_s0", 224, 224),  # attention biases of its own maps, in both
     ("visformer_tiny", 224, 224),  # position embeddings of its own maps, in both
+    ("nest_tiny", 224, 224),  # the same
 ])
 def test_by_default_a_model_runs_at_the_bundled_size_or_the_least_size_up_from_it_it_runs_at(
         model, pretraining, fine_tuning):

@@ -114,11 +114,27 @@ def test_model_shapes_and_hierarchy(hierarchy):
 
 
 def test_a_familys_scales_halve_without_a_gap_down_from_the_masks_patch():
-    for strides in [(4, 8, 16, 32), (8, 16, 32), (2, 4, 8, 16, 32), (32,)]:
+    for strides in [(4, 8, 16, 32), (8, 16, 32), (2, 4, 8, 16, 32), (32,), (4, 8, 16)]:
         check_scales(strides)
-    for strides in [(4, 8, 16), (8, 32), (4, 8, 16, 32, 64), ()]:  # each scale feeds a decoder block from 32 down
-        with pytest.raises(ValueError, match=r"must double from the finest to 32, the mask's patch$"):
+    # each scale feeds a decoder block from the patch down; the patch is 32 or 16 (NesT's)
+    for strides in [(8, 32), (4, 8, 16, 32, 64), (2, 4, 8), ()]:
+        with pytest.raises(ValueError, match=r"must double from the finest to the mask's patch, 16 or 32$"):
             check_scales(strides)
+
+
+@needs_minkowski
+def test_an_encoder_whose_coarsest_stride_is_16_masks_16_pixel_patches():
+    """NesT's levels sit at strides 4, 8 and 16: the mask's patch, the loss's patches and the
+    decoder's upsampling (four blocks) follow its coarsest stride."""
+    timm_model = timm.create_model("nest_tiny", pretrained=False, num_classes=0, img_size=64)
+    model = SparK(create_encoder(timm_model, "sparse"), decoder_width=32)
+    assert model.encoder.strides == (4, 8, 16) and model.stride == 16 and len(model.decoder.blocks) == 4
+    images = torch.randn(2, 3, 64, 64)
+    active = model.random_mask(images)
+    assert active.shape == (2, 1, 4, 4) and int(active.sum()) == 2 * round(16 * 0.4)
+    out = model(images, active)
+    assert out["pred"].shape == (2, 3, 64, 64)
+    assert out["loss"] == masked_patch_loss(out["pred"], images, active, 16)
 
 
 @needs_minkowski
@@ -158,7 +174,8 @@ def test_an_encoder_of_three_scales_feeds_the_decoder_three():
                                   "mobilevitv2_050", "mobilenetv5_base", "iformer_t", "test_maxvit", "test_coatnet",
                                   "botnet26t_256", "lambda_resnet26t", "hiera_tiny_224", "cpubone_t0",
                                   "lowformer_b0", "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
-                                  "halonet26t", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny"])
+                                  "halonet26t", "sam2_hiera_tiny", "coat_lite_tiny", "visformer_tiny",
+                                  "nest_tiny"])
 def test_every_family_pretrains_end_to_end(name):
     # the decoder adapts to each family's channels (EfficientNet's head conv: 1280 at stride 32);
     # norms randomised: timm zero-initialises each block's last norm, which stops the gradient
@@ -166,7 +183,9 @@ def test_every_family_pretrains_end_to_end(name):
     # MaxViT's groups and grids, CoAtNet's and BotNet's maps, of the size it is built for: 64 px here
     kwargs = {"img_size": 64} if name in ("test_maxvit", "test_coatnet", "botnet26t_256", "hiera_tiny_224",
                                                 "gcvit_xxtiny", "mvitv2_tiny", "efficientformerv2_s0",
-                                                "coat_lite_tiny", "visformer_tiny") else {}
+                                                "coat_lite_tiny", "visformer_tiny", "nest_tiny") else {}
+    if name == "nest_tiny":  # timm's default drop path, 0.5, drops deep branches for the whole batch
+        kwargs["drop_path_rate"] = 0.0
     if name == "halonet26t":  # halo attention's blocks whole at stride 32: 2x2 sites at 64 px
         kwargs = {"self_attn_kwargs": {"block_size": 2, "halo_size": 1}}
     if name == "sam2_hiera_tiny":  # windows whole at strides 16 and 32 at 64 px
@@ -267,7 +286,7 @@ def test_no_weight_decay_on_biases_norms_and_mask_tokens(engine):
 EXEMPT_BY_NAME = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "hiera_tiny_224", "tiny_vit_5m_224",
                   "efficientformer_l1", "twins_pcpvt_small", "coatnet_rmlp_nano_rw_224", "maxvit_nano_rw_256",
                   "gcvit_xxtiny", "mvitv2_tiny", "mvitv2_small_cls", "efficientformerv2_s0", "sam2_hiera_tiny",
-                  "coat_lite_tiny"]
+                  "coat_lite_tiny", "nest_tiny"]
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

@@ -170,6 +170,9 @@ MODELS["coat_lite_tiny"] = ("coat_lite_tiny", {"img_size": 64, "drop_path_rate":
 # alone, at its size, for its three scales (strides 8, 16, 32)
 MODELS["visformer_tiny"] = ("visformer_tiny", {"img_size": (64, 96)})
 CANVAS_DEPENDENT.add("visformer_tiny")
+# NesT's too (and its blocks are the canvas's), at 16-pixel patches: batch independence alone, at its size
+MODELS["nest_tiny"] = ("nest_tiny", {"img_size": 64})
+CANVAS_DEPENDENT.add("nest_tiny")
 ENGINES = {"sparse": SparseEncoder, "dense_masked": MaskedDenseEncoder}
 # the image's size, the canvas's and where the image lies in it (pixels)
 PLACEMENT = ((64, 96), (160, 192), (64, 32))
@@ -184,7 +187,8 @@ PLACEMENTS.update({
               "efficientformerv2_s0": ((96, 96), (192, 192), (0, 0)),
               "halonet26t": ((128, 128), (256, 256), (0, 0)),
               "sam2_hiera_tiny": ((64, 128), (128, 256), (0, 0)),
-              "coat_lite_tiny": ((64, 64), (128, 192), (32, 64))})
+              "coat_lite_tiny": ((64, 64), (128, 192), (32, 64)),
+              "nest_tiny": ((64, 64), (128, 128), (0, 0))})
 # the properties are the sparse engine's, checked for every net; the dense-masked engine equals it
 # wherever both run (test_encoder_equivalence.py), and keeps them on its own for a net of each norm
 # kind (batch norm, ConvNeXt-V2's layer norm and GRN, GroupNorm)
@@ -234,9 +238,9 @@ def test_an_images_features_do_not_depend_on_the_rest_of_the_batch(timm_models, 
     g = torch.Generator().manual_seed(1)
     (h, w), _, _ = PLACEMENTS.get(name, PLACEMENT)
     images = torch.randn(3, 3, h, w, generator=g, dtype=torch.float64).to(device)
-    active = random_active(3, (h // 32, w // 32), 0.5, g)
-    assert_the_first_images_features_are_its_own(encoder(timm_models, engine, name, train=False, device=device),
-                                                 images, active)
+    enc = encoder(timm_models, engine, name, train=False, device=device)
+    active = random_active(3, (h // enc.stride, w // enc.stride), 0.5, g)  # the mask's patch: NesT's 16
+    assert_the_first_images_features_are_its_own(enc, images, active)
 
 
 def assert_the_first_images_features_are_its_own(enc, images, active) -> None:

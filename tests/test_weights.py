@@ -114,6 +114,8 @@ ALL_DEPTHS["mvitv2_small_cls"] = ("mvitv2_small_cls", {})  # and its class token
 ALL_DEPTHS["coat_lite_tiny"] = ("coat_lite_tiny", {})
 # Visformer: its three stages' position embeddings (pos_embed1..3) on the body under timm's names, attention's qkv
 ALL_DEPTHS.update({name: (name, {}) for name in ["visformer_tiny", "visformer_small"]})
+# NesT: position embeddings per block of sites (levels.i.pos_embed) in the levels' mirrors, block aggregations
+ALL_DEPTHS.update({name: (name, {}) for name in ["nest_tiny", "nest_small_jx"]})
 # EfficientFormerV2: attention bias tables and talking heads under timm's names, the attention downsampling's query
 ALL_DEPTHS.update({name: (name, {}) for name in ["efficientformerv2_s0", "efficientformerv2_l"]})
 ALL_DEPTHS.update({name: (name, {}) for name in ["maxvit_nano_rw_256", "maxvit_tiny_tf_224", "maxxvit_rmlp_nano_rw_256",
@@ -424,7 +426,8 @@ def test_densenets_without_an_exact_twin_are_refused_by_path(engine):
     ("test_maxvit", {"transformer_attn_drop": 0.1}, r"stages\.0\.blocks\.0\.attn_block\.attn\.attn_drop"),
     ("coat_lite_tiny", {"proj_drop_rate": 0.1}, r"serial_blocks1\.0\.factoratt_crpe\.proj_drop"),
     ("visformer_tiny", {"proj_drop_rate": 0.1}, r"stage1\.0\.mlp\.drop1"),
-    ("visformer_tiny", {"pos_drop_rate": 0.1}, r"pos_drop")])  # after each position embedding
+    ("visformer_tiny", {"pos_drop_rate": 0.1}, r"pos_drop"),  # after each position embedding
+    ("nest_tiny", {"attn_drop_rate": 0.1}, r"levels\.0\.transformer_encoder\.0\.attn\.attn_drop")])
 def test_a_dropout_is_refused_by_path(engine, name, kwargs, where):
     # no engine mirrors a dropout's random mask
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

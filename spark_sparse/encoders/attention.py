@@ -440,23 +440,26 @@ class WindowAttention(nn.Module):
     groups laid from its top-left corner (after the shift), attends within each group. Here each
     visible token attends to its group's visible tokens only: the padding and the hidden tokens are
     no keys (timm lets its padding's projections be keys; on maps of whole groups, as at 224 px,
-    there is none). A parameter-free leaf every engine converts to its own twin; ``attend`` groups
-    the whole images' map (the dense-masked engine's layout), ``attend_groups`` attends within
-    groups however an engine laid them out (the sparse engine scatters its rows into them)."""
+    there is none). The output is head after head, or with ``heads_inner`` each channel of every
+    head in turn (NesT's: channel d of head h at d * heads + h). A parameter-free leaf every engine
+    converts to its own twin; ``attend`` groups the whole images' map (the dense-masked engine's
+    layout), ``attend_groups`` attends within groups however an engine laid them out (the sparse
+    engine scatters its rows into them)."""
 
     def __init__(self, num_heads: int, key_dim: int, value_dim: int, window: int, per_head: bool = False,
-                 shift: int = 0):
+                 shift: int = 0, heads_inner: bool = False):
         super().__init__()
         if not per_head and key_dim != value_dim:
             raise ValueError(f"q, k, v laid out head after head need key_dim == value_dim, got {key_dim}, {value_dim}")
         if not 0 <= shift < window:
             raise ValueError(f"a shift of {shift} sites for groups of {window}: it must be in [0, {window})")
         self.num_heads, self.key_dim, self.value_dim, self.window = num_heads, key_dim, value_dim, window
-        self.per_head, self.shift = per_head, shift
+        self.per_head, self.shift, self.heads_inner = per_head, shift, heads_inner
 
     def like(self, cls: type) -> "WindowAttention":
         """This attention as ``cls`` (an engine's twin), every setting kept."""
-        return cls(self.num_heads, self.key_dim, self.value_dim, self.window, self.per_head, self.shift)
+        return cls(self.num_heads, self.key_dim, self.value_dim, self.window, self.per_head, self.shift,
+                   self.heads_inner)
 
     def attend_groups(self, tokens: Tensor, keys: Tensor, bias: Tensor | None = None, qkv_bias: Tensor | None = None,
                       logit_scale: Tensor | None = None) -> Tensor:
@@ -478,8 +481,8 @@ class WindowAttention(nn.Module):
         scale = None
         if logit_scale is not None:
             q, k, scale = F.normalize(q, dim=-1) * logit_scale.to(q.dtype), F.normalize(k, dim=-1), 1.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale)
-        return out.transpose(1, 2).flatten(2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=scale)  # (G, heads, L, value_dim)
+        return out.permute(0, 2, 3, 1).flatten(2) if self.heads_inner else out.transpose(1, 2).flatten(2)
 
     def attend(self, qkv: Tensor, present: Tensor, bias: Tensor | None = None, **terms: Tensor | None) -> Tensor:
         """(B, h, w, C) each site's q, k, v, (B, h, w) bool: which sites are keys, (heads, L, L) bias
@@ -504,7 +507,7 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
-                f"window={self.window}, per_head={self.per_head}, shift={self.shift}")
+                f"window={self.window}, per_head={self.per_head}, shift={self.shift}, heads_inner={self.heads_inner}")
 
 
 def unfolding_blocks(h: int, w: int, grid: int) -> tuple[int, int]:

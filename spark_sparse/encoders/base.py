@@ -39,7 +39,7 @@ def model_name(model: nn.Module) -> str:
 
 class Encoder(nn.Module):
     """A timm convnet mirrored for one engine; outputs its stages at the family's ``strides`` (4, 8,
-    16, 32 for most; Visformer's 8, 16, 32), the last the mask's patch (``stride``)."""
+    16, 32 for most; Visformer's 8, 16, 32; NesT's 4, 8, 16), the last the mask's patch (``stride``)."""
 
     def __init__(self, body: nn.ModuleDict, family: Family, layout: Layout, name: str,
                  timm_no_weight_decay: Iterable[str] = ()):

@@ -20,6 +20,7 @@ import torch
 from timm.layers import (Conv2dSame, ConvNormAct, GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, RmsNorm2d,
                          RmsNormAct2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame)
 from timm.layers.fast_norm import rms_norm2d
+from timm.layers.pool2d_same import MaxPool2dSame
 from timm.layers import activations as timm_act
 from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, LayerNormNoBias
 from timm.models.nfnet import GammaAct
@@ -474,12 +475,14 @@ def pool_geometry(pool: nn.Module) -> tuple[int, int, int]:
 
 def check_max_pool(pool: nn.MaxPool2d, path: str) -> None:
     """Refuse a max pooling whose windows do not map the mask's grid onto itself: both engines
-    run a centred 3x3 at stride 2, VoVNet's unpadded 3x3 with ``ceil_mode`` (its windows start at
-    the output's own site), a 2x2 at stride 2 and a centred odd one at stride 1 (CSPNeXt's spatial
-    pyramid). A zero pad then a max pooling (BiT, HGNetV2) is ``ZeroPaddedMaxPool``'s, checked apart."""
+    run a centred 3x3 at stride 2, VoVNet's unpadded 3x3 with ``ceil_mode`` and TensorFlow's 'same'
+    one (NesT's ``_jx`` ports): on the even maps of a mask's grid both windows start at the output's
+    own site; a 2x2 at stride 2 and a centred odd one at stride 1 (CSPNeXt's spatial pyramid). A zero
+    pad then a max pooling (BiT, HGNetV2) is ``ZeroPaddedMaxPool``'s, checked apart."""
     k, s, p = pool_geometry(pool)
     centred_stride_1 = s == 1 and k % 2 == 1 and p == k // 2
-    if (k, s, p) in ((3, 2, 1), (2, 2, 0)) or ((k, s, p) == (3, 2, 0) and pool.ceil_mode) or centred_stride_1:
+    own_site = (k, s, p) == (3, 2, 0) and (pool.ceil_mode or isinstance(pool, MaxPool2dSame))
+    if (k, s, p) in ((3, 2, 1), (2, 2, 0)) or own_site or centred_stride_1:
         if pool.dilation in (1, (1, 1)):
             return
     raise unsupported(pool, path, f"kernel {k}, stride {s}, padding {p}, dilation {pool.dilation}, "
@@ -568,11 +571,17 @@ def check_strides(model: nn.Module, reductions: list[int], strides: tuple[int, .
                               f"on a {PATCH}-pixel grid)")
 
 
+# the mask's patch sizes a family's coarsest stride may set (NesT's 16; 64 would need inputs of its multiples)
+PATCHES = (16, PATCH)
+
+
 def check_scales(strides: tuple[int, ...]) -> None:
     """A family's scales feed SparK's decoder, whose blocks double the resolution from the mask's
-    patch down: they must halve from ``PATCH`` without a gap (4, 8, 16, 32; Visformer's 8, 16, 32)."""
-    if not strides or strides[-1] != PATCH or any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise ValueError(f"encoder strides {strides} must double from the finest to {PATCH}, the mask's patch")
+    patch (the coarsest stride, 32 or 16) down: they must halve without a gap (4, 8, 16, 32;
+    Visformer's 8, 16, 32; NesT's 4, 8, 16)."""
+    if not strides or strides[-1] not in PATCHES or any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"encoder strides {strides} must double from the finest to the mask's patch, "
+                         f"{' or '.join(map(str, PATCHES))}")
 
 
 @dataclass(frozen=True)

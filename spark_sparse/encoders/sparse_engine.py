@@ -304,7 +304,7 @@ def _sparse_pool(pool: nn.Module, path: str, impl: str) -> nn.Module:
         return ME.MinkowskiMaxPooling(3, stride=2, dimension=2) if stock else PatchPooling("max", 3, 2)
     if isinstance(pool, nn.MaxPool2d) and (k, s, p) == (3, 2, 0):
         # VoVNet's: unpadded, its ceil_mode keeps the last window over an even map's edge: the
-        # window starts at the output's own site (TensorFlow's 'same' there)
+        # window starts at the output's own site (TensorFlow's 'same' there, NesT's _jx ports' MaxPool2dSame)
         if stock:
             raise unsupported(pool, path, "conv='minkowski' centres its pooling windows; this unpadded one "
                                           "needs conv='patch'")

@@ -30,8 +30,8 @@ class SparK(nn.Module):
     """Masked image modelling for a convnet encoder with a hierarchical decoder.
 
     ``hierarchy`` is how many encoder scales (coarsest first) feed the decoder: by default all of
-    them (the paper's 4; Visformer's 3), 1 the single-scale ablation. ``densify_norm`` is 'bn', 'ln'
-    or 'none'.
+    them (the paper's 4; Visformer's and NesT's 3), 1 the single-scale ablation. ``densify_norm``
+    is 'bn', 'ln' or 'none'.
     """
 
     def __init__(

@@ -86,9 +86,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.data.kind == "bundled" and cfg.data.root is not None and not cfg.resume:  # (a run begun so goes on)
         raise ConfigError(f"data.root={cfg.data.root} is read by data=imagefolder only: add data=imagefolder "
                           "(data=bundled trains on the photos bundled with scikit-image)")
-    if hidden_patches(cfg.input_size, cfg.mask_ratio) == 0:
+    patch = strides[-1]  # the mask's: the encoders' coarsest stride (NesT's 16)
+    if hidden_patches(cfg.input_size, cfg.mask_ratio, patch) == 0:
         raise ConfigError(f"mask_ratio {cfg.mask_ratio} at input_size {cfg.input_size} hides none of the "
-                          f"{(cfg.input_size // PATCH) ** 2} patch(es) of an image: with nothing to "
+                          f"{(cfg.input_size // patch) ** 2} patch(es) of an image: with nothing to "
                           "reconstruct the loss is always 0; raise mask_ratio or input_size")
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide evenly "

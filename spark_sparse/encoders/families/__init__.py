@@ -40,6 +40,7 @@ from .mambaout import MAMBAOUT
 from .maxxvit import MAXXVIT
 from .metaformer import METAFORMER
 from .mvitv2 import MVITV2
+from .nest import NEST
 from .nfnet import NFNET
 from .pvt_v2 import PVT_V2
 from .rdnet import RDNET
@@ -71,7 +72,8 @@ FAMILIES: tuple[Family, ...] = (RESNET, CONVNEXT, REGNET, EFFICIENTNET, MOBILENE
                                 METAFORMER, FOCALNET, LCNETV2, EFFICIENTVIT, SWIFTFORMER,
                                 PVT_V2, TWINS, TINY_VIT, EFFICIENTFORMER, SWIN, SWIN_V2, EDGENEXT,
                                 SELECSLS, SWIN_V2_CR, DAVIT, MOBILENETV5, IFORMER, MAXXVIT, HIERA, CPUBONE,
-                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET, COAT, VISFORMER)
+                                LOWFORMER, GCVIT, MVITV2, EFFICIENTFORMER_V2, HIERADET, COAT, VISFORMER,
+                                NEST)
 
 
 def family_of(model: nn.Module) -> Family:

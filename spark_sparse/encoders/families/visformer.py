@@ -38,7 +38,7 @@ class MirrorPatchEmbed(nn.Module):
         self.norm = convert(module.norm, f"{path}.norm")
         self.positions = convert.leaf(AbsolutePositions(), f"{path}.positions")  # a name timm's lacks
 
-    def forward(self, x, table: Tensor | None):
+    def forward(self, x, table: Tensor | None = None):
         x = self.norm(self.proj(x))
         return x if table is None else self.positions(x, table)
 
