@@ -61,7 +61,8 @@ def test_a_batch_planned_like_the_captured_one_queues_the_captured_operations(ti
     h, w = AUDIT_SIZES.get(name, (128, 160))  # a 4x5 grid: every tile shape
     images = torch.randn(4, 3, h, w).to(where)
     g = torch.Generator().manual_seed(0)
-    first, second = (random_active(4, (h // 32, w // 32), 0.6, g) for _ in range(2))
+    patch = encoder.stride  # the mask's: 32, NesT's 16
+    first, second = (random_active(4, (h // patch, w // patch), 0.6, g) for _ in range(2))
 
     def step(active, layout) -> None:
         sum(f.sum() for f in encoder.dense_features(images, active, layout)).backward()
