@@ -728,7 +728,7 @@ def any_input_size(name: str) -> InputSizes:
     return InputSizes()
 
 
-def normed_stage_outputs(timm_class: type, stem: str) -> Callable[[nn.Module, Any], list]:
+def normed_stage_outputs(timm_class: type, stem: str, stages: str = "stages") -> Callable[[nn.Module, Any], list]:
     """``Family.features`` of a family whose features are its stages' outputs, the last through the
     final ``norm``: timm's ``forward_intermediates(norm=True)`` on a ``timm_class`` model (maps, not
     tokens), the same flow on the converted body (``stem``, ``stages``, ``norm``: timm's names)."""
@@ -737,7 +737,7 @@ def normed_stage_outputs(timm_class: type, stem: str) -> Callable[[nn.Module, An
             return net.forward_intermediates(x, norm=True, intermediates_only=True)
         x = getattr(net, stem)(x)
         feats = []
-        for stage in net.stages:
+        for stage in getattr(net, stages):
             x = stage(x)
             feats.append(x)
         feats[-1] = net.norm(x)

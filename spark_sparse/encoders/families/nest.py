@@ -17,8 +17,8 @@ from timm.models.nest import Attention, ConvPool, Nest, NestLevel, TransformerLa
 from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, WindowAttention
-from ..family import (ConversionError, Converter, Family, Layout, MirrorInOrder, check_strides, own_input_size,
-                      refuse_checkpointing, refuse_dropout)
+from ..family import (ConversionError, Converter, Family, Layout, MirrorInOrder, check_strides, normed_stage_outputs,
+                      own_input_size, refuse_checkpointing, refuse_dropout)
 from .convnext import MirrorMlp
 from .visformer import MirrorPatchEmbed
 
@@ -93,20 +93,6 @@ def layout(model: Nest) -> Layout:
                   tuple(info["num_chs"] for info in model.feature_info))
 
 
-def nest_features(net: nn.Module, x) -> list:
-    """The three levels' outputs, the last through the final norm: timm's ``forward_intermediates`` on
-    a timm NesT (its norm runs channels last), the same flow on the converted body (timm's names)."""
-    if isinstance(net, Nest):
-        return net.forward_intermediates(x, norm=True, intermediates_only=True)
-    x = net.patch_embed(x)
-    feats = []
-    for level in net.levels:
-        x = level(x)
-        feats.append(x)
-    feats[-1] = net.norm(x)
-    return feats
-
-
 def check(model: Nest) -> None:
     if model.patch_size != STRIDES[0]:
         raise ConversionError(f"NesT with {model.patch_size}-pixel patches: only timm's 4 (levels at strides 4, 8, 16)")
@@ -118,7 +104,7 @@ NEST = Family(
     mirrors={PatchEmbed: MirrorPatchEmbed, NestLevel: MirrorNestLevel, ConvPool: MirrorConvPool, Mlp: MirrorMlp},
     layout=layout,
     check=check,
-    features=nest_features,
+    features=normed_stage_outputs(Nest, "patch_embed", "levels"),  # timm's norm runs channels last
     input_sizes=own_input_size("adds position embeddings made for its own input size"),
     strides=STRIDES,
 )
