@@ -586,19 +586,20 @@ def check_scales(strides: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class NamedStages:
-    """Four named stage modules (timm's feature taps); ``head`` (a final 1x1 convolution before
-    pooling, say) runs after the last, which then has ``num_features`` channels."""
+    """Named stage modules (timm's feature taps) at ``strides``; ``head`` (a final 1x1 convolution
+    before pooling, say) runs after the last, which then has ``num_features`` channels."""
 
     stem: tuple[str, ...]
     stages: tuple[str, ...]
     head: tuple[str, ...] = ()
+    strides: tuple[int, ...] = STRIDES
 
     def __call__(self, model: nn.Module) -> Layout:
         info = {i["module"]: i for i in model.feature_info}
         missing = [s for s in self.stages if s not in info]
         if missing:
             raise ConversionError(f"{type(model).__name__} reports no features for {missing}")
-        check_strides(model, [info[s]["reduction"] for s in self.stages])
+        check_strides(model, [info[s]["reduction"] for s in self.stages], self.strides)
         channels = [info[s]["num_chs"] for s in self.stages]
         if self.head:
             channels[-1] = model.num_features

@@ -17,10 +17,9 @@ from timm.models.nest import Attention, ConvPool, Nest, NestLevel, TransformerLa
 from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, WindowAttention
-from ..family import (ConversionError, Converter, Family, Layout, MirrorInOrder, check_strides, normed_stage_outputs,
+from ..family import (ConversionError, Converter, Family, MirrorInOrder, NamedStages, normed_stage_outputs,
                       own_input_size, refuse_checkpointing, refuse_dropout)
 from .convnext import MirrorMlp
-from .visformer import MirrorPatchEmbed
 
 STRIDES = (4, 8, 16)
 
@@ -57,6 +56,12 @@ class MirrorTransformerLayer(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+class MirrorPatchEmbed(MirrorInOrder):
+    """timm's PatchEmbed of maps (NesT's: flatten=False): the 4x4 stride-4 convolution and its norm."""
+
+    children_names = ("proj", "norm")
+
+
 class MirrorConvPool(MirrorInOrder):
     """timm's block aggregation: 3x3 convolution, layer norm per site, 3x3 stride-2 max pooling."""
 
@@ -86,13 +91,6 @@ class MirrorNestLevel(nn.Module):
         return self.transformer_encoder(self.positions(self.pool(x), self.position_table()))
 
 
-def layout(model: Nest) -> Layout:
-    check_strides(model, [info["reduction"] for info in model.feature_info], STRIDES)
-    levels = tuple((f"levels.{i}",) for i in range(len(model.levels)))
-    return Layout(("patch_embed",), levels[:-1] + (levels[-1] + ("norm",),),
-                  tuple(info["num_chs"] for info in model.feature_info))
-
-
 def check(model: Nest) -> None:
     if model.patch_size != STRIDES[0]:
         raise ConversionError(f"NesT with {model.patch_size}-pixel patches: only timm's 4 (levels at strides 4, 8, 16)")
@@ -102,7 +100,7 @@ NEST = Family(
     name="nest",
     timm_class=Nest,
     mirrors={PatchEmbed: MirrorPatchEmbed, NestLevel: MirrorNestLevel, ConvPool: MirrorConvPool, Mlp: MirrorMlp},
-    layout=layout,
+    layout=NamedStages(("patch_embed",), ("levels.0", "levels.1", "levels.2"), head=("norm",), strides=STRIDES),
     check=check,
     features=normed_stage_outputs(Nest, "patch_embed", "levels"),  # timm's norm runs channels last
     input_sizes=own_input_size("adds position embeddings made for its own input size"),
