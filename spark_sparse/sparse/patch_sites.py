@@ -67,7 +67,9 @@ class BatchCoordinates(ME.CoordinateManager):
 
     def __init__(self, coordinate_map_type: ME.CoordinateMapType = ME.CoordinateMapType.CPU,
                  network: "BatchCoordinates | None" = None) -> None:
-        super().__init__(D=2, coordinate_map_type=coordinate_map_type)
+        # MinkowskiEngine sets OpenMP's threads to its num_threads (by default every core, at most
+        # 20), which are torch's too: a run's `threads` setting would be lost at its first batch
+        super().__init__(D=2, num_threads=torch.get_num_threads(), coordinate_map_type=coordinate_map_type)
         self.on_cuda = coordinate_map_type == ME.CoordinateMapType.CUDA
         self.network = network
         self.sites: PatchSites | None = None
