@@ -4,12 +4,13 @@
 
 Before the features reach the first convolution, a batch needs its bookkeeping, all of it on
 the CPU: the visible patches read from the mask, MinkowskiEngine's coordinate maps (hashing
-every visible site at stride 1, 2, 4, 8, 16 and 32) and our index tables (tiles, kernel maps,
+every visible site at stride 1, 2, 4, ... up to the mask patch, 32 or 16) and our index tables (tiles, kernel maps,
 canvas and image indices: the ones the model's layers read, found by running it once). On a
 GPU this is time the CPU is not queueing kernels. Timed here, on fresh batches each repeat:
 
-* ``me_insert sN``: MinkowskiEngine's ``insert_and_map`` of the sites at stride N, which the
-  engine did for every stride until it stopped hashing maps nobody reads (issue 19);
+* ``me_insert sN``: MinkowskiEngine's ``insert_and_map`` of the sites at stride N (1, 2, ... up to
+  the model's mask patch), which the engine did for every stride until it stopped hashing maps
+  nobody reads (issue 19);
 * ``tables <kind>``: building each kind of the tables the layers read on ``--device`` (a GPU's
   small blocks read window GEMMs' tables, the CPU's offset GEMMs') for the whole batch on the
   CPU, as a CPU run does (``table MB``: their size);
@@ -33,13 +34,18 @@ import timm
 import torch
 
 from spark_sparse import SparseEncoder, random_active
+from spark_sparse.encoders.families import encoder_strides, input_sizes
+from spark_sparse.encoders.family import ConversionError
 from spark_sparse.run.runtime import configure_cpu
 from spark_sparse.sparse.patch_sites import STRING_ID, BatchCoordinates, PatchSites
 from spark_sparse.sparse.sparsify import sparsify
 
 from . import arguments
 
-STRIDES = (1, 2, 4, 8, 16, 32)
+
+def strides_to(patch: int) -> list[int]:
+    """The strides MinkowskiEngine hashed sites at: 1, 2, 4, ... up to the mask's patch."""
+    return [2**i for i in range(patch.bit_length())]
 
 
 def tables_read(model: str, input_size: int, device: torch.device = torch.device("cpu")) -> list[tuple]:
@@ -47,7 +53,7 @@ def tables_read(model: str, input_size: int, device: torch.device = torch.device
     features on ``device`` (a GPU's layers read some other tables than the CPU's)."""
     encoder = SparseEncoder.from_timm(timm.create_model(model, num_classes=0)).train().to(device)
     g = torch.Generator().manual_seed(0)
-    grid = (input_size // 32, input_size // 32)
+    grid = (input_size // encoder.stride, input_size // encoder.stride)
     images = torch.randn(2, 3, input_size, input_size, generator=g).to(device)
     feats = encoder(images, random_active(2, grid, 0.6, g))
     sum(f.F.sum() for f in feats).backward()
@@ -70,19 +76,20 @@ def nbytes(value) -> int:
 
 
 def measure(keys: list[tuple], batch: int, input_size: int, mask_ratio: float, repeats: int,
-            seed: int, device: torch.device) -> tuple[dict[str, float], float]:
-    """Median ms of every part, and the tables' size in MB, over ``repeats`` fresh batches."""
+            seed: int, device: torch.device, patch: int = 32) -> tuple[dict[str, float], float]:
+    """Median ms of every part, and the tables' size in MB, over ``repeats`` fresh batches masked
+    in ``patch``-pixel patches (the model's coarsest stride)."""
     g = torch.Generator().manual_seed(seed)
-    grid = (input_size // 32, input_size // 32)
+    grid = (input_size // patch, input_size // patch)
     images = torch.randn(batch, 3, input_size, input_size, generator=g)
     times: dict[str, list[float]] = defaultdict(list)
     size_mb = 0.0
     for r in range(repeats + 1):  # the first round warms up
         active = random_active(batch, grid, mask_ratio, g)
-        sites = batch_sites(active, 32)
+        sites = batch_sites(active, patch)
         manager = BatchCoordinates()
         parts: dict[str, float] = defaultdict(float)
-        for stride in STRIDES:
+        for stride in strides_to(patch):
             coords = sites.coordinates(stride)
             start = time.perf_counter()
             manager.insert_and_map(coords, [stride, stride], STRING_ID)
@@ -93,7 +100,7 @@ def measure(keys: list[tuple], batch: int, input_size: int, mask_ratio: float, r
             parts[f"tables {key[0]}"] += time.perf_counter() - start
         if device.type == "cuda":
             for wait in (False, True):
-                for_gpu = batch_sites(active, 32, device)
+                for_gpu = batch_sites(active, patch, device)
                 torch.cuda.synchronize(device)
                 for key in keys:
                     if key[0] != "neighbours":  # read by the tile builder only, on the CPU
@@ -130,8 +137,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda, but PyTorch sees no CUDA GPU")
     configure_cpu(args.threads)
     device = torch.device(args.device)
+    if not timm.is_model(args.model):
+        parser.error(f"--model: unknown timm model {args.model}")
+    try:
+        why = input_sizes(args.model).refusal(args.model, args.input_size)
+        patch = encoder_strides(args.model)[-1]
+    except ConversionError as err:
+        parser.error(f"--model {args.model}: {err}")
+    if why:
+        parser.error(f"--model {args.model}: {why}")
     keys = tables_read(args.model, args.input_size, device)
-    results = {b: measure(keys, b, args.input_size, args.mask_ratio, args.repeats, args.seed, device)
+    results = {b: measure(keys, b, args.input_size, args.mask_ratio, args.repeats, args.seed, device, patch)
                for b in args.batch_sizes}
     parts = list(next(iter(results.values()))[0])
     print(f"{args.model}, {args.input_size} px, mask {args.mask_ratio}, {torch.get_num_threads()} threads, "

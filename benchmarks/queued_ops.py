@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from spark_sparse import random_active
-from spark_sparse.encoders.families import input_sizes
+from spark_sparse.encoders.families import encoder_strides, input_sizes
 from spark_sparse.encoders.family import ConversionError
 from spark_sparse.encoders.registry import create_encoder
 from spark_sparse.model.spark import SparK
@@ -93,7 +93,8 @@ def measure(model_name: str, batch: int, input_size: int, mask_ratio: float, dec
     """{(pass, engine): (queued, reads)} for one model."""
     g = torch.Generator().manual_seed(0)
     images = torch.empty(batch, 3, input_size, input_size, device=DEVICE)
-    active = random_active(batch, (input_size // 32, input_size // 32), mask_ratio, g)
+    patch = encoder_strides(model_name)[-1]  # the mask's (NesT's 16)
+    active = random_active(batch, (input_size // patch, input_size // patch), mask_ratio, g)
     out = {}
     for engine in ("dense_masked", "sparse"):  # first: a model no engine mirrors fails before anything runs
         # meta has no values: the dense-masked engine's nonzero takes every site as visible

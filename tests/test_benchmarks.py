@@ -407,6 +407,10 @@ def test_queued_ops_shows_timm_as_na_where_timm_runs_no_other_input_size(capsys)
     ("batch_tables", ["--batch-sizes", "16", "0"],
      "argument --batch-sizes: must be a whole number of at least 1, got 0"),
     ("batch_tables", ["--repeats", "many"], "argument --repeats: must be a whole number of at least 1, got 'many'"),
+    ("batch_tables", ["--model", "resnet_nope"], "--model: unknown timm model resnet_nope"),
+    ("batch_tables", ["--model", "nest_tiny", "--input-size", "256"],
+     "--model nest_tiny: model nest_tiny adds position embeddings made for its own input size: input_size must be "
+     "224, got 256"),
     ("precision_error", ["--mask-ratio", "nan"], "argument --mask-ratio: must be in [0, 1), got nan"),
     ("precision_error", ["--seed", "-1"], "argument --seed: must be a whole number of at least 0, got -1"),
 ])
@@ -418,6 +422,18 @@ def test_benchmark_command_lines_refuse_bad_arguments_in_one_line(module, argv, 
         main(argv + ([batch, "2"] if batch not in argv else []))
     assert stop.value.code == 2
     assert f": error: {error}" in capsys.readouterr().err
+
+
+def test_batch_tables_masks_in_the_models_own_patch(capsys):
+    """NesT's mask patch is 16 pixels (its coarsest stride): MinkowskiEngine hashed its sites at
+    strides 1 to 16, and its tables are of 16-pixel patches."""
+    from benchmarks.batch_tables import main
+
+    main(["--model", "nest_tiny", "--input-size", "224", "--batch-sizes", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| me_insert")] == \
+        [f"| me_insert s{s}" for s in (1, 2, 4, 8, 16)]
+    assert "| **our tables, on the CPU** |" in out
 
 
 def test_precision_speed_times_both_engines_under_each_precision(capsys):
