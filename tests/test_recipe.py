@@ -1,6 +1,7 @@
 """Each model pretrains with its official SparK recipe unless the command line says otherwise."""
 
 import json
+import os
 
 import pytest
 import timm
@@ -14,7 +15,7 @@ import spark_sparse.pretrain.checks as pretrain_checks
 from spark_sparse.encoders.families import FAMILIES
 from spark_sparse.model.spark import SparK
 from spark_sparse.run.checks import ConfigError, check_model_and_missing
-from spark_sparse.run.recipe import CONF_DIR, default_recipe, recipe_value, register_resolver
+from spark_sparse.run.recipe import CONF_DIR, cpu_workers, default_recipe, recipe_value, register_resolver
 from spark_sparse.timm_models import create_timm_model
 
 from .conftest import needs_minkowski
@@ -245,6 +246,14 @@ def test_the_papers_pretraining_recipe_asks_for_the_image_folder():
     assert (cfg.data.kind, cfg.batch_size, cfg.epochs, cfg.decoder.width) == ("imagefolder", 4096, 1600, 768)
     with pytest.raises(ConfigError, match=r"data.root must be set \(add data.root=... to the command line\)"):
         check_model_and_missing(cfg)
+
+
+def test_an_image_folder_is_read_by_four_workers_or_one_per_core_where_there_are_fewer(monkeypatch):
+    assert config("data=imagefolder", "data.root=/data").data.num_workers == min(4, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_workers(4) == 2 and cpu_workers(1) == 1
+    assert config("data=imagefolder", "data.root=/data").data.num_workers == 2
+    assert config("data=imagefolder", "data.root=/data", "data.num_workers=6").data.num_workers == 6  # asked for
 
 
 def test_the_command_line_wins_over_the_recipe():

@@ -7,10 +7,13 @@ the entry named after the model's timm module (its family). ``${encoder_input_si
 or the least size up from it the model's encoders run at (Hiera: its own 224);
 ``${timm_input_size:64}`` is the model's own size where timm fixes it, else 64 or the least size up
 from it the encoders run at. ``${encoder_scales:}`` is how many scales the model's encoders output.
+One default is the machine's, not the model's: ``${cpu_workers:4}`` is 4 data-loading workers, or
+fewer where this process may use fewer cores.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,6 +72,13 @@ def timm_input_size(model: str, default: int) -> int:
     return cfg.input_size[-1] if cfg is not None and cfg.fixed_input_size else encoder_input_size(model, default)
 
 
+def cpu_workers(default: int) -> int:
+    """``default`` data-loading workers, at most one per core this process may run on: more only
+    fight over the cores (the DataLoader warns of it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(default, cores)
+
+
 def _resolve(key: str, *, _root_) -> Any:
     return recipe_value(_root_.recipe, _root_.model, key)
 
@@ -76,11 +86,13 @@ def _resolve(key: str, *, _root_) -> Any:
 RESOLVERS = {"recipe": _resolve,
              "encoder_input_size": lambda default, *, _root_: encoder_input_size(_root_.model, default),
              "encoder_scales": lambda *, _root_: encoder_scales(_root_.model),
-             "timm_input_size": lambda default, *, _root_: timm_input_size(_root_.model, default)}
+             "timm_input_size": lambda default, *, _root_: timm_input_size(_root_.model, default),
+             "cpu_workers": cpu_workers}
 
 
 def register_resolver() -> None:
-    """Make ``${recipe:KEY}`` and the input-size defaults available to OmegaConf (idempotent)."""
+    """Make ``${recipe:KEY}``, the input-size defaults and ``${cpu_workers:N}`` available to OmegaConf
+    (idempotent)."""
     for name, resolver in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
