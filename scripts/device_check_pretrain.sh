@@ -12,7 +12,7 @@
 #       eager one (pytest --device cuda; each family's placement audit runs in CI, on meta)
 #   (d) the CPU work of a batch and what handing its tables to the GPU costs (benchmarks.batch_tables)
 #   (e) benchmarks.sparse_vs_dense device=cuda, fp32 (TF32 for both engines' convolutions and GEMMs)
-#       (and on CUDA, in the same run, the sparse engine replayed from CUDA graphs) and bf16:
+#       and bf16 (and on CUDA, in the same runs, the sparse engine replayed from CUDA graphs):
 #       ResNet-50 and ConvNeXt-T at batch 64, mask 0.6 and 0.75; encoder fwd+bwd and the whole
 #       SparK step (768-wide decoder):
 #       images/s, peak CUDA memory, the GPU's idle share (whole steps both ways: each making its
@@ -196,12 +196,12 @@ step "(c) pytest --device $DEVICE" c.log 300 \
   "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"
 
 # (e) both engines side by side, one run per precision (the issue asks for ConvNeXt-T at mask 0.6; 0.75
-# comes along); on CUDA the fp32 run times the sparse engine a third time, replayed from CUDA graphs
-# (launch-bound on the H200: the GPU idled half of a step, 2026-11-29)
+# comes along); on CUDA each run times the sparse engine a third time, replayed from CUDA graphs
+# (launch-bound on the H200: the GPU idled half of a step, 2026-11-29), bf16's as a GPU pretraining runs
 for run in fp32 bf16; do
   step "(e) sparse_vs_dense $run" "e_$run.log" 180 \
     "$PY" -m benchmarks.sparse_vs_dense device="$DEVICE" precision="$run" passes=[fwd_bwd,train_step] \
-    cuda_graph=$([ "$run" = fp32 ] && [ "$DEVICE" = cuda ] && echo true || echo false) "${BENCH[@]}" \
+    cuda_graph=$([ "$DEVICE" = cuda ] && echo true || echo false) "${BENCH[@]}" \
     hydra.run.dir="$OUT/bench_$run"
 done
 

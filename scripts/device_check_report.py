@@ -23,7 +23,10 @@ IDLE_TARGET = 0.05  # the GPU's idle share of a whole SparK step
 RUNS = {"fp32": "fp32 (on CUDA: TF32 for both engines' convolutions and GEMMs)",
         # the fp32 run's third engine on CUDA (cuda_graph=true), paired with its dense masking
         "fp32_graph": "fp32 (TF32), the sparse engine replayed from CUDA graphs (cuda_graph=true)",
-        "bf16": "bf16 autocast", "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
+        "bf16": "bf16 autocast",
+        # the bf16 run's, likewise: how a GPU pretraining runs (precision=bf16 cuda_graph=true)
+        "bf16_graph": "bf16 autocast, the sparse engine replayed from CUDA graphs (cuda_graph=true)",
+        "fp32_ieee": "fp32, IEEE float32 (tf32=false)"}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -173,7 +176,7 @@ def main(out: Path, device: str, seconds: int) -> None:
     environment = next((line for line in summary if line.startswith("python ")), "environment not recorded")
     fp32, bf16 = bench(out, "fp32"), bench(out, "bf16")
     runs = {"fp32": pairs(fp32), "bf16": pairs(bf16), "fp32_graph": pairs(fp32, "sparse_graph"),
-            "fp32_ieee": pairs(bench(out, "fp32_ieee"))}
+            "bf16_graph": pairs(bf16, "sparse_graph"), "fp32_ieee": pairs(bench(out, "fp32_ieee"))}
     runs = {name: rows for name, rows in runs.items() if rows or name in ("fp32", "bf16")}  # graphs: CUDA; IEEE: ONLY=i
     result = {"device": device, "seconds": seconds, "environment": environment,
               "device_name": next((r["device_name"] for r in fp32 + bf16), None),

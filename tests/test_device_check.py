@@ -106,8 +106,9 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
                                 "queue_s": 0.01, "device_name": "a GPU", "tf32": True})
         return out
 
-    # the fp32 run on CUDA times the sparse engine a third time, replayed (cuda_graph=true)
-    runs = [("fp32", {"sparse": (1.4, 0.5), "sparse_graph": (2.5, 0.02)}), ("bf16", {"sparse": (1.2, 0.5)})]
+    # each run on CUDA times the sparse engine a third time, replayed (cuda_graph=true)
+    runs = [("fp32", {"sparse": (1.4, 0.5), "sparse_graph": (2.5, 0.02)}),
+            ("bf16", {"sparse": (1.2, 0.5), "sparse_graph": (3.0, 0.01)})]
     for run, sparse in runs:
         (tmp_path / f"bench_{run}").mkdir()
         (tmp_path / f"bench_{run}" / "results.json").write_text(json.dumps(records(**sparse)))
@@ -125,4 +126,9 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     assert met["resnet50 mask 0.6: peak memory <= 0.6 of dense masking's (encoder fwd+bwd)"] is True
     assert met["200 steps of pretraining on the device: the loss falls"] is True
     assert met["200 steps of pretraining with cuda_graph=true: the loss falls"] is False  # it wrote no metrics
-    assert "replayed from CUDA graphs" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Sparse vs dense masking, fp32 (TF32), the sparse engine replayed from CUDA graphs" in md
+    assert "## Sparse vs dense masking, bf16 autocast, the sparse engine replayed from CUDA graphs" in md
+    bf16_graph = json.loads((tmp_path / "results.json").read_text())["benchmarks"]["bf16_graph"]
+    assert {(r["model"], r["mask_ratio"], r["pass"]): round(r["speedup"], 2) for r in bf16_graph}[
+        ("resnet50", 0.6, "fwd_bwd")] == 3.0
