@@ -35,7 +35,7 @@ import torch
 
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.encoders.families import encoder_strides, input_sizes
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.run.runtime import configure_cpu
 from spark_sparse.sparse.patch_sites import STRING_ID, BatchCoordinates, PatchSites
 from spark_sparse.sparse.sparsify import sparsify

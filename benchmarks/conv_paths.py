@@ -21,7 +21,7 @@ import torch
 
 from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note silenced)
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.sparse import depthwise
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.grouped_conv import GroupedConvolution

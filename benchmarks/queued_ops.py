@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from spark_sparse import random_active
 from spark_sparse.encoders.families import encoder_strides, input_sizes
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.encoders.registry import create_encoder
 from spark_sparse.model.spark import SparK
 

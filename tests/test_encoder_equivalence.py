@@ -41,7 +41,7 @@ if not HAS_MINKOWSKI:  # this module's subject is the sparse engine
 
 from spark_sparse import MaskedDenseEncoder, SparseEncoder
 from spark_sparse.encoders.families import family_of
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 
 # resnet26: Bottleneck blocks as in ResNet-50 (strided 3x3, 1x1 downsample, identity blocks), two a stage
 MODELS = ["resnet18", "resnet26", "convnext_atto", "convnextv2_atto"]

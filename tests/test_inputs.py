@@ -5,7 +5,7 @@ import torch
 
 from spark_sparse import engine_class, random_active
 from spark_sparse.encoders.families import input_sizes
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.model.spark import SparK
 
 from .conftest import ENGINE_NAMES

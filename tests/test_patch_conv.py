@@ -18,7 +18,7 @@ from timm.layers.padding import get_same_padding
 from torch import nn
 
 from spark_sparse import SparseEncoder, random_active
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.encoders.sparse_engine import convert_leaf, dense_to_me_kernel, me_to_dense_kernel
 from spark_sparse.mask import upsample_active
 from spark_sparse.sparse.depthwise import BandDepthwiseConvolution, DepthwiseConvolution, HeadSharedDepthwise

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from spark_sparse import create_encoder
-from spark_sparse.encoders.family import check_scales
+from spark_sparse.encoders.layouts import check_scales
 from spark_sparse.model.decoder import LightDecoder
 from spark_sparse.model.densify import Densify
 from spark_sparse.model.loss import masked_patch_loss, normalise_patches, patchify, reconstruct, unpatchify

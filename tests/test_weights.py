@@ -10,7 +10,7 @@ import torch
 from timm.layers import BlurPool2d, SpaceToDepth
 
 from spark_sparse import create_encoder, engine_class, random_active
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 
 from .conftest import ENGINE_NAMES, needs_minkowski
 

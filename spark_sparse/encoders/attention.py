@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .family import refuse_dropout, unsupported
+from .refusals import refuse_dropout, unsupported
 
 ATTENTION = (SEModule, EcaModule, SqueezeExcite, EseModule, EffectiveSEModule, LegacySEModule)
 KINDS = {SEModule: "se", EcaModule: "eca", SqueezeExcite: "effnet_se", EseModule: "ese", EffectiveSEModule: "timm_ese",

@@ -19,7 +19,9 @@ from torch import nn
 from ..mask import check_inputs
 from ..timm_models import create_timm_model
 from .families import family_of
-from .family import ConversionError, Family, Layout, unsupported
+from .family import Family
+from .layouts import Layout
+from .refusals import ConversionError, unsupported
 
 __all__ = ["ConversionError", "Encoder", "resolve_model", "unsupported"]
 

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .family import Converter, ImageFactor, unsupported
+from .leaves import ImageFactor
+from .mirrors import Converter
+from .refusals import unsupported
 
 
 def linear_rows(linear: nn.Linear, rows: Tensor) -> Tensor:

@@ -32,16 +32,18 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
+from .families.byoanet import HaloAttention
+from .families.coat import FactorAttention
 from .families.cond_conv import CondConvExperts
 from .families.dfc import DfcGate
-from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
-                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
-                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
-                     check_norm_act, pool_geometry, transposed_geometry, unsupported, upsample_scale)
-from .families.byoanet import HaloAttention
 from .families.efficientformer_v2 import OffsetBiasAttention
 from .families.gcvit import TiledTokens
 from .families.lambdas import LambdaMixing, PositionLambdas
+from .families.mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
+from .leaves import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
+                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedMaxPool, adaptive_pool_size, check_max_pool,
+                     check_norm_act, pool_geometry, transposed_geometry, upsample_scale)
 from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention, MaskedChannelAttention,
                                MaskedChannelGroupAttention, MaskedCrossCovarianceAttention, MaskedFourierPositions,
                                MaskedGlobalContext, MaskedGridAttention, MaskedGroupedQueryAttention,
@@ -51,8 +53,7 @@ from .masked_attention import (MaskedAbsolutePositions, MaskedAdditiveAttention,
                                MaskedRelativeLogitsAttention, MaskedSelfAttention, MaskedSeparableGridAttention,
                                MaskedWindowAttention, visible_means)
 from .masked_tensor import MaskedTensor, on_visible_rows
-from .families.coat import FactorAttention
-from .families.mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
+from .refusals import unsupported
 from .sync_norm import SyncVisibleBatchNorm, twin_of
 
 

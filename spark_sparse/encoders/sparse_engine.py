@@ -48,19 +48,20 @@ from .attention import (ATTENTION, AbsolutePositions, ChannelGroupAttention, Cro
                         GroupedQueryAttention, LinearAttention, MaskUnitAttention, PackedQkvAttention,
                         RelativeLogitsAttention, SELF_ATTENTION, SeparableGridAttention, WindowAttention)
 from .base import Encoder
+from .families.byoanet import HaloAttention
+from .families.coat import FactorAttention
 from .families.cond_conv import CondConvExperts
 from .families.dfc import DfcGate
-from .family import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
-                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
-                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool,
-                     adaptive_pool_size, check_max_pool, check_norm_act, pool_geometry, transposed_geometry, unsupported,
-                     upsample_scale)
-from .families.byoanet import HaloAttention
 from .families.efficientformer_v2 import OffsetBiasAttention
 from .families.gcvit import TiledTokens
 from .families.lambdas import LambdaMixing, PositionLambdas
-from .families.coat import FactorAttention
 from .families.mvitv2 import HeadLayerNorm, HeadSharedConv2d, PoolingAttention
+from .leaves import (ACTIVATIONS, CONVOLUTIONS, DROPOUTS, GROUP_NORMS, LAYER_NORMS, RMS_NORMS, ZERO_MOVING,
+                     ChannelConcat, ChannelSplit, ColumnsFirstSpaceToDepth, GatedImageVector, ImageFactor, ImageMean,
+                     LayerScale, Product, RadixSum, SiteRmsNorm, ZeroPaddedConv2d, ZeroPaddedMaxPool,
+                     adaptive_pool_size, check_max_pool, check_norm_act, pool_geometry, transposed_geometry,
+                     upsample_scale)
+from .refusals import unsupported
 from .sparse_attention import (SparseAbsolutePositions, SparseAdditiveAttention, SparseChannelAttention,
                                SparseChannelGroupAttention, SparseCrossCovarianceAttention, SparseFourierPositions,
                                SparseGlobalContext, SparseGridAttention, SparseGroupedQueryAttention,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ..encoders.families import encoder_strides, input_sizes
-from ..encoders.family import PATCH, STRIDES
+from ..encoders.layouts import PATCH, STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime

@@ -21,7 +21,8 @@ import timm
 from omegaconf import OmegaConf
 
 from ..encoders.families import encoder_strides, input_sizes
-from ..encoders.family import STRIDES, ConversionError
+from ..encoders.layouts import STRIDES
+from ..encoders.refusals import ConversionError
 
 # absolute: run as `python -m spark_sparse.pretrain`, hydra would resolve a relative path against
 # that entry module's package

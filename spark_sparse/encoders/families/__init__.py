@@ -24,7 +24,8 @@ from .efficientnet import EFFICIENTNET, MOBILENETV3, MOBILENETV5
 from .efficientvit import EFFICIENTVIT
 from .fasternet import FASTERNET
 from .fastvit import FASTVIT
-from ..family import ConversionError, Family, InputSizes
+from ..family import Family, InputSizes
+from ..refusals import ConversionError
 from .focalnet import FOCALNET
 from .gcvit import GCVIT
 from .ghostnet import GHOSTNET

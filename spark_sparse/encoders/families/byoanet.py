@@ -38,7 +38,9 @@ from timm.layers.lambda_layer import LambdaLayer
 from torch import Tensor, nn
 
 from ..attention import RelativeLogitsAttention
-from ..family import ChannelConcat, ChannelSplit, Converter, InputSizes, input_shapes, meta_model
+from ..family import InputSizes, input_shapes, meta_model
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter
 from .lambdas import LambdaMixing, PositionLambdas
 
 

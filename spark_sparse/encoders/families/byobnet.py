@@ -22,8 +22,10 @@ from timm.models.byobnet import (BasicBlock, BottleneckBlock, ByobNet, DarkBlock
 from torch import nn
 
 from . import byoanet, mobilevit
-from ..family import (CheckpointingRefused, Converter, Family, InputSizes, MirrorConvNormAct, MirrorSequential,
-                      TappedStages)
+from ..family import Family, InputSizes
+from ..layouts import TappedStages
+from ..mirrors import Converter, MirrorConvNormAct, MirrorSequential
+from ..refusals import CheckpointingRefused
 
 # each residual block's sub-modules in the order its forward runs them (before drop path, the
 # shortcut and the activation)

@@ -26,7 +26,11 @@ from torch import Tensor, nn
 
 from ..class_token import DropPathBoth, check_mlp_rows, layer_norm_rows, linear_rows, mlp_rows
 from .convnext import MirrorMlp
-from ..family import ChannelConcat, ChannelSplit, ConversionError, Converter, Family, Layout, Product, refuse_dropout
+from ..family import Family
+from ..layouts import Layout
+from ..leaves import ChannelConcat, ChannelSplit, Product
+from ..mirrors import Converter
+from ..refusals import ConversionError, refuse_dropout
 from .hrnet import mirror_module_list
 
 

@@ -12,7 +12,10 @@ from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from ..family import Converter, Family, MirrorDownsampleBlocks, NamedStages, mirror_layer_scale, unsupported
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorDownsampleBlocks, mirror_layer_scale
+from ..refusals import unsupported
 
 
 def _reject_dropout(module: nn.Module, path: str) -> None:

@@ -23,7 +23,10 @@ from timm.models.cpubone import (ConvAttention, ConvLayer, CPUBone, CPUBoneBlock
 from torch import nn
 
 from ..attention import PackedQkvAttention
-from ..family import CheckpointingRefused, Converter, Family, MirrorInOrder, NamedStages, unsupported
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorInOrder
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorConvLayer(MirrorInOrder):

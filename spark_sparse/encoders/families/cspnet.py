@@ -16,7 +16,10 @@ from timm.layers import ConvNormAct
 from timm.models.cspnet import BottleneckBlock, CrossStage, CrossStage3, CspNet, DarkBlock, DarkStage, EdgeBlock
 from torch import nn
 
-from ..family import ChannelConcat, ChannelSplit, Converter, Family, MirrorConvNormAct, TappedStages
+from ..family import Family
+from ..layouts import TappedStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorConvNormAct
 
 # each block's sub-modules in the order its forward runs them, and its activation after the
 # residual addition (DarkNet's and the edge block end with the addition)

@@ -16,7 +16,11 @@ from timm.layers import ConvNormAct
 from timm.models.cspnext import CspNext, CspNextBlock, CspNextLayer, DepthwiseSeparableConv, SPPBottleneck
 from torch import nn
 
-from ..family import ChannelConcat, CheckpointingRefused, Converter, Family, MirrorConvNormAct, TappedStages
+from ..family import Family
+from ..layouts import TappedStages
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorDepthwiseSeparableConv(nn.Module):

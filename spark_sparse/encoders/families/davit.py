@@ -21,8 +21,11 @@ from torch import nn
 
 from ..attention import ChannelGroupAttention, WindowAttention
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                      NamedStages, square, unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import square
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorStem(MirrorInOrder):

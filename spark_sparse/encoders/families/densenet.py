@@ -12,8 +12,10 @@ from __future__ import annotations
 from timm.models.densenet import DenseBlock, DenseLayer, DenseNet, DenseTransition
 from torch import nn
 
-from ..family import (ChildStages, Converter, Family, MirrorRunningConcat, MirrorSequential,
-                      unsupported)
+from ..family import Family
+from ..layouts import ChildStages
+from ..mirrors import Converter, MirrorRunningConcat, MirrorSequential
+from ..refusals import unsupported
 
 
 class MirrorDenseLayer(nn.Module):

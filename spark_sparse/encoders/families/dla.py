@@ -14,7 +14,10 @@ from __future__ import annotations
 from timm.models.dla import DLA, DlaBasic, DlaBottle2neck, DlaBottleneck, DlaRoot, DlaTree
 from torch import nn
 
-from ..family import ChannelConcat, ChannelSplit, Converter, Family, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter
 from .res2net import hierarchical_groups
 
 

@@ -14,7 +14,10 @@ from timm.layers import ConvNormAct
 from timm.models.dpn import DPN, BnAct, BnActConv2d, DualPathBlock
 from torch import nn
 
-from ..family import ChannelConcat, ChannelSplit, ChildStages, Converter, Family, MirrorChildren, MirrorConvNormAct
+from ..family import Family
+from ..layouts import ChildStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct
 
 
 class MirrorBnActConv2d(nn.Module):

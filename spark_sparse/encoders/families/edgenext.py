@@ -25,8 +25,11 @@ from torch import nn
 
 from ..attention import CrossCovarianceAttention
 from .convnext import MirrorMlp
-from ..family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren,
-                      MirrorDownsampleBlocks, NamedStages, mirror_layer_scale, split_in_turn, unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, ChannelSplit, split_in_turn
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, mirror_layer_scale
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorConvBlock(MirrorChildren):

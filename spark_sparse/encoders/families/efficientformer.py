@@ -22,8 +22,11 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                      MirrorLayerScale, MirrorSequential, NamedStages, normed_stage_outputs, unsupported)
+from ..family import Family, normed_stage_outputs
+from ..layouts import NamedStages
+from ..mirrors import (Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder, MirrorLayerScale,
+                       MirrorSequential)
+from ..refusals import CheckpointingRefused, unsupported
 from .metaformer import MirrorPooling
 
 

@@ -28,8 +28,10 @@ from timm.models.efficientformer_v2 import (Attention2d, Attention2dDownsample, 
 from torch import Tensor, nn
 
 from ..attention import map_tokens
-from ..family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorConvNormAct, MirrorInOrder,
-                      MirrorLayerScale, MirrorSequential, NamedStages, own_input_size)
+from ..family import Family, own_input_size
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct, MirrorInOrder, MirrorLayerScale, MirrorSequential
+from ..refusals import CheckpointingRefused
 
 
 class OffsetBiasAttention(nn.Module):

@@ -29,8 +29,11 @@ from timm.models.mobilenetv5 import MobileNetV5, MobileNetV5Encoder
 from torch import nn
 
 from ..attention import GroupedQueryAttention
-from ..family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, ImageMean,
-                      MirrorChildren, MirrorConvNormAct, MirrorLayerScale, refuse_dropout, split_in_turn, unsupported)
+from ..family import Family
+from ..layouts import BlockStages
+from ..leaves import ChannelConcat, ChannelSplit, ImageMean, split_in_turn
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct, MirrorLayerScale
+from ..refusals import CheckpointingRefused, refuse_dropout, unsupported
 
 # each block's leaves in the order its forward runs them
 # (``aa``: anti-aliasing after the norm of a convolution that would stride; a 2x2 average pooling

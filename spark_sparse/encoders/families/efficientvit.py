@@ -21,8 +21,11 @@ from timm.models.efficientvit_mit import (ClassifierHead, ConvBlock, ConvNormAct
 from torch import nn
 
 from ..attention import LinearAttention
-from ..family import (ChannelConcat, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorInOrder,
-                      MirrorSequential, NamedStages, unsupported)
+from ..family import Family
+from ..layouts import Layout, NamedStages
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder, MirrorSequential
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorConvNormAct(MirrorInOrder):

@@ -12,8 +12,11 @@ from __future__ import annotations
 from timm.models.fasternet import Block, FasterNet, MLPBlock, Partial_conv3, PatchEmbed, PatchMerging
 from torch import nn
 
-from ..family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks,
-                      NamedStages, mirror_layer_scale)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorDownsampleBlocks, mirror_layer_scale
+from ..refusals import CheckpointingRefused
 
 
 class MirrorPartialConv(nn.Module):

@@ -25,8 +25,10 @@ from timm.models.fastvit import (AttentionBlock, ConvMlp, FastVit, FastVitStage,
                                  PatchEmbed, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer, RepMixerBlock)
 from torch import nn
 
-from ..family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorConvNormAct, MirrorLayerScale,
-                      TappedStages, unsupported)
+from ..family import Family
+from ..layouts import TappedStages
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct, MirrorLayerScale
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorMobileOneBlock(MirrorChildren):

@@ -25,9 +25,11 @@ from timm.models.focalnet import Downsample, FocalModulation, FocalNet, FocalNet
 from torch import nn
 
 from .convnext import MirrorMlp
-from ..family import (ChannelSplit, CheckpointingRefused, Converter, Family, GatedImageVector, ImageMean,
-                      MirrorChildren, MirrorInOrder, MirrorLayerScale, NamedStages, Product, Scale, refuse_dropout,
-                      split_in_turn)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelSplit, GatedImageVector, ImageMean, Product, Scale, split_in_turn
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder, MirrorLayerScale
+from ..refusals import CheckpointingRefused, refuse_dropout
 
 
 class MirrorDownsample(MirrorInOrder):

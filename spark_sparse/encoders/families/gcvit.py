@@ -23,8 +23,11 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorInOrder,
-                      MirrorLayerScale, NamedStages, own_input_size, square)
+from ..family import Family, own_input_size
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, square
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder, MirrorLayerScale
+from ..refusals import CheckpointingRefused
 
 
 class TiledTokens(nn.Module):

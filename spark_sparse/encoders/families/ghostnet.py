@@ -25,7 +25,11 @@ from torch import nn
 
 from .dfc import DfcGate
 from .efficientnet import MirrorEfficientBlock
-from ..family import BlockStages, ChannelConcat, CheckpointingRefused, Converter, Family, MirrorChildren, unsupported
+from ..family import Family
+from ..layouts import BlockStages
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorChildren
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorGhostModule(nn.Module):

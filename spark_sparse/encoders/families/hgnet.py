@@ -19,8 +19,11 @@ from timm.models.hgnet import (ConvBNAct, HighPerfGpuBlock, HighPerfGpuNet, High
                                StemV2)
 from torch import nn
 
-from ..family import (ChannelConcat, CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks, TappedStages,
-                      ZeroPaddedMaxPool, unsupported)
+from ..family import Family
+from ..layouts import TappedStages
+from ..leaves import ChannelConcat, ZeroPaddedMaxPool
+from ..mirrors import Converter, MirrorDownsampleBlocks
+from ..refusals import CheckpointingRefused, unsupported
 
 
 def same_padded(conv: nn.Conv2d, path: str) -> Conv2dSame:

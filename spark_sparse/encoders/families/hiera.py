@@ -26,8 +26,11 @@ from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
-from ..family import (ChannelConcat, ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, Layout,
-                      MirrorLayerScale, check_strides, own_input_size, unsupported)
+from ..family import Family, own_input_size
+from ..layouts import Layout, check_strides
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorLayerScale
+from ..refusals import CheckpointingRefused, ConversionError, unsupported
 from .hrnet import mirror_module_list
 
 # timm's defaults, the only ones whose mask unit is the mask's patch at every stride

@@ -27,8 +27,11 @@ from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, MaskUnitAttention
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, ConversionError, Converter, Family, InputSizes, Layout, MirrorLayerScale,
-                      input_shapes, meta_model, square, unsupported)
+from ..family import Family, InputSizes, input_shapes, meta_model
+from ..layouts import Layout
+from ..leaves import square
+from ..mirrors import Converter, MirrorLayerScale
+from ..refusals import CheckpointingRefused, ConversionError, unsupported
 from .hiera import BlockFlow, PooledQueryAttention, blocks_layout, stage_outputs
 
 

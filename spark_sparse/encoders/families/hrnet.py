@@ -21,7 +21,10 @@ from __future__ import annotations
 from timm.models.hrnet import HighResolutionModule, HighResolutionNet, SequentialList
 from torch import nn
 
-from ..family import STRIDES, ConversionError, Converter, Family, Layout, MirrorSequential
+from ..family import Family
+from ..layouts import STRIDES, Layout
+from ..mirrors import Converter, MirrorSequential
+from ..refusals import ConversionError
 from .resnet import RESNET
 
 STEM = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "layer1")

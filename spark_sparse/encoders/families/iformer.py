@@ -16,8 +16,12 @@ from __future__ import annotations
 from timm.models.iformer import (ConvBlock, ConvNorm, FFN, IFormer, RepCPE, Residual, SHMA, SHMABlock, StageBlock,
                                  Stem)
 from ..attention import GroupedQueryAttention
-from ..family import (ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks,
-                      MirrorInOrder, MirrorSequential, NamedStages, Product, mirror_layer_scale, unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelSplit, Product
+from ..mirrors import (Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder, MirrorSequential,
+                       mirror_layer_scale)
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorResidual(MirrorChildren):

@@ -13,8 +13,11 @@ from __future__ import annotations
 from timm.models.inception_next import ConvMlp, InceptionDWConv2d, MetaNeXt, MetaNeXtBlock, MetaNeXtStage
 from torch import nn
 
-from ..family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, mirror_layer_scale,
-                      MirrorChildren, MirrorDownsampleBlocks, NamedStages, unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, mirror_layer_scale
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorInceptionDWConv2d(nn.Module):

@@ -15,7 +15,10 @@ from timm.layers import ConvNormAct
 from timm.models.lcnetv2 import LCNetV2, RepDepthwiseSeparable
 from torch import nn
 
-from ..family import CheckpointingRefused, Converter, Family, MirrorConvNormAct, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorRepDepthwiseSeparable(nn.Module):

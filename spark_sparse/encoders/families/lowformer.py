@@ -21,7 +21,10 @@ from timm.models.lowformer import (ConvAttention, ConvLayer, FusedMBConv, LowFor
 
 from .cpubone import (MirrorConvAttention, MirrorConvLayer, MirrorFusedMBConv, MirrorMBConv,
                       MirrorResidualBlock)
-from ..family import CheckpointingRefused, Family, MirrorInOrder, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import MirrorInOrder
+from ..refusals import CheckpointingRefused
 
 
 class MirrorLowFormerBlock(MirrorInOrder):

@@ -16,8 +16,11 @@ from timm.layers import LayerScale
 from timm.models.mambaout import Downsample, DownsampleNormFirst, GatedConvBlock, MambaOut, MambaOutStage, Stem
 from torch import nn
 
-from ..family import (ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family, MirrorChildren,
-                      MirrorDownsampleBlocks, MirrorLayerScale, NamedStages, Product)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, ChannelSplit, Product
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorLayerScale
+from ..refusals import CheckpointingRefused
 
 
 class MirrorStem(MirrorChildren):

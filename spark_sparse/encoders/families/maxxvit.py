@@ -32,8 +32,11 @@ from torch import nn
 
 from ..attention import GridAttention, WindowAttention
 from .convnext import MirrorMlp
-from ..family import (ChannelConcat, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
-                      MirrorLayerScale, NamedStages, meta_model, square, unsupported)
+from ..family import Family, InputSizes, meta_model
+from ..layouts import NamedStages
+from ..leaves import ChannelConcat, square
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder, MirrorLayerScale
+from ..refusals import CheckpointingRefused, unsupported
 from .mobilevit import MirrorConvMlp
 
 PARTITIONED = (PartitionAttentionCl, PartitionAttention2d, ParallelPartitionAttention)

@@ -27,8 +27,11 @@ from timm.models.metaformer import (Downsampling, MetaFormer, MetaFormerBlock, M
 from torch import nn
 
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, Converter, Family, LayerScale, MirrorChildren, MirrorDownsampleBlocks,
-                      MirrorInOrder, NamedStages)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import LayerScale
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder
+from ..refusals import CheckpointingRefused
 
 
 class MirrorStem(MirrorInOrder):

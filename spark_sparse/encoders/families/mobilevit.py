@@ -23,8 +23,10 @@ from torch import nn
 
 from ..attention import GridAttention, SeparableGridAttention
 from .convnext import MirrorMlp
-from ..family import (ChannelConcat, Converter, InputSizes, MirrorChildren, MirrorInOrder, MirrorLayerScale,
-                      unsupported)
+from ..family import InputSizes
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder, MirrorLayerScale
+from ..refusals import unsupported
 
 
 def input_sizes(name: str) -> InputSizes:

@@ -30,8 +30,11 @@ from torch import Tensor, nn
 from ..attention import map_tokens
 from ..class_token import DropPathBoth, check_mlp_rows, layer_norm_rows, linear_rows, mlp_rows
 from .convnext import MirrorMlp
-from ..family import (ChannelSplit, CheckpointingRefused, ConversionError, Converter, Family, Layout, MirrorChildren,
-                      MirrorInOrder, check_strides, own_input_size, unsupported)
+from ..family import Family, own_input_size
+from ..layouts import Layout, check_strides
+from ..leaves import ChannelSplit
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder
+from ..refusals import CheckpointingRefused, ConversionError, unsupported
 from .hrnet import mirror_module_list
 
 

@@ -17,8 +17,10 @@ from timm.models.nest import Attention, ConvPool, Nest, NestLevel, TransformerLa
 from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, WindowAttention
-from ..family import (ConversionError, Converter, Family, MirrorInOrder, NamedStages, normed_stage_outputs,
-                      own_input_size, refuse_checkpointing, refuse_dropout)
+from ..family import Family, normed_stage_outputs, own_input_size
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorInOrder
+from ..refusals import ConversionError, refuse_checkpointing, refuse_dropout
 from .convnext import MirrorMlp
 
 STRIDES = (4, 8, 16)

@@ -18,8 +18,11 @@ from timm.models.nfnet import DownsampleAvg, GammaAct, NormFreeBlock, NormFreeNe
 from torch import nn
 
 from .byobnet import MirrorDownsampleAvg  # the same shortcut: 2x2 average pooling, then a 1x1 convolution
-from ..family import (ConversionError, Converter, Family, LayerScale, Layout, MirrorChildren, refuse_checkpointing,
-                      Scale, STRIDES, unsupported)
+from ..family import Family
+from ..layouts import STRIDES, Layout
+from ..leaves import LayerScale, Scale
+from ..mirrors import Converter, MirrorChildren
+from ..refusals import ConversionError, refuse_checkpointing, unsupported
 
 # GammaAct's activations that keep zero at zero (the engines run it on visible sites only)
 ZERO_KEEPING_ACTS = {"relu", "relu6", "leaky_relu", "silu", "swish", "gelu", "elu", "celu", "selu", "tanh",

@@ -22,8 +22,11 @@ from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapP
 from torch import nn
 
 from ..attention import GroupedQueryAttention
-from ..family import (ChannelSplit, CheckpointingRefused, Converter, Family, InputSizes, MirrorChildren, MirrorInOrder,
-                      NamedStages, meta_model, own_input_size)
+from ..family import Family, InputSizes, meta_model, own_input_size
+from ..layouts import NamedStages
+from ..leaves import ChannelSplit
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder
+from ..refusals import CheckpointingRefused
 
 
 class MirrorPatchEmbed(MirrorInOrder):

@@ -13,8 +13,10 @@ from __future__ import annotations
 from timm.models.rdnet import Block, BlockESE, DenseBlock, DenseStage, RDNet
 from torch import nn
 
-from ..family import (CheckpointingRefused, ChildStages, Converter, Family, MirrorRunningConcat, mirror_layer_scale,
-                      unsupported)
+from ..family import Family
+from ..layouts import ChildStages
+from ..mirrors import Converter, MirrorRunningConcat, mirror_layer_scale
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorDenseBlock(nn.Module):

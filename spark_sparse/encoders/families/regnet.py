@@ -14,8 +14,10 @@ from timm.layers import ConvNormAct
 from timm.models.regnet import Bottleneck, PreBottleneck, RegNet, RegStage
 from torch import nn
 
-from ..family import (Converter, Family, MirrorChildren, MirrorConvNormAct, NamedStages, refuse_checkpointing,
-                      unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct
+from ..refusals import refuse_checkpointing, unsupported
 
 
 class MirrorRegBottleneck(MirrorChildren):

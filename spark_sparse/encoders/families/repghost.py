@@ -16,7 +16,10 @@ from timm.models.repghost import RepGhostBottleneck, RepGhostModule, RepGhostNet
 from torch import nn
 
 from .efficientnet import MirrorEfficientBlock
-from ..family import BlockStages, CheckpointingRefused, Converter, Family
+from ..family import Family
+from ..layouts import BlockStages
+from ..mirrors import Converter
+from ..refusals import CheckpointingRefused
 from .ghostnet import MirrorGhostBottleneck
 
 

@@ -14,7 +14,10 @@ from timm.models.repvit import (ConvNorm, RepVggDw, RepViTBlock, RepVit, RepVitD
                                 RepVitStem)
 from torch import nn
 
-from ..family import CheckpointingRefused, Converter, Family, MirrorDownsampleBlocks, MirrorSequential, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorDownsampleBlocks, MirrorSequential
+from ..refusals import CheckpointingRefused
 
 
 def _children(mirror: nn.Module, module: nn.Module, convert: Converter, path: str, names: tuple[str, ...]) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 from timm.models.res2net import Bottle2neck
 from torch import nn
 
-from ..family import ChannelConcat, ChannelSplit, Converter, MirrorChildren, reject_extras, split_in_turn
+from ..leaves import ChannelConcat, ChannelSplit, split_in_turn
+from ..mirrors import Converter, MirrorChildren
+from ..refusals import reject_extras
 
 
 def hierarchical_groups(block: nn.Module, out):

@@ -15,7 +15,9 @@ from timm.layers.split_attn import SplitAttn
 from timm.models.resnest import ResNestBottleneck
 from torch import nn
 
-from ..family import Converter, ImageMean, MirrorChildren, RadixSum, reject_extras
+from ..leaves import ImageMean, RadixSum
+from ..mirrors import Converter, MirrorChildren
+from ..refusals import reject_extras
 
 
 class MirrorSplitAttn(nn.Module):

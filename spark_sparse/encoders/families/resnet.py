@@ -10,7 +10,10 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from . import res2net, resnest, sknet
-from ..family import Converter, Family, NamedStages, StemPool, reject_extras
+from ..family import Family
+from ..layouts import NamedStages, StemPool
+from ..mirrors import Converter
+from ..refusals import reject_extras
 
 
 class _MirrorBlock(nn.Module):

@@ -20,7 +20,10 @@ from timm.models.resnetv2 import (Bottleneck, DownsampleAvg, DownsampleConv, Pre
                                   ResNetStage, ResNetV2)
 from torch import nn
 
-from ..family import Converter, Family, MirrorChildren, NamedStages, refuse_checkpointing
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorChildren
+from ..refusals import refuse_checkpointing
 
 
 class MirrorDownsample(nn.Module):

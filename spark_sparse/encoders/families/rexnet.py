@@ -11,8 +11,11 @@ from __future__ import annotations
 from timm.layers import ConvNormAct
 from timm.models.rexnet import LinearBottleneck, RexNet
 
-from ..family import (BlockStages, ChannelConcat, ChannelSplit, CheckpointingRefused, Converter, Family,
-                      MirrorChildren, MirrorConvNormAct)
+from ..family import Family
+from ..layouts import BlockStages
+from ..leaves import ChannelConcat, ChannelSplit
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorLinearBottleneck(MirrorChildren):

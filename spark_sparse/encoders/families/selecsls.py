@@ -14,7 +14,10 @@ from __future__ import annotations
 from timm.models.selecsls import SelecSls, SelecSlsBlock, SequentialList
 from torch import nn
 
-from ..family import ChannelConcat, Converter, Family, Layout, MirrorChildren, MirrorSequential, STRIDES
+from ..family import Family
+from ..layouts import STRIDES, Layout
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorChildren, MirrorSequential
 
 
 class MirrorSelecSlsBlock(MirrorChildren):

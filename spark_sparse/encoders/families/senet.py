@@ -14,7 +14,9 @@ from __future__ import annotations
 from timm.models.senet import SEBottleneck, SENet, SEResNetBlock, SEResNetBottleneck, SEResNeXtBottleneck
 from torch import nn
 
-from ..family import Converter, Family, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter
 
 
 class _MirrorSEBlock(nn.Module):

@@ -16,7 +16,8 @@ from timm.layers import ConvNormAct, SelectiveKernel
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import nn
 
-from ..family import ChannelConcat, ChannelSplit, Converter, ImageMean, MirrorConvNormAct, RadixSum, split_in_turn
+from ..leaves import ChannelConcat, ChannelSplit, ImageMean, RadixSum, split_in_turn
+from ..mirrors import Converter, MirrorConvNormAct
 
 
 class MirrorSelectiveKernel(nn.Module):

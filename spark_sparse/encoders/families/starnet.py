@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from timm.models.starnet import Block, ConvBN, StarNet
 
-from ..family import CheckpointingRefused, Converter, Family, MirrorChildren, MirrorSequential, NamedStages, Product
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import Product
+from ..mirrors import Converter, MirrorChildren, MirrorSequential
+from ..refusals import CheckpointingRefused
 
 
 class MirrorStarBlock(MirrorChildren):

@@ -14,8 +14,10 @@ from __future__ import annotations
 from timm.models.swiftformer import (Block, ConvEncoder, Embedding, LayerScale2d, LocalRepresentation, Mlp, Stage,
                                      SwiftFormer)
 
-from ..family import (CheckpointingRefused, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                      MirrorLayerScale, NamedStages)
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder, MirrorLayerScale
+from ..refusals import CheckpointingRefused
 
 
 class MirrorEmbedding(MirrorInOrder):

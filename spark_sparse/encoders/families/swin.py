@@ -28,8 +28,11 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren,
-                      MirrorDownsampleBlocks, MirrorInOrder, NamedStages, unsupported)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ColumnsFirstSpaceToDepth
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder
+from ..refusals import CheckpointingRefused, unsupported
 
 
 class MirrorPatchEmbed(MirrorInOrder):

@@ -24,8 +24,11 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import (CheckpointingRefused, ColumnsFirstSpaceToDepth, Converter, Family, MirrorChildren,
-                      MirrorDownsampleBlocks, NamedStages)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import ColumnsFirstSpaceToDepth
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks
+from ..refusals import CheckpointingRefused
 from .swin import MirrorPatchEmbed, MirrorSwinBlock
 
 

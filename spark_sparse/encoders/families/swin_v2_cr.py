@@ -26,7 +26,10 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks
+from ..refusals import CheckpointingRefused
 from .swin import MirrorPatchEmbed, MirrorPatchMerging, MirrorSwinBlock
 
 

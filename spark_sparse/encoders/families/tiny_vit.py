@@ -21,8 +21,11 @@ from timm.models.tiny_vit import (Attention, ConvLayer, ConvNorm, MBConv, NormMl
 from torch import nn
 
 from ..attention import WindowAttention
-from ..family import (CheckpointingRefused, Converter, Family, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder,
-                      MirrorSequential, NamedStages, square)
+from ..family import Family
+from ..layouts import NamedStages
+from ..leaves import square
+from ..mirrors import Converter, MirrorChildren, MirrorDownsampleBlocks, MirrorInOrder, MirrorSequential
+from ..refusals import CheckpointingRefused
 
 
 class MirrorPatchEmbed(MirrorInOrder):

@@ -13,7 +13,10 @@ from __future__ import annotations
 from timm.layers import ConvNormAct
 from timm.models.tresnet import BasicBlock, Bottleneck, TResNet
 
-from ..family import CheckpointingRefused, Family, MirrorChildren, MirrorConvNormAct, NamedStages
+from ..family import Family
+from ..layouts import NamedStages
+from ..mirrors import MirrorChildren, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorTResNetBlock(MirrorChildren):

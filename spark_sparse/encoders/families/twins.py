@@ -23,8 +23,10 @@ from torch import nn
 
 from ..attention import WindowAttention
 from .convnext import MirrorMlp
-from ..family import (ConversionError, Converter, Family, Layout, MirrorChildren, MirrorInOrder, check_strides,
-                      refuse_dropout)
+from ..family import Family
+from ..layouts import Layout, check_strides
+from ..mirrors import Converter, MirrorChildren, MirrorInOrder
+from ..refusals import ConversionError, refuse_dropout
 from .hrnet import mirror_module_list
 from .pvt_v2 import MirrorAttention, MirrorBlock
 

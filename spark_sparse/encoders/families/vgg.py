@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from timm.models.vgg import VGG
 
-from ..family import ChildStages, Family
+from ..family import Family
+from ..layouts import ChildStages
 
 VGG_FAMILY = Family(
     name="vgg",

@@ -19,8 +19,11 @@ from timm.models.visformer import Attention, Block, SpatialMlp, Visformer
 from torch import Tensor, nn
 
 from ..attention import AbsolutePositions, GroupedQueryAttention
-from ..family import (ChannelSplit, ConversionError, Converter, Family, Layout, check_strides, own_input_size,
-                      refuse_checkpointing, refuse_dropout, unsupported)
+from ..family import Family, own_input_size
+from ..layouts import Layout, check_strides
+from ..leaves import ChannelSplit
+from ..mirrors import Converter
+from ..refusals import ConversionError, refuse_checkpointing, refuse_dropout, unsupported
 
 STRIDES = (8, 16, 32)
 STAGES = (1, 2, 3)

@@ -17,7 +17,11 @@ from timm.layers import ConvNormAct, SeparableConvNormAct
 from timm.models.vovnet import OsaBlock, OsaStage, VovNet
 from torch import nn
 
-from ..family import ChannelConcat, CheckpointingRefused, Converter, Family, MirrorConvNormAct, TappedStages
+from ..family import Family
+from ..layouts import TappedStages
+from ..leaves import ChannelConcat
+from ..mirrors import Converter, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorSeparableConvNormAct(nn.Module):

@@ -22,8 +22,10 @@ from timm.models.xception_aligned import (PreSeparableConv2d, PreXceptionModule,
                                           XceptionModule)
 from torch import nn
 
-from ..family import (STRIDES, CheckpointingRefused, Converter, Family, Layout, MirrorChildren, MirrorConvNormAct,
-                      check_strides)
+from ..family import Family
+from ..layouts import STRIDES, Layout, check_strides
+from ..mirrors import Converter, MirrorChildren, MirrorConvNormAct
+from ..refusals import CheckpointingRefused
 
 
 class MirrorSeparableConv2d(MirrorChildren):
