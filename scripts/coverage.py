@@ -17,7 +17,7 @@ from collections import defaultdict
 import timm
 import torch
 
-from spark_sparse.encoders.family import ConversionError
+from spark_sparse.encoders.refusals import ConversionError
 from spark_sparse.encoders.registry import ENGINES, engine_class
 
 
