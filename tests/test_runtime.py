@@ -9,8 +9,7 @@ import pytest
 import timm
 import torch
 
-from spark_sparse import SparseEncoder, random_active
-
+from .conftest import needs_minkowski
 from .runs import run_child
 
 CHILD = """
@@ -39,7 +38,10 @@ def test_kept_memory_stays_resident_until_it_is_trimmed():
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="MinkowskiEngine's default is every core: one here")
+@needs_minkowski
 def test_a_sparse_batch_leaves_torchs_threads_as_they_were():
+    from spark_sparse import SparseEncoder, random_active
+
     # MinkowskiEngine's coordinate managers set OpenMP's threads (by default to every core): a run's
     # `threads`, or a test worker's share of the cores, would be lost at its first batch
     torch.set_num_threads(1)  # the autouse fixture restores the worker's own afterwards
