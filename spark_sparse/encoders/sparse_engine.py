@@ -28,6 +28,7 @@ from ..sparse.blur_pool import PatchBlurPool
 from ..sparse.depthwise import (BandDepthwiseConvolution, DepthwiseConvolution, HeadSharedDepthwise,
                                 SharedKernelsDepthwise)
 from ..sparse.dilated import DilatedConvolution
+from ..sparse.gemm_conv import with_zero_row
 from ..sparse.grid_pool import PatchGridPool
 from ..sparse.group_norm import SparseGroupNormAct
 from ..sparse.grouped_conv import GroupedConvolution, ScaledStdGroupedConvolution
@@ -421,8 +422,7 @@ class SparseTiledTokens(TiledTokens):
         sites, (coarse, fine) = PatchSites.of(like), (tokens.tensor_stride[0], like.tensor_stride[0])
         self.check(sites.canvas_shape(coarse)[1:], sites.canvas_shape(fine)[1:])
         index = sites.tiled_rows(fine, coarse)
-        padded = torch.cat([tokens.F, tokens.F.new_zeros(1, tokens.F.shape[1])])
-        return with_features(like, padded.index_select(0, index))
+        return with_features(like, with_zero_row(tokens.F).index_select(0, index))
 
 
 class SparseHeadLayerNorm(HeadLayerNorm):

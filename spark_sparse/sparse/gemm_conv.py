@@ -18,6 +18,7 @@ and windows of 16-bit rows are taken in float32, as a GEMM's are.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..precision import statistics_dtype
@@ -80,11 +81,16 @@ class OffsetGemm(torch.autograd.Function):
         return None if grad_feats is None else grad_feats.to(feats.dtype), grad_kernel, None, None
 
 
+def with_zero_row(rows: Tensor) -> Tensor:
+    """(N + 1, C): ``rows`` and a zero row N, where a table's absent entries point. One kernel
+    (a padding), where concatenating a new zero row queues two."""
+    return F.pad(rows, (0, 0, 0, 1))
+
+
 def gather_windows(feats: Tensor, windows: Tensor, groups: int = 1) -> Tensor:
     """Each output site's window of input rows, a zero row where absent (row N): (N_out, K * C),
     or per group (G, N_out, K * C / G)."""
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-    cols = padded.index_select(0, windows.view(-1))
+    cols = with_zero_row(feats).index_select(0, windows.view(-1))
     if groups == 1:
         return cols.view(windows.shape[0], -1)
     n, k = windows.shape
