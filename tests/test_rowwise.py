@@ -14,6 +14,7 @@ from spark_sparse.sparse import ME  # the engine's import (its CPU_ONLY note sil
 import torch
 from timm.layers import activations as timm_act
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.precision import autocast, compute_dtype
@@ -136,11 +137,13 @@ AFTER_NORM = {  # operators that may follow a batch norm with its activation
 }
 
 
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.SiLU])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", AFTER_NORM.values(), ids=AFTER_NORM.keys())
-def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op, train):
+def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op, train, act):
     """It makes them again from the norm's input in backward: the same gradients as keeping them,
-    one row tensor kept instead of two."""
+    one row tensor kept instead of two (after a ReLU or ReLU6 the norm's backward reuses the rows
+    made again; after a SiLU it normalises its input again)."""
     g = torch.Generator().manual_seed(0)
     x = sparsify(torch.randn(2, 6, 64, 96, generator=g, dtype=torch.float64), random_active(2, (2, 3), 0.5, g))
     op, rows = op(), x.F.shape[0]
@@ -150,7 +153,7 @@ def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op,
 
     def run(keep_rows: bool):
         feats = x.F.clone().requires_grad_()
-        y = batch_norm_act(feats, bn, nn.ReLU())
+        y = batch_norm_act(feats, bn, act())
         out = op(with_features(x, y.clone() if keep_rows else y))  # a clone is kept as any tensor
         return out.F, [feats, bn.weight, bn.bias, *op_params]
 
@@ -161,6 +164,32 @@ def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op,
     for a, b in zip(grads(got, inputs_a), grads(want, inputs_b)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert (kept, saved_row_tensors(lambda: run(True), rows)) == (1, 2)
+
+
+class Normalisations(TorchDispatchMode):
+    """Counts, while active, the fused multiply-adds that normalise a norm's rows again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.addcmul.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("act, normalisations", [(nn.ReLU, 1), (nn.ReLU6, 1), (nn.SiLU, 2)])
+def test_a_norm_and_the_convolution_after_it_normalise_again_once_in_backward_after_a_relu(act, normalisations):
+    """The convolution's weight gradient needs the norm's activated rows, made again; a ReLU's
+    gradient is read off them too, a SiLU's needs the rows before it, normalised a second time."""
+    g = torch.Generator().manual_seed(0)
+    x = sparsify(torch.randn(2, 6, 64, 96, generator=g), random_active(2, (2, 3), 0.5, g))
+    conv = AFTER_NORM["3x3 as window GEMMs"]().float()
+    feats = x.F.clone().requires_grad_()
+    out = conv(with_features(x, batch_norm_act(feats, nn.BatchNorm1d(6).train(), act()))).F
+    with Normalisations() as counted:
+        out.sum().backward()
+    assert counted.count == normalisations
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

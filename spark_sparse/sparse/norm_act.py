@@ -1,7 +1,9 @@
 """Batch norm over (N, C) rows followed by an elementwise activation, keeping only the norm's
 input for backward (as in-place activated batch norm does): the normalised rows are recomputed
 from it, one multiply-add per element, rather than stored. The operator that consumes those
-rows need not keep them either (row_saving.py): ``BatchNormAct.output_again`` makes them again.
+rows need not keep them either (row_saving.py): ``BatchNormAct.output_again`` makes them again,
+and after a ReLU or ReLU6, whose output decides their gradient, the norm's own backward reuses
+them rather than normalising a second time (on a GPU, one kernel fewer a layer).
 Under autocast it keeps its input's dtype, as torch's batch norm does: 16-bit rows in and out,
 statistics and parameters in float32.
 """
@@ -38,6 +40,15 @@ _ACT_KERNELS = {
     nn.LeakyReLU: (lambda act, y: F.leaky_relu(y, act.negative_slope, inplace=True),
                    lambda act, grad, y: torch.ops.aten.leaky_relu_backward(grad, y, act.negative_slope, False)),
     nn.GELU: _gelu(), timm_act.GELU: _gelu("none"), timm_act.GELUTanh: _gelu("tanh"),
+}
+
+
+# activations whose output decides their gradient exactly as their input does (out > 0 iff y > 0;
+# 0 < out < 6 iff 0 < y < 6): the rows ``output_again`` remade for a consumer's backward then give
+# the norm's own backward its activation's gradient, one recomputation a layer instead of two
+_GRAD_FROM_OUTPUT = {
+    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
+    nn.ReLU6: lambda grad, out: torch.ops.aten.hardtanh_backward(grad, out, 0.0, 6.0),
 }
 
 
@@ -88,14 +99,17 @@ class BatchNormAct(torch.autograd.Function):
             # made once here, not at each of the two recomputations (C-sized: a GPU's launches)
             scale, shift = _affine(weight, bias, mean, invstd)
             ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd, scale, shift)
-        ctx.training, ctx.eps, ctx.act = training, eps, act
+        ctx.training, ctx.eps, ctx.act, ctx.remade = training, eps, act, None
         return activate_(act, y)
 
     @staticmethod
     @autocast_backward
     def backward(ctx, grad: Tensor):
         x, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
-        grad_y = activation_grad(ctx.act, _normalised(x, scale, shift), grad)
+        if ctx.remade is not None:  # every consumer's backward has run: the rows are needed no more
+            grad_y, ctx.remade = _GRAD_FROM_OUTPUT[type(ctx.act)](grad, ctx.remade), None
+        else:
+            grad_y = activation_grad(ctx.act, _normalised(x, scale, shift), grad)
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, running_mean, running_var,
@@ -108,7 +122,10 @@ class BatchNormAct(torch.autograd.Function):
         """What the forward of ``node``, one of this function's backward nodes, returned (up to
         rounding: the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
         x, *_, scale, shift = node.saved_tensors
-        return activate_(node.act, _normalised(x, scale, shift))
+        out = activate_(node.act, _normalised(x, scale, shift))
+        if type(node.act) in _GRAD_FROM_OUTPUT:  # kept for the node's own backward, which runs next
+            node.remade = out
+        return out
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
