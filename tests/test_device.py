@@ -18,6 +18,7 @@ features' device once per batch. What these tests establish:
   gradients 1e-6, as in test_encoder_equivalence.py, which covers their block types on the CPU).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -35,6 +36,7 @@ from spark_sparse.encoders.masked_tensor import MaskedTensor
 from spark_sparse.model.graphed import GraphedStep
 from spark_sparse.model.spark import SparK
 from spark_sparse.sparse import ME
+from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.patch_sites import BatchCoordinates, PatchSites
 from spark_sparse.sparse.sparsify import sparsify
@@ -250,6 +252,29 @@ def test_off_the_cpu_a_convolution_over_small_blocks_queues_a_few_operations_wha
     # (with the loss's sum and its backward: 15 kernels when written)
     assert queued[3, "windows"] == queued[7, "windows"] <= 20, queued
     assert queued[3, "offsets"] >= 3 * 9 and queued[7, "offsets"] >= 3 * 49, queued
+
+
+@pytest.mark.parametrize("path", ["tiles", "canvas"])
+def test_off_the_cpu_a_depthwise_convolutions_bias_queues_nothing_of_its_own(path, device):
+    """ConvNeXt's 7x7 depthwise convolutions add their bias in the convolution itself and its
+    backward sums the bias's gradient with the others: with a bias or without, as many operations."""
+    where = audit_device(device)
+    images, active = make_batch((64, 96), "ratio0.6", batch=3)
+    x = sparsify(images.to(where), active)
+    queued = {}
+    for bias in (True, False):
+        conv = DepthwiseConvolution(3, 7, bias=bias).to(where)
+        conv.tile_min_sites = 1 if path == "tiles" else 10**6
+        audit = DeviceAudit()
+        for counted in (False, True):  # the batch's tables made by the first pass
+            conv.zero_grad(set_to_none=True)  # (no gradient accumulated in the counted pass)
+            feats = x.F.detach().requires_grad_()
+            with audit if counted else contextlib.nullcontext():
+                out = conv(ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key,
+                                           coordinate_manager=x.coordinate_manager))
+                out.F.sum().backward()
+        queued[bias] = sum(audit.queued.values())
+    assert queued[True] == queued[False], queued
 
 
 @pytest.mark.parametrize("grid, batch, ratio", [((7, 7), 6, 0.6), ((2, 3), 3, 0.5), ((4, 5), 2, 0.0)])

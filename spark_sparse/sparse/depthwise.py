@@ -34,8 +34,8 @@ from .patch_conv import TileConv, from_canvas, gather_tiles, scatter_tiles, tile
 from .patch_sites import TILE_MIN_SITES, PatchSites, Tile, tile_fits, tile_geometry
 
 
-def dw_forward(x: Tensor, weight: Tensor, padding: int) -> Tensor:
-    return F.conv2d(x, weight, padding=padding, groups=weight.shape[0])
+def dw_forward(x: Tensor, weight: Tensor, padding: int, bias: Tensor | None = None) -> Tensor:
+    return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
 
 def dw_grad_input(grad: Tensor, weight: Tensor, padding: int) -> Tensor:
@@ -68,12 +68,14 @@ def backward_path(device: torch.device) -> str:
 
 
 def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
-    need_x, need_w = ctx.needs_input_grad[:2]
-    if ctx.backward == "native":
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], weight.shape[0],
-            [need_x, need_w, False])
-        return grad_x, grad_w
+    """(input, weight, bias) gradients of a stride-1 depthwise convolution (the bias's: the output
+    gradient summed per channel; it is zero off the visible sites)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.backward == "native":  # one call for all three (on a GPU, one launch)
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [1, 1], [padding, padding], [1, 1], False, [0, 0],
+            weight.shape[0], [need_x, need_w, need_b])
+    grad_b = grad.sum((0, 2, 3)) if need_b else None
     grad_x = dw_grad_input(grad, weight, padding) if need_x else None
     if need_w and weight.shape[-1] < ADJOINT_WEIGHT_MIN_KERNEL:
         _, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -81,16 +83,16 @@ def _grads(ctx, x: Tensor, weight: Tensor, grad: Tensor, padding: int):
             [False, True, False])
     else:
         grad_w = dw_grad_weight(x, grad, padding) if need_w else None
-    return grad_x, grad_w
+    return grad_x, grad_w, grad_b
 
 
 class TileDepthwise(torch.autograd.Function):
     @staticmethod
     @autocast_forward
-    def forward(ctx, feats: Tensor, weight: Tensor, tile: Tile, backward: str) -> Tensor:
+    def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, tile: Tile, backward: str) -> Tensor:
         save_rows(ctx, feats, weight)
         ctx.tile, ctx.backward = tile, backward
-        return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0))
+        return tile_rows(dw_forward(gather_tiles(feats, tile), weight, 0, bias))
 
     @staticmethod
     @autocast_backward
@@ -101,8 +103,8 @@ class TileDepthwise(torch.autograd.Function):
         # contiguous: a sum's gradient arrives expanded (all strides 0), which oneDNN takes as
         # a kernel 10 times slower
         grad = grad_rows.contiguous().view(-1, s, s, grad_rows.shape[1]).permute(0, 3, 1, 2)
-        grad_tiles, grad_w = _grads(ctx, gather_tiles(feats, tile), weight, grad, 0)
-        return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, None, None
+        grad_tiles, grad_w, grad_b = _grads(ctx, gather_tiles(feats, tile), weight, grad, 0)
+        return (None if grad_tiles is None else scatter_tiles(grad_tiles, tile)), grad_w, grad_b, None, None
 
 
 def canvas_convolution(feats: Tensor, weight: Tensor, sites: PatchSites, in_stride: int, stride: int = 1,
@@ -122,12 +124,12 @@ def canvas_convolution(feats: Tensor, weight: Tensor, sites: PatchSites, in_stri
 class CanvasDepthwise(torch.autograd.Function):
     @staticmethod
     @autocast_forward
-    def forward(ctx, feats: Tensor, weight: Tensor, index: Tensor, shape: tuple[int, int, int],
+    def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, shape: tuple[int, int, int],
                 backward: str) -> Tensor:
         save_rows(ctx, feats, weight, index)
         ctx.shape, ctx.backward = shape, backward
         padding = weight.shape[-1] // 2
-        return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding), index)
+        return from_canvas(dw_forward(to_canvas(feats, index, shape), weight, padding, bias), index)
 
     @staticmethod
     @autocast_backward
@@ -135,8 +137,8 @@ class CanvasDepthwise(torch.autograd.Function):
         feats, weight, index = saved_rows(ctx)
         padding = weight.shape[-1] // 2
         grad = to_canvas(grad_rows.contiguous(), index, ctx.shape)
-        grad_x, grad_w = _grads(ctx, to_canvas(feats, index, ctx.shape), weight, grad, padding)
-        return (None if grad_x is None else from_canvas(grad_x, index)), grad_w, None, None, None
+        grad_x, grad_w, grad_b = _grads(ctx, to_canvas(feats, index, ctx.shape), weight, grad, padding)
+        return (None if grad_x is None else from_canvas(grad_x, index)), grad_w, grad_b, None, None, None
 
 
 class DepthwiseConvolution(nn.Module):
@@ -178,17 +180,20 @@ class DepthwiseConvolution(nn.Module):
         sites = PatchSites.of(x)
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
-        weight, backward = self.kernel(), self.backward_path or backward_path(x.F.device)
+        weight, bias = self.kernel(), self.kernel_bias()
+        backward = self.backward_path or backward_path(x.F.device)
         start, size = tile_geometry(s, self.kernel_size, self.stride, self.padding)
         if self.stride > 1 and not tile_fits(s, start, size):  # MixNet's 7x7, 9x9 over 2x2 blocks
             out = canvas_convolution(x.F, weight, sites, stride, self.stride, -start, groups=weight.shape[0])
         elif self.stride > 1:
             out = TileConv.apply(x.F, weight, sites.tile(stride, start, size), self.stride, weight.shape[0])
-        elif s >= self.tile_min_sites:
-            out = TileDepthwise.apply(x.F, weight, sites.tile(stride, start, size), backward)
-        else:
-            out = CanvasDepthwise.apply(x.F, weight, sites.canvas_index(stride), sites.canvas_shape(stride), backward)
-        bias = self.kernel_bias()
+        else:  # the bias added by the convolution itself, its gradient by its backward: two kernels fewer
+            if s >= self.tile_min_sites:
+                out = TileDepthwise.apply(x.F, weight, bias, sites.tile(stride, start, size), backward)
+            else:
+                out = CanvasDepthwise.apply(x.F, weight, bias, sites.canvas_index(stride), sites.canvas_shape(stride),
+                                            backward)
+            bias = None
         if bias is not None:
             out = out + bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
         if self.stride > 1:
