@@ -21,6 +21,7 @@ from spark_sparse.precision import autocast, compute_dtype
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.group_norm import SparseGroupNormAct
 from spark_sparse.sparse.grouped_conv import GroupedConvolution
+from spark_sparse.sparse import norm_act
 from spark_sparse.sparse.norm_act import batch_norm_act
 from spark_sparse.sparse.patch_conv import PatchConvolution
 from spark_sparse.sparse.rowwise import ImageScale, image_of_rows, with_features
@@ -58,9 +59,16 @@ def grads(out, inputs, seed=1):
     return torch.autograd.grad(out, inputs, g)
 
 
+@pytest.fixture(params=["affine", "batch_norm"])
+def renormalise(request, monkeypatch) -> str:
+    """Either way a norm's rows are normalised again in backward (the CPU's and a GPU's), both run here."""
+    monkeypatch.setitem(norm_act.RENORMALISE, "cpu", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
-def test_batch_norm_act_equals_batch_norm_then_activation(act, momentum):
+def test_batch_norm_act_equals_batch_norm_then_activation(act, momentum, renormalise):
     torch.manual_seed(0)
     x = torch.randn(300, 8, dtype=torch.float64) * 3 + 1
     ours, ref = (nn.BatchNorm1d(8, momentum=momentum).double() for _ in range(2))
@@ -137,13 +145,13 @@ AFTER_NORM = {  # operators that may follow a batch norm with its activation
 }
 
 
-@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.SiLU])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Mish])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("op", AFTER_NORM.values(), ids=AFTER_NORM.keys())
-def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op, train, act):
+def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op, train, act, renormalise):
     """It makes them again from the norm's input in backward: the same gradients as keeping them,
-    one row tensor kept instead of two (after a ReLU or ReLU6 the norm's backward reuses the rows
-    made again; after a SiLU it normalises its input again)."""
+    one row tensor kept instead of two (the norm's backward reuses the rows normalised again there,
+    but after an activation without a kernel of its own, such as Mish, whose module may work in place)."""
     g = torch.Generator().manual_seed(0)
     x = sparsify(torch.randn(2, 6, 64, 96, generator=g, dtype=torch.float64), random_active(2, (2, 3), 0.5, g))
     op, rows = op(), x.F.shape[0]
@@ -167,21 +175,23 @@ def test_an_operator_after_a_norm_with_its_activation_keeps_none_of_its_rows(op,
 
 
 class Normalisations(TorchDispatchMode):
-    """Counts, while active, the fused multiply-adds that normalise a norm's rows again."""
+    """Counts, while active (in backward), the operations that normalise a norm's rows again: a
+    fused multiply-add or torch's batch norm."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten.addcmul.default
+        self.count += func in (torch.ops.aten.addcmul.default, torch.ops.aten.native_batch_norm.default)
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("act, normalisations", [(nn.ReLU, 1), (nn.ReLU6, 1), (nn.SiLU, 2)])
-def test_a_norm_and_the_convolution_after_it_normalise_again_once_in_backward_after_a_relu(act, normalisations):
-    """The convolution's weight gradient needs the norm's activated rows, made again; a ReLU's
-    gradient is read off them too, a SiLU's needs the rows before it, normalised a second time."""
+@pytest.mark.parametrize("act, normalisations", [(nn.ReLU, 1), (nn.SiLU, 1), (nn.GELU, 1), (nn.Mish, 2)])
+def test_a_norm_and_the_convolution_after_it_normalise_again_once_in_backward(act, normalisations, renormalise):
+    """The convolution's weight gradient needs the norm's activated rows, made again from its
+    input; the norm's backward, next, takes its activation's gradient at the normalised rows made
+    there. An activation run by its own module (Mish) may work in place: normalised again."""
     g = torch.Generator().manual_seed(0)
     x = sparsify(torch.randn(2, 6, 64, 96, generator=g), random_active(2, (2, 3), 0.5, g))
     conv = AFTER_NORM["3x3 as window GEMMs"]().float()
@@ -197,7 +207,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("op", AFTER_NORM.values(), ids=AFTER_NORM.keys())
-def test_an_operator_after_a_norm_with_its_activation_under_bf16_autocast(op):
+def test_an_operator_after_a_norm_with_its_activation_under_bf16_autocast(op, renormalise):
     """It computes in bf16, as torch's convolutions do under autocast, keeps one row tensor for
     backward, in bf16, and returns gradients in their inputs' dtypes (float32 parameters: float32
     gradients). Its output is float64's to bf16's rounding (each of the few roundings on the way

@@ -1,9 +1,12 @@
 """Batch norm over (N, C) rows followed by an elementwise activation, keeping only the norm's
 input for backward (as in-place activated batch norm does): the normalised rows are recomputed
-from it, one multiply-add per element, rather than stored. The operator that consumes those
-rows need not keep them either (row_saving.py): ``BatchNormAct.output_again`` makes them again,
-and after a ReLU or ReLU6, whose output decides their gradient, the norm's own backward reuses
-them rather than normalising a second time (on a GPU, one kernel fewer a layer).
+from it rather than stored. The operator that consumes those rows need not keep them either
+(row_saving.py): ``BatchNormAct.output_again`` makes them again, and the norm's own backward,
+which runs right after that consumer's, reuses the normalised rows made there rather than
+normalising a second time (on a GPU, one kernel fewer a layer). How they are made again depends
+on the device (``RENORMALISE``): on the CPU one multiply-add per element from the statistics,
+elsewhere torch's batch norm again, a second pass over the rows but one operation where the
+multiply-add needs three (on a GPU the launches, not the passes, bound a step).
 Under autocast it keeps its input's dtype, as torch's batch norm does: 16-bit rows in and out,
 statistics and parameters in float32.
 """
@@ -19,43 +22,36 @@ from .amp import autocast_backward, autocast_forward
 
 
 def _gelu(approximate: str | None = None):
-    """GELU's kernels (exact, or the tanh approximation; ``None``: the module's own setting): not
+    """GELU's kernels (exact, or the tanh approximation; ``None``: the module's own setting): never
     in place, but its backward is one kernel instead of autograd recomputing the forward."""
     def mode(act: nn.Module) -> str:
         return act.approximate if approximate is None else approximate
-    return (lambda act, y: F.gelu(y, approximate=mode(act)),
+    return (lambda act, y, inplace: F.gelu(y, approximate=mode(act)),
             lambda act, grad, y: torch.ops.aten.gelu_backward(grad, y, approximate=mode(act)))
 
 
 # activations whose backward has its own kernel (and whose forward can run in place, but GELU's),
-# as (forward(act, y), gradient(act, grad, y)) of the pre-activation rows y: the forward and
-# gradient of any other module go through autograd
+# as (forward(act, y, inplace), gradient(act, grad, y)) of the pre-activation rows y: the forward
+# and gradient of any other module go through autograd
 _ACT_KERNELS = {
-    nn.ReLU: (lambda act, y: torch.relu_(y), lambda act, grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
-    nn.SiLU: (lambda act, y: F.silu(y, inplace=True), lambda act, grad, y: torch.ops.aten.silu_backward(grad, y)),
-    nn.Hardswish: (lambda act, y: F.hardswish(y, inplace=True),
+    nn.ReLU: (lambda act, y, inplace: torch.relu_(y) if inplace else torch.relu(y),
+              lambda act, grad, y: torch.ops.aten.threshold_backward(grad, y, 0)),
+    nn.SiLU: (lambda act, y, inplace: F.silu(y, inplace=inplace),
+              lambda act, grad, y: torch.ops.aten.silu_backward(grad, y)),
+    nn.Hardswish: (lambda act, y, inplace: F.hardswish(y, inplace=inplace),
                    lambda act, grad, y: torch.ops.aten.hardswish_backward(grad, y)),
-    nn.ReLU6: (lambda act, y: F.hardtanh(y, 0.0, 6.0, inplace=True),
+    nn.ReLU6: (lambda act, y, inplace: F.hardtanh(y, 0.0, 6.0, inplace=inplace),
                lambda act, grad, y: torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)),
-    nn.LeakyReLU: (lambda act, y: F.leaky_relu(y, act.negative_slope, inplace=True),
+    nn.LeakyReLU: (lambda act, y, inplace: F.leaky_relu(y, act.negative_slope, inplace=inplace),
                    lambda act, grad, y: torch.ops.aten.leaky_relu_backward(grad, y, act.negative_slope, False)),
     nn.GELU: _gelu(), timm_act.GELU: _gelu("none"), timm_act.GELUTanh: _gelu("tanh"),
-}
-
-
-# activations whose output decides their gradient exactly as their input does (out > 0 iff y > 0;
-# 0 < out < 6 iff 0 < y < 6): the rows ``output_again`` remade for a consumer's backward then give
-# the norm's own backward its activation's gradient, one recomputation a layer instead of two
-_GRAD_FROM_OUTPUT = {
-    nn.ReLU: lambda grad, out: torch.ops.aten.threshold_backward(grad, out, 0),
-    nn.ReLU6: lambda grad, out: torch.ops.aten.hardtanh_backward(grad, out, 0.0, 6.0),
 }
 
 
 def activate_(act: nn.Module, y: Tensor) -> Tensor:
     """``act(y)``, in place in ``y`` where the activation has its own in-place kernel."""
     kernels = _ACT_KERNELS.get(type(act))
-    return kernels[0](act, y) if kernels is not None else act(y)
+    return kernels[0](act, y, True) if kernels is not None else act(y)
 
 
 def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
@@ -68,6 +64,16 @@ def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
         return torch.autograd.grad(act(y), y, grad)[0]
 
 
+# how a norm's rows are normalised again in backward, per device type: "affine" (a multiply-add
+# with a per-channel scale and shift made in forward) or "batch_norm" (torch's batch norm again,
+# the same operation as forward's, statistics included)
+RENORMALISE = {"cpu": "affine"}
+
+
+def renormalise_path(device: torch.device) -> str:
+    return RENORMALISE.get(device.type, "batch_norm")
+
+
 def _affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """(scale, shift): the norm as one multiply-add per element, per channel in float32."""
     scale = invstd if weight is None else invstd * weight
@@ -75,17 +81,23 @@ def _affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Te
     return scale, shift
 
 
-def _normalised(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """The norm's output in ``x``'s dtype (16-bit rows are normalised in float32, then rounded,
-    as torch's batch norm does)."""
-    return torch.addcmul(shift, x, scale).to(x.dtype)
+def _normalised_again(node) -> Tensor:
+    """The normalised rows of ``node``'s forward (a ``BatchNormAct`` node or context), in its
+    input's dtype: 16-bit rows are normalised in float32, then rounded, as torch's batch norm does.
+    Torch's batch norm again returns them exactly; the multiply-add, up to rounding."""
+    x, weight, bias, running_mean, running_var, _, _, scale, shift = node.saved_tensors
+    if scale is not None:
+        return torch.addcmul(shift, x, scale).to(x.dtype)
+    if node.training:  # the batch's statistics again, nothing updated
+        return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, node.eps)[0]
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, node.eps)[0]
 
 
 class BatchNormAct(torch.autograd.Function):
     """Batch norm over the rows, then an elementwise activation, keeping only the norm's input
-    for backward: the normalised rows the activation's gradient needs are recomputed (one
-    multiply-add per element) rather than stored, one row-sized tensor less per layer (as
-    in-place activated batch norm does). Running statistics are updated once, in forward."""
+    for backward: the normalised rows the activation's gradient needs are recomputed rather than
+    stored, one row-sized tensor less per layer (as in-place activated batch norm does). Running
+    statistics are updated once, in forward."""
 
     @staticmethod
     @autocast_forward(cast_inputs=False)  # the statistics and parameters stay float32
@@ -94,22 +106,22 @@ class BatchNormAct(torch.autograd.Function):
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
                                                   momentum, eps)
         if any(ctx.needs_input_grad):
-            if not training:  # the statistics the rows were normalised with
-                mean, invstd = running_mean, (running_var + eps).rsqrt()
-            # made once here, not at each of the two recomputations (C-sized: a GPU's launches)
-            scale, shift = _affine(weight, bias, mean, invstd)
-            ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd, scale, shift)
+            scale = shift = None
+            if renormalise_path(x.device) == "affine":
+                # the statistics the rows were normalised with
+                stats = (mean, invstd) if training else (running_mean, (running_var + eps).rsqrt())
+                scale, shift = _affine(weight, bias, *stats)
+            ctx.save_for_backward(x, weight, bias, running_mean, running_var, mean, invstd, scale, shift)
         ctx.training, ctx.eps, ctx.act, ctx.remade = training, eps, act, None
         return activate_(act, y)
 
     @staticmethod
     @autocast_backward
     def backward(ctx, grad: Tensor):
-        x, weight, running_mean, running_var, mean, invstd, scale, shift = ctx.saved_tensors
-        if ctx.remade is not None:  # every consumer's backward has run: the rows are needed no more
-            grad_y, ctx.remade = _GRAD_FROM_OUTPUT[type(ctx.act)](grad, ctx.remade), None
-        else:
-            grad_y = activation_grad(ctx.act, _normalised(x, scale, shift), grad)
+        x, weight, _, running_mean, running_var, mean, invstd, _, _ = ctx.saved_tensors
+        y = _normalised_again(ctx) if ctx.remade is None else ctx.remade
+        ctx.remade = None  # every consumer's backward has run: needed no more
+        grad_y = activation_grad(ctx.act, y, grad)
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, running_mean, running_var,
@@ -120,12 +132,13 @@ class BatchNormAct(torch.autograd.Function):
     @staticmethod
     def output_again(node) -> Tensor:
         """What the forward of ``node``, one of this function's backward nodes, returned (up to
-        rounding: the normalisation is one fused multiply-add here, torch's batch norm in forward)."""
-        x, *_, scale, shift = node.saved_tensors
-        out = activate_(node.act, _normalised(x, scale, shift))
-        if type(node.act) in _GRAD_FROM_OUTPUT:  # kept for the node's own backward, which runs next
-            node.remade = out
-        return out
+        rounding where the rows are normalised again with a multiply-add: ``_normalised_again``)."""
+        y = _normalised_again(node)
+        kernels = _ACT_KERNELS.get(type(node.act))
+        if kernels is None:  # a module's forward may run in place: it keeps nothing
+            return activate_(node.act, y)
+        node.remade = y  # the pre-activation rows, for the node's own backward, which runs next
+        return kernels[0](node.act, y, False)
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
