@@ -181,26 +181,24 @@ class DepthwiseConvolution(nn.Module):
         stride = x.tensor_stride[0]
         s = sites.sites_per_side(stride)
         weight, bias = self.kernel(), self.kernel_bias()
-        backward = self.backward_path or backward_path(x.F.device)
         start, size = tile_geometry(s, self.kernel_size, self.stride, self.padding)
-        if self.stride > 1 and not tile_fits(s, start, size):  # MixNet's 7x7, 9x9 over 2x2 blocks
-            out = canvas_convolution(x.F, weight, sites, stride, self.stride, -start, groups=weight.shape[0])
-        elif self.stride > 1:
-            out = TileConv.apply(x.F, weight, sites.tile(stride, start, size), self.stride, weight.shape[0])
-        else:  # the bias added by the convolution itself, its gradient by its backward: two kernels fewer
+        if self.stride == 1:  # the convolution adds the bias, its backward takes its gradient: two kernels fewer
+            backward = self.backward_path or backward_path(x.F.device)
             if s >= self.tile_min_sites:
                 out = TileDepthwise.apply(x.F, weight, bias, sites.tile(stride, start, size), backward)
             else:
                 out = CanvasDepthwise.apply(x.F, weight, bias, sites.canvas_index(stride), sites.canvas_shape(stride),
                                             backward)
-            bias = None
+            return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
+                                   coordinate_manager=x.coordinate_manager)
+        if not tile_fits(s, start, size):  # MixNet's 7x7, 9x9 over 2x2 blocks
+            out = canvas_convolution(x.F, weight, sites, stride, self.stride, -start, groups=weight.shape[0])
+        else:
+            out = TileConv.apply(x.F, weight, sites.tile(stride, start, size), self.stride, weight.shape[0])
         if bias is not None:
             out = out + bias.to(out.dtype)  # as torch's convolutions add theirs under autocast
-        if self.stride > 1:
-            return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
-                                   coordinate_manager=sites.manager)
-        return ME.SparseTensor(out, coordinate_map_key=x.coordinate_map_key,
-                               coordinate_manager=x.coordinate_manager)
+        return ME.SparseTensor(out, coordinate_map_key=sites.key(stride * self.stride),
+                               coordinate_manager=sites.manager)
 
     def extra_repr(self) -> str:
         padding = "" if self.padding is None else f", padding={self.padding}"
