@@ -132,9 +132,10 @@ def test_grouped_and_depthwise_1x1_convolutions_under_bf16_autocast_round_once_a
 
     (x, _), _ = twin_inputs(8, seed=5)
     ours = GroupedPointwise(8, 8, groups, bias=True)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        ours.weight.normal_()
-        ours.bias.normal_()
+        ours.weight.normal_(generator=g)
+        ours.bias.normal_(generator=g)
     with torch.autocast("cpu", torch.bfloat16):
         out = ours(with_features(x, x.F.detach().float())).F
     exact = copy.deepcopy(ours).double()  # the bf16 operands' products and sums, unrounded
@@ -143,8 +144,9 @@ def test_grouped_and_depthwise_1x1_convolutions_under_bf16_autocast_round_once_a
         exact.bias.copy_(ours.bias.bfloat16().double())
         want = exact(with_features(x, x.F.detach().bfloat16().double())).F
     assert out.dtype == torch.bfloat16
-    # equal here; within one bf16 step where another CPU's kernels break a tie otherwise
-    torch.testing.assert_close(out.double(), want.bfloat16().double(), rtol=2**-8, atol=0)
+    # at most one bf16 step apart (2**-7 of a value, at most), where float32's sums round the
+    # other way: about one draw of weights in 50 did so before they were seeded
+    torch.testing.assert_close(out.double(), want.bfloat16().double(), rtol=2**-7, atol=0)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
