@@ -278,21 +278,69 @@ def test_off_the_cpu_a_depthwise_convolutions_bias_queues_nothing_of_its_own(pat
 
 
 @pytest.mark.parametrize("grid, batch, ratio", [((7, 7), 6, 0.6), ((2, 3), 3, 0.5), ((4, 5), 2, 0.0)])
-def test_tiles_made_on_a_gpu_from_small_parts_are_the_cpus_tiles(grid, batch, ratio):
-    """A GPU gets its tile tables made on it from each patch's neighbours (``_tile_on``), a
-    CPU run builds them whole (``_build_tile``): the same tables."""
+def test_a_tile_table_holds_the_row_of_every_site_around_each_patch(grid, batch, ratio, device):
+    """At stride s, a patch's tile lists the rows of the ``size`` x ``size`` sites from ``start``
+    sites before its corner, N (one past the last row) where a site is hidden or outside the image;
+    gathers read ``present_rows`` (a row that exists, everywhere), halos are the positions outside
+    the patch. A GPU makes the table from parts copied to it, a CPU from the same parts (meta has
+    no numbers: on it, the CPU's)."""
+    where = device if device.type == "cuda" else torch.device("cpu")
     active = random_active(batch, grid, ratio, torch.Generator().manual_seed(0))
     visible = active.reshape(-1).nonzero()[:, 0]
     gh, gw = grid
     patches = torch.stack([visible // (gh * gw), visible // gw % gh, visible % gw], 1)
-    sites = PatchSites(BatchCoordinates(), patches, 32, grid, batch)
+    sites = PatchSites(BatchCoordinates(), patches, 32, grid, batch, where)
     # every tile the engine uses: stems (7x7/2 at stride 1, 3x3/2 pooling), 3x3 and 5x5, strided
     # and not, EfficientNet's 5x5/2, a tile inside the patch (1x1/2) and the widest halo
     for stride, start, size in [(1, -3, 37), (2, -1, 17), (4, -1, 10), (4, 0, 7), (4, -1, 9), (8, -2, 8),
                                 (8, -1, 5), (16, 0, 1), (16, -1, 3), (32, -1, 3), (2, -16, 48)]:
-        want, got = sites._build_tile(stride, start, size), sites._tile_on(torch.device("cpu"), stride, start, size)
-        for a, b in zip(got, want, strict=True):
-            assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(a, torch.Tensor) else a == b
+        tile = sites.tile(stride, start, size)
+        s, n = sites.sites_per_side(stride), sites.num_rows(stride)
+        # the expected rows, from the sites' coordinates on a canvas with a border of absent sites
+        canvas = torch.full((batch, gh * s + 2 * s, gw * s + 2 * s), n, dtype=torch.int32)
+        c = sites.coordinates(stride).long()
+        canvas[c[:, 0], c[:, 1] // stride + s, c[:, 2] // stride + s] = torch.arange(n, dtype=torch.int32)
+        steps = torch.arange(start, start + size) + s
+        b, y, x = patches[:, 0].view(-1, 1, 1), patches[:, 1:2] * s + steps, patches[:, 2:3] * s + steps
+        want = canvas[b, y.view(-1, size, 1), x.view(-1, 1, size)].view(-1)
+        inside = (steps >= s) & (steps < 2 * s)
+        halo = (~(inside.view(-1, 1) & inside)).view(-1).repeat(len(patches)).nonzero()[:, 0]
+
+        rows, present, absent = tile.rows.cpu(), tile.present_rows.cpu(), tile.absent.cpu().view(-1)
+        assert (tile.start, tile.size, tile.sites) == (start, size, s)
+        assert rows.dtype == torch.int32 and torch.equal(rows, want)
+        assert torch.equal(absent, want == n) and torch.equal(present[~absent], want[~absent])
+        assert present.min() >= 0 and present.max() < n
+        assert torch.equal(tile.halo_positions.cpu().long(), halo)
+        assert torch.equal(tile.halo_rows.cpu(), present[halo])
+        assert torch.equal(tile.halo_absent.cpu().view(-1), absent[halo])
+
+
+def test_a_mask_planned_like_the_one_before_reaches_the_device_in_two_copies(timm_models, device):
+    """Planned while the GPU runs the step before, a mask's tensors (its decoder scales) go in one
+    copy, every table of the encoder's (tiles as their parts) in another: on a GPU each copy is a
+    launch the CPU pays for."""
+    where = audit_device(device)
+    model = SparK(SparseEncoder.from_timm(copy.deepcopy(timm_models("resnet18"))), decoder_width=64).train().to(where)
+    images, active = make_batch((128, 160), "ratio0.6", batch=4)
+    before = model.plan(random_active(4, (4, 5), 0.6, torch.Generator().manual_seed(1)), where)
+    model(images.to(where), before)["loss"].backward()
+    audit = DeviceAudit()
+    with audit:
+        plan = model.plan(active, where, like=before)
+    assert sum(audit.copies.values()) == 2, dict(audit.copies)
+    assert plan.encoder.sites.tables() == before.encoder.sites.tables()
+
+
+def test_tensors_packed_into_one_buffer_come_out_as_they_went_in():
+    from spark_sparse.transfer import pack, unpack
+
+    tensors = [torch.arange(5, dtype=torch.int32), torch.tensor([True, False, True]), torch.tensor(2.5),
+               torch.zeros(0, 3, dtype=torch.int64), torch.arange(12.0).view(3, 4).t(), torch.arange(3).view(3, 1)]
+    buffer, layout = pack(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    for got, want in zip(unpack(buffer, layout), tensors, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want) and got.data_ptr() % 8 == 0
 
 
 def test_minkowski_hashes_no_coordinates_until_they_are_read(timm_models):

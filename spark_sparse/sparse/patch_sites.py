@@ -9,10 +9,12 @@ numbers where N (one past the last row) stands for an absent site.
 
 Devices: the visible patches are known on the CPU (from the mask), MinkowskiEngine's coordinate
 manager is its CPU build's, and the tables are built there and copied, pinned and without
-blocking, to the features' device (``PatchSites.device``): nothing of the bookkeeping waits for
-the GPU. The operators read only the tables, never MinkowskiEngine's coordinates, so a map is
-inserted into the manager only when something reads its coordinates (``x.C``), or, for
-MinkowskiEngine's own modules which read them in C++, as soon as it is named (``insert=True``).
+blocking, to the features' device (``PatchSites.device``), those of a batch planned like an
+earlier one in one copy (tiles, the largest, as their small parts, from which the device makes
+them): nothing of the bookkeeping waits for the GPU. The operators read only the tables, never
+MinkowskiEngine's coordinates, so a map is inserted into the manager only when something reads
+its coordinates (``x.C``), or, for MinkowskiEngine's own modules which read them in C++, as soon
+as it is named (``insert=True``).
 """
 
 from __future__ import annotations
@@ -44,11 +46,40 @@ class Tile(NamedTuple):
     start: int
     size: int
     sites: int  # sites per side of the patch itself
-    present_rows: Tensor  # ``rows`` with row 0 for absent sites (overwritten after gathering) ...
+    present_rows: Tensor  # ``rows`` with, where absent, the row patch 0 has there (overwritten after gathering) ...
     absent: Tensor  # ... where this (P * size * size, 1) bool is true
     halo_positions: Tensor  # every position outside the patch itself ...
-    halo_rows: Tensor  # ... the row there (0 where absent): where a tile's gradient spills into other patches ...
+    halo_rows: Tensor  # ... ``present_rows`` there: where a tile's gradient spills into other patches ...
     halo_absent: Tensor  # ... but for these (P * halo, 1) bool
+
+
+class TileParts(NamedTuple):
+    """What a tile table is made of (``tile_from_parts``): each patch's 3 x 3 neighbours and each
+    tile position's place among them, kilobytes where the table is megabytes (ResNet-50's stem
+    at batch 64: 20 MB). A GPU gets these and makes the table itself."""
+
+    first_row: Tensor  # (P, 9) int32: the first row of each patch's neighbours (itself at 4), 0 where absent
+    absent: Tensor  # (P, 9) bool: which neighbours are hidden or outside the image
+    patch: Tensor  # (P, 1) int32: each patch's number
+    cell: Tensor  # (size * size,) int32: the neighbour each tile position lies in
+    local: Tensor  # (size * size,) int32: the position's row inside that neighbour
+    halo: Tensor  # (halo,) int32: the positions outside the patch itself
+    start: int
+    size: int
+    sites: int
+    num_rows: int
+
+
+def tile_from_parts(parts: TileParts) -> Tile:
+    """The tile table, on the parts' device, in seven queued operations (gathers and elementwise
+    work: nothing reads the device back). A position whose neighbour is absent reads patch 0's row
+    there: a row that exists, in a table whose every entry is one whatever the mask."""
+    present_rows = parts.first_row.index_select(1, parts.cell).add_(parts.local).view(-1)
+    absent = parts.absent.index_select(1, parts.cell).view(-1, 1)
+    positions = torch.add(parts.halo, parts.patch, alpha=parts.size**2).view(-1)  # int32: the tables are a batch's
+    return Tile(present_rows.masked_fill(absent.view(-1), parts.num_rows), parts.start, parts.size, parts.sites,
+                present_rows, absent, positions, present_rows.index_select(0, positions),
+                absent.index_select(0, positions))
 
 
 class OffsetPairs(NamedTuple):
@@ -128,22 +159,6 @@ def halo_of_tile(start: int, size: int, sites: int) -> Tensor:
     steps = torch.arange(start, start + size)
     inside = (steps >= 0) & (steps < sites)
     return (~(inside.view(-1, 1) & inside)).view(-1).nonzero()[:, 0].int()
-
-
-def _tile_of(rows: Tensor, start: int, size: int, sites: int, num_rows: int, halo: Tensor | None = None) -> Tile:
-    """The tile table of ``rows`` (P * size * size,) int32, ``num_rows`` where absent, on its
-    device; ``halo``: ``halo_of_tile``'s, there (by default made on the CPU and copied). Elementwise
-    work and one gather: nothing reads the device back."""
-    if halo is None:
-        halo = to_device(halo_of_tile(start, size, sites), rows.device)
-    absent = rows == num_rows
-    area = size * size
-    first = torch.arange(0, rows.shape[0], area, device=rows.device, dtype=torch.int32)
-    positions = (first.view(-1, 1) + halo).view(-1)  # int32: the tables are a batch's
-    halo_rows = rows.index_select(0, positions)
-    halo_absent = halo_rows == num_rows
-    return Tile(rows, start, size, sites, rows.masked_fill(absent, 0), absent.view(-1, 1), positions,
-                halo_rows.masked_fill_(halo_absent, 0), halo_absent.view(-1, 1))
 
 
 class PatchSites:
@@ -239,25 +254,30 @@ class PatchSites:
         return self._cache[key]
 
     def _table(self, *key):
-        """The table ``(name, *args)`` on the features' device, copied there once (tiles, the
-        largest, are made there from their small CPU parts)."""
+        """The table ``(name, *args)`` on the features' device, made there once."""
         if key not in self._on_device:
-            if key[0] == "tile" and self.device.type != "cpu":
-                self._on_device[key] = self._tile_on(self.device, *key[1:])
-            else:
-                self._on_device[key] = to_device(self._cached(*key), self.device)
+            self._make_on_device([key])
         return self._on_device[key]
 
+    def _make_on_device(self, keys: list[tuple]) -> None:
+        """Make the tables ``keys`` on the features' device from what the CPU built, all of it in
+        one copy: the tables themselves, but for tiles (the largest) their parts, from which the
+        device makes them."""
+        made_there = self.device.type != "cpu"
+        sources = {key: self._cached("tile_parts", *key[1:]) if made_there and key[0] == "tile" else self._cached(*key)
+                   for key in keys}
+        for key, value in to_device(sources, self.device).items():
+            self._on_device[key] = tile_from_parts(value) if made_there and key[0] == "tile" else value
+
     def tables(self) -> list[tuple]:
-        """The keys of the tables built so far (what the batch's layers read)."""
-        return list(self._cache)
+        """The keys of the tables handed out so far (what the batch's layers read)."""
+        return list(self._on_device)
 
     def build_like(self, earlier: "PatchSites") -> None:
-        """Build now, on the features' device, every table ``earlier`` (a batch of the same
-        model) handed its layers: this batch's layers then find theirs made, and on a GPU
-        they were made while it still ran the earlier batch."""
-        for key in list(earlier._on_device):
-            self._table(*key)
+        """Make now, on the features' device, every table ``earlier`` (a batch of the same model)
+        handed out: this batch's layers then find theirs made, and on a GPU they were made (one
+        copy) while it still ran the earlier batch."""
+        self._make_on_device([key for key in earlier._on_device if key not in self._on_device])
 
     def copy_tables_(self, other: "PatchSites") -> None:
         """Overwrite, in place, every table handed out so far with ``other``'s (a batch of as many
@@ -288,6 +308,15 @@ class PatchSites:
 
     def _build_image_of_rows(self, stride: int) -> Tensor:
         return self.patches[:, 0].repeat_interleave(self.sites_per_side(stride) ** 2)
+
+    def patch_index(self) -> Tensor:
+        """(P,) int64: each visible patch's flat (image, patch row, patch column) index, where
+        ``sparsify`` finds its pixels."""
+        return self._table("patch_index")
+
+    def _build_patch_index(self) -> Tensor:
+        b, r, c = self.patches.unbind(1)
+        return (b * self.grid[0] + r) * self.grid[1] + c
 
     def image_of_patches(self) -> Tensor:
         """(P,) int64: the image each visible patch belongs to."""
@@ -423,14 +452,22 @@ class PatchSites:
         return self._table("tile", stride, start, size)
 
     def _build_tile(self, stride: int, start: int, size: int) -> Tile:
-        s, n = self.sites_per_side(stride), self.num_rows(stride)
+        return tile_from_parts(self._cached("tile_parts", stride, start, size))
+
+    def _build_tile_parts(self, stride: int, start: int, size: int) -> TileParts:
+        """A tile position lies in one of the 3 x 3 cells of the patch and its neighbours: its row
+        is that neighbour's first row plus the position's fixed row inside it."""
+        s = self.sites_per_side(stride)
         _check_tile(s, start, size)
         steps = torch.arange(start, start + size)
-        which = torch.div(steps, s, rounding_mode="floor")  # -1, 0, 1: neighbour along the axis
-        site = steps - which * s  # the site inside that patch
-        patch = self._cached("neighbours")[:, which.view(-1, 1) + 1, which + 1]  # (P, size, size)
-        rows = (patch * (s * s) + site.view(-1, 1) * s + site).masked_fill_(patch < 0, n).view(-1).int()
-        return _tile_of(rows, start, size, s, n)
+        which = torch.div(steps, s, rounding_mode="floor") + 1  # 0, 1, 2: the neighbour along the axis
+        site = steps - (which - 1) * s  # the site inside that patch
+        cell = (which.view(-1, 1) * 3 + which).view(-1)
+        local = (site.view(-1, 1) * s + site).view(-1)
+        neighbours = self._cached("neighbours").view(-1, 9)  # -1 where absent
+        patch = torch.arange(len(neighbours), dtype=torch.int32).view(-1, 1)
+        return TileParts((neighbours.clamp(min=0) * (s * s)).int(), neighbours < 0, patch, cell.int(), local.int(),
+                         halo_of_tile(start, size, s), start, size, s, self.num_rows(stride))
 
     def reflected_tile(self, stride: int, start: int, size: int) -> Tile:
         """``tile``'s table, its positions above and left of an image read by reflection (a blur
@@ -443,35 +480,21 @@ class PatchSites:
         if start + size > s or -start >= s:
             raise ValueError(f"a reflected tile reflects above and left only, within the patch: {size} sites "
                              f"from {start} in a {s}x{s} block")
-        rows = self._cached("tile", stride, start, size).rows.view(-1, size, size).clone()
+        tile = self._cached("tile", stride, start, size)
         top, left = self.patches[:, 1] == 0, self.patches[:, 2] == 0
-        for r in range(start, 0):
-            rows[top, r - start] = rows[top, -r - start]
-        for r in range(start, 0):
-            rows[left, :, r - start] = rows[left, :, -r - start]
-        return _tile_of(rows.view(-1), start, size, s, self.num_rows(stride))
 
-    def _tile_on(self, device: torch.device, stride: int, start: int, size: int) -> Tile:
-        """``_build_tile``'s table made on ``device`` (a GPU) from small CPU parts, in a dozen
-        kernels and one copy of kilobytes instead of megabytes built on the CPU (which, for a CPU
-        run, ``_build_tile`` does in fewer, larger steps). A tile position lies in one of the 3 x 3
-        cells of the patch and its neighbours: its row is that neighbour's first row (N where
-        absent, small and made on the CPU from the mask) plus the position's fixed row inside it."""
-        s, n = self.sites_per_side(stride), self.num_rows(stride)
-        _check_tile(s, start, size)
-        steps = torch.arange(start, start + size)
-        which = torch.div(steps, s, rounding_mode="floor") + 1  # 0, 1, 2: the neighbour along the axis
-        site = steps - (which - 1) * s  # the site inside that patch
-        cell = (which.view(-1, 1) * 3 + which).view(-1)  # (size^2,) each position's neighbour, 4 itself
-        local = (site.view(-1, 1) * s + site).view(-1)  # each position's row inside its patch
-        neighbours = self._cached("neighbours").view(-1, 9)  # (P, 9), -1 where absent
-        # N for an absent neighbour: any row inside it then reaches N or more, cut to N on the device
-        first_row = torch.where(neighbours >= 0, neighbours * (s * s), n)
-        parts = [first_row.view(-1), cell, local, halo_of_tile(start, size, s)]
-        lengths = [len(x) for x in parts]
-        first_row, cell, local, halo = to_device(torch.cat(parts).int(), device).split(lengths)  # one copy
-        rows = first_row.view(-1, 9).index_select(1, cell).add_(local).clamp_(max=n).view(-1)
-        return _tile_of(rows, start, size, s, n, halo)
+        def reflected(t: Tensor) -> Tensor:
+            t = t.view(-1, size, size).clone()
+            for r in range(start, 0):
+                t[top, r - start] = t[top, -r - start]
+            for r in range(start, 0):
+                t[left, :, r - start] = t[left, :, -r - start]
+            return t.view(-1)
+
+        present_rows, absent = reflected(tile.present_rows), reflected(tile.absent).view(-1, 1)
+        halo = tile.halo_positions
+        return tile._replace(rows=reflected(tile.rows), present_rows=present_rows, absent=absent,
+                             halo_rows=present_rows.index_select(0, halo), halo_absent=absent.index_select(0, halo))
 
     def windows(self, stride: int, kernel_size: int, conv_stride: int, padding: int | None = None) -> Tensor:
         """(N_out, K) input rows of each output site's window, in ME's kernel order (first axis

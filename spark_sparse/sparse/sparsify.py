@@ -17,19 +17,17 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-from ..transfer import is_on, to_device
+from ..transfer import is_on
 from .patch_sites import BatchCoordinates, PatchSites
 
 
 class SparseLayout(NamedTuple):
     """Where a batch's visible pixels go, made from its mask alone (``plan_layout``): the coordinate
-    managers, the sites with their index tables, and the visible patches on the features'
-    device. Made ahead, while the GPU still runs the previous batch, it leaves a batch's
-    forward pass nothing to build."""
+    managers and the sites with their index tables (the visible patches' among them). Made ahead,
+    while the GPU still runs the previous batch, it leaves a batch's forward pass nothing to build."""
 
     pixels: BatchCoordinates  # the pixels' map; it holds the layers' manager, which holds ``sites``
     sites: PatchSites
-    visible: Tensor  # (P,) the visible patches' flat (image, patch row, patch column) index, on the sites' device
 
 
 def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: bool = False,
@@ -56,14 +54,14 @@ def plan_layout(active: Tensor, patch: int, device: torch.device | str, insert: 
     sites.key(1, pixels)
     if like is not None:
         sites.build_like(like)
-    return SparseLayout(pixels, sites, to_device(visible, device))
+    sites.patch_index()  # made with the rest when planned like an earlier batch, else now
+    return SparseLayout(pixels, sites)
 
 
 def copy_layout_(layout: SparseLayout, other: SparseLayout) -> None:
     """Overwrite ``layout``'s device tensors, in place, with those of ``other`` (planned ``like``
     it, as many visible patches per image): a step captured on ``layout`` replays ``other``'s."""
     layout.sites.copy_tables_(other.sites)
-    layout.visible.copy_(other.visible, non_blocking=True)
 
 
 def sparsify(images: Tensor, active: Tensor, insert: bool = False,
@@ -88,7 +86,7 @@ def sparsify(images: Tensor, active: Tensor, insert: bool = False,
                          f"on {images.device}")
     # (B * gh * gw, C, patch * patch) -> the visible patches' pixels, patch-major
     tiles = images.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, -1)
-    feats = tiles.index_select(0, layout.visible).transpose(1, 2).reshape(-1, c)
+    feats = tiles.index_select(0, layout.sites.patch_index()).transpose(1, 2).reshape(-1, c)
     # ME's autograd functions are float32/float64 only. Under autocast the rows stay float32 too,
     # as the masked images of the dense engine do: the stem's convolution casts them.
     if feats.dtype not in (torch.float32, torch.float64):
