@@ -15,6 +15,7 @@ import torch
 from timm.layers import activations as timm_act
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from spark_sparse import SparseEncoder, random_active
 from spark_sparse.precision import autocast, compute_dtype
@@ -339,3 +340,36 @@ def test_group_norm_keeps_only_its_input_and_the_operator_after_it_none_of_its_r
     for a, b in zip(grads(got, inputs_a), grads(want, inputs_b)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert (saved_row_tensors(lambda: run(False), rows), saved_row_tensors(lambda: run(True), rows)) == (1, 2)
+
+
+class PassesOver(TorchDispatchMode):
+    """Lists, while active, the operations that read ``x`` (or a view of it) and make a tensor of
+    its size: each one pass over its rows."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.storage, self.size, self.names = x.untyped_storage().data_ptr(), x.numel(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        reads = any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
+                    for t in tree_leaves(args))
+        if reads and not func.is_view and any(isinstance(t, torch.Tensor) and t.numel() == self.size
+                                              for t in tree_leaves(out)):
+            self.names.append(func.__name__)
+        return out
+
+
+def test_a_group_norm_and_the_convolution_after_it_normalise_again_once_in_backward():
+    """The convolution's backward makes the norm's rows again from its input (centred, scaled);
+    the norm's backward, next, takes its activation's gradient at the rows made there, and reads
+    its input twice more for its own gradient."""
+    _, _, x = _group_norm_input(visible=0.5, channels=6)
+    norm, _ = _group_norms(3, 6, affine=True)
+    norm.act = nn.ReLU()
+    conv = _conv(PatchConvolution, 6, 10, kernel_size=3, dimension=2, tile_min_sites=NO_TILES)
+    feats = x.F.clone().requires_grad_()
+    out = conv(norm(with_features(x, feats))).F
+    with PassesOver(feats) as passes:
+        out.sum().backward()
+    assert passes.names == ["sub.Tensor", "mul.Tensor", "addcmul_.default"]

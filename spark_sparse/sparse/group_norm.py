@@ -8,7 +8,7 @@ norm has no batch statistics nor running ones). Rows are patch-major (patch_site
 patch has S x S of them, so a patch's sums are a reshape and a reduction; an image's are an
 index_add over its patches. As ``BatchNormAct``, it keeps only its input (and the per-patch
 statistics) for backward and recomputes the normalised rows; the operator after it need not keep
-them either (row_saving.py).
+them either (row_saving.py), and the rows it makes again serve the norm's own backward too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..precision import statistics_dtype
 from .amp import autocast_backward, autocast_forward
-from .norm_act import activate_, activation_grad
+from .norm_act import activate_, activate_keeping, activation_grad
 from .patch_sites import PatchSites
 
 
@@ -60,21 +60,10 @@ def _scale(invstd_p: Tensor, weight: Tensor | None, channels: int) -> Tensor:
     return (invstd_p[:, :, None] * weight.view(g, -1)).view(p, 1, channels)
 
 
-def _activated(centred: Tensor, invstd_p: Tensor, weight: Tensor | None, bias: Tensor | None, act: nn.Module,
-               x: Tensor) -> Tensor:
-    """The normalised, activated rows of the centred ones, in the shape and dtype of the input ``x``."""
-    scale = _scale(invstd_p, weight, x.shape[1])
-    y = centred * scale if bias is None else torch.addcmul(bias, centred, scale)
-    return activate_(act, y).view_as(x).to(x.dtype)
-
-
-def _output(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_p: Tensor, invstd_p: Tensor, image: Tensor,
-            count: Tensor, act: nn.Module) -> Tensor:
-    """The normalised, activated rows of the input ``x`` (as the backward saves it), computed in
-    float32 and returned in the rows' dtype."""
-    p, c = mean_p.shape[0], x.shape[1]
-    centred = x.to(statistics_dtype(x.dtype)).view(p, -1, c) - _per_channel(mean_p, c)
-    return _activated(centred, invstd_p, weight, bias, act, x)
+def _normalised(centred: Tensor, invstd_p: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The normalised rows (P, rows, C) of the centred ones, before the activation."""
+    scale = _scale(invstd_p, weight, centred.shape[2])
+    return centred * scale if bias is None else torch.addcmul(bias, centred, scale)
 
 
 class GroupNormAct(torch.autograd.Function):
@@ -92,8 +81,8 @@ class GroupNormAct(torch.autograd.Function):
         mean_p, var, centred = _group_statistics(x.to(dtype).view(p, -1, c), image, count, groups)
         invstd_p = torch.rsqrt(var + eps).index_select(0, image)
         ctx.save_for_backward(x, weight, bias, mean_p, invstd_p, image, count)
-        ctx.act = act
-        return _activated(centred, invstd_p, weight, bias, act, x)
+        ctx.act, ctx.remade = act, None
+        return activate_(act, _normalised(centred, invstd_p, weight, bias)).view_as(x).to(x.dtype)
 
     @staticmethod
     @autocast_backward
@@ -102,8 +91,11 @@ class GroupNormAct(torch.autograd.Function):
         x = x.to(statistics_dtype(x.dtype))  # the gradients' sums in float32: autograd casts them back
         (p, g), c = mean_p.shape, x.shape[1]
         xp, mean_c, scale = x.view(p, -1, c), _per_channel(mean_p, c), _scale(invstd_p, weight, c)
-        shift = -mean_c * scale if bias is None else torch.addcmul(bias, mean_c, scale, value=-1)
-        y = torch.addcmul(shift, xp, scale)  # the normalised rows again: one multiply-add a row
+        y = ctx.remade  # made by the consumer's backward, which ran just before (output_again)
+        ctx.remade = None
+        if y is None:  # the normalised rows again: one multiply-add a row
+            shift = -mean_c * scale if bias is None else torch.addcmul(bias, mean_c, scale, value=-1)
+            y = torch.addcmul(shift, xp, scale)
         grad_y = activation_grad(ctx.act, y, grad.to(x.dtype).reshape(y.shape))
         # per patch and channel: the sums of grad_y and of grad_y * xhat, xhat = (x - mean) * invstd
         sum_g = grad_y.sum(1)  # (P, C)
@@ -129,8 +121,13 @@ class GroupNormAct(torch.autograd.Function):
 
     @staticmethod
     def output_again(node) -> Tensor:
-        """What the forward of ``node``, one of this function's backward nodes, returned."""
-        return _output(*node.saved_tensors, node.act)
+        """What the forward of ``node``, one of this function's backward nodes, returned; the
+        rows before the activation stay on the node for its own backward, which runs next."""
+        x, weight, bias, mean_p, invstd_p = node.saved_tensors[:5]
+        p, c = mean_p.shape[0], x.shape[1]
+        centred = x.to(statistics_dtype(x.dtype)).view(p, -1, c) - _per_channel(mean_p, c)
+        out, node.remade = activate_keeping(node.act, _normalised(centred, invstd_p, weight, bias))
+        return out.view_as(x).to(x.dtype)
 
 
 class SparseGroupNormAct(nn.Module):

@@ -54,6 +54,15 @@ def activate_(act: nn.Module, y: Tensor) -> Tensor:
     return kernels[0](act, y, True) if kernels is not None else act(y)
 
 
+def activate_keeping(act: nn.Module, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``act(y)``, and ``y`` untouched where ``activation_grad`` can read it later (an activation
+    with its own kernels); None where a module's forward ran, which may have worked in place."""
+    kernels = _ACT_KERNELS.get(type(act))
+    if kernels is None:
+        return act(y), None
+    return kernels[0](act, y, False), y
+
+
 def activation_grad(act: nn.Module, y: Tensor, grad: Tensor) -> Tensor:
     """The gradient at the pre-activation rows ``y`` of ``act``'s output gradient ``grad``."""
     kernels = _ACT_KERNELS.get(type(act))
@@ -133,12 +142,9 @@ class BatchNormAct(torch.autograd.Function):
     def output_again(node) -> Tensor:
         """What the forward of ``node``, one of this function's backward nodes, returned (up to
         rounding where the rows are normalised again with a multiply-add: ``_normalised_again``)."""
-        y = _normalised_again(node)
-        kernels = _ACT_KERNELS.get(type(node.act))
-        if kernels is None:  # a module's forward may run in place: it keeps nothing
-            return activate_(node.act, y)
-        node.remade = y  # the pre-activation rows, for the node's own backward, which runs next
-        return kernels[0](node.act, y, False)
+        # the pre-activation rows, for the node's own backward, which runs next
+        out, node.remade = activate_keeping(node.act, _normalised_again(node))
+        return out
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> tuple:
