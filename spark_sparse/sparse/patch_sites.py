@@ -263,11 +263,11 @@ class PatchSites:
         """Make the tables ``keys`` on the features' device from what the CPU built, all of it in
         one copy: the tables themselves, but for tiles (the largest) their parts, from which the
         device makes them."""
-        made_there = self.device.type != "cpu"
-        sources = {key: self._cached("tile_parts", *key[1:]) if made_there and key[0] == "tile" else self._cached(*key)
+        from_parts = {key for key in keys if key[0] == "tile" and self.device.type != "cpu"}
+        sources = {key: self._cached("tile_parts", *key[1:]) if key in from_parts else self._cached(*key)
                    for key in keys}
         for key, value in to_device(sources, self.device).items():
-            self._on_device[key] = tile_from_parts(value) if made_there and key[0] == "tile" else value
+            self._on_device[key] = tile_from_parts(value) if key in from_parts else value
 
     def tables(self) -> list[tuple]:
         """The keys of the tables handed out so far (what the batch's layers read)."""
