@@ -16,7 +16,11 @@ the same densify/decoder weights, and every pass sees the same images and masks 
   optimizer update is the same for both engines and left out.
 
 Timed repeats alternate which engine goes first, so slow phases of the machine hit both; the
-median of the repeats after ``warmup`` untimed runs is reported. Memory is measured before any
+median of the repeats after ``warmup`` untimed runs is reported. Each pass gets its mask planned
+(``SparK.plan``, like the mask before) during the engine's pass before, as pretraining plans each
+batch during the step before: a timed pass queues its work, plans the next mask (``plan_s``: the
+CPU's time for it), then waits for the GPU; on a GPU the planning overlaps the GPU's work as far
+as the GPU has work queued, on the CPU it adds to the pass. Memory is measured before any
 timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
 counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the first
 ``idle_steps`` timed masks run once more back to back under torch.profiler for the share of that
@@ -30,10 +34,11 @@ speedup.png and flops_ratio.png.
 
 ``cuda_graph=true`` (CUDA): the sparse engine is timed a third time in the same process
 (``engine: sparse_graph``), its passes captured once in a CUDA graph and replayed
-(spark_sparse/model/graphed.py), each timed pass planning its mask, copying its tables into the
-captured ones and replaying; dense masking runs as it is (it reads the device back and cannot be
-captured). Its peak memory is recorded as the eager pass's; results.md gives it a table of its own.
-A pass that cannot be captured is logged with its error, and the other engines are timed as ever.
+(spark_sparse/model/graphed.py), each timed pass copying its mask's tables into the captured ones,
+replaying, and planning the next mask while the GPU replays; dense masking runs as it is (it reads
+the device back and cannot be captured). Its peak memory is recorded as the eager pass's;
+results.md gives it a table of its own. A pass that cannot be captured is logged with its error,
+and the other engines are timed as ever.
 """
 
 from __future__ import annotations
@@ -173,9 +178,14 @@ def _feature_sum(feature) -> torch.Tensor:
     return feature.F.sum() if isinstance(feature, ME.SparseTensor) else feature.x.sum()
 
 
+def _mask_and_layout(active: torch.Tensor | MaskPlan) -> tuple:
+    """The encoder's (mask, layout) arguments from a mask or its plan."""
+    return (active.active, active.encoder) if isinstance(active, MaskPlan) else (active, None)
+
+
 def make_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> Callable[[torch.Tensor], None]:
-    """A closure running one ``name`` pass of ``model`` on ``images`` with a given mask, its
-    forward under ``precision``'s autocast."""
+    """A closure running one ``name`` pass of ``model`` on ``images`` with a given mask (or the
+    mask's plan, ``SparK.plan``), its forward under ``precision``'s autocast."""
     def forward(fn, *args):
         with autocast(precision, images.device.type):
             return fn(*args)
@@ -183,10 +193,10 @@ def make_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> 
     if name == "fwd":
         def run(active):
             with torch.no_grad():
-                forward(model.encoder, images, active)
+                forward(model.encoder, images, *_mask_and_layout(active))
     elif name == "fwd_bwd":
         def run(active):
-            sum(_feature_sum(f) for f in forward(model.encoder, images, active)).backward()
+            sum(_feature_sum(f) for f in forward(model.encoder, images, *_mask_and_layout(active))).backward()
     else:
         def run(active):
             forward(model, images, active)["loss"].backward()
@@ -196,8 +206,8 @@ def make_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> 
 def make_graphed_pass(name: str, model: SparK, images: torch.Tensor, precision: str) -> Callable:
     """``make_pass``'s run for the sparse engine, replayed from a CUDA graph (``GraphedStep``)
     captured on its first mask; each later mask is planned like that one, its tables copied
-    into the captured ones and the graph replayed, all within the timed pass. ``run`` also takes
-    a mask already planned (``idle_of`` with ``ahead``)."""
+    into the captured ones and the graph replayed. ``run`` also takes a mask already planned like
+    the captured one (``PlannedAhead``'s)."""
     def forward(imgs: torch.Tensor, plan: MaskPlan) -> torch.Tensor:
         with torch.set_grad_enabled(name != "fwd"), autocast(precision, imgs.device.type, cache=False):
             if name == "train_step":
@@ -221,20 +231,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(run: Callable[[torch.Tensor], None], active: torch.Tensor, model: SparK,
-          device: torch.device, queued: list[float] | None = None) -> float:
-    """Seconds of one pass, the GPU's work included; the CPU's time to queue it appended to ``queued``."""
+class PlannedAhead:
+    """One engine's masks planned as pretraining plans each batch's: like the mask before
+    (``SparK.plan``: the tables that batch's layers read made with the rest), the CPU's time
+    for each kept in ``seconds``."""
+
+    def __init__(self, model: SparK, device: torch.device):
+        self.model, self.device = model, device
+        self.last: MaskPlan | None = None
+        self.seconds: list[float] = []
+
+    def __call__(self, active: torch.Tensor) -> MaskPlan:
+        start = time.perf_counter()
+        self.last = self.model.plan(active, self.device, like=self.last)
+        self.seconds.append(time.perf_counter() - start)
+        return self.last
+
+
+def timed(run: Callable[[torch.Tensor], None], active: torch.Tensor | MaskPlan, model: SparK,
+          device: torch.device, queued: list[float] | None = None,
+          meanwhile: Callable[[], None] | None = None) -> float:
+    """Seconds of one pass, the GPU's work included; the CPU's time to queue it appended to
+    ``queued``. ``meanwhile``: CPU work between queueing the pass and waiting for it (the next
+    mask's plan), counted in the pass's time."""
     model.zero_grad(set_to_none=True)  # gradients of the last pass are not this one's work
     _sync(device)
     start = time.perf_counter()
     run(active)
     if queued is not None:
         queued.append(time.perf_counter() - start)
+    if meanwhile is not None:
+        meanwhile()
     _sync(device)
     return time.perf_counter() - start
 
 
-def captured(run: Callable, active: torch.Tensor, model: SparK, device: torch.device, what: str) -> bool:
+def captured(run: Callable, active: torch.Tensor | MaskPlan, model: SparK, device: torch.device, what: str) -> bool:
     """Capture the CUDA graph of ``run`` (``make_graphed_pass``'s) now, in an untimed pass; False,
     with the error logged, where the step cannot be captured: the other engines are timed all the same."""
     try:
@@ -247,23 +279,21 @@ def captured(run: Callable, active: torch.Tensor, model: SparK, device: torch.de
 
 
 def idle_of(run: Callable[[torch.Tensor], None], masks: list, model: SparK, device: torch.device,
-            ahead: bool = False) -> tuple[float, float] | None:
+            plan: Callable[[torch.Tensor], MaskPlan] | None = None) -> tuple[float, float] | None:
     """``gpu_idle`` of ``run`` over ``masks``, back to back as training runs them; None off CUDA.
-    ``ahead`` (a whole SparK step's ``run``): each mask after the first is planned (``SparK.plan``,
-    with the tables the step before read) while the GPU still runs the step before, before the
-    wait for it, as pretraining does; otherwise a step makes its tables as its layers ask."""
-    pending = iter(masks)
-    upcoming = next(pending)
+    ``plan`` (a ``PlannedAhead``): every mask comes planned, the first before the profiled steps,
+    each later one while the GPU still runs the step before, before the wait for it, as
+    pretraining does; otherwise a step makes its tables as its layers ask."""
+    upcoming = plan(masks[0]) if plan is not None else masks[0]
+    pending = iter(masks[1:])
 
     def step() -> None:
         nonlocal upcoming
         model.zero_grad(set_to_none=True)
-        current = upcoming
-        run(current)
+        run(upcoming)
         following = next(pending, None)
         if following is not None:
-            like = current if isinstance(current, MaskPlan) else None
-            upcoming = model.plan(following, device, like=like) if ahead else following
+            upcoming = plan(following) if plan is not None else following
 
     return gpu_idle(step, len(masks), device)
 
@@ -362,24 +392,33 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
     for pass_name in cfg.passes:
         runs = {e: make_graphed_pass(pass_name, m, images, cfg.precision) if e == GRAPHED
                 else make_pass(pass_name, m, images, cfg.precision) for e, m in model_of.items()}
+        planned = {e: PlannedAhead(m, device) for e, m in model_of.items()}  # the replayed: like its capture's
         timing = engines
-        if GRAPHED in runs and not captured(runs[GRAPHED], masks[0], model_of[GRAPHED], device,
+        if GRAPHED in runs and not captured(runs[GRAPHED], planned[GRAPHED](masks[0]), model_of[GRAPHED], device,
                                             f"{model_name} r={ratio:.2f} {pass_name}"):
             timing = ENGINES
         for active in masks[: cfg.warmup]:
             for e in timing:
-                timed(runs[e], active, model_of[e], device)
+                timed(runs[e], planned[e](active), model_of[e], device)
+        upcoming = {e: planned[e](timed_masks[0]) for e in timing}
         times: dict[str, list[float]] = {e: [] for e in timing}
         queue: dict[str, list[float]] = {e: [] for e in timing}
-        for i, active in enumerate(timed_masks):
+        plan_s: dict[str, list[float]] = {e: [] for e in timing}
+        for i in range(len(timed_masks)):
+            # every timed pass plans one mask, the last the first's again
+            following = timed_masks[(i + 1) % len(timed_masks)]
             for e in (timing if i % 2 == 0 else timing[::-1]):
-                times[e].append(timed(runs[e], active, model_of[e], device, queue[e]))
+                def plan_following(e: str = e) -> None:
+                    upcoming[e] = planned[e](following)
+                    plan_s[e].append(planned[e].seconds[-1])
+
+                times[e].append(timed(runs[e], upcoming[e], model_of[e], device, queue[e], plan_following))
         # a few: every profiled step's trace (a thousand kernels and as many CPU operations or
         # more) is written out and parsed as JSON, which takes longer than the step
         profiled = timed_masks[: cfg.idle_steps]
         for e in timing:
             idle = idle_of(runs[e], profiled, model_of[e], device)
-            planned = idle_of(runs[e], profiled, model_of[e], device, ahead=True) if pass_name == "train_step" else None
+            ahead = idle_of(runs[e], profiled, model_of[e], device, planned[e]) if pass_name == "train_step" else None
             model_of[e].zero_grad(set_to_none=True)
             eager = "sparse" if e == GRAPHED else e  # the same model: its memory (eager) and FLOPs
             mem, method = memory[pass_name, eager]
@@ -398,9 +437,11 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
                 "gpu_busy_s": None if idle is None else idle[1],
                 "gpu_idle_share_vs_median": None if idle is None else max(0.0, 1.0 - idle[1] / median),
                 # CUDA, whole steps: the same with each step's mask planned during the step before
-                "gpu_idle_share_planned": None if planned is None else planned[0],
+                "gpu_idle_share_planned": None if ahead is None else ahead[0],
                 # CUDA: the CPU's time to queue a pass (median); on the CPU the pass itself
                 "queue_s": statistics.median(queue[e]) if device.type == "cuda" else None,
+                # the CPU's time to plan the next mask within each timed pass (median)
+                "plan_s": statistics.median(plan_s[e]),
                 "sparse_conv": conv_class(models["sparse"].encoder),
             })
             log.info("%s r=%.2f %-10s %-12s %7.2f img/s  %6.2f GFLOPs/img  %s MiB", model_name, ratio,

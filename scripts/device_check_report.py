@@ -64,7 +64,9 @@ def pairs(records: list[dict], sparse: str = "sparse") -> list[dict]:
                         "dense_gpu_idle_vs_median": d.get("gpu_idle_share_vs_median"),
                         # the CPU's time to queue a pass against the pass's time: near 1, launch-bound
                         "sparse_queue_share": _share(s.get("queue_s"), s["median_s"]),
-                        "dense_queue_share": _share(d.get("queue_s"), d["median_s"])})
+                        "dense_queue_share": _share(d.get("queue_s"), d["median_s"]),
+                        # the CPU's time to plan the next mask within each pass, as pretraining does
+                        "sparse_plan_s": s.get("plan_s")})
     return out
 
 
@@ -139,8 +141,8 @@ def markdown(result: dict) -> str:
             continue
         lines += ["", f"## Sparse vs dense masking, {RUNS[run]}", "",
                   "| model | batch | mask | pass | dense img/s | sparse img/s | speed-up | peak MiB sparse/dense "
-                  "| GPU idle dense / sparse | planned ahead | CPU queueing dense / sparse |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| GPU idle dense / sparse | planned ahead | CPU queueing dense / sparse | sparse planning ms |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             mem = (f"{fmt(r['memory_ratio'], '.2f')} ({fmt(r['sparse_peak_mb'], '.0f')}/"
                    f"{fmt(r['dense_peak_mb'], '.0f')})")
@@ -148,7 +150,8 @@ def markdown(result: dict) -> str:
                          f"{r['dense_images_per_s']:.1f} | {r['sparse_images_per_s']:.1f} | {r['speedup']:.2f}x | "
                          f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} | "
                          f"{fmt(r.get('dense_gpu_idle_planned'), '.1%')} / {fmt(r.get('sparse_gpu_idle_planned'), '.1%')} | "
-                         f"{fmt(r.get('dense_queue_share'), '.0%')} / {fmt(r.get('sparse_queue_share'), '.0%')} |")
+                         f"{fmt(r.get('dense_queue_share'), '.0%')} / {fmt(r.get('sparse_queue_share'), '.0%')} | "
+                         f"{fmt(None if r.get('sparse_plan_s') is None else r['sparse_plan_s'] * 1e3, '.1f')} |")
     lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
               "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
               "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from .conftest import HAS_MINKOWSKI, WITHOUT_MINKOWSKI
@@ -294,17 +295,71 @@ def test_idle_steps_run_every_mask_once_each_planned_during_the_step_before(monk
         built.append(mask.encoder.sites.tables() if isinstance(mask, MaskPlan) else None)  # before the step
         run(mask)
 
-    for ahead in (False, True):
+    for plan in (None, bench.PlannedAhead(model, torch.device("cpu"))):
         seen.clear(), built.clear()
-        assert bench.idle_of(step, masks, model, torch.device("cpu"), ahead) == (0.0, 0.0)
+        assert bench.idle_of(step, masks, model, torch.device("cpu"), plan) == (0.0, 0.0)
         got = [m.active if isinstance(m, MaskPlan) else m for m in seen]
         assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, masks))
-        # planned ahead: every mask after the first comes planned (its visible patches' index
-        # made); the third with the tables the second's step read already built
-        assert [isinstance(m, MaskPlan) for m in seen] == [False, ahead, ahead]
-        if ahead:
-            assert built[1] == [("patch_index",)] and built[2] == seen[1].encoder.sites.tables()
+        assert [isinstance(m, MaskPlan) for m in seen] == [plan is not None] * 3
+        if plan is not None:
+            # the first planned before the steps (by a fresh planner: its visible patches' index
+            # alone), each later one like the mask before, with the tables that mask's step read
+            assert built[0] == [("patch_index",)] and len(plan.seconds) == 3
+            assert built[1] == seen[0].encoder.sites.tables() and built[2] == seen[1].encoder.sites.tables()
             assert len(built[2]) > 1
+
+
+def test_each_timed_pass_plans_the_next_mask_before_it_waits_for_the_device(monkeypatch):
+    """As pretraining runs its steps: every pass, of either engine, runs on a mask planned during
+    that engine's pass before; a timed pass queues its work, plans the next mask, then waits for
+    the device, so on a GPU the planning overlaps the GPU's work and counts in the pass's time
+    (``plan_s``: the CPU's share of it)."""
+    import benchmarks.sparse_vs_dense as bench
+    from spark_sparse.model.spark import SparK
+
+    cfg = OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml")
+    cfg.merge_with({"models": ["resnet18"], "batch_size": 2, "input_size": 64, "mask_ratios": [0.6],
+                    "decoder_width": 32, "passes": ["fwd_bwd", "train_step"], "repeats": 3, "warmup": 1})
+    cpu = torch.device("cpu")
+    models = bench.build_pair("resnet18", cfg, cpu)
+    name = {id(m): e for e, m in models.items()}
+    events = []
+    monkeypatch.setattr(bench, "_sync", lambda device: events.append(("wait",)))
+    planned = SparK.plan
+
+    def plan(model, active, device, like=None):
+        events.append(("plan", name[id(model)], id(active)))
+        return planned(model, active, device, like)
+
+    make_pass = bench.make_pass
+
+    def logged_pass(pass_name, model, images, precision):
+        run = make_pass(pass_name, model, images, precision)
+
+        def logged(active):
+            events.append(("run", name[id(model)], id(active.active)))
+            run(active)
+        return logged
+
+    monkeypatch.setattr(SparK, "plan", plan)
+    monkeypatch.setattr(bench, "make_pass", logged_pass)
+    memory = {(p, e): (None, "test") for p in cfg.passes for e in bench.ENGINES}
+    records = bench.bench_ratio(models, "resnet18", 2, 0.6, cfg, cpu, {}, memory)
+
+    last_planned = {}
+    timed = []
+    for i, event in enumerate(events):
+        if event[0] == "plan":
+            last_planned[event[1]] = event[2]
+        elif event[0] == "run":
+            assert event[2] == last_planned[event[1]], f"pass {i} ran on a mask its engine did not plan last"
+            after = events[i + 1:i + 3]
+            if after[0][0] == "plan":
+                assert after[0][1] == event[1] and after[1] == ("wait",)
+                timed.append(event)
+    # each pass timed: repeats per engine, in each one the next mask planned before the wait
+    assert len(timed) == len(cfg.passes) * len(bench.ENGINES) * cfg.repeats
+    assert all(r["plan_s"] > 0 for r in records) and len(records) == 4
 
 
 def test_batch_size_is_one_int_or_one_per_model():
