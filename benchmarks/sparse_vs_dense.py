@@ -24,7 +24,7 @@ as the GPU has work queued, on the CPU it adds to the pass. Memory is measured b
 timing, on the first timed batch, after one unmeasured run (benchmarks/memory.py); FLOPs in one
 counting forward on that batch (benchmarks/flops.py). On CUDA, after the timing, the first
 ``idle_steps`` timed masks run once more back to back under torch.profiler for the share of that
-time the GPU idles (benchmarks/gpu_idle.py), whole SparK steps twice: each making its mask's
+time the GPU idles (spark_sparse/run/profiling.py), whole SparK steps twice: each making its mask's
 tables as its layers ask, and each mask planned while the GPU runs the step before
 (``gpu_idle_share_planned``, as pretraining runs them), and each timed pass also records how long
 the CPU took to queue it (``queue_s``: until the pass returned, before waiting for the GPU): a
@@ -70,10 +70,10 @@ from spark_sparse.precision import autocast, check_precision
 from spark_sparse.sparse.depthwise import DepthwiseConvolution
 from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.cli import command_line
+from spark_sparse.run.profiling import gpu_idle
 from spark_sparse.run.recipe import default_recipe
 
 from .flops import encoder_flops, head_flops
-from .gpu_idle import gpu_idle
 from .memory import peak_memory_mb
 from .report import write_markdown, write_plots
 

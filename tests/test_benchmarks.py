@@ -248,7 +248,7 @@ def test_on_cuda_only_minkowskis_own_convolutions_need_its_cuda_build(monkeypatc
 
 
 def test_gpu_idle_share_is_the_window_not_covered_by_gpu_work():
-    from benchmarks.gpu_idle import WINDOW, covered, idle_from_trace, profile_steps
+    from spark_sparse.run.profiling import WINDOW, covered, idle_from_trace, profile_steps
 
     assert covered([(0, 4), (2, 6), (8, 9), (12, 20)], 1, 15) == 5 + 1 + 3  # overlaps once, clipped
     events = [{"ph": "X", "cat": "user_annotation", "name": WINDOW, "ts": 100, "dur": 100},
@@ -269,7 +269,7 @@ def test_gpu_idle_share_is_the_window_not_covered_by_gpu_work():
 
 
 def test_gpu_idle_is_not_measured_when_the_profiler_saw_no_gpu_work(monkeypatch):
-    import benchmarks.gpu_idle as gpu_idle
+    import spark_sparse.run.profiling as gpu_idle
 
     monkeypatch.setattr(gpu_idle, "profile_steps", lambda step, steps, device: [
         {"ph": "X", "cat": "user_annotation", "name": gpu_idle.WINDOW, "ts": 0, "dur": 100}])
