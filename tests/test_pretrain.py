@@ -54,6 +54,24 @@ def test_a_run_writes_metrics_checkpoint_timm_export_and_picture(tmp_path, monke
     assert list(tmp_path.glob("reconstruction_step*.png"))
 
 
+def test_profiled_steps_leave_their_trace_and_a_summary_in_the_run_directory(tmp_path, capsys):
+    """``profile.start=2 profile.steps=3``: steps 3 to 5 under torch.profiler, as the run takes
+    them; on the CPU the trace alone (a GPU's idle share is measured on CUDA only). A run that
+    ends inside the window keeps what it profiled."""
+    import json
+
+    pretrain.train(config("profile.start=2", "profile.steps=3"), tmp_path / "full")
+    summary = json.loads((tmp_path / "full" / "profile" / "summary.json").read_text())
+    assert summary["steps"] == [3, 5] and summary["device"] == "cpu" and summary["gpu_idle_share"] is None
+    events = json.loads((tmp_path / "full" / "profile" / summary["trace"]).read_text())["traceEvents"]
+    window = [e for e in events if e.get("name") == "spark_sparse.steps"]
+    # the steps' own work inside the window: the optimizer's update among it
+    assert len(window) == 1 and any("Optimizer.step" in e.get("name", "") for e in events)
+    assert "profiled steps 3-5: trace" in capsys.readouterr().out
+    pretrain.train(config("profile.start=4", "profile.steps=10"), tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "profile" / "summary.json").read_text())["steps"] == [5, 6]
+
+
 def test_the_recipe_fits_a_fixed_batch():
     """The model, the optimiser and the lr of the bundled run learn: 40 LAMB steps on four bundled
     photos with one mask take the reconstruction loss below half of where it started (measured:
@@ -210,6 +228,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     ("+optim.lrr=0.1", r"unknown config key optim.lrr \(did you mean"),
     ("cuda_graph=maybe", "cuda_graph must be true or false, got 'maybe'"),
     ("cuda_graph=true", "cuda_graph=true replays each step from a CUDA graph: it needs device=cuda"),
+    ("profile.steps=-1", "profile.steps must be a whole number of at least 0, got -1"),
+    ("profile.start=0", "profile.start must be a whole number of at least 1, got 0"),
 ])
 def test_config_errors_fail_before_any_work(tmp_path, override, message):
     with pytest.raises(pretrain.ConfigError, match=message):

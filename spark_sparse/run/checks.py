@@ -33,6 +33,8 @@ RUN_KEYS: dict[str, Rule] = {
     "tf32": FLAG,
     "threads": at_least(1) | NULL,
     "dist_timeout_s": POSITIVE,
+    "profile.start": at_least(1),
+    "profile.steps": at_least(0),
     "logger.kind": one_of("none", "wandb"),
     "logger.project": TEXT,
     "logger.entity": TEXT | NULL,

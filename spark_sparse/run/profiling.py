@@ -1,7 +1,9 @@
 """How much of a training step the GPU spends idle, waiting for the CPU.
 
-Steps run back to back as pretraining runs them, the CPU waiting for the GPU once a step (the
-loss is read), under torch.profiler. The GPU is busy while a kernel, copy or memset runs; the
+``StepProfiler``: a training run's own steps (``profile.start``, ``profile.steps``), all they do
+included (data, optimizer, logging). ``gpu_idle``: steps a benchmark hands it, run back to back
+as pretraining runs them, the CPU waiting for the GPU once a step (the loss is read). Both under
+torch.profiler. The GPU is busy while a kernel, copy or memset runs; the
 idle share is the part of the steps' wall time (the profiled window, from the first step's
 start to the last one's end) covered by none. The profiler adds a little CPU time per queued
 operation, so this share is an upper bound; ``busy_s`` (GPU time a step) against the step's
@@ -76,3 +78,62 @@ def gpu_idle(step: Callable[[], None], steps: int, device: torch.device) -> tupl
         warnings.warn(f"GPU idle share not measured: {err}", stacklevel=2)
         return None
     return share, busy_us / 1e6 / steps
+
+
+class StepProfiler:
+    """torch.profiler over steps ``start + 1`` .. ``start + steps`` of a run, as the run takes them
+    (nothing waits for the GPU but at the window's end): their trace in Chrome's format (Perfetto,
+    chrome://tracing) and ``summary.json``, with on CUDA the share of the window the GPU idled,
+    written to ``folder``. ``steps`` 0: off. The first steps are best left out (cuDNN's autotuning,
+    a CUDA graph's capture, the data loader's start)."""
+
+    def __init__(self, start: int, steps: int, device: torch.device, folder: Path):
+        self.start, self.steps, self.device, self.folder = start, steps, device, folder
+        self._profile: profile | None = None
+        self._window: record_function | None = None
+        self._first = 0
+
+    def after_step(self, step: int) -> dict | None:
+        """Call once a step is taken (``step``: the steps taken so far); returns the summary when
+        the window closes."""
+        if self.steps > 0 and self._profile is None and step == self.start:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._profile = profile(activities=activities)
+            self._profile.start()
+            self._window = record_function(WINDOW)
+            self._window.__enter__()
+            self._first = step + 1
+        elif self._profile is not None and step >= self.start + self.steps:
+            return self.finish(step)
+        return None
+
+    def finish(self, step: int) -> dict | None:
+        """Close the window after step ``step`` (a run that ends inside it keeps what it profiled);
+        None when no window is open."""
+        if self._profile is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window ends with the GPU's work of its steps
+        self._window.__exit__(None, None, None)
+        self._profile.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trace = self.folder / f"trace_steps{self._first}-{step}.json"
+        self._profile.export_chrome_trace(str(trace))
+        self._profile = self._window = None
+        summary = {"steps": [self._first, step], "device": self.device.type, "trace": trace.name,
+                   "gpu_idle_share": None, "gpu_busy_s_per_step": None}
+        if self.device.type == "cuda":
+            try:
+                share, busy_us = idle_from_trace(json.loads(trace.read_text())["traceEvents"])
+                summary.update(gpu_idle_share=share, gpu_busy_s_per_step=busy_us / 1e6 / (step - self._first + 1))
+            except ValueError as err:  # no GPU work seen (CUPTI unavailable): no share rather than a wrong one
+                summary["note"] = f"GPU idle share not measured: {err}"
+        (self.folder / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    @staticmethod
+    def line(summary: dict, folder: Path) -> str:
+        """The summary in one line, for the console."""
+        share = summary["gpu_idle_share"]
+        idle = f"the GPU idled {share:.1%} of them; " if share is not None else ""
+        return f"profiled steps {summary['steps'][0]}-{summary['steps'][1]}: {idle}trace {folder / summary['trace']}"

@@ -56,6 +56,11 @@ class RunFiles:
         return self.root / "metrics.jsonl"
 
     @property
+    def profile(self) -> Path:
+        """The profiled steps' traces and summary (``profile.steps``)."""
+        return self.root / "profile"
+
+    @property
     def record(self) -> Path:
         """The config record, hydra's ``.hydra/`` folder, written once the run is accepted."""
         return self.root / ".hydra"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from .checks import adopt_former_defaults
 from .checks import get as _get
 from .failures import RunFailed, TrainingDiverged, is_disk_full, is_out_of_memory, out_of_memory
 from .logger import NullLogger, RunLogger
+from .profiling import StepProfiler
 from .recipe import register_resolver
 from .rng import restore_rng, rng_state, seed_everything
 from .run_dir import RunDirLock, RunFiles, RunRules, open_run_dir
@@ -144,6 +146,9 @@ class Run:
         self._bar: tqdm | None = None
         self._model: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(cfg.precision))
+        # rank 0's steps, profiled as they run (profile.steps; 0: off)
+        self.profiler = StepProfiler(cfg.profile.start, cfg.profile.steps if ctx.is_main else 0, self.device,
+                                     files.profile)
         # the run's first loss and weight norm (kept across resumes), and the deliberate changes
         # of resumes (resume_changes) with the step they were made at
         self._reference: dict[str, float] = dict(ckpt.get("reference", {})) if ckpt else {}
@@ -272,7 +277,12 @@ class Run:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(**shown)
+        self._profiled(self.profiler.after_step(self.step))
         return self.step
+
+    def _profiled(self, summary: dict | None) -> None:
+        if summary is not None:
+            tqdm.write(StepProfiler.line(summary, self.files.profile))
 
     # -- what the run leaves ------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -309,6 +319,10 @@ class Run:
         distributed.barrier()
 
     def close(self) -> None:
+        try:  # a run that ended inside the window keeps what was profiled
+            self._profiled(self.profiler.finish(self.step))
+        except (RuntimeError, OSError) as err:  # a failed run's profile must not hide why it failed
+            warnings.warn(f"the profiled steps were not written: {err}", stacklevel=2)
         if self._bar is not None:
             self._bar.close()
         self.logger.close()
