@@ -18,9 +18,10 @@
 #       images/s, peak CUDA memory, the GPU's idle share (whole steps both ways: each making its
 #       mask's tables, and each mask planned during the step before, as pretraining runs them)
 #   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall; on CUDA again with
-#       cuda_graph=true), then 5 steps
-#       of each of the issue's three models (every family runs on the device in (c): its device
-#       audit and equivalence at mask 0.6)
+#       cuda_graph=true), then 8 steps of each of the issue's three models at batch 64 with the
+#       paper's 768-wide decoder (every family runs on the device in (c): its device audit and
+#       equivalence at mask 0.6); some steps of each run profiled as they run (profile.steps: the
+#       GPU's idle share of whole pretraining steps, data and optimizer included)
 #   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
 #       (scripts/distributed_check.py: the app itself needs one GPU per process)
 # and only when asked for (ONLY=pi), diagnostics:
@@ -166,9 +167,9 @@ if [ "$SMALL" = 1 ]; then
   PATHS=(--model resnet18 --batch-size 2 --input-size 64 --repeats 1)
   DW_PATHS=(--model convnext_atto --batch-size 2 --input-size 64 --repeats 1)
   BENCH=(models=[resnet18] batch_size=2 input_size=64 mask_ratios=[0.6] repeats=1 warmup=0 decoder_width=64)
-  LONG=(max_steps=4 input_size=64 batch_size=4 data.num_workers=2)
+  LONG=(max_steps=4 input_size=64 batch_size=4 data.num_workers=2 profile.start=2 profile.steps=1)
   FAMILIES=(resnet18)
-  SHORT=(max_steps=2 input_size=64 batch_size=4)
+  SHORT=(max_steps=3 input_size=64 batch_size=4 profile.start=1 profile.steps=1)
 else
   TESTS=(tests/test_device.py tests/test_sparse_properties.py tests/test_encoder_equivalence.py tests/test_graphed.py -k
          "(test_device and not test_every_operation_runs) or (test_sparse_properties and efficientnet_b0) or (ratio0.6 and (gradients or variants_equal)) or whole_spark_step_planned")
@@ -181,9 +182,10 @@ else
          decoder_width=768)
   # the bundled photos, ResNet-18 at 128 px, batch 16: `make pretrain`'s run, but for the workers (on the
   # H200, decoding and cropping 16 photos in the training process made a step 220 ms; the last, with none to load, took 40 ms)
-  LONG=(max_steps=200 log_every=10 data.num_workers=4)
+  LONG=(max_steps=200 log_every=10 data.num_workers=4 profile.start=100 profile.steps=20)
   FAMILIES=(resnet50 convnext_tiny efficientnet_b0)  # the issue's table; (c) runs a step of every family
-  SHORT=(max_steps=5 input_size=224 batch_size=32)
+  # the issue's SparK step (batch 64, decoder 768) as pretraining takes it, steps 5-8 profiled
+  SHORT=(max_steps=8 input_size=224 batch_size=64 decoder.width=768 data.num_workers=4 profile.start=4 profile.steps=4)
 fi
 # a rerun of some of it: PYTEST_K replaces (c)'s -k expression, MODELS (f)'s families
 [ -n "${PYTEST_K:-}" ] && TESTS=("${TESTS[@]:0:${#TESTS[@]}-1}" "$PYTEST_K")
@@ -215,6 +217,7 @@ if [ "$DEVICE" = cuda ]; then  # the same run, every step replayed from a CUDA g
     "$PY" -m spark_sparse.pretrain device="$DEVICE" "${LONG[@]}" cuda_graph=true vis_every=100000 \
     hydra.run.dir="$WORK/pretrain_graph"
   cp "$WORK/pretrain_graph/metrics.jsonl" "$OUT/pretrain_graph_metrics.jsonl" 2>/dev/null
+  cp "$WORK/pretrain_graph/profile/summary.json" "$OUT/profile_pretrain_graph.json" 2>/dev/null
 fi
 if [ "$DEVICE" = cuda ]; then
   step "(g) torchrun 1 process, NCCL" g_nccl.log 60 \
@@ -223,6 +226,7 @@ fi
 step "(g) torchrun 2 processes on one device, gloo" g_gloo.log 60 env OMP_NUM_THREADS=$(($(nproc) / 2)) \
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 scripts/distributed_check.py gloo
 cp "$WORK/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null
+cp "$WORK/pretrain/profile/summary.json" "$OUT/profile_pretrain.json" 2>/dev/null
 # the families (after torchrun, whose steps are replayed too: ResNet-50 and EfficientNet-B0 ran so
 # on the H200, 2026-11-29; ConvNeXt-T not yet) in one process, one after the other (hydra's
 # multirun): a process's start (imports, CUDA's context) is paid once, not per family (26-39 s each
@@ -231,6 +235,9 @@ MODEL_LIST=$(IFS=,; echo "${FAMILIES[*]}")
 step "(f) pretrain ${FAMILIES[*]}, ${SHORT[0]}" f_families.log $((60 * ${#FAMILIES[@]})) \
   "$PY" -m spark_sparse.pretrain -m device="$DEVICE" model="$MODEL_LIST" "${SHORT[@]}" vis_every=100000 \
   hydra.sweep.dir="$WORK/pretrain_families"
+for i in "${!FAMILIES[@]}"; do  # hydra's multirun: one folder per job, in order
+  cp "$WORK/pretrain_families/$i/profile/summary.json" "$OUT/profile_${FAMILIES[$i]}.json" 2>/dev/null
+done
 
 # (d) a batch's CPU work and the convolution paths per layer: diagnostics, last (timed alone)
 step "(d) benchmarks.batch_tables" d.log 60 \

@@ -41,6 +41,9 @@ def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_pat
     speedups = [row["speedup"] for rows in results["benchmarks"].values() for row in rows]
     assert speedups and all(s > 0 for s in speedups)
     assert (out / "results.md").read_text().strip()
+    # the pretraining runs profiled some of their steps (on the CPU: their traces, no GPU idle share)
+    assert set(results["pretrain_profiles"]) == {"pretrain", "resnet18"}
+    assert all(p["gpu_idle_share"] is None for p in results["pretrain_profiles"].values())
     # its work folder is in TMPDIR, nothing left in /tmp
     assert list(tmp_path.glob("pretrain-check.*")) and set(Path("/tmp").glob("pretrain-check.*")) == before
 
@@ -116,6 +119,10 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     (tmp_path / "steps.jsonl").write_text("\n".join(json.dumps({"step": name, "rc": 0, "seconds": 1, "log": "x"})
                                                     for name in steps))
     (tmp_path / "pretrain_metrics.jsonl").write_text('{"loss": 1.2}\n{"loss": 0.7}\n')  # the graph run's: none
+    # ResNet-50's pretraining steps profiled as they ran (its profile/summary.json)
+    (tmp_path / "profile_resnet50.json").write_text(json.dumps(
+        {"steps": [5, 8], "device": "cuda", "trace": "trace_steps5-8.json", "gpu_idle_share": 0.08,
+         "gpu_busy_s_per_step": 0.1}))
     report.main(tmp_path, "cuda", 400)
     met = {t["target"]: t["met"] for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
     graphed = ", sparse replayed from CUDA graphs"
@@ -126,7 +133,10 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     assert met["resnet50 mask 0.6: peak memory <= 0.6 of dense masking's (encoder fwd+bwd)"] is True
     assert met["200 steps of pretraining on the device: the loss falls"] is True
     assert met["200 steps of pretraining with cuda_graph=true: the loss falls"] is False  # it wrote no metrics
+    assert met["resnet50 pretraining, steps 5-8 as the run takes them (batch 64, decoder 768, eager): "
+               "GPU idle <= 5%"] is False
     md = (tmp_path / "results.md").read_text()
+    assert "| resnet50 | 5-8 | 8.0% | 100.0 | trace_steps5-8.json |" in md
     assert "## Sparse vs dense masking, fp32 (TF32), the sparse engine replayed from CUDA graphs" in md
     assert "## Sparse vs dense masking, bf16 autocast, the sparse engine replayed from CUDA graphs" in md
     bf16_graph = json.loads((tmp_path / "results.json").read_text())["benchmarks"]["bf16_graph"]
