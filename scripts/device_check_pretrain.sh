@@ -182,7 +182,7 @@ else
          decoder_width=768)
   # the bundled photos, ResNet-18 at 128 px, batch 16: `make pretrain`'s run, but for the workers (on the
   # H200, decoding and cropping 16 photos in the training process made a step 220 ms; the last, with none to load, took 40 ms)
-  LONG=(max_steps=200 log_every=10 data.num_workers=4 profile.start=100 profile.steps=20)
+  LONG=(max_steps=200 log_every=10 data.num_workers=4 profile.start=100 profile.steps=10)
   FAMILIES=(resnet50 convnext_tiny efficientnet_b0)  # the issue's table; (c) runs a step of every family
   # the issue's SparK step (batch 64, decoder 768) as pretraining takes it, steps 5-8 profiled
   SHORT=(max_steps=8 input_size=224 batch_size=64 decoder.width=768 data.num_workers=4 profile.start=4 profile.steps=4)
