@@ -403,16 +403,16 @@ def bench_ratio(models: dict[str, SparK], model_name: str, b: int, ratio: float,
         upcoming = {e: planned[e](timed_masks[0]) for e in timing}
         times: dict[str, list[float]] = {e: [] for e in timing}
         queue: dict[str, list[float]] = {e: [] for e in timing}
-        plan_s: dict[str, list[float]] = {e: [] for e in timing}
         for i in range(len(timed_masks)):
             # every timed pass plans one mask, the last the first's again
             following = timed_masks[(i + 1) % len(timed_masks)]
             for e in (timing if i % 2 == 0 else timing[::-1]):
                 def plan_following(e: str = e) -> None:
                     upcoming[e] = planned[e](following)
-                    plan_s[e].append(planned[e].seconds[-1])
 
                 times[e].append(timed(runs[e], upcoming[e], model_of[e], device, queue[e], plan_following))
+        # the plans made within the timed passes, one each: the latest
+        plan_s = {e: planned[e].seconds[-len(timed_masks):] for e in timing}
         # a few: every profiled step's trace (a thousand kernels and as many CPU operations or
         # more) is written out and parsed as JSON, which takes longer than the step
         profiled = timed_masks[: cfg.idle_steps]

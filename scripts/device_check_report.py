@@ -75,6 +75,10 @@ def _share(part: float | None, whole: float) -> float | None:
     return None if part is None else part / whole
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
 def fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -171,14 +175,13 @@ def markdown(result: dict) -> str:
                          f"{mem} | {fmt(r['dense_gpu_idle'], '.1%')} / {fmt(r['sparse_gpu_idle'], '.1%')} | "
                          f"{fmt(r.get('dense_gpu_idle_planned'), '.1%')} / {fmt(r.get('sparse_gpu_idle_planned'), '.1%')} | "
                          f"{fmt(r.get('dense_queue_share'), '.0%')} / {fmt(r.get('sparse_queue_share'), '.0%')} | "
-                         f"{fmt(None if r.get('sparse_plan_s') is None else r['sparse_plan_s'] * 1e3, '.1f')} |")
+                         f"{fmt(_ms(r.get('sparse_plan_s')), '.1f')} |")
     if result.get("pretrain_profiles"):
         lines += ["", "## Pretraining's own steps, profiled (data, optimizer and logging included)", "",
                   "| run | steps | GPU idle | GPU busy a step (ms) | trace |", "|---|---|---:|---:|---|"]
         for run, p in result["pretrain_profiles"].items():
-            busy = None if p.get("gpu_busy_s_per_step") is None else p["gpu_busy_s_per_step"] * 1e3
             lines.append(f"| {run} | {p['steps'][0]}-{p['steps'][1]} | {fmt(p.get('gpu_idle_share'), '.1%')} | "
-                         f"{fmt(busy, '.1f')} | {p['trace']} |")
+                         f"{fmt(_ms(p.get('gpu_busy_s_per_step')), '.1f')} | {p['trace']} |")
     lines += ["", "## A batch's CPU work (benchmarks.batch_tables)", "", result["batch_tables"] or "not measured",
               "", "## Convolution paths per layer (benchmarks.conv_paths)", "", result["conv_paths"] or "not measured",
               "", "## torchrun", ""] + [f"- {line}" for line in result["torchrun"] or ["not run"]]

@@ -52,10 +52,13 @@ def idle_from_trace(events: list[dict], window: str = WINDOW) -> tuple[float, fl
     return 1.0 - busy / (end - start), busy
 
 
+def _activities(device: torch.device) -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[dict]:
     """The trace events of ``steps`` calls of ``step``, each followed by a wait for ``device``."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(device)) as prof:
         with record_function(WINDOW):
             for _ in range(steps):
                 step()
@@ -97,8 +100,7 @@ class StepProfiler:
         """Call once a step is taken (``step``: the steps taken so far); returns the summary when
         the window closes."""
         if self.steps > 0 and self._profile is None and step == self.start:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self._profile = profile(activities=activities)
+            self._profile = profile(activities=_activities(self.device))
             self._profile.start()
             self._window = record_function(WINDOW)
             self._window.__enter__()
@@ -112,14 +114,15 @@ class StepProfiler:
         None when no window is open."""
         if self._profile is None:
             return None
+        # closed once, whatever fails below
+        prof, window, self._profile, self._window = self._profile, self._window, None, None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the window ends with the GPU's work of its steps
-        self._window.__exit__(None, None, None)
-        self._profile.stop()
+        window.__exit__(None, None, None)
+        prof.stop()
         self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / f"trace_steps{self._first}-{step}.json"
-        self._profile.export_chrome_trace(str(trace))
-        self._profile = self._window = None
+        prof.export_chrome_trace(str(trace))
         summary = {"steps": [self._first, step], "device": self.device.type, "trace": trace.name,
                    "gpu_idle_share": None, "gpu_busy_s_per_step": None}
         if self.device.type == "cuda":
