@@ -7,9 +7,9 @@
 #       importing there, else compiled there from its carried source package with
 #       scripts/build_minkowski.py's patches and the scipy-openblas32 wheel's CBLAS
 #   (c) the engine's tests on CUDA: a whole SparK step on the GPU and none of it waiting for it,
-#       every family's variants and the issue's three models equal to dense masking (float64),
-#       canvas invariance and batch independence, a step replayed from a CUDA graph equal to the
-#       eager one (pytest --device cuda; each family's placement audit runs in CI, on meta)
+#       the issue's three models equal to dense masking (float64), canvas invariance and batch
+#       independence, a step replayed from a CUDA graph equal to the eager one (pytest --device
+#       cuda; each family's placement audit runs in CI, on meta)
 #   (d) the CPU work of a batch and what handing its tables to the GPU costs (benchmarks.batch_tables)
 #   (e) benchmarks.sparse_vs_dense device=cuda, fp32 (TF32 for both engines' convolutions and GEMMs)
 #       and bf16 (and on CUDA, in the same runs, the sparse engine replayed from CUDA graphs):
@@ -24,6 +24,8 @@
 #       GPU's idle share of whole pretraining steps, data and optimizer included)
 #   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
 #       (scripts/distributed_check.py: the app itself needs one GPU per process)
+#   (v) every family's variants equal to dense masking on CUDA, a float64 train step each at mask
+#       0.6 (pytest --device cuda; 189 tests, after the issue's targets: what time is left)
 # and only when asked for (ONLY=pi), diagnostics:
 #   (p) every convolution of ResNet-50 on tiles, offset GEMMs and window GEMMs, and ConvNeXt-T's
 #       depthwise ones on tiles or canvas with either backward (benchmarks.conv_paths)
@@ -32,11 +34,12 @@
 # 10 s left is skipped), so that the report is written before the device tool stops the command at
 # 600 s; logs, results.json, results.md and summary.txt go to $OUT (commit results.json and
 # results.md under docs/gpu/). The steps run in order of what the issue's targets need most: (c), (e)
-# in TF32 and bf16, (f)'s 200 steps and (g), (f)'s families, then (d), (p) and (i).
+# in TF32 and bf16, (f)'s 200 steps and (g), (f)'s families, then (v), (d), (p) and (i).
 #
 #   bash scripts/device_check_pretrain.sh                             # the GPU machine, OUT=...
 #   DEVICE=cpu SMALL=1 OUT=/tmp/out PYTHON=.venv/bin/python bash scripts/device_check_pretrain.sh  # dry run
 #   ONLY=cf PYTEST_K=Res2Net MODELS="resnet50" OUT=... bash scripts/device_check_pretrain.sh  # a part again
+#   ONLY=v VARIANTS_K="ratio0.6 and ConvNeXt" OUT=... bash scripts/device_check_pretrain.sh  # some variants
 #   ONLY=pi OUT=... bash scripts/device_check_pretrain.sh              # the diagnostics
 #
 # On the H200 (2026-11-29) the tests took 186 s, their ten slowest (59 s) in the placement audit of 43
@@ -60,7 +63,7 @@ WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
 SMALL=${SMALL:-0}  # 1: tiny settings, for a dry run on a CPU
 DEADLINE_S=${DEADLINE_S:-560}  # the device tool's 600 s a command, less the report and a margin
-ONLY=${ONLY:-cefgd}  # the steps to run, by letter (a rerun of some: ONLY=cf; diagnostics: pi); (a), (b) always
+ONLY=${ONLY:-cefgvd}  # the steps to run, by letter (a rerun of some: ONLY=cf; diagnostics: pi); (a), (b) always
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -163,6 +166,7 @@ EOF
 
 if [ "$SMALL" = 1 ]; then
   TESTS=(tests/test_device.py -k "audit or hashes or resnet26d or small_blocks")
+  VARIANTS=(tests/test_encoder_equivalence.py -k "variants_equal and ratio0.6 and (ResNeXt or EdgeTPU)")
   TABLES=(--batch-sizes 4 --input-size 96 --repeats 1)
   PATHS=(--model resnet18 --batch-size 2 --input-size 64 --repeats 1)
   DW_PATHS=(--model convnext_atto --batch-size 2 --input-size 64 --repeats 1)
@@ -172,7 +176,8 @@ if [ "$SMALL" = 1 ]; then
   SHORT=(max_steps=3 input_size=64 batch_size=4 profile.start=1 profile.steps=1)
 else
   TESTS=(tests/test_device.py tests/test_sparse_properties.py tests/test_encoder_equivalence.py tests/test_graphed.py -k
-         "(test_device and not test_every_operation_runs) or (test_sparse_properties and efficientnet_b0) or (ratio0.6 and (gradients or variants_equal)) or whole_spark_step_planned")
+         "(test_device and not test_every_operation_runs) or (test_sparse_properties and efficientnet_b0) or (ratio0.6 and gradients) or whole_spark_step_planned")
+  VARIANTS=(tests/test_encoder_equivalence.py -k "variants_equal and ratio0.6")
   TABLES=(--batch-sizes 16 64 --input-size 224 --repeats 5)
   PATHS=(--model resnet50 --batch-size 64 --input-size 224 --repeats 5)
   DW_PATHS=(--model convnext_tiny --batch-size 64 --input-size 224 --repeats 5)
@@ -187,14 +192,15 @@ else
   # the issue's SparK step (batch 64, decoder 768) as pretraining takes it, steps 5-8 profiled
   SHORT=(max_steps=8 input_size=224 batch_size=64 decoder.width=768 data.num_workers=4 profile.start=4 profile.steps=4)
 fi
-# a rerun of some of it: PYTEST_K replaces (c)'s -k expression, MODELS (f)'s families
+# a rerun of some of it: PYTEST_K replaces (c)'s -k expression, VARIANTS_K (v)'s, MODELS (f)'s families
 [ -n "${PYTEST_K:-}" ] && TESTS=("${TESTS[@]:0:${#TESTS[@]}-1}" "$PYTEST_K")
+[ -n "${VARIANTS_K:-}" ] && VARIANTS=("${VARIANTS[@]:0:${#VARIANTS[@]}-1}" "$VARIANTS_K")
 [ -n "${MODELS:-}" ] && read -ra FAMILIES <<<"$MODELS"
 
-# (c) the engine's tests on the device (186 s on the H200 for the 184 tests of 2026-11-29, the device
-# audit of 43 models among them, slowest of all: 3-9 s each; now 218 tests: every variant's float64
-# train step at mask 0.6, and the rest; the limit has the time a carried MinkowskiEngine wheel saves in (b))
-step "(c) pytest --device $DEVICE" c.log 300 \
+# (c) the engine's tests on the device that the issue's targets name (36 tests; on the H200, 2026-11-29,
+# 184 tests took 186 s, 59 s of it the device audit of 43 models, now CI's); every variant's float64
+# step is (v)'s, after the benchmarks and pretraining, so that they cannot crowd out the targets
+step "(c) pytest --device $DEVICE" c.log 180 \
   "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"
 
 # (e) both engines side by side, one run per precision (the issue asks for ConvNeXt-T at mask 0.6; 0.75
@@ -238,6 +244,11 @@ step "(f) pretrain ${FAMILIES[*]}, ${SHORT[0]}" f_families.log $((60 * ${#FAMILI
 for i in "${!FAMILIES[@]}"; do  # hydra's multirun: one folder per job, in order
   cp "$WORK/pretrain_families/$i/profile/summary.json" "$OUT/profile_${FAMILIES[$i]}.json" 2>/dev/null
 done
+
+# (v) every variant's float64 train step on the device, in the time the targets left (189 tests, one
+# process: processes sharing the GPU ran many times slower, 2026-11-29)
+step "(v) pytest --device $DEVICE, every variant" v.log 300 \
+  "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" "${VARIANTS[@]}"
 
 # (d) a batch's CPU work and the convolution paths per layer: diagnostics, last (timed alone)
 step "(d) benchmarks.batch_tables" d.log 60 \

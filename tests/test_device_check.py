@@ -27,7 +27,7 @@ def dry_run(tmp_path: Path, timeout: int, **env: str) -> subprocess.CompletedPro
 def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_path):
     out = tmp_path / "out"
     before = set(Path("/tmp").glob("pretrain-check.*"))
-    proc = dry_run(tmp_path, 900, OMP_NUM_THREADS="1", ONLY="cefgdpi")  # the diagnostics too
+    proc = dry_run(tmp_path, 900, OMP_NUM_THREADS="1", ONLY="cefgvdpi")  # the diagnostics too
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stderr[-3000:]
     assert "all steps ok (device cpu" in summary
@@ -36,6 +36,7 @@ def test_the_gpu_checks_dry_run_passes_every_step_and_writes_its_results(tmp_pat
     steps = {s["step"]: s["rc"] for s in results["steps"]}
     assert all(rc == 0 for rc in steps.values()) and len(steps) >= 8, steps
     assert any(name.startswith("(c) pytest") for name in steps)
+    assert " passed" in (out / "v.log").read_text()  # (v): the variants' float64 steps
     assert any(name.startswith("(g) torchrun") for name in steps)
     assert set(results["benchmarks"]) == {"fp32", "bf16", "fp32_ieee"}  # TF32, bf16, IEEE float32
     speedups = [row["speedup"] for rows in results["benchmarks"].values() for row in rows]
@@ -60,7 +61,7 @@ def test_a_check_out_of_time_skips_its_steps_and_still_writes_its_report(tmp_pat
     assert "SKIP (c) pytest --device cpu (" in summary and "some steps FAILED or were skipped" in summary
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] and all(s["rc"] == 125 and s["skipped"] for s in results["steps"])
-    assert {s["step"].split()[0] for s in results["steps"]} == {"(c)", "(d)", "(e)", "(f)", "(g)"}
+    assert {s["step"].split()[0] for s in results["steps"]} == {"(c)", "(d)", "(e)", "(f)", "(g)", "(v)"}
     assert "(skipped: no time left)" in (out / "results.md").read_text()
 
 
@@ -115,9 +116,10 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     for run, sparse in runs:
         (tmp_path / f"bench_{run}").mkdir()
         (tmp_path / f"bench_{run}" / "results.json").write_text(json.dumps(records(**sparse)))
-    steps = ["(c) pytest --device cuda", "(f) pretrain 200 steps", "(f) pretrain 200 steps, cuda_graph=true"]
-    (tmp_path / "steps.jsonl").write_text("\n".join(json.dumps({"step": name, "rc": 0, "seconds": 1, "log": "x"})
-                                                    for name in steps))
+    steps = {"(c) pytest --device cuda": 0, "(f) pretrain 200 steps": 0, "(f) pretrain 200 steps, cuda_graph=true": 0,
+             "(v) pytest --device cuda, every variant": 1}  # a variant unequal on the device
+    (tmp_path / "steps.jsonl").write_text("\n".join(json.dumps({"step": name, "rc": rc, "seconds": 1, "log": "x"})
+                                                    for name, rc in steps.items()))
     (tmp_path / "pretrain_metrics.jsonl").write_text('{"loss": 1.2}\n{"loss": 0.7}\n')  # the graph run's: none
     # ResNet-50's pretraining steps profiled as they ran (its profile/summary.json)
     (tmp_path / "profile_resnet50.json").write_text(json.dumps(
@@ -126,6 +128,10 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     report.main(tmp_path, "cuda", 400)
     met = {t["target"]: t["met"] for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
     graphed = ", sparse replayed from CUDA graphs"
+    assert met["exact on the device (float64: features 1e-9, gradients 1e-6), canvas invariance, batch "
+               "independence, no device mixing or host reads (pytest --device)"] is True
+    assert met["every family's variants equal dense masking on the device (a float64 train step each, mask 0.6; "
+               "pytest --device)"] is False
     assert met["resnet50 encoder fwd+bwd at mask 0.75: >= 2.0x dense masking"] is False
     assert met[f"resnet50 encoder fwd+bwd at mask 0.75: >= 2.0x dense masking{graphed}"] is True
     idle = "resnet50 mask 0.6: GPU idle <= 5% of a SparK step (sparse, masks planned a step ahead as pretraining does)"
