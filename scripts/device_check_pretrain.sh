@@ -19,9 +19,9 @@
 #       mask's tables, and each mask planned during the step before, as pretraining runs them)
 #   (f) python -m spark_sparse.pretrain device=cuda: 200 steps (the loss must fall; on CUDA again with
 #       cuda_graph=true), then 8 steps of each of the issue's three models at batch 64 with the
-#       paper's 768-wide decoder (every family runs on the device in (c): its device audit and
-#       equivalence at mask 0.6); some steps of each run profiled as they run (profile.steps: the
-#       GPU's idle share of whole pretraining steps, data and optimizer included)
+#       paper's 768-wide decoder, ResNet-50's again with cuda_graph=true; some steps of each run
+#       profiled as they run (profile.steps: the GPU's idle share of whole pretraining steps, data and
+#       optimizer included)
 #   (g) torchrun: one process with NCCL, two processes sharing the GPU with gloo
 #       (scripts/distributed_check.py: the app itself needs one GPU per process)
 #   (v) every family's variants equal to dense masking on CUDA, a float64 train step each at mask
@@ -244,6 +244,12 @@ step "(f) pretrain ${FAMILIES[*]}, ${SHORT[0]}" f_families.log $((60 * ${#FAMILI
 for i in "${!FAMILIES[@]}"; do  # hydra's multirun: one folder per job, in order
   cp "$WORK/pretrain_families/$i/profile/summary.json" "$OUT/profile_${FAMILIES[$i]}.json" 2>/dev/null
 done
+if [ "$DEVICE" = cuda ]; then  # the issue's SparK step again, every step replayed from a CUDA graph of the first
+  step "(f) pretrain resnet50, cuda_graph=true, ${SHORT[0]}" f_graph_resnet50.log 90 \
+    "$PY" -m spark_sparse.pretrain device="$DEVICE" model=resnet50 "${SHORT[@]}" cuda_graph=true vis_every=100000 \
+    hydra.run.dir="$WORK/pretrain_resnet50_graph"
+  cp "$WORK/pretrain_resnet50_graph/profile/summary.json" "$OUT/profile_resnet50_graph.json" 2>/dev/null
+fi
 
 # (v) every variant's float64 train step on the device, in the time the targets left (189 tests, one
 # process: processes sharing the GPU ran many times slower, 2026-11-29)

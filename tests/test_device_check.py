@@ -122,9 +122,11 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
                                                     for name, rc in steps.items()))
     (tmp_path / "pretrain_metrics.jsonl").write_text('{"loss": 1.2}\n{"loss": 0.7}\n')  # the graph run's: none
     # ResNet-50's pretraining steps profiled as they ran (its profile/summary.json)
-    (tmp_path / "profile_resnet50.json").write_text(json.dumps(
-        {"steps": [5, 8], "device": "cuda", "trace": "trace_steps5-8.json", "gpu_idle_share": 0.08,
-         "gpu_busy_s_per_step": 0.1}))
+    # eager, and every step replayed from a CUDA graph (profile_resnet50_graph.json)
+    for run, idle in (("resnet50", 0.08), ("resnet50_graph", 0.03)):
+        (tmp_path / f"profile_{run}.json").write_text(json.dumps(
+            {"steps": [5, 8], "device": "cuda", "trace": "trace_steps5-8.json", "gpu_idle_share": idle,
+             "gpu_busy_s_per_step": 0.1}))
     report.main(tmp_path, "cuda", 400)
     met = {t["target"]: t["met"] for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
     graphed = ", sparse replayed from CUDA graphs"
@@ -141,6 +143,8 @@ def test_the_report_judges_the_targets_eager_and_again_replayed_from_cuda_graphs
     assert met["200 steps of pretraining with cuda_graph=true: the loss falls"] is False  # it wrote no metrics
     assert met["resnet50 pretraining, steps 5-8 as the run takes them (batch 64, decoder 768, eager): "
                "GPU idle <= 5%"] is False
+    assert met["resnet50 pretraining, steps 5-8 as the run takes them (batch 64, decoder 768, replayed from a "
+               "CUDA graph): GPU idle <= 5%"] is True
     md = (tmp_path / "results.md").read_text()
     assert "| resnet50 | 5-8 | 8.0% | 100.0 | trace_steps5-8.json |" in md
     assert "## Sparse vs dense masking, fp32 (TF32), the sparse engine replayed from CUDA graphs" in md
