@@ -54,12 +54,18 @@ def test_a_run_writes_metrics_checkpoint_timm_export_and_picture(tmp_path, monke
     assert list(tmp_path.glob("reconstruction_step*.png"))
 
 
-def test_profiled_steps_leave_their_trace_and_a_summary_in_the_run_directory(tmp_path, capsys):
+def test_profiled_steps_leave_their_trace_and_a_summary_in_the_run_directory(tmp_path, capsys, monkeypatch):
     """``profile.start=2 profile.steps=3``: steps 3 to 5 under torch.profiler, as the run takes
     them; on the CPU the trace alone (a GPU's idle share is measured on CUDA only). A run that
-    ends inside the window keeps what it profiled."""
+    ends inside the window keeps what it profiled; a resumed run warms up again, so its window
+    starts ``profile.start`` steps after its checkpoint."""
     import json
 
+    after_checkpoint(monkeypatch, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(config("profile.start=1", "profile.steps=1"), tmp_path / "resumed")
+    pretrain.train(config("resume=true", "profile.start=1", "profile.steps=1"), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "profile" / "summary.json").read_text())["steps"] == [5, 5]
     pretrain.train(config("profile.start=2", "profile.steps=3"), tmp_path / "full")
     summary = json.loads((tmp_path / "full" / "profile" / "summary.json").read_text())
     assert summary["steps"] == [3, 5] and summary["device"] == "cpu" and summary["gpu_idle_share"] is None

@@ -84,14 +84,15 @@ def gpu_idle(step: Callable[[], None], steps: int, device: torch.device) -> tupl
 
 
 class StepProfiler:
-    """torch.profiler over steps ``start + 1`` .. ``start + steps`` of a run, as the run takes them
+    """torch.profiler over the ``steps`` steps after the first ``start`` that this process takes
+    (a run resumed at step ``first``: steps ``first + start + 1`` ..), as the run takes them
     (nothing waits for the GPU but at the window's end): their trace in Chrome's format (Perfetto,
     chrome://tracing) and ``summary.json``, with on CUDA the share of the window the GPU idled,
     written to ``folder``. ``steps`` 0: off. The first steps are best left out (cuDNN's autotuning,
-    a CUDA graph's capture, the data loader's start)."""
+    a CUDA graph's capture, the data loader's start: each process's, a resumed one's too)."""
 
-    def __init__(self, start: int, steps: int, device: torch.device, folder: Path):
-        self.start, self.steps, self.device, self.folder = start, steps, device, folder
+    def __init__(self, start: int, steps: int, device: torch.device, folder: Path, first: int = 0):
+        self.start, self.steps, self.device, self.folder = first + start, steps, device, folder
         self._profile: profile | None = None
         self._window: record_function | None = None
         self._first = 0

@@ -146,9 +146,9 @@ class Run:
         self._bar: tqdm | None = None
         self._model: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(cfg.precision))
-        # rank 0's steps, profiled as they run (profile.steps; 0: off)
+        # rank 0's steps, profiled as they run (profile.steps; 0: off), counted from where this process starts
         self.profiler = StepProfiler(cfg.profile.start, cfg.profile.steps if ctx.is_main else 0, self.device,
-                                     files.profile)
+                                     files.profile, first=self.step)
         # the run's first loss and weight norm (kept across resumes), and the deliberate changes
         # of resumes (resume_changes) with the step they were made at
         self._reference: dict[str, float] = dict(ckpt.get("reference", {})) if ckpt else {}
