@@ -188,6 +188,28 @@ def test_resuming_a_finished_run_says_so_and_reports_its_final_loss(tmp_path, ca
     assert "had finished (2 of 2 steps): nothing left to train" in capsys.readouterr().out
 
 
+def test_each_step_queues_its_update_before_it_waits_to_read_its_loss(tmp_path, monkeypatch):
+    """On a GPU reading the loss (and gradient norm: one read) waits for everything queued; the
+    optimizer's update is queued before that, so that the GPU does not idle while it is."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    events = []
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(tensor):
+        if tensor.dtype == torch.float64:  # the run's one read a step (a mask's are integers)
+            events.append("read")
+        return real_tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    hook = register_optimizer_step_pre_hook(lambda *_: events.append("update"))
+    try:
+        pretrain.train(config("max_steps=3"), tmp_path)
+    finally:
+        hook.remove()
+    assert events == ["update", "read"] * 3
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_forward = SparK.forward
     calls = {"n": 0}

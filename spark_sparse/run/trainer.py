@@ -119,8 +119,8 @@ class Run:
     """One accepted run, as an app's loop sees it. ``step`` counts the optimizer steps taken.
 
     A run diverges when its loss or gradient norm is not finite, or when its loss or its weights'
-    norm grows past ``LIMIT`` times where the run started: it stops before the weights are
-    touched (or saved), so the checkpoint it names holds weights that gave a sane loss.
+    norm grows past ``LIMIT`` times where the run started: it stops before those weights are
+    saved, so the checkpoint it names holds weights that gave a sane loss.
     """
 
     LIMIT = 100.0
@@ -234,12 +234,16 @@ class Run:
                clip: float | None) -> tuple[float, float]:
         """The global gradient norm clipped to ``clip`` (None: not clipped), then the optimizer
         step; returns the loss averaged over processes and the gradient norm, read in one wait
-        for the GPU. A NaN or infinite one stops the run before the weights are touched (the same
-        decision on every rank: both are global), except fp16's overflowing gradients: the loss
-        scaler skips that step."""
+        for the GPU once the update is queued (on a GPU the CPU queues it while the GPU still runs
+        the backward, instead of the GPU idling while it is queued). A NaN or infinite one stops
+        the run before the weights it made are saved (the same decision on every rank: both are
+        global), except fp16's overflowing gradients: the loss scaler skipped that step."""
         self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip else float("inf"))
-        loss_value, grad_norm = torch.stack([distributed.averaged_over_ranks(loss), grad_norm.double()]).tolist()
+        read = torch.stack([distributed.averaged_over_ranks(loss), grad_norm.double()])
+        self.scaler.step(optimizer)  # skipped after an fp16 overflow, which lowers the scale
+        self.scaler.update()
+        loss_value, grad_norm = read.tolist()
         overflow = self.scaler.is_enabled() and not math.isfinite(grad_norm)
         if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or overflow)):
             self._diverged(f"loss {loss_value} / gradient norm {grad_norm} at step {self.step + 1}")
@@ -247,8 +251,6 @@ class Run:
         if loss_value > self.LIMIT * max(first, 1.0):
             self._diverged(f"loss {loss_value:.4g} at step {self.step + 1}, over {self.LIMIT:.0f} times the run's "
                            f"first ({first:.4g})")
-        self.scaler.step(optimizer)  # skipped after an fp16 overflow, which lowers the scale
-        self.scaler.update()
         return loss_value, grad_norm
 
     def _diverged(self, what: str) -> None:
