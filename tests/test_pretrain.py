@@ -210,6 +210,18 @@ def test_each_step_queues_its_update_before_it_waits_to_read_its_loss(tmp_path, 
     assert events == ["update", "read"] * 3
 
 
+def test_the_progress_bar_is_redrawn_at_most_once_a_second_not_once_a_step(tmp_path, monkeypatch, capsys):
+    """A run's stderr is often a log file, where every redraw is another line; on a GPU a redraw
+    is also CPU time between steps. With the clock stopped no second passes: only the bar's first
+    and last drawings are written."""
+    import tqdm.std
+
+    monkeypatch.setattr(tqdm.std, "time", lambda: 1000.0)
+    pretrain.train(config(), tmp_path)
+    drawn = capsys.readouterr().err
+    assert drawn.count("SparK resnet18:") == 2 and drawn.count("loss=") == 1, drawn
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_forward = SparK.forward
     calls = {"n": 0}

@@ -278,7 +278,8 @@ class Run:
         self.step += 1
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(**shown)
+            # shown at the bar's next refresh (at most once a second): not a line a step in a log file
+            self._bar.set_postfix(refresh=False, **shown)
         self._profiled(self.profiler.after_step(self.step))
         return self.step
 
