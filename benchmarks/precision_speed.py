@@ -42,9 +42,13 @@ def config(argv: list[str]) -> DictConfig:
     cfg.pop("hydra")
     cfg.precisions = ["fp32", "bf16"]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_cli(argv))
+    if not OmegaConf.is_list(cfg.precisions) or not len(cfg.precisions):
+        raise BenchConfigError(f"precisions must be a list of at least one (precisions=[...]), got {cfg.precisions}")
+    checked = cfg.copy()  # sparse_vs_dense's keys, each precision in its turn
+    checked.pop("precisions")
     for precision in cfg.precisions:
-        cfg.precision = precision
-        validate(cfg)
+        checked.precision = precision
+        validate(checked)
     return cfg
 
 

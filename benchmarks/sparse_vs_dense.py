@@ -72,6 +72,8 @@ from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.cli import command_line
 from spark_sparse.run.profiling import gpu_idle
 from spark_sparse.run.recipe import default_recipe
+from spark_sparse.run.schema import (ANY_TABLE, FLAG, FRACTION, NULL, TEXTS, Rule, at_least, check_keys, number,
+                                     one_of)
 
 from .flops import encoder_flops, head_flops
 from .memory import peak_memory_mb
@@ -88,32 +90,49 @@ class BenchConfigError(ValueError):
     """The benchmark configuration cannot run; raised before any model is built."""
 
 
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+MULTIPLE_OF_32 = number("a positive multiple of 32", lambda v: v > 0 and v % 32 == 0, whole=True)
+# every key with what its value must be (spark_sparse/run/schema.py, as the apps declare theirs):
+# a value of the wrong type is refused in one line, not met later as a traceback
+KEYS = {
+    "models": TEXTS,
+    "mask_ratios": Rule("a list of numbers in [0, 1)", lambda v: all(map(FRACTION.ok, v))),
+    "passes": TEXTS,
+    "batch_size": Rule("a whole number, or a list of them (one per model)",
+                       lambda v: _whole(v) or isinstance(v, list) and all(map(_whole, v))),
+    "input_size": MULTIPLE_OF_32,
+    "repeats": at_least(1),
+    "warmup": at_least(0),
+    "idle_steps": at_least(1),
+    "device": one_of("cpu", "cuda"),
+    "precision": Rule("a string", lambda v: isinstance(v, str)),  # which ones, and where: check_precision
+    "tf32": FLAG,
+    "cuda_graph": FLAG,
+    "threads": at_least(1) | NULL,
+    "decoder_width": MULTIPLE_OF_32,
+    "sparse_conv": one_of(*CONV_IMPLS) | NULL,
+    "seed": at_least(0),
+    "hydra": ANY_TABLE,  # hydra's own settings (in the file; an app's composed config has none)
+}
+
+
 def validate(cfg: DictConfig) -> None:
     for key in ("models", "mask_ratios", "passes"):  # what every table row is made of
         if not OmegaConf.is_list(cfg[key]) or not len(cfg[key]):
             raise BenchConfigError(f"{key} must be a list of at least one ({key}=[...]), got {cfg[key]}")
+    check_keys(cfg, KEYS, BenchConfigError)
     for name in cfg.models:
         if not timm.is_model(name):
             raise BenchConfigError(f"unknown timm model '{name}'")
-    for r in cfg.mask_ratios:
-        if not 0.0 <= r < 1.0:
-            raise BenchConfigError(f"mask ratios must be in [0, 1), got {r}")
     unknown = set(cfg.passes) - set(PASSES)
     if unknown:
         raise BenchConfigError(f"unknown pass(es) {sorted(unknown)}; choose from {list(PASSES)}")
-    if cfg.input_size <= 0 or cfg.input_size % 32:
-        raise BenchConfigError(f"input_size must be a positive multiple of 32, got {cfg.input_size}")
     sizes = batch_sizes(cfg)
     if any(b < 2 for b in sizes.values()):
         raise BenchConfigError("batch_size must be at least 2 (train-mode batch norm)")
-    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.idle_steps < 1:
-        raise BenchConfigError("repeats and idle_steps must be >= 1 and warmup >= 0")
-    if cfg.sparse_conv is not None and cfg.sparse_conv not in CONV_IMPLS:
-        raise BenchConfigError(f"sparse_conv must be null or one of {list(CONV_IMPLS)}, got '{cfg.sparse_conv}'")
-    if cfg.device not in ("cpu", "cuda"):
-        raise BenchConfigError(f"device must be cpu or cuda, got '{cfg.device}'")
-    if not isinstance(cfg.tf32, bool):
-        raise BenchConfigError(f"tf32 must be true or false, got '{cfg.tf32}'")
     try:
         check_precision(cfg.precision, cfg.device)
     except ValueError as err:
@@ -121,8 +140,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.precision != "fp32" and cfg.sparse_conv == "minkowski":
         raise BenchConfigError(f"sparse_conv=minkowski runs MinkowskiEngine's float32 operators: no "
                                f"precision={cfg.precision}")
-    if not isinstance(cfg.cuda_graph, bool):
-        raise BenchConfigError(f"cuda_graph must be true or false, got '{cfg.cuda_graph}'")
     if cfg.cuda_graph and cfg.device != "cuda":
         raise BenchConfigError("cuda_graph=true replays the sparse engine's steps from CUDA graphs: "
                                "it needs device=cuda")

@@ -195,7 +195,31 @@ def test_precisions_the_device_cannot_run_are_refused_before_any_model_is_built(
     with pytest.raises(BenchConfigError, match="tf32 must be true or false, got 'yes'"):
         validate(cfg)
     cfg.tf32, cfg.idle_steps = True, 0
-    with pytest.raises(BenchConfigError, match="repeats and idle_steps must be >= 1"):
+    with pytest.raises(BenchConfigError, match="idle_steps must be a whole number of at least 1, got 0"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("repeats=many", "repeats must be a whole number of at least 1, got 'many'"),
+    ("warmup=1.5", "warmup must be a whole number of at least 0, got 1.5"),
+    ("input_size=abc", "input_size must be a positive multiple of 32, got 'abc'"),
+    ("decoder_width=100", "decoder_width must be a positive multiple of 32, got 100"),
+    ("mask_ratios=[0.6,abc]", "mask_ratios must be a list of numbers in [0, 1), got [0.6, 'abc']"),
+    ("mask_ratios=[1.2]", "mask_ratios must be a list of numbers in [0, 1), got [1.2]"),
+    ("batch_size=[8,x]", "batch_size must be a whole number, or a list of them (one per model), got [8, 'x']"),
+    ("seed=-1", "seed must be a whole number of at least 0, got -1"),
+    ("threads=abc", "threads must be a whole number of at least 1 or null, got 'abc'"),
+    ("device=tpu", "device must be one of cpu, cuda, got 'tpu'"),
+    ("sparse_conv=foo", "sparse_conv must be one of patch, minkowski or null, got 'foo'"),
+])
+def test_a_value_of_the_wrong_type_or_range_is_refused_in_one_line_naming_its_key(override, message):
+    """Before, a word where a number belongs (repeats=many) met a comparison deep in the run as a traceback."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.sparse_vs_dense import BenchConfigError, validate
+
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf/bench/sparse_vs_dense.yaml"), OmegaConf.from_dotlist([override]))
+    with pytest.raises(BenchConfigError, match=f"^{re.escape(message)}$"):
         validate(cfg)
 
 

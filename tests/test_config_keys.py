@@ -115,6 +115,14 @@ def test_overrides_hydra_cannot_compose_are_said_in_one_line(name, overrides, er
     assert why == error if error is None else why.startswith(error) and "\n" not in why, why
 
 
+def test_every_key_of_the_speed_benchmarks_config_is_declared_and_its_value_fits():
+    from benchmarks.sparse_vs_dense import KEYS, BenchConfigError
+
+    cfg = OmegaConf.load(ROOT / "conf" / "bench" / "sparse_vs_dense.yaml")
+    assert sorted(key for key, _ in leaves(cfg, KEYS)) == sorted(KEYS)  # none undeclared, none stale
+    check_keys(cfg, KEYS, BenchConfigError)
+
+
 def test_the_speed_benchmark_says_a_misspelt_key_in_one_line_too():
     register_resolver()
     assert override_error(str(ROOT / "conf" / "bench"), "sparse_vs_dense", ["modles=[resnet18]"]) == \

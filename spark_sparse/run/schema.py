@@ -4,8 +4,8 @@ anything is read or written: a key whose type or range makes the run fail or tra
 and a key nobody declared (``+optim.lrr=...``, or a new key someone forgot) is refused too.
 
 An app's schema maps dotted keys to ``Rule``s (``pretrain/checks.py``, ``finetune/checks.py``, on the
-shared keys of ``RUN_KEYS`` in checks.py); a test checks that every key of every config group is
-declared. Rules that tie keys together (a batch that must split among the processes) stay with the
+shared keys of ``RUN_KEYS`` in checks.py; the speed benchmark's in benchmarks/sparse_vs_dense.py); a
+test checks that every key of every config group is declared. Rules that tie keys together (a batch that must split among the processes) stay with the
 app's checks.
 """
 
@@ -74,13 +74,15 @@ def _show(value: Any) -> str:
 
 def leaves(cfg: DictConfig, schema: Mapping[str, Rule], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, resolved value) of every leaf of ``cfg``, a nested table declared as such
-    taken whole; lists are leaves."""
+    taken whole (unresolved: its own code reads it); lists are leaves."""
     for key in cfg:
         path = f"{prefix}{key}"
         node = cfg._get_node(key)
-        rule = schema.get(path)
-        if isinstance(node, DictConfig) and not (rule is not None and rule.nested):
+        nested = (rule := schema.get(path)) is not None and rule.nested
+        if isinstance(node, DictConfig) and not nested:
             yield from leaves(node, schema, f"{path}.")
+        elif isinstance(node, DictConfig):
+            yield path, OmegaConf.to_container(node, resolve=False)
         else:
             value = cfg[key]
             if isinstance(value, (DictConfig, ListConfig)):
