@@ -72,8 +72,8 @@ from spark_sparse.sparse.patch_conv import PatchifyConvolution
 from spark_sparse.run.cli import command_line
 from spark_sparse.run.profiling import gpu_idle
 from spark_sparse.run.recipe import default_recipe
-from spark_sparse.run.schema import (ANY_TABLE, FLAG, FRACTION, NULL, TEXTS, Rule, at_least, check_keys, number,
-                                     one_of)
+from spark_sparse.run.schema import (ANY_TABLE, FLAG, FRACTION, NULL, TEXTS, WHOLE, Rule, at_least, check_keys,
+                                     multiple_of, one_of)
 
 from .flops import encoder_flops, head_flops
 from .memory import peak_memory_mb
@@ -90,11 +90,6 @@ class BenchConfigError(ValueError):
     """The benchmark configuration cannot run; raised before any model is built."""
 
 
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-MULTIPLE_OF_32 = number("a positive multiple of 32", lambda v: v > 0 and v % 32 == 0, whole=True)
 # every key with what its value must be (spark_sparse/run/schema.py, as the apps declare theirs):
 # a value of the wrong type is refused in one line, not met later as a traceback
 KEYS = {
@@ -102,8 +97,8 @@ KEYS = {
     "mask_ratios": Rule("a list of numbers in [0, 1)", lambda v: all(map(FRACTION.ok, v))),
     "passes": TEXTS,
     "batch_size": Rule("a whole number, or a list of them (one per model)",
-                       lambda v: _whole(v) or isinstance(v, list) and all(map(_whole, v))),
-    "input_size": MULTIPLE_OF_32,
+                       lambda v: WHOLE.ok(v) or isinstance(v, list) and all(map(WHOLE.ok, v))),
+    "input_size": multiple_of(32),
     "repeats": at_least(1),
     "warmup": at_least(0),
     "idle_steps": at_least(1),
@@ -112,7 +107,7 @@ KEYS = {
     "tf32": FLAG,
     "cuda_graph": FLAG,
     "threads": at_least(1) | NULL,
-    "decoder_width": MULTIPLE_OF_32,
+    "decoder_width": multiple_of(32),
     "sparse_conv": one_of(*CONV_IMPLS) | NULL,
     "seed": at_least(0),
     "hydra": ANY_TABLE,  # hydra's own settings (in the file; an app's composed config has none)

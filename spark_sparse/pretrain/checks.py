@@ -10,14 +10,15 @@ from ..encoders.layouts import PATCH, STRIDES
 from ..encoders.registry import ENGINES, engine_class
 from ..model.densify import NORMS
 from ..run.checks import RUN_KEYS, ConfigError, check_model_and_missing, check_runtime
-from ..run.schema import FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_least, check_keys, number, numbers, one_of
+from ..run.schema import (FLAG, FRACTION, NON_NEGATIVE, NULL, POSITIVE, TEXT, at_least, check_keys, multiple_of,
+                          number, numbers, one_of)
 from .optim import OPTIMIZERS
 
 KEYS = {
     **RUN_KEYS,
     "engine": one_of(*ENGINES),
     "mask_ratio": FRACTION,
-    "input_size": number(f"a positive multiple of {PATCH}", lambda v: v > 0 and v % PATCH == 0, whole=True),
+    "input_size": multiple_of(PATCH),
     "batch_size": at_least(1),
     "max_steps": at_least(1) | NULL,
     "epochs": POSITIVE | NULL,
@@ -32,7 +33,7 @@ KEYS = {
     "optim.min_lr": NON_NEGATIVE,
     "optim.clip_grad": POSITIVE | NULL,  # a negative clip would turn every step into gradient ascent
     # the decoder halves its width at each of its 5 upsampling blocks
-    "decoder.width": number(f"a positive multiple of {PATCH}", lambda v: v > 0 and v % PATCH == 0, whole=True),
+    "decoder.width": multiple_of(PATCH),
     "decoder.hierarchy": number(f"a whole number from 1 to {len(STRIDES)}", lambda v: 1 <= v <= len(STRIDES),
                                 whole=True),
     "decoder.densify_norm": one_of(*NORMS),

@@ -5,8 +5,8 @@ and a key nobody declared (``+optim.lrr=...``, or a new key someone forgot) is r
 
 An app's schema maps dotted keys to ``Rule``s (``pretrain/checks.py``, ``finetune/checks.py``, on the
 shared keys of ``RUN_KEYS`` in checks.py; the speed benchmark's in benchmarks/sparse_vs_dense.py); a
-test checks that every key of every config group is declared. Rules that tie keys together (a batch that must split among the processes) stay with the
-app's checks.
+test checks that every key of every config group is declared. Rules that tie keys together (a batch
+that must split among the processes) stay with the app's checks.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def number(expect: str, ok: Callable[[float], bool] = lambda v: True, whole: boo
 
 def at_least(lo: int) -> Rule:
     return number(f"a whole number of at least {lo}", lambda v: v >= lo, whole=True)
+
+
+def multiple_of(n: int) -> Rule:
+    return number(f"a positive multiple of {n}", lambda v: v > 0 and v % n == 0, whole=True)
+
+
+WHOLE = number("a whole number", whole=True)
 
 
 POSITIVE = number("positive", lambda v: v > 0)
